@@ -1,0 +1,430 @@
+//! An open chain: the layers, the merged index, and the synchronous
+//! read/write/discard/flush path (used by the tool, the crash harness and
+//! the tests; the backend's io_uring path uses [`Disk::resolve`]).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{io_at, Error, Result};
+use crate::header::FLAG_DIRTY;
+use crate::index::{Index, Owner, ZERO_OWNER};
+use crate::layer::Layer;
+use crate::map::{AllocationMap, BlockState};
+use crate::storage::{Env, RealEnv};
+
+/// Deepest chain accepted (owners are one byte).
+pub const MAX_DEPTH: usize = 250;
+
+/// Where a piece of a guest range lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Reads as zeros.
+    Zero,
+    /// Layer `layer` (0 = base) at `file_offset` of its file.
+    Layer { layer: usize, file_offset: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub source: Source,
+}
+
+#[derive(Debug)]
+pub struct Disk {
+    env: Arc<dyn Env>,
+    /// Base first, top last.
+    layers: Vec<Layer>,
+    /// The top layer's own map (its states, not the chain's).
+    top_map: AllocationMap,
+    index: Index,
+    writable: bool,
+    block_size: u64,
+    virtual_size: u64,
+}
+
+/// Opens the chain below `path`, top first, checking every link.
+pub fn open_chain(env: &dyn Env, path: &Path, writable_top: bool) -> Result<Vec<Layer>> {
+    let top = Layer::open(env, path, writable_top)?;
+    if writable_top && top.header.sealed() {
+        return Err(Error::Sealed {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut seen = HashSet::new();
+    seen.insert(env.identity(path).map_err(io_at(path))?);
+    let mut chain = vec![top];
+    loop {
+        let child = chain.last().expect("chain starts with the top");
+        let Some(parent_path) = child.parent_path() else {
+            break;
+        };
+        if chain.len() >= MAX_DEPTH {
+            return Err(Error::ChainTooDeep {
+                path: path.to_path_buf(),
+                max: MAX_DEPTH,
+            });
+        }
+        let id = env
+            .identity(&parent_path)
+            .map_err(|source| Error::MissingParent {
+                path: child.path.clone(),
+                parent: parent_path.clone(),
+                source,
+            })?;
+        if !seen.insert(id) {
+            return Err(Error::Cycle {
+                path: child.path.clone(),
+                parent: parent_path,
+            });
+        }
+        let parent = match Layer::open(env, &parent_path, false) {
+            Err(Error::Io { source, .. }) => {
+                return Err(Error::MissingParent {
+                    path: child.path.clone(),
+                    parent: parent_path,
+                    source,
+                })
+            }
+            other => other?,
+        };
+        check_link(child, &parent, writable_top)?;
+        chain.push(parent);
+    }
+    Ok(chain)
+}
+
+/// Can `parent` serve under `child`?
+fn check_link(child: &Layer, parent: &Layer, writable_top: bool) -> Result<()> {
+    let (c, p) = (&child.header, &parent.header);
+    let expected = c.parent_uuid.unwrap_or_default();
+    if p.uuid != expected && Some(p.uuid) != c.parent_uuid_next {
+        return Err(Error::ParentUuidMismatch {
+            path: child.path.clone(),
+            parent: parent.path.clone(),
+            expected,
+            found: p.uuid,
+        });
+    }
+    if p.block_size != c.block_size {
+        return Err(Error::BlockSizeMismatch {
+            path: child.path.clone(),
+            parent: parent.path.clone(),
+            block: c.block_size,
+            parent_block: p.block_size,
+        });
+    }
+    if p.virtual_size > c.virtual_size {
+        return Err(Error::SizeMismatch {
+            path: child.path.clone(),
+            parent: parent.path.clone(),
+            size: c.virtual_size,
+            parent_size: p.virtual_size,
+        });
+    }
+    if writable_top && !p.sealed() {
+        return Err(Error::ParentNotSealed {
+            path: child.path.clone(),
+            parent: parent.path.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Loads a layer's map, refusing invalid entries.
+pub fn load_valid_map(layer: &Layer) -> Result<AllocationMap> {
+    let map = layer.load_map()?;
+    map.validate().map_err(|source| Error::CorruptMap {
+        path: layer.path.clone(),
+        source,
+    })?;
+    Ok(map)
+}
+
+impl Disk {
+    /// Opens the image at `path` on the real filesystem.
+    pub fn open_path(path: &Path, writable: bool) -> Result<Disk> {
+        Disk::open(Arc::new(RealEnv), path, writable)
+    }
+
+    pub fn open(env: Arc<dyn Env>, path: &Path, writable: bool) -> Result<Disk> {
+        let mut layers = open_chain(env.as_ref(), path, writable)?;
+        layers.reverse();
+        let top = layers.last().expect("a chain has a top");
+        let block_size = top.header.block_size as u64;
+        let virtual_size = top.header.virtual_size;
+        let mut index = Index::new(top.header.blocks());
+        let mut top_map = None;
+        let depth = layers.len();
+        for (k, layer) in layers.iter().enumerate() {
+            let map = load_valid_map(layer)?;
+            for (start, count, state) in map.runs(0, map.blocks()) {
+                let owner = match state {
+                    BlockState::Data => (k + 1) as Owner,
+                    _ => ZERO_OWNER,
+                };
+                index.set_range(start, count, owner);
+            }
+            if k + 1 == depth {
+                top_map = Some(map);
+            }
+        }
+        let mut disk = Disk {
+            env,
+            layers,
+            top_map: top_map.expect("a chain has a top"),
+            index,
+            writable,
+            block_size,
+            virtual_size,
+        };
+        if writable && !disk.top().header.dirty() {
+            // Durable before the first data write: a crash leaves a mark
+            // that leaked blocks may exist (check counts them).
+            disk.top_mut().update_header(|h| h.flags |= FLAG_DIRTY)?;
+        }
+        Ok(disk)
+    }
+
+    pub fn env(&self) -> &Arc<dyn Env> {
+        &self.env
+    }
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+    pub fn top(&self) -> &Layer {
+        self.layers.last().expect("a chain has a top")
+    }
+    pub fn top_mut(&mut self) -> &mut Layer {
+        self.layers.last_mut().expect("a chain has a top")
+    }
+    pub fn top_map(&self) -> &AllocationMap {
+        &self.top_map
+    }
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+    pub fn path(&self) -> &Path {
+        &self.top().path
+    }
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.virtual_size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                path: self.path().to_path_buf(),
+                offset,
+                len,
+                size: self.virtual_size,
+            }),
+        }
+    }
+
+    /// Where the bytes of `[offset, offset + len)` live, as extents; no
+    /// allocation. The range must be inside the disk.
+    pub fn resolve(&self, offset: u64, len: u64) -> Extents<'_> {
+        Extents {
+            disk: self,
+            at: offset,
+            end: offset.saturating_add(len).min(self.virtual_size),
+        }
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        for e in self.resolve(offset, buf.len() as u64) {
+            let part = &mut buf[(e.offset - offset) as usize..(e.offset - offset + e.len) as usize];
+            match e.source {
+                Source::Zero => part.fill(0),
+                Source::Layer { layer, file_offset } => {
+                    let l = &self.layers[layer];
+                    l.storage
+                        .read_at(part, file_offset)
+                        .map_err(io_at(&l.path))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly {
+                path: self.path().to_path_buf(),
+            })
+        }
+    }
+
+    fn top_owner(&self) -> Owner {
+        self.layers.len() as Owner
+    }
+
+    /// Writes one whole block of the top: `part` at `in_block` over the
+    /// block's current content (a copy-up of this block only).
+    fn write_partial_block(&mut self, block: u64, in_block: usize, part: &[u8]) -> Result<()> {
+        let mut full = vec![0u8; self.block_size as usize];
+        self.read_at(&mut full, block * self.block_size)?;
+        full[in_block..in_block + part.len()].copy_from_slice(part);
+        let top = self.top();
+        top.storage
+            .write_at(&full, top.data_offset() + block * self.block_size)
+            .map_err(io_at(&top.path))
+    }
+
+    /// Writes guest data. Aligned blocks are written in place with no copy;
+    /// a partly covered block the top does not own yet is completed from
+    /// the chain first.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let end = offset + buf.len() as u64;
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let mut direct_start = offset;
+        let mut direct_end = end;
+        if offset % bs != 0 && self.top_map.get(first) != BlockState::Data {
+            let upto = end.min((first + 1) * bs);
+            self.write_partial_block(first, (offset % bs) as usize, &buf[..(upto - offset) as usize])?;
+            direct_start = upto;
+        }
+        if end % bs != 0 && direct_start < end && self.top_map.get(last) != BlockState::Data {
+            let from = (last * bs).max(direct_start);
+            self.write_partial_block(last, (from % bs) as usize, &buf[(from - offset) as usize..])?;
+            direct_end = from;
+        }
+        if direct_start < direct_end {
+            let top = self.top();
+            top.storage
+                .write_at(
+                    &buf[(direct_start - offset) as usize..(direct_end - offset) as usize],
+                    top.data_offset() + direct_start,
+                )
+                .map_err(io_at(&top.path))?;
+        }
+        self.top_map
+            .set_range(first, last - first + 1, BlockState::Data);
+        let owner = self.top_owner();
+        self.index.set_range(first, last - first + 1, owner);
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: whole blocks become
+    /// `zero` in the map and are punched out of the data area; partial
+    /// blocks are written with zeros. (Discard does the same: reads after a
+    /// discard are deterministic zeros.)
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let end = offset + len;
+        let whole_first = offset.div_ceil(bs);
+        let whole_end = end / bs;
+        if whole_first >= whole_end {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
+        if offset < whole_first * bs {
+            self.write_at(&vec![0u8; (whole_first * bs - offset) as usize], offset)?;
+        }
+        if whole_end * bs < end {
+            self.write_at(&vec![0u8; (end - whole_end * bs) as usize], whole_end * bs)?;
+        }
+        let count = whole_end - whole_first;
+        let top = self.top();
+        top.storage
+            .punch_hole(top.data_offset() + whole_first * bs, count * bs)
+            .map_err(io_at(&top.path))?;
+        self.top_map.set_range(whole_first, count, BlockState::Zero);
+        self.index.set_range(whole_first, count, ZERO_OWNER);
+        Ok(())
+    }
+
+    /// Same as [`Disk::write_zeroes`].
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    /// Makes every completed write durable (the crash contract's FLUSH).
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let top = self.layers.last().expect("a chain has a top");
+        top.flush_map(&mut self.top_map)
+    }
+
+    /// Flushes and marks the top clean.
+    pub fn close(mut self) -> Result<()> {
+        if self.writable {
+            self.flush()?;
+            self.top_mut().update_header(|h| h.flags &= !FLAG_DIRTY)?;
+        }
+        Ok(())
+    }
+
+    /// The path of layer `k`.
+    pub fn layer_path(&self, k: usize) -> &PathBuf {
+        &self.layers[k].path
+    }
+}
+
+/// Iterator behind [`Disk::resolve`].
+pub struct Extents<'a> {
+    disk: &'a Disk,
+    at: u64,
+    end: u64,
+}
+
+impl Iterator for Extents<'_> {
+    type Item = Extent;
+
+    #[inline]
+    fn next(&mut self) -> Option<Extent> {
+        if self.at >= self.end {
+            return None;
+        }
+        let bs = self.disk.block_size;
+        let block = self.at / bs;
+        let last = (self.end - 1) / bs;
+        let (owner, n) = self.disk.index.run(block, last + 1);
+        let run_end = ((block + n) * bs).min(self.end);
+        let source = if owner == ZERO_OWNER {
+            Source::Zero
+        } else {
+            let layer = owner as usize - 1;
+            let l = &self.disk.layers[layer];
+            // Past a smaller parent's end nothing is there: the index never
+            // names a layer for blocks it does not have.
+            Source::Layer {
+                layer,
+                file_offset: l.header.data_offset + self.at,
+            }
+        };
+        let e = Extent {
+            offset: self.at,
+            len: run_end - self.at,
+            source,
+        };
+        self.at = run_end;
+        Some(e)
+    }
+}

@@ -1,0 +1,18 @@
+//! Sparse copy-on-write snapshot layers: the on-disk format (FORMAT.md), the
+//! chain library with its merged index, and the operations behind `img`.
+
+pub mod disk;
+pub mod error;
+pub mod header;
+pub mod index;
+pub mod layer;
+pub mod map;
+//QC pub mod qcow2;
+pub mod sim;
+pub mod storage;
+
+pub use disk::{Disk, Extent, Source};
+pub use error::{Error, Result};
+pub use layer::{Layer, NewLayer};
+pub use map::BlockState;
+pub use storage::{Env, RealEnv, Storage};

@@ -301,7 +301,11 @@ impl Disk {
         let mut direct_end = end;
         if offset % bs != 0 && self.top_map.get(first) != BlockState::Data {
             let upto = end.min((first + 1) * bs);
-            self.write_partial_block(first, (offset % bs) as usize, &buf[..(upto - offset) as usize])?;
+            self.write_partial_block(
+                first,
+                (offset % bs) as usize,
+                &buf[..(upto - offset) as usize],
+            )?;
             direct_start = upto;
         }
         if end % bs != 0 && direct_start < end && self.top_map.get(last) != BlockState::Data {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::header::HeaderError;
 use crate::map::MapError;
-//QC use crate::qcow2::Qcow2Error;
+use crate::qcow2::Qcow2Error;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -82,8 +82,8 @@ pub enum Error {
     Invalid { path: PathBuf, what: String },
     #[error("{path}: bad backup: {what}")]
     BadBackup { path: PathBuf, what: String },
-    //QC #[error(transparent)]
-    //QC Qcow2(#[from] Qcow2Error),
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

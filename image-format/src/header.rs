@@ -72,8 +72,7 @@ pub fn layout(virtual_size: u64, block_size: u32) -> (u64, u64) {
 
 /// Checks a size and block size a user asked for.
 pub fn validate_geometry(virtual_size: u64, block_size: u32) -> Result<(), HeaderError> {
-    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-    {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(HeaderError::Inconsistent(format!(
             "block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
         )));
@@ -251,7 +250,10 @@ impl Header {
                 "parent path length {path_len} or name length {name_len} too long"
             )));
         }
-        let parent_path = text(&b[OFF_PARENT_PATH..OFF_PARENT_PATH + path_len], "parent path")?;
+        let parent_path = text(
+            &b[OFF_PARENT_PATH..OFF_PARENT_PATH + path_len],
+            "parent path",
+        )?;
         let name = text(&b[OFF_NAME..OFF_NAME + name_len], "name")?;
         match (h.parent_uuid.is_some(), path_len > 0) {
             (true, false) => {
@@ -348,7 +350,10 @@ mod tests {
         b[700] ^= 1; // torn write of slot B
         let c = choose(&a, &b).unwrap();
         assert_eq!(c.slot, 0);
-        assert!(matches!(c.other_damage, Some(HeaderError::BadChecksum { .. })));
+        assert!(matches!(
+            c.other_damage,
+            Some(HeaderError::BadChecksum { .. })
+        ));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::error::{io_at, Error, Result};
 use crate::header::{self, Header, HeaderError, SLOT_SIZE};
 use crate::map::{AllocationMap, MAP_PAGE};
-use crate::storage::{parent_dir, Env, Storage};
+use crate::storage::{parent_dir, sibling, Env, Storage};
 
 /// What a new layer looks like.
 #[derive(Debug, Clone)]
@@ -83,12 +83,11 @@ impl Layer {
     /// Creates a complete layer atomically: a temporary file, synced, renamed
     /// into place, directory synced.
     pub fn create(env: &dyn Env, path: &Path, spec: &NewLayer) -> Result<Layer> {
-        let mut h = Header::new(spec.virtual_size, spec.block_size).map_err(|source| {
-            Error::Header {
+        let mut h =
+            Header::new(spec.virtual_size, spec.block_size).map_err(|source| Error::Header {
                 path: path.to_path_buf(),
                 source,
-            }
-        })?;
+            })?;
         if let Some(u) = spec.uuid {
             h.uuid = u;
         }
@@ -107,11 +106,10 @@ impl Layer {
         let file_name = path
             .file_name()
             .ok_or_else(|| crate::error::invalid(path, "not a file name"))?;
-        let tmp = parent_dir(path).join(format!(
-            ".{}.tmp-{}",
-            file_name.to_string_lossy(),
-            h.uuid.simple()
-        ));
+        let tmp = sibling(
+            path,
+            format!(".{}.tmp-{}", file_name.to_string_lossy(), h.uuid.simple()),
+        );
         let storage = env.create(&tmp).map_err(io_at(&tmp))?;
         let result = (|| {
             storage.set_len(h.file_len())?;
@@ -223,7 +221,7 @@ impl Layer {
         Some(if p.is_absolute() {
             p.to_path_buf()
         } else {
-            parent_dir(&self.path).join(p)
+            sibling(&self.path, p)
         })
     }
 

@@ -7,7 +7,7 @@ pub mod header;
 pub mod index;
 pub mod layer;
 pub mod map;
-//QC pub mod qcow2;
+pub mod qcow2;
 pub mod sim;
 pub mod storage;
 
@@ -16,3 +16,8 @@ pub use error::{Error, Result};
 pub use layer::{Layer, NewLayer};
 pub use map::BlockState;
 pub use storage::{Env, RealEnv, Storage};
+pub mod backup;
+pub mod check;
+pub mod convert;
+pub mod info;
+pub mod ops;

@@ -238,7 +238,10 @@ impl SimEnv {
 impl Env for SimEnv {
     fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn Storage>> {
         let st = self.lock();
-        let id = *st.names.get(&normalize(path)).ok_or_else(|| not_found(path))?;
+        let id = *st
+            .names
+            .get(&normalize(path))
+            .ok_or_else(|| not_found(path))?;
         Ok(Arc::new(SimFile {
             state: self.state.clone(),
             id,

@@ -198,3 +198,11 @@ pub fn parent_dir(path: &Path) -> PathBuf {
         _ => PathBuf::from("."),
     }
 }
+
+/// `name` in the directory of `path`, without a "./" for bare file names.
+pub fn sibling(path: &Path, name: impl AsRef<Path>) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join(name),
+        _ => name.as_ref().to_path_buf(),
+    }
+}

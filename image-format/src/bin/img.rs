@@ -1,1 +1,566 @@
-fn main() {}
+//! `img`: create, inspect, snapshot, clone, commit, rebase, check, repair,
+//! convert, back up and restore snapshot-chain images. Verbs that qemu-img
+//! also has take qemu-img's arguments.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use image_format::check::{check, RepairMode};
+use image_format::convert::{convert, Format};
+use image_format::header::DEFAULT_BLOCK_SIZE;
+use image_format::{backup, info, ops, Env, RealEnv};
+
+#[derive(Parser)]
+#[command(
+    name = "img",
+    version,
+    about = "Sparse copy-on-write snapshot images: create, inspect, snapshot, clone, commit, check, convert, back up"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Repair {
+    Leaks,
+    All,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an image, or an overlay on BASE (which gets sealed).
+    Create {
+        /// Image format; only "snap" is created here (use convert for others).
+        #[arg(short = 'f', default_value = "snap")]
+        format: String,
+        /// Base image: the new image is a writable overlay on it.
+        #[arg(short = 'b')]
+        base: Option<PathBuf>,
+        /// Base format (must be snap; accepted for qemu-img compatibility).
+        #[arg(short = 'F')]
+        base_format: Option<String>,
+        /// Options: cluster_size=N (the block size, 512..64k, default 4k).
+        #[arg(short = 'o')]
+        options: Option<String>,
+        file: PathBuf,
+        /// Virtual size: bytes or with a k/M/G/T suffix (defaults to the base's).
+        size: Option<String>,
+    },
+    /// Describe an image and its chain.
+    Info {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Accepted for qemu-img compatibility: the chain is always shown.
+        #[arg(long)]
+        backing_chain: bool,
+        file: PathBuf,
+    },
+    /// Which layer holds each extent of the disk.
+    Map {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        file: PathBuf,
+    },
+    /// Named snapshots: list, create, apply, delete.
+    Snapshot {
+        /// List the snapshots in the chain.
+        #[arg(short = 'l', group = "action")]
+        list: bool,
+        /// Seal the current contents as snapshot NAME (FILE@NAME); FILE continues as a new overlay.
+        #[arg(short = 'c', value_name = "NAME", group = "action")]
+        create: Option<String>,
+        /// Revert FILE to snapshot NAME (drops what FILE holds now).
+        #[arg(short = 'a', value_name = "NAME", group = "action")]
+        apply: Option<String>,
+        /// Delete snapshot NAME, folding its data into the layer above it.
+        #[arg(short = 'd', value_name = "NAME", group = "action")]
+        delete: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        file: PathBuf,
+    },
+    /// Create NEW, a writable overlay on the sealed (or now sealed) BASE.
+    Clone {
+        base: PathBuf,
+        new: PathBuf,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Merge FILE into its parent; FILE is left empty on it.
+    Commit {
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        file: PathBuf,
+    },
+    /// Change FILE's parent to BASE ("" for none), keeping FILE's content.
+    Rebase {
+        #[arg(short = 'b')]
+        base: String,
+        /// Base format (must be snap; accepted for qemu-img compatibility).
+        #[arg(short = 'F')]
+        base_format: Option<String>,
+        /// Change only the header, copying nothing (content may change).
+        #[arg(short = 'u')]
+        unsafe_: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        file: PathBuf,
+    },
+    /// Check the chain for corruption and leaked space.
+    Check {
+        /// Repair: leaks (space, dirty flag) or all (also damaged header slots and map entries).
+        #[arg(short = 'r', value_enum)]
+        repair: Option<Repair>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        file: PathBuf,
+    },
+    /// Same as `check -r all`.
+    Repair {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        file: PathBuf,
+    },
+    /// Convert between raw, qcow2 and snap.
+    Convert {
+        /// Input format (probed when absent).
+        #[arg(short = 'f')]
+        in_format: Option<String>,
+        /// Output format.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Options: cluster_size=N.
+        #[arg(short = 'o')]
+        options: Option<String>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        input: PathBuf,
+        out: PathBuf,
+    },
+    /// Back up SNAPSHOT (a sealed layer), or its delta since --from, into OUT.
+    Backup {
+        /// An older snapshot of the same chain: store only what changed since.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        snapshot: PathBuf,
+        out: PathBuf,
+    },
+    /// Restore a backup as the sealed layer OUT (on BASE for a delta).
+    Restore {
+        #[arg(short = 'b')]
+        base: Option<PathBuf>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        backup: PathBuf,
+        out: PathBuf,
+    },
+}
+
+/// Parses "10G", "512k", "1048576" (binary units, like qemu-img).
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                _ => bail!("bad size {s:?}: unknown suffix {c:?}"),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("bad size {s:?}: not a number"))?;
+    if !(n.is_finite() && n >= 0.0) {
+        bail!("bad size {s:?}");
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// `cluster_size=N` from a qemu-img style -o list.
+fn cluster_size(options: &Option<String>) -> Result<Option<u32>> {
+    let Some(o) = options else { return Ok(None) };
+    let mut out = None;
+    for kv in o.split(',') {
+        match kv.split_once('=') {
+            Some(("cluster_size", v)) => {
+                let n = parse_size(v)?;
+                out = Some(u32::try_from(n).context("cluster_size too large")?);
+            }
+            _ => bail!("unsupported option {kv:?} (supported: cluster_size=N)"),
+        }
+    }
+    Ok(out)
+}
+
+/// Progress on stderr: a bar on a terminal, percent lines with -p otherwise.
+struct ProgressReport {
+    bar: Option<indicatif::ProgressBar>,
+    lines: bool,
+    last_percent: u64,
+}
+
+impl ProgressReport {
+    fn new(verb: &str, asked: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            b.set_message(verb.to_string());
+            b
+        });
+        ProgressReport {
+            bar,
+            lines: asked && !tty,
+            last_percent: u64::MAX,
+        }
+    }
+    fn update(&mut self, done: u64, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_position(done);
+        } else if self.lines && total > 0 {
+            let p = done.min(total) * 100 / total;
+            if p / 10 != self.last_percent / 10 || self.last_percent == u64::MAX {
+                eprintln!("    ({p}.00/100%)");
+                self.last_percent = p;
+            }
+        }
+    }
+    fn done(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn snap_only(format: &Option<String>, what: &str) -> Result<()> {
+    match format.as_deref() {
+        None | Some("snap") => Ok(()),
+        Some(f) => bail!(
+            "{what} format {f:?} is not supported here: only snap (convert other formats first)"
+        ),
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let env: Arc<dyn Env> = Arc::new(RealEnv);
+    match cli.cmd {
+        Cmd::Create {
+            format,
+            base,
+            base_format,
+            options,
+            file,
+            size,
+        } => {
+            snap_only(&Some(format), "image")?;
+            snap_only(&base_format, "base")?;
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let bs = cluster_size(&options)?.unwrap_or(DEFAULT_BLOCK_SIZE);
+            let l = ops::create(env.as_ref(), &file, size, bs, base.as_deref())?;
+            println!(
+                "Formatting '{}', fmt=snap size={} cluster_size={}{}",
+                file.display(),
+                l.header.virtual_size,
+                l.header.block_size,
+                base.map(|b| format!(" backing_file={}", b.display()))
+                    .unwrap_or_default()
+            );
+        }
+        Cmd::Info { output, file, .. } => {
+            let i = info::info(&env, &file)?;
+            match output {
+                Output::Json => print_json(&i)?,
+                Output::Human => print!("{}", i.to_text()),
+            }
+        }
+        Cmd::Map { output, file } => {
+            let m = info::map(&env, &file)?;
+            match output {
+                Output::Json => print_json(&m)?,
+                Output::Human => {
+                    println!(
+                        "{:<20}{:<20}{:<8}{:<8}File",
+                        "Offset", "Length", "Depth", "Kind"
+                    );
+                    for e in m {
+                        println!(
+                            "{:<#20x}{:<#20x}{:<8}{:<8}{}",
+                            e.start,
+                            e.length,
+                            e.depth,
+                            if e.data { "data" } else { "zero" },
+                            e.filename
+                                .map(|f| f.display().to_string())
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+        }
+        Cmd::Snapshot {
+            list,
+            create,
+            apply,
+            delete,
+            output,
+            file,
+        } => {
+            if let Some(name) = create {
+                let p = ops::snapshot_create(env.as_ref(), &file, &name)?;
+                if output == Output::Json {
+                    print_json(&serde_json::json!({ "snapshot": p, "image": file }))?;
+                }
+            } else if let Some(name) = apply {
+                ops::snapshot_apply(env.as_ref(), &file, &name)?;
+            } else if let Some(name) = delete {
+                let mut pr = ProgressReport::new("delete", false);
+                ops::snapshot_delete(&env, &file, &name, &mut |d, t| pr.update(d, t))?;
+                pr.done();
+            } else {
+                let _ = list;
+                let l = ops::snapshot_list(env.as_ref(), &file)?;
+                match output {
+                    Output::Json => print_json(&l)?,
+                    Output::Human => {
+                        println!("Snapshot list:");
+                        println!("{:<6}{:<24}{:<38}File", "Depth", "Name", "UUID");
+                        for s in l {
+                            println!(
+                                "{:<6}{:<24}{:<38}{}",
+                                s.depth,
+                                s.name,
+                                s.uuid,
+                                s.path.display()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::Clone { base, new, output } => {
+            let l = ops::clone(env.as_ref(), &base, &new)?;
+            match output {
+                Output::Json => print_json(&serde_json::json!({
+                    "image": new, "uuid": l.header.uuid, "base": base
+                }))?,
+                Output::Human => println!("{}: clone of {}", new.display(), base.display()),
+            }
+        }
+        Cmd::Commit {
+            progress,
+            output,
+            file,
+        } => {
+            let mut pr = ProgressReport::new("commit", progress);
+            let s = ops::commit(env.as_ref(), &file, &mut |d, t| pr.update(d, t))?;
+            pr.done();
+            match output {
+                Output::Json => print_json(&s)?,
+                Output::Human => println!("Image committed."),
+            }
+        }
+        Cmd::Rebase {
+            base,
+            base_format,
+            unsafe_,
+            progress,
+            file,
+        } => {
+            snap_only(&base_format, "base")?;
+            let base = (!base.is_empty()).then(|| PathBuf::from(base));
+            let mut pr = ProgressReport::new("rebase", progress);
+            ops::rebase(&env, &file, base.as_deref(), unsafe_, false, &mut |d, t| {
+                pr.update(d, t)
+            })?;
+            pr.done();
+        }
+        Cmd::Check {
+            repair,
+            output,
+            file,
+        } => return do_check(env.as_ref(), &file, repair, output),
+        Cmd::Repair { output, file } => {
+            return do_check(env.as_ref(), &file, Some(Repair::All), output)
+        }
+        Cmd::Convert {
+            in_format,
+            out_format,
+            options,
+            progress,
+            output,
+            input,
+            out,
+        } => {
+            let inf: Option<Format> = in_format
+                .map(|f| f.parse())
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let outf: Format = out_format.parse().map_err(anyhow::Error::msg)?;
+            let mut pr = ProgressReport::new("convert", progress);
+            let s = convert(
+                &input,
+                inf,
+                &out,
+                outf,
+                cluster_size(&options)?,
+                &mut |d, t| pr.update(d, t),
+            )?;
+            pr.done();
+            if output == Output::Json {
+                print_json(&s)?;
+            }
+        }
+        Cmd::Backup {
+            from,
+            progress,
+            output,
+            snapshot,
+            out,
+        } => {
+            let mut pr = ProgressReport::new("backup", progress);
+            let s = backup::backup(&env, &snapshot, from.as_deref(), &out, &mut |d, t| {
+                pr.update(d, t)
+            })?;
+            pr.done();
+            match output {
+                Output::Json => print_json(&s)?,
+                Output::Human => println!(
+                    "{}: {} records, {} data, {} zero, {} in the file",
+                    out.display(),
+                    s.records,
+                    info::human(s.data_bytes),
+                    info::human(s.zero_bytes),
+                    info::human(s.file_bytes)
+                ),
+            }
+        }
+        Cmd::Restore {
+            base,
+            progress,
+            output,
+            backup: b,
+            out,
+        } => {
+            let mut pr = ProgressReport::new("restore", progress);
+            let s = backup::restore(&env, &b, base.as_deref(), &out, &mut |d, t| pr.update(d, t))?;
+            pr.done();
+            match output {
+                Output::Json => print_json(&s)?,
+                Output::Human => println!(
+                    "{}: restored {} data, {} zero (sealed; clone it to write)",
+                    out.display(),
+                    info::human(s.data_bytes),
+                    info::human(s.zero_bytes)
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn do_check(
+    env: &dyn Env,
+    file: &Path,
+    repair: Option<Repair>,
+    output: Output,
+) -> Result<ExitCode> {
+    let mode = match repair {
+        None => RepairMode::None,
+        Some(Repair::Leaks) => RepairMode::Leaks,
+        Some(Repair::All) => RepairMode::All,
+    };
+    let r = check(env, file, mode)?;
+    match output {
+        Output::Json => print_json(&r)?,
+        Output::Human => {
+            if let Some(e) = &r.chain_error {
+                println!("ERROR chain: {e}");
+            }
+            for l in &r.layers {
+                for c in &l.corruptions {
+                    println!("ERROR {}: {c}", l.path.display());
+                }
+                if l.leaked_blocks > 0 {
+                    println!("Leaked blocks in {}: {}", l.path.display(), l.leaked_blocks);
+                }
+                for n in &l.notes {
+                    println!("Note {}: {n}", l.path.display());
+                }
+                for f in &l.repaired {
+                    println!("Repaired {}: {f}", l.path.display());
+                }
+            }
+            match r.exit_code() {
+                0 => println!("No errors were found on the image."),
+                2 => println!(
+                    "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+                    r.corruptions
+                ),
+                3 => println!(
+                    "\n{} leaked blocks were found on the image.\nThis means waste of disk space, but no harm to data.",
+                    r.leaked_blocks
+                ),
+                _ => {}
+            }
+        }
+    }
+    Ok(ExitCode::from(r.exit_code() as u8))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("img: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

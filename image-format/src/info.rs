@@ -1,0 +1,195 @@
+//! `img info` and `img map`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::disk::{Disk, Source};
+use crate::error::Result;
+use crate::storage::Env;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    pub path: PathBuf,
+    pub uuid: String,
+    pub parent: Option<String>,
+    pub parent_uuid: Option<String>,
+    pub name: String,
+    pub sealed: bool,
+    pub dirty: bool,
+    pub generation: u64,
+    /// Bytes the layer's own map marks `data` and `zero`.
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    /// Space the file occupies on disk (real filesystem only).
+    pub disk_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub filename: PathBuf,
+    pub format: &'static str,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    #[serde(rename = "cluster-size")]
+    pub block_size: u32,
+    #[serde(rename = "actual-size")]
+    pub actual_size: Option<u64>,
+    pub depth: usize,
+    /// Top first.
+    pub chain: Vec<LayerInfo>,
+    /// Memory the chain's merged index takes.
+    pub index_bytes: usize,
+}
+
+pub const FORMAT_NAME: &str = "snap";
+
+pub fn info(env: &Arc<dyn Env>, path: &Path) -> Result<ImageInfo> {
+    let disk = Disk::open(Arc::clone(env), path, false)?;
+    let mut chain = Vec::new();
+    for layer in disk.layers().iter().rev() {
+        let h = &layer.header;
+        let map = layer.load_map()?;
+        let (data, zero) = map.counts();
+        let bs = h.block_size as u64;
+        chain.push(LayerInfo {
+            path: layer.path.clone(),
+            uuid: h.uuid.to_string(),
+            parent: h.parent_path.clone(),
+            parent_uuid: h.parent_uuid.map(|u| u.to_string()),
+            name: h.name.clone(),
+            sealed: h.sealed(),
+            dirty: h.dirty(),
+            generation: h.generation,
+            data_bytes: data * bs,
+            zero_bytes: zero * bs,
+            disk_bytes: std::fs::metadata(&layer.path)
+                .ok()
+                .map(|m| m.blocks() * 512),
+        });
+    }
+    Ok(ImageInfo {
+        filename: path.to_path_buf(),
+        format: FORMAT_NAME,
+        virtual_size: disk.virtual_size(),
+        block_size: disk.block_size() as u32,
+        actual_size: chain[0].disk_bytes,
+        depth: chain.len(),
+        index_bytes: disk.index().memory_bytes(),
+        chain,
+    })
+}
+
+impl ImageInfo {
+    /// The human form, in qemu-img's style.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\ncluster_size: {}\nchain depth: {}\n",
+            self.filename.display(),
+            self.format,
+            human(self.virtual_size),
+            self.virtual_size,
+            self.actual_size.map(human).unwrap_or_else(|| "unknown".into()),
+            self.block_size,
+            self.depth
+        );
+        for (i, l) in self.chain.iter().enumerate() {
+            s += &format!(
+                "layer {i}: {}{}{}{}\n    uuid: {}\n    data: {}, zero: {}\n",
+                l.path.display(),
+                if l.sealed { " [sealed]" } else { "" },
+                if l.dirty { " [dirty]" } else { "" },
+                if l.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" snapshot {:?}", l.name)
+                },
+                l.uuid,
+                human(l.data_bytes),
+                human(l.zero_bytes)
+            );
+            if let Some(p) = &l.parent {
+                s += &format!("    backing file: {p}\n");
+            }
+        }
+        s
+    }
+}
+
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.3} {}", UNITS[u])
+            .replace(".000 ", " ")
+            .to_string()
+    }
+}
+
+/// One row of `img map`, like qemu-img's JSON map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    /// 0 = the top layer, 1 = its parent, ...
+    pub depth: usize,
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    /// The file and file offset holding the data.
+    pub filename: Option<PathBuf>,
+    pub offset: Option<u64>,
+}
+
+pub fn map(env: &Arc<dyn Env>, path: &Path) -> Result<Vec<MapEntry>> {
+    let disk = Disk::open(Arc::clone(env), path, false)?;
+    let depth = disk.layers().len();
+    let mut out: Vec<MapEntry> = Vec::new();
+    for e in disk.resolve(0, disk.virtual_size()) {
+        let entry = match e.source {
+            Source::Zero => MapEntry {
+                start: e.offset,
+                length: e.len,
+                depth: 0,
+                present: false,
+                zero: true,
+                data: false,
+                filename: None,
+                offset: None,
+            },
+            Source::Layer { layer, file_offset } => MapEntry {
+                start: e.offset,
+                length: e.len,
+                depth: depth - 1 - layer,
+                present: true,
+                zero: false,
+                data: true,
+                filename: Some(disk.layer_path(layer).clone()),
+                offset: Some(file_offset),
+            },
+        };
+        // The index splits at chunk boundaries only when owners change, but
+        // keep the output canonical anyway.
+        if let Some(last) = out.last_mut() {
+            let contiguous = last.start + last.length == entry.start
+                && last.depth == entry.depth
+                && last.data == entry.data
+                && last.filename == entry.filename;
+            if contiguous {
+                last.length += entry.length;
+                continue;
+            }
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}

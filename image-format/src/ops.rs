@@ -1,0 +1,524 @@
+//! Chain operations: create, clone, snapshot, commit, rebase. Each keeps the
+//! chain openable with unchanged content at every step, so a crash anywhere
+//! leaves a consistent image (FORMAT.md, "Operations and their crash
+//! ordering").
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::info;
+use uuid::Uuid;
+
+use crate::disk::{load_valid_map, open_chain, Disk, Source};
+use crate::error::{invalid, io_at, Error, Result};
+use crate::header::{FLAG_DIRTY, FLAG_SEALED};
+use crate::layer::{relative_parent_path, Layer, NewLayer};
+use crate::map::BlockState;
+use crate::storage::{parent_dir, sibling, Env};
+
+/// Progress callback: (bytes done, bytes total).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Copy granularity of the long operations.
+const CHUNK: u64 = 1 << 20;
+
+/// Seals `path` if it is not sealed yet, so it can serve as a parent.
+/// Refuses a dirty layer: it may be open for writing somewhere.
+pub fn ensure_sealed(env: &dyn Env, path: &Path) -> Result<Layer> {
+    let layer = Layer::open(env, path, false)?;
+    if layer.header.sealed() {
+        return Ok(layer);
+    }
+    if layer.header.dirty() {
+        return Err(invalid(
+            path,
+            "the layer is open for writing or was not closed cleanly (dirty); \
+             close it or run `img check -r all` before using it as a base",
+        ));
+    }
+    drop(layer);
+    let mut layer = Layer::open(env, path, true)?;
+    layer.update_header(|h| h.flags |= FLAG_SEALED)?;
+    info!(path = %path.display(), "sealed");
+    Ok(layer)
+}
+
+/// `img create [-b BASE] FILE [SIZE]`.
+pub fn create(
+    env: &dyn Env,
+    path: &Path,
+    size: Option<u64>,
+    block_size: u32,
+    base: Option<&Path>,
+) -> Result<Layer> {
+    if env.exists(path) {
+        return Err(invalid(path, "already exists"));
+    }
+    let Some(base) = base else {
+        let size = size.ok_or_else(|| invalid(path, "a size is needed without a base"))?;
+        return Layer::create(
+            env,
+            path,
+            &NewLayer {
+                virtual_size: size,
+                block_size,
+                parent: None,
+                sealed: false,
+                name: String::new(),
+                uuid: None,
+            },
+        );
+    };
+    overlay(env, base, path, size)
+}
+
+/// A new empty writable layer on `base` (sealed first if needed); the chain
+/// below is checked before anything is written.
+fn overlay(env: &dyn Env, base: &Path, path: &Path, size: Option<u64>) -> Result<Layer> {
+    open_chain(env, base, false)?;
+    let b = ensure_sealed(env, base)?;
+    let size = size.unwrap_or(b.header.virtual_size);
+    if size < b.header.virtual_size {
+        return Err(Error::SizeMismatch {
+            path: path.to_path_buf(),
+            parent: base.to_path_buf(),
+            size,
+            parent_size: b.header.virtual_size,
+        });
+    }
+    Layer::create(
+        env,
+        path,
+        &NewLayer {
+            virtual_size: size,
+            block_size: b.header.block_size,
+            parent: Some((relative_parent_path(path, base)?, b.header.uuid)),
+            sealed: false,
+            name: String::new(),
+            uuid: None,
+        },
+    )
+}
+
+/// `img clone BASE NEW`: a writable overlay on a sealed base.
+pub fn clone(env: &dyn Env, base: &Path, new: &Path) -> Result<Layer> {
+    if env.exists(new) {
+        return Err(invalid(new, "already exists"));
+    }
+    overlay(env, base, new, None)
+}
+
+/// The file a snapshot named `name` of `top` lives in.
+pub fn snapshot_path(top: &Path, name: &str) -> PathBuf {
+    let file = top.file_name().map(|f| f.to_string_lossy().into_owned());
+    sibling(top, format!("{}@{}", file.unwrap_or_default(), name))
+}
+
+fn check_snapshot_name(top: &Path, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > crate::header::MAX_NAME
+        || name.contains('/')
+        || name.contains('\0')
+    {
+        return Err(invalid(
+            top,
+            format!("bad snapshot name {name:?}: 1 to 256 bytes, no '/'"),
+        ));
+    }
+    Ok(())
+}
+
+/// `img snapshot -c NAME FILE`: seals the current contents of FILE as the
+/// snapshot `FILE@NAME`; FILE becomes a new empty overlay on it.
+pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf> {
+    check_snapshot_name(top, name)?;
+    let snap = snapshot_path(top, name);
+    if env.exists(&snap) {
+        return Err(invalid(&snap, "a snapshot of that name exists"));
+    }
+    // Validates the chain and refuses a sealed top (it is already a snapshot).
+    let current = open_chain(env, top, true)?;
+    let top_layer = &current[0];
+    if top_layer.header.dirty() {
+        return Err(invalid(
+            top,
+            "the image is open for writing or was not closed cleanly (dirty); \
+             close it or run `img check -r all` first",
+        ));
+    }
+    let (size, block, uuid) = (
+        top_layer.header.virtual_size,
+        top_layer.header.block_size,
+        top_layer.header.uuid,
+    );
+    drop(current);
+    env.hard_link(top, &snap).map_err(io_at(&snap))?;
+    env.sync_dir(&parent_dir(top)).map_err(io_at(top))?;
+    let mut sealed = Layer::open(env, &snap, true)?;
+    sealed.update_header(|h| {
+        h.flags |= FLAG_SEALED;
+        h.name = name.to_string();
+    })?;
+    drop(sealed);
+    // The new overlay is built aside and renamed over the top in one step.
+    let file = top.file_name().map(|f| f.to_string_lossy().into_owned());
+    let tmp = sibling(
+        top,
+        format!(
+            ".{}.snapshot-{}",
+            file.unwrap_or_default(),
+            Uuid::new_v4().simple()
+        ),
+    );
+    Layer::create(
+        env,
+        &tmp,
+        &NewLayer {
+            virtual_size: size,
+            block_size: block,
+            parent: Some((relative_parent_path(top, &snap)?, uuid)),
+            sealed: false,
+            name: String::new(),
+            uuid: None,
+        },
+    )?;
+    env.rename(&tmp, top).map_err(io_at(top))?;
+    env.sync_dir(&parent_dir(top)).map_err(io_at(top))?;
+    info!(image = %top.display(), snapshot = %snap.display(), "snapshot created");
+    Ok(snap)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub uuid: Uuid,
+    /// Distance from the top (1 = the top's parent).
+    pub depth: usize,
+}
+
+/// `img snapshot -l FILE`: the named sealed layers of the chain, newest first.
+pub fn snapshot_list(env: &dyn Env, top: &Path) -> Result<Vec<SnapshotInfo>> {
+    Ok(open_chain(env, top, false)?
+        .into_iter()
+        .enumerate()
+        .filter(|(_, l)| l.header.sealed() && !l.header.name.is_empty())
+        .map(|(depth, l)| SnapshotInfo {
+            name: l.header.name.clone(),
+            path: l.path.clone(),
+            uuid: l.header.uuid,
+            depth,
+        })
+        .collect())
+}
+
+fn find_snapshot(env: &dyn Env, top: &Path, name: &str) -> Result<SnapshotInfo> {
+    snapshot_list(env, top)?
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| invalid(top, format!("no snapshot named {name:?} in the chain")))
+}
+
+/// `img snapshot -a NAME FILE`: FILE becomes a new empty overlay on the
+/// snapshot; what FILE held since is dropped.
+pub fn snapshot_apply(env: &dyn Env, top: &Path, name: &str) -> Result<()> {
+    let snap = find_snapshot(env, top, name)?;
+    let layer = Layer::open(env, &snap.path, false)?;
+    let file = top.file_name().map(|f| f.to_string_lossy().into_owned());
+    let tmp = sibling(
+        top,
+        format!(
+            ".{}.apply-{}",
+            file.unwrap_or_default(),
+            Uuid::new_v4().simple()
+        ),
+    );
+    Layer::create(
+        env,
+        &tmp,
+        &NewLayer {
+            virtual_size: Layer::open(env, top, false)?.header.virtual_size,
+            block_size: layer.header.block_size,
+            parent: Some((relative_parent_path(top, &snap.path)?, layer.header.uuid)),
+            sealed: false,
+            name: String::new(),
+            uuid: None,
+        },
+    )?;
+    env.rename(&tmp, top).map_err(io_at(top))?;
+    env.sync_dir(&parent_dir(top)).map_err(io_at(top))
+}
+
+/// `img snapshot -d NAME FILE`: folds the snapshot into the layer above it
+/// (a safe rebase of that layer onto the snapshot's parent), then removes
+/// the snapshot's file.
+pub fn snapshot_delete(
+    env: &Arc<dyn Env>,
+    top: &Path,
+    name: &str,
+    progress: Progress,
+) -> Result<()> {
+    let snap = find_snapshot(&**env, top, name)?;
+    let chain = open_chain(&**env, top, false)?;
+    let child = chain[snap.depth - 1].path.clone();
+    let new_parent = chain[snap.depth].parent_path();
+    drop(chain);
+    rebase(env, &child, new_parent.as_deref(), false, true, progress)?;
+    env.remove(&snap.path).map_err(io_at(&snap.path))?;
+    env.sync_dir(&parent_dir(&snap.path))
+        .map_err(io_at(&snap.path))
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CopyStats {
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+}
+
+/// `img commit FILE`: merges FILE into its parent, leaves FILE empty on it.
+/// Running it again finishes an interrupted commit.
+pub fn commit(env: &dyn Env, top: &Path, progress: Progress) -> Result<CopyStats> {
+    let chain = open_chain(env, top, false)?;
+    let parent_path = chain[0]
+        .parent_path()
+        .ok_or_else(|| invalid(top, "has no parent to commit into"))?;
+    drop(chain);
+    let mut t = Layer::open(env, top, true)?;
+    let mut p = Layer::open(env, &parent_path, true)?;
+    if p.header.virtual_size != t.header.virtual_size {
+        return Err(invalid(
+            top,
+            format!(
+                "commit needs equal sizes; the parent {} is {} bytes, this layer {}",
+                parent_path.display(),
+                p.header.virtual_size,
+                t.header.virtual_size
+            ),
+        ));
+    }
+    let new_uuid = match t.header.parent_uuid_next {
+        Some(u) => u,
+        None => {
+            let u = Uuid::new_v4();
+            t.update_header(|h| h.parent_uuid_next = Some(u))?;
+            u
+        }
+    };
+    let mut stats = CopyStats::default();
+    let mut tmap = load_valid_map(&t)?;
+    if p.header.uuid != new_uuid {
+        // Copy every block the top has into the parent, then its map, then
+        // its new identity.
+        let mut pmap = load_valid_map(&p)?;
+        let bs = t.header.block_size as u64;
+        let total = tmap.counts();
+        let total = (total.0 + total.1) * bs;
+        let mut done = 0;
+        let mut buf = vec![0u8; CHUNK as usize];
+        for (start, count, state) in tmap.runs(0, tmap.blocks()).collect::<Vec<_>>() {
+            let (off, len) = (start * bs, count * bs);
+            match state {
+                BlockState::Data => {
+                    let mut at = off;
+                    while at < off + len {
+                        let n = (off + len - at).min(CHUNK) as usize;
+                        t.storage
+                            .read_at(&mut buf[..n], t.data_offset() + at)
+                            .map_err(io_at(&t.path))?;
+                        p.storage
+                            .write_at(&buf[..n], p.data_offset() + at)
+                            .map_err(io_at(&p.path))?;
+                        at += n as u64;
+                        done += n as u64;
+                        progress(done, total);
+                    }
+                    stats.data_bytes += len;
+                }
+                BlockState::Zero => {
+                    p.storage
+                        .punch_hole(p.data_offset() + off, len)
+                        .map_err(io_at(&p.path))?;
+                    stats.zero_bytes += len;
+                    done += len;
+                    progress(done, total);
+                }
+                BlockState::Absent => continue,
+            }
+            pmap.set_range(start, count, state);
+        }
+        p.flush_map(&mut pmap)?;
+        p.update_header(|h| h.uuid = new_uuid)?;
+    }
+    // Empty the top: its blocks are all in the parent now.
+    let blocks = tmap.blocks();
+    let had: Vec<_> = tmap.runs(0, blocks).collect();
+    for (start, count, _) in had {
+        let bs = t.header.block_size as u64;
+        t.storage
+            .punch_hole(t.data_offset() + start * bs, count * bs)
+            .map_err(io_at(&t.path))?;
+        tmap.set_range(start, count, BlockState::Absent);
+    }
+    t.flush_map(&mut tmap)?;
+    t.update_header(|h| {
+        h.parent_uuid = Some(new_uuid);
+        h.parent_uuid_next = None;
+    })?;
+    info!(image = %top.display(), parent = %parent_path.display(), data = stats.data_bytes, "committed");
+    Ok(stats)
+}
+
+/// `img rebase [-u] -b BASE FILE`: gives FILE a new parent (or none). Safe
+/// mode keeps FILE's content: it first copies into FILE every block it does
+/// not own whose content differs between the old and the new chain.
+pub fn rebase(
+    env: &Arc<dyn Env>,
+    top: &Path,
+    new_base: Option<&Path>,
+    unsafe_header_only: bool,
+    allow_sealed_top: bool,
+    progress: Progress,
+) -> Result<CopyStats> {
+    let mut stats = CopyStats::default();
+    let t = Layer::open(&**env, top, false)?;
+    if t.header.sealed() && !allow_sealed_top {
+        return Err(Error::Sealed {
+            path: top.to_path_buf(),
+        });
+    }
+    let new_parent = match new_base {
+        Some(b) => {
+            let l = ensure_sealed(&**env, b)?;
+            if l.header.block_size != t.header.block_size
+                || l.header.virtual_size > t.header.virtual_size
+            {
+                return Err(invalid(
+                    b,
+                    "the new base's block size or size does not fit this layer",
+                ));
+            }
+            // Refuse a base that has `top` below it: that would be a cycle.
+            for layer in open_chain(&**env, b, false)? {
+                if layer.header.uuid == t.header.uuid {
+                    return Err(Error::Cycle {
+                        path: top.to_path_buf(),
+                        parent: b.to_path_buf(),
+                    });
+                }
+            }
+            Some((relative_parent_path(top, b)?, l.header.uuid))
+        }
+        None => None,
+    };
+    if !unsafe_header_only {
+        let old = match t.parent_path() {
+            Some(p) => Some(Disk::open(Arc::clone(env), &p, false)?),
+            None => None,
+        };
+        let new = match new_base {
+            Some(b) => Some(Disk::open(Arc::clone(env), b, false)?),
+            None => None,
+        };
+        drop(t);
+        let tl = Layer::open(&**env, top, true)?;
+        let mut tmap = load_valid_map(&tl)?;
+        let bs = tl.header.block_size as u64;
+        let size = tl.header.virtual_size;
+        let mut a = vec![0u8; CHUNK as usize];
+        let mut b = vec![0u8; CHUNK as usize];
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(CHUNK);
+            progress(off, size);
+            let first = off / bs;
+            let count = n / bs;
+            let owned = tmap.runs(first, first + count).map(|r| r.1).sum::<u64>();
+            if owned == count || same_source(old.as_ref(), new.as_ref(), off, n) {
+                off += n;
+                continue;
+            }
+            read_or_zero(old.as_ref(), &mut a[..n as usize], off)?;
+            read_or_zero(new.as_ref(), &mut b[..n as usize], off)?;
+            for k in 0..count {
+                let block = first + k;
+                let r = (k * bs) as usize..((k + 1) * bs) as usize;
+                if tmap.get(block) != BlockState::Absent || a[r.clone()] == b[r.clone()] {
+                    continue;
+                }
+                if a[r.clone()].iter().all(|&x| x == 0) {
+                    tmap.set_range(block, 1, BlockState::Zero);
+                    stats.zero_bytes += bs;
+                } else {
+                    tl.storage
+                        .write_at(&a[r], tl.data_offset() + block * bs)
+                        .map_err(io_at(&tl.path))?;
+                    tmap.set_range(block, 1, BlockState::Data);
+                    stats.data_bytes += bs;
+                }
+            }
+            off += n;
+        }
+        progress(size, size);
+        tl.flush_map(&mut tmap)?;
+        drop(tl);
+    } else {
+        drop(t);
+    }
+    let mut tl = Layer::open(&**env, top, true)?;
+    tl.update_header(|h| {
+        h.parent_path = new_parent.as_ref().map(|p| p.0.clone());
+        h.parent_uuid = new_parent.as_ref().map(|p| p.1);
+        h.parent_uuid_next = None;
+    })?;
+    Ok(stats)
+}
+
+/// Whether both chains take `[off, off + len)` from the same sealed layers.
+fn same_source(old: Option<&Disk>, new: Option<&Disk>, off: u64, len: u64) -> bool {
+    let (Some(old), Some(new)) = (old, new) else {
+        return false;
+    };
+    let mut a = old.resolve(off, len);
+    let mut b = new.resolve(off, len);
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) if x.offset == y.offset && x.len == y.len => {
+                let same = match (x.source, y.source) {
+                    (Source::Zero, Source::Zero) => true,
+                    (Source::Layer { layer: i, .. }, Source::Layer { layer: j, .. }) => {
+                        old.layers()[i].header.uuid == new.layers()[j].header.uuid
+                    }
+                    _ => false,
+                };
+                if !same {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+fn read_or_zero(disk: Option<&Disk>, buf: &mut [u8], off: u64) -> Result<()> {
+    match disk {
+        Some(d) if off < d.virtual_size() => {
+            let n = (d.virtual_size() - off).min(buf.len() as u64) as usize;
+            d.read_at(&mut buf[..n], off)?;
+            buf[n..].fill(0);
+            Ok(())
+        }
+        _ => {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+}
+
+/// Clears the dirty flag of a layer (after repair or a clean reopen).
+pub fn mark_clean(layer: &mut Layer) -> Result<()> {
+    if layer.header.dirty() {
+        layer.update_header(|h| h.flags &= !FLAG_DIRTY)?;
+    }
+    Ok(())
+}

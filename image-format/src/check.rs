@@ -140,9 +140,11 @@ fn check_layer(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<LayerRepo
     };
     let damaged_slot = layer.other_slot_damage.clone();
     if let Some(d) = &damaged_slot {
-        // The current slot is intact; the spare one is not.
-        r.corruptions
-            .push(format!("spare header slot damaged: {d}"));
+        // The current slot is intact; the spare one is not: what a header
+        // update interrupted by a crash leaves. Harmless, and repairable.
+        r.notes.push(format!(
+            "spare header slot damaged (an interrupted header update): {d}"
+        ));
     }
     if h.dirty() {
         r.notes.push(
@@ -168,13 +170,14 @@ fn check_layer(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<LayerRepo
     r.leaked_blocks = leaks.iter().map(|l| l.1.div_ceil(bs)).sum();
     drop(layer);
 
-    let fix_corruption = mode == RepairMode::All && (damaged_slot.is_some() || !invalid.is_empty());
+    let fix_slot = mode != RepairMode::None && damaged_slot.is_some();
+    let fix_corruption = mode == RepairMode::All && !invalid.is_empty();
     let fix_leaks = mode != RepairMode::None && (!leaks.is_empty() || h.dirty());
-    if !(fix_corruption || fix_leaks) {
+    if !(fix_corruption || fix_leaks || fix_slot) {
         return Ok(r);
     }
     let mut layer = Layer::open(env, path, true)?;
-    if fix_corruption && !invalid.is_empty() {
+    if fix_corruption {
         let ranges = layer
             .storage
             .data_ranges(h.data_offset, h.data_offset + h.virtual_size)
@@ -204,18 +207,17 @@ fn check_layer(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<LayerRepo
     }
     // Rewriting the header fixes the spare slot and (with leaks gone) clears dirty.
     let clear_dirty = fix_leaks && h.dirty();
-    if fix_corruption && damaged_slot.is_some() || clear_dirty {
+    if fix_slot || clear_dirty {
         layer.update_header(|hh| {
             if clear_dirty {
                 hh.flags &= !FLAG_DIRTY
             }
         })?;
-        if damaged_slot.is_some() && fix_corruption {
+        if fix_slot {
             // Both slots must be good: write once more so the spare is current too.
             layer.update_header(|_| {})?;
             r.repaired.push("rewrote the damaged header slot".into());
-            r.corruptions
-                .retain(|c| !c.starts_with("spare header slot"));
+            r.notes.retain(|c| !c.starts_with("spare header slot"));
         }
         if clear_dirty {
             r.repaired.push("cleared the dirty flag".into());

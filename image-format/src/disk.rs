@@ -91,6 +91,14 @@ pub fn open_chain(env: &dyn Env, path: &Path, writable_top: bool) -> Result<Vec<
             other => other?,
         };
         check_link(child, &parent, writable_top)?;
+        let parent = if writable_top && !parent.header.sealed() {
+            // A clean parent that is not sealed yet (a snapshot interrupted
+            // before its last step): seal it now, as clone and create -b do.
+            drop(parent);
+            crate::layer::ensure_sealed(env, &parent_path)?
+        } else {
+            parent
+        };
         chain.push(parent);
     }
     Ok(chain)
@@ -124,7 +132,7 @@ fn check_link(child: &Layer, parent: &Layer, writable_top: bool) -> Result<()> {
             parent_size: p.virtual_size,
         });
     }
-    if writable_top && !p.sealed() {
+    if writable_top && !p.sealed() && p.dirty() {
         return Err(Error::ParentNotSealed {
             path: child.path.clone(),
             parent: parent.path.clone(),

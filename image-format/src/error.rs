@@ -65,7 +65,7 @@ pub enum Error {
         block: u32,
         parent_block: u32,
     },
-    #[error("{path}: parent {parent} is not sealed, so it could still change under this layer")]
+    #[error("{path}: parent {parent} is neither sealed nor closed cleanly (open for writing elsewhere?), so it could still change under this layer")]
     ParentNotSealed { path: PathBuf, parent: PathBuf },
     #[error("{path}: the layer is sealed (a snapshot); write to a clone of it instead")]
     Sealed { path: PathBuf },

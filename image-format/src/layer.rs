@@ -231,6 +231,27 @@ impl Layer {
     }
 }
 
+/// Seals `path` if it is not sealed yet, so it can serve as a parent.
+/// Refuses a dirty layer: it may be open for writing somewhere.
+pub fn ensure_sealed(env: &dyn Env, path: &Path) -> Result<Layer> {
+    let layer = Layer::open(env, path, false)?;
+    if layer.header.sealed() {
+        return Ok(layer);
+    }
+    if layer.header.dirty() {
+        return Err(crate::error::invalid(
+            path,
+            "the layer is open for writing or was not closed cleanly (dirty); \
+             close it or run `img check -r all` before using it as a base",
+        ));
+    }
+    drop(layer);
+    let mut layer = Layer::open(env, path, true)?;
+    layer.update_header(|h| h.flags |= header::FLAG_SEALED)?;
+    tracing::info!(path = %path.display(), "sealed");
+    Ok(layer)
+}
+
 /// The path to store in a child at `child` for its parent at `parent`:
 /// relative to the child's directory, so a directory of layers can move.
 pub fn relative_parent_path(child: &Path, parent: &Path) -> Result<String> {

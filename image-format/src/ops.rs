@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use crate::disk::{load_valid_map, open_chain, Disk, Source};
 use crate::error::{invalid, io_at, Error, Result};
-use crate::header::{FLAG_DIRTY, FLAG_SEALED};
+use crate::header::FLAG_DIRTY;
+pub use crate::layer::ensure_sealed;
 use crate::layer::{relative_parent_path, Layer, NewLayer};
 use crate::map::BlockState;
 use crate::storage::{parent_dir, sibling, Env};
@@ -21,27 +22,6 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// Copy granularity of the long operations.
 const CHUNK: u64 = 1 << 20;
-
-/// Seals `path` if it is not sealed yet, so it can serve as a parent.
-/// Refuses a dirty layer: it may be open for writing somewhere.
-pub fn ensure_sealed(env: &dyn Env, path: &Path) -> Result<Layer> {
-    let layer = Layer::open(env, path, false)?;
-    if layer.header.sealed() {
-        return Ok(layer);
-    }
-    if layer.header.dirty() {
-        return Err(invalid(
-            path,
-            "the layer is open for writing or was not closed cleanly (dirty); \
-             close it or run `img check -r all` before using it as a base",
-        ));
-    }
-    drop(layer);
-    let mut layer = Layer::open(env, path, true)?;
-    layer.update_header(|h| h.flags |= FLAG_SEALED)?;
-    info!(path = %path.display(), "sealed");
-    Ok(layer)
-}
 
 /// `img create [-b BASE] FILE [SIZE]`.
 pub fn create(
@@ -152,27 +132,17 @@ pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf>
         top_layer.header.uuid,
     );
     drop(current);
+    // The name goes into the layer before it has a second name, so the
+    // snapshot carries it whatever step a crash stops at.
+    let mut t = Layer::open(env, top, true)?;
+    t.update_header(|h| h.name = name.to_string())?;
+    drop(t);
     env.hard_link(top, &snap).map_err(io_at(&snap))?;
     env.sync_dir(&parent_dir(top)).map_err(io_at(top))?;
-    let mut sealed = Layer::open(env, &snap, true)?;
-    sealed.update_header(|h| {
-        h.flags |= FLAG_SEALED;
-        h.name = name.to_string();
-    })?;
-    drop(sealed);
-    // The new overlay is built aside and renamed over the top in one step.
-    let file = top.file_name().map(|f| f.to_string_lossy().into_owned());
-    let tmp = sibling(
-        top,
-        format!(
-            ".{}.snapshot-{}",
-            file.unwrap_or_default(),
-            Uuid::new_v4().simple()
-        ),
-    );
+    // Built aside and renamed over the top in one step (Layer::create).
     Layer::create(
         env,
-        &tmp,
+        top,
         &NewLayer {
             virtual_size: size,
             block_size: block,
@@ -182,8 +152,9 @@ pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf>
             uuid: None,
         },
     )?;
-    env.rename(&tmp, top).map_err(io_at(top))?;
-    env.sync_dir(&parent_dir(top)).map_err(io_at(top))?;
+    // A crash before this leaves a clean unsealed parent, which the next
+    // writable open seals.
+    ensure_sealed(env, &snap)?;
     info!(image = %top.display(), snapshot = %snap.display(), "snapshot created");
     Ok(snap)
 }
@@ -306,9 +277,10 @@ pub fn commit(env: &dyn Env, top: &Path, progress: Progress) -> Result<CopyStats
     };
     let mut stats = CopyStats::default();
     let mut tmap = load_valid_map(&t)?;
-    if p.header.uuid != new_uuid {
+    {
         // Copy every block the top has into the parent, then its map, then
-        // its new identity.
+        // its new identity. A resumed commit copies again: the top may have
+        // been written since the interruption.
         let mut pmap = load_valid_map(&p)?;
         let bs = t.header.block_size as u64;
         let total = tmap.counts();
@@ -347,19 +319,26 @@ pub fn commit(env: &dyn Env, top: &Path, progress: Progress) -> Result<CopyStats
             pmap.set_range(start, count, state);
         }
         p.flush_map(&mut pmap)?;
-        p.update_header(|h| h.uuid = new_uuid)?;
+        if p.header.uuid != new_uuid {
+            p.update_header(|h| h.uuid = new_uuid)?;
+        }
     }
-    // Empty the top: its blocks are all in the parent now.
+    // Empty the top: its blocks are all in the parent now. The map lets go
+    // of them (durably) before their space is freed, so no crash can leave
+    // the map naming a punched block.
     let blocks = tmap.blocks();
     let had: Vec<_> = tmap.runs(0, blocks).collect();
-    for (start, count, _) in had {
-        let bs = t.header.block_size as u64;
-        t.storage
-            .punch_hole(t.data_offset() + start * bs, count * bs)
-            .map_err(io_at(&t.path))?;
+    for &(start, count, _) in &had {
         tmap.set_range(start, count, BlockState::Absent);
     }
     t.flush_map(&mut tmap)?;
+    let bs = t.header.block_size as u64;
+    for (start, count, _) in had {
+        t.storage
+            .punch_hole(t.data_offset() + start * bs, count * bs)
+            .map_err(io_at(&t.path))?;
+    }
+    t.storage.sync_data().map_err(io_at(&t.path))?;
     t.update_header(|h| {
         h.parent_uuid = Some(new_uuid);
         h.parent_uuid_next = None;

@@ -102,6 +102,31 @@ struct State {
     rng: StdRng,
     /// Write syscalls issued, for the harness's report.
     writes: u64,
+    /// Mutating calls left before the power goes out.
+    countdown: Option<u64>,
+    /// The power is out: every call fails until `crash`.
+    dead: bool,
+}
+
+fn power_lost() -> io::Error {
+    io::Error::other("simulated power loss")
+}
+
+impl State {
+    /// Counts one mutating call; fails once the power is out.
+    fn tick(&mut self) -> io::Result<()> {
+        if self.dead {
+            return Err(power_lost());
+        }
+        if let Some(n) = self.countdown.as_mut() {
+            if *n == 0 {
+                self.dead = true;
+                return Err(power_lost());
+            }
+            *n -= 1;
+        }
+        Ok(())
+    }
 }
 
 /// The simulated filesystem. Cloning shares it.
@@ -153,6 +178,8 @@ impl SimEnv {
                 next_id: 1,
                 rng: StdRng::seed_from_u64(seed),
                 writes: 0,
+                countdown: None,
+                dead: false,
             })),
         }
     }
@@ -161,9 +188,22 @@ impl SimEnv {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The power goes out after `n` more mutating calls (writes, punches,
+    /// syncs, creates, renames, links, removes); `None` disarms.
+    pub fn set_countdown(&self, n: Option<u64>) {
+        self.lock().countdown = n;
+    }
+
+    /// Whether the countdown ran out.
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+
     /// Power loss. Open handles must not be used afterwards.
     pub fn crash(&self) {
         let mut st = self.lock();
+        st.dead = false;
+        st.countdown = None;
         let State {
             files,
             names,
@@ -250,6 +290,7 @@ impl Env for SimEnv {
     }
     fn create(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
         let mut st = self.lock();
+        st.tick()?;
         let path = normalize(path);
         let id = st.next_id;
         st.next_id += 1;
@@ -264,6 +305,7 @@ impl Env for SimEnv {
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        st.tick()?;
         let (from, to) = (normalize(from), normalize(to));
         let id = st.names.remove(&from).ok_or_else(|| not_found(&from))?;
         st.names.insert(to.clone(), id);
@@ -274,6 +316,7 @@ impl Env for SimEnv {
     }
     fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        st.tick()?;
         let (from, to) = (normalize(from), normalize(to));
         let id = *st.names.get(&from).ok_or_else(|| not_found(&from))?;
         if st.names.contains_key(&to) {
@@ -288,6 +331,7 @@ impl Env for SimEnv {
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        st.tick()?;
         let path = normalize(path);
         st.names.remove(&path).ok_or_else(|| not_found(&path))?;
         st.pending_dir.push(DirOp::Unbind(path));
@@ -295,6 +339,7 @@ impl Env for SimEnv {
     }
     fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        st.tick()?;
         let ops = std::mem::take(&mut st.pending_dir);
         for op in ops {
             match op {
@@ -328,6 +373,19 @@ impl SimFile {
         let file = files.entry(self.id).or_default();
         f(file, writes)
     }
+
+    /// Like `with`, for a call that changes the file: counts toward the
+    /// power-loss countdown.
+    fn mutate<R>(
+        &self,
+        f: impl FnOnce(&mut FileState, &mut u64) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.tick()?;
+        let State { files, writes, .. } = &mut *st;
+        let file = files.entry(self.id).or_default();
+        f(file, writes)
+    }
     fn check_writable(&self) -> io::Result<()> {
         if self.writable {
             Ok(())
@@ -355,7 +413,7 @@ impl Storage for SimFile {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.with(|f, writes| {
+        self.mutate(|f, writes| {
             *writes += 1;
             apply_write(&mut f.current, offset, buf);
             f.len = f.len.max(offset + buf.len() as u64);
@@ -368,14 +426,14 @@ impl Storage for SimFile {
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.with(|f, _| {
+        self.mutate(|f, _| {
             apply_punch(&mut f.current, offset, len);
             f.pending.push(Op::Punch { offset, len });
             Ok(())
         })
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.with(|f, _| {
+        self.mutate(|f, _| {
             for op in std::mem::take(&mut f.pending) {
                 match op {
                     Op::Write { offset, data } => apply_write(&mut f.durable, offset, &data),
@@ -392,7 +450,7 @@ impl Storage for SimFile {
         self.check_writable()?;
         // Size changes only happen when a layer is created, before its sync:
         // modelled as durable at once.
-        self.with(|f, _| {
+        self.mutate(|f, _| {
             f.len = len;
             Ok(())
         })

@@ -1,0 +1,208 @@
+//! The `img` tool as users run it, against qemu-img as the reference: what
+//! `img convert` writes, qemu-img reads identically, and the other way round.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+
+fn img(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_img"))
+        .args(args)
+        .output()
+        .expect("run img")
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn have_qemu_img() -> bool {
+    let found = Command::new("qemu-img").arg("--version").output().is_ok();
+    if !found {
+        println!("SKIPPED: qemu-img is not installed (apt-get install qemu-utils)");
+    }
+    found
+}
+
+fn qemu(args: &[&str]) -> Output {
+    Command::new("qemu-img").args(args).output().expect("run qemu-img")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A raw file with random data in scattered runs and holes between.
+fn raw_disk(path: &Path, size: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create");
+    f.set_len(size).expect("size");
+    let mut r = StdRng::seed_from_u64(seed);
+    for _ in 0..40 {
+        let len = r.gen_range(1..200_000u64);
+        let off = r.gen_range(0..size - len);
+        let data: Vec<u8> = (0..len).map(|_| r.gen()).collect();
+        f.write_all_at(&data, off).expect("write");
+    }
+}
+
+struct Dir(tempfile::TempDir);
+impl Dir {
+    fn new() -> Self {
+        Dir(tempfile::tempdir().expect("tempdir"))
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+#[test]
+fn convert_round_trips_agree_with_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new();
+    let raw = d.p("in.raw");
+    raw_disk(&raw, 64 * MIB, 1);
+    let snap = d.p("disk.snap");
+    ok(img(&["convert", "-f", "raw", "-O", "snap", s(&raw), s(&snap)]));
+    // raw -> snap -> raw
+    let back = d.p("back.raw");
+    ok(img(&["convert", "-O", "raw", s(&snap), s(&back)]));
+    ok(qemu(&["compare", "-f", "raw", "-F", "raw", s(&raw), s(&back)]));
+    // snap -> qcow2: qemu-img finds it clean and identical.
+    let q = d.p("out.qcow2");
+    ok(img(&["convert", "-O", "qcow2", s(&snap), s(&q)]));
+    ok(qemu(&["check", s(&q)]));
+    ok(qemu(&["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&q)]));
+    // qcow2 with a backing file made and written by QEMU -> snap -> raw,
+    // against qemu-img's own raw export.
+    let qb = d.p("qbase.qcow2");
+    let qt = d.p("qtop.qcow2");
+    ok(qemu(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&qb)]));
+    ok(qemu(&["create", "-f", "qcow2", "-b", "qbase.qcow2", "-F", "qcow2", s(&qt)]));
+    ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 300k", "-c", "write -z 8M 1M", s(&qt)])
+        .output()
+        .expect("qemu-io"));
+    let from_q = d.p("fromq.snap");
+    ok(img(&["convert", "-p", "-f", "qcow2", "-O", "snap", s(&qt), s(&from_q)]));
+    let ours = d.p("ours.raw");
+    let theirs = d.p("theirs.raw");
+    ok(img(&["convert", "-O", "raw", s(&from_q), s(&ours)]));
+    ok(qemu(&["convert", "-f", "qcow2", "-O", "raw", s(&qt), s(&theirs)]));
+    ok(qemu(&["compare", "-f", "raw", "-F", "raw", s(&ours), s(&theirs)]));
+    // The converted image is sparse: holes were not written.
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(img(&["info", "--output", "json", s(&snap)]))).expect("json");
+    assert_eq!(info["virtual-size"], 64 * MIB);
+    assert!(info["chain"][0]["data_bytes"].as_u64().expect("bytes") < 16 * MIB);
+}
+
+#[test]
+fn snapshot_clone_commit_through_the_tool() {
+    let d = Dir::new();
+    let raw = d.p("in.raw");
+    raw_disk(&raw, 16 * MIB, 2);
+    let vm = d.p("vm.img");
+    ok(img(&["convert", "-O", "snap", s(&raw), s(&vm)]));
+    ok(img(&["snapshot", "-c", "golden", s(&vm)]));
+    let list: serde_json::Value = serde_json::from_str(&ok(img(&[
+        "snapshot", "-l", "--output", "json", s(&vm),
+    ])))
+    .expect("json");
+    assert_eq!(list[0]["name"], "golden");
+    let golden = d.p("vm.img@golden");
+    let clone = d.p("clone.img");
+    let out: serde_json::Value = serde_json::from_str(&ok(img(&[
+        "clone", "--output", "json", s(&golden), s(&clone),
+    ])))
+    .expect("json");
+    assert!(out["uuid"].is_string());
+    let m: serde_json::Value =
+        serde_json::from_str(&ok(img(&["map", "--output", "json", s(&clone)]))).expect("json");
+    assert!(m.as_array().expect("rows").iter().any(|e| e["depth"] == 1 && e["data"] == true));
+    // Commit a clone with nothing in it: the base stays the same content.
+    ok(img(&["commit", s(&clone)]));
+    let back = d.p("back.raw");
+    ok(img(&["convert", "-O", "raw", s(&clone), s(&back)]));
+    assert_eq!(std::fs::read(&raw).expect("r"), std::fs::read(&back).expect("r"));
+    // check JSON and exit code on a clean chain.
+    let c: serde_json::Value =
+        serde_json::from_str(&ok(img(&["check", "--output", "json", s(&clone)]))).expect("json");
+    assert_eq!(c["corruptions"], 0);
+    // Backup and restore through the tool.
+    let bak = d.p("golden.bak");
+    ok(img(&["backup", "-p", s(&golden), s(&bak)]));
+    let restored = d.p("restored.img");
+    ok(img(&["restore", s(&bak), s(&restored)]));
+    let back2 = d.p("back2.raw");
+    ok(img(&["convert", "-O", "raw", s(&restored), s(&back2)]));
+    assert_eq!(std::fs::read(&raw).expect("r"), std::fs::read(&back2).expect("r"));
+}
+
+#[test]
+fn many_processes_read_clones_of_one_base_at_once() {
+    let d = Dir::new();
+    let raw = d.p("in.raw");
+    raw_disk(&raw, 32 * MIB, 3);
+    let base = d.p("base.img");
+    ok(img(&["convert", "-O", "snap", s(&raw), s(&base)]));
+    let mut children = Vec::new();
+    for k in 0..6 {
+        let c = d.p(&format!("c{k}.img"));
+        ok(img(&["create", "-b", s(&base), s(&c)]));
+        let out = d.p(&format!("c{k}.raw"));
+        children.push((
+            Command::new(env!("CARGO_BIN_EXE_img"))
+                .args(["convert", "-O", "raw", s(&c), s(&out)])
+                .spawn()
+                .expect("spawn"),
+            out,
+        ));
+    }
+    let expect = std::fs::read(&raw).expect("read");
+    for (mut child, out) in children {
+        assert!(child.wait().expect("wait").success());
+        assert_eq!(std::fs::read(&out).expect("read"), expect);
+    }
+}
+
+#[test]
+fn every_verb_has_help_and_bad_input_gets_a_clear_error() {
+    for verb in [
+        "create", "info", "map", "snapshot", "clone", "commit", "rebase", "check", "repair",
+        "convert", "backup", "restore",
+    ] {
+        let out = ok(img(&[verb, "--help"]));
+        assert!(out.contains("Usage"), "{verb}: {out}");
+    }
+    let d = Dir::new();
+    let junk = d.p("junk.img");
+    std::fs::write(&junk, vec![0x42u8; 10_000]).expect("write");
+    let o = img(&["info", s(&junk)]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("junk.img") && err.contains("wrong magic"), "{err}");
+    let o = img(&["create", s(&d.p("x.img")), "12Q"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown suffix"));
+    let o = img(&["convert", "-O", "vmdk", s(&junk), s(&d.p("y"))]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown format"));
+    let o = img(&["check", s(&junk)]);
+    assert_eq!(o.status.code(), Some(1));
+    // Progress lines appear on a non-terminal stderr with -p.
+    let raw = d.p("r.raw");
+    raw_disk(&raw, 4 * MIB, 4);
+    let o = img(&["convert", "-p", "-O", "snap", s(&raw), s(&d.p("r.img"))]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("100.00/100%"));
+}

@@ -91,15 +91,18 @@ pub fn open_chain(env: &dyn Env, path: &Path, writable_top: bool) -> Result<Vec<
             other => other?,
         };
         check_link(child, &parent, writable_top)?;
-        let parent = if writable_top && !parent.header.sealed() {
-            // A clean parent that is not sealed yet (a snapshot interrupted
-            // before its last step): seal it now, as clone and create -b do.
-            drop(parent);
-            crate::layer::ensure_sealed(env, &parent_path)?
-        } else {
-            parent
-        };
         chain.push(parent);
+    }
+    if writable_top {
+        // A clean parent that is not sealed yet (a snapshot interrupted
+        // before its last step) is sealed now, as clone and create -b do;
+        // only once every link checked out, so a refused chain is untouched.
+        for layer in chain.iter_mut().skip(1) {
+            if !layer.header.sealed() {
+                let path = layer.path.clone();
+                *layer = crate::layer::ensure_sealed(env, &path)?;
+            }
+        }
     }
     Ok(chain)
 }
@@ -307,7 +310,7 @@ impl Disk {
         let last = (end - 1) / bs;
         let mut direct_start = offset;
         let mut direct_end = end;
-        if offset % bs != 0 && self.top_map.get(first) != BlockState::Data {
+        if !offset.is_multiple_of(bs) && self.top_map.get(first) != BlockState::Data {
             let upto = end.min((first + 1) * bs);
             self.write_partial_block(
                 first,
@@ -316,7 +319,10 @@ impl Disk {
             )?;
             direct_start = upto;
         }
-        if end % bs != 0 && direct_start < end && self.top_map.get(last) != BlockState::Data {
+        if !end.is_multiple_of(bs)
+            && direct_start < end
+            && self.top_map.get(last) != BlockState::Data
+        {
             let from = (last * bs).max(direct_start);
             self.write_partial_block(last, (from % bs) as usize, &buf[(from - offset) as usize..])?;
             direct_end = from;

@@ -77,7 +77,7 @@ pub fn validate_geometry(virtual_size: u64, block_size: u32) -> Result<(), Heade
             "block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
         )));
     }
-    if virtual_size == 0 || virtual_size % block_size as u64 != 0 {
+    if virtual_size == 0 || !virtual_size.is_multiple_of(block_size as u64) {
         return Err(HeaderError::Inconsistent(format!(
             "virtual size {virtual_size} is not a non-zero multiple of the block size {block_size}"
         )));

@@ -65,7 +65,7 @@ impl Index {
         let mut b = block + 1;
         while b < limit {
             let w = self.chunks[(b / CHUNK_BLOCKS) as usize];
-            if w & MIXED == 0 && b % CHUNK_BLOCKS == 0 {
+            if w & MIXED == 0 && b.is_multiple_of(CHUNK_BLOCKS) {
                 if w as Owner != owner {
                     break;
                 }

@@ -79,7 +79,7 @@ impl AllocationMap {
             BlockState::Zero => 0xaa,
         };
         while b < end {
-            if b % 4 == 0 && end - b >= 4 {
+            if b.is_multiple_of(4) && end - b >= 4 {
                 // Whole bytes at once.
                 let first = (b / 4) as usize;
                 let n = ((end - b) / 4) as usize;
@@ -213,7 +213,7 @@ impl Iterator for MapRuns<'_> {
                 return None;
             }
             // Fast skip over absent bytes (4 blocks each), 8 bytes at a time.
-            if self.at % 4 == 0 {
+            if self.at.is_multiple_of(4) {
                 let mut i = (self.at / 4) as usize;
                 let last = self.end.div_ceil(4) as usize;
                 while i + 8 <= last && bytes[i..i + 8] == [0u8; 8] {
@@ -233,7 +233,7 @@ impl Iterator for MapRuns<'_> {
             let mut b = start + 1;
             while b < self.end && self.map.get(b) == state {
                 // Whole bytes of the same state at once.
-                if b % 4 == 0 {
+                if b.is_multiple_of(4) {
                     let fill = match state {
                         BlockState::Absent => 0x00,
                         BlockState::Data => 0x55,

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One open layer file.
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -35,7 +35,10 @@ fn have_qemu_img() -> bool {
 }
 
 fn qemu(args: &[&str]) -> Output {
-    Command::new("qemu-img").args(args).output().expect("run qemu-img")
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img")
 }
 
 fn s(p: &Path) -> &str {
@@ -75,33 +78,107 @@ fn convert_round_trips_agree_with_qemu_img() {
     let raw = d.p("in.raw");
     raw_disk(&raw, 64 * MIB, 1);
     let snap = d.p("disk.snap");
-    ok(img(&["convert", "-f", "raw", "-O", "snap", s(&raw), s(&snap)]));
+    ok(img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "snap",
+        s(&raw),
+        s(&snap),
+    ]));
     // raw -> snap -> raw
     let back = d.p("back.raw");
     ok(img(&["convert", "-O", "raw", s(&snap), s(&back)]));
-    ok(qemu(&["compare", "-f", "raw", "-F", "raw", s(&raw), s(&back)]));
+    ok(qemu(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        s(&raw),
+        s(&back),
+    ]));
     // snap -> qcow2: qemu-img finds it clean and identical.
     let q = d.p("out.qcow2");
     ok(img(&["convert", "-O", "qcow2", s(&snap), s(&q)]));
     ok(qemu(&["check", s(&q)]));
-    ok(qemu(&["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&q)]));
+    ok(qemu(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        s(&raw),
+        s(&q),
+    ]));
     // qcow2 with a backing file made and written by QEMU -> snap -> raw,
     // against qemu-img's own raw export.
     let qb = d.p("qbase.qcow2");
     let qt = d.p("qtop.qcow2");
-    ok(qemu(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&qb)]));
-    ok(qemu(&["create", "-f", "qcow2", "-b", "qbase.qcow2", "-F", "qcow2", s(&qt)]));
+    ok(qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&qb),
+    ]));
+    ok(qemu(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "qbase.qcow2",
+        "-F",
+        "qcow2",
+        s(&qt),
+    ]));
     ok(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 300k", "-c", "write -z 8M 1M", s(&qt)])
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 300k",
+            "-c",
+            "write -z 8M 1M",
+            s(&qt),
+        ])
         .output()
         .expect("qemu-io"));
     let from_q = d.p("fromq.snap");
-    ok(img(&["convert", "-p", "-f", "qcow2", "-O", "snap", s(&qt), s(&from_q)]));
+    ok(img(&[
+        "convert",
+        "-p",
+        "-f",
+        "qcow2",
+        "-O",
+        "snap",
+        s(&qt),
+        s(&from_q),
+    ]));
     let ours = d.p("ours.raw");
     let theirs = d.p("theirs.raw");
     ok(img(&["convert", "-O", "raw", s(&from_q), s(&ours)]));
-    ok(qemu(&["convert", "-f", "qcow2", "-O", "raw", s(&qt), s(&theirs)]));
-    ok(qemu(&["compare", "-f", "raw", "-F", "raw", s(&ours), s(&theirs)]));
+    ok(qemu(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        s(&qt),
+        s(&theirs),
+    ]));
+    ok(qemu(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        s(&ours),
+        s(&theirs),
+    ]));
     // The converted image is sparse: holes were not written.
     let info: serde_json::Value =
         serde_json::from_str(&ok(img(&["info", "--output", "json", s(&snap)]))).expect("json");
@@ -117,26 +194,36 @@ fn snapshot_clone_commit_through_the_tool() {
     let vm = d.p("vm.img");
     ok(img(&["convert", "-O", "snap", s(&raw), s(&vm)]));
     ok(img(&["snapshot", "-c", "golden", s(&vm)]));
-    let list: serde_json::Value = serde_json::from_str(&ok(img(&[
-        "snapshot", "-l", "--output", "json", s(&vm),
-    ])))
-    .expect("json");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(img(&["snapshot", "-l", "--output", "json", s(&vm)])))
+            .expect("json");
     assert_eq!(list[0]["name"], "golden");
     let golden = d.p("vm.img@golden");
     let clone = d.p("clone.img");
     let out: serde_json::Value = serde_json::from_str(&ok(img(&[
-        "clone", "--output", "json", s(&golden), s(&clone),
+        "clone",
+        "--output",
+        "json",
+        s(&golden),
+        s(&clone),
     ])))
     .expect("json");
     assert!(out["uuid"].is_string());
     let m: serde_json::Value =
         serde_json::from_str(&ok(img(&["map", "--output", "json", s(&clone)]))).expect("json");
-    assert!(m.as_array().expect("rows").iter().any(|e| e["depth"] == 1 && e["data"] == true));
+    assert!(m
+        .as_array()
+        .expect("rows")
+        .iter()
+        .any(|e| e["depth"] == 1 && e["data"] == true));
     // Commit a clone with nothing in it: the base stays the same content.
     ok(img(&["commit", s(&clone)]));
     let back = d.p("back.raw");
     ok(img(&["convert", "-O", "raw", s(&clone), s(&back)]));
-    assert_eq!(std::fs::read(&raw).expect("r"), std::fs::read(&back).expect("r"));
+    assert_eq!(
+        std::fs::read(&raw).expect("r"),
+        std::fs::read(&back).expect("r")
+    );
     // check JSON and exit code on a clean chain.
     let c: serde_json::Value =
         serde_json::from_str(&ok(img(&["check", "--output", "json", s(&clone)]))).expect("json");
@@ -148,7 +235,10 @@ fn snapshot_clone_commit_through_the_tool() {
     ok(img(&["restore", s(&bak), s(&restored)]));
     let back2 = d.p("back2.raw");
     ok(img(&["convert", "-O", "raw", s(&restored), s(&back2)]));
-    assert_eq!(std::fs::read(&raw).expect("r"), std::fs::read(&back2).expect("r"));
+    assert_eq!(
+        std::fs::read(&raw).expect("r"),
+        std::fs::read(&back2).expect("r")
+    );
 }
 
 #[test]
@@ -193,7 +283,10 @@ fn every_verb_has_help_and_bad_input_gets_a_clear_error() {
     let o = img(&["info", s(&junk)]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("junk.img") && err.contains("wrong magic"), "{err}");
+    assert!(
+        err.contains("junk.img") && err.contains("wrong magic"),
+        "{err}"
+    );
     let o = img(&["create", s(&d.p("x.img")), "12Q"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown suffix"));
     let o = img(&["convert", "-O", "vmdk", s(&junk), s(&d.p("y"))]);

@@ -447,7 +447,10 @@ struct ReadResult {
 
 fn bench_reads(dir: &Path, storage: &str, plan: &Plan) -> Result<Vec<ReadResult>> {
     let size = plan.read_set;
-    ensure!(size % RUN == 0, "the data set must be whole 64 KiB runs");
+    ensure!(
+        size / RUN * RUN == size,
+        "the data set must be whole 64 KiB runs"
+    );
     let raw_path = dir.join("data.raw");
     eprintln!(
         "[reads/{storage}] writing {} of random data",
@@ -471,8 +474,8 @@ fn bench_reads(dir: &Path, storage: &str, plan: &Plan) -> Result<Vec<ReadResult>
         })?;
         // The chain's own writeback must not run under the timed reads.
         sync_all_filesystems();
-        let disk = Disk::open_path(&top, false)
-            .with_context(|| format!("opening {}", top.display()))?;
+        let disk =
+            Disk::open_path(&top, false).with_context(|| format!("opening {}", top.display()))?;
         ensure!(
             disk.layers().len() == depth,
             "expected a chain of {depth} layers, {} has {}",
@@ -990,7 +993,7 @@ fn fmt_bytes(b: u64) -> String {
     for (name, unit) in units {
         if b >= unit {
             let v = b as f64 / unit as f64;
-            return if b % unit == 0 {
+            return if v.fract() == 0.0 {
                 format!("{v:.0} {name}")
             } else {
                 format!("{v:.2} {name}")
@@ -1268,9 +1271,8 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|");
     for x in &f.real {
-        let per_gib = |fig: &IndexFigure| {
-            fig.memory_bytes as f64 / (fig.virtual_size as f64 / GIB as f64)
-        };
+        let per_gib =
+            |fig: &IndexFigure| fig.memory_bytes as f64 / (fig.virtual_size as f64 / GIB as f64);
         let sim100 = f.simulated.iter().find(|s| s.pattern == x.pattern);
         let _ = writeln!(
             m,

@@ -16,7 +16,7 @@ use crate::header::{FLAG_SEALED, MAX_NAME};
 use crate::layer::{relative_parent_path, Layer, NewLayer};
 use crate::map::BlockState;
 use crate::ops::Progress;
-use crate::storage::{parent_dir, sibling, Env};
+use crate::storage::{parent_dir, sibling, AlignedBuf, Env};
 
 pub const BACKUP_MAGIC: &[u8; 8] = b"SNAPBKUP";
 const BACKUP_VERSION: u32 = 1;
@@ -178,7 +178,7 @@ pub fn backup(
     let mut stream_crc = 0u32;
     let result = (|| -> Result<()> {
         w.write_all(&header.encode()).map_err(io_at(&tmp))?;
-        let mut buf = vec![0u8; MAX_RECORD as usize];
+        let mut buf = AlignedBuf::new(MAX_RECORD as usize);
         for (s, n, _) in touched.runs(0, touched.blocks()).collect::<Vec<_>>() {
             let (off, len) = (s * bs, n * bs);
             for e in disk.resolve(off, len) {
@@ -336,7 +336,7 @@ fn apply_records(
     r.read_exact(&mut skip).map_err(io_at(path))?;
     let mut stats = BackupStats::default();
     let mut stream_crc = 0u32;
-    let mut buf = vec![0u8; MAX_RECORD as usize];
+    let mut buf = AlignedBuf::new(MAX_RECORD as usize);
     let bs = header.block_size as u64;
     loop {
         let mut rec = [0u8; 24];

@@ -14,7 +14,7 @@ use crate::header::{DEFAULT_BLOCK_SIZE, MAGIC};
 use crate::layer::{Layer, NewLayer};
 use crate::ops::Progress;
 use crate::qcow2::{Qcow2Extent, Qcow2Reader, Qcow2Writer};
-use crate::storage::{parent_dir, sibling, Env, RealEnv, RealFile, Storage};
+use crate::storage::{parent_dir, sibling, AlignedBuf, Env, RealEnv, RealFile, Storage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -273,7 +273,7 @@ pub fn copy_image(
         virtual_size: size,
         ..Default::default()
     };
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = AlignedBuf::new(CHUNK as usize);
     let mut at = 0;
     while at < size {
         let window = (size - at).min(64 * CHUNK);

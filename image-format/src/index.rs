@@ -42,6 +42,13 @@ impl Index {
             + self.free_slabs.capacity() * 4
     }
 
+    /// Returns unused capacity after a bulk build (the slab vector grows by
+    /// doubling).
+    pub fn shrink(&mut self) {
+        self.slabs.shrink_to_fit();
+        self.free_slabs.shrink_to_fit();
+    }
+
     /// Chunks whose blocks have different owners.
     pub fn mixed_chunks(&self) -> usize {
         self.slabs.len() - self.free_slabs.len()

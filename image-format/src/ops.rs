@@ -15,7 +15,7 @@ use crate::header::FLAG_DIRTY;
 pub use crate::layer::ensure_sealed;
 use crate::layer::{relative_parent_path, Layer, NewLayer};
 use crate::map::BlockState;
-use crate::storage::{parent_dir, sibling, Env};
+use crate::storage::{parent_dir, sibling, AlignedBuf, Env};
 
 /// Progress callback: (bytes done, bytes total).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
@@ -286,7 +286,7 @@ pub fn commit(env: &dyn Env, top: &Path, progress: Progress) -> Result<CopyStats
         let total = tmap.counts();
         let total = (total.0 + total.1) * bs;
         let mut done = 0;
-        let mut buf = vec![0u8; CHUNK as usize];
+        let mut buf = AlignedBuf::new(CHUNK as usize);
         for (start, count, state) in tmap.runs(0, tmap.blocks()).collect::<Vec<_>>() {
             let (off, len) = (start * bs, count * bs);
             match state {
@@ -403,8 +403,8 @@ pub fn rebase(
         let mut tmap = load_valid_map(&tl)?;
         let bs = tl.header.block_size as u64;
         let size = tl.header.virtual_size;
-        let mut a = vec![0u8; CHUNK as usize];
-        let mut b = vec![0u8; CHUNK as usize];
+        let mut a = AlignedBuf::new(CHUNK as usize);
+        let mut b = AlignedBuf::new(CHUNK as usize);
         let mut off = 0;
         while off < size {
             let n = (size - off).min(CHUNK);

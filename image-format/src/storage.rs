@@ -207,3 +207,40 @@ pub fn sibling(path: &Path, name: impl AsRef<Path>) -> PathBuf {
         _ => name.as_ref().to_path_buf(),
     }
 }
+
+/// A zeroed, page-aligned byte buffer. Copies between the page cache and a
+/// buffer that is not aligned run at about half speed on this kind of
+/// machine, and O_DIRECT needs the alignment anyway.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+pub const BUF_ALIGN: usize = 4096;
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + BUF_ALIGN];
+        let start = storage.as_ptr().align_offset(BUF_ALIGN);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}

@@ -1,0 +1,101 @@
+//! Runtime odds and ends a freestanding binary needs: exit, panics, faults,
+//! and the memory functions the compiler calls.
+
+use core::arch::asm;
+
+/// Leaves through the debug-exit port (QEMU's isa-debug-exit at 0xf4, and
+/// the vmm's): the host sees status `(code << 1) | 1`.
+pub fn exit(code: u8) -> ! {
+    crate::serial::outb(0xf4, code);
+    // Not reached under a VMM with the exit device; spin otherwise.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    crate::println!("PANIC: {}", info);
+    exit(0x7e);
+}
+
+extern "C" {
+    static fault_info: [u64; 4];
+}
+
+/// Called at CPL0 by the exception stub: report and leave.
+#[no_mangle]
+pub extern "C" fn guest_fault() -> ! {
+    // SAFETY: written by the stub just before this call.
+    let f = unsafe { core::ptr::read_volatile(&raw const fault_info) };
+    crate::println!(
+        "FAULT: exception {} error {:#x} at rip {:#x} (cr2 {:#x})",
+        f[0], f[1], f[2], f[3]
+    );
+    exit(0x7d);
+}
+
+// The compiler's memory intrinsics: no libc here.
+
+/// # Safety
+/// As C's memcpy.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller's contract; rep movsb copies forward.
+    unsafe {
+        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's memmove.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize + n) {
+        // SAFETY: no overlap that a forward copy would clobber.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: backward copy with the direction flag, restored after.
+    unsafe {
+        asm!("std", "rep movsb", "cld",
+            inout("rcx") n => _, inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+            options(nostack));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's memset.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's memcmp.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: the caller's contract: both ranges are n bytes.
+        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// # Safety
+/// As C's bcmp.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract.
+    unsafe { memcmp(a, b, n) }
+}

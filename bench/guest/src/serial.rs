@@ -1,0 +1,49 @@
+//! The 8250 UART at 0x3f8: port I/O at CPL3 (IOPL=3), one exit per byte.
+
+use core::arch::asm;
+
+const COM1: u16 = 0x3f8;
+
+pub fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O is allowed at CPL3 by IOPL=3; the ports are devices.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as outb.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+pub fn write_str(s: &str) {
+    for b in s.bytes() {
+        outb(COM1, b);
+    }
+}
+
+/// `core::fmt` onto the serial port.
+pub struct Serial;
+
+impl core::fmt::Write for Serial {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        write_str(s);
+        Ok(())
+    }
+}
+
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write;
+        let _ = write!($crate::serial::Serial, $($arg)*);
+    }};
+}
+
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write;
+        let _ = writeln!($crate::serial::Serial, $($arg)*);
+    }};
+}

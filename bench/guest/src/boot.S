@@ -77,6 +77,10 @@ start64:
     lidt idt_ptr
     mov $TSSSEL, %ax
     ltr %ax
+    /* Legacy PICs masked: firmware maps them onto vectors 8-15. */
+    mov $0xff, %al
+    out %al, $0x21
+    out %al, $0xa1
     /* LAPIC on (software enable, spurious vector 0xff). */
     mov $0xfee000f0, %edi
     movl $0x1ff, (%rdi)
@@ -99,7 +103,7 @@ start64:
     /* To CPL3 with IOPL=3 and interrupts on. */
     mov $UDATA, %rax
     push %rax
-    mov $ustack_top, %rax
+    mov $ustack_top - 8, %rax   /* as after a call: the ABI's alignment */
     push %rax
     push $0x3202
     push $UCODE

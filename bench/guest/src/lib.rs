@@ -1,16 +1,242 @@
 //! The bench guest: a bare-metal virtio-blk workload generator. Boots through
 //! PVH (boot.S), does the minimum at CPL0 and runs everything here at CPL3.
+//! The workload comes from the command line (config.rs); the result is one
+//! JSON line on the serial console and the debug-exit status.
 #![no_std]
 
 use core::arch::global_asm;
 
 global_asm!(include_str!("boot.S"), options(att_syntax));
 
+mod acpi;
+mod blk;
+mod config;
+mod mem;
+mod pci;
 mod rt;
 mod serial;
+mod start_info;
+mod time;
+mod virtio;
+mod workload;
+
+use config::{Check, Config, Mode};
+use workload::{Engine, Expect, Op, Phase, Stats};
+
+/// Exit statuses (the host sees `(status << 1) | 1` from QEMU's debug exit).
+const EXIT_OK: u8 = 0;
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_NO_DEVICE: u8 = 3;
+const EXIT_TIMEOUT: u8 = 4;
+
+fn fail(status: u8, error: core::fmt::Arguments) -> ! {
+    println!("ERROR: {}", error);
+    println!("{{\"bench_guest\":1,\"result\":\"fail\",\"exit\":{},\"error\":\"{}\"}}", status, error);
+    rt::exit(status);
+}
 
 #[no_mangle]
 pub extern "C" fn guest_main() -> ! {
     serial::write_str("BENCH-GUEST START\n");
-    rt::exit(0);
+    let boot_tsc = time::tsc();
+    let Some(si) = start_info::StartInfo::get() else {
+        fail(EXIT_USAGE, format_args!("no PVH start info"));
+    };
+    let cfg = match config::parse(si.cmdline) {
+        Ok(c) => c,
+        Err(word) => fail(EXIT_USAGE, format_args!("bad argument {:?}", word)),
+    };
+    let (hz, hz_source) = time::tsc_hz(cfg.tsc_khz);
+    let clock = time::Clock { hz };
+    // Free RAM: from the end of the image to the end of its region, below 4 GiB.
+    let image_end = start_info::image_end();
+    let region_end = si
+        .memory()
+        .find(|r| r.kind == 1 && r.addr <= image_end && image_end < r.addr + r.size)
+        .map(|r| r.addr + r.size)
+        .unwrap_or(image_end + (32 << 20));
+    let arena = mem::Arena::new(image_end, region_end.min(1 << 32));
+    let mut dev = match blk::Device::open(si.rsdp, &cfg, &arena) {
+        Ok(d) => d,
+        Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
+    };
+    let ready_tsc = time::tsc();
+    let disk_bytes = dev.capacity_sectors * 512;
+    println!(
+        "device: {} bytes, features {:#x}, {} of {} queues, blk_size {}, {}",
+        disk_bytes,
+        dev.features,
+        dev.nqueues,
+        dev.device_queues,
+        dev.blk_size,
+        if dev.irq { "MSI-X interrupts" } else { "polling" }
+    );
+    if cfg.offset >= disk_bytes {
+        fail(EXIT_USAGE, format_args!("offset {} is past the {}-byte disk", cfg.offset, disk_bytes));
+    }
+    let len = if cfg.size == 0 { disk_bytes - cfg.offset } else { cfg.size };
+    if cfg.offset + len > disk_bytes || len < cfg.bs as u64 {
+        fail(EXIT_USAGE, format_args!("range {}+{} does not fit the {}-byte disk", cfg.offset, len, disk_bytes));
+    }
+    let chunk_limit = |max_sectors: u32| (len.min(1 << 20).min(max_sectors as u64 * 512) / 512 * 512) as u32;
+    let max_io = cfg.bs.max(4096);
+    let features = dev.features;
+    let (nqueues, irq) = (dev.nqueues, dev.irq);
+    let Some(mut engine) = Engine::new(&mut dev, &clock, cfg, &arena, max_io) else {
+        fail(EXIT_USAGE, format_args!("not enough guest memory for qd {} on {} queues", cfg.qd, nqueues));
+    };
+    let base = Phase {
+        random: false,
+        read_pct: 100,
+        special: None,
+        io_bytes: cfg.bs,
+        start: cfg.offset,
+        len,
+        ios: cfg.ios,
+        duration_ns: cfg.duration_ms * 1_000_000,
+        expect: Expect::Anything,
+        gen: cfg.gen,
+        flush_every: cfg.flush_every,
+    };
+    let pattern = Expect::Pattern { gen: cfg.expect_gen };
+    let mut checks_ok = true;
+    let (label, st) = match cfg.check {
+        Check::None => {
+            let random = matches!(cfg.mode, Mode::RandRead | Mode::RandWrite | Mode::Mixed);
+            let read_pct = match cfg.mode {
+                Mode::Read | Mode::RandRead => 100,
+                Mode::Write | Mode::RandWrite => 0,
+                Mode::Mixed => cfg.rwmix,
+            };
+            let duration_ns = if random && cfg.ios == 0 && cfg.duration_ms == 0 { 2_000_000_000 } else { base.duration_ns };
+            let p = Phase {
+                random,
+                read_pct,
+                duration_ns,
+                expect: if cfg.verify { pattern } else { Expect::Anything },
+                ..base
+            };
+            ("workload", engine.run(&p))
+        }
+        Check::Discard | Check::WriteZeroes => {
+            let (op, max_sectors, feature, name) = if cfg.check == Check::Discard {
+                (Op::Discard, dev_limit(features, blk::F_DISCARD), "discard", "discard")
+            } else {
+                (Op::WriteZeroes, dev_limit(features, blk::F_WRITE_ZEROES), "write-zeroes", "write_zeroes")
+            };
+            if max_sectors == 0 {
+                fail(EXIT_FAILED, format_args!("the device does not offer {}", feature));
+            }
+            let mut total = Stats::default();
+            if cfg.prefill {
+                let w = Phase { read_pct: 0, ios: 0, duration_ns: 0, flush_every: 0, ..base };
+                add(&mut total, &engine.run(&w));
+                add(&mut total, &engine.run(&Phase { special: Some(Op::Flush), ios: 1, ..base }));
+            }
+            let chunk = chunk_limit(engine_limit(&engine, max_sectors));
+            let z = Phase { special: Some(op), io_bytes: chunk, ios: 0, duration_ns: 0, flush_every: 0, ..base };
+            add(&mut total, &engine.run(&z));
+            let r = Phase { read_pct: 100, ios: 0, duration_ns: 0, expect: Expect::Zeros, flush_every: 0, ..base };
+            let rs = engine.run(&r);
+            checks_ok = rs.verify_failures == 0 && rs.errors == 0;
+            println!("check {}: {}", name, if checks_ok { "reads back zeros" } else { "FAILED" });
+            add(&mut total, &rs);
+            (name, total)
+        }
+    };
+    let [p50, p99, p999, _] = engine.percentiles(st.samples, &[500, 990, 999, 1000]);
+    let ns = clock.ns(st.elapsed_ticks).max(1);
+    let iops = st.ios as u128 * 1_000_000_000 / ns as u128;
+    let milli_mbs = st.bytes as u128 * 1_000_000 / ns as u128;
+    let mean = if st.ios > 0 { clock.ns((st.lat_sum / st.ios as u128) as u64) } else { 0 };
+    let ok = st.errors == 0 && st.verify_failures == 0 && !st.timed_out && checks_ok;
+    println!(
+        "{{\"bench_guest\":1,\"result\":\"{}\",\"phase\":\"{}\",\"mode\":\"{:?}\",\"bs\":{},\"qd\":{},\"queues\":{},\"irq\":{},\
+\"ios\":{},\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"write_zeroes\":{},\"bytes\":{},\"elapsed_ns\":{},\
+\"iops\":{},\"mb_s\":{}.{:03},\"lat_ns\":{{\"mean\":{},\"p50\":{},\"p99\":{},\"p99_9\":{},\"max\":{},\"samples\":{}}},\
+\"errors\":{},\"ioerr\":{},\"unsupp\":{},\"verify_failures\":{},\"timed_out\":{},\"features\":\"{:#x}\",\
+\"disk_bytes\":{},\"irqs\":{},\"kicks\":{},\"tsc_hz\":{},\"tsc_source\":\"{}\",\"init_ns\":{}}}",
+        if ok { "ok" } else { "fail" },
+        label,
+        cfg.mode,
+        cfg.bs,
+        engine.per_queue_depth(),
+        nqueues,
+        irq,
+        st.ios,
+        st.reads,
+        st.writes,
+        st.flushes,
+        st.discards,
+        st.write_zeroes,
+        st.bytes,
+        ns,
+        iops,
+        milli_mbs / 1000,
+        milli_mbs % 1000,
+        mean,
+        p50,
+        p99,
+        p999,
+        clock.ns(st.lat_max),
+        st.samples,
+        st.errors,
+        st.ioerr,
+        st.unsupp,
+        st.verify_failures,
+        st.timed_out,
+        features,
+        disk_bytes,
+        st.irqs,
+        st.kicks,
+        hz,
+        hz_source,
+        clock.ns(ready_tsc - boot_tsc),
+    );
+    rt::exit(if st.timed_out {
+        EXIT_TIMEOUT
+    } else if ok {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    });
+}
+
+fn dev_limit(features: u64, bit: u64) -> u32 {
+    if features & bit != 0 {
+        u32::MAX
+    } else {
+        0
+    }
+}
+
+fn engine_limit(_e: &Engine, max: u32) -> u32 {
+    max
+}
+
+fn add(total: &mut Stats, s: &Stats) {
+    total.ios += s.ios;
+    total.reads += s.reads;
+    total.writes += s.writes;
+    total.flushes += s.flushes;
+    total.discards += s.discards;
+    total.write_zeroes += s.write_zeroes;
+    total.bytes += s.bytes;
+    total.errors += s.errors;
+    total.ioerr += s.ioerr;
+    total.unsupp += s.unsupp;
+    total.verify_failures += s.verify_failures;
+    total.elapsed_ticks += s.elapsed_ticks;
+    total.lat_sum += s.lat_sum;
+    total.lat_max = total.lat_max.max(s.lat_max);
+    total.samples = s.samples;
+    total.irqs += s.irqs;
+    total.kicks = s.kicks;
+    total.timed_out |= s.timed_out;
+}
+
+#[allow(dead_code)]
+fn _config_is_copy(c: Config) -> Config {
+    c
 }

@@ -47,3 +47,15 @@ macro_rules! println {
         let _ = writeln!($crate::serial::Serial, $($arg)*);
     }};
 }
+
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as outb.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as outb.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) }
+    v
+}

@@ -1,0 +1,171 @@
+//! The workload, from the kernel command line: `key=value` words.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Read,
+    Write,
+    RandRead,
+    RandWrite,
+    Mixed,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Check {
+    None,
+    Discard,
+    WriteZeroes,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub bs: u32,
+    pub qd: u16,
+    pub queues: u16,
+    /// I/Os to issue; 0 = one pass for sequential modes, else `duration_ms`.
+    pub ios: u64,
+    pub duration_ms: u64,
+    pub offset: u64,
+    /// Bytes of the disk to use from `offset`; 0 = to the end.
+    pub size: u64,
+    pub verify: bool,
+    /// Generation stamped into written blocks.
+    pub gen: u32,
+    /// Generation reads must carry (0 = any).
+    pub expect_gen: u32,
+    pub flush_every: u64,
+    pub check: Check,
+    /// Write the range before a discard/write-zeroes check.
+    pub prefill: bool,
+    /// Percent reads in mixed mode.
+    pub rwmix: u8,
+    /// Completions by MSI-X interrupt instead of polling.
+    pub irq: bool,
+    /// Which virtio-blk device (0 = the first found).
+    pub disk: u8,
+    pub tsc_khz: Option<u64>,
+    pub timeout_ms: u64,
+    pub queue_size: u16,
+    pub seed: u64,
+    pub progress_ms: u64,
+    pub max_bus: u8,
+    pub indirect: bool,
+    pub event_idx: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::RandRead,
+            bs: 4096,
+            qd: 1,
+            queues: 1,
+            ios: 0,
+            duration_ms: 0,
+            offset: 0,
+            size: 0,
+            verify: false,
+            gen: 1,
+            expect_gen: 0,
+            flush_every: 0,
+            check: Check::None,
+            prefill: true,
+            rwmix: 70,
+            irq: false,
+            disk: 0,
+            tsc_khz: None,
+            timeout_ms: 5000,
+            queue_size: 0,
+            seed: 1,
+            progress_ms: 1000,
+            max_bus: 0,
+            indirect: true,
+            event_idx: true,
+        }
+    }
+}
+
+fn num(v: &str) -> Option<u64> {
+    let (digits, mult) = match v.as_bytes().last()? {
+        b'k' | b'K' => (&v[..v.len() - 1], 1u64 << 10),
+        b'm' | b'M' => (&v[..v.len() - 1], 1 << 20),
+        b'g' | b'G' => (&v[..v.len() - 1], 1 << 30),
+        _ => (v, 1),
+    };
+    let n = if let Some(hex) = digits.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16).ok()?
+    } else {
+        digits.parse::<u64>().ok()?
+    };
+    n.checked_mul(mult)
+}
+
+fn flag(v: &str) -> Option<bool> {
+    match v {
+        "1" | "on" | "yes" | "true" => Some(true),
+        "0" | "off" | "no" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses the command line; Err names the word it could not take.
+pub fn parse(cmdline: &str) -> Result<Config, &str> {
+    let mut c = Config::default();
+    for word in cmdline.split_ascii_whitespace() {
+        let Some((k, v)) = word.split_once('=') else {
+            return Err(word);
+        };
+        let ok = match k {
+            "mode" => {
+                c.mode = match v {
+                    "read" => Mode::Read,
+                    "write" => Mode::Write,
+                    "randread" => Mode::RandRead,
+                    "randwrite" => Mode::RandWrite,
+                    "mixed" | "randrw" => Mode::Mixed,
+                    _ => return Err(word),
+                };
+                true
+            }
+            "bs" => num(v).filter(|&n| n >= 512 && n % 512 == 0 && n <= 1 << 20).map(|n| c.bs = n as u32).is_some(),
+            "qd" => num(v).filter(|&n| (1..=1024).contains(&n)).map(|n| c.qd = n as u16).is_some(),
+            "queues" => num(v).filter(|&n| (1..=64).contains(&n)).map(|n| c.queues = n as u16).is_some(),
+            "ios" => num(v).map(|n| c.ios = n).is_some(),
+            "duration_ms" => num(v).map(|n| c.duration_ms = n).is_some(),
+            "offset" => num(v).filter(|n| n % 512 == 0).map(|n| c.offset = n).is_some(),
+            "size" => num(v).filter(|n| n % 512 == 0).map(|n| c.size = n).is_some(),
+            "verify" => flag(v).map(|b| c.verify = b).is_some(),
+            "gen" => num(v).filter(|&n| n > 0 && n <= u32::MAX as u64).map(|n| c.gen = n as u32).is_some(),
+            "expect_gen" => num(v).filter(|&n| n <= u32::MAX as u64).map(|n| c.expect_gen = n as u32).is_some(),
+            "flush_every" => num(v).map(|n| c.flush_every = n).is_some(),
+            "check" => {
+                c.check = match v {
+                    "none" => Check::None,
+                    "discard" => Check::Discard,
+                    "zeroes" | "write_zeroes" => Check::WriteZeroes,
+                    _ => return Err(word),
+                };
+                true
+            }
+            "prefill" => flag(v).map(|b| c.prefill = b).is_some(),
+            "rwmix" => num(v).filter(|&n| n <= 100).map(|n| c.rwmix = n as u8).is_some(),
+            "irq" => flag(v).map(|b| c.irq = b).is_some(),
+            "disk" => num(v).filter(|&n| n < 64).map(|n| c.disk = n as u8).is_some(),
+            "tsc_khz" => num(v).filter(|&n| n > 0).map(|n| c.tsc_khz = Some(n)).is_some(),
+            "timeout_ms" => num(v).filter(|&n| n > 0).map(|n| c.timeout_ms = n).is_some(),
+            "queue_size" => num(v).filter(|&n| n <= 32768).map(|n| c.queue_size = n as u16).is_some(),
+            "seed" => num(v).map(|n| c.seed = n).is_some(),
+            "progress_ms" => num(v).map(|n| c.progress_ms = n).is_some(),
+            "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
+            "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
+            "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),
+            // Words meant for someone else (a Linux-style console=...) are refused too:
+            // a typo must not silently run the wrong workload.
+            _ => false,
+        };
+        if !ok {
+            return Err(word);
+        }
+    }
+    Ok(c)
+}

@@ -1,1 +1,2 @@
-
+//! End-to-end tests: real processes, real guests, real peers. The tests live
+//! in `tests/tests/`; the harness they share is `bench::guest`.

@@ -1,0 +1,314 @@
+//! Host side of the bench guest: build it, boot it under QEMU with a disk
+//! (QEMU's own virtio-blk or a vhost-user-blk backend such as
+//! qemu-storage-daemon), and read back its start marker and JSON line.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The marker the guest prints first.
+pub const START_MARKER: &str = "BENCH-GUEST START";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf()
+}
+
+/// Builds the guest once per process; returns the ELF's path.
+pub fn build_guest() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let script = repo_root().join("bench/guest/build.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .output()
+                .map_err(|e| format!("{}: {e}", script.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building the bench guest failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let path = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            Ok(PathBuf::from(path))
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Whether KVM can be used here; says loudly why not.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        println!("SKIPPED: {test}: /dev/kvm is not available on this machine");
+    }
+    ok
+}
+
+/// Whether a program is on PATH; says loudly why not.
+pub fn have(program: &str, test: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        println!("SKIPPED: {test}: {program} is not installed");
+    }
+    ok
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Machine {
+    /// microvm + qboot: QEMU's fastest boot (ECAM only, no port config access).
+    Microvm,
+    /// q35 + SeaBIOS: slow firmware, config access through ports too.
+    Q35,
+}
+
+#[derive(Clone, Debug)]
+pub enum Disk {
+    /// QEMU's own virtio-blk-pci on a raw file.
+    Builtin {
+        path: PathBuf,
+        readonly: bool,
+        num_queues: u16,
+        iothread: bool,
+    },
+    /// vhost-user-blk-pci on a backend's socket.
+    VhostUser { socket: PathBuf, num_queues: u16 },
+}
+
+#[derive(Clone, Debug)]
+pub struct QemuVm {
+    pub machine: Machine,
+    pub mem_mib: u32,
+    pub disk: Disk,
+    pub cmdline: String,
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct GuestRun {
+    /// Everything the guest printed.
+    pub serial: String,
+    /// The final JSON line, if any.
+    pub result: Option<serde_json::Value>,
+    /// The guest's own exit status (through the debug-exit port).
+    pub guest_status: Option<i32>,
+    /// From exec to the start marker.
+    pub to_marker: Option<Duration>,
+    pub total: Duration,
+}
+
+impl GuestRun {
+    pub fn ok(&self) -> bool {
+        self.guest_status == Some(0) && self.result.as_ref().is_some_and(|r| r["result"] == "ok")
+    }
+    pub fn field(&self, key: &str) -> u64 {
+        self.result
+            .as_ref()
+            .and_then(|r| r[key].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+impl QemuVm {
+    pub fn command(&self, kernel: &Path) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        match self.machine {
+            Machine::Microvm => {
+                c.args(["-M", "microvm,pit=off,pic=off,rtc=off,pcie=on,acpi=on"]);
+                c.args(["-bios", "/usr/share/qemu/qboot.rom"]);
+            }
+            Machine::Q35 => {
+                c.args(["-M", "q35"]);
+            }
+        }
+        c.args(["-enable-kvm", "-cpu", "host,arch-capabilities=off"]);
+        c.args(["-m", &format!("{}M", self.mem_mib)]);
+        c.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ]);
+        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        c.arg("-kernel").arg(kernel);
+        c.args(["-append", &self.cmdline]);
+        match &self.disk {
+            Disk::Builtin {
+                path,
+                readonly,
+                num_queues,
+                iothread,
+            } => {
+                c.arg("-drive").arg(format!(
+                    "file={},format=raw,if=none,id=d0,cache.direct=on,aio=io_uring,discard=unmap,detect-zeroes=off{}",
+                    path.display(),
+                    if *readonly { ",readonly=on" } else { "" }
+                ));
+                if *iothread {
+                    c.args(["-object", "iothread,id=io0"]);
+                }
+                c.arg("-device").arg(format!(
+                    "virtio-blk-pci,drive=d0,num-queues={num_queues}{}",
+                    if *iothread { ",iothread=io0" } else { "" }
+                ));
+            }
+            Disk::VhostUser { socket, num_queues } => {
+                // vhost-user needs guest memory the backend can map.
+                c.arg("-object").arg(format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.mem_mib
+                ));
+                c.args(["-machine", "memory-backend=mem"]);
+                c.arg("-chardev")
+                    .arg(format!("socket,id=c0,path={}", socket.display()));
+                c.arg("-device").arg(format!(
+                    "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"
+                ));
+            }
+        }
+        c
+    }
+
+    /// Boots the guest, waits for it to exit (or kills it at the timeout).
+    pub fn run(&self) -> Result<GuestRun> {
+        let kernel = build_guest()?;
+        let started = Instant::now();
+        let mut child = self
+            .command(&kernel)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let stdout = child.stdout.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut serial = String::new();
+            let mut marker = None;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if marker.is_none() && line.contains(START_MARKER) {
+                    marker = Some(started.elapsed());
+                }
+                serial.push_str(&line);
+                serial.push('\n');
+            }
+            (serial, marker)
+        });
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break Some(s);
+            }
+            if started.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let total = started.elapsed();
+        let (serial, to_marker) = reader.join().map_err(|_| anyhow!("serial reader died"))?;
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        let Some(status) = status else {
+            bail!(
+                "guest did not finish within {:?}; serial:\n{serial}\nqemu:\n{stderr}",
+                self.timeout
+            );
+        };
+        // isa-debug-exit: QEMU exits with (value << 1) | 1.
+        let guest_status = status.code().filter(|c| c % 2 == 1).map(|c| (c - 1) / 2);
+        if guest_status.is_none() {
+            bail!("qemu exited with {status} without the guest's exit; serial:\n{serial}\nqemu:\n{stderr}");
+        }
+        let result = serial
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("{\"bench_guest\""))
+            .and_then(|l| serde_json::from_str(l).ok());
+        Ok(GuestRun {
+            serial,
+            result,
+            guest_status,
+            to_marker,
+            total,
+        })
+    }
+}
+
+/// A qemu-storage-daemon serving a raw file as a vhost-user-blk export.
+pub struct StorageDaemon {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl StorageDaemon {
+    pub fn start(image: &Path, socket: &Path, num_queues: u16, writable: bool) -> Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring,discard=unmap",
+                image.display()
+            ))
+            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0,discard=unmap"])
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={num_queues}",
+                socket.display(),
+                if writable { "on" } else { "off" }
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting qemu-storage-daemon")?;
+        let mut d = StorageDaemon {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let t0 = Instant::now();
+        while !socket.exists() {
+            if let Some(s) = d.child.try_wait()? {
+                bail!("qemu-storage-daemon exited with {s} before listening");
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("qemu-storage-daemon did not create {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}

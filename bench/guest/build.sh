@@ -10,6 +10,6 @@ out=${OUT:-$target_dir/bench-guest.elf}
 cd "$here"
 RUSTFLAGS="-C relocation-model=static -C code-model=small -C target-cpu=x86-64-v2" \
   cargo build --release --quiet --target-dir "$target_dir"
-ld -static -nostdlib --gc-sections -z noexecstack -u _start32 \
+ld -static -nostdlib --gc-sections -z noexecstack --no-warn-rwx-segments -u _start32 \
   -T "$here/linker.ld" -o "$out" "$target_dir/release/libbench_guest.a"
 echo "$out"

@@ -27,11 +27,11 @@ pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
 pub struct Device {
-    pub transport: Transport,
+    /// Kept for the device's lifetime: its registers are the device.
+    _transport: Transport,
     pub features: u64,
     pub capacity_sectors: u64,
     pub blk_size: u32,
-    pub seg_max: u32,
     pub device_queues: u16,
     pub max_discard_sectors: u32,
     pub max_write_zeroes_sectors: u32,
@@ -111,10 +111,9 @@ impl Device {
         Ok(Device {
             capacity_sectors: rd64(c),
             blk_size: if features & F_BLK_SIZE != 0 { rd32(c + 20) } else { 512 },
-            seg_max: if features & F_SEG_MAX != 0 { rd32(c + 12) } else { 1 },
             max_discard_sectors: if features & F_DISCARD != 0 { rd32(c + 36) } else { 0 },
             max_write_zeroes_sectors: if features & F_WRITE_ZEROES != 0 { rd32(c + 48) } else { 0 },
-            transport: t,
+            _transport: t,
             features,
             device_queues,
             queues,

@@ -20,7 +20,7 @@ mod time;
 mod virtio;
 mod workload;
 
-use config::{Check, Config, Mode};
+use config::{Check, Mode};
 use workload::{Engine, Expect, Op, Phase, Stats};
 
 /// Exit statuses (the host sees `(status << 1) | 1` from QEMU's debug exit).
@@ -81,8 +81,9 @@ pub extern "C" fn guest_main() -> ! {
     }
     let chunk_limit = |max_sectors: u32| (len.min(1 << 20).min(max_sectors as u64 * 512) / 512 * 512) as u32;
     let max_io = cfg.bs.max(4096);
-    let features = dev.features;
     let (nqueues, irq) = (dev.nqueues, dev.irq);
+    let (max_discard, max_write_zeroes) = (dev.max_discard_sectors, dev.max_write_zeroes_sectors);
+    let dev_features = dev.features;
     let Some(mut engine) = Engine::new(&mut dev, &clock, cfg, &arena, max_io) else {
         fail(EXIT_USAGE, format_args!("not enough guest memory for qd {} on {} queues", cfg.qd, nqueues));
     };
@@ -121,9 +122,9 @@ pub extern "C" fn guest_main() -> ! {
         }
         Check::Discard | Check::WriteZeroes => {
             let (op, max_sectors, feature, name) = if cfg.check == Check::Discard {
-                (Op::Discard, dev_limit(features, blk::F_DISCARD), "discard", "discard")
+                (Op::Discard, max_discard, "discard", "discard")
             } else {
-                (Op::WriteZeroes, dev_limit(features, blk::F_WRITE_ZEROES), "write-zeroes", "write_zeroes")
+                (Op::WriteZeroes, max_write_zeroes, "write-zeroes", "write_zeroes")
             };
             if max_sectors == 0 {
                 fail(EXIT_FAILED, format_args!("the device does not offer {}", feature));
@@ -134,7 +135,7 @@ pub extern "C" fn guest_main() -> ! {
                 add(&mut total, &engine.run(&w));
                 add(&mut total, &engine.run(&Phase { special: Some(Op::Flush), ios: 1, ..base }));
             }
-            let chunk = chunk_limit(engine_limit(&engine, max_sectors));
+            let chunk = chunk_limit(max_sectors);
             let z = Phase { special: Some(op), io_bytes: chunk, ios: 0, duration_ns: 0, flush_every: 0, ..base };
             add(&mut total, &engine.run(&z));
             let r = Phase { read_pct: 100, ios: 0, duration_ns: 0, expect: Expect::Zeros, flush_every: 0, ..base };
@@ -186,7 +187,7 @@ pub extern "C" fn guest_main() -> ! {
         st.unsupp,
         st.verify_failures,
         st.timed_out,
-        features,
+        dev_features,
         disk_bytes,
         st.irqs,
         st.kicks,
@@ -201,18 +202,6 @@ pub extern "C" fn guest_main() -> ! {
     } else {
         EXIT_FAILED
     });
-}
-
-fn dev_limit(features: u64, bit: u64) -> u32 {
-    if features & bit != 0 {
-        u32::MAX
-    } else {
-        0
-    }
-}
-
-fn engine_limit(_e: &Engine, max: u32) -> u32 {
-    max
 }
 
 fn add(total: &mut Stats, s: &Stats) {
@@ -236,7 +225,3 @@ fn add(total: &mut Stats, s: &Stats) {
     total.timed_out |= s.timed_out;
 }
 
-#[allow(dead_code)]
-fn _config_is_copy(c: Config) -> Config {
-    c
-}

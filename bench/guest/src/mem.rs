@@ -9,10 +9,6 @@ pub struct Arena {
 }
 
 impl Arena {
-    pub const fn empty() -> Arena {
-        Arena { next: Cell::new(0), end: 0 }
-    }
-
     pub fn new(start: u64, end: u64) -> Arena {
         Arena { next: Cell::new(start), end }
     }

@@ -9,13 +9,6 @@ pub fn outb(port: u16, v: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
 }
 
-pub fn inb(port: u16) -> u8 {
-    let v: u8;
-    // SAFETY: as outb.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
-    v
-}
-
 pub fn write_str(s: &str) {
     for b in s.bytes() {
         outb(COM1, b);

@@ -27,7 +27,6 @@ mod cc {
     pub const DRIVER_FEATURE_SELECT: u64 = 8;
     pub const DRIVER_FEATURE: u64 = 12;
     pub const CONFIG_MSIX_VECTOR: u64 = 16;
-    pub const NUM_QUEUES: u64 = 18;
     pub const DEVICE_STATUS: u64 = 20;
     pub const QUEUE_SELECT: u64 = 22;
     pub const QUEUE_SIZE: u64 = 24;
@@ -49,7 +48,6 @@ pub struct Transport {
     pub func: Function,
 }
 
-#[derive(Debug)]
 pub enum InitError {
     MissingCapability(&'static str),
     NoVersion1,
@@ -57,6 +55,19 @@ pub enum InitError {
     QueueUnavailable(u16),
     MsixVectorRejected(u16),
     OutOfMemory,
+}
+
+impl core::fmt::Debug for InitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            InitError::MissingCapability(what) => write!(f, "missing {what}"),
+            InitError::NoVersion1 => write!(f, "device does not offer VIRTIO_F_VERSION_1"),
+            InitError::FeaturesRejected => write!(f, "device rejected the features (FEATURES_OK not kept)"),
+            InitError::QueueUnavailable(q) => write!(f, "queue {q} unavailable (size 0)"),
+            InitError::MsixVectorRejected(q) => write!(f, "queue {q}: MSI-X vector not accepted"),
+            InitError::OutOfMemory => write!(f, "out of guest memory for rings"),
+        }
+    }
 }
 
 impl Transport {
@@ -162,10 +173,6 @@ impl Transport {
             self.common + cc::DEVICE_STATUS,
             STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
         );
-    }
-
-    pub fn num_queues(&self) -> u16 {
-        rd16(self.common + cc::NUM_QUEUES)
     }
 
     /// Turns MSI-X on with queue q's entry aimed at vector IRQ_BASE + q.

@@ -1,0 +1,369 @@
+//! The storage table: the bench guest's workloads against each way of
+//! serving a disk, beside host-native fio (the limit), on the same fully
+//! written file on the root disk and on /dev/shm; and the guest's boot time
+//! to its start marker. Median of N runs with the spread; one command writes
+//! the markdown table, a JSON file and an SVG plot.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bench::guest::{kvm_available, Disk, Machine, QemuVm, StorageDaemon};
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(about = "Bench-guest storage table: QEMU virtio-blk, QEMU + qemu-storage-daemon, host fio")]
+struct Args {
+    /// Runs per cell (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Size of the test file in GiB.
+    #[arg(long, default_value_t = 4)]
+    size_gib: u64,
+    /// Root-disk scratch directory.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Skip the /dev/shm rows.
+    #[arg(long)]
+    no_shm: bool,
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Serialize)]
+struct Workload {
+    name: &'static str,
+    rw: &'static str,
+    bs: u32,
+    qd: u32,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload { name: "4k randread QD1", rw: "randread", bs: 4096, qd: 1 },
+    Workload { name: "4k randread QD32", rw: "randread", bs: 4096, qd: 32 },
+    Workload { name: "4k randwrite QD32", rw: "randwrite", bs: 4096, qd: 32 },
+    Workload { name: "128k seq read QD8", rw: "read", bs: 131072, qd: 8 },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Debug)]
+enum Row {
+    HostFio,
+    QemuVirtioBlk,
+    QemuQsd,
+}
+
+impl Row {
+    fn label(self) -> &'static str {
+        match self {
+            Row::HostFio => "host fio (io_uring, O_DIRECT)",
+            Row::QemuVirtioBlk => "QEMU virtio-blk (io_uring, direct, iothread)",
+            Row::QemuQsd => "QEMU + qemu-storage-daemon vhost-user-blk",
+        }
+    }
+}
+
+#[derive(Clone, Serialize, Default)]
+struct Sample {
+    iops: f64,
+    mb_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+}
+
+#[derive(Serialize)]
+struct Cell {
+    storage: String,
+    row: Row,
+    workload: Workload,
+    samples: Vec<Sample>,
+    median_iops: f64,
+    min_iops: f64,
+    max_iops: f64,
+    median_mb_s: f64,
+    median_p50_us: f64,
+    median_p99_us: f64,
+    median_p999_us: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn fill_file(path: &Path, size: u64) -> Result<()> {
+    if std::fs::metadata(path).map(|m| m.len() == size).unwrap_or(false) {
+        return Ok(());
+    }
+    eprintln!("[setup] writing {} GiB of random data to {}", size >> 30, path.display());
+    let st = Command::new("fio")
+        .args(["--name=fill", "--rw=write", "--bs=1M", "--ioengine=io_uring", "--direct=1"])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .args(["--refill_buffers=1", "--output=/dev/null"])
+        .status()
+        .context("fio")?;
+    if !st.success() {
+        bail!("fio could not fill {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_fio(file: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
+    let out = Command::new("fio")
+        .args(["--name=b", "--ioengine=io_uring", "--direct=1", "--time_based", "--output-format=json"])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--rw={}", w.rw))
+        .arg(format!("--bs={}", w.bs))
+        .arg(format!("--iodepth={}", w.qd))
+        .arg(format!("--runtime={seconds}"))
+        .output()
+        .context("fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio json")?;
+    let job = &v["jobs"][0];
+    let side = if w.rw.contains("write") { &job["write"] } else { &job["read"] };
+    let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(Sample {
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        mb_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+        p999_us: pct("99.900000"),
+    })
+}
+
+fn guest_cmdline(w: &Workload, seconds: u64) -> String {
+    format!(
+        "mode={} bs={} qd={} duration_ms={} progress_ms=0",
+        if w.rw == "read" { "read" } else { w.rw },
+        w.bs,
+        w.qd,
+        seconds * 1000
+    )
+}
+
+fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
+    let vm = QemuVm {
+        machine: Machine::Microvm,
+        mem_mib: 512,
+        disk,
+        cmdline: guest_cmdline(w, seconds),
+        timeout: Duration::from_secs(seconds + 60),
+    };
+    let r = vm.run()?;
+    let Some(j) = r.result.as_ref().filter(|_| r.ok()) else {
+        bail!("guest failed:\n{}", r.serial);
+    };
+    let f = |k: &str| j[k].as_f64().unwrap_or(0.0);
+    let lat = |k: &str| j["lat_ns"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(Sample {
+        iops: f("iops"),
+        mb_s: f("mb_s"),
+        p50_us: lat("p50"),
+        p99_us: lat("p99"),
+        p999_us: lat("p99_9"),
+    })
+}
+
+fn svg(cells: &[Cell]) -> String {
+    // One group per (storage, workload), one bar per row, IOPS relative to host fio.
+    let groups: Vec<(String, &str)> = {
+        let mut g = Vec::new();
+        for c in cells {
+            let k = (c.storage.clone(), c.workload.name);
+            if !g.contains(&k) {
+                g.push(k);
+            }
+        }
+        g
+    };
+    let rows = [Row::HostFio, Row::QemuVirtioBlk, Row::QemuQsd];
+    let colors = ["#555555", "#4477aa", "#cc6677"];
+    let (gw, h, top) = (120.0, 300.0, 40.0);
+    let width = 60.0 + gw * groups.len() as f64;
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{}' font-family='sans-serif' font-size='10'>\n<text x='10' y='20' font-size='14'>IOPS relative to host fio (median)</text>\n",
+        h + top + 90.0
+    );
+    for (gi, (storage, wl)) in groups.iter().enumerate() {
+        let base = cells
+            .iter()
+            .find(|c| &c.storage == storage && c.workload.name == *wl && c.row == Row::HostFio)
+            .map(|c| c.median_iops)
+            .unwrap_or(1.0)
+            .max(1.0);
+        let x0 = 50.0 + gi as f64 * gw;
+        for (ri, row) in rows.iter().enumerate() {
+            if let Some(c) = cells.iter().find(|c| &c.storage == storage && c.workload.name == *wl && c.row == *row) {
+                let ratio = (c.median_iops / base).min(1.5);
+                let bh = ratio / 1.5 * h;
+                s += &format!(
+                    "<rect x='{}' y='{}' width='28' height='{}' fill='{}'/><text x='{}' y='{}'>{:.2}</text>\n",
+                    x0 + ri as f64 * 32.0,
+                    top + h - bh,
+                    bh,
+                    colors[ri],
+                    x0 + ri as f64 * 32.0,
+                    top + h - bh - 3.0,
+                    c.median_iops / base
+                );
+            }
+        }
+        s += &format!(
+            "<text x='{x0}' y='{}'>{wl}</text><text x='{x0}' y='{}'>{storage}</text>\n",
+            top + h + 15.0,
+            top + h + 28.0
+        );
+    }
+    for (ri, row) in rows.iter().enumerate() {
+        s += &format!(
+            "<rect x='10' y='{}' width='10' height='10' fill='{}'/><text x='25' y='{}'>{}</text>\n",
+            top + h + 45.0 + ri as f64 * 14.0,
+            colors[ri],
+            top + h + 54.0 + ri as f64 * 14.0,
+            row.label()
+        );
+    }
+    s + "</svg>\n"
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if !kvm_available("bench-storage") {
+        bail!("/dev/kvm is needed");
+    }
+    let size = a.size_gib << 30;
+    let mut places = vec![("root disk".to_string(), a.dir.join("bench-storage.raw"))];
+    if !a.no_shm {
+        places.push(("/dev/shm".to_string(), PathBuf::from("/dev/shm/bench-storage.raw")));
+    }
+    let mut cells = Vec::new();
+    for (storage, file) in &places {
+        fill_file(file, size)?;
+        let sock = std::env::temp_dir().join(format!("bench-storage-{}.sock", std::process::id()));
+        for w in &WORKLOADS {
+            for row in [Row::HostFio, Row::QemuVirtioBlk, Row::QemuQsd] {
+                let mut samples = Vec::new();
+                for run in 0..a.runs {
+                    eprintln!("[{storage}] {} / {} run {}", w.name, row.label(), run + 1);
+                    let s = match row {
+                        Row::HostFio => run_fio(file, w, a.seconds)?,
+                        Row::QemuVirtioBlk => run_guest(
+                            Disk::Builtin { path: file.clone(), readonly: false, num_queues: 1, iothread: true },
+                            w,
+                            a.seconds,
+                        )?,
+                        Row::QemuQsd => {
+                            let d = StorageDaemon::start(file, &sock, 1, true)?;
+                            let s = run_guest(
+                                Disk::VhostUser { socket: d.socket.clone(), num_queues: 1 },
+                                w,
+                                a.seconds,
+                            );
+                            drop(d);
+                            s?
+                        }
+                    };
+                    samples.push(s);
+                }
+                let iops: Vec<f64> = samples.iter().map(|s| s.iops).collect();
+                cells.push(Cell {
+                    storage: storage.clone(),
+                    row,
+                    workload: *w,
+                    median_iops: median(iops.clone()),
+                    min_iops: iops.iter().cloned().fold(f64::MAX, f64::min),
+                    max_iops: iops.iter().cloned().fold(0.0, f64::max),
+                    median_mb_s: median(samples.iter().map(|s| s.mb_s).collect()),
+                    median_p50_us: median(samples.iter().map(|s| s.p50_us).collect()),
+                    median_p99_us: median(samples.iter().map(|s| s.p99_us).collect()),
+                    median_p999_us: median(samples.iter().map(|s| s.p999_us).collect()),
+                    samples,
+                });
+            }
+        }
+        if file.starts_with("/dev/shm") {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+    // Boot time to the start marker, whole process.
+    let mut boots = Vec::new();
+    let tmp = a.dir.join("bench-storage-boot.raw");
+    std::fs::File::create(&tmp)?.set_len(64 << 20)?;
+    for machine in [Machine::Microvm, Machine::Q35] {
+        let mut t = Vec::new();
+        for _ in 0..a.runs {
+            let vm = QemuVm {
+                machine,
+                mem_mib: 256,
+                disk: Disk::Builtin { path: tmp.clone(), readonly: false, num_queues: 1, iothread: false },
+                cmdline: "mode=read bs=4k ios=1".into(),
+                timeout: Duration::from_secs(60),
+            };
+            let r = vm.run()?;
+            t.push(r.to_marker.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN));
+        }
+        boots.push((format!("{machine:?}"), median(t.clone()), t));
+    }
+    let _ = std::fs::remove_file(&tmp);
+
+    let mut md = format!(
+        "# Storage table (bench guest)\n\n{} GiB file fully written with random data; {} s per run; median of {} (min–max IOPS). Guest: 1 vCPU, 1 queue, polling, microvm + qboot. Ratios are against host fio on the same file in the same run.\n\n| storage | workload | row | IOPS | min–max | MB/s | p50 µs | p99 µs | p99.9 µs | vs host fio |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        a.size_gib, a.seconds, a.runs
+    );
+    for c in &cells {
+        let base = cells
+            .iter()
+            .find(|b| b.storage == c.storage && b.workload.name == c.workload.name && b.row == Row::HostFio)
+            .map(|b| b.median_iops)
+            .unwrap_or(1.0);
+        md += &format!(
+            "| {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            c.storage,
+            c.workload.name,
+            c.row.label(),
+            c.median_iops,
+            c.min_iops,
+            c.max_iops,
+            c.median_mb_s,
+            c.median_p50_us,
+            c.median_p99_us,
+            c.median_p999_us,
+            c.median_iops / base.max(1.0)
+        );
+    }
+    md += "\n## Boot to the guest's start marker (exec to marker, whole QEMU process)\n\n| machine | median ms | runs ms |\n|---|---:|---|\n";
+    for (m, med, all) in &boots {
+        md += &format!("| {m} | {med:.1} | {} |\n", all.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", "));
+    }
+    print!("{md}");
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, &md)?;
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&serde_json::json!({ "cells": cells, "boot_ms": boots }))?,
+        )?;
+    }
+    if let Some(p) = &a.svg {
+        std::fs::write(p, svg(&cells))?;
+    }
+    Ok(())
+}

@@ -211,3 +211,38 @@ fn bad_arguments_and_missing_devices_fail_clearly() {
     let r = run(builtin(&img, 1, false), "offset=1G");
     assert_eq!(r.guest_status, Some(2));
 }
+
+#[test]
+fn a_backend_that_stops_answering_fails_the_run_instead_of_hanging() {
+    if !ready("backend_stops_answering") || !have("qemu-storage-daemon", "backend_stops_answering")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let img = disk_file(dir.path(), "d.raw", 64 << 20);
+    let sock = dir.path().join("vhost.sock");
+    let daemon = StorageDaemon::start(&img, &sock, 1, true).expect("daemon");
+    let vm = QemuVm {
+        machine: Machine::Microvm,
+        mem_mib: 256,
+        disk: Disk::VhostUser {
+            socket: sock.clone(),
+            num_queues: 1,
+        },
+        cmdline: "mode=randread bs=4k qd=8 duration_ms=20000 timeout_ms=2000 progress_ms=0".into(),
+        timeout: Duration::from_secs(60),
+    };
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(daemon); // SIGKILL: the backend vanishes mid-run
+    });
+    let r = vm.run().expect("guest exits by itself");
+    killer.join().expect("killer");
+    assert_eq!(r.guest_status, Some(4), "{}", r.serial);
+    assert!(
+        r.serial.contains("device stopped answering"),
+        "{}",
+        r.serial
+    );
+    assert!(r.total < Duration::from_secs(15), "no hang: {:?}", r.total);
+}

@@ -14,7 +14,9 @@ use clap::Parser;
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(about = "Bench-guest storage table: QEMU virtio-blk, QEMU + qemu-storage-daemon, host fio")]
+#[command(
+    about = "Bench-guest storage table: QEMU virtio-blk, QEMU + qemu-storage-daemon, host fio"
+)]
 struct Args {
     /// Runs per cell (the median is reported).
     #[arg(long, default_value_t = 3)]
@@ -48,10 +50,30 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 4] = [
-    Workload { name: "4k randread QD1", rw: "randread", bs: 4096, qd: 1 },
-    Workload { name: "4k randread QD32", rw: "randread", bs: 4096, qd: 32 },
-    Workload { name: "4k randwrite QD32", rw: "randwrite", bs: 4096, qd: 32 },
-    Workload { name: "128k seq read QD8", rw: "read", bs: 131072, qd: 8 },
+    Workload {
+        name: "4k randread QD1",
+        rw: "randread",
+        bs: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "4k randread QD32",
+        rw: "randread",
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "4k randwrite QD32",
+        rw: "randwrite",
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "128k seq read QD8",
+        rw: "read",
+        bs: 131072,
+        qd: 8,
+    },
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Debug)]
@@ -105,12 +127,25 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn fill_file(path: &Path, size: u64) -> Result<()> {
-    if std::fs::metadata(path).map(|m| m.len() == size).unwrap_or(false) {
+    if std::fs::metadata(path)
+        .map(|m| m.len() == size)
+        .unwrap_or(false)
+    {
         return Ok(());
     }
-    eprintln!("[setup] writing {} GiB of random data to {}", size >> 30, path.display());
+    eprintln!(
+        "[setup] writing {} GiB of random data to {}",
+        size >> 30,
+        path.display()
+    );
     let st = Command::new("fio")
-        .args(["--name=fill", "--rw=write", "--bs=1M", "--ioengine=io_uring", "--direct=1"])
+        .args([
+            "--name=fill",
+            "--rw=write",
+            "--bs=1M",
+            "--ioengine=io_uring",
+            "--direct=1",
+        ])
         .arg(format!("--filename={}", path.display()))
         .arg(format!("--size={size}"))
         .args(["--refill_buffers=1", "--output=/dev/null"])
@@ -124,7 +159,13 @@ fn fill_file(path: &Path, size: u64) -> Result<()> {
 
 fn run_fio(file: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
     let out = Command::new("fio")
-        .args(["--name=b", "--ioengine=io_uring", "--direct=1", "--time_based", "--output-format=json"])
+        .args([
+            "--name=b",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--time_based",
+            "--output-format=json",
+        ])
         .arg(format!("--filename={}", file.display()))
         .arg(format!("--rw={}", w.rw))
         .arg(format!("--bs={}", w.bs))
@@ -137,7 +178,11 @@ fn run_fio(file: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio json")?;
     let job = &v["jobs"][0];
-    let side = if w.rw.contains("write") { &job["write"] } else { &job["read"] };
+    let side = if w.rw.contains("write") {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
     let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(Sample {
         iops: side["iops"].as_f64().unwrap_or(0.0),
@@ -210,7 +255,10 @@ fn svg(cells: &[Cell]) -> String {
             .max(1.0);
         let x0 = 50.0 + gi as f64 * gw;
         for (ri, row) in rows.iter().enumerate() {
-            if let Some(c) = cells.iter().find(|c| &c.storage == storage && c.workload.name == *wl && c.row == *row) {
+            if let Some(c) = cells
+                .iter()
+                .find(|c| &c.storage == storage && c.workload.name == *wl && c.row == *row)
+            {
                 let ratio = (c.median_iops / base).min(1.5);
                 let bh = ratio / 1.5 * h;
                 s += &format!(
@@ -251,7 +299,10 @@ fn main() -> Result<()> {
     let size = a.size_gib << 30;
     let mut places = vec![("root disk".to_string(), a.dir.join("bench-storage.raw"))];
     if !a.no_shm {
-        places.push(("/dev/shm".to_string(), PathBuf::from("/dev/shm/bench-storage.raw")));
+        places.push((
+            "/dev/shm".to_string(),
+            PathBuf::from("/dev/shm/bench-storage.raw"),
+        ));
     }
     let mut cells = Vec::new();
     for (storage, file) in &places {
@@ -265,14 +316,22 @@ fn main() -> Result<()> {
                     let s = match row {
                         Row::HostFio => run_fio(file, w, a.seconds)?,
                         Row::QemuVirtioBlk => run_guest(
-                            Disk::Builtin { path: file.clone(), readonly: false, num_queues: 1, iothread: true },
+                            Disk::Builtin {
+                                path: file.clone(),
+                                readonly: false,
+                                num_queues: 1,
+                                iothread: true,
+                            },
                             w,
                             a.seconds,
                         )?,
                         Row::QemuQsd => {
                             let d = StorageDaemon::start(file, &sock, 1, true)?;
                             let s = run_guest(
-                                Disk::VhostUser { socket: d.socket.clone(), num_queues: 1 },
+                                Disk::VhostUser {
+                                    socket: d.socket.clone(),
+                                    num_queues: 1,
+                                },
                                 w,
                                 a.seconds,
                             );
@@ -312,12 +371,21 @@ fn main() -> Result<()> {
             let vm = QemuVm {
                 machine,
                 mem_mib: 256,
-                disk: Disk::Builtin { path: tmp.clone(), readonly: false, num_queues: 1, iothread: false },
+                disk: Disk::Builtin {
+                    path: tmp.clone(),
+                    readonly: false,
+                    num_queues: 1,
+                    iothread: false,
+                },
                 cmdline: "mode=read bs=4k ios=1".into(),
                 timeout: Duration::from_secs(60),
             };
             let r = vm.run()?;
-            t.push(r.to_marker.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN));
+            t.push(
+                r.to_marker
+                    .map(|d| d.as_secs_f64() * 1000.0)
+                    .unwrap_or(f64::NAN),
+            );
         }
         boots.push((format!("{machine:?}"), median(t.clone()), t));
     }
@@ -330,7 +398,11 @@ fn main() -> Result<()> {
     for c in &cells {
         let base = cells
             .iter()
-            .find(|b| b.storage == c.storage && b.workload.name == c.workload.name && b.row == Row::HostFio)
+            .find(|b| {
+                b.storage == c.storage
+                    && b.workload.name == c.workload.name
+                    && b.row == Row::HostFio
+            })
             .map(|b| b.median_iops)
             .unwrap_or(1.0);
         md += &format!(
@@ -350,7 +422,13 @@ fn main() -> Result<()> {
     }
     md += "\n## Boot to the guest's start marker (exec to marker, whole QEMU process)\n\n| machine | median ms | runs ms |\n|---|---:|---|\n";
     for (m, med, all) in &boots {
-        md += &format!("| {m} | {med:.1} | {} |\n", all.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", "));
+        md += &format!(
+            "| {m} | {med:.1} | {} |\n",
+            all.iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     print!("{md}");
     if let Some(p) = &a.markdown {

@@ -240,6 +240,9 @@ impl QemuVm {
                 self.timeout
             );
         };
+        if to_marker.is_none() {
+            bail!("the guest never started (qemu exited with {status}); qemu:\n{stderr}");
+        }
         // isa-debug-exit: QEMU exits with (value << 1) | 1.
         let guest_status = status.code().filter(|c| c % 2 == 1).map(|c| (c - 1) / 2);
         if guest_status.is_none() {
@@ -306,6 +309,68 @@ impl StorageDaemon {
 }
 
 impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Our own blk-backend serving an image, as a child process.
+pub struct BlkBackendProcess {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl BlkBackendProcess {
+    /// `binary`: the built `blk-backend`.
+    pub fn start(
+        binary: &Path,
+        image: &Path,
+        socket: &Path,
+        num_queues: u16,
+        readonly: bool,
+    ) -> Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let mut c = Command::new(binary);
+        c.env("RUST_LOG", "warn");
+        c.arg("--socket").arg(socket).arg("--image").arg(image);
+        c.args(["--num-queues", &num_queues.to_string()]);
+        if readonly {
+            c.arg("--readonly");
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut b = BlkBackendProcess {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let t0 = Instant::now();
+        while !socket.exists() {
+            if let Some(s) = b.child.try_wait()? {
+                bail!("blk-backend exited with {s} before listening");
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("blk-backend did not create {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(b)
+    }
+
+    /// Asks it to stop (SIGTERM) and waits.
+    pub fn stop(mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BlkBackendProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -395,9 +395,17 @@ impl Disk {
 
     /// Flushes and marks the top clean.
     pub fn close(mut self) -> Result<()> {
+        self.mark_clean()
+    }
+
+    /// Flushes and marks the top clean, for a process about to exit while
+    /// others may still hold `&self` (no further writes may follow).
+    pub fn mark_clean(&mut self) -> Result<()> {
         if self.writable {
             self.flush()?;
-            self.top_mut().update_header(|h| h.flags &= !FLAG_DIRTY)?;
+            if self.top().header.dirty() {
+                self.top_mut().update_header(|h| h.flags &= !FLAG_DIRTY)?;
+            }
         }
         Ok(())
     }

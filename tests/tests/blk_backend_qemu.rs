@@ -1,0 +1,144 @@
+//! blk-backend serving snapshot-chain images to the bench guest under QEMU's
+//! vhost-user-blk frontend (a frontend nobody here wrote).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bench::guest::{have, kvm_available, BlkBackendProcess, Disk, GuestRun, Machine, QemuVm};
+
+fn ready(test: &str) -> bool {
+    kvm_available(test) && have("qemu-system-x86_64", test)
+}
+
+/// The workspace's debug binaries (built by `cargo test --workspace`).
+fn bin(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("root");
+    let p = root.join("target/debug").join(name);
+    if !p.exists() {
+        let st = Command::new("cargo")
+            .args(["build", "-p", "vhost-blk-backend", "-p", "image-format"])
+            .current_dir(root)
+            .status()
+            .expect("cargo build");
+        assert!(st.success());
+    }
+    p
+}
+
+fn img(args: &[&str]) {
+    let out = Command::new(bin("img")).args(args).output().expect("img");
+    assert!(
+        out.status.success(),
+        "img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn boot(sock: &Path, queues: u16, cmdline: &str) -> GuestRun {
+    QemuVm {
+        machine: Machine::Microvm,
+        mem_mib: 512,
+        disk: Disk::VhostUser {
+            socket: sock.to_path_buf(),
+            num_queues: queues,
+        },
+        cmdline: cmdline.into(),
+        timeout: Duration::from_secs(120),
+    }
+    .run()
+    .expect("guest runs")
+}
+
+fn assert_ok(r: &GuestRun, what: &str) {
+    assert!(r.ok(), "{what}: status {:?}\n{}", r.guest_status, r.serial);
+}
+
+#[test]
+fn verify_on_a_clone_then_snapshot_and_clone_again() {
+    if !ready("blk_backend_verify_snapshot_clone") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
+    img(&["create", &s(&d("base.img")), "1G"]);
+    img(&["clone", &s(&d("base.img")), &s(&d("vm.img"))]);
+    let sock = d("vm.sock");
+    let backend = bin("blk-backend");
+    let b = BlkBackendProcess::start(&backend, &d("vm.img"), &sock, 2, false).expect("backend");
+    for (queues, irq) in [(1, false), (2, true)] {
+        let base = format!("bs=64k qd=16 queues={queues} irq={}", irq as u8);
+        let w = boot(&sock, 2, &format!("mode=write verify=1 gen=1 {base}"));
+        assert_ok(&w, "write");
+        let r = boot(&sock, 2, &format!("mode=read verify=1 expect_gen=1 {base}"));
+        assert_ok(&r, "read");
+        assert_eq!(r.field("reads"), (1 << 30) / 65536);
+    }
+    b.stop();
+    // Snapshot, clone, boot on the clone: old data plus new writes.
+    img(&["snapshot", "-c", "s1", &s(&d("vm.img"))]);
+    img(&["clone", &s(&d("vm.img@s1")), &s(&d("vm2.img"))]);
+    let sock2 = d("vm2.sock");
+    let b = BlkBackendProcess::start(&backend, &d("vm2.img"), &sock2, 1, false).expect("backend");
+    let r = boot(&sock2, 1, "mode=read verify=1 expect_gen=1 bs=64k qd=16");
+    assert_ok(&r, "old data through the clone");
+    let w = boot(
+        &sock2,
+        1,
+        "mode=write verify=1 gen=2 bs=4k qd=16 offset=64M size=16M",
+    );
+    assert_ok(&w, "new writes on the clone");
+    let r = boot(
+        &sock2,
+        1,
+        "mode=read verify=1 expect_gen=2 bs=4k qd=16 offset=64M size=16M",
+    );
+    assert_ok(&r, "new data");
+    let r = boot(
+        &sock2,
+        1,
+        "mode=read verify=1 expect_gen=1 bs=64k qd=16 offset=80M size=64M",
+    );
+    assert_ok(&r, "old data around it");
+    // Discard and write-zeroes on the overlay where the parent has data.
+    for check in ["discard", "zeroes"] {
+        let r = boot(
+            &sock2,
+            1,
+            &format!("check={check} prefill=0 offset=200M size=8M bs=64k qd=4"),
+        );
+        assert_ok(&r, check);
+    }
+    b.stop();
+    // The sealed snapshot never changed: its content still verifies as gen 1.
+    let out = Command::new(bin("img"))
+        .args(["check", &s(&d("vm2.img"))])
+        .output()
+        .expect("check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn read_only_export_fails_writes_and_keeps_serving() {
+    if !ready("blk_backend_read_only") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let image = dir.path().join("ro.img");
+    img(&["create", image.to_str().expect("utf-8"), "64M"]);
+    let sock = dir.path().join("ro.sock");
+    let b = BlkBackendProcess::start(&bin("blk-backend"), &image, &sock, 1, true).expect("backend");
+    let r = boot(&sock, 1, "mode=write bs=4k ios=8");
+    assert_eq!(r.guest_status, Some(1), "{}", r.serial);
+    assert_eq!(r.field("ioerr"), 8);
+    let r = boot(&sock, 1, "mode=read bs=4k size=1M");
+    assert_ok(&r, "reads after refused writes");
+    b.stop();
+}

@@ -1,0 +1,370 @@
+//! The vhost-user-backend glue: one worker thread per queue pops descriptor
+//! chains, executes them against the open chain and completes them.
+//!
+//! Reads go straight from the layer files into guest memory (`pread` into
+//! the mapped guest pages, no copy); writes currently go through the
+//! library's synchronous path. The io_uring path replaces both.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use image_format::{Disk, Source};
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::QueueT;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::{self, SECTOR};
+use crate::request::{Kind, Request};
+
+pub struct BlkBackend {
+    disk: Mutex<Disk>,
+    /// Layer file descriptors, base first (reads bypass the lock's holder).
+    readonly: bool,
+    num_queues: usize,
+    queue_size: usize,
+    capacity: u64,
+    config: Vec<u8>,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    id: [u8; 20],
+}
+
+impl BlkBackend {
+    pub fn new(disk: Disk, readonly: bool, num_queues: usize, queue_size: usize) -> Self {
+        let capacity = disk.virtual_size();
+        let config = config::config_space(capacity, disk.block_size() as u32, num_queues as u16);
+        let mut id = [0u8; 20];
+        let uuid = disk.top().header.uuid.simple().to_string();
+        let text = format!("snap-{}", &uuid[..15]);
+        id[..text.len().min(20)].copy_from_slice(&text.as_bytes()[..text.len().min(20)]);
+        BlkBackend {
+            disk: Mutex::new(disk),
+            readonly,
+            num_queues,
+            queue_size,
+            capacity,
+            config,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            id,
+        }
+    }
+
+    /// Flushes and closes the image (clean shutdown).
+    pub fn close(self) -> image_format::Result<()> {
+        self.disk
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .close()
+    }
+
+    /// Flushes and marks the image clean; call when the process is about
+    /// to exit (the disk lock is held until then, so nothing writes after).
+    pub fn shutdown(&self) -> image_format::Result<std::sync::MutexGuard<'_, Disk>> {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.mark_clean()?;
+        Ok(disk)
+    }
+
+    pub fn flush(&self) -> image_format::Result<()> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+
+    fn in_range(&self, sector: u64, len: u64) -> bool {
+        sector
+            .checked_mul(SECTOR)
+            .and_then(|o| o.checked_add(len))
+            .is_some_and(|end| end <= self.capacity)
+    }
+
+    /// Executes a parsed request; returns (status, bytes written to guest).
+    fn execute(&self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
+        let ioerr = (VIRTIO_BLK_S_IOERR as u8, 0);
+        match req.kind {
+            Kind::In => {
+                if !self.in_range(req.sector, req.data_len) {
+                    return ioerr;
+                }
+                let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+                let mut off = req.sector * SECTOR;
+                for &(addr, len) in &req.data {
+                    if let Err(e) = read_into_guest(&disk, mem, addr, off, len as u64) {
+                        warn!("read at {off}: {e}");
+                        return ioerr;
+                    }
+                    off += len as u64;
+                }
+                (VIRTIO_BLK_S_OK as u8, req.data_len as u32)
+            }
+            Kind::Out => {
+                if self.readonly || !self.in_range(req.sector, req.data_len) {
+                    return ioerr;
+                }
+                let mut buf = vec![0u8; req.data_len as usize];
+                let mut at = 0usize;
+                for &(addr, len) in &req.data {
+                    if mem
+                        .read_slice(&mut buf[at..at + len as usize], addr)
+                        .is_err()
+                    {
+                        return ioerr;
+                    }
+                    at += len as usize;
+                }
+                let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+                match disk.write_at(&buf, req.sector * SECTOR) {
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                    Err(e) => {
+                        warn!("write: {e}");
+                        ioerr
+                    }
+                }
+            }
+            Kind::Flush => {
+                if self.readonly {
+                    return (VIRTIO_BLK_S_OK as u8, 0);
+                }
+                match self.flush() {
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                    Err(e) => {
+                        warn!("flush: {e}");
+                        ioerr
+                    }
+                }
+            }
+            Kind::GetId => {
+                let n = (req.data_len as usize).min(20);
+                let Some(&(addr, _)) = req.data.first() else {
+                    return ioerr;
+                };
+                match mem.write_slice(&self.id[..n], addr) {
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, n as u32),
+                    Err(_) => ioerr,
+                }
+            }
+            Kind::Discard | Kind::WriteZeroes => {
+                if self.readonly {
+                    return ioerr;
+                }
+                let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+                for &(addr, len) in &req.data {
+                    if len % 16 != 0 {
+                        return ioerr;
+                    }
+                    for k in 0..(len as u64 / 16) {
+                        let a = addr.unchecked_add(16 * k);
+                        let (Ok(sector), Ok(count)) = (
+                            mem.read_obj::<u64>(a),
+                            mem.read_obj::<u32>(a.unchecked_add(8)),
+                        ) else {
+                            return ioerr;
+                        };
+                        let bytes = count as u64 * SECTOR;
+                        if count > config::MAX_DISCARD_SECTORS || !self.in_range(sector, bytes) {
+                            return ioerr;
+                        }
+                        if let Err(e) = disk.write_zeroes(sector * SECTOR, bytes) {
+                            warn!("zeroing: {e}");
+                            return ioerr;
+                        }
+                    }
+                }
+                (VIRTIO_BLK_S_OK as u8, 0)
+            }
+            Kind::Unsupported(t) => {
+                debug!("unsupported request type {t}");
+                (VIRTIO_BLK_S_UNSUPP as u8, 0)
+            }
+        }
+    }
+
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            let mut used_any = false;
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let (status, written) = match Request::parse(chain, &mem) {
+                    Ok(req) => {
+                        let (s, w) = self.execute(&req, &mem);
+                        let _ = mem.write_obj(s, req.status);
+                        (s, w)
+                    }
+                    Err((e, status_addr)) => {
+                        warn!("bad request (head {head}): {e}");
+                        if let Some(a) = status_addr {
+                            let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a);
+                        }
+                        (VIRTIO_BLK_S_IOERR as u8, 0)
+                    }
+                };
+                let _ = status;
+                let len = written + 1;
+                if let Err(e) = vring.add_used(head, len) {
+                    warn!("add_used: {e}");
+                }
+                used_any = true;
+            }
+            if used_any {
+                let notify = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .needs_notification(&*mem)
+                    .unwrap_or(true);
+                if notify {
+                    vring.signal_used_queue()?;
+                }
+            }
+            if !event_idx || !vring.enable_notification().unwrap_or(false) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies `[off, off + len)` of the disk into guest memory at `addr`.
+fn read_into_guest(
+    disk: &Disk,
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    off: u64,
+    len: u64,
+) -> io::Result<()> {
+    let slice = mem
+        .get_slice(addr, len as usize)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let guard = slice.ptr_guard_mut();
+    let base = guard.as_ptr();
+    for e in disk.resolve(off, len) {
+        let at = (e.offset - off) as usize;
+        // SAFETY: [base, base + len) is one mapped guest region (get_slice
+        // checked it); extents stay inside [off, off + len).
+        let dst = unsafe { base.add(at) };
+        match e.source {
+            Source::Zero => {
+                // SAFETY: as above.
+                unsafe { std::ptr::write_bytes(dst, 0, e.len as usize) };
+            }
+            Source::Layer { layer, file_offset } => {
+                let fd = disk.layers()[layer]
+                    .storage
+                    .raw_fd()
+                    .ok_or_else(|| io::Error::other("layer without a file descriptor"))?;
+                let mut done = 0usize;
+                while done < e.len as usize {
+                    // SAFETY: pread into the checked guest range.
+                    let n = unsafe {
+                        libc::pread(
+                            fd,
+                            dst.add(done) as *mut libc::c_void,
+                            e.len as usize - done,
+                            (file_offset + done as u64) as libc::off_t,
+                        )
+                    };
+                    if n < 0 {
+                        let err = io::Error::last_os_error();
+                        if err.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(err);
+                    }
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "short layer file",
+                        ));
+                    }
+                    done += n as usize;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+    fn features(&self) -> u64 {
+        config::features(self.readonly, self.num_queues > 1)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = (offset as usize).min(self.config.len());
+        let end = (start + size as usize).min(self.config.len());
+        let mut v = self.config[start..end].to_vec();
+        v.resize(size as usize, 0);
+        v
+    }
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+    fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one, the workers never leave and a reconnect hangs.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|q| 1u64 << q).collect()
+    }
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Err(io::Error::other(format!(
+                "event for unknown queue {device_event}"
+            )));
+        };
+        self.process_queue(vring)
+    }
+}
+
+/// Shared handle used by the binary.
+pub type SharedBackend = Arc<BlkBackend>;

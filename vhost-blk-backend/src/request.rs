@@ -1,0 +1,149 @@
+//! One virtio-blk request: header, data segments, status, validated against
+//! guest memory before anything touches a file.
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::config::SEG_MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+    Unsupported(u32),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("descriptor chain too short ({0} descriptors)")]
+    TooShort(usize),
+    #[error("descriptor chain too long ({0} descriptors)")]
+    TooLong(usize),
+    #[error("request header is {0} bytes or device-writable")]
+    BadHeader(u32),
+    #[error("status descriptor is {0} bytes or not device-writable")]
+    BadStatus(u32),
+    #[error("data descriptor {0} has the wrong direction for the request type")]
+    WrongDirection(usize),
+    #[error("descriptor at {addr:#x}+{len} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+}
+
+#[derive(Debug)]
+pub struct Request {
+    pub kind: Kind,
+    pub sector: u64,
+    pub data: Vec<(GuestAddress, u32)>,
+    pub data_len: u64,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+fn in_memory(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), ParseError> {
+    let bad = ParseError::OutsideMemory {
+        addr: d.addr().0,
+        len: d.len(),
+    };
+    if d.len() == 0 {
+        return Ok(());
+    }
+    // The whole range must be one region's memory.
+    mem.get_slice(d.addr(), d.len() as usize)
+        .map(|_| ())
+        .map_err(|_| bad)
+}
+
+impl Request {
+    /// Parses a chain. `Err` means the chain cannot even carry a status;
+    /// `Ok` with `Kind::Unsupported` means it can (and gets UNSUPP).
+    pub fn parse<M>(
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Request, (ParseError, Option<GuestAddress>)>
+    where
+        M: std::ops::Deref<Target = GuestMemoryMmap>,
+    {
+        let descs: Vec<Descriptor> = chain.take(SEG_MAX as usize + 3).collect();
+        // The status goes in the last descriptor when it is writable: a
+        // refused request still gets its IOERR there.
+        let status_of = |d: Option<&Descriptor>| {
+            d.filter(|d| d.is_write_only() && d.len() >= 1 && in_memory(mem, d).is_ok())
+                .map(|d| d.addr().unchecked_add(d.len() as u64 - 1))
+        };
+        let status = status_of(descs.last());
+        let fail = |e| Err((e, status));
+        if descs.len() > SEG_MAX as usize + 2 {
+            return fail(ParseError::TooLong(descs.len()));
+        }
+        if descs.len() < 2 {
+            return fail(ParseError::TooShort(descs.len()));
+        }
+        for d in &descs {
+            if let Err(e) = in_memory(mem, d) {
+                return fail(e);
+            }
+        }
+        let head = &descs[0];
+        if head.is_write_only() || head.len() < 16 {
+            return fail(ParseError::BadHeader(head.len()));
+        }
+        let last = descs.last().expect("len >= 2");
+        let Some(status) = status else {
+            return fail(ParseError::BadStatus(last.len()));
+        };
+        let ty: u32 = mem
+            .read_obj(head.addr())
+            .map_err(|_| (ParseError::BadHeader(16), Some(status)))?;
+        let sector: u64 = mem
+            .read_obj(head.addr().unchecked_add(8))
+            .map_err(|_| (ParseError::BadHeader(16), Some(status)))?;
+        let kind = match ty {
+            VIRTIO_BLK_T_IN => Kind::In,
+            VIRTIO_BLK_T_OUT => Kind::Out,
+            VIRTIO_BLK_T_FLUSH => Kind::Flush,
+            VIRTIO_BLK_T_GET_ID => Kind::GetId,
+            VIRTIO_BLK_T_DISCARD => Kind::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => Kind::WriteZeroes,
+            other => Kind::Unsupported(other),
+        };
+        // Data: everything between header and status; the status
+        // descriptor may carry data before its last byte.
+        let mut data = Vec::with_capacity(descs.len());
+        for (i, d) in descs[1..descs.len() - 1].iter().enumerate() {
+            data.push((i + 1, *d));
+        }
+        if last.len() > 1 {
+            data.push((descs.len() - 1, *last));
+        }
+        let device_writes = matches!(kind, Kind::In | Kind::GetId);
+        let mut segs = Vec::with_capacity(data.len());
+        let mut total = 0u64;
+        for (i, d) in data {
+            let len = if i == descs.len() - 1 {
+                d.len() - 1
+            } else {
+                d.len()
+            };
+            if !matches!(kind, Kind::Unsupported(_)) && d.is_write_only() != device_writes {
+                return fail(ParseError::WrongDirection(i));
+            }
+            if len > 0 {
+                segs.push((d.addr(), len));
+                total += len as u64;
+            }
+        }
+        Ok(Request {
+            kind,
+            sector,
+            data: segs,
+            data_len: total,
+            status,
+        })
+    }
+}

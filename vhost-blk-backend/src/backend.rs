@@ -368,3 +368,118 @@ impl VhostUserBackend for BlkBackend {
 
 /// Shared handle used by the binary.
 pub type SharedBackend = Arc<BlkBackend>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn backend(dir: &Path, readonly: bool) -> BlkBackend {
+        let p = dir.join("t.img");
+        image_format::ops::create(&image_format::RealEnv, &p, Some(1 << 20), 4096, None)
+            .expect("create");
+        BlkBackend::new(
+            Disk::open_path(&p, !readonly).expect("open"),
+            readonly,
+            1,
+            128,
+        )
+    }
+
+    fn req(kind: Kind, sector: u64, data: Vec<(GuestAddress, u32)>) -> Request {
+        let data_len = data.iter().map(|d| d.1 as u64).sum();
+        Request {
+            kind,
+            sector,
+            data,
+            data_len,
+            status: GuestAddress(0),
+        }
+    }
+
+    #[test]
+    fn requests_outside_the_disk_or_not_allowed_fail_and_serving_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = backend(dir.path(), false);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        // Past the end, and a sector number that overflows.
+        assert_eq!(
+            b.execute(
+                &req(Kind::In, 2048, vec![(GuestAddress(0x1000), 512)]),
+                &mem
+            )
+            .0,
+            ioerr
+        );
+        assert_eq!(
+            b.execute(
+                &req(Kind::Out, u64::MAX / 256, vec![(GuestAddress(0x1000), 512)]),
+                &mem
+            )
+            .0,
+            ioerr
+        );
+        // A discard segment past the end.
+        mem.write_obj(2040u64, GuestAddress(0x2000)).expect("w");
+        mem.write_obj(64u32, GuestAddress(0x2008)).expect("w");
+        assert_eq!(
+            b.execute(
+                &req(Kind::Discard, 0, vec![(GuestAddress(0x2000), 16)]),
+                &mem
+            )
+            .0,
+            ioerr
+        );
+        assert_eq!(
+            b.execute(&req(Kind::Unsupported(99), 0, vec![]), &mem).0,
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+        // Still serving: a write and a read of it.
+        mem.write_slice(&[7u8; 512], GuestAddress(0x3000))
+            .expect("w");
+        assert_eq!(
+            b.execute(&req(Kind::Out, 1, vec![(GuestAddress(0x3000), 512)]), &mem),
+            (0, 0)
+        );
+        assert_eq!(
+            b.execute(&req(Kind::In, 1, vec![(GuestAddress(0x4000), 512)]), &mem),
+            (0, 512)
+        );
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x4000)).expect("r");
+        assert_eq!(back, [7u8; 512]);
+        // GET_ID names the image.
+        assert_eq!(
+            b.execute(&req(Kind::GetId, 0, vec![(GuestAddress(0x5000), 20)]), &mem)
+                .1,
+            20
+        );
+    }
+
+    #[test]
+    fn a_read_only_export_refuses_writes_and_discards() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = backend(dir.path(), true);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        assert_eq!(
+            b.execute(&req(Kind::Out, 0, vec![(GuestAddress(0x1000), 512)]), &mem)
+                .0,
+            ioerr
+        );
+        assert_eq!(
+            b.execute(
+                &req(Kind::WriteZeroes, 0, vec![(GuestAddress(0x2000), 16)]),
+                &mem
+            )
+            .0,
+            ioerr
+        );
+        assert_eq!(
+            b.execute(&req(Kind::In, 0, vec![(GuestAddress(0x1000), 512)]), &mem)
+                .0,
+            0
+        );
+    }
+}

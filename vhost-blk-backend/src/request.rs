@@ -147,3 +147,113 @@ impl Request {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    const W: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
+    }
+
+    fn d(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+            addr, len, flags, 0,
+        ))
+    }
+
+    fn header(m: &GuestMemoryMmap, at: u64, ty: u32, sector: u64) {
+        m.write_obj(ty, GuestAddress(at)).expect("write");
+        m.write_obj(sector, GuestAddress(at + 8)).expect("write");
+    }
+
+    fn parse(
+        m: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+    ) -> Result<Request, (ParseError, Option<GuestAddress>)> {
+        let q = MockSplitQueue::new(m, 256);
+        let chain = q.build_desc_chain(descs).expect("chain");
+        Request::parse(chain, m)
+    }
+
+    #[test]
+    fn a_well_formed_read() {
+        let m = mem();
+        header(&m, 0x8000, VIRTIO_BLK_T_IN, 8);
+        let r = parse(&m, &[d(0x8000, 16, 0), d(0x9000, 4096, W), d(0xa000, 1, W)]).expect("valid");
+        assert_eq!(r.kind, Kind::In);
+        assert_eq!((r.sector, r.data_len), (8, 4096));
+        assert_eq!(r.status, GuestAddress(0xa000));
+    }
+
+    #[test]
+    fn hostile_chains_are_refused_with_a_reason() {
+        let m = mem();
+        header(&m, 0x8000, VIRTIO_BLK_T_OUT, 0);
+        let cases: Vec<(Vec<RawDescriptor>, ParseError, bool)> = vec![
+            (
+                vec![d(0x8000, 16, W), d(0x9000, 512, 0), d(0xa000, 1, W)],
+                ParseError::BadHeader(16),
+                true,
+            ),
+            (
+                vec![d(0x8000, 8, 0), d(0x9000, 512, 0), d(0xa000, 1, W)],
+                ParseError::BadHeader(8),
+                true,
+            ),
+            (
+                vec![d(0x8000, 16, 0), d(0x9000, 512, 0), d(0xa000, 1, 0)],
+                ParseError::BadStatus(1),
+                false,
+            ),
+            (
+                vec![d(0x8000, 16, 0), d(0x9000, 512, W), d(0xa000, 1, W)],
+                ParseError::WrongDirection(1),
+                true,
+            ),
+            (vec![d(0x8000, 16, 0)], ParseError::TooShort(1), false),
+            (
+                vec![d(0x8000, 16, 0), d(0xfff00, 4096, 0), d(0xa000, 1, W)],
+                ParseError::OutsideMemory {
+                    addr: 0xfff00,
+                    len: 4096,
+                },
+                true,
+            ),
+            (
+                vec![d(0x8000, 16, 0), d(0x9000, 512, 0), d(1 << 40, 1, W)],
+                ParseError::OutsideMemory {
+                    addr: 1 << 40,
+                    len: 1,
+                },
+                false,
+            ),
+        ];
+        for (descs, expect, has_status) in cases {
+            let (e, status) = parse(&m, &descs).expect_err("refused");
+            assert_eq!(e, expect);
+            assert_eq!(status.is_some(), has_status, "{expect}");
+        }
+        // Too many descriptors.
+        let mut long = vec![d(0x8000, 16, 0)];
+        for i in 0..(SEG_MAX as u64 + 2) {
+            long.push(d(0x10000 + i * 512, 512, 0));
+        }
+        long.push(d(0xa000, 1, W));
+        let (e, _) = parse(&m, &long).expect_err("too long");
+        assert!(matches!(e, ParseError::TooLong(_)), "{e}");
+    }
+
+    #[test]
+    fn unknown_types_parse_as_unsupported() {
+        let m = mem();
+        header(&m, 0x8000, 0x7777, 0);
+        let r = parse(&m, &[d(0x8000, 16, 0), d(0xa000, 1, W)]).expect("parses");
+        assert_eq!(r.kind, Kind::Unsupported(0x7777));
+    }
+}

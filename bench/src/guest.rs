@@ -362,6 +362,29 @@ impl BlkBackendProcess {
         Ok(b)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (CPU seconds used so far, resident set in bytes), from /proc.
+    pub fn usage(&self) -> Option<(f64, u64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu =
+            (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / hz;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let rss_kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some((cpu, rss_kb * 1024))
+    }
+
     /// Asks it to stop (SIGTERM) and waits.
     pub fn stop(mut self) {
         // SAFETY: signalling our own child process.

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bench::guest::{kvm_available, Disk, Machine, QemuVm, StorageDaemon};
+use bench::guest::{kvm_available, BlkBackendProcess, Disk, Machine, QemuVm, StorageDaemon};
 use clap::Parser;
 use serde::Serialize;
 
@@ -81,6 +81,7 @@ enum Row {
     HostFio,
     QemuVirtioBlk,
     QemuQsd,
+    QemuBlkBackend,
 }
 
 impl Row {
@@ -89,12 +90,17 @@ impl Row {
             Row::HostFio => "host fio (io_uring, O_DIRECT)",
             Row::QemuVirtioBlk => "QEMU virtio-blk (io_uring, direct, iothread)",
             Row::QemuQsd => "QEMU + qemu-storage-daemon vhost-user-blk",
+            Row::QemuBlkBackend => "QEMU + blk-backend (snap image; sync I/O via page cache, not yet io_uring/O_DIRECT)",
         }
     }
 }
 
 #[derive(Clone, Serialize, Default)]
 struct Sample {
+    ios: f64,
+    /// The backend's CPU seconds per million I/Os and its RSS (blk-backend rows).
+    cpu_s_per_mio: Option<f64>,
+    rss_mib: Option<f64>,
     iops: f64,
     mb_s: f64,
     p50_us: f64,
@@ -185,6 +191,9 @@ fn run_fio(file: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
     };
     let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(Sample {
+        ios: side["total_ios"].as_f64().unwrap_or(0.0),
+        cpu_s_per_mio: None,
+        rss_mib: None,
         iops: side["iops"].as_f64().unwrap_or(0.0),
         mb_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         p50_us: pct("50.000000"),
@@ -218,6 +227,9 @@ fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
     let f = |k: &str| j[k].as_f64().unwrap_or(0.0);
     let lat = |k: &str| j["lat_ns"][k].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(Sample {
+        ios: f("ios"),
+        cpu_s_per_mio: None,
+        rss_mib: None,
         iops: f("iops"),
         mb_s: f("mb_s"),
         p50_us: lat("p50"),
@@ -238,8 +250,13 @@ fn svg(cells: &[Cell]) -> String {
         }
         g
     };
-    let rows = [Row::HostFio, Row::QemuVirtioBlk, Row::QemuQsd];
-    let colors = ["#555555", "#4477aa", "#cc6677"];
+    let rows = [
+        Row::HostFio,
+        Row::QemuVirtioBlk,
+        Row::QemuQsd,
+        Row::QemuBlkBackend,
+    ];
+    let colors = ["#555555", "#4477aa", "#cc6677", "#228833"];
     let (gw, h, top) = (120.0, 300.0, 40.0);
     let width = 60.0 + gw * groups.len() as f64;
     let mut s = format!(
@@ -305,11 +322,36 @@ fn main() -> Result<()> {
         ));
     }
     let mut cells = Vec::new();
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let backend_bin = exe_dir.join("blk-backend");
+    let img_bin = exe_dir.join("img");
+    if !backend_bin.exists() || !img_bin.exists() {
+        bail!("build blk-backend and img first: cargo build --release -p vhost-blk-backend -p image-format");
+    }
     for (storage, file) in &places {
         fill_file(file, size)?;
+        // The same data as a snapshot-chain image, for blk-backend.
+        let snap = file.with_extension("snap");
+        let _ = std::fs::remove_file(&snap);
+        let st = Command::new(&img_bin)
+            .args(["convert", "-f", "raw", "-O", "snap"])
+            .arg(file)
+            .arg(&snap)
+            .status()?;
+        if !st.success() {
+            bail!("img convert failed");
+        }
         let sock = std::env::temp_dir().join(format!("bench-storage-{}.sock", std::process::id()));
         for w in &WORKLOADS {
-            for row in [Row::HostFio, Row::QemuVirtioBlk, Row::QemuQsd] {
+            for row in [
+                Row::HostFio,
+                Row::QemuVirtioBlk,
+                Row::QemuQsd,
+                Row::QemuBlkBackend,
+            ] {
                 let mut samples = Vec::new();
                 for run in 0..a.runs {
                     eprintln!("[{storage}] {} / {} run {}", w.name, row.label(), run + 1);
@@ -338,6 +380,23 @@ fn main() -> Result<()> {
                             drop(d);
                             s?
                         }
+                        Row::QemuBlkBackend => {
+                            let b = BlkBackendProcess::start(&backend_bin, &snap, &sock, 1, false)?;
+                            let mut s = run_guest(
+                                Disk::VhostUser {
+                                    socket: b.socket.clone(),
+                                    num_queues: 1,
+                                },
+                                w,
+                                a.seconds,
+                            )?;
+                            if let Some((cpu, rss)) = b.usage() {
+                                s.cpu_s_per_mio = Some(cpu / (s.ios / 1e6).max(1e-9));
+                                s.rss_mib = Some(rss as f64 / (1 << 20) as f64);
+                            }
+                            b.stop();
+                            s
+                        }
                     };
                     samples.push(s);
                 }
@@ -360,6 +419,7 @@ fn main() -> Result<()> {
         if file.starts_with("/dev/shm") {
             let _ = std::fs::remove_file(file);
         }
+        let _ = std::fs::remove_file(&snap);
     }
     // Boot time to the start marker, whole process.
     let mut boots = Vec::new();
@@ -418,6 +478,15 @@ fn main() -> Result<()> {
             c.median_p99_us,
             c.median_p999_us,
             c.median_iops / base.max(1.0)
+        );
+    }
+    md += "\n## blk-backend cost\n\n| storage | workload | CPU s per million I/Os | RSS MiB |\n|---|---|---:|---:|\n";
+    for c in cells.iter().filter(|c| c.row == Row::QemuBlkBackend) {
+        let cpu = median(c.samples.iter().filter_map(|s| s.cpu_s_per_mio).collect());
+        let rss = median(c.samples.iter().filter_map(|s| s.rss_mib).collect());
+        md += &format!(
+            "| {} | {} | {cpu:.2} | {rss:.1} |\n",
+            c.storage, c.workload.name
         );
     }
     md += "\n## Boot to the guest's start marker (exec to marker, whole QEMU process)\n\n| machine | median ms | runs ms |\n|---|---:|---|\n";

@@ -346,6 +346,30 @@ impl Disk {
         Ok(())
     }
 
+    /// Where an aligned write of `[offset, offset + len)` goes when the
+    /// caller does the I/O itself (the backend's io_uring path): the top
+    /// layer's index and the file offset. `None` when the range is not
+    /// whole blocks (the caller uses `write_at`, which completes partial
+    /// blocks from the chain). After the I/O completes, call
+    /// [`Disk::note_written`].
+    pub fn direct_write_target(&self, offset: u64, len: u64) -> Option<(usize, u64)> {
+        let bs = self.block_size;
+        let aligned = offset.is_multiple_of(bs) && len.is_multiple_of(bs) && len > 0;
+        (self.writable && aligned && self.check_range(offset, len).is_ok())
+            .then(|| (self.layers.len() - 1, self.top().data_offset() + offset))
+    }
+
+    /// Records that the caller wrote whole blocks `[offset, offset + len)`
+    /// of the top itself: the map (persisted at the next flush) and the
+    /// index now name the top.
+    pub fn note_written(&mut self, offset: u64, len: u64) {
+        let bs = self.block_size;
+        let (first, count) = (offset / bs, len.div_ceil(bs));
+        self.top_map.set_range(first, count, BlockState::Data);
+        let owner = self.top_owner();
+        self.index.set_range(first, count, owner);
+    }
+
     /// Makes `[offset, offset + len)` read as zeros: whole blocks become
     /// `zero` in the map and are punched out of the data area; partial
     /// blocks are written with zeros. (Discard does the same: reads after a

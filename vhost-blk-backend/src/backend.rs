@@ -24,12 +24,19 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use crate::config::{self, SECTOR};
 use crate::request::{Kind, Request};
+use crate::uring::{Pending, QueueRing};
 
 pub struct BlkBackend {
     disk: Mutex<Disk>,
-    /// Layer file descriptors, base first (reads bypass the lock's holder).
+    /// Per layer (base first): a descriptor opened with O_DIRECT for the
+    /// io_uring path, when the filesystem allows it.
+    direct: Vec<Option<std::fs::File>>,
+    /// One ring per queue, used only by that queue's worker thread.
+    rings: Vec<Mutex<QueueRing>>,
     readonly: bool,
     num_queues: usize,
     queue_size: usize,
@@ -48,8 +55,31 @@ impl BlkBackend {
         let uuid = disk.top().header.uuid.simple().to_string();
         let text = format!("snap-{}", &uuid[..15]);
         id[..text.len().min(20)].copy_from_slice(&text.as_bytes()[..text.len().min(20)]);
+        let direct = disk
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(k, l)| {
+                let writable = !readonly && k + 1 == disk.layers().len();
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(writable)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&l.path)
+                    .ok()
+            })
+            .collect();
+        let rings = (0..num_queues)
+            .map(|_| {
+                Mutex::new(
+                    QueueRing::new((queue_size as u32 * 4).next_power_of_two()).expect("io_uring"),
+                )
+            })
+            .collect();
         BlkBackend {
             disk: Mutex::new(disk),
+            direct,
+            rings,
             readonly,
             num_queues,
             queue_size,
@@ -189,17 +219,205 @@ impl BlkBackend {
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// The eventfd queue `q`'s completions arrive on.
+    pub fn ring_eventfd(&self, q: usize) -> std::os::fd::RawFd {
+        self.rings[q]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .eventfd()
+    }
+
+    /// Waits for all I/O in flight (the frontend went away; its memory is
+    /// about to be unmapped). Completed writes still reach the map.
+    pub fn quiesce(&self) {
+        for r in &self.rings {
+            let done = r.lock().unwrap_or_else(|e| e.into_inner()).drain();
+            self.note_writes(&done);
+        }
+    }
+
+    fn note_writes(&self, done: &[Pending]) {
+        let wrote: Vec<_> = done
+            .iter()
+            .filter(|p| !p.failed)
+            .filter_map(|p| p.wrote)
+            .collect();
+        if !wrote.is_empty() {
+            let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+            for (off, len) in wrote {
+                disk.note_written(off, len);
+            }
+        }
+    }
+
+    /// The descriptor for I/O on layer `k`: O_DIRECT when the transfer is
+    /// aligned for it, else the library's buffered one.
+    fn fd_for(
+        &self,
+        disk: &Disk,
+        k: usize,
+        buf: u64,
+        len: u64,
+        off: u64,
+    ) -> Option<std::os::fd::RawFd> {
+        let aligned = (buf | len | off).is_multiple_of(512);
+        match (&self.direct[k], aligned) {
+            (Some(f), true) => Some(std::os::fd::AsRawFd::as_raw_fd(f)),
+            _ => disk.layers()[k].storage.raw_fd(),
+        }
+    }
+
+    /// Turns a read or an aligned write into ring I/O. `None`: the request
+    /// takes the synchronous path instead; `Some(None)`: queued;
+    /// `Some(Some(used))`: finished without kernel I/O.
+    fn submit_rw(
+        &self,
+        ring: &mut QueueRing,
+        req: &Request,
+        mem: &GuestMemoryMmap,
+        head: u16,
+    ) -> Option<Option<(u16, u32)>> {
+        let write = req.kind == Kind::Out;
+        if !self.in_range(req.sector, req.data_len) || (write && self.readonly) {
+            return None;
+        }
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        let start = req.sector * SECTOR;
+        let target = if write {
+            Some(disk.direct_write_target(start, req.data_len)?)
+        } else {
+            None
+        };
+        let slot = ring.add(Pending {
+            head,
+            status: req.status,
+            written: if write { 0 } else { req.data_len as u32 },
+            remaining: 1, // held until every I/O is queued
+            failed: false,
+            wrote: write.then_some((start, req.data_len)),
+        });
+        let mut off = start;
+        let mut queued = 0u32;
+        let mut failed = false;
+        for &(addr, len) in &req.data {
+            let Ok(slice) = mem.get_slice(addr, len as usize) else {
+                failed = true;
+                break;
+            };
+            let base = slice.ptr_guard_mut().as_ptr();
+            if let Some((top, file_off)) = target {
+                let file_off = file_off + (off - start);
+                let Some(fd) = self.fd_for(&disk, top, base as u64, len as u64, file_off) else {
+                    failed = true;
+                    break;
+                };
+                // SAFETY: guest memory of a request the guest may not touch
+                // until we complete it; mapped while this connection lives
+                // (quiesce() drains before it goes).
+                if unsafe { ring.push_rw(true, fd, base, len, file_off, slot) }.is_err() {
+                    failed = true;
+                    break;
+                }
+                queued += 1;
+            } else {
+                for e in disk.resolve(off, len as u64) {
+                    // SAFETY: inside the slice get_slice checked.
+                    let dst = unsafe { base.add((e.offset - off) as usize) };
+                    match e.source {
+                        Source::Zero => {
+                            // SAFETY: as above.
+                            unsafe { std::ptr::write_bytes(dst, 0, e.len as usize) }
+                        }
+                        Source::Layer { layer, file_offset } => {
+                            let Some(fd) =
+                                self.fd_for(&disk, layer, dst as u64, e.len, file_offset)
+                            else {
+                                failed = true;
+                                break;
+                            };
+                            // SAFETY: as for writes above.
+                            if unsafe {
+                                ring.push_rw(false, fd, dst, e.len as u32, file_offset, slot)
+                            }
+                            .is_err()
+                            {
+                                failed = true;
+                                break;
+                            }
+                            queued += 1;
+                        }
+                    }
+                }
+            }
+            off += len as u64;
+        }
+        drop(disk);
+        let p = ring.get_mut(slot).expect("just added");
+        p.failed |= failed;
+        p.remaining += queued;
+        p.remaining -= 1;
+        if p.remaining == 0 {
+            // Nothing went to the kernel (all zeros, or a failure): done now.
+            let p = p.clone();
+            ring.finish_now(slot);
+            return Some(self.complete(&[p], mem).pop());
+        }
+        Some(None)
+    }
+
+    /// Writes statuses and used entries for finished ring requests.
+    fn complete(&self, done: &[Pending], mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+        self.note_writes(done);
+        done.iter()
+            .map(|p| {
+                let (status, len) = if p.failed {
+                    (VIRTIO_BLK_S_IOERR as u8, 1)
+                } else {
+                    (VIRTIO_BLK_S_OK as u8, p.written + 1)
+                };
+                let _ = mem.write_obj(status, p.status);
+                (p.head, len)
+            })
+            .collect()
+    }
+
+    fn publish(
+        &self,
+        vring: &VringRwLock,
+        used: &[(u16, u32)],
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        for &(head, len) in used {
+            if let Err(e) = vring.add_used(head, len) {
+                warn!("add_used: {e}");
+            }
+        }
+        let notify = vring
+            .get_mut()
+            .get_queue_mut()
+            .needs_notification(mem)
+            .unwrap_or(true);
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn process_queue(&self, vring: &VringRwLock, q: usize) -> io::Result<()> {
         let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };
         let mem = atomic.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut ring = self.rings[q].lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
-            let mut used_any = false;
+            let mut used = Vec::new();
             loop {
                 let chain = vring
                     .get_mut()
@@ -207,42 +425,53 @@ impl BlkBackend {
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let (status, written) = match Request::parse(chain, &mem) {
+                match Request::parse(chain, &mem) {
                     Ok(req) => {
-                        let (s, w) = self.execute(&req, &mem);
-                        let _ = mem.write_obj(s, req.status);
-                        (s, w)
+                        let ring_path = if matches!(req.kind, Kind::In | Kind::Out) {
+                            self.submit_rw(&mut ring, &req, &mem, head)
+                        } else {
+                            None
+                        };
+                        match ring_path {
+                            Some(Some(u)) => used.push(u),
+                            Some(None) => {}
+                            None => {
+                                let (s, w) = self.execute(&req, &mem);
+                                let _ = mem.write_obj(s, req.status);
+                                used.push((head, w + 1));
+                            }
+                        }
                     }
                     Err((e, status_addr)) => {
                         warn!("bad request (head {head}): {e}");
                         if let Some(a) = status_addr {
                             let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a);
                         }
-                        (VIRTIO_BLK_S_IOERR as u8, 0)
+                        used.push((head, 1));
                     }
-                };
-                let _ = status;
-                let len = written + 1;
-                if let Err(e) = vring.add_used(head, len) {
-                    warn!("add_used: {e}");
-                }
-                used_any = true;
-            }
-            if used_any {
-                let notify = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .needs_notification(&*mem)
-                    .unwrap_or(true);
-                if notify {
-                    vring.signal_used_queue()?;
                 }
             }
+            // Every chain this kick made available, in one submission.
+            ring.submit()?;
+            self.publish(vring, &used, &mem)?;
             if !event_idx || !vring.enable_notification().unwrap_or(false) {
                 break;
             }
         }
         Ok(())
+    }
+
+    fn process_completions(&self, vring: &VringRwLock, q: usize) -> io::Result<()> {
+        let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let done = self.rings[q]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reap();
+        let used = self.complete(&done, &mem);
+        self.publish(vring, &used, &mem)
     }
 }
 
@@ -352,17 +581,24 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let Some(vring) = vrings.get(device_event as usize) else {
+        // One queue per worker thread (queues_per_thread): the thread's
+        // only vring is vrings[0], and the thread index is the queue index.
+        let (Some(vring), Some(_)) = (vrings.first(), self.rings.get(thread)) else {
             return Err(io::Error::other(format!(
-                "event for unknown queue {device_event}"
+                "event {device_event} on unknown thread {thread}"
             )));
         };
-        self.process_queue(vring)
+        if (device_event as usize) < self.num_queues {
+            self.process_queue(vring, thread)
+        } else {
+            // Its ring's completions (registered as num_queues + 1 + queue).
+            self.process_completions(vring, thread)
+        }
     }
 }
 

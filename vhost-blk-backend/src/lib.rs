@@ -9,3 +9,4 @@
 pub mod backend;
 pub mod config;
 pub mod request;
+pub mod uring;

@@ -99,7 +99,21 @@ fn run(a: Args) -> Result<()> {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let r = daemon.start(&mut listener).and_then(|_| daemon.wait());
+        let r = daemon.start(&mut listener).and_then(|_| {
+            // Each queue's worker also waits on its ring's completions.
+            for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+                if let Err(e) = handler.register_listener(
+                    backend.ring_eventfd(q),
+                    vmm_sys_util::epoll::EventSet::IN,
+                    (a.num_queues + 1 + q) as u64,
+                ) {
+                    tracing::error!("queue {q}: cannot watch its io_uring: {e}");
+                }
+            }
+            daemon.wait()
+        });
+        // The frontend's memory goes away with it: let in-flight I/O land.
+        backend.quiesce();
         backend
             .flush()
             .context("flushing after the connection ended")?;

@@ -90,7 +90,7 @@ impl Row {
             Row::HostFio => "host fio (io_uring, O_DIRECT)",
             Row::QemuVirtioBlk => "QEMU virtio-blk (io_uring, direct, iothread)",
             Row::QemuQsd => "QEMU + qemu-storage-daemon vhost-user-blk",
-            Row::QemuBlkBackend => "QEMU + blk-backend (snap image; sync I/O via page cache, not yet io_uring/O_DIRECT)",
+            Row::QemuBlkBackend => "QEMU + blk-backend (snap image, io_uring, O_DIRECT)",
         }
     }
 }

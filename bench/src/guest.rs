@@ -294,16 +294,7 @@ impl StorageDaemon {
             child,
             socket: socket.to_path_buf(),
         };
-        let t0 = Instant::now();
-        while !socket.exists() {
-            if let Some(s) = d.child.try_wait()? {
-                bail!("qemu-storage-daemon exited with {s} before listening");
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("qemu-storage-daemon did not create {}", socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_socket(&mut d.child, socket, "qemu-storage-daemon")?;
         Ok(d)
     }
 }
@@ -349,16 +340,7 @@ impl BlkBackendProcess {
             child,
             socket: socket.to_path_buf(),
         };
-        let t0 = Instant::now();
-        while !socket.exists() {
-            if let Some(s) = b.child.try_wait()? {
-                bail!("blk-backend exited with {s} before listening");
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("blk-backend did not create {}", socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_socket(&mut b.child, socket, "blk-backend")?;
         Ok(b)
     }
 
@@ -399,4 +381,19 @@ impl Drop for BlkBackendProcess {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// Waits until a backend process listens on `socket` (or dies trying).
+fn wait_for_socket(child: &mut Child, socket: &Path, name: &str) -> Result<()> {
+    let t0 = Instant::now();
+    while !socket.exists() {
+        if let Some(s) = child.try_wait()? {
+            bail!("{name} exited with {s} before listening");
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("{name} did not create {}", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }

@@ -235,18 +235,7 @@ pub fn create_writer(
             let block_size = cluster_size.unwrap_or(DEFAULT_BLOCK_SIZE);
             // A raw source need not be a whole number of blocks: round up.
             let size = size.div_ceil(block_size as u64) * block_size as u64;
-            Layer::create(
-                env.as_ref(),
-                path,
-                &NewLayer {
-                    virtual_size: size,
-                    block_size,
-                    parent: None,
-                    sealed: false,
-                    name: String::new(),
-                    uuid: None,
-                },
-            )?;
+            Layer::create(env.as_ref(), path, &NewLayer::standalone(size, block_size))?;
             Box::new(Disk::open(env, path, true)?)
         }
     })

@@ -23,6 +23,25 @@ pub struct NewLayer {
     pub uuid: Option<Uuid>,
 }
 
+impl NewLayer {
+    /// An empty writable layer of its own (no parent).
+    pub fn standalone(virtual_size: u64, block_size: u32) -> Self {
+        NewLayer::overlay(virtual_size, block_size, None)
+    }
+
+    /// An empty writable layer on `parent` (stored path, uuid).
+    pub fn overlay(virtual_size: u64, block_size: u32, parent: Option<(String, Uuid)>) -> Self {
+        NewLayer {
+            virtual_size,
+            block_size,
+            parent,
+            sealed: false,
+            name: String::new(),
+            uuid: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Layer {
     pub path: PathBuf,

@@ -36,18 +36,7 @@ pub fn create(
     }
     let Some(base) = base else {
         let size = size.ok_or_else(|| invalid(path, "a size is needed without a base"))?;
-        return Layer::create(
-            env,
-            path,
-            &NewLayer {
-                virtual_size: size,
-                block_size,
-                parent: None,
-                sealed: false,
-                name: String::new(),
-                uuid: None,
-            },
-        );
+        return Layer::create(env, path, &NewLayer::standalone(size, block_size));
     };
     overlay(env, base, path, size)
 }
@@ -69,14 +58,11 @@ fn overlay(env: &dyn Env, base: &Path, path: &Path, size: Option<u64>) -> Result
     Layer::create(
         env,
         path,
-        &NewLayer {
-            virtual_size: size,
-            block_size: b.header.block_size,
-            parent: Some((relative_parent_path(path, base)?, b.header.uuid)),
-            sealed: false,
-            name: String::new(),
-            uuid: None,
-        },
+        &NewLayer::overlay(
+            size,
+            b.header.block_size,
+            Some((relative_parent_path(path, base)?, b.header.uuid)),
+        ),
     )
 }
 
@@ -143,14 +129,7 @@ pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf>
     Layer::create(
         env,
         top,
-        &NewLayer {
-            virtual_size: size,
-            block_size: block,
-            parent: Some((relative_parent_path(top, &snap)?, uuid)),
-            sealed: false,
-            name: String::new(),
-            uuid: None,
-        },
+        &NewLayer::overlay(size, block, Some((relative_parent_path(top, &snap)?, uuid))),
     )?;
     // A crash before this leaves a clean unsealed parent, which the next
     // writable open seals.
@@ -207,14 +186,11 @@ pub fn snapshot_apply(env: &dyn Env, top: &Path, name: &str) -> Result<()> {
     Layer::create(
         env,
         &tmp,
-        &NewLayer {
-            virtual_size: Layer::open(env, top, false)?.header.virtual_size,
-            block_size: layer.header.block_size,
-            parent: Some((relative_parent_path(top, &snap.path)?, layer.header.uuid)),
-            sealed: false,
-            name: String::new(),
-            uuid: None,
-        },
+        &NewLayer::overlay(
+            Layer::open(env, top, false)?.header.virtual_size,
+            layer.header.block_size,
+            Some((relative_parent_path(top, &snap.path)?, layer.header.uuid)),
+        ),
     )?;
     env.rename(&tmp, top).map_err(io_at(top))?;
     env.sync_dir(&parent_dir(top)).map_err(io_at(top))

@@ -367,6 +367,34 @@ impl BlkBackendProcess {
         Some((cpu, rss_kb * 1024))
     }
 
+    /// Starts it with `--export` specs and waits for every socket.
+    pub fn start_exports(binary: &Path, exports: &[(PathBuf, PathBuf)]) -> Result<Self> {
+        let mut c = Command::new(binary);
+        c.env("RUST_LOG", "warn");
+        for (image, socket) in exports {
+            let _ = std::fs::remove_file(socket);
+            c.arg("--export").arg(format!(
+                "socket={},image={}",
+                socket.display(),
+                image.display()
+            ));
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut b = BlkBackendProcess {
+            child,
+            socket: exports.first().map(|e| e.1.clone()).unwrap_or_default(),
+        };
+        for (_, socket) in exports {
+            wait_for_socket(&mut b.child, socket, "blk-backend")?;
+        }
+        Ok(b)
+    }
+
     /// Asks it to stop (SIGTERM) and waits.
     pub fn stop(mut self) {
         // SAFETY: signalling our own child process.

@@ -142,3 +142,44 @@ fn read_only_export_fails_writes_and_keeps_serving() {
     assert_ok(&r, "reads after refused writes");
     b.stop();
 }
+
+#[test]
+fn one_process_serves_several_exports_and_a_bad_peer_only_loses_its_session() {
+    if !ready("blk_backend_several_exports") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
+    img(&["create", &s(&d("base.img")), "256M"]);
+    img(&["clone", &s(&d("base.img")), &s(&d("a.img"))]);
+    img(&["clone", &s(&d("base.img")), &s(&d("b.img"))]);
+    let (sa, sb) = (d("a.sock"), d("b.sock"));
+    let b = BlkBackendProcess::start_exports(
+        &bin("blk-backend"),
+        &[(d("a.img"), sa.clone()), (d("b.img"), sb.clone())],
+    )
+    .expect("backend");
+    // A peer that speaks garbage on export a.
+    {
+        use std::io::Write;
+        let mut junk = std::os::unix::net::UnixStream::connect(&sa).expect("connect");
+        let _ = junk.write_all(&[0xffu8; 64]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Export b is unaffected, and export a serves its next frontend.
+    let w = boot(&sb, 1, "mode=write verify=1 gen=3 bs=64k qd=8");
+    assert_ok(&w, "export b");
+    let w = boot(&sa, 1, "mode=write verify=1 gen=4 bs=64k qd=8");
+    assert_ok(&w, "export a after the bad peer");
+    // Each clone holds its own data.
+    assert_ok(
+        &boot(&sb, 1, "mode=read verify=1 expect_gen=3 bs=64k qd=8"),
+        "b reads b",
+    );
+    assert_ok(
+        &boot(&sa, 1, "mode=read verify=1 expect_gen=4 bs=64k qd=8"),
+        "a reads a",
+    );
+    b.stop();
+}

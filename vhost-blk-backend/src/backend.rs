@@ -31,7 +31,9 @@ use crate::request::{Kind, Request};
 use crate::uring::{Pending, QueueRing};
 
 pub struct BlkBackend {
-    disk: Mutex<Disk>,
+    /// Readers (resolving a read into extents) share it; map updates after
+    /// writes, flushes and the synchronous path take it alone.
+    disk: RwLock<Disk>,
     /// Per layer (base first): a descriptor opened with O_DIRECT for the
     /// io_uring path, when the filesystem allows it.
     direct: Vec<Option<std::fs::File>>,
@@ -77,7 +79,7 @@ impl BlkBackend {
             })
             .collect();
         BlkBackend {
-            disk: Mutex::new(disk),
+            disk: RwLock::new(disk),
             direct,
             rings,
             readonly,
@@ -101,14 +103,14 @@ impl BlkBackend {
 
     /// Flushes and marks the image clean; call when the process is about
     /// to exit (the disk lock is held until then, so nothing writes after).
-    pub fn shutdown(&self) -> image_format::Result<std::sync::MutexGuard<'_, Disk>> {
-        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn shutdown(&self) -> image_format::Result<std::sync::RwLockWriteGuard<'_, Disk>> {
+        let mut disk = self.disk.write().unwrap_or_else(|e| e.into_inner());
         disk.mark_clean()?;
         Ok(disk)
     }
 
     pub fn flush(&self) -> image_format::Result<()> {
-        self.disk.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        self.disk.write().unwrap_or_else(|e| e.into_inner()).flush()
     }
 
     fn in_range(&self, sector: u64, len: u64) -> bool {
@@ -126,7 +128,7 @@ impl BlkBackend {
                 if !self.in_range(req.sector, req.data_len) {
                     return ioerr;
                 }
-                let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+                let disk = self.disk.read().unwrap_or_else(|e| e.into_inner());
                 let mut off = req.sector * SECTOR;
                 for &(addr, len) in &req.data {
                     if let Err(e) = read_into_guest(&disk, mem, addr, off, len as u64) {
@@ -152,7 +154,7 @@ impl BlkBackend {
                     }
                     at += len as usize;
                 }
-                let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+                let mut disk = self.disk.write().unwrap_or_else(|e| e.into_inner());
                 match disk.write_at(&buf, req.sector * SECTOR) {
                     Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
                     Err(e) => {
@@ -187,7 +189,7 @@ impl BlkBackend {
                 if self.readonly {
                     return ioerr;
                 }
-                let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+                let mut disk = self.disk.write().unwrap_or_else(|e| e.into_inner());
                 for &(addr, len) in &req.data {
                     if len % 16 != 0 {
                         return ioerr;
@@ -243,7 +245,7 @@ impl BlkBackend {
             .filter_map(|p| p.wrote)
             .collect();
         if !wrote.is_empty() {
-            let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+            let mut disk = self.disk.write().unwrap_or_else(|e| e.into_inner());
             for (off, len) in wrote {
                 disk.note_written(off, len);
             }
@@ -281,7 +283,7 @@ impl BlkBackend {
         if !self.in_range(req.sector, req.data_len) || (write && self.readonly) {
             return None;
         }
-        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        let disk = self.disk.read().unwrap_or_else(|e| e.into_inner());
         let start = req.sector * SECTOR;
         let target = if write {
             Some(disk.direct_write_target(start, req.data_len)?)

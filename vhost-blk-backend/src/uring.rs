@@ -99,7 +99,8 @@ impl QueueRing {
                 .offset(offset)
                 .build()
         }
-        .user_data(slot as u64);
+        // The length rides along so a short transfer counts as a failure.
+        .user_data(slot as u64 | (len as u64) << 32);
         loop {
             // SAFETY: the buffer contract is the caller's (above).
             let pushed = unsafe { self.ring.submission().push(&sqe) };

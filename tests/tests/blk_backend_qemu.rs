@@ -11,21 +11,28 @@ fn ready(test: &str) -> bool {
     kvm_available(test) && have("qemu-system-x86_64", test)
 }
 
-/// The workspace's debug binaries (built by `cargo test --workspace`).
+/// The workspace's debug binaries, built now so a test never runs a stale one.
 fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("root");
-    let p = root.join("target/debug").join(name);
-    if !p.exists() {
-        let st = Command::new("cargo")
-            .args(["build", "-p", "vhost-blk-backend", "-p", "image-format"])
+    BUILT.call_once(|| {
+        let st = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "vhost-blk-backend",
+                "-p",
+                "image-format",
+            ])
             .current_dir(root)
             .status()
             .expect("cargo build");
-        assert!(st.success());
-    }
-    p
+        assert!(st.success(), "building blk-backend and img failed");
+    });
+    root.join("target/debug").join(name)
 }
 
 fn img(args: &[&str]) {

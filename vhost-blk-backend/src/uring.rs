@@ -132,14 +132,17 @@ impl QueueRing {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        for (slot, res) in cqes {
-            let slot = slot as usize;
+        for (data, res) in cqes {
+            let (slot, len) = ((data & 0xffff_ffff) as usize, (data >> 32) as i64);
             let Some(p) = self.get_mut(slot) else {
                 continue;
             };
             if res < 0 {
                 p.failed = true;
                 tracing::warn!("I/O failed: {}", io::Error::from_raw_os_error(-res));
+            } else if res as i64 != len {
+                p.failed = true;
+                tracing::warn!("short transfer: {res} of {len} bytes");
             }
             p.remaining -= 1;
             if p.remaining == 0 {

@@ -322,13 +322,31 @@ impl BlkBackendProcess {
         num_queues: u16,
         readonly: bool,
     ) -> Result<Self> {
-        let _ = std::fs::remove_file(socket);
+        let spec = format!(
+            "socket={},image={},num_queues={num_queues},readonly={}",
+            socket.display(),
+            image.display(),
+            if readonly { "on" } else { "off" }
+        );
+        Self::spawn(binary, &[spec], &[socket.to_path_buf()])
+    }
+
+    /// Starts it with one `--export` per (image, socket) and waits for every socket.
+    pub fn start_exports(binary: &Path, exports: &[(PathBuf, PathBuf)]) -> Result<Self> {
+        let specs: Vec<String> = exports
+            .iter()
+            .map(|(image, socket)| format!("socket={},image={}", socket.display(), image.display()))
+            .collect();
+        let sockets: Vec<PathBuf> = exports.iter().map(|e| e.1.clone()).collect();
+        Self::spawn(binary, &specs, &sockets)
+    }
+
+    fn spawn(binary: &Path, specs: &[String], sockets: &[PathBuf]) -> Result<Self> {
         let mut c = Command::new(binary);
         c.env("RUST_LOG", "warn");
-        c.arg("--socket").arg(socket).arg("--image").arg(image);
-        c.args(["--num-queues", &num_queues.to_string()]);
-        if readonly {
-            c.arg("--readonly");
+        for (spec, socket) in specs.iter().zip(sockets) {
+            let _ = std::fs::remove_file(socket);
+            c.arg("--export").arg(spec);
         }
         let child = c
             .stdin(Stdio::null())
@@ -338,9 +356,11 @@ impl BlkBackendProcess {
             .with_context(|| format!("starting {}", binary.display()))?;
         let mut b = BlkBackendProcess {
             child,
-            socket: socket.to_path_buf(),
+            socket: sockets.first().cloned().unwrap_or_default(),
         };
-        wait_for_socket(&mut b.child, socket, "blk-backend")?;
+        for socket in sockets {
+            wait_for_socket(&mut b.child, socket, "blk-backend")?;
+        }
         Ok(b)
     }
 
@@ -365,34 +385,6 @@ impl BlkBackendProcess {
             .parse()
             .ok()?;
         Some((cpu, rss_kb * 1024))
-    }
-
-    /// Starts it with `--export` specs and waits for every socket.
-    pub fn start_exports(binary: &Path, exports: &[(PathBuf, PathBuf)]) -> Result<Self> {
-        let mut c = Command::new(binary);
-        c.env("RUST_LOG", "warn");
-        for (image, socket) in exports {
-            let _ = std::fs::remove_file(socket);
-            c.arg("--export").arg(format!(
-                "socket={},image={}",
-                socket.display(),
-                image.display()
-            ));
-        }
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let mut b = BlkBackendProcess {
-            child,
-            socket: exports.first().map(|e| e.1.clone()).unwrap_or_default(),
-        };
-        for (_, socket) in exports {
-            wait_for_socket(&mut b.child, socket, "blk-backend")?;
-        }
-        Ok(b)
     }
 
     /// Asks it to stop (SIGTERM) and waits.

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Mutex, RwLock};
 
 use image_format::{Disk, Source};
 use tracing::{debug, warn};
@@ -91,14 +91,6 @@ impl BlkBackend {
             mem: RwLock::new(None),
             id,
         }
-    }
-
-    /// Flushes and closes the image (clean shutdown).
-    pub fn close(self) -> image_format::Result<()> {
-        self.disk
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .close()
     }
 
     /// Flushes and marks the image clean; call when the process is about
@@ -603,9 +595,6 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 }
-
-/// Shared handle used by the binary.
-pub type SharedBackend = Arc<BlkBackend>;
 
 #[cfg(test)]
 mod tests {

@@ -227,6 +227,7 @@ impl Transport {
             last_used: 0,
             kicked_at: 0,
             event_idx: false,
+            interrupts: true,
             kicks: 0,
         })
     }
@@ -245,6 +246,8 @@ pub struct Virtqueue {
     /// avail_idx at the last notification (for event-index suppression).
     kicked_at: u16,
     pub event_idx: bool,
+    /// False in polling mode: used_event is then never re-armed.
+    interrupts: bool,
     pub kicks: u64,
 }
 
@@ -294,25 +297,36 @@ impl Virtqueue {
     }
 
     /// The next completion: (descriptor head, bytes written).
+    ///
+    /// With event-index suppression, an empty ring re-arms the interrupt
+    /// (used_event = last seen) and looks once more: a completion published
+    /// while the device still read the old used_event raises no interrupt,
+    /// and x86 may order our used_event store after the used-index load
+    /// unless a full fence sits between them.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
-        let idx = rd16(self.used + 2);
+        let mut idx = rd16(self.used + 2);
         if idx == self.last_used {
-            return None;
+            if !self.event_idx || !self.interrupts {
+                return None;
+            }
+            wr16(self.avail + 4 + 2 * self.size as u64, self.last_used);
+            fence(Ordering::SeqCst);
+            idx = rd16(self.used + 2);
+            if idx == self.last_used {
+                return None;
+            }
         }
         fence(Ordering::Acquire);
         let e = self.used + 4 + 8 * (self.last_used % self.size) as u64;
         let id = rd32(e) as u16;
         let len = rd32(e + 4);
         self.last_used = self.last_used.wrapping_add(1);
-        if self.event_idx {
-            // Interrupt again after the next completion.
-            wr16(self.avail + 4 + 2 * self.size as u64, self.last_used);
-        }
         Some((id, len))
     }
 
     /// Polling mode: ask for no interrupts.
-    pub fn suppress_interrupts(&self) {
+    pub fn suppress_interrupts(&mut self) {
+        self.interrupts = false;
         wr16(self.avail, 1); // VRING_AVAIL_F_NO_INTERRUPT
     }
 }

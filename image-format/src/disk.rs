@@ -11,6 +11,7 @@ use crate::header::FLAG_DIRTY;
 use crate::index::{Index, Owner, ZERO_OWNER};
 use crate::layer::Layer;
 use crate::map::{AllocationMap, BlockState};
+use crate::shadow::MapShadow;
 use crate::storage::{Env, RealEnv};
 
 /// Deepest chain accepted (owners are one byte).
@@ -40,6 +41,12 @@ pub struct Disk {
     /// The top layer's own map (its states, not the chain's).
     top_map: AllocationMap,
     index: Index,
+    /// Per layer, where guest offset 0 sits in its file.
+    data_offsets: Vec<u64>,
+    /// `Some` while a caller collects index changes for its copies.
+    index_changes: Option<Vec<IndexChange>>,
+    /// A copy of the top map that survives this process (not a reboot).
+    shadow: Option<MapShadow>,
     writable: bool,
     block_size: u64,
     virtual_size: u64,
@@ -183,11 +190,15 @@ impl Disk {
             }
         }
         index.shrink();
+        let data_offsets = layers.iter().map(|l| l.header.data_offset).collect();
         let mut disk = Disk {
             env,
             layers,
             top_map: top_map.expect("a chain has a top"),
             index,
+            data_offsets,
+            index_changes: None,
+            shadow: None,
             writable,
             block_size,
             virtual_size,
@@ -247,7 +258,9 @@ impl Disk {
     /// allocation. The range must be inside the disk.
     pub fn resolve(&self, offset: u64, len: u64) -> Extents<'_> {
         Extents {
-            disk: self,
+            index: &self.index,
+            data_offsets: &self.data_offsets,
+            block_size: self.block_size,
             at: offset,
             end: offset.saturating_add(len).min(self.virtual_size),
         }
@@ -284,6 +297,130 @@ impl Disk {
 
     fn top_owner(&self) -> Owner {
         self.layers.len() as Owner
+    }
+
+    /// Sets blocks of the top to `state` in its map, the merged index, the
+    /// change log and the crash shadow.
+    fn set_top_state(&mut self, first: u64, count: u64, state: BlockState) {
+        self.top_map.set_range(first, count, state);
+        let owner = match state {
+            BlockState::Data => self.top_owner(),
+            BlockState::Zero => ZERO_OWNER,
+            // Only `check -r` and `commit` make blocks absent again, and
+            // they rebuild the index from the maps.
+            BlockState::Absent => unreachable!("the write path never makes blocks absent"),
+        };
+        self.index.set_range(first, count, owner);
+        if let Some(log) = &mut self.index_changes {
+            log.push(IndexChange {
+                first_block: first,
+                blocks: count,
+                owner,
+            });
+        }
+        if let Some(shadow) = &mut self.shadow {
+            shadow.mirror(self.top_map.raw(), first, count);
+        }
+    }
+
+    /// A copy of the index for a thread that resolves reads on its own;
+    /// call [`Disk::track_index_changes`] first so that no change is missed.
+    pub fn view(&self) -> ChainView {
+        ChainView {
+            index: self.index.clone(),
+            data_offsets: self.data_offsets.clone(),
+            block_size: self.block_size,
+            virtual_size: self.virtual_size,
+            top_owner: self.top_owner(),
+            writable: self.writable,
+        }
+    }
+
+    /// From now on, record every index change for [`Disk::take_index_changes`].
+    pub fn track_index_changes(&mut self) {
+        self.index_changes.get_or_insert_with(Vec::new);
+    }
+
+    /// The index changes since the last call (empty when not tracking).
+    pub fn take_index_changes(&mut self) -> Vec<IndexChange> {
+        self.index_changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Keeps a copy of the top map in `dir` (a tmpfs such as /dev/shm) that
+    /// outlives this process but not the machine, and first adopts the copy
+    /// a crashed process left there. Writes that process completed are in
+    /// the kernel (page cache or device), so its map is the truth after a
+    /// process crash; after a reboot the copy is gone and the on-disk map
+    /// stands, as the crash contract says. Returns the blocks adopted.
+    pub fn attach_crash_shadow(&mut self, dir: &Path) -> Result<u64> {
+        if !self.writable {
+            return Ok(0);
+        }
+        let uuid = self.top().header.uuid;
+        let path = MapShadow::path_for(dir, &uuid);
+        let mut adopted = 0;
+        if let Some(bytes) =
+            MapShadow::load(&path, &uuid, self.top_map.raw().len()).map_err(io_at(&path))?
+        {
+            match self.adopt_map(&bytes) {
+                Ok(n) => {
+                    adopted = n;
+                    tracing::info!(
+                        "{}: adopted {n} blocks written before a crash from {}",
+                        self.path().display(),
+                        path.display()
+                    );
+                }
+                Err(why) => tracing::warn!(
+                    "{}: ignoring crash shadow {}: {why}",
+                    self.path().display(),
+                    path.display()
+                ),
+            }
+        }
+        self.shadow =
+            Some(MapShadow::create(&path, &uuid, self.top_map.raw()).map_err(io_at(&path))?);
+        Ok(adopted)
+    }
+
+    /// Takes the states of a shadow map where they differ from ours. A
+    /// block only ever moves from absent to data or zero, or between data
+    /// and zero, while a layer is open; a shadow that says otherwise is not
+    /// this layer's latest map and is refused whole.
+    fn adopt_map(&mut self, shadow: &[u8]) -> std::result::Result<u64, String> {
+        let mine = self.top_map.raw();
+        if mine.len() != shadow.len() {
+            return Err("its map has another length".into());
+        }
+        let mut changes = Vec::new();
+        for (i, (&a, &b)) in mine.iter().zip(shadow).enumerate() {
+            if a == b {
+                continue;
+            }
+            for k in 0..4u64 {
+                let block = i as u64 * 4 + k;
+                let (old, new) = ((a >> (2 * k)) & 3, (b >> (2 * k)) & 3);
+                if old == new {
+                    continue;
+                }
+                let state = match new {
+                    1 => BlockState::Data,
+                    2 => BlockState::Zero,
+                    _ => return Err(format!("block {block} would go back to absent or invalid")),
+                };
+                if block >= self.top_map.blocks() {
+                    return Err(format!("block {block} lies past the end"));
+                }
+                changes.push((block, state));
+            }
+        }
+        for &(block, state) in &changes {
+            self.set_top_state(block, 1, state);
+        }
+        Ok(changes.len() as u64)
     }
 
     /// Writes one whole block of the top: `part` at `in_block` over the
@@ -339,10 +476,7 @@ impl Disk {
                 )
                 .map_err(io_at(&top.path))?;
         }
-        self.top_map
-            .set_range(first, last - first + 1, BlockState::Data);
-        let owner = self.top_owner();
-        self.index.set_range(first, last - first + 1, owner);
+        self.set_top_state(first, last - first + 1, BlockState::Data);
         Ok(())
     }
 
@@ -365,9 +499,7 @@ impl Disk {
     pub fn note_written(&mut self, offset: u64, len: u64) {
         let bs = self.block_size;
         let (first, count) = (offset / bs, len.div_ceil(bs));
-        self.top_map.set_range(first, count, BlockState::Data);
-        let owner = self.top_owner();
-        self.index.set_range(first, count, owner);
+        self.set_top_state(first, count, BlockState::Data);
     }
 
     /// Makes `[offset, offset + len)` read as zeros: whole blocks become
@@ -398,8 +530,7 @@ impl Disk {
         top.storage
             .punch_hole(top.data_offset() + whole_first * bs, count * bs)
             .map_err(io_at(&top.path))?;
-        self.top_map.set_range(whole_first, count, BlockState::Zero);
-        self.index.set_range(whole_first, count, ZERO_OWNER);
+        self.set_top_state(whole_first, count, BlockState::Zero);
         Ok(())
     }
 
@@ -430,6 +561,10 @@ impl Disk {
             if self.top().header.dirty() {
                 self.top_mut().update_header(|h| h.flags &= !FLAG_DIRTY)?;
             }
+            if let Some(shadow) = self.shadow.take() {
+                // The on-disk map is complete now.
+                shadow.remove();
+            }
         }
         Ok(())
     }
@@ -440,9 +575,11 @@ impl Disk {
     }
 }
 
-/// Iterator behind [`Disk::resolve`].
+/// Iterator behind [`Disk::resolve`] and [`ChainView::resolve`].
 pub struct Extents<'a> {
-    disk: &'a Disk,
+    index: &'a Index,
+    data_offsets: &'a [u64],
+    block_size: u64,
     at: u64,
     end: u64,
 }
@@ -455,21 +592,20 @@ impl Iterator for Extents<'_> {
         if self.at >= self.end {
             return None;
         }
-        let bs = self.disk.block_size;
+        let bs = self.block_size;
         let block = self.at / bs;
         let last = (self.end - 1) / bs;
-        let (owner, n) = self.disk.index.run(block, last + 1);
+        let (owner, n) = self.index.run(block, last + 1);
         let run_end = ((block + n) * bs).min(self.end);
         let source = if owner == ZERO_OWNER {
             Source::Zero
         } else {
             let layer = owner as usize - 1;
-            let l = &self.disk.layers[layer];
             // Past a smaller parent's end nothing is there: the index never
             // names a layer for blocks it does not have.
             Source::Layer {
                 layer,
-                file_offset: l.header.data_offset + self.at,
+                file_offset: self.data_offsets[layer] + self.at,
             }
         };
         let e = Extent {
@@ -479,5 +615,75 @@ impl Iterator for Extents<'_> {
         };
         self.at = run_end;
         Some(e)
+    }
+}
+
+/// A change of owner for a run of blocks, as recorded by
+/// [`Disk::take_index_changes`] and replayed by [`ChainView::apply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexChange {
+    pub first_block: u64,
+    pub blocks: u64,
+    pub owner: Owner,
+}
+
+/// A copy of an open chain's index with what `resolve` needs and nothing
+/// else: a thread that holds one resolves reads without sharing a lock
+/// with anyone. The owner of the [`Disk`] forwards its
+/// [`IndexChange`]s to every copy.
+#[derive(Debug, Clone)]
+pub struct ChainView {
+    index: Index,
+    data_offsets: Vec<u64>,
+    block_size: u64,
+    virtual_size: u64,
+    top_owner: Owner,
+    writable: bool,
+}
+
+impl ChainView {
+    /// Same as [`Disk::resolve`], on this copy.
+    pub fn resolve(&self, offset: u64, len: u64) -> Extents<'_> {
+        Extents {
+            index: &self.index,
+            data_offsets: &self.data_offsets,
+            block_size: self.block_size,
+            at: offset,
+            end: offset.saturating_add(len).min(self.virtual_size),
+        }
+    }
+
+    pub fn apply(&mut self, change: IndexChange) {
+        self.index
+            .set_range(change.first_block, change.blocks, change.owner);
+    }
+
+    /// Whether the writable top already owns every block of the range, so
+    /// a write there changes no map state.
+    pub fn top_owns(&self, offset: u64, len: u64) -> bool {
+        if !self.writable || len == 0 {
+            return false;
+        }
+        let bs = self.block_size;
+        let (first, end) = (offset / bs, (offset + len).div_ceil(bs));
+        let (owner, n) = self.index.run(first, end);
+        owner == self.top_owner && first + n >= end
+    }
+
+    /// Same as [`Disk::direct_write_target`].
+    pub fn direct_write_target(&self, offset: u64, len: u64) -> Option<(usize, u64)> {
+        let bs = self.block_size;
+        let aligned = offset.is_multiple_of(bs) && len.is_multiple_of(bs) && len > 0;
+        let inside = offset
+            .checked_add(len)
+            .is_some_and(|e| e <= self.virtual_size);
+        (self.writable && aligned && inside).then(|| {
+            let top = self.data_offsets.len() - 1;
+            (top, self.data_offsets[top] + offset)
+        })
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
     }
 }

@@ -8,10 +8,11 @@ pub mod index;
 pub mod layer;
 pub mod map;
 pub mod qcow2;
+pub mod shadow;
 pub mod sim;
 pub mod storage;
 
-pub use disk::{Disk, Extent, Source};
+pub use disk::{ChainView, Disk, Extent, IndexChange, Source};
 pub use error::{Error, Result};
 pub use layer::{Layer, NewLayer};
 pub use map::BlockState;

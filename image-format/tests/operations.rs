@@ -559,3 +559,98 @@ fn an_unwritable_file_is_refused_without_damage() {
     );
     assert_eq!(file_hash(&img), before);
 }
+
+/// A process that dies without a flush (kill -9) loses nothing it completed
+/// to the kernel when its successor adopts the crash shadow; without the
+/// shadow (a reboot) the on-disk map stands and the parent shows through.
+#[test]
+fn a_crashed_writer_s_completed_writes_come_back_through_the_crash_shadow() {
+    let d = Dir::new();
+    let (base, expect) = make_base(&d, "base.img", 4 * MIB);
+    let top = d.p("top.img");
+    ops::clone(env().as_ref(), &base, &top).expect("clone");
+    let shadows = Dir::new();
+
+    let mut disk = Disk::open_path(&top, true).expect("open");
+    assert_eq!(
+        disk.attach_crash_shadow(shadows.0.path()).expect("attach"),
+        0
+    );
+    let data = pattern(7, 8192);
+    disk.write_at(&data, 0).expect("write");
+    disk.write_zeroes(2 * MIB + 512, 4096).expect("zero");
+    // Dies: no flush, no close.
+    std::mem::forget(disk);
+
+    // The on-disk map alone (what a reboot leaves) still shows the parent.
+    let fresh = Disk::open_path(&top, false).expect("open ro");
+    let mut got = vec![0u8; 8192];
+    fresh.read_at(&mut got, 0).expect("read");
+    assert_eq!(got, expect[..8192]);
+    drop(fresh);
+
+    let mut disk = Disk::open_path(&top, true).expect("reopen");
+    let adopted = disk.attach_crash_shadow(shadows.0.path()).expect("attach");
+    assert!(adopted >= 3, "adopted {adopted} blocks");
+    disk.read_at(&mut got, 0).expect("read");
+    assert_eq!(got, data);
+    let mut z = vec![1u8; 4096];
+    disk.read_at(&mut z, 2 * MIB + 512).expect("read");
+    assert!(z.iter().all(|&b| b == 0));
+    disk.close().expect("close");
+    assert!(
+        std::fs::read_dir(shadows.0.path())
+            .expect("dir")
+            .next()
+            .is_none(),
+        "a clean close removes the shadow"
+    );
+    // Durable now: a plain reopen sees it.
+    let fresh = Disk::open_path(&top, false).expect("open ro");
+    fresh.read_at(&mut got, 0).expect("read");
+    assert_eq!(got, data);
+}
+
+/// A copy of the index fed with the disk's changes resolves like the disk.
+#[test]
+fn a_chain_view_fed_with_index_changes_resolves_like_the_disk() {
+    let d = Dir::new();
+    let (base, _) = make_base(&d, "base.img", 4 * MIB);
+    let top = d.p("top.img");
+    ops::clone(env().as_ref(), &base, &top).expect("clone");
+    let mut disk = Disk::open_path(&top, true).expect("open");
+    disk.track_index_changes();
+    let mut view = disk.view();
+    let mut rng = StdRng::seed_from_u64(5);
+    for _ in 0..200 {
+        let off = rng.gen_range(0..4 * MIB - 70_000) & !511;
+        let len = rng.gen_range(1..64) * 1024;
+        match rng.gen_range(0..3) {
+            0 => disk.write_zeroes(off, len).expect("zero"),
+            1 => disk
+                .write_at(&pattern(off, len as usize), off)
+                .expect("write"),
+            _ => {
+                let aligned = off & !4095;
+                let (_, _) = disk.direct_write_target(aligned, 8192).expect("target");
+                disk.note_written(aligned, 8192);
+            }
+        }
+        for c in disk.take_index_changes() {
+            view.apply(c);
+        }
+        let a: Vec<_> = disk.resolve(0, 4 * MIB).collect();
+        let b: Vec<_> = view.resolve(0, 4 * MIB).collect();
+        assert_eq!(a, b);
+    }
+    disk.note_written(0, 8192);
+    disk.take_index_changes()
+        .into_iter()
+        .for_each(|c| view.apply(c));
+    assert!(view.top_owns(0, 8192));
+    disk.write_zeroes(4096, 4096).expect("zero");
+    disk.take_index_changes()
+        .into_iter()
+        .for_each(|c| view.apply(c));
+    assert!(view.top_owns(0, 4096) && !view.top_owns(0, 8192));
+}

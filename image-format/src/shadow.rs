@@ -1,0 +1,162 @@
+//! The crash shadow: a copy of a writable top layer's in-memory map in a
+//! tmpfs file, kept current on every map change.
+//!
+//! The on-disk map only learns about writes at a flush (FORMAT.md). That is
+//! the right contract for power loss, but a serving process that dies
+//! (kill -9, a crash) would forget writes it already completed to the
+//! kernel, and a frontend that reconnects to its successor would read old
+//! data where it wrote. The shadow closes that gap: it outlives the process
+//! and dies with the machine, exactly the lifetime of the page cache that
+//! holds those writes. Its header names the layer and the boot, so a copy
+//! from another layer or an earlier boot is never taken.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+use uuid::Uuid;
+
+const MAGIC: &[u8; 8] = b"SNAPSHDW";
+const VERSION: u32 = 1;
+/// The map starts here; the header page before it.
+const MAP_AT: usize = 4096;
+
+pub struct MapShadow {
+    path: PathBuf,
+    mmap: MmapMut,
+}
+
+impl std::fmt::Debug for MapShadow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapShadow")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The kernel's id of this boot; a shadow from another boot is stale.
+fn boot_id() -> [u8; 36] {
+    let mut id = [b'?'; 36];
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        let s = s.trim().as_bytes();
+        let n = s.len().min(36);
+        id[..n].copy_from_slice(&s[..n]);
+    }
+    id
+}
+
+fn header(uuid: &Uuid, map_len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(MAP_AT);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&[0u8; 4]);
+    h.extend_from_slice(uuid.as_bytes());
+    h.extend_from_slice(&boot_id());
+    h.extend_from_slice(&(map_len as u64).to_le_bytes());
+    h.resize(MAP_AT, 0);
+    h
+}
+
+impl MapShadow {
+    /// Where the shadow of layer `uuid` lives in `dir`.
+    pub fn path_for(dir: &Path, uuid: &Uuid) -> PathBuf {
+        dir.join(format!("snaplayer-{}.map", uuid.simple()))
+    }
+
+    /// The map a shadow at `path` holds, when it belongs to layer `uuid`,
+    /// this boot, and a map of `map_len` bytes. `None` when there is none
+    /// or it does not fit (a foreign file is left alone, not read as ours).
+    pub fn load(path: &Path, uuid: &Uuid, map_len: usize) -> io::Result<Option<Vec<u8>>> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let expected = header(uuid, map_len);
+        let mut got = vec![0u8; MAP_AT];
+        if file.read_exact(&mut got).is_err() || got != expected {
+            tracing::warn!(
+                "{}: not a crash shadow of this layer from this boot; ignored",
+                path.display()
+            );
+            return Ok(None);
+        }
+        let mut map = vec![0u8; map_len];
+        if file.read_exact(&mut map).is_err() {
+            tracing::warn!("{}: truncated crash shadow; ignored", path.display());
+            return Ok(None);
+        }
+        Ok(Some(map))
+    }
+
+    /// Writes a fresh shadow holding `map` (replacing any old one) and maps
+    /// it for [`MapShadow::mirror`].
+    pub fn create(path: &Path, uuid: &Uuid, map: &[u8]) -> io::Result<MapShadow> {
+        let tmp = path.with_extension("map.tmp");
+        {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&tmp)?;
+            f.write_all(&header(uuid, map.len()))?;
+            f.write_all(map)?;
+        }
+        // Complete before it takes the name: a crash in between leaves the
+        // previous shadow (or none), never half of this one.
+        std::fs::rename(&tmp, path)?;
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        // SAFETY: a private file of this process in a tmpfs; nothing else
+        // truncates it while mapped (a successor only reads it after we are
+        // gone), so the mapping stays valid for its lifetime.
+        let mmap = unsafe { MmapMut::map_mut(&file)? };
+        if mmap.len() != MAP_AT + map.len() {
+            return Err(io::Error::other("crash shadow changed size under us"));
+        }
+        Ok(MapShadow {
+            path: path.to_path_buf(),
+            mmap,
+        })
+    }
+
+    /// Copies the map bytes that hold blocks `[first, first + count)`.
+    pub fn mirror(&mut self, map: &[u8], first: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let lo = (first / 4) as usize;
+        let hi = (((first + count - 1) / 4) as usize + 1).min(map.len());
+        if lo < hi {
+            self.mmap[MAP_AT + lo..MAP_AT + hi].copy_from_slice(&map[lo..hi]);
+        }
+    }
+
+    /// Deletes the shadow (the on-disk map is complete).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shadow_round_trips_and_refuses_other_layers_and_sizes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let path = MapShadow::path_for(dir.path(), &a);
+        let mut map = vec![0u8; 64];
+        let mut s = MapShadow::create(&path, &a, &map).expect("create");
+        map[3] = 0b0100_0001;
+        s.mirror(&map, 12, 4);
+        drop(s);
+        let back = MapShadow::load(&path, &a, 64).expect("load").expect("some");
+        assert_eq!(back, map);
+        assert!(MapShadow::load(&path, &b, 64).expect("load").is_none());
+        assert!(MapShadow::load(&path, &a, 65).expect("load").is_none());
+        std::fs::write(&path, b"garbage").expect("write");
+        assert!(MapShadow::load(&path, &a, 64).expect("load").is_none());
+    }
+}

@@ -1,12 +1,22 @@
 //! `blk-backend`: a vhost-user-blk server that serves snapshot chains built
 //! with the `image-format` crate.
 //!
-//! - `config`: the virtio-blk configuration space the frontend reads.
-//! - `request`: parsing and validating one descriptor chain (hostile input
-//!   ends as an IOERR/UNSUPP status, never a crash).
-//! - `backend`: the vhost-user-backend glue and the request execution.
+//! - `server`: an export's socket, one frontend session at a time.
+//! - `connection`: the vhost-user requests of one session.
+//! - `inflight`: the shared region that lets a restarted backend resume.
+//! - `worker`: a queue's event loop (kick, completions, stop).
+//! - `export`: an open chain and the request execution its workers share.
+//! - `request` and `chain`: parsing and walking one descriptor chain
+//!   (hostile input ends as an IOERR/UNSUPP status, never a crash).
+//! - `uring`: a queue's io_uring and the requests in flight on it.
+//! - `config`: the virtio-blk configuration space.
 
-pub mod backend;
+pub mod chain;
 pub mod config;
+pub mod connection;
+pub mod export;
+pub mod inflight;
 pub mod request;
+pub mod server;
 pub mod uring;
+pub mod worker;

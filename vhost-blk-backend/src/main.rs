@@ -1,17 +1,15 @@
 //! `blk-backend`: serves snapshot-chain images as vhost-user-blk devices,
 //! one socket per export; several exports can share one process (a fleet
-//! on one host shares the base layers' page cache).
+//! on one host shares the base layers' descriptors and page cache).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use image_format::Disk;
 use vhost::vhost_user::Listener;
-use vhost_blk_backend::backend::BlkBackend;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_blk_backend::export::{BaseIo, Export, ExportSpec, SharedFiles};
+use vhost_blk_backend::server::{self, StopHandle};
 
 #[derive(Parser)]
 #[command(
@@ -19,82 +17,82 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
     version,
     about = "vhost-user-blk server for snapshot-chain images",
     after_help = "Either --socket and --image for one export, or --export once per export:\n  \
-                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N]"
+                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N]\n\n\
+                  A frontend that reconnects after this process was killed and restarted\n\
+                  resumes where it was: requests in flight run again (the vhost-user inflight\n\
+                  region) and completed writes are found in the crash shadow (--shadow-dir)."
 )]
 struct Args {
-    /// The vhost-user socket to listen on.
+    /// The vhost-user socket to listen on (with --image).
     #[arg(long, requires = "image")]
     socket: Option<PathBuf>,
-    /// The image (top layer of a chain).
+    /// The image (top of a snapshot chain) to serve (with --socket).
     #[arg(long, requires = "socket")]
     image: Option<PathBuf>,
-    /// Serve read-only (writes fail with IOERR).
+    /// Serve read-only (the guest sees VIRTIO_BLK_F_RO).
     #[arg(long)]
     readonly: bool,
     #[arg(long, default_value_t = 1)]
     num_queues: usize,
     #[arg(long, default_value_t = 256)]
     queue_size: usize,
-    /// An export: socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N]
+    /// One export: socket=PATH,image=PATH[,readonly=on,num_queues=N,queue_size=N].
     #[arg(long = "export", value_name = "SPEC")]
     exports: Vec<String>,
+    /// How read-only base layers are read: through the page cache (shared
+    /// by every clone of a base on this host) or with O_DIRECT.
+    #[arg(long, value_enum, default_value_t = BaseIo::Page)]
+    base_io: BaseIo,
+    /// Where the crash shadows of writable images live: a tmpfs, so they
+    /// survive this process but not a reboot. "none" turns them off.
+    #[arg(long, default_value = "/dev/shm")]
+    shadow_dir: PathBuf,
 }
 
-#[derive(Debug, Clone)]
-struct Export {
-    socket: PathBuf,
-    image: PathBuf,
-    readonly: bool,
-    num_queues: usize,
-    queue_size: usize,
-}
-
-impl Export {
-    fn check(self) -> Result<Self> {
-        if !(1..=64).contains(&self.num_queues) {
-            bail!("num_queues must be 1 to 64, not {}", self.num_queues);
-        }
-        if !self.queue_size.is_power_of_two() || !(2..=32768).contains(&self.queue_size) {
-            bail!(
-                "queue_size must be a power of two from 2 to 32768, not {}",
-                self.queue_size
-            );
-        }
-        Ok(self)
+fn check(e: ExportSpec) -> Result<ExportSpec> {
+    if !(1..=64).contains(&e.num_queues) {
+        bail!("num_queues must be 1 to 64, not {}", e.num_queues);
     }
+    if !e.queue_size.is_power_of_two() || !(2..=32768).contains(&e.queue_size) {
+        bail!(
+            "queue_size must be a power of two from 2 to 32768, not {}",
+            e.queue_size
+        );
+    }
+    Ok(e)
+}
 
-    fn parse(spec: &str, defaults: &Args) -> Result<Export> {
-        let (mut socket, mut image) = (None, None);
-        let mut e = Export {
-            socket: PathBuf::new(),
-            image: PathBuf::new(),
-            readonly: defaults.readonly,
-            num_queues: defaults.num_queues,
-            queue_size: defaults.queue_size,
-        };
-        for kv in spec.split(',') {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("--export {spec:?}: {kv:?} is not key=value"))?;
-            match k {
-                "socket" => socket = Some(PathBuf::from(v)),
-                "image" => image = Some(PathBuf::from(v)),
-                "readonly" => {
-                    e.readonly = match v {
-                        "on" | "true" | "1" => true,
-                        "off" | "false" | "0" => false,
-                        _ => bail!("--export {spec:?}: readonly takes on or off"),
-                    }
+fn parse_export(spec: &str, defaults: &Args) -> Result<ExportSpec> {
+    let (mut socket, mut image) = (None, None);
+    let mut e = ExportSpec {
+        socket: PathBuf::new(),
+        image: PathBuf::new(),
+        readonly: defaults.readonly,
+        num_queues: defaults.num_queues,
+        queue_size: defaults.queue_size,
+    };
+    for kv in spec.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--export {spec:?}: {kv:?} is not key=value"))?;
+        match k {
+            "socket" => socket = Some(PathBuf::from(v)),
+            "image" => image = Some(PathBuf::from(v)),
+            "readonly" => {
+                e.readonly = match v {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => bail!("--export {spec:?}: readonly takes on or off"),
                 }
-                "num_queues" => e.num_queues = v.parse().context("num_queues")?,
-                "queue_size" => e.queue_size = v.parse().context("queue_size")?,
-                _ => bail!("--export {spec:?}: unknown key {k:?}"),
             }
+            "num_queues" => e.num_queues = v.parse().context("num_queues")?,
+            "queue_size" => e.queue_size = v.parse().context("queue_size")?,
+            _ => bail!("--export {spec:?}: unknown key {k:?}"),
         }
-        e.socket = socket.with_context(|| format!("--export {spec:?}: socket= is missing"))?;
-        e.image = image.with_context(|| format!("--export {spec:?}: image= is missing"))?;
-        e.check()
     }
+    e.socket = socket.with_context(|| format!("--export {spec:?}: socket= is missing"))?;
+    e.image = image.with_context(|| format!("--export {spec:?}: image= is missing"))?;
+    check(e)
 }
 
 fn main() {
@@ -112,126 +110,82 @@ fn main() {
 }
 
 fn run(a: Args) -> Result<()> {
-    let mut exports = Vec::new();
+    let mut specs = Vec::new();
     if let (Some(socket), Some(image)) = (&a.socket, &a.image) {
-        exports.push(
-            Export {
-                socket: socket.clone(),
-                image: image.clone(),
-                readonly: a.readonly,
-                num_queues: a.num_queues,
-                queue_size: a.queue_size,
-            }
-            .check()?,
-        );
+        specs.push(check(ExportSpec {
+            socket: socket.clone(),
+            image: image.clone(),
+            readonly: a.readonly,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+        })?);
     }
     for spec in &a.exports {
-        exports.push(Export::parse(spec, &a)?);
+        specs.push(parse_export(spec, &a)?);
     }
-    if exports.is_empty() {
+    if specs.is_empty() {
         bail!("nothing to serve: give --socket and --image, or --export");
     }
-    // SIGTERM/SIGINT go to one thread that closes every image cleanly.
+    let shadow_dir = (a.shadow_dir.as_os_str() != "none").then_some(a.shadow_dir.as_path());
+    if let Some(dir) = shadow_dir {
+        if !dir.is_dir() {
+            bail!(
+                "--shadow-dir {}: no such directory (give a tmpfs, or \"none\")",
+                dir.display()
+            );
+        }
+    }
+    // SIGTERM/SIGINT go to one thread that ends every session and closes
+    // every image cleanly.
     let signals = block_exit_signals()?;
     // Every image opens (and every socket listens) before anything is
     // served: a bad export is a clear error at start, not a half-up process.
+    let shared = SharedFiles::default();
     let mut serving = Vec::new();
-    for e in exports {
-        let disk = Disk::open_path(&e.image, !e.readonly)?;
-        let backend = Arc::new(BlkBackend::new(
-            disk,
-            e.readonly,
-            e.num_queues,
-            e.queue_size,
-        ));
-        // One listening socket for the export's life: a frontend that
-        // reconnects while the previous session is torn down waits in the
-        // backlog instead of finding no socket.
-        let listener = Listener::new(&e.socket, true)
-            .with_context(|| format!("listening on {}", e.socket.display()))?;
-        tracing::info!(socket = %e.socket.display(), image = %e.image.display(), "serving");
-        serving.push((e, backend, listener));
+    for spec in specs {
+        let socket = spec.socket.clone();
+        let image = spec.image.clone();
+        let export = Arc::new(
+            Export::open(spec, &shared, a.base_io, shadow_dir)
+                .with_context(|| format!("opening {}", image.display()))?,
+        );
+        let listener = Listener::new(&socket, true)
+            .with_context(|| format!("listening on {}", socket.display()))?;
+        tracing::info!(socket = %socket.display(), image = %image.display(), "serving");
+        serving.push((export, listener, Arc::new(StopHandle::default())));
     }
-    let backends: Vec<Arc<BlkBackend>> = serving.iter().map(|s| Arc::clone(&s.1)).collect();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let sig = wait_signal(&signals);
-            tracing::info!(signal = sig, "shutting down");
-            let mut held = Vec::new();
-            let mut failed = false;
-            for b in &backends {
-                match b.shutdown() {
-                    Ok(guard) => held.push(guard),
-                    Err(e) => {
-                        eprintln!("blk-backend: error: closing an image: {e}");
-                        failed = true;
-                    }
-                }
-            }
-            std::process::exit(i32::from(failed))
-        })
-        .context("starting the signal thread")?;
+    let stops: Vec<Arc<StopHandle>> = serving.iter().map(|s| Arc::clone(&s.2)).collect();
+    let exports: Vec<Arc<Export>> = serving.iter().map(|s| Arc::clone(&s.0)).collect();
     let threads: Vec<_> = serving
         .into_iter()
-        .map(|(e, backend, listener)| {
+        .map(|(export, listener, stop)| {
             std::thread::Builder::new()
-                .name(format!("export {}", e.socket.display()))
-                .spawn(move || serve_export(e, backend, listener))
+                .name(format!("export {}", export.spec.socket.display()))
+                .spawn(move || server::serve(export, listener, stop))
         })
         .collect::<std::io::Result<_>>()
         .context("starting export threads")?;
+    let sig = wait_signal(&signals);
+    tracing::info!(signal = sig, "shutting down");
+    for s in &stops {
+        s.stop();
+    }
     for t in threads {
-        if let Ok(Err(e)) = t.join() {
-            tracing::error!("an export stopped: {e:#}");
+        let _ = t.join();
+    }
+    let mut failed = false;
+    for e in &exports {
+        if let Err(err) = e.shutdown() {
+            eprintln!(
+                "blk-backend: error: closing {}: {err}",
+                e.spec.image.display()
+            );
+            failed = true;
         }
     }
-    Ok(())
+    std::process::exit(i32::from(failed))
 }
 
-/// Serves one export's connections, one after another, forever. A broken
-/// session ends that session only.
-fn serve_export(e: Export, backend: Arc<BlkBackend>, mut listener: Listener) -> Result<()> {
-    loop {
-        let mut daemon = VhostUserDaemon::new(
-            "blk-backend".into(),
-            Arc::clone(&backend),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|err| anyhow::anyhow!("{err:?}"))?;
-        let r = daemon.start(&mut listener).and_then(|_| {
-            // Each queue's worker also waits on its ring's completions.
-            for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-                if let Err(err) = handler.register_listener(
-                    backend.ring_eventfd(q),
-                    vmm_sys_util::epoll::EventSet::IN,
-                    (e.num_queues + 1 + q) as u64,
-                ) {
-                    tracing::error!("queue {q}: cannot watch its io_uring: {err}");
-                }
-            }
-            daemon.wait()
-        });
-        // The frontend's memory goes away with it: let in-flight I/O land.
-        backend.quiesce();
-        if let Err(err) = backend.flush() {
-            tracing::error!(socket = %e.socket.display(), "flush after the session: {err}");
-        }
-        match r {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected,
-            )) => {
-                tracing::info!(socket = %e.socket.display(), "frontend disconnected")
-            }
-            Err(err) => {
-                tracing::warn!(socket = %e.socket.display(), "session ended: {err:?}")
-            }
-        }
-    }
-}
-
-/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts).
 fn block_exit_signals() -> Result<libc::sigset_t> {
     // SAFETY: plain signal-mask calls on a local sigset.
     unsafe {

@@ -3,7 +3,6 @@
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::config::SEG_MAX;
@@ -62,13 +61,10 @@ fn in_memory(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), ParseError> {
 impl Request {
     /// Parses a chain. `Err` means the chain cannot even carry a status;
     /// `Ok` with `Kind::Unsupported` means it can (and gets UNSUPP).
-    pub fn parse<M>(
-        chain: DescriptorChain<M>,
+    pub fn parse(
+        chain: impl Iterator<Item = Descriptor>,
         mem: &GuestMemoryMmap,
-    ) -> Result<Request, (ParseError, Option<GuestAddress>)>
-    where
-        M: std::ops::Deref<Target = GuestMemoryMmap>,
-    {
+    ) -> Result<Request, (ParseError, Option<GuestAddress>)> {
         let descs: Vec<Descriptor> = chain.take(SEG_MAX as usize + 3).collect();
         // The status goes in the last descriptor when it is writable: a
         // refused request still gets its IOERR there.

@@ -1,0 +1,602 @@
+//! One frontend connection: the vhost-user requests in one place
+//! (features, memory table, vrings, inflight region) and the queue workers
+//! they start and stop.
+//!
+//! vhost-user-backend's daemon refuses GET/SET_INFLIGHT_FD and cannot be
+//! extended (its handler is private to it), so this module answers every
+//! request itself, through the vhost crate's request parser, and keeps
+//! vhost-user-backend's `VringMutex` as each queue's state. A request that
+//! breaks the protocol (a queue that does not exist, vring addresses
+//! before a memory table, a region that does not fit) is an error; the
+//! caller drops the connection with that reason and serves the next one.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
+use vhost::VhostUserMemoryRegionBase;
+use vhost_user_backend::VringT;
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::config;
+use crate::export::Export;
+use crate::inflight::InflightRegion;
+use crate::worker::{QueueWorker, Vring, WorkerHandle};
+
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const MAX_MEM_SLOTS: u64 = 509;
+
+/// A guest memory region as the frontend's address space sees it.
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    frontend_addr: u64,
+    size: u64,
+    guest_addr: u64,
+}
+
+struct QueueSlot {
+    vring: Vring,
+    addresses_set: bool,
+    kick_set: bool,
+    worker: Option<WorkerHandle>,
+}
+
+pub struct Connection {
+    export: Arc<Export>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    regions: Vec<(Mapping, Arc<GuestRegionMmap>)>,
+    queues: Vec<QueueSlot>,
+    owned: bool,
+    acked_features: Option<u64>,
+    acked_protocol_features: u64,
+    inflight: Option<Arc<InflightRegion>>,
+}
+
+fn refuse(why: String) -> VuError {
+    warn!("protocol error: {why}");
+    VuError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, why))
+}
+
+impl Connection {
+    pub fn new(export: Arc<Export>) -> io::Result<Connection> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let queues = (0..export.spec.num_queues)
+            .map(|_| {
+                Ok(QueueSlot {
+                    vring: Vring::new(mem.clone(), export.spec.queue_size as u16)
+                        .map_err(|e| io::Error::other(format!("{e:?}")))?,
+                    addresses_set: false,
+                    kick_set: false,
+                    worker: None,
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Connection {
+            export,
+            mem,
+            regions: Vec::new(),
+            queues,
+            owned: false,
+            acked_features: None,
+            acked_protocol_features: 0,
+            inflight: None,
+        })
+    }
+
+    pub fn features(&self) -> u64 {
+        config::features(self.export.readonly(), self.export.spec.num_queues > 1)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    pub fn protocol_features() -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn slot(&mut self, index: u32) -> VuResult<&mut QueueSlot> {
+        let n = self.queues.len();
+        self.queues.get_mut(index as usize).ok_or_else(|| {
+            refuse(format!(
+                "queue {index} does not exist (this export has {n})"
+            ))
+        })
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.acked_features
+            .is_some_and(|f| f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0)
+    }
+
+    /// Stops every worker (their in-flight I/O completes first); returns
+    /// which queues ran.
+    fn stop_all(&mut self) -> Vec<usize> {
+        let mut ran = Vec::new();
+        for (q, slot) in self.queues.iter_mut().enumerate() {
+            if let Some(w) = slot.worker.take() {
+                w.stop();
+                ran.push(q);
+            }
+        }
+        ran
+    }
+
+    fn stop(&mut self, q: usize) {
+        if let Some(w) = self.queues[q].worker.take() {
+            w.stop();
+        }
+    }
+
+    /// Starts queue `q`'s worker when everything it needs has arrived.
+    fn maybe_start(&mut self, q: usize) -> VuResult<()> {
+        let Some(features) = self.acked_features else {
+            return Ok(());
+        };
+        let slot = &self.queues[q];
+        let enabled = slot.vring.get_ref().is_enabled();
+        if slot.worker.is_some()
+            || !slot.addresses_set
+            || !slot.kick_set
+            || !enabled
+            || self.regions.is_empty()
+        {
+            return Ok(());
+        }
+        let vring = slot.vring.clone();
+        let mut inflight = self.inflight.as_ref().and_then(|r| r.queue(q as u16));
+        let mut resubmit = Vec::new();
+        if let Some(inf) = &mut inflight {
+            let used = vring
+                .queue_used_idx()
+                .map_err(|e| refuse(format!("queue {q}: used ring unreadable: {e:?}")))?;
+            let rec = inf.recover(used);
+            if let Some(next) = rec.next_avail {
+                if !rec.resubmit.is_empty() || next != vring.queue_next_avail() {
+                    info!(
+                        queue = q,
+                        resubmit = rec.resubmit.len(),
+                        next_avail = next,
+                        "resuming from the inflight region"
+                    );
+                }
+                vring.set_queue_next_avail(next);
+                vring.set_queue_next_used(used);
+            }
+            resubmit = rec.resubmit;
+        }
+        vring.set_queue_ready(true);
+        let worker = QueueWorker {
+            queue: q as u16,
+            export: Arc::clone(&self.export),
+            vring,
+            mem: self.mem.clone(),
+            event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
+            inflight,
+            resubmit,
+        };
+        let handle = worker
+            .spawn()
+            .map_err(|e| refuse(format!("queue {q}: cannot start its worker: {e}")))?;
+        self.queues[q].worker = Some(handle);
+        debug!(queue = q, "started");
+        Ok(())
+    }
+
+    fn start_all(&mut self) -> VuResult<()> {
+        for q in 0..self.queues.len() {
+            self.maybe_start(q)?;
+        }
+        Ok(())
+    }
+
+    fn frontend_to_guest(&self, addr: u64) -> Option<u64> {
+        self.regions.iter().find_map(|(m, _)| {
+            (addr >= m.frontend_addr && addr - m.frontend_addr < m.size)
+                .then(|| addr - m.frontend_addr + m.guest_addr)
+        })
+    }
+
+    fn map_region(
+        region: &VhostUserMemoryRegion,
+        file: File,
+    ) -> VuResult<(Mapping, Arc<GuestRegionMmap>)> {
+        let mapped = GuestRegionMmap::new(
+            region.mmap_region(file)?,
+            GuestAddress(region.guest_phys_addr),
+        )
+        .ok_or_else(|| {
+            let (at, size) = (region.guest_phys_addr, region.memory_size);
+            refuse(format!(
+                "memory region at {at:#x}+{size:#x} does not fit the address space"
+            ))
+        })?;
+        Ok((
+            Mapping {
+                frontend_addr: region.user_addr,
+                size: region.memory_size,
+                guest_addr: region.guest_phys_addr,
+            },
+            Arc::new(mapped),
+        ))
+    }
+
+    /// Replaces the guest memory; workers stop (draining) and restart.
+    fn install_memory(&mut self, regions: Vec<(Mapping, Arc<GuestRegionMmap>)>) -> VuResult<()> {
+        let mem =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| Arc::clone(&r.1)).collect())
+                .map_err(|e| refuse(format!("memory regions overlap or are empty: {e}")))?;
+        let ran = self.stop_all();
+        self.mem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(mem);
+        self.regions = regions;
+        for q in ran {
+            self.maybe_start(q)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the session: workers complete their in-flight I/O and stop.
+    pub fn close(&mut self) {
+        self.stop_all();
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for Connection {
+    fn set_owner(&mut self) -> VuResult<()> {
+        if self.owned {
+            return Err(refuse("SET_OWNER twice".into()));
+        }
+        self.owned = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.stop_all();
+        self.owned = false;
+        self.acked_features = None;
+        self.acked_protocol_features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.stop_all();
+        for slot in &mut self.queues {
+            slot.vring.set_enabled(false);
+            slot.vring.set_queue_ready(false);
+        }
+        self.acked_features = None;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = self.features();
+        if features & !offered != 0 {
+            return Err(refuse(format!(
+                "features {:#x} were not offered",
+                features & !offered
+            )));
+        }
+        self.acked_features = Some(features);
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        for slot in &self.queues {
+            slot.vring.set_queue_event_idx(event_idx);
+            if !protocol {
+                // Without protocol features rings start enabled.
+                slot.vring.set_enabled(true);
+            }
+        }
+        self.start_all()
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return Err(refuse("postcopy is not supported".into()));
+        }
+        if ctx.len() != files.len() {
+            return Err(refuse(
+                "memory table: regions and descriptors differ in number".into(),
+            ));
+        }
+        let regions = ctx
+            .iter()
+            .zip(files)
+            .map(|(r, f)| Self::map_region(r, f))
+            .collect::<VuResult<Vec<_>>>()?;
+        self.install_memory(regions)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let max = self.export.spec.queue_size as u32;
+        let slot = self.slot(index)?;
+        if slot.worker.is_some() {
+            return Err(refuse(format!("queue {index} resized while running")));
+        }
+        if num == 0 || num > max || !num.is_power_of_two() {
+            return Err(refuse(format!(
+                "queue {index}: size {num} (a power of two up to {max})"
+            )));
+        }
+        slot.vring.set_queue_size(num as u16);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        if self.regions.is_empty() {
+            return Err(refuse(format!(
+                "queue {index}: ring addresses before any memory table"
+            )));
+        }
+        let translate = |what, a| {
+            self.frontend_to_guest(a).ok_or_else(|| {
+                refuse(format!(
+                    "queue {index}: {what} at {a:#x} is not in guest memory"
+                ))
+            })
+        };
+        let (d, u, a) = (
+            translate("descriptor table", descriptor)?,
+            translate("used ring", used)?,
+            translate("available ring", available)?,
+        );
+        let slot = self.slot(index)?;
+        if slot.worker.is_some() {
+            return Err(refuse(format!("queue {index} moved while running")));
+        }
+        slot.vring
+            .set_queue_info(d, a, u)
+            .map_err(|e| refuse(format!("queue {index}: ring addresses refused: {e:?}")))?;
+        // The used index as the guest's ring has it (a reconnect or a
+        // driver reset may have moved it).
+        let idx = slot
+            .vring
+            .queue_used_idx()
+            .map_err(|e| refuse(format!("queue {index}: used ring unreadable: {e:?}")))?;
+        slot.vring.set_queue_next_used(idx);
+        slot.addresses_set = true;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let slot = self.slot(index)?;
+        if slot.worker.is_some() {
+            return Err(refuse(format!(
+                "queue {index}: SET_VRING_BASE while running"
+            )));
+        }
+        slot.vring.set_queue_next_avail(base as u16);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.slot(index)?;
+        // Stops the ring: in-flight requests complete first.
+        self.stop(index as usize);
+        let slot = self.slot(index)?;
+        slot.vring.set_queue_ready(false);
+        let next = slot.vring.queue_next_avail();
+        slot.vring.set_kick(None);
+        slot.vring.set_call(None);
+        slot.kick_set = false;
+        Ok(VhostUserVringState::new(index, u32::from(next)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.slot(index as u32)?;
+        // The worker waits on the old descriptor: restart it on the new.
+        self.stop(index as usize);
+        let slot = self.slot(index as u32)?;
+        slot.kick_set = fd.is_some();
+        slot.vring.set_kick(fd);
+        self.maybe_start(index as usize)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        // Workers signal through the vring state, under its lock: a new
+        // descriptor takes effect with the next completion.
+        self.slot(index as u32)?.vring.set_call(fd);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.slot(index as u32)?.vring.set_err(fd);
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(Self::protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let ours = Self::protocol_features().bits();
+        if features & !ours != 0 {
+            return Err(refuse(format!(
+                "protocol features {:#x} were not offered",
+                features & !ours
+            )));
+        }
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.queues.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        if !self.protocol_features_acked() {
+            return Err(refuse(
+                "SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES".into(),
+            ));
+        }
+        self.slot(index)?;
+        if !enable {
+            self.stop(index as usize);
+        }
+        self.slot(index)?.vring.set_enabled(enable);
+        self.maybe_start(index as usize)
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        if offset.checked_add(size).is_none_or(|end| end > 256) {
+            return Err(refuse(format!("GET_CONFIG of {size} bytes at {offset}")));
+        }
+        Ok(self.export.get_config(offset, size))
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        // Only `writeback` (offset 32) is writable, and this device always
+        // caches writes until FLUSH; accept the driver's choice quietly.
+        if offset == 32 && buf.len() == 1 {
+            return Ok(());
+        }
+        Err(refuse(format!(
+            "SET_CONFIG of {} bytes at {offset}",
+            buf.len()
+        )))
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(refuse("not a GPU device".into()))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(refuse("no shared objects".into()))
+    }
+
+    fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let nq = self.queues.len() as u16;
+        let max = self.export.spec.queue_size as u16;
+        if msg.num_queues == 0 || msg.num_queues > nq || msg.queue_size == 0 || msg.queue_size > max
+        {
+            return Err(refuse(format!(
+                "GET_INFLIGHT_FD for {} queues of {} (up to {nq} of {max})",
+                msg.num_queues, msg.queue_size
+            )));
+        }
+        let region = InflightRegion::create(msg.num_queues, msg.queue_size)
+            .map_err(|e| refuse(format!("cannot create the inflight region: {e}")))?;
+        let reply = region
+            .reply()
+            .map_err(|e| refuse(format!("inflight region: {e}")))?;
+        self.inflight = Some(Arc::new(region));
+        Ok(reply)
+    }
+
+    fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> VuResult<()> {
+        let region = InflightRegion::open(
+            file,
+            msg,
+            self.queues.len() as u16,
+            self.export.spec.queue_size as u16,
+        )
+        .map_err(refuse)?;
+        self.inflight = Some(Arc::new(region));
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        if postcopy_listening.is_some() {
+            return Err(refuse("postcopy is not supported".into()));
+        }
+        if self.regions.len() as u64 >= MAX_MEM_SLOTS {
+            return Err(refuse("all memory slots are in use".into()));
+        }
+        let mut regions = self.regions.clone();
+        regions.push(Self::map_region(region, fd)?);
+        self.install_memory(regions)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let (at, size) = (region.guest_phys_addr, region.memory_size);
+        let mut regions = self.regions.clone();
+        let before = regions.len();
+        regions.retain(|(m, _)| !(m.guest_addr == at && m.size == size));
+        if regions.len() == before {
+            return Err(refuse(format!(
+                "no memory region at {at:#x}+{size:#x} to remove"
+            )));
+        }
+        self.install_memory(regions)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(refuse("device state transfer is not supported".into()))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(refuse("device state transfer is not supported".into()))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(refuse("no shared memory regions".into()))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(refuse("dirty logging is not supported".into()))
+    }
+}

@@ -1,0 +1,674 @@
+//! One export: an open chain served on one socket, and the request
+//! execution every queue worker of it shares.
+//!
+//! The hot path takes no lock another queue can hold: each worker resolves
+//! reads and overwrites on its own copy of the chain's index
+//! ([`ChainView`]) and does the I/O on its own io_uring, through
+//! descriptors that never change while the export lives. The [`Disk`]
+//! itself sits behind one mutex for what changes the chain's state: a
+//! write that allocates blocks in the top, flush, discard, write-zeroes and
+//! writes that are not whole blocks. Whoever changes it forwards the index
+//! changes to every worker over a channel; a worker applies them after it
+//! pops requests and before it resolves them, so a read that the guest
+//! issued after a write completed always sees that write.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use crossbeam_channel::{Receiver, Sender};
+use image_format::{ChainView, Disk, IndexChange, Source};
+use tracing::{debug, warn};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::config::{self, SECTOR};
+use crate::request::{Kind, Request};
+use crate::uring::{Pending, QueueRing};
+
+/// How the read-only layers below the private top are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BaseIo {
+    /// Through the host page cache: a fleet of clones of one base shares
+    /// one cached copy of it.
+    Page,
+    /// O_DIRECT: no host caching; every guest read goes to the device.
+    Direct,
+}
+
+/// What an export serves and how.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub readonly: bool,
+    pub num_queues: usize,
+    pub queue_size: usize,
+}
+
+/// Layer files shared by every export of the process: clones of one base
+/// read it through one descriptor per mode.
+#[derive(Default)]
+pub struct SharedFiles {
+    open: Mutex<HashMap<(u64, u64, bool), Weak<File>>>,
+}
+
+impl SharedFiles {
+    /// A read-only descriptor for `path`, shared with other exports.
+    fn read_only(&self, path: &Path, direct: bool) -> io::Result<Arc<File>> {
+        let meta = std::fs::metadata(path)?;
+        let key = (meta.dev(), meta.ino(), direct);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(f);
+        }
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let f = Arc::new(o.open(path)?);
+        open.insert(key, Arc::downgrade(&f));
+        Ok(f)
+    }
+}
+
+/// Per layer (base first): the descriptor for aligned I/O (O_DIRECT where
+/// chosen and possible) and a buffered one for the rest.
+struct LayerFiles {
+    aligned: Vec<Arc<File>>,
+    /// Whether `aligned[k]` is O_DIRECT (needs 512-byte alignment).
+    aligned_direct: Vec<bool>,
+    buffered: Vec<Arc<File>>,
+}
+
+struct DiskState {
+    disk: Disk,
+    /// Every worker's channel, by subscription id.
+    subscribers: Vec<(u64, Sender<IndexChange>)>,
+    next_id: u64,
+}
+
+pub struct Export {
+    pub spec: ExportSpec,
+    capacity: u64,
+    config: Vec<u8>,
+    id: [u8; 20],
+    files: LayerFiles,
+    state: Mutex<DiskState>,
+}
+
+/// A worker's copy of the index and the channel that keeps it current.
+pub struct Subscription {
+    pub view: ChainView,
+    changes: Receiver<IndexChange>,
+    id: u64,
+}
+
+impl Subscription {
+    /// Applies every change forwarded so far.
+    #[inline]
+    pub fn catch_up(&mut self) {
+        while let Ok(c) = self.changes.try_recv() {
+            self.view.apply(c);
+        }
+    }
+}
+
+fn open_rw_direct(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+fn open_rw(path: &Path, write: bool) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+}
+
+impl Export {
+    /// Opens the export's chain. `shadow_dir`: where the crash shadow of a
+    /// writable top lives (see `image_format::shadow`).
+    pub fn open(
+        spec: ExportSpec,
+        shared: &SharedFiles,
+        base_io: BaseIo,
+        shadow_dir: Option<&Path>,
+    ) -> anyhow::Result<Export> {
+        use anyhow::Context;
+        let mut disk = Disk::open_path(&spec.image, !spec.readonly)?;
+        if let Some(dir) = shadow_dir {
+            disk.attach_crash_shadow(dir)?;
+        }
+        disk.track_index_changes();
+        let n = disk.layers().len();
+        let mut files = LayerFiles {
+            aligned: Vec::with_capacity(n),
+            aligned_direct: Vec::with_capacity(n),
+            buffered: Vec::with_capacity(n),
+        };
+        for (k, layer) in disk.layers().iter().enumerate() {
+            let path = &layer.path;
+            let private_top = k + 1 == n && !spec.readonly;
+            let ctx = || format!("opening {}", path.display());
+            let buffered = if private_top {
+                Arc::new(open_rw(path, true).with_context(ctx)?)
+            } else {
+                shared.read_only(path, false).with_context(ctx)?
+            };
+            // O_DIRECT where asked for and where the filesystem has it
+            // (tmpfs has not): the buffered descriptor serves otherwise.
+            let direct = if private_top {
+                open_rw_direct(path).ok().map(Arc::new)
+            } else if base_io == BaseIo::Direct {
+                shared.read_only(path, true).ok()
+            } else {
+                None
+            };
+            files.aligned_direct.push(direct.is_some());
+            files
+                .aligned
+                .push(direct.unwrap_or_else(|| Arc::clone(&buffered)));
+            files.buffered.push(buffered);
+        }
+        let capacity = disk.virtual_size();
+        let config =
+            config::config_space(capacity, disk.block_size() as u32, spec.num_queues as u16);
+        let mut id = [0u8; 20];
+        let uuid = disk.top().header.uuid.simple().to_string();
+        let text = format!("snap-{}", &uuid[..15]);
+        id[..text.len()].copy_from_slice(text.as_bytes());
+        Ok(Export {
+            spec,
+            capacity,
+            config,
+            id,
+            files,
+            state: Mutex::new(DiskState {
+                disk,
+                subscribers: Vec::new(),
+                next_id: 0,
+            }),
+        })
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.spec.readonly
+    }
+
+    pub fn config_space(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DiskState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the disk, then forwards the index changes it made.
+    fn with_disk<R>(&self, f: impl FnOnce(&mut Disk) -> R) -> R {
+        let mut st = self.lock();
+        let r = f(&mut st.disk);
+        let changes = st.disk.take_index_changes();
+        if !changes.is_empty() {
+            for (_, tx) in &st.subscribers {
+                for &c in &changes {
+                    // A worker that went away drops its receiver; the
+                    // subscription is removed with it.
+                    let _ = tx.send(c);
+                }
+            }
+        }
+        r
+    }
+
+    /// A copy of the index that the caller keeps current with
+    /// [`Subscription::catch_up`]; no change can slip between the copy
+    /// and the subscription.
+    pub fn subscribe(&self) -> Subscription {
+        let mut st = self.lock();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.subscribers.push((id, tx));
+        Subscription {
+            view: st.disk.view(),
+            changes: rx,
+            id,
+        }
+    }
+
+    pub fn unsubscribe(&self, s: Subscription) {
+        self.lock().subscribers.retain(|(id, _)| *id != s.id);
+    }
+
+    pub fn flush(&self) -> image_format::Result<()> {
+        self.with_disk(|d| d.flush())
+    }
+
+    /// Flushes and marks the image clean, and keeps the disk locked so
+    /// that nothing writes after it; call when the process is about to exit.
+    pub fn shutdown(&self) -> image_format::Result<impl Drop + '_> {
+        let mut st = self.lock();
+        st.disk.mark_clean()?;
+        Ok(st)
+    }
+
+    fn in_range(&self, sector: u64, len: u64) -> bool {
+        sector
+            .checked_mul(SECTOR)
+            .and_then(|o| o.checked_add(len))
+            .is_some_and(|end| end <= self.capacity)
+    }
+
+    /// Records completed whole-block writes to the top that the writer's
+    /// view did not already show as the top's.
+    pub fn note_written(&self, ranges: &[(u64, u64)]) {
+        self.with_disk(|d| {
+            for &(off, len) in ranges {
+                d.note_written(off, len);
+            }
+        });
+    }
+
+    /// The descriptor for I/O on layer `k`: the aligned one when the
+    /// transfer suits it, else the buffered one.
+    #[inline]
+    fn fd_for(&self, k: usize, buf: u64, len: u64, off: u64) -> RawFd {
+        let aligned = (buf | len | off).is_multiple_of(512);
+        if aligned || !self.files.aligned_direct[k] {
+            self.files.aligned[k].as_raw_fd()
+        } else {
+            self.files.buffered[k].as_raw_fd()
+        }
+    }
+
+    /// Turns a read or a whole-block write into ring I/O. `None`: the
+    /// request takes the synchronous path instead; `Some(None)`: queued;
+    /// `Some(Some(status_len))`: finished without kernel I/O.
+    pub fn submit_rw(
+        &self,
+        ring: &mut QueueRing,
+        view: &ChainView,
+        req: &Request,
+        mem: &GuestMemoryMmap,
+        head: u16,
+    ) -> Option<Option<Pending>> {
+        let write = req.kind == Kind::Out;
+        if !self.in_range(req.sector, req.data_len) || (write && self.readonly()) {
+            return None;
+        }
+        let start = req.sector * SECTOR;
+        let target = if write {
+            Some(view.direct_write_target(start, req.data_len)?)
+        } else {
+            None
+        };
+        let slot = ring.add(Pending {
+            head,
+            status: req.status,
+            written: if write { 0 } else { req.data_len as u32 },
+            remaining: 1, // held until every I/O is queued
+            failed: false,
+            wrote: write.then_some((start, req.data_len)),
+        });
+        let mut off = start;
+        let mut queued = 0u32;
+        let mut failed = false;
+        'segments: for &(addr, len) in &req.data {
+            let Ok(slice) = mem.get_slice(addr, len as usize) else {
+                failed = true;
+                break;
+            };
+            let base = slice.ptr_guard_mut().as_ptr();
+            if let Some((top, file_off)) = target {
+                let file_off = file_off + (off - start);
+                let fd = self.fd_for(top, base as u64, len as u64, file_off);
+                // SAFETY: guest memory of a request the guest may not touch
+                // until we complete it; mapped while the worker runs (a
+                // memory change stops the workers, which drain first).
+                if unsafe { ring.push_rw(true, fd, base, len, file_off, slot) }.is_err() {
+                    failed = true;
+                    break;
+                }
+                queued += 1;
+            } else {
+                for e in view.resolve(off, len as u64) {
+                    // SAFETY: inside the slice get_slice checked.
+                    let dst = unsafe { base.add((e.offset - off) as usize) };
+                    match e.source {
+                        Source::Zero => {
+                            // SAFETY: as above.
+                            unsafe { std::ptr::write_bytes(dst, 0, e.len as usize) }
+                        }
+                        Source::Layer { layer, file_offset } => {
+                            let fd = self.fd_for(layer, dst as u64, e.len, file_offset);
+                            // SAFETY: as for writes above.
+                            if unsafe {
+                                ring.push_rw(false, fd, dst, e.len as u32, file_offset, slot)
+                            }
+                            .is_err()
+                            {
+                                failed = true;
+                                break 'segments;
+                            }
+                            queued += 1;
+                        }
+                    }
+                }
+            }
+            off += len as u64;
+        }
+        let p = ring.get_mut(slot).expect("just added");
+        p.failed |= failed;
+        p.remaining += queued;
+        p.remaining -= 1;
+        if p.remaining == 0 {
+            // Nothing went to the kernel (all zeros, or a failure): done now.
+            let p = p.clone();
+            ring.finish_now(slot);
+            return Some(Some(p));
+        }
+        Some(None)
+    }
+
+    /// Executes a request synchronously; returns (status, bytes written to
+    /// guest memory).
+    pub fn execute(&self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
+        let ioerr = (VIRTIO_BLK_S_IOERR as u8, 0);
+        let ok = VIRTIO_BLK_S_OK as u8;
+        match req.kind {
+            Kind::In => {
+                if !self.in_range(req.sector, req.data_len) {
+                    return ioerr;
+                }
+                let mut off = req.sector * SECTOR;
+                let st = self.lock();
+                for &(addr, len) in &req.data {
+                    if let Err(e) = read_into_guest(&st.disk, mem, addr, off, len as u64) {
+                        warn!("read at {off}: {e}");
+                        return ioerr;
+                    }
+                    off += len as u64;
+                }
+                (ok, req.data_len as u32)
+            }
+            Kind::Out => {
+                if self.readonly() || !self.in_range(req.sector, req.data_len) {
+                    return ioerr;
+                }
+                let mut buf = vec![0u8; req.data_len as usize];
+                let mut at = 0usize;
+                for &(addr, len) in &req.data {
+                    if mem
+                        .read_slice(&mut buf[at..at + len as usize], addr)
+                        .is_err()
+                    {
+                        return ioerr;
+                    }
+                    at += len as usize;
+                }
+                match self.with_disk(|d| d.write_at(&buf, req.sector * SECTOR)) {
+                    Ok(()) => (ok, 0),
+                    Err(e) => {
+                        warn!("write: {e}");
+                        ioerr
+                    }
+                }
+            }
+            Kind::Flush => {
+                if self.readonly() {
+                    return (ok, 0);
+                }
+                match self.flush() {
+                    Ok(()) => (ok, 0),
+                    Err(e) => {
+                        warn!("flush: {e}");
+                        ioerr
+                    }
+                }
+            }
+            Kind::GetId => {
+                let n = (req.data_len as usize).min(20);
+                let Some(&(addr, _)) = req.data.first() else {
+                    return ioerr;
+                };
+                match mem.write_slice(&self.id[..n], addr) {
+                    Ok(()) => (ok, n as u32),
+                    Err(_) => ioerr,
+                }
+            }
+            Kind::Discard | Kind::WriteZeroes => {
+                if self.readonly() {
+                    return ioerr;
+                }
+                // Segments are validated before anything is zeroed.
+                let mut ranges = Vec::new();
+                for &(addr, len) in &req.data {
+                    if len % 16 != 0 {
+                        return ioerr;
+                    }
+                    for k in 0..(len as u64 / 16) {
+                        let a = addr.unchecked_add(16 * k);
+                        let (Ok(sector), Ok(count)) = (
+                            mem.read_obj::<u64>(a),
+                            mem.read_obj::<u32>(a.unchecked_add(8)),
+                        ) else {
+                            return ioerr;
+                        };
+                        let bytes = count as u64 * SECTOR;
+                        if count > config::MAX_DISCARD_SECTORS || !self.in_range(sector, bytes) {
+                            return ioerr;
+                        }
+                        ranges.push((sector * SECTOR, bytes));
+                    }
+                }
+                let r = self.with_disk(|d| {
+                    ranges
+                        .iter()
+                        .try_for_each(|&(off, len)| d.write_zeroes(off, len))
+                });
+                match r {
+                    Ok(()) => (ok, 0),
+                    Err(e) => {
+                        warn!("zeroing: {e}");
+                        ioerr
+                    }
+                }
+            }
+            Kind::Unsupported(t) => {
+                debug!("unsupported request type {t}");
+                (VIRTIO_BLK_S_UNSUPP as u8, 0)
+            }
+        }
+    }
+
+    /// The GET_CONFIG reply: `size` bytes from `offset`, zero past the end.
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = (offset as usize).min(self.config.len());
+        let end = start.saturating_add(size as usize).min(self.config.len());
+        let mut v = self.config[start..end].to_vec();
+        v.resize(size as usize, 0);
+        v
+    }
+}
+
+/// Copies `[off, off + len)` of the disk into guest memory at `addr`.
+fn read_into_guest(
+    disk: &Disk,
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    off: u64,
+    len: u64,
+) -> io::Result<()> {
+    let slice = mem
+        .get_slice(addr, len as usize)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let guard = slice.ptr_guard_mut();
+    let base = guard.as_ptr();
+    for e in disk.resolve(off, len) {
+        let at = (e.offset - off) as usize;
+        // SAFETY: [base, base + len) is one mapped guest region (get_slice
+        // checked it); extents stay inside [off, off + len).
+        let dst = unsafe { base.add(at) };
+        // SAFETY: the same range, as a slice for the library.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst, e.len as usize) };
+        match e.source {
+            Source::Zero => out.fill(0),
+            Source::Layer { .. } => disk
+                .read_at(out, e.offset)
+                .map_err(|e| io::Error::other(e.to_string()))?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(dir: &Path, readonly: bool) -> Export {
+        let p = dir.join("t.img");
+        image_format::ops::create(&image_format::RealEnv, &p, Some(1 << 20), 4096, None)
+            .expect("create");
+        Export::open(
+            ExportSpec {
+                socket: dir.join("s"),
+                image: p,
+                readonly,
+                num_queues: 1,
+                queue_size: 128,
+            },
+            &SharedFiles::default(),
+            BaseIo::Page,
+            None,
+        )
+        .expect("open")
+    }
+
+    fn req(kind: Kind, sector: u64, data: Vec<(GuestAddress, u32)>) -> Request {
+        let data_len = data.iter().map(|d| d.1 as u64).sum();
+        Request {
+            kind,
+            sector,
+            data,
+            data_len,
+            status: GuestAddress(0),
+        }
+    }
+
+    #[test]
+    fn requests_outside_the_disk_or_not_allowed_fail_and_serving_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = export(dir.path(), false);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let run = |r: &Request| b.execute(r, &mem);
+        // Past the end, and a sector number that overflows.
+        assert_eq!(
+            run(&req(Kind::In, 2048, vec![(GuestAddress(0x1000), 512)])).0,
+            ioerr
+        );
+        assert_eq!(
+            run(&req(
+                Kind::Out,
+                u64::MAX / 256,
+                vec![(GuestAddress(0x1000), 512)]
+            ))
+            .0,
+            ioerr
+        );
+        // A discard segment past the end.
+        mem.write_obj(2040u64, GuestAddress(0x2000)).expect("w");
+        mem.write_obj(64u32, GuestAddress(0x2008)).expect("w");
+        assert_eq!(
+            run(&req(Kind::Discard, 0, vec![(GuestAddress(0x2000), 16)])).0,
+            ioerr
+        );
+        assert_eq!(
+            run(&req(Kind::Unsupported(99), 0, vec![])).0,
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+        // Still serving: a write and a read of it.
+        mem.write_slice(&[7u8; 512], GuestAddress(0x3000))
+            .expect("w");
+        assert_eq!(
+            run(&req(Kind::Out, 1, vec![(GuestAddress(0x3000), 512)])),
+            (0, 0)
+        );
+        assert_eq!(
+            run(&req(Kind::In, 1, vec![(GuestAddress(0x4000), 512)])),
+            (0, 512)
+        );
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x4000)).expect("r");
+        assert_eq!(back, [7u8; 512]);
+        // GET_ID names the image.
+        assert_eq!(
+            run(&req(Kind::GetId, 0, vec![(GuestAddress(0x5000), 20)])).1,
+            20
+        );
+    }
+
+    #[test]
+    fn a_read_only_export_refuses_writes_and_discards() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = export(dir.path(), true);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        assert_eq!(
+            b.execute(&req(Kind::Out, 0, vec![(GuestAddress(0x1000), 512)]), &mem)
+                .0,
+            ioerr
+        );
+        assert_eq!(
+            b.execute(
+                &req(Kind::WriteZeroes, 0, vec![(GuestAddress(0x2000), 16)]),
+                &mem
+            )
+            .0,
+            ioerr
+        );
+        assert_eq!(
+            b.execute(&req(Kind::In, 0, vec![(GuestAddress(0x1000), 512)]), &mem)
+                .0,
+            0
+        );
+    }
+
+    #[test]
+    fn workers_see_each_other_s_allocations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = export(dir.path(), false);
+        let mut s0 = b.subscribe();
+        let mut s1 = b.subscribe();
+        assert!(!s1.view.top_owns(0, 8192));
+        b.note_written(&[(0, 8192)]);
+        s0.catch_up();
+        s1.catch_up();
+        assert!(s0.view.top_owns(0, 8192) && s1.view.top_owns(0, 8192));
+        b.unsubscribe(s0);
+        // A gone subscriber does not stop the others from hearing.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        mem.write_obj(16u64, GuestAddress(0x2000)).expect("w");
+        mem.write_obj(8u32, GuestAddress(0x2008)).expect("w");
+        assert_eq!(
+            b.execute(
+                &req(Kind::WriteZeroes, 0, vec![(GuestAddress(0x2000), 16)]),
+                &mem
+            )
+            .0,
+            0
+        );
+        s1.catch_up();
+        assert!(!s1.view.top_owns(8192, 4096));
+        assert!(s1.view.top_owns(0, 8192));
+    }
+}

@@ -92,8 +92,23 @@ pub enum Disk {
         num_queues: u16,
         iothread: bool,
     },
-    /// vhost-user-blk-pci on a backend's socket.
-    VhostUser { socket: PathBuf, num_queues: u16 },
+    /// vhost-user-blk-pci on a backend's socket; with `reconnect_ms`, QEMU
+    /// reconnects to a backend that went away (its chardev's reconnect-ms).
+    VhostUser {
+        socket: PathBuf,
+        num_queues: u16,
+        reconnect_ms: Option<u32>,
+    },
+}
+
+impl Disk {
+    pub fn vhost_user(socket: &Path, num_queues: u16) -> Disk {
+        Disk::VhostUser {
+            socket: socket.to_path_buf(),
+            num_queues,
+            reconnect_ms: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -174,15 +189,22 @@ impl QemuVm {
                     if *iothread { ",iothread=io0" } else { "" }
                 ));
             }
-            Disk::VhostUser { socket, num_queues } => {
+            Disk::VhostUser {
+                socket,
+                num_queues,
+                reconnect_ms,
+            } => {
                 // vhost-user needs guest memory the backend can map.
                 c.arg("-object").arg(format!(
                     "memory-backend-memfd,id=mem,size={}M,share=on",
                     self.mem_mib
                 ));
                 c.args(["-machine", "memory-backend=mem"]);
+                let reconnect = reconnect_ms
+                    .map(|ms| format!(",reconnect-ms={ms}"))
+                    .unwrap_or_default();
                 c.arg("-chardev")
-                    .arg(format!("socket,id=c0,path={}", socket.display()));
+                    .arg(format!("socket,id=c0,path={}{reconnect}", socket.display()));
                 c.arg("-device").arg(format!(
                     "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"
                 ));
@@ -193,6 +215,11 @@ impl QemuVm {
 
     /// Boots the guest, waits for it to exit (or kills it at the timeout).
     pub fn run(&self) -> Result<GuestRun> {
+        self.spawn()?.wait()
+    }
+
+    /// Boots the guest and returns while it runs.
+    pub fn spawn(&self) -> Result<RunningVm> {
         let kernel = build_guest()?;
         let started = Instant::now();
         let mut child = self
@@ -203,6 +230,8 @@ impl QemuVm {
             .spawn()
             .context("starting qemu-system-x86_64")?;
         let stdout = child.stdout.take().expect("piped");
+        let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = std::sync::Arc::clone(&progress);
         let reader = std::thread::spawn(move || {
             let mut serial = String::new();
             let mut marker = None;
@@ -211,11 +240,47 @@ impl QemuVm {
                 if marker.is_none() && line.contains(START_MARKER) {
                     marker = Some(started.elapsed());
                 }
+                if line.starts_with("progress:") {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 serial.push_str(&line);
                 serial.push('\n');
             }
             (serial, marker)
         });
+        Ok(RunningVm {
+            child,
+            reader: Some(reader),
+            started,
+            timeout: self.timeout,
+            progress,
+        })
+    }
+}
+
+/// A guest booted with [`QemuVm::spawn`].
+pub struct RunningVm {
+    child: Child,
+    reader: Option<std::thread::JoinHandle<(String, Option<Duration>)>>,
+    started: Instant,
+    timeout: Duration,
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RunningVm {
+    /// Progress lines the guest printed so far.
+    pub fn progress_lines(&self) -> u64 {
+        self.progress.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the guest is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the guest to exit (or kills it at the timeout).
+    pub fn wait(mut self) -> Result<GuestRun> {
+        let (started, child) = (self.started, &mut self.child);
         let status = loop {
             if let Some(s) = child.try_wait()? {
                 break Some(s);
@@ -228,9 +293,14 @@ impl QemuVm {
             std::thread::sleep(Duration::from_millis(2));
         };
         let total = started.elapsed();
-        let (serial, to_marker) = reader.join().map_err(|_| anyhow!("serial reader died"))?;
+        let (serial, to_marker) = self
+            .reader
+            .take()
+            .expect("waited once")
+            .join()
+            .map_err(|_| anyhow!("serial reader died"))?;
         let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
+        if let Some(mut e) = self.child.stderr.take() {
             use std::io::Read;
             let _ = e.read_to_string(&mut stderr);
         }
@@ -260,6 +330,16 @@ impl QemuVm {
             to_marker,
             total,
         })
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        // A guest abandoned (a failed test) does not outlive its owner.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -343,7 +423,11 @@ impl BlkBackendProcess {
 
     fn spawn(binary: &Path, specs: &[String], sockets: &[PathBuf]) -> Result<Self> {
         let mut c = Command::new(binary);
-        c.env("RUST_LOG", "warn");
+        // Quiet unless the caller asks (BLK_BACKEND_LOG=debug, say).
+        c.env(
+            "RUST_LOG",
+            std::env::var("BLK_BACKEND_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         for (spec, socket) in specs.iter().zip(sockets) {
             let _ = std::fs::remove_file(socket);
             c.arg("--export").arg(spec);
@@ -385,6 +469,14 @@ impl BlkBackendProcess {
             .parse()
             .ok()?;
         Some((cpu, rss_kb * 1024))
+    }
+
+    /// Kills it outright (SIGKILL), as a crash would, leaving the socket
+    /// file in place.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.socket = PathBuf::new();
     }
 
     /// Asks it to stop (SIGTERM) and waits.

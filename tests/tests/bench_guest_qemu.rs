@@ -92,14 +92,7 @@ fn qemu_storage_daemon_vhost_user_write_then_read_verify() {
         // A fresh daemon per boot, as a real deployment restarts with its VM.
         let daemon = StorageDaemon::start(&img, &sock, 2, true).expect("daemon");
         let socket = daemon.socket.clone();
-        write_then_read(
-            || Disk::VhostUser {
-                socket: socket.clone(),
-                num_queues: 2,
-            },
-            queues,
-            irq,
-        );
+        write_then_read(|| Disk::vhost_user(&socket, 2), queues, irq);
         drop(daemon);
     }
 }
@@ -225,10 +218,7 @@ fn a_backend_that_stops_answering_fails_the_run_instead_of_hanging() {
     let vm = QemuVm {
         machine: Machine::Microvm,
         mem_mib: 256,
-        disk: Disk::VhostUser {
-            socket: sock.clone(),
-            num_queues: 1,
-        },
+        disk: Disk::vhost_user(&sock, 1),
         cmdline: "mode=randread bs=4k qd=8 duration_ms=20000 timeout_ms=2000 progress_ms=0".into(),
         timeout: Duration::from_secs(60),
     };

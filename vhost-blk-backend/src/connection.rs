@@ -431,7 +431,16 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         // Workers signal through the vring state, under its lock: a new
         // descriptor takes effect with the next completion.
-        self.slot(index as u32)?.vring.set_call(fd);
+        let slot = self.slot(index as u32)?;
+        slot.vring.set_call(fd);
+        if slot.worker.is_some() {
+            // Completions published while the old descriptor (or none)
+            // was in place may have raised no interrupt the guest saw:
+            // after a reconnect QEMU sends the call descriptor after the
+            // kick, and the resubmitted requests may be done by then. One
+            // extra interrupt is harmless; a lost one hangs the guest.
+            let _ = slot.vring.signal_used_queue();
+        }
         Ok(())
     }
 

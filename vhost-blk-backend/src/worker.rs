@@ -131,6 +131,10 @@ impl Running {
             self.process_heads(&resubmit)?;
         }
         self.process_queue()?;
+        // A predecessor killed between publishing used entries and
+        // signalling them leaves the guest waiting for an interrupt that
+        // never came; one spurious interrupt costs nothing.
+        let _ = self.w.vring.signal_used_queue();
         let mut events = vec![EpollEvent::default(); 4];
         'serve: loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -288,6 +292,12 @@ impl Running {
             return Ok(());
         }
         let mut st = self.w.vring.get_mut();
+        tracing::trace!(
+            queue = self.w.queue,
+            count = self.used.len(),
+            next_used = st.get_queue().next_used(),
+            "publishing"
+        );
         for d in self.used.drain(..) {
             if let Some(inf) = &self.w.inflight {
                 inf.pre_put(d.head);
@@ -300,7 +310,14 @@ impl Running {
                 inf.post_put(d.head, st.get_queue().next_used());
             }
         }
-        if st.needs_notification().unwrap_or(true) {
+        let notify = st.needs_notification().unwrap_or(true);
+        tracing::trace!(
+            queue = self.w.queue,
+            notify,
+            next_used = st.get_queue().next_used(),
+            "published"
+        );
+        if notify {
             st.signal_used_queue()?;
         }
         Ok(())

@@ -369,27 +369,13 @@ fn main() -> Result<()> {
                         )?,
                         Row::QemuQsd => {
                             let d = StorageDaemon::start(file, &sock, 1, true)?;
-                            let s = run_guest(
-                                Disk::VhostUser {
-                                    socket: d.socket.clone(),
-                                    num_queues: 1,
-                                },
-                                w,
-                                a.seconds,
-                            );
+                            let s = run_guest(Disk::vhost_user(&d.socket, 1), w, a.seconds);
                             drop(d);
                             s?
                         }
                         Row::QemuBlkBackend => {
                             let b = BlkBackendProcess::start(&backend_bin, &snap, &sock, 1, false)?;
-                            let mut s = run_guest(
-                                Disk::VhostUser {
-                                    socket: b.socket.clone(),
-                                    num_queues: 1,
-                                },
-                                w,
-                                a.seconds,
-                            )?;
+                            let mut s = run_guest(Disk::vhost_user(&b.socket, 1), w, a.seconds)?;
                             if let Some((cpu, rss)) = b.usage() {
                                 s.cpu_s_per_mio = Some(cpu / (s.ios / 1e6).max(1e-9));
                                 s.rss_mib = Some(rss as f64 / (1 << 20) as f64);

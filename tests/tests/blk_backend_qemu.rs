@@ -48,7 +48,7 @@ fn boot(sock: &Path, queues: u16, cmdline: &str) -> GuestRun {
     QemuVm {
         machine: Machine::Microvm,
         mem_mib: 512,
-        disk: Disk::vhost_user(&sock, queues),
+        disk: Disk::vhost_user(sock, queues),
         cmdline: cmdline.into(),
         timeout: Duration::from_secs(120),
     }

@@ -1,0 +1,322 @@
+//! The server driven by an in-process frontend (the vhost crate's
+//! frontend side) over a real socket, with fake guest memory in a memfd:
+//! hostile descriptor chains fail only their request, and protocol abuse
+//! drops only its connection.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_blk_backend::export::{BaseIo, Export, ExportSpec, SharedFiles};
+use vhost_blk_backend::server::{serve, StopHandle};
+use virtio_bindings::virtio_blk::*;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const MEM: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+struct Guest {
+    mem: GuestMemoryMmap,
+    frontend: Frontend,
+    kick: EventFd,
+    _call: EventFd,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+fn memfd_memory() -> GuestMemoryMmap {
+    // SAFETY: memfd_create with a valid name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a descriptor we own alone.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM as u64).expect("size");
+    let region = MmapRegion::<()>::from_file(FileOffset::new(file, 0), MEM).expect("mmap");
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("region");
+    GuestMemoryMmap::from_regions(vec![region]).expect("memory")
+}
+
+fn frontend_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
+    mem.get_host_address(GuestAddress(gpa)).expect("mapped") as u64
+}
+
+impl Guest {
+    /// The full handshake of a frontend that starts queue 0.
+    fn connect(sock: &Path) -> Guest {
+        let mem = memfd_memory();
+        let mut f = Frontend::connect(sock, 1).expect("connect");
+        f.set_owner().expect("owner");
+        let features = f.get_features().expect("features");
+        f.set_features(features & !(1 << 29)).expect("set features"); // no EVENT_IDX
+        let pf = f.get_protocol_features().expect("protocol features");
+        assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        f.set_protocol_features(pf).expect("set protocol features");
+        let region = mem.iter().next().expect("a region");
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("info");
+        f.set_mem_table(&[info]).expect("mem table");
+        f.set_vring_num(0, QSIZE).expect("num");
+        f.set_vring_base(0, 0).expect("base");
+        f.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: frontend_addr(&mem, DESC),
+                used_ring_addr: frontend_addr(&mem, USED),
+                avail_ring_addr: frontend_addr(&mem, AVAIL),
+                log_addr: None,
+            },
+        )
+        .expect("addr");
+        let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
+        let call = EventFd::new(EFD_NONBLOCK).expect("call");
+        f.set_vring_call(0, &call).expect("call");
+        f.set_vring_kick(0, &kick).expect("kick");
+        f.set_vring_enable(0, true).expect("enable");
+        Guest {
+            mem,
+            frontend: f,
+            kick,
+            _call: call,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(DESC + 16 * i as u64);
+        self.mem.write_obj(addr, at).expect("w");
+        self.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("w");
+        self.mem
+            .write_obj(flags, GuestAddress(at.0 + 12))
+            .expect("w");
+        self.mem
+            .write_obj(next, GuestAddress(at.0 + 14))
+            .expect("w");
+    }
+
+    fn header(&self, at: u64, ty: u32, sector: u64) {
+        self.mem.write_obj(ty, GuestAddress(at)).expect("w");
+        self.mem.write_obj(0u32, GuestAddress(at + 4)).expect("w");
+        self.mem.write_obj(sector, GuestAddress(at + 8)).expect("w");
+    }
+
+    /// Makes chain `head` available, kicks, and waits for its used entry:
+    /// (used length, status byte at `status`).
+    fn run(&mut self, head: u16, status: u64) -> (u32, u8) {
+        self.mem.write_obj(0xffu8, GuestAddress(status)).expect("w");
+        let slot = AVAIL + 4 + 2 * (self.avail_idx % QSIZE) as u64;
+        self.mem.write_obj(head, GuestAddress(slot)).expect("w");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .expect("w");
+        self.kick.write(1).expect("kick");
+        let t0 = Instant::now();
+        loop {
+            let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).expect("r");
+            if idx != self.used_seen {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no completion");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let e = USED + 4 + 8 * (self.used_seen % QSIZE) as u64;
+        self.used_seen = self.used_seen.wrapping_add(1);
+        let id: u32 = self.mem.read_obj(GuestAddress(e)).expect("r");
+        assert_eq!(id, head as u32);
+        let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).expect("r");
+        (len, self.mem.read_obj(GuestAddress(status)).expect("r"))
+    }
+
+    /// A plain request: header at 0x8000, data at 0x10000, status at 0x9000.
+    fn request(&mut self, ty: u32, sector: u64, len: u32) -> (u32, u8) {
+        self.header(0x8000, ty, sector);
+        let data_flags = if ty == VIRTIO_BLK_T_IN { WRITE } else { 0 };
+        self.desc(0, 0x8000, 16, NEXT, 1);
+        self.desc(1, 0x10000, len, NEXT | data_flags, 2);
+        self.desc(2, 0x9000, 1, WRITE, 0);
+        self.run(0, 0x9000)
+    }
+}
+
+fn start_server(
+    dir: &Path,
+) -> (
+    std::path::PathBuf,
+    Arc<StopHandle>,
+    std::thread::JoinHandle<()>,
+) {
+    let image = dir.join("disk.img");
+    image_format::ops::create(&image_format::RealEnv, &image, Some(1 << 20), 4096, None)
+        .expect("create");
+    let sock = dir.join("disk.sock");
+    let export = Export::open(
+        ExportSpec {
+            socket: sock.clone(),
+            image,
+            readonly: false,
+            num_queues: 1,
+            queue_size: 64,
+        },
+        &SharedFiles::default(),
+        BaseIo::Page,
+        None,
+    )
+    .expect("export");
+    let listener = Listener::new(&sock, true).expect("listen");
+    let stop = Arc::new(StopHandle::default());
+    let s2 = Arc::clone(&stop);
+    let t = std::thread::spawn(move || serve(Arc::new(export), listener, s2));
+    (sock, stop, t)
+}
+
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+
+#[test]
+fn hostile_chains_fail_their_request_and_serving_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sock, stop, t) = start_server(dir.path());
+    let mut g = Guest::connect(&sock);
+
+    // A write and its read back, through the io_uring path.
+    g.mem
+        .write_slice(&[0x5a; 4096], GuestAddress(0x10000))
+        .expect("w");
+    assert_eq!(g.request(VIRTIO_BLK_T_OUT, 8, 4096), (1, OK));
+    g.mem
+        .write_slice(&[0; 4096], GuestAddress(0x10000))
+        .expect("w");
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 8, 4096), (4097, OK));
+    let mut back = [0u8; 4096];
+    g.mem
+        .read_slice(&mut back, GuestAddress(0x10000))
+        .expect("r");
+    assert_eq!(back, [0x5a; 4096]);
+
+    // Past the end of the disk; an unknown type; a read-only-looking
+    // write direction mismatch.
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 2048, 512).1, IOERR);
+    assert_eq!(g.request(0x7777, 0, 512).1, VIRTIO_BLK_S_UNSUPP as u8);
+    g.header(0x8000, VIRTIO_BLK_T_OUT, 0);
+    g.desc(0, 0x8000, 16, NEXT, 1);
+    g.desc(1, 0x10000, 512, NEXT | WRITE, 2);
+    g.desc(2, 0x9000, 1, WRITE, 0);
+    assert_eq!(g.run(0, 0x9000).1, IOERR);
+
+    // Data outside guest memory.
+    g.header(0x8000, VIRTIO_BLK_T_IN, 0);
+    g.desc(3, 0x8000, 16, NEXT, 4);
+    g.desc(4, (MEM - 256) as u64, 4096, NEXT | WRITE, 5);
+    g.desc(5, 0x9000, 1, WRITE, 0);
+    assert_eq!(g.run(3, 0x9000), (1, IOERR));
+
+    // A header too short.
+    g.desc(6, 0x8000, 8, NEXT, 7);
+    g.desc(7, 0x9000, 1, WRITE, 0);
+    assert_eq!(g.run(6, 0x9000), (1, IOERR));
+
+    // A loop (8 -> 9 -> 8): no status descriptor to write, but the chain
+    // still comes back used.
+    g.desc(8, 0x8000, 16, NEXT, 9);
+    g.desc(9, 0x10000, 512, NEXT, 8);
+    assert_eq!(g.run(8, 0x9000), (1, 0xff));
+
+    // A next index past the table, and an indirect table of ragged size.
+    g.desc(10, 0x8000, 16, NEXT, 200);
+    assert_eq!(g.run(10, 0x9000).0, 1);
+    g.desc(11, 0x20000, 20, 4, 0);
+    assert_eq!(g.run(11, 0x9000).0, 1);
+
+    // Still serving: the data is intact.
+    g.mem
+        .write_slice(&[0; 4096], GuestAddress(0x10000))
+        .expect("w");
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 8, 4096), (4097, OK));
+    g.mem
+        .read_slice(&mut back, GuestAddress(0x10000))
+        .expect("r");
+    assert_eq!(back, [0x5a; 4096]);
+
+    drop(g);
+    stop.stop();
+    t.join().expect("server thread");
+}
+
+#[test]
+fn protocol_abuse_drops_only_that_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sock, stop, t) = start_server(dir.path());
+
+    // Garbage bytes where a message header belongs.
+    {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        s.write_all(&[0xde; 64]).expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        // The server hangs up: end of file, not a reply.
+        assert_eq!(std::io::Read::read(&mut s, &mut buf).unwrap_or(0), 0);
+    }
+
+    // Out of order: ring addresses before any memory table.
+    {
+        let f = Frontend::connect(&sock, 1).expect("connect");
+        f.set_owner().expect("owner");
+        let r = f.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: 0x1000,
+                used_ring_addr: 0x3000,
+                avail_ring_addr: 0x2000,
+                log_addr: None,
+            },
+        );
+        // Without REPLY_ACK the error shows as the dropped connection.
+        let dropped = r.is_err() || f.get_features().is_err();
+        assert!(dropped, "the connection survived an out-of-order request");
+    }
+
+    // A queue that does not exist (the frontend side would refuse to send
+    // it if it knew the queue count).
+    {
+        let f = Frontend::connect(&sock, 8).expect("connect");
+        f.set_owner().expect("owner");
+        let _ = f.set_vring_num(7, 16);
+        assert!(f.get_features().is_err(), "the connection survived queue 7");
+    }
+
+    // A well-behaved frontend is served as if nothing happened.
+    let mut g = Guest::connect(&sock);
+    g.mem
+        .write_slice(&[0x33; 512], GuestAddress(0x10000))
+        .expect("w");
+    assert_eq!(g.request(VIRTIO_BLK_T_OUT, 0, 512), (1, OK));
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512), (513, OK));
+    let _ = g.frontend.as_raw_fd();
+    drop(g);
+    stop.stop();
+    t.join().expect("server thread");
+}

@@ -413,16 +413,35 @@ impl BlkBackendProcess {
 
     /// Starts it with one `--export` per (image, socket) and waits for every socket.
     pub fn start_exports(binary: &Path, exports: &[(PathBuf, PathBuf)]) -> Result<Self> {
+        Self::start_exports_with(binary, exports, &[])
+    }
+
+    /// The same with extra command-line options (`--base-io direct`, say).
+    pub fn start_exports_with(
+        binary: &Path,
+        exports: &[(PathBuf, PathBuf)],
+        options: &[&str],
+    ) -> Result<Self> {
         let specs: Vec<String> = exports
             .iter()
             .map(|(image, socket)| format!("socket={},image={}", socket.display(), image.display()))
             .collect();
         let sockets: Vec<PathBuf> = exports.iter().map(|e| e.1.clone()).collect();
-        Self::spawn(binary, &specs, &sockets)
+        Self::spawn_with(binary, &specs, &sockets, options)
     }
 
     fn spawn(binary: &Path, specs: &[String], sockets: &[PathBuf]) -> Result<Self> {
+        Self::spawn_with(binary, specs, sockets, &[])
+    }
+
+    fn spawn_with(
+        binary: &Path,
+        specs: &[String],
+        sockets: &[PathBuf],
+        options: &[&str],
+    ) -> Result<Self> {
         let mut c = Command::new(binary);
+        c.args(options);
         // Quiet unless the caller asks (BLK_BACKEND_LOG=debug, say).
         c.env(
             "RUST_LOG",

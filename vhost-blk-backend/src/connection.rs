@@ -184,6 +184,7 @@ impl Connection {
             event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
             inflight,
             resubmit,
+            poll: std::time::Duration::from_micros(self.export.spec.poll_us),
         };
         let handle = worker
             .spawn()

@@ -48,6 +48,9 @@ pub struct ExportSpec {
     pub readonly: bool,
     pub num_queues: usize,
     pub queue_size: usize,
+    /// Microseconds a queue worker keeps polling after its last work
+    /// before it sleeps (0: never polls).
+    pub poll_us: u64,
 }
 
 /// Layer files shared by every export of the process: clones of one base
@@ -545,6 +548,7 @@ mod tests {
                 readonly,
                 num_queues: 1,
                 queue_size: 128,
+                poll_us: 0,
             },
             &SharedFiles::default(),
             BaseIo::Page,

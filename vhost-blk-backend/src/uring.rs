@@ -123,9 +123,29 @@ impl QueueRing {
         Ok(())
     }
 
+    /// Clears the completion eventfd (after epoll reported it).
+    pub fn clear_eventfd(&self) {
+        let _ = self.eventfd.read();
+    }
+
+    /// Whether completions wait to be reaped (no system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Whether the kernel signals the eventfd on completions; off while the
+    /// worker polls the ring itself.
+    pub fn set_eventfd_enabled(&mut self, on: bool) {
+        let cq = self.ring.completion();
+        if on {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
+    }
+
     /// Collects completions; returns the requests that finished.
     pub fn reap(&mut self) -> Vec<Pending> {
-        let _ = self.eventfd.read();
         let mut done = Vec::new();
         let cqes: Vec<(u64, i32)> = self
             .ring
@@ -169,6 +189,7 @@ impl QueueRing {
             if self.ring.submit_and_wait(1).is_err() {
                 break;
             }
+            self.clear_eventfd();
             all.extend(self.reap());
         }
         all

@@ -51,6 +51,9 @@ pub struct QueueWorker {
     pub inflight: Option<InflightQueue>,
     /// Heads a predecessor left in flight, to run before anything else.
     pub resubmit: Vec<u16>,
+    /// How long the worker keeps polling the queue and its ring after the
+    /// last work before it sleeps (0: never polls).
+    pub poll: std::time::Duration,
 }
 
 /// One finished request: its head, the used length, and (for a whole-block
@@ -137,6 +140,10 @@ impl Running {
         let _ = self.w.vring.signal_used_queue();
         let mut events = vec![EpollEvent::default(); 4];
         'serve: loop {
+            if !self.w.poll.is_zero() && self.poll()? {
+                // More arrived as notifications came back on.
+                continue;
+            }
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -150,7 +157,10 @@ impl Running {
                         }
                         self.process_queue()?;
                     }
-                    COMPLETIONS => self.process_completions()?,
+                    COMPLETIONS => {
+                        self.ring.clear_eventfd();
+                        self.process_completions()?;
+                    }
                     _ => break 'serve,
                 }
             }
@@ -162,6 +172,74 @@ impl Running {
         self.publish()
     }
 
+    /// Busy-polls the available ring and the io_uring completions while
+    /// work keeps coming, with guest kicks and completion wakeups off
+    /// (each kick costs the guest an exit). Returns whether new requests
+    /// showed up as notifications were turned back on.
+    fn poll(&mut self) -> io::Result<bool> {
+        let event_idx = self.w.event_idx;
+        if event_idx {
+            let _ = self.w.vring.disable_notification();
+        }
+        self.ring.set_eventfd_enabled(false);
+        let mut idle_since = std::time::Instant::now();
+        let mem = self.w.mem.memory();
+        loop {
+            let mut worked = false;
+            if self.ring.has_completions() {
+                self.process_completions()?;
+                worked = true;
+            }
+            if self.avail_pending(&mem) {
+                self.pop_and_run(&mem)?;
+                worked = true;
+            }
+            if worked {
+                idle_since = std::time::Instant::now();
+            } else if idle_since.elapsed() >= self.w.poll {
+                break;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.ring.set_eventfd_enabled(true);
+        // Completions that landed while the eventfd was off wake nobody.
+        let late = self.ring.has_completions();
+        let more = if event_idx {
+            self.w.vring.enable_notification().unwrap_or(true)
+        } else {
+            self.avail_pending(&mem)
+        };
+        Ok(late || more)
+    }
+
+    fn avail_pending(&self, mem: &GuestMemoryMmap) -> bool {
+        let st = self.w.vring.get_ref();
+        let q = st.get_queue();
+        q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map(|idx| idx.0 != q.next_avail())
+            .unwrap_or(false)
+    }
+
+    /// Pops every available chain and runs them (one ring submission).
+    fn pop_and_run(&mut self, mem: &GuestMemoryMmap) -> io::Result<()> {
+        let mut heads = Vec::new();
+        {
+            let mut st = self.w.vring.get_mut();
+            while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                if let Some(inf) = &mut self.w.inflight {
+                    inf.begin(head);
+                }
+                // The chain is walked again in run_heads from its head:
+                // the descriptor table is the guest's and stays put until
+                // the request completes (the same walk serves resubmits).
+                heads.push(head);
+            }
+        }
+        self.run_heads(&heads, mem)
+    }
+
     /// Pops every available chain, runs them, submits the ring once.
     fn process_queue(&mut self) -> io::Result<()> {
         let mem = self.w.mem.memory();
@@ -169,22 +247,7 @@ impl Running {
             if self.w.event_idx {
                 let _ = self.w.vring.disable_notification();
             }
-            let mut heads = Vec::new();
-            {
-                let mut st = self.w.vring.get_mut();
-                while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-                    let head = chain.head_index();
-                    if let Some(inf) = &mut self.w.inflight {
-                        inf.begin(head);
-                    }
-                    heads.push(head);
-                    // The chain is walked again below from its head: the
-                    // descriptor table is the guest's and stays put until
-                    // the request completes.
-                    drop(chain);
-                }
-            }
-            self.run_heads(&heads, &mem)?;
+            self.pop_and_run(&mem)?;
             if !self.w.event_idx || !self.w.vring.enable_notification().unwrap_or(false) {
                 break;
             }

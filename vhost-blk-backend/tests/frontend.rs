@@ -176,6 +176,7 @@ fn start_server(
             readonly: false,
             num_queues: 1,
             queue_size: 64,
+            poll_us: 20,
         },
         &SharedFiles::default(),
         BaseIo::Page,

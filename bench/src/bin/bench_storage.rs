@@ -18,6 +18,12 @@ use serde::Serialize;
     about = "Bench-guest storage table: QEMU virtio-blk, QEMU + qemu-storage-daemon, host fio"
 )]
 struct Args {
+    /// Only the workloads whose name contains this (e.g. "QD32").
+    #[arg(long)]
+    only: Option<String>,
+    /// Only these rows: fio, qemu, qsd, blk-backend (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    rows: Vec<String>,
     /// Runs per cell (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -91,6 +97,15 @@ impl Row {
             Row::QemuVirtioBlk => "QEMU virtio-blk (io_uring, direct, iothread)",
             Row::QemuQsd => "QEMU + qemu-storage-daemon vhost-user-blk",
             Row::QemuBlkBackend => "QEMU + blk-backend (snap image, io_uring, O_DIRECT)",
+        }
+    }
+
+    fn short(&self) -> &'static str {
+        match self {
+            Row::HostFio => "fio",
+            Row::QemuVirtioBlk => "qemu",
+            Row::QemuQsd => "qsd",
+            Row::QemuBlkBackend => "blk-backend",
         }
     }
 }
@@ -367,13 +382,19 @@ fn main() -> Result<()> {
             b.stop();
         }
         let sock = std::env::temp_dir().join(format!("bench-storage-{}.sock", std::process::id()));
-        for w in &WORKLOADS {
+        for w in WORKLOADS
+            .iter()
+            .filter(|w| a.only.as_ref().is_none_or(|o| w.name.contains(o.as_str())))
+        {
             for row in [
                 Row::HostFio,
                 Row::QemuVirtioBlk,
                 Row::QemuQsd,
                 Row::QemuBlkBackend,
-            ] {
+            ]
+            .into_iter()
+            .filter(|r| a.rows.is_empty() || a.rows.iter().any(|n| n == r.short()))
+            {
                 let mut samples = Vec::new();
                 for run in 0..a.runs {
                     eprintln!("[{storage}] {} / {} run {}", w.name, row.label(), run + 1);

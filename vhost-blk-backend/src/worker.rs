@@ -210,7 +210,7 @@ impl Running {
             // The clock is read every 32 idle turns: reading it costs more
             // than a turn.
             if self.ring.in_flight() > POLL_MAX_IN_FLIGHT
-                || (spins % 32 == 0 && idle_since.elapsed() >= self.w.poll)
+                || (spins.is_multiple_of(32) && idle_since.elapsed() >= self.w.poll)
             {
                 break;
             }

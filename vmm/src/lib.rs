@@ -1,2 +1,16 @@
-//! `vmm`: owns vCPUs and guest memory; its disks are vhost-user-blk devices
-//! served by `blk-backend`. Not built yet: see docs/architecture.md for the plan.
+//! `vmm`: owns vCPUs and guest memory and nothing else; its disks are
+//! vhost-user-blk devices served by `blk-backend` (or any vhost-user-blk
+//! backend). It never touches a disk request: kicks go guest -> ioeventfd
+//! -> backend, completions backend -> irqfd -> guest.
+//!
+//! - `config`: the VM's description (command line or JSON).
+//! - `memory`: guest memory (memfd, shareable) and the physical layout.
+//! - `boot`: loading a kernel (PVH ELF) and the registers it starts with.
+//! - `vm`: the KVM VM, its vCPU threads and their exits.
+//! - `devices`: port and MMIO buses, serial, debug exit, PCI.
+
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod vm;

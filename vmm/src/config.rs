@@ -1,0 +1,181 @@
+//! What a VM is made of: parsed from the command line or a JSON file.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("size {0:?}: a number with an optional K, M or G suffix")]
+    BadSize(String),
+    #[error("--disk {spec:?}: {why}")]
+    BadDisk { spec: String, why: String },
+    #[error("--serial {0:?}: stdio, none or file=PATH")]
+    BadSerial(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialOut {
+    Stdio,
+    None,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub socket: PathBuf,
+    #[serde(default = "one")]
+    pub num_queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+fn one() -> u16 {
+    1
+}
+fn default_queue_size() -> u16 {
+    256
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "one_cpu")]
+    pub cpus: u8,
+    /// Bytes of guest memory.
+    pub memory: u64,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    #[serde(default = "stdio")]
+    pub serial: SerialOut,
+}
+
+fn one_cpu() -> u8 {
+    1
+}
+fn stdio() -> SerialOut {
+    SerialOut::Stdio
+}
+
+/// "512M", "2G", "1048576".
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
+    let err = |why: &str| ConfigError::BadDisk {
+        spec: spec.to_string(),
+        why: why.to_string(),
+    };
+    let mut d = DiskConfig {
+        socket: PathBuf::new(),
+        num_queues: 1,
+        queue_size: 256,
+        readonly: false,
+    };
+    let mut socket = None;
+    for kv in spec.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| err("expected key=value"))?;
+        match k {
+            "socket" => socket = Some(PathBuf::from(v)),
+            "num_queues" => d.num_queues = v.parse().map_err(|_| err("num_queues: a number"))?,
+            "queue_size" => d.queue_size = v.parse().map_err(|_| err("queue_size: a number"))?,
+            "readonly" => {
+                d.readonly = match v {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => return Err(err("readonly takes on or off")),
+                }
+            }
+            _ => return Err(err(&format!("unknown key {k:?}"))),
+        }
+    }
+    d.socket = socket.ok_or_else(|| err("socket= is missing"))?;
+    Ok(d)
+}
+
+pub fn parse_serial(s: &str) -> Result<SerialOut, ConfigError> {
+    match s {
+        "stdio" => Ok(SerialOut::Stdio),
+        "none" => Ok(SerialOut::None),
+        _ => s
+            .strip_prefix("file=")
+            .map(|p| SerialOut::File(PathBuf::from(p)))
+            .ok_or_else(|| ConfigError::BadSerial(s.to_string())),
+    }
+}
+
+impl VmConfig {
+    /// Rejects what cannot run, with the reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError::Invalid(s));
+        if self.cpus == 0 || self.cpus > 32 {
+            return bad(format!("--cpus {}: 1 to 32", self.cpus));
+        }
+        if self.memory < 16 << 20 || self.memory > 64 << 30 {
+            return bad(format!("--memory {} bytes: 16 MiB to 64 GiB", self.memory));
+        }
+        if !self.memory.is_multiple_of(4096) {
+            return bad("--memory: a whole number of 4 KiB pages".into());
+        }
+        for d in &self.disks {
+            if d.num_queues == 0 || d.num_queues > 16 {
+                return bad(format!("disk {}: num_queues 1 to 16", d.socket.display()));
+            }
+            if !d.queue_size.is_power_of_two() || d.queue_size < 2 {
+                return bad(format!(
+                    "disk {}: queue_size a power of two",
+                    d.socket.display()
+                ));
+            }
+        }
+        if self.disks.len() > 16 {
+            return bad("at most 16 disks".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_disks_and_serial_parse_or_say_why_not() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999G").is_err());
+        let d = parse_disk("socket=/tmp/a.sock,num_queues=2,readonly=on").unwrap();
+        assert_eq!((d.num_queues, d.readonly), (2, true));
+        assert!(parse_disk("num_queues=2").is_err());
+        assert!(parse_disk("socket=/a,colour=red").is_err());
+        assert_eq!(
+            parse_serial("file=/tmp/s").unwrap(),
+            SerialOut::File("/tmp/s".into())
+        );
+        assert!(parse_serial("tty").is_err());
+    }
+}

@@ -1,0 +1,280 @@
+//! PCI: one bus of functions, configuration space through ports
+//! 0xCF8/0xCFC, a host bridge at 00:00.0, and the config-space model that
+//! devices share (registers, BAR sizing, capabilities).
+
+use std::sync::{Arc, Mutex};
+
+use super::BusDevice;
+
+pub const CONFIG_PORT: u64 = 0xcf8;
+pub const CONFIG_PORT_LEN: u64 = 8;
+
+pub trait PciDevice: Send {
+    /// Dword `reg` of the function's 256-byte configuration space.
+    fn config_read(&mut self, reg: usize) -> u32;
+    /// A write of `data` at byte `offset` of dword `reg`.
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]);
+}
+
+/// A type-0 configuration space: registers, which bits the guest may
+/// write, and the BARs (fixed size, placed by us like firmware would; the
+/// guest may size them).
+pub struct ConfigSpace {
+    regs: [u32; 64],
+    writable: [u32; 64],
+    /// Per BAR: its size (0: none).
+    bar_size: [u32; 6],
+    /// Next free capability offset.
+    next_cap: usize,
+    last_cap: usize,
+}
+
+impl ConfigSpace {
+    pub fn new(vendor: u16, device: u16, class: u32, revision: u8, subsystem: (u16, u16)) -> Self {
+        let mut c = ConfigSpace {
+            regs: [0; 64],
+            writable: [0; 64],
+            bar_size: [0; 6],
+            next_cap: 0x40,
+            last_cap: 0,
+        };
+        c.regs[0] = vendor as u32 | (device as u32) << 16;
+        c.regs[2] = class << 8 | revision as u32;
+        c.regs[11] = subsystem.0 as u32 | (subsystem.1 as u32) << 16;
+        // Command: memory space, bus master, interrupt disable.
+        c.writable[1] = 0x0000_0406;
+        // Interrupt line.
+        c.writable[15] = 0xff;
+        c
+    }
+
+    /// A 32-bit memory BAR `n` of `size` bytes (a power of two) at `addr`.
+    pub fn set_bar(&mut self, n: usize, addr: u32, size: u32) {
+        debug_assert!(size.is_power_of_two() && addr.is_multiple_of(size));
+        self.bar_size[n] = size;
+        self.regs[4 + n] = addr;
+        self.writable[4 + n] = !(size - 1);
+    }
+
+    pub fn bar(&self, n: usize) -> u32 {
+        self.regs[4 + n] & !0xf
+    }
+
+    /// Appends a capability (`body` starts with its id; the next pointer
+    /// is filled in); returns its offset.
+    pub fn add_capability(&mut self, body: &[u8]) -> usize {
+        let at = self.next_cap;
+        let mut bytes = body.to_vec();
+        bytes[1] = 0;
+        for (i, b) in bytes.iter().enumerate() {
+            self.set_byte(at + i, *b);
+        }
+        if self.last_cap == 0 {
+            self.regs[13] = at as u32; // capabilities pointer
+            self.regs[1] |= 1 << 20; // status: capability list
+        } else {
+            self.set_byte(self.last_cap + 1, at as u8);
+        }
+        self.last_cap = at;
+        self.next_cap = (at + bytes.len() + 3) & !3;
+        at
+    }
+
+    fn set_byte(&mut self, at: usize, b: u8) {
+        let (r, s) = (at / 4, (at % 4) * 8);
+        self.regs[r] = (self.regs[r] & !(0xff << s)) | (b as u32) << s;
+    }
+
+    /// Makes bits of a register writable by the guest.
+    pub fn allow_write(&mut self, reg: usize, mask: u32) {
+        self.writable[reg] |= mask;
+    }
+
+    pub fn read(&self, reg: usize) -> u32 {
+        self.regs.get(reg).copied().unwrap_or(0)
+    }
+
+    pub fn write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        if reg >= 64 || offset + data.len() > 4 {
+            return;
+        }
+        let mut v = self.regs[reg];
+        for (i, b) in data.iter().enumerate() {
+            let s = (offset + i) * 8;
+            v = (v & !(0xff << s)) | (*b as u32) << s;
+        }
+        let w = self.writable[reg];
+        self.regs[reg] = (self.regs[reg] & !w) | (v & w);
+    }
+
+    pub fn command(&self) -> u16 {
+        self.regs[1] as u16
+    }
+}
+
+/// The host bridge at 00:00.0 (so a guest probing device 0 finds a bus).
+pub struct HostBridge(ConfigSpace);
+
+impl HostBridge {
+    pub fn new() -> Self {
+        HostBridge(ConfigSpace::new(0x8086, 0x0d57, 0x06_00_00, 0, (0, 0)))
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.0.read(reg)
+    }
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        self.0.write(reg, offset, data)
+    }
+}
+
+/// Bus 0's 32 device slots (function 0 only).
+#[derive(Default)]
+pub struct PciBus {
+    slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+}
+
+impl PciBus {
+    pub fn new() -> Self {
+        PciBus {
+            slots: (0..32).map(|_| None).collect(),
+        }
+    }
+
+    /// Puts `dev` in the next free slot; returns the slot.
+    pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Option<u8> {
+        let slot = self.slots.iter().position(Option::is_none)?;
+        self.slots[slot] = Some(dev);
+        Some(slot as u8)
+    }
+
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.slots.get(dev as usize)?.as_ref()
+    }
+
+    pub fn read(&self, bus: u8, dev: u8, func: u8, reg: usize) -> u32 {
+        match self.function(bus, dev, func) {
+            Some(d) => d.lock().unwrap_or_else(|e| e.into_inner()).config_read(reg),
+            None => 0xffff_ffff,
+        }
+    }
+
+    pub fn write(&self, bus: u8, dev: u8, func: u8, reg: usize, offset: usize, data: &[u8]) {
+        if let Some(d) = self.function(bus, dev, func) {
+            d.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config_write(reg, offset, data);
+        }
+    }
+}
+
+/// Configuration mechanism #1: address at 0xCF8, data at 0xCFC-0xCFF.
+pub struct PciConfigIo {
+    bus: Arc<Mutex<PciBus>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        PciConfigIo { bus, address: 0 }
+    }
+
+    fn target(&self) -> Option<(u8, u8, u8, usize)> {
+        let a = self.address;
+        (a & 0x8000_0000 != 0).then_some({
+            (
+                (a >> 16) as u8,
+                ((a >> 11) & 0x1f) as u8,
+                ((a >> 8) & 0x7) as u8,
+                ((a & 0xfc) >> 2) as usize,
+            )
+        })
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = if offset < 4 {
+            self.address >> (offset * 8)
+        } else {
+            match self.target() {
+                Some((b, d, f, reg)) => {
+                    let v = self
+                        .bus
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .read(b, d, f, reg);
+                    v >> ((offset - 4) * 8)
+                }
+                None => 0xffff_ffff,
+            }
+        };
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (v >> (8 * i)) as u8;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset < 4 {
+            if offset == 0 && data.len() == 4 {
+                self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            }
+            return;
+        }
+        if let Some((b, d, f, reg)) = self.target() {
+            let at = (offset - 4) as usize;
+            if at + data.len() <= 4 {
+                self.bus
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(b, d, f, reg, at, data);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_size_like_hardware_and_read_only_bits_stay() {
+        let mut c = ConfigSpace::new(0x1af4, 0x1042, 0x01_80_00, 1, (0x1af4, 2));
+        c.set_bar(0, 0xc000_0000, 0x8000);
+        c.write(4, 0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(c.read(4), 0xffff_8000);
+        c.write(4, 0, &0xc000_0000u32.to_le_bytes());
+        assert_eq!(c.bar(0), 0xc000_0000);
+        c.write(0, 0, &[0, 0, 0, 0]);
+        assert_eq!(c.read(0), 0x1042_1af4);
+        let at = c.add_capability(&[0x11, 0, 1, 2]);
+        let at2 = c.add_capability(&[0x09, 0, 3]);
+        assert_eq!(c.read(13), at as u32);
+        assert_eq!((c.read(at / 4) >> 8) & 0xff, at2 as u32);
+    }
+
+    #[test]
+    fn config_ports_reach_the_host_bridge_and_nothing_elsewhere() {
+        let mut bus = PciBus::new();
+        bus.add(Arc::new(Mutex::new(HostBridge::new())));
+        let mut io = PciConfigIo::new(Arc::new(Mutex::new(bus)));
+        io.write(0, &0x8000_0000u32.to_le_bytes());
+        let mut v = [0u8; 4];
+        io.read(4, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0x0d57_8086);
+        io.write(0, &(0x8000_0000u32 | 3 << 11).to_le_bytes());
+        io.read(4, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0xffff_ffff);
+    }
+}

@@ -1,0 +1,296 @@
+//! A disk served by a vhost-user-blk backend: the frontend's whole
+//! lifecycle in one place (features, configuration, memory table, inflight
+//! region, vrings). The guest's queues never pass through this process:
+//! the backend gets the kick ioeventfds and the MSI irqfds directly.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::virtio_pci::{Interrupts, QueueConfig, VirtioDevice, NO_VECTOR};
+use crate::config::DiskConfig;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// virtio-blk configuration space bytes the backend is asked for.
+const CONFIG_LEN: u32 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk {socket}: cannot connect (is a backend listening there?): {err}")]
+    Connect { socket: String, err: String },
+    #[error("disk {socket}: {what}: {err}")]
+    Protocol {
+        socket: String,
+        what: &'static str,
+        err: String,
+    },
+    #[error("disk {socket}: the backend offers {offered} queues, {wanted} were asked for")]
+    Queues {
+        socket: String,
+        offered: u64,
+        wanted: u16,
+    },
+}
+
+pub struct VhostUserBlk {
+    socket: PathBuf,
+    frontend: Frontend,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    config: Vec<u8>,
+    num_queues: u16,
+    queue_size: u16,
+    readonly: bool,
+    mem: GuestMemoryMmap,
+    inflight: Option<(VhostUserInflight, File)>,
+    started: Vec<usize>,
+}
+
+impl VhostUserBlk {
+    /// Connects and learns what the backend offers; the memory table goes
+    /// over now, the rings when the driver is ready.
+    pub fn connect(cfg: &DiskConfig, mem: &GuestMemoryMmap) -> Result<Self, DiskError> {
+        let socket = cfg.socket.display().to_string();
+        let p = |what: &'static str| {
+            let socket = socket.clone();
+            move |e: vhost::Error| DiskError::Protocol {
+                socket: socket.clone(),
+                what,
+                err: e.to_string(),
+            }
+        };
+        let mut frontend = Frontend::connect(&cfg.socket, cfg.num_queues as u64).map_err(|e| {
+            DiskError::Connect {
+                socket: socket.clone(),
+                err: e.to_string(),
+            }
+        })?;
+        frontend.set_owner().map_err(p("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(p("GET_FEATURES"))?;
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(DiskError::Protocol {
+                socket,
+                what: "features",
+                err: "the backend has no protocol features (needed for its configuration)".into(),
+            });
+        }
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(p("GET_PROTOCOL_FEATURES"))?;
+        let wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        let protocol = offered & wanted;
+        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(DiskError::Protocol {
+                socket,
+                what: "protocol features",
+                err: "the backend cannot report its configuration (CONFIG)".into(),
+            });
+        }
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(p("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let n = frontend.get_queue_num().map_err(p("GET_QUEUE_NUM"))?;
+            if n < cfg.num_queues as u64 {
+                return Err(DiskError::Queues {
+                    socket,
+                    offered: n,
+                    wanted: cfg.num_queues,
+                });
+            }
+        } else if cfg.num_queues > 1 {
+            return Err(DiskError::Queues {
+                socket,
+                offered: 1,
+                wanted: cfg.num_queues,
+            });
+        }
+        let (_, config) = frontend
+            .get_config(
+                0,
+                CONFIG_LEN,
+                VhostUserConfigFlags::WRITABLE,
+                &[0u8; CONFIG_LEN as usize],
+            )
+            .map_err(p("GET_CONFIG"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<_, _>>()
+            .map_err(p("memory regions"))?;
+        frontend
+            .set_mem_table(&regions)
+            .map_err(p("SET_MEM_TABLE"))?;
+        info!(socket = %socket, features = format_args!("{backend_features:#x}"), "disk connected");
+        let mut config = config;
+        // The number of queues the guest sees is the number configured.
+        if config.len() >= 36 {
+            config[34..36].copy_from_slice(&cfg.num_queues.to_le_bytes());
+        }
+        Ok(VhostUserBlk {
+            socket: cfg.socket.clone(),
+            frontend,
+            backend_features,
+            protocol,
+            config,
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            readonly: cfg.readonly,
+            mem: mem.clone(),
+            inflight: None,
+            started: Vec::new(),
+        })
+    }
+
+    fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> String + '_ {
+        move |e| format!("disk {}: {what}: {e}", self.socket.display())
+    }
+
+    fn host_addr(&self, gpa: u64) -> Result<u64, String> {
+        self.mem
+            .get_host_address(vm_memory::GuestAddress(gpa))
+            .map(|p| p as u64)
+            .map_err(|_| format!("ring address {gpa:#x} is not in guest memory"))
+    }
+}
+
+impl VirtioDevice for VhostUserBlk {
+    fn device_id(&self) -> u16 {
+        2
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.num_queues == 1 {
+            f &= !VIRTIO_BLK_F_MQ;
+        }
+        if self.readonly {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f | VIRTIO_F_VERSION_1
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = self.config.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // `writeback` (offset 32) is the only writable field.
+        if offset == 32 && data.len() == 1 {
+            let _ = self
+                .frontend
+                .set_config(32, VhostUserConfigFlags::WRITABLE, data);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: &[QueueConfig],
+        kicks: &[EventFd],
+        interrupts: &dyn Interrupts,
+    ) -> Result<(), String> {
+        let f = features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.frontend
+            .set_features(f)
+            .map_err(self.err("SET_FEATURES"))?;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            && self.inflight.is_none()
+        {
+            let want = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: self.num_queues,
+                queue_size: self.queue_size,
+            };
+            let got = self
+                .frontend
+                .get_inflight_fd(&want)
+                .map_err(self.err("GET_INFLIGHT_FD"))?;
+            self.inflight = Some(got);
+        }
+        if let Some((info, file)) = &self.inflight {
+            self.frontend
+                .set_inflight_fd(info, file.as_raw_fd())
+                .map_err(self.err("SET_INFLIGHT_FD"))?;
+        }
+        self.started.clear();
+        for (i, q) in queues.iter().enumerate() {
+            if !q.enabled {
+                continue;
+            }
+            let data = VringConfigData {
+                queue_max_size: q.max_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_addr(q.desc)?,
+                used_ring_addr: self.host_addr(q.used)?,
+                avail_ring_addr: self.host_addr(q.avail)?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, q.size)
+                .map_err(self.err("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(self.err("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_addr(i, &data)
+                .map_err(self.err("SET_VRING_ADDR"))?;
+            if q.vector != NO_VECTOR {
+                if let Some(call) = interrupts.notifier(q.vector) {
+                    self.frontend
+                        .set_vring_call(i, call)
+                        .map_err(self.err("SET_VRING_CALL"))?;
+                }
+            }
+            self.frontend
+                .set_vring_kick(i, &kicks[i])
+                .map_err(self.err("SET_VRING_KICK"))?;
+            self.frontend
+                .set_vring_enable(i, true)
+                .map_err(self.err("SET_VRING_ENABLE"))?;
+            self.started.push(i);
+        }
+        info!(socket = %self.socket.display(), queues = self.started.len(), "disk started");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for &i in &self.started {
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                warn!(socket = %self.socket.display(), "stopping queue {i}: {e}");
+            }
+        }
+        self.started.clear();
+        // A reset device starts with a fresh inflight region.
+        self.inflight = None;
+    }
+}

@@ -1,0 +1,478 @@
+//! The modern virtio-pci transport (virtio 1.x, section 4.1) with MSI-X.
+//!
+//! One 32-bit memory BAR holds the common configuration, the ISR, the
+//! device configuration, the queue notify addresses, and the MSI-X table
+//! and PBA. Each queue's notify address is a KVM ioeventfd, and each MSI-X
+//! vector an irqfd routed as MSI: both descriptors go to the device (for
+//! vhost-user, to the backend), so no vCPU exit and no vmm thread sits on
+//! the data path. Only set-up (feature and queue registers, the MSI-X
+//! table) exits to this code.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use tracing::{debug, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::pci::{ConfigSpace, PciDevice};
+use super::BusDevice;
+use crate::vm::MsiRouter;
+
+pub const BAR_SIZE: u32 = 0x8000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x6000;
+pub const NO_VECTOR: u16 = 0xffff;
+
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_FAILED: u8 = 0x80;
+
+/// A queue as the driver configured it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueConfig {
+    pub size: u16,
+    pub max_size: u16,
+    pub vector: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// Per-vector interrupt descriptors for a device (Firecracker's
+/// `notifier()`: the eventfd a backend writes to interrupt the guest).
+pub trait Interrupts {
+    fn notifier(&self, vector: u16) -> Option<&EventFd>;
+}
+
+/// What the transport needs from a virtio device.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (2: block).
+    fn device_id(&self) -> u16;
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    fn num_queues(&self) -> u16;
+    fn max_queue_size(&self) -> u16;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: serve `queues` (their kick eventfds are `kicks`).
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: &[QueueConfig],
+        kicks: &[EventFd],
+        interrupts: &dyn Interrupts,
+    ) -> Result<(), String>;
+    /// The driver reset the device.
+    fn reset(&mut self);
+}
+
+#[derive(Clone, Copy, Default)]
+struct MsixEntry {
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u32,
+    control: u32,
+}
+
+struct MsixVectors {
+    entries: Vec<MsixEntry>,
+    gsis: Vec<u32>,
+    fds: Vec<EventFd>,
+    enabled: bool,
+    masked: bool,
+}
+
+impl Interrupts for MsixVectors {
+    fn notifier(&self, vector: u16) -> Option<&EventFd> {
+        self.fds.get(vector as usize)
+    }
+}
+
+pub struct VirtioPci {
+    config: ConfigSpace,
+    msix_cap: usize,
+    device: Box<dyn VirtioDevice>,
+    router: Arc<MsiRouter>,
+    msix: MsixVectors,
+    kicks: Vec<EventFd>,
+    queues: Vec<QueueConfig>,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    queue_select: u16,
+    config_vector: u16,
+    config_generation: u8,
+    activated: bool,
+}
+
+fn cap_virtio(cfg_type: u8, offset: u32, len: u32, extra: Option<u32>) -> Vec<u8> {
+    let mut c = vec![
+        0x09,
+        0,
+        if extra.is_some() { 20 } else { 16 },
+        cfg_type,
+        0,
+        0,
+        0,
+        0,
+    ];
+    c.extend_from_slice(&offset.to_le_bytes());
+    c.extend_from_slice(&len.to_le_bytes());
+    if let Some(x) = extra {
+        c.extend_from_slice(&x.to_le_bytes());
+    }
+    c
+}
+
+impl VirtioPci {
+    /// A device at BAR address `bar` (fixed, like firmware places it).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        bar: u32,
+        vm: &VmFd,
+        router: Arc<MsiRouter>,
+    ) -> Result<Self, String> {
+        let nq = device.num_queues();
+        let vectors = nq + 1;
+        let mut config = ConfigSpace::new(
+            0x1af4,
+            0x1040 + device.device_id(),
+            0x01_80_00,
+            1,
+            (0x1af4, device.device_id()),
+        );
+        config.set_bar(0, bar, BAR_SIZE);
+        config.add_capability(&cap_virtio(1, COMMON as u32, COMMON_LEN as u32, None));
+        config.add_capability(&cap_virtio(3, ISR as u32, 1, None));
+        config.add_capability(&cap_virtio(4, DEVICE as u32, DEVICE_LEN as u32, None));
+        config.add_capability(&cap_virtio(
+            2,
+            NOTIFY as u32,
+            NOTIFY_MULTIPLIER * nq as u32,
+            Some(NOTIFY_MULTIPLIER),
+        ));
+        let mut msix = vec![0x11, 0];
+        msix.extend_from_slice(&(vectors - 1).to_le_bytes());
+        msix.extend_from_slice(&(MSIX_TABLE as u32).to_le_bytes()); // BIR 0
+        msix.extend_from_slice(&(MSIX_PBA as u32).to_le_bytes());
+        let msix_cap = config.add_capability(&msix);
+        // Message control: enable and function mask.
+        config.allow_write(msix_cap / 4, 0xc000_0000);
+
+        let mut kicks = Vec::new();
+        for q in 0..nq {
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+            let addr = bar as u64 + NOTIFY + q as u64 * NOTIFY_MULTIPLIER as u64;
+            vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|e| format!("ioeventfd at {addr:#x}: {e}"))?;
+            kicks.push(fd);
+        }
+        let mut gsis = Vec::new();
+        let mut fds = Vec::new();
+        for _ in 0..vectors {
+            let gsi = router.allocate();
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+            vm.register_irqfd(&fd, gsi)
+                .map_err(|e| format!("irqfd for GSI {gsi}: {e}"))?;
+            gsis.push(gsi);
+            fds.push(fd);
+        }
+        let max = device.max_queue_size();
+        Ok(VirtioPci {
+            config,
+            msix_cap,
+            router,
+            msix: MsixVectors {
+                entries: vec![
+                    MsixEntry {
+                        control: 1,
+                        ..Default::default()
+                    };
+                    vectors as usize
+                ],
+                gsis,
+                fds,
+                enabled: false,
+                masked: false,
+            },
+            kicks,
+            queues: (0..nq)
+                .map(|_| QueueConfig {
+                    size: max,
+                    max_size: max,
+                    vector: NO_VECTOR,
+                    ..Default::default()
+                })
+                .collect(),
+            device,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            queue_select: 0,
+            config_vector: NO_VECTOR,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    fn queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    /// Routes vector `v` as the guest programmed it (or not at all while
+    /// masked).
+    fn update_route(&mut self, v: usize) {
+        let Some(e) = self.msix.entries.get(v).copied() else {
+            return;
+        };
+        let masked = !self.msix.enabled || self.msix.masked || e.control & 1 != 0;
+        let addr = (e.addr_hi as u64) << 32 | e.addr_lo as u64;
+        self.router
+            .set(self.msix.gsis[v], (!masked).then_some((addr, e.data)));
+    }
+
+    fn update_all_routes(&mut self) {
+        for v in 0..self.msix.entries.len() {
+            self.update_route(v);
+        }
+    }
+
+    fn read_common(&mut self, offset: u64) -> u64 {
+        let q = self.queues.get(self.queue_select as usize).copied();
+        match offset {
+            0x00 => self.device_feature_select as u64,
+            0x04 => match self.device_feature_select {
+                0 => self.device.features() & 0xffff_ffff,
+                1 => self.device.features() >> 32,
+                _ => 0,
+            },
+            0x08 => self.driver_feature_select as u64,
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => self.config_vector as u64,
+            0x12 => self.queues.len() as u64,
+            0x14 => self.status as u64,
+            0x15 => self.config_generation as u64,
+            0x16 => self.queue_select as u64,
+            0x18 => q.map_or(0, |q| q.size as u64),
+            0x1a => q.map_or(NO_VECTOR as u64, |q| q.vector as u64),
+            0x1c => q.map_or(0, |q| q.enabled as u64),
+            0x1e => self.queue_select as u64, // notify offset (x multiplier)
+            0x20 => q.map_or(0, |q| q.desc),
+            0x24 => q.map_or(0, |q| q.desc >> 32),
+            0x28 => q.map_or(0, |q| q.avail),
+            0x2c => q.map_or(0, |q| q.avail >> 32),
+            0x30 => q.map_or(0, |q| q.used),
+            0x34 => q.map_or(0, |q| q.used >> 32),
+            _ => 0,
+        }
+    }
+
+    fn write_common(&mut self, offset: u64, v: u64) {
+        let lo = |old: u64| (old & !0xffff_ffff) | (v & 0xffff_ffff);
+        let hi = |old: u64| (old & 0xffff_ffff) | (v << 32);
+        match offset {
+            0x00 => self.device_feature_select = v as u32,
+            0x08 => self.driver_feature_select = v as u32,
+            0x0c => {
+                let offered = self.device.features();
+                match self.driver_feature_select {
+                    0 => self.driver_features = lo(self.driver_features) & offered,
+                    1 => self.driver_features = hi(self.driver_features) & offered,
+                    _ => {}
+                }
+            }
+            0x10 => self.config_vector = v as u16,
+            0x14 => self.write_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            0x18 => {
+                if let Some(q) = self.queue() {
+                    let n = v as u16;
+                    if n.is_power_of_two() && n <= q.max_size {
+                        q.size = n;
+                    } else {
+                        warn!("queue size {n} refused (max {})", q.max_size);
+                    }
+                }
+            }
+            0x1a => {
+                let nv = self.msix.entries.len() as u16;
+                if let Some(q) = self.queue() {
+                    q.vector = if (v as u16) < nv { v as u16 } else { NO_VECTOR };
+                }
+            }
+            0x1c => {
+                if let Some(q) = self.queue() {
+                    q.enabled = v & 1 == 1;
+                }
+            }
+            0x20 => self.queue().into_iter().for_each(|q| q.desc = lo(q.desc)),
+            0x24 => self.queue().into_iter().for_each(|q| q.desc = hi(q.desc)),
+            0x28 => self.queue().into_iter().for_each(|q| q.avail = lo(q.avail)),
+            0x2c => self.queue().into_iter().for_each(|q| q.avail = hi(q.avail)),
+            0x30 => self.queue().into_iter().for_each(|q| q.used = lo(q.used)),
+            0x34 => self.queue().into_iter().for_each(|q| q.used = hi(q.used)),
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, s: u8) {
+        if s == 0 {
+            debug!("driver reset the device");
+            if self.activated {
+                self.device.reset();
+                self.activated = false;
+            }
+            let max = self.device.max_queue_size();
+            for q in &mut self.queues {
+                *q = QueueConfig {
+                    size: max,
+                    max_size: max,
+                    vector: NO_VECTOR,
+                    ..Default::default()
+                };
+            }
+            self.status = 0;
+            self.driver_features = 0;
+            return;
+        }
+        let newly = s & !self.status;
+        self.status = s;
+        if newly & STATUS_FEATURES_OK != 0 && self.driver_features & (1 << 32) == 0 {
+            // VIRTIO_F_VERSION_1 is required of a modern driver.
+            self.status &= !STATUS_FEATURES_OK;
+        }
+        if newly & STATUS_DRIVER_OK != 0 && !self.activated {
+            let kicks: Vec<EventFd> = self
+                .kicks
+                .iter()
+                .filter_map(|k| k.try_clone().ok())
+                .collect();
+            match self
+                .device
+                .activate(self.driver_features, &self.queues, &kicks, &self.msix)
+            {
+                Ok(()) => self.activated = true,
+                Err(e) => {
+                    warn!("device activation failed: {e}");
+                    self.status |= STATUS_FAILED;
+                }
+            }
+        }
+    }
+
+    fn msix_access(&mut self, offset: u64, data: &mut [u8], write: bool) {
+        let v = (offset / 16) as usize;
+        let field = (offset % 16 / 4) as usize;
+        let Some(e) = self.msix.entries.get_mut(v) else {
+            data.fill(0);
+            return;
+        };
+        let regs = [&mut e.addr_lo, &mut e.addr_hi, &mut e.data, &mut e.control];
+        let r = regs.into_iter().nth(field).expect("4 fields");
+        if write {
+            if data.len() == 4 {
+                *r = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            } else if data.len() == 8 && field.is_multiple_of(2) {
+                // A 64-bit write covers two fields.
+                let lo = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                let hi = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
+                *r = lo;
+                let e = &mut self.msix.entries[v];
+                match field {
+                    0 => e.addr_hi = hi,
+                    _ => e.control = hi,
+                }
+            }
+            self.update_route(v);
+        } else {
+            let b = r.to_le_bytes();
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = b.get(i).copied().unwrap_or(0);
+            }
+        }
+    }
+}
+
+fn value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+    u64::from_le_bytes(b)
+}
+
+impl BusDevice for VirtioPci {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON + COMMON_LEN => {
+                let v = self.read_common(o);
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = (v >> (8 * i)) as u8;
+                }
+            }
+            o if o == ISR => data.fill(0),
+            o if (DEVICE..DEVICE + DEVICE_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE, data)
+            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
+                self.msix_access(o - MSIX_TABLE, data, false)
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.write_common(o, value(data)),
+            o if (DEVICE..DEVICE + DEVICE_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE, data)
+            }
+            o if (NOTIFY..NOTIFY + NOTIFY_MULTIPLIER as u64 * self.kicks.len() as u64)
+                .contains(&o) =>
+            {
+                // A notify the ioeventfd did not match (another width).
+                let q = ((o - NOTIFY) / NOTIFY_MULTIPLIER as u64) as usize;
+                let _ = self.kicks[q].write(1);
+            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
+                let mut d = data.to_vec();
+                self.msix_access(o - MSIX_TABLE, &mut d, true)
+            }
+            _ => {}
+        }
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        self.config.write(reg, offset, data);
+        if reg == self.msix_cap / 4 {
+            let ctl = self.config.read(reg) >> 16;
+            let (enabled, masked) = (ctl & 0x8000 != 0, ctl & 0x4000 != 0);
+            if (enabled, masked) != (self.msix.enabled, self.msix.masked) {
+                self.msix.enabled = enabled;
+                self.msix.masked = masked;
+                self.update_all_routes();
+            }
+        }
+    }
+}
+
+/// Shares one transport between the PCI bus and the MMIO bus.
+pub type SharedVirtioPci = Arc<Mutex<VirtioPci>>;

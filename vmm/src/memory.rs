@@ -1,0 +1,73 @@
+//! Guest memory: one memfd (so a vhost-user backend can map it too),
+//! mapped as RAM below the PCI hole and, past 3 GiB of RAM, above 4 GiB.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Start of the 32-bit hole: PCI MMIO, ECAM, IOAPIC, LAPIC.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// Where 32-bit PCI BARs go.
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
+/// RAM resumes here when there is more than the hole leaves below it.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("creating the guest memory memfd: {0}")]
+    Memfd(std::io::Error),
+    #[error("sizing the guest memory to {size} bytes: {err}")]
+    Size { size: u64, err: std::io::Error },
+    #[error("mapping guest memory: {0}")]
+    Map(String),
+}
+
+/// Guest memory and the memfd behind it.
+pub struct GuestRam {
+    pub mem: GuestMemoryMmap,
+    pub file: File,
+    /// (guest address, size) of each RAM range.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The RAM ranges for `size` bytes.
+pub fn layout(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_HOLE_START {
+        vec![(0, size)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (HIGH_RAM_START, size - MMIO_HOLE_START),
+        ]
+    }
+}
+
+pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
+    // SAFETY: memfd_create with a valid name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor we just created and own alone.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|err| MemoryError::Size { size, err })?;
+    let ranges = layout(size);
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for &(at, len) in &ranges {
+        let f = file.try_clone().map_err(MemoryError::Memfd)?;
+        let region = MmapRegion::<()>::from_file(FileOffset::new(f, offset), len as usize)
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(at))
+                .ok_or_else(|| MemoryError::Map(format!("region at {at:#x} overflows")))?,
+        );
+        offset += len;
+    }
+    let mem =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+    Ok(GuestRam { mem, file, ranges })
+}

@@ -1,0 +1,320 @@
+//! The KVM VM: memory slots, the in-kernel interrupt controller, MSI
+//! routes, devices on the port and MMIO buses, and one thread per vCPU
+//! running KVM_RUN and dispatching its exits.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQ_ROUTING_MSI,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use tracing::{debug, info, warn};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::boot;
+use crate::config::{SerialOut, VmConfig};
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::pci::{HostBridge, PciBus, PciConfigIo};
+use crate::devices::serial::Console;
+use crate::devices::vhost_user_blk::VhostUserBlk;
+use crate::devices::virtio_pci::{VirtioPci, BAR_SIZE};
+use crate::devices::{debug_exit, pci, serial, Bus};
+use crate::memory::{self, PCI_MMIO_END, PCI_MMIO_START};
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest wrote this value to the debug-exit port.
+    GuestExit(u8),
+    /// The guest powered off.
+    PowerOff,
+    /// The guest asked for a reboot (reported; the VM ends).
+    Reboot,
+    /// A triple fault, an emulation failure or an internal error: what
+    /// happened and the vCPU's registers.
+    Fault(String),
+}
+
+/// MSI routes of the VM's GSIs; every change replaces KVM's whole table.
+pub struct MsiRouter {
+    vm: Arc<VmFd>,
+    /// The next free GSI, and each routed GSI's (address, data).
+    state: Mutex<(u32, Routes)>,
+}
+
+type Routes = BTreeMap<u32, (u64, u32)>;
+
+/// GSIs below this are the interrupt controllers' legacy lines.
+const FIRST_MSI_GSI: u32 = 24;
+
+impl MsiRouter {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        MsiRouter {
+            vm,
+            state: Mutex::new((FIRST_MSI_GSI, BTreeMap::new())),
+        }
+    }
+
+    pub fn allocate(&self) -> u32 {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 += 1;
+        st.0 - 1
+    }
+
+    /// Routes `gsi` to an MSI (address, data), or nowhere.
+    pub fn set(&self, gsi: u32, msi: Option<(u64, u32)>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match msi {
+            Some(m) => st.1.insert(gsi, m),
+            None => st.1.remove(&gsi),
+        };
+        let Ok(mut table) = KvmIrqRouting::new(st.1.len()) else {
+            warn!("cannot build the MSI routing table");
+            return;
+        };
+        for (slot, (&gsi, &(addr, data))) in table.as_mut_slice().iter_mut().zip(st.1.iter()) {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = addr as u32;
+            e.u.msi.address_hi = (addr >> 32) as u32;
+            e.u.msi.data = data;
+            *slot = e;
+        }
+        if let Err(e) = self.vm.set_gsi_routing(&table) {
+            warn!("KVM_SET_GSI_ROUTING: {e}");
+        }
+    }
+}
+
+fn serial_out(s: &SerialOut) -> Result<Box<dyn Write + Send>> {
+    Ok(match s {
+        SerialOut::Stdio => Box::new(std::io::stdout()),
+        SerialOut::None => Box::new(std::io::sink()),
+        SerialOut::File(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("--serial file={}", p.display()))?,
+        ),
+    })
+}
+
+struct Machine {
+    pio: Bus,
+    mmio: Bus,
+}
+
+/// Builds the VM, runs it, and returns how it ended.
+pub fn run(cfg: &VmConfig) -> Result<VmEvent> {
+    cfg.validate()?;
+    let t0 = std::time::Instant::now();
+    let kvm = Kvm::new().context("/dev/kvm")?;
+    let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
+    vm.set_tss_address(0xfffb_d000)
+        .context("KVM_SET_TSS_ADDR")?;
+    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+
+    let ram = memory::create(cfg.memory)?;
+    for (slot, region) in ram.mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is mapped for the VM's life (`ram` outlives
+        // every vCPU: the process ends when the VM does).
+        unsafe { vm.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
+    }
+    let entry = boot::load_pvh(&ram, &cfg.kernel, &cfg.cmdline)?;
+
+    let (events_tx, events) = channel();
+    let machine = Arc::new(Machine {
+        pio: Bus::default(),
+        mmio: Bus::default(),
+    });
+    let out = serial_out(&cfg.serial)?;
+    machine.pio.insert(
+        serial::PORT,
+        serial::LEN,
+        Arc::new(Mutex::new(Console::new(out))),
+    )?;
+    machine.pio.insert(
+        debug_exit::PORT,
+        debug_exit::LEN,
+        Arc::new(Mutex::new(DebugExit::new(events_tx.clone()))),
+    )?;
+    let pci_bus = Arc::new(Mutex::new(PciBus::new()));
+    pci_bus
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(Arc::new(Mutex::new(HostBridge::new())));
+    machine.pio.insert(
+        pci::CONFIG_PORT,
+        pci::CONFIG_PORT_LEN,
+        Arc::new(Mutex::new(PciConfigIo::new(Arc::clone(&pci_bus)))),
+    )?;
+    let router = Arc::new(MsiRouter::new(Arc::clone(&vm)));
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let bar = PCI_MMIO_START + i as u64 * BAR_SIZE as u64;
+        if bar + BAR_SIZE as u64 > PCI_MMIO_END {
+            bail!("too many devices for the PCI window");
+        }
+        let blk = VhostUserBlk::connect(d, &ram.mem)?;
+        let dev = Arc::new(Mutex::new(
+            VirtioPci::new(Box::new(blk), bar as u32, &vm, Arc::clone(&router))
+                .map_err(|e| anyhow!("disk {}: {e}", d.socket.display()))?,
+        ));
+        pci_bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(dev.clone())
+            .context("no free PCI slot")?;
+        machine.mmio.insert(bar, BAR_SIZE as u64, dev)?;
+    }
+
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID")?;
+    let mut threads = Vec::new();
+    for id in 0..cfg.cpus {
+        let vcpu = vm
+            .create_vcpu(id as u64)
+            .with_context(|| format!("creating vCPU {id}"))?;
+        let mut c = cpuid.clone();
+        for e in c.as_mut_slice() {
+            match e.function {
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id as u32) << 24,
+                0xb | 0x1f => e.edx = id as u32,
+                _ => {}
+            }
+        }
+        vcpu.set_cpuid2(&c).context("KVM_SET_CPUID2")?;
+        if id == 0 {
+            let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+            let regs = boot::pvh_registers(&entry, &mut sregs);
+            vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+            vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+        }
+        let m = Arc::clone(&machine);
+        let tx = events_tx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(id, vcpu, &m, &tx))
+                .context("starting a vCPU thread")?,
+        );
+    }
+    info!(setup_us = t0.elapsed().as_micros() as u64, "vm started");
+    let ev = events.recv().map_err(|_| anyhow!("every vCPU ended"))?;
+    debug!("vm ended: {ev:?}");
+    Ok(ev)
+}
+
+fn dump(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
+             rsi={:#x} rdi={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector
+        ),
+        _ => "registers unreadable".into(),
+    }
+}
+
+fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>) {
+    let end = |ev: VmEvent| {
+        let _ = events.send(ev);
+    };
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                m.pio.write(port as u64, data);
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !m.pio.read(port as u64, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !m.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                m.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel LAPIC a halt only exits when nothing
+                // can wake the vCPU.
+                end(VmEvent::PowerOff);
+                return;
+            }
+            Ok(VcpuExit::Shutdown) => {
+                end(VmEvent::Fault(format!(
+                    "vCPU {id}: triple fault; {}",
+                    dump(&vcpu)
+                )));
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                end(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmEvent::Reboot,
+                    k => VmEvent::Fault(format!("vCPU {id}: system event {k}")),
+                });
+                return;
+            }
+            Ok(VcpuExit::InternalError) => {
+                end(VmEvent::Fault(format!(
+                    "vCPU {id}: KVM internal error (an instruction KVM cannot emulate?); {}",
+                    dump(&vcpu)
+                )));
+                return;
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                end(VmEvent::Fault(format!(
+                    "vCPU {id}: entry failed ({reason:#x}); {}",
+                    dump(&vcpu)
+                )));
+                return;
+            }
+            Ok(other) => {
+                let what = format!("{other:?}");
+                end(VmEvent::Fault(format!(
+                    "vCPU {id}: unexpected exit {what}; {}",
+                    dump(&vcpu)
+                )));
+                return;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => {
+                end(VmEvent::Fault(format!(
+                    "vCPU {id}: KVM_RUN: {e}; {}",
+                    dump(&vcpu)
+                )));
+                return;
+            }
+        }
+    }
+}

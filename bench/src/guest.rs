@@ -221,50 +221,105 @@ impl QemuVm {
     /// Boots the guest and returns while it runs.
     pub fn spawn(&self) -> Result<RunningVm> {
         let kernel = build_guest()?;
-        let started = Instant::now();
-        let mut child = self
-            .command(&kernel)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting qemu-system-x86_64")?;
-        let stdout = child.stdout.take().expect("piped");
-        let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let seen = std::sync::Arc::clone(&progress);
-        let reader = std::thread::spawn(move || {
-            let mut serial = String::new();
-            let mut marker = None;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if marker.is_none() && line.contains(START_MARKER) {
-                    marker = Some(started.elapsed());
-                }
-                if line.starts_with("progress:") {
-                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                serial.push_str(&line);
-                serial.push('\n');
-            }
-            (serial, marker)
-        });
-        Ok(RunningVm {
-            child,
-            reader: Some(reader),
-            started,
-            timeout: self.timeout,
-            progress,
-        })
+        spawn_vm(
+            self.command(&kernel),
+            self.timeout,
+            ExitEncoding::QemuDebugExit,
+        )
     }
 }
 
-/// A guest booted with [`QemuVm::spawn`].
+/// How a VMM process reports the guest's debug-exit value.
+#[derive(Clone, Copy, Debug)]
+pub enum ExitEncoding {
+    /// QEMU's isa-debug-exit: the process exits with (value << 1) | 1.
+    QemuDebugExit,
+    /// The project's vmm: the process exits with the value.
+    Plain,
+}
+
+fn spawn_vm(mut command: Command, timeout: Duration, exit: ExitEncoding) -> Result<RunningVm> {
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = std::sync::Arc::clone(&progress);
+    let reader = std::thread::spawn(move || {
+        let mut serial = String::new();
+        let mut marker = None;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if marker.is_none() && line.contains(START_MARKER) {
+                marker = Some(started.elapsed());
+            }
+            if line.starts_with("progress:") {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            serial.push_str(&line);
+            serial.push('\n');
+        }
+        (serial, marker)
+    });
+    Ok(RunningVm {
+        child,
+        reader: Some(reader),
+        started,
+        timeout,
+        progress,
+        exit,
+    })
+}
+
+/// The bench guest under the project's own `vmm`.
+#[derive(Clone, Debug)]
+pub struct VmmVm {
+    /// The built `vmm` binary.
+    pub vmm: PathBuf,
+    pub cpus: u8,
+    pub mem_mib: u32,
+    /// vhost-user-blk disks: (socket, queues).
+    pub disks: Vec<(PathBuf, u16)>,
+    pub cmdline: String,
+    pub timeout: Duration,
+}
+
+impl VmmVm {
+    pub fn command(&self, kernel: &Path) -> Command {
+        let mut c = Command::new(&self.vmm);
+        c.arg("--kernel").arg(kernel);
+        c.args(["--cpus", &self.cpus.to_string()]);
+        c.args(["--memory", &format!("{}M", self.mem_mib)]);
+        c.args(["--cmdline", &self.cmdline]);
+        for (socket, queues) in &self.disks {
+            c.arg("--disk")
+                .arg(format!("socket={},num_queues={queues}", socket.display()));
+        }
+        c
+    }
+
+    pub fn spawn(&self) -> Result<RunningVm> {
+        let kernel = build_guest()?;
+        spawn_vm(self.command(&kernel), self.timeout, ExitEncoding::Plain)
+    }
+
+    pub fn run(&self) -> Result<GuestRun> {
+        self.spawn()?.wait()
+    }
+}
+
+/// A guest booted with [`QemuVm::spawn`] or [`VmmVm::spawn`].
 pub struct RunningVm {
     child: Child,
     reader: Option<std::thread::JoinHandle<(String, Option<Duration>)>>,
     started: Instant,
     timeout: Duration,
     progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    exit: ExitEncoding,
 }
 
 impl RunningVm {
@@ -313,8 +368,13 @@ impl RunningVm {
         if to_marker.is_none() {
             bail!("the guest never started (qemu exited with {status}); qemu:\n{stderr}");
         }
-        // isa-debug-exit: QEMU exits with (value << 1) | 1.
-        let guest_status = status.code().filter(|c| c % 2 == 1).map(|c| (c - 1) / 2);
+        let guest_status = match self.exit {
+            // isa-debug-exit: QEMU exits with (value << 1) | 1.
+            ExitEncoding::QemuDebugExit => {
+                status.code().filter(|c| c % 2 == 1).map(|c| (c - 1) / 2)
+            }
+            ExitEncoding::Plain => status.code(),
+        };
         if guest_status.is_none() {
             bail!("qemu exited with {status} without the guest's exit; serial:\n{serial}\nqemu:\n{stderr}");
         }

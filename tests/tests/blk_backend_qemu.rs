@@ -5,43 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod common;
+use common::{bin, img};
+
 use bench::guest::{have, kvm_available, BlkBackendProcess, Disk, GuestRun, Machine, QemuVm};
 
 fn ready(test: &str) -> bool {
     kvm_available(test) && have("qemu-system-x86_64", test)
-}
-
-/// The workspace's debug binaries, built now so a test never runs a stale one.
-fn bin(name: &str) -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("root");
-    BUILT.call_once(|| {
-        let st = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "vhost-blk-backend",
-                "-p",
-                "image-format",
-            ])
-            .current_dir(root)
-            .status()
-            .expect("cargo build");
-        assert!(st.success(), "building blk-backend and img failed");
-    });
-    root.join("target/debug").join(name)
-}
-
-fn img(args: &[&str]) {
-    let out = Command::new(bin("img")).args(args).output().expect("img");
-    assert!(
-        out.status.success(),
-        "img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn boot(sock: &Path, queues: u16, cmdline: &str) -> GuestRun {

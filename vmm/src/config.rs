@@ -51,7 +51,8 @@ pub struct VmConfig {
     pub cmdline: String,
     #[serde(default = "one_cpu")]
     pub cpus: u8,
-    /// Bytes of guest memory.
+    /// Bytes of guest memory (in JSON: a number of bytes or "512M").
+    #[serde(deserialize_with = "memory_size")]
     pub memory: u64,
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -66,6 +67,21 @@ fn one_cpu() -> u8 {
 }
 fn stdio() -> SerialOut {
     SerialOut::Stdio
+}
+
+fn memory_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(t) => {
+            parse_size(&t).map_err(|e| serde::de::Error::custom(format!("memory: {e}")))
+        }
+    }
 }
 
 /// "512M", "2G", "1048576".

@@ -55,6 +55,8 @@ pub struct VhostUserBlk {
     mem: GuestMemoryMmap,
     inflight: Option<(VhostUserInflight, File)>,
     started: Vec<usize>,
+    /// The call descriptors handed to the backend (kept open).
+    calls: Vec<EventFd>,
 }
 
 impl VhostUserBlk {
@@ -154,6 +156,7 @@ impl VhostUserBlk {
             mem: mem.clone(),
             inflight: None,
             started: Vec::new(),
+            calls: Vec::new(),
         })
     }
 
@@ -242,6 +245,7 @@ impl VirtioDevice for VhostUserBlk {
                 .map_err(self.err("SET_INFLIGHT_FD"))?;
         }
         self.started.clear();
+        self.calls.clear();
         for (i, q) in queues.iter().enumerate() {
             if !q.enabled {
                 continue;
@@ -264,13 +268,21 @@ impl VirtioDevice for VhostUserBlk {
             self.frontend
                 .set_vring_addr(i, &data)
                 .map_err(self.err("SET_VRING_ADDR"))?;
-            if q.vector != NO_VECTOR {
-                if let Some(call) = interrupts.notifier(q.vector) {
-                    self.frontend
-                        .set_vring_call(i, call)
-                        .map_err(self.err("SET_VRING_CALL"))?;
-                }
+            // A queue without a vector (a polling driver) still gets a
+            // call descriptor, one nobody reads: backends such as
+            // libvhost-user's write it unconditionally.
+            let call = match interrupts
+                .notifier(q.vector)
+                .filter(|_| q.vector != NO_VECTOR)
+            {
+                Some(fd) => fd.try_clone(),
+                None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK),
             }
+            .map_err(|e| format!("disk {}: call eventfd: {e}", self.socket.display()))?;
+            self.frontend
+                .set_vring_call(i, &call)
+                .map_err(self.err("SET_VRING_CALL"))?;
+            self.calls.push(call);
             self.frontend
                 .set_vring_kick(i, &kicks[i])
                 .map_err(self.err("SET_VRING_KICK"))?;

@@ -1,0 +1,234 @@
+//! The project's vmm booting the bench guest: disks served by blk-backend
+//! (from a clone of a base image) and by qemu-storage-daemon (a backend
+//! nobody here wrote), and bad input turned into clear errors.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use bench::guest::{
+    build_guest, have, kvm_available, BlkBackendProcess, GuestRun, StorageDaemon, VmmVm,
+};
+use common::{bin, img, s};
+
+fn ready(test: &str) -> bool {
+    kvm_available(test)
+}
+
+fn vm(cpus: u8, disks: &[(PathBuf, u16)], cmdline: &str) -> VmmVm {
+    VmmVm {
+        vmm: bin("vmm"),
+        cpus,
+        mem_mib: 256,
+        disks: disks.to_vec(),
+        cmdline: cmdline.into(),
+        timeout: Duration::from_secs(120),
+    }
+}
+
+fn assert_ok(r: &GuestRun, what: &str) {
+    assert!(r.ok(), "{what}: status {:?}\n{}", r.guest_status, r.serial);
+}
+
+#[test]
+fn bench_guest_verifies_on_a_blk_backend_clone_with_1_and_2_vcpus_and_queues() {
+    if !ready("vmm_blk_backend_verify") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    img(&["create", &s(&d("base.img")), "512M"]);
+    img(&["clone", &s(&d("base.img")), &s(&d("vm.img"))]);
+    let sock = d("vm.sock");
+    let b = BlkBackendProcess::start(&bin("blk-backend"), &d("vm.img"), &sock, 2, false)
+        .expect("backend");
+    for (gen, (cpus, queues, irq)) in [(1, 1, false), (2, 2, true), (1, 2, true), (2, 1, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let gen = gen + 1;
+        let disks = [(sock.clone(), queues)];
+        let base = format!("bs=64k qd=16 queues={queues} irq={}", irq as u8);
+        let w = vm(
+            cpus,
+            &disks,
+            &format!("mode=write verify=1 gen={gen} {base}"),
+        )
+        .run()
+        .expect("vmm runs");
+        assert_ok(
+            &w,
+            &format!("write, {cpus} vCPUs, {queues} queues, irq {irq}"),
+        );
+        assert_eq!(w.field("writes"), (512 << 20) / 65536);
+        let r = vm(
+            cpus,
+            &disks,
+            &format!("mode=read verify=1 expect_gen={gen} {base}"),
+        )
+        .run()
+        .expect("vmm runs");
+        assert_ok(
+            &r,
+            &format!("read, {cpus} vCPUs, {queues} queues, irq {irq}"),
+        );
+        if irq {
+            assert!(r.field("irqs") > 0, "MSI-X interrupts arrived");
+        }
+    }
+    b.stop();
+}
+
+#[test]
+fn the_same_guest_runs_on_qemu_storage_daemon() {
+    if !ready("vmm_qsd") || !have("qemu-storage-daemon", "vmm_qsd") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(256 << 20))
+        .expect("raw file");
+    let sock = dir.path().join("qsd.sock");
+    let _qsd = StorageDaemon::start(&raw, &sock, 2, true).expect("qemu-storage-daemon");
+    let disks = [(sock.clone(), 2)];
+    let w = vm(
+        1,
+        &disks,
+        "mode=write verify=1 gen=7 bs=64k qd=16 queues=2 irq=1",
+    )
+    .run()
+    .expect("vmm runs");
+    assert_ok(&w, "write through qsd");
+    let r = vm(
+        1,
+        &disks,
+        "mode=read verify=1 expect_gen=7 bs=64k qd=16 queues=2",
+    )
+    .run()
+    .expect("vmm runs");
+    assert_ok(&r, "read through qsd");
+}
+
+/// Runs the vmm with `args`; returns (status, stderr).
+fn vmm_fails(args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin("vmm"))
+        .args(args)
+        .output()
+        .expect("vmm runs");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "vmm panicked: {err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_nothing_is_left_running() {
+    if !ready("vmm_bad_input") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, vec![0x5au8; 65536]).expect("write");
+    let kernel = build_guest().expect("bench guest");
+    let k = s(&kernel);
+    let nobody = s(&dir.path().join("nobody.sock"));
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--kernel".into(), s(&dir.path().join("missing"))],
+            "No such file",
+        ),
+        (vec!["--kernel".into(), s(&garbage)], "not a kernel"),
+        (vec!["--kernel".into(), "/bin/true".into()], "not a kernel"),
+        (
+            vec![
+                "--kernel".into(),
+                k.clone(),
+                "--disk".into(),
+                format!("socket={nobody}"),
+            ],
+            "is a backend listening",
+        ),
+        (
+            vec!["--kernel".into(), k.clone(), "--memory".into(), "1K".into()],
+            "16 MiB",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                k.clone(),
+                "--memory".into(),
+                "lots".into(),
+            ],
+            "size",
+        ),
+        (
+            vec!["--kernel".into(), k.clone(), "--cpus".into(), "0".into()],
+            "--cpus",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                k.clone(),
+                "--disk".into(),
+                "num_queues=2".into(),
+            ],
+            "socket= is missing",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                k.clone(),
+                "--serial".into(),
+                "tty".into(),
+            ],
+            "--serial",
+        ),
+    ];
+    for (args, expect) in cases {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = vmm_fails(&argv);
+        assert_ne!(code, 0, "{argv:?} succeeded");
+        assert!(
+            err.contains(expect),
+            "{argv:?}: {err:?} does not say {expect:?}"
+        );
+    }
+    // A JSON config with a mistake names it.
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(&cfg, r#"{"kernel": "/x", "memory": "big"}"#).expect("write");
+    let (code, err) = vmm_fails(&["--config", &s(&cfg)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("memory"), "{err}");
+}
+
+#[test]
+fn a_json_config_boots_like_the_command_line() {
+    if !ready("vmm_json_config") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = build_guest().expect("bench guest");
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "kernel": kernel,
+            "cmdline": "mode=read bs=4k ios=1",
+            "cpus": 1,
+            "memory": 64u64 << 20,
+            "serial": "stdio"
+        })
+        .to_string(),
+    )
+    .expect("write");
+    let out = Command::new(bin("vmm"))
+        .args(["--config", &s(&cfg)])
+        .output()
+        .expect("vmm");
+    let serial = String::from_utf8_lossy(&out.stdout);
+    assert!(serial.contains("BENCH-GUEST START"), "{serial}");
+    // No disk: the guest says so and exits 3 (its "no device" status).
+    assert_eq!(out.status.code(), Some(3), "{serial}");
+}

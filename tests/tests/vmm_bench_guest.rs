@@ -232,3 +232,140 @@ fn a_json_config_boots_like_the_command_line() {
     // No disk: the guest says so and exits 3 (its "no device" status).
     assert_eq!(out.status.code(), Some(3), "{serial}");
 }
+
+fn api(sock: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("vmm"))
+        .args(["api", "--socket", &s(sock)])
+        .args(args)
+        .output()
+        .expect("vmm api");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+/// Pause in the middle of a verifying workload, resume, finish; the
+/// counters show no userspace exit per guest I/O; shutdown through the API
+/// (graceful and forced) ends the VM with status 0.
+#[test]
+fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
+    if !ready("vmm_control_api") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    img(&["create", &s(&d("vm.img")), "256M"]);
+    let sock = d("vm.sock");
+    let b = BlkBackendProcess::start(&bin("blk-backend"), &d("vm.img"), &sock, 1, false)
+        .expect("backend");
+    let api_sock = d("api.sock");
+    let metrics = d("metrics.json");
+    let kernel = build_guest().expect("bench guest");
+    let start = |cmdline: &str| {
+        Command::new(bin("vmm"))
+            .args(["--kernel", &s(&kernel), "--memory", "256M"])
+            .args(["--disk", &format!("socket={}", s(&sock))])
+            .args([
+                "--api-socket",
+                &s(&api_sock),
+                "--metrics-file",
+                &s(&metrics),
+            ])
+            .args(["--cmdline", cmdline])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("vmm starts")
+    };
+    let wait_api = || {
+        let t0 = std::time::Instant::now();
+        while !api(&api_sock, &["info"]).0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Sequential writes that wrap around 64 MiB for 2.5 s: every block of
+    // it is written (verify needs that), many times over.
+    let vm = start("mode=write verify=1 gen=5 bs=4k qd=16 size=64M duration_ms=2500 progress_ms=0");
+    wait_api();
+    // Userspace exits over half a second of the workload (the guest prints
+    // nothing meanwhile): the data path must not exit at all.
+    let exits_now = || {
+        let (ok, body) = api(&api_sock, &["metrics"]);
+        assert!(ok, "{body}");
+        let m: serde_json::Value = serde_json::from_str(&body).expect("json");
+        m["vcpus"][0]["exits"]["total"].as_u64().expect("total")
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (e1, t1) = (exits_now(), std::time::Instant::now());
+    std::thread::sleep(Duration::from_millis(500));
+    let (e2, window) = (exits_now(), t1.elapsed());
+    let (ok, body) = api(&api_sock, &["pause"]);
+    assert!(ok && body.contains("paused"), "{body}");
+    let (_, info) = api(&api_sock, &["info"]);
+    assert!(info.contains("\"state\":\"paused\""), "{info}");
+    std::thread::sleep(Duration::from_millis(700));
+    let (ok, body) = api(&api_sock, &["resume"]);
+    assert!(ok && body.contains("running"), "{body}");
+    let (ok, _) = api(&api_sock, &["resume"]);
+    assert!(!ok, "resuming a running VM is refused");
+    let out = vm.wait_with_output().expect("vmm ends");
+    let serial = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{serial}");
+    let result: serde_json::Value = serde_json::from_str(
+        serial
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("{\"bench_guest\""))
+            .expect("result line"),
+    )
+    .expect("json");
+    assert_eq!(result["result"], "ok", "{serial}");
+    let iops = result["iops"].as_f64().expect("iops");
+    let ios_in_window = iops * window.as_secs_f64();
+    let per_io = (e2 - e1) as f64 / ios_in_window;
+    eprintln!(
+        "{} userspace exits during {:.0} guest I/Os: {per_io:.4} per I/O",
+        e2 - e1,
+        ios_in_window
+    );
+    assert!(
+        per_io < 0.01,
+        "{} exits for about {ios_in_window:.0} I/Os",
+        e2 - e1
+    );
+    // The whole run, set-up and console output included, for the record.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).expect("metrics")).expect("json");
+    eprintln!(
+        "whole run: {} exits for {} I/Os",
+        m["vcpus"][0]["exits"]["total"], result["ios"]
+    );
+    // The data survived the pause.
+    let r = vm_read(
+        &sock,
+        "mode=read verify=1 expect_gen=5 bs=4k qd=16 size=64M",
+    );
+    assert_ok(&r, "read back after pause/resume");
+
+    // Shutdown, graceful then forced, while a long workload runs.
+    for force in [false, true] {
+        let vm = start("mode=randread bs=4k qd=16 duration_ms=60000 progress_ms=0");
+        wait_api();
+        let mut args = vec!["shutdown"];
+        if force {
+            args.push("--force");
+        }
+        let (ok, body) = api(&api_sock, &args);
+        assert!(ok, "{body}");
+        let out = vm.wait_with_output().expect("vmm ends");
+        assert_eq!(out.status.code(), Some(0), "shutdown (force {force})");
+    }
+    b.stop();
+}
+
+fn vm_read(sock: &std::path::Path, cmdline: &str) -> GuestRun {
+    vm(1, &[(sock.to_path_buf(), 1)], cmdline)
+        .run()
+        .expect("vmm runs")
+}

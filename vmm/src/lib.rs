@@ -7,10 +7,14 @@
 //! - `memory`: guest memory (memfd, shareable) and the physical layout.
 //! - `boot`: loading a kernel (PVH ELF) and the registers it starts with.
 //! - `vm`: the KVM VM, its vCPU threads and their exits.
+//! - `control`: run state (pause, resume, stop) and the vCPU counters.
+//! - `api`: the HTTP/JSON control API on a Unix socket, and its client.
 //! - `devices`: port and MMIO buses, serial, debug exit, PCI.
 
+pub mod api;
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod memory;
 pub mod vm;

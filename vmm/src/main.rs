@@ -1,9 +1,10 @@
-//! `vmm`: runs one VM. Its disks are vhost-user-blk backends' sockets.
+//! `vmm`: runs one VM (its disks are vhost-user-blk backends' sockets), or
+//! talks to a running one's control API (`vmm api`).
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use clap::Parser;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
 use vmm::config::{self, VmConfig};
 use vmm::vm::{self, VmEvent};
 
@@ -12,13 +13,16 @@ use vmm::vm::{self, VmEvent};
     name = "vmm",
     version,
     about = "KVM virtual machine monitor with vhost-user-blk disks",
+    args_conflicts_with_subcommands = true,
     after_help = "Exit status: the value a test guest writes to the debug-exit port (0xf4), \
-                  0 when the guest powers off, 1 on a fault (the vCPU registers are printed) \
-                  or an error."
+                  0 when the guest powers off or the VM is shut down through the API, 1 on a \
+                  fault (the vCPU registers are printed) or an error."
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The kernel: a PVH ELF (the bench guest, a Linux vmlinux).
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long)]
     kernel: Option<PathBuf>,
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -32,6 +36,7 @@ struct Args {
     /// A vhost-user-blk disk: socket=PATH[,num_queues=N,queue_size=N,readonly=on]; repeatable.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
+    /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// stdio, none or file=PATH.
@@ -40,17 +45,46 @@ struct Args {
     /// The whole VM as a JSON file (the same fields as the options).
     #[arg(long, conflicts_with_all = ["kernel", "disks"])]
     config: Option<PathBuf>,
+    /// When the VM ends, write its counters (exits by reason, time in the
+    /// guest, per vCPU) here as JSON.
+    #[arg(long)]
+    metrics_file: Option<PathBuf>,
 }
 
-fn config_of(a: Args) -> Result<VmConfig> {
-    if let Some(p) = a.config {
-        let text = std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()))?;
+#[derive(Subcommand)]
+enum Command {
+    /// Talks to a running vmm's control API.
+    Api {
+        /// The vmm's --api-socket.
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        request: ApiRequest,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiRequest {
+    Info,
+    Pause,
+    Resume,
+    Metrics,
+    Shutdown {
+        /// End at once, without stopping the disks' queues first.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn config_of(a: &Args) -> Result<VmConfig> {
+    if let Some(p) = &a.config {
+        let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
         return serde_json::from_str(&text).with_context(|| format!("{}", p.display()));
     }
     Ok(VmConfig {
-        kernel: a.kernel.context("--kernel is required")?,
-        initrd: a.initrd,
-        cmdline: a.cmdline,
+        kernel: a.kernel.clone().context("--kernel is required")?,
+        initrd: a.initrd.clone(),
+        cmdline: a.cmdline.clone(),
         cpus: a.cpus,
         memory: config::parse_size(&a.memory)?,
         disks: a
@@ -58,8 +92,53 @@ fn config_of(a: Args) -> Result<VmConfig> {
             .iter()
             .map(|d| config::parse_disk(d))
             .collect::<Result<_, _>>()?,
-        api_socket: a.api_socket,
+        api_socket: a.api_socket.clone(),
         serial: config::parse_serial(&a.serial)?,
+    })
+}
+
+fn api(socket: &PathBuf, request: &ApiRequest) -> Result<i32> {
+    let (method, path, body) = match request {
+        ApiRequest::Info => ("GET", "/api/v1/vm.info", None),
+        ApiRequest::Metrics => ("GET", "/api/v1/vm.metrics", None),
+        ApiRequest::Pause => ("PUT", "/api/v1/vm.pause", None),
+        ApiRequest::Resume => ("PUT", "/api/v1/vm.resume", None),
+        ApiRequest::Shutdown { force } => (
+            "PUT",
+            "/api/v1/vm.shutdown",
+            Some(if *force { r#"{"force": true}"# } else { "{}" }),
+        ),
+    };
+    let (code, body) = vmm::api::call(socket, method, path, body)
+        .with_context(|| format!("{}", socket.display()))?;
+    println!("{body}");
+    if code != 200 {
+        bail!("the vmm answered {code}");
+    }
+    Ok(0)
+}
+
+fn run(a: Args) -> Result<i32> {
+    if let Some(Command::Api { socket, request }) = &a.command {
+        return api(socket, request);
+    }
+    let cfg = config_of(&a)?;
+    let out = vm::run(&cfg)?;
+    if let Some(p) = &a.metrics_file {
+        std::fs::write(p, serde_json::json!({ "vcpus": out.metrics }).to_string())
+            .with_context(|| format!("--metrics-file {}", p.display()))?;
+    }
+    Ok(match out.event {
+        VmEvent::GuestExit(code) => code as i32,
+        VmEvent::PowerOff | VmEvent::Shutdown { .. } => 0,
+        VmEvent::Reboot => {
+            eprintln!("vmm: the guest asked for a reboot; stopping");
+            0
+        }
+        VmEvent::Fault(what) => {
+            eprintln!("vmm: guest fault: {what}");
+            1
+        }
     })
 }
 
@@ -71,21 +150,9 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let code = match config_of(Args::parse()).and_then(|c| vm::run(&c)) {
-        Ok(VmEvent::GuestExit(code)) => code as i32,
-        Ok(VmEvent::PowerOff) => 0,
-        Ok(VmEvent::Reboot) => {
-            eprintln!("vmm: the guest asked for a reboot; stopping");
-            0
-        }
-        Ok(VmEvent::Fault(what)) => {
-            eprintln!("vmm: guest fault: {what}");
-            1
-        }
-        Err(e) => {
-            eprintln!("vmm: error: {e:#}");
-            1
-        }
-    };
+    let code = run(Args::parse()).unwrap_or_else(|e| {
+        eprintln!("vmm: error: {e:#}");
+        1
+    });
     std::process::exit(code)
 }

@@ -16,8 +16,10 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use tracing::{debug, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::api::Api;
 use crate::boot;
 use crate::config::{SerialOut, VmConfig};
+use crate::control::Control;
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::pci::{HostBridge, PciBus, PciConfigIo};
 use crate::devices::serial::Console;
@@ -38,6 +40,9 @@ pub enum VmEvent {
     /// A triple fault, an emulation failure or an internal error: what
     /// happened and the vCPU's registers.
     Fault(String),
+    /// The control API asked the VM to end (forced: without stopping the
+    /// disks' queues first).
+    Shutdown { force: bool },
 }
 
 /// MSI routes of the VM's GSIs; every change replaces KVM's whole table.
@@ -109,8 +114,14 @@ struct Machine {
     mmio: Bus,
 }
 
+/// How a VM ended, and its counters.
+pub struct Outcome {
+    pub event: VmEvent,
+    pub metrics: Vec<crate::control::VcpuMetrics>,
+}
+
 /// Builds the VM, runs it, and returns how it ended.
-pub fn run(cfg: &VmConfig) -> Result<VmEvent> {
+pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     cfg.validate()?;
     let t0 = std::time::Instant::now();
     let kvm = Kvm::new().context("/dev/kvm")?;
@@ -161,6 +172,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmEvent> {
         Arc::new(Mutex::new(PciConfigIo::new(Arc::clone(&pci_bus)))),
     )?;
     let router = Arc::new(MsiRouter::new(Arc::clone(&vm)));
+    let mut disks = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let bar = PCI_MMIO_START + i as u64 * BAR_SIZE as u64;
         if bar + BAR_SIZE as u64 > PCI_MMIO_END {
@@ -176,7 +188,19 @@ pub fn run(cfg: &VmConfig) -> Result<VmEvent> {
             .unwrap_or_else(|e| e.into_inner())
             .add(dev.clone())
             .context("no free PCI slot")?;
-        machine.mmio.insert(bar, BAR_SIZE as u64, dev)?;
+        machine.mmio.insert(bar, BAR_SIZE as u64, dev.clone())?;
+        disks.push(dev);
+    }
+    let control =
+        Arc::new(Control::new(cfg.cpus as usize).context("installing the vCPU kick signal")?);
+    if let Some(path) = &cfg.api_socket {
+        Api {
+            control: Arc::clone(&control),
+            config: cfg.clone(),
+            events: events_tx.clone(),
+        }
+        .serve(path)
+        .with_context(|| format!("--api-socket {}", path.display()))?;
     }
 
     let cpuid = kvm
@@ -204,17 +228,30 @@ pub fn run(cfg: &VmConfig) -> Result<VmEvent> {
         }
         let m = Arc::clone(&machine);
         let tx = events_tx.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, vcpu, &m, &tx))
-                .context("starting a vCPU thread")?,
-        );
+        let ctl = Arc::clone(&control);
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(id, vcpu, &m, &tx, &ctl))
+            .context("starting a vCPU thread")?;
+        control.add_thread(&t);
+        threads.push(t);
     }
     info!(setup_us = t0.elapsed().as_micros() as u64, "vm started");
-    let ev = events.recv().map_err(|_| anyhow!("every vCPU ended"))?;
-    debug!("vm ended: {ev:?}");
-    Ok(ev)
+    let event = events.recv().map_err(|_| anyhow!("every vCPU ended"))?;
+    debug!("vm ended: {event:?}");
+    if event != (VmEvent::Shutdown { force: true }) {
+        // The vCPUs stop, then the disks' queues (the backends finish what
+        // is in flight), so nothing is left half done.
+        control.pause(std::time::Duration::from_secs(2));
+        for d in &disks {
+            d.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+        }
+    }
+    control.stop();
+    Ok(Outcome {
+        event,
+        metrics: control.metrics(),
+    })
 }
 
 fn dump(vcpu: &VcpuFd) -> String {
@@ -242,12 +279,33 @@ fn dump(vcpu: &VcpuFd) -> String {
     }
 }
 
-fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>) {
+fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ctl: &Control) {
     let end = |ev: VmEvent| {
         let _ = events.send(ev);
     };
+    let stats = &ctl.stats[id as usize];
+    let count = |c: &std::sync::atomic::AtomicU64| {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
     loop {
-        match vcpu.run() {
+        if !ctl.vcpu_may_run() {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        let exit = vcpu.run();
+        stats.run_ns.fetch_add(
+            t0.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        match &exit {
+            Ok(VcpuExit::IoOut(..)) => count(&stats.io_out),
+            Ok(VcpuExit::IoIn(..)) => count(&stats.io_in),
+            Ok(VcpuExit::MmioRead(..)) => count(&stats.mmio_read),
+            Ok(VcpuExit::MmioWrite(..)) => count(&stats.mmio_write),
+            Err(_) => count(&stats.interrupted),
+            Ok(_) => count(&stats.other),
+        }
+        match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 m.pio.write(port as u64, data);
             }

@@ -225,6 +225,15 @@ impl VirtioPci {
         })
     }
 
+    /// Stops the device's queues (the VM is ending): the backend finishes
+    /// what is in flight first.
+    pub fn shutdown(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+    }
+
     fn queue(&mut self) -> Option<&mut QueueConfig> {
         self.queues.get_mut(self.queue_select as usize)
     }

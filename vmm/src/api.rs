@@ -1,0 +1,257 @@
+//! The control API: HTTP/1.1 with JSON bodies over a Unix socket, so curl
+//! drives it (`curl --unix-socket vm.sock http://localhost/api/v1/vm.info`).
+//!
+//! | request | does |
+//! |---|---|
+//! | GET /api/v1/vm.info | state, vCPUs, memory, uptime, disks |
+//! | PUT /api/v1/vm.pause | parks every vCPU |
+//! | PUT /api/v1/vm.resume | lets them run again |
+//! | PUT /api/v1/vm.shutdown | ends the VM (body `{"force": true}`: at once) |
+//! | GET /api/v1/vm.metrics | exits by reason and time in the guest, per vCPU |
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tracing::warn;
+
+use crate::config::VmConfig;
+use crate::control::Control;
+use crate::vm::VmEvent;
+
+pub struct Api {
+    pub control: Arc<Control>,
+    pub config: VmConfig,
+    pub events: Sender<VmEvent>,
+}
+
+/// A parsed request: method, path, body.
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+const MAX_BODY: usize = 64 * 1024;
+const ENDPOINTS: [&str; 5] = [
+    "/api/v1/vm.info",
+    "/api/v1/vm.metrics",
+    "/api/v1/vm.pause",
+    "/api/v1/vm.resume",
+    "/api/v1/vm.shutdown",
+];
+
+pub fn read_request(stream: &mut impl Read) -> Result<Request, String> {
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| e.to_string())?;
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
+        return Err(format!("bad request line {:?}", line.trim_end()));
+    };
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).map_err(|e| e.to_string())? == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| "bad Content-Length".to_string())?;
+            }
+        }
+    }
+    if len > MAX_BODY {
+        return Err(format!("a body of {len} bytes (at most {MAX_BODY})"));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| e.to_string())?;
+    Ok(Request {
+        method: method.to_string(),
+        path: path.to_string(),
+        body,
+    })
+}
+
+fn respond(stream: &mut UnixStream, code: u16, body: &Value) {
+    let reason = match code {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        _ => "Internal Server Error",
+    };
+    let text = body.to_string();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+}
+
+impl Api {
+    /// Answers one request: (status code, JSON body).
+    pub fn handle(&self, req: &Request) -> (u16, Value) {
+        let err = |code, msg: String| (code, json!({ "error": msg }));
+        let c = &self.control;
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/api/v1/vm.info") => (
+                200,
+                json!({
+                    "state": c.state(),
+                    "cpus": self.config.cpus,
+                    "memory_bytes": self.config.memory,
+                    "kernel": self.config.kernel,
+                    "disks": self.config.disks,
+                    "uptime_ms": c.started.elapsed().as_millis() as u64,
+                }),
+            ),
+            ("GET", "/api/v1/vm.metrics") => (200, json!({ "vcpus": c.metrics() })),
+            ("PUT", "/api/v1/vm.pause") => {
+                if c.pause(Duration::from_secs(5)) {
+                    (200, json!({ "state": c.state() }))
+                } else {
+                    err(409, format!("cannot pause a VM that is {:?}", c.state()))
+                }
+            }
+            ("PUT", "/api/v1/vm.resume") => {
+                if c.resume() {
+                    (200, json!({ "state": c.state() }))
+                } else {
+                    err(409, format!("cannot resume a VM that is {:?}", c.state()))
+                }
+            }
+            ("PUT", "/api/v1/vm.shutdown") => {
+                let force = serde_json::from_slice::<Value>(&req.body)
+                    .ok()
+                    .and_then(|v| v["force"].as_bool())
+                    .unwrap_or(false);
+                let _ = self.events.send(VmEvent::Shutdown { force });
+                (200, json!({ "state": "stopping", "force": force }))
+            }
+            (_, p) if ENDPOINTS.contains(&p) => {
+                err(405, format!("{} is not allowed on {p}", req.method))
+            }
+            (_, p) => err(404, format!("no such endpoint: {p}")),
+        }
+    }
+
+    /// Serves the socket until the process ends.
+    pub fn serve(self, path: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { continue };
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    match read_request(&mut stream) {
+                        Ok(req) => {
+                            let (code, body) = self.handle(&req);
+                            respond(&mut stream, code, &body);
+                        }
+                        Err(e) => {
+                            warn!("api: {e}");
+                            respond(&mut stream, 400, &json!({ "error": e }));
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// The client side (`vmm api ...`): one request, the response body.
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn unknown_endpoints_and_wrong_methods_are_refused_by_name() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let api = Api {
+            control: Arc::new(Control::new(1).expect("control")),
+            config: VmConfig {
+                kernel: "k".into(),
+                initrd: None,
+                cmdline: String::new(),
+                cpus: 1,
+                memory: 1 << 30,
+                disks: Vec::new(),
+                api_socket: None,
+                serial: crate::config::SerialOut::None,
+            },
+            events: tx,
+        };
+        assert_eq!(api.handle(&req("GET", "/api/v1/vm.info")).0, 200);
+        let (code, body) = api.handle(&req("DELETE", "/api/v1/vm.info"));
+        assert_eq!(code, 405);
+        assert!(body["error"].as_str().unwrap().contains("DELETE"));
+        assert_eq!(api.handle(&req("GET", "/api/v1/vm.explode")).0, 404);
+        // Resuming what runs is a conflict, not a success.
+        assert_eq!(api.handle(&req("PUT", "/api/v1/vm.resume")).0, 409);
+    }
+
+    #[test]
+    fn requests_parse_and_oversized_or_broken_ones_are_refused() {
+        let r = read_request(&mut &b"PUT /api/v1/vm.shutdown HTTP/1.1\r\nContent-Length: 15\r\n\r\n{\"force\": true}"[..]).unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str()),
+            ("PUT", "/api/v1/vm.shutdown")
+        );
+        assert_eq!(r.body, b"{\"force\": true}");
+        assert!(read_request(&mut &b"garbage\r\n\r\n"[..]).is_err());
+        assert!(
+            read_request(&mut &b"GET / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"[..]).is_err()
+        );
+    }
+}

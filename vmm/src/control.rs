@@ -1,0 +1,192 @@
+//! The VM's run state as vCPU threads and the control API share it:
+//! pause, resume and stop reach vCPUs that may be inside KVM_RUN by a
+//! signal, repeated until each vCPU has acknowledged (a signal that lands
+//! just before KVM_RUN is entered would otherwise be lost). Also the
+//! counters behind the metrics.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+/// Per-vCPU counters (relaxed: they are statistics).
+#[derive(Default)]
+pub struct VcpuStats {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub interrupted: AtomicU64,
+    pub other: AtomicU64,
+    /// Nanoseconds spent inside KVM_RUN.
+    pub run_ns: AtomicU64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VcpuMetrics {
+    pub id: usize,
+    pub exits: ExitCounts,
+    pub run_ms: f64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct ExitCounts {
+    pub io_in: u64,
+    pub io_out: u64,
+    pub mmio_read: u64,
+    pub mmio_write: u64,
+    pub interrupted: u64,
+    pub other: u64,
+    pub total: u64,
+}
+
+pub struct Control {
+    state: Mutex<(RunState, usize)>,
+    changed: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+    pub stats: Vec<VcpuStats>,
+    pub started: Instant,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+impl Control {
+    pub fn new(vcpus: usize) -> std::io::Result<Control> {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok(Control {
+            state: Mutex::new((RunState::Running, 0)),
+            changed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            stats: (0..vcpus).map(|_| VcpuStats::default()).collect(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn add_thread<T>(&self, h: &JoinHandle<T>) {
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(h.as_pthread_t());
+    }
+
+    pub fn state(&self) -> RunState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    fn kick_all(&self) {
+        for &t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // SAFETY: signalling a thread of this process; the handler is
+            // installed and does nothing but interrupt KVM_RUN.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Called by a vCPU before each KVM_RUN: parks while paused; false
+    /// when the vCPU must end.
+    pub fn vcpu_may_run(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 == RunState::Paused {
+            st.1 += 1;
+            self.changed.notify_all();
+            while st.0 == RunState::Paused {
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.1 -= 1;
+        }
+        st.0 != RunState::Stopping
+    }
+
+    /// Pauses every vCPU; returns once all are parked (or `false` after
+    /// `timeout`).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.0 != RunState::Running {
+                return st.0 == RunState::Paused;
+            }
+            st.0 = RunState::Paused;
+        }
+        let n = self.stats.len();
+        let t0 = Instant::now();
+        loop {
+            self.kick_all();
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let (st, _) = self
+                .changed
+                .wait_timeout_while(st, Duration::from_millis(1), |s| s.1 < n)
+                .unwrap_or_else(|e| e.into_inner());
+            if st.1 >= n {
+                return true;
+            }
+            if t0.elapsed() > timeout {
+                return false;
+            }
+        }
+    }
+
+    pub fn resume(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 != RunState::Paused {
+            return false;
+        }
+        st.0 = RunState::Running;
+        self.changed.notify_all();
+        true
+    }
+
+    /// Ends every vCPU loop.
+    pub fn stop(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = RunState::Stopping;
+        self.changed.notify_all();
+        drop(st);
+        self.kick_all();
+    }
+
+    pub fn metrics(&self) -> Vec<VcpuMetrics> {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.stats
+            .iter()
+            .enumerate()
+            .map(|(id, s)| {
+                let mut e = ExitCounts {
+                    io_in: r(&s.io_in),
+                    io_out: r(&s.io_out),
+                    mmio_read: r(&s.mmio_read),
+                    mmio_write: r(&s.mmio_write),
+                    interrupted: r(&s.interrupted),
+                    other: r(&s.other),
+                    total: 0,
+                };
+                e.total = e.io_in + e.io_out + e.mmio_read + e.mmio_write + e.other;
+                VcpuMetrics {
+                    id,
+                    exits: e,
+                    run_ms: r(&s.run_ns) as f64 / 1e6,
+                }
+            })
+            .collect()
+    }
+}

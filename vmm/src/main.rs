@@ -97,7 +97,7 @@ fn config_of(a: &Args) -> Result<VmConfig> {
     })
 }
 
-fn api(socket: &PathBuf, request: &ApiRequest) -> Result<i32> {
+fn api(socket: &std::path::Path, request: &ApiRequest) -> Result<i32> {
     let (method, path, body) = match request {
         ApiRequest::Info => ("GET", "/api/v1/vm.info", None),
         ApiRequest::Metrics => ("GET", "/api/v1/vm.metrics", None),

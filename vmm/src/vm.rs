@@ -203,6 +203,14 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         .with_context(|| format!("--api-socket {}", path.display()))?;
     }
 
+    for (i, dev) in disks.iter().enumerate() {
+        let dev = Arc::clone(dev);
+        let ctl = Arc::clone(&control);
+        std::thread::Builder::new()
+            .name(format!("disk{i}"))
+            .spawn(move || watch_disk(&dev, &ctl))
+            .context("starting a disk watcher")?;
+    }
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
@@ -252,6 +260,56 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         event,
         metrics: control.metrics(),
     })
+}
+
+/// Waits for a disk's backend to go away, then reconnects to it as soon as
+/// it is back (the guest's requests wait meanwhile, and the backend resumes
+/// them from the inflight region).
+fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control) {
+    let lock = || dev.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if ctl.state() == crate::control::RunState::Stopping {
+            return;
+        }
+        let Some(fd) = lock().connection_fd() else {
+            return;
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd; the descriptor stays open while the
+        // device holds its connection (a reconnect replaces it only here).
+        let n = unsafe { libc::poll(&mut p, 1, 200) };
+        if n <= 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) == 0 {
+            continue;
+        }
+        warn!("a disk backend went away; reconnecting");
+        let t0 = std::time::Instant::now();
+        let mut last = String::new();
+        loop {
+            if ctl.state() == crate::control::RunState::Stopping {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            match lock().reconnect() {
+                Ok(()) => {
+                    info!(
+                        after_ms = t0.elapsed().as_millis() as u64,
+                        "disk backend reconnected"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    if e != last {
+                        debug!("reconnect: {e}");
+                        last = e;
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn dump(vcpu: &VcpuFd) -> String {

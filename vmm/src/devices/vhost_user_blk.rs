@@ -4,8 +4,8 @@
 //! the backend gets the kick ioeventfds and the MSI irqfds directly.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 use vhost::vhost_user::message::{
@@ -13,7 +13,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio_pci::{Interrupts, QueueConfig, VirtioDevice, NO_VECTOR};
@@ -55,90 +55,108 @@ pub struct VhostUserBlk {
     mem: GuestMemoryMmap,
     inflight: Option<(VhostUserInflight, File)>,
     started: Vec<usize>,
-    /// The call descriptors handed to the backend (kept open).
+    /// The running session, to replay after a reconnect.
+    active: Option<Active>,
+}
+
+/// What the driver set up, as the backend must be told again after a
+/// reconnect.
+struct Active {
+    features: u64,
+    queues: Vec<(usize, QueueConfig)>,
+    kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
+}
+
+type Handshake = (Frontend, u64, VhostUserProtocolFeatures, Vec<u8>);
+
+/// Connects, negotiates protocol features, reads the configuration and
+/// sends the memory table.
+fn handshake(path: &Path, num_queues: u16, mem: &GuestMemoryMmap) -> Result<Handshake, DiskError> {
+    let socket = path.display().to_string();
+    let p = |what: &'static str| {
+        let socket = socket.clone();
+        move |e: vhost::Error| DiskError::Protocol {
+            socket: socket.clone(),
+            what,
+            err: e.to_string(),
+        }
+    };
+    let mut frontend =
+        Frontend::connect(path, num_queues as u64).map_err(|e| DiskError::Connect {
+            socket: socket.clone(),
+            err: e.to_string(),
+        })?;
+    frontend.set_owner().map_err(p("SET_OWNER"))?;
+    let backend_features = frontend.get_features().map_err(p("GET_FEATURES"))?;
+    if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+        return Err(DiskError::Protocol {
+            socket,
+            what: "features",
+            err: "the backend has no protocol features (needed for its configuration)".into(),
+        });
+    }
+    let offered = frontend
+        .get_protocol_features()
+        .map_err(p("GET_PROTOCOL_FEATURES"))?;
+    let wanted = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    let protocol = offered & wanted;
+    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Err(DiskError::Protocol {
+            socket,
+            what: "protocol features",
+            err: "the backend cannot report its configuration (CONFIG)".into(),
+        });
+    }
+    frontend
+        .set_protocol_features(protocol)
+        .map_err(p("SET_PROTOCOL_FEATURES"))?;
+    if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        let n = frontend.get_queue_num().map_err(p("GET_QUEUE_NUM"))?;
+        if n < num_queues as u64 {
+            return Err(DiskError::Queues {
+                socket,
+                offered: n,
+                wanted: num_queues,
+            });
+        }
+    } else if num_queues > 1 {
+        return Err(DiskError::Queues {
+            socket,
+            offered: 1,
+            wanted: num_queues,
+        });
+    }
+    let (_, config) = frontend
+        .get_config(
+            0,
+            CONFIG_LEN,
+            VhostUserConfigFlags::WRITABLE,
+            &[0u8; CONFIG_LEN as usize],
+        )
+        .map_err(p("GET_CONFIG"))?;
+    let regions: Vec<VhostUserMemoryRegionInfo> = mem
+        .iter()
+        .map(VhostUserMemoryRegionInfo::from_guest_region)
+        .collect::<Result<_, _>>()
+        .map_err(p("memory regions"))?;
+    frontend
+        .set_mem_table(&regions)
+        .map_err(p("SET_MEM_TABLE"))?;
+    Ok((frontend, backend_features, protocol, config))
 }
 
 impl VhostUserBlk {
     /// Connects and learns what the backend offers; the memory table goes
     /// over now, the rings when the driver is ready.
     pub fn connect(cfg: &DiskConfig, mem: &GuestMemoryMmap) -> Result<Self, DiskError> {
-        let socket = cfg.socket.display().to_string();
-        let p = |what: &'static str| {
-            let socket = socket.clone();
-            move |e: vhost::Error| DiskError::Protocol {
-                socket: socket.clone(),
-                what,
-                err: e.to_string(),
-            }
-        };
-        let mut frontend = Frontend::connect(&cfg.socket, cfg.num_queues as u64).map_err(|e| {
-            DiskError::Connect {
-                socket: socket.clone(),
-                err: e.to_string(),
-            }
-        })?;
-        frontend.set_owner().map_err(p("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(p("GET_FEATURES"))?;
-        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            return Err(DiskError::Protocol {
-                socket,
-                what: "features",
-                err: "the backend has no protocol features (needed for its configuration)".into(),
-            });
-        }
-        let offered = frontend
-            .get_protocol_features()
-            .map_err(p("GET_PROTOCOL_FEATURES"))?;
-        let wanted = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-        let protocol = offered & wanted;
-        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(DiskError::Protocol {
-                socket,
-                what: "protocol features",
-                err: "the backend cannot report its configuration (CONFIG)".into(),
-            });
-        }
-        frontend
-            .set_protocol_features(protocol)
-            .map_err(p("SET_PROTOCOL_FEATURES"))?;
-        if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let n = frontend.get_queue_num().map_err(p("GET_QUEUE_NUM"))?;
-            if n < cfg.num_queues as u64 {
-                return Err(DiskError::Queues {
-                    socket,
-                    offered: n,
-                    wanted: cfg.num_queues,
-                });
-            }
-        } else if cfg.num_queues > 1 {
-            return Err(DiskError::Queues {
-                socket,
-                offered: 1,
-                wanted: cfg.num_queues,
-            });
-        }
-        let (_, config) = frontend
-            .get_config(
-                0,
-                CONFIG_LEN,
-                VhostUserConfigFlags::WRITABLE,
-                &[0u8; CONFIG_LEN as usize],
-            )
-            .map_err(p("GET_CONFIG"))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<_, _>>()
-            .map_err(p("memory regions"))?;
-        frontend
-            .set_mem_table(&regions)
-            .map_err(p("SET_MEM_TABLE"))?;
-        info!(socket = %socket, features = format_args!("{backend_features:#x}"), "disk connected");
+        let (frontend, backend_features, protocol, config) =
+            handshake(&cfg.socket, cfg.num_queues, mem)?;
+        info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), "disk connected");
         let mut config = config;
         // The number of queues the guest sees is the number configured.
         if config.len() >= 36 {
@@ -156,8 +174,105 @@ impl VhostUserBlk {
             mem: mem.clone(),
             inflight: None,
             started: Vec::new(),
-            calls: Vec::new(),
+            active: None,
         })
+    }
+
+    /// The connection's descriptor (to watch for the backend going away).
+    pub fn connection_fd(&self) -> RawFd {
+        self.frontend.as_raw_fd()
+    }
+
+    /// One attempt to reconnect to a backend that went away and to replay
+    /// the session: same features, the same inflight region (so it resumes
+    /// what was in flight), the same rings, kicks and interrupts, each ring
+    /// resuming at the used index the guest's memory holds.
+    pub fn reconnect(&mut self) -> Result<(), String> {
+        let (frontend, features, protocol, _) =
+            handshake(&self.socket, self.num_queues, &self.mem).map_err(|e| e.to_string())?;
+        if features != self.backend_features || protocol != self.protocol {
+            return Err(format!(
+                "disk {}: the backend came back with other features ({features:#x})",
+                self.socket.display()
+            ));
+        }
+        self.frontend = frontend;
+        let Some(active) = self.active.take() else {
+            return Ok(());
+        };
+        let r = self.start_rings(&active);
+        self.active = Some(active);
+        r?;
+        info!(socket = %self.socket.display(), "disk reconnected");
+        Ok(())
+    }
+
+    fn start_rings(&mut self, a: &Active) -> Result<(), String> {
+        let f = a.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.frontend
+            .set_features(f)
+            .map_err(self.err("SET_FEATURES"))?;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            && self.inflight.is_none()
+        {
+            let want = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: self.num_queues,
+                queue_size: self.queue_size,
+            };
+            let got = self
+                .frontend
+                .get_inflight_fd(&want)
+                .map_err(self.err("GET_INFLIGHT_FD"))?;
+            self.inflight = Some(got);
+        }
+        if let Some((info, file)) = &self.inflight {
+            self.frontend
+                .set_inflight_fd(info, file.as_raw_fd())
+                .map_err(self.err("SET_INFLIGHT_FD"))?;
+        }
+        self.started.clear();
+        for (k, (i, q)) in a.queues.iter().enumerate() {
+            let (i, q) = (*i, *q);
+            let data = VringConfigData {
+                queue_max_size: q.max_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_addr(q.desc)?,
+                used_ring_addr: self.host_addr(q.used)?,
+                avail_ring_addr: self.host_addr(q.avail)?,
+                log_addr: None,
+            };
+            // Where the ring resumes: what the guest has seen completed
+            // (the backend adds what its inflight region says was fetched).
+            let used_idx: u16 = self
+                .mem
+                .read_obj(vm_memory::GuestAddress(q.used + 2))
+                .map_err(|e| format!("used ring of queue {i}: {e}"))?;
+            self.frontend
+                .set_vring_num(i, q.size)
+                .map_err(self.err("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_base(i, used_idx)
+                .map_err(self.err("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_addr(i, &data)
+                .map_err(self.err("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_call(i, &a.calls[k])
+                .map_err(self.err("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(i, &a.kicks[k])
+                .map_err(self.err("SET_VRING_KICK"))?;
+            self.frontend
+                .set_vring_enable(i, true)
+                .map_err(self.err("SET_VRING_ENABLE"))?;
+            self.started.push(i);
+        }
+        Ok(())
     }
 
     fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> String + '_ {
@@ -218,56 +333,16 @@ impl VirtioDevice for VhostUserBlk {
         kicks: &[EventFd],
         interrupts: &dyn Interrupts,
     ) -> Result<(), String> {
-        let f = features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.frontend
-            .set_features(f)
-            .map_err(self.err("SET_FEATURES"))?;
-        if self
-            .protocol
-            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-            && self.inflight.is_none()
-        {
-            let want = VhostUserInflight {
-                mmap_size: 0,
-                mmap_offset: 0,
-                num_queues: self.num_queues,
-                queue_size: self.queue_size,
-            };
-            let got = self
-                .frontend
-                .get_inflight_fd(&want)
-                .map_err(self.err("GET_INFLIGHT_FD"))?;
-            self.inflight = Some(got);
-        }
-        if let Some((info, file)) = &self.inflight {
-            self.frontend
-                .set_inflight_fd(info, file.as_raw_fd())
-                .map_err(self.err("SET_INFLIGHT_FD"))?;
-        }
-        self.started.clear();
-        self.calls.clear();
+        let mut active = Active {
+            features,
+            queues: Vec::new(),
+            kicks: Vec::new(),
+            calls: Vec::new(),
+        };
         for (i, q) in queues.iter().enumerate() {
             if !q.enabled {
                 continue;
             }
-            let data = VringConfigData {
-                queue_max_size: q.max_size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: self.host_addr(q.desc)?,
-                used_ring_addr: self.host_addr(q.used)?,
-                avail_ring_addr: self.host_addr(q.avail)?,
-                log_addr: None,
-            };
-            self.frontend
-                .set_vring_num(i, q.size)
-                .map_err(self.err("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_base(i, 0)
-                .map_err(self.err("SET_VRING_BASE"))?;
-            self.frontend
-                .set_vring_addr(i, &data)
-                .map_err(self.err("SET_VRING_ADDR"))?;
             // A queue without a vector (a polling driver) still gets a
             // call descriptor, one nobody reads: backends such as
             // libvhost-user's write it unconditionally.
@@ -279,20 +354,25 @@ impl VirtioDevice for VhostUserBlk {
                 None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK),
             }
             .map_err(|e| format!("disk {}: call eventfd: {e}", self.socket.display()))?;
-            self.frontend
-                .set_vring_call(i, &call)
-                .map_err(self.err("SET_VRING_CALL"))?;
-            self.calls.push(call);
-            self.frontend
-                .set_vring_kick(i, &kicks[i])
-                .map_err(self.err("SET_VRING_KICK"))?;
-            self.frontend
-                .set_vring_enable(i, true)
-                .map_err(self.err("SET_VRING_ENABLE"))?;
-            self.started.push(i);
+            let kick = kicks[i]
+                .try_clone()
+                .map_err(|e| format!("disk {}: kick eventfd: {e}", self.socket.display()))?;
+            active.queues.push((i, *q));
+            active.kicks.push(kick);
+            active.calls.push(call);
         }
+        self.start_rings(&active)?;
         info!(socket = %self.socket.display(), queues = self.started.len(), "disk started");
+        self.active = Some(active);
         Ok(())
+    }
+
+    fn connection_fd(&self) -> Option<RawFd> {
+        Some(self.frontend.as_raw_fd())
+    }
+
+    fn reconnect(&mut self) -> Result<(), String> {
+        VhostUserBlk::reconnect(self)
     }
 
     fn reset(&mut self) {
@@ -302,6 +382,7 @@ impl VirtioDevice for VhostUserBlk {
             }
         }
         self.started.clear();
+        self.active = None;
         // A reset device starts with a fresh inflight region.
         self.inflight = None;
     }

@@ -72,6 +72,15 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), String>;
     /// The driver reset the device.
     fn reset(&mut self);
+    /// For devices served by another process: the connection to watch.
+    fn connection_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// For devices served by another process: one attempt to reconnect
+    /// after the connection went away.
+    fn reconnect(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Default)]
@@ -232,6 +241,14 @@ impl VirtioPci {
             self.device.reset();
             self.activated = false;
         }
+    }
+
+    pub fn connection_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.connection_fd()
+    }
+
+    pub fn reconnect(&mut self) -> Result<(), String> {
+        self.device.reconnect()
     }
 
     fn queue(&mut self) -> Option<&mut QueueConfig> {

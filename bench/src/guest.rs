@@ -286,6 +286,8 @@ pub struct VmmVm {
     pub disks: Vec<(PathBuf, u16)>,
     pub cmdline: String,
     pub timeout: Duration,
+    /// Where the vmm writes its counters when the VM ends.
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl VmmVm {
@@ -298,6 +300,9 @@ impl VmmVm {
         for (socket, queues) in &self.disks {
             c.arg("--disk")
                 .arg(format!("socket={},num_queues={queues}", socket.display()));
+        }
+        if let Some(m) = &self.metrics_file {
+            c.arg("--metrics-file").arg(m);
         }
         c
     }
@@ -326,6 +331,11 @@ impl RunningVm {
     /// Progress lines the guest printed so far.
     pub fn progress_lines(&self) -> u64 {
         self.progress.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The VMM process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the guest is still running.

@@ -25,6 +25,7 @@ fn vm(cpus: u8, disks: &[(PathBuf, u16)], cmdline: &str) -> VmmVm {
         disks: disks.to_vec(),
         cmdline: cmdline.into(),
         timeout: Duration::from_secs(120),
+        metrics_file: None,
     }
 }
 

@@ -125,8 +125,11 @@ fn run(a: Args) -> Result<i32> {
     let cfg = config_of(&a)?;
     let out = vm::run(&cfg)?;
     if let Some(p) = &a.metrics_file {
-        std::fs::write(p, serde_json::json!({ "vcpus": out.metrics }).to_string())
-            .with_context(|| format!("--metrics-file {}", p.display()))?;
+        std::fs::write(
+            p,
+            serde_json::json!({ "vcpus": out.metrics, "timing": out.timing }).to_string(),
+        )
+        .with_context(|| format!("--metrics-file {}", p.display()))?;
     }
     Ok(match out.event {
         VmEvent::GuestExit(code) => code as i32,

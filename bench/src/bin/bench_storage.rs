@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bench::guest::{kvm_available, BlkBackendProcess, Disk, Machine, QemuVm, StorageDaemon};
+use bench::guest::{kvm_available, BlkBackendProcess, Disk, Machine, QemuVm, StorageDaemon, VmmVm};
 use clap::Parser;
 use serde::Serialize;
 
@@ -21,7 +21,8 @@ struct Args {
     /// Only the workloads whose name contains this (e.g. "QD32").
     #[arg(long)]
     only: Option<String>,
-    /// Only these rows: fio, qemu, qsd, blk-backend (comma-separated).
+    /// Only these rows: fio, qemu, qsd, blk-backend, vmm-qsd, vmm-blk-backend
+    /// (comma-separated); "none" runs only the boot and memory figures.
     #[arg(long, value_delimiter = ',')]
     rows: Vec<String>,
     /// Runs per cell (the median is reported).
@@ -88,6 +89,8 @@ enum Row {
     QemuVirtioBlk,
     QemuQsd,
     QemuBlkBackend,
+    VmmQsd,
+    VmmBlkBackend,
 }
 
 impl Row {
@@ -97,6 +100,8 @@ impl Row {
             Row::QemuVirtioBlk => "QEMU virtio-blk (io_uring, direct, iothread)",
             Row::QemuQsd => "QEMU + qemu-storage-daemon vhost-user-blk",
             Row::QemuBlkBackend => "QEMU + blk-backend (snap image, io_uring, O_DIRECT)",
+            Row::VmmQsd => "vmm + qemu-storage-daemon vhost-user-blk",
+            Row::VmmBlkBackend => "vmm + blk-backend (snap image, io_uring, O_DIRECT)",
         }
     }
 
@@ -106,6 +111,8 @@ impl Row {
             Row::QemuVirtioBlk => "qemu",
             Row::QemuQsd => "qsd",
             Row::QemuBlkBackend => "blk-backend",
+            Row::VmmQsd => "vmm-qsd",
+            Row::VmmBlkBackend => "vmm-blk-backend",
         }
     }
 }
@@ -227,15 +234,21 @@ fn guest_cmdline(w: &Workload, seconds: u64) -> String {
     )
 }
 
-fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
-    let vm = QemuVm {
-        machine: Machine::Microvm,
+fn run_vmm(vmm: &Path, socket: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
+    let r = VmmVm {
+        vmm: vmm.to_path_buf(),
+        cpus: 1,
         mem_mib: 512,
-        disk,
+        disks: vec![(socket.to_path_buf(), 1)],
         cmdline: guest_cmdline(w, seconds),
         timeout: Duration::from_secs(seconds + 60),
-    };
-    let r = vm.run()?;
+        metrics_file: None,
+    }
+    .run()?;
+    sample_of(&r)
+}
+
+fn sample_of(r: &bench::guest::GuestRun) -> Result<Sample> {
     let Some(j) = r.result.as_ref().filter(|_| r.ok()) else {
         bail!("guest failed:\n{}", r.serial);
     };
@@ -251,6 +264,17 @@ fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
         p99_us: lat("p99"),
         p999_us: lat("p99_9"),
     })
+}
+
+fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
+    let vm = QemuVm {
+        machine: Machine::Microvm,
+        mem_mib: 512,
+        disk,
+        cmdline: guest_cmdline(w, seconds),
+        timeout: Duration::from_secs(seconds + 60),
+    };
+    sample_of(&vm.run()?)
 }
 
 fn svg(cells: &[Cell]) -> String {
@@ -342,6 +366,10 @@ fn main() -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let backend_bin = exe_dir.join("blk-backend");
+    let vmm_bin = exe_dir.join("vmm");
+    if !vmm_bin.exists() {
+        bail!("build the vmm first: cargo build --release -p vmm");
+    }
     let img_bin = exe_dir.join("img");
     if !backend_bin.exists() || !img_bin.exists() {
         bail!("build blk-backend and img first: cargo build --release -p vhost-blk-backend -p image-format");
@@ -391,6 +419,8 @@ fn main() -> Result<()> {
                 Row::QemuVirtioBlk,
                 Row::QemuQsd,
                 Row::QemuBlkBackend,
+                Row::VmmQsd,
+                Row::VmmBlkBackend,
             ]
             .into_iter()
             .filter(|r| a.rows.is_empty() || a.rows.iter().any(|n| n == r.short()))
@@ -416,9 +446,19 @@ fn main() -> Result<()> {
                             drop(d);
                             s?
                         }
-                        Row::QemuBlkBackend => {
+                        Row::VmmQsd => {
+                            let d = StorageDaemon::start(file, &sock, 1, true)?;
+                            let s = run_vmm(&vmm_bin, &d.socket, w, a.seconds);
+                            drop(d);
+                            s?
+                        }
+                        Row::VmmBlkBackend | Row::QemuBlkBackend => {
                             let b = BlkBackendProcess::start(&backend_bin, &snap, &sock, 1, false)?;
-                            let mut s = run_guest(Disk::vhost_user(&b.socket, 1), w, a.seconds)?;
+                            let mut s = if row == Row::VmmBlkBackend {
+                                run_vmm(&vmm_bin, &b.socket, w, a.seconds)?
+                            } else {
+                                run_guest(Disk::vhost_user(&b.socket, 1), w, a.seconds)?
+                            };
                             if let Some((cpu, rss)) = b.usage() {
                                 s.cpu_s_per_mio = Some(cpu / (s.ios / 1e6).max(1e-9));
                                 s.rss_mib = Some(rss as f64 / (1 << 20) as f64);
@@ -476,9 +516,102 @@ fn main() -> Result<()> {
                     .unwrap_or(f64::NAN),
             );
         }
-        boots.push((format!("{machine:?}"), median(t.clone()), t));
+        boots.push((
+            format!("QEMU {machine:?}, virtio-blk"),
+            median(t.clone()),
+            t,
+        ));
     }
     let _ = std::fs::remove_file(&tmp);
+    // The same guest with a vhost-user-blk disk from blk-backend (started
+    // beforehand, not timed): QEMU microvm + qboot against the vmm.
+    let boot_img = a.dir.join("bench-storage-boot.snap");
+    let _ = std::fs::remove_file(&boot_img);
+    Command::new(&img_bin)
+        .arg("create")
+        .arg(&boot_img)
+        .arg("64M")
+        .status()?;
+    let boot_sock = std::env::temp_dir().join(format!("bench-boot-{}.sock", std::process::id()));
+    let b = BlkBackendProcess::start(&backend_bin, &boot_img, &boot_sock, 1, false)?;
+    let metrics = a.dir.join("bench-storage-vmm-metrics.json");
+    let mut vmm_timing: Vec<serde_json::Value> = Vec::new();
+    for vmm in [false, true] {
+        let mut t = Vec::new();
+        for _ in 0..a.runs.max(5) {
+            let r = if vmm {
+                let r = VmmVm {
+                    vmm: vmm_bin.clone(),
+                    cpus: 1,
+                    mem_mib: 256,
+                    disks: vec![(boot_sock.clone(), 1)],
+                    cmdline: "mode=read bs=4k ios=1".into(),
+                    timeout: Duration::from_secs(60),
+                    metrics_file: Some(metrics.clone()),
+                }
+                .run()?;
+                if let Ok(text) = std::fs::read_to_string(&metrics) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                        vmm_timing.push(v["timing"].clone());
+                    }
+                }
+                r
+            } else {
+                QemuVm {
+                    machine: Machine::Microvm,
+                    mem_mib: 256,
+                    disk: Disk::vhost_user(&boot_sock, 1),
+                    cmdline: "mode=read bs=4k ios=1".into(),
+                    timeout: Duration::from_secs(60),
+                }
+                .run()?
+            };
+            if !r.ok() {
+                bail!("boot run failed:\n{}", r.serial);
+            }
+            t.push(
+                r.to_marker
+                    .map(|d| d.as_secs_f64() * 1000.0)
+                    .unwrap_or(f64::NAN),
+            );
+        }
+        let name = if vmm {
+            "vmm, vhost-user-blk (blk-backend)"
+        } else {
+            "QEMU Microvm, vhost-user-blk (blk-backend)"
+        };
+        boots.push((name.to_string(), median(t.clone()), t));
+    }
+    // The vmm's own memory beside the guest's (guest RAM is the shared
+    // memfd mapping; RssAnon + RssFile is the vmm's).
+    let vmm_rss_kib = {
+        let mut running = VmmVm {
+            vmm: vmm_bin.clone(),
+            cpus: 1,
+            mem_mib: 512,
+            disks: vec![(boot_sock.clone(), 1)],
+            cmdline: "mode=randread bs=4k qd=32 duration_ms=2000 progress_ms=0".into(),
+            timeout: Duration::from_secs(60),
+            metrics_file: None,
+        }
+        .spawn()?;
+        std::thread::sleep(Duration::from_millis(1000));
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", running.pid())).unwrap_or_default();
+        let field = |k: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or(0)
+        };
+        let r = (field("RssAnon:"), field("RssFile:"), field("RssShmem:"));
+        let _ = running.running();
+        running.wait()?;
+        r
+    };
+    b.stop();
+    let _ = std::fs::remove_file(&boot_img);
 
     let mut md = format!(
         "# Storage table (bench guest)\n\n{} GiB file fully written with random data; {} s per run; median of {} (min–max IOPS). Guest: 1 vCPU, 1 queue, polling, microvm + qboot. Ratios are against host fio on the same file in the same run.\n\n| storage | workload | row | IOPS | min–max | MB/s | p50 µs | p99 µs | p99.9 µs | vs host fio |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -518,7 +651,7 @@ fn main() -> Result<()> {
             c.storage, c.workload.name
         );
     }
-    md += "\n## Boot to the guest's start marker (exec to marker, whole QEMU process)\n\n| machine | median ms | runs ms |\n|---|---:|---|\n";
+    md += "\n## Boot to the guest's start marker (exec to marker, whole VMM process)\n\n| VMM | median ms | runs ms |\n|---|---:|---|\n";
     for (m, med, all) in &boots {
         md += &format!(
             "| {m} | {med:.1} | {} |\n",
@@ -528,6 +661,33 @@ fn main() -> Result<()> {
                 .join(", ")
         );
     }
+    let med_of = |name: &str| boots.iter().find(|b| b.0.starts_with(name)).map(|b| b.1);
+    if let (Some(v), Some(q)) = (med_of("vmm"), med_of("QEMU Microvm, vhost-user")) {
+        md += &format!(
+            "\nvmm / QEMU microvm + qboot, same guest and disk: {:.3} ({v:.1} ms vs {q:.1} ms); goals: under 0.2 and under 20 ms.\n",
+            v / q
+        );
+    }
+    let med_t =
+        |k: &str| median(vmm_timing.iter().filter_map(|t| t[k].as_f64()).collect()) / 1000.0;
+    if !vmm_timing.is_empty() {
+        let first = med_t("first_run_us");
+        let marker = med_of("vmm").unwrap_or(f64::NAN);
+        md += &format!(
+            "\nWhere the vmm's boot time goes (median, ms): KVM, memory and kernel loaded {:.2}; disk backend handshake {:.2}; first KVM_RUN at {:.2}; the guest from there to its marker {:.2} (process exec and exit around it make up the rest).\n",
+            med_t("vm_and_kernel_us"),
+            med_t("disk_handshake_us"),
+            first,
+            marker - first
+        );
+    }
+    md += &format!(
+        "\nvmm resident memory beside the guest's, during a 4k random-read run with 512 MiB of guest memory: {:.2} MiB (RssAnon {} KiB + RssFile {} KiB; the guest memory it touched, RssShmem, {} KiB); goal under 5 MiB.\n",
+        (vmm_rss_kib.0 + vmm_rss_kib.1) as f64 / 1024.0,
+        vmm_rss_kib.0,
+        vmm_rss_kib.1,
+        vmm_rss_kib.2
+    );
     print!("{md}");
     if let Some(p) = &a.markdown {
         std::fs::write(p, &md)?;

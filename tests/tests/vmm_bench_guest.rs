@@ -419,3 +419,62 @@ fn kill_9_and_restart_the_backend_under_the_vmm_loses_nothing() {
     assert_ok(&r, "read back");
     b.stop();
 }
+
+/// A backend that dies and never comes back: after the disk's reconnect
+/// timeout the vmm fails the guest's requests with IOERR (those the dead
+/// backend had in flight, then every new one), so the guest reports I/O
+/// errors and ends instead of waiting forever.
+#[test]
+fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
+    if !ready("vmm_backend_gone") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    img(&["create", &s(&d("vm.img")), "256M"]);
+    let sock = d("vm.sock");
+    let b = BlkBackendProcess::start(&bin("blk-backend"), &d("vm.img"), &sock, 1, false)
+        .expect("backend");
+    let kernel = build_guest().expect("bench guest");
+    let t0 = std::time::Instant::now();
+    let mut vmm = Command::new(bin("vmm"))
+        .args(["--kernel", &s(&kernel), "--memory", "256M"])
+        .args([
+            "--disk",
+            &format!("socket={},reconnect_timeout_ms=1000", s(&sock)),
+        ])
+        .args([
+            "--cmdline",
+            "mode=randwrite bs=4k qd=16 duration_ms=4000 progress_ms=500 timeout_ms=20000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("vmm starts");
+    std::thread::sleep(Duration::from_millis(700));
+    b.kill();
+    let status = loop {
+        if let Some(st) = vmm.try_wait().expect("wait") {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = vmm.kill();
+            panic!("the vmm hung after its backend died");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut serial = String::new();
+    std::io::Read::read_to_string(&mut vmm.stdout.take().expect("piped"), &mut serial)
+        .expect("serial");
+    let result: serde_json::Value = serde_json::from_str(
+        serial
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("{\"bench_guest\""))
+            .expect("the guest reported"),
+    )
+    .expect("json");
+    assert_eq!(result["result"], "fail", "{serial}");
+    assert!(result["ioerr"].as_u64().unwrap_or(0) > 0, "{serial}");
+    assert_eq!(result["timed_out"], false, "{serial}");
+    assert_ne!(status.code(), Some(0));
+}

@@ -2,8 +2,12 @@
 //!
 //! PVH (an ELF with XEN_ELFNOTE_PHYS32_ENTRY: the bench guest, Linux
 //! vmlinux): the kernel starts in 32-bit protected mode without paging,
-//! with %ebx pointing at an `hvm_start_info` that names the command line
-//! and the memory map.
+//! with %ebx pointing at an `hvm_start_info` that names the command line,
+//! the memory map, the initrd and the ACPI tables.
+//!
+//! bzImage (Linux as distributions ship it): the 64-bit boot protocol, the
+//! kernel entered at `startup_64` in long mode with %rsi pointing at the
+//! zero page (`boot_params`).
 
 use std::fs::File;
 use std::path::Path;
@@ -18,6 +22,7 @@ use crate::memory::GuestRam;
 /// Where the boot structures go (below the kernel's usual 1 MiB).
 pub const START_INFO: u64 = 0x6000;
 pub const MEMMAP: u64 = 0x7000;
+pub const MODLIST: u64 = 0x6800;
 pub const CMDLINE: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 4096;
 /// RAM below the legacy hole (EBDA, VGA, BIOS) that the map offers.
@@ -31,24 +36,208 @@ pub enum BootError {
     Kernel { path: String, why: String },
     #[error("{path}: an ELF without a PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY)")]
     NoPvh { path: String },
+    #[error(
+        "initrd {path}: {size} bytes do not fit in guest memory below 4 GiB beside the kernel"
+    )]
+    InitrdTooBig { path: String, size: u64 },
     #[error("the command line is {0} bytes; at most {CMDLINE_MAX} - 1")]
     CmdlineTooLong(usize),
     #[error("writing boot data into guest memory: {0}")]
     Memory(String),
 }
 
-/// Where the first vCPU starts.
+/// Where the first vCPU starts, and in which mode.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry {
     pub rip: u64,
+    /// PVH: `hvm_start_info` (in %ebx); bzImage: the zero page (in %rsi).
     pub start_info: u64,
     pub kernel_end: u64,
+    pub long_mode: bool,
+}
+
+/// The kernel's format, from its first bytes.
+pub fn is_bzimage(kernel: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(kernel) else {
+        return false;
+    };
+    let mut magic = [0u8; 4];
+    f.seek(SeekFrom::Start(0x202)).is_ok() && f.read_exact(&mut magic).is_ok() && &magic == b"HdrS"
+}
+
+/// The zero page, page tables and GDT of a 64-bit boot-protocol start.
+const ZERO_PAGE: u64 = 0x7000;
+const GDT: u64 = 0x500;
+const PML4: u64 = 0x9000;
+const PDPT: u64 = 0xa000;
+const PD: u64 = 0xb000;
+
+/// Loads a bzImage for the 64-bit boot protocol: the kernel at 1 MiB, a
+/// zero page with the command line, the memory map, the initrd and the
+/// RSDP; identity-mapped page tables for the first GiB.
+pub fn load_bzimage(
+    ram: &GuestRam,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    rsdp: u64,
+) -> Result<Entry, BootError> {
+    use linux_loader::loader::bootparam::boot_params;
+    use linux_loader::loader::BzImage;
+    let path = kernel.display().to_string();
+    let mut f = File::open(kernel).map_err(|err| BootError::Open {
+        path: path.clone(),
+        err,
+    })?;
+    let loaded =
+        BzImage::load(&ram.mem, None, &mut f, Some(GuestAddress(0x100000))).map_err(|e| {
+            BootError::Kernel {
+                path: path.clone(),
+                why: e.to_string(),
+            }
+        })?;
+    let hdr = loaded.setup_header.ok_or_else(|| BootError::Kernel {
+        path: path.clone(),
+        why: "no setup header".into(),
+    })?;
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
+    };
+    if cmdline.len() >= CMDLINE_MAX {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    let mem = &ram.mem;
+    let w = |r: Result<(), vm_memory::GuestMemoryError>| {
+        r.map_err(|e| BootError::Memory(e.to_string()))
+    };
+    let mut line = cmdline.as_bytes().to_vec();
+    line.push(0);
+    w(mem.write_slice(&line, GuestAddress(CMDLINE)))?;
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.cmd_line_ptr = CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32;
+    params.acpi_rsdp_addr = rsdp;
+    let map = memory_map(ram);
+    for (i, &(addr, size, kind)) in map.iter().enumerate() {
+        params.e820_table[i].addr = addr;
+        params.e820_table[i].size = size;
+        params.e820_table[i].r#type = kind;
+    }
+    params.e820_entries = map.len() as u8;
+    if let Some(p) = initrd {
+        let (at, len) = load_initrd(ram, p, loaded.kernel_end)?;
+        params.hdr.ramdisk_image = at as u32;
+        params.hdr.ramdisk_size = len as u32;
+    }
+    w(mem.write_obj(params, GuestAddress(ZERO_PAGE)))?;
+    // Identity map of the first GiB with 2 MiB pages.
+    w(mem.write_obj(PDPT | 3, GuestAddress(PML4)))?;
+    w(mem.write_obj(PD | 3, GuestAddress(PDPT)))?;
+    for i in 0..512u64 {
+        w(mem.write_obj((i << 21) | 0x83, GuestAddress(PD + 8 * i)))?;
+    }
+    // GDT: null, 64-bit code, data.
+    for (i, d) in [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
+        .iter()
+        .enumerate()
+    {
+        w(mem.write_obj(*d, GuestAddress(GDT + 8 * i as u64)))?;
+    }
+    Ok(Entry {
+        // startup_64 sits 0x200 into the protected-mode kernel.
+        rip: loaded.kernel_load.0 + 0x200,
+        start_info: ZERO_PAGE,
+        kernel_end: loaded.kernel_end,
+        long_mode: true,
+    })
+}
+
+/// 64-bit mode with the identity map on, as the boot protocol's 64-bit
+/// entry expects (%rsi: the zero page).
+pub fn long_mode_registers(entry: &Entry, sregs: &mut kvm_sregs) -> kvm_regs {
+    let mut code = segment(0x8, 0xb);
+    code.l = 1;
+    code.db = 0;
+    sregs.cs = code;
+    let data = segment(0x10, 0x3);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = 3 * 8 - 1;
+    sregs.cr3 = PML4;
+    sregs.cr4 = 0x20; // PAE
+    sregs.cr0 = 0x8000_0011; // PG | ET | PE
+    sregs.efer = 0x500; // LME | LMA
+    kvm_regs {
+        rip: entry.rip,
+        rsi: entry.start_info,
+        rflags: 2,
+        ..Default::default()
+    }
+}
+
+/// The guest's memory map: low RAM, RAM from 1 MiB (and above 4 GiB),
+/// the ECAM window reserved.
+fn memory_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
+    let mut map: Vec<(u64, u64, u32)> = vec![(0, LOW_RAM_END, E820_RAM)];
+    for &(at, len) in &ram.ranges {
+        if at == 0 {
+            map.push((0x100000, len - 0x100000, E820_RAM));
+        } else {
+            map.push((at, len, E820_RAM));
+        }
+    }
+    // The ECAM window is not RAM, and not for the guest to place BARs in.
+    map.push((crate::acpi::ECAM_BASE, crate::acpi::ECAM_LEN, E820_RESERVED));
+    map
+}
+
+/// Copies an initrd as high as RAM below 4 GiB allows: (address, size).
+fn load_initrd(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
+    let shown = path.display().to_string();
+    let data = std::fs::read(path).map_err(|err| BootError::Open {
+        path: shown.clone(),
+        err,
+    })?;
+    let at = initrd_address(ram, data.len() as u64, kernel_end).ok_or(BootError::InitrdTooBig {
+        path: shown,
+        size: data.len() as u64,
+    })?;
+    ram.mem
+        .write_slice(&data, GuestAddress(at))
+        .map_err(|e| BootError::Memory(e.to_string()))?;
+    Ok((at, data.len() as u64))
 }
 
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 
-/// Loads a PVH kernel and writes its start info, memory map and command line.
-pub fn load_pvh(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<Entry, BootError> {
+/// Points `hvm_start_info.rsdp_paddr` at the ACPI tables.
+pub fn set_rsdp(mem: &GuestMemoryMmap, rsdp: u64) -> Result<(), BootError> {
+    mem.write_obj(rsdp, GuestAddress(START_INFO + 32))
+        .map_err(|e| BootError::Memory(e.to_string()))
+}
+
+/// Where an initrd goes: page-aligned, as high as RAM below 4 GiB allows.
+fn initrd_address(ram: &GuestRam, size: u64, kernel_end: u64) -> Option<u64> {
+    let low_end = ram.ranges.first().map(|r| r.1)?;
+    let at = low_end.checked_sub(size)? & !0xfff;
+    (at >= kernel_end).then_some(at)
+}
+
+/// Loads a PVH kernel (and an initrd, as the first module) and writes its
+/// start info, memory map and command line.
+pub fn load_pvh(
+    ram: &GuestRam,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<Entry, BootError> {
     let path = kernel.display().to_string();
     let mut f = File::open(kernel).map_err(|err| BootError::Open {
         path: path.clone(),
@@ -73,15 +262,7 @@ pub fn load_pvh(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<Entry, B
     let mut line = cmdline.as_bytes().to_vec();
     line.push(0);
     w(mem.write_slice(&line, GuestAddress(CMDLINE)))?;
-    // The memory map: low RAM, RAM from 1 MiB, and any RAM above 4 GiB.
-    let mut map: Vec<(u64, u64, u32)> = vec![(0, LOW_RAM_END, E820_RAM)];
-    for &(at, len) in &ram.ranges {
-        if at == 0 {
-            map.push((0x100000, len - 0x100000, E820_RAM));
-        } else {
-            map.push((at, len, E820_RAM));
-        }
-    }
+    let map = memory_map(ram);
     for (i, &(addr, size, kind)) in map.iter().enumerate() {
         let e = GuestAddress(MEMMAP + 24 * i as u64);
         w(mem.write_obj(addr, e))?;
@@ -90,10 +271,21 @@ pub fn load_pvh(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<Entry, B
         w(mem.write_obj(0u32, GuestAddress(e.0 + 20)))?;
     }
     write_start_info(mem, map.len() as u32).map_err(|e| BootError::Memory(e.to_string()))?;
+    if let Some(path) = initrd {
+        let (at, len) = load_initrd(ram, path, loaded.kernel_end)?;
+        // One `hvm_modlist_entry`: paddr, size, cmdline_paddr, reserved.
+        w(mem.write_obj(at, GuestAddress(MODLIST)))?;
+        w(mem.write_obj(len, GuestAddress(MODLIST + 8)))?;
+        w(mem.write_obj(0u64, GuestAddress(MODLIST + 16)))?;
+        w(mem.write_obj(0u64, GuestAddress(MODLIST + 24)))?;
+        w(mem.write_obj(1u32, GuestAddress(START_INFO + 12)))?;
+        w(mem.write_obj(MODLIST, GuestAddress(START_INFO + 16)))?;
+    }
     Ok(Entry {
         rip: entry.0,
         start_info: START_INFO,
         kernel_end: loaded.kernel_end,
+        long_mode: false,
     })
 }
 

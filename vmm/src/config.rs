@@ -33,6 +33,14 @@ pub struct DiskConfig {
     pub queue_size: u16,
     #[serde(default)]
     pub readonly: bool,
+    /// How long to wait for a backend that went away before the disk's
+    /// requests fail with I/O errors.
+    #[serde(default = "default_reconnect_timeout")]
+    pub reconnect_timeout_ms: u64,
+}
+
+fn default_reconnect_timeout() -> u64 {
+    30_000
 }
 
 fn one() -> u16 {
@@ -108,6 +116,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         num_queues: 1,
         queue_size: 256,
         readonly: false,
+        reconnect_timeout_ms: default_reconnect_timeout(),
     };
     let mut socket = None;
     for kv in spec.split(',') {
@@ -118,6 +127,11 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
             "socket" => socket = Some(PathBuf::from(v)),
             "num_queues" => d.num_queues = v.parse().map_err(|_| err("num_queues: a number"))?,
             "queue_size" => d.queue_size = v.parse().map_err(|_| err("queue_size: a number"))?,
+            "reconnect_timeout_ms" => {
+                d.reconnect_timeout_ms = v
+                    .parse()
+                    .map_err(|_| err("reconnect_timeout_ms: a number"))?
+            }
             "readonly" => {
                 d.readonly = match v {
                     "on" | "true" | "1" => true,

@@ -5,12 +5,14 @@
 //!
 //! - `config`: the VM's description (command line or JSON).
 //! - `memory`: guest memory (memfd, shareable) and the physical layout.
+//! - `acpi`: the ACPI tables (FADT, DSDT, MADT, MCFG).
 //! - `boot`: loading a kernel (PVH ELF) and the registers it starts with.
 //! - `vm`: the KVM VM, its vCPU threads and their exits.
 //! - `control`: run state (pause, resume, stop) and the vCPU counters.
 //! - `api`: the HTTP/JSON control API on a Unix socket, and its client.
 //! - `devices`: port and MMIO buses, serial, debug exit, PCI.
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod config;

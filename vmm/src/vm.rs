@@ -21,7 +21,8 @@ use crate::boot;
 use crate::config::{SerialOut, VmConfig};
 use crate::control::Control;
 use crate::devices::debug_exit::DebugExit;
-use crate::devices::pci::{HostBridge, PciBus, PciConfigIo};
+use crate::devices::pci::{HostBridge, PciBus, PciConfigIo, PciEcam};
+use crate::devices::power::{self, AcpiPower, I8042};
 use crate::devices::serial::Console;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::devices::virtio_pci::{VirtioPci, BAR_SIZE};
@@ -155,7 +156,15 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         // every vCPU: the process ends when the VM does).
         unsafe { vm.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
     }
-    let entry = boot::load_pvh(&ram, &cfg.kernel, &cfg.cmdline)?;
+    let rsdp = crate::acpi::write_tables(&ram.mem, cfg.cpus)
+        .map_err(|e| anyhow!("writing the ACPI tables: {e}"))?;
+    let entry = if boot::is_bzimage(&cfg.kernel) {
+        boot::load_bzimage(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline, rsdp)?
+    } else {
+        let e = boot::load_pvh(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        boot::set_rsdp(&ram.mem, rsdp)?;
+        e
+    };
     let mut timing = Timing {
         vm_and_kernel_us: t0.elapsed().as_micros() as u64,
         ..Default::default()
@@ -186,6 +195,21 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         pci::CONFIG_PORT,
         pci::CONFIG_PORT_LEN,
         Arc::new(Mutex::new(PciConfigIo::new(Arc::clone(&pci_bus)))),
+    )?;
+    machine.mmio.insert(
+        crate::acpi::ECAM_BASE,
+        crate::acpi::ECAM_LEN,
+        Arc::new(Mutex::new(PciEcam::new(Arc::clone(&pci_bus)))),
+    )?;
+    machine.pio.insert(
+        crate::acpi::SLEEP_CONTROL_PORT,
+        3,
+        Arc::new(Mutex::new(AcpiPower::new(events_tx.clone()))),
+    )?;
+    machine.pio.insert(
+        power::I8042_PORT,
+        1,
+        Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
     )?;
     let router = Arc::new(MsiRouter::new(Arc::clone(&vm)));
     let mut disks = Vec::new();
@@ -224,9 +248,10 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     for (i, dev) in disks.iter().enumerate() {
         let dev = Arc::clone(dev);
         let ctl = Arc::clone(&control);
+        let give_up_after = std::time::Duration::from_millis(cfg.disks[i].reconnect_timeout_ms);
         std::thread::Builder::new()
             .name(format!("disk{i}"))
-            .spawn(move || watch_disk(&dev, &ctl))
+            .spawn(move || watch_disk(&dev, &ctl, give_up_after))
             .context("starting a disk watcher")?;
     }
     let cpuid = kvm
@@ -248,7 +273,11 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         vcpu.set_cpuid2(&c).context("KVM_SET_CPUID2")?;
         if id == 0 {
             let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
-            let regs = boot::pvh_registers(&entry, &mut sregs);
+            let regs = if entry.long_mode {
+                boot::long_mode_registers(&entry, &mut sregs)
+            } else {
+                boot::pvh_registers(&entry, &mut sregs)
+            };
             vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
             vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
         }
@@ -285,7 +314,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
 /// Waits for a disk's backend to go away, then reconnects to it as soon as
 /// it is back (the guest's requests wait meanwhile, and the backend resumes
 /// them from the inflight region).
-fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control) {
+fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::Duration) {
     let lock = || dev.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         if ctl.state() == crate::control::RunState::Stopping {
@@ -313,7 +342,9 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
-            match lock().reconnect() {
+            // The guard must be gone before the arms lock again.
+            let attempt = lock().reconnect();
+            match attempt {
                 Ok(()) => {
                     info!(
                         after_ms = t0.elapsed().as_millis() as u64,
@@ -325,6 +356,14 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control) {
                     if e != last {
                         debug!("reconnect: {e}");
                         last = e;
+                    }
+                    if t0.elapsed() >= give_up_after {
+                        warn!(
+                            "a disk backend stayed away for {} ms: its requests fail from now on ({last})",
+                            give_up_after.as_millis()
+                        );
+                        lock().give_up();
+                        return;
                     }
                 }
             }

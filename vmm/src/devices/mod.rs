@@ -3,13 +3,17 @@
 //! - `bus`: address ranges -> devices (one for ports, one for MMIO).
 //! - `serial`: the 8250 console (vm-superio).
 //! - `debug_exit`: the test-guest exit port (QEMU's isa-debug-exit).
-//! - `pci`: configuration space through ports 0xCF8/0xCFC and the host bridge.
+//! - `pci`: configuration space through ports 0xCF8/0xCFC and ECAM, the host bridge.
+//! - `power`: ACPI sleep/reset registers and the i8042 reset line.
 //! - `virtio_pci`: the modern virtio-pci transport with MSI-X.
 //! - `vhost_user_blk`: a disk whose queues a vhost-user backend serves.
+//! - `io_error`: a disk whose backend is gone for good fails requests.
 
 pub mod bus;
 pub mod debug_exit;
+pub mod io_error;
 pub mod pci;
+pub mod power;
 pub mod serial;
 pub mod vhost_user_blk;
 pub mod virtio_pci;

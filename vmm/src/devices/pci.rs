@@ -179,6 +179,66 @@ impl PciBus {
     }
 }
 
+/// PCI Express enhanced configuration access (ECAM): bus 0's configuration
+/// spaces as memory (the MCFG table points here).
+pub struct PciEcam {
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl PciEcam {
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        PciEcam { bus }
+    }
+
+    fn target(offset: u64) -> (u8, u8, u8, usize, usize) {
+        (
+            (offset >> 20) as u8,
+            ((offset >> 15) & 0x1f) as u8,
+            ((offset >> 12) & 0x7) as u8,
+            ((offset & 0xfff) >> 2) as usize,
+            (offset & 3) as usize,
+        )
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (b, d, f, reg, at) = Self::target(offset);
+        let v = if reg < 64 {
+            self.bus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(b, d, f, reg)
+        } else {
+            // Extended configuration space: nothing there.
+            if self
+                .bus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(b, d, f, 0)
+                == 0xffff_ffff
+            {
+                0xffff_ffff
+            } else {
+                0
+            }
+        };
+        for (i, x) in data.iter_mut().enumerate() {
+            *x = (v >> (8 * (at + i))) as u8;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (b, d, f, reg, at) = Self::target(offset);
+        if reg < 64 && at + data.len() <= 4 {
+            self.bus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(b, d, f, reg, at, data);
+        }
+    }
+}
+
 /// Configuration mechanism #1: address at 0xCF8, data at 0xCFC-0xCFF.
 pub struct PciConfigIo {
     bus: Arc<Mutex<PciBus>>,

@@ -16,6 +16,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::io_error::{self, FailedQueue};
 use super::virtio_pci::{Interrupts, QueueConfig, VirtioDevice, NO_VECTOR};
 use crate::config::DiskConfig;
 
@@ -373,6 +374,33 @@ impl VirtioDevice for VhostUserBlk {
 
     fn reconnect(&mut self) -> Result<(), String> {
         VhostUserBlk::reconnect(self)
+    }
+
+    fn give_up(&mut self) -> bool {
+        let Some(active) = &self.active else {
+            return false;
+        };
+        let mut queues = Vec::new();
+        for (k, (i, q)) in active.queues.iter().enumerate() {
+            let (Ok(kick), Ok(call)) = (active.kicks[k].try_clone(), active.calls[k].try_clone())
+            else {
+                return false;
+            };
+            queues.push(FailedQueue::take_over(
+                &self.mem,
+                *i,
+                *q,
+                kick,
+                call,
+                self.inflight.as_ref(),
+            ));
+        }
+        let mem = self.mem.clone();
+        let name = self.socket.display().to_string();
+        std::thread::Builder::new()
+            .name("disk-ioerr".into())
+            .spawn(move || io_error::serve(mem, queues, name))
+            .is_ok()
     }
 
     fn reset(&mut self) {

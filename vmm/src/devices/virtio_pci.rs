@@ -81,6 +81,11 @@ pub trait VirtioDevice: Send {
     fn reconnect(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// The device's server is gone for good: answer the guest's requests
+    /// with errors from now on. False when there is nothing to take over.
+    fn give_up(&mut self) -> bool {
+        false
+    }
 }
 
 #[derive(Clone, Copy, Default)]
@@ -249,6 +254,10 @@ impl VirtioPci {
 
     pub fn reconnect(&mut self) -> Result<(), String> {
         self.device.reconnect()
+    }
+
+    pub fn give_up(&mut self) -> bool {
+        self.device.give_up()
     }
 
     fn queue(&mut self) -> Option<&mut QueueConfig> {

@@ -20,7 +20,15 @@ mkdir -p "$out.tmp/debs" "$out.tmp/rootfs"
 cd "$out.tmp/debs"
 kpkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$kpkg" ] || { echo "build.sh: no linux-image-*-cloud-amd64 package known to apt" >&2; exit 1; }
-apt-get download -q "$kpkg" busybox-static >/dev/null
+# A stale package index (the mirror moved on) fails the download: refresh
+# it once and retry.
+if ! apt-get download -q "$kpkg" busybox-static >/dev/null 2>download.log; then
+    apt-get update -qq
+    kpkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+    rm -f ./*.deb
+    apt-get download -q "$kpkg" busybox-static >/dev/null 2>download.log \
+        || { cat download.log >&2; exit 1; }
+fi
 for d in *.deb; do dpkg-deb -x "$d" ../unpacked; done
 cd ..
 kver=${kpkg#linux-image-}

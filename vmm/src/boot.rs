@@ -345,3 +345,73 @@ pub fn pvh_registers(entry: &Entry, sregs: &mut kvm_sregs) -> kvm_regs {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal 64-bit ELF with one loadable segment and a PVH note.
+    fn pvh_elf(entry: u32) -> Vec<u8> {
+        let mut e = vec![0u8; 0x200];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4] = 2; // 64-bit
+        e[5] = 1; // little endian
+        e[6] = 1;
+        e[16..18].copy_from_slice(&2u16.to_le_bytes()); // executable
+        e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        e[20..24].copy_from_slice(&1u32.to_le_bytes());
+        e[24..32].copy_from_slice(&(0x100000u64).to_le_bytes()); // e_entry
+        e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        e[56..58].copy_from_slice(&2u16.to_le_bytes()); // phnum
+        let ph = |e: &mut Vec<u8>, at: usize, kind: u32, off: u64, addr: u64, size: u64| {
+            e[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+            e[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+            e[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
+            e[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
+            e[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+            e[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
+            e[at + 48..at + 56].copy_from_slice(&4u64.to_le_bytes());
+        };
+        ph(&mut e, 64, 1, 0x180, 0x100000, 0x80); // PT_LOAD
+        ph(&mut e, 120, 4, 0x100, 0, 20); // PT_NOTE
+                                          // The note: namesz 4 ("Xen"), descsz 4, type 18 (PHYS32_ENTRY).
+        e[0x100..0x104].copy_from_slice(&4u32.to_le_bytes());
+        e[0x104..0x108].copy_from_slice(&4u32.to_le_bytes());
+        e[0x108..0x10c].copy_from_slice(&18u32.to_le_bytes());
+        e[0x10c..0x110].copy_from_slice(b"Xen\0");
+        e[0x110..0x114].copy_from_slice(&entry.to_le_bytes());
+        e
+    }
+
+    #[test]
+    fn pvh_start_info_names_the_command_line_memory_map_and_initrd() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k.elf");
+        std::fs::write(&kernel, pvh_elf(0x100040)).unwrap();
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, vec![0xabu8; 10000]).unwrap();
+        let ram = crate::memory::create(64 << 20).unwrap();
+        let e = load_pvh(&ram, &kernel, Some(&initrd), "hello=1").unwrap();
+        assert_eq!((e.rip, e.start_info), (0x100040, START_INFO));
+        let m = &ram.mem;
+        let r32 = |a: u64| m.read_obj::<u32>(GuestAddress(a)).unwrap();
+        let r64 = |a: u64| m.read_obj::<u64>(GuestAddress(a)).unwrap();
+        assert_eq!(r32(START_INFO), 0x336e_c578);
+        assert_eq!(r32(START_INFO + 12), 1, "one module");
+        let (at, size) = (r64(MODLIST), r64(MODLIST + 8));
+        assert_eq!(size, 10000);
+        assert_eq!(at % 4096, 0);
+        assert!(at + size <= 64 << 20 && at >= e.kernel_end);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(at + 9999)).unwrap(), 0xab);
+        let mut line = [0u8; 8];
+        m.read_slice(&mut line, GuestAddress(r64(START_INFO + 24)))
+            .unwrap();
+        assert_eq!(&line, b"hello=1\0");
+        assert_eq!(r32(START_INFO + 48), 3, "low RAM, RAM from 1 MiB, ECAM");
+        // A missing initrd is an error naming it.
+        let err = load_pvh(&ram, &kernel, Some(&dir.path().join("nope")), "").unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}

@@ -62,3 +62,26 @@ impl BusDevice for I8042 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acpi_s5_powers_off_resets_reboot_and_other_writes_do_nothing() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut p = AcpiPower::new(tx.clone());
+        p.write(0, &[5 << 2]); // SLP_TYP without SLP_EN
+        p.write(0, &[3 << 2 | SLP_EN]); // another sleep state
+        assert!(rx.try_recv().is_err());
+        p.write(0, &[5 << 2 | SLP_EN]);
+        assert_eq!(rx.try_recv().ok(), Some(VmEvent::PowerOff));
+        p.write(2, &[crate::acpi::RESET_VALUE]);
+        assert_eq!(rx.try_recv().ok(), Some(VmEvent::Reboot));
+        let mut k = I8042::new(tx);
+        k.write(0, &[0xd1]);
+        assert!(rx.try_recv().is_err());
+        k.write(0, &[0xfe]);
+        assert_eq!(rx.try_recv().ok(), Some(VmEvent::Reboot));
+    }
+}

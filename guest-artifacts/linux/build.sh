@@ -45,9 +45,9 @@ for m in virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
 done
 if command -v fio >/dev/null; then
     cp "$(command -v fio)" $r/bin/fio
-    for lib in $(ldd "$(command -v fio)" | awk '/=>/ {print $3} /^\s*\/lib/ {print $1}'); do
+    for lib in $(ldd "$(command -v fio)" | awk '/=>/ {print $3} /^\s*\/lib/ {print $1}' | sort -u); do
         mkdir -p "$r$(dirname "$lib")"
-        cp -L "$lib" "$r$lib"
+        cp -L --remove-destination "$lib" "$r$lib"
     done
 fi
 cat > $r/init <<'INIT'

@@ -478,3 +478,46 @@ fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
     assert_eq!(result["timed_out"], false, "{serial}");
     assert_ne!(status.code(), Some(0));
 }
+
+/// A kernel that faults at its first instruction: the vmm reports the
+/// fault with the vCPU's registers and a non-zero status, and exits.
+#[test]
+fn a_faulting_guest_is_reported_with_its_registers() {
+    if !ready("vmm_guest_fault") {
+        return;
+    }
+    // An ELF64 executable: one PT_LOAD (file 0x100.., 16 bytes of int3 at
+    // 1 MiB) and the PVH entry note pointing at it.
+    let mut e = vec![0u8; 0x110];
+    let put = |e: &mut Vec<u8>, at: usize, b: &[u8]| e[at..at + b.len()].copy_from_slice(b);
+    put(&mut e, 0, b"\x7fELF\x02\x01\x01");
+    put(&mut e, 16, &[2, 0, 62, 0, 1, 0, 0, 0]);
+    put(&mut e, 24, &0x100000u64.to_le_bytes());
+    put(&mut e, 32, &64u64.to_le_bytes());
+    put(&mut e, 52, &[64, 0, 56, 0, 2, 0]);
+    for (at, kind, off, addr, size) in [
+        (64, 1u32, 0x100u64, 0x100000u64, 16u64),
+        (120, 4, 0xe0, 0, 20),
+    ] {
+        put(&mut e, at, &kind.to_le_bytes());
+        put(&mut e, at + 8, &off.to_le_bytes());
+        put(&mut e, at + 16, &addr.to_le_bytes());
+        put(&mut e, at + 24, &addr.to_le_bytes());
+        put(&mut e, at + 32, &size.to_le_bytes());
+        put(&mut e, at + 40, &size.to_le_bytes());
+        put(&mut e, at + 48, &4u64.to_le_bytes());
+    }
+    put(&mut e, 0xe0, &[4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0]);
+    put(&mut e, 0xec, b"Xen\0");
+    put(&mut e, 0xf0, &0x100000u32.to_le_bytes());
+    put(&mut e, 0x100, &[0xcc; 16]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("fault.elf");
+    std::fs::write(&kernel, &e).expect("write");
+    let t0 = std::time::Instant::now();
+    let (code, err) = vmm_fails(&["--kernel", &s(&kernel), "--memory", "64M"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("guest fault"), "{err}");
+    assert!(err.contains("rip="), "registers are printed: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(60));
+}

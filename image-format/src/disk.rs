@@ -360,6 +360,14 @@ impl Disk {
             return Ok(0);
         }
         let uuid = self.top().header.uuid;
+        let pruned = MapShadow::prune(dir, |image| {
+            Layer::open(&RealEnv, image, false)
+                .ok()
+                .map(|l| l.header.uuid)
+        });
+        if pruned > 0 {
+            tracing::info!("removed {pruned} crash shadows of images that are gone");
+        }
         let path = MapShadow::path_for(dir, &uuid);
         let mut adopted = 0;
         if let Some(bytes) =
@@ -381,8 +389,10 @@ impl Disk {
                 ),
             }
         }
-        self.shadow =
-            Some(MapShadow::create(&path, &uuid, self.top_map.raw()).map_err(io_at(&path))?);
+        let image = self.path().to_path_buf();
+        self.shadow = Some(
+            MapShadow::create(&path, &uuid, self.top_map.raw(), &image).map_err(io_at(&path))?,
+        );
         Ok(adopted)
     }
 

@@ -21,6 +21,13 @@ const MAGIC: &[u8; 8] = b"SNAPSHDW";
 const VERSION: u32 = 1;
 /// The map starts here; the header page before it.
 const MAP_AT: usize = 4096;
+/// Bytes of the header that say whose shadow it is (magic, version, layer
+/// uuid, boot id, map length).
+const IDENTITY: usize = 76;
+/// Where the image's path is kept (u16 length, then the bytes), so that a
+/// later process can tell a shadow whose image is gone.
+const PATH_AT: usize = 128;
+const PATH_MAX: usize = MAP_AT - PATH_AT - 2;
 
 pub struct MapShadow {
     path: PathBuf,
@@ -75,7 +82,7 @@ impl MapShadow {
         };
         let expected = header(uuid, map_len);
         let mut got = vec![0u8; MAP_AT];
-        if file.read_exact(&mut got).is_err() || got != expected {
+        if file.read_exact(&mut got).is_err() || got[..IDENTITY] != expected[..IDENTITY] {
             tracing::warn!(
                 "{}: not a crash shadow of this layer from this boot; ignored",
                 path.display()
@@ -92,7 +99,7 @@ impl MapShadow {
 
     /// Writes a fresh shadow holding `map` (replacing any old one) and maps
     /// it for [`MapShadow::mirror`].
-    pub fn create(path: &Path, uuid: &Uuid, map: &[u8]) -> io::Result<MapShadow> {
+    pub fn create(path: &Path, uuid: &Uuid, map: &[u8], image: &Path) -> io::Result<MapShadow> {
         let tmp = path.with_extension("map.tmp");
         {
             let mut f = OpenOptions::new()
@@ -100,7 +107,14 @@ impl MapShadow {
                 .truncate(true)
                 .write(true)
                 .open(&tmp)?;
-            f.write_all(&header(uuid, map.len()))?;
+            let mut h = header(uuid, map.len());
+            let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+            let bytes = image.as_os_str().as_encoded_bytes();
+            if bytes.len() <= PATH_MAX {
+                h[PATH_AT..PATH_AT + 2].copy_from_slice(&(bytes.len() as u16).to_le_bytes());
+                h[PATH_AT + 2..PATH_AT + 2 + bytes.len()].copy_from_slice(bytes);
+            }
+            f.write_all(&h)?;
             f.write_all(map)?;
         }
         // Complete before it takes the name: a crash in between leaves the
@@ -132,6 +146,54 @@ impl MapShadow {
         }
     }
 
+    /// Deletes the shadows in `dir` that no process can ever adopt: from an
+    /// earlier boot, or whose image is gone or is now another layer (a
+    /// killed writer whose image was deleted leaves one behind). `layer_uuid`
+    /// reads the uuid of the image at a path. Returns how many went.
+    pub fn prune(dir: &Path, layer_uuid: impl Fn(&Path) -> Option<Uuid>) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let boot = boot_id();
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if !(name.starts_with("snaplayer-") && name.ends_with(".map")) {
+                continue;
+            }
+            let mut h = vec![0u8; MAP_AT];
+            let Ok(mut f) = File::open(e.path()) else {
+                continue;
+            };
+            if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC {
+                continue;
+            }
+            let stale = if h[32..68] != boot {
+                true
+            } else {
+                let len = u16::from_le_bytes([h[PATH_AT], h[PATH_AT + 1]]) as usize;
+                if len == 0 || len > PATH_MAX {
+                    false
+                } else {
+                    // SAFETY: bytes this module wrote from an OsStr.
+                    let os = unsafe {
+                        std::ffi::OsStr::from_encoded_bytes_unchecked(
+                            &h[PATH_AT + 2..PATH_AT + 2 + len],
+                        )
+                    };
+                    let image = Path::new(os);
+                    let uuid = Uuid::from_slice(&h[16..32]).ok();
+                    !image.exists() || (layer_uuid(image).is_some() && layer_uuid(image) != uuid)
+                }
+            };
+            if stale && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Deletes the shadow (the on-disk map is complete).
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
@@ -148,7 +210,9 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let path = MapShadow::path_for(dir.path(), &a);
         let mut map = vec![0u8; 64];
-        let mut s = MapShadow::create(&path, &a, &map).expect("create");
+        let image = dir.path().join("image");
+        std::fs::write(&image, b"x").expect("image");
+        let mut s = MapShadow::create(&path, &a, &map, &image).expect("create");
         map[3] = 0b0100_0001;
         s.mirror(&map, 12, 4);
         drop(s);
@@ -156,7 +220,20 @@ mod tests {
         assert_eq!(back, map);
         assert!(MapShadow::load(&path, &b, 64).expect("load").is_none());
         assert!(MapShadow::load(&path, &a, 65).expect("load").is_none());
+        // Kept while its image is there and is that layer; pruned when
+        // the image is gone or is another layer now.
+        assert_eq!(MapShadow::prune(dir.path(), |_| Some(a)), 0);
+        assert_eq!(MapShadow::prune(dir.path(), |_| Some(b)), 1);
+        assert!(!path.exists());
+        MapShadow::create(&path, &a, &map, &image).expect("create");
+        std::fs::remove_file(&image).expect("rm");
+        assert_eq!(MapShadow::prune(dir.path(), |_| Some(a)), 1);
         std::fs::write(&path, b"garbage").expect("write");
         assert!(MapShadow::load(&path, &a, 64).expect("load").is_none());
+        assert_eq!(
+            MapShadow::prune(dir.path(), |_| None),
+            0,
+            "not ours: left alone"
+        );
     }
 }

@@ -1,4 +1,32 @@
 //! The bench crate's library: building the bench guest and running it under
-//! a VMM (QEMU now; the project's vmm later), collecting its JSON result.
+//! a VMM (QEMU or the project's vmm), collecting its JSON result; and the
+//! test files the benchmarks share.
 
 pub mod guest;
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Writes `size` bytes of random data to `path` with fio (O_DIRECT, 1 MiB
+/// writes), the way every storage benchmark here prepares its file.
+pub fn fill_random(path: &Path, size: u64) -> Result<()> {
+    let st = Command::new("fio")
+        .args([
+            "--name=fill",
+            "--rw=write",
+            "--bs=1M",
+            "--ioengine=io_uring",
+            "--direct=1",
+        ])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .args(["--refill_buffers=1", "--output=/dev/null"])
+        .status()
+        .context("fio")?;
+    if !st.success() {
+        bail!("fio could not fill {}", path.display());
+    }
+    Ok(())
+}

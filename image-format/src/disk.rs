@@ -257,13 +257,14 @@ impl Disk {
     /// Where the bytes of `[offset, offset + len)` live, as extents; no
     /// allocation. The range must be inside the disk.
     pub fn resolve(&self, offset: u64, len: u64) -> Extents<'_> {
-        Extents {
-            index: &self.index,
-            data_offsets: &self.data_offsets,
-            block_size: self.block_size,
-            at: offset,
-            end: offset.saturating_add(len).min(self.virtual_size),
-        }
+        Extents::new(
+            &self.index,
+            &self.data_offsets,
+            self.block_size,
+            self.virtual_size,
+            offset,
+            len,
+        )
     }
 
     /// Reads guest data. Page-aligned buffers (see `storage::AlignedBuf`)
@@ -594,6 +595,25 @@ pub struct Extents<'a> {
     end: u64,
 }
 
+impl<'a> Extents<'a> {
+    fn new(
+        index: &'a Index,
+        data_offsets: &'a [u64],
+        block_size: u64,
+        virtual_size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Self {
+        Extents {
+            index,
+            data_offsets,
+            block_size,
+            at: offset,
+            end: offset.saturating_add(len).min(virtual_size),
+        }
+    }
+}
+
 impl Iterator for Extents<'_> {
     type Item = Extent;
 
@@ -654,13 +674,14 @@ pub struct ChainView {
 impl ChainView {
     /// Same as [`Disk::resolve`], on this copy.
     pub fn resolve(&self, offset: u64, len: u64) -> Extents<'_> {
-        Extents {
-            index: &self.index,
-            data_offsets: &self.data_offsets,
-            block_size: self.block_size,
-            at: offset,
-            end: offset.saturating_add(len).min(self.virtual_size),
-        }
+        Extents::new(
+            &self.index,
+            &self.data_offsets,
+            self.block_size,
+            self.virtual_size,
+            offset,
+            len,
+        )
     }
 
     pub fn apply(&mut self, change: IndexChange) {

@@ -105,16 +105,11 @@ pub fn load_bzimage(
         hdr,
         ..Default::default()
     };
-    if cmdline.len() >= CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong(cmdline.len()));
-    }
     let mem = &ram.mem;
     let w = |r: Result<(), vm_memory::GuestMemoryError>| {
         r.map_err(|e| BootError::Memory(e.to_string()))
     };
-    let mut line = cmdline.as_bytes().to_vec();
-    line.push(0);
-    w(mem.write_slice(&line, GuestAddress(CMDLINE)))?;
+    write_cmdline(mem, cmdline)?;
     params.hdr.type_of_loader = 0xff;
     params.hdr.cmd_line_ptr = CMDLINE as u32;
     params.hdr.cmdline_size = cmdline.len() as u32;
@@ -179,6 +174,17 @@ pub fn long_mode_registers(entry: &Entry, sregs: &mut kvm_sregs) -> kvm_regs {
         rflags: 2,
         ..Default::default()
     }
+}
+
+/// The command line, NUL-terminated, at [`CMDLINE`].
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
+    if cmdline.len() >= CMDLINE_MAX {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    let mut line = cmdline.as_bytes().to_vec();
+    line.push(0);
+    mem.write_slice(&line, GuestAddress(CMDLINE))
+        .map_err(|e| BootError::Memory(e.to_string()))
 }
 
 /// The guest's memory map: low RAM, RAM from 1 MiB (and above 4 GiB),
@@ -252,16 +258,11 @@ pub fn load_pvh(
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(BootError::NoPvh { path });
     };
-    if cmdline.len() >= CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong(cmdline.len()));
-    }
     let mem = &ram.mem;
     let w = |r: Result<(), vm_memory::GuestMemoryError>| {
         r.map_err(|e| BootError::Memory(e.to_string()))
     };
-    let mut line = cmdline.as_bytes().to_vec();
-    line.push(0);
-    w(mem.write_slice(&line, GuestAddress(CMDLINE)))?;
+    write_cmdline(mem, cmdline)?;
     let map = memory_map(ram);
     for (i, &(addr, size, kind)) in map.iter().enumerate() {
         let e = GuestAddress(MEMMAP + 24 * i as u64);

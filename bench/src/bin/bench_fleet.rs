@@ -99,22 +99,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&work)?;
     let raw = work.join("base.raw");
     eprintln!("[setup] {} GiB of random data", a.size_gib);
-    let st = Command::new("fio")
-        .args([
-            "--name=fill",
-            "--rw=write",
-            "--bs=1M",
-            "--ioengine=io_uring",
-            "--direct=1",
-        ])
-        .arg(format!("--filename={}", raw.display()))
-        .arg(format!("--size={}", a.size_gib << 30))
-        .args(["--refill_buffers=1", "--output=/dev/null"])
-        .status()
-        .context("fio")?;
-    if !st.success() {
-        bail!("fio failed");
-    }
+    bench::fill_random(&raw, a.size_gib << 30)?;
     let base = work.join("base.snap");
     Command::new(&img_bin)
         .args(["convert", "-f", "raw", "-O", "snap"])

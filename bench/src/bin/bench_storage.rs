@@ -166,23 +166,7 @@ fn fill_file(path: &Path, size: u64) -> Result<()> {
         size >> 30,
         path.display()
     );
-    let st = Command::new("fio")
-        .args([
-            "--name=fill",
-            "--rw=write",
-            "--bs=1M",
-            "--ioengine=io_uring",
-            "--direct=1",
-        ])
-        .arg(format!("--filename={}", path.display()))
-        .arg(format!("--size={size}"))
-        .args(["--refill_buffers=1", "--output=/dev/null"])
-        .status()
-        .context("fio")?;
-    if !st.success() {
-        bail!("fio could not fill {}", path.display());
-    }
-    Ok(())
+    bench::fill_random(path, size)
 }
 
 fn run_fio(file: &Path, w: &Workload, seconds: u64) -> Result<Sample> {

@@ -285,9 +285,10 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    // Sequential writes that wrap around 64 MiB for 2.5 s: every block of
-    // it is written (verify needs that), many times over.
-    let vm = start("mode=write verify=1 gen=5 bs=4k qd=16 size=64M duration_ms=2500 progress_ms=0");
+    // Sequential writes that wrap around 64 MiB, 120,000 of them: every
+    // block of it is written (verify needs that), several times over,
+    // however fast the machine and however long the pause.
+    let vm = start("mode=write verify=1 gen=5 bs=4k qd=16 size=64M ios=120000 progress_ms=0");
     wait_api();
     // Userspace exits over half a second of the workload (the guest prints
     // nothing meanwhile): the data path must not exit at all.

@@ -1,12 +1,12 @@
 //! blk-backend serving snapshot-chain images to the bench guest under QEMU's
 //! vhost-user-blk frontend (a frontend nobody here wrote).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{bin, img};
+use common::{bin, img, s};
 
 use bench::guest::{have, kvm_available, BlkBackendProcess, Disk, GuestRun, Machine, QemuVm};
 
@@ -37,7 +37,6 @@ fn verify_on_a_clone_then_snapshot_and_clone_again() {
     }
     let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let d = |n: &str| dir.path().join(n);
-    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
     img(&["create", &s(&d("base.img")), "1G"]);
     img(&["clone", &s(&d("base.img")), &s(&d("vm.img"))]);
     let sock = d("vm.sock");
@@ -124,7 +123,6 @@ fn one_process_serves_several_exports_and_a_bad_peer_only_loses_its_session() {
     }
     let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let d = |n: &str| dir.path().join(n);
-    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
     img(&["create", &s(&d("base.img")), "1G"]);
     // The base gets data before it is cloned.
     let base_sock = d("base.sock");
@@ -204,7 +202,6 @@ fn kill_9_and_restart_during_a_verifying_write_loses_nothing() {
     }
     let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let d = |n: &str| dir.path().join(n);
-    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
     img(&["create", &s(&d("base.img")), "1G"]);
     img(&["clone", &s(&d("base.img")), &s(&d("vm.img"))]);
     let sock = d("vm.sock");

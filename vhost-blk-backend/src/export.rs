@@ -130,10 +130,10 @@ fn open_rw_direct(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-fn open_rw(path: &Path, write: bool) -> io::Result<File> {
+fn open_rw(path: &Path) -> io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
-        .write(write)
+        .write(true)
         .open(path)
 }
 
@@ -163,7 +163,7 @@ impl Export {
             let private_top = k + 1 == n && !spec.readonly;
             let ctx = || format!("opening {}", path.display());
             let buffered = if private_top {
-                Arc::new(open_rw(path, true).with_context(ctx)?)
+                Arc::new(open_rw(path).with_context(ctx)?)
             } else {
                 shared.read_only(path, false).with_context(ctx)?
             };

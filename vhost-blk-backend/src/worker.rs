@@ -58,8 +58,7 @@ pub struct QueueWorker {
     pub poll: std::time::Duration,
 }
 
-/// One finished request: its head, the used length, and (for a whole-block
-/// write to the top) the range it wrote.
+/// One finished request: its head and the used length.
 struct Done {
     head: u16,
     len: u32,

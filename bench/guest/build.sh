@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
 # Builds the bench guest: a static library for the host target (the only Rust
-# target installed), linked by ld with our own script into a PVH ELF.
-# Output: $OUT (default target/guest/bench-guest.elf at the repository root).
+# target installed), linked by ld with our own script into a PVH ELF, and the
+# same bytes behind a Linux setup header as a bzImage (64-bit boot protocol).
+# Output: $OUT (default target/guest/bench-guest.elf at the repository root)
+# and the bzImage beside it ($OUT with .bzImage for .elf). Prints the ELF's path.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$root/target/guest}
 out=${OUT:-$target_dir/bench-guest.elf}
+bzimage=${out%.elf}.bzImage
 cd "$here"
 RUSTFLAGS="-C relocation-model=static -C code-model=small -C target-cpu=x86-64-v2" \
   cargo build --release --quiet --target-dir "$target_dir"
-ld -static -nostdlib --gc-sections -z noexecstack --no-warn-rwx-segments -u _start32 \
+ld -static -nostdlib --gc-sections -z noexecstack --no-warn-rwx-segments -u _start32 -u startup_64 \
   -T "$here/linker.ld" -o "$out" "$target_dir/release/libbench_guest.a"
+
+# The bzImage: two setup sectors, then the ELF's loadable bytes from 1 MiB on.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+objcopy -O binary -R .bss "$out" "$work/image.bin"
+image_bytes=$(stat -c %s "$work/image.bin")
+sym() { echo $((16#$(nm "$out" | awk -v s="$1" '$3 == s { print $1 }'))); }
+start=$(sym __image_start)
+end=$(sym __image_end)
+if [ "$start" != $((0x100000)) ]; then
+  echo "bench guest: the image starts at $start, not 1 MiB" >&2
+  exit 1
+fi
+as --64 --defsym SYSSIZE=$(((image_bytes + 15) / 16)) --defsym INIT_SIZE=$((end - start)) \
+  -o "$work/header.o" "$here/src/bzimage_header.S"
+objcopy -O binary -j .text "$work/header.o" "$work/header.bin"
+cat "$work/header.bin" "$work/image.bin" > "$bzimage.tmp"
+mv "$bzimage.tmp" "$bzimage"
 echo "$out"

@@ -1,8 +1,5 @@
-//! The bench crate's library: building the bench guest and running it under
-//! a VMM (QEMU or the project's vmm), collecting its JSON result; and the
-//! test files the benchmarks share.
-
-pub mod guest;
+//! What the benchmarks share beyond the harness (`test-infra`, which boots
+//! the bench guest and runs the backends): the test files they prepare.
 
 use std::path::Path;
 use std::process::Command;

@@ -1,2 +1,3 @@
 //! End-to-end tests: real processes, real guests, real peers. The tests live
-//! in `tests/tests/`; the harness they share is `bench::guest`.
+//! in `tests/tests/`; the harness they share with the benchmarks is
+//! `test-infra` (`tests/infra/`).

@@ -5,29 +5,20 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-mod common;
-use common::{bin, img, s};
-
-use bench::guest::{have, kvm_available, BlkBackendProcess, Disk, GuestRun, Machine, QemuVm};
+use test_infra::{bin, img, s, BlkBackendProcess, Disk, Fixture, GuestRun, Patience, QemuVm};
 
 fn ready(test: &str) -> bool {
-    kvm_available(test) && have("qemu-system-x86_64", test)
+    test_infra::ready(test, &["qemu-system-x86_64"])
 }
 
 fn boot(sock: &Path, queues: u16, cmdline: &str) -> GuestRun {
-    QemuVm {
-        machine: Machine::Microvm,
-        mem_mib: 512,
-        disk: Disk::vhost_user(sock, queues),
-        cmdline: cmdline.into(),
-        timeout: Duration::from_secs(120),
-    }
-    .run()
-    .expect("guest runs")
+    QemuVm::new(Disk::vhost_user(sock, queues), cmdline)
+        .run()
+        .expect("guest runs")
 }
 
 fn assert_ok(r: &GuestRun, what: &str) {
-    assert!(r.ok(), "{what}: status {:?}\n{}", r.guest_status, r.serial);
+    r.assert_ok(what);
 }
 
 #[test]
@@ -35,13 +26,11 @@ fn verify_on_a_clone_then_snapshot_and_clone_again() {
     if !ready("blk_backend_verify_snapshot_clone") {
         return;
     }
-    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let d = |n: &str| dir.path().join(n);
-    img(&["create", &s(&d("base.img")), "1G"]);
-    img(&["clone", &s(&d("base.img")), &s(&d("vm.img"))]);
+    let fx = Fixture::new();
+    let d = |n: &str| fx.path(n);
+    fx.base_and_clone("1G");
     let sock = d("vm.sock");
-    let backend = bin("blk-backend");
-    let b = BlkBackendProcess::start(&backend, &d("vm.img"), &sock, 2, false).expect("backend");
+    let b = fx.serve(&d("vm.img"), 2);
     for (queues, irq) in [(1, false), (2, true)] {
         let base = format!("bs=64k qd=16 queues={queues} irq={}", irq as u8);
         let w = boot(&sock, 2, &format!("mode=write verify=1 gen=1 {base}"));
@@ -53,9 +42,9 @@ fn verify_on_a_clone_then_snapshot_and_clone_again() {
     b.stop();
     // Snapshot, clone, boot on the clone: old data plus new writes.
     img(&["snapshot", "-c", "s1", &s(&d("vm.img"))]);
-    img(&["clone", &s(&d("vm.img@s1")), &s(&d("vm2.img"))]);
+    fx.clone_of("vm.img@s1", "vm2.img");
     let sock2 = d("vm2.sock");
-    let b = BlkBackendProcess::start(&backend, &d("vm2.img"), &sock2, 1, false).expect("backend");
+    let b = fx.serve(&d("vm2.img"), 1);
     let r = boot(&sock2, 1, "mode=read verify=1 expect_gen=1 bs=64k qd=16");
     assert_ok(&r, "old data through the clone");
     let w = boot(
@@ -103,11 +92,10 @@ fn read_only_export_fails_writes_and_keeps_serving() {
     if !ready("blk_backend_read_only") {
         return;
     }
-    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let image = dir.path().join("ro.img");
-    img(&["create", image.to_str().expect("utf-8"), "64M"]);
-    let sock = dir.path().join("ro.sock");
-    let b = BlkBackendProcess::start(&bin("blk-backend"), &image, &sock, 1, true).expect("backend");
+    let fx = Fixture::new();
+    let image = fx.image("ro.img", "64M");
+    let sock = Fixture::socket_of(&image);
+    let b = fx.serve_readonly(&image, 1);
     let r = boot(&sock, 1, "mode=write bs=4k ios=8");
     assert_eq!(r.guest_status, Some(1), "{}", r.serial);
     assert_eq!(r.field("ioerr"), 8);
@@ -121,13 +109,12 @@ fn one_process_serves_several_exports_and_a_bad_peer_only_loses_its_session() {
     if !ready("blk_backend_several_exports") {
         return;
     }
-    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let d = |n: &str| dir.path().join(n);
-    img(&["create", &s(&d("base.img")), "1G"]);
+    let fx = Fixture::new();
+    let d = |n: &str| fx.path(n);
+    fx.image("base.img", "1G");
     // The base gets data before it is cloned.
     let base_sock = d("base.sock");
-    let b = BlkBackendProcess::start(&bin("blk-backend"), &d("base.img"), &base_sock, 1, false)
-        .expect("backend");
+    let b = fx.serve(&d("base.img"), 1);
     assert_ok(
         &boot(
             &base_sock,
@@ -137,8 +124,8 @@ fn one_process_serves_several_exports_and_a_bad_peer_only_loses_its_session() {
         "base",
     );
     b.stop();
-    img(&["clone", &s(&d("base.img")), &s(&d("a.img"))]);
-    img(&["clone", &s(&d("base.img")), &s(&d("b.img"))]);
+    fx.clone_of("base.img", "a.img");
+    fx.clone_of("base.img", "b.img");
     let (sa, sb) = (d("a.sock"), d("b.sock"));
     let b = BlkBackendProcess::start_exports_with(
         &bin("blk-backend"),
@@ -168,10 +155,25 @@ fn one_process_serves_several_exports_and_a_bad_peer_only_loses_its_session() {
     }
     // A peer that speaks garbage on export a.
     {
-        use std::io::Write;
+        use std::io::{Read, Write};
         let mut junk = std::os::unix::net::UnixStream::connect(&sa).expect("connect");
         let _ = junk.write_all(&[0xffu8; 64]);
-        std::thread::sleep(Duration::from_millis(200));
+        // The backend hangs up on it (end of file, or a reset), in about a
+        // millisecond here.
+        let hang_up = Patience::new(
+            "blk-backend hanging up on garbage",
+            Duration::from_millis(1),
+        );
+        junk.set_read_timeout(Some(hang_up.limit()))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        if let Err(e) = junk.read_to_end(&mut rest) {
+            assert!(
+                e.kind() == std::io::ErrorKind::ConnectionReset,
+                "{}: {e}",
+                hang_up.explain(hang_up.limit())
+            );
+        }
     }
     // Export b is unaffected, and export a serves its next frontend.
     let w = boot(&sb, 1, "mode=write verify=1 gen=3 bs=64k qd=8");
@@ -200,26 +202,24 @@ fn kill_9_and_restart_during_a_verifying_write_loses_nothing() {
     if !ready("blk_backend_kill_9_restart") {
         return;
     }
-    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let d = |n: &str| dir.path().join(n);
-    img(&["create", &s(&d("base.img")), "1G"]);
-    img(&["clone", &s(&d("base.img")), &s(&d("vm.img"))]);
+    let fx = Fixture::new();
+    let d = |n: &str| fx.path(n);
+    fx.base_and_clone("1G");
     let sock = d("vm.sock");
-    let backend = bin("blk-backend");
-    let vm = |cmdline: &str| QemuVm {
-        machine: Machine::Microvm,
-        mem_mib: 512,
-        disk: Disk::VhostUser {
-            socket: sock.clone(),
-            num_queues: 2,
-            reconnect_ms: Some(50),
-        },
-        cmdline: cmdline.into(),
-        timeout: Duration::from_secs(180),
+    let vm = |cmdline: &str| {
+        QemuVm::new(
+            Disk::VhostUser {
+                socket: sock.clone(),
+                num_queues: 2,
+                reconnect_ms: Some(50),
+            },
+            cmdline,
+        )
     };
+    // Progress lines come 100 ms apart.
+    let next_lines = Patience::new("two more progress lines", Duration::from_millis(200));
     for (round, kills) in [(1u32, 1usize), (2, 3)] {
-        let mut b =
-            BlkBackendProcess::start(&backend, &d("vm.img"), &sock, 2, false).expect("backend");
+        let mut b = fx.serve(&d("vm.img"), 2);
         // Sequential 64k writes that cover the disk; each block's header
         // names the generation.
         let mut guest = vm(&format!(
@@ -229,20 +229,16 @@ fn kill_9_and_restart_during_a_verifying_write_loses_nothing() {
         .expect("guest starts");
         for k in 0..kills {
             // Let the workload get going, then kill it mid-flight.
-            let t0 = std::time::Instant::now();
-            while guest.progress_lines() < 2 + 2 * k as u64
-                && t0.elapsed() < Duration::from_secs(30)
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            guest
+                .wait_for_progress(2 + 2 * k as u64, &next_lines)
+                .expect("the workload goes on");
             assert!(
                 guest.running(),
                 "round {round}: the workload ended before kill {k}"
             );
             b.kill();
             std::thread::sleep(Duration::from_millis(100));
-            b = BlkBackendProcess::start(&backend, &d("vm.img"), &sock, 2, false)
-                .expect("backend restarts");
+            b = fx.serve(&d("vm.img"), 2);
         }
         let w = guest.wait().expect("guest runs");
         assert_ok(

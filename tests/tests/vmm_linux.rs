@@ -4,19 +4,20 @@
 //! through its PVH entry prints its banner and echoes the memory map and
 //! the command line the vmm gave it. The full test (userspace, fio with
 //! verify on a blk-backend disk, poweroff) runs where hardware KVM exists.
-
-mod common;
+//! The 64-bit boot protocol is proven in every run by the bench guest's
+//! bzImage (vmm_boot.rs); Debian's bzImage here needs minutes of its
+//! decompressor under emulation, so its test runs where hardware KVM
+//! exists, or here when asked for (`E2E_SLOW=1`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bench::guest::{kvm_available, BlkBackendProcess};
-use common::{bin, img, s};
+use test_infra::{bin, hardware_kvm, kvm_available, s, Fixture, Patience};
 
 /// The Linux guest (kernel from Debian's cloud package, initramfs with
-/// busybox and fio), built once.
+/// busybox and fio), built once (.ci/setup builds it beforehand).
 fn linux_guest() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -39,17 +40,19 @@ fn linux_guest() -> PathBuf {
     )
 }
 
-fn hardware_kvm() -> bool {
-    Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists()
+/// Whether the slow tests were asked for (`E2E_SLOW=1`).
+fn slow_tests() -> bool {
+    std::env::var("E2E_SLOW").is_ok_and(|v| v == "1")
 }
 
 /// Runs the vmm until every `wanted` text has appeared on the console (or
-/// `limit` passes); returns the console output and which were seen.
+/// `patience` runs out, or the vmm ends); returns the console output,
+/// which were seen, the exit status and how long it took.
 fn boot_until(
     args: &[String],
     wanted: &[&str],
-    limit: Duration,
-) -> (String, Vec<bool>, Option<i32>) {
+    patience: &Patience,
+) -> (String, Vec<bool>, Option<i32>, Duration) {
     let mut child = Command::new(bin("vmm"))
         .args(args)
         .stdout(Stdio::piped())
@@ -70,7 +73,7 @@ fn boot_until(
     let mut console = String::new();
     let mut seen = vec![false; wanted.len()];
     let mut status = None;
-    while t0.elapsed() < limit && !seen.iter().all(|&x| x) {
+    while !patience.expired(t0) && !seen.iter().all(|&x| x) {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
                 for (i, w) in wanted.iter().enumerate() {
@@ -88,6 +91,7 @@ fn boot_until(
             Err(_) => break,
         }
     }
+    let took = t0.elapsed();
     if status.is_none() {
         let _ = child.kill();
     }
@@ -95,7 +99,10 @@ fn boot_until(
     if let Ok(s) = child.wait() {
         status = status.or(s.code());
     }
-    (console, seen, status)
+    if !seen.iter().all(|&x| x) && patience.expired(t0) {
+        console.push_str(&format!("\n[{}]\n", patience.explain(took)));
+    }
+    (console, seen, status, took)
 }
 
 #[test]
@@ -121,10 +128,19 @@ fn linux_through_pvh_prints_its_banner_and_echoes_the_memory_map_and_command_lin
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
         "BIOS-e820: [mem 0x00000000e0000000-0x00000000e00fffff] reserved",
     ];
-    let (console, seen, _) = boot_until(&args, &wanted, Duration::from_secs(180));
+    // About 15 s to the banner here (CPL0 emulated), seconds elsewhere.
+    let patience = Patience::new(
+        "Linux's banner and memory map through PVH",
+        Duration::from_secs(15),
+    );
+    let (console, seen, _, took) = boot_until(&args, &wanted, &patience);
     for (w, s) in wanted.iter().zip(&seen) {
         assert!(*s, "the console never showed {w:?}:\n{console}");
     }
+    eprintln!(
+        "Linux through PVH: banner and memory map in {:.1} s",
+        took.as_secs_f64()
+    );
     eprintln!(
         "{}",
         console
@@ -149,13 +165,10 @@ fn linux_boots_to_userspace_and_runs_fio_with_verify_on_a_blk_backend_disk() {
         return;
     }
     let guest = linux_guest();
-    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let d = |n: &str| dir.path().join(n);
-    img(&["create", &s(&d("base.img")), "1G"]);
-    img(&["clone", &s(&d("base.img")), &s(&d("vm.img"))]);
-    let sock = d("vm.sock");
-    let b = BlkBackendProcess::start(&bin("blk-backend"), &d("vm.img"), &sock, 2, false)
-        .expect("backend");
+    let fx = Fixture::new();
+    let image = fx.base_and_clone("1G");
+    let sock = Fixture::socket_of(&image);
+    let b = fx.serve(&image, 2);
     let args: Vec<String> = vec![
         "--kernel".into(),
         s(&guest.join("vmlinux")),
@@ -170,10 +183,16 @@ fn linux_boots_to_userspace_and_runs_fio_with_verify_on_a_blk_backend_disk() {
         "--cmdline".into(),
         "console=ttyS0 fio=1 panic=-1".into(),
     ];
-    let (console, seen, status) = boot_until(
+    // Not measured here (no hardware KVM): a Linux boot with fio over
+    // 1 GiB takes well under a minute on hardware virtualization.
+    let patience = Patience::new(
+        "Linux userspace and fio with verify over 1 GiB",
+        Duration::from_secs(30),
+    );
+    let (console, seen, status, _) = boot_until(
         &args,
         &["LINUX-GUEST USERSPACE", "LINUX-GUEST FIO OK"],
-        Duration::from_secs(300),
+        &patience,
     );
     assert!(seen[0], "no userspace:\n{console}");
     assert!(seen[1], "fio with verify did not pass:\n{console}");
@@ -184,12 +203,28 @@ fn linux_boots_to_userspace_and_runs_fio_with_verify_on_a_blk_backend_disk() {
 
 /// The distribution's bzImage through the 64-bit boot protocol: its
 /// decompressor runs, then the kernel prints its banner and the memory
-/// map the vmm put in the zero page.
+/// map the vmm put in the zero page. Under PVM the decompressor runs at an
+/// emulated CPL0: about 150 s to the banner (measured 2026-11-27), so here
+/// it runs only when asked for; the protocol itself is proven in every run
+/// by the bench guest's bzImage (vmm_boot.rs).
 #[test]
-fn a_bzimage_starts_through_the_64_bit_boot_protocol() {
+fn a_debian_bzimage_starts_through_the_64_bit_boot_protocol() {
     if !kvm_available("vmm_linux_bzimage") {
         return;
     }
+    let measured = if hardware_kvm() {
+        // Not measured on hardware KVM: decompressing takes about a second there.
+        Duration::from_secs(5)
+    } else if slow_tests() {
+        Duration::from_secs(150)
+    } else {
+        println!(
+            "SKIPPED: vmm_linux_bzimage: /dev/kvm here is PVM, where Debian's bzImage \
+             takes minutes to decompress (about 150 s measured); E2E_SLOW=1 runs it. \
+             The 64-bit boot protocol is covered by vmm_boot's bench-guest bzImage."
+        );
+        return;
+    };
     let guest = linux_guest();
     let args: Vec<String> = vec![
         "--kernel".into(),
@@ -205,9 +240,15 @@ fn a_bzimage_starts_through_the_64_bit_boot_protocol() {
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
         "BIOS-e820: [mem 0x00000000e0000000-0x00000000e00fffff] reserved",
     ];
-    let (console, seen, _) = boot_until(&args, &wanted, Duration::from_secs(120));
+    let patience =
+        Patience::with_margin("Debian's bzImage to its banner and memory map", measured, 4);
+    let (console, seen, _, took) = boot_until(&args, &wanted, &patience);
     assert!(
         seen.iter().all(|&x| x),
         "the console never showed {wanted:?}:\n{console}"
+    );
+    eprintln!(
+        "Debian bzImage: banner and memory map in {:.1} s",
+        took.as_secs_f64()
     );
 }

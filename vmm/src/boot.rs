@@ -42,6 +42,8 @@ pub enum BootError {
     InitrdTooBig { path: String, size: u64 },
     #[error("the command line is {0} bytes; at most {CMDLINE_MAX} - 1")]
     CmdlineTooLong(usize),
+    #[error("the command line is {len} bytes; this kernel takes at most {max}")]
+    CmdlineTooLongForKernel { len: usize, max: usize },
     #[error("writing boot data into guest memory: {0}")]
     Memory(String),
 }
@@ -65,6 +67,9 @@ pub fn is_bzimage(kernel: &Path) -> bool {
     let mut magic = [0u8; 4];
     f.seek(SeekFrom::Start(0x202)).is_ok() && f.read_exact(&mut magic).is_ok() && &magic == b"HdrS"
 }
+
+/// `xloadflags`: the kernel has a 64-bit entry 0x200 into its image.
+const XLF_KERNEL_64: u16 = 1;
 
 /// The zero page, page tables and GDT of a 64-bit boot-protocol start.
 const ZERO_PAGE: u64 = 0x7000;
@@ -101,6 +106,31 @@ pub fn load_bzimage(
         path: path.clone(),
         why: "no setup header".into(),
     })?;
+    let (version, xloadflags) = (hdr.version, hdr.xloadflags);
+    // The 64-bit entry exists only where the kernel says so (protocol 2.12+).
+    if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::Kernel {
+            path,
+            why: format!(
+                "this bzImage has no 64-bit entry point (boot protocol {}.{:02}, xloadflags {xloadflags:#x})",
+                version >> 8,
+                version & 0xff
+            ),
+        });
+    }
+    let cmdline_max = hdr.cmdline_size as usize;
+    if cmdline.len() > cmdline_max {
+        return Err(BootError::CmdlineTooLongForKernel {
+            len: cmdline.len(),
+            max: cmdline_max,
+        });
+    }
+    // What the kernel occupies from its load address once running (its
+    // .bss, and for Linux the room to decompress in): the initrd stays
+    // clear of it, not only of the file's bytes.
+    let kernel_end = loaded
+        .kernel_end
+        .max(loaded.kernel_load.0 + u64::from(hdr.init_size));
     let mut params = boot_params {
         hdr,
         ..Default::default()
@@ -112,7 +142,6 @@ pub fn load_bzimage(
     write_cmdline(mem, cmdline)?;
     params.hdr.type_of_loader = 0xff;
     params.hdr.cmd_line_ptr = CMDLINE as u32;
-    params.hdr.cmdline_size = cmdline.len() as u32;
     params.acpi_rsdp_addr = rsdp;
     let map = memory_map(ram);
     for (i, &(addr, size, kind)) in map.iter().enumerate() {
@@ -122,7 +151,7 @@ pub fn load_bzimage(
     }
     params.e820_entries = map.len() as u8;
     if let Some(p) = initrd {
-        let (at, len) = load_initrd(ram, p, loaded.kernel_end)?;
+        let (at, len) = load_initrd(ram, p, kernel_end)?;
         params.hdr.ramdisk_image = at as u32;
         params.hdr.ramdisk_size = len as u32;
     }
@@ -144,7 +173,7 @@ pub fn load_bzimage(
         // startup_64 sits 0x200 into the protected-mode kernel.
         rip: loaded.kernel_load.0 + 0x200,
         start_info: ZERO_PAGE,
-        kernel_end: loaded.kernel_end,
+        kernel_end,
         long_mode: true,
     })
 }
@@ -384,6 +413,96 @@ mod tests {
         e[0x10c..0x110].copy_from_slice(b"Xen\0");
         e[0x110..0x114].copy_from_slice(&entry.to_le_bytes());
         e
+    }
+
+    /// A bzImage of `image` bytes behind one setup sector: protocol 2.15,
+    /// loaded high, with the given xloadflags, cmdline_size and init_size.
+    fn bzimage(image: usize, xloadflags: u16, cmdline_size: u32, init_size: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 1024 + image];
+        b[0x1f1] = 1; // setup_sects
+        b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[0x211] = 1; // LOADED_HIGH
+        b[0x214..0x218].copy_from_slice(&0x100000u32.to_le_bytes());
+        b[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        b[0x238..0x23c].copy_from_slice(&cmdline_size.to_le_bytes());
+        b[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        b[1024..].fill(0xcd);
+        b
+    }
+
+    #[test]
+    fn the_zero_page_names_the_command_line_memory_map_initrd_and_rsdp() {
+        use linux_loader::loader::bootparam::boot_params;
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("bzImage");
+        // 64 KiB in the file, 40 MiB once running.
+        std::fs::write(&kernel, bzimage(65536, XLF_KERNEL_64, 255, 40 << 20)).unwrap();
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, vec![0x5au8; 20 << 20]).unwrap();
+        let ram = crate::memory::create(64 << 20).unwrap();
+        let e = load_bzimage(&ram, &kernel, Some(&initrd), "console=ttyS0 x=1", 0xe0000).unwrap();
+        assert_eq!(e.rip, 0x100200, "startup_64");
+        assert!(e.long_mode);
+        assert_eq!(
+            e.kernel_end,
+            0x100000 + (40 << 20),
+            "init_size, not the file"
+        );
+        let m = &ram.mem;
+        let zp: boot_params = m.read_obj(GuestAddress(e.start_info)).unwrap();
+        let hdr = zp.hdr;
+        assert_eq!(hdr.type_of_loader, 0xff);
+        assert_eq!(
+            { hdr.cmdline_size },
+            255,
+            "the kernel's limit is left as it said"
+        );
+        let mut line = [0u8; 18];
+        m.read_slice(&mut line, GuestAddress(hdr.cmd_line_ptr as u64))
+            .unwrap();
+        assert_eq!(&line, b"console=ttyS0 x=1\0");
+        let (at, size) = (hdr.ramdisk_image as u64, hdr.ramdisk_size as u64);
+        assert_eq!(size, 20 << 20);
+        assert_eq!(at % 4096, 0);
+        assert!(at >= e.kernel_end && at + size <= 64 << 20, "{at:#x}");
+        assert_eq!(m.read_obj::<u8>(GuestAddress(at + size - 1)).unwrap(), 0x5a);
+        assert_eq!({ zp.acpi_rsdp_addr }, 0xe0000);
+        let map: Vec<(u64, u64, u32)> = zp.e820_table[..zp.e820_entries as usize]
+            .iter()
+            .map(|r| (r.addr, r.size, r.r#type))
+            .collect();
+        assert_eq!(
+            map,
+            vec![
+                (0, LOW_RAM_END, E820_RAM),
+                (0x100000, (64 << 20) - 0x100000, E820_RAM),
+                (crate::acpi::ECAM_BASE, crate::acpi::ECAM_LEN, E820_RESERVED),
+            ]
+        );
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x100000)).unwrap(), 0xcd);
+    }
+
+    #[test]
+    fn a_bzimage_the_vmm_cannot_enter_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = crate::memory::create(64 << 20).unwrap();
+        let kernel = dir.path().join("bzImage");
+        // No 64-bit entry point.
+        std::fs::write(&kernel, bzimage(4096, 0, 255, 4096)).unwrap();
+        let err = load_bzimage(&ram, &kernel, None, "", 0).unwrap_err();
+        assert!(err.to_string().contains("no 64-bit entry point"), "{err}");
+        // A command line longer than the kernel takes.
+        std::fs::write(&kernel, bzimage(4096, XLF_KERNEL_64, 8, 4096)).unwrap();
+        let err = load_bzimage(&ram, &kernel, None, "console=ttyS0", 0).unwrap_err();
+        assert!(err.to_string().contains("at most 8"), "{err}");
+        // An initrd that only fits over the running kernel.
+        std::fs::write(&kernel, bzimage(4096, XLF_KERNEL_64, 255, 60 << 20)).unwrap();
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, vec![0u8; 8 << 20]).unwrap();
+        let err = load_bzimage(&ram, &kernel, Some(&initrd), "", 0).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
     }
 
     #[test]

@@ -51,8 +51,18 @@ pub struct ExitCounts {
     pub total: u64,
 }
 
+/// The run state, with how many vCPUs are parked and how many have ended
+/// (a vCPU that faulted or powered off never parks, and a pause must not
+/// wait for it).
+#[derive(Clone, Copy)]
+struct Shared {
+    run: RunState,
+    parked: usize,
+    ended: usize,
+}
+
 pub struct Control {
-    state: Mutex<(RunState, usize)>,
+    state: Mutex<Shared>,
     changed: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
     pub stats: Vec<VcpuStats>,
@@ -71,7 +81,11 @@ impl Control {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         Ok(Control {
-            state: Mutex::new((RunState::Running, 0)),
+            state: Mutex::new(Shared {
+                run: RunState::Running,
+                parked: 0,
+                ended: 0,
+            }),
             changed: Condvar::new(),
             threads: Mutex::new(Vec::new()),
             stats: (0..vcpus).map(|_| VcpuStats::default()).collect(),
@@ -87,7 +101,7 @@ impl Control {
     }
 
     pub fn state(&self) -> RunState {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).run
     }
 
     fn kick_all(&self) {
@@ -107,15 +121,22 @@ impl Control {
     /// when the vCPU must end.
     pub fn vcpu_may_run(&self) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.0 == RunState::Paused {
-            st.1 += 1;
+        if st.run == RunState::Paused {
+            st.parked += 1;
             self.changed.notify_all();
-            while st.0 == RunState::Paused {
+            while st.run == RunState::Paused {
                 st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }
-            st.1 -= 1;
+            st.parked -= 1;
         }
-        st.0 != RunState::Stopping
+        st.run != RunState::Stopping
+    }
+
+    /// Called once by a vCPU thread as it ends, whatever ended it.
+    pub fn vcpu_ended(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.ended += 1;
+        self.changed.notify_all();
     }
 
     /// Pauses every vCPU; returns once all are parked (or `false` after
@@ -123,10 +144,10 @@ impl Control {
     pub fn pause(&self, timeout: Duration) -> bool {
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.0 != RunState::Running {
-                return st.0 == RunState::Paused;
+            if st.run != RunState::Running {
+                return st.run == RunState::Paused;
             }
-            st.0 = RunState::Paused;
+            st.run = RunState::Paused;
         }
         let n = self.stats.len();
         let t0 = Instant::now();
@@ -135,9 +156,9 @@ impl Control {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let (st, _) = self
                 .changed
-                .wait_timeout_while(st, Duration::from_millis(1), |s| s.1 < n)
+                .wait_timeout_while(st, Duration::from_millis(1), |s| s.parked + s.ended < n)
                 .unwrap_or_else(|e| e.into_inner());
-            if st.1 >= n {
+            if st.parked + st.ended >= n {
                 return true;
             }
             if t0.elapsed() > timeout {
@@ -148,10 +169,10 @@ impl Control {
 
     pub fn resume(&self) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.0 != RunState::Paused {
+        if st.run != RunState::Paused {
             return false;
         }
-        st.0 = RunState::Running;
+        st.run = RunState::Running;
         self.changed.notify_all();
         true
     }
@@ -159,7 +180,7 @@ impl Control {
     /// Ends every vCPU loop.
     pub fn stop(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = RunState::Stopping;
+        st.run = RunState::Stopping;
         self.changed.notify_all();
         drop(st);
         self.kick_all();

@@ -397,6 +397,14 @@ fn dump(vcpu: &VcpuFd) -> String {
 }
 
 fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ctl: &Control) {
+    /// Tells the control the vCPU is gone, however the loop ends.
+    struct Ended<'a>(&'a Control);
+    impl Drop for Ended<'_> {
+        fn drop(&mut self) {
+            self.0.vcpu_ended();
+        }
+    }
+    let _ended = Ended(ctl);
     let end = |ev: VmEvent| {
         let _ = events.send(ev);
     };

@@ -7,6 +7,8 @@ pub enum Mode {
     RandRead,
     RandWrite,
     Mixed,
+    /// No disk I/O: report what the loader handed over and exit.
+    Boot,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -123,6 +125,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
                     "randread" => Mode::RandRead,
                     "randwrite" => Mode::RandWrite,
                     "mixed" | "randrw" => Mode::Mixed,
+                    "boot" => Mode::Boot,
                     _ => return Err(word),
                 };
                 true

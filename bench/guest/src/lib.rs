@@ -10,12 +10,12 @@ global_asm!(include_str!("boot.S"), options(att_syntax));
 
 mod acpi;
 mod blk;
+mod boot_info;
 mod config;
 mod mem;
 mod pci;
 mod rt;
 mod serial;
-mod start_info;
 mod time;
 mod virtio;
 mod workload;
@@ -40,17 +40,27 @@ fn fail(status: u8, error: core::fmt::Arguments) -> ! {
 pub extern "C" fn guest_main() -> ! {
     serial::write_str("BENCH-GUEST START\n");
     let boot_tsc = time::tsc();
-    let Some(si) = start_info::StartInfo::get() else {
-        fail(EXIT_USAGE, format_args!("no PVH start info"));
+    let Some(si) = boot_info::BootInfo::get() else {
+        fail(EXIT_USAGE, format_args!("no boot information (neither a PVH start info nor a Linux zero page)"));
     };
+    si.report();
     let cfg = match config::parse(si.cmdline) {
         Ok(c) => c,
         Err(word) => fail(EXIT_USAGE, format_args!("bad argument {:?}", word)),
     };
     let (hz, hz_source) = time::tsc_hz(cfg.tsc_khz);
     let clock = time::Clock { hz };
+    if cfg.mode == Mode::Boot {
+        // Only the boot itself was under test: report and leave.
+        println!(
+            "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"boot\",\"protocol\":\"{}\",\"init_ns\":{}}}",
+            si.protocol.name(),
+            clock.ns(time::tsc() - boot_tsc)
+        );
+        rt::exit(EXIT_OK);
+    }
     // Free RAM: from the end of the image to the end of its region, below 4 GiB.
-    let image_end = start_info::image_end();
+    let image_end = boot_info::image_end();
     let region_end = si
         .memory()
         .find(|r| r.kind == 1 && r.addr <= image_end && image_end < r.addr + r.size)
@@ -106,7 +116,8 @@ pub extern "C" fn guest_main() -> ! {
         Check::None => {
             let random = matches!(cfg.mode, Mode::RandRead | Mode::RandWrite | Mode::Mixed);
             let read_pct = match cfg.mode {
-                Mode::Read | Mode::RandRead => 100,
+                // Mode::Boot has left above.
+                Mode::Read | Mode::RandRead | Mode::Boot => 100,
                 Mode::Write | Mode::RandWrite => 0,
                 Mode::Mixed => cfg.rwmix,
             };

@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bench::guest::{kvm_available, BlkBackendProcess, Disk, Machine, QemuVm};
 use clap::Parser;
+use test_infra::{kvm_available, BlkBackendProcess, Disk, Machine, Patience, QemuVm};
 
 #[derive(Parser)]
 #[command(about = "N clones of one base on one blk-backend: page cache vs O_DIRECT for the base")]
@@ -130,7 +130,8 @@ fn main() -> Result<()> {
                     "mode=randread bs=4k qd=32 duration_ms={} progress_ms=0",
                     a.seconds * 1000
                 ),
-                timeout: Duration::from_secs(a.seconds + 60),
+                limit: run_patience(a.seconds + 60),
+                silence: run_patience(a.seconds + 60),
             }
             .run()?;
             let Some(j) = r.result.as_ref().filter(|_| r.ok()) else {
@@ -206,4 +207,14 @@ fn main() -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// A benchmark run's waits: the guest prints only when it is done, so a
+/// hang is caught by its whole length, a few times over.
+fn run_patience(seconds: u64) -> Patience {
+    Patience::with_margin(
+        format!("a benchmark run of about {seconds} s (the guest prints only at its end)"),
+        Duration::from_secs(seconds),
+        3,
+    )
 }

@@ -9,9 +9,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bench::guest::{kvm_available, BlkBackendProcess, Disk, Machine, QemuVm, StorageDaemon, VmmVm};
 use clap::Parser;
 use serde::Serialize;
+use test_infra::{
+    kvm_available, BlkBackendProcess, Disk, Machine, Patience, QemuVm, StorageDaemon, VmmVm,
+};
 
 #[derive(Parser)]
 #[command(
@@ -220,19 +222,18 @@ fn guest_cmdline(w: &Workload, seconds: u64) -> String {
 
 fn run_vmm(vmm: &Path, socket: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
     let r = VmmVm {
-        vmm: vmm.to_path_buf(),
         cpus: 1,
         mem_mib: 512,
-        disks: vec![(socket.to_path_buf(), 1)],
-        cmdline: guest_cmdline(w, seconds),
-        timeout: Duration::from_secs(seconds + 60),
         metrics_file: None,
+        limit: run_patience(seconds + 60),
+        silence: run_patience(seconds + 60),
+        ..VmmVm::new(&vmm, &guest_cmdline(w, seconds)).with_disk(&socket, 1)
     }
     .run()?;
     sample_of(&r)
 }
 
-fn sample_of(r: &bench::guest::GuestRun) -> Result<Sample> {
+fn sample_of(r: &test_infra::GuestRun) -> Result<Sample> {
     let Some(j) = r.result.as_ref().filter(|_| r.ok()) else {
         bail!("guest failed:\n{}", r.serial);
     };
@@ -256,7 +257,8 @@ fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
         mem_mib: 512,
         disk,
         cmdline: guest_cmdline(w, seconds),
-        timeout: Duration::from_secs(seconds + 60),
+        limit: run_patience(seconds + 60),
+        silence: run_patience(seconds + 60),
     };
     sample_of(&vm.run()?)
 }
@@ -385,7 +387,8 @@ fn main() -> Result<()> {
                 mem_mib: 512,
                 disk: Disk::vhost_user(&sock, 1),
                 cmdline: "mode=write bs=1m qd=8 progress_ms=0".into(),
-                timeout: Duration::from_secs(600),
+                limit: run_patience(600),
+                silence: run_patience(600),
             }
             .run()?;
             if !r.ok() {
@@ -491,7 +494,8 @@ fn main() -> Result<()> {
                     iothread: false,
                 },
                 cmdline: "mode=read bs=4k ios=1".into(),
-                timeout: Duration::from_secs(60),
+                limit: run_patience(60),
+                silence: run_patience(60),
             };
             let r = vm.run()?;
             t.push(
@@ -525,13 +529,12 @@ fn main() -> Result<()> {
         for _ in 0..a.runs.max(5) {
             let r = if vmm {
                 let r = VmmVm {
-                    vmm: vmm_bin.clone(),
                     cpus: 1,
                     mem_mib: 256,
-                    disks: vec![(boot_sock.clone(), 1)],
-                    cmdline: "mode=read bs=4k ios=1".into(),
-                    timeout: Duration::from_secs(60),
                     metrics_file: Some(metrics.clone()),
+                    limit: run_patience(60),
+                    silence: run_patience(60),
+                    ..VmmVm::new(&vmm_bin, "mode=read bs=4k ios=1").with_disk(&boot_sock, 1)
                 }
                 .run()?;
                 if let Ok(text) = std::fs::read_to_string(&metrics) {
@@ -546,7 +549,8 @@ fn main() -> Result<()> {
                     mem_mib: 256,
                     disk: Disk::vhost_user(&boot_sock, 1),
                     cmdline: "mode=read bs=4k ios=1".into(),
-                    timeout: Duration::from_secs(60),
+                    limit: run_patience(60),
+                    silence: run_patience(60),
                 }
                 .run()?
             };
@@ -570,13 +574,16 @@ fn main() -> Result<()> {
     // memfd mapping; RssAnon + RssFile is the vmm's).
     let vmm_rss_kib = {
         let mut running = VmmVm {
-            vmm: vmm_bin.clone(),
             cpus: 1,
             mem_mib: 512,
-            disks: vec![(boot_sock.clone(), 1)],
-            cmdline: "mode=randread bs=4k qd=32 duration_ms=2000 progress_ms=0".into(),
-            timeout: Duration::from_secs(60),
             metrics_file: None,
+            limit: run_patience(60),
+            silence: run_patience(60),
+            ..VmmVm::new(
+                &vmm_bin,
+                "mode=randread bs=4k qd=32 duration_ms=2000 progress_ms=0",
+            )
+            .with_disk(&boot_sock, 1)
         }
         .spawn()?;
         std::thread::sleep(Duration::from_millis(1000));
@@ -686,4 +693,14 @@ fn main() -> Result<()> {
         std::fs::write(p, svg(&cells))?;
     }
     Ok(())
+}
+
+/// A benchmark run's waits: the guest prints only when it is done, so a
+/// hang is caught by its whole length, a few times over.
+fn run_patience(seconds: u64) -> Patience {
+    Patience::with_margin(
+        format!("a benchmark run of about {seconds} s (the guest prints only at its end)"),
+        Duration::from_secs(seconds),
+        3,
+    )
 }

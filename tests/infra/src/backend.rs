@@ -1,0 +1,217 @@
+//! Storage backends as child processes: the project's blk-backend and
+//! qemu-storage-daemon (a vhost-user-blk server nobody here wrote).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::patience::Patience;
+
+/// A qemu-storage-daemon serving a raw file as a vhost-user-blk export.
+pub struct StorageDaemon {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl StorageDaemon {
+    pub fn start(image: &Path, socket: &Path, num_queues: u16, writable: bool) -> Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring,discard=unmap",
+                image.display()
+            ))
+            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0,discard=unmap"])
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={num_queues}",
+                socket.display(),
+                if writable { "on" } else { "off" }
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting qemu-storage-daemon")?;
+        let mut d = StorageDaemon {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        wait_for_socket(&mut d.child, socket, "qemu-storage-daemon")?;
+        Ok(d)
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Our own blk-backend serving an image, as a child process.
+pub struct BlkBackendProcess {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl BlkBackendProcess {
+    /// `binary`: the built `blk-backend`.
+    pub fn start(
+        binary: &Path,
+        image: &Path,
+        socket: &Path,
+        num_queues: u16,
+        readonly: bool,
+    ) -> Result<Self> {
+        let spec = format!(
+            "socket={},image={},num_queues={num_queues},readonly={}",
+            socket.display(),
+            image.display(),
+            if readonly { "on" } else { "off" }
+        );
+        Self::spawn(binary, &[spec], &[socket.to_path_buf()])
+    }
+
+    /// Starts it with one `--export` per (image, socket) and waits for every socket.
+    pub fn start_exports(binary: &Path, exports: &[(PathBuf, PathBuf)]) -> Result<Self> {
+        Self::start_exports_with(binary, exports, &[])
+    }
+
+    /// The same with extra command-line options (`--base-io direct`, say).
+    pub fn start_exports_with(
+        binary: &Path,
+        exports: &[(PathBuf, PathBuf)],
+        options: &[&str],
+    ) -> Result<Self> {
+        let specs: Vec<String> = exports
+            .iter()
+            .map(|(image, socket)| format!("socket={},image={}", socket.display(), image.display()))
+            .collect();
+        let sockets: Vec<PathBuf> = exports.iter().map(|e| e.1.clone()).collect();
+        Self::spawn_with(binary, &specs, &sockets, options)
+    }
+
+    fn spawn(binary: &Path, specs: &[String], sockets: &[PathBuf]) -> Result<Self> {
+        Self::spawn_with(binary, specs, sockets, &[])
+    }
+
+    fn spawn_with(
+        binary: &Path,
+        specs: &[String],
+        sockets: &[PathBuf],
+        options: &[&str],
+    ) -> Result<Self> {
+        let mut c = Command::new(binary);
+        c.args(options);
+        // Quiet unless the caller asks (BLK_BACKEND_LOG=debug, say).
+        c.env(
+            "RUST_LOG",
+            std::env::var("BLK_BACKEND_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        for (spec, socket) in specs.iter().zip(sockets) {
+            let _ = std::fs::remove_file(socket);
+            c.arg("--export").arg(spec);
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut b = BlkBackendProcess {
+            child,
+            socket: sockets.first().cloned().unwrap_or_default(),
+        };
+        for socket in sockets {
+            wait_for_socket(&mut b.child, socket, "blk-backend")?;
+        }
+        Ok(b)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (CPU seconds used so far, resident set in bytes), from /proc.
+    pub fn usage(&self) -> Option<(f64, u64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu =
+            (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / hz;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let rss_kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some((cpu, rss_kb * 1024))
+    }
+
+    /// Kills it outright (SIGKILL), as a crash would, leaving the socket
+    /// file in place.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.socket = PathBuf::new();
+    }
+
+    /// Asks it to stop (SIGTERM) and waits; panics if it does not end (it
+    /// is killed first), or if it ends with a failure status.
+    pub fn stop(mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // It closes every image and exits within a few milliseconds here.
+        let patience = Patience::new("blk-backend ending on SIGTERM", Duration::from_millis(20));
+        let mut status = None;
+        let waited = patience.wait_until(|| {
+            status = self.child.try_wait()?;
+            Ok(status.is_some())
+        });
+        if let Err(e) = waited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!("{e}");
+        }
+        let status = status.expect("waited for");
+        assert!(
+            status.success(),
+            "blk-backend ended with {status} on SIGTERM"
+        );
+    }
+}
+
+impl Drop for BlkBackendProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Waits until a backend process listens on `socket` (or dies trying).
+fn wait_for_socket(child: &mut Child, socket: &Path, name: &str) -> Result<()> {
+    // Both backends listen within about 50 ms of their start here.
+    let patience = Patience::new(
+        format!("{name} listening on {}", socket.display()),
+        Duration::from_millis(50),
+    );
+    patience.wait_until(|| {
+        if socket.exists() {
+            return Ok(true);
+        }
+        if let Some(s) = child.try_wait()? {
+            bail!("{name} exited with {s} before listening");
+        }
+        Ok(false)
+    })?;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! A test's scratch space: a directory of its own with the images and the
+//! backends it sets up, all gone when the test ends (passed or not).
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::BlkBackendProcess;
+use crate::workspace::{bin, img, s};
+
+pub struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fixture {
+    /// A fresh directory on a real disk (/var/tmp: not tmpfs, so O_DIRECT
+    /// and the backends' page-cache behaviour are those of a real file).
+    pub fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir_in("/var/tmp").expect("a scratch directory in /var/tmp"),
+        }
+    }
+
+    /// `name` inside the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `img create NAME SIZE` (a sparse snapshot-format image).
+    pub fn image(&self, name: &str, size: &str) -> PathBuf {
+        let p = self.path(name);
+        img(&["create", &s(&p), size]);
+        p
+    }
+
+    /// `img clone PARENT NAME` (PARENT may name a snapshot: `base.img@s1`).
+    pub fn clone_of(&self, parent: &str, name: &str) -> PathBuf {
+        let p = self.path(name);
+        img(&["clone", &s(&self.path(parent)), &s(&p)]);
+        p
+    }
+
+    /// A base image of `size` and a clone of it, `vm.img`: what a VM's
+    /// disk usually is.
+    pub fn base_and_clone(&self, size: &str) -> PathBuf {
+        self.image("base.img", size);
+        self.clone_of("base.img", "vm.img")
+    }
+
+    /// A sparse raw file of `size` bytes.
+    pub fn raw(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.path(name);
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(size))
+            .expect("a raw file");
+        p
+    }
+
+    /// The socket that [`Fixture::serve`] puts beside an image.
+    pub fn socket_of(image: &Path) -> PathBuf {
+        image.with_extension("sock")
+    }
+
+    /// blk-backend serving `image` (read-write) on `IMAGE.sock`.
+    pub fn serve(&self, image: &Path, num_queues: u16) -> BlkBackendProcess {
+        BlkBackendProcess::start(
+            &bin("blk-backend"),
+            image,
+            &Self::socket_of(image),
+            num_queues,
+            false,
+        )
+        .expect("blk-backend starts")
+    }
+
+    /// The same, read-only.
+    pub fn serve_readonly(&self, image: &Path, num_queues: u16) -> BlkBackendProcess {
+        BlkBackendProcess::start(
+            &bin("blk-backend"),
+            image,
+            &Self::socket_of(image),
+            num_queues,
+            true,
+        )
+        .expect("blk-backend starts")
+    }
+}

@@ -1,0 +1,31 @@
+//! The end-to-end harness: what the tests in `tests/tests/` and the
+//! benchmarks in `bench/` both need to put real processes and real guests
+//! to work (Cloud Hypervisor's `test_infra` is the model).
+//!
+//! - [`patience`]: every wait here exists to catch a hang, so it is sized
+//!   from a measured cost with a wide margin and says so when it runs out;
+//! - [`workspace`]: the project's binaries, built before they are run;
+//! - [`host`]: what this machine offers (KVM, hardware KVM, programs),
+//!   with a loud `SKIPPED` line for a test that cannot run;
+//! - [`guest`]: the bench guest (a PVH ELF and a bzImage), booted under
+//!   QEMU ([`QemuVm`]) or the project's vmm ([`VmmVm`]), its console and
+//!   result read back;
+//! - [`backend`]: blk-backend and qemu-storage-daemon as child processes;
+//! - [`fixture`]: a test's scratch directory with its images and backends.
+
+pub mod backend;
+pub mod fixture;
+pub mod guest;
+pub mod host;
+pub mod patience;
+pub mod workspace;
+
+pub use backend::{BlkBackendProcess, StorageDaemon};
+pub use fixture::Fixture;
+pub use guest::{
+    build_guest, Disk, GuestKernels, GuestRun, Kernel, Machine, QemuVm, RunningVm, VmmDisk, VmmVm,
+    START_MARKER,
+};
+pub use host::{hardware_kvm, have, kvm_available, ready};
+pub use patience::Patience;
+pub use workspace::{bin, img, output_within, s};

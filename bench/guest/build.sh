@@ -13,15 +13,17 @@ bzimage=${out%.elf}.bzImage
 cd "$here"
 RUSTFLAGS="-C relocation-model=static -C code-model=small -C target-cpu=x86-64-v2" \
   cargo build --release --quiet --target-dir "$target_dir"
-ld -static -nostdlib --gc-sections -z noexecstack --no-warn-rwx-segments -u _start32 -u startup_64 \
-  -T "$here/linker.ld" -o "$out" "$target_dir/release/libbench_guest.a"
-
-# The bzImage: two setup sectors, then the ELF's loadable bytes from 1 MiB on.
+# Built aside and moved into place, so a VM booting the guest while another
+# build runs (tests run in parallel) never reads a half-written file.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-objcopy -O binary -R .bss "$out" "$work/image.bin"
+ld -static -nostdlib --gc-sections -z noexecstack --no-warn-rwx-segments -u _start32 -u startup_64 \
+  -T "$here/linker.ld" -o "$work/guest.elf" "$target_dir/release/libbench_guest.a"
+
+# The bzImage: two setup sectors, then the ELF's loadable bytes from 1 MiB on.
+objcopy -O binary -R .bss "$work/guest.elf" "$work/image.bin"
 image_bytes=$(stat -c %s "$work/image.bin")
-sym() { echo $((16#$(nm "$out" | awk -v s="$1" '$3 == s { print $1 }'))); }
+sym() { echo $((16#$(nm "$work/guest.elf" | awk -v s="$1" '$3 == s { print $1 }'))); }
 start=$(sym __image_start)
 end=$(sym __image_end)
 if [ "$start" != $((0x100000)) ]; then
@@ -31,6 +33,8 @@ fi
 as --64 --defsym SYSSIZE=$(((image_bytes + 15) / 16)) --defsym INIT_SIZE=$((end - start)) \
   -o "$work/header.o" "$here/src/bzimage_header.S"
 objcopy -O binary -j .text "$work/header.o" "$work/header.bin"
-cat "$work/header.bin" "$work/image.bin" > "$bzimage.tmp"
-mv "$bzimage.tmp" "$bzimage"
+cat "$work/header.bin" "$work/image.bin" > "$work/guest.bzImage"
+# Moves within one file system are atomic; $work may be elsewhere.
+cp "$work/guest.elf" "$out.tmp.$$" && mv -f "$out.tmp.$$" "$out"
+cp "$work/guest.bzImage" "$bzimage.tmp.$$" && mv -f "$bzimage.tmp.$$" "$bzimage"
 echo "$out"

@@ -221,17 +221,34 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
     let sock = Fixture::socket_of(&image);
     let api_sock = fx.path("api.sock");
     let metrics = fx.path("metrics.json");
-    // Sequential writes that wrap around 64 MiB, 400,000 of them: every
-    // block of it is written (verify needs that), many times over, so the
-    // workload is still running when the pause comes. It takes about 5 s
-    // here and prints nothing until its end.
-    let start = |cmdline: &str| {
+    // Sequential 4 KiB writes over 64 MiB, wrapping around: every block is
+    // written (verify needs that). The run must last through the
+    // measurement window and the pause on any machine, so a first pass
+    // over the 64 MiB measures this machine's rate and the main run is
+    // sized from it to about 4 s.
+    let pass = vm(
+        1,
+        &sock,
+        1,
+        "mode=write verify=1 gen=5 bs=4k qd=16 size=64M",
+    )
+    .run()
+    .expect("vmm runs");
+    pass.assert_ok("the first pass");
+    let rate = pass
+        .result
+        .as_ref()
+        .and_then(|r| r["iops"].as_u64())
+        .expect("iops")
+        .max(1);
+    let ios = (rate * 4).max(2 * 16384);
+    let start = |cmdline: &str, seconds: u64| {
         let mut v = vm(1, &sock, 1, cmdline);
         v.api_socket = Some(api_sock.clone());
         v.metrics_file = Some(metrics.clone());
         v.silence = Patience::new(
-            "a 400,000-I/O write that prints nothing until its end",
-            Duration::from_secs(5),
+            "a workload that prints nothing until its end",
+            Duration::from_secs(seconds),
         );
         let mut running = v.spawn().expect("vmm starts");
         running
@@ -239,8 +256,10 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
             .expect("the workload starts");
         running
     };
-    let mut vm_run =
-        start("mode=write verify=1 gen=5 bs=4k qd=16 size=64M ios=400000 progress_ms=0");
+    let mut vm_run = start(
+        &format!("mode=write verify=1 gen=5 bs=4k qd=16 size=64M ios={ios} progress_ms=0"),
+        ios / rate,
+    );
     // Userspace exits over half a second of the workload (the guest prints
     // nothing meanwhile): the data path must not exit at all.
     let exits_now = || {
@@ -306,7 +325,10 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
 
     // Shutdown, graceful then forced, while a long workload runs.
     for force in [false, true] {
-        let running = start("mode=randread bs=4k qd=16 duration_ms=600000 progress_ms=0");
+        let running = start(
+            "mode=randread bs=4k qd=16 duration_ms=600000 progress_ms=0",
+            1,
+        );
         let mut args = vec!["shutdown"];
         if force {
             args.push("--force");

@@ -227,7 +227,7 @@ fn run_vmm(vmm: &Path, socket: &Path, w: &Workload, seconds: u64) -> Result<Samp
         metrics_file: None,
         limit: run_patience(seconds + 60),
         silence: run_patience(seconds + 60),
-        ..VmmVm::new(&vmm, &guest_cmdline(w, seconds)).with_disk(&socket, 1)
+        ..VmmVm::new(vmm, &guest_cmdline(w, seconds)).with_disk(socket, 1)
     }
     .run()?;
     sample_of(&r)

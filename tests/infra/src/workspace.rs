@@ -14,22 +14,28 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where [`bin`] builds: a target directory of its own, so that its build
+/// (whose features differ from a test build's) never swaps a binary under
+/// a test that runs it from `target/debug` at the same moment.
+pub const E2E_TARGET_DIR: &str = "target/e2e";
+
 /// A debug binary of the workspace (`blk-backend`, `img`, `vmm`), built
-/// once per process.
+/// once per process (tests in other processes wait on cargo's lock; once
+/// built, the build is a no-op that rewrites nothing).
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let root = repo_root();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
-            .args(["build", "-q", "-p", "vhost-blk-backend"])
-            .args(["-p", "image-format", "-p", "vmm"])
+            .args(["build", "-q", "--target-dir", E2E_TARGET_DIR])
+            .args(["-p", "vhost-blk-backend", "-p", "image-format", "-p", "vmm"])
             .current_dir(&root)
             .status()
             .expect("running cargo build");
         assert!(st.success(), "building the workspace binaries failed");
     });
-    root.join("target/debug").join(name)
+    root.join(E2E_TARGET_DIR).join("debug").join(name)
 }
 
 /// Runs `img` with `args`; panics with its error output if it fails.

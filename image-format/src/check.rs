@@ -9,6 +9,7 @@ use crate::disk::open_chain;
 use crate::error::{io_at, Result};
 use crate::header::FLAG_DIRTY;
 use crate::layer::Layer;
+use crate::lock::LockKind;
 use crate::map::{AllocationMap, BlockState};
 use crate::storage::Env;
 
@@ -46,6 +47,10 @@ pub struct CheckReport {
     pub corruptions: usize,
     pub leaked_blocks: u64,
     pub repaired: usize,
+    /// Who is using the image now, if anyone: its dirty flag and leaks are
+    /// then those of a writer at work, not damage.
+    #[serde(rename = "in-use", skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<String>,
 }
 
 impl CheckReport {
@@ -67,6 +72,7 @@ impl CheckReport {
 pub fn check(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<CheckReport> {
     let mut report = CheckReport {
         image: path.to_path_buf(),
+        in_use: env.lock_holder(path).ok().flatten().map(|h| h.to_string()),
         ..Default::default()
     };
     let chain = match open_chain(env, path, false) {
@@ -176,6 +182,7 @@ fn check_layer(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<LayerRepo
     if !(fix_corruption || fix_leaks || fix_slot) {
         return Ok(r);
     }
+    let _lock = env.lock(path, LockKind::Exclusive, "repair")?;
     let mut layer = Layer::open(env, path, true)?;
     if fix_corruption {
         let ranges = layer

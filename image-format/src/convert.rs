@@ -177,8 +177,15 @@ impl ImageWriter for Disk {
     }
 }
 
-/// Opens `path` for reading as `format` (probed when `None`).
-pub fn open_reader(path: &Path, format: Option<Format>) -> Result<Box<dyn ImageReader>> {
+/// Opens `path` for reading as `format` (probed when `None`). A snap
+/// image is locked shared while it is read, so reading one that is open
+/// for writing is refused, unless `force_share` (qemu-img's `-U`): then
+/// what is read may be changing under the reader.
+pub fn open_reader(
+    path: &Path,
+    format: Option<Format>,
+    force_share: bool,
+) -> Result<Box<dyn ImageReader>> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
@@ -197,6 +204,7 @@ pub fn open_reader(path: &Path, format: Option<Format>) -> Result<Box<dyn ImageR
             })
         }
         Format::Qcow2 => Box::new(Qcow2Reader::open(path)?),
+        Format::Snap if force_share => Box::new(Disk::open_unlocked(Arc::new(RealEnv), path)?),
         Format::Snap => Box::new(Disk::open(Arc::new(RealEnv), path, false)?),
     })
 }
@@ -318,9 +326,10 @@ pub fn convert(
     output: &Path,
     out_format: Format,
     cluster_size: Option<u32>,
+    force_share: bool,
     progress: Progress,
 ) -> Result<ConvertStats> {
-    let mut reader = open_reader(input, in_format)?;
+    let mut reader = open_reader(input, in_format, force_share)?;
     if std::fs::canonicalize(input).ok() == std::fs::canonicalize(output).ok() && output.exists() {
         return Err(invalid(output, "input and output are the same file"));
     }

@@ -10,6 +10,7 @@ use crate::error::{io_at, Error, Result};
 use crate::header::FLAG_DIRTY;
 use crate::index::{Index, Owner, ZERO_OWNER};
 use crate::layer::Layer;
+use crate::lock::{ImageLock, LockKind};
 use crate::map::{AllocationMap, BlockState};
 use crate::shadow::MapShadow;
 use crate::storage::{Env, RealEnv};
@@ -50,6 +51,8 @@ pub struct Disk {
     writable: bool,
     block_size: u64,
     virtual_size: u64,
+    /// Held for the Disk's life (dropped after everything else).
+    locks: Vec<ImageLock>,
 }
 
 /// Opens the chain below `path`, top first, checking every link.
@@ -167,7 +170,35 @@ impl Disk {
         Disk::open(Arc::new(RealEnv), path, writable)
     }
 
+    /// Opens the chain at `path` and locks it for as long as the Disk
+    /// lives: the top exclusive when `writable` (shared otherwise), every
+    /// layer below shared. A user the locks conflict with is named in the
+    /// refusal.
     pub fn open(env: Arc<dyn Env>, path: &Path, writable: bool) -> Result<Disk> {
+        let (kind, wanted) = if writable {
+            (LockKind::Exclusive, "write")
+        } else {
+            (LockKind::Shared, "read")
+        };
+        let mut locks = vec![env.lock(path, kind, wanted)?];
+        let mut disk = Disk::open_chain_unlocked(env, path, writable)?;
+        // The top's is taken before the chain is read; the layers below it
+        // are named by the chain.
+        for layer in disk.layers.iter().rev().skip(1) {
+            locks.push(disk.env.lock(&layer.path, LockKind::Shared, "read")?);
+        }
+        disk.locks = locks;
+        Ok(disk)
+    }
+
+    /// Opens the chain read-only without locking it: for inspecting an
+    /// image that may be in use (`img info`, `map`, `check`, `convert -U`).
+    /// What it reads may be changing under it.
+    pub fn open_unlocked(env: Arc<dyn Env>, path: &Path) -> Result<Disk> {
+        Disk::open_chain_unlocked(env, path, false)
+    }
+
+    fn open_chain_unlocked(env: Arc<dyn Env>, path: &Path, writable: bool) -> Result<Disk> {
         let mut layers = open_chain(env.as_ref(), path, writable)?;
         layers.reverse();
         let top = layers.last().expect("a chain has a top");
@@ -199,6 +230,7 @@ impl Disk {
             data_offsets,
             index_changes: None,
             shadow: None,
+            locks: Vec::new(),
             writable,
             block_size,
             virtual_size,
@@ -209,6 +241,16 @@ impl Disk {
             disk.top_mut().update_header(|h| h.flags |= FLAG_DIRTY)?;
         }
         Ok(disk)
+    }
+
+    /// What a kill -9 leaves behind, for tests that play it in one
+    /// process: nothing flushed, nothing cleaned up (the crash shadow
+    /// stays), only the locks released, as the kernel does for a dead
+    /// process.
+    pub fn simulate_kill(mut self) {
+        let locks = std::mem::take(&mut self.locks);
+        std::mem::forget(self);
+        drop(locks);
     }
 
     pub fn env(&self) -> &Arc<dyn Env> {

@@ -84,6 +84,8 @@ pub enum Error {
     BadBackup { path: PathBuf, what: String },
     #[error(transparent)]
     Qcow2(#[from] Qcow2Error),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -25,6 +25,10 @@ pub struct LayerInfo {
     pub zero_bytes: u64,
     /// Space the file occupies on disk (real filesystem only).
     pub disk_bytes: Option<u64>,
+    /// Who is using the layer now ("open for writing by process 4242"),
+    /// from the locks (crate::lock); absent when nobody is.
+    #[serde(rename = "in-use", skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,7 +51,8 @@ pub struct ImageInfo {
 pub const FORMAT_NAME: &str = "snap";
 
 pub fn info(env: &Arc<dyn Env>, path: &Path) -> Result<ImageInfo> {
-    let disk = Disk::open(Arc::clone(env), path, false)?;
+    // Unlocked: info works on an image in use, and says so.
+    let disk = Disk::open_unlocked(Arc::clone(env), path)?;
     let mut chain = Vec::new();
     for layer in disk.layers().iter().rev() {
         let h = &layer.header;
@@ -68,6 +73,11 @@ pub fn info(env: &Arc<dyn Env>, path: &Path) -> Result<ImageInfo> {
             disk_bytes: std::fs::metadata(&layer.path)
                 .ok()
                 .map(|m| m.blocks() * 512),
+            in_use: env
+                .lock_holder(&layer.path)
+                .ok()
+                .flatten()
+                .map(|h| h.to_string()),
         });
     }
     Ok(ImageInfo {
@@ -113,6 +123,9 @@ impl ImageInfo {
             if let Some(p) = &l.parent {
                 s += &format!("    backing file: {p}\n");
             }
+            if let Some(u) = &l.in_use {
+                s += &format!("    in use: {u}\n");
+            }
         }
         s
     }
@@ -151,7 +164,8 @@ pub struct MapEntry {
 }
 
 pub fn map(env: &Arc<dyn Env>, path: &Path) -> Result<Vec<MapEntry>> {
-    let disk = Disk::open(Arc::clone(env), path, false)?;
+    // Unlocked: a map of an image in use is a snapshot of a moving target.
+    let disk = Disk::open_unlocked(Arc::clone(env), path)?;
     let depth = disk.layers().len();
     let mut out: Vec<MapEntry> = Vec::new();
     for e in disk.resolve(0, disk.virtual_size()) {

@@ -6,6 +6,7 @@ pub mod error;
 pub mod header;
 pub mod index;
 pub mod layer;
+pub mod lock;
 pub mod map;
 pub mod qcow2;
 pub mod shadow;

@@ -14,6 +14,7 @@ use crate::error::{invalid, io_at, Error, Result};
 use crate::header::FLAG_DIRTY;
 pub use crate::layer::ensure_sealed;
 use crate::layer::{relative_parent_path, Layer, NewLayer};
+use crate::lock::LockKind;
 use crate::map::BlockState;
 use crate::storage::{parent_dir, sibling, AlignedBuf, Env};
 
@@ -45,6 +46,12 @@ pub fn create(
 /// below is checked before anything is written.
 fn overlay(env: &dyn Env, base: &Path, path: &Path, size: Option<u64>) -> Result<Layer> {
     open_chain(env, base, false)?;
+    // Sealing writes the base's header: nobody may be using it then.
+    let _lock = if Layer::open(env, base, false)?.header.sealed() {
+        env.lock(base, LockKind::Shared, "clone")?
+    } else {
+        env.lock(base, LockKind::Exclusive, "seal")?
+    };
     let b = ensure_sealed(env, base)?;
     let size = size.unwrap_or(b.header.virtual_size);
     if size < b.header.virtual_size {
@@ -98,6 +105,7 @@ fn check_snapshot_name(top: &Path, name: &str) -> Result<()> {
 /// snapshot `FILE@NAME`; FILE becomes a new empty overlay on it.
 pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf> {
     check_snapshot_name(top, name)?;
+    let _lock = env.lock(top, LockKind::Exclusive, "snapshot")?;
     let snap = snapshot_path(top, name);
     if env.exists(&snap) {
         return Err(invalid(&snap, "a snapshot of that name exists"));
@@ -172,6 +180,7 @@ fn find_snapshot(env: &dyn Env, top: &Path, name: &str) -> Result<SnapshotInfo> 
 /// `img snapshot -a NAME FILE`: FILE becomes a new empty overlay on the
 /// snapshot; what FILE held since is dropped.
 pub fn snapshot_apply(env: &dyn Env, top: &Path, name: &str) -> Result<()> {
+    let _lock = env.lock(top, LockKind::Exclusive, "revert")?;
     let snap = find_snapshot(env, top, name)?;
     let layer = Layer::open(env, &snap.path, false)?;
     let file = top.file_name().map(|f| f.to_string_lossy().into_owned());
@@ -205,12 +214,19 @@ pub fn snapshot_delete(
     name: &str,
     progress: Progress,
 ) -> Result<()> {
+    let _top_lock = env.lock(top, LockKind::Exclusive, "change the chain of")?;
     let snap = find_snapshot(&**env, top, name)?;
+    let _snap_lock = env.lock(&snap.path, LockKind::Exclusive, "delete")?;
     let chain = open_chain(&**env, top, false)?;
     let child = chain[snap.depth - 1].path.clone();
     let new_parent = chain[snap.depth].parent_path();
     drop(chain);
-    rebase(env, &child, new_parent.as_deref(), false, true, progress)?;
+    let _child_lock = if snap.depth > 1 {
+        Some(env.lock(&child, LockKind::Exclusive, "rebase")?)
+    } else {
+        None // the child is the top, locked above
+    };
+    rebase_locked(env, &child, new_parent.as_deref(), false, true, progress)?;
     env.remove(&snap.path).map_err(io_at(&snap.path))?;
     env.sync_dir(&parent_dir(&snap.path))
         .map_err(io_at(&snap.path))
@@ -225,11 +241,13 @@ pub struct CopyStats {
 /// `img commit FILE`: merges FILE into its parent, leaves FILE empty on it.
 /// Running it again finishes an interrupted commit.
 pub fn commit(env: &dyn Env, top: &Path, progress: Progress) -> Result<CopyStats> {
+    let _top_lock = env.lock(top, LockKind::Exclusive, "commit")?;
     let chain = open_chain(env, top, false)?;
     let parent_path = chain[0]
         .parent_path()
         .ok_or_else(|| invalid(top, "has no parent to commit into"))?;
     drop(chain);
+    let _parent_lock = env.lock(&parent_path, LockKind::Exclusive, "commit into")?;
     let mut t = Layer::open(env, top, true)?;
     let mut p = Layer::open(env, &parent_path, true)?;
     if p.header.virtual_size != t.header.virtual_size {
@@ -334,6 +352,33 @@ pub fn rebase(
     allow_sealed_top: bool,
     progress: Progress,
 ) -> Result<CopyStats> {
+    let _top_lock = env.lock(top, LockKind::Exclusive, "rebase")?;
+    let _base_lock = match new_base {
+        Some(b) if Layer::open(&**env, b, false)?.header.sealed() => {
+            Some(env.lock(b, LockKind::Shared, "rebase onto")?)
+        }
+        Some(b) => Some(env.lock(b, LockKind::Exclusive, "seal")?),
+        None => None,
+    };
+    rebase_locked(
+        env,
+        top,
+        new_base,
+        unsafe_header_only,
+        allow_sealed_top,
+        progress,
+    )
+}
+
+/// [`rebase`] for a caller that holds the locks.
+fn rebase_locked(
+    env: &Arc<dyn Env>,
+    top: &Path,
+    new_base: Option<&Path>,
+    unsafe_header_only: bool,
+    allow_sealed_top: bool,
+    progress: Progress,
+) -> Result<CopyStats> {
     let mut stats = CopyStats::default();
     let t = Layer::open(&**env, top, false)?;
     if t.header.sealed() && !allow_sealed_top {
@@ -366,12 +411,14 @@ pub fn rebase(
         None => None,
     };
     if !unsafe_header_only {
+        // Unlocked: the caller holds what matters (the old parent may be
+        // the snapshot it is deleting, locked exclusive).
         let old = match t.parent_path() {
-            Some(p) => Some(Disk::open(Arc::clone(env), &p, false)?),
+            Some(p) => Some(Disk::open_unlocked(Arc::clone(env), &p)?),
             None => None,
         };
         let new = match new_base {
-            Some(b) => Some(Disk::open(Arc::clone(env), b, false)?),
+            Some(b) => Some(Disk::open_unlocked(Arc::clone(env), b)?),
             None => None,
         };
         drop(t);

@@ -11,6 +11,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::lock::{Holder, ImageLock, LockError, LockKind};
+
 /// One open layer file.
 #[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -44,6 +46,20 @@ pub trait Env: Send + Sync + std::fmt::Debug {
     fn exists(&self, path: &Path) -> bool;
     /// A name that is the same for every path of one file, for cycle checks.
     fn identity(&self, path: &Path) -> io::Result<PathBuf>;
+    /// Locks `path` against other users (crate::lock); `wanted` says what
+    /// for, in the refusal. Environments without real files lock nothing.
+    fn lock(
+        &self,
+        _path: &Path,
+        _kind: LockKind,
+        _wanted: &'static str,
+    ) -> Result<ImageLock, LockError> {
+        Ok(ImageLock::none())
+    }
+    /// Who holds a lock on `path` that would stop a writer, if anyone.
+    fn lock_holder(&self, _path: &Path) -> io::Result<Option<Holder>> {
+        Ok(None)
+    }
 }
 
 /// The real filesystem.
@@ -189,6 +205,17 @@ impl Env for RealEnv {
     }
     fn identity(&self, path: &Path) -> io::Result<PathBuf> {
         std::fs::canonicalize(path)
+    }
+    fn lock(
+        &self,
+        path: &Path,
+        kind: LockKind,
+        wanted: &'static str,
+    ) -> Result<ImageLock, LockError> {
+        crate::lock::acquire(path, kind, wanted)
+    }
+    fn lock_holder(&self, path: &Path) -> io::Result<Option<Holder>> {
+        crate::lock::holder(path)
     }
 }
 

@@ -580,7 +580,7 @@ fn a_crashed_writer_s_completed_writes_come_back_through_the_crash_shadow() {
     disk.write_at(&data, 0).expect("write");
     disk.write_zeroes(2 * MIB + 512, 4096).expect("zero");
     // Dies: no flush, no close.
-    std::mem::forget(disk);
+    disk.simulate_kill();
 
     // The on-disk map alone (what a reboot leaves) still shows the parent.
     let fresh = Disk::open_path(&top, false).expect("open ro");

@@ -150,6 +150,11 @@ fn run(a: Args) -> Result<()> {
     // served: a bad export is a clear error at start, not a half-up process.
     let shared = SharedFiles::default();
     let mut serving = Vec::new();
+    // Sockets first: a bad --socket must not leave an image opened (and
+    // marked dirty) behind it.
+    for spec in &specs {
+        clear_stale_socket(&spec.socket)?;
+    }
     for spec in specs {
         let socket = spec.socket.clone();
         let image = spec.image.clone();
@@ -157,7 +162,7 @@ fn run(a: Args) -> Result<()> {
             Export::open(spec, &shared, a.base_io, shadow_dir)
                 .with_context(|| format!("opening {}", image.display()))?,
         );
-        let listener = Listener::new(&socket, true)
+        let listener = Listener::new(&socket, false)
             .with_context(|| format!("listening on {}", socket.display()))?;
         tracing::info!(socket = %socket.display(), image = %image.display(), "serving");
         serving.push((export, listener, Arc::new(StopHandle::default())));
@@ -213,4 +218,46 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     // SAFETY: sigwait on signals this process blocked.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
+}
+
+/// Makes way for a listening socket at `path`: only a socket nobody listens
+/// on (one a dead process left: connecting is refused) is removed. A live
+/// socket, a regular file, a directory or anything else there is an error,
+/// so a mistyped `--socket` never destroys a file or steals another
+/// backend's socket.
+fn clear_stale_socket(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("--socket {}", path.display())),
+    };
+    let kind = meta.file_type();
+    if !kind.is_socket() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_file() {
+            "a regular file"
+        } else if kind.is_symlink() {
+            "a symbolic link"
+        } else {
+            "not a socket"
+        };
+        bail!(
+            "--socket {}: {what} is there; refusing to replace it (give a path for the socket)",
+            path.display()
+        );
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!(
+            "--socket {}: another process is listening on it (a backend already serving there?)",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(socket = %path.display(), "removing a stale socket nobody listens on");
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("--socket {}: probing it", path.display())),
+    }
 }

@@ -877,7 +877,7 @@ fn qemu_convert(input: &Path, from: &str, output: &Path, to: &str) -> Result<()>
 }
 
 fn img_convert(input: &Path, from: Format, output: &Path, to: Format) -> Result<()> {
-    convert(input, Some(from), output, to, None, &mut |_, _| {})
+    convert(input, Some(from), output, to, None, false, &mut |_, _| {})
         .with_context(|| format!("converting {} to {}", input.display(), output.display()))?;
     Ok(())
 }

@@ -148,6 +148,10 @@ enum Cmd {
         options: Option<String>,
         #[arg(short = 'p')]
         progress: bool,
+        /// Read the input even while another process writes it (its content
+        /// may be changing): qemu-img's -U.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         input: PathBuf,
@@ -428,6 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out_format,
             options,
             progress,
+            force_share,
             output,
             input,
             out,
@@ -444,6 +449,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &out,
                 outf,
                 cluster_size(&options)?,
+                force_share,
                 &mut |d, t| pr.update(d, t),
             )?;
             pr.done();
@@ -514,6 +520,12 @@ fn do_check(
     match output {
         Output::Json => print_json(&r)?,
         Output::Human => {
+            if let Some(u) = &r.in_use {
+                println!(
+                    "Note: {} is {u}: what this check sees may be changing.",
+                    file.display()
+                );
+            }
             if let Some(e) = &r.chain_error {
                 println!("ERROR chain: {e}");
             }

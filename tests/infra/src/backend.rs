@@ -113,10 +113,12 @@ impl BlkBackendProcess {
             "RUST_LOG",
             std::env::var("BLK_BACKEND_LOG").unwrap_or_else(|_| "warn".into()),
         );
-        for (spec, socket) in specs.iter().zip(sockets) {
-            let _ = std::fs::remove_file(socket);
+        // A socket left by a killed backend stays: blk-backend itself
+        // takes over a dead socket (and refuses anything else there).
+        for spec in specs {
             c.arg("--export").arg(spec);
         }
+        let stale: Vec<_> = sockets.iter().map(|s| inode(s)).collect();
         let child = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -127,8 +129,8 @@ impl BlkBackendProcess {
             child,
             socket: sockets.first().cloned().unwrap_or_default(),
         };
-        for socket in sockets {
-            wait_for_socket(&mut b.child, socket, "blk-backend")?;
+        for (socket, stale) in sockets.iter().zip(stale) {
+            wait_for_new_socket(&mut b.child, socket, stale, "blk-backend")?;
         }
         Ok(b)
     }
@@ -198,8 +200,28 @@ impl Drop for BlkBackendProcess {
     }
 }
 
+/// What is at `path`, if anything: its inode and change time (an inode
+/// number alone is reused at once when a socket is replaced).
+fn inode(path: &Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
 /// Waits until a backend process listens on `socket` (or dies trying).
 fn wait_for_socket(child: &mut Child, socket: &Path, name: &str) -> Result<()> {
+    wait_for_new_socket(child, socket, None, name)
+}
+
+/// The same where a dead socket (inode `stale`) may still be in the way:
+/// only a socket other than that one counts.
+fn wait_for_new_socket(
+    child: &mut Child,
+    socket: &Path,
+    stale: Option<(u64, i64, i64)>,
+    name: &str,
+) -> Result<()> {
     // Both listen within about 60 ms of their start here (blk-backend 34 ms,
     // qemu-storage-daemon 59 ms, measured with the machine busy).
     let patience = Patience::new(
@@ -207,8 +229,9 @@ fn wait_for_socket(child: &mut Child, socket: &Path, name: &str) -> Result<()> {
         Duration::from_millis(50),
     );
     patience.wait_until(|| {
-        if socket.exists() {
-            return Ok(true);
+        match inode(socket) {
+            Some(ino) if Some(ino) != stale => return Ok(true),
+            _ => {}
         }
         if let Some(s) = child.try_wait()? {
             bail!("{name} exited with {s} before listening");

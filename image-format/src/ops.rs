@@ -37,6 +37,12 @@ pub fn create(
     }
     let Some(base) = base else {
         let size = size.ok_or_else(|| invalid(path, "a size is needed without a base"))?;
+        // Said in the user's terms, not as a header the user never wrote.
+        if let Err(crate::header::HeaderError::Inconsistent(why)) =
+            crate::header::validate_geometry(size, block_size)
+        {
+            return Err(invalid(path, why));
+        }
         return Layer::create(env, path, &NewLayer::standalone(size, block_size));
     };
     overlay(env, base, path, size)

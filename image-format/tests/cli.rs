@@ -288,7 +288,20 @@ fn every_verb_has_help_and_bad_input_gets_a_clear_error() {
         "{err}"
     );
     let o = img(&["create", s(&d.p("x.img")), "12Q"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown suffix"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown size suffix 'Q'"));
+    // Sizes in the user's terms, not a header's.
+    let o = img(&["create", s(&d.p("x.img")), "1k"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("virtual size 1024 is not a non-zero multiple of the block size 4096")
+            && !err.contains("header"),
+        "{err}"
+    );
+    // Each cause once.
+    let o = img(&["info", s(&d.p("missing.img"))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert_eq!(o.status.code(), Some(1));
     let o = img(&["convert", "-O", "vmdk", s(&junk), s(&d.p("y"))]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown format"));
     let o = img(&["check", s(&junk)]);

@@ -111,7 +111,7 @@ fn main() {
         )
         .init();
     if let Err(e) = run(Args::parse()) {
-        eprintln!("blk-backend: error: {e:#}");
+        eprintln!("blk-backend: error: {}", cli_support::report(&e));
         std::process::exit(1);
     }
 }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("size {0:?}: a number with an optional K, M or G suffix")]
-    BadSize(String),
+    #[error(transparent)]
+    BadSize(#[from] cli_support::SizeError),
     #[error("--disk {spec:?}: {why}")]
     BadDisk { spec: String, why: String },
     #[error("--serial {0:?}: stdio, none or file=PATH")]
@@ -92,18 +92,9 @@ fn memory_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> 
     }
 }
 
-/// "512M", "2G", "1048576".
+/// "512M", "1.5G", "1048576": as img and qemu-img read sizes.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadSize(s.to_string());
-    let t = s.trim();
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        _ => (t, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
+    Ok(cli_support::parse_size(s)?)
 }
 
 pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {

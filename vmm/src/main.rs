@@ -154,7 +154,7 @@ fn main() {
         )
         .init();
     let code = run(Args::parse()).unwrap_or_else(|e| {
-        eprintln!("vmm: error: {e:#}");
+        eprintln!("vmm: error: {}", cli_support::report(&e));
         1
     });
     std::process::exit(code)

@@ -182,31 +182,9 @@ enum Cmd {
     },
 }
 
-/// Parses "10G", "512k", "1048576" (binary units, like qemu-img).
+/// Parses "10G", "512k", "1.5G", "1048576" (binary units, like qemu-img).
 fn parse_size(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                _ => bail!("bad size {s:?}: unknown suffix {c:?}"),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("bad size {s:?}: not a number"))?;
-    if !(n.is_finite() && n >= 0.0) {
-        bail!("bad size {s:?}");
-    }
-    Ok((n * mult as f64) as u64)
+    Ok(cli_support::parse_size(s)?)
 }
 
 /// `cluster_size=N` from a qemu-img style -o list.
@@ -561,6 +539,11 @@ fn do_check(
 }
 
 fn main() -> ExitCode {
+    // `img map big.img | head` ends quietly when head has read enough, as
+    // Unix tools do, instead of panicking on the closed pipe.
+    // SAFETY: restoring the default disposition of one signal before any
+    // thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -571,7 +554,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("img: error: {e:#}");
+            eprintln!("img: error: {}", cli_support::report(&e));
             ExitCode::FAILURE
         }
     }

@@ -64,7 +64,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         let f: u128 = frac[..len as usize].parse().map_err(|_| not_a_number())?;
         let scaled = f << shift;
         let div = 10u128.pow(len);
-        if scaled % div != 0 || frac.len() > 18 && frac[18..].chars().any(|c| c != '0') {
+        if !scaled.is_multiple_of(div) || frac.len() > 18 && frac[18..].chars().any(|c| c != '0') {
             return Err(SizeError::Fraction(text.to_string()));
         }
         let extra = u64::try_from(scaled / div).map_err(|_| too_large())?;

@@ -93,6 +93,45 @@ pub fn snapshot_path(top: &Path, name: &str) -> PathBuf {
     sibling(top, format!("{}@{}", file.unwrap_or_default(), name))
 }
 
+/// The layers beside `layer` (in its directory: FORMAT.md, "Dependants")
+/// whose parent it is, by path and uuid: who would break if it changed or
+/// went away. Files whose name starts with '.' (temporary files) and files
+/// that are not layers are passed over.
+pub fn dependants(env: &dyn Env, layer: &Path) -> Result<Vec<PathBuf>> {
+    let me = Layer::open(env, layer, false)?;
+    let my_id = env.identity(layer).map_err(io_at(layer))?;
+    let dir = parent_dir(layer);
+    let mut out = Vec::new();
+    for p in env.list_dir(&dir).map_err(io_at(&dir))? {
+        if p.file_name()
+            .is_none_or(|n| n.to_string_lossy().starts_with('.'))
+            || env.identity(&p).ok().as_ref() == Some(&my_id)
+        {
+            continue;
+        }
+        let Ok(l) = Layer::open(env, &p, false) else {
+            continue;
+        };
+        let Some(parent) = l.parent_path() else {
+            continue;
+        };
+        if l.header.parent_uuid == Some(me.header.uuid)
+            && env.identity(&parent).ok().as_ref() == Some(&my_id)
+        {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn names(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn check_snapshot_name(top: &Path, name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > crate::header::MAX_NAME
@@ -157,13 +196,16 @@ pub struct SnapshotInfo {
     pub name: String,
     pub path: PathBuf,
     pub uuid: Uuid,
-    /// Distance from the top (1 = the top's parent).
-    pub depth: usize,
+    /// Distance from the top (1 = the top's parent); `None` for a snapshot
+    /// of FILE that is no longer below it (newer than one reverted to).
+    pub depth: Option<usize>,
 }
 
-/// `img snapshot -l FILE`: the named sealed layers of the chain, newest first.
+/// `img snapshot -l FILE`: the named sealed layers of the chain, newest
+/// first, then the snapshots of FILE (`FILE@NAME` beside it) that are not
+/// in its chain now: those newer than a snapshot FILE was reverted to.
 pub fn snapshot_list(env: &dyn Env, top: &Path) -> Result<Vec<SnapshotInfo>> {
-    Ok(open_chain(env, top, false)?
+    let mut list: Vec<SnapshotInfo> = open_chain(env, top, false)?
         .into_iter()
         .enumerate()
         .filter(|(_, l)| l.header.sealed() && !l.header.name.is_empty())
@@ -171,9 +213,36 @@ pub fn snapshot_list(env: &dyn Env, top: &Path) -> Result<Vec<SnapshotInfo>> {
             name: l.header.name.clone(),
             path: l.path.clone(),
             uuid: l.header.uuid,
-            depth,
+            depth: Some(depth),
         })
-        .collect())
+        .collect();
+    let prefix = format!("{}@", top.file_name().unwrap_or_default().to_string_lossy());
+    let dir = parent_dir(top);
+    for p in env.list_dir(&dir).map_err(io_at(&dir))? {
+        let file = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let Some(name) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        if list.iter().any(|s| s.name == name) {
+            continue;
+        }
+        let Ok(l) = Layer::open(env, &p, false) else {
+            continue;
+        };
+        if l.header.sealed() {
+            list.push(SnapshotInfo {
+                name: name.to_string(),
+                path: snapshot_path(top, name),
+                uuid: l.header.uuid,
+                depth: None,
+            });
+        }
+    }
+    Ok(list)
 }
 
 fn find_snapshot(env: &dyn Env, top: &Path, name: &str) -> Result<SnapshotInfo> {
@@ -224,10 +293,39 @@ pub fn snapshot_delete(
     let snap = find_snapshot(&**env, top, name)?;
     let _snap_lock = env.lock(&snap.path, LockKind::Exclusive, "delete")?;
     let chain = open_chain(&**env, top, false)?;
-    let child = chain[snap.depth - 1].path.clone();
-    let new_parent = chain[snap.depth].parent_path();
+    // Layers other than the chain's own child that stand on the snapshot
+    // would lose their parent: refused, naming them.
+    let in_chain_child = snap.depth.map(|d| chain[d - 1].path.clone());
+    let others: Vec<PathBuf> = dependants(&**env, &snap.path)?
+        .into_iter()
+        .filter(|p| {
+            in_chain_child
+                .as_ref()
+                .is_none_or(|c| env.identity(p).ok() != env.identity(c).ok())
+        })
+        .collect();
+    if !others.is_empty() {
+        return Err(invalid(
+            &snap.path,
+            format!(
+                "snapshot {name:?} is the parent of {}: deleting it would break them (delete or rebase them first)",
+                names(&others)
+            ),
+        ));
+    }
+    let Some(depth) = snap.depth else {
+        // Not below FILE any more (FILE was reverted past it), and nothing
+        // else stands on it: only its file goes.
+        drop(chain);
+        env.remove(&snap.path).map_err(io_at(&snap.path))?;
+        return env
+            .sync_dir(&parent_dir(&snap.path))
+            .map_err(io_at(&snap.path));
+    };
+    let child = chain[depth - 1].path.clone();
+    let new_parent = chain[depth].parent_path();
     drop(chain);
-    let _child_lock = if snap.depth > 1 {
+    let _child_lock = if depth > 1 {
         Some(env.lock(&child, LockKind::Exclusive, "rebase")?)
     } else {
         None // the child is the top, locked above
@@ -246,14 +344,43 @@ pub struct CopyStats {
 
 /// `img commit FILE`: merges FILE into its parent, leaves FILE empty on it.
 /// Running it again finishes an interrupted commit.
-pub fn commit(env: &dyn Env, top: &Path, progress: Progress) -> Result<CopyStats> {
+///
+/// A parent that other layers stand on too (clones of the same snapshot)
+/// is refused unless `force`: its new content and identity would make them
+/// fail to open. A top with nothing in it commits nothing and changes
+/// nothing.
+pub fn commit(env: &dyn Env, top: &Path, force: bool, progress: Progress) -> Result<CopyStats> {
     let _top_lock = env.lock(top, LockKind::Exclusive, "commit")?;
     let chain = open_chain(env, top, false)?;
     let parent_path = chain[0]
         .parent_path()
         .ok_or_else(|| invalid(top, "has no parent to commit into"))?;
+    let resuming = chain[0].header.parent_uuid_next.is_some();
+    let (data, zero) = load_valid_map(&chain[0])?.counts();
     drop(chain);
+    if data + zero == 0 && !resuming {
+        progress(0, 0);
+        return Ok(CopyStats::default());
+    }
     let _parent_lock = env.lock(&parent_path, LockKind::Exclusive, "commit into")?;
+    if !force {
+        let top_id = env.identity(top).map_err(io_at(top))?;
+        let others: Vec<PathBuf> = dependants(env, &parent_path)?
+            .into_iter()
+            .filter(|p| env.identity(p).ok().as_ref() != Some(&top_id))
+            .collect();
+        if !others.is_empty() {
+            return Err(invalid(
+                &parent_path,
+                format!(
+                    "{} also stand(s) on it: committing {} into it would break them \
+                     (commit --force to do it anyway)",
+                    names(&others),
+                    top.display()
+                ),
+            ));
+        }
+    }
     let mut t = Layer::open(env, top, true)?;
     let mut p = Layer::open(env, &parent_path, true)?;
     if p.header.virtual_size != t.header.virtual_size {

@@ -276,6 +276,23 @@ impl SimEnv {
 }
 
 impl Env for SimEnv {
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let dir = normalize(dir);
+        let dir = if dir.as_os_str() == "." {
+            PathBuf::new()
+        } else {
+            dir
+        };
+        let mut v: Vec<PathBuf> = self
+            .lock()
+            .names
+            .keys()
+            .filter(|p| p.parent().unwrap_or(Path::new("")) == dir)
+            .cloned()
+            .collect();
+        v.sort();
+        Ok(v)
+    }
     fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn Storage>> {
         let st = self.lock();
         let id = *st

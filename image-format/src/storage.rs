@@ -46,6 +46,9 @@ pub trait Env: Send + Sync + std::fmt::Debug {
     fn exists(&self, path: &Path) -> bool;
     /// A name that is the same for every path of one file, for cycle checks.
     fn identity(&self, path: &Path) -> io::Result<PathBuf>;
+    /// The regular files in `dir` (no directories, sockets or FIFOs:
+    /// nothing opening would block on).
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
     /// Locks `path` against other users (crate::lock); `wanted` says what
     /// for, in the refusal. Environments without real files lock nothing.
     fn lock(
@@ -205,6 +208,17 @@ impl Env for RealEnv {
     }
     fn identity(&self, path: &Path) -> io::Result<PathBuf> {
         std::fs::canonicalize(path)
+    }
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                out.push(entry.path());
+            }
+        }
+        out.sort();
+        Ok(out)
     }
     fn lock(
         &self,

@@ -312,3 +312,148 @@ fn every_verb_has_help_and_bad_input_gets_a_clear_error() {
     let o = img(&["convert", "-p", "-O", "snap", s(&raw), s(&d.p("r.img"))]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("100.00/100%"));
 }
+
+/// The README's `img` block, run as written, in order, in a fresh directory
+/// with `img` first on PATH: every line must succeed, and what it leaves
+/// must check clean.
+#[test]
+fn the_readme_img_block_runs_as_written() {
+    if !have_qemu_img() {
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    let section = readme
+        .split("## `img` in a few lines")
+        .nth(1)
+        .expect("the README's img section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("its sh block");
+    let d = Dir::new();
+    // The qcow2 the block starts from, with data in it.
+    ok(qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s(&d.p("debian.qcow2")),
+        "64M",
+    ]));
+    let io = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 3M",
+            s(&d.p("debian.qcow2")),
+        ])
+        .output()
+        .expect("qemu-io");
+    assert!(io.status.success(), "{io:?}");
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_img")).parent().expect("dir");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let out = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", line])
+            .current_dir(d.0.path())
+            .env("PATH", &path)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "README line failed: {line}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every image it made opens and checks clean; the content came through.
+    for image in [
+        "base.img",
+        "base.img@golden",
+        "vm17.img",
+        "vm17.img@v1",
+        "v1.img",
+        "empty.img",
+    ] {
+        ok(img(&["check", s(&d.p(image))]));
+    }
+    let cmp = qemu(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        s(&d.p("debian.qcow2")),
+        s(&d.p("out.qcow2")),
+    ]);
+    assert!(cmp.status.success(), "{cmp:?}");
+}
+
+/// The chain mistakes a user makes by hand are refused, say why, and
+/// change nothing: cloning a working disk, committing an empty layer,
+/// deleting a snapshot clones stand on.
+#[test]
+fn chain_mistakes_are_refused_and_change_nothing() {
+    let d = Dir::new();
+    let base = d.p("base.img");
+    ok(img(&["create", s(&base), "16M"]));
+    // Forgot the @NAME: the working disk is not sealed behind its back.
+    let o = img(&["clone", s(&base), s(&d.p("new.img"))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is a working disk, not a snapshot") && err.contains("--seal"),
+        "{err}"
+    );
+    assert!(!d.p("new.img").exists());
+    assert!(!ok(img(&["info", s(&base)])).contains("[sealed]"));
+    // --seal NAME snapshots it first, and base.img goes on as an overlay.
+    ok(img(&[
+        "clone",
+        "--seal",
+        "golden",
+        s(&base),
+        s(&d.p("new.img")),
+    ]));
+    ok(img(&[
+        "clone",
+        s(&d.p("base.img@golden")),
+        s(&d.p("other.img")),
+    ]));
+    let golden_uuid = || {
+        let v: serde_json::Value = serde_json::from_str(&ok(img(&[
+            "info",
+            "--output",
+            "json",
+            s(&d.p("base.img@golden")),
+        ])))
+        .expect("json");
+        v["chain"][0]["uuid"].as_str().expect("uuid").to_string()
+    };
+    let before = golden_uuid();
+    // An empty clone commits nothing and changes no identity.
+    let out = ok(img(&["commit", s(&d.p("new.img"))]));
+    assert!(out.contains("Nothing to commit"), "{out}");
+    assert_eq!(golden_uuid(), before);
+    ok(img(&["check", s(&d.p("other.img"))]));
+    // A snapshot clones stand on is not deleted from under them.
+    let o = img(&["snapshot", "-d", "golden", s(&base)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("new.img") && err.contains("other.img"),
+        "{err}"
+    );
+    assert!(d.p("base.img@golden").exists());
+    for image in ["base.img", "new.img", "other.img"] {
+        ok(img(&["check", s(&d.p(image))]));
+    }
+}

@@ -159,7 +159,7 @@ fn run_script(
                 disk.take().expect("open").close()?;
                 model.flushed_ok();
                 if depth > 1 {
-                    ops::commit(env.as_ref(), Path::new(TOP), &mut |_, _| {})?;
+                    ops::commit(env.as_ref(), Path::new(TOP), false, &mut |_, _| {})?;
                     totals.commits += 1;
                 }
                 disk = Some(Disk::open(Arc::clone(env), Path::new(TOP), true)?);

@@ -145,18 +145,34 @@ fn snapshot_keeps_content_and_the_sealed_layer_never_changes() {
     let list = ops::snapshot_list(env().as_ref(), &img).expect("list");
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].name, "s1");
-    // Apply reverts, delete folds the snapshot away keeping content.
+    // Apply reverts; the newer snapshot stays listed (off the chain now),
+    // and its content stays as it was.
     ops::snapshot_create(env().as_ref(), &img, "s2").expect("snapshot 2");
     let s2_content = read_all(&img);
     ops::snapshot_apply(env().as_ref(), &img, "s1").expect("apply");
     assert_eq!(read_all(&img), expect);
+    let list = ops::snapshot_list(env().as_ref(), &img).expect("list");
+    let seen: Vec<(&str, Option<usize>)> =
+        list.iter().map(|s| (s.name.as_str(), s.depth)).collect();
+    assert_eq!(seen, vec![("s1", Some(1)), ("s2", None)]);
+    assert_eq!(read_all(&d.p("vm.img@s2")), s2_content);
+    // s2 stands on s1: deleting s1 is refused, naming s2, and changes nothing.
+    let err = ops::snapshot_delete(&env(), &img, "s1", &mut nop()).unwrap_err();
+    assert!(err.to_string().contains("vm.img@s2"), "{err}");
+    assert!(snap.exists());
+    assert!(
+        ops::snapshot_create(env().as_ref(), &img, "s2").is_err(),
+        "the name is taken"
+    );
+    // Off the chain, s2 goes with its file; then s1 folds into vm.img.
+    ops::snapshot_delete(&env(), &img, "s2", &mut nop()).expect("delete s2");
+    assert!(!d.p("vm.img@s2").exists());
     ops::snapshot_delete(&env(), &img, "s1", &mut nop()).expect("delete");
     assert_eq!(read_all(&img), expect);
     assert!(!snap.exists());
     assert!(ops::snapshot_list(env().as_ref(), &img)
         .expect("list")
         .is_empty());
-    let _ = s2_content;
 }
 
 #[test]
@@ -210,7 +226,14 @@ fn commit_merges_into_the_parent_and_other_clones_are_told() {
     disk.write_zeroes(0, 8192).expect("zero");
     expect[..8192].fill(0);
     disk.close().expect("close");
-    let stats = ops::commit(env().as_ref(), &top, &mut nop()).expect("commit");
+    // other.img stands on the base too: refused, naming it, nothing changed.
+    let base_hash = file_hash(&base);
+    let err = ops::commit(env().as_ref(), &top, false, &mut nop()).unwrap_err();
+    assert!(err.to_string().contains("other.img"), "{err}");
+    assert_eq!(file_hash(&base), base_hash);
+    Disk::open_path(&other, false).expect("the other clone still opens");
+    // Forced, it goes ahead and the other clone is told why it cannot open.
+    let stats = ops::commit(env().as_ref(), &top, true, &mut nop()).expect("commit");
     assert!(stats.data_bytes >= 70_000);
     assert_eq!(read_all(&top), expect);
     assert_eq!(read_all(&base), expect);

@@ -90,10 +90,15 @@ enum Cmd {
         output: Output,
         file: PathBuf,
     },
-    /// Create NEW, a writable overlay on the sealed (or now sealed) BASE.
+    /// Create NEW, a writable overlay on the snapshot BASE (FILE@NAME).
     Clone {
+        /// A snapshot (FILE@NAME); a working disk only with --seal.
         base: PathBuf,
         new: PathBuf,
+        /// BASE is a working disk: snapshot it as BASE@NAME first (as
+        /// `img snapshot -c NAME BASE`) and clone that.
+        #[arg(long, value_name = "NAME")]
+        seal: Option<String>,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
@@ -102,6 +107,10 @@ enum Cmd {
         /// Show progress.
         #[arg(short = 'p')]
         progress: bool,
+        /// Commit even into a parent other layers stand on (they will no
+        /// longer open).
+        #[arg(long)]
+        force: bool,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         file: PathBuf,
@@ -346,11 +355,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Output::Json => print_json(&l)?,
                     Output::Human => {
                         println!("Snapshot list:");
-                        println!("{:<6}{:<24}{:<38}File", "Depth", "Name", "UUID");
+                        let width = l.iter().map(|s| s.name.len()).max().unwrap_or(0).max(4);
+                        println!("{:<6} {:<width$} {:<36} File", "Depth", "Name", "UUID");
                         for s in l {
+                            // Off the chain: newer than what FILE was reverted to.
+                            let depth = s.depth.map_or("-".to_string(), |d| d.to_string());
                             println!(
-                                "{:<6}{:<24}{:<38}{}",
-                                s.depth,
+                                "{:<6} {:<width$} {:<36} {}",
+                                depth,
                                 s.name,
                                 s.uuid,
                                 s.path.display()
@@ -360,7 +372,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::Clone { base, new, output } => {
+        Cmd::Clone {
+            base,
+            new,
+            seal,
+            output,
+        } => {
+            let base = match seal {
+                Some(name) => ops::snapshot_create(env.as_ref(), &base, &name)?,
+                None => {
+                    // A working disk is not a base: cloning it would seal it
+                    // under whoever uses it next.
+                    let l = image_format::Layer::open(env.as_ref(), &base, false)?;
+                    if !l.header.sealed() {
+                        bail!(
+                            "{b} is a working disk, not a snapshot: clone a snapshot of it \
+                             ({b}@NAME, from `img snapshot -c NAME {b}`), or give --seal NAME \
+                             to take that snapshot now",
+                            b = base.display()
+                        );
+                    }
+                    base
+                }
+            };
             let l = ops::clone(env.as_ref(), &base, &new)?;
             match output {
                 Output::Json => print_json(&serde_json::json!({
@@ -371,14 +405,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Commit {
             progress,
+            force,
             output,
             file,
         } => {
             let mut pr = ProgressReport::new("commit", progress);
-            let s = ops::commit(env.as_ref(), &file, &mut |d, t| pr.update(d, t))?;
+            let s = ops::commit(env.as_ref(), &file, force, &mut |d, t| pr.update(d, t))?;
             pr.done();
             match output {
                 Output::Json => print_json(&s)?,
+                Output::Human if s.data_bytes + s.zero_bytes == 0 => {
+                    println!("Nothing to commit: {} holds no data.", file.display())
+                }
                 Output::Human => println!("Image committed."),
             }
         }

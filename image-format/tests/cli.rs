@@ -457,3 +457,40 @@ fn chain_mistakes_are_refused_and_change_nothing() {
         ok(img(&["check", s(&d.p(image))]));
     }
 }
+
+/// qemu-img's spellings work: long options, -f snap, -q, -U; a usage error
+/// exits 1, never 2 or 3 (check's "corrupt" and "leaks").
+#[test]
+fn qemu_img_spellings_are_taken() {
+    let d = Dir::new();
+    let (base, top) = (d.p("base.img"), d.p("top.img"));
+    let o = img(&["create", "-q", "--format", "snap", s(&base), "16M"]);
+    assert!(ok(o).is_empty(), "-q prints nothing");
+    ok(img(&[
+        "create",
+        "--backing",
+        s(&base),
+        "--backing-format",
+        "snap",
+        s(&top),
+    ]));
+    ok(img(&["info", "-f", "snap", "-U", s(&top)]));
+    ok(img(&["map", "--format", "snap", "--force-share", s(&top)]));
+    ok(img(&["snapshot", "--create", "s1", s(&top)]));
+    assert!(ok(img(&["snapshot", "--list", s(&top)])).contains("s1"));
+    assert!(ok(img(&["check", "-q", "--repair", "leaks", s(&top)])).is_empty());
+    ok(img(&["commit", "--progress", "-f", "snap", s(&top)]));
+    ok(img(&["rebase", "--unsafe", "--backing", "", s(&top)]));
+    let o = img(&["info", "-f", "qcow2", s(&top)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only snap"));
+    for bad in [
+        &["frobnicate"][..],
+        &["check", "--repair", "everything", s(&top)],
+        &["info"],
+    ] {
+        let o = img(bad);
+        assert_eq!(o.status.code(), Some(1), "{bad:?}: {o:?}");
+    }
+    assert_eq!(img(&["--help"]).status.code(), Some(0));
+}

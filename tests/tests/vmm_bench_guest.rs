@@ -151,6 +151,16 @@ fn bad_input_is_a_clear_error_and_nothing_is_left_running() {
     let (code, err) = vmm_fails(&["--config", &s(&cfg)]);
     assert_ne!(code, 0);
     assert!(err.contains("memory"), "{err}");
+    // A key it does not know, and options beside --config, are errors,
+    // not silently ignored.
+    std::fs::write(&cfg, format!(r#"{{"kernel": "{k}", "colour": "red"}}"#)).expect("write");
+    let (code, err) = vmm_fails(&["--config", &s(&cfg)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown field `colour`"), "{err}");
+    std::fs::write(&cfg, format!(r#"{{"kernel": "{k}"}}"#)).expect("write");
+    let (code, err) = vmm_fails(&["--config", &s(&cfg), "--cpus", "2"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--config") && err.contains("--cpus"), "{err}");
 }
 
 #[test]

@@ -25,6 +25,7 @@ pub enum SerialOut {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     pub socket: PathBuf,
     #[serde(default = "one")]
@@ -50,7 +51,10 @@ fn default_queue_size() -> u16 {
     256
 }
 
+/// A key the vmm does not know is an error, not silently ignored: a typo
+/// must not boot a different VM than the one written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     #[serde(default)]

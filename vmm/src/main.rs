@@ -42,8 +42,12 @@ struct Args {
     /// stdio, none or file=PATH.
     #[arg(long, default_value = "stdio")]
     serial: String,
-    /// The whole VM as a JSON file (the same fields as the options).
-    #[arg(long, conflicts_with_all = ["kernel", "disks"])]
+    /// The whole VM as a JSON file (the same fields as the options, which
+    /// it therefore excludes).
+    #[arg(
+        long,
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "api_socket", "serial"]
+    )]
     config: Option<PathBuf>,
     /// When the VM ends, write its counters (exits by reason, time in the
     /// guest, per vCPU) here as JSON.

@@ -25,6 +25,33 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Options qemu-img takes on most verbs.
+#[derive(clap::Args, Clone, Default)]
+struct Common {
+    /// The image's format: only snap here (accepted as qemu-img takes it).
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Print nothing but errors (the exit status still tells).
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Read an image another process is writing (reading verbs never lock;
+    /// accepted as qemu-img takes it).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+}
+
+/// Set by -q: human output is not printed.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// println! for human output, silenced by -q.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+            println!($($arg)*);
+        }
+    };
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Human,
@@ -42,23 +69,28 @@ enum Cmd {
     /// Create an image, or an overlay on BASE (which gets sealed).
     Create {
         /// Image format; only "snap" is created here (use convert for others).
-        #[arg(short = 'f', default_value = "snap")]
+        #[arg(short = 'f', long = "format", default_value = "snap")]
         format: String,
         /// Base image: the new image is a writable overlay on it.
-        #[arg(short = 'b')]
+        #[arg(short = 'b', long = "backing")]
         base: Option<PathBuf>,
         /// Base format (must be snap; accepted for qemu-img compatibility).
-        #[arg(short = 'F')]
+        #[arg(short = 'F', long = "backing-format")]
         base_format: Option<String>,
         /// Options: cluster_size=N (the block size, 512..64k, default 4k).
-        #[arg(short = 'o')]
+        #[arg(short = 'o', long = "options")]
         options: Option<String>,
+        /// Print nothing but errors.
+        #[arg(short = 'q', long)]
+        quiet: bool,
         file: PathBuf,
         /// Virtual size: bytes or with a k/M/G/T suffix (defaults to the base's).
         size: Option<String>,
     },
     /// Describe an image and its chain.
     Info {
+        #[command(flatten)]
+        common: Common,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Accepted for qemu-img compatibility: the chain is always shown.
@@ -68,23 +100,27 @@ enum Cmd {
     },
     /// Which layer holds each extent of the disk.
     Map {
+        #[command(flatten)]
+        common: Common,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         file: PathBuf,
     },
     /// Named snapshots: list, create, apply, delete.
     Snapshot {
-        /// List the snapshots in the chain.
-        #[arg(short = 'l', group = "action")]
+        #[command(flatten)]
+        common: Common,
+        /// List the snapshots in the chain (and those of FILE newer than a revert).
+        #[arg(short = 'l', long = "list", group = "action")]
         list: bool,
         /// Seal the current contents as snapshot NAME (FILE@NAME); FILE continues as a new overlay.
-        #[arg(short = 'c', value_name = "NAME", group = "action")]
+        #[arg(short = 'c', long = "create", value_name = "NAME", group = "action")]
         create: Option<String>,
         /// Revert FILE to snapshot NAME (drops what FILE holds now).
-        #[arg(short = 'a', value_name = "NAME", group = "action")]
+        #[arg(short = 'a', long = "apply", value_name = "NAME", group = "action")]
         apply: Option<String>,
         /// Delete snapshot NAME, folding its data into the layer above it.
-        #[arg(short = 'd', value_name = "NAME", group = "action")]
+        #[arg(short = 'd', long = "delete", value_name = "NAME", group = "action")]
         delete: Option<String>,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -104,8 +140,10 @@ enum Cmd {
     },
     /// Merge FILE into its parent; FILE is left empty on it.
     Commit {
+        #[command(flatten)]
+        common: Common,
         /// Show progress.
-        #[arg(short = 'p')]
+        #[arg(short = 'p', long = "progress")]
         progress: bool,
         /// Commit even into a parent other layers stand on (they will no
         /// longer open).
@@ -117,22 +155,27 @@ enum Cmd {
     },
     /// Change FILE's parent to BASE ("" for none), keeping FILE's content.
     Rebase {
-        #[arg(short = 'b')]
+        #[command(flatten)]
+        common: Common,
+        /// The new parent ("" for none).
+        #[arg(short = 'b', long = "backing")]
         base: String,
         /// Base format (must be snap; accepted for qemu-img compatibility).
-        #[arg(short = 'F')]
+        #[arg(short = 'F', long = "backing-format")]
         base_format: Option<String>,
         /// Change only the header, copying nothing (content may change).
-        #[arg(short = 'u')]
+        #[arg(short = 'u', long = "unsafe")]
         unsafe_: bool,
-        #[arg(short = 'p')]
+        #[arg(short = 'p', long = "progress")]
         progress: bool,
         file: PathBuf,
     },
     /// Check the chain for corruption and leaked space.
     Check {
+        #[command(flatten)]
+        common: Common,
         /// Repair: leaks (space, dirty flag) or all (also damaged header slots and map entries).
-        #[arg(short = 'r', value_enum)]
+        #[arg(short = 'r', long = "repair", value_enum)]
         repair: Option<Repair>,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -147,16 +190,19 @@ enum Cmd {
     /// Convert between raw, qcow2 and snap.
     Convert {
         /// Input format (probed when absent).
-        #[arg(short = 'f')]
+        #[arg(short = 'f', long = "source-format")]
         in_format: Option<String>,
         /// Output format.
-        #[arg(short = 'O', default_value = "raw")]
+        #[arg(short = 'O', long = "target-format", default_value = "raw")]
         out_format: String,
         /// Options: cluster_size=N.
-        #[arg(short = 'o')]
+        #[arg(short = 'o', long = "options")]
         options: Option<String>,
-        #[arg(short = 'p')]
+        #[arg(short = 'p', long = "progress")]
         progress: bool,
+        /// Print nothing but errors.
+        #[arg(short = 'q', long)]
+        quiet: bool,
         /// Read the input even while another process writes it (its content
         /// may be changing): qemu-img's -U.
         #[arg(short = 'U', long)]
@@ -273,8 +319,33 @@ fn snap_only(format: &Option<String>, what: &str) -> Result<()> {
     }
 }
 
+impl Cmd {
+    fn common(&self) -> Option<&Common> {
+        match self {
+            Cmd::Info { common, .. }
+            | Cmd::Map { common, .. }
+            | Cmd::Snapshot { common, .. }
+            | Cmd::Commit { common, .. }
+            | Cmd::Rebase { common, .. }
+            | Cmd::Check { common, .. } => Some(common),
+            _ => None,
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        match self {
+            Cmd::Create { quiet, .. } | Cmd::Convert { quiet, .. } => *quiet,
+            other => other.common().is_some_and(|c| c.quiet),
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let env: Arc<dyn Env> = Arc::new(RealEnv);
+    if let Some(c) = cli.cmd.common() {
+        snap_only(&c.format, "image")?;
+    }
+    QUIET.store(cli.cmd.quiet(), std::sync::atomic::Ordering::Relaxed);
     match cli.cmd {
         Cmd::Create {
             format,
@@ -283,13 +354,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             options,
             file,
             size,
+            ..
         } => {
             snap_only(&Some(format), "image")?;
             snap_only(&base_format, "base")?;
             let size = size.as_deref().map(parse_size).transpose()?;
             let bs = cluster_size(&options)?.unwrap_or(DEFAULT_BLOCK_SIZE);
             let l = ops::create(env.as_ref(), &file, size, bs, base.as_deref())?;
-            println!(
+            say!(
                 "Formatting '{}', fmt=snap size={} cluster_size={}{}",
                 file.display(),
                 l.header.virtual_size,
@@ -305,7 +377,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Output::Human => print!("{}", i.to_text()),
             }
         }
-        Cmd::Map { output, file } => {
+        Cmd::Map { output, file, .. } => {
             let m = info::map(&env, &file)?;
             match output {
                 Output::Json => print_json(&m)?,
@@ -336,6 +408,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             delete,
             output,
             file,
+            ..
         } => {
             if let Some(name) = create {
                 let p = ops::snapshot_create(env.as_ref(), &file, &name)?;
@@ -400,7 +473,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Output::Json => print_json(&serde_json::json!({
                     "image": new, "uuid": l.header.uuid, "base": base
                 }))?,
-                Output::Human => println!("{}: clone of {}", new.display(), base.display()),
+                Output::Human => say!("{}: clone of {}", new.display(), base.display()),
             }
         }
         Cmd::Commit {
@@ -408,6 +481,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             output,
             file,
+            ..
         } => {
             let mut pr = ProgressReport::new("commit", progress);
             let s = ops::commit(env.as_ref(), &file, force, &mut |d, t| pr.update(d, t))?;
@@ -415,9 +489,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             match output {
                 Output::Json => print_json(&s)?,
                 Output::Human if s.data_bytes + s.zero_bytes == 0 => {
-                    println!("Nothing to commit: {} holds no data.", file.display())
+                    say!("Nothing to commit: {} holds no data.", file.display())
                 }
-                Output::Human => println!("Image committed."),
+                Output::Human => say!("Image committed."),
             }
         }
         Cmd::Rebase {
@@ -426,6 +500,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             unsafe_,
             progress,
             file,
+            ..
         } => {
             snap_only(&base_format, "base")?;
             let base = (!base.is_empty()).then(|| PathBuf::from(base));
@@ -439,6 +514,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             repair,
             output,
             file,
+            ..
         } => return do_check(env.as_ref(), &file, repair, output),
         Cmd::Repair { output, file } => {
             return do_check(env.as_ref(), &file, Some(Repair::All), output)
@@ -452,6 +528,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             input,
             out,
+            ..
         } => {
             let inf: Option<Format> = in_format
                 .map(|f| f.parse())
@@ -537,35 +614,35 @@ fn do_check(
         Output::Json => print_json(&r)?,
         Output::Human => {
             if let Some(u) = &r.in_use {
-                println!(
+                say!(
                     "Note: {} is {u}: what this check sees may be changing.",
                     file.display()
                 );
             }
             if let Some(e) = &r.chain_error {
-                println!("ERROR chain: {e}");
+                say!("ERROR chain: {e}");
             }
             for l in &r.layers {
                 for c in &l.corruptions {
-                    println!("ERROR {}: {c}", l.path.display());
+                    say!("ERROR {}: {c}", l.path.display());
                 }
                 if l.leaked_blocks > 0 {
-                    println!("Leaked blocks in {}: {}", l.path.display(), l.leaked_blocks);
+                    say!("Leaked blocks in {}: {}", l.path.display(), l.leaked_blocks);
                 }
                 for n in &l.notes {
-                    println!("Note {}: {n}", l.path.display());
+                    say!("Note {}: {n}", l.path.display());
                 }
                 for f in &l.repaired {
-                    println!("Repaired {}: {f}", l.path.display());
+                    say!("Repaired {}: {f}", l.path.display());
                 }
             }
             match r.exit_code() {
-                0 => println!("No errors were found on the image."),
-                2 => println!(
+                0 => say!("No errors were found on the image."),
+                2 => say!(
                     "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
                     r.corruptions
                 ),
-                3 => println!(
+                3 => say!(
                     "\n{} leaked blocks were found on the image.\nThis means waste of disk space, but no harm to data.",
                     r.leaked_blocks
                 ),
@@ -589,7 +666,20 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match run(Cli::parse()) {
+    // A usage error exits 1, as qemu-img's do: 2 and 3 are check's
+    // "corrupt" and "leaks", and a script must not mistake one for the other.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+    };
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("img: error: {}", cli_support::report(&e));

@@ -677,3 +677,28 @@ fn a_chain_view_fed_with_index_changes_resolves_like_the_disk() {
         .for_each(|c| view.apply(c));
     assert!(view.top_owns(0, 4096) && !view.top_owns(0, 8192));
 }
+
+/// A base that a served clone stands on (its chain open, as a backend has
+/// it) cannot be committed into, even by a forced commit of another clone:
+/// the refusal names the lock's holder.
+#[test]
+fn a_base_in_use_under_a_served_clone_is_not_committed_into() {
+    let d = Dir::new();
+    let (base, expect) = make_base(&d, "base.img", 4 * MIB);
+    let (served, other) = (d.p("served.img"), d.p("other.img"));
+    ops::clone(env().as_ref(), &base, &served).expect("clone");
+    ops::clone(env().as_ref(), &base, &other).expect("clone");
+    let mut o = Disk::open_path(&other, true).expect("open");
+    o.write_at(&pattern(11, 8192), 0).expect("write");
+    o.close().expect("close");
+    let live = Disk::open_path(&served, true).expect("served");
+    let err = ops::commit(env().as_ref(), &other, true, &mut nop()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("in use as a base of a served chain by this process"),
+        "{err}"
+    );
+    drop(live);
+    assert_eq!(read_all(&base), expect, "nothing was written");
+    assert_eq!(read_all(&served), expect);
+}

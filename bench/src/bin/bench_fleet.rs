@@ -113,7 +113,11 @@ fn main() -> Result<()> {
         for k in 0..a.clones {
             let clone = work.join(format!("vm{k}-{mode}.snap"));
             let _ = std::fs::remove_file(&clone);
-            img(&img_bin, &[Path::new("clone"), &base, &clone])?;
+            // An overlay on the base (sealed by the first one, in place).
+            img(
+                &img_bin,
+                &[Path::new("create"), Path::new("-b"), &base, &clone],
+            )?;
             exports.push((clone, work.join(format!("vm{k}.sock"))));
         }
         evict(&base)?;

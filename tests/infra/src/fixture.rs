@@ -41,10 +41,16 @@ impl Fixture {
         p
     }
 
-    /// `img clone PARENT NAME` (PARENT may name a snapshot: `base.img@s1`).
+    /// A writable overlay NAME on PARENT: `img clone PARENT NAME` for a
+    /// snapshot (`base.img@s1`), `img create -b PARENT NAME` for a plain
+    /// image (which seals it in place, as a golden base is).
     pub fn clone_of(&self, parent: &str, name: &str) -> PathBuf {
         let p = self.path(name);
-        img(&["clone", &s(&self.path(parent)), &s(&p)]);
+        if parent.contains('@') {
+            img(&["clone", &s(&self.path(parent)), &s(&p)]);
+        } else {
+            img(&["create", "-q", "-b", &s(&self.path(parent)), &s(&p)]);
+        }
         p
     }
 

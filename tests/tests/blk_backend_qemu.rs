@@ -136,13 +136,32 @@ fn one_process_serves_several_exports_and_a_bad_peer_only_loses_its_session() {
     // Both clones read the base through the data path's shared
     // descriptors (one O_DIRECT, one buffered for unaligned reads, for the
     // whole process) beside the library's own (one per export): 4 here,
-    // where per-export data-path descriptors would make 6.
-    let base_fds = std::fs::read_dir(format!("/proc/{}/fd", b.pid()))
-        .expect("fds")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|t| t == &d("base.img"))
-        .count();
-    assert!(base_fds <= 4, "{base_fds} descriptors on the base");
+    // where per-export data-path descriptors would make 6. Each export
+    // also holds the base's shared lock on a descriptor of its own (its
+    // fdinfo lists the lock).
+    let (mut io_fds, mut lock_fds) = (0, 0);
+    for e in std::fs::read_dir(format!("/proc/{}/fd", b.pid())).expect("fds") {
+        let e = e.expect("fd");
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(d("base.img").as_path()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{}/fdinfo/{}",
+            b.pid(),
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if info
+            .lines()
+            .any(|l| l.starts_with("lock:") && l.contains(" READ "))
+        {
+            lock_fds += 1;
+        } else {
+            io_fds += 1;
+        }
+    }
+    assert!(io_fds <= 4, "{io_fds} descriptors on the base");
+    assert_eq!(lock_fds, 2, "one shared lock on the base per export");
     for sock in [&sa, &sb] {
         assert_ok(
             &boot(

@@ -435,6 +435,48 @@ fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
     assert_ne!(r.guest_status, Some(0));
 }
 
+/// A backend that comes back with other features (read-only now) cannot
+/// carry the session on: the vmm says so at once and fails the guest's
+/// requests, instead of retrying until a reconnect timeout (ten minutes
+/// here, far past the guest's own 20 s request timeout, which would show
+/// as `timed_out`).
+#[test]
+fn a_backend_that_comes_back_with_other_features_is_given_up_at_once() {
+    if !ready("vmm_backend_other_features", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.image("vm.img", "256M");
+    let b = fx.serve(&image, 1);
+    let mut v = VmmVm::new(
+        &bin("vmm"),
+        "mode=randwrite bs=4k qd=16 duration_ms=4000 progress_ms=100 timeout_ms=20000",
+    );
+    v.disks.push(VmmDisk {
+        reconnect_timeout_ms: Some(600_000),
+        ..VmmDisk::new(&Fixture::socket_of(&image), 1)
+    });
+    let mut guest = v.spawn().expect("vmm starts");
+    guest
+        .wait_for_progress(
+            1,
+            &Patience::new("the first progress line", Duration::from_millis(200)),
+        )
+        .expect("the workload runs");
+    b.kill();
+    let b = fx.serve_readonly(&image, 1);
+    let r = guest.wait().expect("the vmm ends by itself");
+    let result = r.result.as_ref().expect("the guest reported");
+    assert!(r.field("ioerr") > 0, "{}", r.serial);
+    assert_eq!(result["timed_out"], false, "{}\n{}", r.serial, r.stderr);
+    assert!(
+        r.stderr.contains("came back with other features"),
+        "{}",
+        r.stderr
+    );
+    b.stop();
+}
+
 /// A kernel that faults at its first instruction: the vmm reports the
 /// fault with the vCPU's registers and a non-zero status, and exits.
 #[test]

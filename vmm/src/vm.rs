@@ -13,7 +13,7 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::Api;
@@ -25,7 +25,7 @@ use crate::devices::pci::{HostBridge, PciBus, PciConfigIo, PciEcam};
 use crate::devices::power::{self, AcpiPower, I8042};
 use crate::devices::serial::Console;
 use crate::devices::vhost_user_blk::VhostUserBlk;
-use crate::devices::virtio_pci::{VirtioPci, BAR_SIZE};
+use crate::devices::virtio_pci::{ReconnectError, VirtioPci, BAR_SIZE};
 use crate::devices::{debug_exit, pci, serial, Bus};
 use crate::memory::{self, PCI_MMIO_END, PCI_MMIO_START};
 
@@ -337,11 +337,15 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
         warn!("a disk backend went away; reconnecting");
         let t0 = std::time::Instant::now();
         let mut last = String::new();
+        // Soon at first (a restarted backend is back in tens of ms), then
+        // at most ten attempts a second for one that stays away.
+        let mut pause = std::time::Duration::from_millis(10);
         loop {
             if ctl.state() == crate::control::RunState::Stopping {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
             // The guard must be gone before the arms lock again.
             let attempt = lock().reconnect();
             match attempt {
@@ -352,7 +356,13 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
                     );
                     break;
                 }
-                Err(e) => {
+                Err(ReconnectError::Incompatible(why)) => {
+                    // Waiting will not make it compatible: say so now.
+                    error!("{why}: its requests fail from now on");
+                    lock().give_up();
+                    return;
+                }
+                Err(ReconnectError::NotYet(e)) => {
                     if e != last {
                         debug!("reconnect: {e}");
                         last = e;

@@ -167,6 +167,8 @@ pub struct GuestRun {
     /// From exec to the start marker.
     pub to_marker: Option<Duration>,
     pub total: Duration,
+    /// What the VMM process wrote to stderr (its log).
+    pub stderr: String,
 }
 
 impl GuestRun {
@@ -614,6 +616,7 @@ impl RunningVm {
             guest_status,
             to_marker,
             total,
+            stderr,
         })
     }
 }

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::io_error::{self, FailedQueue};
-use super::virtio_pci::{Interrupts, QueueConfig, VirtioDevice, NO_VECTOR};
+use super::virtio_pci::{Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR};
 use crate::config::DiskConfig;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -188,14 +188,18 @@ impl VhostUserBlk {
     /// the session: same features, the same inflight region (so it resumes
     /// what was in flight), the same rings, kicks and interrupts, each ring
     /// resuming at the used index the guest's memory holds.
-    pub fn reconnect(&mut self) -> Result<(), String> {
-        let (frontend, features, protocol, _) =
-            handshake(&self.socket, self.num_queues, &self.mem).map_err(|e| e.to_string())?;
+    pub fn reconnect(&mut self) -> Result<(), ReconnectError> {
+        let (frontend, features, protocol, _) = handshake(&self.socket, self.num_queues, &self.mem)
+            .map_err(|e| ReconnectError::NotYet(e.to_string()))?;
         if features != self.backend_features || protocol != self.protocol {
-            return Err(format!(
-                "disk {}: the backend came back with other features ({features:#x})",
-                self.socket.display()
-            ));
+            return Err(ReconnectError::Incompatible(format!(
+                "disk {}: the backend came back with other features (virtio {features:#x}, \
+                 protocol {:#x}; the session was set up with virtio {:#x}, protocol {:#x})",
+                self.socket.display(),
+                protocol.bits(),
+                self.backend_features,
+                self.protocol.bits()
+            )));
         }
         self.frontend = frontend;
         let Some(active) = self.active.take() else {
@@ -203,7 +207,7 @@ impl VhostUserBlk {
         };
         let r = self.start_rings(&active);
         self.active = Some(active);
-        r?;
+        r.map_err(ReconnectError::NotYet)?;
         info!(socket = %self.socket.display(), "disk reconnected");
         Ok(())
     }
@@ -372,7 +376,7 @@ impl VirtioDevice for VhostUserBlk {
         Some(self.frontend.as_raw_fd())
     }
 
-    fn reconnect(&mut self) -> Result<(), String> {
+    fn reconnect(&mut self) -> Result<(), ReconnectError> {
         VhostUserBlk::reconnect(self)
     }
 

@@ -48,6 +48,19 @@ pub struct QueueConfig {
 
 /// Per-vector interrupt descriptors for a device (Firecracker's
 /// `notifier()`: the eventfd a backend writes to interrupt the guest).
+/// Why one attempt to reconnect a device to its backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconnectError {
+    /// Nobody answers yet, or the backend went away again mid-way: worth
+    /// another attempt until the disk's reconnect timeout.
+    #[error("{0}")]
+    NotYet(String),
+    /// A backend answered that cannot carry the session on (other
+    /// features): waiting longer will not help.
+    #[error("{0}")]
+    Incompatible(String),
+}
+
 pub trait Interrupts {
     fn notifier(&self, vector: u16) -> Option<&EventFd>;
 }
@@ -78,7 +91,7 @@ pub trait VirtioDevice: Send {
     }
     /// For devices served by another process: one attempt to reconnect
     /// after the connection went away.
-    fn reconnect(&mut self) -> Result<(), String> {
+    fn reconnect(&mut self) -> Result<(), ReconnectError> {
         Ok(())
     }
     /// The device's server is gone for good: answer the guest's requests
@@ -252,7 +265,7 @@ impl VirtioPci {
         self.device.connection_fd()
     }
 
-    pub fn reconnect(&mut self) -> Result<(), String> {
+    pub fn reconnect(&mut self) -> Result<(), ReconnectError> {
         self.device.reconnect()
     }
 

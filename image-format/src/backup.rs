@@ -28,6 +28,7 @@ const KIND_ZERO: u32 = 2;
 const MAX_RECORD: u64 = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct BackupHeader {
     pub virtual_size: u64,
     pub block_size: u32,
@@ -94,6 +95,7 @@ impl BackupHeader {
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct BackupStats {
     pub records: u64,
     pub data_bytes: u64,

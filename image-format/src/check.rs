@@ -24,6 +24,7 @@ pub enum RepairMode {
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct LayerReport {
     pub path: PathBuf,
     pub uuid: String,
@@ -38,15 +39,31 @@ pub struct LayerReport {
     pub repaired: Vec<String>,
 }
 
+/// `img check`: in qemu-img's keys (`filename`, `format`, `check-errors`,
+/// `corruptions`, `leaks`, `total-clusters`, `allocated-clusters`,
+/// `image-end-offset`), then per layer.
 #[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct CheckReport {
+    #[serde(rename = "filename")]
     pub image: PathBuf,
+    pub format: &'static str,
+    /// 1 when the check could not be completed (the chain does not open).
+    pub check_errors: usize,
     /// The chain could not be opened: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chain_error: Option<String>,
-    pub layers: Vec<LayerReport>,
     pub corruptions: usize,
+    /// Leaked blocks, over the whole chain.
+    #[serde(rename = "leaks")]
     pub leaked_blocks: u64,
+    /// The top layer's blocks, and those its map marks data.
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    /// The top layer file's length.
+    pub image_end_offset: u64,
     pub repaired: usize,
+    pub layers: Vec<LayerReport>,
     /// Who is using the image now, if anyone: its dirty flag and leaks are
     /// then those of a writer at work, not damage.
     #[serde(rename = "in-use", skip_serializing_if = "Option::is_none")]
@@ -72,6 +89,7 @@ impl CheckReport {
 pub fn check(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<CheckReport> {
     let mut report = CheckReport {
         image: path.to_path_buf(),
+        format: crate::info::FORMAT_NAME,
         in_use: env.lock_holder(path).ok().flatten().map(|h| h.to_string()),
         ..Default::default()
     };
@@ -83,9 +101,18 @@ pub fn check(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<CheckReport
                 return Err(e);
             };
             report.chain_error = Some(e.to_string());
+            report.check_errors = 1;
             vec![top]
         }
     };
+    {
+        let top = &chain[0];
+        report.total_clusters = top.header.blocks();
+        report.allocated_clusters = crate::disk::load_valid_map(top)
+            .map(|m| m.counts().0)
+            .unwrap_or(0);
+        report.image_end_offset = top.storage.len().map_err(io_at(path))?;
+    }
     let paths: Vec<PathBuf> = chain.iter().map(|l| l.path.clone()).collect();
     drop(chain);
     for p in paths {

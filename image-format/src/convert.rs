@@ -250,6 +250,7 @@ pub fn create_writer(
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ConvertStats {
     pub virtual_size: u64,
     /// Bytes read from allocated ranges of the source.

@@ -10,39 +10,52 @@ use crate::disk::{Disk, Source};
 use crate::error::Result;
 use crate::storage::Env;
 
+/// One layer, described as qemu-img describes an image (its keys), with
+/// what a snap layer adds. Every JSON key here and in the other outputs of
+/// `img` is kebab-case, as qemu-img's are.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct LayerInfo {
-    pub path: PathBuf,
+    pub filename: PathBuf,
+    pub format: &'static str,
+    pub virtual_size: u64,
+    pub cluster_size: u32,
+    /// Space the file occupies on disk (real filesystem only).
+    pub actual_size: Option<u64>,
+    pub dirty_flag: bool,
+    /// The parent as the layer names it (relative to its directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    /// The parent's path as it opens from here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<&'static str>,
     pub uuid: String,
-    pub parent: Option<String>,
-    pub parent_uuid: Option<String>,
-    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_uuid: Option<String>,
+    /// The snapshot's name, for a named sealed layer.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub snapshot_name: String,
     pub sealed: bool,
-    pub dirty: bool,
     pub generation: u64,
     /// Bytes the layer's own map marks `data` and `zero`.
     pub data_bytes: u64,
     pub zero_bytes: u64,
-    /// Space the file occupies on disk (real filesystem only).
-    pub disk_bytes: Option<u64>,
     /// Who is using the layer now ("open for writing by process 4242"),
     /// from the locks (crate::lock); absent when nobody is.
-    #[serde(rename = "in-use", skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub in_use: Option<String>,
 }
 
+/// `img info`: the top layer in qemu-img's keys, and the whole chain.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
-    pub filename: PathBuf,
-    pub format: &'static str,
-    #[serde(rename = "virtual-size")]
-    pub virtual_size: u64,
-    #[serde(rename = "cluster-size")]
-    pub block_size: u32,
-    #[serde(rename = "actual-size")]
-    pub actual_size: Option<u64>,
-    pub depth: usize,
-    /// Top first.
+    #[serde(flatten)]
+    pub top: LayerInfo,
+    pub chain_depth: usize,
+    /// Top first (the top again, then its parent, ...).
     pub chain: Vec<LayerInfo>,
     /// Memory the chain's merged index takes.
     pub index_bytes: usize,
@@ -59,20 +72,26 @@ pub fn info(env: &Arc<dyn Env>, path: &Path) -> Result<ImageInfo> {
         let map = layer.load_map()?;
         let (data, zero) = map.counts();
         let bs = h.block_size as u64;
+        let parent = layer.parent_path();
         chain.push(LayerInfo {
-            path: layer.path.clone(),
+            filename: layer.path.clone(),
+            format: FORMAT_NAME,
+            virtual_size: h.virtual_size,
+            cluster_size: h.block_size,
+            actual_size: std::fs::metadata(&layer.path)
+                .ok()
+                .map(|m| m.blocks() * 512),
+            dirty_flag: h.dirty(),
+            backing_filename: h.parent_path.clone(),
+            backing_filename_format: parent.as_ref().map(|_| FORMAT_NAME),
+            full_backing_filename: parent,
             uuid: h.uuid.to_string(),
-            parent: h.parent_path.clone(),
-            parent_uuid: h.parent_uuid.map(|u| u.to_string()),
-            name: h.name.clone(),
+            backing_uuid: h.parent_uuid.map(|u| u.to_string()),
+            snapshot_name: h.name.clone(),
             sealed: h.sealed(),
-            dirty: h.dirty(),
             generation: h.generation,
             data_bytes: data * bs,
             zero_bytes: zero * bs,
-            disk_bytes: std::fs::metadata(&layer.path)
-                .ok()
-                .map(|m| m.blocks() * 512),
             in_use: env
                 .lock_holder(&layer.path)
                 .ok()
@@ -80,13 +99,11 @@ pub fn info(env: &Arc<dyn Env>, path: &Path) -> Result<ImageInfo> {
                 .map(|h| h.to_string()),
         });
     }
+    let mut top = chain[0].clone();
+    top.filename = path.to_path_buf();
     Ok(ImageInfo {
-        filename: path.to_path_buf(),
-        format: FORMAT_NAME,
-        virtual_size: disk.virtual_size(),
-        block_size: disk.block_size() as u32,
-        actual_size: chain[0].disk_bytes,
-        depth: chain.len(),
+        top,
+        chain_depth: chain.len(),
         index_bytes: disk.index().memory_bytes(),
         chain,
     })
@@ -95,32 +112,33 @@ pub fn info(env: &Arc<dyn Env>, path: &Path) -> Result<ImageInfo> {
 impl ImageInfo {
     /// The human form, in qemu-img's style.
     pub fn to_text(&self) -> String {
+        let t = &self.top;
         let mut s = format!(
             "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\ncluster_size: {}\nchain depth: {}\n",
-            self.filename.display(),
-            self.format,
-            human(self.virtual_size),
-            self.virtual_size,
-            self.actual_size.map(human).unwrap_or_else(|| "unknown".into()),
-            self.block_size,
-            self.depth
+            t.filename.display(),
+            t.format,
+            human(t.virtual_size),
+            t.virtual_size,
+            t.actual_size.map(human).unwrap_or_else(|| "unknown".into()),
+            t.cluster_size,
+            self.chain_depth
         );
         for (i, l) in self.chain.iter().enumerate() {
             s += &format!(
                 "layer {i}: {}{}{}{}\n    uuid: {}\n    data: {}, zero: {}\n",
-                l.path.display(),
+                l.filename.display(),
                 if l.sealed { " [sealed]" } else { "" },
-                if l.dirty { " [dirty]" } else { "" },
-                if l.name.is_empty() {
+                if l.dirty_flag { " [dirty]" } else { "" },
+                if l.snapshot_name.is_empty() {
                     String::new()
                 } else {
-                    format!(" snapshot {:?}", l.name)
+                    format!(" snapshot {:?}", l.snapshot_name)
                 },
                 l.uuid,
                 human(l.data_bytes),
                 human(l.zero_bytes)
             );
-            if let Some(p) = &l.parent {
+            if let Some(p) = &l.backing_filename {
                 s += &format!("    backing file: {p}\n");
             }
             if let Some(u) = &l.in_use {
@@ -150,6 +168,7 @@ pub fn human(n: u64) -> String {
 
 /// One row of `img map`, like qemu-img's JSON map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct MapEntry {
     pub start: u64,
     pub length: u64,

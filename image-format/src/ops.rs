@@ -192,6 +192,7 @@ pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf>
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SnapshotInfo {
     pub name: String,
     pub path: PathBuf,
@@ -337,6 +338,7 @@ pub fn snapshot_delete(
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct CopyStats {
     pub data_bytes: u64,
     pub zero_bytes: u64,

@@ -183,7 +183,7 @@ fn convert_round_trips_agree_with_qemu_img() {
     let info: serde_json::Value =
         serde_json::from_str(&ok(img(&["info", "--output", "json", s(&snap)]))).expect("json");
     assert_eq!(info["virtual-size"], 64 * MIB);
-    assert!(info["chain"][0]["data_bytes"].as_u64().expect("bytes") < 16 * MIB);
+    assert!(info["chain"][0]["data-bytes"].as_u64().expect("bytes") < 16 * MIB);
 }
 
 #[test]
@@ -493,4 +493,134 @@ fn qemu_img_spellings_are_taken() {
         assert_eq!(o.status.code(), Some(1), "{bad:?}: {o:?}");
     }
     assert_eq!(img(&["--help"]).status.code(), Some(0));
+}
+
+/// `info --backing-chain --output json` is qemu-img's array with qemu-img's
+/// keys, and `check --output json` carries qemu-img's keys: a script
+/// written for qemu-img reads both.
+#[test]
+fn json_outputs_use_qemu_img_s_keys() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new();
+    // qemu-img's own answer for a two-image qcow2 chain: the keys to match.
+    ok(qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s(&d.p("b.qcow2")),
+        "16M",
+    ]));
+    ok(qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        s(&d.p("t.qcow2")),
+    ]));
+    let theirs: serde_json::Value = serde_json::from_str(&ok(qemu(&[
+        "info",
+        "--backing-chain",
+        "--output",
+        "json",
+        s(&d.p("t.qcow2")),
+    ])))
+    .expect("json");
+    ok(img(&["create", "-q", s(&d.p("b.img")), "16M"]));
+    ok(img(&[
+        "create",
+        "-q",
+        "-b",
+        s(&d.p("b.img")),
+        s(&d.p("t.img")),
+    ]));
+    let ours: serde_json::Value = serde_json::from_str(&ok(img(&[
+        "info",
+        "--backing-chain",
+        "--output",
+        "json",
+        s(&d.p("t.img")),
+    ])))
+    .expect("json");
+    let (theirs, ours) = (
+        theirs.as_array().expect("array"),
+        ours.as_array().expect("array"),
+    );
+    assert_eq!(ours.len(), 2);
+    for key in [
+        "filename",
+        "format",
+        "virtual-size",
+        "cluster-size",
+        "actual-size",
+        "dirty-flag",
+        "backing-filename",
+        "full-backing-filename",
+        "backing-filename-format",
+    ] {
+        assert!(
+            theirs[0].get(key).is_some(),
+            "qemu-img has no {key:?}: {}",
+            theirs[0]
+        );
+        assert!(
+            ours[0].get(key).is_some(),
+            "img has no {key:?}: {}",
+            ours[0]
+        );
+    }
+    assert_eq!(ours[0]["backing-filename"], "b.img");
+    assert_eq!(ours[0]["virtual-size"], 16 * MIB);
+    assert!(ours[1].get("backing-filename").is_none());
+    // Every key, everywhere, in one style.
+    let mut keys = Vec::new();
+    fn walk(v: &serde_json::Value, keys: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| {
+                keys.push(k.clone());
+                walk(v, keys)
+            }),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, keys)),
+            _ => {}
+        }
+    }
+    for args in [
+        &["info", "--output", "json", s(&d.p("t.img"))][..],
+        &["map", "--output", "json", s(&d.p("t.img"))],
+        &["check", "--output", "json", s(&d.p("t.img"))],
+        &["snapshot", "-l", "--output", "json", s(&d.p("t.img"))],
+        &["commit", "--output", "json", s(&d.p("t.img"))],
+    ] {
+        walk(
+            &serde_json::from_str(&ok(img(args))).expect("json"),
+            &mut keys,
+        );
+    }
+    let bad: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.contains('_') || k.chars().any(|c| c.is_uppercase()))
+        .collect();
+    assert!(bad.is_empty(), "keys not in kebab-case: {bad:?}");
+    let check: serde_json::Value =
+        serde_json::from_str(&ok(img(&["check", "--output", "json", s(&d.p("t.img"))])))
+            .expect("json");
+    for key in [
+        "filename",
+        "format",
+        "check-errors",
+        "corruptions",
+        "leaks",
+        "total-clusters",
+        "allocated-clusters",
+        "image-end-offset",
+    ] {
+        assert!(check.get(key).is_some(), "check has no {key:?}: {check}");
+    }
+    assert_eq!(check["total-clusters"], 16 * MIB / 4096);
 }

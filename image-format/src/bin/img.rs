@@ -93,7 +93,8 @@ enum Cmd {
         common: Common,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
-        /// Accepted for qemu-img compatibility: the chain is always shown.
+        /// With --output json, the chain as qemu-img prints it: an array of
+        /// images, top first (the human form always shows the chain).
         #[arg(long)]
         backing_chain: bool,
         file: PathBuf,
@@ -370,9 +371,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .unwrap_or_default()
             );
         }
-        Cmd::Info { output, file, .. } => {
+        Cmd::Info {
+            output,
+            file,
+            backing_chain,
+            ..
+        } => {
             let i = info::info(&env, &file)?;
             match output {
+                // qemu-img's shape: one image, or the chain as an array.
+                Output::Json if backing_chain => print_json(&i.chain)?,
                 Output::Json => print_json(&i)?,
                 Output::Human => print!("{}", i.to_text()),
             }

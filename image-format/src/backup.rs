@@ -174,12 +174,12 @@ pub fn backup(
             out.file_name().unwrap_or_default().to_string_lossy()
         ),
     );
-    let file = File::create(&tmp).map_err(io_at(&tmp))?;
+    let file = File::create(&tmp).map_err(io_at(out))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut stats = BackupStats::default();
     let mut stream_crc = 0u32;
     let result = (|| -> Result<()> {
-        w.write_all(&header.encode()).map_err(io_at(&tmp))?;
+        w.write_all(&header.encode()).map_err(io_at(out))?;
         let mut buf = AlignedBuf::new(MAX_RECORD as usize);
         for (s, n, _) in touched.runs(0, touched.blocks()).collect::<Vec<_>>() {
             let (off, len) = (s * bs, n * bs);
@@ -199,9 +199,9 @@ pub fn backup(
                         }
                     };
                     stream_crc = crc32c::crc32c_append(stream_crc, &rec);
-                    w.write_all(&rec).map_err(io_at(&tmp))?;
+                    w.write_all(&rec).map_err(io_at(out))?;
                     if let Source::Layer { .. } = e.source {
-                        w.write_all(&buf[..n as usize]).map_err(io_at(&tmp))?;
+                        w.write_all(&buf[..n as usize]).map_err(io_at(out))?;
                     }
                     stats.records += 1;
                     at += n;
@@ -210,13 +210,13 @@ pub fn backup(
             }
         }
         w.write_all(&record_header(0, stats.records, KIND_END, stream_crc))
-            .map_err(io_at(&tmp))?;
+            .map_err(io_at(out))?;
         let file = w.into_inner().map_err(|e| Error::Io {
             path: tmp.clone(),
             source: e.into_error(),
         })?;
-        file.sync_all().map_err(io_at(&tmp))?;
-        stats.file_bytes = file.metadata().map_err(io_at(&tmp))?.len();
+        file.sync_all().map_err(io_at(out))?;
+        stats.file_bytes = file.metadata().map_err(io_at(out))?.len();
         std::fs::rename(&tmp, out).map_err(io_at(out))?;
         env.sync_dir(&parent_dir(out)).map_err(io_at(out))?;
         progress(size, size);
@@ -315,7 +315,8 @@ pub fn restore(
         env.rename(&tmp, out).map_err(io_at(out))?;
         env.sync_dir(&parent_dir(out)).map_err(io_at(out))?;
         Ok(stats)
-    })();
+    })()
+    .map_err(|e| e.renamed(&tmp, out));
     if result.is_err() {
         let _ = env.remove(&tmp);
     }

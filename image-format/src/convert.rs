@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::disk::{Disk, Source as ExtentSource};
-use crate::error::{invalid, io_at, Result};
+use crate::error::{invalid, io_at, Error, Result};
 use crate::header::{DEFAULT_BLOCK_SIZE, MAGIC};
 use crate::layer::{Layer, NewLayer};
 use crate::ops::Progress;
@@ -347,7 +347,8 @@ pub fn convert(
             .sync_dir(&parent_dir(output))
             .map_err(io_at(output))?;
         Ok(stats)
-    })();
+    })()
+    .map_err(|e: Error| e.renamed(&tmp, output));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

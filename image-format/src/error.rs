@@ -104,3 +104,37 @@ pub fn invalid(path: &std::path::Path, what: impl Into<String>) -> Error {
         what: what.into(),
     }
 }
+
+impl Error {
+    /// The same error naming `to` where it named `from`: an operation that
+    /// builds its result in a temporary file reports the file the user
+    /// asked for, never the temporary one.
+    pub fn renamed(mut self, from: &std::path::Path, to: &std::path::Path) -> Error {
+        match &mut self {
+            Error::Io { path, .. }
+            | Error::Header { path, .. }
+            | Error::Truncated { path, .. }
+            | Error::CorruptMap { path, .. }
+            | Error::Sealed { path }
+            | Error::ReadOnly { path }
+            | Error::OutOfRange { path, .. }
+            | Error::Invalid { path, .. }
+            | Error::BadBackup { path, .. }
+                if path.as_path() == from =>
+            {
+                *path = to.to_path_buf();
+            }
+            Error::Qcow2(
+                Qcow2Error::Io { path, .. }
+                | Qcow2Error::NotQcow2 { path }
+                | Qcow2Error::Unsupported { path, .. }
+                | Qcow2Error::Corrupt { path, .. }
+                | Qcow2Error::InvalidArgument { path, .. },
+            ) if path.as_path() == from => {
+                *path = to.to_path_buf();
+            }
+            _ => {}
+        }
+        self
+    }
+}

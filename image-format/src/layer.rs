@@ -129,7 +129,8 @@ impl Layer {
             path,
             format!(".{}.tmp-{}", file_name.to_string_lossy(), h.uuid.simple()),
         );
-        let storage = env.create(&tmp).map_err(io_at(&tmp))?;
+        // Errors name the file asked for, not the temporary one.
+        let storage = env.create(&tmp).map_err(io_at(path))?;
         let result = (|| {
             storage.set_len(h.file_len())?;
             storage.write_at(&slot, 0)?;

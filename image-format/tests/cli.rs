@@ -624,3 +624,55 @@ fn json_outputs_use_qemu_img_s_keys() {
     }
     assert_eq!(check["total-clusters"], 16 * MIB / 4096);
 }
+
+/// An operation that builds its result in a temporary file names the file
+/// the user asked for when it fails, never the temporary one.
+#[test]
+fn failures_name_the_file_asked_for_not_a_temporary_one() {
+    let d = Dir::new();
+    let raw = d.p("in.raw");
+    std::fs::write(&raw, vec![1u8; 1 << 20]).expect("raw");
+    let gone = d.p("gone");
+    let cases: Vec<(Vec<String>, PathBuf)> = vec![
+        (
+            vec!["create".into(), s(&gone.join("x.img")).into(), "1M".into()],
+            gone.join("x.img"),
+        ),
+        (
+            vec![
+                "convert".into(),
+                "-f".into(),
+                "raw".into(),
+                "-O".into(),
+                "snap".into(),
+                s(&raw).into(),
+                s(&gone.join("o.img")).into(),
+            ],
+            gone.join("o.img"),
+        ),
+        (
+            vec![
+                "convert".into(),
+                "-f".into(),
+                "raw".into(),
+                "-O".into(),
+                "qcow2".into(),
+                s(&raw).into(),
+                s(&gone.join("o.qcow2")).into(),
+            ],
+            gone.join("o.qcow2"),
+        ),
+    ];
+    for (args, named) in cases {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = img(&argv);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{argv:?}: {err}");
+        // Temporary files are hidden siblings: ".NAME.something".
+        let hidden = format!("{}/.", s(&gone));
+        assert!(
+            err.contains(s(&named)) && !err.contains(&hidden),
+            "{argv:?}: {err}"
+        );
+    }
+}

@@ -125,7 +125,11 @@ fn bad_input_is_a_clear_error_and_nothing_is_left_running() {
             "No such file",
         ),
         (vec!["--kernel".into(), s(&garbage)], "not a kernel"),
-        (vec!["--kernel".into(), "/bin/true".into()], "not a kernel"),
+        // Each cause once (linux-loader repeats its own prefix).
+        (
+            vec!["--kernel".into(), "/bin/true".into()],
+            "not a kernel this VMM can boot: failed to load ELF kernel image: Invalid entry address",
+        ),
         (
             kernel(&["--disk", &format!("socket={nobody}")]),
             "is a backend listening",

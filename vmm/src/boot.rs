@@ -58,6 +58,13 @@ pub struct Entry {
     pub long_mode: bool,
 }
 
+/// linux-loader's message without the "Kernel Loader: " its every layer
+/// repeats ("Kernel Loader: failed to load ELF kernel image: Kernel Loader:
+/// Invalid entry address"): each cause once.
+fn loader_reason(e: &linux_loader::loader::Error) -> String {
+    e.to_string().replace("Kernel Loader: ", "")
+}
+
 /// The kernel's format, from its first bytes.
 pub fn is_bzimage(kernel: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
@@ -99,7 +106,7 @@ pub fn load_bzimage(
         BzImage::load(&ram.mem, None, &mut f, Some(GuestAddress(0x100000))).map_err(|e| {
             BootError::Kernel {
                 path: path.clone(),
-                why: e.to_string(),
+                why: loader_reason(&e),
             }
         })?;
     let hdr = loaded.setup_header.ok_or_else(|| BootError::Kernel {
@@ -281,7 +288,7 @@ pub fn load_pvh(
     let loaded = Elf::load(&ram.mem, None, &mut f, Some(GuestAddress(0x100000))).map_err(|e| {
         BootError::Kernel {
             path: path.clone(),
-            why: e.to_string(),
+            why: loader_reason(&e),
         }
     })?;
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {

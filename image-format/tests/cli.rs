@@ -676,3 +676,48 @@ fn failures_name_the_file_asked_for_not_a_temporary_one() {
         );
     }
 }
+
+/// `img map ... | head` ends quietly when head is done (SIGPIPE, as Unix
+/// tools do), not with a panic on the closed pipe.
+#[test]
+fn a_closed_pipe_ends_img_quietly() {
+    let d = Dir::new();
+    // Every other 4 KiB block written: thousands of extents to list.
+    let raw = d.p("striped.raw");
+    let mut data = vec![0u8; 16 << 20];
+    for (i, block) in data.chunks_mut(4096).enumerate() {
+        if i % 2 == 0 {
+            block.fill(0xa5);
+        }
+    }
+    std::fs::write(&raw, &data).expect("raw");
+    let image = d.p("striped.img");
+    ok(img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "snap",
+        s(&raw),
+        s(&image),
+    ]));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} map {} | head -c 100 >/dev/null; echo \"status ${{PIPESTATUS[0]}}\"",
+            env!("CARGO_BIN_EXE_img"),
+            s(&image)
+        ))
+        .output()
+        .expect("bash");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // 141: ended by SIGPIPE, as `cat` would be; never 101 (a panic).
+    assert!(
+        stdout.contains("status 141") || stdout.contains("status 0"),
+        "{stdout}{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -431,7 +431,28 @@ fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
         )
         .expect("the workload runs");
     b.kill();
+    // Something that accepts and hangs up at once stands where the
+    // backend was: the vmm's attempts are counted, and must come at most
+    // about ten a second (backing off), not fifty.
+    let sock = Fixture::socket_of(&image);
+    std::fs::remove_file(&sock).expect("the dead socket");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let t0 = std::time::Instant::now();
+    let mut attempts = 0u32;
+    while guest.running() {
+        match listener.accept() {
+            Ok(_) => attempts += 1,
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    let window = t0.elapsed().as_secs_f64();
     let r: GuestRun = guest.wait().expect("the vmm ends by itself");
+    eprintln!("{attempts} reconnect attempts while the guest ran on for {window:.1} s");
+    assert!(attempts >= 1, "the vmm tried to reconnect");
+    // Within the 1 s reconnect timeout: at most 15 attempts (after 10 ms,
+    // 20, 40, 80, then every 100 ms), however long the guest runs on.
+    assert!(attempts <= 15, "{attempts} attempts: no back-off");
     let result = r.result.as_ref().expect("the guest reported");
     assert_eq!(result["result"], "fail", "{}", r.serial);
     assert!(r.field("ioerr") > 0, "{}", r.serial);

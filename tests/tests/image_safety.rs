@@ -64,29 +64,16 @@ fn a_second_writer_is_refused_in_another_process_and_in_the_same_one() {
     assert!(err.contains("vm.img"), "{err}");
     // Two exports of one image in one process.
     let (a, c) = (s(&fx.path("a.sock")), s(&fx.path("c.sock")));
-    refused(
-        "blk-backend",
-        &[
-            "--export",
-            &format!("socket={a},image={}", s(&vm)),
-            "--export",
-            &format!("socket={c},image={}", s(&vm)),
-        ],
-        "open for writing",
+    let (ea, ec) = (
+        format!("socket={a},image={}", s(&vm)),
+        format!("socket={c},image={}", s(&vm)),
     );
+    let two_exports = ["--export", ea.as_str(), "--export", ec.as_str()];
+    refused("blk-backend", &two_exports, "open for writing");
     b.stop();
-    // Two exports in one process with the first writer gone: the second
-    // export of the same image is still refused (another open in-process).
-    refused(
-        "blk-backend",
-        &[
-            "--export",
-            &format!("socket={a},image={}", s(&vm)),
-            "--export",
-            &format!("socket={c},image={}", s(&vm)),
-        ],
-        "by this process",
-    );
+    // With the first writer gone, the second export of the same image is
+    // still refused (another open in the same process).
+    refused("blk-backend", &two_exports, "by this process");
 }
 
 #[test]

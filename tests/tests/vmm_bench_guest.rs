@@ -3,13 +3,13 @@
 //! nobody here wrote), the control API, backends that die, and bad input
 //! turned into clear errors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use test_infra::{
-    bin, build_guest, output_within, ready, s, Fixture, GuestRun, Patience, StorageDaemon, VmmDisk,
-    VmmVm,
+    bin, build_guest, output_within, ready, s, Fixture, GuestRun, Patience, RunningVm,
+    StorageDaemon, VmmDisk, VmmVm,
 };
 
 /// The bench guest under the vmm on one disk.
@@ -403,16 +403,10 @@ fn kill_9_and_restart_the_backend_under_the_vmm_loses_nothing() {
     b.stop();
 }
 
-/// A backend that dies and never comes back: after the disk's reconnect
-/// timeout the vmm fails the guest's requests with IOERR (those the dead
-/// backend had in flight, then every new one), so the guest reports I/O
-/// errors and ends instead of waiting forever.
-#[test]
-fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
-    if !ready("vmm_backend_gone", &[]) {
-        return;
-    }
-    let fx = Fixture::new();
+/// A random-write guest on a blk-backend disk with `reconnect_timeout_ms`,
+/// running, its backend just killed: the start of every lost-backend test.
+/// Returns the guest and the image (its socket beside it).
+fn guest_that_lost_its_backend(fx: &Fixture, reconnect_timeout_ms: u64) -> (RunningVm, PathBuf) {
     let image = fx.image("vm.img", "256M");
     let b = fx.serve(&image, 1);
     let mut v = VmmVm::new(
@@ -420,7 +414,7 @@ fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
         "mode=randwrite bs=4k qd=16 duration_ms=4000 progress_ms=100 timeout_ms=20000",
     );
     v.disks.push(VmmDisk {
-        reconnect_timeout_ms: Some(1000),
+        reconnect_timeout_ms: Some(reconnect_timeout_ms),
         ..VmmDisk::new(&Fixture::socket_of(&image), 1)
     });
     let mut guest = v.spawn().expect("vmm starts");
@@ -431,6 +425,20 @@ fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
         )
         .expect("the workload runs");
     b.kill();
+    (guest, image)
+}
+
+/// A backend that dies and never comes back: after the disk's reconnect
+/// timeout the vmm fails the guest's requests with IOERR (those the dead
+/// backend had in flight, then every new one), so the guest reports I/O
+/// errors and ends instead of waiting forever.
+#[test]
+fn a_backend_that_never_comes_back_gives_the_guest_io_errors() {
+    if !ready("vmm_backend_gone", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let (mut guest, image) = guest_that_lost_its_backend(&fx, 1000);
     // Something that accepts and hangs up at once stands where the
     // backend was: the vmm's attempts are counted, and must come at most
     // about ten a second (backing off), not fifty.
@@ -471,24 +479,7 @@ fn a_backend_that_comes_back_with_other_features_is_given_up_at_once() {
         return;
     }
     let fx = Fixture::new();
-    let image = fx.image("vm.img", "256M");
-    let b = fx.serve(&image, 1);
-    let mut v = VmmVm::new(
-        &bin("vmm"),
-        "mode=randwrite bs=4k qd=16 duration_ms=4000 progress_ms=100 timeout_ms=20000",
-    );
-    v.disks.push(VmmDisk {
-        reconnect_timeout_ms: Some(600_000),
-        ..VmmDisk::new(&Fixture::socket_of(&image), 1)
-    });
-    let mut guest = v.spawn().expect("vmm starts");
-    guest
-        .wait_for_progress(
-            1,
-            &Patience::new("the first progress line", Duration::from_millis(200)),
-        )
-        .expect("the workload runs");
-    b.kill();
+    let (guest, image) = guest_that_lost_its_backend(&fx, 600_000);
     let b = fx.serve_readonly(&image, 1);
     let r = guest.wait().expect("the vmm ends by itself");
     let result = r.result.as_ref().expect("the guest reported");

@@ -70,6 +70,11 @@ struct Running {
     sub: Subscription,
     used: Vec<Done>,
     wrote: Vec<(u64, u64)>,
+    /// The driver put the ring in a state no driver can legally reach (its
+    /// available index more than a queue's worth ahead): VIRTIO's "device
+    /// needs reset". The queue is left alone until the driver sets it up
+    /// again (which starts a new worker).
+    broken: bool,
 }
 
 impl QueueWorker {
@@ -89,6 +94,7 @@ impl QueueWorker {
                 sub,
                 used: Vec::new(),
                 wrote: Vec::new(),
+                broken: false,
             };
             if let Err(e) = r.run(&stop2) {
                 warn!(queue = r.w.queue, "worker stopped: {e}");
@@ -141,7 +147,7 @@ impl Running {
         let _ = self.w.vring.signal_used_queue();
         let mut events = vec![EpollEvent::default(); 4];
         'serve: loop {
-            if !self.w.poll.is_zero() && self.poll()? {
+            if !self.w.poll.is_zero() && !self.broken && self.poll()? {
                 // More arrived as notifications came back on.
                 continue;
             }
@@ -228,16 +234,58 @@ impl Running {
         Ok(late || more)
     }
 
-    fn avail_pending(&self, mem: &GuestMemoryMmap) -> bool {
-        let st = self.w.vring.get_ref();
-        let q = st.get_queue();
-        q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-            .map(|idx| idx.0 != q.next_avail())
-            .unwrap_or(false)
+    fn avail_pending(&mut self, mem: &GuestMemoryMmap) -> bool {
+        self.ring_sane(mem) && {
+            let st = self.w.vring.get_ref();
+            let q = st.get_queue();
+            q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map(|idx| idx.0 != q.next_avail())
+                .unwrap_or(false)
+        }
+    }
+
+    /// Whether the available ring is one a driver could have written: at
+    /// most a queue's worth of entries past what the device took. The
+    /// first time it is not, the queue is declared broken, once, in one
+    /// log line; it is not read again (no spinning on it, no log per kick).
+    fn ring_sane(&mut self, mem: &GuestMemoryMmap) -> bool {
+        if self.broken {
+            return false;
+        }
+        let (avail, next, size) = {
+            let st = self.w.vring.get_ref();
+            let q = st.get_queue();
+            let Ok(idx) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) else {
+                // The ring's address is outside guest memory.
+                drop(st);
+                return self.declare_broken("its available ring is outside guest memory");
+            };
+            (idx.0, q.next_avail(), q.size())
+        };
+        let ahead = avail.wrapping_sub(next);
+        if ahead > size {
+            return self.declare_broken(&format!(
+                "the driver's available index {avail} is {ahead} entries past the device's {next}, \
+                 more than the queue's {size}"
+            ));
+        }
+        true
+    }
+
+    fn declare_broken(&mut self, why: &str) -> bool {
+        warn!(
+            queue = self.w.queue,
+            "{why}: the queue is broken and left alone until the driver resets it"
+        );
+        self.broken = true;
+        false
     }
 
     /// Pops every available chain and runs them (one ring submission).
     fn pop_and_run(&mut self, mem: &GuestMemoryMmap) -> io::Result<()> {
+        if !self.ring_sane(mem) {
+            return Ok(());
+        }
         let mut heads = Vec::new();
         {
             let mut st = self.w.vring.get_mut();
@@ -263,7 +311,10 @@ impl Running {
                 let _ = self.w.vring.disable_notification();
             }
             self.pop_and_run(&mem)?;
-            if !self.w.event_idx || !self.w.vring.enable_notification().unwrap_or(false) {
+            if self.broken
+                || !self.w.event_idx
+                || !self.w.vring.enable_notification().unwrap_or(false)
+            {
                 break;
             }
         }

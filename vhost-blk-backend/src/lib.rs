@@ -16,6 +16,7 @@ pub mod config;
 pub mod connection;
 pub mod export;
 pub mod inflight;
+pub mod log_limit;
 pub mod request;
 pub mod server;
 pub mod uring;

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::chain::ChainWalk;
 use crate::export::{Export, Subscription};
 use crate::inflight::InflightQueue;
+use crate::log_limit::LogLimit;
 use crate::request::{Kind, Request};
 use crate::uring::{Pending, QueueRing};
 
@@ -75,6 +76,8 @@ struct Running {
     /// needs reset". The queue is left alone until the driver sets it up
     /// again (which starts a new worker).
     broken: bool,
+    /// Bad requests are the guest's to send: their log lines are bounded.
+    bad_requests: LogLimit,
 }
 
 impl QueueWorker {
@@ -95,6 +98,7 @@ impl QueueWorker {
                 used: Vec::new(),
                 wrote: Vec::new(),
                 broken: false,
+                bad_requests: LogLimit::default(),
             };
             if let Err(e) = r.run(&stop2) {
                 warn!(queue = r.w.queue, "worker stopped: {e}");
@@ -360,13 +364,21 @@ impl Running {
                     }
                 }
                 Err((e, status_addr)) => {
-                    warn!(queue = self.w.queue, "bad request (head {head}): {e}");
+                    if self.bad_requests.allow() {
+                        warn!(queue = self.w.queue, "bad request (head {head}): {e}");
+                    }
                     if let Some(a) = status_addr {
                         let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a);
                     }
                     self.used_push(head, 1);
                 }
             }
+        }
+        if let Some(n) = self.bad_requests.summary() {
+            warn!(
+                queue = self.w.queue,
+                "{n} more bad requests (not logged one by one)"
+            );
         }
         // Every chain this kick made available, in one submission.
         self.ring.submit()?;

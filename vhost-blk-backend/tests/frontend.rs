@@ -393,3 +393,65 @@ fn an_impossible_available_index_breaks_the_queue_once_and_a_reset_serves_again(
     stop.stop();
     t.join().expect("server");
 }
+
+/// What the server logs in this test process.
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOG.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log lines so far that contain `text` (logging is captured from the
+/// first call on).
+fn log_lines(text: &str) -> usize {
+    static CAPTURE: std::sync::Once = std::sync::Once::new();
+    CAPTURE.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_writer(|| LogWriter)
+            .with_ansi(false)
+            .init();
+    });
+    String::from_utf8_lossy(&LOG.lock().unwrap_or_else(|e| e.into_inner()))
+        .lines()
+        .filter(|l| l.contains(text))
+        .count()
+}
+
+/// A guest that sends bad requests by the thousand gets each one answered,
+/// and the log a bounded number of lines, not one per request.
+#[test]
+fn bad_requests_by_the_thousand_are_answered_but_logged_a_few_times() {
+    let before = log_lines("bad request");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sock, stop, t) = start_server(dir.path());
+    let mut g = Guest::connect(&sock);
+    const BAD: usize = 2000;
+    for _ in 0..BAD {
+        // A header too short.
+        g.desc(6, 0x8000, 8, NEXT, 7);
+        g.desc(7, 0x9000, 1, WRITE, 0);
+        assert_eq!(g.run(6, 0x9000), (1, IOERR));
+    }
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK, "still serving");
+    drop(g);
+    stop.stop();
+    t.join().expect("server");
+    let lines = log_lines("bad request") - before;
+    eprintln!("{BAD} bad requests, {lines} log lines");
+    // Ten in full, then a count a second (other tests in this process may
+    // add their own ten).
+    assert!(
+        (1..=30).contains(&lines),
+        "{lines} log lines for {BAD} bad requests"
+    );
+}

@@ -212,6 +212,29 @@ impl Connection {
         region: &VhostUserMemoryRegion,
         file: File,
     ) -> VuResult<(Mapping, Arc<GuestRegionMmap>)> {
+        // A region must lie inside the file behind it: a mapping past the
+        // file's end is accepted by mmap, and the first access there kills
+        // the whole process (SIGBUS), every other session with it.
+        let (at, size, offset) = (
+            region.guest_phys_addr,
+            region.memory_size,
+            region.mmap_offset,
+        );
+        let file_len = file
+            .metadata()
+            .map_err(|e| refuse(format!("memory region at {at:#x}: its descriptor: {e}")))?
+            .len();
+        let end = offset.checked_add(size).ok_or_else(|| {
+            refuse(format!(
+                "memory region at {at:#x}: offset {offset:#x} + size {size:#x} overflows"
+            ))
+        })?;
+        if size == 0 || end > file_len {
+            return Err(refuse(format!(
+                "memory region at {at:#x}+{size:#x} (file offset {offset:#x}) does not lie \
+                 inside its {file_len:#x}-byte file"
+            )));
+        }
         let mapped = GuestRegionMmap::new(
             region.mmap_region(file)?,
             GuestAddress(region.guest_phys_addr),

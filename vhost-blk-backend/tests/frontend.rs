@@ -455,3 +455,44 @@ fn bad_requests_by_the_thousand_are_answered_but_logged_a_few_times() {
         "{lines} log lines for {BAD} bad requests"
     );
 }
+
+/// A memory table whose region reaches past the end of the file behind it
+/// is refused by name before anything is mapped: touching such a mapping
+/// would kill the whole process (SIGBUS). The next frontend is served.
+#[test]
+fn a_memory_region_larger_than_its_file_is_refused_before_it_is_mapped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sock, stop, t) = start_server(dir.path());
+    let mem = memfd_memory();
+    let mut f = Frontend::connect(&sock, 1).expect("connect");
+    f.set_owner().expect("owner");
+    let features = f.get_features().expect("features");
+    f.set_features(features).expect("set features");
+    let pf = f.get_protocol_features().expect("protocol features");
+    f.set_protocol_features(pf).expect("set protocol features");
+    // Every request asks for its acknowledgement (REPLY_ACK): a refusal is
+    // an error here, not a closed connection found later.
+    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let region = mem.iter().next().expect("a region");
+    for bad in [
+        // Twice the file's size.
+        VhostUserMemoryRegionInfo {
+            memory_size: 2 * MEM as u64,
+            ..VhostUserMemoryRegionInfo::from_guest_region(region).expect("info")
+        },
+        // The right size, but from an offset past the file's start.
+        VhostUserMemoryRegionInfo {
+            mmap_offset: 4096,
+            ..VhostUserMemoryRegionInfo::from_guest_region(region).expect("info")
+        },
+    ] {
+        let r = f.set_mem_table(&[bad]);
+        assert!(r.is_err(), "an oversized region was accepted");
+    }
+    drop(f);
+    let mut g = Guest::connect(&sock);
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK);
+    drop(g);
+    stop.stop();
+    t.join().expect("server");
+}

@@ -2,7 +2,7 @@
 //! mapped as RAM below the PCI hole and, past 3 GiB of RAM, above 4 GiB.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -46,7 +46,12 @@ pub fn layout(size: u64) -> Vec<(u64, u64)> {
 
 pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
     // SAFETY: memfd_create with a valid name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -54,6 +59,19 @@ pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|err| MemoryError::Size { size, err })?;
+    // Its size is final: a backend that maps it can trust it never shrinks
+    // under its mapping (which would turn its accesses into SIGBUS).
+    // SAFETY: fcntl F_ADD_SEALS on a memfd we own.
+    if unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    } != 0
+    {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
     let ranges = layout(size);
     let mut regions = Vec::new();
     let mut offset = 0u64;
@@ -70,4 +88,17 @@ pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
     let mem =
         GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
     Ok(GuestRam { mem, file, ranges })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memfd_is_sealed_against_shrinking_and_growing() {
+        let ram = create(16 << 20).unwrap();
+        assert!(ram.file.set_len(8 << 20).is_err(), "shrunk");
+        assert!(ram.file.set_len(32 << 20).is_err(), "grown");
+        assert_eq!(ram.file.metadata().unwrap().len(), 16 << 20);
+    }
 }

@@ -85,20 +85,53 @@ impl Request {
                 return fail(e);
             }
         }
-        let head = &descs[0];
-        if head.is_write_only() || head.len() < 16 {
-            return fail(ParseError::BadHeader(head.len()));
+        // Any layout (VIRTIO 1.x, VERSION_1 implies ANY_LAYOUT): the
+        // device-readable bytes come first and start with the 16-byte
+        // header, however the driver cut them into descriptors; the
+        // device-writable bytes follow and end with the status byte. Data
+        // is what lies between, on the side the request type says.
+        let first_writable = descs
+            .iter()
+            .position(|d| d.is_write_only())
+            .unwrap_or(descs.len());
+        if let Some(i) = descs[first_writable..]
+            .iter()
+            .position(|d| !d.is_write_only())
+        {
+            return fail(ParseError::WrongDirection(first_writable + i));
+        }
+        let readable: u64 = descs[..first_writable].iter().map(|d| d.len() as u64).sum();
+        if readable < 16 {
+            return fail(ParseError::BadHeader(readable as u32));
         }
         let last = descs.last().expect("len >= 2");
         let Some(status) = status else {
             return fail(ParseError::BadStatus(last.len()));
         };
-        let ty: u32 = mem
-            .read_obj(head.addr())
-            .map_err(|_| (ParseError::BadHeader(16), Some(status)))?;
-        let sector: u64 = mem
-            .read_obj(head.addr().unchecked_add(8))
-            .map_err(|_| (ParseError::BadHeader(16), Some(status)))?;
+        // (descriptor index, address, length) of every byte run but the
+        // header and the status.
+        let mut runs: Vec<(usize, GuestAddress, u32)> = Vec::with_capacity(descs.len());
+        let mut header = [0u8; 16];
+        let mut header_got = 0usize;
+        for (i, d) in descs.iter().enumerate() {
+            let (mut addr, mut len) = (d.addr(), d.len());
+            if header_got < 16 && !d.is_write_only() {
+                let take = (16 - header_got).min(len as usize);
+                mem.read_slice(&mut header[header_got..header_got + take], addr)
+                    .map_err(|_| (ParseError::BadHeader(16), Some(status)))?;
+                header_got += take;
+                addr = addr.unchecked_add(take as u64);
+                len -= take as u32;
+            }
+            if i == descs.len() - 1 {
+                len -= 1; // the status byte
+            }
+            if len > 0 {
+                runs.push((i, addr, len));
+            }
+        }
+        let ty = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        let sector = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
         let kind = match ty {
             VIRTIO_BLK_T_IN => Kind::In,
             VIRTIO_BLK_T_OUT => Kind::Out,
@@ -108,31 +141,16 @@ impl Request {
             VIRTIO_BLK_T_WRITE_ZEROES => Kind::WriteZeroes,
             other => Kind::Unsupported(other),
         };
-        // Data: everything between header and status; the status
-        // descriptor may carry data before its last byte.
-        let mut data = Vec::with_capacity(descs.len());
-        for (i, d) in descs[1..descs.len() - 1].iter().enumerate() {
-            data.push((i + 1, *d));
-        }
-        if last.len() > 1 {
-            data.push((descs.len() - 1, *last));
-        }
         let device_writes = matches!(kind, Kind::In | Kind::GetId);
-        let mut segs = Vec::with_capacity(data.len());
+        let mut segs = Vec::with_capacity(runs.len());
         let mut total = 0u64;
-        for (i, d) in data {
-            let len = if i == descs.len() - 1 {
-                d.len() - 1
-            } else {
-                d.len()
-            };
-            if !matches!(kind, Kind::Unsupported(_)) && d.is_write_only() != device_writes {
+        for (i, addr, len) in runs {
+            let writable = descs[i].is_write_only();
+            if !matches!(kind, Kind::Unsupported(_)) && writable != device_writes {
                 return fail(ParseError::WrongDirection(i));
             }
-            if len > 0 {
-                segs.push((d.addr(), len));
-                total += len as u64;
-            }
+            segs.push((addr, len));
+            total += len as u64;
         }
         Ok(Request {
             kind,
@@ -192,13 +210,15 @@ mod tests {
         let m = mem();
         header(&m, 0x8000, VIRTIO_BLK_T_OUT, 0);
         let cases: Vec<(Vec<RawDescriptor>, ParseError, bool)> = vec![
+            // A device-readable descriptor after a device-writable one.
             (
                 vec![d(0x8000, 16, W), d(0x9000, 512, 0), d(0xa000, 1, W)],
-                ParseError::BadHeader(16),
+                ParseError::WrongDirection(1),
                 true,
             ),
+            // Fewer than 16 readable bytes: no header.
             (
-                vec![d(0x8000, 8, 0), d(0x9000, 512, 0), d(0xa000, 1, W)],
+                vec![d(0x8000, 8, 0), d(0xa000, 1, W)],
                 ParseError::BadHeader(8),
                 true,
             ),
@@ -243,6 +263,44 @@ mod tests {
         long.push(d(0xa000, 1, W));
         let (e, _) = parse(&m, &long).expect_err("too long");
         assert!(matches!(e, ParseError::TooLong(_)), "{e}");
+    }
+
+    /// VIRTIO 1.x leaves the framing to the driver: a header split over
+    /// two descriptors, header and data in one, data and status in one.
+    #[test]
+    fn any_layout_parses_the_same_request() {
+        let m = mem();
+        // A write of 1024 bytes at sector 8: header at 0x8000, data at 0x8010.
+        header(&m, 0x8000, VIRTIO_BLK_T_OUT, 8);
+        let layouts: Vec<Vec<RawDescriptor>> = vec![
+            vec![d(0x8000, 16, 0), d(0x8010, 1024, 0), d(0xa000, 1, W)],
+            vec![
+                d(0x8000, 8, 0),
+                d(0x8008, 8, 0),
+                d(0x8010, 1024, 0),
+                d(0xa000, 1, W),
+            ],
+            vec![d(0x8000, 16 + 1024, 0), d(0xa000, 1, W)],
+            vec![d(0x8000, 12, 0), d(0x800c, 4 + 1024, 0), d(0xa000, 1, W)],
+        ];
+        for descs in layouts {
+            let r = parse(&m, &descs).expect("a legal layout");
+            assert_eq!((r.kind, r.sector, r.data_len), (Kind::Out, 8, 1024));
+            let bytes: u64 = r.data.iter().map(|s| s.1 as u64).sum();
+            assert_eq!(bytes, 1024);
+            assert_eq!(r.data[0].0, GuestAddress(0x8010));
+            assert_eq!(r.status, GuestAddress(0xa000));
+        }
+        // A read whose data and status share the last descriptor, with a
+        // split header.
+        header(&m, 0x8000, VIRTIO_BLK_T_IN, 2);
+        let r = parse(
+            &m,
+            &[d(0x8000, 4, 0), d(0x8004, 12, 0), d(0x9000, 4096 + 1, W)],
+        )
+        .expect("legal");
+        assert_eq!((r.kind, r.sector, r.data_len), (Kind::In, 2, 4096));
+        assert_eq!(r.status, GuestAddress(0x9000 + 4096));
     }
 
     #[test]

@@ -165,10 +165,10 @@ fn holder_of(file: &File, kind: LockKind) -> io::Result<Option<Holder>> {
         libc::F_WRLCK => LockKind::Exclusive,
         _ => LockKind::Shared,
     };
-    // OFD locks report no pid through fcntl (-1); /proc/locks names the
-    // process that took each lock on this inode.
+    // OFD locks report no pid through fcntl or /proc/locks (-1); the
+    // holder's descriptors list them.
     let meta = file.metadata()?;
-    let pid = proc_locks_pid(meta.dev(), meta.ino(), kind);
+    let pid = holder_pid_from_fdinfo(meta.dev(), meta.ino(), kind);
     Ok(Some(Holder { kind, pid }))
 }
 
@@ -177,7 +177,7 @@ fn holder_of(file: &File, kind: LockKind) -> io::Result<Option<Holder>> {
 /// lists its locks in /proc/PID/fdinfo/FD ("lock:" lines), so the holder
 /// is looked for there (only after a conflict: it reads every process's
 /// descriptors).
-fn proc_locks_pid(dev: u64, ino: u64, kind: LockKind) -> Option<u32> {
+fn holder_pid_from_fdinfo(dev: u64, ino: u64, kind: LockKind) -> Option<u32> {
     let id = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
     let want = match kind {
         LockKind::Exclusive => "WRITE",

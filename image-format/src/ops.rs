@@ -14,7 +14,7 @@ use crate::error::{invalid, io_at, Error, Result};
 use crate::header::FLAG_DIRTY;
 pub use crate::layer::ensure_sealed;
 use crate::layer::{relative_parent_path, Layer, NewLayer};
-use crate::lock::LockKind;
+use crate::lock::{ImageLock, LockKind};
 use crate::map::BlockState;
 use crate::storage::{parent_dir, sibling, AlignedBuf, Env};
 
@@ -48,16 +48,22 @@ pub fn create(
     overlay(env, base, path, size)
 }
 
+/// Locks a layer about to become (or stay) a base: shared when it is
+/// sealed already, exclusive when it still has to be sealed, since sealing
+/// writes its header and nobody may be using it then.
+fn lock_base(env: &dyn Env, base: &Path, wanted: &'static str) -> Result<ImageLock> {
+    Ok(if Layer::open(env, base, false)?.header.sealed() {
+        env.lock(base, LockKind::Shared, wanted)?
+    } else {
+        env.lock(base, LockKind::Exclusive, "seal")?
+    })
+}
+
 /// A new empty writable layer on `base` (sealed first if needed); the chain
 /// below is checked before anything is written.
 fn overlay(env: &dyn Env, base: &Path, path: &Path, size: Option<u64>) -> Result<Layer> {
     open_chain(env, base, false)?;
-    // Sealing writes the base's header: nobody may be using it then.
-    let _lock = if Layer::open(env, base, false)?.header.sealed() {
-        env.lock(base, LockKind::Shared, "clone")?
-    } else {
-        env.lock(base, LockKind::Exclusive, "seal")?
-    };
+    let _lock = lock_base(env, base, "clone")?;
     let b = ensure_sealed(env, base)?;
     let size = size.unwrap_or(b.header.virtual_size);
     if size < b.header.virtual_size {
@@ -488,13 +494,9 @@ pub fn rebase(
     progress: Progress,
 ) -> Result<CopyStats> {
     let _top_lock = env.lock(top, LockKind::Exclusive, "rebase")?;
-    let _base_lock = match new_base {
-        Some(b) if Layer::open(&**env, b, false)?.header.sealed() => {
-            Some(env.lock(b, LockKind::Shared, "rebase onto")?)
-        }
-        Some(b) => Some(env.lock(b, LockKind::Exclusive, "seal")?),
-        None => None,
-    };
+    let _base_lock = new_base
+        .map(|b| lock_base(&**env, b, "rebase onto"))
+        .transpose()?;
     rebase_locked(
         env,
         top,

@@ -58,10 +58,15 @@ impl Family {
         self.dir.path().join(format!("d{}.img", self.next))
     }
 
-    fn snapshot_names(&self, top: &Path) -> Vec<String> {
-        ops::snapshot_list(&RealEnv, top)
-            .map(|l| l.into_iter().map(|s| s.name).collect())
-            .unwrap_or_default()
+    /// A writable top with snapshots, one of their names, and its file.
+    fn pick_snapshot(&self, rng: &mut StdRng) -> Option<(PathBuf, String, PathBuf)> {
+        let top = self.pick(rng, Some(false))?;
+        let list = ops::snapshot_list(&RealEnv, &top).unwrap_or_default();
+        if list.is_empty() {
+            return None;
+        }
+        let s = list[rng.gen_range(0..list.len())].clone();
+        Some((top, s.name, s.path))
     }
 
     /// One random step: what it did, and the model's changes if it worked.
@@ -170,20 +175,11 @@ impl Family {
                 )
             }
             7 => {
-                let Some(top) = self.pick(rng, Some(false)) else {
-                    return "snapshot -d: no top".into();
+                let Some((top, name, snap)) = self.pick_snapshot(rng) else {
+                    return "snapshot -d: no top with snapshots".into();
                 };
-                let names = self.snapshot_names(&top);
-                if names.is_empty() {
-                    return "snapshot -d: none".into();
-                }
-                let name = names[rng.gen_range(0..names.len())].clone();
-                let snap = ops::snapshot_list(&RealEnv, &top)
-                    .ok()
-                    .and_then(|l| l.into_iter().find(|s| s.name == name))
-                    .map(|s| s.path);
                 // Its key while its file still exists.
-                let key = snap.and_then(|s| self.key_of(&s));
+                let key = self.key_of(&snap);
                 let r = ops::snapshot_delete(&env, &top, &name, &mut |_, _| {});
                 if let (Ok(()), Some(key)) = (&r, key) {
                     self.model.remove(&key);
@@ -195,24 +191,12 @@ impl Family {
                 )
             }
             _ => {
-                let Some(top) = self.pick(rng, Some(false)) else {
-                    return "snapshot -a: no top".into();
+                let Some((top, name, snap)) = self.pick_snapshot(rng) else {
+                    return "snapshot -a: no top with snapshots".into();
                 };
-                let names = self.snapshot_names(&top);
-                if names.is_empty() {
-                    return "snapshot -a: none".into();
-                }
-                let name = names[rng.gen_range(0..names.len())].clone();
-                let snap = ops::snapshot_list(&RealEnv, &top)
-                    .ok()
-                    .and_then(|l| l.into_iter().find(|s| s.name == name))
-                    .map(|s| s.path);
                 let r = ops::snapshot_apply(env.as_ref(), &top, &name);
                 if r.is_ok() {
-                    if let Some(content) = snap
-                        .and_then(|s| self.key_of(&s))
-                        .map(|k| self.model[&k].clone())
-                    {
+                    if let Some(content) = self.key_of(&snap).map(|k| self.model[&k].clone()) {
                         self.model.insert(top.clone(), content);
                     }
                 }

@@ -239,28 +239,27 @@ impl Running {
     }
 
     fn avail_pending(&mut self, mem: &GuestMemoryMmap) -> bool {
-        self.ring_sane(mem) && {
-            let st = self.w.vring.get_ref();
-            let q = st.get_queue();
-            q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                .map(|idx| idx.0 != q.next_avail())
-                .unwrap_or(false)
-        }
+        self.available(mem).is_some_and(|n| n > 0)
     }
 
-    /// Whether the available ring is one a driver could have written: at
-    /// most a queue's worth of entries past what the device took. The
-    /// first time it is not, the queue is declared broken, once, in one
-    /// log line; it is not read again (no spinning on it, no log per kick).
+    /// Whether the ring is sane (see [`Running::available`]).
     fn ring_sane(&mut self, mem: &GuestMemoryMmap) -> bool {
+        self.available(mem).is_some()
+    }
+
+    /// How many entries the driver made available that the device has not
+    /// taken; `None` once the queue is broken. A ring no driver could have
+    /// written (more than a queue's worth ahead, or outside guest memory)
+    /// breaks the queue the first time it is seen, in one log line; it is
+    /// not read again (no spinning on it, no log per kick).
+    fn available(&mut self, mem: &GuestMemoryMmap) -> Option<u16> {
         if self.broken {
-            return false;
+            return None;
         }
         let (avail, next, size) = {
             let st = self.w.vring.get_ref();
             let q = st.get_queue();
             let Ok(idx) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) else {
-                // The ring's address is outside guest memory.
                 drop(st);
                 return self.declare_broken("its available ring is outside guest memory");
             };
@@ -273,16 +272,16 @@ impl Running {
                  more than the queue's {size}"
             ));
         }
-        true
+        Some(ahead)
     }
 
-    fn declare_broken(&mut self, why: &str) -> bool {
+    fn declare_broken(&mut self, why: &str) -> Option<u16> {
         warn!(
             queue = self.w.queue,
             "{why}: the queue is broken and left alone until the driver resets it"
         );
         self.broken = true;
-        false
+        None
     }
 
     /// Pops every available chain and runs them (one ring submission).

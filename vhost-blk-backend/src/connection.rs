@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
@@ -25,11 +26,16 @@ use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::VringT;
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+use virtio_queue::QueueT;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::config;
 use crate::export::Export;
 use crate::inflight::InflightRegion;
+use crate::memory_fence::{GuardedRange, SessionFence};
 use crate::worker::{QueueWorker, Vring, WorkerHandle};
 
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -43,6 +49,42 @@ struct Mapping {
     guest_addr: u64,
 }
 
+/// A mapped region of the frontend's memory, guarded against the
+/// frontend truncating its file under us.
+#[derive(Debug, Clone)]
+struct MappedRegion {
+    at: Mapping,
+    region: Arc<GuestRegionMmap>,
+    _guard: Arc<GuardedRange>,
+}
+
+/// What lets a worker end its session from its side: the mark the SIGBUS
+/// handler sets when the frontend took away memory we had mapped, and the
+/// session's socket, shut down to end it.
+#[derive(Debug)]
+pub struct Session {
+    fence: Arc<SessionFence>,
+    socket: Option<UnixStream>,
+}
+
+impl Session {
+    pub fn new(fence: Arc<SessionFence>, socket: Option<UnixStream>) -> Session {
+        Session { fence, socket }
+    }
+
+    /// Whether the frontend truncated memory this session had mapped.
+    pub fn memory_lost(&self) -> bool {
+        self.fence.tripped()
+    }
+
+    /// Ends the session: the server sees the frontend gone and closes it.
+    pub fn hang_up(&self) {
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 struct QueueSlot {
     vring: Vring,
     addresses_set: bool,
@@ -53,21 +95,22 @@ struct QueueSlot {
 pub struct Connection {
     export: Arc<Export>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    regions: Vec<(Mapping, Arc<GuestRegionMmap>)>,
+    regions: Vec<MappedRegion>,
     queues: Vec<QueueSlot>,
     owned: bool,
     acked_features: Option<u64>,
     acked_protocol_features: u64,
-    inflight: Option<Arc<InflightRegion>>,
+    inflight: Option<(Arc<InflightRegion>, GuardedRange)>,
+    session: Arc<Session>,
 }
 
+/// A request refused: the server closes the session and logs why (once).
 fn refuse(why: String) -> VuError {
-    warn!("protocol error: {why}");
     VuError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, why))
 }
 
 impl Connection {
-    pub fn new(export: Arc<Export>) -> io::Result<Connection> {
+    pub fn new(export: Arc<Export>, session: Arc<Session>) -> io::Result<Connection> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let queues = (0..export.spec.num_queues)
             .map(|_| {
@@ -89,6 +132,7 @@ impl Connection {
             acked_features: None,
             acked_protocol_features: 0,
             inflight: None,
+            session,
         })
     }
 
@@ -153,8 +197,15 @@ impl Connection {
         {
             return Ok(());
         }
-        let vring = slot.vring.clone();
-        let mut inflight = self.inflight.as_ref().and_then(|r| r.queue(q as u16));
+        if let Err(why) = self.rings_in_memory(q) {
+            // The memory table changed under rings that were fine: the
+            // queue waits for new addresses instead of failing every
+            // request.
+            warn!(queue = q, "not started: {why}");
+            return Ok(());
+        }
+        let vring = self.queues[q].vring.clone();
+        let mut inflight = self.inflight.as_ref().and_then(|(r, _)| r.queue(q as u16));
         let mut resubmit = Vec::new();
         if let Some(inf) = &mut inflight {
             let used = vring
@@ -185,12 +236,39 @@ impl Connection {
             inflight,
             resubmit,
             poll: std::time::Duration::from_micros(self.export.spec.poll_us),
+            session: Arc::clone(&self.session),
         };
         let handle = worker
             .spawn()
             .map_err(|e| refuse(format!("queue {q}: cannot start its worker: {e}")))?;
         self.queues[q].worker = Some(handle);
         debug!(queue = q, "started");
+        Ok(())
+    }
+
+    /// Whether queue `q`'s rings lie wholly in guest memory: a table that
+    /// starts inside and runs past a region's end would fail every request
+    /// it holds, and a ring out there cannot be served at all.
+    fn rings_in_memory(&self, q: usize) -> Result<(), String> {
+        let st = self.queues[q].vring.get_ref();
+        let queue = st.get_queue();
+        let n = u64::from(queue.size());
+        let mem = self.mem.memory();
+        for (what, at, len) in [
+            ("descriptor table", queue.desc_table(), 16 * n),
+            ("available ring", queue.avail_ring(), 6 + 2 * n),
+            ("used ring", queue.used_ring(), 6 + 8 * n),
+        ] {
+            if !mem.check_range(
+                GuestAddress(at),
+                len as usize,
+                vm_memory::Permissions::ReadWrite,
+            ) {
+                return Err(format!(
+                    "its {what} at {at:#x}+{len:#x} does not lie wholly in guest memory"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -202,16 +280,13 @@ impl Connection {
     }
 
     fn frontend_to_guest(&self, addr: u64) -> Option<u64> {
-        self.regions.iter().find_map(|(m, _)| {
+        self.regions.iter().find_map(|MappedRegion { at: m, .. }| {
             (addr >= m.frontend_addr && addr - m.frontend_addr < m.size)
                 .then(|| addr - m.frontend_addr + m.guest_addr)
         })
     }
 
-    fn map_region(
-        region: &VhostUserMemoryRegion,
-        file: File,
-    ) -> VuResult<(Mapping, Arc<GuestRegionMmap>)> {
+    fn map_region(&self, region: &VhostUserMemoryRegion, file: File) -> VuResult<MappedRegion> {
         // A region must lie inside the file behind it: a mapping past the
         // file's end is accepted by mmap, and the first access there kills
         // the whole process (SIGBUS), every other session with it.
@@ -245,21 +320,28 @@ impl Connection {
                 "memory region at {at:#x}+{size:#x} does not fit the address space"
             ))
         })?;
-        Ok((
-            Mapping {
+        let guard = self
+            .session
+            .fence
+            .guard(mapped.as_ptr(), mapped.len() as usize)
+            .map_err(|e| refuse(format!("memory region at {at:#x}: {e}")))?;
+        Ok(MappedRegion {
+            at: Mapping {
                 frontend_addr: region.user_addr,
                 size: region.memory_size,
                 guest_addr: region.guest_phys_addr,
             },
-            Arc::new(mapped),
-        ))
+            region: Arc::new(mapped),
+            _guard: Arc::new(guard),
+        })
     }
 
     /// Replaces the guest memory; workers stop (draining) and restart.
-    fn install_memory(&mut self, regions: Vec<(Mapping, Arc<GuestRegionMmap>)>) -> VuResult<()> {
-        let mem =
-            GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| Arc::clone(&r.1)).collect())
-                .map_err(|e| refuse(format!("memory regions overlap or are empty: {e}")))?;
+    fn install_memory(&mut self, regions: Vec<MappedRegion>) -> VuResult<()> {
+        let mem = GuestMemoryMmap::from_arc_regions(
+            regions.iter().map(|r| Arc::clone(&r.region)).collect(),
+        )
+        .map_err(|e| refuse(format!("memory regions overlap or are empty: {e}")))?;
         let ran = self.stop_all();
         self.mem
             .lock()
@@ -269,6 +351,19 @@ impl Connection {
         for q in ran {
             self.maybe_start(q)?;
         }
+        Ok(())
+    }
+
+    /// The frontend keeps the inflight region's file and can truncate it
+    /// too: its mapping is guarded like guest memory.
+    fn keep_inflight(&mut self, region: InflightRegion) -> VuResult<()> {
+        let (at, len) = region.mapping();
+        let guard = self
+            .session
+            .fence
+            .guard(at, len)
+            .map_err(|e| refuse(format!("inflight region: {e}")))?;
+        self.inflight = Some((Arc::new(region), guard));
         Ok(())
     }
 
@@ -353,7 +448,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let regions = ctx
             .iter()
             .zip(files)
-            .map(|(r, f)| Self::map_region(r, f))
+            .map(|(r, f)| self.map_region(r, f))
             .collect::<VuResult<Vec<_>>>()?;
         self.install_memory(regions)?;
         Ok(None)
@@ -407,6 +502,11 @@ impl VhostUserBackendReqHandlerMut for Connection {
         slot.vring
             .set_queue_info(d, a, u)
             .map_err(|e| refuse(format!("queue {index}: ring addresses refused: {e:?}")))?;
+        if let Err(why) = self.rings_in_memory(index as usize) {
+            self.queues[index as usize].addresses_set = false;
+            return Err(refuse(format!("queue {index}: {why}")));
+        }
+        let slot = self.slot(index)?;
         // The used index as the guest's ring has it (a reconnect or a
         // driver reset may have moved it).
         let idx = slot
@@ -561,7 +661,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let reply = region
             .reply()
             .map_err(|e| refuse(format!("inflight region: {e}")))?;
-        self.inflight = Some(Arc::new(region));
+        self.keep_inflight(region)?;
         Ok(reply)
     }
 
@@ -572,9 +672,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
             self.queues.len() as u16,
             self.export.spec.queue_size as u16,
         )
-        .map_err(refuse)?;
-        self.inflight = Some(Arc::new(region));
-        Ok(())
+        .map_err(|e| refuse(e.to_string()))?;
+        self.keep_inflight(region)
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
@@ -594,7 +693,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return Err(refuse("all memory slots are in use".into()));
         }
         let mut regions = self.regions.clone();
-        regions.push(Self::map_region(region, fd)?);
+        regions.push(self.map_region(region, fd)?);
         self.install_memory(regions)?;
         Ok(None)
     }
@@ -603,7 +702,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let (at, size) = (region.guest_phys_addr, region.memory_size);
         let mut regions = self.regions.clone();
         let before = regions.len();
-        regions.retain(|(m, _)| !(m.guest_addr == at && m.size == size));
+        regions.retain(|r| !(r.at.guest_addr == at && r.at.size == size));
         if regions.len() == before {
             return Err(refuse(format!(
                 "no memory region at {at:#x}+{size:#x} to remove"

@@ -103,6 +103,7 @@ pub struct Export {
     id: [u8; 20],
     files: LayerFiles,
     state: Mutex<DiskState>,
+    io_failures: Mutex<crate::log_limit::LogLimit>,
 }
 
 /// A worker's copy of the index and the channel that keeps it current.
@@ -200,6 +201,7 @@ impl Export {
                 subscribers: Vec::new(),
                 next_id: 0,
             }),
+            io_failures: Mutex::default(),
         })
     }
 
@@ -382,6 +384,18 @@ impl Export {
         Some(None)
     }
 
+    /// Logs a failed request, a few at a time: a guest can repeat one at
+    /// will (a bad sector, a buffer in memory it took away).
+    fn io_failure(&self, what: std::fmt::Arguments) {
+        let mut limit = self.io_failures.lock().unwrap_or_else(|e| e.into_inner());
+        if limit.allow() {
+            warn!("{what}");
+        }
+        if let Some(n) = limit.summary() {
+            warn!("{n} more failed requests (not logged one by one)");
+        }
+    }
+
     /// Executes a request synchronously; returns (status, bytes written to
     /// guest memory).
     pub fn execute(&self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
@@ -396,7 +410,7 @@ impl Export {
                 let st = self.lock();
                 for &(addr, len) in &req.data {
                     if let Err(e) = read_into_guest(&st.disk, mem, addr, off, len as u64) {
-                        warn!("read at {off}: {e}");
+                        self.io_failure(format_args!("read at {off}: {e}"));
                         return ioerr;
                     }
                     off += len as u64;
@@ -421,7 +435,7 @@ impl Export {
                 match self.with_disk(|d| d.write_at(&buf, req.sector * SECTOR)) {
                     Ok(()) => (ok, 0),
                     Err(e) => {
-                        warn!("write: {e}");
+                        self.io_failure(format_args!("write: {e}"));
                         ioerr
                     }
                 }
@@ -433,7 +447,7 @@ impl Export {
                 match self.flush() {
                     Ok(()) => (ok, 0),
                     Err(e) => {
-                        warn!("flush: {e}");
+                        self.io_failure(format_args!("flush: {e}"));
                         ioerr
                     }
                 }
@@ -481,7 +495,7 @@ impl Export {
                 match r {
                     Ok(()) => (ok, 0),
                     Err(e) => {
-                        warn!("zeroing: {e}");
+                        self.io_failure(format_args!("zeroing: {e}"));
                         ioerr
                     }
                 }

@@ -28,7 +28,28 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
+use thiserror::Error;
 use vhost::vhost_user::message::VhostUserInflight;
+
+/// Why a frontend's inflight region (SET_INFLIGHT_FD) is refused.
+#[derive(Debug, Error)]
+pub enum InflightError {
+    #[error(
+        "inflight region for {queues} queues of {size} (this export: up to {max_queues} of {max_size})"
+    )]
+    Shape {
+        queues: u16,
+        size: u16,
+        max_queues: u16,
+        max_size: u16,
+    },
+    #[error("inflight region of {given} bytes, {need} needed")]
+    TooSmall { given: u64, need: u64 },
+    #[error("inflight region at {offset}+{need} past the end of its {len}-byte file")]
+    PastEnd { offset: u64, need: u64, len: u64 },
+    #[error("inflight region: {0}")]
+    Io(io::Error),
+}
 
 const HEADER: usize = 16;
 const DESC: usize = 16;
@@ -83,32 +104,41 @@ impl InflightRegion {
         msg: &VhostUserInflight,
         max_queues: u16,
         max_queue_size: u16,
-    ) -> Result<InflightRegion, String> {
+    ) -> Result<InflightRegion, InflightError> {
         let (nq, qs) = (msg.num_queues, msg.queue_size);
         if nq == 0 || nq > max_queues || qs == 0 || qs > max_queue_size {
-            return Err(format!(
-                "inflight region for {nq} queues of {qs} (this export: up to {max_queues} of {max_queue_size})"
-            ));
+            return Err(InflightError::Shape {
+                queues: nq,
+                size: qs,
+                max_queues,
+                max_size: max_queue_size,
+            });
         }
         let need = (per_queue_bytes(qs) * nq as usize) as u64;
         if msg.mmap_size < need {
-            return Err(format!(
-                "inflight region of {} bytes, {need} needed",
-                msg.mmap_size
-            ));
+            return Err(InflightError::TooSmall {
+                given: msg.mmap_size,
+                need,
+            });
         }
-        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        let len = file.metadata().map_err(InflightError::Io)?.len();
         if msg
             .mmap_offset
             .checked_add(need)
             .is_none_or(|end| end > len)
         {
-            return Err(format!(
-                "inflight region at {}+{need} past the end of its {len}-byte file",
-                msg.mmap_offset
-            ));
+            return Err(InflightError::PastEnd {
+                offset: msg.mmap_offset,
+                need,
+                len,
+            });
         }
-        Self::map(file, nq, qs, msg.mmap_size, msg.mmap_offset).map_err(|e| e.to_string())
+        Self::map(file, nq, qs, msg.mmap_size, msg.mmap_offset).map_err(InflightError::Io)
+    }
+
+    /// Where the region is mapped in this process, and its length.
+    pub fn mapping(&self) -> (*const u8, usize) {
+        (self.map.as_ptr(), self.map.len())
     }
 
     fn map(

@@ -4,6 +4,8 @@
 //! - `server`: an export's socket, one frontend session at a time.
 //! - `connection`: the vhost-user requests of one session.
 //! - `inflight`: the shared region that lets a restarted backend resume.
+//! - `memory_fence`: faults in memory a frontend truncated under us end
+//!   that session, not the process.
 //! - `worker`: a queue's event loop (kick, completions, stop).
 //! - `export`: an open chain and the request execution its workers share.
 //! - `request` and `chain`: parsing and walking one descriptor chain
@@ -17,6 +19,7 @@ pub mod connection;
 pub mod export;
 pub mod inflight;
 pub mod log_limit;
+pub mod memory_fence;
 pub mod request;
 pub mod server;
 pub mod uring;

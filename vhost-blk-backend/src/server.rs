@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, Session};
 use crate::export::Export;
+use crate::memory_fence::SessionFence;
 
 /// Lets another thread end an export's serving loop.
 #[derive(Default)]
@@ -77,7 +78,15 @@ pub fn serve(export: Arc<Export>, listener: Listener, stop: Arc<StopHandle>) {
             break;
         }
         info!(socket = %name, "frontend connected");
-        let conn = match Connection::new(Arc::clone(&export)) {
+        let fence = match SessionFence::new() {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(socket = %name, "cannot set up a session: {e}");
+                continue;
+            }
+        };
+        let session = Arc::new(Session::new(fence, stream.try_clone().ok()));
+        let conn = match Connection::new(Arc::clone(&export), Arc::clone(&session)) {
             Ok(c) => Arc::new(Mutex::new(c)),
             Err(e) => {
                 warn!(socket = %name, "cannot set up a session: {e}");
@@ -89,8 +98,16 @@ pub fn serve(export: Arc<Export>, listener: Listener, stop: Arc<StopHandle>) {
             if let Err(e) = handler.handle_request() {
                 break e;
             }
+            if session.memory_lost() {
+                break VuError::Disconnected;
+            }
         };
         match why {
+            _ if session.memory_lost() => warn!(
+                socket = %name,
+                "closing the session: the frontend truncated memory it had shared \
+                 (the faults were contained; no other session is affected)"
+            ),
             VuError::Disconnected | VuError::PartialMessage if stop.stopping() => {}
             VuError::Disconnected => info!(socket = %name, "frontend disconnected"),
             e => warn!(socket = %name, "closing the session: {e}"),

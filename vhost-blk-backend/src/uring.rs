@@ -10,6 +10,8 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::log_limit::LogLimit;
+
 /// A request waiting for its I/Os.
 #[derive(Debug, Clone)]
 pub struct Pending {
@@ -32,6 +34,9 @@ pub struct QueueRing {
     free: Vec<usize>,
     /// SQEs pushed since the last submit.
     unsubmitted: u32,
+    /// A guest can make I/O fail at will (buffers in memory it took away):
+    /// failures are logged a few at a time.
+    failures: LogLimit,
 }
 
 impl QueueRing {
@@ -45,6 +50,7 @@ impl QueueRing {
             pending: Vec::new(),
             free: Vec::new(),
             unsubmitted: 0,
+            failures: LogLimit::default(),
         })
     }
 
@@ -154,15 +160,19 @@ impl QueueRing {
             .collect();
         for (data, res) in cqes {
             let (slot, len) = ((data & 0xffff_ffff) as usize, (data >> 32) as i64);
-            let Some(p) = self.get_mut(slot) else {
+            let Some(p) = self.pending.get_mut(slot).and_then(|p| p.as_mut()) else {
                 continue;
             };
             if res < 0 {
                 p.failed = true;
-                tracing::warn!("I/O failed: {}", io::Error::from_raw_os_error(-res));
+                if self.failures.allow() {
+                    tracing::warn!("I/O failed: {}", io::Error::from_raw_os_error(-res));
+                }
             } else if res as i64 != len {
                 p.failed = true;
-                tracing::warn!("short transfer: {res} of {len} bytes");
+                if self.failures.allow() {
+                    tracing::warn!("short transfer: {res} of {len} bytes");
+                }
             }
             p.remaining -= 1;
             if p.remaining == 0 {
@@ -171,6 +181,9 @@ impl QueueRing {
                 }
                 self.free.push(slot);
             }
+        }
+        if let Some(n) = self.failures.summary() {
+            tracing::warn!("{n} more failed I/Os (not logged one by one)");
         }
         done
     }

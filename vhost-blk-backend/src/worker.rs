@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::chain::ChainWalk;
+use crate::connection::Session;
 use crate::export::{Export, Subscription};
 use crate::inflight::InflightQueue;
 use crate::log_limit::LogLimit;
@@ -57,6 +58,9 @@ pub struct QueueWorker {
     /// How long the worker keeps polling the queue and its ring after the
     /// last work before it sleeps (0: never polls).
     pub poll: std::time::Duration,
+    /// The session this queue belongs to: a worker that finds its memory
+    /// taken away ends it.
+    pub session: Arc<Session>,
 }
 
 /// One finished request: its head and the used length.
@@ -253,7 +257,7 @@ impl Running {
     /// breaks the queue the first time it is seen, in one log line; it is
     /// not read again (no spinning on it, no log per kick).
     fn available(&mut self, mem: &GuestMemoryMmap) -> Option<u16> {
-        if self.broken {
+        if self.broken || self.memory_lost() {
             return None;
         }
         let (avail, next, size) = {
@@ -273,6 +277,21 @@ impl Running {
             ));
         }
         Some(ahead)
+    }
+
+    /// Whether the frontend truncated memory this session had mapped (a
+    /// fault there was contained, see `memory_fence`). The queue stops
+    /// and the session is hung up; the server logs why, once.
+    fn memory_lost(&mut self) -> bool {
+        if !self.w.session.memory_lost() {
+            return false;
+        }
+        if !self.broken {
+            debug!(queue = self.w.queue, "guest memory lost: hanging up");
+            self.broken = true;
+            self.w.session.hang_up();
+        }
+        true
     }
 
     fn declare_broken(&mut self, why: &str) -> Option<u16> {
@@ -428,6 +447,11 @@ impl Running {
     /// Puts queued used entries on the ring (each bracketed in the inflight
     /// region) and notifies the guest once if it asked.
     fn publish(&mut self) -> io::Result<()> {
+        if self.memory_lost() {
+            // The rings may lie in the lost pages: nothing more goes there.
+            self.used.clear();
+            return Ok(());
+        }
         if self.used.is_empty() {
             return Ok(());
         }

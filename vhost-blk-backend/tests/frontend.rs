@@ -123,6 +123,12 @@ impl Guest {
     /// (used length, status byte at `status`).
     fn run(&mut self, head: u16, status: u64) -> (u32, u8) {
         self.mem.write_obj(0xffu8, GuestAddress(status)).expect("w");
+        self.post(head);
+        self.wait_used(head, status)
+    }
+
+    /// Makes chain `head` available and kicks.
+    fn post(&mut self, head: u16) {
         let slot = AVAIL + 4 + 2 * (self.avail_idx % QSIZE) as u64;
         self.mem.write_obj(head, GuestAddress(slot)).expect("w");
         self.avail_idx = self.avail_idx.wrapping_add(1);
@@ -131,6 +137,10 @@ impl Guest {
             .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
             .expect("w");
         self.kick.write(1).expect("kick");
+    }
+
+    /// Waits for the used entry of `head`: (used length, status byte).
+    fn wait_used(&mut self, head: u16, status: u64) -> (u32, u8) {
         // One request completes in well under a millisecond here.
         let completion = Patience::new("the request's completion", Duration::from_millis(1));
         completion
@@ -158,17 +168,22 @@ impl Guest {
     }
 }
 
-fn start_server(
-    dir: &Path,
-) -> (
+type Server = (
     std::path::PathBuf,
     Arc<StopHandle>,
     std::thread::JoinHandle<()>,
-) {
-    let image = dir.join("disk.img");
+);
+
+fn start_server(dir: &Path) -> Server {
+    start_named_server(dir, "disk")
+}
+
+/// An export of its own image on `name`.sock, served in this process.
+fn start_named_server(dir: &Path, name: &str) -> Server {
+    let image = dir.join(format!("{name}.img"));
     image_format::ops::create(&image_format::RealEnv, &image, Some(1 << 20), 4096, None)
         .expect("create");
-    let sock = dir.join("disk.sock");
+    let sock = dir.join(format!("{name}.sock"));
     let export = Export::open(
         ExportSpec {
             socket: sock.clone(),
@@ -498,6 +513,148 @@ fn a_memory_region_larger_than_its_file_is_refused_before_it_is_mapped() {
     drop(g);
     stop.stop();
     t.join().expect("server");
+}
+
+/// A descriptor table that starts inside guest memory and runs past its
+/// end (and an available ring wholly outside it) is refused by name when
+/// the addresses arrive, before any request could fail on it; the next
+/// frontend is served.
+#[test]
+fn rings_that_run_past_guest_memory_are_refused_by_name() {
+    let lines_before = log_lines("does not lie wholly in guest memory");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sock, stop, t) = start_server(dir.path());
+    let mem = memfd_memory();
+    let mut f = Frontend::connect(&sock, 1).expect("connect");
+    f.set_owner().expect("owner");
+    let features = f.get_features().expect("features");
+    f.set_features(features).expect("set features");
+    let pf = f.get_protocol_features().expect("protocol features");
+    f.set_protocol_features(pf).expect("set protocol features");
+    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let region = mem.iter().next().expect("a region");
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("info");
+    f.set_mem_table(&[info]).expect("mem table");
+    f.set_vring_num(0, QSIZE).expect("num");
+    // 16 descriptors of 16 bytes from 128 bytes before the end.
+    let straddling = VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags: 0,
+        desc_table_addr: frontend_addr(&mem, MEM as u64 - 0x80),
+        used_ring_addr: frontend_addr(&mem, USED),
+        avail_ring_addr: frontend_addr(&mem, AVAIL),
+        log_addr: None,
+    };
+    assert!(f.set_vring_addr(0, &straddling).is_err());
+    drop(f);
+    let mut g = Guest::connect(&sock);
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK);
+    drop(g);
+    // The server logged why it closed the first session before it took
+    // the second: one line.
+    assert_eq!(
+        log_lines("does not lie wholly in guest memory") - lines_before,
+        1
+    );
+    stop.stop();
+    t.join().expect("server");
+}
+
+/// The frontend's memory file, which a hostile frontend can truncate.
+fn memory_file(mem: &GuestMemoryMmap) -> &File {
+    mem.iter()
+        .next()
+        .and_then(|r| r.file_offset())
+        .map(|f| f.file())
+        .expect("a memfd-backed region")
+}
+
+/// A verifying workload on another export of the same process: writes a
+/// pattern per round, reads it back; returns the rounds and mismatches.
+fn verify_rounds(sock: &Path, until: &std::sync::atomic::AtomicBool) -> (u32, u32) {
+    let mut g = Guest::connect(sock);
+    let (mut rounds, mut errors) = (0u32, 0u32);
+    while !until.load(std::sync::atomic::Ordering::SeqCst) || rounds < 20 {
+        let byte = (rounds % 251) as u8 + 1;
+        let sector = 8 * (rounds % 64) as u64;
+        g.mem
+            .write_slice(&[byte; 4096], GuestAddress(0x10000))
+            .expect("w");
+        let wrote = g.request(VIRTIO_BLK_T_OUT, sector, 4096);
+        g.mem
+            .write_slice(&[0; 4096], GuestAddress(0x10000))
+            .expect("w");
+        let read = g.request(VIRTIO_BLK_T_IN, sector, 4096);
+        let mut back = [0u8; 4096];
+        g.mem
+            .read_slice(&mut back, GuestAddress(0x10000))
+            .expect("r");
+        if wrote != (1, OK) || read != (4097, OK) || back != [byte; 4096] {
+            errors += 1;
+        }
+        rounds += 1;
+    }
+    (rounds, errors)
+}
+
+/// A frontend that truncates its guest memory after the backend mapped
+/// it: a request whose buffers the kernel reads (io_uring) fails with
+/// IOERR; one whose header the backend itself reads faults, the fault is
+/// contained and that session is hung up with one log line. The process
+/// lives on, and a verifying workload on another export in the same
+/// process finishes with no error.
+#[test]
+fn memory_truncated_under_the_backend_ends_that_session_only() {
+    let lines_before = log_lines("truncated memory");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (victim_sock, victim_stop, victim_thread) = start_named_server(dir.path(), "victim");
+    let (other_sock, other_stop, other_thread) = start_named_server(dir.path(), "other");
+    let attack_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workload = {
+        let done = Arc::clone(&attack_done);
+        std::thread::spawn(move || verify_rounds(&other_sock, &done))
+    };
+
+    let mut g = Guest::connect(&victim_sock);
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK);
+    // Only the first 128 KiB stay: rings (0x1000-0x3fff), header (0x8000)
+    // and status (0x9000) among them.
+    memory_file(&g.mem).set_len(0x20000).expect("truncate");
+    // A write whose data lies past the new end: the kernel finds no page
+    // there and the request fails; nothing in the backend faulted.
+    let faults = vhost_blk_backend::memory_fence::contained_faults();
+    g.header(0x8000, VIRTIO_BLK_T_OUT, 0);
+    g.desc(0, 0x8000, 16, NEXT, 1);
+    g.desc(1, 0x40000, 4096, NEXT, 2);
+    g.desc(2, 0x9000, 1, WRITE, 0);
+    assert_eq!(g.run(0, 0x9000), (1, IOERR));
+    // A header past the end: the backend reads it itself; the fault is
+    // contained and the session ends.
+    g.desc(3, 0x30000, 16, NEXT, 4);
+    g.desc(4, 0x9000, 1, WRITE, 0);
+    g.post(3);
+    let hang_up = Patience::new("the backend hanging up", Duration::from_millis(1));
+    hang_up
+        .wait_until(|| Ok(g.frontend.get_features().is_err()))
+        .expect("the session ended");
+    assert!(vhost_blk_backend::memory_fence::contained_faults() > faults);
+    drop(g);
+
+    // The export itself goes on: a new frontend is served.
+    let mut g = Guest::connect(&victim_sock);
+    assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK);
+    drop(g);
+
+    attack_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (rounds, errors) = workload.join().expect("workload");
+    eprintln!("other export: {rounds} verified rounds, {errors} errors");
+    assert_eq!(errors, 0);
+    for (stop, t) in [(victim_stop, victim_thread), (other_stop, other_thread)] {
+        stop.stop();
+        t.join().expect("server");
+    }
+    assert_eq!(log_lines("truncated memory") - lines_before, 1);
 }
 
 /// Requests framed any legal way (VIRTIO 1.x) are served: a header split

@@ -474,6 +474,20 @@ fn bad_requests_by_the_thousand_are_answered_but_logged_a_few_times() {
     );
 }
 
+/// A frontend past feature negotiation whose every request asks for its
+/// acknowledgement (REPLY_ACK): a refusal is an error at the call, not a
+/// closed connection found later.
+fn acknowledging_frontend(sock: &Path) -> Frontend {
+    let mut f = Frontend::connect(sock, 1).expect("connect");
+    f.set_owner().expect("owner");
+    let features = f.get_features().expect("features");
+    f.set_features(features).expect("set features");
+    let pf = f.get_protocol_features().expect("protocol features");
+    f.set_protocol_features(pf).expect("set protocol features");
+    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    f
+}
+
 /// A memory table whose region reaches past the end of the file behind it
 /// is refused by name before anything is mapped: touching such a mapping
 /// would kill the whole process (SIGBUS). The next frontend is served.
@@ -482,15 +496,7 @@ fn a_memory_region_larger_than_its_file_is_refused_before_it_is_mapped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sock, stop, t) = start_server(dir.path());
     let mem = memfd_memory();
-    let mut f = Frontend::connect(&sock, 1).expect("connect");
-    f.set_owner().expect("owner");
-    let features = f.get_features().expect("features");
-    f.set_features(features).expect("set features");
-    let pf = f.get_protocol_features().expect("protocol features");
-    f.set_protocol_features(pf).expect("set protocol features");
-    // Every request asks for its acknowledgement (REPLY_ACK): a refusal is
-    // an error here, not a closed connection found later.
-    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let f = acknowledging_frontend(&sock);
     let region = mem.iter().next().expect("a region");
     for bad in [
         // Twice the file's size.
@@ -525,13 +531,7 @@ fn rings_that_run_past_guest_memory_are_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sock, stop, t) = start_server(dir.path());
     let mem = memfd_memory();
-    let mut f = Frontend::connect(&sock, 1).expect("connect");
-    f.set_owner().expect("owner");
-    let features = f.get_features().expect("features");
-    f.set_features(features).expect("set features");
-    let pf = f.get_protocol_features().expect("protocol features");
-    f.set_protocol_features(pf).expect("set protocol features");
-    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let f = acknowledging_frontend(&sock);
     let region = mem.iter().next().expect("a region");
     let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("info");
     f.set_mem_table(&[info]).expect("mem table");

@@ -7,8 +7,7 @@ const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 pub const SECTOR: u64 = 512;
-/// Data segments a request may carry.
-pub const SEG_MAX: u32 = 126;
+pub use blk_request::SEG_MAX;
 /// Discard / write-zeroes: sectors per segment, segments per request.
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 pub const MAX_DISCARD_SEG: u32 = 1;

@@ -27,8 +27,8 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::config::{self, SECTOR};
-use crate::request::{Kind, Request};
 use crate::uring::{Pending, QueueRing};
+use blk_request::{Kind, Request};
 
 /// How the read-only layers below the private top are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,30 +1,10 @@
-//! The inflight region (vhost-user INFLIGHT_SHMFD): shared memory the
-//! frontend keeps across backend restarts, recording which requests this
-//! backend fetched and has not completed yet.
-//!
-//! The frontend only stores the region; its layout is the backend's. Ours
-//! follows libvhost-user's split-ring layout so that the reasoning carries
-//! over. Per queue, 64-byte aligned:
-//!
-//! ```text
-//!   0  features u64 (0)    8  version u16 (0 = never used, reset)
-//!  10  desc_num u16        12 last_batch_head u16    14 used_idx u16
-//!  16  desc_num x { inflight u8, padding [5], next u16, counter u64 }
-//! ```
-//!
-//! Protocol: fetching head `h` sets its counter (fetch order) and then its
-//! inflight flag; completing it records `h` as the last head put, writes
-//! the used element and index, clears the flag and stores the used index.
-//! A successor reading the region after a crash finds the fetched but
-//! uncompleted heads (flag set), repairs the one put whose used index
-//! update it sees but whose flag it does not (`used_idx` differs), and
-//! resubmits the rest in fetch order; the available ring resumes at
-//! `used_idx + in flight`, because heads are fetched in ring order and each
-//! is marked before the next is fetched.
+//! The inflight region's mapping (vhost-user INFLIGHT_SHMFD): created
+//! here (GET_INFLIGHT_FD) or handed back by the frontend after a restart
+//! (SET_INFLIGHT_FD). Its layout and the protocol that writes and recovers
+//! it are `blk_request::inflight`'s, shared with the vmm.
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -51,10 +31,7 @@ pub enum InflightError {
     Io(io::Error),
 }
 
-const HEADER: usize = 16;
-const DESC: usize = 16;
-const ALIGN: usize = 64;
-const VERSION: u16 = 1;
+use blk_request::inflight::{per_queue_bytes, QueueCells};
 
 pub struct InflightRegion {
     file: File,
@@ -73,11 +50,6 @@ impl std::fmt::Debug for InflightRegion {
             .field("queue_size", &self.queue_size)
             .finish()
     }
-}
-
-/// Bytes one queue of `queue_size` descriptors takes.
-pub fn per_queue_bytes(queue_size: u16) -> usize {
-    (HEADER + DESC * queue_size as usize).div_ceil(ALIGN) * ALIGN
 }
 
 impl InflightRegion {
@@ -179,161 +151,98 @@ impl InflightRegion {
 
     /// Queue `q`'s part, for the worker that serves it.
     pub fn queue(self: &Arc<Self>, q: u16) -> Option<InflightQueue> {
-        (q < self.num_queues).then(|| InflightQueue {
-            // SAFETY: inside the mapping: q < num_queues.
-            base: unsafe { self.map.as_mut_ptr().add(q as usize * self.per_queue) },
-            desc_num: self.queue_size,
-            counter: 0,
-            _region: Arc::clone(self),
+        (q < self.num_queues).then(|| {
+            let cells = MappedCells {
+                // SAFETY: inside the mapping: q < num_queues parts of
+                // per_queue bytes each were mapped.
+                base: unsafe { self.map.as_mut_ptr().add(q as usize * self.per_queue) },
+                len: self.per_queue,
+                _region: Arc::clone(self),
+            };
+            InflightQueue::new(cells, self.queue_size)
         })
     }
 }
 
-/// What a worker does about the requests a predecessor left in flight.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Recovery {
-    /// Where the available ring resumes (`None`: as the frontend said).
-    pub next_avail: Option<u16>,
-    /// Heads to run again, oldest fetch first.
-    pub resubmit: Vec<u16>,
-}
-
-/// One queue's part of the region. Accesses are volatile: the memory is
-/// shared with the frontend and outlives this process.
-pub struct InflightQueue {
+/// One queue's part of the mapped region. Accesses are volatile: the
+/// memory is shared with the frontend and outlives this process.
+pub struct MappedCells {
     base: *mut u8,
-    desc_num: u16,
-    counter: u64,
+    len: usize,
     /// Keeps the mapping alive.
     _region: Arc<InflightRegion>,
 }
 
 // SAFETY: the pointer targets a shared mapping the Arc keeps alive; only
 // the one worker that owns this value accesses its queue's part.
-unsafe impl Send for InflightQueue {}
+unsafe impl Send for MappedCells {}
 
-impl InflightQueue {
-    fn at<T>(&self, off: usize) -> *mut T {
-        // SAFETY: callers pass offsets inside this queue's part
-        // (header fields, or a descriptor index checked against desc_num).
-        unsafe { self.base.add(off) as *mut T }
+impl MappedCells {
+    fn at<T>(&self, off: usize) -> Option<*mut T> {
+        (off + std::mem::size_of::<T>() <= self.len)
+            // SAFETY: inside this queue's part (checked just above).
+            .then(|| unsafe { self.base.add(off) as *mut T })
     }
-    fn get<T: Copy>(&self, off: usize) -> T {
-        // SAFETY: see `at`; aligned: fields sit at their natural alignment
-        // in a page-aligned, 64-byte-aligned part.
-        unsafe { std::ptr::read_volatile(self.at(off)) }
+    fn load<T: Copy + Default>(&self, off: usize) -> T {
+        // SAFETY: inside the part (see `at`); aligned: fields sit at their
+        // natural alignment in a page-aligned, 64-byte-aligned part.
+        self.at::<T>(off)
+            .map_or_else(T::default, |p| unsafe { std::ptr::read_volatile(p) })
     }
-    fn put<T: Copy>(&self, off: usize, v: T) {
-        // SAFETY: as for `get`.
-        unsafe { std::ptr::write_volatile(self.at(off), v) }
-    }
-    fn desc(h: u16) -> usize {
-        HEADER + DESC * h as usize
-    }
-
-    /// Makes sense of the region when the queue starts, given the used
-    /// index the guest's ring holds now.
-    pub fn recover(&mut self, used_idx: u16) -> Recovery {
-        if self.get::<u16>(8) != VERSION || self.get::<u16>(10) != self.desc_num {
-            // Never used, or reset by the frontend: start clean.
-            for h in 0..self.desc_num {
-                self.put::<u8>(Self::desc(h), 0);
-                self.put::<u64>(Self::desc(h) + 8, 0);
-            }
-            self.put::<u16>(10, self.desc_num);
-            self.put::<u16>(14, used_idx);
-            fence(Ordering::SeqCst);
-            self.put::<u16>(8, VERSION);
-            self.counter = 0;
-            return Recovery {
-                next_avail: None,
-                resubmit: Vec::new(),
-            };
+    fn store<T: Copy>(&mut self, off: usize, v: T) {
+        if let Some(p) = self.at::<T>(off) {
+            // SAFETY: as for `load`.
+            unsafe { std::ptr::write_volatile(p, v) }
         }
-        if self.get::<u16>(14) != used_idx {
-            // Died between publishing a used element and clearing its flag.
-            let last = self.get::<u16>(12);
-            if last < self.desc_num {
-                self.put::<u8>(Self::desc(last), 0);
-            }
-            fence(Ordering::SeqCst);
-            self.put::<u16>(14, used_idx);
-        }
-        let mut inflight: Vec<(u64, u16)> = (0..self.desc_num)
-            .filter(|&h| self.get::<u8>(Self::desc(h)) == 1)
-            .map(|h| (self.get::<u64>(Self::desc(h) + 8), h))
-            .collect();
-        inflight.sort_unstable();
-        self.counter = inflight.last().map_or(0, |&(c, _)| c);
-        Recovery {
-            next_avail: Some(used_idx.wrapping_add(inflight.len() as u16)),
-            resubmit: inflight.into_iter().map(|(_, h)| h).collect(),
-        }
-    }
-
-    /// Head `h` was fetched from the available ring.
-    pub fn begin(&mut self, h: u16) {
-        if h >= self.desc_num {
-            return;
-        }
-        self.counter += 1;
-        self.put::<u64>(Self::desc(h) + 8, self.counter);
-        fence(Ordering::SeqCst);
-        self.put::<u8>(Self::desc(h), 1);
-    }
-
-    /// Before head `h`'s used element is written.
-    pub fn pre_put(&self, h: u16) {
-        if h < self.desc_num {
-            self.put::<u16>(12, h);
-            fence(Ordering::SeqCst);
-        }
-    }
-
-    /// After head `h`'s used element and the used index (now `used_idx`)
-    /// are written.
-    pub fn post_put(&self, h: u16, used_idx: u16) {
-        fence(Ordering::SeqCst);
-        if h < self.desc_num {
-            self.put::<u8>(Self::desc(h), 0);
-        }
-        fence(Ordering::SeqCst);
-        self.put::<u16>(14, used_idx);
     }
 }
+
+impl QueueCells for MappedCells {
+    fn load_u8(&self, off: usize) -> u8 {
+        self.load(off)
+    }
+    fn load_u16(&self, off: usize) -> u16 {
+        u16::from_le(self.load(off))
+    }
+    fn load_u64(&self, off: usize) -> u64 {
+        u64::from_le(self.load(off))
+    }
+    fn store_u8(&mut self, off: usize, v: u8) {
+        self.store(off, v)
+    }
+    fn store_u16(&mut self, off: usize, v: u16) {
+        self.store(off, v.to_le())
+    }
+    fn store_u64(&mut self, off: usize, v: u64) {
+        self.store(off, v.to_le())
+    }
+}
+
+/// A worker's queue part, kept by the shared protocol.
+pub type InflightQueue = blk_request::inflight::InflightQueue<MappedCells>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The protocol itself is tested in blk_request; here: what one
+    /// mapping wrote, a region reopened from the frontend's descriptor
+    /// reads back (as a restarted backend does).
     #[test]
-    fn a_successor_resubmits_what_was_in_flight_in_fetch_order() {
+    fn a_reopened_region_recovers_what_the_first_mapping_wrote() {
         let region = Arc::new(InflightRegion::create(2, 8).expect("create"));
         let mut q = region.queue(1).expect("queue 1");
-        assert_eq!(q.recover(0).resubmit, Vec::<u16>::new());
-        for h in [5, 2, 7, 0] {
+        q.recover(0);
+        for h in [5, 2] {
             q.begin(h);
         }
-        // 2 completes (used idx 1), then 7's used element lands but the
-        // process dies before clearing its flag.
-        q.pre_put(2);
-        q.post_put(2, 1);
-        q.pre_put(7);
         drop(q);
-
         let (msg, file) = region.reply().expect("reply");
         let again = Arc::new(InflightRegion::open(file, &msg, 2, 256).expect("open"));
-        let mut q = again.queue(1).expect("queue 1");
-        let r = q.recover(2);
-        assert_eq!(r.resubmit, vec![5, 0]);
-        assert_eq!(r.next_avail, Some(4));
-        // New fetches continue the order.
-        q.begin(3);
-        drop(q);
-        let mut q = again.queue(1).expect("queue 1");
-        assert_eq!(q.recover(2).resubmit, vec![5, 0, 3]);
-        // Queue 0 was never used.
+        let r = again.queue(1).expect("queue 1").recover(0);
+        assert_eq!((r.resubmit, r.next_avail), (vec![5, 2], Some(2)));
         assert_eq!(again.queue(0).expect("q0").recover(9).next_avail, None);
+        assert!(again.queue(2).is_none());
     }
 
     #[test]

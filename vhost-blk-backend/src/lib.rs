@@ -8,19 +8,19 @@
 //!   that session, not the process.
 //! - `worker`: a queue's event loop (kick, completions, stop).
 //! - `export`: an open chain and the request execution its workers share.
-//! - `request` and `chain`: parsing and walking one descriptor chain
-//!   (hostile input ends as an IOERR/UNSUPP status, never a crash).
+//!
+//! Parsing and walking one descriptor chain (hostile input ends as an
+//! IOERR/UNSUPP status, never a crash) is the `blk-request` crate's,
+//! shared with the vmm.
 //! - `uring`: a queue's io_uring and the requests in flight on it.
 //! - `config`: the virtio-blk configuration space.
 
-pub mod chain;
 pub mod config;
 pub mod connection;
 pub mod export;
 pub mod inflight;
 pub mod log_limit;
 pub mod memory_fence;
-pub mod request;
 pub mod server;
 pub mod uring;
 pub mod worker;

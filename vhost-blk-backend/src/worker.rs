@@ -16,13 +16,13 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::chain::ChainWalk;
 use crate::connection::Session;
 use crate::export::{Export, Subscription};
 use crate::inflight::InflightQueue;
 use crate::log_limit::LogLimit;
-use crate::request::{Kind, Request};
 use crate::uring::{Pending, QueueRing};
+use blk_request::ChainWalk;
+use blk_request::{Kind, Request};
 
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>;
 
@@ -463,14 +463,14 @@ impl Running {
             "publishing"
         );
         for d in self.used.drain(..) {
-            if let Some(inf) = &self.w.inflight {
+            if let Some(inf) = &mut self.w.inflight {
                 inf.pre_put(d.head);
             }
             if let Err(e) = st.add_used(d.head, d.len) {
                 warn!(queue = self.w.queue, "add_used: {e}");
                 continue;
             }
-            if let Some(inf) = &self.w.inflight {
+            if let Some(inf) = &mut self.w.inflight {
                 inf.post_put(d.head, st.get_queue().next_used());
             }
         }

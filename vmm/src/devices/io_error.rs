@@ -3,12 +3,12 @@
 //! errors instead of requests that never finish.
 //!
 //! Which requests the dead backend had fetched comes from the inflight
-//! region, in the split-ring layout libvhost-user defined and that both
-//! qemu-storage-daemon and blk-backend use (per queue, 64-byte aligned: a
-//! 16-byte header with version at 8, descriptor count at 10, used index at
-//! 14, then 16 bytes per descriptor with the in-flight flag at 0 and the
-//! fetch counter at 8). Those are failed first, then everything the guest
-//! makes available after them, as long as the VM lives.
+//! region, read and recovered by the same code blk-backend writes it with
+//! (`blk_request::inflight`, the layout libvhost-user defined and
+//! qemu-storage-daemon uses too); each request's status byte is found by
+//! the same chain walk and parser blk-backend serves requests with. Those
+//! are failed first, then everything the guest makes available after them,
+//! as long as the VM lives.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -19,12 +19,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::virtio_pci::QueueConfig;
+use blk_request::inflight::{queue_part, InflightQueue};
+use blk_request::{status, used_len, ChainWalk, Request};
 
-const IOERR: u8 = 1;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-const DESC_F_INDIRECT: u16 = 4;
+use super::virtio_pci::QueueConfig;
 
 /// One queue the vmm now answers.
 pub struct FailedQueue {
@@ -35,29 +33,14 @@ pub struct FailedQueue {
     next_used: u16,
 }
 
-/// Reads queue `q`'s part of an inflight region: the heads in flight (in
-/// fetch order) and where the available ring resumes.
+/// Recovers queue `q`'s part of a dead backend's inflight region: the
+/// heads in flight (in fetch order) and where the available ring resumes.
 fn inflight_heads(region: &[u8], q: usize, queue_size: u16, used_idx: u16) -> (Vec<u16>, u16) {
-    let per_queue = (16 + 16 * queue_size as usize).div_ceil(64) * 64;
-    let Some(part) = region.get(q * per_queue..(q + 1) * per_queue) else {
+    let Some(part) = region.get(queue_part(q, queue_size)) else {
         return (Vec::new(), used_idx);
     };
-    let u16_at = |o: usize| u16::from_le_bytes([part[o], part[o + 1]]);
-    if u16_at(8) == 0 {
-        return (Vec::new(), used_idx);
-    }
-    let n = u16_at(10).min(queue_size);
-    let mut heads: Vec<(u64, u16)> = (0..n)
-        .filter(|&h| part[16 + 16 * h as usize] == 1)
-        .map(|h| {
-            let o = 16 + 16 * h as usize + 8;
-            let c = u64::from_le_bytes(part[o..o + 8].try_into().expect("8 bytes"));
-            (c, h)
-        })
-        .collect();
-    heads.sort_unstable();
-    let next = used_idx.wrapping_add(heads.len() as u16);
-    (heads.into_iter().map(|(_, h)| h).collect(), next)
+    let recovery = InflightQueue::new(part.to_vec(), queue_size).recover(used_idx);
+    (recovery.resubmit, recovery.next_avail.unwrap_or(used_idx))
 }
 
 impl FailedQueue {
@@ -88,43 +71,17 @@ impl FailedQueue {
         )
     }
 
-    /// Writes IOERR into the request's status byte (the last byte of its
-    /// last device-writable descriptor), bounded like any chain walk.
+    /// Writes IOERR into the request's status byte, wherever the parser
+    /// blk-backend uses finds it (a chain with no place for a status gets
+    /// none).
     fn fail_head(&self, mem: &GuestMemoryMmap, head: u16) {
-        let mut table = self.config.desc;
-        let mut size = self.config.size;
-        let mut i = head;
-        let mut last: Option<(u64, u32, u16)> = None;
-        let mut steps = 0u32;
-        let mut indirect = false;
-        while i < size && steps < 1024 {
-            steps += 1;
-            let at = GuestAddress(table + 16 * i as u64);
-            let (Ok(addr), Ok(len), Ok(flags), Ok(next)) = (
-                mem.read_obj::<u64>(at),
-                mem.read_obj::<u32>(GuestAddress(at.0 + 8)),
-                mem.read_obj::<u16>(GuestAddress(at.0 + 12)),
-                mem.read_obj::<u16>(GuestAddress(at.0 + 14)),
-            ) else {
-                break;
-            };
-            if flags & DESC_F_INDIRECT != 0 && !indirect {
-                indirect = true;
-                table = addr;
-                size = (len / 16).min(u16::MAX as u32) as u16;
-                i = 0;
-                continue;
-            }
-            last = Some((addr, len, flags));
-            if flags & DESC_F_NEXT == 0 {
-                break;
-            }
-            i = next;
-        }
-        if let Some((addr, len, flags)) = last {
-            if flags & DESC_F_WRITE != 0 && len >= 1 {
-                let _ = mem.write_obj(IOERR, GuestAddress(addr + len as u64 - 1));
-            }
+        let walk = ChainWalk::new(mem, GuestAddress(self.config.desc), self.config.size, head);
+        let at = match Request::parse(walk, mem) {
+            Ok(req) => Some(req.status),
+            Err((_, status)) => status,
+        };
+        if let Some(at) = at {
+            let _ = mem.write_obj(status::IOERR, at);
         }
     }
 
@@ -133,7 +90,7 @@ impl FailedQueue {
         let slot = self.next_used % self.config.size;
         let e = GuestAddress(self.config.used + 4 + 8 * slot as u64);
         let _ = mem.write_obj(head as u32, e);
-        let _ = mem.write_obj(1u32, GuestAddress(e.0 + 4));
+        let _ = mem.write_obj(used_len(0), GuestAddress(e.0 + 4));
         self.next_used = self.next_used.wrapping_add(1);
         fence(Ordering::Release);
         let _ = mem.write_obj(self.next_used, GuestAddress(self.config.used + 2));
@@ -237,11 +194,13 @@ mod tests {
 
     #[test]
     fn in_flight_heads_come_out_in_fetch_order_from_the_shared_layout() {
-        // Queue 1 of two queues of 8 (per queue: 16 + 128 -> 192 bytes).
+        // Queue 1 of two queues of 8 (per queue: 16 + 128 -> 192 bytes),
+        // written by hand from the layout's description.
         let mut r = vec![0u8; 384];
         let q1 = 192;
         r[q1 + 8] = 1; // version
         r[q1 + 10] = 8; // descriptors
+        r[q1 + 14] = 40; // used index
         for (h, counter) in [(5u16, 3u64), (2, 1), (7, 2)] {
             let o = q1 + 16 + 16 * h as usize;
             r[o] = 1;

@@ -5,7 +5,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::config::SEG_MAX;
+use crate::SEG_MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

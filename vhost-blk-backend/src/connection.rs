@@ -37,6 +37,7 @@ use crate::export::Export;
 use crate::inflight::InflightRegion;
 use crate::memory_fence::{GuardedRange, SessionFence};
 use crate::worker::{QueueWorker, Vring, WorkerHandle};
+use cli_support::log_limit::LogLimit;
 
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const MAX_MEM_SLOTS: u64 = 509;
@@ -61,15 +62,47 @@ struct MappedRegion {
 /// What lets a worker end its session from its side: the mark the SIGBUS
 /// handler sets when the frontend took away memory we had mapped, and the
 /// session's socket, shut down to end it.
+///
+/// And the session's log limit: every line its frontend (or the guest
+/// behind it) can cause goes through it, whichever queue logs it, so that
+/// restarting queues or reconnecting does not buy a fresh allowance.
 #[derive(Debug)]
 pub struct Session {
     fence: Arc<SessionFence>,
     socket: Option<UnixStream>,
+    logs: std::sync::Mutex<LogLimit>,
 }
 
 impl Session {
     pub fn new(fence: Arc<SessionFence>, socket: Option<UnixStream>) -> Session {
-        Session { fence, socket }
+        Session {
+            fence,
+            socket,
+            logs: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Logs a line the peer caused, within the session's limit (ten in
+    /// full, then a count a second).
+    pub fn peer_caused(&self, line: impl FnOnce()) {
+        self.logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .emit(line, |n| {
+                warn!("{n} more lines caused by this frontend or its guest (not logged one by one)")
+            });
+    }
+
+    /// Reports what the limit left out, when the session ends.
+    pub fn flush_logs(&self) {
+        if let Some(n) = self
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remaining()
+        {
+            warn!("{n} more lines caused by this frontend or its guest (not logged one by one)");
+        }
     }
 
     /// Whether the frontend truncated memory this session had mapped.

@@ -103,7 +103,7 @@ pub struct Export {
     id: [u8; 20],
     files: LayerFiles,
     state: Mutex<DiskState>,
-    io_failures: Mutex<crate::log_limit::LogLimit>,
+    io_failures: Mutex<cli_support::log_limit::LogLimit>,
 }
 
 /// A worker's copy of the index and the channel that keeps it current.
@@ -387,13 +387,13 @@ impl Export {
     /// Logs a failed request, a few at a time: a guest can repeat one at
     /// will (a bad sector, a buffer in memory it took away).
     fn io_failure(&self, what: std::fmt::Arguments) {
-        let mut limit = self.io_failures.lock().unwrap_or_else(|e| e.into_inner());
-        if limit.allow() {
-            warn!("{what}");
-        }
-        if let Some(n) = limit.summary() {
-            warn!("{n} more failed requests (not logged one by one)");
-        }
+        self.io_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .emit(
+                || warn!("{what}"),
+                |n| warn!("{n} more failed requests (not logged one by one)"),
+            );
     }
 
     /// Executes a request synchronously; returns (status, bytes written to

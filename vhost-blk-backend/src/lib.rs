@@ -19,7 +19,6 @@ pub mod config;
 pub mod connection;
 pub mod export;
 pub mod inflight;
-pub mod log_limit;
 pub mod memory_fence;
 pub mod server;
 pub mod uring;

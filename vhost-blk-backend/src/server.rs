@@ -114,6 +114,7 @@ pub fn serve(export: Arc<Export>, listener: Listener, stop: Arc<StopHandle>) {
         }
         drop(handler);
         conn.lock().unwrap_or_else(|e| e.into_inner()).close();
+        session.flush_logs();
         *stop.active.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Err(e) = export.flush() {
             warn!(socket = %name, "flush after the session: {e}");

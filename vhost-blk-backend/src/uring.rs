@@ -10,7 +10,7 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::log_limit::LogLimit;
+use crate::connection::Session;
 
 /// A request waiting for its I/Os.
 #[derive(Debug, Clone)]
@@ -34,9 +34,6 @@ pub struct QueueRing {
     free: Vec<usize>,
     /// SQEs pushed since the last submit.
     unsubmitted: u32,
-    /// A guest can make I/O fail at will (buffers in memory it took away):
-    /// failures are logged a few at a time.
-    failures: LogLimit,
 }
 
 impl QueueRing {
@@ -50,7 +47,6 @@ impl QueueRing {
             pending: Vec::new(),
             free: Vec::new(),
             unsubmitted: 0,
-            failures: LogLimit::default(),
         })
     }
 
@@ -150,8 +146,10 @@ impl QueueRing {
         }
     }
 
-    /// Collects completions; returns the requests that finished.
-    pub fn reap(&mut self) -> Vec<Pending> {
+    /// Collects completions; returns the requests that finished. A guest
+    /// can make I/O fail at will (buffers in memory it took away): failures
+    /// are logged within the session's limit.
+    pub fn reap(&mut self, session: &Session) -> Vec<Pending> {
         let mut done = Vec::new();
         let cqes: Vec<(u64, i32)> = self
             .ring
@@ -165,14 +163,12 @@ impl QueueRing {
             };
             if res < 0 {
                 p.failed = true;
-                if self.failures.allow() {
-                    tracing::warn!("I/O failed: {}", io::Error::from_raw_os_error(-res));
-                }
+                session.peer_caused(|| {
+                    tracing::warn!("I/O failed: {}", io::Error::from_raw_os_error(-res))
+                });
             } else if res as i64 != len {
                 p.failed = true;
-                if self.failures.allow() {
-                    tracing::warn!("short transfer: {res} of {len} bytes");
-                }
+                session.peer_caused(|| tracing::warn!("short transfer: {res} of {len} bytes"));
             }
             p.remaining -= 1;
             if p.remaining == 0 {
@@ -181,9 +177,6 @@ impl QueueRing {
                 }
                 self.free.push(slot);
             }
-        }
-        if let Some(n) = self.failures.summary() {
-            tracing::warn!("{n} more failed I/Os (not logged one by one)");
         }
         done
     }
@@ -196,14 +189,14 @@ impl QueueRing {
     }
 
     /// Waits for every request in flight (before guest memory goes away).
-    pub fn drain(&mut self) -> Vec<Pending> {
+    pub fn drain(&mut self, session: &Session) -> Vec<Pending> {
         let mut all = Vec::new();
         while self.in_flight() > 0 {
             if self.ring.submit_and_wait(1).is_err() {
                 break;
             }
             self.clear_eventfd();
-            all.extend(self.reap());
+            all.extend(self.reap(session));
         }
         all
     }

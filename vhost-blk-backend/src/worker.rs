@@ -19,7 +19,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::connection::Session;
 use crate::export::{Export, Subscription};
 use crate::inflight::InflightQueue;
-use crate::log_limit::LogLimit;
 use crate::uring::{Pending, QueueRing};
 use blk_request::ChainWalk;
 use blk_request::{Kind, Request};
@@ -80,8 +79,6 @@ struct Running {
     /// needs reset". The queue is left alone until the driver sets it up
     /// again (which starts a new worker).
     broken: bool,
-    /// Bad requests are the guest's to send: their log lines are bounded.
-    bad_requests: LogLimit,
 }
 
 impl QueueWorker {
@@ -102,7 +99,6 @@ impl QueueWorker {
                 used: Vec::new(),
                 wrote: Vec::new(),
                 broken: false,
-                bad_requests: LogLimit::default(),
             };
             if let Err(e) = r.run(&stop2) {
                 warn!(queue = r.w.queue, "worker stopped: {e}");
@@ -182,7 +178,7 @@ impl Running {
         }
         // Stopping: in-flight I/O lands and is completed first, while the
         // guest memory is still mapped.
-        let done = self.ring.drain();
+        let done = self.ring.drain(&self.w.session);
         self.complete(done);
         self.publish()
     }
@@ -295,10 +291,13 @@ impl Running {
     }
 
     fn declare_broken(&mut self, why: &str) -> Option<u16> {
-        warn!(
-            queue = self.w.queue,
-            "{why}: the queue is broken and left alone until the driver resets it"
-        );
+        let queue = self.w.queue;
+        self.w.session.peer_caused(|| {
+            warn!(
+                queue,
+                "{why}: the queue is broken and left alone until the driver resets it"
+            )
+        });
         self.broken = true;
         None
     }
@@ -309,10 +308,18 @@ impl Running {
             return Ok(());
         }
         let mut heads = Vec::new();
+        let mut impossible_head = None;
         {
             let mut st = self.w.vring.get_mut();
+            let size = st.get_queue().size();
             while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem) {
                 let head = chain.head_index();
+                if head >= size {
+                    // No used entry can name it: the ring is the
+                    // driver's nonsense, not a request to answer.
+                    impossible_head = Some((head, size));
+                    break;
+                }
                 if let Some(inf) = &mut self.w.inflight {
                     inf.begin(head);
                 }
@@ -322,7 +329,13 @@ impl Running {
                 heads.push(head);
             }
         }
-        self.run_heads(&heads, mem)
+        self.run_heads(&heads, mem)?;
+        if let Some((head, size)) = impossible_head {
+            self.declare_broken(&format!(
+                "the driver made descriptor {head} available in a queue of {size}"
+            ));
+        }
+        Ok(())
     }
 
     /// Pops every available chain, runs them, submits the ring once.
@@ -382,21 +395,16 @@ impl Running {
                     }
                 }
                 Err((e, status_addr)) => {
-                    if self.bad_requests.allow() {
-                        warn!(queue = self.w.queue, "bad request (head {head}): {e}");
-                    }
+                    let queue = self.w.queue;
+                    self.w
+                        .session
+                        .peer_caused(|| warn!(queue, "bad request (head {head}): {e}"));
                     if let Some(a) = status_addr {
                         let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a);
                     }
                     self.used_push(head, 1);
                 }
             }
-        }
-        if let Some(n) = self.bad_requests.summary() {
-            warn!(
-                queue = self.w.queue,
-                "{n} more bad requests (not logged one by one)"
-            );
         }
         // Every chain this kick made available, in one submission.
         self.ring.submit()?;
@@ -408,7 +416,7 @@ impl Running {
     }
 
     fn process_completions(&mut self) -> io::Result<()> {
-        let done = self.ring.reap();
+        let done = self.ring.reap(&self.w.session);
         self.complete(done);
         self.publish()
     }

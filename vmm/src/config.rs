@@ -38,6 +38,17 @@ pub struct DiskConfig {
     /// requests fail with I/O errors.
     #[serde(default = "default_reconnect_timeout")]
     pub reconnect_timeout_ms: u64,
+    /// How long any vhost-user request waits for the backend's reply; past
+    /// it the backend counts as gone (reconnect, then I/O errors): no vmm
+    /// thread waits on a backend without a deadline.
+    #[serde(default = "default_reply_timeout")]
+    pub reply_timeout_ms: u64,
+}
+
+fn default_reply_timeout() -> u64 {
+    // Stopping a queue waits for its in-flight I/O in the backend: seconds
+    // on a slow disk at a deep queue, never tens of them.
+    10_000
 }
 
 fn default_reconnect_timeout() -> u64 {
@@ -112,6 +123,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         queue_size: 256,
         readonly: false,
         reconnect_timeout_ms: default_reconnect_timeout(),
+        reply_timeout_ms: default_reply_timeout(),
     };
     let mut socket = None;
     for kv in spec.split(',') {
@@ -126,6 +138,13 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
                 d.reconnect_timeout_ms = v
                     .parse()
                     .map_err(|_| err("reconnect_timeout_ms: a number"))?
+            }
+            "reply_timeout_ms" => {
+                d.reply_timeout_ms = v
+                    .parse()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .ok_or_else(|| err("reply_timeout_ms: a number of milliseconds above 0"))?
             }
             "readonly" => {
                 d.readonly = match v {

@@ -65,6 +65,10 @@ fn find(access: ConfigAccess, cfg: &Config) -> Result<Function, FindError> {
 }
 
 impl Device {
+    pub fn transport(&self) -> &Transport {
+        &self._transport
+    }
+
     pub fn open(rsdp: u64, cfg: &Config, arena: &Arena) -> Result<Device, FindError> {
         let access = pci::config_access(rsdp).ok_or(FindError::NoConfigAccess)?;
         let func = find(access, cfg)?;

@@ -9,6 +9,9 @@ pub enum Mode {
     Mixed,
     /// No disk I/O: report what the loader handed over and exit.
     Boot,
+    /// A hostile driver: `ios` random writes to the device's registers,
+    /// its PCI configuration and its rings (fuzz.rs), then a report.
+    Fuzz,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -126,6 +129,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
                     "randwrite" => Mode::RandWrite,
                     "mixed" | "randrw" => Mode::Mixed,
                     "boot" => Mode::Boot,
+                    "fuzz" => Mode::Fuzz,
                     _ => return Err(word),
                 };
                 true

@@ -12,6 +12,7 @@ mod acpi;
 mod blk;
 mod boot_info;
 mod config;
+mod fuzz;
 mod mem;
 mod pci;
 mod rt;
@@ -24,13 +25,13 @@ use config::{Check, Mode};
 use workload::{Engine, Expect, Op, Phase, Stats};
 
 /// Exit statuses (the host sees `(status << 1) | 1` from QEMU's debug exit).
-const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_OK: u8 = 0;
 const EXIT_FAILED: u8 = 1;
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 const EXIT_NO_DEVICE: u8 = 3;
 const EXIT_TIMEOUT: u8 = 4;
 
-fn fail(status: u8, error: core::fmt::Arguments) -> ! {
+pub(crate) fn fail(status: u8, error: core::fmt::Arguments) -> ! {
     println!("ERROR: {}", error);
     println!("{{\"bench_guest\":1,\"result\":\"fail\",\"exit\":{},\"error\":\"{}\"}}", status, error);
     rt::exit(status);
@@ -71,6 +72,9 @@ pub extern "C" fn guest_main() -> ! {
         Ok(d) => d,
         Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
     };
+    if cfg.mode == Mode::Fuzz {
+        fuzz::run(&dev, &cfg, &arena, &clock);
+    }
     let ready_tsc = time::tsc();
     let disk_bytes = dev.capacity_sectors * 512;
     println!(
@@ -116,8 +120,8 @@ pub extern "C" fn guest_main() -> ! {
         Check::None => {
             let random = matches!(cfg.mode, Mode::RandRead | Mode::RandWrite | Mode::Mixed);
             let read_pct = match cfg.mode {
-                // Mode::Boot has left above.
-                Mode::Read | Mode::RandRead | Mode::Boot => 100,
+                // Mode::Boot and Mode::Fuzz have left above.
+                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz => 100,
                 Mode::Write | Mode::RandWrite => 0,
                 Mode::Mixed => cfg.rwmix,
             };

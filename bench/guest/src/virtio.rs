@@ -133,6 +133,19 @@ impl Transport {
         })
     }
 
+    /// The register windows a driver writes: (address, length) of the
+    /// common configuration, the device configuration, the notify area and
+    /// the MSI-X table.
+    pub fn windows(&self) -> [(u64, u64); 4] {
+        let (msix, entries) = self.msix_table.unwrap_or((self.common, 0));
+        [
+            (self.common, 0x38),
+            (self.device_cfg, 0x40),
+            (self.notify_base, (self.notify_mult.max(2) as u64) * 16),
+            (msix, 16 * entries as u64),
+        ]
+    }
+
     /// Resets, offers `wanted` and returns what was agreed.
     pub fn negotiate(&self, wanted: u64) -> Result<u64, InitError> {
         wr8(self.common + cc::DEVICE_STATUS, 0);

@@ -59,6 +59,15 @@ pub struct BlkBackendProcess {
     pub socket: PathBuf,
 }
 
+/// `--export` values for (image, socket) pairs, and the sockets.
+fn export_specs(exports: &[(PathBuf, PathBuf)]) -> (Vec<String>, Vec<PathBuf>) {
+    let specs = exports
+        .iter()
+        .map(|(image, socket)| format!("socket={},image={}", socket.display(), image.display()))
+        .collect();
+    (specs, exports.iter().map(|e| e.1.clone()).collect())
+}
+
 impl BlkBackendProcess {
     /// `binary`: the built `blk-backend`.
     pub fn start(
@@ -88,12 +97,20 @@ impl BlkBackendProcess {
         exports: &[(PathBuf, PathBuf)],
         options: &[&str],
     ) -> Result<Self> {
-        let specs: Vec<String> = exports
-            .iter()
-            .map(|(image, socket)| format!("socket={},image={}", socket.display(), image.display()))
-            .collect();
-        let sockets: Vec<PathBuf> = exports.iter().map(|e| e.1.clone()).collect();
+        let (specs, sockets) = export_specs(exports);
         Self::spawn_with(binary, &specs, &sockets, options)
+    }
+
+    /// The same, its log (at `info`) going to `log` instead of the
+    /// test's output, for a test that counts what it logged.
+    pub fn start_exports_logging_to(
+        binary: &Path,
+        exports: &[(PathBuf, PathBuf)],
+        log: &Path,
+    ) -> Result<Self> {
+        let (specs, sockets) = export_specs(exports);
+        let file = std::fs::File::create(log).with_context(|| format!("{}", log.display()))?;
+        Self::spawn_logging(binary, &specs, &sockets, &[], Stdio::from(file), "info")
     }
 
     fn spawn(binary: &Path, specs: &[String], sockets: &[PathBuf]) -> Result<Self> {
@@ -106,12 +123,23 @@ impl BlkBackendProcess {
         sockets: &[PathBuf],
         options: &[&str],
     ) -> Result<Self> {
+        Self::spawn_logging(binary, specs, sockets, options, Stdio::inherit(), "warn")
+    }
+
+    fn spawn_logging(
+        binary: &Path,
+        specs: &[String],
+        sockets: &[PathBuf],
+        options: &[&str],
+        stderr: Stdio,
+        level: &str,
+    ) -> Result<Self> {
         let mut c = Command::new(binary);
         c.args(options);
         // Quiet unless the caller asks (BLK_BACKEND_LOG=debug, say).
         c.env(
             "RUST_LOG",
-            std::env::var("BLK_BACKEND_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("BLK_BACKEND_LOG").unwrap_or_else(|_| level.into()),
         );
         // A socket left by a killed backend stays: blk-backend itself
         // takes over a dead socket (and refuses anything else there).
@@ -122,7 +150,7 @@ impl BlkBackendProcess {
         let child = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let mut b = BlkBackendProcess {

@@ -308,6 +308,8 @@ pub struct VmmDisk {
     pub num_queues: u16,
     /// How long the vmm waits for a backend that went away.
     pub reconnect_timeout_ms: Option<u64>,
+    /// How long the vmm waits for any reply of the backend.
+    pub reply_timeout_ms: Option<u64>,
 }
 
 impl VmmDisk {
@@ -316,6 +318,7 @@ impl VmmDisk {
             socket: socket.to_path_buf(),
             num_queues,
             reconnect_timeout_ms: None,
+            reply_timeout_ms: None,
         }
     }
 }
@@ -378,6 +381,9 @@ impl VmmVm {
             let mut spec = format!("socket={},num_queues={}", d.socket.display(), d.num_queues);
             if let Some(ms) = d.reconnect_timeout_ms {
                 spec.push_str(&format!(",reconnect_timeout_ms={ms}"));
+            }
+            if let Some(ms) = d.reply_timeout_ms {
+                spec.push_str(&format!(",reply_timeout_ms={ms}"));
             }
             c.arg("--disk").arg(spec);
         }

@@ -18,12 +18,17 @@ pub trait PciDevice: Send {
 
 /// A type-0 configuration space: registers, which bits the guest may
 /// write, and the BARs (fixed size, placed by us like firmware would; the
-/// guest may size them).
+/// guest may size them, but not move them: the device's MMIO, ioeventfds
+/// and MSI-X table stay where they were placed, and a BAR written with
+/// anything but the sizing probe reads back its own address).
 pub struct ConfigSpace {
     regs: [u32; 64],
     writable: [u32; 64],
-    /// Per BAR: its size (0: none).
+    /// Per BAR: its size (0: none) and its fixed address.
     bar_size: [u32; 6],
+    bar_addr: [u32; 6],
+    /// A guest moving BARs is told once in the log.
+    move_refused: bool,
     /// Next free capability offset.
     next_cap: usize,
     last_cap: usize,
@@ -35,6 +40,8 @@ impl ConfigSpace {
             regs: [0; 64],
             writable: [0; 64],
             bar_size: [0; 6],
+            bar_addr: [0; 6],
+            move_refused: false,
             next_cap: 0x40,
             last_cap: 0,
         };
@@ -52,6 +59,7 @@ impl ConfigSpace {
     pub fn set_bar(&mut self, n: usize, addr: u32, size: u32) {
         debug_assert!(size.is_power_of_two() && addr.is_multiple_of(size));
         self.bar_size[n] = size;
+        self.bar_addr[n] = addr;
         self.regs[4 + n] = addr;
         self.writable[4 + n] = !(size - 1);
     }
@@ -105,6 +113,23 @@ impl ConfigSpace {
         }
         let w = self.writable[reg];
         self.regs[reg] = (self.regs[reg] & !w) | (v & w);
+        if let Some(n) = reg
+            .checked_sub(4)
+            .filter(|&n| n < 6 && self.bar_size[n] != 0)
+        {
+            let probe = self.regs[reg] & w == w;
+            if !probe && self.regs[reg] != self.bar_addr[n] {
+                if !self.move_refused {
+                    self.move_refused = true;
+                    tracing::warn!(
+                        "the guest moved BAR {n} to {:#x}: refused, it stays at {:#x}",
+                        v & w,
+                        self.bar_addr[n]
+                    );
+                }
+                self.regs[reg] = self.bar_addr[n];
+            }
+        }
     }
 
     pub fn command(&self) -> u16 {
@@ -223,9 +248,7 @@ impl BusDevice for PciEcam {
                 0
             }
         };
-        for (i, x) in data.iter_mut().enumerate() {
-            *x = (v >> (8 * (at + i))) as u8;
-        }
+        fill_from(data, v, at);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -236,6 +259,16 @@ impl BusDevice for PciEcam {
                 .unwrap_or_else(|e| e.into_inner())
                 .write(b, d, f, reg, at, data);
         }
+    }
+}
+
+/// Fills a read of any width from the 32-bit register `v`, starting at
+/// its byte `at`; bytes past the register read as ones where nothing is
+/// (as a PCI bus does) — here simply as the register's absent bytes, 0xff.
+fn fill_from(data: &mut [u8], v: u32, at: usize) {
+    let bytes = v.to_le_bytes();
+    for (i, x) in data.iter_mut().enumerate() {
+        *x = bytes.get(at + i).copied().unwrap_or(0xff);
     }
 }
 
@@ -266,7 +299,7 @@ impl PciConfigIo {
 impl BusDevice for PciConfigIo {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = if offset < 4 {
-            self.address >> (offset * 8)
+            self.address
         } else {
             match self.target() {
                 Some((b, d, f, reg)) => {
@@ -275,14 +308,12 @@ impl BusDevice for PciConfigIo {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .read(b, d, f, reg);
-                    v >> ((offset - 4) * 8)
+                    return fill_from(data, v, (offset - 4) as usize);
                 }
                 None => 0xffff_ffff,
             }
         };
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (v >> (8 * i)) as u8;
-        }
+        fill_from(data, v, offset as usize);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -315,6 +346,11 @@ mod tests {
         c.write(4, 0, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(c.read(4), 0xffff_8000);
         c.write(4, 0, &0xc000_0000u32.to_le_bytes());
+        assert_eq!(c.bar(0), 0xc000_0000);
+        // A move (whole or one byte at a time) is refused.
+        c.write(4, 0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(c.bar(0), 0xc000_0000);
+        c.write(4, 3, &[0xe0]);
         assert_eq!(c.bar(0), 0xc000_0000);
         c.write(0, 0, &[0, 0, 0, 0]);
         assert_eq!(c.read(0), 0x1042_1af4);

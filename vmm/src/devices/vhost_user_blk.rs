@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tracing::{info, warn};
 use vhost::vhost_user::message::{
@@ -19,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::io_error::{self, FailedQueue};
 use super::virtio_pci::{Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR};
 use crate::config::DiskConfig;
+use cli_support::log_limit::LogLimit;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -56,6 +58,10 @@ pub struct VhostUserBlk {
     mem: GuestMemoryMmap,
     inflight: Option<(VhostUserInflight, File)>,
     started: Vec<usize>,
+    reply_timeout: Duration,
+    /// A guest driver can start and stop the device at will: those lines
+    /// are logged within a limit.
+    activations: LogLimit,
     /// The running session, to replay after a reconnect.
     active: Option<Active>,
 }
@@ -71,16 +77,66 @@ struct Active {
 
 type Handshake = (Frontend, u64, VhostUserProtocolFeatures, Vec<u8>);
 
+/// Every send and every wait for a reply on the connection ends within
+/// `timeout`: a backend that stops answering (stopped, wedged, malicious)
+/// costs the vCPU or thread that asked at most that long, and then counts
+/// as gone.
+fn set_reply_deadline(frontend: &Frontend, timeout: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt on the connection's socket with a timeval of
+        // the size given; the kernel copies it.
+        let r = unsafe {
+            libc::setsockopt(
+                frontend.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::addr_of!(tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A vhost-user error as the user should read it: a deadline that passed
+/// says so.
+fn describe(e: vhost::Error, reply_timeout: Duration) -> String {
+    use vhost::vhost_user::Error as Vu;
+    match &e {
+        vhost::Error::VhostUserProtocol(Vu::SocketRetry(io) | Vu::SocketError(io))
+            if io.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            format!(
+                "no reply within {} ms (reply_timeout_ms): the backend counts as gone",
+                reply_timeout.as_millis()
+            )
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// Connects, negotiates protocol features, reads the configuration and
 /// sends the memory table.
-fn handshake(path: &Path, num_queues: u16, mem: &GuestMemoryMmap) -> Result<Handshake, DiskError> {
+fn handshake(
+    path: &Path,
+    num_queues: u16,
+    mem: &GuestMemoryMmap,
+    reply_timeout: Duration,
+) -> Result<Handshake, DiskError> {
     let socket = path.display().to_string();
     let p = |what: &'static str| {
         let socket = socket.clone();
         move |e: vhost::Error| DiskError::Protocol {
             socket: socket.clone(),
             what,
-            err: e.to_string(),
+            err: describe(e, reply_timeout),
         }
     };
     let mut frontend =
@@ -88,6 +144,10 @@ fn handshake(path: &Path, num_queues: u16, mem: &GuestMemoryMmap) -> Result<Hand
             socket: socket.clone(),
             err: e.to_string(),
         })?;
+    set_reply_deadline(&frontend, reply_timeout).map_err(|e| DiskError::Connect {
+        socket: socket.clone(),
+        err: format!("setting the reply deadline: {e}"),
+    })?;
     frontend.set_owner().map_err(p("SET_OWNER"))?;
     let backend_features = frontend.get_features().map_err(p("GET_FEATURES"))?;
     if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -155,8 +215,9 @@ impl VhostUserBlk {
     /// Connects and learns what the backend offers; the memory table goes
     /// over now, the rings when the driver is ready.
     pub fn connect(cfg: &DiskConfig, mem: &GuestMemoryMmap) -> Result<Self, DiskError> {
+        let reply_timeout = Duration::from_millis(cfg.reply_timeout_ms);
         let (frontend, backend_features, protocol, config) =
-            handshake(&cfg.socket, cfg.num_queues, mem)?;
+            handshake(&cfg.socket, cfg.num_queues, mem, reply_timeout)?;
         info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), "disk connected");
         let mut config = config;
         // The number of queues the guest sees is the number configured.
@@ -175,6 +236,8 @@ impl VhostUserBlk {
             mem: mem.clone(),
             inflight: None,
             started: Vec::new(),
+            reply_timeout,
+            activations: LogLimit::default(),
             active: None,
         })
     }
@@ -189,8 +252,9 @@ impl VhostUserBlk {
     /// what was in flight), the same rings, kicks and interrupts, each ring
     /// resuming at the used index the guest's memory holds.
     pub fn reconnect(&mut self) -> Result<(), ReconnectError> {
-        let (frontend, features, protocol, _) = handshake(&self.socket, self.num_queues, &self.mem)
-            .map_err(|e| ReconnectError::NotYet(e.to_string()))?;
+        let (frontend, features, protocol, _) =
+            handshake(&self.socket, self.num_queues, &self.mem, self.reply_timeout)
+                .map_err(|e| ReconnectError::NotYet(e.to_string()))?;
         if features != self.backend_features || protocol != self.protocol {
             return Err(ReconnectError::Incompatible(format!(
                 "disk {}: the backend came back with other features (virtio {features:#x}, \
@@ -281,7 +345,23 @@ impl VhostUserBlk {
     }
 
     fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> String + '_ {
-        move |e| format!("disk {}: {what}: {e}", self.socket.display())
+        move |e| {
+            format!(
+                "disk {}: {what}: {}",
+                self.socket.display(),
+                describe(e, self.reply_timeout)
+            )
+        }
+    }
+
+    /// Ends a session whose backend stopped answering or broke the
+    /// protocol mid-way (the stream is out of step after that): the disk
+    /// watcher sees the connection end and reconnects, replaying what the
+    /// driver set up, or fails the guest's requests past its timeout.
+    fn hang_up(&self) {
+        // SAFETY: shutdown on the connection's socket, which stays open
+        // (a reconnect replaces it).
+        unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
     fn host_addr(&self, gpa: u64) -> Result<u64, String> {
@@ -366,8 +446,24 @@ impl VirtioDevice for VhostUserBlk {
             active.kicks.push(kick);
             active.calls.push(call);
         }
-        self.start_rings(&active)?;
-        info!(socket = %self.socket.display(), queues = self.started.len(), "disk started");
+        match self.start_rings(&active) {
+            Ok(()) => {
+                let (socket, queues) = (self.socket.display(), self.started.len());
+                self.activations.emit(
+                    || info!(%socket, queues, "disk started"),
+                    |n| info!(%socket, "the driver started the disk {n} more times"),
+                );
+            }
+            Err(e) => {
+                // Not the driver's fault: the device is live as far as the
+                // guest knows, and its requests wait for the reconnect.
+                self.activations.emit(
+                    || warn!("{e}: reconnecting"),
+                    |n| warn!("{n} more failed starts (not logged one by one)"),
+                );
+                self.hang_up();
+            }
+        }
         self.active = Some(active);
         Ok(())
     }
@@ -410,7 +506,15 @@ impl VirtioDevice for VhostUserBlk {
     fn reset(&mut self) {
         for &i in &self.started {
             if let Err(e) = self.frontend.get_vring_base(i) {
-                warn!(socket = %self.socket.display(), "stopping queue {i}: {e}");
+                let e = describe(e, self.reply_timeout);
+                let socket = self.socket.display();
+                self.activations.emit(
+                    || warn!(%socket, "stopping queue {i}: {e}"),
+                    |n| warn!(%socket, "{n} more failed stops (not logged one by one)"),
+                );
+                // One deadline for the whole reset, not one per queue.
+                self.hang_up();
+                break;
             }
         }
         self.started.clear();

@@ -8,6 +8,7 @@
 //! the data path. Only set-up (feature and queue registers, the MSI-X
 //! table) exits to this code.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -17,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::pci::{ConfigSpace, PciDevice};
 use super::BusDevice;
 use crate::vm::MsiRouter;
+use cli_support::log_limit::LogLimit;
 
 pub const BAR_SIZE: u32 = 0x8000;
 const COMMON: u64 = 0x0000;
@@ -109,10 +111,15 @@ struct MsixEntry {
     control: u32,
 }
 
+/// The MSI-X vectors. A vector's eventfd is attached to KVM (an irqfd)
+/// only while the vector is unmasked: while it is masked, interrupts
+/// collect in the eventfd (its pending bit, as the PBA shows it), and KVM
+/// delivers the collected one the moment the irqfd is attached again.
 struct MsixVectors {
     entries: Vec<MsixEntry>,
     gsis: Vec<u32>,
     fds: Vec<EventFd>,
+    attached: Vec<bool>,
     enabled: bool,
     masked: bool,
 }
@@ -128,6 +135,7 @@ pub struct VirtioPci {
     msix_cap: usize,
     device: Box<dyn VirtioDevice>,
     router: Arc<MsiRouter>,
+    vm: Arc<VmFd>,
     msix: MsixVectors,
     kicks: Vec<EventFd>,
     queues: Vec<QueueConfig>,
@@ -139,6 +147,9 @@ pub struct VirtioPci {
     config_vector: u16,
     config_generation: u8,
     activated: bool,
+    /// What the driver does wrong is logged within a limit: a guest must
+    /// not be able to fill the host's disk with our log.
+    driver_errors: LogLimit,
 }
 
 fn cap_virtio(cfg_type: u8, offset: u32, len: u32, extra: Option<u32>) -> Vec<u8> {
@@ -165,7 +176,7 @@ impl VirtioPci {
     pub fn new(
         device: Box<dyn VirtioDevice>,
         bar: u32,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         router: Arc<MsiRouter>,
     ) -> Result<Self, String> {
         let nq = device.num_queues();
@@ -206,12 +217,8 @@ impl VirtioPci {
         let mut gsis = Vec::new();
         let mut fds = Vec::new();
         for _ in 0..vectors {
-            let gsi = router.allocate();
-            let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-            vm.register_irqfd(&fd, gsi)
-                .map_err(|e| format!("irqfd for GSI {gsi}: {e}"))?;
-            gsis.push(gsi);
-            fds.push(fd);
+            gsis.push(router.allocate());
+            fds.push(EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?);
         }
         let max = device.max_queue_size();
         Ok(VirtioPci {
@@ -228,9 +235,11 @@ impl VirtioPci {
                 ],
                 gsis,
                 fds,
+                attached: vec![false; vectors as usize],
                 enabled: false,
                 masked: false,
             },
+            vm: Arc::clone(vm),
             kicks,
             queues: (0..nq)
                 .map(|_| QueueConfig {
@@ -249,6 +258,7 @@ impl VirtioPci {
             config_vector: NO_VECTOR,
             config_generation: 0,
             activated: false,
+            driver_errors: LogLimit::default(),
         })
     }
 
@@ -273,20 +283,56 @@ impl VirtioPci {
         self.device.give_up()
     }
 
+    /// Vector `v`'s eventfd, as a backend would write it.
+    #[cfg(test)]
+    pub fn notifier_for_tests(&self, v: u16) -> &EventFd {
+        &self.msix.fds[v as usize]
+    }
+
     fn queue(&mut self) -> Option<&mut QueueConfig> {
         self.queues.get_mut(self.queue_select as usize)
     }
 
-    /// Routes vector `v` as the guest programmed it (or not at all while
-    /// masked).
+    /// Routes vector `v` as the guest programmed it and attaches its
+    /// eventfd; a masked vector is detached, so that what arrives meanwhile
+    /// stays pending (see [`MsixVectors`]).
     fn update_route(&mut self, v: usize) {
         let Some(e) = self.msix.entries.get(v).copied() else {
             return;
         };
         let masked = !self.msix.enabled || self.msix.masked || e.control & 1 != 0;
+        let (gsi, fd) = (self.msix.gsis[v], &self.msix.fds[v]);
+        if masked {
+            if self.msix.attached[v] {
+                if let Err(err) = self.vm.unregister_irqfd(fd, gsi) {
+                    warn!("masking MSI-X vector {v}: {err}");
+                }
+                self.msix.attached[v] = false;
+            }
+            return;
+        }
         let addr = (e.addr_hi as u64) << 32 | e.addr_lo as u64;
-        self.router
-            .set(self.msix.gsis[v], (!masked).then_some((addr, e.data)));
+        self.router.set(gsi, Some((addr, e.data)));
+        if !self.msix.attached[v] {
+            // KVM checks the eventfd as it attaches it: an interrupt that
+            // came while the vector was masked is delivered now.
+            match self.vm.register_irqfd(fd, gsi) {
+                Ok(()) => self.msix.attached[v] = true,
+                Err(err) => warn!("unmasking MSI-X vector {v}: {err}"),
+            }
+        }
+    }
+
+    /// The pending bits of the PBA's 64-bit word `word`: masked vectors
+    /// whose eventfd holds an interrupt.
+    fn pending_bits(&self, word: usize) -> u64 {
+        let mut bits = 0u64;
+        for (v, fd) in self.msix.fds.iter().enumerate().skip(64 * word).take(64) {
+            if !self.msix.attached[v] && readable(fd) {
+                bits |= 1 << (v - 64 * word);
+            }
+        }
+        bits
     }
 
     fn update_all_routes(&mut self) {
@@ -352,7 +398,11 @@ impl VirtioPci {
                     if n.is_power_of_two() && n <= q.max_size {
                         q.size = n;
                     } else {
-                        warn!("queue size {n} refused (max {})", q.max_size);
+                        let max = q.max_size;
+                        self.driver_errors.emit(
+                            || warn!("queue size {n} refused (max {max})"),
+                            |n| warn!("{n} more driver errors (not logged one by one)"),
+                        );
                     }
                 }
             }
@@ -415,7 +465,10 @@ impl VirtioPci {
             {
                 Ok(()) => self.activated = true,
                 Err(e) => {
-                    warn!("device activation failed: {e}");
+                    self.driver_errors.emit(
+                        || warn!("device activation failed: {e}"),
+                        |n| warn!("{n} more driver errors (not logged one by one)"),
+                    );
                     self.status |= STATUS_FAILED;
                 }
             }
@@ -455,6 +508,17 @@ impl VirtioPci {
     }
 }
 
+/// Whether an eventfd holds a count (without taking it).
+fn readable(fd: &EventFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
+}
+
 fn value(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
@@ -476,6 +540,15 @@ impl BusDevice for VirtioPci {
             }
             o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
                 self.msix_access(o - MSIX_TABLE, data, false)
+            }
+            o if (MSIX_PBA..MSIX_PBA + 8 * self.msix.fds.len().div_ceil(64) as u64)
+                .contains(&o) =>
+            {
+                let word = ((o - MSIX_PBA) / 8) as usize;
+                let bits = self.pending_bits(word) >> (8 * ((o - MSIX_PBA) % 8));
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = bits.checked_shr(8 * i as u32).unwrap_or(0) as u8;
+                }
             }
             _ => data.fill(0),
         }

@@ -1,5 +1,6 @@
-//! Log lines a peer can cause, bounded: one process serves many VMs, and no
-//! guest may fill the host's disk with our logs by sending bad requests.
+//! Log lines a peer can cause, bounded: one blk-backend serves many VMs,
+//! and no guest (nor a frontend, for blk-backend; nor a guest driver, for
+//! the vmm) may fill the host's disk with our logs by misbehaving.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ pub struct LogLimit {
     last_summary: Instant,
 }
 
-/// Lines of one kind logged in full per session (per queue worker).
+/// Lines logged in full per limit (a session, a device).
 pub const BURST: u32 = 10;
 const SUMMARY_EVERY: Duration = Duration::from_secs(1);
 
@@ -42,6 +43,23 @@ impl LogLimit {
             self.suppressed += 1;
             false
         }
+    }
+
+    /// Logs one line through the limit: `line` runs while within the
+    /// burst; `more(n)` reports, at most once a second, how many were left
+    /// out since.
+    pub fn emit(&mut self, line: impl FnOnce(), more: impl FnOnce(u64)) {
+        if self.allow() {
+            line();
+        }
+        if let Some(n) = self.summary() {
+            more(n);
+        }
+    }
+
+    /// What was left out and not reported yet (when the session ends).
+    pub fn remaining(&mut self) -> Option<u64> {
+        Some(std::mem::take(&mut self.suppressed)).filter(|&n| n > 0)
     }
 
     /// How many lines were left out since the last summary, once a second

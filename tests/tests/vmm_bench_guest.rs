@@ -533,3 +533,68 @@ fn a_faulting_guest_is_reported_with_its_registers() {
     assert!(err.contains("guest fault"), "{err}");
     assert!(err.contains("rip="), "registers are printed: {err}");
 }
+
+/// A backend that stops answering (SIGSTOP: alive, its socket open, the
+/// kernel still accepting connections for it) costs the vmm a deadline,
+/// never a hang: at start the vmm fails with a clear error; under a
+/// running guest the control API still answers and a graceful shutdown,
+/// which asks the backend to stop its queues, ends the VM.
+#[test]
+fn a_backend_that_stops_answering_costs_a_deadline_not_a_hang() {
+    if !ready("vmm_silent_backend", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.image("vm.img", "64M");
+    let b = fx.serve(&image, 1);
+    let sock = Fixture::socket_of(&image);
+    let freeze = |on: bool| b.freeze(on);
+    let with_deadline = |cmdline: &str| {
+        let mut v = VmmVm::new(&bin("vmm"), cmdline);
+        v.disks.push(VmmDisk {
+            reply_timeout_ms: Some(300),
+            reconnect_timeout_ms: Some(600_000),
+            ..VmmDisk::new(&sock, 1)
+        });
+        v
+    };
+
+    // At start: the handshake's first reply never comes.
+    freeze(true);
+    let failed = with_deadline("mode=boot").run();
+    freeze(false);
+    let why = match failed {
+        Ok(r) => panic!("the vmm ran on a silent backend:\n{}", r.stderr),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        why.contains("GET_FEATURES: no reply within 300 ms"),
+        "the error names the request and the deadline:\n{why}"
+    );
+
+    // Under a running guest: the API answers, and a graceful shutdown
+    // (GET_VRING_BASE to a backend that cannot reply) ends the VM.
+    let api_sock = fx.path("api.sock");
+    let mut v = with_deadline("mode=randread bs=4k qd=4 duration_ms=600000 progress_ms=200");
+    v.api_socket = Some(api_sock.clone());
+    let mut running = v.spawn().expect("the vmm starts");
+    running
+        .wait_for_progress(
+            1,
+            &Patience::new("the first progress line", Duration::from_millis(200)),
+        )
+        .expect("the workload runs");
+    freeze(true);
+    let (ok, info) = api(&api_sock, &["info"]);
+    assert!(ok && info.contains("running"), "{info}");
+    let (ok, body) = api(&api_sock, &["shutdown"]);
+    assert!(ok, "{body}");
+    let r = running.wait().expect("the VM ends");
+    freeze(false);
+    assert!(
+        r.stderr.contains("no reply within 300 ms"),
+        "the stop named the deadline:\n{}",
+        r.stderr
+    );
+    b.stop();
+}

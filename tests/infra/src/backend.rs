@@ -186,6 +186,15 @@ impl BlkBackendProcess {
         Some((cpu, rss_kb * 1024))
     }
 
+    /// Stops it (SIGSTOP) or lets it go on (SIGCONT): alive, its sockets
+    /// open, and not answering meanwhile.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signalling our own child process.
+        let r = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(r, 0, "signalling blk-backend");
+    }
+
     /// Kills it outright (SIGKILL), as a crash would, leaving the socket
     /// file in place.
     pub fn kill(mut self) {

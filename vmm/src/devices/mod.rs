@@ -8,8 +8,10 @@
 //! - `virtio_pci`: the modern virtio-pci transport with MSI-X.
 //! - `vhost_user_blk`: a disk whose queues a vhost-user backend serves.
 //! - `io_error`: a disk whose backend is gone for good fails requests.
+//! - `deadline`: no wait on a backend's reply outlives its deadline.
 
 pub mod bus;
+pub mod deadline;
 pub mod debug_exit;
 pub mod io_error;
 pub mod pci;

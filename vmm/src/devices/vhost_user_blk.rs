@@ -17,6 +17,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::deadline;
 use super::io_error::{self, FailedQueue};
 use super::virtio_pci::{Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR};
 use crate::config::DiskConfig;
@@ -77,48 +78,16 @@ struct Active {
 
 type Handshake = (Frontend, u64, VhostUserProtocolFeatures, Vec<u8>);
 
-/// Every send and every wait for a reply on the connection ends within
-/// `timeout`: a backend that stops answering (stopped, wedged, malicious)
-/// costs the vCPU or thread that asked at most that long, and then counts
-/// as gone.
-fn set_reply_deadline(frontend: &Frontend, timeout: Duration) -> std::io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: setsockopt on the connection's socket with a timeval of
-        // the size given; the kernel copies it.
-        let r = unsafe {
-            libc::setsockopt(
-                frontend.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                std::ptr::addr_of!(tv).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// A vhost-user error as the user should read it: a deadline that passed
-/// says so.
-fn describe(e: vhost::Error, reply_timeout: Duration) -> String {
-    use vhost::vhost_user::Error as Vu;
-    match &e {
-        vhost::Error::VhostUserProtocol(Vu::SocketRetry(io) | Vu::SocketError(io))
-            if io.kind() == std::io::ErrorKind::WouldBlock =>
-        {
-            format!(
-                "no reply within {} ms (reply_timeout_ms): the backend counts as gone",
-                reply_timeout.as_millis()
-            )
-        }
-        _ => e.to_string(),
+/// (and shut the connection down) says so.
+fn describe(e: vhost::Error, armed: &deadline::Armed, reply_timeout: Duration) -> String {
+    if armed.fired() {
+        format!(
+            "no reply within {} ms (reply_timeout_ms): the backend counts as gone",
+            reply_timeout.as_millis()
+        )
+    } else {
+        e.to_string()
     }
 }
 
@@ -131,23 +100,21 @@ fn handshake(
     reply_timeout: Duration,
 ) -> Result<Handshake, DiskError> {
     let socket = path.display().to_string();
-    let p = |what: &'static str| {
-        let socket = socket.clone();
-        move |e: vhost::Error| DiskError::Protocol {
-            socket: socket.clone(),
-            what,
-            err: describe(e, reply_timeout),
-        }
-    };
     let mut frontend =
         Frontend::connect(path, num_queues as u64).map_err(|e| DiskError::Connect {
             socket: socket.clone(),
             err: e.to_string(),
         })?;
-    set_reply_deadline(&frontend, reply_timeout).map_err(|e| DiskError::Connect {
-        socket: socket.clone(),
-        err: format!("setting the reply deadline: {e}"),
-    })?;
+    let armed = deadline::arm(frontend.as_raw_fd(), reply_timeout);
+    let p = |what: &'static str| {
+        let socket = socket.clone();
+        let armed = &armed;
+        move |e: vhost::Error| DiskError::Protocol {
+            socket: socket.clone(),
+            what,
+            err: describe(e, armed, reply_timeout),
+        }
+    };
     frontend.set_owner().map_err(p("SET_OWNER"))?;
     let backend_features = frontend.get_features().map_err(p("GET_FEATURES"))?;
     if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -277,10 +244,11 @@ impl VhostUserBlk {
     }
 
     fn start_rings(&mut self, a: &Active) -> Result<(), String> {
+        let armed = deadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
         let f = a.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
             .set_features(f)
-            .map_err(self.err("SET_FEATURES"))?;
+            .map_err(self.err("SET_FEATURES", &armed))?;
         if self
             .protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
@@ -295,13 +263,13 @@ impl VhostUserBlk {
             let got = self
                 .frontend
                 .get_inflight_fd(&want)
-                .map_err(self.err("GET_INFLIGHT_FD"))?;
+                .map_err(self.err("GET_INFLIGHT_FD", &armed))?;
             self.inflight = Some(got);
         }
         if let Some((info, file)) = &self.inflight {
             self.frontend
                 .set_inflight_fd(info, file.as_raw_fd())
-                .map_err(self.err("SET_INFLIGHT_FD"))?;
+                .map_err(self.err("SET_INFLIGHT_FD", &armed))?;
         }
         self.started.clear();
         for (k, (i, q)) in a.queues.iter().enumerate() {
@@ -323,33 +291,37 @@ impl VhostUserBlk {
                 .map_err(|e| format!("used ring of queue {i}: {e}"))?;
             self.frontend
                 .set_vring_num(i, q.size)
-                .map_err(self.err("SET_VRING_NUM"))?;
+                .map_err(self.err("SET_VRING_NUM", &armed))?;
             self.frontend
                 .set_vring_base(i, used_idx)
-                .map_err(self.err("SET_VRING_BASE"))?;
+                .map_err(self.err("SET_VRING_BASE", &armed))?;
             self.frontend
                 .set_vring_addr(i, &data)
-                .map_err(self.err("SET_VRING_ADDR"))?;
+                .map_err(self.err("SET_VRING_ADDR", &armed))?;
             self.frontend
                 .set_vring_call(i, &a.calls[k])
-                .map_err(self.err("SET_VRING_CALL"))?;
+                .map_err(self.err("SET_VRING_CALL", &armed))?;
             self.frontend
                 .set_vring_kick(i, &a.kicks[k])
-                .map_err(self.err("SET_VRING_KICK"))?;
+                .map_err(self.err("SET_VRING_KICK", &armed))?;
             self.frontend
                 .set_vring_enable(i, true)
-                .map_err(self.err("SET_VRING_ENABLE"))?;
+                .map_err(self.err("SET_VRING_ENABLE", &armed))?;
             self.started.push(i);
         }
         Ok(())
     }
 
-    fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> String + '_ {
+    fn err<'a>(
+        &'a self,
+        what: &'static str,
+        armed: &'a deadline::Armed,
+    ) -> impl Fn(vhost::Error) -> String + 'a {
         move |e| {
             format!(
                 "disk {}: {what}: {}",
                 self.socket.display(),
-                describe(e, self.reply_timeout)
+                describe(e, armed, self.reply_timeout)
             )
         }
     }
@@ -504,9 +476,10 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn reset(&mut self) {
+        let armed = deadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
         for &i in &self.started {
             if let Err(e) = self.frontend.get_vring_base(i) {
-                let e = describe(e, self.reply_timeout);
+                let e = describe(e, &armed, self.reply_timeout);
                 let socket = self.socket.display();
                 self.activations.emit(
                     || warn!(%socket, "stopping queue {i}: {e}"),

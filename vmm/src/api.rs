@@ -156,6 +156,10 @@ impl Api {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::confine(&crate::seccomp::API) {
+                    warn!("api: {e}: the control API is off");
+                    return;
+                }
                 for stream in listener.incoming() {
                     let Ok(mut stream) = stream else { continue };
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -229,6 +233,7 @@ mod tests {
                 disks: Vec::new(),
                 api_socket: None,
                 serial: crate::config::SerialOut::None,
+                seccomp: true,
             },
             events: tx,
         };

@@ -83,6 +83,14 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     #[serde(default = "stdio")]
     pub serial: SerialOut,
+    /// Each thread confined to the system calls it needs (seccomp); off
+    /// only to find out what a new path needs.
+    #[serde(default = "on")]
+    pub seccomp: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 fn one_cpu() -> u8 {

@@ -19,4 +19,5 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod memory;
+pub mod seccomp;
 pub mod vm;

@@ -210,6 +210,9 @@ pub struct Timing {
 
 /// Builds the VM, runs it, and returns how it ended.
 pub fn run(cfg: &VmConfig) -> Result<Outcome> {
+    if cfg.seccomp {
+        crate::seccomp::enable().context("seccomp")?;
+    }
     cfg.validate()?;
     let t0 = std::time::Instant::now();
     let kvm = Kvm::new().context("/dev/kvm")?;
@@ -281,7 +284,13 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         let give_up_after = std::time::Duration::from_millis(cfg.disks[i].reconnect_timeout_ms);
         std::thread::Builder::new()
             .name(format!("disk{i}"))
-            .spawn(move || watch_disk(&dev, &ctl, give_up_after))
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::confine(&crate::seccomp::DISK) {
+                    error!("disk watcher: {e}: this disk will not reconnect");
+                    return;
+                }
+                watch_disk(&dev, &ctl, give_up_after)
+            })
             .context("starting a disk watcher")?;
     }
     let cpuid = kvm
@@ -323,6 +332,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     }
     timing.first_run_us = t0.elapsed().as_micros() as u64;
     info!(setup_us = timing.first_run_us, "vm started");
+    // Every thread is running: from here on the main thread only waits,
+    // stops and reports.
+    crate::seccomp::confine(&crate::seccomp::MAIN).context("seccomp")?;
     let event = events.recv().map_err(|_| anyhow!("every vCPU ended"))?;
     debug!("vm ended: {event:?}");
     if event != (VmEvent::Shutdown { force: true }) {
@@ -448,6 +460,10 @@ fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ct
     let end = |ev: VmEvent| {
         let _ = events.send(ev);
     };
+    if let Err(e) = crate::seccomp::confine(&crate::seccomp::VCPU) {
+        end(VmEvent::Fault(format!("vCPU {id}: {e}")));
+        return;
+    }
     let stats = &ctl.stats[id as usize];
     let count = |c: &std::sync::atomic::AtomicU64| {
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

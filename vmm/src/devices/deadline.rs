@@ -38,7 +38,13 @@ fn watchdog() -> &'static Watchdog {
         // one is in no state to run a VM either, but it must not panic.
         if let Err(e) = std::thread::Builder::new()
             .name("deadlines".into())
-            .spawn(move || w.run())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::confine(&crate::seccomp::DEADLINES) {
+                    tracing::error!("deadline watchdog: {e}: no deadline fires");
+                    return;
+                }
+                w.run()
+            })
         {
             tracing::error!("cannot start the deadline watchdog: {e}");
         }

@@ -1,0 +1,227 @@
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use thiserror::Error;
+
+use crate::syscall_names::NAMES;
+
+/// The exit status of a process a forbidden call ended (128 + SIGSYS).
+pub const FORBIDDEN_EXIT: i32 = 128 + libc::SIGSYS;
+
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error("seccomp policy {policy:?}: unknown system call {name:?}")]
+    UnknownSyscall {
+        policy: &'static str,
+        name: &'static str,
+    },
+    #[error("seccomp policy {policy:?}: building its filter")]
+    Build {
+        policy: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("seccomp policy {policy:?}: compiling its filter")]
+    Compile {
+        policy: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("seccomp policy {policy:?}: installing its filter")]
+    Apply {
+        policy: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+    #[error("installing the SIGSYS reporter")]
+    Reporter(#[source] std::io::Error),
+}
+
+/// The system calls one kind of thread may make, by name.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// The thread kind, as the report names it ("vcpu", "queue worker").
+    pub name: &'static str,
+    /// Calls every thread of the process makes (allocation, locks, logs).
+    pub common: &'static [&'static str],
+    /// Calls of this kind of thread.
+    pub syscalls: &'static [&'static str],
+}
+
+/// The number of the system call `name` on this architecture.
+pub fn syscall_number(name: &str) -> Option<i64> {
+    NAMES
+        .iter()
+        .position(|n| !n.is_empty() && *n == name)
+        .map(|nr| nr as i64)
+}
+
+/// The name of system call number `nr`.
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    usize::try_from(nr)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .copied()
+        .filter(|n| !n.is_empty())
+}
+
+thread_local! {
+    /// The policy this thread runs under, for the report.
+    static THREAD_POLICY: Cell<&'static str> = const { Cell::new("unconfined") };
+}
+
+/// The program name the report starts with (set once by the reporter).
+static PROGRAM: AtomicPtr<&'static str> = AtomicPtr::new(std::ptr::null_mut());
+
+impl Policy {
+    /// The compiled filter: the policy's calls allowed, anything else traps.
+    pub fn compile(&self) -> Result<BpfProgram, SandboxError> {
+        let mut rules = BTreeMap::new();
+        for &name in self.common.iter().chain(self.syscalls) {
+            let nr = syscall_number(name).ok_or(SandboxError::UnknownSyscall {
+                policy: self.name,
+                name,
+            })?;
+            rules.insert(nr, Vec::new());
+        }
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Trap,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .map_err(|source| SandboxError::Build {
+            policy: self.name,
+            source,
+        })?;
+        filter.try_into().map_err(|source| SandboxError::Compile {
+            policy: self.name,
+            source,
+        })
+    }
+
+    /// Confines the calling thread (and the threads it starts from now on)
+    /// to this policy.
+    pub fn apply(&self) -> Result<(), SandboxError> {
+        let program = self.compile()?;
+        seccompiler::apply_filter(&program).map_err(|source| SandboxError::Apply {
+            policy: self.name,
+            source,
+        })?;
+        THREAD_POLICY.with(|p| p.set(self.name));
+        Ok(())
+    }
+}
+
+/// Installs the SIGSYS handler that reports a forbidden call: one line on
+/// standard error naming the program, the thread's policy and the call,
+/// then the process ends with [`FORBIDDEN_EXIT`].
+pub fn install_reporter(program: &'static str) -> Result<(), SandboxError> {
+    PROGRAM.store(Box::leak(Box::new(program)), Ordering::SeqCst);
+    // SAFETY: a zeroed sigaction with an SA_SIGINFO handler of the right
+    // signature; the handler only reads memory that stays valid (a leaked
+    // string, const-initialised thread locals) and calls write and _exit.
+    let r = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigsys as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(SandboxError::Reporter(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// A line built without allocating (the handler may not allocate).
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, s: &[u8]) {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+    fn number(&mut self, mut v: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SIGSYS's siginfo carries the call's number after the address of the
+    // call (`_sigsys { void *_call_addr; int _syscall; unsigned _arch; }`,
+    // at byte 16 of the union on x86_64).
+    // SAFETY: the kernel hands an SA_SIGINFO handler a valid siginfo, and a
+    // seccomp trap fills its _sigsys member.
+    let nr = unsafe { *(info as *const u8).add(16 + 8).cast::<libc::c_int>() };
+    let program = PROGRAM.load(Ordering::SeqCst);
+    // SAFETY: either null or the leaked string stored by install_reporter.
+    let program = if program.is_null() {
+        "process"
+    } else {
+        unsafe { *program }
+    };
+    let policy = THREAD_POLICY.with(|p| p.get());
+    let mut line = Line {
+        buf: [0; 256],
+        len: 0,
+    };
+    line.push(program.as_bytes());
+    line.push(b": seccomp: a thread under the \"");
+    line.push(policy.as_bytes());
+    line.push(b"\" policy made a forbidden system call: ");
+    line.push(syscall_name(i64::from(nr)).unwrap_or("unknown").as_bytes());
+    line.push(b" (");
+    line.number(nr as u64);
+    line.push(b"); ending the process (run with --no-seccomp to find what else it needs)\n");
+    // SAFETY: write and _exit are async-signal-safe, and every policy
+    // allows them.
+    unsafe {
+        libc::write(2, line.buf.as_ptr().cast(), line.len);
+        libc::_exit(FORBIDDEN_EXIT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_numbers_agree_with_libc() {
+        assert_eq!(syscall_number("read"), Some(libc::SYS_read));
+        assert_eq!(
+            syscall_number("io_uring_enter"),
+            Some(libc::SYS_io_uring_enter)
+        );
+        assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
+        assert_eq!(syscall_name(10_000), None);
+        assert_eq!(syscall_number("no_such_call"), None);
+    }
+
+    #[test]
+    fn an_unknown_name_is_refused_by_name() {
+        let p = Policy {
+            name: "test",
+            common: &["read"],
+            syscalls: &["no_such_call"],
+        };
+        let e = p.compile().expect_err("refused");
+        assert!(e.to_string().contains("no_such_call"), "{e}");
+    }
+}

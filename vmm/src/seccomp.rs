@@ -1,0 +1,159 @@
+//! The system calls each kind of vmm thread may make once it is set up
+//! (issue 10; Firecracker's model: one filter per thread kind, installed
+//! by the thread itself, anything else reported by name and fatal). The
+//! lists come from tracing every path the end-to-end tests drive (`strace
+//! -ff` per thread) and from reading the code those paths run; a call
+//! that is missing shows up as a one-line report naming it, and
+//! `--no-seccomp` runs without filters meanwhile.
+
+use sandbox::Policy;
+
+/// What every thread does: allocate, lock, log, take the pause signal,
+/// sleep, end.
+const COMMON: &[&str] = &[
+    "brk",
+    "clock_gettime",
+    "clock_nanosleep",
+    "close",
+    "exit",
+    "exit_group",
+    "futex",
+    "getpid",
+    "getrandom",
+    "gettid",
+    "madvise",
+    "mmap",
+    "mprotect",
+    "mremap",
+    "munmap",
+    "nanosleep",
+    "prctl",
+    "restart_syscall",
+    "rseq",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sched_getaffinity",
+    "sched_yield",
+    "set_robust_list",
+    "sigaltstack",
+    "write",
+    "writev",
+];
+
+/// A vCPU: KVM_RUN and the exits it handles itself: the console, MSI-X
+/// and irqfd changes, and a device the driver starts or resets (the
+/// vhost-user messages to its backend, eventfds for polled queues).
+pub const VCPU: Policy = Policy {
+    name: "vcpu",
+    common: COMMON,
+    syscalls: &[
+        "eventfd2", "fcntl", "ioctl", "poll", "ppoll", "recvmsg", "sendmsg", "shutdown",
+    ],
+};
+
+/// A disk's watcher: it waits for the backend to go, reconnects (a new
+/// connection and the whole handshake), or starts the thread that fails
+/// the guest's requests (which runs under this same filter).
+pub const DISK: Policy = Policy {
+    name: "disk watcher",
+    common: COMMON,
+    syscalls: &[
+        "clone",
+        "clone3",
+        "connect",
+        "epoll_create1",
+        "epoll_ctl",
+        "epoll_pwait",
+        "epoll_wait",
+        "eventfd2",
+        "fcntl",
+        "poll",
+        "ppoll",
+        "pread64",
+        "read",
+        "recvmsg",
+        "sendmsg",
+        "shutdown",
+        "socket",
+    ],
+};
+
+/// The control API: one connection at a time, and pausing (signals to
+/// the vCPU threads).
+pub const API: Policy = Policy {
+    name: "api",
+    common: COMMON,
+    syscalls: &[
+        "accept4",
+        "fcntl",
+        "poll",
+        "read",
+        "recvfrom",
+        "sendto",
+        "setsockopt",
+        "tgkill",
+    ],
+};
+
+/// The deadline watchdog: waits, and shuts a silent backend's connection.
+pub const DEADLINES: Policy = Policy {
+    name: "deadlines",
+    common: COMMON,
+    syscalls: &["shutdown"],
+};
+
+/// The main thread once the VM runs: it waits for the VM's end, stops the
+/// vCPUs (signals) and the disks (the backends' replies), writes the
+/// metrics file and exits.
+pub const MAIN: Policy = Policy {
+    name: "main",
+    common: COMMON,
+    syscalls: &[
+        "fcntl",
+        "ioctl",
+        "newfstatat",
+        "openat",
+        "poll",
+        "read",
+        "recvmsg",
+        "sendmsg",
+        "shutdown",
+        "statx",
+        "tgkill",
+        "unlink",
+    ],
+};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether threads confine themselves (`--no-seccomp` turns it off).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns filtering on for every thread confined from now on, with the
+/// SIGSYS reporter in place.
+pub fn enable() -> Result<(), sandbox::SandboxError> {
+    sandbox::install_reporter("vmm")?;
+    ENABLED.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Confines the calling thread to `policy` (when filtering is on).
+pub fn confine(policy: &Policy) -> Result<(), sandbox::SandboxError> {
+    if ENABLED.load(Ordering::SeqCst) {
+        policy.apply()
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_compiles() {
+        for p in [VCPU, DISK, API, DEADLINES, MAIN] {
+            p.compile().unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

@@ -171,10 +171,10 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     // seccomp trap fills its _sigsys member.
     let nr = unsafe { *(info as *const u8).add(16 + 8).cast::<libc::c_int>() };
     let program = PROGRAM.load(Ordering::SeqCst);
-    // SAFETY: either null or the leaked string stored by install_reporter.
     let program = if program.is_null() {
         "process"
     } else {
+        // SAFETY: not null: the leaked string stored by install_reporter.
         unsafe { *program }
     };
     let policy = THREAD_POLICY.with(|p| p.get());

@@ -17,5 +17,8 @@ mod seccomp;
 mod syscall_names;
 mod user;
 
-pub use seccomp::{install_reporter, syscall_name, Policy, SandboxError, FORBIDDEN_EXIT};
+pub use seccomp::{
+    confine, enable, forbidden_call_outcome, install_reporter, syscall_name, Policy, SandboxError,
+    EVERY_THREAD, FORBIDDEN_EXIT,
+};
 pub use user::{drop_privileges, UserError};

@@ -1,6 +1,6 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 use thiserror::Error;
@@ -9,6 +9,58 @@ use crate::syscall_names::NAMES;
 
 /// The exit status of a process a forbidden call ended (128 + SIGSYS).
 pub const FORBIDDEN_EXIT: i32 = 128 + libc::SIGSYS;
+
+/// What every thread of a Rust program like ours does: allocate, lock,
+/// log, take a signal, sleep, start and end.
+pub const EVERY_THREAD: &[&str] = &[
+    "brk",
+    "clock_gettime",
+    "clock_nanosleep",
+    "close",
+    "exit",
+    "exit_group",
+    "futex",
+    "getpid",
+    "getrandom",
+    "gettid",
+    "madvise",
+    "mmap",
+    "mprotect",
+    "mremap",
+    "munmap",
+    "nanosleep",
+    "prctl",
+    "restart_syscall",
+    "rseq",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sched_getaffinity",
+    "sched_yield",
+    "set_robust_list",
+    "sigaltstack",
+    "write",
+    "writev",
+];
+
+/// Whether threads confine themselves (a `--no-seccomp` leaves it off).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns filtering on for every thread confined from now on, with the
+/// SIGSYS reporter in place.
+pub fn enable(program: &'static str) -> Result<(), SandboxError> {
+    install_reporter(program)?;
+    ENABLED.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Confines the calling thread to `policy` when filtering is on.
+pub fn confine(policy: &Policy) -> Result<(), SandboxError> {
+    if ENABLED.load(Ordering::SeqCst) {
+        policy.apply()
+    } else {
+        Ok(())
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum SandboxError {
@@ -44,10 +96,9 @@ pub enum SandboxError {
 pub struct Policy {
     /// The thread kind, as the report names it ("vcpu", "queue worker").
     pub name: &'static str,
-    /// Calls every thread of the process makes (allocation, locks, logs).
-    pub common: &'static [&'static str],
-    /// Calls of this kind of thread.
-    pub syscalls: &'static [&'static str],
+    /// Calls of this kind of thread, besides [`EVERY_THREAD`]'s, in
+    /// groups (a group several kinds share, such as file I/O).
+    pub groups: &'static [&'static [&'static str]],
 }
 
 /// The number of the system call `name` on this architecture.
@@ -79,7 +130,10 @@ impl Policy {
     /// The compiled filter: the policy's calls allowed, anything else traps.
     pub fn compile(&self) -> Result<BpfProgram, SandboxError> {
         let mut rules = BTreeMap::new();
-        for &name in self.common.iter().chain(self.syscalls) {
+        for &name in EVERY_THREAD
+            .iter()
+            .chain(self.groups.iter().copied().flatten())
+        {
             let nr = syscall_number(name).ok_or(SandboxError::UnknownSyscall {
                 policy: self.name,
                 name,
@@ -106,12 +160,12 @@ impl Policy {
     /// to this policy.
     pub fn apply(&self) -> Result<(), SandboxError> {
         let program = self.compile()?;
+        // Named first: a report during the call names what it was for.
+        THREAD_POLICY.with(|p| p.set(self.name));
         seccompiler::apply_filter(&program).map_err(|source| SandboxError::Apply {
             policy: self.name,
             source,
-        })?;
-        THREAD_POLICY.with(|p| p.set(self.name));
-        Ok(())
+        })
     }
 }
 
@@ -218,10 +272,46 @@ mod tests {
     fn an_unknown_name_is_refused_by_name() {
         let p = Policy {
             name: "test",
-            common: &["read"],
-            syscalls: &["no_such_call"],
+            groups: &[&["read", "no_such_call"]],
         };
         let e = p.compile().expect_err("refused");
         assert!(e.to_string().contains("no_such_call"), "{e}");
     }
+}
+
+/// For tests of a program's policies: runs this test binary again (test
+/// `test`), where the thread confines itself to `policy` and makes system
+/// call `call`, and returns the child's exit status and standard error.
+/// In that child the call with the matching policy ends the process (the
+/// point), and the others return `None`.
+pub fn forbidden_call_outcome(
+    policy: &Policy,
+    test: &str,
+    call: &'static str,
+) -> Option<(Option<i32>, String)> {
+    const CHILD: &str = "SANDBOX_TEST_POLICY";
+    if let Ok(wanted) = std::env::var(CHILD) {
+        if wanted != policy.name {
+            return None;
+        }
+        let nr = syscall_number(call).unwrap_or(-1);
+        if enable("test").and_then(|()| policy.apply()).is_err() {
+            std::process::exit(2);
+        }
+        // SAFETY: a raw system call with zero arguments; if the filter let
+        // it through, it fails harmlessly and the process says so.
+        unsafe { libc::syscall(nr, 0, 0, 0) };
+        eprintln!("{call} was allowed under {:?}", policy.name);
+        std::process::exit(0);
+    }
+    let exe = std::env::current_exe().ok()?;
+    let out = std::process::Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, policy.name)
+        .output()
+        .ok()?;
+    Some((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }

@@ -14,12 +14,14 @@
 //! shared with the vmm.
 //! - `uring`: a queue's io_uring and the requests in flight on it.
 //! - `config`: the virtio-blk configuration space.
+//! - `seccomp`: the system calls each kind of thread may make.
 
 pub mod config;
 pub mod connection;
 pub mod export;
 pub mod inflight;
 pub mod memory_fence;
+pub mod seccomp;
 pub mod server;
 pub mod uring;
 pub mod worker;

@@ -155,7 +155,9 @@ pub fn contained_faults() -> usize {
     CONTAINED.load(Ordering::Relaxed)
 }
 
-fn install() -> Result<(), FenceError> {
+/// Installs the SIGBUS handler (once; sessions do it themselves if it is
+/// not there yet, but a process under seccomp installs it before).
+pub fn install() -> Result<(), FenceError> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
         // SAFETY: sysconf has no preconditions.

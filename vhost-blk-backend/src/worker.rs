@@ -91,6 +91,10 @@ impl QueueWorker {
         let ring = QueueRing::new(ring_entries)?;
         let name = format!("queue {}", self.queue);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            if let Err(e) = sandbox::confine(&crate::seccomp::WORKER) {
+                warn!(queue = self.queue, "not serving: {e}");
+                return;
+            }
             let sub = self.export.subscribe();
             let mut r = Running {
                 w: self,

@@ -8,47 +8,14 @@
 
 use sandbox::Policy;
 
-/// What every thread does: allocate, lock, log, take the pause signal,
-/// sleep, end.
-const COMMON: &[&str] = &[
-    "brk",
-    "clock_gettime",
-    "clock_nanosleep",
-    "close",
-    "exit",
-    "exit_group",
-    "futex",
-    "getpid",
-    "getrandom",
-    "gettid",
-    "madvise",
-    "mmap",
-    "mprotect",
-    "mremap",
-    "munmap",
-    "nanosleep",
-    "prctl",
-    "restart_syscall",
-    "rseq",
-    "rt_sigprocmask",
-    "rt_sigreturn",
-    "sched_getaffinity",
-    "sched_yield",
-    "set_robust_list",
-    "sigaltstack",
-    "write",
-    "writev",
-];
-
 /// A vCPU: KVM_RUN and the exits it handles itself: the console, MSI-X
 /// and irqfd changes, and a device the driver starts or resets (the
 /// vhost-user messages to its backend, eventfds for polled queues).
 pub const VCPU: Policy = Policy {
     name: "vcpu",
-    common: COMMON,
-    syscalls: &[
+    groups: &[&[
         "eventfd2", "fcntl", "ioctl", "poll", "ppoll", "recvmsg", "sendmsg", "shutdown",
-    ],
+    ]],
 };
 
 /// A disk's watcher: it waits for the backend to go, reconnects (a new
@@ -56,8 +23,7 @@ pub const VCPU: Policy = Policy {
 /// the guest's requests (which runs under this same filter).
 pub const DISK: Policy = Policy {
     name: "disk watcher",
-    common: COMMON,
-    syscalls: &[
+    groups: &[&[
         "clone",
         "clone3",
         "connect",
@@ -75,15 +41,14 @@ pub const DISK: Policy = Policy {
         "sendmsg",
         "shutdown",
         "socket",
-    ],
+    ]],
 };
 
 /// The control API: one connection at a time, and pausing (signals to
 /// the vCPU threads).
 pub const API: Policy = Policy {
     name: "api",
-    common: COMMON,
-    syscalls: &[
+    groups: &[&[
         "accept4",
         "fcntl",
         "poll",
@@ -92,14 +57,13 @@ pub const API: Policy = Policy {
         "sendto",
         "setsockopt",
         "tgkill",
-    ],
+    ]],
 };
 
 /// The deadline watchdog: waits, and shuts a silent backend's connection.
 pub const DEADLINES: Policy = Policy {
     name: "deadlines",
-    common: COMMON,
-    syscalls: &["shutdown"],
+    groups: &[&["shutdown"]],
 };
 
 /// The main thread once the VM runs: it waits for the VM's end, stops the
@@ -107,8 +71,7 @@ pub const DEADLINES: Policy = Policy {
 /// metrics file and exits.
 pub const MAIN: Policy = Policy {
     name: "main",
-    common: COMMON,
-    syscalls: &[
+    groups: &[&[
         "fcntl",
         "ioctl",
         "newfstatat",
@@ -121,29 +84,14 @@ pub const MAIN: Policy = Policy {
         "statx",
         "tgkill",
         "unlink",
-    ],
+    ]],
 };
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub use sandbox::confine;
 
-/// Whether threads confine themselves (`--no-seccomp` turns it off).
-static ENABLED: AtomicBool = AtomicBool::new(false);
-
-/// Turns filtering on for every thread confined from now on, with the
-/// SIGSYS reporter in place.
+/// Turns filtering on (the vmm's threads confine themselves from now on).
 pub fn enable() -> Result<(), sandbox::SandboxError> {
-    sandbox::install_reporter("vmm")?;
-    ENABLED.store(true, Ordering::SeqCst);
-    Ok(())
-}
-
-/// Confines the calling thread to `policy` (when filtering is on).
-pub fn confine(policy: &Policy) -> Result<(), sandbox::SandboxError> {
-    if ENABLED.load(Ordering::SeqCst) {
-        policy.apply()
-    } else {
-        Ok(())
-    }
+    sandbox::enable("vmm")
 }
 
 #[cfg(test)]

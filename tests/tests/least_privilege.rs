@@ -1,0 +1,82 @@
+//! Least privilege in practice: every thread of both processes runs under
+//! its seccomp filter while a guest works (and the e2e suite as a whole
+//! runs with the filters on), and blk-backend serves as an unprivileged
+//! user once its sockets and images are open.
+
+use std::time::Duration;
+
+use test_infra::{bin, ready, BlkBackendProcess, Fixture, Patience, VmmVm};
+
+/// (thread name, Seccomp mode) of every thread of process `pid`.
+fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        out.push((name.trim().to_string(), mode));
+    }
+    out
+}
+
+fn uid_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:").map(|u| u.trim().to_string()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn both_processes_run_confined_and_the_backend_as_nobody() {
+    if !ready("least_privilege", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.image("vm.img", "64M");
+    let sock = Fixture::socket_of(&image);
+    let backend = BlkBackendProcess::start_exports_with(
+        &bin("blk-backend"),
+        &[(image.clone(), sock.clone())],
+        &["--user", "nobody"],
+    )
+    .expect("blk-backend starts as nobody");
+    assert_eq!(uid_of(backend.pid()), "65534\t65534\t65534\t65534");
+
+    let mut v = VmmVm::new(
+        &bin("vmm"),
+        "mode=randwrite verify=1 gen=2 bs=4k qd=8 size=16M duration_ms=3000 progress_ms=200",
+    )
+    .with_disk(&sock, 1);
+    v.silence = Patience::new("progress lines", Duration::from_millis(200));
+    let mut running = v.spawn().expect("the vmm starts");
+    running
+        .wait_for_progress(
+            1,
+            &Patience::new("the first progress line", Duration::from_millis(200)),
+        )
+        .expect("the workload runs");
+    for (pid, who) in [(running.pid(), "vmm"), (backend.pid(), "blk-backend")] {
+        let threads = thread_seccomp(pid);
+        eprintln!("{who}: {threads:?}");
+        assert!(threads.len() >= 3, "{who}: {threads:?}");
+        for (name, mode) in &threads {
+            // KVM's own kernel threads count as the vmm's tasks.
+            if name.starts_with("kvm") {
+                continue;
+            }
+            assert_eq!(mode, "2", "{who} thread {name:?} runs without its filter");
+        }
+    }
+    let r = running.wait().expect("the vmm ends");
+    r.assert_ok("the verifying workload on a backend that dropped root");
+    backend.stop();
+}

@@ -1,0 +1,119 @@
+//! The system calls each kind of blk-backend thread may make once it is
+//! set up (the model and its reasons: the `sandbox` crate). Found by
+//! tracing every path the tests drive (`strace -ff`, per thread) and by
+//! reading the code those paths run.
+//!
+//! A thread's filter is inherited by the threads it starts, which can only
+//! narrow it: a session thread starts its queue workers, so the session
+//! policy holds the workers' calls too, and each worker narrows to its own.
+
+use sandbox::Policy;
+
+/// File I/O on an open chain (the synchronous path, flushes, growing the
+/// top, the crash shadow), shared by workers, sessions and the main
+/// thread's final close.
+const IMAGE_IO: &[&str] = &[
+    "fallocate",
+    "fdatasync",
+    "fstat",
+    "fsync",
+    "ftruncate",
+    "lseek",
+    "newfstatat",
+    "pread64",
+    "preadv",
+    "preadv2",
+    "pwrite64",
+    "pwritev",
+    "pwritev2",
+    "statx",
+];
+
+/// A queue worker: its event loop (kick, completions, stop), its io_uring,
+/// the synchronous request path, and hanging up a session whose memory
+/// went away.
+pub const WORKER: Policy = Policy {
+    name: "queue worker",
+    groups: &[
+        IMAGE_IO,
+        &[
+            "epoll_create1",
+            "epoll_ctl",
+            "epoll_pwait",
+            "epoll_wait",
+            "fcntl",
+            "io_uring_enter",
+            "read",
+            "shutdown",
+        ],
+    ],
+};
+
+/// A session (an export's socket): accepting a frontend, its vhost-user
+/// messages (memory tables to map, the inflight region to create),
+/// starting queue workers, whose calls it must hold, and at the end
+/// removing its socket.
+pub const SESSION: Policy = Policy {
+    name: "session",
+    groups: &[
+        IMAGE_IO,
+        &[
+            "accept4",
+            "clone",
+            "clone3",
+            "epoll_create1",
+            "epoll_ctl",
+            "epoll_pwait",
+            "epoll_wait",
+            "eventfd2",
+            "fcntl",
+            "io_uring_enter",
+            "io_uring_register",
+            "io_uring_setup",
+            "ioctl",
+            "memfd_create",
+            "poll",
+            "ppoll",
+            "read",
+            "recvmsg",
+            // Each worker narrows its inherited filter to its own.
+            "seccomp",
+            "sendmsg",
+            "shutdown",
+            "unlink",
+            "unlinkat",
+        ],
+    ],
+};
+
+/// The main thread once every session runs: it waits for SIGTERM/SIGINT,
+/// ends the sessions and closes every image cleanly (headers, locks, the
+/// crash shadow removed).
+pub const MAIN: Policy = Policy {
+    name: "main",
+    groups: &[
+        IMAGE_IO,
+        &[
+            "fcntl",
+            "getdents64",
+            "openat",
+            "rename",
+            "rt_sigtimedwait",
+            "shutdown",
+            "unlink",
+            "unlinkat",
+        ],
+    ],
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_compiles() {
+        for p in [WORKER, SESSION, MAIN] {
+            p.compile().unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Each blk-backend thread policy ends the process on a call it does not
+//! allow, with one line naming the call and the policy (the normal
+//! workloads, reconnects and kill -9 restarts run under these same
+//! policies in the end-to-end tests, where they are on by default).
+
+use vhost_blk_backend::seccomp::{MAIN, SESSION, WORKER};
+
+const TEST: &str = "a_forbidden_call_ends_the_process_with_a_report_naming_it";
+
+#[test]
+fn a_forbidden_call_ends_the_process_with_a_report_naming_it() {
+    for (policy, call, nr) in [
+        (WORKER, "socket", 41),
+        (SESSION, "execve", 59),
+        (MAIN, "socket", 41),
+    ] {
+        let Some((status, stderr)) = sandbox::forbidden_call_outcome(&policy, TEST, call) else {
+            continue;
+        };
+        assert_eq!(
+            status,
+            Some(sandbox::FORBIDDEN_EXIT),
+            "{}: {stderr}",
+            policy.name
+        );
+        let report = format!(
+            "under the \"{}\" policy made a forbidden system call: {call} ({nr})",
+            policy.name
+        );
+        assert!(stderr.contains(&report), "{}: {stderr}", policy.name);
+    }
+}

@@ -42,6 +42,15 @@ pub const EVERY_THREAD: &[&str] = &[
     "writev",
 ];
 
+/// An event loop's calls (epoll on eventfds).
+pub const EVENT_LOOP: &[&str] = &[
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_pwait",
+    "epoll_wait",
+    "read",
+];
+
 /// Whether threads confine themselves (a `--no-seccomp` leaves it off).
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -252,39 +261,12 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_and_numbers_agree_with_libc() {
-        assert_eq!(syscall_number("read"), Some(libc::SYS_read));
-        assert_eq!(
-            syscall_number("io_uring_enter"),
-            Some(libc::SYS_io_uring_enter)
-        );
-        assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
-        assert_eq!(syscall_name(10_000), None);
-        assert_eq!(syscall_number("no_such_call"), None);
-    }
-
-    #[test]
-    fn an_unknown_name_is_refused_by_name() {
-        let p = Policy {
-            name: "test",
-            groups: &[&["read", "no_such_call"]],
-        };
-        let e = p.compile().expect_err("refused");
-        assert!(e.to_string().contains("no_such_call"), "{e}");
-    }
-}
-
 /// For tests of a program's policies: runs this test binary again (test
 /// `test`), where the thread confines itself to `policy` and makes system
 /// call `call`, and returns the child's exit status and standard error.
 /// In that child the call with the matching policy ends the process (the
 /// point), and the others return `None`.
-pub fn forbidden_call_outcome(
+fn forbidden_call_outcome(
     policy: &Policy,
     test: &str,
     call: &'static str,
@@ -314,4 +296,49 @@ pub fn forbidden_call_outcome(
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// For tests of a program's policies: asserts that a thread confined to
+/// `policy` that makes system call `call` ends the process with
+/// [`FORBIDDEN_EXIT`] and a report naming the policy and the call. `test`
+/// is the calling test's name: the check runs in a child process, this
+/// test binary run again.
+pub fn assert_forbidden_call_is_reported(policy: &Policy, test: &str, call: &'static str) {
+    let Some((status, stderr)) = forbidden_call_outcome(policy, test, call) else {
+        return;
+    };
+    assert_eq!(status, Some(FORBIDDEN_EXIT), "{}: {stderr}", policy.name);
+    let nr = syscall_number(call).unwrap_or(-1);
+    let report = format!(
+        "under the \"{}\" policy made a forbidden system call: {call} ({nr})",
+        policy.name
+    );
+    assert!(stderr.contains(&report), "{}: {stderr}", policy.name);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_numbers_agree_with_libc() {
+        assert_eq!(syscall_number("read"), Some(libc::SYS_read));
+        assert_eq!(
+            syscall_number("io_uring_enter"),
+            Some(libc::SYS_io_uring_enter)
+        );
+        assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
+        assert_eq!(syscall_name(10_000), None);
+        assert_eq!(syscall_number("no_such_call"), None);
+    }
+
+    #[test]
+    fn an_unknown_name_is_refused_by_name() {
+        let p = Policy {
+            name: "test",
+            groups: &[&["read", "no_such_call"]],
+        };
+        let e = p.compile().expect_err("refused");
+        assert!(e.to_string().contains("no_such_call"), "{e}");
+    }
 }

@@ -36,16 +36,8 @@ pub const WORKER: Policy = Policy {
     name: "queue worker",
     groups: &[
         IMAGE_IO,
-        &[
-            "epoll_create1",
-            "epoll_ctl",
-            "epoll_pwait",
-            "epoll_wait",
-            "fcntl",
-            "io_uring_enter",
-            "read",
-            "shutdown",
-        ],
+        sandbox::EVENT_LOOP,
+        &["fcntl", "io_uring_enter", "read", "shutdown"],
     ],
 };
 
@@ -57,14 +49,11 @@ pub const SESSION: Policy = Policy {
     name: "session",
     groups: &[
         IMAGE_IO,
+        sandbox::EVENT_LOOP,
         &[
             "accept4",
             "clone",
             "clone3",
-            "epoll_create1",
-            "epoll_ctl",
-            "epoll_pwait",
-            "epoll_wait",
             "eventfd2",
             "fcntl",
             "io_uring_enter",

@@ -9,24 +9,7 @@ const TEST: &str = "a_forbidden_call_ends_the_process_with_a_report_naming_it";
 
 #[test]
 fn a_forbidden_call_ends_the_process_with_a_report_naming_it() {
-    for (policy, call, nr) in [
-        (WORKER, "socket", 41),
-        (SESSION, "execve", 59),
-        (MAIN, "socket", 41),
-    ] {
-        let Some((status, stderr)) = sandbox::forbidden_call_outcome(&policy, TEST, call) else {
-            continue;
-        };
-        assert_eq!(
-            status,
-            Some(sandbox::FORBIDDEN_EXIT),
-            "{}: {stderr}",
-            policy.name
-        );
-        let report = format!(
-            "under the \"{}\" policy made a forbidden system call: {call} ({nr})",
-            policy.name
-        );
-        assert!(stderr.contains(&report), "{}: {stderr}", policy.name);
+    for (policy, call) in [(WORKER, "socket"), (SESSION, "execve"), (MAIN, "socket")] {
+        sandbox::assert_forbidden_call_is_reported(&policy, TEST, call);
     }
 }

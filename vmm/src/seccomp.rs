@@ -23,25 +23,13 @@ pub const VCPU: Policy = Policy {
 /// the guest's requests (which runs under this same filter).
 pub const DISK: Policy = Policy {
     name: "disk watcher",
-    groups: &[&[
-        "clone",
-        "clone3",
-        "connect",
-        "epoll_create1",
-        "epoll_ctl",
-        "epoll_pwait",
-        "epoll_wait",
-        "eventfd2",
-        "fcntl",
-        "poll",
-        "ppoll",
-        "pread64",
-        "read",
-        "recvmsg",
-        "sendmsg",
-        "shutdown",
-        "socket",
-    ]],
+    groups: &[
+        sandbox::EVENT_LOOP,
+        &[
+            "clone", "clone3", "connect", "eventfd2", "fcntl", "poll", "ppoll", "pread64", "read",
+            "recvmsg", "sendmsg", "shutdown", "socket",
+        ],
+    ],
 };
 
 /// The control API: one connection at a time, and pausing (signals to

@@ -658,8 +658,9 @@ fn memory_truncated_under_the_backend_ends_that_session_only() {
 }
 
 /// Requests framed any legal way (VIRTIO 1.x) are served: a header split
-/// over two descriptors, header and data in one, data and status in one;
-/// the used length is what the device wrote, status included.
+/// over two descriptors, header and data in one, data and status in one,
+/// direct descriptors followed by an indirect table; the used length is
+/// what the device wrote, status included.
 #[test]
 fn any_legal_descriptor_layout_is_served() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -685,6 +686,32 @@ fn any_legal_descriptor_layout_is_served() {
     let mut back = [0u8; 4096];
     g.mem
         .read_slice(&mut back, GuestAddress(0x20000))
+        .expect("r");
+    assert_eq!(back, [0x3c; 4096]);
+    // Direct then indirect: the header in the queue's table, the data and
+    // the status in an indirect table the chain's last descriptor points
+    // to (an indirect descriptor ends a chain, which the spec allows).
+    const INDIRECT: u16 = 4;
+    g.header(0x8000, VIRTIO_BLK_T_IN, 16);
+    let table = 0x30000u64;
+    for (i, (addr, len, flags, next)) in [
+        (0x40000u64, 4096u32, NEXT | WRITE, 1u16),
+        (0xb000, 1, WRITE, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let at = GuestAddress(table + 16 * i as u64);
+        g.mem.write_obj(addr, at).expect("w");
+        g.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("w");
+        g.mem.write_obj(flags, GuestAddress(at.0 + 12)).expect("w");
+        g.mem.write_obj(next, GuestAddress(at.0 + 14)).expect("w");
+    }
+    g.desc(6, 0x8000, 16, NEXT, 7);
+    g.desc(7, table, 32, INDIRECT, 0);
+    assert_eq!(g.run(6, 0xb000), (4097, OK));
+    g.mem
+        .read_slice(&mut back, GuestAddress(0x40000))
         .expect("r");
     assert_eq!(back, [0x3c; 4096]);
     drop(g);

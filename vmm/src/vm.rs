@@ -358,6 +358,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
 /// them from the inflight region).
 fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::Duration) {
     let lock = || dev.lock().unwrap_or_else(|e| e.into_inner());
+    // A guest whose driver keeps failing its device's start makes the
+    // connection end again and again: those lines are bounded.
+    let mut lines = cli_support::log_limit::LogLimit::default();
     loop {
         if ctl.state() == crate::control::RunState::Stopping {
             return;
@@ -376,7 +379,10 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
         if n <= 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) == 0 {
             continue;
         }
-        warn!("a disk backend went away; reconnecting");
+        lines.emit(
+            || warn!("a disk backend went away; reconnecting"),
+            |n| warn!("{n} more disconnections (not logged one by one)"),
+        );
         let t0 = std::time::Instant::now();
         let mut last = String::new();
         // Soon at first (a restarted backend is back in tens of ms), then
@@ -392,9 +398,10 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
             let attempt = lock().reconnect();
             match attempt {
                 Ok(()) => {
-                    info!(
-                        after_ms = t0.elapsed().as_millis() as u64,
-                        "disk backend reconnected"
+                    let after_ms = t0.elapsed().as_millis() as u64;
+                    lines.emit(
+                        || info!(after_ms, "disk backend reconnected"),
+                        |n| info!("{n} more reconnections (not logged one by one)"),
                     );
                     break;
                 }

@@ -93,6 +93,9 @@ enum Row {
     QemuBlkBackend,
     VmmQsd,
     VmmBlkBackend,
+    /// The same with both processes' seccomp filters off: what the filters
+    /// cost.
+    VmmBlkBackendNoSeccomp,
 }
 
 impl Row {
@@ -104,6 +107,7 @@ impl Row {
             Row::QemuBlkBackend => "QEMU + blk-backend (snap image, io_uring, O_DIRECT)",
             Row::VmmQsd => "vmm + qemu-storage-daemon vhost-user-blk",
             Row::VmmBlkBackend => "vmm + blk-backend (snap image, io_uring, O_DIRECT)",
+            Row::VmmBlkBackendNoSeccomp => "the same, seccomp off in both (--no-seccomp)",
         }
     }
 
@@ -115,6 +119,7 @@ impl Row {
             Row::QemuBlkBackend => "blk-backend",
             Row::VmmQsd => "vmm-qsd",
             Row::VmmBlkBackend => "vmm-blk-backend",
+            Row::VmmBlkBackendNoSeccomp => "vmm-blk-backend-no-seccomp",
         }
     }
 }
@@ -220,13 +225,20 @@ fn guest_cmdline(w: &Workload, seconds: u64) -> String {
     )
 }
 
-fn run_vmm(vmm: &Path, socket: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
+fn run_vmm(
+    vmm: &Path,
+    socket: &Path,
+    w: &Workload,
+    seconds: u64,
+    options: &[&str],
+) -> Result<Sample> {
     let r = VmmVm {
         cpus: 1,
         mem_mib: 512,
         metrics_file: None,
         limit: run_patience(seconds + 60),
         silence: run_patience(seconds + 60),
+        options: options.iter().map(|o| o.to_string()).collect(),
         ..VmmVm::new(vmm, &guest_cmdline(w, seconds)).with_disk(socket, 1)
     }
     .run()?;
@@ -408,6 +420,7 @@ fn main() -> Result<()> {
                 Row::QemuBlkBackend,
                 Row::VmmQsd,
                 Row::VmmBlkBackend,
+                Row::VmmBlkBackendNoSeccomp,
             ]
             .into_iter()
             .filter(|r| a.rows.is_empty() || a.rows.iter().any(|n| n == r.short()))
@@ -435,14 +448,25 @@ fn main() -> Result<()> {
                         }
                         Row::VmmQsd => {
                             let d = StorageDaemon::start(file, &sock, 1, true)?;
-                            let s = run_vmm(&vmm_bin, &d.socket, w, a.seconds);
+                            let s = run_vmm(&vmm_bin, &d.socket, w, a.seconds, &[]);
                             drop(d);
                             s?
                         }
-                        Row::VmmBlkBackend | Row::QemuBlkBackend => {
-                            let b = BlkBackendProcess::start(&backend_bin, &snap, &sock, 1, false)?;
-                            let mut s = if row == Row::VmmBlkBackend {
-                                run_vmm(&vmm_bin, &b.socket, w, a.seconds)?
+                        Row::VmmBlkBackend
+                        | Row::VmmBlkBackendNoSeccomp
+                        | Row::QemuBlkBackend => {
+                            let options: &[&str] = if row == Row::VmmBlkBackendNoSeccomp {
+                                &["--no-seccomp"]
+                            } else {
+                                &[]
+                            };
+                            let b = BlkBackendProcess::start_exports_with(
+                                &backend_bin,
+                                &[(snap.clone(), sock.clone())],
+                                options,
+                            )?;
+                            let mut s = if row != Row::QemuBlkBackend {
+                                run_vmm(&vmm_bin, &b.socket, w, a.seconds, options)?
                             } else {
                                 run_guest(Disk::vhost_user(&b.socket, 1), w, a.seconds)?
                             };
@@ -641,6 +665,23 @@ fn main() -> Result<()> {
             "| {} | {} | {cpu:.2} | {rss:.1} |\n",
             c.storage, c.workload.name
         );
+    }
+    md += "\n## What the seccomp filters cost\n\nvmm + blk-backend with every thread filtered (the default) against both with `--no-seccomp`, same run, same image (the SIGBUS fence has no switch: on the hot path it is one atomic load per batch).\n\n| storage | workload | IOPS filtered | IOPS unfiltered | ratio |\n|---|---|---:|---:|---:|\n";
+    for c in cells.iter().filter(|c| c.row == Row::VmmBlkBackend) {
+        if let Some(off) = cells.iter().find(|o| {
+            o.row == Row::VmmBlkBackendNoSeccomp
+                && o.storage == c.storage
+                && o.workload.name == c.workload.name
+        }) {
+            md += &format!(
+                "| {} | {} | {:.0} | {:.0} | {:.3} |\n",
+                c.storage,
+                c.workload.name,
+                c.median_iops,
+                off.median_iops,
+                c.median_iops / off.median_iops.max(1.0)
+            );
+        }
     }
     md += "\n## Boot to the guest's start marker (exec to marker, whole VMM process)\n\n| VMM | median ms | runs ms |\n|---|---:|---|\n";
     for (m, med, all) in &boots {

@@ -342,6 +342,8 @@ pub struct VmmVm {
     pub metrics_file: Option<PathBuf>,
     /// The control API's socket.
     pub api_socket: Option<PathBuf>,
+    /// More options for the vmm (`--no-seccomp`, say).
+    pub options: Vec<String>,
 }
 
 impl VmmVm {
@@ -359,6 +361,7 @@ impl VmmVm {
             silence: default_silence(),
             metrics_file: None,
             api_socket: None,
+            options: Vec::new(),
         }
     }
 
@@ -377,6 +380,7 @@ impl VmmVm {
         c.args(["--cpus", &self.cpus.to_string()]);
         c.args(["--memory", &format!("{}M", self.mem_mib)]);
         c.args(["--cmdline", &self.cmdline]);
+        c.args(&self.options);
         for d in &self.disks {
             let mut spec = format!("socket={},num_queues={}", d.socket.display(), d.num_queues);
             if let Some(ms) = d.reconnect_timeout_ms {

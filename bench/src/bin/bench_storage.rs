@@ -452,9 +452,7 @@ fn main() -> Result<()> {
                             drop(d);
                             s?
                         }
-                        Row::VmmBlkBackend
-                        | Row::VmmBlkBackendNoSeccomp
-                        | Row::QemuBlkBackend => {
+                        Row::VmmBlkBackend | Row::VmmBlkBackendNoSeccomp | Row::QemuBlkBackend => {
                             let options: &[&str] = if row == Row::VmmBlkBackendNoSeccomp {
                                 &["--no-seccomp"]
                             } else {

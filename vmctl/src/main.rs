@@ -1,0 +1,403 @@
+//! `vmctl`: named VMs with a whole lifecycle, and test fleets, on the
+//! project's vmm and blk-backend.
+
+mod binaries;
+mod fleet;
+mod ops;
+mod state;
+mod supervisor;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::ops::Spec;
+use crate::state::{Observed, Root};
+
+#[derive(Parser)]
+#[command(
+    name = "vmctl",
+    version,
+    about = "Named VMs on the vmm and blk-backend: create, start, stop, pause, logs, delete; test fleets from one snapshot",
+    after_help = "With no arguments, `vmctl run` runs the built-in demo: guests that verify a base's data through their own clones."
+)]
+struct Cli {
+    /// Where VMs live (default: /var/lib/vmctl as root, else $XDG_STATE_HOME/vmctl).
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+struct VmOptions {
+    /// The kernel (default: the built-in bench guest).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The kernel command line (in `run`, {n} and {name} are each VM's).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory (512M, 1G).
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// The disk's queues.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Define a VM with its own writable clone of IMAGE (FILE@SNAPSHOT, or
+    /// a working image, which is snapshotted first). Nothing runs yet.
+    Create {
+        name: String,
+        #[arg(long)]
+        image: PathBuf,
+        #[command(flatten)]
+        vm: VmOptions,
+    },
+    /// Start a defined (or ended) VM.
+    Start {
+        name: String,
+    },
+    /// Shut a VM down gracefully; forced after --timeout seconds.
+    Stop {
+        name: String,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// End a VM at once.
+    Kill {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Stop (if running) and start again.
+    Restart {
+        name: String,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Every VM: state, pid, cpus, memory, disk, uptime.
+    #[command(alias = "ps")]
+    List {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// One VM in full.
+    Info {
+        name: String,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// The VM's serial console (kept in a bounded file).
+    Logs {
+        name: String,
+        /// Keep printing as the guest writes, until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Wait until the VMs end; print and return their exit status.
+    Wait {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Remove a VM: its clone, sockets, logs, state.
+    #[command(alias = "rm")]
+    Delete {
+        name: String,
+        /// Kill it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// A test fleet: COUNT VMs cloned from IMAGE, started together, waited
+    /// for, one row each and a summary (no arguments: the built-in demo).
+    Run {
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// VM names are PREFIX-1 .. PREFIX-COUNT.
+        #[arg(long = "name", default_value = "run")]
+        prefix: String,
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[command(flatten)]
+        vm: VmOptions,
+        /// Delete the VMs when they are done.
+        #[arg(long)]
+        rm: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        name: String,
+    },
+}
+
+fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
+    Ok(Spec {
+        image,
+        kernel: vm.kernel.clone(),
+        initrd: vm.initrd.clone(),
+        cmdline: vm.cmdline.clone(),
+        cpus: vm.cpus,
+        memory: cli_support::parse_size(&vm.memory).context("--memory")?,
+        queues: vm.queues,
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1}G", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1}M", n as f64 / (1u64 << 20) as f64),
+        n => format!("{:.0}K", n as f64 / 1024.0),
+    }
+}
+
+fn exit_code_of(states: &[(String, Observed)]) -> i32 {
+    states
+        .iter()
+        .map(|(_, s)| match s {
+            Observed::Exited(n) => *n,
+            _ => 1,
+        })
+        .find(|&n| n != 0)
+        .unwrap_or(0)
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let root = Root::open(&cli.state_dir.unwrap_or_else(state::default_root))?;
+    match cli.command {
+        Cmd::Create { name, image, vm } => {
+            let vm = ops::create(&root, &name, &spec(image, &vm)?)?;
+            println!("{}: defined ({})", vm.name, vm.path.display());
+        }
+        Cmd::Start { name } => {
+            ops::start(&root, &name)?;
+            println!("{name}: running");
+        }
+        Cmd::Stop { name, timeout } => {
+            let s = ops::stop(&root, &name, Duration::from_secs(timeout))?;
+            println!("{name}: {s}");
+        }
+        Cmd::Kill { name } => {
+            let s = ops::kill(&root, &name)?;
+            println!("{name}: {s}");
+        }
+        Cmd::Pause { name } => {
+            ops::pause(&root, &name)?;
+            println!("{name}: paused");
+        }
+        Cmd::Resume { name } => {
+            ops::resume(&root, &name)?;
+            println!("{name}: running");
+        }
+        Cmd::Restart { name, timeout } => {
+            ops::restart(&root, &name, Duration::from_secs(timeout))?;
+            println!("{name}: running");
+        }
+        Cmd::List { output } => {
+            let rows: Vec<Value> = root
+                .list()?
+                .iter()
+                .map(ops::describe)
+                .collect::<Result<_>>()?;
+            if output == Output::Json {
+                print_json(&json!(rows));
+            } else {
+                println!(
+                    "{:<20} {:<22} {:>8} {:>4} {:>7} {:>9} {:>9}",
+                    "NAME", "STATE", "PID", "CPUS", "MEMORY", "DISK", "UPTIME"
+                );
+                for r in rows {
+                    let mut state = r["state"].as_str().unwrap_or("").to_string();
+                    if let Some(n) = r["exit-status"].as_i64() {
+                        state = format!("exited ({n})");
+                    }
+                    println!(
+                        "{:<20} {:<22} {:>8} {:>4} {:>7} {:>9} {:>9}",
+                        r["name"].as_str().unwrap_or(""),
+                        state,
+                        r["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+                        r["cpus"],
+                        human_bytes(r["memory"].as_u64().unwrap_or(0)),
+                        human_bytes(r["disk-bytes"].as_u64().unwrap_or(0)),
+                        r["uptime-s"]
+                            .as_f64()
+                            .map_or("-".into(), |s| format!("{s:.1}s")),
+                    );
+                }
+            }
+        }
+        Cmd::Info { name, output } => {
+            let v = ops::describe(&root.vm(&name)?)?;
+            if output == Output::Json {
+                print_json(&v);
+            } else if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    if !val.is_null() {
+                        println!(
+                            "{k}: {}",
+                            val.as_str().map_or(val.to_string(), String::from)
+                        );
+                    }
+                }
+            }
+        }
+        Cmd::Logs { name, follow, tail } => {
+            let vm = root.vm(&name)?;
+            let text = ops::console_text(&vm);
+            let lines: Vec<&str> = text.lines().collect();
+            let from = tail.map_or(0, |t| lines.len().saturating_sub(t));
+            for l in &lines[from..] {
+                println!("{l}");
+            }
+            if follow {
+                let mut shown = text.len();
+                loop {
+                    let active = vm.observed()?.is_active();
+                    let now = ops::console_text(&vm);
+                    if now.len() > shown {
+                        print!("{}", &now[shown..]);
+                        shown = now.len();
+                    } else if now.len() < shown {
+                        // Rotated: start over from what is kept.
+                        shown = 0;
+                        continue;
+                    }
+                    if !active {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Cmd::Wait { names, output } => {
+            let states = ops::wait(&root, &names)?;
+            let code = exit_code_of(&states);
+            if output == Output::Json {
+                print_json(&json!(states
+                    .iter()
+                    .map(|(n, s)| json!({ "name": n, "state": s.to_string(), "exit-status": match s { Observed::Exited(c) => Some(*c), _ => None } }))
+                    .collect::<Vec<_>>()));
+            } else {
+                for (n, s) in &states {
+                    println!("{n}: {s}");
+                }
+            }
+            return Ok(code);
+        }
+        Cmd::Delete { name, force } => {
+            ops::delete(&root, &name, force)?;
+            println!("{name}: deleted");
+        }
+        Cmd::Run {
+            count,
+            prefix,
+            image,
+            vm,
+            rm,
+            output,
+        } => {
+            let demo = image.is_none();
+            let (image, vm, prefix, rm, count) = match image {
+                Some(i) => (i, vm, prefix, rm, count),
+                None => {
+                    if !vm.cmdline.is_empty() || vm.kernel.is_some() {
+                        bail!("--image is needed with --cmdline or --kernel (no image: the demo)");
+                    }
+                    let demo_vm = VmOptions {
+                        cmdline: fleet::DEMO_READ.into(),
+                        ..vm
+                    };
+                    let prefix = format!("demo{}", std::process::id());
+                    (
+                        fleet::demo_base(&root)?,
+                        demo_vm,
+                        prefix,
+                        true,
+                        count.max(2),
+                    )
+                }
+            };
+            let report = fleet::run(&root, &prefix, count, &spec(image, &vm)?, rm)?;
+            if output == Output::Json {
+                print_json(&json!({
+                    "vms": report.rows,
+                    "failed": report.failed,
+                    "wall-s": report.wall_s,
+                }));
+            } else {
+                println!("{:<24} {:<14} {:>8}  RESULT", "NAME", "STATE", "WALL");
+                for r in &report.rows {
+                    let result = &r["result"];
+                    let summary = if result.is_null() {
+                        "(no result line)".to_string()
+                    } else {
+                        result.to_string()
+                    };
+                    println!(
+                        "{:<24} {:<14} {:>6}ms  {}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or(""),
+                        r["wall-ms"].as_u64().map_or("-".into(), |m| m.to_string()),
+                        summary.chars().take(160).collect::<String>()
+                    );
+                }
+                println!(
+                    "{} VMs: {} ok, {} failed, {:.2} s{}",
+                    report.rows.len(),
+                    report.rows.len() - report.failed,
+                    report.failed,
+                    report.wall_s,
+                    if demo {
+                        " (demo: each guest read and verified the base's data through its own clone)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            return Ok(i32::from(report.failed > 0));
+        }
+        Cmd::Supervise { name } => {
+            let vm = root.vm(&name)?;
+            supervisor::supervise(&vm)?;
+        }
+    }
+    Ok(0)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = run(cli).unwrap_or_else(|e| {
+        eprintln!("vmctl: error: {}", cli_support::report(&e));
+        1
+    });
+    std::process::exit(code)
+}

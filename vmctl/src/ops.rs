@@ -1,0 +1,342 @@
+//! The verbs on one VM. Each one that changes a VM holds its lock, so
+//! concurrent vmctl calls on one VM happen one after the other.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use image_format::{ops, Layer, RealEnv};
+use serde_json::{json, Value};
+
+use crate::state::{alive, now_ms, Observed, Root, VmConfig, VmDir};
+use crate::supervisor::KILL_MARKER;
+
+/// What `create` is given.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub image: PathBuf,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: u64,
+    pub queues: u16,
+}
+
+/// Defines VM `name` and gives it its own writable clone of the image (a
+/// working image is snapshotted first, as `img clone --seal` does).
+/// Nothing is left behind when it fails.
+pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
+    if !(1..=64).contains(&spec.cpus) {
+        bail!("--cpus {}: 1 to 64", spec.cpus);
+    }
+    if !(1..=64).contains(&spec.queues) {
+        bail!("--queues {}: 1 to 64", spec.queues);
+    }
+    for (what, p) in [("--kernel", &spec.kernel), ("--initrd", &spec.initrd)] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                bail!("{what} {}: no such file", p.display());
+            }
+        }
+    }
+    if !spec.image.exists() {
+        bail!("--image {}: no such image", spec.image.display());
+    }
+    let vm = root.claim(name)?;
+    let made = (|| -> Result<()> {
+        let env = RealEnv;
+        let base = Layer::open(&env, &spec.image, false)
+            .with_context(|| format!("--image {}", spec.image.display()))?;
+        let base_path = if base.header.sealed() {
+            spec.image.clone()
+        } else {
+            drop(base);
+            ops::snapshot_create(&env, &spec.image, &format!("vmctl-{name}")).with_context(
+                || {
+                    format!(
+                        "--image {}: snapshotting it to clone it",
+                        spec.image.display()
+                    )
+                },
+            )?
+        };
+        ops::clone(&env, &base_path, &vm.disk())
+            .with_context(|| format!("cloning {}", base_path.display()))?;
+        vm.write_config(&VmConfig {
+            name: name.to_string(),
+            image: base_path.display().to_string(),
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            cmdline: spec.cmdline.clone(),
+            cpus: spec.cpus,
+            memory: spec.memory,
+            queues: spec.queues,
+            created_unix: now_ms() / 1000,
+        })?;
+        Ok(())
+    })();
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&vm.path);
+        return Err(e);
+    }
+    Ok(vm)
+}
+
+/// Starts the VM's supervisor (detached: it outlives vmctl and the
+/// terminal) and waits until the VM runs or fails.
+pub fn start(root: &Root, name: &str) -> Result<()> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    start_locked(root, &vm)?;
+    wait_started(&vm)
+}
+
+/// Spawns the supervisor; the caller holds the VM's lock.
+pub fn start_locked(root: &Root, vm: &VmDir) -> Result<()> {
+    if vm.observed()?.is_active() {
+        bail!("VM {} is already running", vm.name);
+    }
+    for stale in [vm.api_socket(), vm.status_path()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let exe = std::env::current_exe().context("finding vmctl itself")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(vm.path.join("supervisor.log"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(&root.path)
+        .arg("__supervise")
+        .arg(&vm.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid in the child before exec: async-signal-safe, touches
+    // no memory of ours. Its own session: no terminal hang-up reaches it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the VM's supervisor")?;
+    // Reaped when it ends, however long this vmctl lives (a fleet run).
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
+/// Until the VM runs (its API answers) or its start failed.
+pub fn wait_started(vm: &VmDir) -> Result<()> {
+    // Starting takes milliseconds (a backend, a vmm, a boot); a start
+    // that has not happened after a minute is stuck.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = vm.status()?;
+        match status.as_ref().map(|s| s.state.as_str()) {
+            Some("running") if vm.api_socket().exists() => return Ok(()),
+            Some("failed") => bail!(
+                "VM {} failed to start: {}",
+                vm.name,
+                status.and_then(|s| s.reason).unwrap_or_default()
+            ),
+            Some("exited") => return Ok(()),
+            _ => {}
+        }
+        if let Some(pid) = status.and_then(|s| s.supervisor_pid) {
+            if !alive(pid) && !matches!(vm.observed()?, Observed::Exited(_)) {
+                bail!(
+                    "VM {}: its supervisor ended at start (see {})",
+                    vm.name,
+                    vm.path.join("supervisor.log").display()
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("VM {} did not start within 60 s", vm.name);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn api(vm: &VmDir, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
+    let (code, text) = vmm::api::call(&vm.api_socket(), method, path, body)
+        .with_context(|| format!("VM {}: its control API", vm.name))?;
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if code != 200 {
+        bail!("VM {}: the vmm answered {code}: {v}", vm.name);
+    }
+    Ok(v)
+}
+
+fn require_running(vm: &VmDir) -> Result<()> {
+    match vm.observed()? {
+        Observed::Running => Ok(()),
+        other => bail!("VM {} is not running ({other})", vm.name),
+    }
+}
+
+pub fn pause(root: &Root, name: &str) -> Result<Value> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    require_running(&vm)?;
+    api(&vm, "PUT", "/api/v1/vm.pause", None)
+}
+
+pub fn resume(root: &Root, name: &str) -> Result<Value> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    require_running(&vm)?;
+    api(&vm, "PUT", "/api/v1/vm.resume", None)
+}
+
+/// Until the VM is no longer active, or `limit` passed (false).
+fn wait_ended(vm: &VmDir, limit: Duration) -> Result<bool> {
+    let deadline = Instant::now() + limit;
+    while vm.observed()?.is_active() {
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(true)
+}
+
+/// Graceful shutdown through the API; forced after `timeout`.
+pub fn stop(root: &Root, name: &str, timeout: Duration) -> Result<Observed> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    stop_locked(&vm, timeout)
+}
+
+fn stop_locked(vm: &VmDir, timeout: Duration) -> Result<Observed> {
+    if !vm.observed()?.is_active() {
+        bail!("VM {} is not running ({})", vm.name, vm.observed()?);
+    }
+    let asked = api(vm, "PUT", "/api/v1/vm.shutdown", Some("{}")).is_ok();
+    if !asked || !wait_ended(vm, timeout)? {
+        kill_locked(vm)?;
+    }
+    Ok(vm.observed()?)
+}
+
+pub fn kill(root: &Root, name: &str) -> Result<Observed> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    if !vm.observed()?.is_active() {
+        bail!("VM {} is not running ({})", vm.name, vm.observed()?);
+    }
+    kill_locked(&vm)?;
+    Ok(vm.observed()?)
+}
+
+fn kill_locked(vm: &VmDir) -> Result<()> {
+    std::fs::write(vm.path.join(KILL_MARKER), b"")?;
+    if let Some(pid) = vm.status()?.and_then(|s| s.vmm_pid) {
+        // SAFETY: a signal to the VM's vmm, whose pid its supervisor
+        // recorded and which is still alive (checked by observed()).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    // The supervisor records the end within milliseconds of the vmm's.
+    if !wait_ended(vm, Duration::from_secs(30))? {
+        bail!("VM {}: still running after SIGKILL", vm.name);
+    }
+    Ok(())
+}
+
+pub fn restart(root: &Root, name: &str, timeout: Duration) -> Result<()> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    if vm.observed()?.is_active() {
+        stop_locked(&vm, timeout)?;
+    }
+    start_locked(root, &vm)?;
+    wait_started(&vm)
+}
+
+/// Removes the VM: its clone, sockets, logs and state.
+pub fn delete(root: &Root, name: &str, force: bool) -> Result<()> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    if vm.observed()?.is_active() {
+        if !force {
+            bail!("VM {name} is running: stop it first (vmctl stop {name}), or delete --force");
+        }
+        kill_locked(&vm)?;
+    }
+    std::fs::remove_dir_all(&vm.path).with_context(|| format!("removing {}", vm.path.display()))
+}
+
+/// Bytes a file occupies on disk.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// One VM as `list` and `info` show it.
+pub fn describe(vm: &VmDir) -> Result<Value> {
+    let c = vm.config()?;
+    let status = vm.status()?;
+    let observed = vm.observed()?;
+    let mut state = match &observed {
+        Observed::Exited(_) => "exited".to_string(),
+        Observed::Failed(_) => "failed".to_string(),
+        o => o.to_string(),
+    };
+    if observed == Observed::Running {
+        if let Ok(v) = api(vm, "GET", "/api/v1/vm.info", None) {
+            if v["state"] == "paused" {
+                state = "paused".into();
+            }
+        }
+    }
+    let active = observed.is_active();
+    let uptime_s = status
+        .as_ref()
+        .filter(|_| active)
+        .map(|s| (now_ms().saturating_sub(s.started_unix_ms)) as f64 / 1000.0);
+    Ok(json!({
+        "name": c.name,
+        "state": state,
+        "exit-status": match observed { Observed::Exited(n) => Some(n), _ => None },
+        "reason": match &observed { Observed::Failed(r) => Some(r.clone()), _ => status.as_ref().and_then(|s| s.reason.clone()) },
+        "pid": status.as_ref().filter(|_| active).and_then(|s| s.vmm_pid),
+        "cpus": c.cpus,
+        "memory": c.memory,
+        "image": c.image,
+        "disk": vm.disk(),
+        "disk-bytes": allocated(&vm.disk()),
+        "uptime-s": uptime_s,
+        "backend-restarts": status.as_ref().map_or(0, |s| s.backend_restarts),
+        "kernel": c.kernel,
+        "cmdline": c.cmdline,
+        "queues": c.queues,
+        "dir": vm.path,
+    }))
+}
+
+/// The last `tail` lines of the console (None: all of what is kept).
+pub fn console_text(vm: &VmDir) -> String {
+    let mut text =
+        std::fs::read_to_string(vm.console().with_extension("log.1")).unwrap_or_default();
+    text += &std::fs::read_to_string(vm.console()).unwrap_or_default();
+    text
+}
+
+/// Until every VM named ended; their states.
+pub fn wait(root: &Root, names: &[String]) -> Result<Vec<(String, Observed)>> {
+    let vms: Vec<VmDir> = names.iter().map(|n| root.vm(n)).collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for vm in vms {
+        while vm.observed()?.is_active() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        out.push((vm.name.clone(), vm.observed()?));
+    }
+    Ok(out)
+}

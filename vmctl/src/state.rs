@@ -1,0 +1,372 @@
+//! What vmctl keeps on disk: a state root with one directory per VM,
+//! holding its definition, its disk (a clone), its sockets, its console
+//! and what became of its last run. vmctl itself is short-lived; this
+//! directory is the truth every call reads.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error(
+        "{0:?} is not a VM name: use 1 to 63 of a-z, 0-9, '-' and '_', starting with a letter or digit"
+    )]
+    BadName(String),
+    #[error("no VM named {0:?} (vmctl list shows them)")]
+    NoSuchVm(String),
+    #[error("a VM named {0:?} already exists")]
+    Exists(String),
+    #[error("state directory {path}: {what}")]
+    Dir {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Checks a VM name: it becomes a directory and socket names.
+pub fn check_name(name: &str) -> Result<(), StateError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::BadName(name.to_string()))
+    }
+}
+
+/// The state root: `vms/NAME/` per VM, `images/` for what vmctl makes
+/// itself (the demo's base).
+#[derive(Debug, Clone)]
+pub struct Root {
+    pub path: PathBuf,
+}
+
+/// The default root: /var/lib/vmctl as root, else $XDG_STATE_HOME/vmctl
+/// (~/.local/state/vmctl).
+pub fn default_root() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/vmctl");
+    }
+    match std::env::var_os("XDG_STATE_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("vmctl"),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/state/vmctl"),
+    }
+}
+
+fn dir_error(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> StateError {
+    let (path, what) = (path.to_path_buf(), what.to_string());
+    move |source| StateError::Dir { path, what, source }
+}
+
+impl Root {
+    /// Opens the root, making it if needed; it must be writable.
+    pub fn open(path: &Path) -> Result<Root, StateError> {
+        std::fs::create_dir_all(path.join("vms")).map_err(dir_error(path, "cannot create it"))?;
+        std::fs::create_dir_all(path.join("images"))
+            .map_err(dir_error(path, "cannot create it"))?;
+        // Writable, checked up front: not half-way through a create.
+        let probe = path.join(format!(".probe-{}", std::process::id()));
+        File::create(&probe).map_err(dir_error(path, "not writable"))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(Root {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn images(&self) -> PathBuf {
+        self.path.join("images")
+    }
+
+    pub fn vm(&self, name: &str) -> Result<VmDir, StateError> {
+        check_name(name)?;
+        let path = self.path.join("vms").join(name);
+        if !path.join("config.json").is_file() {
+            return Err(StateError::NoSuchVm(name.to_string()));
+        }
+        Ok(VmDir {
+            name: name.to_string(),
+            path,
+        })
+    }
+
+    /// Claims a new VM directory: exactly one of two racing creates wins.
+    pub fn claim(&self, name: &str) -> Result<VmDir, StateError> {
+        check_name(name)?;
+        let path = self.path.join("vms").join(name);
+        match std::fs::create_dir(&path) {
+            Ok(()) => Ok(VmDir {
+                name: name.to_string(),
+                path,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(StateError::Exists(name.to_string()))
+            }
+            Err(e) => Err(dir_error(&path, "cannot create it")(e)),
+        }
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Result<Vec<VmDir>, StateError> {
+        let vms = self.path.join("vms");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&vms).map_err(dir_error(&vms, "cannot read it"))? {
+            let Ok(e) = e else { continue };
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Ok(vm) = self.vm(&name) {
+                out.push(vm);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+/// What a VM is: everything `vmctl start` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    /// The image it was cloned from (FILE@SNAPSHOT).
+    pub image: String,
+    /// None: the built-in bench guest.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: u64,
+    pub queues: u16,
+    pub created_unix: u64,
+}
+
+/// What became of the VM's current or last run (written by its
+/// supervisor).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// starting, running, exited, failed.
+    pub state: String,
+    pub supervisor_pid: Option<u32>,
+    pub vmm_pid: Option<u32>,
+    pub backend_pid: Option<u32>,
+    /// The boot this run belongs to: after a reboot nothing runs.
+    pub boot_id: String,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: Option<u64>,
+    /// The vmm's exit status (exited).
+    pub exit_status: Option<i32>,
+    /// Why it failed (failed).
+    pub reason: Option<String>,
+    /// How many times the disk backend died and was started again.
+    pub backend_restarts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+impl VmDir {
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join("config.json")
+    }
+    pub fn status_path(&self) -> PathBuf {
+        self.path.join("status.json")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.path.join("disk.img")
+    }
+    pub fn disk_socket(&self) -> PathBuf {
+        self.path.join("disk.sock")
+    }
+    pub fn api_socket(&self) -> PathBuf {
+        self.path.join("api.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.path.join("console.log")
+    }
+
+    pub fn config(&self) -> Result<VmConfig, StateError> {
+        read_json(&self.config_path())
+    }
+
+    pub fn write_config(&self, c: &VmConfig) -> Result<(), StateError> {
+        write_json(&self.config_path(), c)
+    }
+
+    /// The last run's status (None: never started).
+    pub fn status(&self) -> Result<Option<Status>, StateError> {
+        if !self.status_path().exists() {
+            return Ok(None);
+        }
+        read_json(&self.status_path()).map(Some)
+    }
+
+    pub fn write_status(&self, s: &Status) -> Result<(), StateError> {
+        write_json(&self.status_path(), s)
+    }
+
+    /// Serializes vmctl calls on this VM (released when dropped).
+    pub fn lock(&self) -> Result<File, StateError> {
+        let path = self.path.join("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(dir_error(&path, "cannot open its lock"))?;
+        // SAFETY: flock on a descriptor we own; it blocks until the other
+        // vmctl call on this VM is done.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(dir_error(&path, "cannot lock it")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(f)
+    }
+
+    /// The state as a user sees it now: a run whose supervisor is gone is
+    /// failed, one from before a reboot is stopped.
+    pub fn observed(&self) -> Result<Observed, StateError> {
+        let Some(s) = self.status()? else {
+            return Ok(Observed::Defined);
+        };
+        Ok(match s.state.as_str() {
+            "exited" => Observed::Exited(s.exit_status.unwrap_or(-1)),
+            "failed" => Observed::Failed(s.reason.clone().unwrap_or_default()),
+            _ if s.boot_id != boot_id() => Observed::Stopped,
+            _ if !s.supervisor_pid.is_some_and(alive) => {
+                Observed::Failed("its supervisor is gone (killed?)".into())
+            }
+            "starting" => Observed::Starting,
+            _ => Observed::Running,
+        })
+    }
+}
+
+/// A VM's state as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    Defined,
+    Starting,
+    Running,
+    Exited(i32),
+    Failed(String),
+    /// Ran before the host rebooted.
+    Stopped,
+}
+
+impl Observed {
+    pub fn is_active(&self) -> bool {
+        matches!(self, Observed::Starting | Observed::Running)
+    }
+}
+
+impl std::fmt::Display for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Observed::Defined => write!(f, "defined"),
+            Observed::Starting => write!(f, "starting"),
+            Observed::Running => write!(f, "running"),
+            Observed::Exited(n) => write!(f, "exited ({n})"),
+            Observed::Failed(why) => write!(f, "failed: {why}"),
+            Observed::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<T, StateError> {
+    let text = std::fs::read_to_string(path).map_err(dir_error(path, "cannot read it"))?;
+    serde_json::from_str(&text).map_err(|source| StateError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Written aside and renamed: a reader never sees half a file.
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(v).map_err(|source| StateError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(&tmp, text).map_err(dir_error(&tmp, "cannot write it"))?;
+    std::fs::rename(&tmp, path).map_err(dir_error(path, "cannot write it"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["a", "vm-1", "x_y", "0abc", &"a".repeat(63)] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "A",
+            "-a",
+            "_a",
+            "a/b",
+            "a.b",
+            &"a".repeat(64),
+            "a b",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn two_claims_of_one_name_one_wins() {
+        let d = tempfile::tempdir().expect("dir");
+        let root = Root::open(d.path()).expect("root");
+        assert!(root.claim("vm").is_ok());
+        let e = root.claim("vm").expect_err("second");
+        assert!(e.to_string().contains("already exists"), "{e}");
+    }
+}

@@ -1,0 +1,225 @@
+//! One small process per running VM (`vmctl` started again as
+//! `__supervise`, in a session of its own so it outlives the terminal):
+//! it starts the VM's disk backend and its vmm, keeps the console in a
+//! bounded file, starts the backend again if it dies (the vmm reconnects
+//! with its inflight state: the guest sees nothing), and records how the
+//! vmm ended. A vmm killed by a signal is `failed` with that reason, never
+//! a stale `running`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::binaries;
+use crate::state::{boot_id, now_ms, Status, VmDir};
+
+/// The console file's size before it is rotated (one older file is kept).
+pub const CONSOLE_CAP: u64 = 1 << 20;
+/// A marker vmctl leaves before it kills the vmm on purpose.
+pub const KILL_MARKER: &str = "kill-requested";
+
+fn log_file(vm: &VmDir, name: &str) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(vm.path.join(name))
+        .with_context(|| format!("{}", vm.path.join(name).display()))
+}
+
+fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
+    let backend = binaries::program("blk-backend")?;
+    let child = Command::new(backend)
+        .arg("--export")
+        .arg(format!(
+            "socket={},image={},num_queues={queues}",
+            vm.disk_socket().display(),
+            vm.disk().display()
+        ))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(vm, "backend.log")?)
+        .spawn()
+        .context("starting blk-backend")?;
+    Ok(child)
+}
+
+/// Waits until the backend listens (its socket is there) or dies.
+fn wait_listening(vm: &VmDir, backend: &mut Child, since: std::time::SystemTime) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    // Opening the image and binding take milliseconds; a backend that
+    // has not listened after 30 s is stuck.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fresh = std::fs::symlink_metadata(vm.disk_socket())
+            .is_ok_and(|m| m.file_type().is_socket() && m.modified().is_ok_and(|t| t >= since));
+        if fresh {
+            return Ok(());
+        }
+        if let Some(st) = backend.try_wait()? {
+            anyhow::bail!(
+                "blk-backend ended at start ({st}); its log: {}",
+                vm.path.join("backend.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("blk-backend did not listen within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Copies the console into console.log, rotating it at CONSOLE_CAP.
+fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> std::thread::JoinHandle<()> {
+    let path = vm.console();
+    std::thread::spawn(move || {
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        };
+        let Ok(mut out) = open(&path) else { return };
+        let mut written = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if written + n as u64 > CONSOLE_CAP {
+                let _ = std::fs::rename(&path, path.with_extension("log.1"));
+                match open(&path) {
+                    Ok(f) => out = f,
+                    Err(_) => return,
+                }
+                written = 0;
+            }
+            if out.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            written += n as u64;
+        }
+    })
+}
+
+/// The supervisor's whole life.
+pub fn supervise(vm: &VmDir) -> Result<()> {
+    let config = vm.config()?;
+    let mut status = Status {
+        state: "starting".into(),
+        supervisor_pid: Some(std::process::id()),
+        boot_id: boot_id(),
+        started_unix_ms: now_ms(),
+        ..Default::default()
+    };
+    let _ = std::fs::remove_file(vm.path.join(KILL_MARKER));
+    vm.write_status(&status)?;
+    let outcome = run(vm, &config, &mut status);
+    if let Err(e) = &outcome {
+        status.state = "failed".into();
+        status.reason = Some(cli_support::report(e));
+    }
+    status.ended_unix_ms = Some(now_ms());
+    vm.write_status(&status)?;
+    outcome
+}
+
+fn run(vm: &VmDir, config: &crate::state::VmConfig, status: &mut Status) -> Result<()> {
+    let since = std::time::SystemTime::now() - Duration::from_millis(1);
+    let mut backend = start_backend(vm, config.queues)?;
+    wait_listening(vm, &mut backend, since)?;
+    status.backend_pid = Some(backend.id());
+    let kernel = match &config.kernel {
+        Some(k) => k.clone(),
+        None => binaries::bench_guest()?,
+    };
+    let mut cmd = Command::new(binaries::program("vmm")?);
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args(["--cpus", &config.cpus.to_string()])
+        .args(["--memory", &config.memory.to_string()])
+        .args(["--cmdline", &config.cmdline])
+        .arg("--disk")
+        .arg(format!(
+            "socket={},num_queues={}",
+            vm.disk_socket().display(),
+            config.queues
+        ))
+        .arg("--api-socket")
+        .arg(vm.api_socket());
+    if let Some(i) = &config.initrd {
+        cmd.arg("--initrd").arg(i);
+    }
+    let mut vmm = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(vm, "vmm.log")?)
+        .spawn()
+        .context("starting the vmm")?;
+    let console = vmm.stdout.take().map(|out| keep_console(vm, out));
+    status.vmm_pid = Some(vmm.id());
+    status.state = "running".into();
+    vm.write_status(status)?;
+    let ended = loop {
+        if let Some(st) = vmm.try_wait()? {
+            break st;
+        }
+        if let Some(st) = backend.try_wait()? {
+            // The vmm reconnects to a new one with its inflight state.
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(vm.path.join("supervisor.log"))
+                .and_then(|mut f| writeln!(f, "blk-backend ended ({st}); starting it again"));
+            backend = start_backend(vm, config.queues)?;
+            status.backend_pid = Some(backend.id());
+            status.backend_restarts += 1;
+            vm.write_status(status)?;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if let Some(t) = console {
+        let _ = t.join();
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let killed_on_purpose = vm.path.join(KILL_MARKER).exists();
+    match (ended.code(), ended.signal()) {
+        (Some(code), _) => {
+            status.state = "exited".into();
+            status.exit_status = Some(code);
+        }
+        (None, Some(sig)) if killed_on_purpose => {
+            status.state = "exited".into();
+            status.exit_status = Some(128 + sig);
+            status.reason = Some("killed by vmctl kill".into());
+        }
+        (None, sig) => {
+            status.state = "failed".into();
+            status.reason = Some(format!(
+                "the vmm was killed by signal {}",
+                sig.map_or("?".to_string(), |s| s.to_string())
+            ));
+        }
+    }
+    stop_backend(&mut backend);
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL if it does not end (it closes its image first).
+fn stop_backend(backend: &mut Child) {
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(backend.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if matches!(backend.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = backend.kill();
+    let _ = backend.wait();
+}

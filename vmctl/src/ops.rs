@@ -313,6 +313,7 @@ pub fn describe(vm: &VmDir) -> Result<Value> {
         "disk-bytes": allocated(&vm.disk()),
         "uptime-s": uptime_s,
         "backend-restarts": status.as_ref().map_or(0, |s| s.backend_restarts),
+        "backend-pid": status.as_ref().filter(|_| active).and_then(|s| s.backend_pid),
         "kernel": c.kernel,
         "cmdline": c.cmdline,
         "queues": c.queues,

@@ -29,7 +29,16 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .args(["build", "-q", "--target-dir", E2E_TARGET_DIR])
-            .args(["-p", "vhost-blk-backend", "-p", "image-format", "-p", "vmm"])
+            .args([
+                "-p",
+                "vhost-blk-backend",
+                "-p",
+                "image-format",
+                "-p",
+                "vmm",
+                "-p",
+                "vmctl",
+            ])
             .current_dir(&root)
             .status()
             .expect("running cargo build");

@@ -1,0 +1,352 @@
+//! vmctl end to end, with real processes and the bench guest: a VM's whole
+//! lifecycle, a disk backend killed under a verifying write (the
+//! supervisor restarts it, the guest sees nothing), a killed vmm reported
+//! as failed, racing starts, a fleet with one failing VM, bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use test_infra::{bin, build_guest, output_within, ready, Fixture, Patience, VmmVm};
+
+/// vmctl on a state directory of the test's own.
+struct Vmctl {
+    state: PathBuf,
+}
+
+impl Vmctl {
+    fn new(fx: &Fixture) -> Vmctl {
+        // The bench guest is vmctl's default kernel: built before.
+        build_guest().expect("the bench guest");
+        Vmctl {
+            state: fx.path("state"),
+        }
+    }
+
+    /// A vmctl call that must not hang: a start or stop takes tens of ms
+    /// here; a fleet of 8 short VMs about 2 s.
+    fn call(&self, args: &[&str], measured: Duration) -> Output {
+        output_within(
+            Command::new(bin("vmctl"))
+                .arg("--state-dir")
+                .arg(&self.state)
+                .args(args),
+            &Patience::new("a vmctl call", measured),
+        )
+        .expect("vmctl runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.call(args, Duration::from_millis(100));
+        assert!(
+            out.status.success(),
+            "vmctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A call that must fail; its error message.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.call(args, Duration::from_millis(100));
+        assert!(!out.status.success(), "vmctl {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn info(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["info", name, "--output", "json"])).expect("json")
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.state.join("vms").join(name)
+    }
+}
+
+/// A base whose first 8 MiB a guest wrote with generation 7, sealed as
+/// base.img@golden.
+fn golden(fx: &Fixture) -> PathBuf {
+    let base = fx.image("base.img", "64M");
+    let sock = Fixture::socket_of(&base);
+    let b = fx.serve(&base, 1);
+    VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=7 size=8M")
+        .with_disk(&sock, 1)
+        .run()
+        .expect("the fill runs")
+        .assert_ok("writing the base");
+    b.stop();
+    test_infra::img(&["snapshot", "-c", "golden", &test_infra::s(&base)]);
+    fx.path("base.img@golden")
+}
+
+fn until(what: &str, measured: Duration, mut f: impl FnMut() -> bool) {
+    Patience::new(what, measured)
+        .wait_until(|| Ok(f()))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_vm_lives_its_whole_lifecycle_and_its_clone_keeps_its_data() {
+    if !ready("vmctl_lifecycle", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    let image = base.to_str().expect("utf-8");
+    v.ok(&[
+        "create",
+        "web",
+        "--image",
+        image,
+        "--cmdline",
+        "mode=write verify=1 gen=3 offset=16M size=8M duration_ms=3000 progress_ms=200 timeout_ms=60000",
+    ]);
+    assert_eq!(v.info("web")["state"], "defined");
+    v.ok(&["start", "web"]);
+    let list = v.ok(&["list"]);
+    assert!(list.contains("web") && list.contains("running"), "{list}");
+    v.ok(&["pause", "web"]);
+    assert_eq!(v.info("web")["state"], "paused");
+    v.ok(&["resume", "web"]);
+    assert_eq!(v.info("web")["state"], "running");
+    until(
+        "a progress line in vmctl logs",
+        Duration::from_millis(500),
+        || v.ok(&["logs", "web"]).contains("progress:"),
+    );
+    let waited = v.call(&["wait", "web"], Duration::from_secs(3));
+    let console = v.ok(&["logs", "web", "--tail", "5"]);
+    assert!(waited.status.success(), "{waited:?}\n{console}");
+    let last = v.ok(&["logs", "web", "--tail", "1"]);
+    assert!(last.contains("\"result\":\"ok\""), "{last}");
+
+    // Started again on its own clone: the base's data and what it wrote
+    // itself are both there.
+    let cfg = v.vm_dir("web").join("config.json");
+    let mut c: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("config")).expect("json");
+    c["cmdline"] = "mode=read verify=1 expect_gen=3 offset=16M size=8M".into();
+    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.ok(&["start", "web"]);
+    assert!(v.ok(&["wait", "web"]).contains("exited (0)"));
+    c["cmdline"] = "mode=read verify=1 expect_gen=7 size=8M".into();
+    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.ok(&["restart", "web"]);
+    assert!(v.ok(&["wait", "web"]).contains("exited (0)"));
+
+    // A graceful stop of a running VM.
+    c["cmdline"] = "mode=randread duration_ms=600000 progress_ms=200".into();
+    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.ok(&["start", "web"]);
+    let stopped = v.ok(&["stop", "web"]);
+    assert!(stopped.contains("exited (0)"), "{stopped}");
+    v.ok(&["delete", "web"]);
+    assert!(!v.vm_dir("web").exists());
+    assert!(v.fails(&["info", "web"]).contains("no VM named \"web\""));
+}
+
+#[test]
+fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
+    if !ready("vmctl_supervision", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    let image = base.to_str().expect("utf-8");
+    v.ok(&[
+        "create",
+        "db",
+        "--image",
+        image,
+        "--cmdline",
+        "mode=randwrite verify=1 gen=4 size=8M duration_ms=3000 progress_ms=200 timeout_ms=20000",
+    ]);
+    v.ok(&["start", "db"]);
+    until("a progress line", Duration::from_millis(500), || {
+        v.ok(&["logs", "db"]).contains("progress:")
+    });
+    let backend = v.info("db")["backend-pid"].as_u64().expect("backend pid") as i32;
+    // SAFETY: killing the VM's disk backend, a process of this test's.
+    assert_eq!(unsafe { libc::kill(backend, libc::SIGKILL) }, 0);
+    assert!(v.ok(&["wait", "db"]).contains("exited (0)"));
+    let last = v.ok(&["logs", "db", "--tail", "1"]);
+    assert!(
+        last.contains("\"result\":\"ok\"") && last.contains("\"errors\":0"),
+        "{last}"
+    );
+    assert_eq!(v.info("db")["backend-restarts"], 1);
+
+    // The vmm itself killed: failed, with the reason.
+    let cfg = v.vm_dir("db").join("config.json");
+    let mut c: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("config")).expect("json");
+    c["cmdline"] = "mode=randread duration_ms=600000 progress_ms=200".into();
+    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.ok(&["start", "db"]);
+    let vmm = v.info("db")["pid"].as_u64().expect("vmm pid") as i32;
+    // SAFETY: as above, the VM's vmm.
+    assert_eq!(unsafe { libc::kill(vmm, libc::SIGKILL) }, 0);
+    let out = v.call(&["wait", "db"], Duration::from_millis(100));
+    assert!(!out.status.success());
+    let info = v.info("db");
+    assert_eq!(info["state"], "failed", "{info}");
+    assert!(
+        info["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("killed by signal 9"),
+        "{info}"
+    );
+
+    // Two starts racing: one starts it, the other is told it runs.
+    let spawn = || {
+        Command::new(bin("vmctl"))
+            .arg("--state-dir")
+            .arg(&v.state)
+            .args(["start", "db"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("vmctl")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (
+        a.wait_with_output().expect("a"),
+        b.wait_with_output().expect("b"),
+    );
+    let wins = [&a, &b].iter().filter(|o| o.status.success()).count();
+    assert_eq!(wins, 1, "{a:?}\n{b:?}");
+    let loser = if a.status.success() { &b } else { &a };
+    assert!(
+        String::from_utf8_lossy(&loser.stderr).contains("already running"),
+        "{loser:?}"
+    );
+    v.ok(&["delete", "db", "--force"]);
+}
+
+#[test]
+fn a_fleet_reports_each_vm_and_fails_when_one_does() {
+    if !ready("vmctl_fleet", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    // VM n reads its own MiB at offset n MiB: the base holds 8 MiB of
+    // written data, so VM 8 reads past it and fails its verification.
+    let out = v.call(
+        &[
+            "run",
+            "--count",
+            "8",
+            "--name",
+            "t",
+            "--image",
+            base.to_str().expect("utf-8"),
+            "--cmdline",
+            "mode=read verify=1 expect_gen=7 offset={n}M size=1M",
+            "--rm",
+            "--output",
+            "json",
+        ],
+        // 8 short VMs: about 3 s alone, 6 s beside other tests here.
+        Duration::from_secs(6),
+    );
+    assert!(!out.status.success(), "a failing VM fails the run");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rows = report["vms"].as_array().expect("rows");
+    assert_eq!(rows.len(), 8);
+    assert_eq!(report["failed"], 1, "{report}");
+    for (i, r) in rows.iter().enumerate() {
+        let expect_ok = i + 1 < 8;
+        assert_eq!(r["ok"], expect_ok, "{r}");
+        assert_eq!(r["name"], format!("t-{}", i + 1));
+        assert!(r["result"].is_object(), "every guest reported: {r}");
+    }
+    assert_eq!(rows[7]["result"]["result"], "fail");
+    // --rm: nothing left.
+    assert!(v.ok(&["list"]).lines().count() <= 1);
+}
+
+#[test]
+fn the_demo_runs_with_no_arguments() {
+    if !ready("vmctl_demo", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let out = v.call(&["run"], Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2 VMs: 2 ok, 0 failed"), "{text}");
+}
+
+#[test]
+fn bad_input_is_refused_by_name_and_leaves_nothing_behind() {
+    if !ready("vmctl_bad_input", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    let image = base.to_str().expect("utf-8");
+    for bad in ["../x", "", &"a".repeat(64), "Web", "_x"] {
+        let e = v.fails(&["create", bad, "--image", image]);
+        assert!(e.contains("is not a VM name"), "{bad:?}: {e}");
+    }
+    let e = v.fails(&["create", "x", "--image", "/nonexistent/disk.img@s"]);
+    assert!(e.contains("no such image"), "{e}");
+    assert!(
+        !v.vm_dir("x").exists(),
+        "a failed create left its directory"
+    );
+
+    // A running VM is not deleted without --force.
+    v.ok(&[
+        "create",
+        "busy",
+        "--image",
+        image,
+        "--cmdline",
+        "mode=randread duration_ms=600000 progress_ms=200",
+    ]);
+    v.ok(&["start", "busy"]);
+    let e = v.fails(&["delete", "busy"]);
+    assert!(e.contains("is running"), "{e}");
+    // Another VM's writable top, in use, is not an image to clone.
+    let top = v.vm_dir("busy").join("disk.img");
+    let e = v.fails(&["create", "thief", "--image", top.to_str().expect("utf-8")]);
+    assert!(e.contains("open for writing by process"), "{e}");
+    assert!(
+        !v.vm_dir("thief").exists(),
+        "a failed create left its directory"
+    );
+    v.ok(&["delete", "busy", "--force"]);
+
+    // A state directory this user may not write (root may write
+    // anywhere: the check runs as nobody).
+    let ro = fx.path("read-only");
+    std::fs::create_dir(&ro).expect("dir");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin("vmctl"))
+        .arg("--state-dir")
+        .arg(&ro)
+        .args(["create", "x", "--image", image])
+        .output()
+        .expect("setpriv runs vmctl");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains(&format!("state directory {}", ro.display())),
+        "{e}"
+    );
+    assert!(!ro.join("vms/x").exists());
+}

@@ -357,10 +357,17 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{:<24} {:<14} {:>8}  RESULT", "NAME", "STATE", "WALL");
                 for r in &report.rows {
                     let result = &r["result"];
-                    let summary = if result.is_null() {
-                        "(no result line)".to_string()
-                    } else {
-                        result.to_string()
+                    let summary = match result.get("result") {
+                        None if result.is_null() => "(no result line)".to_string(),
+                        None => result.to_string(),
+                        Some(r) => format!(
+                            "{} ({} I/Os, {} IOPS, {} errors, {} verify failures)",
+                            r.as_str().unwrap_or("?"),
+                            result["ios"],
+                            result["iops"],
+                            result["errors"],
+                            result["verify_failures"]
+                        ),
                     };
                     println!(
                         "{:<24} {:<14} {:>6}ms  {}",

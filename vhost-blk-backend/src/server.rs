@@ -11,22 +11,37 @@ use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::connection::{Connection, Session};
 use crate::export::Export;
 use crate::memory_fence::SessionFence;
 
 /// Lets another thread end an export's serving loop.
-#[derive(Default)]
 pub struct StopHandle {
     stopping: AtomicBool,
     active: Mutex<Option<UnixStream>>,
+    /// Wakes the accept loop at once (it waits on the listener and this).
+    wake: Option<EventFd>,
+}
+
+impl Default for StopHandle {
+    fn default() -> Self {
+        StopHandle {
+            stopping: AtomicBool::new(false),
+            active: Mutex::new(None),
+            wake: EventFd::new(EFD_NONBLOCK).ok(),
+        }
+    }
 }
 
 impl StopHandle {
     /// Ends the current session (its workers drain) and the loop.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
         if let Some(s) = self
             .active
             .lock()
@@ -42,22 +57,32 @@ impl StopHandle {
     }
 }
 
-/// Waits up to `ms` for the listener to have a connection.
-fn readable(listener: &Listener, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+/// Waits until the listener has a connection or `stop` is woken; without
+/// a wake descriptor, at most 200 ms at a time.
+fn readable(listener: &Listener, stop: &StopHandle) -> bool {
+    let mut pfds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.wake.as_ref().map_or(-1, |w| w.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let wait = if stop.wake.is_some() { -1 } else { 200 };
+    // SAFETY: poll on two pollfds (a negative fd is ignored by poll).
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, wait) };
+    n > 0 && pfds[0].revents & libc::POLLIN != 0
 }
 
 /// Serves `export` on `listener` until `stop` says so.
 pub fn serve(export: Arc<Export>, listener: Listener, stop: Arc<StopHandle>) {
     let name = export.spec.socket.display().to_string();
     while !stop.stopping() {
-        if !readable(&listener, 200) {
+        if !readable(&listener, &stop) {
             continue;
         }
         let stream = match listener.accept() {

@@ -208,8 +208,8 @@ impl BlkBackendProcess {
     pub fn stop(mut self) {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        // It flushes and closes every image and exits: up to 1.6 s measured
-        // here with the disk busy (its accept loop wakes every 200 ms).
+        // It ends every session, flushes and closes every image and exits:
+        // 9-27 ms measured here idle; up to 1.6 s with the disk busy.
         let patience = Patience::new("blk-backend ending on SIGTERM", Duration::from_millis(1600));
         let mut status = None;
         let waited = patience.wait_until(|| {

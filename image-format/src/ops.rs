@@ -93,6 +93,64 @@ pub fn clone(env: &dyn Env, base: &Path, new: &Path) -> Result<Layer> {
     overlay(env, base, new, None)
 }
 
+/// `img resize FILE SIZE`: grows a working image to `new_size` bytes (the
+/// new space reads as zeros: blocks past a layer's old end are absent in
+/// it and beyond every parent's end). Returns the old size. A snapshot
+/// does not change (resize the image standing on it); shrinking is
+/// refused; growing so far that the map needs the data moved is refused
+/// unless the layer holds no data yet (a fresh clone), whose data area
+/// simply moves.
+pub fn resize(env: &dyn Env, path: &Path, new_size: u64) -> Result<u64> {
+    let _lock = env.lock(path, LockKind::Exclusive, "resize")?;
+    let mut layer = Layer::open(env, path, true)?;
+    let h = layer.header.clone();
+    if h.sealed() {
+        return Err(invalid(
+            path,
+            "is a snapshot (sealed): resize the image that stands on it",
+        ));
+    }
+    if new_size < h.virtual_size {
+        return Err(invalid(
+            path,
+            format!(
+                "shrinking ({} to {new_size} bytes) is not supported",
+                h.virtual_size
+            ),
+        ));
+    }
+    if let Err(crate::header::HeaderError::Inconsistent(why)) =
+        crate::header::validate_geometry(new_size, h.block_size)
+    {
+        return Err(invalid(path, why));
+    }
+    let (map_len, data_offset) = crate::header::layout(new_size, h.block_size);
+    if data_offset != h.data_offset {
+        let (data, zero) = layer.load_map()?.counts();
+        if data + zero > 0 {
+            return Err(invalid(
+                path,
+                format!(
+                    "growing to {new_size} bytes needs its data moved (the map outgrows its                      space), which resize does not do: copy it with `img convert` instead"
+                ),
+            ));
+        }
+    }
+    layer.update_header(|h| {
+        h.virtual_size = new_size;
+        h.map_len = map_len;
+        h.data_offset = data_offset;
+    })?;
+    layer
+        .storage
+        .set_len(layer.header.file_len())
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(h.virtual_size)
+}
+
 /// The file a snapshot named `name` of `top` lives in.
 pub fn snapshot_path(top: &Path, name: &str) -> PathBuf {
     let file = top.file_name().map(|f| f.to_string_lossy().into_owned());

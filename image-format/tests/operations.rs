@@ -702,3 +702,56 @@ fn a_base_in_use_under_a_served_clone_is_not_committed_into() {
     assert_eq!(read_all(&base), expect, "nothing was written");
     assert_eq!(read_all(&served), expect);
 }
+
+/// `resize` grows a working image: old data stays, the new space reads as
+/// zeros (past the base's end too); a fresh clone grows past its map's
+/// space; shrinking, snapshots and a grow that would move data are refused
+/// by name.
+#[test]
+fn resize_grows_a_working_image_and_refuses_what_it_cannot_do() {
+    use image_format::{ops, Disk, RealEnv};
+    let d = tempfile::tempdir().expect("dir");
+    let base = d.path().join("base.img");
+    ops::create(&RealEnv, &base, Some(8 << 20), 4096, None).expect("create");
+    {
+        let mut disk = Disk::open_path(&base, true).expect("open");
+        disk.write_at(&[0xab; 4096], (8 << 20) - 4096)
+            .expect("write");
+        disk.close().expect("close");
+    }
+    let snap = ops::snapshot_create(&RealEnv, &base, "s").expect("snapshot");
+    let clone = d.path().join("clone.img");
+    ops::clone(&RealEnv, &snap, &clone).expect("clone");
+    assert_eq!(
+        ops::resize(&RealEnv, &clone, 16 << 20).expect("grow"),
+        8 << 20
+    );
+    {
+        let mut disk = Disk::open_path(&clone, true).expect("open");
+        let mut buf = vec![1u8; 8192];
+        disk.read_at(&mut buf, (8 << 20) - 4096).expect("read");
+        assert_eq!(&buf[..4096], &[0xab; 4096][..], "the base's data");
+        assert_eq!(&buf[4096..], &[0u8; 4096][..], "new space reads zeros");
+        disk.write_at(&[0xcd; 4096], (16 << 20) - 4096)
+            .expect("write at the new end");
+        disk.close().expect("close");
+    }
+    let e = ops::resize(&RealEnv, &clone, 4 << 20).expect_err("shrink");
+    assert!(e.to_string().contains("shrinking"), "{e}");
+    let e = ops::resize(&RealEnv, &snap, 32 << 20).expect_err("snapshot");
+    assert!(e.to_string().contains("snapshot"), "{e}");
+    // 16 MiB of map covers 64 GiB: past that the data would have to move.
+    let e = ops::resize(&RealEnv, &clone, 1 << 40).expect_err("data would move");
+    assert!(e.to_string().contains("moved"), "{e}");
+    // A fresh clone holds no data: its data area just moves.
+    let fresh = d.path().join("fresh.img");
+    ops::clone(&RealEnv, &snap, &fresh).expect("clone");
+    ops::resize(&RealEnv, &fresh, 1 << 40).expect("grow a fresh clone");
+    let mut disk = Disk::open_path(&fresh, false).expect("open");
+    let mut buf = vec![1u8; 4096];
+    disk.read_at(&mut buf, (8 << 20) - 4096).expect("read");
+    assert_eq!(buf, vec![0xab; 4096]);
+    disk.read_at(&mut buf, (1 << 40) - 4096)
+        .expect("read the far end");
+    assert_eq!(buf, vec![0u8; 4096]);
+}

@@ -100,10 +100,13 @@ fn a_vm_lives_its_whole_lifecycle_and_its_clone_keeps_its_data() {
         "web",
         "--image",
         image,
+        "--disk-size",
+        "128M",
         "--cmdline",
         "mode=write verify=1 gen=3 offset=16M size=8M duration_ms=3000 progress_ms=200 timeout_ms=60000",
     ]);
     assert_eq!(v.info("web")["state"], "defined");
+    // The clone grew past its 64 MiB base: the guest sees 128 MiB.
     v.ok(&["start", "web"]);
     let list = v.ok(&["list"]);
     assert!(list.contains("web") && list.contains("running"), "{list}");
@@ -121,6 +124,7 @@ fn a_vm_lives_its_whole_lifecycle_and_its_clone_keeps_its_data() {
     assert!(waited.status.success(), "{waited:?}\n{console}");
     let last = v.ok(&["logs", "web", "--tail", "1"]);
     assert!(last.contains("\"result\":\"ok\""), "{last}");
+    assert!(last.contains("\"disk_bytes\":134217728"), "{last}");
 
     // Started again on its own clone: the base's data and what it wrote
     // itself are both there.

@@ -56,6 +56,9 @@ struct VmOptions {
     /// The disk's queues.
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// Grow the VM's clone to this size (the new space reads as zeros).
+    #[arg(long)]
+    disk_size: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -165,6 +168,12 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         cpus: vm.cpus,
         memory: cli_support::parse_size(&vm.memory).context("--memory")?,
         queues: vm.queues,
+        disk_size: vm
+            .disk_size
+            .as_deref()
+            .map(cli_support::parse_size)
+            .transpose()
+            .context("--disk-size")?,
     })
 }
 

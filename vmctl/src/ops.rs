@@ -22,6 +22,8 @@ pub struct Spec {
     pub cpus: u8,
     pub memory: u64,
     pub queues: u16,
+    /// Grow the clone to this many bytes (the new space reads as zeros).
+    pub disk_size: Option<u64>,
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a
@@ -62,8 +64,16 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
                 },
             )?
         };
-        ops::clone(&env, &base_path, &vm.disk())
+        let clone = ops::clone(&env, &base_path, &vm.disk())
             .with_context(|| format!("cloning {}", base_path.display()))?;
+        if let Some(size) = spec.disk_size {
+            let have = clone.header.virtual_size;
+            drop(clone);
+            if size < have {
+                bail!("--disk-size {size}: smaller than the image's {have} bytes");
+            }
+            ops::resize(&env, &vm.disk(), size).context("--disk-size")?;
+        }
         vm.write_config(&VmConfig {
             name: name.to_string(),
             image: base_path.display().to_string(),

@@ -154,6 +154,16 @@ enum Cmd {
         output: Output,
         file: PathBuf,
     },
+    /// Grow FILE to SIZE (or by +SIZE), as qemu-img resize: the new space
+    /// reads as zeros. Snapshots do not change; shrinking is refused.
+    Resize {
+        #[command(flatten)]
+        common: Common,
+        file: PathBuf,
+        /// The new size (512M, 2G), or +SIZE to grow by.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
     /// Change FILE's parent to BASE ("" for none), keeping FILE's content.
     Rebase {
         #[command(flatten)]
@@ -328,6 +338,7 @@ impl Cmd {
             | Cmd::Snapshot { common, .. }
             | Cmd::Commit { common, .. }
             | Cmd::Rebase { common, .. }
+            | Cmd::Resize { common, .. }
             | Cmd::Check { common, .. } => Some(common),
             _ => None,
         }
@@ -501,6 +512,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 Output::Human => say!("Image committed."),
             }
+        }
+        Cmd::Resize { file, size, .. } => {
+            let old = image_format::Layer::open(env.as_ref(), &file, false)?
+                .header
+                .virtual_size;
+            let new = if let Some(more) = size.strip_prefix('+') {
+                old.checked_add(parse_size(more)?)
+                    .with_context(|| format!("{size}: too large"))?
+            } else if size.starts_with('-') {
+                bail!("{size}: shrinking is not supported (images only grow)");
+            } else {
+                parse_size(&size)?
+            };
+            ops::resize(env.as_ref(), &file, new)?;
+            say!("Image resized.");
         }
         Cmd::Rebase {
             base,

@@ -747,7 +747,7 @@ fn resize_grows_a_working_image_and_refuses_what_it_cannot_do() {
     let fresh = d.path().join("fresh.img");
     ops::clone(&RealEnv, &snap, &fresh).expect("clone");
     ops::resize(&RealEnv, &fresh, 1 << 40).expect("grow a fresh clone");
-    let mut disk = Disk::open_path(&fresh, false).expect("open");
+    let disk = Disk::open_path(&fresh, false).expect("open");
     let mut buf = vec![1u8; 4096];
     disk.read_at(&mut buf, (8 << 20) - 4096).expect("read");
     assert_eq!(buf, vec![0xab; 4096]);

@@ -1,6 +1,8 @@
 //! What the benchmarks share beyond the harness (`test-infra`, which boots
 //! the bench guest and runs the backends): the test files they prepare.
 
+pub mod launch;
+
 use std::path::Path;
 use std::process::Command;
 

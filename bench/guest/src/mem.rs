@@ -30,6 +30,28 @@ impl Arena {
         Some(at)
     }
 
+    /// `size` bytes at `align`, not zeroed: touching memory costs a page
+    /// fault per page under a software-virtualized MMU (PVM: about 15 us
+    /// each), and a buffer written before it is read need not be cleared.
+    pub fn alloc_untouched(&self, size: u64, align: u64) -> Option<u64> {
+        let at = self.next.get().div_ceil(align) * align;
+        let end = at.checked_add(size)?;
+        if end > self.end {
+            return None;
+        }
+        self.next.set(end);
+        Some(at)
+    }
+
+    /// A buffer of plain integers, not zeroed (see `alloc_untouched`):
+    /// only for element types every bit pattern is a value of.
+    pub fn samples(&self, n: usize) -> Option<&'static mut [u32]> {
+        let at = self.alloc_untouched((n * core::mem::size_of::<u32>()) as u64, 4096)?;
+        // SAFETY: RAM the arena owns from now on, aligned for u32; any bit
+        // pattern is a u32, so the slice is valid whatever the RAM holds.
+        Some(unsafe { core::slice::from_raw_parts_mut(at as *mut u32, n) })
+    }
+
     pub fn slice<T: Copy>(&self, n: usize) -> Option<&'static mut [T]> {
         let at = self.alloc((n * core::mem::size_of::<T>()) as u64, 4096)?;
         // SAFETY: fresh zeroed memory, suitably aligned, owned from now on by the slice.

@@ -203,9 +203,12 @@ impl<'a> Engine<'a> {
             }
             free_len[q] = per_queue;
         }
-        // Up to 8M samples, or what memory allows with room to spare.
+        // Up to 8M samples, or what memory allows with room to spare; not
+        // cleared (a sample is written before it is read), so its pages
+        // are touched only as samples fill them: a 1-I/O guest no longer
+        // spends 150 ms faulting in 28 MiB it never uses.
         let cap = ((arena.free_bytes() / 2 / 4) as usize).min(8 << 20);
-        let lat = arena.slice::<u32>(cap)?;
+        let lat = arena.samples(cap)?;
         Some(Engine { dev, clock, slots, free, free_len, per_queue, lat, cfg, rng: cfg.seed | 1, messages: 0 })
     }
 

@@ -35,6 +35,16 @@ struct Args {
     markdown: Option<PathBuf>,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The fleet launch instead: vmctl run --count N against N QEMU +
+    /// qemu-storage-daemon pairs, and one VM's life step by step.
+    #[arg(long)]
+    launch: bool,
+    /// VMs in the launch.
+    #[arg(long, default_value_t = 50)]
+    count: usize,
+    /// Runs of the one-VM life (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
 }
 
 #[derive(serde::Serialize)]
@@ -91,6 +101,22 @@ fn main() -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    if a.launch {
+        if !exe_dir.join("vmctl").exists() {
+            bail!("build vmctl first: cargo build --release -p vmctl -p vmm -p vhost-blk-backend");
+        }
+        let md = bench::launch::run(&bench::launch::LaunchOptions {
+            count: a.count,
+            runs: a.runs,
+            dir: a.dir.clone(),
+            bin_dir: exe_dir.clone(),
+        })?;
+        print!("{md}");
+        if let Some(p) = &a.markdown {
+            std::fs::write(p, &md)?;
+        }
+        return Ok(());
+    }
     let (backend, img_bin) = (exe_dir.join("blk-backend"), exe_dir.join("img"));
     if !backend.exists() || !img_bin.exists() {
         bail!("build blk-backend and img first: cargo build --release -p vhost-blk-backend -p image-format");

@@ -1,0 +1,237 @@
+//! The fleet launch (`bench-fleet --launch`): what short-lived VMs cost
+//! under vmctl, against the same VMs launched the way a QEMU user would
+//! script them (qemu-storage-daemon + QEMU microvm + qboot per VM), in one
+//! run.
+//!
+//! - One VM's whole life: `vmctl create`, `start`, `wait`, `delete` of a
+//!   1-I/O bench guest, each a separate vmctl process (median of runs).
+//! - A fleet: `vmctl run --count N` from one snapshot; the time from launch
+//!   until each guest printed its start marker (read from each VM's console
+//!   file as it appears), and host memory per VM beside guest memory (the
+//!   PSS of every process the VM needs, shared pages counted once, guest
+//!   memory, which is shared memory, left out) while all N run.
+//! - The QEMU fleet: N qemu-storage-daemon + QEMU microvm pairs started
+//!   together, each on its own (sparse) raw file, markers read from their
+//!   consoles.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use test_infra::{Disk, Machine, Patience, QemuVm, StorageDaemon};
+
+pub struct LaunchOptions {
+    pub count: usize,
+    pub runs: usize,
+    pub dir: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or(f64::NAN)
+}
+
+fn vmctl(o: &LaunchOptions, state: &Path, args: &[&str]) -> Result<std::process::Output> {
+    let out = Command::new(o.bin_dir.join("vmctl"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .context("running vmctl")?;
+    Ok(out)
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// PSS beside shared memory (guest RAM is a shared mapping), KiB.
+fn private_pss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |k: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    field("Pss:").saturating_sub(field("Pss_Shmem:"))
+}
+
+/// Processes whose command line mentions `needle`.
+fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn run(o: &LaunchOptions) -> Result<String> {
+    let work = o.dir.join(format!("bench-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let state = work.join("state");
+    // The base: vmctl's demo base, made on first use in this state root.
+    let out = vmctl(o, &state, &["run", "--count", "1"])?;
+    if !out.status.success() {
+        bail!("vmctl's demo failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let base = state.join("images/demo.img@golden");
+    let base_s = base.to_str().context("utf-8 path")?;
+    let one_io = "mode=read ios=1 progress_ms=0";
+
+    // One VM's life, step by step.
+    let mut steps: HashMap<&str, Vec<f64>> = HashMap::new();
+    for _ in 0..o.runs {
+        let mut step = |name: &'static str, args: &[&str]| -> Result<()> {
+            let t = Instant::now();
+            let out = vmctl(o, &state, args)?;
+            if !out.status.success() {
+                bail!("vmctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            steps.entry(name).or_default().push(ms(t));
+            Ok(())
+        };
+        step("create", &["create", "life", "--image", base_s, "--cmdline", one_io])?;
+        step("start", &["start", "life"])?;
+        step("wait", &["wait", "life"])?;
+        step("delete", &["delete", "life"])?;
+    }
+    let step_ms = |s: &str| median(steps.get(s).cloned().unwrap_or_default());
+    let life_total: f64 = ["create", "start", "wait", "delete"].iter().map(|s| step_ms(s)).sum();
+
+    // The vmctl fleet: markers as they appear.
+    let fleet = |count: usize, cmdline: &str, measure_memory: bool| -> Result<(Vec<f64>, f64, f64)> {
+        let t0 = Instant::now();
+        let mut child = Command::new(o.bin_dir.join("vmctl"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["run", "--count", &count.to_string(), "--name", "f", "--image", base_s])
+            .args(["--cmdline", cmdline, "--rm", "--output", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut seen: Vec<Option<f64>> = vec![None; count];
+        let mut memory_kib = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while seen.iter().any(Option::is_none) && Instant::now() < deadline {
+            for (i, s) in seen.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
+                let console = state.join(format!("vms/f-{}/console.log", i + 1));
+                if std::fs::read(&console)
+                    .is_ok_and(|b| b.windows(17).any(|w| w == b"BENCH-GUEST START"))
+                {
+                    *s = Some(ms(t0));
+                }
+            }
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        if measure_memory {
+            std::thread::sleep(Duration::from_millis(500));
+            let needle = state.to_string_lossy().to_string();
+            memory_kib = pids_mentioning(&needle)
+                .into_iter()
+                .chain(pids_mentioning("vmctl-bench-marker"))
+                .map(private_pss_kib)
+                .sum();
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("the fleet failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        let markers: Vec<f64> = seen.into_iter().flatten().collect();
+        if markers.len() != count {
+            bail!("{} of {count} guests printed their start marker", markers.len());
+        }
+        Ok((markers, ms(t0), memory_kib as f64 / count as f64))
+    };
+    let (markers, fleet_wall, _) = fleet(o.count, one_io, false)?;
+    // Memory with every VM alive: a workload that lasts, light (qd 1,
+    // interrupts).
+    let mem_count = o.count.min(16);
+    let (_, _, kib_per_vm) = fleet(
+        mem_count,
+        "mode=randread qd=1 irq=1 duration_ms=3000 progress_ms=0",
+        true,
+    )?;
+
+    // The QEMU fleet, launched together.
+    let t0 = Instant::now();
+    let mut daemons = Vec::new();
+    let mut vms = Vec::new();
+    for k in 0..o.count {
+        let raw = work.join(format!("q{k}.raw"));
+        std::fs::File::create(&raw)?.set_len(64 << 20)?;
+        let sock = work.join(format!("q{k}.sock"));
+        daemons.push(StorageDaemon::start(&raw, &sock, 1, true)?);
+        let started = Instant::now();
+        let vm = QemuVm {
+            machine: Machine::Microvm,
+            mem_mib: 256,
+            disk: Disk::vhost_user(&sock, 1),
+            cmdline: one_io.into(),
+            limit: Patience::new("a 1-I/O guest under QEMU", Duration::from_millis(500)),
+            silence: Patience::new("a 1-I/O guest under QEMU", Duration::from_millis(500)),
+        }
+        .spawn()?;
+        vms.push((started, vm));
+    }
+    let mut q_markers = Vec::new();
+    for (started, vm) in vms {
+        let r = vm.wait()?;
+        let to_marker = r.to_marker.context("a QEMU guest printed no start marker")?;
+        q_markers.push((started - t0).as_secs_f64() * 1000.0 + to_marker.as_secs_f64() * 1000.0);
+    }
+    let q_wall = ms(t0);
+    drop(daemons);
+    let _ = std::fs::remove_dir_all(&work);
+
+    let all = markers.iter().cloned().fold(0.0, f64::max);
+    let q_all = q_markers.iter().cloned().fold(0.0, f64::max);
+    let mut md = format!(
+        "## Fleet launch ({} VMs, bench guest, 1-I/O workload, 2-core PVM host)\n\n\
+         | | vmctl (vmm + blk-backend, clones of one snapshot) | QEMU microvm + qboot + qemu-storage-daemon | ratio |\n|---|---:|---:|---:|\n",
+        o.count
+    );
+    md += &format!("| all {} start markers printed, ms | {all:.0} | {q_all:.0} | {:.1}x |\n", o.count, q_all / all);
+    md += &format!(
+        "| per-VM start marker p50 / p99, ms | {:.0} / {:.0} | {:.0} / {:.0} | |\n",
+        percentile(markers.clone(), 0.5),
+        percentile(markers.clone(), 0.99),
+        percentile(q_markers.clone(), 0.5),
+        percentile(q_markers.clone(), 0.99)
+    );
+    md += &format!("| whole fleet done, ms | {fleet_wall:.0} | {q_wall:.0} | {:.1}x |\n", q_wall / fleet_wall);
+    md += &format!(
+        "\nHost memory per VM beside its guest memory ({mem_count} VMs running, PSS of the supervisor, vmm and blk-backend, guest RAM excluded): {:.2} MiB; goal under 3 MiB.\n",
+        kib_per_vm / 1024.0
+    );
+    md += &format!(
+        "\nOne 1-I/O VM's life under vmctl (median of {} runs, each step a vmctl process, ms): create {:.1}, start {:.1}, wait {:.1}, delete {:.1}; total {life_total:.1} (goal under 30).\n",
+        o.runs,
+        step_ms("create"),
+        step_ms("start"),
+        step_ms("wait"),
+        step_ms("delete")
+    );
+    Ok(md)
+}

@@ -361,6 +361,44 @@ mod tests {
         }
     }
 
+    /// A run recorded under another boot (the host rebooted since) shows
+    /// as stopped; one whose supervisor is gone as failed; an ended one as
+    /// it ended.
+    #[test]
+    fn what_a_recorded_run_looks_like_now() {
+        let d = tempfile::tempdir().expect("dir");
+        let root = Root::open(d.path()).expect("root");
+        let vm = root.claim("vm").expect("claim");
+        assert_eq!(vm.observed().expect("observed"), Observed::Defined);
+        let running = Status {
+            state: "running".into(),
+            supervisor_pid: Some(std::process::id()),
+            boot_id: boot_id(),
+            ..Default::default()
+        };
+        vm.write_status(&running).expect("status");
+        assert_eq!(vm.observed().expect("observed"), Observed::Running);
+        vm.write_status(&Status {
+            boot_id: "another boot".into(),
+            ..running.clone()
+        })
+        .expect("status");
+        assert_eq!(vm.observed().expect("observed"), Observed::Stopped);
+        vm.write_status(&Status {
+            supervisor_pid: Some(u32::MAX),
+            ..running.clone()
+        })
+        .expect("status");
+        assert!(matches!(vm.observed().expect("observed"), Observed::Failed(_)));
+        vm.write_status(&Status {
+            state: "exited".into(),
+            exit_status: Some(3),
+            ..running
+        })
+        .expect("status");
+        assert_eq!(vm.observed().expect("observed"), Observed::Exited(3));
+    }
+
     #[test]
     fn two_claims_of_one_name_one_wins() {
         let d = tempfile::tempdir().expect("dir");

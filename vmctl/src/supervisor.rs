@@ -29,8 +29,11 @@ fn log_file(vm: &VmDir, name: &str) -> Result<std::fs::File> {
         .with_context(|| format!("{}", vm.path.join(name).display()))
 }
 
+/// Starts the VM's disk backend; the socket of a dead predecessor goes
+/// first, so that the socket's presence means this one listens.
 fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
     let backend = binaries::program("blk-backend")?;
+    let _ = std::fs::remove_file(vm.disk_socket());
     let child = Command::new(backend)
         .arg("--export")
         .arg(format!(
@@ -48,15 +51,15 @@ fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
 }
 
 /// Waits until the backend listens (its socket is there) or dies.
-fn wait_listening(vm: &VmDir, backend: &mut Child, since: std::time::SystemTime) -> Result<()> {
+fn wait_listening(vm: &VmDir, backend: &mut Child) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     // Opening the image and binding take milliseconds; a backend that
     // has not listened after 30 s is stuck.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let fresh = std::fs::symlink_metadata(vm.disk_socket())
-            .is_ok_and(|m| m.file_type().is_socket() && m.modified().is_ok_and(|t| t >= since));
-        if fresh {
+        let listening = std::fs::symlink_metadata(vm.disk_socket())
+            .is_ok_and(|m| m.file_type().is_socket());
+        if listening {
             return Ok(());
         }
         if let Some(st) = backend.try_wait()? {
@@ -129,9 +132,8 @@ pub fn supervise(vm: &VmDir) -> Result<()> {
 }
 
 fn run(vm: &VmDir, config: &crate::state::VmConfig, status: &mut Status) -> Result<()> {
-    let since = std::time::SystemTime::now() - Duration::from_millis(1);
     let mut backend = start_backend(vm, config.queues)?;
-    wait_listening(vm, &mut backend, since)?;
+    wait_listening(vm, &mut backend)?;
     status.backend_pid = Some(backend.id());
     let kernel = match &config.kernel {
         Some(k) => k.clone(),

@@ -91,7 +91,10 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
     // The base: vmctl's demo base, made on first use in this state root.
     let out = vmctl(o, &state, &["run", "--count", "1"])?;
     if !out.status.success() {
-        bail!("vmctl's demo failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "vmctl's demo failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let base = state.join("images/demo.img@golden");
     let base_s = base.to_str().context("utf-8 path")?;
@@ -109,61 +112,83 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
             steps.entry(name).or_default().push(ms(t));
             Ok(())
         };
-        step("create", &["create", "life", "--image", base_s, "--cmdline", one_io])?;
+        step(
+            "create",
+            &["create", "life", "--image", base_s, "--cmdline", one_io],
+        )?;
         step("start", &["start", "life"])?;
         step("wait", &["wait", "life"])?;
         step("delete", &["delete", "life"])?;
     }
     let step_ms = |s: &str| median(steps.get(s).cloned().unwrap_or_default());
-    let life_total: f64 = ["create", "start", "wait", "delete"].iter().map(|s| step_ms(s)).sum();
+    let life_total: f64 = ["create", "start", "wait", "delete"]
+        .iter()
+        .map(|s| step_ms(s))
+        .sum();
 
     // The vmctl fleet: markers as they appear.
-    let fleet = |count: usize, cmdline: &str, measure_memory: bool| -> Result<(Vec<f64>, f64, f64)> {
-        let t0 = Instant::now();
-        let mut child = Command::new(o.bin_dir.join("vmctl"))
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["run", "--count", &count.to_string(), "--name", "f", "--image", base_s])
-            .args(["--cmdline", cmdline, "--rm", "--output", "json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let mut seen: Vec<Option<f64>> = vec![None; count];
-        let mut memory_kib = 0u64;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while seen.iter().any(Option::is_none) && Instant::now() < deadline {
-            for (i, s) in seen.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
-                let console = state.join(format!("vms/f-{}/console.log", i + 1));
-                if std::fs::read(&console)
-                    .is_ok_and(|b| b.windows(17).any(|w| w == b"BENCH-GUEST START"))
-                {
-                    *s = Some(ms(t0));
+    let fleet =
+        |count: usize, cmdline: &str, measure_memory: bool| -> Result<(Vec<f64>, f64, f64)> {
+            let t0 = Instant::now();
+            let mut child = Command::new(o.bin_dir.join("vmctl"))
+                .arg("--state-dir")
+                .arg(&state)
+                .args([
+                    "run",
+                    "--count",
+                    &count.to_string(),
+                    "--name",
+                    "f",
+                    "--image",
+                    base_s,
+                ])
+                .args(["--cmdline", cmdline, "--rm", "--output", "json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let mut seen: Vec<Option<f64>> = vec![None; count];
+            let mut memory_kib = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while seen.iter().any(Option::is_none) && Instant::now() < deadline {
+                for (i, s) in seen.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
+                    let console = state.join(format!("vms/f-{}/console.log", i + 1));
+                    if std::fs::read(&console)
+                        .is_ok_and(|b| b.windows(17).any(|w| w == b"BENCH-GUEST START"))
+                    {
+                        *s = Some(ms(t0));
+                    }
                 }
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(500));
             }
-            if child.try_wait()?.is_some() {
-                break;
+            if measure_memory {
+                std::thread::sleep(Duration::from_millis(500));
+                let needle = state.to_string_lossy().to_string();
+                memory_kib = pids_mentioning(&needle)
+                    .into_iter()
+                    .chain(pids_mentioning("vmctl-bench-marker"))
+                    .map(private_pss_kib)
+                    .sum();
             }
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        if measure_memory {
-            std::thread::sleep(Duration::from_millis(500));
-            let needle = state.to_string_lossy().to_string();
-            memory_kib = pids_mentioning(&needle)
-                .into_iter()
-                .chain(pids_mentioning("vmctl-bench-marker"))
-                .map(private_pss_kib)
-                .sum();
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("the fleet failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        }
-        let markers: Vec<f64> = seen.into_iter().flatten().collect();
-        if markers.len() != count {
-            bail!("{} of {count} guests printed their start marker", markers.len());
-        }
-        Ok((markers, ms(t0), memory_kib as f64 / count as f64))
-    };
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!(
+                    "the fleet failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let markers: Vec<f64> = seen.into_iter().flatten().collect();
+            if markers.len() != count {
+                bail!(
+                    "{} of {count} guests printed their start marker",
+                    markers.len()
+                );
+            }
+            Ok((markers, ms(t0), memory_kib as f64 / count as f64))
+        };
     let (markers, fleet_wall, _) = fleet(o.count, one_io, false)?;
     // Memory with every VM alive: a workload that lasts, light (qd 1,
     // interrupts).
@@ -198,7 +223,9 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
     let mut q_markers = Vec::new();
     for (started, vm) in vms {
         let r = vm.wait()?;
-        let to_marker = r.to_marker.context("a QEMU guest printed no start marker")?;
+        let to_marker = r
+            .to_marker
+            .context("a QEMU guest printed no start marker")?;
         q_markers.push((started - t0).as_secs_f64() * 1000.0 + to_marker.as_secs_f64() * 1000.0);
     }
     let q_wall = ms(t0);
@@ -212,7 +239,11 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
          | | vmctl (vmm + blk-backend, clones of one snapshot) | QEMU microvm + qboot + qemu-storage-daemon | ratio |\n|---|---:|---:|---:|\n",
         o.count
     );
-    md += &format!("| all {} start markers printed, ms | {all:.0} | {q_all:.0} | {:.1}x |\n", o.count, q_all / all);
+    md += &format!(
+        "| all {} start markers printed, ms | {all:.0} | {q_all:.0} | {:.1}x |\n",
+        o.count,
+        q_all / all
+    );
     md += &format!(
         "| per-VM start marker p50 / p99, ms | {:.0} / {:.0} | {:.0} / {:.0} | |\n",
         percentile(markers.clone(), 0.5),
@@ -220,7 +251,10 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         percentile(q_markers.clone(), 0.5),
         percentile(q_markers.clone(), 0.99)
     );
-    md += &format!("| whole fleet done, ms | {fleet_wall:.0} | {q_wall:.0} | {:.1}x |\n", q_wall / fleet_wall);
+    md += &format!(
+        "| whole fleet done, ms | {fleet_wall:.0} | {q_wall:.0} | {:.1}x |\n",
+        q_wall / fleet_wall
+    );
     md += &format!(
         "\nHost memory per VM beside its guest memory ({mem_count} VMs running, PSS of the supervisor, vmm and blk-backend, guest RAM excluded): {:.2} MiB; goal under 3 MiB.\n",
         kib_per_vm / 1024.0

@@ -104,6 +104,9 @@ pub struct Export {
     files: LayerFiles,
     state: Mutex<DiskState>,
     io_failures: Mutex<cli_support::log_limit::LogLimit>,
+    /// Requests answered, and those answered with an error (IOERR/UNSUPP).
+    requests: std::sync::atomic::AtomicU64,
+    failed_requests: std::sync::atomic::AtomicU64,
 }
 
 /// A worker's copy of the index and the channel that keeps it current.
@@ -202,6 +205,8 @@ impl Export {
                 next_id: 0,
             }),
             io_failures: Mutex::default(),
+            requests: Default::default(),
+            failed_requests: Default::default(),
         })
     }
 
@@ -252,6 +257,24 @@ impl Export {
 
     pub fn unsubscribe(&self, s: Subscription) {
         self.lock().subscribers.retain(|(id, _)| *id != s.id);
+    }
+
+    /// Counts answered requests (`failed`: with an error status).
+    pub fn count_requests(&self, answered: u64, failed: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(answered, Relaxed);
+        if failed > 0 {
+            self.failed_requests.fetch_add(failed, Relaxed);
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn failed_requests(&self) -> u64 {
+        self.failed_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn flush(&self) -> image_format::Result<()> {

@@ -2,6 +2,8 @@
 //! with the `image-format` crate.
 //!
 //! - `server`: an export's socket, one frontend session at a time.
+//! - `control`: the exports of the process, and the control socket that
+//!   adds and removes them at runtime.
 //! - `connection`: the vhost-user requests of one session.
 //! - `inflight`: the shared region that lets a restarted backend resume.
 //! - `memory_fence`: faults in memory a frontend truncated under us end
@@ -18,6 +20,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod export;
 pub mod inflight;
 pub mod memory_fence;

@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vhost::vhost_user::Listener;
-use vhost_blk_backend::export::{BaseIo, Export, ExportSpec, SharedFiles};
+use vhost_blk_backend::control::{self, Exports};
+use vhost_blk_backend::export::{BaseIo, ExportSpec};
 use vhost_blk_backend::seccomp;
-use vhost_blk_backend::server::{self, StopHandle};
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +62,10 @@ struct Args {
     /// a guest subverted holds no root.
     #[arg(long, value_name = "USER")]
     user: Option<String>,
+    /// A control socket (JSON lines, like QMP): export-add, export-del,
+    /// export-list at runtime. With it, no --export is needed at start.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn check(e: ExportSpec) -> Result<ExportSpec> {
@@ -142,11 +145,11 @@ fn run(a: Args) -> Result<()> {
     for spec in &a.exports {
         specs.push(parse_export(spec, &a)?);
     }
-    if specs.is_empty() {
-        bail!("nothing to serve: give --socket and --image, or --export");
+    if specs.is_empty() && a.control.is_none() {
+        bail!("nothing to serve: give --socket and --image, --export, or --control");
     }
-    let shadow_dir = (a.shadow_dir.as_os_str() != "none").then_some(a.shadow_dir.as_path());
-    if let Some(dir) = shadow_dir {
+    let shadow_dir = (a.shadow_dir.as_os_str() != "none").then_some(a.shadow_dir.clone());
+    if let Some(dir) = &shadow_dir {
         if !dir.is_dir() {
             bail!(
                 "--shadow-dir {}: no such directory (give a tmpfs, or \"none\")",
@@ -159,73 +162,82 @@ fn run(a: Args) -> Result<()> {
     let signals = block_exit_signals()?;
     // Every image opens (and every socket listens) before anything is
     // served: a bad export is a clear error at start, not a half-up process.
-    let shared = SharedFiles::default();
-    let mut serving = Vec::new();
     // Sockets first: a bad --socket must not leave an image opened (and
     // marked dirty) behind it.
     for spec in &specs {
-        clear_stale_socket(&spec.socket)?;
+        control::clear_stale_socket(&spec.socket)?;
     }
+    let exports = Arc::new(Exports::new(a.base_io, shadow_dir));
+    let control_listener = match &a.control {
+        Some(p) => {
+            control::clear_stale_socket(p)?;
+            Some(
+                std::os::unix::net::UnixListener::bind(p)
+                    .with_context(|| format!("--control {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    // The SIGBUS fence is in place before any session maps guest memory
+    // (and before seccomp, which does not let threads change handlers).
+    vhost_blk_backend::memory_fence::install().context("guest memory fence")?;
+    let mut prepared = Vec::new();
     for spec in specs {
-        let socket = spec.socket.clone();
         let image = spec.image.clone();
-        let export = Arc::new(
-            Export::open(spec, &shared, a.base_io, shadow_dir)
-                .with_context(|| format!("opening {}", image.display()))?,
-        );
-        let listener = Listener::new(&socket, false)
-            .with_context(|| format!("listening on {}", socket.display()))?;
-        tracing::info!(socket = %socket.display(), image = %image.display(), "serving");
-        serving.push((export, listener, Arc::new(StopHandle::default())));
+        match exports.prepare(spec) {
+            Ok(p) => prepared.push(p),
+            Err(e) => {
+                // Nothing half up: what opened closes again.
+                prepared.into_iter().for_each(control::Prepared::abandon);
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("serving {}", image.display()));
+            }
+        }
     }
+    // Sockets and images of --export are open: root is not needed any
+    // more (exports added later through --control open as this user).
+    // Before any thread starts: a thread under seccomp could not follow
+    // the process's change of user.
     if let Some(user) = &a.user {
         let (uid, gid) = sandbox::drop_privileges(user)?;
         tracing::info!(user, uid, gid, "running as an unprivileged user");
     }
-    // The SIGBUS fence is in place before any session maps guest memory
-    // (and before seccomp, which does not let threads change handlers).
-    vhost_blk_backend::memory_fence::install().context("guest memory fence")?;
     if !a.no_seccomp {
         sandbox::enable("blk-backend").context("seccomp")?;
     }
-    let stops: Vec<Arc<StopHandle>> = serving.iter().map(|s| Arc::clone(&s.2)).collect();
-    let exports: Vec<Arc<Export>> = serving.iter().map(|s| Arc::clone(&s.0)).collect();
-    let threads: Vec<_> = serving
-        .into_iter()
-        .map(|(export, listener, stop)| {
-            std::thread::Builder::new()
-                .name(format!("export {}", export.spec.socket.display()))
-                .spawn(move || {
-                    if let Err(e) = sandbox::confine(&seccomp::SESSION) {
-                        tracing::error!("not serving {}: {e}", export.spec.socket.display());
-                        return;
-                    }
-                    server::serve(export, listener, stop)
-                })
-        })
-        .collect::<std::io::Result<_>>()
-        .context("starting export threads")?;
+    for p in prepared {
+        exports.serve(p).context("starting an export's thread")?;
+    }
+    if let Some(listener) = control_listener {
+        let exports = Arc::clone(&exports);
+        let defaults = ExportSpec {
+            socket: PathBuf::new(),
+            image: PathBuf::new(),
+            readonly: a.readonly,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            poll_us: a.poll_us,
+        };
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                if let Err(e) = sandbox::confine(&seccomp::CONTROL) {
+                    tracing::error!("the control socket is off: {e}");
+                    return;
+                }
+                control::serve_control(exports, defaults, listener)
+            })
+            .context("starting the control thread")?;
+    }
     // Every session runs: from here on this thread waits, stops, closes.
     sandbox::confine(&seccomp::MAIN).context("seccomp")?;
     let sig = wait_signal(&signals);
     tracing::info!(signal = sig, "shutting down");
-    for s in &stops {
-        s.stop();
+    let clean = exports.shutdown_all();
+    if let Some(p) = &a.control {
+        let _ = std::fs::remove_file(p);
     }
-    for t in threads {
-        let _ = t.join();
-    }
-    let mut failed = false;
-    for e in &exports {
-        if let Err(err) = e.shutdown() {
-            eprintln!(
-                "blk-backend: error: closing {}: {err}",
-                e.spec.image.display()
-            );
-            failed = true;
-        }
-    }
-    std::process::exit(i32::from(failed))
+    std::process::exit(i32::from(!clean))
 }
 
 fn block_exit_signals() -> Result<libc::sigset_t> {
@@ -247,46 +259,4 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     // SAFETY: sigwait on signals this process blocked.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
-}
-
-/// Makes way for a listening socket at `path`: only a socket nobody listens
-/// on (one a dead process left: connecting is refused) is removed. A live
-/// socket, a regular file, a directory or anything else there is an error,
-/// so a mistyped `--socket` never destroys a file or steals another
-/// backend's socket.
-fn clear_stale_socket(path: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("--socket {}", path.display())),
-    };
-    let kind = meta.file_type();
-    if !kind.is_socket() {
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_file() {
-            "a regular file"
-        } else if kind.is_symlink() {
-            "a symbolic link"
-        } else {
-            "not a socket"
-        };
-        bail!(
-            "--socket {}: {what} is there; refusing to replace it (give a path for the socket)",
-            path.display()
-        );
-    }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => bail!(
-            "--socket {}: another process is listening on it (a backend already serving there?)",
-            path.display()
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            tracing::info!(socket = %path.display(), "removing a stale socket nobody listens on");
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale socket {}", path.display()))
-        }
-        Err(e) => Err(e).with_context(|| format!("--socket {}: probing it", path.display())),
-    }
 }

@@ -95,13 +95,58 @@ pub const MAIN: Policy = Policy {
     ],
 };
 
+/// The control socket: it adds exports (opens images, listens, starts
+/// their session threads, whose calls it must hold) and removes them (ends
+/// sessions, closes images, removes sockets).
+pub const CONTROL: Policy = Policy {
+    name: "control",
+    groups: &[
+        IMAGE_IO,
+        sandbox::EVENT_LOOP,
+        &[
+            "accept4",
+            "bind",
+            "clone",
+            "clone3",
+            "connect",
+            "eventfd2",
+            "fcntl",
+            "flock",
+            "getdents64",
+            "io_uring_enter",
+            "io_uring_register",
+            "io_uring_setup",
+            "ioctl",
+            "listen",
+            "memfd_create",
+            "mkdir",
+            "openat",
+            "poll",
+            "ppoll",
+            "read",
+            "readlink",
+            "recvfrom",
+            "recvmsg",
+            "rename",
+            "seccomp",
+            "sendmsg",
+            "sendto",
+            "shutdown",
+            "socket",
+            "umask",
+            "unlink",
+            "unlinkat",
+        ],
+    ],
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_policy_compiles() {
-        for p in [WORKER, SESSION, MAIN] {
+        for p in [WORKER, SESSION, MAIN, CONTROL] {
             p.compile().unwrap_or_else(|e| panic!("{e}"));
         }
     }

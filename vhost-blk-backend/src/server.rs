@@ -20,6 +20,8 @@ use crate::memory_fence::SessionFence;
 /// Lets another thread end an export's serving loop.
 pub struct StopHandle {
     stopping: AtomicBool,
+    /// Frontends served so far.
+    sessions: std::sync::atomic::AtomicU64,
     active: Mutex<Option<UnixStream>>,
     /// Wakes the accept loop at once (it waits on the listener and this).
     wake: Option<EventFd>,
@@ -29,6 +31,7 @@ impl Default for StopHandle {
     fn default() -> Self {
         StopHandle {
             stopping: AtomicBool::new(false),
+            sessions: std::sync::atomic::AtomicU64::new(0),
             active: Mutex::new(None),
             wake: EventFd::new(EFD_NONBLOCK).ok(),
         }
@@ -50,6 +53,19 @@ impl StopHandle {
         {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// Frontends served so far.
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Whether a frontend is connected now.
+    pub fn connected(&self) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     fn stopping(&self) -> bool {
@@ -103,6 +119,7 @@ pub fn serve(export: Arc<Export>, listener: Listener, stop: Arc<StopHandle>) {
             break;
         }
         info!(socket = %name, "frontend connected");
+        stop.sessions.fetch_add(1, Ordering::Relaxed);
         let fence = match SessionFence::new() {
             Ok(f) => f,
             Err(e) => {

@@ -79,6 +79,8 @@ struct Running {
     /// needs reset". The queue is left alone until the driver sets it up
     /// again (which starts a new worker).
     broken: bool,
+    /// Requests answered with an error since the last publish.
+    failed: u64,
 }
 
 impl QueueWorker {
@@ -103,6 +105,7 @@ impl QueueWorker {
                 used: Vec::new(),
                 wrote: Vec::new(),
                 broken: false,
+                failed: 0,
             };
             if let Err(e) = r.run(&stop2) {
                 warn!(queue = r.w.queue, "worker stopped: {e}");
@@ -393,6 +396,7 @@ impl Running {
                         Some(None) => {}
                         None => {
                             let (s, written) = self.w.export.execute(&req, mem);
+                            self.failed += u64::from(s != VIRTIO_BLK_S_OK as u8);
                             let _ = mem.write_obj(s, req.status);
                             self.used_push(head, written + 1);
                         }
@@ -406,6 +410,7 @@ impl Running {
                     if let Some(a) = status_addr {
                         let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a);
                     }
+                    self.failed += 1;
                     self.used_push(head, 1);
                 }
             }
@@ -447,6 +452,7 @@ impl Running {
         }
         for p in done {
             let (status, len) = if p.failed {
+                self.failed += 1;
                 (VIRTIO_BLK_S_IOERR as u8, 1)
             } else {
                 (VIRTIO_BLK_S_OK as u8, p.written + 1)
@@ -474,6 +480,9 @@ impl Running {
             next_used = st.get_queue().next_used(),
             "publishing"
         );
+        self.w
+            .export
+            .count_requests(self.used.len() as u64, std::mem::take(&mut self.failed));
         for d in self.used.drain(..) {
             if let Some(inf) = &mut self.w.inflight {
                 inf.pre_put(d.head);

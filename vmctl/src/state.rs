@@ -389,7 +389,10 @@ mod tests {
             ..running.clone()
         })
         .expect("status");
-        assert!(matches!(vm.observed().expect("observed"), Observed::Failed(_)));
+        assert!(matches!(
+            vm.observed().expect("observed"),
+            Observed::Failed(_)
+        ));
         vm.write_status(&Status {
             state: "exited".into(),
             exit_status: Some(3),

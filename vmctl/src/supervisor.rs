@@ -57,8 +57,8 @@ fn wait_listening(vm: &VmDir, backend: &mut Child) -> Result<()> {
     // has not listened after 30 s is stuck.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let listening = std::fs::symlink_metadata(vm.disk_socket())
-            .is_ok_and(|m| m.file_type().is_socket());
+        let listening =
+            std::fs::symlink_metadata(vm.disk_socket()).is_ok_and(|m| m.file_type().is_socket());
         if listening {
             return Ok(());
         }

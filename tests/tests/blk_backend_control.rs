@@ -1,0 +1,133 @@
+//! blk-backend's control socket (JSON lines, like QMP): exports added,
+//! listed with their sessions and counters, and removed at runtime, under
+//! the process's seccomp filters; bad commands get an error and the
+//! connection goes on.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use test_infra::{bin, img, ready, s, BlkBackendProcess, Fixture, Patience, VmmVm};
+
+struct Control {
+    out: UnixStream,
+    lines: BufReader<UnixStream>,
+}
+
+impl Control {
+    fn connect(path: &std::path::Path) -> Control {
+        let mut stream = None;
+        Patience::new("the control socket", Duration::from_millis(50))
+            .wait_until(|| {
+                stream = UnixStream::connect(path).ok();
+                Ok(stream.is_some())
+            })
+            .expect("blk-backend listens on its control socket");
+        let out = stream.expect("connected");
+        let lines = BufReader::new(out.try_clone().expect("clone"));
+        Control { out, lines }
+    }
+
+    fn call(&mut self, cmd: Value) -> Value {
+        self.raw(&cmd.to_string())
+    }
+
+    /// Sends one line, returns the reply line.
+    fn raw(&mut self, text: &str) -> Value {
+        writeln!(self.out, "{text}").expect("send");
+        let mut line = String::new();
+        self.lines.read_line(&mut line).expect("reply");
+        serde_json::from_str(&line).expect("a JSON reply")
+    }
+}
+
+#[test]
+fn exports_are_added_listed_and_removed_at_runtime() {
+    if !ready("blk_backend_control", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.image("vm.img", "64M");
+    let sock = Fixture::socket_of(&image);
+    let ctl_path = fx.path("control.sock");
+    let backend = BlkBackendProcess::start_exports_with(
+        &bin("blk-backend"),
+        &[],
+        &["--control", &s(&ctl_path)],
+    )
+    .expect("blk-backend starts with no export");
+    let mut ctl = Control::connect(&ctl_path);
+
+    let r =
+        ctl.call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
+    assert_eq!(r, json!({"return": {}}));
+    VmmVm::new(
+        &bin("vmm"),
+        "mode=randwrite verify=1 gen=2 size=8M ios=2000",
+    )
+    .with_disk(&sock, 1)
+    .run()
+    .expect("the vmm runs")
+    .assert_ok("a workload on an export added at runtime");
+    let list = ctl.call(json!({"execute": "export-list"}));
+    let e = &list["return"][0];
+    assert_eq!(e["socket"], json!(sock), "{list}");
+    assert_eq!(e["counters"]["sessions"], 1, "{list}");
+    assert!(
+        e["counters"]["requests"].as_u64().unwrap_or(0) >= 2000,
+        "{list}"
+    );
+    assert_eq!(e["counters"]["failed-requests"], 0, "{list}");
+
+    // Refusals, each by name; the connection goes on.
+    let r =
+        ctl.call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already listens"),
+        "{r}"
+    );
+    let missing = fx.path("missing.img");
+    let other = fx.path("other.sock");
+    let r = ctl
+        .call(json!({"execute": "export-add", "arguments": {"socket": other, "image": missing}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("missing.img"),
+        "{r}"
+    );
+    assert!(!other.exists(), "a failed add left its socket");
+    assert_eq!(ctl.raw("{not json")["error"]["class"], "GenericError");
+    assert_eq!(
+        ctl.call(json!({"execute": "quit-now"}))["error"]["class"],
+        "CommandNotFound"
+    );
+    let r = ctl.call(json!({"execute": "export-del", "arguments": {"socket": other}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no export on"),
+        "{r}"
+    );
+
+    // Removed: its socket is gone and its image closed (an operation that
+    // needs it exclusively succeeds).
+    assert_eq!(
+        ctl.call(json!({"execute": "export-del", "arguments": {"socket": sock}})),
+        json!({"return": {}})
+    );
+    assert!(!sock.exists());
+    assert_eq!(
+        ctl.call(json!({"execute": "export-list"})),
+        json!({"return": []})
+    );
+    img(&["snapshot", "-c", "after", &s(&image)]);
+    drop(ctl);
+    backend.stop();
+}

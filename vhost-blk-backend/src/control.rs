@@ -1,0 +1,354 @@
+//! The exports one process serves, and the control socket that changes
+//! them at runtime (`--control PATH`): newline-delimited JSON in the shape
+//! of QEMU's QMP (`{"execute": "export-add", "arguments": {...}}` ->
+//! `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`), the
+//! way qemu-storage-daemon's `block-export-add` / `block-export-del` work.
+//!
+//! - `export-add` {socket, image, readonly?, num_queues?, queue_size?,
+//!   poll_us?}: opens the image and listens, as a `--export` at start does.
+//! - `export-del` {socket}: ends its session (in-flight I/O completes),
+//!   closes its image cleanly and removes its socket.
+//! - `export-list`: every export with its session state and counters.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde_json::{json, Value};
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+
+use crate::export::{BaseIo, Export, ExportSpec, SharedFiles};
+use crate::server::{self, StopHandle};
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("--socket {socket}: {what}")]
+    Socket {
+        socket: PathBuf,
+        what: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    #[error("opening the image")]
+    Open {
+        image: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("no export on {0}")]
+    NoSuchExport(PathBuf),
+    #[error("an export already listens on {0}")]
+    Exists(PathBuf),
+    #[error("closing {image}")]
+    Close {
+        image: PathBuf,
+        #[source]
+        source: image_format::Error,
+    },
+    #[error("starting its thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// An export whose image is open and whose socket listens.
+pub struct Prepared {
+    export: Arc<Export>,
+    listener: Listener,
+}
+
+impl Prepared {
+    /// Closes the image again (a start that failed half-way).
+    pub fn abandon(self) {
+        let _ = self.export.shutdown().map(drop);
+        let _ = std::fs::remove_file(&self.export.spec.socket);
+    }
+}
+
+struct Running {
+    export: Arc<Export>,
+    stop: Arc<StopHandle>,
+    thread: JoinHandle<()>,
+}
+
+/// Every export of the process.
+pub struct Exports {
+    shared: SharedFiles,
+    base_io: BaseIo,
+    shadow_dir: Option<PathBuf>,
+    running: Mutex<BTreeMap<PathBuf, Running>>,
+}
+
+/// Makes way for a listening socket at `path`: only a socket nobody listens
+/// on (one a dead process left: connecting is refused) is removed. A live
+/// socket, a regular file, a directory or anything else there is an error,
+/// so a mistyped `--socket` never destroys a file or steals another
+/// backend's socket.
+pub fn clear_stale_socket(path: &Path) -> Result<(), ControlError> {
+    use std::os::unix::fs::FileTypeExt;
+    let err = |what: &str, source| ControlError::Socket {
+        socket: path.to_path_buf(),
+        what: what.to_string(),
+        source,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err("cannot look at it", Some(e))),
+    };
+    let kind = meta.file_type();
+    if !kind.is_socket() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_file() {
+            "a regular file"
+        } else if kind.is_symlink() {
+            "a symbolic link"
+        } else {
+            "not a socket"
+        };
+        return Err(err(
+            &format!("{what} is there; refusing to replace it (give a path for the socket)"),
+            None,
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(err(
+            "another process is listening on it (a backend already serving there?)",
+            None,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(socket = %path.display(), "removing a stale socket nobody listens on");
+            std::fs::remove_file(path).map_err(|e| err("removing the stale socket", Some(e)))
+        }
+        Err(e) => Err(err("probing it", Some(e))),
+    }
+}
+
+impl Exports {
+    pub fn new(base_io: BaseIo, shadow_dir: Option<PathBuf>) -> Exports {
+        Exports {
+            shared: SharedFiles::default(),
+            base_io,
+            shadow_dir,
+            running: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens `spec.image`, listens on `spec.socket` and serves it.
+    pub fn add(&self, spec: ExportSpec) -> Result<(), ControlError> {
+        let p = self.prepare(spec)?;
+        self.serve(p)
+    }
+
+    /// Opens the image and listens, serving nothing yet (a process drops
+    /// its privileges and confines itself between the two steps).
+    pub fn prepare(&self, spec: ExportSpec) -> Result<Prepared, ControlError> {
+        let socket = spec.socket.clone();
+        if self.running().contains_key(&socket) {
+            return Err(ControlError::Exists(socket));
+        }
+        clear_stale_socket(&socket)?;
+        let image = spec.image.clone();
+        let export = Arc::new(
+            Export::open(spec, &self.shared, self.base_io, self.shadow_dir.as_deref()).map_err(
+                |e| ControlError::Open {
+                    image: image.clone(),
+                    source: e.into(),
+                },
+            )?,
+        );
+        let listener = Listener::new(&socket, false).map_err(|e| ControlError::Socket {
+            socket: socket.clone(),
+            what: format!("cannot listen on it: {e}"),
+            source: None,
+        })?;
+        tracing::info!(socket = %socket.display(), image = %image.display(), "serving");
+        Ok(Prepared { export, listener })
+    }
+
+    /// Starts serving a prepared export (its session thread).
+    pub fn serve(&self, p: Prepared) -> Result<(), ControlError> {
+        let Prepared { export, listener } = p;
+        let socket = export.spec.socket.clone();
+        let stop = Arc::new(StopHandle::default());
+        let (e2, s2) = (Arc::clone(&export), Arc::clone(&stop));
+        let thread = std::thread::Builder::new()
+            .name(format!("export {}", socket.display()))
+            .spawn(move || {
+                if let Err(e) = sandbox::confine(&crate::seccomp::SESSION) {
+                    tracing::error!("not serving {}: {e}", e2.spec.socket.display());
+                    return;
+                }
+                server::serve(e2, listener, s2)
+            })
+            .map_err(ControlError::Thread)?;
+        self.running().insert(
+            socket,
+            Running {
+                export,
+                stop,
+                thread,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends the export's session, closes its image, removes its socket.
+    pub fn remove(&self, socket: &Path) -> Result<(), ControlError> {
+        let r = self
+            .running()
+            .remove(socket)
+            .ok_or_else(|| ControlError::NoSuchExport(socket.to_path_buf()))?;
+        r.stop.stop();
+        let _ = r.thread.join();
+        let closed = r.export.shutdown().map(drop);
+        let _ = std::fs::remove_file(socket);
+        closed.map_err(|source| ControlError::Close {
+            image: r.export.spec.image.clone(),
+            source,
+        })
+    }
+
+    pub fn list(&self) -> Value {
+        let running = self.running();
+        Value::Array(
+            running
+                .iter()
+                .map(|(socket, r)| {
+                    let s = &r.export.spec;
+                    json!({
+                        "socket": socket,
+                        "image": s.image,
+                        "readonly": s.readonly,
+                        "num-queues": s.num_queues,
+                        "queue-size": s.queue_size,
+                        "session": if r.stop.connected() { "connected" } else { "waiting" },
+                        "counters": {
+                            "sessions": r.stop.sessions(),
+                            "requests": r.export.requests(),
+                            "failed-requests": r.export.failed_requests(),
+                        },
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Ends every session (in parallel), then closes every image; whether
+    /// every image closed cleanly.
+    pub fn shutdown_all(&self) -> bool {
+        let all: Vec<(PathBuf, Running)> =
+            std::mem::take(&mut *self.running()).into_iter().collect();
+        for (_, r) in &all {
+            r.stop.stop();
+        }
+        let mut clean = true;
+        for (_, r) in all {
+            let _ = r.thread.join();
+            if let Err(e) = r.export.shutdown() {
+                eprintln!(
+                    "blk-backend: error: closing {}: {e}",
+                    r.export.spec.image.display()
+                );
+                clean = false;
+            }
+        }
+        clean
+    }
+}
+
+fn reply_error(class: &str, desc: String) -> Value {
+    json!({ "error": { "class": class, "desc": desc } })
+}
+
+/// One command: its reply.
+pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
+    let Ok(req) = serde_json::from_str::<Value>(line) else {
+        return reply_error("GenericError", "not a JSON object".into());
+    };
+    let args = &req["arguments"];
+    let text = |k: &str| args[k].as_str().map(PathBuf::from);
+    match req["execute"].as_str() {
+        Some("export-add") => {
+            let (Some(socket), Some(image)) = (text("socket"), text("image")) else {
+                return reply_error("GenericError", "export-add needs socket and image".into());
+            };
+            let spec = ExportSpec {
+                socket,
+                image,
+                readonly: args["readonly"].as_bool().unwrap_or(defaults.readonly),
+                num_queues: args["num_queues"]
+                    .as_u64()
+                    .map_or(defaults.num_queues, |n| n as usize),
+                queue_size: args["queue_size"]
+                    .as_u64()
+                    .map_or(defaults.queue_size, |n| n as usize),
+                poll_us: args["poll_us"].as_u64().unwrap_or(defaults.poll_us),
+            };
+            if !(1..=64).contains(&spec.num_queues)
+                || !spec.queue_size.is_power_of_two()
+                || !(2..=32768).contains(&spec.queue_size)
+            {
+                return reply_error(
+                    "GenericError",
+                    "num_queues is 1 to 64 and queue_size a power of two from 2 to 32768".into(),
+                );
+            }
+            match exports.add(spec) {
+                Ok(()) => json!({ "return": {} }),
+                Err(e) => reply_error("GenericError", cli_support::report(&e.into())),
+            }
+        }
+        Some("export-del") => match text("socket") {
+            None => reply_error("GenericError", "export-del needs socket".into()),
+            Some(s) => match exports.remove(&s) {
+                Ok(()) => json!({ "return": {} }),
+                Err(e) => reply_error("GenericError", cli_support::report(&e.into())),
+            },
+        },
+        Some("export-list") => json!({ "return": exports.list() }),
+        Some(other) => reply_error("CommandNotFound", format!("no command {other:?}")),
+        None => reply_error("GenericError", "no \"execute\"".into()),
+    }
+}
+
+/// Serves the control socket: one client at a time, a line per command.
+pub fn serve_control(exports: Arc<Exports>, defaults: ExportSpec, listener: UnixListener) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let Ok(mut out) = stream.try_clone() else {
+            continue;
+        };
+        let mut reader = BufReader::new(stream);
+        loop {
+            // Bounded lines: a client cannot make this thread hold more.
+            let mut line = String::new();
+            match (&mut reader).take(1 << 16).read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if !line.ends_with('\n') && line.len() >= 1 << 16 {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    reply_error("GenericError", "line too long".into())
+                );
+                break;
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            let reply = execute(&exports, &defaults, &line);
+            if writeln!(out, "{reply}").is_err() {
+                break;
+            }
+        }
+    }
+}

@@ -84,6 +84,164 @@ fn pids_mentioning(needle: &str) -> Vec<u32> {
     out
 }
 
+/// How the VMs' disks are served in a direct fleet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    /// A blk-backend process per VM.
+    PerVm,
+    /// One blk-backend for the host, each VM's export added through its
+    /// control socket.
+    PerHost,
+}
+
+/// One export added through a control socket; its reply.
+fn control_call(
+    ctl: &mut (
+        std::os::unix::net::UnixStream,
+        std::io::BufReader<std::os::unix::net::UnixStream>,
+    ),
+    cmd: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    writeln!(ctl.0, "{cmd}")?;
+    let mut line = String::new();
+    ctl.1.read_line(&mut line)?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+fn wait_for_socket(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear", path.display());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}
+
+/// `count` vmms on clones of `base`, their disks served per VM or by one
+/// host backend, without vmctl: (start markers since launch in ms, host
+/// memory per VM in KiB beside guest memory, measured while all run if
+/// `measure_memory`).
+fn direct_fleet(
+    o: &LaunchOptions,
+    work: &Path,
+    base: &Path,
+    serving: Serving,
+    count: usize,
+    cmdline: &str,
+    measure_memory: bool,
+) -> Result<(Vec<f64>, f64)> {
+    use std::io::BufRead;
+    let tag = if serving == Serving::PerHost {
+        "host"
+    } else {
+        "vm"
+    };
+    let dir = work.join(format!("direct-{tag}-{count}"));
+    std::fs::create_dir_all(&dir)?;
+    let backend_bin = o.bin_dir.join("blk-backend");
+    let mut backends = Vec::new();
+    let mut ctl = None;
+    if serving == Serving::PerHost {
+        let path = dir.join("host.ctl");
+        backends.push(
+            Command::new(&backend_bin)
+                .arg("--control")
+                .arg(&path)
+                .stderr(std::fs::File::create(work.join("host-backend.log"))?)
+                .spawn()?,
+        );
+        wait_for_socket(&path)?;
+        let s = std::os::unix::net::UnixStream::connect(&path)?;
+        ctl = Some((s.try_clone()?, std::io::BufReader::new(s)));
+    }
+    let t0 = Instant::now();
+    let mut vmms = Vec::new();
+    for k in 0..count {
+        let disk = dir.join(format!("d{k}.img"));
+        let sock = dir.join(format!("d{k}.sock"));
+        image_format::ops::clone(&image_format::RealEnv, base, &disk)?;
+        match &mut ctl {
+            Some(c) => {
+                let r = control_call(
+                    c,
+                    &serde_json::json!({"execute": "export-add", "arguments": {"socket": sock, "image": disk}}),
+                )
+                .with_context(|| {
+                    std::fs::read_to_string(work.join("host-backend.log")).unwrap_or_default()
+                })?;
+                if r.get("return").is_none() {
+                    bail!("export-add: {r}");
+                }
+            }
+            None => {
+                backends.push(
+                    Command::new(&backend_bin)
+                        .arg("--export")
+                        .arg(format!(
+                            "socket={},image={}",
+                            sock.display(),
+                            disk.display()
+                        ))
+                        .stderr(Stdio::null())
+                        .spawn()?,
+                );
+                wait_for_socket(&sock)?;
+            }
+        }
+        let mut vmm = Command::new(o.bin_dir.join("vmm"))
+            .arg("--kernel")
+            .arg(test_infra::build_guest()?.elf)
+            .args(["--memory", "256M", "--cmdline", cmdline])
+            .arg("--disk")
+            .arg(format!("socket={}", sock.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = vmm.stdout.take().context("vmm stdout")?;
+        let marker = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                match line {
+                    Ok(l) if l.contains("BENCH-GUEST START") => return Some(t0.elapsed()),
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+            None
+        });
+        vmms.push((vmm, marker));
+    }
+    let mut kib = 0u64;
+    if measure_memory {
+        std::thread::sleep(Duration::from_millis(500));
+        kib = vmms
+            .iter()
+            .map(|(v, _)| v.id())
+            .chain(backends.iter().map(|b| b.id()))
+            .map(private_pss_kib)
+            .sum();
+    }
+    let mut markers = Vec::new();
+    for (mut vmm, marker) in vmms {
+        let st = vmm.wait()?;
+        if !st.success() {
+            bail!("a vmm of the {tag} fleet ended with {st}");
+        }
+        let m = marker.join().ok().flatten().context("no start marker")?;
+        markers.push(m.as_secs_f64() * 1000.0);
+    }
+    drop(ctl);
+    for mut b in backends {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+        let _ = b.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((markers, kib as f64 / count as f64))
+}
+
 pub fn run(o: &LaunchOptions) -> Result<String> {
     let work = o.dir.join(format!("bench-launch-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -230,6 +388,18 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
     }
     let q_wall = ms(t0);
     drop(daemons);
+
+    // The two ways of serving a fleet's disks, vmm only (no vmctl).
+    let light = "mode=randread qd=1 irq=1 duration_ms=3000 progress_ms=0";
+    let mut serving = Vec::new();
+    for (mode, name) in [
+        (Serving::PerVm, "a blk-backend per VM"),
+        (Serving::PerHost, "one blk-backend per host (--control)"),
+    ] {
+        let (m, _) = direct_fleet(o, &work, &base, mode, o.count, one_io, false)?;
+        let (_, kib) = direct_fleet(o, &work, &base, mode, mem_count, light, true)?;
+        serving.push((name, m, kib));
+    }
     let _ = std::fs::remove_dir_all(&work);
 
     let all = markers.iter().cloned().fold(0.0, f64::max);
@@ -259,6 +429,19 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         "\nHost memory per VM beside its guest memory ({mem_count} VMs running, PSS of the supervisor, vmm and blk-backend, guest RAM excluded): {:.2} MiB; goal under 3 MiB.\n",
         kib_per_vm / 1024.0
     );
+    md += &format!(
+        "\n### Serving a fleet's disks: a backend per VM or one per host ({} VMs, vmm without vmctl)\n\n| | all start markers, ms | per-VM marker p50 / p99, ms | host memory per VM beside guest memory ({mem_count} running), MiB |\n|---|---:|---:|---:|\n",
+        o.count
+    );
+    for (name, m, kib) in &serving {
+        md += &format!(
+            "| {name} | {:.0} | {:.0} / {:.0} | {:.2} |\n",
+            m.iter().cloned().fold(0.0, f64::max),
+            percentile(m.clone(), 0.5),
+            percentile(m.clone(), 0.99),
+            kib / 1024.0
+        );
+    }
     md += &format!(
         "\nOne 1-I/O VM's life under vmctl (median of {} runs, each step a vmctl process, ms): create {:.1}, start {:.1}, wait {:.1}, delete {:.1}; total {life_total:.1} (goal under 30).\n",
         o.runs,

@@ -58,6 +58,15 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// SIGSYS reporter in place.
 pub fn enable(program: &'static str) -> Result<(), SandboxError> {
     install_reporter(program)?;
+    // glibc's malloc sizes its arena limit from the number of CPUs, which
+    // it reads from /sys (openat) the first time many threads allocate at
+    // once: a thread under a filter without openat would trap on it. The
+    // limit is set now, to glibc's own default (8 per CPU), so it never
+    // looks.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: mallopt only sets a malloc parameter; called before the
+    // threads it matters for exist.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(i32::MAX as usize) as i32) };
     ENABLED.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -245,8 +254,16 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
         buf: [0; 256],
         len: 0,
     };
+    // The thread's name too (prctl is allowed everywhere): a thread that
+    // inherited its filter without confining itself is found by it.
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the buffer.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(16);
     line.push(program.as_bytes());
-    line.push(b": seccomp: a thread under the \"");
+    line.push(b": seccomp: thread \"");
+    line.push(&name[..name_len]);
+    line.push(b"\" under the \"");
     line.push(policy.as_bytes());
     line.push(b"\" policy made a forbidden system call: ");
     line.push(syscall_name(i64::from(nr)).unwrap_or("unknown").as_bytes());

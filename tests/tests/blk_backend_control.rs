@@ -128,6 +128,31 @@ fn exports_are_added_listed_and_removed_at_runtime() {
         json!({"return": []})
     );
     img(&["snapshot", "-c", "after", &s(&image)]);
+
+    // Many VMs on the one process at once: sessions and workers starting
+    // together under the filters (glibc's malloc once read /sys from a new
+    // thread there, a call the workers' filter does not allow).
+    let vms: Vec<_> = (0..6)
+        .map(|k| {
+            let disk = fx.image(&format!("many{k}.img"), "16M");
+            let sock = Fixture::socket_of(&disk);
+            let r = ctl.call(
+                json!({"execute": "export-add", "arguments": {"socket": sock, "image": disk}}),
+            );
+            assert_eq!(r, json!({"return": {}}));
+            VmmVm::new(&bin("vmm"), "mode=randread ios=200 qd=4")
+                .with_disk(&sock, 1)
+                .spawn()
+                .expect("a vmm starts")
+        })
+        .collect();
+    for vm in vms {
+        vm.wait()
+            .expect("the vmm ends")
+            .assert_ok("one of many VMs on one backend");
+    }
+    let list = ctl.call(json!({"execute": "export-list"}));
+    assert_eq!(list["return"].as_array().map(Vec::len), Some(6), "{list}");
     drop(ctl);
     backend.stop();
 }

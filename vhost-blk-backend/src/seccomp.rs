@@ -13,6 +13,9 @@ use sandbox::Policy;
 /// top, the crash shadow), shared by workers, sessions and the main
 /// thread's final close.
 const IMAGE_IO: &[&str] = &[
+    "access",
+    "faccessat",
+    "faccessat2",
     "fallocate",
     "fdatasync",
     "fstat",

@@ -353,7 +353,7 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
     let mem_count = o.count.min(16);
     let (_, _, kib_per_vm) = fleet(
         mem_count,
-        "mode=randread qd=1 irq=1 duration_ms=3000 progress_ms=0",
+        "mode=randread qd=1 irq=1 duration_ms=10000 timeout_ms=60000 progress_ms=0",
         true,
     )?;
 
@@ -390,7 +390,7 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
     drop(daemons);
 
     // The two ways of serving a fleet's disks, vmm only (no vmctl).
-    let light = "mode=randread qd=1 irq=1 duration_ms=3000 progress_ms=0";
+    let light = "mode=randread qd=1 irq=1 duration_ms=10000 timeout_ms=60000 progress_ms=0";
     let mut serving = Vec::new();
     for (mode, name) in [
         (Serving::PerVm, "a blk-backend per VM"),

@@ -65,7 +65,7 @@ fn junk_from_one_guest_leaves_the_vmm_the_backend_and_the_other_vm_standing() {
         // guest's junk goes on against the vmm's own IOERR path too.
         v.disks.push(VmmDisk {
             reconnect_timeout_ms: Some(300),
-            reply_timeout_ms: Some(1000),
+            reply_timeout_ms: Some(5000),
             ..VmmDisk::new(&Fixture::socket_of(&victim), 1)
         });
         let r = v.run().expect("the fuzzed vmm runs");

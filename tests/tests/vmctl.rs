@@ -62,6 +62,16 @@ impl Vmctl {
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.state.join("vms").join(name)
     }
+
+    /// Gives a defined VM another workload for its next start (vmctl has
+    /// no verb to edit a VM: its config file is the definition).
+    fn set_cmdline(&self, name: &str, cmdline: &str) {
+        let cfg = self.vm_dir(name).join("config.json");
+        let mut c: Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).expect("config")).expect("json");
+        c["cmdline"] = cmdline.into();
+        std::fs::write(&cfg, c.to_string()).expect("config");
+    }
 }
 
 /// A base whose first 8 MiB a guest wrote with generation 7, sealed as
@@ -128,21 +138,15 @@ fn a_vm_lives_its_whole_lifecycle_and_its_clone_keeps_its_data() {
 
     // Started again on its own clone: the base's data and what it wrote
     // itself are both there.
-    let cfg = v.vm_dir("web").join("config.json");
-    let mut c: Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("config")).expect("json");
-    c["cmdline"] = "mode=read verify=1 expect_gen=3 offset=16M size=8M".into();
-    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.set_cmdline("web", "mode=read verify=1 expect_gen=3 offset=16M size=8M");
     v.ok(&["start", "web"]);
     assert!(v.ok(&["wait", "web"]).contains("exited (0)"));
-    c["cmdline"] = "mode=read verify=1 expect_gen=7 size=8M".into();
-    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.set_cmdline("web", "mode=read verify=1 expect_gen=7 size=8M");
     v.ok(&["restart", "web"]);
     assert!(v.ok(&["wait", "web"]).contains("exited (0)"));
 
     // A graceful stop of a running VM.
-    c["cmdline"] = "mode=randread duration_ms=600000 progress_ms=200".into();
-    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.set_cmdline("web", "mode=randread duration_ms=600000 progress_ms=200");
     v.ok(&["start", "web"]);
     let stopped = v.ok(&["stop", "web"]);
     assert!(stopped.contains("exited (0)"), "{stopped}");
@@ -184,11 +188,7 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
     assert_eq!(v.info("db")["backend-restarts"], 1);
 
     // The vmm itself killed: failed, with the reason.
-    let cfg = v.vm_dir("db").join("config.json");
-    let mut c: Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("config")).expect("json");
-    c["cmdline"] = "mode=randread duration_ms=600000 progress_ms=200".into();
-    std::fs::write(&cfg, c.to_string()).expect("config");
+    v.set_cmdline("db", "mode=randread duration_ms=600000 progress_ms=200");
     v.ok(&["start", "db"]);
     let vmm = v.info("db")["pid"].as_u64().expect("vmm pid") as i32;
     // SAFETY: as above, the VM's vmm.

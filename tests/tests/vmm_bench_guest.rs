@@ -552,7 +552,7 @@ fn a_backend_that_stops_answering_costs_a_deadline_not_a_hang() {
     let with_deadline = |cmdline: &str| {
         let mut v = VmmVm::new(&bin("vmm"), cmdline);
         v.disks.push(VmmDisk {
-            reply_timeout_ms: Some(300),
+            reply_timeout_ms: Some(2000),
             reconnect_timeout_ms: Some(600_000),
             ..VmmDisk::new(&sock, 1)
         });
@@ -568,7 +568,7 @@ fn a_backend_that_stops_answering_costs_a_deadline_not_a_hang() {
         Err(e) => format!("{e:#}"),
     };
     assert!(
-        why.contains("GET_FEATURES: no reply within 300 ms"),
+        why.contains("GET_FEATURES: no reply within 2000 ms"),
         "the error names the request and the deadline:\n{why}"
     );
 
@@ -592,7 +592,7 @@ fn a_backend_that_stops_answering_costs_a_deadline_not_a_hang() {
     let r = running.wait().expect("the VM ends");
     freeze(false);
     assert!(
-        r.stderr.contains("no reply within 300 ms"),
+        r.stderr.contains("no reply within 2000 ms"),
         "the stop named the deadline:\n{}",
         r.stderr
     );

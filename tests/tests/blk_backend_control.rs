@@ -90,6 +90,7 @@ fn exports_are_added_listed_and_removed_at_runtime() {
             .contains("already listens"),
         "{r}"
     );
+    assert_eq!(r["error"]["class"], "ExportExists");
     let missing = fx.path("missing.img");
     let other = fx.path("other.sock");
     let r = ctl
@@ -101,6 +102,7 @@ fn exports_are_added_listed_and_removed_at_runtime() {
             .contains("missing.img"),
         "{r}"
     );
+    assert_eq!(r["error"]["class"], "GenericError");
     assert!(!other.exists(), "a failed add left its socket");
     assert_eq!(ctl.raw("{not json")["error"]["class"], "GenericError");
     assert_eq!(
@@ -115,6 +117,7 @@ fn exports_are_added_listed_and_removed_at_runtime() {
             .contains("no export on"),
         "{r}"
     );
+    assert_eq!(r["error"]["class"], "DeviceNotFound");
 
     // Removed: its socket is gone and its image closed (an operation that
     // needs it exclusively succeeds).

@@ -59,6 +59,16 @@ impl Vmctl {
         serde_json::from_str(&self.ok(&["info", name, "--output", "json"])).expect("json")
     }
 
+    /// The VM is failed, and says why.
+    fn assert_failed(&self, name: &str, reason: &str) {
+        let info = self.info(name);
+        assert_eq!(info["state"], "failed", "{info}");
+        assert!(
+            info["reason"].as_str().unwrap_or("").contains(reason),
+            "{info}"
+        );
+    }
+
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.state.join("vms").join(name)
     }
@@ -164,28 +174,72 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
     let v = Vmctl::new(&fx);
     let base = golden(&fx);
     let image = base.to_str().expect("utf-8");
-    v.ok(&[
-        "create",
-        "db",
-        "--image",
-        image,
-        "--cmdline",
-        "mode=randwrite verify=1 gen=4 size=8M duration_ms=3000 progress_ms=200 timeout_ms=20000",
-    ]);
-    v.ok(&["start", "db"]);
-    until("a progress line", Duration::from_millis(500), || {
-        v.ok(&["logs", "db"]).contains("progress:")
+    // Two VMs on the host backend (the default) and one with a backend of
+    // its own, all writing and verifying.
+    let work =
+        "mode=randwrite verify=1 gen=4 size=8M duration_ms=3000 progress_ms=200 timeout_ms=20000";
+    for (name, own) in [("db", false), ("web", false), ("solo", true)] {
+        let mut args = vec!["create", name, "--image", image, "--cmdline", work];
+        if own {
+            args.extend(["--backend", "vm"]);
+        }
+        v.ok(&args);
+        v.ok(&["start", name]);
+    }
+    for name in ["db", "web", "solo"] {
+        until("a progress line", Duration::from_millis(500), || {
+            v.ok(&["logs", name]).contains("progress:")
+        });
+    }
+    // The host backend's daemon killed first: the VMs' supervisors start
+    // another, which adopts the blk-backend still serving.
+    let daemon_of = || -> Option<i64> {
+        let text = std::fs::read_to_string(v.state.join("backend/status.json")).ok()?;
+        serde_json::from_str::<Value>(&text).ok()?["daemon_pid"].as_i64()
+    };
+    let host = v.info("db")["backend-pid"].as_u64().expect("backend pid") as i32;
+    let daemon = daemon_of().expect("the daemon's status");
+    // SAFETY: killing the host backend's daemon, a process of this test's.
+    assert_eq!(unsafe { libc::kill(daemon as i32, libc::SIGKILL) }, 0);
+    until("another daemon", Duration::from_millis(100), || {
+        daemon_of().is_some_and(|d| d != daemon)
     });
-    let backend = v.info("db")["backend-pid"].as_u64().expect("backend pid") as i32;
-    // SAFETY: killing the VM's disk backend, a process of this test's.
-    assert_eq!(unsafe { libc::kill(backend, libc::SIGKILL) }, 0);
-    assert!(v.ok(&["wait", "db"]).contains("exited (0)"));
-    let last = v.ok(&["logs", "db", "--tail", "1"]);
-    assert!(
-        last.contains("\"result\":\"ok\"") && last.contains("\"errors\":0"),
-        "{last}"
+    assert_eq!(v.info("db")["backend-pid"], host, "adopted, not restarted");
+    assert_eq!(
+        v.info("web")["backend-pid"],
+        host,
+        "one backend serves both"
     );
-    assert_eq!(v.info("db")["backend-restarts"], 1);
+    assert_eq!(v.info("db")["backend"], "host");
+    let own = v.info("solo")["backend-pid"].as_u64().expect("backend pid") as i32;
+    assert_ne!(own, host);
+    // SAFETY: killing the VMs' disk backends, processes of this test's.
+    assert_eq!(unsafe { libc::kill(host, libc::SIGKILL) }, 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(own, libc::SIGKILL) }, 0);
+    for name in ["db", "web", "solo"] {
+        assert!(v.ok(&["wait", name]).contains("exited (0)"), "{name}");
+        let last = v.ok(&["logs", name, "--tail", "1"]);
+        assert!(
+            last.contains("\"result\":\"ok\"") && last.contains("\"errors\":0"),
+            "{name}: {last}"
+        );
+        assert_eq!(v.info(name)["backend-restarts"], 1, "{name}");
+    }
+    v.ok(&["delete", "web"]);
+    v.ok(&["delete", "solo"]);
+    // Nothing registered any more: the host backend's daemon ends by
+    // itself (after lingering 2 s for the next VM).
+    let status = v.state.join("backend/status.json");
+    until(
+        "the host backend ends when idle",
+        Duration::from_secs(3),
+        || !status.exists(),
+    );
+    // SAFETY: signal 0 only asks whether the process exists.
+    until("blk-backend gone", Duration::from_millis(100), || unsafe {
+        libc::kill(host, 0) != 0
+    });
 
     // The vmm itself killed: failed, with the reason.
     v.set_cmdline("db", "mode=randread duration_ms=600000 progress_ms=200");
@@ -195,15 +249,29 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
     assert_eq!(unsafe { libc::kill(vmm, libc::SIGKILL) }, 0);
     let out = v.call(&["wait", "db"], Duration::from_millis(100));
     assert!(!out.status.success());
-    let info = v.info("db");
-    assert_eq!(info["state"], "failed", "{info}");
-    assert!(
-        info["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("killed by signal 9"),
-        "{info}"
+    v.assert_failed("db", "killed by signal 9");
+
+    // Its supervisor killed: the vmm goes with it (nothing runs
+    // unwatched), the VM is failed, and the host backend drops its export.
+    v.ok(&["start", "db"]);
+    let vmm = v.info("db")["pid"].as_u64().expect("vmm pid") as i32;
+    let status: Value = serde_json::from_str(
+        &std::fs::read_to_string(v.vm_dir("db").join("status.json")).expect("status"),
+    )
+    .expect("json");
+    let supervisor = status["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+    // SAFETY: killing the VM's supervisor, a process of this test's.
+    assert_eq!(unsafe { libc::kill(supervisor, libc::SIGKILL) }, 0);
+    // SAFETY: signal 0 only asks whether the process exists.
+    until(
+        "the vmm ends with its supervisor",
+        Duration::from_millis(100),
+        || unsafe { libc::kill(vmm, 0) != 0 },
     );
+    v.assert_failed("db", "supervisor is gone");
+    until("its export dropped", Duration::from_millis(500), || {
+        !v.state.join("backend/exports/db.json").exists()
+    });
 
     // Two starts racing: one starts it, the other is told it runs.
     let spawn = || {

@@ -9,6 +9,9 @@
 //! - `export-del` {socket}: ends its session (in-flight I/O completes),
 //!   closes its image cleanly and removes its socket.
 //! - `export-list`: every export with its session state and counters.
+//!
+//! Errors carry QMP's classes: `ExportExists` (an add on a socket already
+//! served), `DeviceNotFound` (a del of no export), `GenericError`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -268,6 +271,17 @@ fn reply_error(class: &str, desc: String) -> Value {
     json!({ "error": { "class": class, "desc": desc } })
 }
 
+/// A refused add or del: its QMP error class (a client tells "already
+/// there" and "not there" from real failures by it).
+fn refusal(e: ControlError) -> Value {
+    let class = match e {
+        ControlError::Exists(_) => "ExportExists",
+        ControlError::NoSuchExport(_) => "DeviceNotFound",
+        _ => "GenericError",
+    };
+    reply_error(class, cli_support::report(&e.into()))
+}
+
 /// One command: its reply.
 pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
     let Ok(req) = serde_json::from_str::<Value>(line) else {
@@ -303,14 +317,14 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
             }
             match exports.add(spec) {
                 Ok(()) => json!({ "return": {} }),
-                Err(e) => reply_error("GenericError", cli_support::report(&e.into())),
+                Err(e) => refusal(e),
             }
         }
         Some("export-del") => match text("socket") {
             None => reply_error("GenericError", "export-del needs socket".into()),
             Some(s) => match exports.remove(&s) {
                 Ok(()) => json!({ "return": {} }),
-                Err(e) => reply_error("GenericError", cli_support::report(&e.into())),
+                Err(e) => refusal(e),
             },
         },
         Some("export-list") => json!({ "return": exports.list() }),

@@ -125,12 +125,13 @@ pub fn run(
             made.push(create(root, name, &s)?);
         }
         // Every supervisor first, then the waits: the VMs start together.
+        let mut starting = Vec::new();
         for vm in &made {
             let _lock = vm.lock()?;
-            start_locked(root, vm)?;
+            starting.push(start_locked(root, vm)?);
         }
-        for vm in &made {
-            wait_started(vm)?;
+        for (vm, s) in made.iter().zip(starting) {
+            wait_started(vm, s)?;
         }
         let mut rows = Vec::new();
         let mut failed = 0;

@@ -3,6 +3,7 @@
 
 mod binaries;
 mod fleet;
+mod host_backend;
 mod ops;
 mod state;
 mod supervisor;
@@ -15,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use crate::ops::Spec;
-use crate::state::{Observed, Root};
+use crate::state::{BackendMode, Observed, Root};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +60,9 @@ struct VmOptions {
     /// Grow the VM's clone to this size (the new space reads as zeros).
     #[arg(long)]
     disk_size: Option<String>,
+    /// Who serves the disk: the host's one blk-backend, or one of the VM's own.
+    #[arg(long, value_enum, default_value_t = BackendMode::Host)]
+    backend: BackendMode,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +161,9 @@ enum Cmd {
     Supervise {
         name: String,
     },
+    /// The host backend's daemon (started by the first VM that needs it).
+    #[command(name = "__backend", hide = true)]
+    Backend,
 }
 
 fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
@@ -174,6 +181,7 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
             .map(cli_support::parse_size)
             .transpose()
             .context("--disk-size")?,
+        backend: vm.backend,
     })
 }
 
@@ -235,7 +243,7 @@ fn run(cli: Cli) -> Result<i32> {
             let rows: Vec<Value> = root
                 .list()?
                 .iter()
-                .map(ops::describe)
+                .map(|vm| ops::describe(&root, vm))
                 .collect::<Result<_>>()?;
             if output == Output::Json {
                 print_json(&json!(rows));
@@ -265,7 +273,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Info { name, output } => {
-            let v = ops::describe(&root.vm(&name)?)?;
+            let v = ops::describe(&root, &root.vm(&name)?)?;
             if output == Output::Json {
                 print_json(&v);
             } else if let Some(o) = v.as_object() {
@@ -403,8 +411,9 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Supervise { name } => {
             let vm = root.vm(&name)?;
-            supervisor::supervise(&vm)?;
+            supervisor::supervise(&root, &vm)?;
         }
+        Cmd::Backend => host_backend::daemon(&root)?,
     }
     Ok(0)
 }

@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use image_format::{ops, Layer, RealEnv};
 use serde_json::{json, Value};
 
-use crate::state::{alive, now_ms, Observed, Root, VmConfig, VmDir};
+use crate::host_backend::HostBackend;
+use crate::state::{now_ms, BackendMode, Observed, Root, VmConfig, VmDir};
 use crate::supervisor::KILL_MARKER;
 
 /// What `create` is given.
@@ -24,6 +25,7 @@ pub struct Spec {
     pub queues: u16,
     /// Grow the clone to this many bytes (the new space reads as zeros).
     pub disk_size: Option<u64>,
+    pub backend: BackendMode,
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a
@@ -83,6 +85,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             cpus: spec.cpus,
             memory: spec.memory,
             queues: spec.queues,
+            backend: spec.backend,
             created_unix: now_ms() / 1000,
         })?;
         Ok(())
@@ -99,12 +102,44 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
 pub fn start(root: &Root, name: &str) -> Result<()> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
-    start_locked(root, &vm)?;
-    wait_started(&vm)
+    let starting = start_locked(root, &vm)?;
+    wait_started(&vm, starting)
+}
+
+/// Runs `cmd` in a session of its own: no terminal hang-up reaches it.
+pub fn own_session(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid in the child before exec: async-signal-safe, touches
+    // no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+/// `cmd` gets `signal` when the thread that spawned it ends (its
+/// supervisor killed): nothing it started outlives it unwatched.
+pub fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl in the child before exec: async-signal-safe, touches
+    // no memory of ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong);
+            Ok(())
+        });
+    }
+}
+
+/// A supervisor on its way up: its word that the VM runs (or its end).
+pub struct Starting {
+    said: std::sync::mpsc::Receiver<bool>,
 }
 
 /// Spawns the supervisor; the caller holds the VM's lock.
-pub fn start_locked(root: &Root, vm: &VmDir) -> Result<()> {
+pub fn start_locked(root: &Root, vm: &VmDir) -> Result<Starting> {
     if vm.observed()?.is_active() {
         bail!("VM {} is already running", vm.name);
     }
@@ -122,55 +157,53 @@ pub fn start_locked(root: &Root, vm: &VmDir) -> Result<()> {
         .arg("__supervise")
         .arg(&vm.name)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(log);
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setsid in the child before exec: async-signal-safe, touches
-    // no memory of ours. Its own session: no terminal hang-up reaches it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    own_session(&mut cmd);
     let mut child = cmd.spawn().context("starting the VM's supervisor")?;
-    // Reaped when it ends, however long this vmctl lives (a fleet run).
+    let out = child.stdout.take();
+    let (tx, said) = std::sync::mpsc::channel();
+    // Its one line (or the end of its output), then reaped when it ends,
+    // however long this vmctl lives (a fleet run).
     std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if let Some(out) = out {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let _ = tx.send(line.trim() == "running");
         let _ = child.wait();
     });
-    Ok(())
+    Ok(Starting { said })
 }
 
 /// Until the VM runs (its API answers) or its start failed.
-pub fn wait_started(vm: &VmDir) -> Result<()> {
-    // Starting takes milliseconds (a backend, a vmm, a boot); a start
+pub fn wait_started(vm: &VmDir, starting: Starting) -> Result<()> {
+    // Starting takes milliseconds (an export, a vmm, a boot); a start
     // that has not happened after a minute is stuck.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = vm.status()?;
-        match status.as_ref().map(|s| s.state.as_str()) {
-            Some("running") if vm.api_socket().exists() => return Ok(()),
-            Some("failed") => bail!(
-                "VM {} failed to start: {}",
-                vm.name,
-                status.and_then(|s| s.reason).unwrap_or_default()
-            ),
-            Some("exited") => return Ok(()),
-            _ => {}
+    let running = match starting.said.recv_timeout(Duration::from_secs(60)) {
+        Ok(running) => running,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            bail!("VM {} did not start within 60 s", vm.name)
         }
-        if let Some(pid) = status.and_then(|s| s.supervisor_pid) {
-            if !alive(pid) && !matches!(vm.observed()?, Observed::Exited(_)) {
-                bail!(
-                    "VM {}: its supervisor ended at start (see {})",
-                    vm.name,
-                    vm.path.join("supervisor.log").display()
-                );
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("VM {} did not start within 60 s", vm.name);
-        }
-        std::thread::sleep(Duration::from_millis(1));
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => false,
+    };
+    if running {
+        return Ok(());
+    }
+    let status = vm.status()?;
+    match status.as_ref().map(|s| s.state.as_str()) {
+        Some("exited") => Ok(()),
+        Some("failed") => bail!(
+            "VM {} failed to start: {}",
+            vm.name,
+            status.and_then(|s| s.reason).unwrap_or_default()
+        ),
+        _ => bail!(
+            "VM {}: its supervisor ended at start (see {})",
+            vm.name,
+            vm.path.join("supervisor.log").display()
+        ),
     }
 }
 
@@ -265,8 +298,8 @@ pub fn restart(root: &Root, name: &str, timeout: Duration) -> Result<()> {
     if vm.observed()?.is_active() {
         stop_locked(&vm, timeout)?;
     }
-    start_locked(root, &vm)?;
-    wait_started(&vm)
+    let starting = start_locked(root, &vm)?;
+    wait_started(&vm, starting)
 }
 
 /// Removes the VM: its clone, sockets, logs and state.
@@ -289,7 +322,7 @@ fn allocated(p: &Path) -> u64 {
 }
 
 /// One VM as `list` and `info` show it.
-pub fn describe(vm: &VmDir) -> Result<Value> {
+pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
     let c = vm.config()?;
     let status = vm.status()?;
     let observed = vm.observed()?;
@@ -306,6 +339,24 @@ pub fn describe(vm: &VmDir) -> Result<Value> {
         }
     }
     let active = observed.is_active();
+    // The process serving its disk now, and its restarts during this run.
+    let (backend_pid, backend_restarts) = match c.backend {
+        BackendMode::Vm => (
+            status
+                .as_ref()
+                .filter(|_| active)
+                .and_then(|s| s.backend_pid),
+            status.as_ref().map_or(0, |s| s.backend_restarts),
+        ),
+        BackendMode::Host => match (HostBackend::of(root)?.status(), &status) {
+            (Some(h), Some(s)) if active => (
+                h.backend_pid,
+                h.restarts.saturating_sub(s.host_restarts_at_start),
+            ),
+            // Counted by its supervisor when the run ended.
+            (_, s) => (None, s.as_ref().map_or(0, |s| s.backend_restarts)),
+        },
+    };
     let uptime_s = status
         .as_ref()
         .filter(|_| active)
@@ -322,8 +373,9 @@ pub fn describe(vm: &VmDir) -> Result<Value> {
         "disk": vm.disk(),
         "disk-bytes": allocated(&vm.disk()),
         "uptime-s": uptime_s,
-        "backend-restarts": status.as_ref().map_or(0, |s| s.backend_restarts),
-        "backend-pid": status.as_ref().filter(|_| active).and_then(|s| s.backend_pid),
+        "backend": c.backend.to_string(),
+        "backend-restarts": backend_restarts,
+        "backend-pid": backend_pid,
         "kernel": c.kernel,
         "cmdline": c.cmdline,
         "queues": c.queues,

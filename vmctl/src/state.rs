@@ -155,7 +155,31 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory: u64,
     pub queues: u16,
+    /// Who serves its disk.
+    #[serde(default)]
+    pub backend: BackendMode,
     pub created_unix: u64,
+}
+
+/// Who serves a VM's disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendMode {
+    /// The host's one blk-backend, serving every VM (the default: less
+    /// memory per VM, faster starts).
+    #[default]
+    Host,
+    /// A blk-backend of the VM's own (a crash there touches no other VM).
+    Vm,
+}
+
+impl std::fmt::Display for BackendMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendMode::Host => "host",
+            BackendMode::Vm => "vm",
+        })
+    }
 }
 
 /// What became of the VM's current or last run (written by its
@@ -177,6 +201,10 @@ pub struct Status {
     pub reason: Option<String>,
     /// How many times the disk backend died and was started again.
     pub backend_restarts: u32,
+    /// The host backend's restart count when this run began (its restarts
+    /// since are this VM's).
+    #[serde(default)]
+    pub host_restarts_at_start: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -251,21 +279,9 @@ impl VmDir {
 
     /// Serializes vmctl calls on this VM (released when dropped).
     pub fn lock(&self) -> Result<File, StateError> {
-        let path = self.path.join("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(dir_error(&path, "cannot open its lock"))?;
-        // SAFETY: flock on a descriptor we own; it blocks until the other
-        // vmctl call on this VM is done.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(dir_error(&path, "cannot lock it")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(f)
+        lock_file(&self.path.join("lock"), true)?.ok_or_else(|| {
+            dir_error(&self.path, "cannot lock it")(std::io::ErrorKind::WouldBlock.into())
+        })
     }
 
     /// The state as a user sees it now: a run whose supervisor is gone is
@@ -318,7 +334,33 @@ impl std::fmt::Display for Observed {
     }
 }
 
-fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<T, StateError> {
+/// An exclusive flock on `path` (made if missing), released when the file
+/// is dropped. `wait`: block until it is free; otherwise None when another
+/// process holds it.
+pub fn lock_file(path: &Path, wait: bool) -> Result<Option<File>, StateError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(dir_error(path, "cannot open its lock"))?;
+    let how = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), how) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !wait && e.kind() == std::io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(dir_error(path, "cannot lock it")(e));
+    }
+    Ok(Some(f))
+}
+
+pub fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<T, StateError> {
     let text = std::fs::read_to_string(path).map_err(dir_error(path, "cannot read it"))?;
     serde_json::from_str(&text).map_err(|source| StateError::Json {
         path: path.to_path_buf(),
@@ -327,7 +369,7 @@ fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<T, StateError> {
 }
 
 /// Written aside and renamed: a reader never sees half a file.
-fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(v).map_err(|source| StateError::Json {
         path: path.to_path_buf(),

@@ -1,10 +1,11 @@
 //! One small process per running VM (`vmctl` started again as
 //! `__supervise`, in a session of its own so it outlives the terminal):
-//! it starts the VM's disk backend and its vmm, keeps the console in a
-//! bounded file, starts the backend again if it dies (the vmm reconnects
-//! with its inflight state: the guest sees nothing), and records how the
-//! vmm ended. A vmm killed by a signal is `failed` with that reason, never
-//! a stale `running`.
+//! it has the VM's disk served (an export on the host backend, or a
+//! blk-backend of the VM's own which it starts again if it dies: the vmm
+//! reconnects with its inflight state, the guest sees nothing), starts
+//! the vmm, keeps the console in a bounded file and records how the vmm
+//! ended. A vmm killed by a signal is `failed` with that reason, never a
+//! stale `running`. It waits on pidfds: nothing polls while the VM runs.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::binaries;
-use crate::state::{boot_id, now_ms, Status, VmDir};
+use crate::host_backend::{pidfd, pidfd_of, wait_any, ExportEntry, HostBackend};
+use crate::state::{boot_id, now_ms, BackendMode, Root, Status, VmConfig, VmDir};
 
 /// The console file's size before it is rotated (one older file is kept).
 pub const CONSOLE_CAP: u64 = 1 << 20;
@@ -34,7 +36,10 @@ fn log_file(vm: &VmDir, name: &str) -> Result<std::fs::File> {
 fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
     let backend = binaries::program("blk-backend")?;
     let _ = std::fs::remove_file(vm.disk_socket());
-    let child = Command::new(backend)
+    let mut cmd = Command::new(backend);
+    // Its image closes cleanly on SIGTERM.
+    crate::ops::die_with_parent(&mut cmd, libc::SIGTERM);
+    let child = cmd
         .arg("--export")
         .arg(format!(
             "socket={},image={},num_queues={queues}",
@@ -109,8 +114,10 @@ fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> std::thread
     })
 }
 
-/// The supervisor's whole life.
-pub fn supervise(vm: &VmDir) -> Result<()> {
+/// The supervisor's whole life. A line on stdout ("running") tells the
+/// `vmctl start` that spawned it that the VM runs (its API answers); its
+/// end without that line means the start failed (status.json says why).
+pub fn supervise(root: &Root, vm: &VmDir) -> Result<()> {
     let config = vm.config()?;
     let mut status = Status {
         state: "starting".into(),
@@ -121,7 +128,7 @@ pub fn supervise(vm: &VmDir) -> Result<()> {
     };
     let _ = std::fs::remove_file(vm.path.join(KILL_MARKER));
     vm.write_status(&status)?;
-    let outcome = run(vm, &config, &mut status);
+    let outcome = run(root, vm, &config, &mut status);
     if let Err(e) = &outcome {
         status.state = "failed".into();
         status.reason = Some(cli_support::report(e));
@@ -131,10 +138,63 @@ pub fn supervise(vm: &VmDir) -> Result<()> {
     outcome
 }
 
-fn run(vm: &VmDir, config: &crate::state::VmConfig, status: &mut Status) -> Result<()> {
-    let mut backend = start_backend(vm, config.queues)?;
-    wait_listening(vm, &mut backend)?;
-    status.backend_pid = Some(backend.id());
+fn note(vm: &VmDir, what: std::fmt::Arguments) {
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(vm.path.join("supervisor.log"))
+        .and_then(|mut f| writeln!(f, "{what}"));
+}
+
+/// Who serves the disk during this run.
+enum Disk {
+    Host(HostBackend),
+    Own(Child),
+}
+
+fn run(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -> Result<()> {
+    let mut disk = match config.backend {
+        BackendMode::Host => {
+            let host = HostBackend::of(root)?;
+            host.attach(
+                &vm.name,
+                &ExportEntry {
+                    socket: vm.disk_socket(),
+                    image: vm.disk(),
+                    num_queues: config.queues,
+                    owner_pid: std::process::id(),
+                },
+            )
+            .context("serving the disk on the host backend")?;
+            status.host_restarts_at_start = host.status().map_or(0, |s| s.restarts);
+            Disk::Host(host)
+        }
+        BackendMode::Vm => {
+            let mut backend = start_backend(vm, config.queues)?;
+            wait_listening(vm, &mut backend)?;
+            status.backend_pid = Some(backend.id());
+            Disk::Own(backend)
+        }
+    };
+    let outcome = run_vmm(vm, config, status, &mut disk);
+    match &mut disk {
+        Disk::Host(host) => {
+            status.backend_restarts = host.status().map_or(0, |h| {
+                h.restarts.saturating_sub(status.host_restarts_at_start)
+            });
+            if let Err(e) = host.detach(&vm.name, &vm.disk_socket()) {
+                note(
+                    vm,
+                    format_args!("ending the disk's export: {}", cli_support::report(&e)),
+                );
+            }
+        }
+        Disk::Own(backend) => stop_backend(backend),
+    }
+    outcome
+}
+
+fn run_vmm(vm: &VmDir, config: &VmConfig, status: &mut Status, disk: &mut Disk) -> Result<()> {
     let kernel = match &config.kernel {
         Some(k) => k.clone(),
         None => binaries::bench_guest()?,
@@ -156,6 +216,7 @@ fn run(vm: &VmDir, config: &crate::state::VmConfig, status: &mut Status) -> Resu
     if let Some(i) = &config.initrd {
         cmd.arg("--initrd").arg(i);
     }
+    crate::ops::die_with_parent(&mut cmd, libc::SIGKILL);
     let mut vmm = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -164,25 +225,69 @@ fn run(vm: &VmDir, config: &crate::state::VmConfig, status: &mut Status) -> Resu
         .context("starting the vmm")?;
     let console = vmm.stdout.take().map(|out| keep_console(vm, out));
     status.vmm_pid = Some(vmm.id());
+    let vmm_end = pidfd(&vmm)?;
+    // Running once its API answers (the socket appears just before the
+    // vCPUs start, milliseconds after exec), or it ended first.
+    while !vm.api_socket().exists() && !wait_any(&[&vmm_end], Some(Duration::from_millis(1)))[0] {}
     status.state = "running".into();
     vm.write_status(status)?;
+    // The vmctl that started us may be gone: a failed write is no matter.
+    let _ = writeln!(std::io::stdout(), "running").and_then(|()| std::io::stdout().flush());
+    let mut daemon_lost = false;
     let ended = loop {
-        if let Some(st) = vmm.try_wait()? {
-            break st;
+        let woke = match disk {
+            Disk::Own(backend) => {
+                let backend_end = pidfd(backend)?;
+                wait_any(&[&vmm_end, &backend_end], None)
+            }
+            // The daemon is watched too: killed, it is started again
+            // (adopting the blk-backend that still serves), so a later
+            // crash of that backend is still repaired.
+            Disk::Host(host) if !daemon_lost => {
+                match host.status().map(|h| pidfd_of(h.daemon_pid)) {
+                    Some(Ok(daemon_end)) => {
+                        let woke = wait_any(&[&vmm_end, &daemon_end], None);
+                        if !woke[0] && woke[1] {
+                            note(
+                                vm,
+                                format_args!("the host backend's daemon ended; starting it again"),
+                            );
+                        }
+                        woke
+                    }
+                    _ => {
+                        if let Err(e) = host.revive() {
+                            note(
+                                vm,
+                                format_args!(
+                                    "reviving the host backend's daemon: {}",
+                                    cli_support::report(&e)
+                                ),
+                            );
+                            daemon_lost = true;
+                        }
+                        continue;
+                    }
+                }
+            }
+            Disk::Host(_) => wait_any(&[&vmm_end], None),
+        };
+        if woke[0] {
+            break vmm.wait()?;
         }
-        if let Some(st) = backend.try_wait()? {
-            // The vmm reconnects to a new one with its inflight state.
-            let _ = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(vm.path.join("supervisor.log"))
-                .and_then(|mut f| writeln!(f, "blk-backend ended ({st}); starting it again"));
-            backend = start_backend(vm, config.queues)?;
-            status.backend_pid = Some(backend.id());
-            status.backend_restarts += 1;
-            vm.write_status(status)?;
+        if let Disk::Own(backend) = disk {
+            if let Some(st) = backend.try_wait()? {
+                // The vmm reconnects to a new one with its inflight state.
+                note(
+                    vm,
+                    format_args!("blk-backend ended ({st}); starting it again"),
+                );
+                *backend = start_backend(vm, config.queues)?;
+                status.backend_pid = Some(backend.id());
+                status.backend_restarts += 1;
+                vm.write_status(status)?;
+            }
         }
-        std::thread::sleep(Duration::from_millis(5));
     };
     if let Some(t) = console {
         let _ = t.join();
@@ -207,12 +312,11 @@ fn run(vm: &VmDir, config: &crate::state::VmConfig, status: &mut Status) -> Resu
             ));
         }
     }
-    stop_backend(&mut backend);
     Ok(())
 }
 
 /// SIGTERM, then SIGKILL if it does not end (it closes its image first).
-fn stop_backend(backend: &mut Child) {
+pub fn stop_backend(backend: &mut Child) {
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(backend.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);

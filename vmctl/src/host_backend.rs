@@ -1,0 +1,538 @@
+//! The host's disk backend, vmctl's default: one `blk-backend --control`
+//! per state root serves every running VM's disk (measured against a
+//! backend per VM in docs/benchmarks.md: less memory per VM and faster
+//! starts). A small daemon (`vmctl __backend`, started by the first VM
+//! that needs it, in a session of its own) owns that process:
+//!
+//! - Each VM's supervisor registers its export in `backend/exports/NAME.json`
+//!   and adds it through the control socket (`export-add`); when its vmm
+//!   ends it removes the entry and the export (`export-del`).
+//! - When `blk-backend` dies the daemon starts it again at once and adds
+//!   every registered export back: each vmm reconnects with its inflight
+//!   state and its guest sees nothing.
+//! - An entry whose supervisor is gone (killed) is dropped; with nothing
+//!   registered for a while the daemon ends, and the next VM starts it again.
+//!
+//! `backend/registry.lock` orders registrations against the daemon's
+//! re-adds and its decision to end; `backend/daemon.lock` keeps it to one
+//! daemon per state root.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::binaries;
+use crate::state::{alive, boot_id, lock_file, now_ms, read_json, write_json, Root};
+
+/// How long the daemon outlives its last export (a fleet's VMs come and go
+/// one after another; a new daemon costs a process start).
+const LINGER: Duration = Duration::from_secs(2);
+/// How often the daemon looks for entries whose supervisor is gone.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
+
+/// One VM's export, as registered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportEntry {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub num_queues: u16,
+    /// The VM's supervisor: when it is gone, so is the entry.
+    pub owner_pid: u32,
+}
+
+/// What the daemon tells `vmctl info` about the process it runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub daemon_pid: u32,
+    pub backend_pid: Option<u32>,
+    /// How many times blk-backend died and was started again.
+    pub restarts: u32,
+    pub boot_id: String,
+    pub started_unix_ms: u64,
+}
+
+/// A reply the control socket gave as an error.
+#[derive(Debug, thiserror::Error)]
+#[error("blk-backend refused {command}: {desc}")]
+pub struct Refused {
+    pub command: String,
+    pub class: String,
+    pub desc: String,
+}
+
+pub struct HostBackend {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl HostBackend {
+    pub fn of(root: &Root) -> Result<HostBackend> {
+        let dir = root.path.join("backend");
+        std::fs::create_dir_all(dir.join("exports"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(HostBackend {
+            root: root.path.clone(),
+            dir,
+        })
+    }
+
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    fn entry(&self, name: &str) -> PathBuf {
+        self.dir.join("exports").join(format!("{name}.json"))
+    }
+
+    fn status_path(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+
+    /// The daemon's status, when one runs on this boot.
+    pub fn status(&self) -> Option<HostStatus> {
+        let s: HostStatus = read_json(&self.status_path()).ok()?;
+        (s.boot_id == boot_id() && alive(s.daemon_pid)).then_some(s)
+    }
+
+    fn registry_lock(&self) -> Result<std::fs::File> {
+        lock_file(&self.dir.join("registry.lock"), true)?.context("the backend registry's lock")
+    }
+
+    /// Registers VM `name`'s export and has the host backend serve it,
+    /// starting the daemon when none runs.
+    pub fn attach(&self, name: &str, entry: &ExportEntry) -> Result<()> {
+        let _lock = self.registry_lock()?;
+        write_json(&self.entry(name), entry)?;
+        let added = self.ensure_running().and_then(|()| match self.add(entry) {
+            Err(e) if exists(&e) => Ok(()),
+            other => other,
+        });
+        if added.is_err() {
+            let _ = std::fs::remove_file(self.entry(name));
+        }
+        added
+    }
+
+    /// Unregisters the VM's export and ends it (its image closes cleanly
+    /// before this returns).
+    pub fn detach(&self, name: &str, socket: &Path) -> Result<()> {
+        let _lock = self.registry_lock()?;
+        let _ = std::fs::remove_file(self.entry(name));
+        match self.call("export-del", json!({ "socket": socket })) {
+            Ok(_) => Ok(()),
+            // Not served (the backend restarted without it, or is gone):
+            // nothing holds the image.
+            Err(e) if not_found(&e) || unreachable(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn add(&self, e: &ExportEntry) -> Result<()> {
+        self.call(
+            "export-add",
+            json!({ "socket": e.socket, "image": e.image, "num_queues": e.num_queues }),
+        )
+        .map(drop)
+    }
+
+    /// One command on the control socket: its `return`.
+    pub fn call(&self, command: &str, arguments: Value) -> Result<Value> {
+        let path = self.control();
+        let stream = UnixStream::connect(&path)
+            .with_context(|| format!("connecting to the host backend's {}", path.display()))?;
+        // Commands take milliseconds (an image opened or closed); one that
+        // has not answered in a minute will not.
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut out = &stream;
+        writeln!(
+            out,
+            "{}",
+            json!({ "execute": command, "arguments": arguments })
+        )?;
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .with_context(|| format!("{command}: no answer from the host backend"))?;
+        let reply: Value = serde_json::from_str(&line)
+            .with_context(|| format!("{command}: the host backend answered {line:?}"))?;
+        if let Some(err) = reply.get("error") {
+            return Err(Refused {
+                command: command.to_string(),
+                class: err["class"].as_str().unwrap_or("").to_string(),
+                desc: err["desc"].as_str().unwrap_or("").to_string(),
+            }
+            .into());
+        }
+        Ok(reply["return"].clone())
+    }
+
+    fn reachable(&self) -> bool {
+        UnixStream::connect(self.control()).is_ok()
+    }
+
+    /// Starts the daemon unless its backend answers; until it does. The
+    /// caller holds the registry lock, so two VMs never start two daemons.
+    fn ensure_running(&self) -> Result<()> {
+        if self.reachable() {
+            return Ok(());
+        }
+        self.spawn_daemon_until(|| self.reachable())
+    }
+
+    /// Starts a daemon again when the one that ran is gone (killed): it
+    /// adopts the blk-backend that still serves, or starts one. Any
+    /// supervisor that sees the daemon end calls this; the one daemon lock
+    /// keeps it to one.
+    pub fn revive(&self) -> Result<HostStatus> {
+        let _lock = self.registry_lock()?;
+        if let Some(s) = self.status() {
+            return Ok(s);
+        }
+        self.spawn_daemon_until(|| self.status().is_some() && self.reachable())?;
+        self.status()
+            .context("the host backend's daemon ended as it started")
+    }
+
+    /// Spawns `vmctl __backend`; until `up` holds (or it ended).
+    fn spawn_daemon_until(&self, up: impl Fn() -> bool) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))?;
+        let mut cmd = Command::new(std::env::current_exe().context("finding vmctl itself")?);
+        cmd.arg("--state-dir")
+            .arg(&self.root)
+            .arg("__backend")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        crate::ops::own_session(&mut cmd);
+        let mut daemon = cmd.spawn().context("starting the host backend's daemon")?;
+        // Starting blk-backend takes milliseconds; one that has not
+        // answered in 30 s is stuck.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            if up() {
+                break Ok(());
+            }
+            if let Some(st) = daemon.try_wait()? {
+                break Err(anyhow::anyhow!(
+                    "the host backend's daemon ended at start ({st}); see {}",
+                    self.dir.join("daemon.log").display()
+                ));
+            }
+            if Instant::now() > deadline {
+                break Err(anyhow::anyhow!(
+                    "the host backend did not answer within 30 s"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // Reaped whenever it ends (it outlives this process).
+        std::thread::spawn(move || {
+            let _ = daemon.wait();
+        });
+        outcome
+    }
+
+    fn registered(&self) -> Vec<(PathBuf, ExportEntry)> {
+        let Ok(dir) = std::fs::read_dir(self.dir.join("exports")) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter_map(|p| read_json(&p).ok().map(|e| (p, e)))
+            .collect()
+    }
+}
+
+fn refused(e: &anyhow::Error) -> Option<&Refused> {
+    e.downcast_ref::<Refused>()
+}
+
+fn exists(e: &anyhow::Error) -> bool {
+    refused(e).is_some_and(|r| r.class == "ExportExists")
+}
+
+fn not_found(e: &anyhow::Error) -> bool {
+    refused(e).is_some_and(|r| r.class == "DeviceNotFound")
+}
+
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        )
+    })
+}
+
+/// A pidfd: readable when the process ends (no polling for a child's end).
+pub fn pidfd(child: &Child) -> Result<OwnedFd> {
+    pidfd_of(child.id())
+}
+
+/// A pidfd of any process (a child's cannot be reused before it is reaped;
+/// another's is checked alive by the caller right after).
+pub fn pidfd_of(pid: u32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open has no memory arguments; the result is a new
+    // descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("pidfd_open");
+    }
+    // SAFETY: `fd` was just returned to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Until one of `fds` is readable (a process ended) or `timeout` passed;
+/// which ones are.
+pub fn wait_any(fds: &[&OwnedFd], timeout: Option<Duration>) -> Vec<bool> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    // SAFETY: poll on an array of pollfd we own, its true length given.
+    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
+    if n <= 0 {
+        return vec![false; fds.len()];
+    }
+    polled.iter().map(|p| p.revents != 0).collect()
+}
+
+/// The blk-backend the daemon watches: its child, or one a killed daemon
+/// left serving and a new one adopted.
+struct Watched {
+    child: Option<Child>,
+    pid: u32,
+    end: OwnedFd,
+    /// It ended (and was reaped if ours).
+    done: bool,
+}
+
+/// However the daemon ends (an error too), its backend ends with it.
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stop();
+        }
+    }
+}
+
+impl Watched {
+    fn child(child: Child) -> Result<Watched> {
+        Ok(Watched {
+            pid: child.id(),
+            end: pidfd(&child)?,
+            child: Some(child),
+            done: false,
+        })
+    }
+
+    /// The previous daemon's backend, when it still serves.
+    fn adopt(host: &HostBackend, before: &HostStatus) -> Option<Watched> {
+        let pid = before.backend_pid?;
+        let end = pidfd_of(pid).ok()?;
+        (before.boot_id == boot_id() && alive(pid) && host.reachable()).then_some(Watched {
+            child: None,
+            pid,
+            end,
+            done: false,
+        })
+    }
+
+    /// How it ended (reaped, when it is our child).
+    fn ended(&mut self) -> String {
+        self.done = true;
+        match self.child.as_mut().map(Child::wait) {
+            Some(Ok(st)) => st.to_string(),
+            _ => "ended".into(),
+        }
+    }
+
+    /// SIGTERM (it closes every image), SIGKILL after 10 s.
+    fn stop(&mut self) {
+        // SAFETY: signalling the backend we watch (alive: its pidfd is
+        // not readable, or the signal goes nowhere).
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        if !wait_any(&[&self.end], Some(Duration::from_secs(10)))[0] {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+            wait_any(&[&self.end], Some(Duration::from_secs(10)));
+        }
+        self.ended();
+    }
+}
+
+fn start_backend(host: &HostBackend) -> Result<Child> {
+    let mut backend = Command::new(binaries::program("blk-backend")?)
+        .arg("--control")
+        .arg(host.control())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(host.dir.join("backend.log"))?,
+        )
+        .spawn()
+        .context("starting blk-backend")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !host.reachable() {
+        if let Some(st) = backend.try_wait()? {
+            bail!(
+                "blk-backend ended at start ({st}); its log: {}",
+                host.dir.join("backend.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = backend.kill();
+            bail!("blk-backend did not answer on its control socket within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(backend)
+}
+
+/// Adds every registered export whose supervisor lives; drops the others.
+fn add_registered(host: &HostBackend) {
+    let Ok(_lock) = host.registry_lock() else {
+        return;
+    };
+    for (path, e) in host.registered() {
+        if !alive(e.owner_pid) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        match host.add(&e) {
+            Err(err) if !exists(&err) => eprintln!(
+                "vmctl __backend: adding {} back: {}",
+                e.socket.display(),
+                cli_support::report(&err)
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// Drops entries whose supervisor is gone (and their exports).
+fn drop_orphans(host: &HostBackend) {
+    let orphans: Vec<_> = host
+        .registered()
+        .into_iter()
+        .filter(|(_, e)| !alive(e.owner_pid))
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    let Ok(_lock) = host.registry_lock() else {
+        return;
+    };
+    // Read again under the lock: the VM may have started again meanwhile,
+    // its new entry in the old one's place.
+    for (path, _) in orphans {
+        let Ok(e) = read_json::<ExportEntry>(&path) else {
+            continue;
+        };
+        if alive(e.owner_pid) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&path);
+        let _ = host.call("export-del", json!({ "socket": e.socket }));
+    }
+}
+
+/// The daemon's whole life (`vmctl __backend`).
+pub fn daemon(root: &Root) -> Result<()> {
+    let host = HostBackend::of(root)?;
+    // One daemon per root. A second one started meanwhile ends once the
+    // first serves; one started while the last is on its way out waits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let _one = loop {
+        if let Some(lock) = lock_file(&host.dir.join("daemon.lock"), false)? {
+            break lock;
+        }
+        if host.status().is_some() && host.reachable() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("another daemon holds the backend's lock and does not serve");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let before: Option<HostStatus> = read_json(&host.status_path()).ok();
+    let mut status = HostStatus {
+        daemon_pid: std::process::id(),
+        boot_id: boot_id(),
+        started_unix_ms: now_ms(),
+        ..Default::default()
+    };
+    let mut backend = match before.as_ref().and_then(|b| Watched::adopt(&host, b)) {
+        Some(w) => {
+            eprintln!(
+                "vmctl __backend: adopting blk-backend {} (its daemon was gone)",
+                w.pid
+            );
+            status.restarts = before.map_or(0, |b| b.restarts);
+            w
+        }
+        None => Watched::child(start_backend(&host)?)?,
+    };
+    status.backend_pid = Some(backend.pid);
+    write_json(&host.status_path(), &status)?;
+    add_registered(&host);
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        if wait_any(&[&backend.end], Some(HOUSEKEEPING))[0] {
+            let how = backend.ended();
+            eprintln!(
+                "vmctl __backend: blk-backend ended ({how}); starting it again and adding back every export"
+            );
+            backend = Watched::child(start_backend(&host)?)?;
+            status.backend_pid = Some(backend.pid);
+            status.restarts += 1;
+            write_json(&host.status_path(), &status)?;
+            add_registered(&host);
+            continue;
+        }
+        drop_orphans(&host);
+        if !host.dir.join("exports").is_dir() {
+            // The state directory was removed: nothing left to serve.
+            return Ok(());
+        }
+        if !host.registered().is_empty() {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < LINGER {
+            continue;
+        }
+        // Idle: end, unless a VM is registering right now.
+        let Some(_lock) = lock_file(&host.dir.join("registry.lock"), false)? else {
+            continue;
+        };
+        if !host.registered().is_empty() {
+            continue;
+        }
+        let _ = std::fs::remove_file(host.status_path());
+        backend.stop();
+        let _ = std::fs::remove_file(host.control());
+        return Ok(());
+    }
+}

@@ -49,7 +49,11 @@ fn both_processes_run_confined_and_the_backend_as_nobody() {
         &["--user", "nobody"],
     )
     .expect("blk-backend starts as nobody");
-    assert_eq!(uid_of(backend.pid()), "65534\t65534\t65534\t65534");
+    // Its socket listens before it drops root (it binds as root first):
+    // the change follows within milliseconds.
+    Patience::new("blk-backend becomes nobody", Duration::from_millis(100))
+        .wait_until(|| Ok(uid_of(backend.pid()) == "65534\t65534\t65534\t65534"))
+        .unwrap_or_else(|e| panic!("{e}: {}", uid_of(backend.pid())));
 
     let mut v = VmmVm::new(
         &bin("vmm"),

@@ -15,6 +15,7 @@
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod coalesced;
 pub mod config;
 pub mod control;
 pub mod devices;

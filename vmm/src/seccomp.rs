@@ -48,6 +48,12 @@ pub const API: Policy = Policy {
     ]],
 };
 
+/// The console flusher: sleeps, and writes what the guest wrote.
+pub const CONSOLE: Policy = Policy {
+    name: "console",
+    groups: &[&["fcntl"]],
+};
+
 /// The deadline watchdog: waits, and shuts a silent backend's connection.
 pub const DEADLINES: Policy = Policy {
     name: "deadlines",

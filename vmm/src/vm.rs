@@ -20,6 +20,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::Api;
 use crate::boot;
+use crate::coalesced::CoalescedWrites;
 use crate::config::{SerialOut, VmConfig};
 use crate::control::Control;
 use crate::devices::debug_exit::DebugExit;
@@ -116,6 +117,8 @@ fn serial_out(s: &SerialOut) -> Result<Box<dyn Write + Send>> {
 struct Machine {
     pio: Bus,
     mmio: Bus,
+    /// Console writes KVM holds for us (set once vCPU 0 exists).
+    coalesced: std::sync::OnceLock<CoalescedWrites>,
 }
 
 impl Machine {
@@ -129,6 +132,7 @@ impl Machine {
         let machine = Machine {
             pio: Bus::default(),
             mmio: Bus::default(),
+            coalesced: std::sync::OnceLock::new(),
         };
         machine.pio.insert(
             serial::PORT,
@@ -311,6 +315,22 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         }
         vcpu.set_cpuid2(&c).context("KVM_SET_CPUID2")?;
         if id == 0 {
+            if let Some(c) = CoalescedWrites::set_up(&kvm, &vm, &vcpu, &[serial::PORT])? {
+                let _ = machine.coalesced.set(c);
+                let m = Arc::clone(&machine);
+                std::thread::Builder::new()
+                    .name("console".into())
+                    .spawn(move || {
+                        if let Err(e) = crate::seccomp::confine(&crate::seccomp::CONSOLE) {
+                            error!("console flusher: {e}");
+                            return;
+                        }
+                        if let Some(c) = m.coalesced.get() {
+                            c.flush_forever(&m.pio, &m.mmio)
+                        }
+                    })
+                    .context("starting the console flusher")?;
+            }
             let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
             let regs = if entry.long_mode {
                 boot::long_mode_registers(&entry, &mut sregs)
@@ -485,6 +505,11 @@ fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ct
             t0.elapsed().as_nanos() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        // Console bytes the guest wrote before this exit reach the device
+        // before the exit is handled (its order, as without coalescing).
+        if let Some(c) = m.coalesced.get() {
+            c.drain(&m.pio, &m.mmio);
+        }
         match &exit {
             Ok(VcpuExit::IoOut(..)) => count(&stats.io_out),
             Ok(VcpuExit::IoIn(..)) => count(&stats.io_in),

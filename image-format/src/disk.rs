@@ -403,13 +403,15 @@ impl Disk {
             return Ok(0);
         }
         let uuid = self.top().header.uuid;
-        let pruned = MapShadow::prune(dir, |image| {
-            Layer::open(&RealEnv, image, false)
-                .ok()
-                .map(|l| l.header.uuid)
-        });
-        if pruned > 0 {
-            tracing::info!("removed {pruned} crash shadows of images that are gone");
+        if MapShadow::prune_due(dir) {
+            let pruned = MapShadow::prune(dir, |image| {
+                Layer::open(&RealEnv, image, false)
+                    .ok()
+                    .map(|l| l.header.uuid)
+            });
+            if pruned > 0 {
+                tracing::info!("removed {pruned} crash shadows of images that are gone");
+            }
         }
         let path = MapShadow::path_for(dir, &uuid);
         let mut adopted = 0;

@@ -146,6 +146,27 @@ impl MapShadow {
         }
     }
 
+    /// Whether `dir` is due a prune in this process: the first time, then
+    /// at most once a minute. Pruning reads every shadow there, and a
+    /// process serving a fleet opens one export per VM: pruning at each
+    /// would cost the square of the fleet.
+    pub fn prune_due(dir: &Path) -> bool {
+        use std::collections::HashMap;
+        use std::sync::Mutex;
+        use std::time::{Duration, Instant};
+        static LAST: Mutex<Option<HashMap<PathBuf, Instant>>> = Mutex::new(None);
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        let last = last.get_or_insert_with(HashMap::new);
+        let now = Instant::now();
+        match last.get(dir) {
+            Some(t) if now.duration_since(*t) < Duration::from_secs(60) => false,
+            _ => {
+                last.insert(dir.to_path_buf(), now);
+                true
+            }
+        }
+    }
+
     /// Deletes the shadows in `dir` that no process can ever adopt: from an
     /// earlier boot, or whose image is gone or is now another layer (a
     /// killed writer whose image was deleted leaves one behind). `layer_uuid`
@@ -184,7 +205,7 @@ impl MapShadow {
                     };
                     let image = Path::new(os);
                     let uuid = Uuid::from_slice(&h[16..32]).ok();
-                    !image.exists() || (layer_uuid(image).is_some() && layer_uuid(image) != uuid)
+                    !image.exists() || layer_uuid(image).is_some_and(|u| Some(u) != uuid)
                 }
             };
             if stale && std::fs::remove_file(e.path()).is_ok() {

@@ -368,6 +368,8 @@ fn run(cli: Cli) -> Result<i32> {
                 print_json(&json!({
                     "vms": report.rows,
                     "failed": report.failed,
+                    "launched-s": report.launched_s,
+                    "running-s": report.running_s,
                     "wall-s": report.wall_s,
                 }));
             } else {
@@ -395,11 +397,13 @@ fn run(cli: Cli) -> Result<i32> {
                     );
                 }
                 println!(
-                    "{} VMs: {} ok, {} failed, {:.2} s{}",
+                    "{} VMs: {} ok, {} failed, {:.2} s (all cloned and launched {:.2} s, all running {:.2} s){}",
                     report.rows.len(),
                     report.rows.len() - report.failed,
                     report.failed,
                     report.wall_s,
+                    report.launched_s,
+                    report.running_s,
                     if demo {
                         " (demo: each guest read and verified the base's data through its own clone)"
                     } else {

@@ -415,7 +415,13 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Supervise { name } => {
             let vm = root.vm(&name)?;
-            supervisor::supervise(&root, &vm)?;
+            // A line on stdout tells the `vmctl start` that spawned us
+            // that the VM runs; it may be gone: a failed write is no matter.
+            supervisor::supervise(&root, &vm, || {
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "running").and_then(|()| out.flush());
+            })?;
         }
         Cmd::Backend => host_backend::daemon(&root)?,
     }

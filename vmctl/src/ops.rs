@@ -103,7 +103,7 @@ pub fn start(root: &Root, name: &str) -> Result<()> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
     let starting = start_locked(root, &vm)?;
-    wait_started(&vm, starting)
+    wait_started(&vm, &starting)
 }
 
 /// Runs `cmd` in a session of its own: no terminal hang-up reaches it.
@@ -133,9 +133,17 @@ pub fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
     }
 }
 
-/// A supervisor on its way up: its word that the VM runs (or its end).
+/// A supervisor on its way up: its word that the VM runs (true), then
+/// its end (false).
 pub struct Starting {
     said: std::sync::mpsc::Receiver<bool>,
+}
+
+impl Starting {
+    /// Until the supervisor ended (the VM did, and its end is recorded).
+    pub fn wait_ended(&self) {
+        while let Ok(true) = self.said.recv() {}
+    }
 }
 
 /// Spawns the supervisor; the caller holds the VM's lock.
@@ -173,12 +181,48 @@ pub fn start_locked(root: &Root, vm: &VmDir) -> Result<Starting> {
         }
         let _ = tx.send(line.trim() == "running");
         let _ = child.wait();
+        let _ = tx.send(false);
     });
     Ok(Starting { said })
 }
 
+/// Supervises the VM from a thread of this process (a fleet run: its
+/// VMs live as long as it does, and no process per VM is spawned for
+/// them). The caller holds the VM's lock.
+pub fn start_in_process(root: &Root, vm: &VmDir) -> Result<Starting> {
+    if vm.observed()?.is_active() {
+        bail!("VM {} is already running", vm.name);
+    }
+    for stale in [vm.api_socket(), vm.status_path()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let (tx, said) = std::sync::mpsc::channel();
+    let (root, vm) = (root.clone(), vm.clone());
+    std::thread::Builder::new()
+        .name(format!("supervise {}", vm.name))
+        .spawn(move || {
+            let ready = tx.clone();
+            if let Err(e) = crate::supervisor::supervise(&root, &vm, move || {
+                let _ = ready.send(true);
+            }) {
+                // Recorded in its status; here for the supervisor log.
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(vm.path.join("supervisor.log"))
+                    .and_then(|mut f| {
+                        use std::io::Write;
+                        writeln!(f, "vmctl: error: {}", cli_support::report(&e))
+                    });
+            }
+            let _ = tx.send(false);
+        })
+        .context("starting a supervisor thread")?;
+    Ok(Starting { said })
+}
+
 /// Until the VM runs (its API answers) or its start failed.
-pub fn wait_started(vm: &VmDir, starting: Starting) -> Result<()> {
+pub fn wait_started(vm: &VmDir, starting: &Starting) -> Result<()> {
     // Starting takes milliseconds (an export, a vmm, a boot); a start
     // that has not happened after a minute is stuck.
     let running = match starting.said.recv_timeout(Duration::from_secs(60)) {
@@ -299,7 +343,7 @@ pub fn restart(root: &Root, name: &str, timeout: Duration) -> Result<()> {
         stop_locked(&vm, timeout)?;
     }
     let starting = start_locked(root, &vm)?;
-    wait_started(&vm, starting)
+    wait_started(&vm, &starting)
 }
 
 /// Removes the VM: its clone, sockets, logs and state.

@@ -114,10 +114,12 @@ fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> std::thread
     })
 }
 
-/// The supervisor's whole life. A line on stdout ("running") tells the
-/// `vmctl start` that spawned it that the VM runs (its API answers); its
-/// end without that line means the start failed (status.json says why).
-pub fn supervise(root: &Root, vm: &VmDir) -> Result<()> {
+/// The supervisor's whole life: `ready` is called once the VM runs (its
+/// API answers); returning without calling it means the start failed
+/// (status.json says why). It runs as a process of its own (`vmctl
+/// start`: the VM outlives vmctl) or as a thread of `vmctl run` (a fleet's
+/// VMs live as long as the run that waits for them).
+pub fn supervise(root: &Root, vm: &VmDir, ready: impl FnOnce()) -> Result<()> {
     let config = vm.config()?;
     let mut status = Status {
         state: "starting".into(),
@@ -128,7 +130,7 @@ pub fn supervise(root: &Root, vm: &VmDir) -> Result<()> {
     };
     let _ = std::fs::remove_file(vm.path.join(KILL_MARKER));
     vm.write_status(&status)?;
-    let outcome = run(root, vm, &config, &mut status);
+    let outcome = run(root, vm, &config, &mut status, ready);
     if let Err(e) = &outcome {
         status.state = "failed".into();
         status.reason = Some(cli_support::report(e));
@@ -152,7 +154,13 @@ enum Disk {
     Own(Child),
 }
 
-fn run(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -> Result<()> {
+fn run(
+    root: &Root,
+    vm: &VmDir,
+    config: &VmConfig,
+    status: &mut Status,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let mut disk = match config.backend {
         BackendMode::Host => {
             let host = HostBackend::of(root)?;
@@ -176,7 +184,7 @@ fn run(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -> Resul
             Disk::Own(backend)
         }
     };
-    let outcome = run_vmm(vm, config, status, &mut disk);
+    let outcome = run_vmm(vm, config, status, &mut disk, ready);
     match &mut disk {
         Disk::Host(host) => {
             status.backend_restarts = host.status().map_or(0, |h| {
@@ -194,7 +202,13 @@ fn run(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -> Resul
     outcome
 }
 
-fn run_vmm(vm: &VmDir, config: &VmConfig, status: &mut Status, disk: &mut Disk) -> Result<()> {
+fn run_vmm(
+    vm: &VmDir,
+    config: &VmConfig,
+    status: &mut Status,
+    disk: &mut Disk,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let kernel = match &config.kernel {
         Some(k) => k.clone(),
         None => binaries::bench_guest()?,
@@ -231,8 +245,7 @@ fn run_vmm(vm: &VmDir, config: &VmConfig, status: &mut Status, disk: &mut Disk) 
     while !vm.api_socket().exists() && !wait_any(&[&vmm_end], Some(Duration::from_millis(1)))[0] {}
     status.state = "running".into();
     vm.write_status(status)?;
-    // The vmctl that started us may be gone: a failed write is no matter.
-    let _ = writeln!(std::io::stdout(), "running").and_then(|()| std::io::stdout().flush());
+    ready();
     let mut daemon_lost = false;
     let ended = loop {
         let woke = match disk {

@@ -156,13 +156,14 @@ impl CoalescedWrites {
 
     /// Drains the ring for a VM whose vCPUs may not exit for a long time;
     /// runs until the process ends.
-    pub fn flush_forever(&self, pio: &Bus, mmio: &Bus) -> ! {
-        const FAST: Duration = Duration::from_millis(2);
-        const SLOW: Duration = Duration::from_millis(64);
+    pub fn flush_forever(&self, pio: &Bus, mmio: &Bus, batch_done: impl Fn()) -> ! {
+        const FAST: Duration = Duration::from_millis(10);
+        const SLOW: Duration = Duration::from_millis(100);
         let mut period = FAST;
         loop {
             std::thread::sleep(period);
             period = if self.drain(pio, mmio) > 0 {
+                batch_done();
                 FAST
             } else {
                 (period * 2).min(SLOW)

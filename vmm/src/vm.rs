@@ -117,6 +117,7 @@ fn serial_out(s: &SerialOut) -> Result<Box<dyn Write + Send>> {
 struct Machine {
     pio: Bus,
     mmio: Bus,
+    console: Arc<Mutex<Console>>,
     /// Console writes KVM holds for us (set once vCPU 0 exists).
     coalesced: std::sync::OnceLock<CoalescedWrites>,
 }
@@ -132,13 +133,12 @@ impl Machine {
         let machine = Machine {
             pio: Bus::default(),
             mmio: Bus::default(),
+            console: Arc::new(Mutex::new(Console::new(serial))),
             coalesced: std::sync::OnceLock::new(),
         };
-        machine.pio.insert(
-            serial::PORT,
-            serial::LEN,
-            Arc::new(Mutex::new(Console::new(serial))),
-        )?;
+        machine
+            .pio
+            .insert(serial::PORT, serial::LEN, machine.console.clone())?;
         machine.pio.insert(
             debug_exit::PORT,
             debug_exit::LEN,
@@ -170,6 +170,14 @@ impl Machine {
             Arc::new(Mutex::new(I8042::new(events.clone()))),
         )?;
         Ok((machine, pci_bus))
+    }
+
+    /// Writes out the console's batch.
+    fn flush_console(&self) {
+        self.console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
     }
 
     /// A virtio device on the PCI bus, its BAR at `bar`.
@@ -326,7 +334,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                             return;
                         }
                         if let Some(c) = m.coalesced.get() {
-                            c.flush_forever(&m.pio, &m.mmio)
+                            c.flush_forever(&m.pio, &m.mmio, || m.flush_console())
                         }
                     })
                     .context("starting the console flusher")?;
@@ -357,6 +365,11 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     crate::seccomp::confine(&crate::seccomp::MAIN).context("seccomp")?;
     let event = events.recv().map_err(|_| anyhow!("every vCPU ended"))?;
     debug!("vm ended: {event:?}");
+    // The guest's last console bytes, if no exit drained them.
+    if let Some(c) = machine.coalesced.get() {
+        c.drain(&machine.pio, &machine.mmio);
+    }
+    machine.flush_console();
     if event != (VmEvent::Shutdown { force: true }) {
         // The vCPUs stop, then the disks' queues (the backends finish what
         // is in flight), so nothing is left half done.
@@ -508,7 +521,9 @@ fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ct
         // Console bytes the guest wrote before this exit reach the device
         // before the exit is handled (its order, as without coalescing).
         if let Some(c) = m.coalesced.get() {
-            c.drain(&m.pio, &m.mmio);
+            if c.drain(&m.pio, &m.mmio) > 0 {
+                m.flush_console();
+            }
         }
         match &exit {
             Ok(VcpuExit::IoOut(..)) => count(&stats.io_out),
@@ -521,6 +536,9 @@ fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ct
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 m.pio.write(port as u64, data);
+                if (serial::PORT..serial::PORT + serial::LEN).contains(&(port as u64)) {
+                    m.flush_console();
+                }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !m.pio.read(port as u64, data) {

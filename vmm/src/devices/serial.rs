@@ -21,15 +21,65 @@ impl Trigger for NoIrq {
     }
 }
 
+/// The console's output, written out when a batch of the guest's bytes
+/// ends ([`Console::flush`]) rather than byte by byte: vm-superio flushes
+/// after every byte, and a guest's line came to one system call per byte.
+pub struct BatchedOut {
+    out: Box<dyn Write + Send>,
+    pending: Vec<u8>,
+}
+
+impl BatchedOut {
+    /// Bytes held before they go out regardless of batches.
+    const LIMIT: usize = 64 << 10;
+
+    fn emit(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let r = self.out.write_all(&self.pending).and_then(|()| self.out.flush());
+        // A console nobody reads (a closed pipe) must not grow this.
+        self.pending.clear();
+        r
+    }
+}
+
+impl Write for BatchedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        if self.pending.len() >= Self::LIMIT {
+            self.emit()?;
+        }
+        Ok(buf.len())
+    }
+
+    /// vm-superio's flush after each byte: the batch's end decides.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct Console {
-    serial: Serial<NoIrq, NoEvents, Box<dyn Write + Send>>,
+    serial: Serial<NoIrq, NoEvents, BatchedOut>,
 }
 
 impl Console {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Console {
-            serial: Serial::new(NoIrq, out),
+            serial: Serial::new(
+                NoIrq,
+                BatchedOut {
+                    out,
+                    pending: Vec::new(),
+                },
+            ),
         }
+    }
+
+    /// Writes out what the guest wrote so far (the end of a batch: an
+    /// exit, a drained ring).
+    pub fn flush(&mut self) {
+        let _ = self.serial.writer_mut().emit();
     }
 }
 

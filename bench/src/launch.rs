@@ -109,7 +109,22 @@ fn control_call(
     Ok(serde_json::from_str(&line)?)
 }
 
-fn wait_for_socket(path: &Path) -> Result<()> {
+/// Until something listens on the control socket `path` (the file
+/// appears at bind, a moment before listen: connecting is the test).
+fn wait_for_control(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {}", path.display());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}
+
+/// Until a backend's export socket exists (not connected to: that would
+/// be a session).
+fn wait_for_export(path: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !path.exists() {
         if Instant::now() > deadline {
@@ -142,18 +157,29 @@ fn direct_fleet(
     let dir = work.join(format!("direct-{tag}-{count}"));
     std::fs::create_dir_all(&dir)?;
     let backend_bin = o.bin_dir.join("blk-backend");
-    let mut backends = Vec::new();
+    // Ended however this returns (an error too): nothing left running.
+    struct Backends(Vec<std::process::Child>);
+    impl Drop for Backends {
+        fn drop(&mut self) {
+            for b in &mut self.0 {
+                // SAFETY: signalling our own child process.
+                unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+                let _ = b.wait();
+            }
+        }
+    }
+    let mut backends = Backends(Vec::new());
     let mut ctl = None;
     if serving == Serving::PerHost {
         let path = dir.join("host.ctl");
-        backends.push(
+        backends.0.push(
             Command::new(&backend_bin)
                 .arg("--control")
                 .arg(&path)
                 .stderr(std::fs::File::create(work.join("host-backend.log"))?)
                 .spawn()?,
         );
-        wait_for_socket(&path)?;
+        wait_for_control(&path)?;
         let s = std::os::unix::net::UnixStream::connect(&path)?;
         ctl = Some((s.try_clone()?, std::io::BufReader::new(s)));
     }
@@ -177,7 +203,7 @@ fn direct_fleet(
                 }
             }
             None => {
-                backends.push(
+                backends.0.push(
                     Command::new(&backend_bin)
                         .arg("--export")
                         .arg(format!(
@@ -188,7 +214,7 @@ fn direct_fleet(
                         .stderr(Stdio::null())
                         .spawn()?,
                 );
-                wait_for_socket(&sock)?;
+                wait_for_export(&sock)?;
             }
         }
         let mut vmm = Command::new(o.bin_dir.join("vmm"))
@@ -219,7 +245,7 @@ fn direct_fleet(
         kib = vmms
             .iter()
             .map(|(v, _)| v.id())
-            .chain(backends.iter().map(|b| b.id()))
+            .chain(backends.0.iter().map(|b| b.id()))
             .map(private_pss_kib)
             .sum();
     }
@@ -233,11 +259,7 @@ fn direct_fleet(
         markers.push(m.as_secs_f64() * 1000.0);
     }
     drop(ctl);
-    for mut b in backends {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
-        let _ = b.wait();
-    }
+    drop(backends);
     let _ = std::fs::remove_dir_all(&dir);
     Ok((markers, kib as f64 / count as f64))
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use image_format::{ops, Layer, RealEnv};
 use serde_json::{json, Value};
 
-use crate::host_backend::HostBackend;
+use crate::host_backend::{pidfd_of, wait_any, HostBackend};
 use crate::state::{now_ms, BackendMode, Observed, Root, VmConfig, VmDir};
 use crate::supervisor::KILL_MARKER;
 
@@ -282,6 +282,19 @@ pub fn resume(root: &Root, name: &str) -> Result<Value> {
     api(&vm, "PUT", "/api/v1/vm.resume", None)
 }
 
+/// Sleeps until the VM may have ended: on its vmm's pidfd while the vmm
+/// runs (woken the moment it ends), else a millisecond (its supervisor is
+/// recording the end). At most 100 ms: a pid reused meanwhile costs that.
+fn nap(vm: &VmDir) {
+    let vmm = vm.status().ok().flatten().and_then(|s| s.vmm_pid);
+    match vmm.and_then(|pid| pidfd_of(pid).ok()) {
+        Some(end) => {
+            wait_any(&[&end], Some(Duration::from_millis(100)));
+        }
+        None => std::thread::sleep(Duration::from_millis(1)),
+    }
+}
+
 /// Until the VM is no longer active, or `limit` passed (false).
 fn wait_ended(vm: &VmDir, limit: Duration) -> Result<bool> {
     let deadline = Instant::now() + limit;
@@ -289,7 +302,7 @@ fn wait_ended(vm: &VmDir, limit: Duration) -> Result<bool> {
         if Instant::now() > deadline {
             return Ok(false);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        nap(vm);
     }
     Ok(true)
 }
@@ -441,7 +454,7 @@ pub fn wait(root: &Root, names: &[String]) -> Result<Vec<(String, Observed)>> {
     let mut out = Vec::new();
     for vm in vms {
         while vm.observed()?.is_active() {
-            std::thread::sleep(Duration::from_millis(2));
+            nap(&vm);
         }
         out.push((vm.name.clone(), vm.observed()?));
     }

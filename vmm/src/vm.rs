@@ -234,18 +234,34 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
 
     let ram = memory::create(cfg.memory)?;
-    for (slot, region) in ram.mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
+    // Adding a memory slot waits for a KVM grace period (5-7 ms here): it
+    // runs beside the rest of the set-up (tables, kernel, disks, API) and
+    // is awaited before any vCPU is created.
+    let slots: Vec<kvm_userspace_memory_region> = ram
+        .mem
+        .iter()
+        .enumerate()
+        .map(|(slot, region)| kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the region is mapped for the VM's life (`ram` outlives
-        // every vCPU: the process ends when the VM does).
-        unsafe { vm.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
-    }
+        })
+        .collect();
+    let slots_vm = Arc::clone(&vm);
+    let slots_added = std::thread::Builder::new()
+        .name("memslots".into())
+        .spawn(move || -> Result<()> {
+            for r in slots {
+                // SAFETY: the region is mapped for the VM's life (`ram`
+                // outlives every vCPU: the process ends when the VM does).
+                unsafe { slots_vm.set_user_memory_region(r) }
+                    .context("KVM_SET_USER_MEMORY_REGION")?;
+            }
+            Ok(())
+        })
+        .context("starting the memory-slot thread")?;
     let rsdp = crate::acpi::write_tables(&ram.mem, cfg.cpus)
         .map_err(|e| anyhow!("writing the ACPI tables: {e}"))?;
     let entry = if boot::is_bzimage(&cfg.kernel) {
@@ -305,6 +321,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             })
             .context("starting a disk watcher")?;
     }
+    slots_added
+        .join()
+        .map_err(|_| anyhow!("the memory-slot thread panicked"))??;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;

@@ -37,7 +37,10 @@ impl BatchedOut {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let r = self.out.write_all(&self.pending).and_then(|()| self.out.flush());
+        let r = self
+            .out
+            .write_all(&self.pending)
+            .and_then(|()| self.out.flush());
         // A console nobody reads (a closed pipe) must not grow this.
         self.pending.clear();
         r

@@ -135,6 +135,81 @@ fn wait_for_export(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A process's CPU time so far (user + system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name's closing parenthesis: state is field 3, utime
+    // and stime fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum()
+}
+
+/// What VMs at rest cost: `count` named VMs whose guests idle, each
+/// started with `vmctl start`; (MiB per VM beside guest memory, CPU ms per
+/// VM per second, wall ms of each `vmctl stop`).
+struct AtRest {
+    mib_per_vm: f64,
+    cpu_ms_per_vm_s: f64,
+    stop_ms: f64,
+}
+
+fn at_rest(o: &LaunchOptions, state: &Path, base: &str, count: usize) -> Result<AtRest> {
+    let names: Vec<String> = (1..=count).map(|i| format!("rest-{i}")).collect();
+    for n in &names {
+        for args in [
+            &["create", n, "--image", base, "--cmdline", "mode=idle"][..],
+            &["start", n][..],
+        ] {
+            let out = vmctl(o, state, args)?;
+            if !out.status.success() {
+                bail!("vmctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+    // Settled: every guest printed its idle line.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !names.iter().all(|n| {
+        std::fs::read_to_string(state.join(format!("vms/{n}/console.log")))
+            .is_ok_and(|c| c.contains("\"result\":\"idle\""))
+    }) {
+        if Instant::now() > deadline {
+            bail!("idle guests did not settle within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pids = pids_mentioning(&state.to_string_lossy());
+    let kib: u64 = pids.iter().copied().map(private_pss_kib).sum();
+    let before: u64 = pids.iter().copied().map(cpu_ticks).sum();
+    let window = Duration::from_secs(2);
+    std::thread::sleep(window);
+    let after: u64 = pids.iter().copied().map(cpu_ticks).sum();
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu_ms = (after.saturating_sub(before)) as f64 * 1000.0 / hz;
+    let mut stops = Vec::new();
+    for n in &names {
+        let t = Instant::now();
+        let out = vmctl(o, state, &["stop", n])?;
+        if !out.status.success() {
+            bail!("vmctl stop {n}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        stops.push(ms(t));
+        let _ = vmctl(o, state, &["delete", n])?;
+    }
+    Ok(AtRest {
+        mib_per_vm: kib as f64 / 1024.0 / count as f64,
+        cpu_ms_per_vm_s: cpu_ms / window.as_secs_f64() / count as f64,
+        stop_ms: median(stops),
+    })
+}
+
 /// `count` vmms on clones of `base`, their disks served per VM or by one
 /// host backend, without vmctl: (start markers since launch in ms, host
 /// memory per VM in KiB beside guest memory, measured while all run if
@@ -379,6 +454,11 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         true,
     )?;
 
+    // VMs at rest: started one by one with `vmctl start` (each its own
+    // supervisor process, as a user's named VMs are), their guests idle
+    // (device set up, vCPU halted): the memory and CPU each costs its host.
+    let rest = at_rest(o, &state, base_s, mem_count)?;
+
     // The QEMU fleet, launched together.
     let t0 = Instant::now();
     let mut daemons = Vec::new();
@@ -448,8 +528,11 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         q_wall / fleet_wall
     );
     md += &format!(
-        "\nHost memory per VM beside its guest memory ({mem_count} VMs running, PSS of the supervisor, vmm and blk-backend, guest RAM excluded): {:.2} MiB; goal under 3 MiB.\n",
-        kib_per_vm / 1024.0
+        "\nHost memory per VM beside its guest memory ({mem_count} VMs of one `vmctl run` with a light workload, PSS of the run, the vmms and the host blk-backend, guest RAM excluded): {:.2} MiB; goal under 3 MiB.\n\nAt rest ({mem_count} named VMs, each started by `vmctl start` with its own supervisor, guests idle with their disk set up): {:.2} MiB per VM beside guest memory, {:.3} ms of host CPU per VM per second (tick-granular: 0 means under one tick in the 2 s window); `vmctl stop` (graceful) {:.1} ms (median).\n",
+        kib_per_vm / 1024.0,
+        rest.mib_per_vm,
+        rest.cpu_ms_per_vm_s,
+        rest.stop_ms
     );
     md += &format!(
         "\n### Serving a fleet's disks: a backend per VM or one per host ({} VMs, vmm without vmctl)\n\n| | all start markers, ms | per-VM marker p50 / p99, ms | host memory per VM beside guest memory ({mem_count} running), MiB |\n|---|---:|---:|---:|\n",

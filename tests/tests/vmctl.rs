@@ -174,9 +174,13 @@ fn a_vm_lives_its_whole_lifecycle_and_its_clone_keeps_its_data() {
     v.ok(&["restart", "web"]);
     v.assert_exits_ok("web");
 
-    // A graceful stop of a running VM.
-    v.set_cmdline("web", "mode=randread duration_ms=600000 progress_ms=200");
+    // A graceful stop of a running VM, its guest at rest (its disk set
+    // up, its vCPU halted).
+    v.set_cmdline("web", "mode=idle");
     v.ok(&["start", "web"]);
+    until("the guest at rest", Duration::from_millis(200), || {
+        v.ok(&["logs", "web"]).contains("\"result\":\"idle\"")
+    });
     let stopped = v.ok(&["stop", "web"]);
     assert!(stopped.contains("exited (0)"), "{stopped}");
     v.ok(&["delete", "web"]);

@@ -146,6 +146,8 @@ start64:
 isr_common:
     push %rax
     mov 8(%rsp), %rax
+    cmpb $0, halt_requested     /* rt::halt_forever: at rest for good */
+    jne 4f
     cmp $32, %rax
     jb 2f
     lock incq irq_counts(, %rax, 8)
@@ -166,6 +168,9 @@ isr_common:
     call guest_fault
 3:  hlt
     jmp 3b
+4:  cli                         /* nothing wakes it: the VMM ends the VM */
+    hlt
+    jmp 4b
 
 .section .data
 .balign 8
@@ -175,6 +180,8 @@ pvh_start_info: .quad 0
 linux_boot_params: .quad 0
 .global pvclock_armed
 pvclock_armed: .byte 0
+.global halt_requested
+halt_requested: .byte 0
 
 .balign 16
 gdt:

@@ -12,6 +12,9 @@ pub enum Mode {
     /// A hostile driver: `ios` random writes to the device's registers,
     /// its PCI configuration and its rings (fuzz.rs), then a report.
     Fuzz,
+    /// A VM at rest: the device set up, then the vCPU halted until the
+    /// VMM ends the VM (what an idle VM costs its host).
+    Idle,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -130,6 +133,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
                     "mixed" | "randrw" => Mode::Mixed,
                     "boot" => Mode::Boot,
                     "fuzz" => Mode::Fuzz,
+                    "idle" => Mode::Idle,
                     _ => return Err(word),
                 };
                 true

@@ -86,6 +86,10 @@ pub extern "C" fn guest_main() -> ! {
         dev.blk_size,
         if dev.irq { "MSI-X interrupts" } else { "polling" }
     );
+    if cfg.mode == Mode::Idle {
+        println!("{{\"bench_guest\":1,\"result\":\"idle\",\"disk_bytes\":{},\"init_ns\":{}}}", disk_bytes, clock.ns(ready_tsc - boot_tsc));
+        rt::halt_forever();
+    }
     if cfg.offset >= disk_bytes {
         fail(EXIT_USAGE, format_args!("offset {} is past the {}-byte disk", cfg.offset, disk_bytes));
     }
@@ -120,8 +124,8 @@ pub extern "C" fn guest_main() -> ! {
         Check::None => {
             let random = matches!(cfg.mode, Mode::RandRead | Mode::RandWrite | Mode::Mixed);
             let read_pct = match cfg.mode {
-                // Mode::Boot and Mode::Fuzz have left above.
-                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz => 100,
+                // Mode::Boot, Mode::Fuzz and Mode::Idle have left above.
+                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz | Mode::Idle => 100,
                 Mode::Write | Mode::RandWrite => 0,
                 Mode::Mixed => cfg.rwmix,
             };

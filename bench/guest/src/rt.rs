@@ -13,6 +13,24 @@ pub fn exit(code: u8) -> ! {
     }
 }
 
+extern "C" {
+    static mut halt_requested: u8;
+}
+
+/// Halts the vCPU until the VMM ends the VM: at rest it costs the host no
+/// CPU (a halted vCPU sleeps in the kernel). `hlt` is CPL0's and PVM does
+/// not deliver `int n` from CPL3 through the IDT, so this asks for the halt
+/// and raises an exception, whose handler (boot.S) sees the request and
+/// halts with interrupts off instead of reporting a fault.
+pub fn halt_forever() -> ! {
+    // SAFETY: a byte only this function writes and the exception stub
+    // reads; `ud2` raises #UD, whose handler never returns here.
+    unsafe {
+        core::ptr::write_volatile(&raw mut halt_requested, 1);
+        asm!("ud2", options(noreturn))
+    }
+}
+
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::println!("PANIC: {}", info);

@@ -125,6 +125,12 @@ fn bad_input_is_a_clear_error_and_nothing_is_left_running() {
             "No such file",
         ),
         (vec!["--kernel".into(), s(&garbage)], "not a kernel"),
+        // Told to die with a parent that is not its parent: refused, not
+        // left running unwatched.
+        (
+            kernel(&["--parent-pid", "1"]),
+            "--parent-pid 1: the parent is",
+        ),
         // Each cause once (linux-loader repeats its own prefix).
         (
             vec!["--kernel".into(), "/bin/true".into()],

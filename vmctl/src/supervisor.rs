@@ -230,7 +230,10 @@ fn run_vmm(
     if let Some(i) = &config.initrd {
         cmd.arg("--initrd").arg(i);
     }
-    crate::ops::die_with_parent(&mut cmd, libc::SIGKILL);
+    // The vmm dies with this supervisor (it asks the kernel itself: no
+    // code between fork and exec, so the spawn copies no page tables of a
+    // fleet run's large process).
+    cmd.args(["--parent-pid", &std::process::id().to_string()]);
     let mut vmm = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -58,6 +58,11 @@ struct Args {
     /// report naming it).
     #[arg(long)]
     no_seccomp: bool,
+    /// End (SIGKILL) when process PID, the one that started this vmm, ends:
+    /// a supervisor that dies takes its VM along instead of leaving it
+    /// unwatched. Refused at once when PID is no longer the parent.
+    #[arg(long, value_name = "PID")]
+    parent_pid: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +140,9 @@ fn run(a: Args) -> Result<i32> {
     if let Some(Command::Api { socket, request }) = &a.command {
         return api(socket, request);
     }
+    if let Some(pid) = a.parent_pid {
+        die_with_parent(pid)?;
+    }
     let cfg = config_of(&a)?;
     let out = vm::run(&cfg)?;
     if let Some(p) = &a.metrics_file {
@@ -156,6 +164,23 @@ fn run(a: Args) -> Result<i32> {
             1
         }
     })
+}
+
+/// PR_SET_PDEATHSIG, then a check that `pid` is still the parent (it may
+/// have ended before the request: the signal would then never come).
+/// Done here rather than between fork and exec by the parent, so that the
+/// parent can start us with posix_spawn (no copy of its page tables).
+fn die_with_parent(pid: u32) -> Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("--parent-pid: PR_SET_PDEATHSIG");
+    }
+    // SAFETY: getppid has no arguments.
+    let parent = unsafe { libc::getppid() } as u32;
+    if parent != pid {
+        bail!("--parent-pid {pid}: the parent is {parent} (process {pid} ended already?)");
+    }
+    Ok(())
 }
 
 fn main() {

@@ -196,13 +196,16 @@ pub fn start_in_process(root: &Root, vm: &VmDir) -> Result<Starting> {
     for stale in [vm.api_socket(), vm.status_path()] {
         let _ = std::fs::remove_file(stale);
     }
+    // Recorded before the caller lets go of the VM's lock: a start racing
+    // this one then sees it active.
+    let begun = crate::supervisor::begin(vm)?;
     let (tx, said) = std::sync::mpsc::channel();
     let (root, vm) = (root.clone(), vm.clone());
     std::thread::Builder::new()
         .name(format!("supervise {}", vm.name))
         .spawn(move || {
             let ready = tx.clone();
-            if let Err(e) = crate::supervisor::supervise(&root, &vm, move || {
+            if let Err(e) = crate::supervisor::supervise_begun(&root, &vm, begun, move || {
                 let _ = ready.send(true);
             }) {
                 // Recorded in its status; here for the supervisor log.

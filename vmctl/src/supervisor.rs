@@ -120,8 +120,14 @@ fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> std::thread
 /// start`: the VM outlives vmctl) or as a thread of `vmctl run` (a fleet's
 /// VMs live as long as the run that waits for them).
 pub fn supervise(root: &Root, vm: &VmDir, ready: impl FnOnce()) -> Result<()> {
-    let config = vm.config()?;
-    let mut status = Status {
+    let status = begin(vm)?;
+    supervise_begun(root, vm, status, ready)
+}
+
+/// Records that this process supervises the VM from now on ("starting"):
+/// from here `list` shows it active and another start is refused.
+pub fn begin(vm: &VmDir) -> Result<Status> {
+    let status = Status {
         state: "starting".into(),
         supervisor_pid: Some(std::process::id()),
         boot_id: boot_id(),
@@ -130,6 +136,17 @@ pub fn supervise(root: &Root, vm: &VmDir, ready: impl FnOnce()) -> Result<()> {
     };
     let _ = std::fs::remove_file(vm.path.join(KILL_MARKER));
     vm.write_status(&status)?;
+    Ok(status)
+}
+
+/// The rest of the supervisor's life, once [`begin`] recorded it.
+pub fn supervise_begun(
+    root: &Root,
+    vm: &VmDir,
+    mut status: Status,
+    ready: impl FnOnce(),
+) -> Result<()> {
+    let config = vm.config()?;
     let outcome = run(root, vm, &config, &mut status, ready);
     if let Err(e) = &outcome {
         status.state = "failed".into();

@@ -246,6 +246,24 @@ fn inode(path: &Path) -> Option<(u64, i64, i64)> {
         .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
+/// Whether a socket bound at `path` listens: its file appears at bind, a
+/// moment before listen (a backend frozen or slow in between refuses
+/// connections), and connecting to find out would be a session.
+/// /proc/net/unix flags a listening socket with __SO_ACCEPTCON (0x10000).
+fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        // Without the table (not Linux?), the file's presence must do.
+        return true;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
 /// Waits until a backend process listens on `socket` (or dies trying).
 fn wait_for_socket(child: &mut Child, socket: &Path, name: &str) -> Result<()> {
     wait_for_new_socket(child, socket, None, name)
@@ -267,7 +285,7 @@ fn wait_for_new_socket(
     );
     patience.wait_until(|| {
         match inode(socket) {
-            Some(ino) if Some(ino) != stale => return Ok(true),
+            Some(ino) if Some(ino) != stale && listening(socket) => return Ok(true),
             _ => {}
         }
         if let Some(s) = child.try_wait()? {

@@ -50,7 +50,7 @@ fn junk_from_one_guest_leaves_the_vmm_the_backend_and_the_other_vm_standing() {
                 .run()
                 .expect("the bystander runs");
                 if !r.ok() {
-                    failures.push(r.serial);
+                    failures.push(format!("{}\nits vmm's log:\n{}", r.serial, r.stderr));
                 }
                 runs += 1;
             }
@@ -92,11 +92,22 @@ fn junk_from_one_guest_leaves_the_vmm_the_backend_and_the_other_vm_standing() {
         "the bystander: {runs} verifying runs, {} failed",
         failures.len()
     );
-    assert!(
-        failures.is_empty(),
-        "the other export's VM failed:\n{}",
-        failures.join("\n")
-    );
+    if !failures.is_empty() {
+        // What the backend said about the bystander's export, for the
+        // diagnosis (the fixture and its log go with the test).
+        let other_sock = Fixture::socket_of(&other).display().to_string();
+        let said: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&other_sock) || l.contains("ERROR"))
+            .map(str::to_string)
+            .collect();
+        panic!(
+            "the other export's VM failed:\n{}\nblk-backend on that export (last 40 lines):\n{}",
+            failures.join("\n"),
+            said[said.len().saturating_sub(40)..].join("\n")
+        );
+    }
     // Alive and well: it answers SIGTERM cleanly.
     backend.stop();
     let logged = std::fs::read_to_string(&log).expect("the backend's log");

@@ -109,26 +109,13 @@ fn control_call(
     Ok(serde_json::from_str(&line)?)
 }
 
-/// Until something listens on the control socket `path` (the file
-/// appears at bind, a moment before listen: connecting is the test).
-fn wait_for_control(path: &Path) -> Result<()> {
+/// Until something listens on `path` (its file appears at bind, a
+/// moment before listen).
+fn wait_listening(path: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(path).is_err() {
+    while !test_infra::listening(path) {
         if Instant::now() > deadline {
             bail!("nothing listens on {}", path.display());
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    Ok(())
-}
-
-/// Until a backend's export socket exists (not connected to: that would
-/// be a session).
-fn wait_for_export(path: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        if Instant::now() > deadline {
-            bail!("{} did not appear", path.display());
         }
         std::thread::sleep(Duration::from_micros(500));
     }
@@ -254,7 +241,7 @@ fn direct_fleet(
                 .stderr(std::fs::File::create(work.join("host-backend.log"))?)
                 .spawn()?,
         );
-        wait_for_control(&path)?;
+        wait_listening(&path)?;
         let s = std::os::unix::net::UnixStream::connect(&path)?;
         ctl = Some((s.try_clone()?, std::io::BufReader::new(s)));
     }
@@ -289,7 +276,7 @@ fn direct_fleet(
                         .stderr(Stdio::null())
                         .spawn()?,
                 );
-                wait_for_export(&sock)?;
+                wait_listening(&sock)?;
             }
         }
         let mut vmm = Command::new(o.bin_dir.join("vmm"))

@@ -73,14 +73,20 @@ pub struct HostBackend {
 }
 
 impl HostBackend {
+    /// The host backend of `root`, its directory made if needed.
     pub fn of(root: &Root) -> Result<HostBackend> {
-        let dir = root.path.join("backend");
-        std::fs::create_dir_all(dir.join("exports"))
-            .with_context(|| format!("creating {}", dir.display()))?;
-        Ok(HostBackend {
+        let host = HostBackend::at(root);
+        std::fs::create_dir_all(host.dir.join("exports"))
+            .with_context(|| format!("creating {}", host.dir.display()))?;
+        Ok(host)
+    }
+
+    /// The host backend of `root`, to read its status (creates nothing).
+    pub fn at(root: &Root) -> HostBackend {
+        HostBackend {
             root: root.path.clone(),
-            dir,
-        })
+            dir: root.path.join("backend"),
+        }
     }
 
     pub fn control(&self) -> PathBuf {

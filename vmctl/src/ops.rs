@@ -146,14 +146,21 @@ impl Starting {
     }
 }
 
-/// Spawns the supervisor; the caller holds the VM's lock.
-pub fn start_locked(root: &Root, vm: &VmDir) -> Result<Starting> {
+/// Refuses a VM that runs; removes what its last run left (the caller
+/// holds the VM's lock).
+fn clear_for_start(vm: &VmDir) -> Result<()> {
     if vm.observed()?.is_active() {
         bail!("VM {} is already running", vm.name);
     }
     for stale in [vm.api_socket(), vm.status_path()] {
         let _ = std::fs::remove_file(stale);
     }
+    Ok(())
+}
+
+/// Spawns the supervisor; the caller holds the VM's lock.
+pub fn start_locked(root: &Root, vm: &VmDir) -> Result<Starting> {
+    clear_for_start(vm)?;
     let exe = std::env::current_exe().context("finding vmctl itself")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -190,12 +197,7 @@ pub fn start_locked(root: &Root, vm: &VmDir) -> Result<Starting> {
 /// VMs live as long as it does, and no process per VM is spawned for
 /// them). The caller holds the VM's lock.
 pub fn start_in_process(root: &Root, vm: &VmDir) -> Result<Starting> {
-    if vm.observed()?.is_active() {
-        bail!("VM {} is already running", vm.name);
-    }
-    for stale in [vm.api_socket(), vm.status_path()] {
-        let _ = std::fs::remove_file(stale);
-    }
+    clear_for_start(vm)?;
     // Recorded before the caller lets go of the VM's lock: a start racing
     // this one then sees it active.
     let begun = crate::supervisor::begin(vm)?;
@@ -408,7 +410,7 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
                 .and_then(|s| s.backend_pid),
             status.as_ref().map_or(0, |s| s.backend_restarts),
         ),
-        BackendMode::Host => match (HostBackend::of(root)?.status(), &status) {
+        BackendMode::Host => match (HostBackend::at(root).status(), &status) {
             (Some(h), Some(s)) if active => (
                 h.backend_pid,
                 h.restarts.saturating_sub(s.host_restarts_at_start),

@@ -250,7 +250,7 @@ fn inode(path: &Path) -> Option<(u64, i64, i64)> {
 /// moment before listen (a backend frozen or slow in between refuses
 /// connections), and connecting to find out would be a session.
 /// /proc/net/unix flags a listening socket with __SO_ACCEPTCON (0x10000).
-fn listening(path: &Path) -> bool {
+pub fn listening(path: &Path) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         // Without the table (not Linux?), the file's presence must do.
         return true;

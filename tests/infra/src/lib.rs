@@ -20,7 +20,7 @@ pub mod host;
 pub mod patience;
 pub mod workspace;
 
-pub use backend::{BlkBackendProcess, StorageDaemon};
+pub use backend::{listening, BlkBackendProcess, StorageDaemon};
 pub use fixture::Fixture;
 pub use guest::{
     build_guest, Disk, GuestKernels, GuestRun, Kernel, Machine, QemuVm, RunningVm, VmmDisk, VmmVm,

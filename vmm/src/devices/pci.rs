@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::config_mirror::{ConfigMirror, MirrorError};
 use super::BusDevice;
 
 pub const CONFIG_PORT: u64 = 0xcf8;
@@ -161,24 +162,53 @@ impl PciDevice for HostBridge {
     }
 }
 
-/// Bus 0's 32 device slots (function 0 only).
+/// Bus 0's 32 device slots (function 0 only), and, when the VM maps one,
+/// the memory copy of their configuration space that the guest reads
+/// (kept equal to what a read through the ports or ECAM returns: every
+/// change to a function's configuration space goes through `write`).
 #[derive(Default)]
 pub struct PciBus {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    mirror: Option<ConfigMirror>,
 }
 
 impl PciBus {
-    pub fn new() -> Self {
+    pub fn new(mirror: Option<ConfigMirror>) -> Self {
         PciBus {
             slots: (0..32).map(|_| None).collect(),
+            mirror,
         }
     }
 
     /// Puts `dev` in the next free slot; returns the slot.
-    pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Option<u8> {
-        let slot = self.slots.iter().position(Option::is_none)?;
-        self.slots[slot] = Some(dev);
-        Some(slot as u8)
+    pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PciError> {
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(PciError::NoFreeSlot)? as u8;
+        if let Some(m) = &self.mirror {
+            m.attach(slot)?;
+        }
+        self.slots[slot as usize] = Some(dev);
+        self.render(slot);
+        Ok(slot)
+    }
+
+    /// The memory copy the guest reads, if the VM maps one.
+    pub fn mirror(&self) -> Option<&ConfigMirror> {
+        self.mirror.as_ref()
+    }
+
+    /// Copies slot `slot`'s configuration space into the mirror.
+    fn render(&self, slot: u8) {
+        let (Some(m), Some(Some(d))) = (&self.mirror, self.slots.get(slot as usize)) else {
+            return;
+        };
+        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+        for reg in 0..64 {
+            m.store(slot, reg, d.config_read(reg));
+        }
     }
 
     fn function(&self, bus: u8, dev: u8, func: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
@@ -200,8 +230,17 @@ impl PciBus {
             d.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .config_write(reg, offset, data);
+            self.render(dev);
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    #[error("no free PCI slot on bus 0")]
+    NoFreeSlot,
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
 }
 
 /// PCI Express enhanced configuration access (ECAM): bus 0's configuration
@@ -360,10 +399,59 @@ mod tests {
         assert_eq!((c.read(at / 4) >> 8) & 0xff, at2 as u32);
     }
 
+    /// The guest's memory copy follows every write, through ECAM or the
+    /// ports: BAR sizing, the command register; absent functions read as
+    /// ones, a present one's extended space as zeros.
+    #[test]
+    fn the_mirror_reads_what_an_exit_would() {
+        let mut dev = ConfigSpace::new(0x1af4, 0x1042, 0x01_80_00, 1, (0x1af4, 2));
+        dev.set_bar(0, 0xc000_0000, 0x8000);
+        struct Dev(ConfigSpace);
+        impl PciDevice for Dev {
+            fn config_read(&mut self, reg: usize) -> u32 {
+                self.0.read(reg)
+            }
+            fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+                self.0.write(reg, offset, data)
+            }
+        }
+        let mut bus = PciBus::new(Some(ConfigMirror::new().expect("mirror")));
+        bus.add(Arc::new(Mutex::new(HostBridge::new())))
+            .expect("slot");
+        bus.add(Arc::new(Mutex::new(Dev(dev)))).expect("slot");
+        let bus = Arc::new(Mutex::new(bus));
+        let mut ecam = PciEcam::new(Arc::clone(&bus));
+        let mut io = PciConfigIo::new(Arc::clone(&bus));
+        let seen = |at: usize| {
+            bus.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mirror()
+                .expect("mirror")
+                .guest_read(at)
+        };
+        let slot1 = 1 << 15;
+        assert_eq!(seen(0), 0x0d57_8086);
+        assert_eq!(seen(slot1), 0x1042_1af4);
+        assert_eq!(seen(slot1 + 0x10), 0xc000_0000);
+        assert_eq!(seen(slot1 + 0x100), 0, "extended space of a function");
+        assert_eq!(seen(slot1 + (1 << 12)), u32::MAX, "function 1 of slot 1");
+        assert_eq!(seen(2 << 15), u32::MAX, "an empty slot");
+        // BAR sizing through ECAM, then the address back.
+        ecam.write(slot1 as u64 + 0x10, &u32::MAX.to_le_bytes());
+        assert_eq!(seen(slot1 + 0x10), 0xffff_8000);
+        ecam.write(slot1 as u64 + 0x10, &0xc000_0000u32.to_le_bytes());
+        assert_eq!(seen(slot1 + 0x10), 0xc000_0000);
+        // The command register through the ports, one byte.
+        io.write(0, &(0x8000_0000u32 | 1 << 11 | 4).to_le_bytes());
+        io.write(4, &[0x06]);
+        assert_eq!(seen(slot1 + 4) & 0xffff, 0x0006);
+    }
+
     #[test]
     fn config_ports_reach_the_host_bridge_and_nothing_elsewhere() {
-        let mut bus = PciBus::new();
-        bus.add(Arc::new(Mutex::new(HostBridge::new())));
+        let mut bus = PciBus::new(None);
+        bus.add(Arc::new(Mutex::new(HostBridge::new())))
+            .expect("a free slot");
         let mut io = PciConfigIo::new(Arc::new(Mutex::new(bus)));
         io.write(0, &0x8000_0000u32.to_le_bytes());
         let mut v = [0u8; 4];

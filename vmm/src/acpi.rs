@@ -29,7 +29,7 @@ pub const SLEEP_CONTROL_PORT: u64 = 0x600;
 pub const SLEEP_STATUS_PORT: u64 = 0x601;
 pub const RESET_PORT: u64 = 0x602;
 pub const RESET_VALUE: u8 = 0x1;
-const IOAPIC: u32 = crate::devices::ioapic::BASE as u32;
+const IOAPIC: u32 = 0xfec0_0000;
 const LAPIC: u32 = 0xfee0_0000;
 
 const OEM_ID: [u8; 6] = *b"SNAPVM";

@@ -5,7 +5,6 @@
 //! - `debug_exit`: the test-guest exit port (QEMU's isa-debug-exit).
 //! - `pci`: configuration space through ports 0xCF8/0xCFC and ECAM, the host bridge.
 //! - `config_mirror`: configuration space as read-only guest memory (only writes exit).
-//! - `ioapic`: the I/O APIC's registers (KVM keeps only the local APICs).
 //! - `power`: ACPI sleep/reset registers and the i8042 reset line.
 //! - `virtio_pci`: the modern virtio-pci transport with MSI-X.
 //! - `vhost_user_blk`: a disk whose queues a vhost-user backend serves.
@@ -17,7 +16,6 @@ pub mod config_mirror;
 pub mod deadline;
 pub mod debug_exit;
 pub mod io_error;
-pub mod ioapic;
 pub mod pci;
 pub mod power;
 pub mod serial;

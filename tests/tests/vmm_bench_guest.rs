@@ -3,6 +3,7 @@
 //! nobody here wrote), the control API, backends that die, and bad input
 //! turned into clear errors.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -367,6 +368,12 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
             "mode=randread bs=4k qd=16 duration_ms=600000 progress_ms=0",
             1,
         );
+        // A client of vm.wait, connected (and so accepted) before the
+        // shutdown request.
+        let mut waiter = std::os::unix::net::UnixStream::connect(&api_sock).expect("connect");
+        waiter
+            .write_all(b"GET /api/v1/vm.wait HTTP/1.1\r\nHost: vmm\r\n\r\n")
+            .expect("vm.wait");
         let mut args = vec!["shutdown"];
         if force {
             args.push("--force");
@@ -375,6 +382,23 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
         assert!(ok, "{body}");
         let r = running.wait().expect("vmm ends");
         assert_eq!(r.guest_status, Some(0), "shutdown (force {force})");
+        // The waiter heard how the VM ended, and how much console there is.
+        let mut answer = String::new();
+        waiter.read_to_string(&mut answer).expect("vm.wait answer");
+        let end: serde_json::Value =
+            serde_json::from_str(answer.split_once("\r\n\r\n").expect("a body").1).expect("json");
+        assert_eq!(end["exit_status"], 0, "{answer}");
+        assert!(
+            end["ended"]
+                .as_str()
+                .is_some_and(|e| e.contains("shut down")),
+            "{answer}"
+        );
+        assert_eq!(
+            end["console_bytes"].as_u64(),
+            Some(r.serial.len() as u64),
+            "{answer}"
+        );
     }
     b.stop();
 }

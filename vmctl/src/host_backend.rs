@@ -18,7 +18,7 @@
 //! daemon per state root.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -299,13 +299,13 @@ pub fn pidfd_of(pid: u32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Until one of `fds` is readable (a process ended) or `timeout` passed;
-/// which ones are.
-pub fn wait_any(fds: &[&OwnedFd], timeout: Option<Duration>) -> Vec<bool> {
+/// Until one of `fds` is readable (a process ended, an answer came) or
+/// `timeout` passed; which ones are.
+pub fn wait_any(fds: &[&dyn AsFd], timeout: Option<Duration>) -> Vec<bool> {
     let mut polled: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
+            fd: fd.as_fd().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         })

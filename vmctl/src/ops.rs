@@ -1,12 +1,14 @@
 //! The verbs on one VM. Each one that changes a VM holds its lock, so
 //! concurrent vmctl calls on one VM happen one after the other.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use image_format::{ops, Layer, RealEnv};
+use inotify::{Inotify, WatchMask};
 use serde_json::{json, Value};
 
 use crate::host_backend::{pidfd_of, wait_any, HostBackend};
@@ -287,27 +289,53 @@ pub fn resume(root: &Root, name: &str) -> Result<Value> {
     api(&vm, "PUT", "/api/v1/vm.resume", None)
 }
 
-/// Sleeps until the VM may have ended: on its vmm's pidfd while the vmm
-/// runs (woken the moment it ends), else a millisecond (its supervisor is
-/// recording the end). At most 100 ms: a pid reused meanwhile costs that.
-fn nap(vm: &VmDir) {
-    let vmm = vm.status().ok().flatten().and_then(|s| s.vmm_pid);
-    match vmm.and_then(|pid| pidfd_of(pid).ok()) {
-        Some(end) => {
-            wait_any(&[&end], Some(Duration::from_millis(100)));
+/// Wakes a waiter when the VM's state may have changed: its status file
+/// replaced (inotify on the VM's directory), or its supervisor gone.
+struct StateWatch {
+    changes: Option<Inotify>,
+}
+
+impl StateWatch {
+    fn on(vm: &VmDir) -> Self {
+        let changes = Inotify::init().ok().and_then(|i| {
+            i.watches()
+                .add(&vm.path, WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE)
+                .ok()?;
+            Some(i)
+        });
+        StateWatch { changes }
+    }
+
+    /// Sleeps until the status may have changed. At most 100 ms: a
+    /// supervisor's pid reused meanwhile, or no inotify, costs that.
+    fn nap(&mut self, vm: &VmDir) {
+        let supervisor = vm.status().ok().flatten().and_then(|s| s.supervisor_pid);
+        let gone = supervisor.and_then(|pid| pidfd_of(pid).ok());
+        let mut fds: Vec<&dyn AsFd> = Vec::new();
+        if let Some(i) = &self.changes {
+            fds.push(i);
         }
-        None => std::thread::sleep(Duration::from_millis(1)),
+        if let Some(g) = &gone {
+            fds.push(g);
+        }
+        wait_any(&fds, Some(Duration::from_millis(100)));
+        if let Some(i) = &mut self.changes {
+            let mut buf = [0u8; 1024];
+            // Drained (non-blocking): the next nap sleeps again.
+            while i.read_events(&mut buf).is_ok_and(|e| e.count() > 0) {}
+        }
     }
 }
 
 /// Until the VM is no longer active, or `limit` passed (false).
 fn wait_ended(vm: &VmDir, limit: Duration) -> Result<bool> {
     let deadline = Instant::now() + limit;
+    let mut watch = StateWatch::on(vm);
     while vm.observed()?.is_active() {
         if Instant::now() > deadline {
             return Ok(false);
         }
-        nap(vm);
+        watch.nap(vm);
     }
     Ok(true)
 }
@@ -458,8 +486,9 @@ pub fn wait(root: &Root, names: &[String]) -> Result<Vec<(String, Observed)>> {
     let vms: Vec<VmDir> = names.iter().map(|n| root.vm(n)).collect::<Result<_, _>>()?;
     let mut out = Vec::new();
     for vm in vms {
+        let mut watch = StateWatch::on(&vm);
         while vm.observed()?.is_active() {
-            nap(&vm);
+            watch.nap(&vm);
         }
         out.push((vm.name.clone(), vm.observed()?));
     }

@@ -8,12 +8,18 @@
 //! | PUT /api/v1/vm.resume | lets them run again |
 //! | PUT /api/v1/vm.shutdown | ends the VM (body `{"force": true}`: at once) |
 //! | GET /api/v1/vm.metrics | exits by reason and time in the guest, per vCPU |
+//! | GET /api/v1/vm.wait | answers once the VM has ended: its exit status, how it ended, the console bytes written |
+//!
+//! `vm.wait` answers before the process tears the VM down: a supervisor
+//! records the end without waiting for KVM to release the VM (a grace
+//! period after any ioeventfd: milliseconds, measured), and has the whole
+//! console once it has read `console_bytes` from the vmm's output.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -27,6 +33,52 @@ pub struct Api {
     pub control: Arc<Control>,
     pub config: VmConfig,
     pub events: Sender<VmEvent>,
+    pub ended: Arc<EndWaiters>,
+}
+
+const WAIT: &str = "/api/v1/vm.wait";
+
+/// The clients of `vm.wait`, answered when the VM has ended (at once
+/// after that).
+#[derive(Default)]
+pub struct EndWaiters {
+    state: Mutex<EndState>,
+}
+
+#[derive(Default)]
+struct EndState {
+    waiting: Vec<UnixStream>,
+    ended: Option<Value>,
+}
+
+impl EndWaiters {
+    /// Connections held open at once; more are refused (503).
+    const MAX_WAITING: usize = 16;
+
+    fn add(&self, mut stream: UnixStream) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(end) = &st.ended {
+            respond(&mut stream, 200, end);
+        } else if st.waiting.len() >= Self::MAX_WAITING {
+            respond(
+                &mut stream,
+                503,
+                &json!({ "error": format!("{} clients wait already", Self::MAX_WAITING) }),
+            );
+        } else {
+            st.waiting.push(stream);
+        }
+    }
+
+    /// The VM has ended: `end` goes to every client waiting, and to any
+    /// that asks from now on.
+    pub fn answer(&self, end: Value) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for mut stream in st.waiting.drain(..) {
+            respond(&mut stream, 200, &end);
+        }
+        st.ended = Some(end);
+    }
 }
 
 /// A parsed request: method, path, body.
@@ -37,12 +89,13 @@ pub struct Request {
 }
 
 const MAX_BODY: usize = 64 * 1024;
-const ENDPOINTS: [&str; 5] = [
+const ENDPOINTS: [&str; 6] = [
     "/api/v1/vm.info",
     "/api/v1/vm.metrics",
     "/api/v1/vm.pause",
     "/api/v1/vm.resume",
     "/api/v1/vm.shutdown",
+    WAIT,
 ];
 
 pub fn read_request(stream: &mut impl Read) -> Result<Request, String> {
@@ -164,6 +217,9 @@ impl Api {
                     let Ok(mut stream) = stream else { continue };
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                     match read_request(&mut stream) {
+                        Ok(req) if req.method == "GET" && req.path == WAIT => {
+                            self.ended.add(stream);
+                        }
                         Ok(req) => {
                             let (code, body) = self.handle(&req);
                             respond(&mut stream, code, &body);
@@ -236,8 +292,10 @@ mod tests {
                 seccomp: true,
             },
             events: tx,
+            ended: Arc::default(),
         };
         assert_eq!(api.handle(&req("GET", "/api/v1/vm.info")).0, 200);
+        assert_eq!(api.handle(&req("PUT", WAIT)).0, 405);
         let (code, body) = api.handle(&req("DELETE", "/api/v1/vm.info"));
         assert_eq!(code, 405);
         assert!(body["error"].as_str().unwrap().contains("DELETE"));

@@ -80,6 +80,9 @@ enum Command {
 #[derive(Subcommand)]
 enum ApiRequest {
     Info,
+    /// Until the VM ends: its exit status, how it ended, the console bytes
+    /// it wrote (answered before the vmm process is gone).
+    Wait,
     Pause,
     Resume,
     Metrics,
@@ -119,6 +122,7 @@ fn api(socket: &std::path::Path, request: &ApiRequest) -> Result<i32> {
     let (method, path, body) = match request {
         ApiRequest::Info => ("GET", "/api/v1/vm.info", None),
         ApiRequest::Metrics => ("GET", "/api/v1/vm.metrics", None),
+        ApiRequest::Wait => ("GET", "/api/v1/vm.wait", None),
         ApiRequest::Pause => ("PUT", "/api/v1/vm.pause", None),
         ApiRequest::Resume => ("PUT", "/api/v1/vm.resume", None),
         ApiRequest::Shutdown { force } => (
@@ -152,18 +156,12 @@ fn run(a: Args) -> Result<i32> {
         )
         .with_context(|| format!("--metrics-file {}", p.display()))?;
     }
-    Ok(match out.event {
-        VmEvent::GuestExit(code) => code as i32,
-        VmEvent::PowerOff | VmEvent::Shutdown { .. } => 0,
-        VmEvent::Reboot => {
-            eprintln!("vmm: the guest asked for a reboot; stopping");
-            0
-        }
-        VmEvent::Fault(what) => {
-            eprintln!("vmm: guest fault: {what}");
-            1
-        }
-    })
+    match &out.event {
+        VmEvent::Reboot => eprintln!("vmm: the guest asked for a reboot; stopping"),
+        VmEvent::Fault(what) => eprintln!("vmm: guest fault: {what}"),
+        _ => {}
+    }
+    Ok(out.event.exit_status())
 }
 
 /// PR_SET_PDEATHSIG, then a check that `pid` is still the parent (it may

@@ -61,8 +61,8 @@ pub const DEADLINES: Policy = Policy {
 };
 
 /// The main thread once the VM runs: it waits for the VM's end, stops the
-/// vCPUs (signals) and the disks (the backends' replies), writes the
-/// metrics file and exits.
+/// vCPUs (signals) and the disks (the backends' replies), answers the
+/// API's `vm.wait` clients, writes the metrics file and exits.
 pub const MAIN: Policy = Policy {
     name: "main",
     groups: &[&[
@@ -74,6 +74,7 @@ pub const MAIN: Policy = Policy {
         "read",
         "recvmsg",
         "sendmsg",
+        "sendto",
         "shutdown",
         "statx",
         "tgkill",

@@ -18,7 +18,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use tracing::{debug, error, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::api::Api;
+use crate::api::{Api, EndWaiters};
 use crate::boot;
 use crate::coalesced::CoalescedWrites;
 use crate::config::{SerialOut, VmConfig};
@@ -48,6 +48,30 @@ pub enum VmEvent {
     /// The control API asked the VM to end (forced: without stopping the
     /// disks' queues first).
     Shutdown { force: bool },
+}
+
+impl VmEvent {
+    /// The vmm's exit status for this end: the value a test guest wrote to
+    /// the debug-exit port, 0 for a power-off or a shutdown, 1 for a fault.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            VmEvent::GuestExit(code) => *code as i32,
+            VmEvent::PowerOff | VmEvent::Shutdown { .. } | VmEvent::Reboot => 0,
+            VmEvent::Fault(_) => 1,
+        }
+    }
+
+    /// How the VM ended, in a few words.
+    pub fn describe(&self) -> String {
+        match self {
+            VmEvent::GuestExit(code) => format!("the guest exited with {code}"),
+            VmEvent::PowerOff => "the guest powered off".into(),
+            VmEvent::Reboot => "the guest asked for a reboot".into(),
+            VmEvent::Fault(what) => format!("guest fault: {what}"),
+            VmEvent::Shutdown { force: false } => "shut down through the API".into(),
+            VmEvent::Shutdown { force: true } => "shut down at once through the API".into(),
+        }
+    }
 }
 
 /// MSI routes of the VM's GSIs; every change replaces KVM's whole table.
@@ -306,11 +330,13 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     timing.disk_handshake_us = t_disks.elapsed().as_micros() as u64;
     let control =
         Arc::new(Control::new(cfg.cpus as usize).context("installing the vCPU kick signal")?);
+    let ended = Arc::new(EndWaiters::default());
     if let Some(path) = &cfg.api_socket {
         Api {
             control: Arc::clone(&control),
             config: cfg.clone(),
             events: events_tx.clone(),
+            ended: Arc::clone(&ended),
         }
         .serve(path)
         .with_context(|| format!("--api-socket {}", path.display()))?;
@@ -405,6 +431,12 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         }
     }
     control.stop();
+    // Said before the process ends, which waits for KVM to let go of the VM.
+    ended.answer(serde_json::json!({
+        "exit_status": event.exit_status(),
+        "ended": event.describe(),
+        "console_bytes": machine.console.lock().unwrap_or_else(|e| e.into_inner()).written(),
+    }));
     Ok(Outcome {
         event,
         metrics: control.metrics(),

@@ -27,6 +27,9 @@ impl Trigger for NoIrq {
 pub struct BatchedOut {
     out: Box<dyn Write + Send>,
     pending: Vec<u8>,
+    /// Bytes handed to `out` so far (a reader of the other end of a pipe
+    /// knows from this when it has the whole console).
+    written: u64,
 }
 
 impl BatchedOut {
@@ -41,6 +44,9 @@ impl BatchedOut {
             .out
             .write_all(&self.pending)
             .and_then(|()| self.out.flush());
+        if r.is_ok() {
+            self.written += self.pending.len() as u64;
+        }
         // A console nobody reads (a closed pipe) must not grow this.
         self.pending.clear();
         r
@@ -74,6 +80,7 @@ impl Console {
                 BatchedOut {
                     out,
                     pending: Vec::new(),
+                    written: 0,
                 },
             ),
         }
@@ -83,6 +90,11 @@ impl Console {
     /// exit, a drained ring).
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().emit();
+    }
+
+    /// Bytes written out so far.
+    pub fn written(&self) -> u64 {
+        self.serial.writer().written
     }
 }
 

@@ -349,10 +349,8 @@ pub fn serve_control(exports: Arc<Exports>, defaults: ExportSpec, listener: Unix
                 Ok(_) => {}
             }
             if !line.ends_with('\n') && line.len() >= 1 << 16 {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    reply_error("GenericError", "line too long".into())
+                let _ = out.write_all(
+                    format!("{}\n", reply_error("GenericError", "line too long".into())).as_bytes(),
                 );
                 break;
             }
@@ -360,7 +358,8 @@ pub fn serve_control(exports: Arc<Exports>, defaults: ExportSpec, listener: Unix
                 continue;
             }
             let reply = execute(&exports, &defaults, &line);
-            if writeln!(out, "{reply}").is_err() {
+            // One write per reply (formatted in place it is many sends).
+            if out.write_all(format!("{reply}\n").as_bytes()).is_err() {
                 break;
             }
         }

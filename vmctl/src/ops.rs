@@ -1,14 +1,15 @@
 //! The verbs on one VM. Each one that changes a VM holds its lock, so
 //! concurrent vmctl calls on one VM happen one after the other.
 
+use std::io::Write;
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use image_format::{ops, Layer, RealEnv};
-use inotify::{Inotify, WatchMask};
 use serde_json::{json, Value};
 
 use crate::host_backend::{pidfd_of, wait_any, HostBackend};
@@ -289,40 +290,50 @@ pub fn resume(root: &Root, name: &str) -> Result<Value> {
     api(&vm, "PUT", "/api/v1/vm.resume", None)
 }
 
-/// Wakes a waiter when the VM's state may have changed: its status file
-/// replaced (inotify on the VM's directory), or its supervisor gone.
-struct StateWatch {
-    changes: Option<Inotify>,
+/// Wakes a waiter when the VM may have ended: the vmm's answer to
+/// `vm.wait` (given as the VM ends, before its process is gone) or its
+/// supervisor's exit; between that answer and the supervisor's record
+/// (milliseconds: the disk's export ended, the status written) it looks
+/// again every millisecond. (An inotify watch on the status file would
+/// wake exactly, but closing one waits for a grace period: 15 ms here.)
+struct EndWatch {
+    end: Option<UnixStream>,
+    answered: bool,
 }
 
-impl StateWatch {
-    fn on(vm: &VmDir) -> Self {
-        let changes = Inotify::init().ok().and_then(|i| {
-            i.watches()
-                .add(&vm.path, WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE)
-                .ok()?;
-            Some(i)
-        });
-        StateWatch { changes }
+impl EndWatch {
+    fn new() -> Self {
+        EndWatch {
+            end: None,
+            answered: false,
+        }
     }
 
-    /// Sleeps until the status may have changed. At most 100 ms: a
-    /// supervisor's pid reused meanwhile, or no inotify, costs that.
+    /// Sleeps until the VM may have ended. At most 100 ms: a supervisor's
+    /// pid reused meanwhile costs that.
     fn nap(&mut self, vm: &VmDir) {
+        if self.end.is_none() && !self.answered {
+            self.end = UnixStream::connect(vm.api_socket())
+                .and_then(|mut s| {
+                    s.write_all(b"GET /api/v1/vm.wait HTTP/1.1\r\nHost: vmm\r\n\r\n")?;
+                    Ok(s)
+                })
+                .ok();
+        }
+        let Some(end) = &self.end else {
+            // Starting (no API yet), or answered and being recorded.
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        };
         let supervisor = vm.status().ok().flatten().and_then(|s| s.supervisor_pid);
         let gone = supervisor.and_then(|pid| pidfd_of(pid).ok());
-        let mut fds: Vec<&dyn AsFd> = Vec::new();
-        if let Some(i) = &self.changes {
-            fds.push(i);
-        }
+        let mut fds: Vec<&dyn AsFd> = vec![end];
         if let Some(g) = &gone {
             fds.push(g);
         }
-        wait_any(&fds, Some(Duration::from_millis(100)));
-        if let Some(i) = &mut self.changes {
-            let mut buf = [0u8; 1024];
-            // Drained (non-blocking): the next nap sleeps again.
-            while i.read_events(&mut buf).is_ok_and(|e| e.count() > 0) {}
+        if wait_any(&fds, Some(Duration::from_millis(100)))[0] {
+            self.end = None;
+            self.answered = true;
         }
     }
 }
@@ -330,7 +341,7 @@ impl StateWatch {
 /// Until the VM is no longer active, or `limit` passed (false).
 fn wait_ended(vm: &VmDir, limit: Duration) -> Result<bool> {
     let deadline = Instant::now() + limit;
-    let mut watch = StateWatch::on(vm);
+    let mut watch = EndWatch::new();
     while vm.observed()?.is_active() {
         if Instant::now() > deadline {
             return Ok(false);
@@ -486,7 +497,7 @@ pub fn wait(root: &Root, names: &[String]) -> Result<Vec<(String, Observed)>> {
     let vms: Vec<VmDir> = names.iter().map(|n| root.vm(n)).collect::<Result<_, _>>()?;
     let mut out = Vec::new();
     for vm in vms {
-        let mut watch = StateWatch::on(&vm);
+        let mut watch = EndWatch::new();
         while vm.observed()?.is_active() {
             watch.nap(&vm);
         }

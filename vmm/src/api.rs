@@ -148,10 +148,13 @@ fn respond(stream: &mut UnixStream, code: u16, body: &Value) {
         _ => "Internal Server Error",
     };
     let text = body.to_string();
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
+    // One write: a client reading up to the end gets it in one piece.
+    let _ = stream.write_all(
+        format!(
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        )
+        .as_bytes(),
     );
 }
 
@@ -244,10 +247,12 @@ pub fn call(
 ) -> std::io::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
     let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;

@@ -3,7 +3,7 @@
 //! supervisor restarts it, the guest sees nothing), a killed vmm reported
 //! as failed, racing starts, a fleet with one failing VM, bad input.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -444,4 +444,40 @@ fn bad_input_is_refused_by_name_and_leaves_nothing_behind() {
         "{e}"
     );
     assert!(!ro.join("vms/x").exists());
+
+    // The demo without its guest: an error naming what is missing, and no
+    // process left holding the caller's output (a first version left the
+    // base's filling backend running, and a script reading vmctl's
+    // output waited for ever).
+    let fresh = fx.path("fresh-state");
+    let out = output_within(
+        Command::new(bin("vmctl"))
+            .env("VMCTL_BENCH_GUEST", "/nonexistent/guest.elf")
+            .arg("--state-dir")
+            .arg(&fresh)
+            .arg("run"),
+        &Patience::new("a demo that cannot start", Duration::from_millis(100)),
+    )
+    .expect("vmctl run ends and its output closes");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("VMCTL_BENCH_GUEST=/nonexistent/guest.elf: no such file"),
+        "{e}"
+    );
+    let left = processes_mentioning(&fresh);
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+/// Processes whose command line mentions `path`.
+fn processes_mentioning(path: &Path) -> Vec<String> {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
 }

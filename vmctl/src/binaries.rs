@@ -14,6 +14,8 @@ pub enum MissingBinary {
         "the built-in bench guest is not built (bash bench/guest/build.sh; or give --kernel, or VMCTL_BENCH_GUEST=PATH)"
     )]
     BenchGuest,
+    #[error("VMCTL_BENCH_GUEST={0}: no such file")]
+    BenchGuestAt(PathBuf),
 }
 
 fn exe_dir() -> Option<PathBuf> {
@@ -42,7 +44,12 @@ pub fn program(name: &'static str) -> Result<PathBuf, MissingBinary> {
 /// the build tree vmctl runs from.
 pub fn bench_guest() -> Result<PathBuf, MissingBinary> {
     if let Some(p) = std::env::var_os("VMCTL_BENCH_GUEST") {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(MissingBinary::BenchGuestAt(p))
+        };
     }
     let dir = exe_dir().ok_or(MissingBinary::BenchGuest)?;
     dir.ancestors()

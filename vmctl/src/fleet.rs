@@ -5,7 +5,7 @@
 //! verify its data through their clones.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -43,40 +43,52 @@ pub fn demo_base(root: &Root) -> Result<PathBuf> {
     ops::snapshot_create(&RealEnv, &base, DEMO_SNAPSHOT).context("sealing the demo base")
 }
 
+/// A backend that ends with this value, however the caller returns.
+struct OwnBackend(Child);
+
+impl Drop for OwnBackend {
+    fn drop(&mut self) {
+        crate::supervisor::stop_backend(&mut self.0);
+    }
+}
+
 /// Runs the bench guest on `image` itself (its own backend and vmm).
 fn fill(image: &Path, cmdline: &str) -> Result<()> {
+    // Everything that can be missing is looked for first: nothing is
+    // started for a run that cannot happen.
+    let kernel = binaries::bench_guest()?;
+    let vmm = binaries::program("vmm")?;
     let sock = image.with_extension("fill.sock");
-    let mut backend = Command::new(binaries::program("blk-backend")?)
-        .arg("--export")
-        .arg(format!(
-            "socket={},image={}",
-            sock.display(),
-            image.display()
-        ))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting blk-backend")?;
+    let mut backend = OwnBackend(
+        Command::new(binaries::program("blk-backend")?)
+            .arg("--export")
+            .arg(format!(
+                "socket={},image={}",
+                sock.display(),
+                image.display()
+            ))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting blk-backend")?,
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
-        if Instant::now() > deadline || backend.try_wait()?.is_some() {
-            let _ = backend.kill();
+        if Instant::now() > deadline || backend.0.try_wait()?.is_some() {
             bail!("blk-backend did not listen on {}", sock.display());
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let out = Command::new(binaries::program("vmm")?)
+    let out = Command::new(vmm)
         .arg("--kernel")
-        .arg(binaries::bench_guest()?)
+        .arg(kernel)
         .args(["--memory", "256M", "--cmdline", cmdline])
         .arg("--disk")
         .arg(format!("socket={}", sock.display()))
         .output()
         .context("running the vmm")?;
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(backend.id() as i32, libc::SIGTERM) };
-    let _ = backend.wait();
+    drop(backend);
     if !out.status.success() {
         bail!(
             "filling {} failed ({}):\n{}",

@@ -96,6 +96,14 @@ pub fn output_within(
         let stderr = err.join().unwrap_or_default();
         anyhow::bail!("{e}; killed\nstderr:\n{}", String::from_utf8_lossy(&stderr));
     }
+    // Its output closes with it, unless a process it left running holds
+    // it: that is an error here, not a hang.
+    if let Err(e) = patience.wait_until(|| Ok(out.is_finished() && err.is_finished())) {
+        anyhow::bail!(
+            "{e}: {:?} ended but its output is still open (a process it left running holds it?)",
+            command.get_program()
+        );
+    }
     Ok(std::process::Output {
         status: status.expect("waited for"),
         stdout: out.join().unwrap_or_default(),

@@ -292,27 +292,38 @@ pub fn resume(root: &Root, name: &str) -> Result<Value> {
 
 /// Wakes a waiter when the VM may have ended: the vmm's answer to
 /// `vm.wait` (given as the VM ends, before its process is gone) or its
-/// supervisor's exit; between that answer and the supervisor's record
-/// (milliseconds: the disk's export ended, the status written) it looks
-/// again every millisecond. (An inotify watch on the status file would
-/// wake exactly, but closing one waits for a grace period: 15 ms here.)
+/// supervisor's exit. Between that answer and the supervisor's record
+/// (milliseconds: the disk's export ended, the status written), and while
+/// the API is not up yet, it looks again after 1, 2, 4 ... up to 100 ms.
+/// (An inotify watch on the status file would wake exactly, but closing
+/// one waits for a grace period: 15 ms here, measured.)
 struct EndWatch {
     end: Option<UnixStream>,
-    answered: bool,
+    /// The vmm answered (or refused to): no more asking.
+    heard: bool,
+    backoff: Duration,
 }
 
 impl EndWatch {
+    const MAX_NAP: Duration = Duration::from_millis(100);
+
     fn new() -> Self {
         EndWatch {
             end: None,
-            answered: false,
+            heard: false,
+            backoff: Duration::from_millis(1),
         }
     }
 
-    /// Sleeps until the VM may have ended. At most 100 ms: a supervisor's
-    /// pid reused meanwhile costs that.
+    fn back_off(&mut self) {
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(Self::MAX_NAP);
+    }
+
+    /// Sleeps until the VM may have ended (at most 100 ms: a supervisor's
+    /// pid reused meanwhile costs that).
     fn nap(&mut self, vm: &VmDir) {
-        if self.end.is_none() && !self.answered {
+        if self.end.is_none() && !self.heard {
             self.end = UnixStream::connect(vm.api_socket())
                 .and_then(|mut s| {
                     s.write_all(b"GET /api/v1/vm.wait HTTP/1.1\r\nHost: vmm\r\n\r\n")?;
@@ -320,20 +331,23 @@ impl EndWatch {
                 })
                 .ok();
         }
-        let Some(end) = &self.end else {
-            // Starting (no API yet), or answered and being recorded.
-            std::thread::sleep(Duration::from_millis(1));
-            return;
-        };
         let supervisor = vm.status().ok().flatten().and_then(|s| s.supervisor_pid);
         let gone = supervisor.and_then(|pid| pidfd_of(pid).ok());
-        let mut fds: Vec<&dyn AsFd> = vec![end];
-        if let Some(g) = &gone {
-            fds.push(g);
-        }
-        if wait_any(&fds, Some(Duration::from_millis(100)))[0] {
-            self.end = None;
-            self.answered = true;
+        match &self.end {
+            Some(end) => {
+                let mut fds: Vec<&dyn AsFd> = vec![end];
+                if let Some(g) = &gone {
+                    fds.push(g);
+                }
+                if wait_any(&fds, Some(Self::MAX_NAP))[0] {
+                    // An end report, a refusal (too many waiters) or the
+                    // vmm gone: either way the record comes next.
+                    self.end = None;
+                    self.heard = true;
+                }
+            }
+            // Not up yet, or heard and being recorded.
+            None => self.back_off(),
         }
     }
 }

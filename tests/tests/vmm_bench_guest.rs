@@ -26,6 +26,35 @@ fn quick() -> Patience {
     Patience::new("a vmm that fails at start", Duration::from_millis(50))
 }
 
+/// A vmm told to wait for its disk (`connect_timeout_ms`, as vmctl starts
+/// the vmm and the disk's export together) waits for a backend that is
+/// not there yet, and runs once it listens.
+#[test]
+fn a_vmm_started_before_its_backend_waits_for_it() {
+    if !ready("vmm_waits_for_backend", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.base_and_clone("64M");
+    let sock = Fixture::socket_of(&image);
+    let mut v = VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=3 size=8M");
+    v.disks.push(VmmDisk {
+        connect_timeout_ms: Some(600_000),
+        ..VmmDisk::new(&sock, 1)
+    });
+    let guest = v.spawn().expect("vmm starts");
+    // Its only thread sleeps between attempts to connect (nothing else in
+    // a vmm sleeps before its disks are connected).
+    let wchan = format!("/proc/{}/wchan", guest.pid());
+    Patience::new("the vmm waiting for its backend", Duration::from_millis(20))
+        .wait_until(|| Ok(std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("nanosleep"))))
+        .expect("the vmm waits");
+    let _b = fx.serve(&image, 1);
+    let run = guest.wait().expect("vmm ends");
+    run.assert_ok("a write once the backend listened");
+    assert_eq!(run.field("verify_failures"), 0);
+}
+
 #[test]
 fn bench_guest_verifies_on_a_blk_backend_clone_with_1_and_2_vcpus_and_queues() {
     if !ready("vmm_blk_backend_verify", &[]) {

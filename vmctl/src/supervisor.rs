@@ -260,7 +260,52 @@ fn run(
     exiting: &mut Option<Exiting>,
     ready: impl FnOnce(),
 ) -> Result<()> {
-    let mut disk = match config.backend {
+    // The vmm first: its exec and KVM set-up overlap the disk's (an export
+    // added, or a backend started), and it waits for the disk's socket to
+    // listen (`connect_timeout_ms`).
+    let (mut vmm, console) = spawn_vmm(vm, config)?;
+    status.vmm_pid = Some(vmm.id());
+    let mut disk = match serve_disk(root, vm, config, status) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            if let Some(c) = console {
+                let _ = c.thread.join();
+            }
+            return Err(e);
+        }
+    };
+    let outcome = run_vmm(
+        vm,
+        config,
+        status,
+        &mut disk,
+        (vmm, console),
+        exiting,
+        ready,
+    );
+    match &mut disk {
+        Disk::Host(host) => {
+            status.backend_restarts = host.status().map_or(0, |h| {
+                h.restarts.saturating_sub(status.host_restarts_at_start)
+            });
+            if let Err(e) = host.detach(&vm.name, &vm.disk_socket()) {
+                note(
+                    vm,
+                    format_args!("ending the disk's export: {}", cli_support::report(&e)),
+                );
+            }
+        }
+        Disk::Own(backend) => stop_backend(backend),
+    }
+    outcome
+}
+
+/// The VM's disk served: an export on the host backend, or a backend of
+/// its own (listening).
+fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -> Result<Disk> {
+    Ok(match config.backend {
         BackendMode::Host => {
             let host = HostBackend::of(root)?;
             host.attach(
@@ -282,33 +327,17 @@ fn run(
             status.backend_pid = Some(backend.id());
             Disk::Own(backend)
         }
-    };
-    let outcome = run_vmm(vm, config, status, &mut disk, exiting, ready);
-    match &mut disk {
-        Disk::Host(host) => {
-            status.backend_restarts = host.status().map_or(0, |h| {
-                h.restarts.saturating_sub(status.host_restarts_at_start)
-            });
-            if let Err(e) = host.detach(&vm.name, &vm.disk_socket()) {
-                note(
-                    vm,
-                    format_args!("ending the disk's export: {}", cli_support::report(&e)),
-                );
-            }
-        }
-        Disk::Own(backend) => stop_backend(backend),
-    }
-    outcome
+    })
 }
 
-fn run_vmm(
-    vm: &VmDir,
-    config: &VmConfig,
-    status: &mut Status,
-    disk: &mut Disk,
-    exiting: &mut Option<Exiting>,
-    ready: impl FnOnce(),
-) -> Result<()> {
+/// How long a vmm waits at start for its disk's socket to listen: the
+/// export is added (or the backend started) meanwhile, in milliseconds,
+/// unless the host backend's daemon has to be started first or many VMs
+/// start at once.
+const DISK_CONNECT_TIMEOUT_MS: u64 = 30_000;
+
+/// Starts the vmm, its console copied to the console file.
+fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>)> {
     let kernel = match &config.kernel {
         Some(k) => k.clone(),
         None => binaries::bench_guest()?,
@@ -321,7 +350,7 @@ fn run_vmm(
         .args(["--cmdline", &config.cmdline])
         .arg("--disk")
         .arg(format!(
-            "socket={},num_queues={}",
+            "socket={},num_queues={},connect_timeout_ms={DISK_CONNECT_TIMEOUT_MS}",
             vm.disk_socket().display(),
             config.queues
         ))
@@ -341,7 +370,18 @@ fn run_vmm(
         .spawn()
         .context("starting the vmm")?;
     let console = vmm.stdout.take().map(|out| keep_console(vm, out));
-    status.vmm_pid = Some(vmm.id());
+    Ok((vmm, console))
+}
+
+fn run_vmm(
+    vm: &VmDir,
+    config: &VmConfig,
+    status: &mut Status,
+    disk: &mut Disk,
+    (mut vmm, console): (Child, Option<ConsoleTap>),
+    exiting: &mut Option<Exiting>,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let vmm_end = pidfd(&vmm)?;
     // Running once its API answers (the socket appears just before the
     // vCPUs start, milliseconds after exec), or it ended first.

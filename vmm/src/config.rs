@@ -43,6 +43,11 @@ pub struct DiskConfig {
     /// thread waits on a backend without a deadline.
     #[serde(default = "default_reply_timeout")]
     pub reply_timeout_ms: u64,
+    /// How long to wait at start for a backend that is not listening yet
+    /// (0: fail at once). A supervisor that starts the backend and the vmm
+    /// together sets it, so neither waits for the other's start-up.
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
 }
 
 fn default_reply_timeout() -> u64 {
@@ -132,6 +137,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         readonly: false,
         reconnect_timeout_ms: default_reconnect_timeout(),
         reply_timeout_ms: default_reply_timeout(),
+        connect_timeout_ms: 0,
     };
     let mut socket = None;
     for kv in spec.split(',') {
@@ -146,6 +152,9 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
                 d.reconnect_timeout_ms = v
                     .parse()
                     .map_err(|_| err("reconnect_timeout_ms: a number"))?
+            }
+            "connect_timeout_ms" => {
+                d.connect_timeout_ms = v.parse().map_err(|_| err("connect_timeout_ms: a number"))?
             }
             "reply_timeout_ms" => {
                 d.reply_timeout_ms = v

@@ -33,7 +33,8 @@ struct Args {
     /// Guest memory: a size such as 512M or 2G.
     #[arg(long, default_value = "512M")]
     memory: String,
-    /// A vhost-user-blk disk: socket=PATH[,num_queues=N,queue_size=N,readonly=on]; repeatable.
+    /// A vhost-user-blk disk: socket=PATH[,num_queues=N,queue_size=N,readonly=on,
+    /// connect_timeout_ms=N,reconnect_timeout_ms=N,reply_timeout_ms=N]; repeatable.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket.

@@ -310,6 +310,8 @@ pub struct VmmDisk {
     pub reconnect_timeout_ms: Option<u64>,
     /// How long the vmm waits for any reply of the backend.
     pub reply_timeout_ms: Option<u64>,
+    /// How long the vmm waits at start for a backend not listening yet.
+    pub connect_timeout_ms: Option<u64>,
 }
 
 impl VmmDisk {
@@ -319,6 +321,7 @@ impl VmmDisk {
             num_queues,
             reconnect_timeout_ms: None,
             reply_timeout_ms: None,
+            connect_timeout_ms: None,
         }
     }
 }
@@ -388,6 +391,9 @@ impl VmmVm {
             }
             if let Some(ms) = d.reply_timeout_ms {
                 spec.push_str(&format!(",reply_timeout_ms={ms}"));
+            }
+            if let Some(ms) = d.connect_timeout_ms {
+                spec.push_str(&format!(",connect_timeout_ms={ms}"));
             }
             c.arg("--disk").arg(spec);
         }

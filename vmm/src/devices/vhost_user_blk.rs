@@ -183,8 +183,20 @@ impl VhostUserBlk {
     /// over now, the rings when the driver is ready.
     pub fn connect(cfg: &DiskConfig, mem: &GuestMemoryMmap) -> Result<Self, DiskError> {
         let reply_timeout = Duration::from_millis(cfg.reply_timeout_ms);
-        let (frontend, backend_features, protocol, config) =
-            handshake(&cfg.socket, cfg.num_queues, mem, reply_timeout)?;
+        // A backend still starting (its socket absent or not listening) is
+        // waited for up to `connect_timeout_ms`, looking again after 1, 2,
+        // 4 ms (at most 5 ms apart); any other failure ends the wait.
+        let give_up = std::time::Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
+        let mut pause = Duration::from_millis(1);
+        let (frontend, backend_features, protocol, config) = loop {
+            match handshake(&cfg.socket, cfg.num_queues, mem, reply_timeout) {
+                Err(DiskError::Connect { .. }) if std::time::Instant::now() < give_up => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(5));
+                }
+                r => break r?,
+            }
+        };
         info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), "disk connected");
         let mut config = config;
         // The number of queues the guest sees is the number configured.

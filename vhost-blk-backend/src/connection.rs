@@ -282,7 +282,7 @@ impl Connection {
     /// Whether queue `q`'s rings lie wholly in guest memory: a table that
     /// starts inside and runs past a region's end would fail every request
     /// it holds, and a ring out there cannot be served at all.
-    fn rings_in_memory(&self, q: usize) -> Result<(), String> {
+    fn rings_in_memory(&self, q: usize) -> Result<(), RingOutside> {
         let st = self.queues[q].vring.get_ref();
         let queue = st.get_queue();
         let n = u64::from(queue.size());
@@ -297,9 +297,7 @@ impl Connection {
                 len as usize,
                 vm_memory::Permissions::ReadWrite,
             ) {
-                return Err(format!(
-                    "its {what} at {at:#x}+{len:#x} does not lie wholly in guest memory"
-                ));
+                return Err(RingOutside { what, at, len });
             }
         }
         Ok(())
@@ -764,4 +762,13 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
         Err(refuse("dirty logging is not supported".into()))
     }
+}
+
+/// A queue's ring that does not lie wholly in guest memory.
+#[derive(Debug, thiserror::Error)]
+#[error("its {what} at {at:#x}+{len:#x} does not lie wholly in guest memory")]
+struct RingOutside {
+    what: &'static str,
+    at: u64,
+    len: u64,
 }

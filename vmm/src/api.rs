@@ -98,18 +98,31 @@ const ENDPOINTS: [&str; 6] = [
     WAIT,
 ];
 
-pub fn read_request(stream: &mut impl Read) -> Result<Request, String> {
+/// Why a request could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("reading the request: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad request line {0:?}")]
+    RequestLine(String),
+    #[error("bad Content-Length {0:?}")]
+    ContentLength(String),
+    #[error("a body of {len} bytes (at most {MAX_BODY})")]
+    BodyTooLarge { len: usize },
+}
+
+pub fn read_request(stream: &mut impl Read) -> Result<Request, RequestError> {
     let mut r = BufReader::new(stream);
     let mut line = String::new();
-    r.read_line(&mut line).map_err(|e| e.to_string())?;
+    r.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
     let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
-        return Err(format!("bad request line {:?}", line.trim_end()));
+        return Err(RequestError::RequestLine(line.trim_end().to_string()));
     };
     let mut len = 0usize;
     loop {
         let mut h = String::new();
-        if r.read_line(&mut h).map_err(|e| e.to_string())? == 0 {
+        if r.read_line(&mut h)? == 0 {
             break;
         }
         let h = h.trim_end();
@@ -121,15 +134,15 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, String> {
                 len = v
                     .trim()
                     .parse()
-                    .map_err(|_| "bad Content-Length".to_string())?;
+                    .map_err(|_| RequestError::ContentLength(v.trim().to_string()))?;
             }
         }
     }
     if len > MAX_BODY {
-        return Err(format!("a body of {len} bytes (at most {MAX_BODY})"));
+        return Err(RequestError::BodyTooLarge { len });
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| e.to_string())?;
+    r.read_exact(&mut body)?;
     Ok(Request {
         method: method.to_string(),
         path: path.to_string(),
@@ -229,7 +242,7 @@ impl Api {
                         }
                         Err(e) => {
                             warn!("api: {e}");
-                            respond(&mut stream, 400, &json!({ "error": e }));
+                            respond(&mut stream, 400, &json!({ "error": e.to_string() }));
                         }
                     }
                 }

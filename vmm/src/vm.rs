@@ -216,7 +216,8 @@ impl Machine {
         router: &Arc<MsiRouter>,
     ) -> Result<SharedVirtioPci> {
         let dev = Arc::new(Mutex::new(
-            VirtioPci::new(device, bar as u32, vm, Arc::clone(router)).map_err(|e| anyhow!(e))?,
+            VirtioPci::new(device, bar as u32, vm, Arc::clone(router))
+                .context("setting up the virtio-pci transport")?,
         ));
         pci_bus
             .lock()
@@ -503,6 +504,8 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
                     return;
                 }
                 Err(ReconnectError::NotYet(e)) => {
+                    // The same reason again is not logged again.
+                    let e = e.to_string();
                     if e != last {
                         debug!("reconnect: {e}");
                         last = e;
@@ -702,7 +705,7 @@ mod guest_accesses {
             _queues: &[QueueConfig],
             _kicks: &[EventFd],
             _interrupts: &dyn Interrupts,
-        ) -> Result<(), String> {
+        ) -> Result<(), crate::devices::virtio_pci::DeviceError> {
             Ok(())
         }
         fn reset(&mut self) {}

@@ -19,7 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::deadline;
 use super::io_error::{self, FailedQueue};
-use super::virtio_pci::{Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR};
+use super::virtio_pci::{
+    DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
+};
 use crate::config::DiskConfig;
 use cli_support::log_limit::LogLimit;
 
@@ -44,6 +46,20 @@ pub enum DiskError {
         socket: String,
         offered: u64,
         wanted: u16,
+    },
+    #[error("disk {socket}: ring address {gpa:#x} is not in guest memory")]
+    RingAddress { socket: String, gpa: u64 },
+    #[error("disk {socket}: the used ring of queue {queue}: {err}")]
+    UsedRing {
+        socket: String,
+        queue: usize,
+        err: vm_memory::GuestMemoryError,
+    },
+    #[error("disk {socket}: the {what} eventfd: {err}")]
+    Eventfd {
+        socket: String,
+        what: &'static str,
+        err: std::io::Error,
     },
 }
 
@@ -233,7 +249,7 @@ impl VhostUserBlk {
     pub fn reconnect(&mut self) -> Result<(), ReconnectError> {
         let (frontend, features, protocol, _) =
             handshake(&self.socket, self.num_queues, &self.mem, self.reply_timeout)
-                .map_err(|e| ReconnectError::NotYet(e.to_string()))?;
+                .map_err(|e| ReconnectError::NotYet(e.into()))?;
         if features != self.backend_features || protocol != self.protocol {
             return Err(ReconnectError::Incompatible(format!(
                 "disk {}: the backend came back with other features (virtio {features:#x}, \
@@ -250,12 +266,12 @@ impl VhostUserBlk {
         };
         let r = self.start_rings(&active);
         self.active = Some(active);
-        r.map_err(ReconnectError::NotYet)?;
+        r.map_err(|e| ReconnectError::NotYet(e.into()))?;
         info!(socket = %self.socket.display(), "disk reconnected");
         Ok(())
     }
 
-    fn start_rings(&mut self, a: &Active) -> Result<(), String> {
+    fn start_rings(&mut self, a: &Active) -> Result<(), DiskError> {
         let armed = deadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
         let f = a.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
@@ -300,7 +316,11 @@ impl VhostUserBlk {
             let used_idx: u16 = self
                 .mem
                 .read_obj(vm_memory::GuestAddress(q.used + 2))
-                .map_err(|e| format!("used ring of queue {i}: {e}"))?;
+                .map_err(|err| DiskError::UsedRing {
+                    socket: self.socket.display().to_string(),
+                    queue: i,
+                    err,
+                })?;
             self.frontend
                 .set_vring_num(i, q.size)
                 .map_err(self.err("SET_VRING_NUM", &armed))?;
@@ -328,13 +348,11 @@ impl VhostUserBlk {
         &'a self,
         what: &'static str,
         armed: &'a deadline::Armed,
-    ) -> impl Fn(vhost::Error) -> String + 'a {
-        move |e| {
-            format!(
-                "disk {}: {what}: {}",
-                self.socket.display(),
-                describe(e, armed, self.reply_timeout)
-            )
+    ) -> impl Fn(vhost::Error) -> DiskError + 'a {
+        move |e| DiskError::Protocol {
+            socket: self.socket.display().to_string(),
+            what,
+            err: describe(e, armed, self.reply_timeout),
         }
     }
 
@@ -348,11 +366,14 @@ impl VhostUserBlk {
         unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
-    fn host_addr(&self, gpa: u64) -> Result<u64, String> {
+    fn host_addr(&self, gpa: u64) -> Result<u64, DiskError> {
         self.mem
             .get_host_address(vm_memory::GuestAddress(gpa))
             .map(|p| p as u64)
-            .map_err(|_| format!("ring address {gpa:#x} is not in guest memory"))
+            .map_err(|_| DiskError::RingAddress {
+                socket: self.socket.display().to_string(),
+                gpa,
+            })
     }
 }
 
@@ -401,7 +422,7 @@ impl VirtioDevice for VhostUserBlk {
         queues: &[QueueConfig],
         kicks: &[EventFd],
         interrupts: &dyn Interrupts,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeviceError> {
         let mut active = Active {
             features,
             queues: Vec::new(),
@@ -422,10 +443,16 @@ impl VirtioDevice for VhostUserBlk {
                 Some(fd) => fd.try_clone(),
                 None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK),
             }
-            .map_err(|e| format!("disk {}: call eventfd: {e}", self.socket.display()))?;
-            let kick = kicks[i]
-                .try_clone()
-                .map_err(|e| format!("disk {}: kick eventfd: {e}", self.socket.display()))?;
+            .map_err(|err| DiskError::Eventfd {
+                socket: self.socket.display().to_string(),
+                what: "call",
+                err,
+            })?;
+            let kick = kicks[i].try_clone().map_err(|err| DiskError::Eventfd {
+                socket: self.socket.display().to_string(),
+                what: "kick",
+                err,
+            })?;
             active.queues.push((i, *q));
             active.kicks.push(kick);
             active.calls.push(call);

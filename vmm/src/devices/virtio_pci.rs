@@ -50,13 +50,26 @@ pub struct QueueConfig {
 
 /// Per-vector interrupt descriptors for a device (Firecracker's
 /// `notifier()`: the eventfd a backend writes to interrupt the guest).
+/// A device's own error, whatever the device (the transport only reports
+/// it).
+pub type DeviceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("an eventfd: {0}")]
+    Eventfd(std::io::Error),
+    #[error("the ioeventfd at {addr:#x}: {err}")]
+    Ioeventfd { addr: u64, err: kvm_ioctls::Error },
+}
+
 /// Why one attempt to reconnect a device to its backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconnectError {
     /// Nobody answers yet, or the backend went away again mid-way: worth
     /// another attempt until the disk's reconnect timeout.
     #[error("{0}")]
-    NotYet(String),
+    NotYet(DeviceError),
     /// A backend answered that cannot carry the session on (other
     /// features): waiting longer will not help.
     #[error("{0}")]
@@ -84,7 +97,7 @@ pub trait VirtioDevice: Send {
         queues: &[QueueConfig],
         kicks: &[EventFd],
         interrupts: &dyn Interrupts,
-    ) -> Result<(), String>;
+    ) -> Result<(), DeviceError>;
     /// The driver reset the device.
     fn reset(&mut self);
     /// For devices served by another process: the connection to watch.
@@ -178,7 +191,7 @@ impl VirtioPci {
         bar: u32,
         vm: &Arc<VmFd>,
         router: Arc<MsiRouter>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TransportError> {
         let nq = device.num_queues();
         let vectors = nq + 1;
         let mut config = ConfigSpace::new(
@@ -208,17 +221,17 @@ impl VirtioPci {
 
         let mut kicks = Vec::new();
         for q in 0..nq {
-            let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(TransportError::Eventfd)?;
             let addr = bar as u64 + NOTIFY + q as u64 * NOTIFY_MULTIPLIER as u64;
             vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), NoDatamatch)
-                .map_err(|e| format!("ioeventfd at {addr:#x}: {e}"))?;
+                .map_err(|err| TransportError::Ioeventfd { addr, err })?;
             kicks.push(fd);
         }
         let mut gsis = Vec::new();
         let mut fds = Vec::new();
         for _ in 0..vectors {
             gsis.push(router.allocate());
-            fds.push(EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?);
+            fds.push(EventFd::new(EFD_NONBLOCK).map_err(TransportError::Eventfd)?);
         }
         let max = device.max_queue_size();
         Ok(VirtioPci {

@@ -88,23 +88,37 @@ fn wait_listening(vm: &VmDir, backend: &mut Child) -> Result<()> {
 /// console file, and how many bytes it has copied.
 struct ConsoleTap {
     thread: std::thread::JoinHandle<()>,
-    copied: Arc<(Mutex<u64>, Condvar)>,
+    /// Bytes copied, and whether the copier has stopped.
+    copied: Arc<(Mutex<(u64, bool)>, Condvar)>,
 }
 
 impl ConsoleTap {
-    /// Until `bytes` were copied (the vmm's count at its end), or `limit`.
+    /// Until `bytes` were copied (the vmm's count at its end), the copier
+    /// stopped (a full disk), or `limit`.
     fn wait_for(&self, bytes: u64, limit: Duration) {
         let (count, more) = &*self.copied;
         let guard = count.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = more.wait_timeout_while(guard, limit, |n| *n < bytes);
+        let _ = more.wait_timeout_while(guard, limit, |(n, stopped)| *n < bytes && !*stopped);
+    }
+}
+
+/// Tells a console waiter the copier stopped, however it stops.
+struct CopierStopped(Arc<(Mutex<(u64, bool)>, Condvar)>);
+
+impl Drop for CopierStopped {
+    fn drop(&mut self) {
+        let (count, more) = &*self.0;
+        count.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        more.notify_all();
     }
 }
 
 fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> ConsoleTap {
     let path = vm.console();
-    let copied = Arc::new((Mutex::new(0u64), Condvar::new()));
+    let copied = Arc::new((Mutex::new((0u64, false)), Condvar::new()));
     let counter = Arc::clone(&copied);
     let thread = std::thread::spawn(move || {
+        let _stopped = CopierStopped(Arc::clone(&counter));
         let open = |p: &Path| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -132,7 +146,7 @@ fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> ConsoleTap 
             }
             written += n as u64;
             let (count, more) = &*counter;
-            *count.lock().unwrap_or_else(|e| e.into_inner()) += n as u64;
+            count.lock().unwrap_or_else(|e| e.into_inner()).0 += n as u64;
             more.notify_all();
         }
     });
@@ -181,11 +195,26 @@ impl EndReport {
 struct Exiting {
     vmm: Child,
     console: Option<ConsoleTap>,
+    /// What it reported, and where to note a teardown that went otherwise.
+    reported: i32,
+    vm: VmDir,
 }
 
 impl Drop for Exiting {
     fn drop(&mut self) {
-        let _ = self.vmm.wait();
+        // The record stands (the guest's end is what it says); a teardown
+        // that crashed or was killed is noted beside it.
+        match self.vmm.wait() {
+            Ok(st) if st.code() == Some(self.reported) => {}
+            Ok(st) => note(
+                &self.vm,
+                format_args!(
+                    "the vmm reported exit status {} and then ended with {st}",
+                    self.reported
+                ),
+            ),
+            Err(e) => note(&self.vm, format_args!("reaping the vmm: {e}")),
+        }
         if let Some(c) = self.console.take() {
             let _ = c.thread.join();
         }
@@ -276,15 +305,27 @@ fn run(
             return Err(e);
         }
     };
-    let outcome = run_vmm(
-        vm,
-        config,
-        status,
-        &mut disk,
-        (vmm, console),
-        exiting,
-        ready,
-    );
+    let outcome = match vmm.try_wait() {
+        // It gave up waiting for the disk (or failed on its own) while the
+        // disk was being served: the start failed.
+        Ok(Some(st)) => {
+            if let Some(c) = console {
+                let _ = c.thread.join();
+            }
+            Err(anyhow::anyhow!(
+                "the vmm ended ({st}) before its disk was served; see vmm.log"
+            ))
+        }
+        _ => run_vmm(
+            vm,
+            config,
+            status,
+            &mut disk,
+            (vmm, console),
+            exiting,
+            ready,
+        ),
+    };
     match &mut disk {
         Disk::Host(host) => {
             status.backend_restarts = host.status().map_or(0, |h| {
@@ -334,7 +375,7 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
 /// export is added (or the backend started) meanwhile, in milliseconds,
 /// unless the host backend's daemon has to be started first or many VMs
 /// start at once.
-const DISK_CONNECT_TIMEOUT_MS: u64 = 30_000;
+const DISK_CONNECT_TIMEOUT_MS: u64 = 120_000;
 
 /// Starts the vmm, its console copied to the console file.
 fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>)> {
@@ -476,7 +517,12 @@ fn run_vmm(
             }
             status.state = "exited".into();
             status.exit_status = Some(end.exit_status);
-            *exiting = Some(Exiting { vmm, console });
+            *exiting = Some(Exiting {
+                vmm,
+                console,
+                reported: end.exit_status,
+                vm: vm.clone(),
+            });
             return Ok(());
         }
         Ended::Exited(st) => st,

@@ -38,6 +38,20 @@ pub struct Api {
 
 const WAIT: &str = "/api/v1/vm.wait";
 
+/// Whether a read of `s` would not block (data or its end), without
+/// waiting.
+fn readable_now(s: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd we own, for an open descriptor, with no
+    // timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
 /// The clients of `vm.wait`, answered when the VM has ended (at once
 /// after that).
 #[derive(Default)]
@@ -59,7 +73,13 @@ impl EndWaiters {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(end) = &st.ended {
             respond(&mut stream, 200, end);
-        } else if st.waiting.len() >= Self::MAX_WAITING {
+            return;
+        }
+        // Clients that went away (a waiter interrupted) give their place
+        // up (they have nothing more to say: a connection that turned
+        // readable has ended, or sent something it should not have).
+        st.waiting.retain(|s| !readable_now(s));
+        if st.waiting.len() >= Self::MAX_WAITING {
             respond(
                 &mut stream,
                 503,
@@ -131,10 +151,10 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, RequestError> {
         }
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("content-length") {
-                len = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| RequestError::ContentLength(v.trim().to_string()))?;
+                len = v.trim().parse().map_err(|_| {
+                    // A hostile header is not echoed whole.
+                    RequestError::ContentLength(v.trim().chars().take(32).collect())
+                })?;
             }
         }
     }
@@ -320,6 +340,46 @@ mod tests {
         assert_eq!(api.handle(&req("GET", "/api/v1/vm.explode")).0, 404);
         // Resuming what runs is a conflict, not a success.
         assert_eq!(api.handle(&req("PUT", "/api/v1/vm.resume")).0, 409);
+    }
+
+    /// Waiters that went away give their place up; past the limit a new
+    /// one is refused; at the end every waiter hears it, and later ones at
+    /// once.
+    #[test]
+    fn end_waiters_are_bounded_pruned_and_all_answered() {
+        let ended = EndWaiters::default();
+        let answer = |c: &mut UnixStream| {
+            let mut text = String::new();
+            c.read_to_string(&mut text).expect("answer");
+            text
+        };
+        // As many as allowed, then gone: their places are free again.
+        for _ in 0..EndWaiters::MAX_WAITING {
+            let (server, client) = UnixStream::pair().expect("pair");
+            ended.add(server);
+            drop(client);
+        }
+        let mut kept = Vec::new();
+        for _ in 0..EndWaiters::MAX_WAITING {
+            let (server, client) = UnixStream::pair().expect("pair");
+            ended.add(server);
+            kept.push(client);
+        }
+        // One too many, all of them still there: refused.
+        let (server, mut refused) = UnixStream::pair().expect("pair");
+        ended.add(server);
+        assert!(answer(&mut refused).starts_with("HTTP/1.1 503"));
+        ended.answer(json!({ "exit_status": 3 }));
+        for c in &mut kept {
+            let text = answer(c);
+            assert!(
+                text.starts_with("HTTP/1.1 200") && text.contains("\"exit_status\":3"),
+                "{text}"
+            );
+        }
+        let (server, mut late) = UnixStream::pair().expect("pair");
+        ended.add(server);
+        assert!(answer(&mut late).contains("\"exit_status\":3"));
     }
 
     #[test]

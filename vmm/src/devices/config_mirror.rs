@@ -53,7 +53,11 @@ pub struct ConfigMirror {
 // SAFETY: the mappings are owned by this value and only touched through
 // volatile dword accesses; which thread does so does not matter.
 unsafe impl Send for ConfigMirror {}
-// SAFETY: as above: `&self` methods only read the mappings.
+// SAFETY: concurrent use from several threads is memory-safe: every access
+// is an aligned, bounds-checked volatile dword, and `attach` only replaces
+// a mapping inside the reservation with another (a reader sees either).
+// Keeping the contents consistent (one render at a time) is the PCI bus's
+// job: it holds its lock around `attach` and `store`.
 unsafe impl Sync for ConfigMirror {}
 
 fn map(

@@ -34,7 +34,7 @@ const CONFIG_LEN: u32 = 60;
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("disk {socket}: cannot connect (is a backend listening there?): {err}")]
-    Connect { socket: String, err: String },
+    Connect { socket: String, err: std::io::Error },
     #[error("disk {socket}: {what}: {err}")]
     Protocol {
         socket: String,
@@ -116,11 +116,16 @@ fn handshake(
     reply_timeout: Duration,
 ) -> Result<Handshake, DiskError> {
     let socket = path.display().to_string();
-    let mut frontend =
-        Frontend::connect(path, num_queues as u64).map_err(|e| DiskError::Connect {
+    // Connected here rather than by `Frontend::connect`, which retries a
+    // refused connection 5 times 100 ms apart on its own: the callers
+    // decide when to look again (a start's connect timeout, a reconnect's
+    // backoff).
+    let stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|err| DiskError::Connect {
             socket: socket.clone(),
-            err: e.to_string(),
+            err,
         })?;
+    let mut frontend = Frontend::from_stream(stream, num_queues as u64);
     let armed = deadline::arm(frontend.as_raw_fd(), reply_timeout);
     let p = |what: &'static str| {
         let socket = socket.clone();
@@ -201,12 +206,18 @@ impl VhostUserBlk {
         let reply_timeout = Duration::from_millis(cfg.reply_timeout_ms);
         // A backend still starting (its socket absent or not listening) is
         // waited for up to `connect_timeout_ms`, looking again after 1, 2,
-        // 4 ms (at most 5 ms apart); any other failure ends the wait.
+        // 4 ms (at most 5 ms apart); any other failure (a socket this user
+        // may not open, a path that is no socket) ends the wait at once.
         let give_up = std::time::Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
         let mut pause = Duration::from_millis(1);
         let (frontend, backend_features, protocol, config) = loop {
             match handshake(&cfg.socket, cfg.num_queues, mem, reply_timeout) {
-                Err(DiskError::Connect { .. }) if std::time::Instant::now() < give_up => {
+                Err(DiskError::Connect { err, .. })
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) && std::time::Instant::now() < give_up =>
+                {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(5));
                 }

@@ -218,10 +218,7 @@ pub fn start_in_process(root: &Root, vm: &VmDir) -> Result<Starting> {
                     .create(true)
                     .append(true)
                     .open(vm.path.join("supervisor.log"))
-                    .and_then(|mut f| {
-                        use std::io::Write;
-                        writeln!(f, "vmctl: error: {}", cli_support::report(&e))
-                    });
+                    .and_then(|mut f| writeln!(f, "vmctl: error: {}", cli_support::report(&e)));
             }
             let _ = tx.send(false);
         })
@@ -324,12 +321,7 @@ impl EndWatch {
     /// pid reused meanwhile costs that).
     fn nap(&mut self, vm: &VmDir) {
         if self.end.is_none() && !self.heard {
-            self.end = UnixStream::connect(vm.api_socket())
-                .and_then(|mut s| {
-                    s.write_all(b"GET /api/v1/vm.wait HTTP/1.1\r\nHost: vmm\r\n\r\n")?;
-                    Ok(s)
-                })
-                .ok();
+            self.end = vmm::api::send(&vm.api_socket(), "GET", vmm::api::WAIT, None).ok();
         }
         let supervisor = vm.status().ok().flatten().and_then(|s| s.supervisor_pid);
         let gone = supervisor.and_then(|pid| pidfd_of(pid).ok());

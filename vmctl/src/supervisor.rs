@@ -100,6 +100,11 @@ impl ConsoleTap {
         let guard = count.lock().unwrap_or_else(|e| e.into_inner());
         let _ = more.wait_timeout_while(guard, limit, |(n, stopped)| *n < bytes && !*stopped);
     }
+
+    /// Until the copier has the console's end (the vmm's output closed).
+    fn finish(self) {
+        let _ = self.thread.join();
+    }
 }
 
 /// Tells a console waiter the copier stopped, however it stops.
@@ -169,24 +174,21 @@ struct ReportedEnd {
 
 impl EndReport {
     fn ask(api: &Path) -> Result<Self> {
-        let mut stream = UnixStream::connect(api)?;
-        stream.write_all(b"GET /api/v1/vm.wait HTTP/1.1\r\nHost: vmm\r\n\r\n")?;
-        Ok(EndReport { stream })
+        Ok(EndReport {
+            stream: vmm::api::send(api, "GET", vmm::api::WAIT, None)?,
+        })
     }
 
     /// The answer, once the stream is readable: None when the vmm ended
     /// without one (killed) or said something else.
     fn read(mut self) -> Option<ReportedEnd> {
-        let mut text = String::new();
         self.stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .ok()?;
-        self.stream.read_to_string(&mut text).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            return None;
+        match vmm::api::response(&mut self.stream).ok()? {
+            (200, body) => serde_json::from_str(&body).ok(),
+            _ => None,
         }
-        serde_json::from_str(body).ok()
     }
 }
 
@@ -216,7 +218,7 @@ impl Drop for Exiting {
             Err(e) => note(&self.vm, format_args!("reaping the vmm: {e}")),
         }
         if let Some(c) = self.console.take() {
-            let _ = c.thread.join();
+            c.finish();
         }
     }
 }
@@ -300,7 +302,7 @@ fn run(
             let _ = vmm.kill();
             let _ = vmm.wait();
             if let Some(c) = console {
-                let _ = c.thread.join();
+                c.finish();
             }
             return Err(e);
         }
@@ -310,7 +312,7 @@ fn run(
         // disk was being served: the start failed.
         Ok(Some(st)) => {
             if let Some(c) = console {
-                let _ = c.thread.join();
+                c.finish();
             }
             Err(anyhow::anyhow!(
                 "the vmm ended ({st}) before its disk was served; see vmm.log"
@@ -528,7 +530,7 @@ fn run_vmm(
         Ended::Exited(st) => st,
     };
     if let Some(c) = console {
-        let _ = c.thread.join();
+        c.finish();
     }
     let killed_on_purpose = vm.path.join(KILL_MARKER).exists();
     match (ended.code(), ended.signal()) {

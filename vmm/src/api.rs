@@ -36,7 +36,7 @@ pub struct Api {
     pub ended: Arc<EndWaiters>,
 }
 
-const WAIT: &str = "/api/v1/vm.wait";
+pub const WAIT: &str = "/api/v1/vm.wait";
 
 /// Whether a read of `s` would not block (data or its end), without
 /// waiting.
@@ -271,13 +271,25 @@ impl Api {
     }
 }
 
-/// The client side (`vmm api ...`): one request, the response body.
+/// The client side (`vmm api ...`): one request, its status code and
+/// body.
 pub fn call(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    response(&mut send(socket, method, path, body)?)
+}
+
+/// Sends one request; the connection its response comes on (a `vm.wait`
+/// client holds it until the VM ends, waiting for it to turn readable).
+pub fn send(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<UnixStream> {
     let mut s = UnixStream::connect(socket)?;
     let body = body.unwrap_or("");
     s.write_all(
@@ -287,6 +299,11 @@ pub fn call(
         )
         .as_bytes(),
     )?;
+    Ok(s)
+}
+
+/// A response read to its end: status code (0 when there is none) and body.
+pub fn response(s: &mut UnixStream) -> std::io::Result<(u16, String)> {
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let code = text

@@ -123,7 +123,7 @@ fn api(socket: &std::path::Path, request: &ApiRequest) -> Result<i32> {
     let (method, path, body) = match request {
         ApiRequest::Info => ("GET", "/api/v1/vm.info", None),
         ApiRequest::Metrics => ("GET", "/api/v1/vm.metrics", None),
-        ApiRequest::Wait => ("GET", "/api/v1/vm.wait", None),
+        ApiRequest::Wait => ("GET", vmm::api::WAIT, None),
         ApiRequest::Pause => ("PUT", "/api/v1/vm.pause", None),
         ApiRequest::Resume => ("PUT", "/api/v1/vm.resume", None),
         ApiRequest::Shutdown { force } => (

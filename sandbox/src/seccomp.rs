@@ -1,8 +1,7 @@
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{sock_filter, BpfProgram};
 use thiserror::Error;
 
 use crate::syscall_names::NAMES;
@@ -87,18 +86,8 @@ pub enum SandboxError {
         policy: &'static str,
         name: &'static str,
     },
-    #[error("seccomp policy {policy:?}: building its filter")]
-    Build {
-        policy: &'static str,
-        #[source]
-        source: seccompiler::BackendError,
-    },
-    #[error("seccomp policy {policy:?}: compiling its filter")]
-    Compile {
-        policy: &'static str,
-        #[source]
-        source: seccompiler::BackendError,
-    },
+    #[error("seccomp policy {policy:?}: too many separate ranges of system calls for one filter")]
+    TooLarge { policy: &'static str },
     #[error("seccomp policy {policy:?}: installing its filter")]
     Apply {
         policy: &'static str,
@@ -147,7 +136,7 @@ static PROGRAM: AtomicPtr<&'static str> = AtomicPtr::new(std::ptr::null_mut());
 impl Policy {
     /// The compiled filter: the policy's calls allowed, anything else traps.
     pub fn compile(&self) -> Result<BpfProgram, SandboxError> {
-        let mut rules = BTreeMap::new();
+        let mut numbers = Vec::new();
         for &name in EVERY_THREAD
             .iter()
             .chain(self.groups.iter().copied().flatten())
@@ -156,22 +145,9 @@ impl Policy {
                 policy: self.name,
                 name,
             })?;
-            rules.insert(nr, Vec::new());
+            numbers.push(nr as u32);
         }
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Trap,
-            SeccompAction::Allow,
-            TargetArch::x86_64,
-        )
-        .map_err(|source| SandboxError::Build {
-            policy: self.name,
-            source,
-        })?;
-        filter.try_into().map_err(|source| SandboxError::Compile {
-            policy: self.name,
-            source,
-        })
+        allow_list(&numbers).ok_or(SandboxError::TooLarge { policy: self.name })
     }
 
     /// Confines the calling thread (and the threads it starts from now on)
@@ -185,6 +161,93 @@ impl Policy {
             source,
         })
     }
+}
+
+// Classic BPF as seccomp runs it (linux/filter.h, linux/seccomp.h).
+const LD_W_ABS: u16 = 0x20;
+const JEQ_K: u16 = 0x15;
+const JGT_K: u16 = 0x25;
+const JGE_K: u16 = 0x35;
+const RET_K: u16 = 0x06;
+/// Offsets in `struct seccomp_data`.
+const DATA_NR: u32 = 0;
+const DATA_ARCH: u32 = 4;
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const RET_KILL_PROCESS: u32 = 0x8000_0000;
+const RET_TRAP: u32 = 0x0003_0000;
+const RET_ALLOW: u32 = 0x7fff_0000;
+
+/// Where a jump of the decision tree goes, before offsets are known.
+#[derive(Clone, Copy)]
+enum To {
+    Next,
+    At(usize),
+    Allow,
+    Trap,
+}
+
+/// A filter that allows exactly the calls `numbers` (native x86_64 calls
+/// only) and traps on anything else, as a binary search over the ranges
+/// of consecutive numbers rather than one comparison after another: the
+/// kernel evaluates the filter for every call number once when it is
+/// installed (to cache the calls it always allows), and a chain of 50
+/// comparisons made that, with the JIT of a program five times longer,
+/// most of the 0.2-0.3 ms each thread's filter cost. None when the tree
+/// does not fit classic BPF's 8-bit jump offsets (over 80 or so ranges).
+pub fn allow_list(numbers: &[u32]) -> Option<BpfProgram> {
+    let mut sorted = numbers.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for nr in sorted {
+        match ranges.last_mut() {
+            Some((_, hi)) if *hi + 1 == nr => *hi = nr,
+            _ => ranges.push((nr, nr)),
+        }
+    }
+    let mut tree: Vec<(u16, u32, To, To)> = Vec::new();
+    fn emit(ranges: &[(u32, u32)], tree: &mut Vec<(u16, u32, To, To)>) {
+        match ranges {
+            [] => tree.push((RET_K, RET_TRAP, To::Next, To::Next)),
+            [(lo, hi)] if lo == hi => tree.push((JEQ_K, *lo, To::Allow, To::Trap)),
+            [(lo, hi)] => {
+                tree.push((JGE_K, *lo, To::Next, To::Trap));
+                tree.push((JGT_K, *hi, To::Trap, To::Allow));
+            }
+            _ => {
+                let mid = ranges.len() / 2;
+                let at = tree.len();
+                tree.push((JGE_K, ranges[mid].0, To::Next, To::Next));
+                emit(&ranges[..mid], tree);
+                tree[at].2 = To::At(tree.len());
+                emit(&ranges[mid..], tree);
+            }
+        }
+    }
+    emit(&ranges, &mut tree);
+    let insn = |code: u16, k: u32, jt: u8, jf: u8| sock_filter { code, jt, jf, k };
+    let mut program = vec![
+        insn(LD_W_ABS, DATA_ARCH, 0, 0),
+        insn(JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+        insn(RET_K, RET_KILL_PROCESS, 0, 0),
+        insn(LD_W_ABS, DATA_NR, 0, 0),
+    ];
+    let (allow, trap) = (tree.len(), tree.len() + 1);
+    for (i, &(code, k, jt, jf)) in tree.iter().enumerate() {
+        let offset = |to: To| -> Option<u8> {
+            let target = match to {
+                To::Next => i + 1,
+                To::At(j) => j,
+                To::Allow => allow,
+                To::Trap => trap,
+            };
+            u8::try_from(target - i - 1).ok()
+        };
+        program.push(insn(code, k, offset(jt)?, offset(jf)?));
+    }
+    program.push(insn(RET_K, RET_ALLOW, 0, 0));
+    program.push(insn(RET_K, RET_TRAP, 0, 0));
+    Some(program)
 }
 
 /// Installs the SIGSYS handler that reports a forbidden call: one line on
@@ -347,6 +410,70 @@ mod tests {
         assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
         assert_eq!(syscall_name(10_000), None);
         assert_eq!(syscall_number("no_such_call"), None);
+    }
+
+    /// Runs a filter on one call as the kernel would (the subset of
+    /// classic BPF the filters use).
+    fn run(program: &[sock_filter], nr: u32, arch: u32) -> u32 {
+        let (mut pc, mut a) = (0usize, 0u32);
+        for _ in 0..program.len() {
+            let i = &program[pc];
+            let jump = |taken: bool| pc + 1 + usize::from(if taken { i.jt } else { i.jf });
+            pc = match i.code {
+                LD_W_ABS => {
+                    a = if i.k == DATA_ARCH { arch } else { nr };
+                    pc + 1
+                }
+                JEQ_K => jump(a == i.k),
+                JGT_K => jump(a > i.k),
+                JGE_K => jump(a >= i.k),
+                RET_K => return i.k,
+                other => panic!("unexpected instruction {other:#x}"),
+            };
+        }
+        panic!("ran off the end")
+    }
+
+    #[test]
+    fn the_filter_allows_exactly_its_calls() {
+        // Deterministic pseudo-random subsets of the call table.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..300 {
+            let count = 1 + round % 70;
+            let allowed: Vec<u32> = (0..count).map(|_| (next() % 470) as u32).collect();
+            let program = allow_list(&allowed).expect("fits");
+            for nr in (0..600).chain([0x4000_0000, 0x4000_0001, u32::MAX]) {
+                let want = if allowed.contains(&nr) {
+                    RET_ALLOW
+                } else {
+                    RET_TRAP
+                };
+                assert_eq!(run(&program, nr, AUDIT_ARCH_X86_64), want, "nr {nr}");
+            }
+            assert_eq!(run(&program, allowed[0], 0x4000_0003), RET_KILL_PROCESS);
+        }
+        assert_eq!(
+            run(&allow_list(&[]).expect("fits"), 0, AUDIT_ARCH_X86_64),
+            RET_TRAP
+        );
+    }
+
+    #[test]
+    fn a_filter_is_a_search_not_a_chain() {
+        // 60 scattered calls: a chain compares up to 60 times, the tree 7.
+        let allowed: Vec<u32> = (0..60).map(|i| i * 7).collect();
+        let program = allow_list(&allowed).expect("fits");
+        assert!(
+            program.len() < 2 * allowed.len() + 8,
+            "{} instructions",
+            program.len()
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use test_infra::{Disk, Machine, Patience, QemuVm, StorageDaemon};
+use test_infra::{Disk, Machine, Patience, QemuConsole, QemuVm, StorageDaemon};
 
 pub struct LaunchOptions {
     pub count: usize,
@@ -478,6 +478,7 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
             cmdline: one_io.into(),
             limit: Patience::new("a 1-I/O guest under QEMU", Duration::from_millis(500)),
             silence: Patience::new("a 1-I/O guest under QEMU", Duration::from_millis(500)),
+            console: QemuConsole::Uart,
         }
         .spawn()?;
         vms.push((started, vm));

@@ -675,3 +675,62 @@ fn a_backend_that_stops_answering_costs_a_deadline_not_a_hang() {
     );
     b.stop();
 }
+
+/// The guest's report through the vmm's virtio console: the UART carries
+/// only the start marker (written before the PCI scan), the virtio console
+/// the rest, in order and whole; with the device off, or the guest told to
+/// keep to the UART, all of it goes through the UART.
+#[test]
+fn the_virtio_console_carries_the_report_and_the_uart_only_the_marker() {
+    if !ready("vmm_virtio_console", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.base_and_clone("64M");
+    let _b = fx.serve(&image, 1);
+    let sock = Fixture::socket_of(&image);
+    let metrics = fx.path("metrics.json");
+    for (device, extra, through_virtio) in [
+        ("on", "", true),
+        ("off", "", false),
+        ("on", " console=serial", false),
+    ] {
+        let what = format!("--virtio-console {device}{extra}");
+        let mut v = vm(
+            1,
+            &sock,
+            1,
+            &format!("mode=write verify=1 gen=2 size=4M{extra}"),
+        );
+        v.options = vec!["--virtio-console".into(), device.into()];
+        v.metrics_file = Some(metrics.clone());
+        let run = v.run().expect("vmm runs");
+        run.assert_ok(&what);
+        let lines: Vec<&str> = run.serial.lines().collect();
+        assert_eq!(
+            lines.first(),
+            Some(&"BENCH-GUEST START"),
+            "{what}: {}",
+            run.serial
+        );
+        assert!(
+            lines[1].starts_with("{\"boot_info\""),
+            "{what}: {}",
+            run.serial
+        );
+        assert!(lines[2].starts_with("device: "), "{what}: {}", run.serial);
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&metrics).expect("metrics"))
+                .expect("json");
+        let (uart, virtio) = (
+            m["console"]["uart_bytes"].as_u64().expect("uart_bytes"),
+            m["console"]["virtio_bytes"].as_u64().expect("virtio_bytes"),
+        );
+        assert_eq!(uart + virtio, run.serial.len() as u64, "{what}");
+        if through_virtio {
+            assert_eq!(uart, "BENCH-GUEST START\n".len() as u64, "{what}");
+        } else {
+            assert_eq!(virtio, 0, "{what}");
+        }
+    }
+}

@@ -344,6 +344,7 @@ mod tests {
                 disks: Vec::new(),
                 api_socket: None,
                 serial: crate::config::SerialOut::None,
+                virtio_console: true,
                 seccomp: true,
             },
             events: tx,

@@ -11,12 +11,12 @@
 //! handled, so a read of the status register, a write to the line control
 //! register (divisor latch) or the debug exit sees every byte written
 //! before it, in order. Output that no exit follows (a progress line
-//! during a long workload) is drained by a flusher thread: at most 2 ms
-//! late while the guest writes, backing off to 64 ms when it does not.
+//! during a long workload) is drained by the console thread: at most 10 ms
+//! late while the guest writes, backing off to 100 ms when it does not
+//! (`vm::serve_console`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use kvm_bindings::{kvm_coalesced_mmio, kvm_coalesced_mmio_ring};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
@@ -45,7 +45,7 @@ pub struct CoalescedWrites {
     page_size: usize,
     /// Entries the ring holds.
     capacity: u32,
-    /// One consumer at a time (vCPUs and the flusher).
+    /// One consumer at a time (vCPUs and the console thread).
     consumer: Mutex<()>,
 }
 
@@ -151,23 +151,6 @@ impl CoalescedWrites {
             bus.write(entry.phys_addr, &entry.data[..len]);
             first.store((at + 1) % self.capacity, Ordering::Release);
             n += 1;
-        }
-    }
-
-    /// Drains the ring for a VM whose vCPUs may not exit for a long time;
-    /// runs until the process ends.
-    pub fn flush_forever(&self, pio: &Bus, mmio: &Bus, batch_done: impl Fn()) -> ! {
-        const FAST: Duration = Duration::from_millis(10);
-        const SLOW: Duration = Duration::from_millis(100);
-        let mut period = FAST;
-        loop {
-            std::thread::sleep(period);
-            period = if self.drain(pio, mmio) > 0 {
-                batch_done();
-                FAST
-            } else {
-                (period * 2).min(SLOW)
-            };
         }
     }
 }

@@ -88,6 +88,10 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     #[serde(default = "stdio")]
     pub serial: SerialOut,
+    /// A virtio console (the guest's hvc0) beside the UART, written to the
+    /// same output: a line in one doorbell instead of a trap per byte.
+    #[serde(default = "on")]
+    pub virtio_console: bool,
     /// Each thread confined to the system calls it needs (seccomp); off
     /// only to find out what a new path needs.
     #[serde(default = "on")]

@@ -43,11 +43,15 @@ struct Args {
     /// stdio, none or file=PATH.
     #[arg(long, default_value = "stdio")]
     serial: String,
+    /// A virtio console (the guest's hvc0) beside the serial port, its
+    /// output where --serial's goes: on or off.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    virtio_console: String,
     /// The whole VM as a JSON file (the same fields as the options, which
     /// it therefore excludes).
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "api_socket", "serial"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "api_socket", "serial", "virtio_console"]
     )]
     config: Option<PathBuf>,
     /// When the VM ends, write its counters (exits by reason, time in the
@@ -115,6 +119,7 @@ fn config_of(a: &Args) -> Result<VmConfig> {
             .collect::<Result<_, _>>()?,
         api_socket: a.api_socket.clone(),
         serial: config::parse_serial(&a.serial)?,
+        virtio_console: a.virtio_console == "on",
         seccomp: !a.no_seccomp,
     })
 }
@@ -153,7 +158,12 @@ fn run(a: Args) -> Result<i32> {
     if let Some(p) = &a.metrics_file {
         std::fs::write(
             p,
-            serde_json::json!({ "vcpus": out.metrics, "timing": out.timing }).to_string(),
+            serde_json::json!({
+                "vcpus": out.metrics,
+                "timing": out.timing,
+                "console": out.console,
+            })
+            .to_string(),
         )
         .with_context(|| format!("--metrics-file {}", p.display()))?;
     }

@@ -29,6 +29,7 @@ use crate::devices::pci::{HostBridge, PciBus, PciConfigIo, PciEcam};
 use crate::devices::power::{self, AcpiPower, I8042};
 use crate::devices::serial::Console;
 use crate::devices::vhost_user_blk::VhostUserBlk;
+use crate::devices::virtio_console::{ConsolePort, VirtioConsole};
 use crate::devices::virtio_pci::{ReconnectError, SharedVirtioPci, VirtioPci, BAR_SIZE};
 use crate::devices::{debug_exit, pci, serial, Bus};
 use crate::memory::{self, PCI_MMIO_END, PCI_MMIO_START};
@@ -128,6 +129,39 @@ impl MsiRouter {
     }
 }
 
+/// The console thread: writes out what the guest wrote that no exit did.
+/// The UART's coalesced bytes have no doorbell, so they are looked for
+/// every 10 ms while the guest writes, backing off to 100 ms when it does
+/// not; the virtio console's lines come out as it rings.
+fn serve_console(m: &Machine, port: Option<&ConsolePort>) -> ! {
+    const FAST: std::time::Duration = std::time::Duration::from_millis(10);
+    const SLOW: std::time::Duration = std::time::Duration::from_millis(100);
+    let mut period = FAST;
+    loop {
+        let (changed, kick) = port.map_or((-1, None), |p| p.wait_fds());
+        let mut fds = [changed, kick.unwrap_or(-1)].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: poll on two pollfds of this stack frame (a negative
+        // descriptor is skipped). A doorbell closed meanwhile (a reset)
+        // only ends this wait early: the next round asks again.
+        let woken = unsafe { libc::poll(fds.as_mut_ptr(), 2, period.as_millis() as i32) } > 0;
+        if let Some(p) = port {
+            p.clear_doorbells();
+        }
+        let serial = m.coalesced.get().map_or(0, |c| c.drain(&m.pio, &m.mmio));
+        let lines = port.map_or(0, |p| m.transmit_console(p));
+        if serial + lines > 0 {
+            m.flush_console();
+            period = FAST;
+        } else if !woken {
+            period = (period * 2).min(SLOW);
+        }
+    }
+}
+
 fn serial_out(s: &SerialOut) -> Result<Box<dyn Write + Send>> {
     Ok(match s {
         SerialOut::Stdio => Box::new(std::io::stdout()),
@@ -198,6 +232,12 @@ impl Machine {
         Ok((machine, pci_bus))
     }
 
+    /// Moves the virtio console's queued lines into the console's batch.
+    fn transmit_console(&self, port: &ConsolePort) -> usize {
+        let mut console = self.console.lock().unwrap_or_else(|e| e.into_inner());
+        port.transmit(&mut |bytes| console.write_bytes(bytes))
+    }
+
     /// Writes out the console's batch.
     fn flush_console(&self) {
         self.console
@@ -231,6 +271,7 @@ impl Machine {
 /// How a VM ended, and its counters.
 pub struct Outcome {
     pub event: VmEvent,
+    pub console: crate::devices::serial::ConsoleCounts,
     pub metrics: Vec<crate::control::VcpuMetrics>,
     pub timing: Timing,
 }
@@ -332,6 +373,25 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         disks.push(dev);
     }
     timing.disk_handshake_us = t_disks.elapsed().as_micros() as u64;
+    let console_port = if cfg.virtio_console {
+        let bar = PCI_MMIO_START + disks.len() as u64 * BAR_SIZE as u64;
+        if bar + BAR_SIZE as u64 > PCI_MMIO_END {
+            bail!("too many devices for the PCI window");
+        }
+        let port = ConsolePort::new(ram.mem.clone()).context("the virtio console")?;
+        machine
+            .add_virtio_pci(
+                &pci_bus,
+                Box::new(VirtioConsole::new(Arc::clone(&port))),
+                bar,
+                &vm,
+                &router,
+            )
+            .context("the virtio console")?;
+        Some(port)
+    } else {
+        None
+    };
     let control =
         Arc::new(Control::new(cfg.cpus as usize).context("installing the vCPU kick signal")?);
     let ended = Arc::new(EndWaiters::default());
@@ -381,19 +441,20 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         if id == 0 {
             if let Some(c) = CoalescedWrites::set_up(&kvm, &vm, &vcpu, &[serial::PORT])? {
                 let _ = machine.coalesced.set(c);
+            }
+            if machine.coalesced.get().is_some() || console_port.is_some() {
                 let m = Arc::clone(&machine);
+                let port = console_port.clone();
                 std::thread::Builder::new()
                     .name("console".into())
                     .spawn(move || {
                         if let Err(e) = crate::seccomp::confine(&crate::seccomp::CONSOLE) {
-                            error!("console flusher: {e}");
+                            error!("console thread: {e}");
                             return;
                         }
-                        if let Some(c) = m.coalesced.get() {
-                            c.flush_forever(&m.pio, &m.mmio, || m.flush_console())
-                        }
+                        serve_console(&m, port.as_deref())
                     })
-                    .context("starting the console flusher")?;
+                    .context("starting the console thread")?;
             }
             let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
             let regs = if entry.long_mode {
@@ -421,9 +482,14 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     crate::seccomp::confine(&crate::seccomp::MAIN).context("seccomp")?;
     let event = events.recv().map_err(|_| anyhow!("every vCPU ended"))?;
     debug!("vm ended: {event:?}");
-    // The guest's last console bytes, if no exit drained them.
+    // The guest's last console bytes, if no exit drained them, then its
+    // last lines on the virtio console (in the order it wrote them: it
+    // writes the UART before it sets the virtio console up).
     if let Some(c) = machine.coalesced.get() {
         c.drain(&machine.pio, &machine.mmio);
+    }
+    if let Some(p) = &console_port {
+        machine.transmit_console(p);
     }
     machine.flush_console();
     if event != (VmEvent::Shutdown { force: true }) {
@@ -441,8 +507,14 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         "ended": event.describe(),
         "console_bytes": machine.console.lock().unwrap_or_else(|e| e.into_inner()).written(),
     }));
+    let console = machine
+        .console
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .counts();
     Ok(Outcome {
         event,
+        console,
         metrics: control.metrics(),
         timing,
     })

@@ -59,6 +59,9 @@ pub struct Config {
     pub max_bus: u8,
     pub indirect: bool,
     pub event_idx: bool,
+    /// Report through a virtio console when the VMM offers one (a line
+    /// per doorbell), else the UART (a trap per byte).
+    pub virtio_console: bool,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             max_bus: 0,
             indirect: true,
             event_idx: true,
+            virtio_console: true,
         }
     }
 }
@@ -170,7 +174,13 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
             "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),
-            // Words meant for someone else (a Linux-style console=...) are refused too:
+            "console" => match v {
+                "virtio" => Some(c.virtio_console = true),
+                "serial" => Some(c.virtio_console = false),
+                _ => None,
+            }
+            .is_some(),
+            // Words meant for someone else (a Linux-style console=ttyS0) are refused too:
             // a typo must not silently run the wrong workload.
             _ => false,
         };

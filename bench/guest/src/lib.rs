@@ -12,6 +12,7 @@ mod acpi;
 mod blk;
 mod boot_info;
 mod config;
+mod console;
 mod fuzz;
 mod mem;
 mod pci;
@@ -39,13 +40,27 @@ pub(crate) fn fail(status: u8, error: core::fmt::Arguments) -> ! {
 
 #[no_mangle]
 pub extern "C" fn guest_main() -> ! {
-    serial::write_str("BENCH-GUEST START\n");
+    serial::write_bytes(b"BENCH-GUEST START\n");
     let boot_tsc = time::tsc();
     let Some(si) = boot_info::BootInfo::get() else {
         fail(EXIT_USAGE, format_args!("no boot information (neither a PVH start info nor a Linux zero page)"));
     };
+    // Free RAM: from the end of the image to the end of its region, below 4 GiB.
+    let image_end = boot_info::image_end();
+    let region_end = si
+        .memory()
+        .find(|r| r.kind == 1 && r.addr <= image_end && image_end < r.addr + r.size)
+        .map(|r| r.addr + r.size)
+        .unwrap_or(image_end + (32 << 20));
+    let arena = mem::Arena::new(image_end, region_end.min(1 << 32));
+    let cfg = config::parse(si.cmdline);
+    // The report's lines through a virtio console from here on, when
+    // there is one (before the boot information, the longest of them).
+    if cfg.is_ok_and(|c| c.virtio_console) {
+        console::open(si.rsdp, cfg.map_or(0, |c| c.max_bus), &arena);
+    }
     si.report();
-    let cfg = match config::parse(si.cmdline) {
+    let cfg = match cfg {
         Ok(c) => c,
         Err(word) => fail(EXIT_USAGE, format_args!("bad argument {:?}", word)),
     };
@@ -60,14 +75,6 @@ pub extern "C" fn guest_main() -> ! {
         );
         rt::exit(EXIT_OK);
     }
-    // Free RAM: from the end of the image to the end of its region, below 4 GiB.
-    let image_end = boot_info::image_end();
-    let region_end = si
-        .memory()
-        .find(|r| r.kind == 1 && r.addr <= image_end && image_end < r.addr + r.size)
-        .map(|r| r.addr + r.size)
-        .unwrap_or(image_end + (32 << 20));
-    let arena = mem::Arena::new(image_end, region_end.min(1 << 32));
     let mut dev = match blk::Device::open(si.rsdp, &cfg, &arena) {
         Ok(d) => d,
         Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),

@@ -6,6 +6,7 @@ use core::arch::asm;
 /// Leaves through the debug-exit port (QEMU's isa-debug-exit at 0xf4, and
 /// the vmm's): the host sees status `(code << 1) | 1`.
 pub fn exit(code: u8) -> ! {
+    crate::console::finish();
     crate::serial::outb(0xf4, code);
     // Not reached under a VMM with the exit device; spin otherwise.
     loop {

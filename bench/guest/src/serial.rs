@@ -12,7 +12,7 @@ pub fn outb(port: u16, v: u8) {
 /// The whole string in one `rep outsb`: one trap into the hypervisor for
 /// the string instead of one per byte where the UART's port writes are
 /// coalesced (our vmm), the same bytes one by one elsewhere.
-pub fn write_str(s: &str) {
+pub fn write_bytes(s: &[u8]) {
     // SAFETY: reads `s.len()` bytes from `s` (DF is clear by the ABI);
     // port I/O is allowed at CPL3 by IOPL=3.
     unsafe {
@@ -24,32 +24,6 @@ pub fn write_str(s: &str) {
             options(nostack, preserves_flags, readonly)
         )
     }
-}
-
-/// `core::fmt` onto the serial port.
-pub struct Serial;
-
-impl core::fmt::Write for Serial {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        write_str(s);
-        Ok(())
-    }
-}
-
-#[macro_export]
-macro_rules! print {
-    ($($arg:tt)*) => {{
-        use core::fmt::Write;
-        let _ = write!($crate::serial::Serial, $($arg)*);
-    }};
-}
-
-#[macro_export]
-macro_rules! println {
-    ($($arg:tt)*) => {{
-        use core::fmt::Write;
-        let _ = writeln!($crate::serial::Serial, $($arg)*);
-    }};
 }
 
 pub fn outl(port: u16, v: u32) {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use test_infra::{kvm_available, BlkBackendProcess, Disk, Machine, Patience, QemuVm};
+use test_infra::{kvm_available, BlkBackendProcess, Disk, Machine, Patience, QemuConsole, QemuVm};
 
 #[derive(Parser)]
 #[command(about = "N clones of one base on one blk-backend: page cache vs O_DIRECT for the base")]
@@ -162,6 +162,7 @@ fn main() -> Result<()> {
                 ),
                 limit: run_patience(a.seconds + 60),
                 silence: run_patience(a.seconds + 60),
+                console: QemuConsole::Uart,
             }
             .run()?;
             let Some(j) = r.result.as_ref().filter(|_| r.ok()) else {

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
 use test_infra::{
-    kvm_available, BlkBackendProcess, Disk, Machine, Patience, QemuVm, StorageDaemon, VmmVm,
+    kvm_available, BlkBackendProcess, Disk, Machine, Patience, QemuConsole, QemuVm, StorageDaemon,
+    VmmVm,
 };
 
 #[derive(Parser)]
@@ -271,6 +272,7 @@ fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
         cmdline: guest_cmdline(w, seconds),
         limit: run_patience(seconds + 60),
         silence: run_patience(seconds + 60),
+        console: QemuConsole::Uart,
     };
     sample_of(&vm.run()?)
 }
@@ -401,6 +403,7 @@ fn main() -> Result<()> {
                 cmdline: "mode=write bs=1m qd=8 progress_ms=0".into(),
                 limit: run_patience(600),
                 silence: run_patience(600),
+                console: QemuConsole::Uart,
             }
             .run()?;
             if !r.ok() {
@@ -518,6 +521,7 @@ fn main() -> Result<()> {
                 cmdline: "mode=read bs=4k ios=1".into(),
                 limit: run_patience(60),
                 silence: run_patience(60),
+                console: QemuConsole::Uart,
             };
             let r = vm.run()?;
             t.push(
@@ -573,6 +577,7 @@ fn main() -> Result<()> {
                     cmdline: "mode=read bs=4k ios=1".into(),
                     limit: run_patience(60),
                     silence: run_patience(60),
+                    console: QemuConsole::Uart,
                 }
                 .run()?
             };

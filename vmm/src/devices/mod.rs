@@ -7,6 +7,7 @@
 //! - `config_mirror`: configuration space as read-only guest memory (only writes exit).
 //! - `power`: ACPI sleep/reset registers and the i8042 reset line.
 //! - `virtio_pci`: the modern virtio-pci transport with MSI-X.
+//! - `virtio_console`: the guest's console as a virtqueue (hvc0), beside the UART.
 //! - `vhost_user_blk`: a disk whose queues a vhost-user backend serves.
 //! - `io_error`: a disk whose backend is gone for good fails requests.
 //! - `deadline`: no wait on a backend's reply outlives its deadline.
@@ -20,6 +21,7 @@ pub mod pci;
 pub mod power;
 pub mod serial;
 pub mod vhost_user_blk;
+pub mod virtio_console;
 pub mod virtio_pci;
 
 pub use bus::{Bus, BusDevice};

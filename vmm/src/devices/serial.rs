@@ -30,6 +30,8 @@ pub struct BatchedOut {
     /// Bytes handed to `out` so far (a reader of the other end of a pipe
     /// knows from this when it has the whole console).
     written: u64,
+    /// Bytes the guest wrote, whichever way.
+    accepted: u64,
 }
 
 impl BatchedOut {
@@ -55,6 +57,7 @@ impl BatchedOut {
 
 impl Write for BatchedOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.accepted += buf.len() as u64;
         self.pending.extend_from_slice(buf);
         if self.pending.len() >= Self::LIMIT {
             self.emit()?;
@@ -70,6 +73,17 @@ impl Write for BatchedOut {
 
 pub struct Console {
     serial: Serial<NoIrq, NoEvents, BatchedOut>,
+    /// Of the bytes accepted, those that came through the virtio console.
+    virtio_bytes: u64,
+}
+
+/// Where the guest's console bytes came from (the metrics' `console`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ConsoleCounts {
+    /// Through the UART: a port write (a trap) per byte.
+    pub uart_bytes: u64,
+    /// Through the virtio console: a doorbell per line.
+    pub virtio_bytes: u64,
 }
 
 impl Console {
@@ -81,8 +95,10 @@ impl Console {
                     out,
                     pending: Vec::new(),
                     written: 0,
+                    accepted: 0,
                 },
             ),
+            virtio_bytes: 0,
         }
     }
 
@@ -90,6 +106,20 @@ impl Console {
     /// exit, a drained ring).
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().emit();
+    }
+
+    /// Output that did not come through the UART (the virtio console's
+    /// lines), into the same batch.
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        self.virtio_bytes += bytes.len() as u64;
+        let _ = self.serial.writer_mut().write_all(bytes);
+    }
+
+    pub fn counts(&self) -> ConsoleCounts {
+        ConsoleCounts {
+            uart_bytes: self.serial.writer().accepted - self.virtio_bytes,
+            virtio_bytes: self.virtio_bytes,
+        }
     }
 
     /// Bytes written out so far.

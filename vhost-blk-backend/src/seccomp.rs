@@ -53,6 +53,7 @@ pub const SESSION: Policy = Policy {
     groups: &[
         IMAGE_IO,
         sandbox::EVENT_LOOP,
+        sandbox::sched::SHORT_SLICE_CALLS,
         &[
             "accept4",
             "clone",
@@ -106,6 +107,7 @@ pub const CONTROL: Policy = Policy {
     groups: &[
         IMAGE_IO,
         sandbox::EVENT_LOOP,
+        sandbox::sched::SHORT_SLICE_CALLS,
         &[
             "accept4",
             "bind",

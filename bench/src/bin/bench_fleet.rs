@@ -45,6 +45,9 @@ struct Args {
     /// Runs of the one-VM life (the median is reported).
     #[arg(long, default_value_t = 10)]
     runs: usize,
+    /// Fleets launched each way, alternating (the median run is reported).
+    #[arg(long, default_value_t = 3)]
+    fleet_runs: usize,
 }
 
 #[derive(serde::Serialize)]
@@ -108,6 +111,7 @@ fn main() -> Result<()> {
         let md = bench::launch::run(&bench::launch::LaunchOptions {
             count: a.count,
             runs: a.runs,
+            fleet_runs: a.fleet_runs,
             dir: a.dir.clone(),
             bin_dir: exe_dir.clone(),
         })?;

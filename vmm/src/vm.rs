@@ -30,7 +30,7 @@ use crate::devices::power::{self, AcpiPower, I8042};
 use crate::devices::serial::Console;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::devices::virtio_console::{ConsolePort, VirtioConsole};
-use crate::devices::virtio_pci::{ReconnectError, SharedVirtioPci, VirtioPci, BAR_SIZE};
+use crate::devices::virtio_pci::{self, ReconnectError, SharedVirtioPci, VirtioPci, BAR_SIZE};
 use crate::devices::{debug_exit, pci, serial, Bus};
 use crate::memory::{self, PCI_MMIO_END, PCI_MMIO_START};
 
@@ -440,7 +440,11 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         }
         vcpu.set_cpuid2(&c).context("KVM_SET_CPUID2")?;
         if id == 0 {
-            if let Some(c) = CoalescedWrites::set_up(&kvm, &vm, &vcpu, &[serial::PORT])? {
+            let registers: Vec<(u64, u64)> = (0..disks.len() + usize::from(console_port.is_some()))
+                .flat_map(|i| virtio_pci::coalescable(PCI_MMIO_START + i as u64 * BAR_SIZE as u64))
+                .collect();
+            if let Some(c) = CoalescedWrites::set_up(&kvm, &vm, &vcpu, &[serial::PORT], &registers)?
+            {
                 let _ = machine.coalesced.set(c);
             }
             if machine.coalesced.get().is_some() || console_port.is_some() {

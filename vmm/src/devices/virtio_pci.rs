@@ -32,6 +32,27 @@ const MSIX_TABLE: u64 = 0x4000;
 const MSIX_PBA: u64 = 0x6000;
 pub const NO_VECTOR: u16 = 0xffff;
 
+/// The common configuration's device status byte: its writes act at once
+/// (reset, DRIVER_OK starts the device), so they are never coalesced.
+const DEVICE_STATUS: u64 = 0x14;
+
+/// The parts of a device's registers (at BAR `bar`) whose writes may wait
+/// in KVM's coalesced-write ring until the vCPU's next exit (see
+/// `coalesced`): the common configuration but its status byte. Every
+/// read exits and drains the ring first, and the driver's last set-up
+/// step is a status write, so each latched value is in place before
+/// anything reads or uses it. The MSI-X table is not here: a guest
+/// unmasks vectors at any time and expects them live.
+pub fn coalescable(bar: u64) -> [(u64, u64); 2] {
+    [
+        (bar + COMMON, DEVICE_STATUS - COMMON),
+        (
+            bar + DEVICE_STATUS + 2,
+            COMMON + COMMON_LEN - DEVICE_STATUS - 2,
+        ),
+    ]
+}
+
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_FAILED: u8 = 0x80;

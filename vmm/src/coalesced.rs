@@ -18,7 +18,7 @@
 //! register (divisor latch) or the debug exit sees every byte written
 //! before it, in order. Output that no exit follows (a progress line
 //! during a long workload) is drained by the console thread: at most 10 ms
-//! late while the guest writes, backing off to 100 ms when it does not
+//! late while the guest writes, backing off to 500 ms when it does not
 //! (`vm::serve_console`).
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -8,14 +8,11 @@
 //!   process (exit status [`FORBIDDEN_EXIT`]) before the call can do
 //!   anything.
 //! - `user`: dropping root for a named user once sockets and files are open.
-//! - `sched`: service threads ask for short scheduler slices (they wake,
-//!   work briefly and sleep; a guest may be spinning until they do).
 //!
 //! Filters are per thread (seccomp's own granularity): a thread's filter
 //! is inherited by the threads it starts later, which then narrow it to
 //! their own policy.
 
-pub mod sched;
 mod seccomp;
 mod syscall_names;
 mod user;

@@ -185,7 +185,6 @@ impl Exports {
         let thread = std::thread::Builder::new()
             .name(format!("export {}", socket.display()))
             .spawn(move || {
-                let _ = sandbox::sched::prefer_short_slices();
                 if let Err(e) = sandbox::confine(&crate::seccomp::SESSION) {
                     tracing::error!("not serving {}: {e}", e2.spec.socket.display());
                     return;

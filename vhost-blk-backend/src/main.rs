@@ -221,7 +221,6 @@ fn run(a: Args) -> Result<()> {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                let _ = sandbox::sched::prefer_short_slices();
                 if let Err(e) = sandbox::confine(&seccomp::CONTROL) {
                     tracing::error!("the control socket is off: {e}");
                     return;

@@ -53,7 +53,6 @@ pub const SESSION: Policy = Policy {
     groups: &[
         IMAGE_IO,
         sandbox::EVENT_LOOP,
-        sandbox::sched::SHORT_SLICE_CALLS,
         &[
             "accept4",
             "clone",
@@ -107,7 +106,6 @@ pub const CONTROL: Policy = Policy {
     groups: &[
         IMAGE_IO,
         sandbox::EVENT_LOOP,
-        sandbox::sched::SHORT_SLICE_CALLS,
         &[
             "accept4",
             "bind",

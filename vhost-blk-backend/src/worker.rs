@@ -93,8 +93,6 @@ impl QueueWorker {
         let ring = QueueRing::new(ring_entries)?;
         let name = format!("queue {}", self.queue);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
-            // A guest may be spinning on this queue's completions.
-            let _ = sandbox::sched::prefer_short_slices();
             if let Err(e) = sandbox::confine(&crate::seccomp::WORKER) {
                 warn!(queue = self.queue, "not serving: {e}");
                 return;

@@ -245,7 +245,6 @@ impl Api {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                let _ = sandbox::sched::prefer_short_slices();
                 if let Err(e) = crate::seccomp::confine(&crate::seccomp::API) {
                     warn!("api: {e}: the control API is off");
                     return;

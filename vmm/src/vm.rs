@@ -415,7 +415,6 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         std::thread::Builder::new()
             .name(format!("disk{i}"))
             .spawn(move || {
-                let _ = sandbox::sched::prefer_short_slices();
                 if let Err(e) = crate::seccomp::confine(&crate::seccomp::DISK) {
                     error!("disk watcher: {e}: this disk will not reconnect");
                     return;
@@ -455,8 +454,6 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                 std::thread::Builder::new()
                     .name("console".into())
                     .spawn(move || {
-                        // The guest may be waiting for its lines to be taken.
-                        let _ = sandbox::sched::prefer_short_slices();
                         if let Err(e) = crate::seccomp::confine(&crate::seccomp::CONSOLE) {
                             error!("console thread: {e}");
                             return;

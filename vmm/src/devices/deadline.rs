@@ -39,7 +39,6 @@ fn watchdog() -> &'static Watchdog {
         if let Err(e) = std::thread::Builder::new()
             .name("deadlines".into())
             .spawn(move || {
-                let _ = sandbox::sched::prefer_short_slices();
                 if let Err(e) = crate::seccomp::confine(&crate::seccomp::DEADLINES) {
                     tracing::error!("deadline watchdog: {e}: no deadline fires");
                     return;

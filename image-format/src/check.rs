@@ -93,6 +93,13 @@ pub fn check(env: &dyn Env, path: &Path, mode: RepairMode) -> Result<CheckReport
         in_use: env.lock_holder(path).ok().flatten().map(|h| h.to_string()),
         ..Default::default()
     };
+    if mode != RepairMode::None {
+        // Repairs are refused while a process has the image open, whether
+        // or not anything needs repair (as qemu-img's -r is): an image
+        // opened for writing is only marked dirty at its first write, so
+        // the mark alone no longer tells.
+        drop(env.lock(path, LockKind::Exclusive, "repair")?);
+    }
     let chain = match open_chain(env, path, false) {
         Ok(c) => c,
         Err(e) => {

@@ -49,6 +49,11 @@ pub struct Disk {
     /// A copy of the top map that survives this process (not a reboot).
     shadow: Option<MapShadow>,
     writable: bool,
+    /// The top is marked dirty on disk: from the first write on (or it
+    /// was found so). A chain opened for writing that is only read (a
+    /// fleet's VM that reads its golden image) costs no header update and
+    /// no sync at open or close.
+    writes_begun: bool,
     block_size: u64,
     virtual_size: u64,
     /// Held for the Disk's life (dropped after everything else).
@@ -232,14 +237,11 @@ impl Disk {
             shadow: None,
             locks: Vec::new(),
             writable,
+            writes_begun: false,
             block_size,
             virtual_size,
         };
-        if writable && !disk.top().header.dirty() {
-            // Durable before the first data write: a crash leaves a mark
-            // that leaked blocks may exist (check counts them).
-            disk.top_mut().update_header(|h| h.flags |= FLAG_DIRTY)?;
-        }
+        disk.writes_begun = disk.top().header.dirty();
         Ok(disk)
     }
 
@@ -490,11 +492,30 @@ impl Disk {
             .map_err(io_at(&top.path))
     }
 
+    /// Marks the top dirty, durably, before its first write: a crash after
+    /// it leaves a mark that leaked blocks may exist (check counts them).
+    /// Callers that write the top themselves ([`Disk::direct_write_target`])
+    /// call this first; the writes here do.
+    pub fn begin_writes(&mut self) -> Result<()> {
+        self.check_writable()?;
+        if !self.writes_begun {
+            self.top_mut().update_header(|h| h.flags |= FLAG_DIRTY)?;
+            self.writes_begun = true;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Disk::begin_writes`] has been done.
+    pub fn writes_begun(&self) -> bool {
+        self.writes_begun
+    }
+
     /// Writes guest data. Aligned blocks are written in place with no copy;
     /// a partly covered block the top does not own yet is completed from
     /// the chain first.
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
+        self.begin_writes()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
@@ -539,8 +560,8 @@ impl Disk {
     /// caller does the I/O itself (the backend's io_uring path): the top
     /// layer's index and the file offset. `None` when the range is not
     /// whole blocks (the caller uses `write_at`, which completes partial
-    /// blocks from the chain). After the I/O completes, call
-    /// [`Disk::note_written`].
+    /// blocks from the chain). Call [`Disk::begin_writes`] before the
+    /// first such write and [`Disk::note_written`] after each.
     pub fn direct_write_target(&self, offset: u64, len: u64) -> Option<(usize, u64)> {
         let bs = self.block_size;
         let aligned = offset.is_multiple_of(bs) && len.is_multiple_of(bs) && len > 0;
@@ -563,6 +584,7 @@ impl Disk {
     /// discard are deterministic zeros.)
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
+        self.begin_writes()?;
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -611,6 +633,13 @@ impl Disk {
     /// Flushes and marks the top clean, for a process about to exit while
     /// others may still hold `&self` (no further writes may follow).
     pub fn mark_clean(&mut self) -> Result<()> {
+        if self.writable && !self.writes_begun {
+            // Nothing was written: nothing to make durable or to clear.
+            if let Some(shadow) = self.shadow.take() {
+                shadow.remove();
+            }
+            return Ok(());
+        }
         if self.writable {
             self.flush()?;
             if self.top().header.dirty() {

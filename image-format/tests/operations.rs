@@ -93,6 +93,32 @@ fn writes_read_back_across_reopen_and_zero_state_hides_the_parent() {
     );
 }
 
+/// A chain opened for writing and only read is not touched: no dirty mark
+/// at open, nothing to clear at close (a fleet's read-only use of its
+/// clones costs no header write and no sync).
+#[test]
+fn a_writable_chain_only_read_is_left_as_it_was() {
+    let sim = SimEnv::new(1);
+    let env: Arc<dyn Env> = Arc::new(sim.clone());
+    ops::create(env.as_ref(), Path::new("base"), Some(4 * MIB), 4096, None).expect("create");
+    ops::clone(env.as_ref(), Path::new("base"), Path::new("top")).expect("clone");
+    let before = sim.write_count();
+    let mut t = Disk::open(Arc::clone(&env), Path::new("top"), true).expect("open");
+    let mut buf = vec![0u8; 4096];
+    t.read_at(&mut buf, 0).expect("read");
+    assert!(!t.writes_begun());
+    t.close().expect("close");
+    assert_eq!(sim.write_count(), before, "no write for a read-only use");
+    // The first write marks it dirty (durably, before the data), and a
+    // clean close clears the mark.
+    let mut t = Disk::open(Arc::clone(&env), Path::new("top"), true).expect("open");
+    t.write_at(&[5u8; 4096], 0).expect("write");
+    assert!(t.top().header.dirty());
+    t.close().expect("close");
+    let t = Disk::open(Arc::clone(&env), Path::new("top"), false).expect("open");
+    assert!(!t.top().header.dirty());
+}
+
 #[test]
 fn aligned_write_into_fresh_overlay_is_one_write_with_no_copy_up() {
     let sim = SimEnv::new(1);
@@ -103,6 +129,8 @@ fn aligned_write_into_fresh_overlay_is_one_write_with_no_copy_up() {
     b.close().expect("close");
     ops::clone(env.as_ref(), Path::new("base"), Path::new("top")).expect("clone");
     let mut t = Disk::open(Arc::clone(&env), Path::new("top"), true).expect("open");
+    // The top's dirty mark (a header write) comes with the first write.
+    t.begin_writes().expect("dirty mark");
     let before = sim.write_count();
     t.write_at(&[1u8; 4096], 8192).expect("aligned write");
     assert_eq!(

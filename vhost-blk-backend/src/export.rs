@@ -107,6 +107,9 @@ pub struct Export {
     /// Requests answered, and those answered with an error (IOERR/UNSUPP).
     requests: std::sync::atomic::AtomicU64,
     failed_requests: std::sync::atomic::AtomicU64,
+    /// The top is marked dirty (`Disk::begin_writes`): looked at without
+    /// the disk's lock before every ring write, set once.
+    writes_begun: std::sync::atomic::AtomicBool,
 }
 
 /// A worker's copy of the index and the channel that keeps it current.
@@ -193,12 +196,14 @@ impl Export {
         let uuid = disk.top().header.uuid.simple().to_string();
         let text = format!("snap-{}", &uuid[..15]);
         id[..text.len()].copy_from_slice(text.as_bytes());
+        let writes_begun = disk.writes_begun().into();
         Ok(Export {
             spec,
             capacity,
             config,
             id,
             files,
+            writes_begun,
             state: Mutex::new(DiskState {
                 disk,
                 subscribers: Vec::new(),
@@ -212,6 +217,20 @@ impl Export {
 
     pub fn readonly(&self) -> bool {
         self.spec.readonly
+    }
+
+    /// The top marked dirty before the first write the ring does itself
+    /// (once; a header update and a sync in the caller's thread).
+    fn begin_writes(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.writes_begun.load(Ordering::Acquire) {
+            return true;
+        }
+        let ok = self.with_disk(|d| d.begin_writes()).is_ok();
+        if ok {
+            self.writes_begun.store(true, Ordering::Release);
+        }
+        ok
     }
 
     pub fn config_space(&self) -> &[u8] {
@@ -334,6 +353,10 @@ impl Export {
             return None;
         }
         let start = req.sector * SECTOR;
+        if write && !self.begin_writes() {
+            // The synchronous path tries again and answers the error.
+            return None;
+        }
         let target = if write {
             Some(view.direct_write_target(start, req.data_len)?)
         } else {

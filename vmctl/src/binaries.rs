@@ -18,13 +18,19 @@ pub enum MissingBinary {
     BenchGuestAt(PathBuf),
 }
 
+/// The directory vmctl runs from (resolved once per process: a fleet
+/// looked it up for every VM it started).
 fn exe_dir() -> Option<PathBuf> {
-    std::env::current_exe()
-        .ok()?
-        .canonicalize()
-        .ok()?
-        .parent()
-        .map(Path::to_path_buf)
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        std::env::current_exe()
+            .ok()?
+            .canonicalize()
+            .ok()?
+            .parent()
+            .map(Path::to_path_buf)
+    })
+    .clone()
 }
 
 /// `name` beside vmctl, else on PATH.

@@ -101,9 +101,12 @@ impl ConsoleTap {
         let _ = more.wait_timeout_while(guard, limit, |(n, stopped)| *n < bytes && !*stopped);
     }
 
-    /// Until the copier has the console's end (the vmm's output closed).
-    fn finish(self) {
+    /// Until the copier has the console's end (the vmm's output closed);
+    /// the bytes it copied.
+    fn finish(self) -> u64 {
         let _ = self.thread.join();
+        let (count, _) = &*self.copied;
+        count.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 }
 
@@ -310,15 +313,20 @@ fn run(
         }
     };
     let outcome = match vmm.try_wait() {
-        // It gave up waiting for the disk (or failed on its own) while the
-        // disk was being served: the start failed.
+        // Ended while its disk was being served. A guest that wrote to its
+        // console ran: a short one's whole life fits in that window once
+        // the export exists (the vmm connects as soon as the socket
+        // listens). Otherwise it gave up waiting for the disk, or failed on
+        // its own: the start failed.
         Ok(Some(st)) => {
-            if let Some(c) = console {
-                c.finish();
+            if console.is_some_and(|c| c.finish() > 0) {
+                record_exit(vm, status, st);
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "the vmm ended ({st}) before its disk was served; see vmm.log"
+                ))
             }
-            Err(anyhow::anyhow!(
-                "the vmm ended ({st}) before its disk was served; see vmm.log"
-            ))
         }
         _ => run_vmm(
             vm,
@@ -539,7 +547,6 @@ fn run_vmm(
             }
         }
     };
-    use std::os::unix::process::ExitStatusExt;
     let ended = match ended {
         Ended::Reported(end) => {
             // The record comes with the whole console (the copier is a
@@ -563,6 +570,14 @@ fn run_vmm(
     if let Some(c) = console {
         c.finish();
     }
+    record_exit(vm, status, ended);
+    Ok(())
+}
+
+/// The status of a vmm that ended without its report (killed, or gone
+/// before anyone asked): its exit code, or how it was killed.
+fn record_exit(vm: &VmDir, status: &mut Status, ended: std::process::ExitStatus) {
+    use std::os::unix::process::ExitStatusExt;
     let killed_on_purpose = vm.path.join(KILL_MARKER).exists();
     match (ended.code(), ended.signal()) {
         (Some(code), _) => {
@@ -582,7 +597,6 @@ fn run_vmm(
             ));
         }
     }
-    Ok(())
 }
 
 /// How the vmm's run ended: its report (the process is still tearing

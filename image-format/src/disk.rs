@@ -617,8 +617,10 @@ impl Disk {
     }
 
     /// Makes every completed write durable (the crash contract's FLUSH).
+    /// Nothing written since the chain was opened: nothing to do (a VM
+    /// that only read cost a sync as its session ended).
     pub fn flush(&mut self) -> Result<()> {
-        if !self.writable {
+        if !self.writable || !self.writes_begun {
             return Ok(());
         }
         let top = self.layers.last().expect("a chain has a top");

@@ -103,10 +103,11 @@ fn a_writable_chain_only_read_is_left_as_it_was() {
     ops::create(env.as_ref(), Path::new("base"), Some(4 * MIB), 4096, None).expect("create");
     ops::clone(env.as_ref(), Path::new("base"), Path::new("top")).expect("clone");
     let before = sim.write_count();
-    let t = Disk::open(Arc::clone(&env), Path::new("top"), true).expect("open");
+    let mut t = Disk::open(Arc::clone(&env), Path::new("top"), true).expect("open");
     let mut buf = vec![0u8; 4096];
     t.read_at(&mut buf, 0).expect("read");
     assert!(!t.writes_begun());
+    t.flush().expect("a flush with nothing written");
     t.close().expect("close");
     assert_eq!(sim.write_count(), before, "no write for a read-only use");
     // The first write marks it dirty (durably, before the data), and a

@@ -45,8 +45,9 @@ struct Args {
     /// Runs of the one-VM life (the median is reported).
     #[arg(long, default_value_t = 10)]
     runs: usize,
-    /// Fleets launched each way, alternating (the median run is reported).
-    #[arg(long, default_value_t = 3)]
+    /// Fleets launched each way, alternating (the median run is reported:
+    /// one run of either fleet varies by 15-30 % on this machine).
+    #[arg(long, default_value_t = 5)]
     fleet_runs: usize,
 }
 

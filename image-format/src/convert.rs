@@ -24,14 +24,19 @@ pub enum Format {
     Snap,
 }
 
+/// A format name `img` does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown format {0:?} (raw, qcow2 or snap)")]
+pub struct UnknownFormat(pub String);
+
 impl FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownFormat> {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "snap" => Ok(Format::Snap),
-            other => Err(format!("unknown format {other:?} (raw, qcow2 or snap)")),
+            other => Err(UnknownFormat(other.to_string())),
         }
     }
 }

@@ -34,6 +34,17 @@ pub struct Extent {
     pub source: Source,
 }
 
+/// Why a crash shadow is not this layer's latest map.
+#[derive(Debug, thiserror::Error)]
+enum ShadowRefused {
+    #[error("its map has another length")]
+    Length,
+    #[error("block {0} would go back to absent or invalid")]
+    BackToAbsent(u64),
+    #[error("block {0} lies past the end")]
+    PastEnd(u64),
+}
+
 #[derive(Debug)]
 pub struct Disk {
     env: Arc<dyn Env>,
@@ -447,10 +458,10 @@ impl Disk {
     /// block only ever moves from absent to data or zero, or between data
     /// and zero, while a layer is open; a shadow that says otherwise is not
     /// this layer's latest map and is refused whole.
-    fn adopt_map(&mut self, shadow: &[u8]) -> std::result::Result<u64, String> {
+    fn adopt_map(&mut self, shadow: &[u8]) -> std::result::Result<u64, ShadowRefused> {
         let mine = self.top_map.raw();
         if mine.len() != shadow.len() {
-            return Err("its map has another length".into());
+            return Err(ShadowRefused::Length);
         }
         let mut changes = Vec::new();
         for (i, (&a, &b)) in mine.iter().zip(shadow).enumerate() {
@@ -466,10 +477,10 @@ impl Disk {
                 let state = match new {
                     1 => BlockState::Data,
                     2 => BlockState::Zero,
-                    _ => return Err(format!("block {block} would go back to absent or invalid")),
+                    _ => return Err(ShadowRefused::BackToAbsent(block)),
                 };
                 if block >= self.top_map.blocks() {
-                    return Err(format!("block {block} lies past the end"));
+                    return Err(ShadowRefused::PastEnd(block));
                 }
                 changes.push((block, state));
             }

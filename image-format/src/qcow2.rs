@@ -322,7 +322,7 @@ impl Qcow2Image {
             cluster_size
         };
         let backing_format = parse_extensions(&first, header_length, ext_end.min(first_len as u64))
-            .map_err(corrupt)?;
+            .map_err(|d| corrupt(d.to_string()))?;
 
         let backing = if backing_file_offset != 0 && backing_file_size != 0 {
             if backing_file_size > MAX_BACKING_NAME {
@@ -394,7 +394,7 @@ impl Qcow2Image {
                 .chunks_exact(8)
                 .map(|c| be_u64(c, 0))
                 .collect::<Vec<u64>>();
-            check_l2_offsets(&l1, cluster_size, file_size).map_err(corrupt)?;
+            check_l2_offsets(&l1, cluster_size, file_size).map_err(|d| corrupt(d.to_string()))?;
         }
 
         let image = Qcow2Image {
@@ -531,10 +531,32 @@ impl Qcow2Image {
     }
 }
 
+/// What a structure check found wrong (reported as the image's corruption).
+#[derive(Debug, thiserror::Error)]
+enum Damage {
+    #[error("L2 table offset {offset:#x} (L1 index {index}) is not cluster aligned")]
+    UnalignedL2 { offset: u64, index: usize },
+    #[error(
+        "L2 table at offset {offset:#x} (L1 index {index}) extends past the end of the file \
+         ({file_size} bytes)"
+    )]
+    L2PastEnd {
+        offset: u64,
+        index: usize,
+        file_size: u64,
+    },
+    #[error("L2 table at offset {0:#x} is used by several L1 entries")]
+    SharedL2(u64),
+    #[error(
+        "header extension {kind:#x} at offset {offset:#x} ({len} bytes) overflows the header area"
+    )]
+    ExtensionOverflow { kind: u32, offset: u64, len: u64 },
+}
+
 /// Checks the L2 table offsets of an L1 table: cluster aligned, inside the file, and no table
 /// used twice. The last rule bounds the work a hostile image can cause to its size: without
 /// it, millions of L1 entries could point at one crafted L2 table.
-fn check_l2_offsets(l1: &[u64], cluster_size: u64, file_size: u64) -> Result<(), String> {
+fn check_l2_offsets(l1: &[u64], cluster_size: u64, file_size: u64) -> Result<(), Damage> {
     let mut offsets = Vec::new();
     for (index, entry) in l1.iter().enumerate() {
         let offset = entry & OFFSET_MASK;
@@ -542,31 +564,27 @@ fn check_l2_offsets(l1: &[u64], cluster_size: u64, file_size: u64) -> Result<(),
             continue;
         }
         if offset & (cluster_size - 1) != 0 {
-            return Err(format!(
-                "L2 table offset {offset:#x} (L1 index {index}) is not cluster aligned"
-            ));
+            return Err(Damage::UnalignedL2 { offset, index });
         }
         if !fits(offset, cluster_size, file_size) {
-            return Err(format!(
-                "L2 table at offset {offset:#x} (L1 index {index}) extends past the end of the file \
-                 ({file_size} bytes)"
-            ));
+            return Err(Damage::L2PastEnd {
+                offset,
+                index,
+                file_size,
+            });
         }
         offsets.push(offset);
     }
     offsets.sort_unstable();
     if let Some(pair) = offsets.windows(2).find(|pair| pair[0] == pair[1]) {
-        return Err(format!(
-            "L2 table at offset {:#x} is used by several L1 entries",
-            pair[0]
-        ));
+        return Err(Damage::SharedL2(pair[0]));
     }
     Ok(())
 }
 
 /// Parses header extensions in `first[start..end]`; returns the backing format, if any.
 /// Unknown extensions are skipped.
-fn parse_extensions(first: &[u8], start: u64, end: u64) -> Result<Option<String>, String> {
+fn parse_extensions(first: &[u8], start: u64, end: u64) -> Result<Option<String>, Damage> {
     let mut format = None;
     let mut off = start;
     while off + 8 <= end {
@@ -579,9 +597,11 @@ fn parse_extensions(first: &[u8], start: u64, end: u64) -> Result<Option<String>
         let data_start = off + 8;
         let data_end = data_start + len;
         if data_end > end {
-            return Err(format!(
-                "header extension {kind:#x} at offset {off:#x} ({len} bytes) overflows the header area"
-            ));
+            return Err(Damage::ExtensionOverflow {
+                kind,
+                offset: off,
+                len,
+            });
         }
         if kind == EXT_BACKING_FORMAT {
             let data = &first[data_start as usize..data_end as usize];

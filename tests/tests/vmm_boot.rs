@@ -41,7 +41,11 @@ fn both_boot_protocols_hand_the_guest_its_command_line_memory_map_initrd_and_rsd
     let ram = mem_mib as u64 * MIB;
     let mut seen = Vec::new();
     for (kernel, protocol) in [(Kernel::BenchElf, "pvh"), (Kernel::BenchBzImage, "linux64")] {
-        let cmdline = format!("mode=boot seed={} tsc_khz=1000000", 4242 + seen.len());
+        // (A timeout of its own: the test infrastructure adds none then.)
+        let cmdline = format!(
+            "mode=boot seed={} tsc_khz=1000000 timeout_ms=5000",
+            4242 + seen.len()
+        );
         let r = boot(kernel, &initrd, mem_mib, &cmdline);
         let b = r.boot_info.as_ref().expect("a boot report");
         let what = format!("{protocol}: {b}");

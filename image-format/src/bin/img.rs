@@ -568,7 +568,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .map(|f| f.parse())
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            let outf: Format = out_format.parse().map_err(anyhow::Error::msg)?;
+            let outf: Format = out_format.parse()?;
             let mut pr = ProgressReport::new("convert", progress);
             let s = convert(
                 &input,

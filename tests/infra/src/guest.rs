@@ -24,21 +24,43 @@ pub struct GuestKernels {
     pub bzimage: PathBuf,
 }
 
+/// The bench guest's command line as a test runs it: unless the test sets
+/// its own, the guest gives its device a minute to answer (`timeout_ms`;
+/// the guest's default is 5 s). Under a whole test suite running at once
+/// on 2 cores, a single write to this machine's virtual disk once took
+/// longer than 5 s and failed a run that was only slow; hangs are the
+/// tests' patience's to catch.
+fn guest_cmdline(cmdline: &str) -> String {
+    if cmdline
+        .split_ascii_whitespace()
+        .any(|w| w.starts_with("timeout_ms="))
+    {
+        cmdline.to_string()
+    } else {
+        format!("{cmdline} timeout_ms=60000")
+            .trim_start()
+            .to_string()
+    }
+}
+
 /// Builds the guest once per process.
 pub fn build_guest() -> Result<GuestKernels> {
-    static BUILT: OnceLock<Result<GuestKernels, String>> = OnceLock::new();
+    // The failure is kept for every later caller: shared, since an error
+    // is not Clone.
+    static BUILT: OnceLock<Result<GuestKernels, std::sync::Arc<anyhow::Error>>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let script = repo_root().join("bench/guest/build.sh");
             let out = Command::new("bash")
                 .arg(&script)
                 .output()
-                .map_err(|e| format!("{}: {e}", script.display()))?;
+                .with_context(|| script.display().to_string())?;
             if !out.status.success() {
-                return Err(format!(
+                return Err(anyhow!(
                     "building the bench guest failed:\n{}",
                     String::from_utf8_lossy(&out.stderr)
-                ));
+                )
+                .into());
             }
             let elf = PathBuf::from(
                 String::from_utf8_lossy(&out.stdout)
@@ -51,7 +73,7 @@ pub fn build_guest() -> Result<GuestKernels> {
             Ok(GuestKernels { elf, bzimage })
         })
         .clone()
-        .map_err(|e| anyhow!(e))
+        .map_err(|e| anyhow!("{e:#}"))
 }
 
 /// Which kernel a VM boots.
@@ -261,7 +283,7 @@ impl QemuVm {
         }
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         c.arg("-kernel").arg(kernel);
-        c.args(["-append", &self.cmdline]);
+        c.args(["-append", &guest_cmdline(&self.cmdline)]);
         match &self.disk {
             Disk::Builtin {
                 path,
@@ -413,7 +435,7 @@ impl VmmVm {
         }
         c.args(["--cpus", &self.cpus.to_string()]);
         c.args(["--memory", &format!("{}M", self.mem_mib)]);
-        c.args(["--cmdline", &self.cmdline]);
+        c.args(["--cmdline", &guest_cmdline(&self.cmdline)]);
         c.args(&self.options);
         for d in &self.disks {
             let mut spec = format!("socket={},num_queues={}", d.socket.display(), d.num_queues);

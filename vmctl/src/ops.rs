@@ -299,6 +299,10 @@ struct EndWatch {
     /// The vmm answered (or refused to): no more asking.
     heard: bool,
     backoff: Duration,
+    /// Looks at 1 ms intervals left once the vmm answered: its supervisor
+    /// records the end a millisecond or two later, and a backoff from 1 ms
+    /// found it up to 4 ms late.
+    prompt_looks: u32,
 }
 
 impl EndWatch {
@@ -309,6 +313,7 @@ impl EndWatch {
             end: None,
             heard: false,
             backoff: Duration::from_millis(1),
+            prompt_looks: 50,
         }
     }
 
@@ -338,7 +343,12 @@ impl EndWatch {
                     self.heard = true;
                 }
             }
-            // Not up yet, or heard and being recorded.
+            // Heard, and being recorded: soon.
+            None if self.heard && self.prompt_looks > 0 => {
+                self.prompt_looks -= 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Not up yet, or a record that is slow to come.
             None => self.back_off(),
         }
     }

@@ -175,11 +175,12 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
             "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),
             "console" => match v {
-                "virtio" => Some(c.virtio_console = true),
-                "serial" => Some(c.virtio_console = false),
-                _ => None,
-            }
-            .is_some(),
+                "virtio" | "serial" => {
+                    c.virtio_console = v == "virtio";
+                    true
+                }
+                _ => false,
+            },
             // Words meant for someone else (a Linux-style console=ttyS0) are refused too:
             // a typo must not silently run the wrong workload.
             _ => false,

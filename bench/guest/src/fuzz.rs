@@ -52,7 +52,7 @@ pub fn run(dev: &Device, cfg: &Config, arena: &Arena, clock: &Clock) -> ! {
         let r = next(&mut rng);
         let v = next(&mut rng);
         let width = (r >> 8) % 3;
-        let in_scratch = scratch + (v % SCRATCH) & !0xf;
+        let in_scratch = (scratch + (v % SCRATCH)) & !0xf;
         match r % 100 {
             // A whole (re)start with junk rings: reset, a queue of a random
             // size (a power of two, or anything) in the scratch area,
@@ -67,7 +67,7 @@ pub fn run(dev: &Device, cfg: &Config, arena: &Arena, clock: &Clock) -> ! {
                 wr16(common.0 + 22, ((r >> 16) % 2) as u16);
                 wr16(common.0 + 24, size);
                 for (k, field) in [0x20u64, 0x28, 0x30].iter().enumerate() {
-                    let at = scratch + ((v >> (8 * k + 16)) % SCRATCH) & !0xf;
+                    let at = (scratch + ((v >> (8 * k + 16)) % SCRATCH)) & !0xf;
                     wr32(common.0 + field, at as u32);
                     wr32(common.0 + field + 4, 0);
                 }
@@ -85,7 +85,7 @@ pub fn run(dev: &Device, cfg: &Config, arena: &Arena, clock: &Clock) -> ! {
             // Anything else there: selects, sizes, vectors, enables, status.
             15..=39 => write(common.0 + (r >> 16) % 0x20, width, v),
             40..=47 => write(device_cfg.0 + (r >> 16) % device_cfg.1, width, v),
-            48..=59 => wr16(notify.0 + ((r >> 16) % notify.1.max(2) & !1), v as u16),
+            48..=59 => wr16(notify.0 + (((r >> 16) % notify.1.max(2)) & !1), v as u16),
             60..=69 if msix.1 > 0 => write(msix.0 + (r >> 16) % msix.1, width, v),
             // Junk in ring memory: random words, or descriptors whose
             // buffers lie in the scratch area.
@@ -105,7 +105,7 @@ pub fn run(dev: &Device, cfg: &Config, arena: &Arena, clock: &Clock) -> ! {
             }
         }
         if r & (1 << 40) != 0 {
-            let _ = rd32(common.0 + (v >> 8) % 0x38 & !3);
+            let _ = rd32((common.0 + (v >> 8) % 0x38) & !3);
             reads += 1;
         }
         if i % 4096 == 4095 {

@@ -333,81 +333,84 @@ impl<'a> Engine<'a> {
                 } else {
                     true
                 };
-                while reap {
-                    let vq = self.dev.queues[q].as_mut().expect("queue set up");
-                    let Some((head, _)) = vq.pop_used() else { break };
-                    let done = tsc();
-                    last_activity = done;
-                    let i = if indirect { head } else { head / 3 };
-                    if i as usize >= self.per_queue {
-                        self.report(format_args!("ERROR: device returned unknown descriptor {head}"));
-                        st.errors += 1;
-                        continue;
-                    }
-                    let idx = q * self.per_queue + i as usize;
-                    let (op, sector, bytes, data, started, status) = {
-                        let s = &self.slots[idx];
-                        (s.op, s.sector, s.bytes, s.data, s.started, rd8(s.status))
-                    };
-                    inflight[q] -= 1;
-                    self.free[q * self.per_queue + self.free_len[q]] = i;
-                    self.free_len[q] += 1;
-                    let lat = done - started;
-                    st.lat_sum += lat as u128;
-                    st.lat_max = st.lat_max.max(lat);
-                    if samples < self.lat.len() {
-                        self.lat[samples] = lat.min(u32::MAX as u64) as u32;
-                        samples += 1;
-                    }
-                    st.ios += 1;
-                    match op {
-                        Op::Read => st.reads += 1,
-                        Op::Write => st.writes += 1,
-                        Op::Flush => {
-                            st.flushes += 1;
-                            flush_pending = false;
+                // (A loop of its own: `continue` takes the next completion.)
+                if reap {
+                    loop {
+                        let vq = self.dev.queues[q].as_mut().expect("queue set up");
+                        let Some((head, _)) = vq.pop_used() else { break };
+                        let done = tsc();
+                        last_activity = done;
+                        let i = if indirect { head } else { head / 3 };
+                        if i as usize >= self.per_queue {
+                            self.report(format_args!("ERROR: device returned unknown descriptor {head}"));
+                            st.errors += 1;
+                            continue;
                         }
-                        Op::Discard => st.discards += 1,
-                        Op::WriteZeroes => st.write_zeroes += 1,
-                    }
-                    if matches!(op, Op::Read | Op::Write) {
-                        st.bytes += bytes as u64;
-                    }
-                    if status != blk::S_OK {
-                        st.errors += 1;
-                        let what = match status {
-                            blk::S_IOERR => {
-                                st.ioerr += 1;
-                                "IOERR"
-                            }
-                            blk::S_UNSUPP => {
-                                st.unsupp += 1;
-                                "UNSUPP"
-                            }
-                            0xff => "no status written",
-                            _ => "unknown status",
+                        let idx = q * self.per_queue + i as usize;
+                        let (op, sector, bytes, data, started, status) = {
+                            let s = &self.slots[idx];
+                            (s.op, s.sector, s.bytes, s.data, s.started, rd8(s.status))
                         };
-                        self.report(format_args!(
-                            "ERROR: {op:?} of {bytes} bytes at sector {sector} failed: {what} ({status})"
-                        ));
-                        continue;
-                    }
-                    if op == Op::Read && p.expect != Expect::Anything {
-                        for k in 0..(bytes as u64 / SECTOR) {
-                            if let Some((why, v)) = check_sector(data + k * SECTOR, sector + k, p.expect) {
-                                st.verify_failures += 1;
-                                self.report(format_args!(
-                                    "VERIFY FAILED: sector {} (byte offset {:#x}): {} {:#x}",
-                                    sector + k,
-                                    (sector + k) * SECTOR,
-                                    why,
-                                    v
-                                ));
+                        inflight[q] -= 1;
+                        self.free[q * self.per_queue + self.free_len[q]] = i;
+                        self.free_len[q] += 1;
+                        let lat = done - started;
+                        st.lat_sum += lat as u128;
+                        st.lat_max = st.lat_max.max(lat);
+                        if samples < self.lat.len() {
+                            self.lat[samples] = lat.min(u32::MAX as u64) as u32;
+                            samples += 1;
+                        }
+                        st.ios += 1;
+                        match op {
+                            Op::Read => st.reads += 1,
+                            Op::Write => st.writes += 1,
+                            Op::Flush => {
+                                st.flushes += 1;
+                                flush_pending = false;
+                            }
+                            Op::Discard => st.discards += 1,
+                            Op::WriteZeroes => st.write_zeroes += 1,
+                        }
+                        if matches!(op, Op::Read | Op::Write) {
+                            st.bytes += bytes as u64;
+                        }
+                        if status != blk::S_OK {
+                            st.errors += 1;
+                            let what = match status {
+                                blk::S_IOERR => {
+                                    st.ioerr += 1;
+                                    "IOERR"
+                                }
+                                blk::S_UNSUPP => {
+                                    st.unsupp += 1;
+                                    "UNSUPP"
+                                }
+                                0xff => "no status written",
+                                _ => "unknown status",
+                            };
+                            self.report(format_args!(
+                                "ERROR: {op:?} of {bytes} bytes at sector {sector} failed: {what} ({status})"
+                            ));
+                            continue;
+                        }
+                        if op == Op::Read && p.expect != Expect::Anything {
+                            for k in 0..(bytes as u64 / SECTOR) {
+                                if let Some((why, v)) = check_sector(data + k * SECTOR, sector + k, p.expect) {
+                                    st.verify_failures += 1;
+                                    self.report(format_args!(
+                                        "VERIFY FAILED: sector {} (byte offset {:#x}): {} {:#x}",
+                                        sector + k,
+                                        (sector + k) * SECTOR,
+                                        why,
+                                        v
+                                    ));
+                                }
                             }
                         }
-                    }
-                    if op == Op::Write {
-                        writes_since_flush += 1;
+                        if op == Op::Write {
+                            writes_since_flush += 1;
+                        }
                     }
                 }
                 // Submissions.

@@ -179,6 +179,8 @@ struct Machine {
     pio: Bus,
     mmio: Bus,
     console: Arc<Mutex<Console>>,
+    /// Where each virtio device's BAR is, in the order they were added.
+    virtio_bars: Mutex<Vec<u64>>,
     /// Console writes KVM holds for us (set once vCPU 0 exists).
     coalesced: std::sync::OnceLock<CoalescedWrites>,
 }
@@ -196,6 +198,7 @@ impl Machine {
             pio: Bus::default(),
             mmio: Bus::default(),
             console: Arc::new(Mutex::new(Console::new(serial))),
+            virtio_bars: Mutex::default(),
             coalesced: std::sync::OnceLock::new(),
         };
         machine
@@ -248,15 +251,20 @@ impl Machine {
             .flush();
     }
 
-    /// A virtio device on the PCI bus, its BAR at `bar`.
+    /// A virtio device on the PCI bus, its BAR the next one in the PCI
+    /// window.
     fn add_virtio_pci(
         &self,
         pci_bus: &Arc<Mutex<PciBus>>,
         device: Box<dyn crate::devices::virtio_pci::VirtioDevice>,
-        bar: u64,
         vm: &Arc<VmFd>,
         router: &Arc<MsiRouter>,
     ) -> Result<SharedVirtioPci> {
+        let mut bars = self.virtio_bars.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = PCI_MMIO_START + bars.len() as u64 * BAR_SIZE as u64;
+        if bar + BAR_SIZE as u64 > PCI_MMIO_END {
+            bail!("too many devices for the PCI window");
+        }
         let dev = Arc::new(Mutex::new(
             VirtioPci::new(device, bar as u32, vm, Arc::clone(router))
                 .context("setting up the virtio-pci transport")?,
@@ -266,7 +274,16 @@ impl Machine {
             .unwrap_or_else(|e| e.into_inner())
             .add(dev.clone())?;
         self.mmio.insert(bar, BAR_SIZE as u64, dev.clone())?;
+        bars.push(bar);
         Ok(dev)
+    }
+
+    /// The virtio devices' registers whose writes KVM may coalesce.
+    fn coalescable_registers(&self) -> Vec<(u64, u64)> {
+        let bars = self.virtio_bars.lock().unwrap_or_else(|e| e.into_inner());
+        bars.iter()
+            .flat_map(|&b| virtio_pci::coalescable(b))
+            .collect()
     }
 }
 
@@ -363,29 +380,20 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let router = Arc::new(MsiRouter::new(Arc::clone(&vm)));
     let mut disks = Vec::new();
     let t_disks = std::time::Instant::now();
-    for (i, d) in cfg.disks.iter().enumerate() {
-        let bar = PCI_MMIO_START + i as u64 * BAR_SIZE as u64;
-        if bar + BAR_SIZE as u64 > PCI_MMIO_END {
-            bail!("too many devices for the PCI window");
-        }
+    for d in &cfg.disks {
         let blk = VhostUserBlk::connect(d, &ram.mem)?;
         let dev = machine
-            .add_virtio_pci(&pci_bus, Box::new(blk), bar, &vm, &router)
+            .add_virtio_pci(&pci_bus, Box::new(blk), &vm, &router)
             .with_context(|| format!("disk {}", d.socket.display()))?;
         disks.push(dev);
     }
     timing.disk_handshake_us = t_disks.elapsed().as_micros() as u64;
     let console_port = if cfg.virtio_console {
-        let bar = PCI_MMIO_START + disks.len() as u64 * BAR_SIZE as u64;
-        if bar + BAR_SIZE as u64 > PCI_MMIO_END {
-            bail!("too many devices for the PCI window");
-        }
         let port = ConsolePort::new(ram.mem.clone()).context("the virtio console")?;
         machine
             .add_virtio_pci(
                 &pci_bus,
                 Box::new(VirtioConsole::new(Arc::clone(&port))),
-                bar,
                 &vm,
                 &router,
             )
@@ -441,9 +449,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         }
         vcpu.set_cpuid2(&c).context("KVM_SET_CPUID2")?;
         if id == 0 {
-            let registers: Vec<(u64, u64)> = (0..disks.len() + usize::from(console_port.is_some()))
-                .flat_map(|i| virtio_pci::coalescable(PCI_MMIO_START + i as u64 * BAR_SIZE as u64))
-                .collect();
+            let registers = machine.coalescable_registers();
             if let Some(c) = CoalescedWrites::set_up(&kvm, &vm, &vcpu, &[serial::PORT], &registers)?
             {
                 let _ = machine.coalesced.set(c);
@@ -796,7 +802,8 @@ mod guest_accesses {
         fn reset(&mut self) {}
     }
 
-    const BAR: u64 = 0xc000_0000;
+    /// The first virtio device's BAR.
+    const BAR: u64 = PCI_MMIO_START;
 
     /// The platform, its virtio function, the VM's events and the PCI bus.
     type TestMachine = (
@@ -821,7 +828,7 @@ mod guest_accesses {
             Machine::new(Box::new(std::io::sink()), &tx, Some(mirror)).expect("platform");
         let router = Arc::new(MsiRouter::new(Arc::clone(&vm)));
         let dev = machine
-            .add_virtio_pci(&pci_bus, Box::new(Accepting), BAR, &vm, &router)
+            .add_virtio_pci(&pci_bus, Box::new(Accepting), &vm, &router)
             .expect("virtio-pci");
         Some((machine, dev, rx, pci_bus))
     }

@@ -22,9 +22,11 @@ const TRANSMIT: u16 = 1;
 const SLOTS: u16 = 8;
 const SLOT_BYTES: u64 = 1024;
 /// How long the guest waits for the device to take its lines (TSC ticks,
-/// about a second at this machine's rate): a device that never does must
-/// not hang the guest; its lines go to the UART from then on.
-const PATIENCE_TICKS: u64 = 3 << 30;
+/// about 10 s at this machine's rate, against the tens of microseconds it
+/// takes: a starved VMM thread on a busy host must not count as a dead
+/// device); a device that never does must not hang the guest, and its
+/// lines go to the UART from then on.
+const PATIENCE_TICKS: u64 = 24 << 30;
 
 struct Port {
     /// Kept for the device's lifetime: its registers are the device.

@@ -150,6 +150,8 @@ enum ConsoleError {
     RingOutside,
     #[error("transmit queue's doorbell: {0}")]
     Eventfd(std::io::Error),
+    #[error("the transport handed over no doorbell for the transmit queue")]
+    NoDoorbell,
 }
 
 impl VirtioDevice for VirtioConsole {
@@ -206,7 +208,7 @@ impl VirtioDevice for VirtioConsole {
         }
         let kick = kicks
             .get(TRANSMIT)
-            .ok_or(ConsoleError::RingOutside)?
+            .ok_or(ConsoleError::NoDoorbell)?
             .try_clone()
             .map_err(ConsoleError::Eventfd)?;
         let interrupt = interrupts
@@ -243,11 +245,12 @@ mod tests {
         }
     }
 
-    /// A console whose transmit queue is `vq`'s rings in `mem`.
-    fn console_on(
+    /// A console whose transmit queue's rings are at (desc, avail, used):
+    /// the port, and the activation's outcome.
+    fn activated(
         mem: &GuestMemoryMmap,
-        vq: &MockSplitQueue<GuestMemoryMmap>,
-    ) -> (VirtioConsole, Arc<ConsolePort>) {
+        (desc, avail, used): (u64, u64, u64),
+    ) -> (VirtioConsole, Arc<ConsolePort>, Result<(), DeviceError>) {
         let port = ConsolePort::new(mem.clone()).expect("eventfd");
         let mut dev = VirtioConsole::new(Arc::clone(&port));
         let q = QueueConfig {
@@ -255,21 +258,31 @@ mod tests {
             max_size: QUEUE_SIZE,
             vector: super::super::virtio_pci::NO_VECTOR,
             enabled: true,
-            desc: vq.desc_table_addr().0,
-            avail: vq.avail_addr().0,
-            used: vq.used_addr().0,
+            desc,
+            avail,
+            used,
         };
         let kicks = [
             EventFd::new(0).expect("eventfd"),
             EventFd::new(0).expect("eventfd"),
         ];
-        dev.activate(
+        let r = dev.activate(
             VIRTIO_F_VERSION_1,
             &[QueueConfig::default(), q],
             &kicks,
             &NoInterrupts,
-        )
-        .expect("activates");
+        );
+        (dev, port, r)
+    }
+
+    /// A console whose transmit queue is `vq`'s rings in `mem`.
+    fn console_on(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+    ) -> (VirtioConsole, Arc<ConsolePort>) {
+        let rings = (vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0);
+        let (dev, port, r) = activated(mem, rings);
+        r.expect("activates");
         (dev, port)
     }
 
@@ -330,29 +343,8 @@ mod tests {
     fn rings_outside_memory_fail_activation_and_reset_stops_output() {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
-        let port = ConsolePort::new(mem.clone()).expect("eventfd");
-        let mut dev = VirtioConsole::new(Arc::clone(&port));
-        let q = QueueConfig {
-            size: 16,
-            max_size: QUEUE_SIZE,
-            vector: super::super::virtio_pci::NO_VECTOR,
-            enabled: true,
-            desc: 0x8000_0000,
-            avail: 0x1000,
-            used: 0x2000,
-        };
-        let kicks = [
-            EventFd::new(0).expect("eventfd"),
-            EventFd::new(0).expect("eventfd"),
-        ];
-        let e = dev
-            .activate(
-                VIRTIO_F_VERSION_1,
-                &[QueueConfig::default(), q],
-                &kicks,
-                &NoInterrupts,
-            )
-            .expect_err("refused");
+        let (_dev, port, r) = activated(&mem, (0x8000_0000, 0x1000, 0x2000));
+        let e = r.expect_err("refused");
         assert!(e.to_string().contains("not in guest memory"), "{e}");
         assert_eq!(port.wait_fds().1, None);
 

@@ -104,6 +104,30 @@ fn exports_are_added_listed_and_removed_at_runtime() {
     );
     assert_eq!(r["error"]["class"], "GenericError");
     assert!(!other.exists(), "a failed add left its socket");
+    // Relative paths would resolve against the backend's directory, not
+    // the client's (and once killed the process in its sandbox): refused
+    // by name, and the same connection goes on serving.
+    for args in [
+        json!({"socket": "rel.sock", "image": image}),
+        json!({"socket": other, "image": "state/vm.img"}),
+    ] {
+        let r = ctl.call(json!({"execute": "export-add", "arguments": args}));
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap_or("")
+                .contains("is a relative path"),
+            "{r}"
+        );
+    }
+    let r = ctl.call(json!({"execute": "export-del", "arguments": {"socket": "rel.sock"}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is a relative path"),
+        "{r}"
+    );
     assert_eq!(ctl.raw("{not json")["error"]["class"], "GenericError");
     assert_eq!(
         ctl.call(json!({"execute": "quit-now"}))["error"]["class"],

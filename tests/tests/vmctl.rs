@@ -469,6 +469,57 @@ fn bad_input_is_refused_by_name_and_leaves_nothing_behind() {
     assert!(left.is_empty(), "left running: {left:?}");
 }
 
+#[test]
+fn relative_paths_name_the_same_files_from_any_directory() {
+    if !ready("vmctl_relative_paths", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    golden(&fx);
+    std::fs::copy(
+        build_guest().expect("the bench guest").elf,
+        fx.path("guest.elf"),
+    )
+    .expect("a copy of the guest");
+    // Defined from the fixture's directory with every path relative (a
+    // first version handed the relative disk path to the host backend,
+    // whose sandbox killed it for the getcwd that resolving it took) ...
+    let out = output_within(
+        Command::new(bin("vmctl"))
+            .current_dir(fx.dir())
+            .args(["--state-dir", "state", "create", "rel"])
+            .args(["--image", "base.img@golden", "--kernel", "guest.elf"])
+            .args(["--cmdline", "mode=read verify=1 gen=7 size=8M"]),
+        &Patience::new("vmctl create", Duration::from_millis(100)),
+    )
+    .expect("vmctl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and started from another one: the guest reads its base's data.
+    let out = output_within(
+        Command::new(bin("vmctl"))
+            .current_dir("/")
+            .arg("--state-dir")
+            .arg(&v.state)
+            .args(["start", "rel"]),
+        &Patience::new("vmctl start", Duration::from_millis(100)),
+    )
+    .expect("vmctl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    v.assert_exits_ok("rel");
+    let info = v.info("rel");
+    assert_eq!(info["backend-restarts"], 0, "{info}");
+    v.ok(&["delete", "rel"]);
+}
+
 /// Processes whose command line mentions `path`.
 fn processes_mentioning(path: &Path) -> Vec<String> {
     let needle = path.to_string_lossy().into_owned();

@@ -294,6 +294,18 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
             let (Some(socket), Some(image)) = (text("socket"), text("image")) else {
                 return reply_error("GenericError", "export-add needs socket and image".into());
             };
+            // The backend's working directory is not its client's: a
+            // relative path would name some other file (and resolving one
+            // needs getcwd, which the control thread's sandbox forbids).
+            if let Some(rel) = [&socket, &image].into_iter().find(|p| p.is_relative()) {
+                return reply_error(
+                    "GenericError",
+                    format!(
+                        "{} is a relative path: export-add takes absolute paths",
+                        rel.display()
+                    ),
+                );
+            }
             let spec = ExportSpec {
                 socket,
                 image,
@@ -322,6 +334,13 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
         }
         Some("export-del") => match text("socket") {
             None => reply_error("GenericError", "export-del needs socket".into()),
+            Some(s) if s.is_relative() => reply_error(
+                "GenericError",
+                format!(
+                    "{} is a relative path: export-del takes absolute paths",
+                    s.display()
+                ),
+            ),
             Some(s) => match exports.remove(&s) {
                 Ok(()) => json!({ "return": {} }),
                 Err(e) => refusal(e),

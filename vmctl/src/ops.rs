@@ -51,23 +51,27 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
     if !spec.image.exists() {
         bail!("--image {}: no such image", spec.image.display());
     }
+    // Kept absolute: the VM starts later, from any directory.
+    let absolute = |p: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+        p.as_deref()
+            .map(|p| std::path::absolute(p).with_context(|| format!("resolving {}", p.display())))
+            .transpose()
+    };
+    let (kernel, initrd) = (absolute(&spec.kernel)?, absolute(&spec.initrd)?);
+    let image = std::path::absolute(&spec.image)
+        .with_context(|| format!("resolving {}", spec.image.display()))?;
     let vm = root.claim(name)?;
     let made = (|| -> Result<()> {
         let env = RealEnv;
-        let base = Layer::open(&env, &spec.image, false)
-            .with_context(|| format!("--image {}", spec.image.display()))?;
+        let base = Layer::open(&env, &image, false)
+            .with_context(|| format!("--image {}", image.display()))?;
         let base_path = if base.header.sealed() {
-            spec.image.clone()
+            image.clone()
         } else {
             drop(base);
-            ops::snapshot_create(&env, &spec.image, &format!("vmctl-{name}")).with_context(
-                || {
-                    format!(
-                        "--image {}: snapshotting it to clone it",
-                        spec.image.display()
-                    )
-                },
-            )?
+            ops::snapshot_create(&env, &image, &format!("vmctl-{name}")).with_context(|| {
+                format!("--image {}: snapshotting it to clone it", image.display())
+            })?
         };
         let clone = ops::clone(&env, &base_path, &vm.disk())
             .with_context(|| format!("cloning {}", base_path.display()))?;
@@ -82,8 +86,8 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
         vm.write_config(&VmConfig {
             name: name.to_string(),
             image: base_path.display().to_string(),
-            kernel: spec.kernel.clone(),
-            initrd: spec.initrd.clone(),
+            kernel,
+            initrd,
             cmdline: spec.cmdline.clone(),
             cpus: spec.cpus,
             memory: spec.memory,

@@ -93,9 +93,10 @@ impl Root {
             rustix::fs::AtFlags::EACCESS,
         )
         .map_err(|e| dir_error(path, "not writable")(e.into()))?;
-        Ok(Root {
-            path: path.to_path_buf(),
-        })
+        // Absolute: the paths under it go to other processes (the
+        // supervisor, the host backend) that run in other directories.
+        let path = std::path::absolute(path).map_err(dir_error(path, "cannot resolve it"))?;
+        Ok(Root { path })
     }
 
     pub fn images(&self) -> PathBuf {

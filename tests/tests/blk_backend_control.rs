@@ -42,6 +42,15 @@ impl Control {
     }
 }
 
+/// The reply is a refusal of `class` whose description says `says`.
+fn assert_refused(r: &Value, class: &str, says: &str) {
+    assert_eq!(r["error"]["class"], class, "{r}");
+    assert!(
+        r["error"]["desc"].as_str().unwrap_or("").contains(says),
+        "{r}"
+    );
+}
+
 #[test]
 fn exports_are_added_listed_and_removed_at_runtime() {
     if !ready("blk_backend_control", &[]) {
@@ -83,26 +92,12 @@ fn exports_are_added_listed_and_removed_at_runtime() {
     // Refusals, each by name; the connection goes on.
     let r =
         ctl.call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
-    assert!(
-        r["error"]["desc"]
-            .as_str()
-            .unwrap_or("")
-            .contains("already listens"),
-        "{r}"
-    );
-    assert_eq!(r["error"]["class"], "ExportExists");
+    assert_refused(&r, "ExportExists", "already listens");
     let missing = fx.path("missing.img");
     let other = fx.path("other.sock");
     let r = ctl
         .call(json!({"execute": "export-add", "arguments": {"socket": other, "image": missing}}));
-    assert!(
-        r["error"]["desc"]
-            .as_str()
-            .unwrap_or("")
-            .contains("missing.img"),
-        "{r}"
-    );
-    assert_eq!(r["error"]["class"], "GenericError");
+    assert_refused(&r, "GenericError", "missing.img");
     assert!(!other.exists(), "a failed add left its socket");
     // Relative paths would resolve against the backend's directory, not
     // the client's (and once killed the process in its sandbox): refused
@@ -112,36 +107,17 @@ fn exports_are_added_listed_and_removed_at_runtime() {
         json!({"socket": other, "image": "state/vm.img"}),
     ] {
         let r = ctl.call(json!({"execute": "export-add", "arguments": args}));
-        assert!(
-            r["error"]["desc"]
-                .as_str()
-                .unwrap_or("")
-                .contains("is a relative path"),
-            "{r}"
-        );
+        assert_refused(&r, "GenericError", "is a relative path");
     }
     let r = ctl.call(json!({"execute": "export-del", "arguments": {"socket": "rel.sock"}}));
-    assert!(
-        r["error"]["desc"]
-            .as_str()
-            .unwrap_or("")
-            .contains("is a relative path"),
-        "{r}"
-    );
+    assert_refused(&r, "GenericError", "is a relative path");
     assert_eq!(ctl.raw("{not json")["error"]["class"], "GenericError");
     assert_eq!(
         ctl.call(json!({"execute": "quit-now"}))["error"]["class"],
         "CommandNotFound"
     );
     let r = ctl.call(json!({"execute": "export-del", "arguments": {"socket": other}}));
-    assert!(
-        r["error"]["desc"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no export on"),
-        "{r}"
-    );
-    assert_eq!(r["error"]["class"], "DeviceNotFound");
+    assert_refused(&r, "DeviceNotFound", "no export on");
 
     // Removed: its socket is gone and its image closed (an operation that
     // needs it exclusively succeeds).

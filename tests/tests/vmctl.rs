@@ -485,35 +485,38 @@ fn relative_paths_name_the_same_files_from_any_directory() {
     // Defined from the fixture's directory with every path relative (a
     // first version handed the relative disk path to the host backend,
     // whose sandbox killed it for the getcwd that resolving it took) ...
-    let out = output_within(
-        Command::new(bin("vmctl"))
-            .current_dir(fx.dir())
-            .args(["--state-dir", "state", "create", "rel"])
-            .args(["--image", "base.img@golden", "--kernel", "guest.elf"])
-            .args(["--cmdline", "mode=read verify=1 gen=7 size=8M"]),
-        &Patience::new("vmctl create", Duration::from_millis(100)),
-    )
-    .expect("vmctl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let from = |dir: &Path, state: &Path, args: &[&str]| {
+        let out = output_within(
+            Command::new(bin("vmctl"))
+                .current_dir(dir)
+                .arg("--state-dir")
+                .arg(state)
+                .args(args),
+            &Patience::new("a vmctl call", Duration::from_millis(100)),
+        )
+        .expect("vmctl runs");
+        assert!(
+            out.status.success(),
+            "vmctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    from(
+        fx.dir(),
+        Path::new("state"),
+        &[
+            "create",
+            "rel",
+            "--image",
+            "base.img@golden",
+            "--kernel",
+            "guest.elf",
+            "--cmdline",
+            "mode=read verify=1 gen=7 size=8M",
+        ],
     );
     // ... and started from another one: the guest reads its base's data.
-    let out = output_within(
-        Command::new(bin("vmctl"))
-            .current_dir("/")
-            .arg("--state-dir")
-            .arg(&v.state)
-            .args(["start", "rel"]),
-        &Patience::new("vmctl start", Duration::from_millis(100)),
-    )
-    .expect("vmctl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    from(Path::new("/"), &v.state, &["start", "rel"]);
     v.assert_exits_ok("rel");
     let info = v.info("rel");
     assert_eq!(info["backend-restarts"], 0, "{info}");

@@ -64,13 +64,22 @@ fn bench_guest_verifies_on_a_blk_backend_clone_with_1_and_2_vcpus_and_queues() {
     let image = fx.base_and_clone("512M");
     let b = fx.serve(&image, 2);
     let sock = Fixture::socket_of(&image);
-    for (gen, (cpus, queues, irq)) in [(1, 1, false), (2, 2, true), (1, 2, true), (2, 1, false)]
-        .into_iter()
-        .enumerate()
+    // (vCPUs, queues, how the guest waits: polling, interrupts it spins
+    // for, interrupts it sleeps in hlt for).
+    for (gen, (cpus, queues, wait)) in [
+        (1, 1, "poll"),
+        (2, 2, "irq=1"),
+        (1, 2, "irq=1"),
+        (2, 1, "poll"),
+        (2, 2, "wait=halt"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let gen = gen + 1;
-        let base = format!("bs=64k qd=16 queues={queues} irq={}", irq as u8);
-        let what = format!("{cpus} vCPUs, {queues} queues, irq {irq}");
+        let irq = wait != "poll";
+        let base = format!("bs=64k qd=16 queues={queues} {}", wait.replace("poll", ""));
+        let what = format!("{cpus} vCPUs, {queues} queues, {wait}");
         let w = vm(
             cpus,
             &sock,
@@ -93,6 +102,9 @@ fn bench_guest_verifies_on_a_blk_backend_clone_with_1_and_2_vcpus_and_queues() {
         if irq {
             assert!(r.field("irqs") > 0, "MSI-X interrupts arrived");
         }
+        // Only a halting guest halts, and it does while its I/O is out.
+        let halts = r.field("halts");
+        assert_eq!(halts > 0, wait == "wait=halt", "{what}: {halts} halts");
     }
     b.stop();
 }

@@ -149,13 +149,43 @@ isr_common:
     cmpb $0, halt_requested     /* rt::halt_forever: at rest for good */
     jne 4f
     cmp $32, %rax
-    jb 2f
-    lock incq irq_counts(, %rax, 8)
+    jae 7f
+    cmp $6, %rax
+    jne 2f
+    cmpb $0, wait_requested
+    jne 5f
+    jmp 2f
+7:  lock incq irq_counts(, %rax, 8)
+    lock incq irq_total
     mov $0xfee000b0, %eax
     movl $0, (%rax)             /* EOI */
-    pop %rax
+1:  pop %rax
     add $16, %rsp
     iretq
+5:  /* rt::wait_for_interrupt: the #UD it raised (interrupts off here, by
+     * the gate). Back past its ud2 in any case; halt only if no interrupt
+     * came since the caller looked (no lost wake-up: an interrupt after
+     * this check is pending at the hlt, which sti's shadow reaches). */
+    movb $0, wait_requested
+    addq $2, 24(%rsp)
+    mov irq_total, %rax
+    cmp wait_seen, %rax
+    jne 1b
+    push %rdx
+    mov $0xfee00000, %eax
+    cmpb $0, apic_timer_ready   /* the LAPIC timer: one-shot, 1 count/ns */
+    jne 6f
+    movl $0xb, 0x3e0(%rax)      /* divide by 1 */
+    movl $0xfd, 0x320(%rax)     /* one-shot, vector 0xfd */
+    movb $1, apic_timer_ready
+6:  mov wait_timer_ns, %edx     /* a wake-up for the caller's deadlines */
+    mov %edx, 0x380(%rax)
+    pop %rdx
+    incq halt_count
+    sti
+    hlt
+    cli
+    jmp 1b
 2:
     mov %rax, fault_info
     mov 16(%rsp), %rax
@@ -182,6 +212,18 @@ linux_boot_params: .quad 0
 pvclock_armed: .byte 0
 .global halt_requested
 halt_requested: .byte 0
+.global wait_requested
+wait_requested: .byte 0
+apic_timer_ready: .byte 0
+.balign 8
+.global wait_seen
+wait_seen: .quad 0
+.global wait_timer_ns
+wait_timer_ns: .quad 0
+.global irq_total
+irq_total: .quad 0
+.global halt_count
+halt_count: .quad 0
 
 .balign 16
 gdt:

@@ -49,6 +49,10 @@ pub struct Config {
     pub rwmix: u8,
     /// Completions by MSI-X interrupt instead of polling.
     pub irq: bool,
+    /// While waiting for the device, sleep in `hlt` until an interrupt
+    /// (as a kernel does: the host CPU is free meanwhile) instead of
+    /// spinning (exact latency figures). Implies `irq`.
+    pub halt: bool,
     /// Which virtio-blk device (0 = the first found).
     pub disk: u8,
     pub tsc_khz: Option<u64>,
@@ -83,6 +87,7 @@ impl Default for Config {
             prefill: true,
             rwmix: 70,
             irq: false,
+            halt: false,
             disk: 0,
             tsc_khz: None,
             timeout_ms: 5000,
@@ -165,6 +170,13 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "prefill" => flag(v).map(|b| c.prefill = b).is_some(),
             "rwmix" => num(v).filter(|&n| n <= 100).map(|n| c.rwmix = n as u8).is_some(),
             "irq" => flag(v).map(|b| c.irq = b).is_some(),
+            "wait" => match v {
+                "poll" | "halt" => {
+                    c.halt = v == "halt";
+                    true
+                }
+                _ => false,
+            },
             "disk" => num(v).filter(|&n| n < 64).map(|n| c.disk = n as u8).is_some(),
             "tsc_khz" => num(v).filter(|&n| n > 0).map(|n| c.tsc_khz = Some(n)).is_some(),
             "timeout_ms" => num(v).filter(|&n| n > 0).map(|n| c.timeout_ms = n).is_some(),
@@ -189,5 +201,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             return Err(word);
         }
     }
+    // Halting needs something to wake it: the device's interrupts.
+    c.irq |= c.halt;
     Ok(c)
 }

@@ -183,7 +183,7 @@ pub extern "C" fn guest_main() -> ! {
 \"ios\":{},\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"write_zeroes\":{},\"bytes\":{},\"elapsed_ns\":{},\
 \"iops\":{},\"mb_s\":{}.{:03},\"lat_ns\":{{\"mean\":{},\"p50\":{},\"p99\":{},\"p99_9\":{},\"max\":{},\"samples\":{}}},\
 \"errors\":{},\"ioerr\":{},\"unsupp\":{},\"verify_failures\":{},\"timed_out\":{},\"features\":\"{:#x}\",\
-\"disk_bytes\":{},\"irqs\":{},\"kicks\":{},\"tsc_hz\":{},\"tsc_source\":\"{}\",\"init_ns\":{}}}",
+\"disk_bytes\":{},\"irqs\":{},\"halts\":{},\"kicks\":{},\"tsc_hz\":{},\"tsc_source\":\"{}\",\"init_ns\":{}}}",
         if ok { "ok" } else { "fail" },
         label,
         cfg.mode,
@@ -216,6 +216,7 @@ pub extern "C" fn guest_main() -> ! {
         dev_features,
         disk_bytes,
         st.irqs,
+        rt::halts(),
         st.kicks,
         hz,
         hz_source,

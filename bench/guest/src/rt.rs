@@ -32,6 +32,45 @@ pub fn halt_forever() -> ! {
     }
 }
 
+extern "C" {
+    static mut wait_requested: u8;
+    static mut wait_seen: u64;
+    static mut wait_timer_ns: u64;
+    #[link_name = "irq_total"]
+    static IRQ_TOTAL: u64;
+    #[link_name = "halt_count"]
+    static HALT_COUNT: u64;
+}
+
+/// Times `wait_for_interrupt` halted the vCPU (`wait=halt`).
+pub fn halts() -> u64 {
+    // SAFETY: a counter the exception stub increments; read-only here.
+    unsafe { core::ptr::read_volatile(&raw const HALT_COUNT) }
+}
+
+/// Interrupts taken so far (every vector from 32 up).
+pub fn irq_total() -> u64 {
+    // SAFETY: a counter the interrupt stub increments; read-only here.
+    unsafe { core::ptr::read_volatile(&raw const IRQ_TOTAL) }
+}
+
+/// Sleeps in `hlt` until an interrupt comes, unless one came since `seen`
+/// (`irq_total()` read before the caller last looked at its devices, so a
+/// completion between that look and the halt is not slept through), and
+/// for about `max_ns` at most (the LAPIC timer wakes it: the caller's
+/// deadlines still hold). `hlt` is CPL0's: as in `halt_forever`, a request
+/// and a `ud2`, whose handler (boot.S) halts and returns past it.
+pub fn wait_for_interrupt(seen: u64, max_ns: u64) {
+    // SAFETY: bytes only this function writes and the exception stub
+    // reads (one vCPU); the stub returns to the instruction after `ud2`.
+    unsafe {
+        core::ptr::write_volatile(&raw mut wait_seen, seen);
+        core::ptr::write_volatile(&raw mut wait_timer_ns, max_ns.clamp(1_000, u32::MAX as u64));
+        core::ptr::write_volatile(&raw mut wait_requested, 1);
+        asm!("ud2");
+    }
+}
+
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::println!("PANIC: {}", info);

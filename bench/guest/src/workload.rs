@@ -304,7 +304,12 @@ impl<'a> Engine<'a> {
             *seen = irq_count(IRQ_BASE + q as u8);
         }
         let mut samples = 0usize;
+        let halt = self.cfg.halt && self.dev.irq;
         loop {
+            // Interrupts so far, read before looking at the rings: a
+            // completion after this look wakes the halt below at once.
+            let irqs_before_look = if halt { crate::rt::irq_total() } else { 0 };
+            let mut progressed = false;
             let now = tsc();
             let stop_issuing = issued >= target || now >= end;
             let total_inflight: usize = inflight[..nq].iter().sum();
@@ -338,6 +343,7 @@ impl<'a> Engine<'a> {
                     loop {
                         let vq = self.dev.queues[q].as_mut().expect("queue set up");
                         let Some((head, _)) = vq.pop_used() else { break };
+                        progressed = true;
                         let done = tsc();
                         last_activity = done;
                         let i = if indirect { head } else { head / 3 };
@@ -458,6 +464,7 @@ impl<'a> Engine<'a> {
                 }
                 if pushed {
                     self.dev.queues[q].as_mut().expect("queue set up").publish();
+                    progressed = true;
                 }
             }
             let now = tsc();
@@ -469,6 +476,19 @@ impl<'a> Engine<'a> {
                     st.ios,
                     st.errors
                 );
+            }
+            if halt && !progressed {
+                // Nothing to do until the device answers: sleep, woken by
+                // its interrupt or at the next deadline this loop keeps.
+                let now = tsc();
+                let mut until = last_activity.saturating_add(timeout);
+                if end != u64::MAX {
+                    until = until.min(end);
+                }
+                if self.cfg.progress_ms > 0 {
+                    until = until.min(next_progress);
+                }
+                crate::rt::wait_for_interrupt(irqs_before_look, self.clock.ns(until.saturating_sub(now)));
             }
         }
         st.elapsed_ticks = tsc() - start;

@@ -43,12 +43,22 @@ fn a_vmm_started_before_its_backend_waits_for_it() {
         ..VmmDisk::new(&sock, 1)
     });
     let guest = v.spawn().expect("vmm starts");
-    // Its only thread sleeps between attempts to connect (nothing else in
-    // a vmm sleeps before its disks are connected).
+    // Its only thread sleeps in poll on an inotify watch of the socket's
+    // directory (nothing else in a vmm polls before its disks are
+    // connected), not in a loop of looks and sleeps.
     let wchan = format!("/proc/{}/wchan", guest.pid());
     Patience::new("the vmm waiting for its backend", Duration::from_millis(20))
-        .wait_until(|| Ok(std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("nanosleep"))))
+        .wait_until(|| Ok(std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("poll"))))
         .expect("the vmm waits");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", guest.pid()))
+        .expect("its descriptors")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(
+        fds.iter().any(|l| l.contains("inotify")),
+        "no inotify watch among {fds:?}"
+    );
     let _b = fx.serve(&image, 1);
     let run = guest.wait().expect("vmm ends");
     run.assert_ok("a write once the backend listened");

@@ -62,12 +62,25 @@ pub fn enable(program: &'static str) -> Result<(), SandboxError> {
     // once: a thread under a filter without openat would trap on it. The
     // limit is set now, to glibc's own default (8 per CPU), so it never
     // looks.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: mallopt only sets a malloc parameter; called before the
-    // threads it matters for exist.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(i32::MAX as usize) as i32) };
+    if !ARENAS_SET.load(Ordering::SeqCst) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        malloc_arenas(8 * cpus);
+    }
     ENABLED.store(true, Ordering::SeqCst);
     Ok(())
+}
+
+/// Whether the process chose its number of malloc arenas.
+static ARENAS_SET: AtomicBool = AtomicBool::new(false);
+
+/// At most `n` malloc arenas: glibc otherwise gives each thread that
+/// allocates an arena of its own (a 64 MiB reservation trimmed by two
+/// more calls, and pages touched) as long as fewer than 8 per CPU exist.
+/// Call it before starting threads.
+pub fn malloc_arenas(n: usize) {
+    // SAFETY: mallopt only sets a malloc parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, n.clamp(1, i32::MAX as usize) as i32) };
+    ARENAS_SET.store(true, Ordering::SeqCst);
 }
 
 /// Confines the calling thread to `policy` when filtering is on.

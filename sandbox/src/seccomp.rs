@@ -83,6 +83,13 @@ pub fn malloc_arenas(n: usize) {
     ARENAS_SET.store(true, Ordering::SeqCst);
 }
 
+/// Names `policy` as the calling thread's for the report: a thread that
+/// inherited its filter from the thread that started it (no filter of its
+/// own to compile and install).
+pub fn inherited(policy: &Policy) {
+    THREAD_POLICY.with(|p| p.set(policy.name));
+}
+
 /// Confines the calling thread to `policy` when filtering is on.
 pub fn confine(policy: &Policy) -> Result<(), SandboxError> {
     if ENABLED.load(Ordering::SeqCst) {

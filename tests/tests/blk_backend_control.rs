@@ -66,7 +66,15 @@ fn exports_are_added_listed_and_removed_at_runtime() {
         &["--control", &s(&ctl_path)],
     )
     .expect("blk-backend starts with no export");
+    // A client that connects and never says anything (one once held the
+    // socket for everyone: clients were served one at a time) ...
+    let silent = Control::connect(&ctl_path);
+    // ... does not keep this one waiting (a hang here ends in the timeout,
+    // far above a reply's milliseconds).
     let mut ctl = Control::connect(&ctl_path);
+    ctl.out
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
 
     let r =
         ctl.call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
@@ -156,6 +164,39 @@ fn exports_are_added_listed_and_removed_at_runtime() {
     }
     let list = ctl.call(json!({"execute": "export-list"}));
     assert_eq!(list["return"].as_array().map(Vec::len), Some(6), "{list}");
+
+    // Clients are served in parallel: four adding one socket at once get
+    // one success and three refusals by class (never a failure on the
+    // image's lock or on the socket another add just bound).
+    let disk = fx.image("raced.img", "16M");
+    let sock = Fixture::socket_of(&disk);
+    let replies: Vec<Value> = std::thread::scope(|scope| {
+        let racers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    Control::connect(&ctl_path).call(json!({"execute": "export-add",
+                        "arguments": {"socket": sock, "image": disk}}))
+                })
+            })
+            .collect();
+        racers
+            .into_iter()
+            .map(|r| r.join().expect("a racer"))
+            .collect()
+    });
+    let ok = replies
+        .iter()
+        .filter(|r| **r == json!({"return": {}}))
+        .count();
+    let refused = replies
+        .iter()
+        .filter(|r| r["error"]["class"] == "ExportExists")
+        .count();
+    assert_eq!((ok, refused), (1, 3), "{replies:?}");
+    // The silent client was connected all along, and is answered too.
+    let mut silent = silent;
+    let list = silent.call(json!({"execute": "export-list"}));
+    assert_eq!(list["return"].as_array().map(Vec::len), Some(7), "{list}");
     drop(ctl);
     backend.stop();
 }

@@ -82,6 +82,10 @@ pub struct Exports {
     base_io: BaseIo,
     shadow_dir: Option<PathBuf>,
     running: Mutex<BTreeMap<PathBuf, Running>>,
+    /// Sockets an add is opening right now: clients are served in
+    /// parallel, and a second add of one socket is refused as existing
+    /// (not left to fail later on the image's lock or the bound socket).
+    adding: Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 /// Makes way for a listening socket at `path`: only a socket nobody listens
@@ -137,6 +141,7 @@ impl Exports {
             base_io,
             shadow_dir,
             running: Mutex::new(BTreeMap::new()),
+            adding: Mutex::default(),
         }
     }
 
@@ -146,8 +151,21 @@ impl Exports {
 
     /// Opens `spec.image`, listens on `spec.socket` and serves it.
     pub fn add(&self, spec: ExportSpec) -> Result<(), ControlError> {
-        let p = self.prepare(spec)?;
-        self.serve(p)
+        let socket = spec.socket.clone();
+        {
+            let running = self.running();
+            let mut adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+            if running.contains_key(&socket) || !adding.insert(socket.clone()) {
+                return Err(ControlError::Exists(socket));
+            }
+        }
+        let added = self.prepare(spec).and_then(|p| self.serve(p));
+        // After serve: the export is in `running` before its claim goes.
+        self.adding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&socket);
+        added
     }
 
     /// Opens the image and listens, serving nothing yet (a process drops
@@ -352,35 +370,71 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
     }
 }
 
-/// Serves the control socket: one client at a time, a line per command.
+/// Clients served at once; more wait to be accepted (a client that
+/// connects and says nothing holds one of them, not the socket).
+const MAX_CLIENTS: usize = 64;
+
+/// Serves the control socket: each client on a thread of its own (a VM
+/// fleet adds its exports in parallel: served one client at a time, each
+/// add waited for every add before it), a line per command. The threads
+/// run under this thread's filter, which they inherit.
 pub fn serve_control(exports: Arc<Exports>, defaults: ExportSpec, listener: UnixListener) {
+    let clients = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let Ok(mut out) = stream.try_clone() else {
+        {
+            let (count, freed) = &*clients;
+            let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+            while *n >= MAX_CLIENTS {
+                n = freed.wait(n).unwrap_or_else(|e| e.into_inner());
+            }
+            *n += 1;
+        }
+        let (exports, defaults, clients2) =
+            (Arc::clone(&exports), defaults.clone(), Arc::clone(&clients));
+        let spawned = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                sandbox::inherited(&crate::seccomp::CONTROL);
+                serve_client(&exports, &defaults, stream);
+                let (count, freed) = &*clients2;
+                *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+                freed.notify_one();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("control socket: cannot start a thread for a client: {e}");
+            let (count, _) = &*clients;
+            *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        }
+    }
+}
+
+/// One client's commands, a line each, until it hangs up.
+fn serve_client(exports: &Exports, defaults: &ExportSpec, stream: UnixStream) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        // Bounded lines: a client cannot make this thread hold more.
+        let mut line = String::new();
+        match (&mut reader).take(1 << 16).read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') && line.len() >= 1 << 16 {
+            let _ = out.write_all(
+                format!("{}\n", reply_error("GenericError", "line too long".into())).as_bytes(),
+            );
+            break;
+        }
+        if line.trim().is_empty() {
             continue;
-        };
-        let mut reader = BufReader::new(stream);
-        loop {
-            // Bounded lines: a client cannot make this thread hold more.
-            let mut line = String::new();
-            match (&mut reader).take(1 << 16).read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            if !line.ends_with('\n') && line.len() >= 1 << 16 {
-                let _ = out.write_all(
-                    format!("{}\n", reply_error("GenericError", "line too long".into())).as_bytes(),
-                );
-                break;
-            }
-            if line.trim().is_empty() {
-                continue;
-            }
-            let reply = execute(&exports, &defaults, &line);
-            // One write per reply (formatted in place it is many sends).
-            if out.write_all(format!("{reply}\n").as_bytes()).is_err() {
-                break;
-            }
+        }
+        let reply = execute(exports, defaults, &line);
+        // One write per reply (formatted in place it is many sends).
+        if out.write_all(format!("{reply}\n").as_bytes()).is_err() {
+            break;
         }
     }
 }

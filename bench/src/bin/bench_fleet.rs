@@ -46,8 +46,10 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     runs: usize,
     /// Fleets launched each way, alternating (the median run is reported:
-    /// one run of either fleet varies by 15-30 % on this machine).
-    #[arg(long, default_value_t = 5)]
+    /// one run of either fleet varies by 15-30 % on this machine, and the
+    /// median of 5 still moved the ratio by a tenth from one invocation to
+    /// the next).
+    #[arg(long, default_value_t = 7)]
     fleet_runs: usize,
 }
 

@@ -413,6 +413,16 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
         mmio_writes < 25,
         "{mmio_writes} MMIO-write exits: set-up writes exit again"
     );
+    // KVM's own counters of the vCPU (this kernel has binary statistics):
+    // every exit, including the ioeventfd kicks and faults the kernel
+    // handled, so at least the ones this process saw.
+    let kvm = &m["vcpus"][0]["kvm"];
+    let kvm_exits = kvm["exits"].as_u64().unwrap_or(0);
+    let seen = m["vcpus"][0]["exits"]["total"].as_u64().unwrap_or(0);
+    assert!(
+        kvm_exits >= seen && kvm["pf_fixed"].as_u64().unwrap_or(0) > 0,
+        "KVM's counters {kvm} against {seen} exits seen"
+    );
     // The data survived the pause.
     let r = vm(
         1,

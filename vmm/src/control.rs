@@ -36,8 +36,13 @@ pub struct VcpuStats {
 #[derive(Debug, Serialize)]
 pub struct VcpuMetrics {
     pub id: usize,
+    /// The exits this process handled.
     pub exits: ExitCounts,
     pub run_ms: f64,
+    /// KVM's own counters for the vCPU (`kvm_stats`), those not zero: every
+    /// exit, including those the kernel handled.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub kvm: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -206,6 +211,7 @@ impl Control {
                     id,
                     exits: e,
                     run_ms: r(&s.run_ns) as f64 / 1e6,
+                    kvm: Default::default(),
                 }
             })
             .collect()

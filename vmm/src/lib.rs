@@ -19,6 +19,7 @@ pub mod coalesced;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod kvm_stats;
 pub mod memory;
 pub mod seccomp;
 pub mod vm;

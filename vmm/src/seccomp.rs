@@ -63,7 +63,8 @@ pub const DEADLINES: Policy = Policy {
 
 /// The main thread once the VM runs: it waits for the VM's end, stops the
 /// vCPUs (signals) and the disks (the backends' replies), answers the
-/// API's `vm.wait` clients, writes the metrics file and exits.
+/// API's `vm.wait` clients, reads KVM's statistics, writes the metrics
+/// file and exits.
 pub const MAIN: Policy = Policy {
     name: "main",
     groups: &[&[
@@ -72,6 +73,7 @@ pub const MAIN: Policy = Policy {
         "newfstatat",
         "openat",
         "poll",
+        "pread64",
         "read",
         "recvmsg",
         "sendmsg",

@@ -435,10 +435,17 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
     let mut threads = Vec::new();
+    let mut kvm_stats = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm
             .create_vcpu(id as u64)
             .with_context(|| format!("creating vCPU {id}"))?;
+        // An older kernel has none: the metrics go without them.
+        kvm_stats.push(
+            crate::kvm_stats::VcpuStats::of(&vcpu)
+                .inspect_err(|e| debug!("vCPU {id}: {e}"))
+                .ok(),
+        );
         let mut c = cpuid.clone();
         for e in c.as_mut_slice() {
             match e.function {
@@ -524,10 +531,19 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .counts();
+    let mut metrics = control.metrics();
+    for (m, stats) in metrics.iter_mut().zip(&kvm_stats) {
+        if let Some(s) = stats
+            .as_ref()
+            .and_then(|s| s.read().inspect_err(|e| debug!("vCPU {}: {e}", m.id)).ok())
+        {
+            m.kvm = s.into_iter().filter(|(_, v)| *v != 0).collect();
+        }
+    }
     Ok(Outcome {
         event,
         console,
-        metrics: control.metrics(),
+        metrics,
         timing,
     })
 }

@@ -374,38 +374,59 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
 /// connects and says nothing holds one of them, not the socket).
 const MAX_CLIENTS: usize = 64;
 
-/// Serves the control socket: each client on a thread of its own (a VM
-/// fleet adds its exports in parallel: served one client at a time, each
-/// add waited for every add before it), a line per command. The threads
-/// run under this thread's filter, which they inherit.
+/// Serves the control socket: each client on a thread of its own, so that
+/// a client that connects and says nothing (or a slow one) keeps no other
+/// waiting, a line per command. The threads run under this thread's
+/// filter, which they inherit.
 pub fn serve_control(exports: Arc<Exports>, defaults: ExportSpec, listener: UnixListener) {
-    let clients = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+    let clients = Arc::new(Clients::default());
+    let mut spawn_failures = cli_support::log_limit::LogLimit::default();
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        {
-            let (count, freed) = &*clients;
-            let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
-            while *n >= MAX_CLIENTS {
-                n = freed.wait(n).unwrap_or_else(|e| e.into_inner());
-            }
-            *n += 1;
-        }
-        let (exports, defaults, clients2) =
-            (Arc::clone(&exports), defaults.clone(), Arc::clone(&clients));
+        let seat = Clients::seat(&clients);
+        let (exports, defaults) = (Arc::clone(&exports), defaults.clone());
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                let _seat = seat;
                 sandbox::inherited(&crate::seccomp::CONTROL);
                 serve_client(&exports, &defaults, stream);
-                let (count, freed) = &*clients2;
-                *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-                freed.notify_one();
             });
+        // The seat went back with the closure; the client is dropped.
         if let Err(e) = spawned {
-            tracing::warn!("control socket: cannot start a thread for a client: {e}");
-            let (count, _) = &*clients;
-            *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            spawn_failures.emit(
+                || tracing::warn!("control socket: cannot start a thread for a client: {e}"),
+                |n| tracing::warn!("control socket: {n} more clients dropped the same way"),
+            );
         }
+    }
+}
+
+/// How many clients are being served, waited on when all seats are taken.
+#[derive(Default)]
+struct Clients {
+    count: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// One client's place, given back when dropped (whatever ends its thread).
+struct Seat(Arc<Clients>);
+
+impl Clients {
+    fn seat(clients: &Arc<Clients>) -> Seat {
+        let mut n = clients.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= MAX_CLIENTS {
+            n = clients.freed.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Seat(Arc::clone(clients))
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        *self.0.count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.freed.notify_one();
     }
 }
 

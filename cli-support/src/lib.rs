@@ -1,9 +1,12 @@
 //! The conventions `img`, `vmm` and `blk-backend` share at their edges:
 //! sizes are read the same way everywhere (qemu-img's: `1.5G`, `512k`,
 //! `4096`), an error is reported as one line in which each cause
-//! appears once, and log lines a peer can cause are bounded (`log_limit`).
+//! appears once, log lines a peer can cause are bounded (`log_limit`), and
+//! a path another process is about to make is waited for without polling
+//! (`path_wait`).
 
 pub mod log_limit;
+pub mod path_wait;
 
 /// A size the user wrote that is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

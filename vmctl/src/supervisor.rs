@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use cli_support::path_wait;
 
 use crate::binaries;
 use crate::host_backend::{pidfd, pidfd_of, wait_any, ExportEntry, HostBackend};
@@ -203,8 +204,8 @@ struct Exiting {
     /// What it reported, and where to note a teardown that went otherwise.
     reported: i32,
     vm: VmDir,
-    /// Closed last (see [`wait_for_api`]).
-    _api_watch: Option<std::os::fd::OwnedFd>,
+    /// What waited for the API socket, closed last (see `path_wait`).
+    _api_watch: path_wait::Kept,
 }
 
 impl Drop for Exiting {
@@ -426,34 +427,6 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
     Ok((vmm, console))
 }
 
-/// Until the vmm's API socket exists or the vmm ended. An inotify watch on
-/// the VM's directory wakes this thread when the socket is made: a stat
-/// and a 1 ms sleep in a loop cost a fleet's supervisors 1-2 ms of CPU per
-/// VM while their vmms started. Closing an inotify instance waits for a
-/// grace period (about 15 ms here), so the watch is returned, to be closed
-/// once the VM's end is recorded; without one, the loop it replaced.
-fn wait_for_api(vm: &VmDir, vmm_end: &impl AsFd) -> Option<std::os::fd::OwnedFd> {
-    use rustix::fs::inotify;
-    let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
-        .ok()
-        .filter(|w| inotify::add_watch(w, &vm.path, inotify::WatchFlags::CREATE).is_ok());
-    let mut events = [0u8; 1024];
-    while !vm.api_socket().exists() {
-        let ended = match &watch {
-            Some(w) => {
-                let woke = wait_any(&[vmm_end, w], None);
-                while rustix::io::read(w, &mut events).is_ok_and(|n| n > 0) {}
-                woke[0]
-            }
-            None => wait_any(&[vmm_end], Some(Duration::from_millis(1)))[0],
-        };
-        if ended {
-            break;
-        }
-    }
-    watch
-}
-
 fn run_vmm(
     vm: &VmDir,
     config: &VmConfig,
@@ -466,7 +439,7 @@ fn run_vmm(
     let vmm_end = pidfd(&vmm)?;
     // Running once its API answers (the socket appears just before the
     // vCPUs start, milliseconds after exec), or it ended first.
-    let api_watch = wait_for_api(vm, &vmm_end);
+    let (_, api_watch) = path_wait::wait_for(&vm.api_socket(), None, &[vmm_end.as_fd()]);
     status.state = "running".into();
     vm.write_status(status)?;
     ready();

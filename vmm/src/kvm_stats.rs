@@ -22,6 +22,8 @@ const DESC_LEN: usize = 16;
 /// bytes): a file that says more is not read.
 const MAX_DESCRIPTORS: usize = 4096;
 const MAX_NAME: usize = 1024;
+/// Far above a kernel's data block (8 bytes a value, a few histograms).
+const MAX_DATA: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvmStatsError {
@@ -31,6 +33,8 @@ pub enum KvmStatsError {
     Read(#[source] std::io::Error),
     #[error("KVM's statistics header is out of bounds ({0} descriptors, names of {1} bytes)")]
     Header(usize, usize),
+    #[error("KVM's statistics place a counter {0} bytes into their data")]
+    Data(usize),
 }
 
 /// A vCPU's statistics file, opened while the vCPU exists; readable to the
@@ -72,20 +76,31 @@ fn read_stats(f: &File) -> Result<BTreeMap<String, u64>, KvmStatsError> {
     let mut descs = vec![0u8; count * (DESC_LEN + name_size)];
     f.read_exact_at(&mut descs, desc_offset)
         .map_err(KvmStatsError::Read)?;
+    // The counters wanted, by name and place in the data block.
+    let wanted: Vec<(&[u8], usize)> = descs
+        .chunks_exact(DESC_LEN + name_size)
+        .filter_map(|d| {
+            let flags = word(d, 0);
+            let size = u16::from_ne_bytes([d[6], d[7]]);
+            let kind = flags & KVM_STATS_TYPE_MASK;
+            let counter = kind == KVM_STATS_TYPE_CUMULATIVE || kind == KVM_STATS_TYPE_PEAK;
+            let name = &d[DESC_LEN..];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            (size == 1 && counter).then_some((name, word(d, 8) as usize))
+        })
+        .collect();
+    // The data block in one read, up to the last counter wanted.
+    let end = wanted.iter().map(|&(_, at)| at + 8).max().unwrap_or(0);
+    if end > MAX_DATA {
+        return Err(KvmStatsError::Data(end));
+    }
+    let mut data = vec![0u8; end];
+    f.read_exact_at(&mut data, data_offset)
+        .map_err(KvmStatsError::Read)?;
     let mut out = BTreeMap::new();
-    for d in descs.chunks_exact(DESC_LEN + name_size) {
-        let flags = word(d, 0);
-        let size = u16::from_ne_bytes([d[6], d[7]]);
-        let offset = word(d, 8) as u64;
-        let kind = flags & KVM_STATS_TYPE_MASK;
-        if size != 1 || !(kind == KVM_STATS_TYPE_CUMULATIVE || kind == KVM_STATS_TYPE_PEAK) {
-            continue;
-        }
-        let name = &d[DESC_LEN..];
-        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+    for (name, at) in wanted {
         let mut value = [0u8; 8];
-        f.read_exact_at(&mut value, data_offset + offset)
-            .map_err(KvmStatsError::Read)?;
+        value.copy_from_slice(&data[at..at + 8]);
         out.insert(
             String::from_utf8_lossy(name).into_owned(),
             u64::from_ne_bytes(value),

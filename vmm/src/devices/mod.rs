@@ -20,7 +20,6 @@ pub mod io_error;
 pub mod pci;
 pub mod power;
 pub mod serial;
-pub mod socket_wait;
 pub mod vhost_user_blk;
 pub mod virtio_console;
 pub mod virtio_pci;

@@ -19,12 +19,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::deadline;
 use super::io_error::{self, FailedQueue};
-use super::socket_wait;
 use super::virtio_pci::{
     DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
 use crate::config::DiskConfig;
 use cli_support::log_limit::LogLimit;
+use cli_support::path_wait;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -84,7 +84,7 @@ pub struct VhostUserBlk {
     active: Option<Active>,
     /// What waited for the socket at start, kept (closing it at once costs
     /// a grace period).
-    _socket_watch: Option<socket_wait::Watch>,
+    _socket_watch: path_wait::Kept,
 }
 
 /// What the driver set up, as the backend must be told again after a
@@ -214,22 +214,13 @@ impl VhostUserBlk {
         // may not open, a path that is no socket) ends the wait at once.
         let give_up = std::time::Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
         let mut pause = Duration::from_millis(1);
-        let mut socket_watch = None;
+        let mut socket_watch = path_wait::Kept::default();
         let (frontend, backend_features, protocol, config) = loop {
-            // No socket yet: waited for with an inotify watch (not a socket
-            // made, refused and closed in a loop: a fleet's vmms waited
-            // through 10-20 such attempts each, 3 % of the fleet's CPU);
-            // where no watch can be set up, looked for again after a pause.
+            // No socket yet: waited for (an inotify watch), not a socket
+            // made, refused and closed in a loop (a fleet's vmms waited
+            // through 10-20 such attempts each, 3 % of the fleet's CPU).
             if !cfg.socket.exists() && std::time::Instant::now() < give_up {
-                if socket_watch.is_none() {
-                    socket_watch = socket_wait::wait_for(&cfg.socket, give_up);
-                    if socket_watch.is_some() {
-                        continue;
-                    }
-                }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(5));
-                continue;
+                socket_watch = path_wait::wait_for(&cfg.socket, Some(give_up), &[]).1;
             }
             match handshake(&cfg.socket, cfg.num_queues, mem, reply_timeout) {
                 Err(DiskError::Connect { err, .. })

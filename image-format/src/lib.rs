@@ -17,7 +17,7 @@ pub use disk::{ChainView, Disk, Extent, IndexChange, Source};
 pub use error::{Error, Result};
 pub use layer::{Layer, NewLayer};
 pub use map::BlockState;
-pub use storage::{Env, RealEnv, Storage};
+pub use storage::{Env, RealEnv, Storage, VolatileEnv};
 pub mod backup;
 pub mod check;
 pub mod convert;

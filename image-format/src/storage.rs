@@ -69,15 +69,28 @@ pub trait Env: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealEnv;
 
+/// The real filesystem for scratch images that nobody will look at after
+/// a crash (a test fleet's clones, removed when the fleet ends): every
+/// flush is skipped, as QEMU's `cache=unsafe` does. What is written is
+/// the same; only its durability is given up, and with it a cache flush
+/// of the whole disk per image made.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VolatileEnv;
+
 /// A real file.
 #[derive(Debug)]
 pub struct RealFile {
     file: File,
+    /// False for [`VolatileEnv`]'s files: `sync_data` does nothing.
+    durable: bool,
 }
 
 impl RealFile {
     pub fn new(file: File) -> Self {
-        RealFile { file }
+        RealFile {
+            file,
+            durable: true,
+        }
     }
     pub fn file(&self) -> &File {
         &self.file
@@ -135,6 +148,9 @@ impl Storage for RealFile {
         Err(e)
     }
     fn sync_data(&self) -> io::Result<()> {
+        if !self.durable {
+            return Ok(());
+        }
         self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
@@ -172,19 +188,25 @@ impl Storage for RealFile {
     }
 }
 
+fn open_file(path: &Path, writable: bool) -> io::Result<File> {
+    OpenOptions::new().read(true).write(writable).open(path)
+}
+
+fn create_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
 impl Env for RealEnv {
     fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn Storage>> {
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(Arc::new(RealFile::new(file)))
+        Ok(Arc::new(RealFile::new(open_file(path, writable)?)))
     }
     fn create(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
-        Ok(Arc::new(RealFile::new(file)))
+        Ok(Arc::new(RealFile::new(create_file(path)?)))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
@@ -230,6 +252,53 @@ impl Env for RealEnv {
     }
     fn lock_holder(&self, path: &Path) -> io::Result<Option<Holder>> {
         crate::lock::holder(path)
+    }
+}
+
+impl Env for VolatileEnv {
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(RealFile {
+            file: open_file(path, writable)?,
+            durable: false,
+        }))
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(RealFile {
+            file: create_file(path)?,
+            durable: false,
+        }))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealEnv.rename(from, to)
+    }
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealEnv.hard_link(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        RealEnv.remove(path)
+    }
+    fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn exists(&self, path: &Path) -> bool {
+        RealEnv.exists(path)
+    }
+    fn identity(&self, path: &Path) -> io::Result<PathBuf> {
+        RealEnv.identity(path)
+    }
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        RealEnv.list_dir(dir)
+    }
+    fn lock(
+        &self,
+        path: &Path,
+        kind: LockKind,
+        wanted: &'static str,
+    ) -> Result<ImageLock, LockError> {
+        RealEnv.lock(path, kind, wanted)
+    }
+    fn lock_holder(&self, path: &Path) -> io::Result<Option<Holder>> {
+        RealEnv.lock_holder(path)
     }
 }
 

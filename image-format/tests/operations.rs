@@ -10,7 +10,7 @@ use image_format::backup::{backup, restore};
 use image_format::check::{check, RepairMode};
 use image_format::header::SLOT_SIZE;
 use image_format::sim::SimEnv;
-use image_format::{ops, Disk, Env, Error, Layer, RealEnv};
+use image_format::{ops, Disk, Env, Error, Layer, RealEnv, VolatileEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -237,6 +237,30 @@ fn clones_share_a_base_and_stay_independent() {
         disk.close().expect("close");
     }
     assert_eq!(file_hash(&base), base_hash_sealed);
+    assert_eq!(read_all(&base), expect);
+}
+
+/// A scratch clone (VolatileEnv: no flushes) is an ordinary image: it
+/// reads as its base, grows, takes writes and checks clean through the
+/// real filesystem's view.
+#[test]
+fn a_scratch_clone_is_an_ordinary_image() {
+    let d = Dir::new();
+    let (base, expect) = make_base(&d, "base.img", 8 * MIB);
+    let c = d.p("scratch.img");
+    ops::clone(&VolatileEnv, &base, &c).expect("clone");
+    assert_eq!(read_all(&c), expect);
+    ops::resize(&VolatileEnv, &c, 12 * MIB).expect("resize");
+    let mut grown = expect.clone();
+    grown.resize(12 * MIB as usize, 0);
+    assert_eq!(read_all(&c), grown);
+    let mut disk = Disk::open_path(&c, true).expect("open");
+    disk.write_at(&[9u8; 4096], 10 * MIB).expect("write");
+    disk.close().expect("close");
+    grown[10 * MIB as usize..10 * MIB as usize + 4096].fill(9);
+    assert_eq!(read_all(&c), grown);
+    let report = check(env().as_ref(), &c, RepairMode::None).expect("check");
+    assert_eq!(report.exit_code(), 0, "{report:?}");
     assert_eq!(read_all(&base), expect);
 }
 

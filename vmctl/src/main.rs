@@ -182,6 +182,7 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
             .transpose()
             .context("--disk-size")?,
         backend: vm.backend,
+        scratch: false,
     })
 }
 
@@ -363,7 +364,11 @@ fn run(cli: Cli) -> Result<i32> {
                     )
                 }
             };
-            let report = fleet::run(&root, &prefix, count, &spec(image, &vm)?, rm)?;
+            let spec = Spec {
+                scratch: rm,
+                ..spec(image, &vm)?
+            };
+            let report = fleet::run(&root, &prefix, count, &spec, rm)?;
             if output == Output::Json {
                 print_json(&json!({
                     "vms": report.rows,

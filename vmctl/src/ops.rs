@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use image_format::{ops, Layer, RealEnv};
+use image_format::{ops, Env, Layer, RealEnv, VolatileEnv};
 use serde_json::{json, Value};
 
 use crate::host_backend::{pidfd_of, wait_any, HostBackend};
@@ -29,6 +29,9 @@ pub struct Spec {
     /// Grow the clone to this many bytes (the new space reads as zeros).
     pub disk_size: Option<u64>,
     pub backend: BackendMode,
+    /// A scratch clone (`run --rm`: deleted when the fleet ends): made
+    /// without flushes, since nothing of it is wanted after a crash.
+    pub scratch: bool,
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a
@@ -73,7 +76,10 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
                 format!("--image {}: snapshotting it to clone it", image.display())
             })?
         };
-        let clone = ops::clone(&env, &base_path, &vm.disk())
+        // The user's image above is flushed as ever; only the clone is
+        // scratch.
+        let clone_env: &dyn Env = if spec.scratch { &VolatileEnv } else { &env };
+        let clone = ops::clone(clone_env, &base_path, &vm.disk())
             .with_context(|| format!("cloning {}", base_path.display()))?;
         if let Some(size) = spec.disk_size {
             let have = clone.header.virtual_size;
@@ -81,7 +87,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             if size < have {
                 bail!("--disk-size {size}: smaller than the image's {have} bytes");
             }
-            ops::resize(&env, &vm.disk(), size).context("--disk-size")?;
+            ops::resize(clone_env, &vm.disk(), size).context("--disk-size")?;
         }
         vm.write_config(&VmConfig {
             name: name.to_string(),

@@ -4,6 +4,7 @@
 //! directory is the truth every call reads.
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -438,7 +439,20 @@ fn to_json<T: Serialize>(path: &Path, v: &T) -> Result<String, StateError> {
 /// a filesystem without the exchange, renames.
 pub fn write_json_swapped<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
     let next = path.with_extension("json.next");
-    std::fs::write(&next, to_json(path, v)?).map_err(dir_error(&next, "cannot write it"))?;
+    // Written over and then cut to length, not truncated first: ext4
+    // flushes a file truncated to nothing when it is closed (its
+    // auto_da_alloc), a disk write per status change.
+    let text = to_json(path, v)?;
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&next)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.set_len(text.len() as u64)
+        });
+    written.map_err(dir_error(&next, "cannot write it"))?;
     let cwd = rustix::fs::CWD;
     match rustix::fs::renameat_with(cwd, &next, cwd, path, rustix::fs::RenameFlags::EXCHANGE) {
         Ok(()) => Ok(()),

@@ -18,7 +18,8 @@ mod syscall_names;
 mod user;
 
 pub use seccomp::{
-    assert_forbidden_call_is_reported, confine, enable, inherited, install_reporter, malloc_arenas,
-    syscall_name, Policy, SandboxError, EVENT_LOOP, EVERY_THREAD, FORBIDDEN_EXIT,
+    assert_forbidden_call_is_reported, assert_open_is_refused_quietly, confine, enable, inherited,
+    install_reporter, malloc_arenas, syscall_name, Policy, SandboxError, EVENT_LOOP, EVERY_THREAD,
+    FORBIDDEN_EXIT,
 };
 pub use user::{drop_privileges, UserError};

@@ -216,7 +216,7 @@ pub extern "C" fn guest_main() -> ! {
         dev_features,
         disk_bytes,
         st.irqs,
-        rt::halts(),
+        rt::halts() - console::naps(),
         st.kicks,
         hz,
         hz_source,

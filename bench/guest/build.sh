@@ -11,14 +11,16 @@ target_dir=${CARGO_TARGET_DIR:-$root/target/guest}
 out=${OUT:-$target_dir/bench-guest.elf}
 bzimage=${out%.elf}.bzImage
 cd "$here"
+# The target named outright: the workspace's .cargo/config.toml names it
+# too (its crt-static is for executables; RUSTFLAGS here replaces it).
 RUSTFLAGS="-C relocation-model=static -C code-model=small -C target-cpu=x86-64-v2" \
-  cargo build --release --quiet --target-dir "$target_dir"
+  cargo build --release --quiet --target x86_64-unknown-linux-gnu --target-dir "$target_dir"
 # Built aside and moved into place, so a VM booting the guest while another
 # build runs (tests run in parallel) never reads a half-written file.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 ld -static -nostdlib --gc-sections -z noexecstack --no-warn-rwx-segments -u _start32 -u startup_64 \
-  -T "$here/linker.ld" -o "$work/guest.elf" "$target_dir/release/libbench_guest.a"
+  -T "$here/linker.ld" -o "$work/guest.elf" "$target_dir/x86_64-unknown-linux-gnu/release/libbench_guest.a"
 
 # The bzImage: two setup sectors, then the ELF's loadable bytes from 1 MiB on.
 objcopy -O binary -R .bss "$work/guest.elf" "$work/image.bin"

@@ -19,6 +19,10 @@ pub fn repo_root() -> PathBuf {
 /// a test that runs it from `target/debug` at the same moment.
 pub const E2E_TARGET_DIR: &str = "target/e2e";
 
+/// The build target every build of the workspace names (.cargo/config.toml,
+/// for static binaries): its outputs sit in a directory of that name.
+pub const BUILD_TARGET: &str = "x86_64-unknown-linux-gnu";
+
 /// A debug binary of the workspace (`blk-backend`, `img`, `vmm`), built
 /// once per process (tests in other processes wait on cargo's lock; once
 /// built, the build is a no-op that rewrites nothing).
@@ -44,7 +48,10 @@ pub fn bin(name: &str) -> PathBuf {
             .expect("running cargo build");
         assert!(st.success(), "building the workspace binaries failed");
     });
-    root.join(E2E_TARGET_DIR).join("debug").join(name)
+    root.join(E2E_TARGET_DIR)
+        .join(BUILD_TARGET)
+        .join("debug")
+        .join(name)
 }
 
 /// Runs `img` with `args`; panics with its error output if it fails.

@@ -32,16 +32,12 @@ const IMAGE_IO: &[&str] = &[
     "statx",
 ];
 
-/// A queue worker: its event loop (kick, completions, stop), its io_uring,
-/// the synchronous request path, and hanging up a session whose memory
-/// went away.
+/// A queue worker: its io_uring (where kicks, completions and the stop
+/// arrive too), the synchronous request path, and hanging up a session
+/// whose memory went away.
 pub const WORKER: Policy = Policy {
     name: "queue worker",
-    groups: &[
-        IMAGE_IO,
-        sandbox::EVENT_LOOP,
-        &["fcntl", "io_uring_enter", "read", "shutdown"],
-    ],
+    groups: &[IMAGE_IO, &["fcntl", "io_uring_enter", "read", "shutdown"]],
 };
 
 /// A session (an export's socket): accepting a frontend, its vhost-user

@@ -1,16 +1,33 @@
-//! The hot path: one io_uring per queue. Every request a kick makes
-//! available is turned into reads and writes straight between the layer
-//! files and guest memory, submitted in one batch; completions arrive on the
-//! ring's eventfd in the same worker thread's event loop.
+//! The hot path: one io_uring per queue, which is also its worker's only
+//! wait. Every request a kick makes available is turned into reads and
+//! writes straight between the layer files and guest memory, submitted in
+//! one batch; the kick itself (a multishot poll of the kick eventfd: one
+//! completion per kick, the eventfd never read, its count of no interest),
+//! the worker's stop and every I/O complete on the same ring, and one
+//! `io_uring_enter` submits a batch and sleeps until the next of them. The ring has a single issuer with deferred task
+//! work: completions are posted when the worker asks for them, not by
+//! interrupting it.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestAddress;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::connection::Session;
+
+/// User data of the kick and stop reads (no request slot comes near).
+const KICK: u64 = u64::MAX;
+const STOP: u64 = u64::MAX - 1;
+
+/// What [`QueueRing::reap`] saw besides I/O completions.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Events {
+    /// The guest kicked the queue.
+    pub kick: bool,
+    /// The worker is asked to stop.
+    pub stop: bool,
+}
 
 /// A request waiting for its I/Os.
 #[derive(Debug, Clone)]
@@ -29,30 +46,105 @@ pub struct Pending {
 /// One queue's ring and the requests in flight on it.
 pub struct QueueRing {
     ring: IoUring,
-    eventfd: EventFd,
+    /// Made disabled, to be enabled by the thread that submits (a
+    /// single-issuer ring belongs to the task that enables it).
+    disabled: bool,
+    /// Completions wait for the worker to ask (deferred task work): a
+    /// poller looks at the ring's task-run flag to know when to.
+    deferred: bool,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     /// SQEs pushed since the last submit.
     unsubmitted: u32,
+    /// The kick and stop eventfds the ring polls.
+    kick: Option<RawFd>,
+    stop: Option<RawFd>,
 }
 
 impl QueueRing {
+    /// A ring for about `entries` I/Os at once. Made in the thread that
+    /// starts the worker (errors are its to report) and enabled by the
+    /// worker in [`QueueRing::start`]. A kernel without single-issuer
+    /// rings and deferred task work (before 6.1) gets a plain ring.
     pub fn new(entries: u32) -> io::Result<Self> {
-        let ring = IoUring::new(entries)?;
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let cq = entries.saturating_mul(2);
+        let (ring, deferred) = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_r_disabled()
+            .setup_cqsize(cq)
+            .build(entries)
+        {
+            Ok(r) => (r, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (IoUring::builder().setup_cqsize(cq).build(entries)?, false)
+            }
+            Err(e) => return Err(e),
+        };
         Ok(QueueRing {
             ring,
-            eventfd,
+            disabled: deferred,
+            deferred,
             pending: Vec::new(),
             free: Vec::new(),
             unsubmitted: 0,
+            kick: None,
+            stop: None,
         })
     }
 
-    /// The descriptor the worker's event loop waits on.
-    pub fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    /// In the worker's thread, before its first submission: enables the
+    /// ring (making this thread its issuer) and arms the polls of the
+    /// queue's kick eventfd (if the frontend gave one) and of `stop`.
+    pub fn start(&mut self, kick: Option<RawFd>, stop: RawFd) -> io::Result<()> {
+        if self.disabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.disabled = false;
+        }
+        self.kick = kick;
+        self.stop = Some(stop);
+        if kick.is_some() {
+            self.arm(KICK)?;
+        }
+        self.arm(STOP)?;
+        // Handed over now, while the descriptors are surely the queue's.
+        self.submit()
+    }
+
+    /// Polls the kick eventfd (multishot: a completion per kick; the
+    /// eventfd is not read, as a read of its nonblocking file would not
+    /// wait) or the stop eventfd (once).
+    fn arm(&mut self, tag: u64) -> io::Result<()> {
+        let (fd, multi) = match tag {
+            KICK => (self.kick, true),
+            _ => (self.stop, false),
+        };
+        let Some(fd) = fd else {
+            return Ok(());
+        };
+        let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(multi)
+            .build()
+            .user_data(tag);
+        // SAFETY: a poll points at no memory.
+        unsafe { self.push(&sqe) }
+    }
+
+    /// Queues an SQE, handing the queue to the kernel first if it is full.
+    ///
+    /// # Safety
+    /// What the SQE points at must stay valid until it completes.
+    unsafe fn push(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the caller's.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -103,17 +195,8 @@ impl QueueRing {
         }
         // The length rides along so a short transfer counts as a failure.
         .user_data(slot as u64 | (len as u64) << 32);
-        loop {
-            // SAFETY: the buffer contract is the caller's (above).
-            let pushed = unsafe { self.ring.submission().push(&sqe) };
-            if pushed.is_ok() {
-                self.unsubmitted += 1;
-                return Ok(());
-            }
-            // Full: hand what is queued to the kernel and retry.
-            self.ring.submit()?;
-            self.unsubmitted = 0;
-        }
+        // SAFETY: the buffer contract is the caller's (above).
+        unsafe { self.push(&sqe) }
     }
 
     /// Submits everything queued, in one system call.
@@ -125,38 +208,55 @@ impl QueueRing {
         Ok(())
     }
 
-    /// Clears the completion eventfd (after epoll reported it).
-    pub fn clear_eventfd(&self) {
-        let _ = self.eventfd.read();
-    }
-
-    /// Whether completions wait to be reaped (no system call).
-    pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
-    }
-
-    /// Whether the kernel signals the eventfd on completions; off while the
-    /// worker polls the ring itself.
-    pub fn set_eventfd_enabled(&mut self, on: bool) {
-        let cq = self.ring.completion();
-        if on {
-            cq.enable_eventfd();
-        } else {
-            cq.disable_eventfd();
+    /// Submits everything queued and sleeps until something completes (a
+    /// kick, a stop, an I/O), in one system call.
+    pub fn wait(&mut self) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {
+                self.unsubmitted = 0;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
-    /// Collects completions; returns the requests that finished. A guest
-    /// can make I/O fail at will (buffers in memory it took away): failures
-    /// are logged within the session's limit.
-    pub fn reap(&mut self, session: &Session) -> Vec<Pending> {
-        let mut done = Vec::new();
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (data, res) in cqes {
+    /// Whether completions wait to be reaped. With deferred task work the
+    /// kernel holds them until asked: the ring's flag says so without a
+    /// system call, and only then is one made.
+    pub fn has_completions(&mut self) -> bool {
+        if self.deferred && self.ring.submission().taskrun() {
+            let _ = self.ring.submit();
+            self.unsubmitted = 0;
+        }
+        !self.ring.completion().is_empty()
+    }
+
+    /// Collects completions: requests that finished go to `done`; kicks
+    /// and a stop are returned. A guest can make I/O fail at will
+    /// (buffers in memory it took away): failures are logged within the
+    /// session's limit.
+    pub fn reap(&mut self, session: &Session, done: &mut Vec<Pending>) -> Events {
+        let mut events = Events::default();
+        let mut kick_failed = None;
+        let mut rearm_kick = false;
+        for cqe in self.ring.completion() {
+            let (data, res) = (cqe.user_data(), cqe.result());
+            if data == KICK {
+                if res >= 0 {
+                    events.kick = true;
+                    // A multishot poll the kernel ended (its queue of
+                    // completions overflowed, say) is armed again.
+                    rearm_kick |= !io_uring::cqueue::more(cqe.flags());
+                } else {
+                    kick_failed = Some(res);
+                }
+                continue;
+            }
+            if data == STOP {
+                events.stop = true;
+                continue;
+            }
             let (slot, len) = ((data & 0xffff_ffff) as usize, (data >> 32) as i64);
             let Some(p) = self.pending.get_mut(slot).and_then(|p| p.as_mut()) else {
                 continue;
@@ -178,7 +278,19 @@ impl QueueRing {
                 self.free.push(slot);
             }
         }
-        done
+        if rearm_kick && kick_failed.is_none() && self.arm(KICK).is_err() {
+            kick_failed = Some(-libc::EAGAIN);
+        }
+        if let Some(res) = kick_failed {
+            // The kick eventfd is gone or broken: the worker hears no
+            // more kicks from it, and says so once.
+            tracing::warn!(
+                "the queue's kick eventfd failed ({}): kicks are no longer heard",
+                io::Error::from_raw_os_error(-res)
+            );
+            self.kick = None;
+        }
+        events
     }
 
     /// Retires a request that needed no kernel I/O (completed by the caller).
@@ -189,15 +301,13 @@ impl QueueRing {
     }
 
     /// Waits for every request in flight (before guest memory goes away).
-    pub fn drain(&mut self, session: &Session) -> Vec<Pending> {
-        let mut all = Vec::new();
+    pub fn drain(&mut self, session: &Session, done: &mut Vec<Pending>) {
         while self.in_flight() > 0 {
             if self.ring.submit_and_wait(1).is_err() {
                 break;
             }
-            self.clear_eventfd();
-            all.extend(self.reap(session));
+            self.unsubmitted = 0;
+            self.reap(session, done);
         }
-        all
     }
 }

@@ -1,7 +1,8 @@
-//! A queue's worker thread: one small event loop (kick, io_uring
-//! completions, stop) that owns everything its queue needs on the hot
-//! path: its io_uring, its copy of the chain index and its part of the
-//! inflight region. Nothing here waits on another queue.
+//! A queue's worker thread: one loop around its io_uring (kicks, I/O
+//! completions and the stop all arrive there) that owns everything its
+//! queue needs on the hot path: the ring, its copy of the chain index and
+//! its part of the inflight region. Nothing here waits on another queue,
+//! and nothing allocates per request or per batch.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -13,7 +14,6 @@ use vhost_user_backend::{VringMutex, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::connection::Session;
@@ -25,9 +25,6 @@ use blk_request::{Kind, Request};
 
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>;
 
-const KICK: u64 = 0;
-const COMPLETIONS: u64 = 1;
-const STOP: u64 = 2;
 /// Above this many requests in flight a worker sleeps instead of polling.
 const POLL_MAX_IN_FLIGHT: usize = 4;
 
@@ -74,6 +71,11 @@ struct Running {
     sub: Subscription,
     used: Vec<Done>,
     wrote: Vec<(u64, u64)>,
+    /// Reused per batch: heads taken from the ring, requests finished.
+    heads: Vec<u16>,
+    done: Vec<Pending>,
+    /// The stop came in on the ring.
+    stopping: bool,
     /// The driver put the ring in a state no driver can legally reach (its
     /// available index more than a queue's worth ahead): VIRTIO's "device
     /// needs reset". The queue is left alone until the driver sets it up
@@ -90,9 +92,21 @@ impl QueueWorker {
         let ring_entries = (self.vring.get_ref().get_queue().size() as u32 * 4)
             .next_power_of_two()
             .max(64);
-        let ring = QueueRing::new(ring_entries)?;
+        let mut ring = QueueRing::new(ring_entries)?;
         let name = format!("queue {}", self.queue);
+        let kick = self
+            .vring
+            .get_ref()
+            .get_kick()
+            .as_ref()
+            .map(|k| k.as_raw_fd());
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            // Before the filter narrows: enabling the ring is a register
+            // call the session's filter allows and the worker's does not.
+            if let Err(e) = ring.start(kick, stop2.as_raw_fd()) {
+                warn!(queue = self.queue, "not serving: its io_uring: {e}");
+                return;
+            }
             if let Err(e) = sandbox::confine(&crate::seccomp::WORKER) {
                 warn!(queue = self.queue, "not serving: {e}");
                 return;
@@ -104,10 +118,13 @@ impl QueueWorker {
                 sub,
                 used: Vec::new(),
                 wrote: Vec::new(),
+                heads: Vec::new(),
+                done: Vec::new(),
+                stopping: false,
                 broken: false,
                 failed: 0,
             };
-            if let Err(e) = r.run(&stop2) {
+            if let Err(e) = r.run() {
                 warn!(queue = r.w.queue, "worker stopped: {e}");
             }
             let Running { w, sub, .. } = r;
@@ -118,32 +135,7 @@ impl QueueWorker {
 }
 
 impl Running {
-    fn run(&mut self, stop: &EventFd) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        let kick = self
-            .w
-            .vring
-            .get_ref()
-            .get_kick()
-            .as_ref()
-            .map(|k| k.as_raw_fd());
-        if let Some(fd) = kick {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, KICK),
-            )?;
-        }
-        epoll.ctl(
-            ControlOperation::Add,
-            self.ring.eventfd(),
-            EpollEvent::new(EventSet::IN, COMPLETIONS),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP),
-        )?;
+    fn run(&mut self) -> io::Result<()> {
         // What a predecessor left in flight goes first; then whatever the
         // guest queued while nobody listened (its kicks went nowhere).
         let resubmit = std::mem::take(&mut self.w.resubmit);
@@ -156,57 +148,59 @@ impl Running {
         // signalling them leaves the guest waiting for an interrupt that
         // never came; one spurious interrupt costs nothing.
         let _ = self.w.vring.signal_used_queue();
-        let mut events = vec![EpollEvent::default(); 4];
-        'serve: loop {
+        while !self.stopping {
             if !self.w.poll.is_zero() && !self.broken && self.poll()? {
                 // More arrived as notifications came back on.
                 continue;
             }
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    KICK => {
-                        if let Some(k) = self.w.vring.get_ref().get_kick() {
-                            let _ = k.consume();
-                        }
-                        self.process_queue()?;
-                    }
-                    COMPLETIONS => {
-                        self.ring.clear_eventfd();
-                        self.process_completions()?;
-                    }
-                    _ => break 'serve,
-                }
+            if self.stopping {
+                break;
+            }
+            // Submits what is queued and sleeps until a kick, a
+            // completion or the stop.
+            self.ring.wait()?;
+            if self.handle_completions()? {
+                self.process_queue()?;
             }
         }
         // Stopping: in-flight I/O lands and is completed first, while the
         // guest memory is still mapped.
-        let done = self.ring.drain(&self.w.session);
-        self.complete(done);
+        self.ring.drain(&self.w.session, &mut self.done);
+        self.complete_done();
         self.publish()
     }
 
+    /// Takes what the ring completed: finished requests are answered (and
+    /// published), a stop noted. Returns whether the guest kicked.
+    fn handle_completions(&mut self) -> io::Result<bool> {
+        let events = self.ring.reap(&self.w.session, &mut self.done);
+        self.stopping |= events.stop;
+        self.complete_done();
+        self.publish()?;
+        Ok(events.kick)
+    }
+
     /// Busy-polls the available ring and the io_uring completions while
-    /// work keeps coming, with guest kicks and completion wakeups off
-    /// (each kick costs the guest an exit). Returns whether new requests
+    /// work keeps coming, with guest kicks off (each kick costs the guest
+    /// an exit). Returns whether new requests
     /// showed up as notifications were turned back on.
     fn poll(&mut self) -> io::Result<bool> {
         let event_idx = self.w.event_idx;
         if event_idx {
             let _ = self.w.vring.disable_notification();
         }
-        self.ring.set_eventfd_enabled(false);
         let mut idle_since = std::time::Instant::now();
         let mem = self.w.mem.memory();
         let mut spins = 0u32;
         loop {
             let mut worked = false;
             if self.ring.has_completions() {
-                self.process_completions()?;
+                // A kick is no news while polling (the available ring is
+                // looked at below anyway).
+                self.handle_completions()?;
+                if self.stopping {
+                    return Ok(false);
+                }
                 worked = true;
             }
             if self.avail_pending(&mem) {
@@ -234,15 +228,12 @@ impl Running {
                 std::hint::spin_loop();
             }
         }
-        self.ring.set_eventfd_enabled(true);
-        // Completions that landed while the eventfd was off wake nobody.
-        let late = self.ring.has_completions();
         let more = if event_idx {
             self.w.vring.enable_notification().unwrap_or(true)
         } else {
             self.avail_pending(&mem)
         };
-        Ok(late || more)
+        Ok(more)
     }
 
     fn avail_pending(&mut self, mem: &GuestMemoryMmap) -> bool {
@@ -314,7 +305,8 @@ impl Running {
         if !self.ring_sane(mem) {
             return Ok(());
         }
-        let mut heads = Vec::new();
+        let mut heads = std::mem::take(&mut self.heads);
+        heads.clear();
         let mut impossible_head = None;
         {
             let mut st = self.w.vring.get_mut();
@@ -336,7 +328,9 @@ impl Running {
                 heads.push(head);
             }
         }
-        self.run_heads(&heads, mem)?;
+        let ran = self.run_heads(&heads, mem);
+        self.heads = heads;
+        ran?;
         if let Some((head, size)) = impossible_head {
             self.declare_broken(&format!(
                 "the driver made descriptor {head} available in a queue of {size}"
@@ -392,7 +386,10 @@ impl Running {
                         None
                     };
                     match ring_path {
-                        Some(Some(p)) => self.complete(vec![p]),
+                        Some(Some(p)) => {
+                            self.done.push(p);
+                            self.complete_done();
+                        }
                         Some(None) => {}
                         None => {
                             let (s, written) = self.w.export.execute(&req, mem);
@@ -424,21 +421,15 @@ impl Running {
         self.used.push(Done { head, len });
     }
 
-    fn process_completions(&mut self) -> io::Result<()> {
-        let done = self.ring.reap(&self.w.session);
-        self.complete(done);
-        self.publish()
-    }
-
-    /// Writes statuses for finished ring requests and queues their used
-    /// entries; allocating writes go to the map first.
-    fn complete(&mut self, done: Vec<Pending>) {
-        if done.is_empty() {
+    /// Writes statuses for finished ring requests (in `self.done`) and
+    /// queues their used entries; allocating writes go to the map first.
+    fn complete_done(&mut self) {
+        if self.done.is_empty() {
             return;
         }
         let mem = self.w.mem.memory();
         self.wrote.clear();
-        for p in &done {
+        for p in &self.done {
             if let (false, Some((off, len))) = (p.failed, p.wrote) {
                 if !self.sub.view.top_owns(off, len) {
                     self.wrote.push((off, len));
@@ -450,7 +441,7 @@ impl Running {
             // queue must find the data in the top.
             self.w.export.note_written(&self.wrote);
         }
-        for p in done {
+        for p in self.done.drain(..) {
             let (status, len) = if p.failed {
                 self.failed += 1;
                 (VIRTIO_BLK_S_IOERR as u8, 1)
@@ -458,7 +449,7 @@ impl Running {
                 (VIRTIO_BLK_S_OK as u8, p.written + 1)
             };
             let _ = mem.write_obj(status, p.status);
-            self.used_push(p.head, len);
+            self.used.push(Done { head: p.head, len });
         }
     }
 

@@ -199,6 +199,53 @@ impl QueueRing {
         unsafe { self.push(&sqe) }
     }
 
+    /// Does a read or write of `len` bytes between `fd` at `offset` and
+    /// `buf` now, in this thread (for files in memory, where a copy never
+    /// waits on a device and the ring would hand it to a kernel thread).
+    /// A short transfer is an error, as on the ring.
+    ///
+    /// # Safety
+    /// `buf..buf+len` must be mapped and not in use by others for the
+    /// call (guest memory of a request the worker holds).
+    pub unsafe fn rw_now(
+        write: bool,
+        fd: RawFd,
+        buf: *mut u8,
+        len: u32,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < len as usize {
+            let at = offset + done as u64;
+            let rest = len as usize - done;
+            // SAFETY: inside the caller's buffer (done < len), whose
+            // contract the caller keeps; the kernel copies at most `rest`.
+            let n = unsafe {
+                if write {
+                    libc::pwrite(fd, buf.add(done).cast(), rest, at as libc::off_t)
+                } else {
+                    libc::pread(fd, buf.add(done).cast(), rest, at as libc::off_t)
+                }
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short transfer: {done} of {len} bytes"),
+                    ))
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Submits everything queued, in one system call.
     pub fn submit(&mut self) -> io::Result<()> {
         if self.unsubmitted > 0 {

@@ -25,6 +25,14 @@ impl Fixture {
         }
     }
 
+    /// A fresh directory in memory (/dev/shm, tmpfs): where blk-backend
+    /// copies the bytes itself instead of going through its io_uring.
+    pub fn in_memory() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir_in("/dev/shm").expect("a scratch directory in /dev/shm"),
+        }
+    }
+
     /// `name` inside the scratch directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

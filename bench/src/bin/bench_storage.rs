@@ -43,6 +43,10 @@ struct Args {
     /// Skip the /dev/shm rows.
     #[arg(long)]
     no_shm: bool,
+    /// Keep the test images (bench-storage.snap in --dir and /dev/shm)
+    /// for the next run, which then skips writing them; removed otherwise.
+    #[arg(long)]
+    keep: bool,
     #[arg(long)]
     markdown: Option<PathBuf>,
     #[arg(long)]
@@ -162,22 +166,65 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn fill_file(path: &Path, size: u64) -> Result<()> {
-    if std::fs::metadata(path)
-        .map(|m| m.len() == size)
-        .unwrap_or(false)
-    {
-        return Ok(());
+/// Makes `snap` a `size`-byte image written end to end by a guest
+/// through blk-backend.
+fn write_image(img_bin: &Path, backend_bin: &Path, snap: &Path, size: u64) -> Result<()> {
+    let _ = std::fs::remove_file(snap);
+    let st = Command::new(img_bin)
+        .arg("create")
+        .arg(snap)
+        .arg(size.to_string())
+        .status()?;
+    if !st.success() {
+        bail!("img create failed");
     }
-    eprintln!(
-        "[setup] writing {} GiB of random data to {}",
-        size >> 30,
-        path.display()
-    );
-    bench::fill_random(path, size)
+    eprintln!("[setup] writing {} through blk-backend", snap.display());
+    let sock = std::env::temp_dir().join(format!("bench-fill-{}.sock", std::process::id()));
+    let b = BlkBackendProcess::start(backend_bin, snap, &sock, 1, false)?;
+    let r = QemuVm {
+        machine: Machine::Microvm,
+        mem_mib: 512,
+        disk: Disk::vhost_user(&sock, 1),
+        cmdline: "mode=write bs=1m qd=8 progress_ms=0".into(),
+        limit: run_patience(600),
+        silence: run_patience(600),
+        console: QemuConsole::Uart,
+    }
+    .run()?;
+    if !r.ok() {
+        bail!("filling the image failed:\n{}", r.serial);
+    }
+    b.stop();
+    Ok(())
 }
 
-fn run_fio(file: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
+/// Where a `size`-byte image keeps its data, as `(file offset, size)`,
+/// when it is all there, one run in the order of the disk (an image
+/// written front to back): a raw view of that window reads the same
+/// bytes as the image. None otherwise (or when it is not such an image).
+fn data_window(snap: &Path, size: u64) -> Option<(u64, u64)> {
+    let disk = image_format::Disk::open_path(snap, false).ok()?;
+    if disk.virtual_size() != size || disk.layers().len() != 1 {
+        return None;
+    }
+    let mut start = None;
+    for e in disk.resolve(0, size) {
+        let image_format::Source::Layer {
+            layer: 0,
+            file_offset,
+        } = e.source
+        else {
+            return None;
+        };
+        let base = file_offset.checked_sub(e.offset)?;
+        if *start.get_or_insert(base) != base {
+            return None;
+        }
+    }
+    start.map(|s| (s, size))
+}
+
+fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) -> Result<Sample> {
     let out = Command::new("fio")
         .args([
             "--name=b",
@@ -187,6 +234,8 @@ fn run_fio(file: &Path, w: &Workload, seconds: u64) -> Result<Sample> {
             "--output-format=json",
         ])
         .arg(format!("--filename={}", file.display()))
+        .arg(format!("--offset={offset}"))
+        .arg(format!("--size={size}"))
         .arg(format!("--rw={}", w.rw))
         .arg(format!("--bs={}", w.bs))
         .arg(format!("--iodepth={}", w.qd))
@@ -353,11 +402,14 @@ fn main() -> Result<()> {
         bail!("/dev/kvm is needed");
     }
     let size = a.size_gib << 30;
-    let mut places = vec![("root disk".to_string(), a.dir.join("bench-storage.raw"))];
+    // One image per storage, and every row on its bytes: blk-backend on
+    // the image, fio, QEMU and qemu-storage-daemon on the window of the
+    // same file where the image keeps its data (see `data_window`).
+    let mut places = vec![("root disk".to_string(), a.dir.join("bench-storage.snap"))];
     if !a.no_shm {
         places.push((
             "/dev/shm".to_string(),
-            PathBuf::from("/dev/shm/bench-storage.raw"),
+            PathBuf::from("/dev/shm/bench-storage.snap"),
         ));
     }
     let mut cells = Vec::new();
@@ -374,43 +426,28 @@ fn main() -> Result<()> {
     if !backend_bin.exists() || !img_bin.exists() {
         bail!("build blk-backend and img first: cargo build --release -p vhost-blk-backend -p image-format");
     }
-    for (storage, file) in &places {
-        fill_file(file, size)?;
-        // A snapshot-chain image of the same size for blk-backend, written
-        // end to end by a guest through blk-backend (O_DIRECT), as a VM
-        // writes its disk. (Not `img convert`: on this machine's ext4, a
-        // file first written through the page cache takes O_DIRECT random
-        // writes at half the rate of one written with O_DIRECT, whatever
-        // its format; the raw file above is written by fio with O_DIRECT.)
-        let snap = file.with_extension("snap");
-        let _ = std::fs::remove_file(&snap);
-        let st = Command::new(&img_bin)
-            .arg("create")
-            .arg(&snap)
-            .arg(size.to_string())
-            .status()?;
-        if !st.success() {
-            bail!("img create failed");
-        }
-        {
-            eprintln!("[setup] writing {} through blk-backend", snap.display());
-            let sock = std::env::temp_dir().join(format!("bench-fill-{}.sock", std::process::id()));
-            let b = BlkBackendProcess::start(&backend_bin, &snap, &sock, 1, false)?;
-            let r = QemuVm {
-                machine: Machine::Microvm,
-                mem_mib: 512,
-                disk: Disk::vhost_user(&sock, 1),
-                cmdline: "mode=write bs=1m qd=8 progress_ms=0".into(),
-                limit: run_patience(600),
-                silence: run_patience(600),
-                console: QemuConsole::Uart,
+    for (storage, snap) in &places {
+        // Written end to end by a guest through blk-backend (O_DIRECT),
+        // as a VM writes its disk. (Not `img convert`: on this machine's
+        // ext4, a file first written through the page cache takes O_DIRECT
+        // random writes at half the rate of one written with O_DIRECT.)
+        let window = match data_window(snap, size) {
+            Some(w) if a.keep => {
+                eprintln!("[setup] reusing {} (kept by --keep)", snap.display());
+                w
             }
-            .run()?;
-            if !r.ok() {
-                bail!("filling the image failed:\n{}", r.serial);
+            _ => {
+                write_image(&img_bin, &backend_bin, snap, size)?;
+                data_window(snap, size).with_context(|| {
+                    format!(
+                        "{}: its data is not one run in file order, so the raw rows \
+                         cannot read the same bytes",
+                        snap.display()
+                    )
+                })?
             }
-            b.stop();
-        }
+        };
+        let file = snap;
         let sock = std::env::temp_dir().join(format!("bench-storage-{}.sock", std::process::id()));
         for w in WORKLOADS
             .iter()
@@ -432,25 +469,28 @@ fn main() -> Result<()> {
                 for run in 0..a.runs {
                     eprintln!("[{storage}] {} / {} run {}", w.name, row.label(), run + 1);
                     let s = match row {
-                        Row::HostFio => run_fio(file, w, a.seconds)?,
+                        Row::HostFio => run_fio(file, window, w, a.seconds)?,
                         Row::QemuVirtioBlk => run_guest(
                             Disk::Builtin {
                                 path: file.clone(),
                                 readonly: false,
                                 num_queues: 1,
                                 iothread: true,
+                                window: Some(window),
                             },
                             w,
                             a.seconds,
                         )?,
                         Row::QemuQsd => {
-                            let d = StorageDaemon::start(file, &sock, 1, true)?;
+                            let d =
+                                StorageDaemon::start_window(file, Some(window), &sock, 1, true)?;
                             let s = run_guest(Disk::vhost_user(&d.socket, 1), w, a.seconds);
                             drop(d);
                             s?
                         }
                         Row::VmmQsd => {
-                            let d = StorageDaemon::start(file, &sock, 1, true)?;
+                            let d =
+                                StorageDaemon::start_window(file, Some(window), &sock, 1, true)?;
                             let s = run_vmm(&vmm_bin, &d.socket, w, a.seconds, &[]);
                             drop(d);
                             s?
@@ -463,7 +503,7 @@ fn main() -> Result<()> {
                             };
                             let b = BlkBackendProcess::start_exports_with(
                                 &backend_bin,
-                                &[(snap.clone(), sock.clone())],
+                                &[(file.clone(), sock.clone())],
                                 options,
                             )?;
                             let mut s = if row != Row::QemuBlkBackend {
@@ -497,10 +537,9 @@ fn main() -> Result<()> {
                 });
             }
         }
-        if file.starts_with("/dev/shm") {
-            let _ = std::fs::remove_file(file);
+        if !a.keep {
+            let _ = std::fs::remove_file(snap);
         }
-        let _ = std::fs::remove_file(&snap);
     }
     // Boot time to the start marker, whole process.
     let mut boots = Vec::new();
@@ -517,6 +556,7 @@ fn main() -> Result<()> {
                     readonly: false,
                     num_queues: 1,
                     iothread: false,
+                    window: None,
                 },
                 cmdline: "mode=read bs=4k ios=1".into(),
                 limit: run_patience(60),
@@ -568,6 +608,7 @@ fn main() -> Result<()> {
                         vmm_timing.push(v["timing"].clone());
                     }
                 }
+                let _ = std::fs::remove_file(&metrics);
                 r
             } else {
                 QemuVm {
@@ -632,7 +673,7 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_file(&boot_img);
 
     let mut md = format!(
-        "# Storage table (bench guest)\n\n{} GiB file fully written with random data; {} s per run; median of {} (min–max IOPS). Guest: 1 vCPU, 1 queue, polling, microvm + qboot. Ratios are against host fio on the same file in the same run.\n\n| storage | workload | row | IOPS | min–max | MB/s | p50 µs | p99 µs | p99.9 µs | vs host fio |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "# Storage table (bench guest)\n\n{} GiB image written end to end by a guest through blk-backend; every row reads and writes the same bytes of the same file (blk-backend the image, the others the window of the file that holds its data); {} s per run; median of {} (min–max IOPS). Guest: 1 vCPU, 1 queue, polling, microvm + qboot. Ratios are against host fio in the same run.\n\n| storage | workload | row | IOPS | min–max | MB/s | p50 µs | p99 µs | p99.9 µs | vs host fio |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
         a.size_gib, a.seconds, a.runs
     );
     for c in &cells {

@@ -17,6 +17,18 @@ pub struct StorageDaemon {
 
 impl StorageDaemon {
     pub fn start(image: &Path, socket: &Path, num_queues: u16, writable: bool) -> Result<Self> {
+        Self::start_window(image, None, socket, num_queues, writable)
+    }
+
+    /// Serves the `(offset, size)` window of `image` (its raw driver's
+    /// offset= and size=), or all of it.
+    pub fn start_window(
+        image: &Path,
+        window: Option<(u64, u64)>,
+        socket: &Path,
+        num_queues: u16,
+        writable: bool,
+    ) -> Result<Self> {
         let _ = std::fs::remove_file(socket);
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
@@ -24,7 +36,11 @@ impl StorageDaemon {
                 "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring,discard=unmap",
                 image.display()
             ))
-            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0,discard=unmap"])
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=raw,node-name=disk0,file=file0,discard=unmap{}",
+                window.map_or(String::new(), |(o, n)| format!(",offset={o},size={n}"))
+            ))
             .arg("--export")
             .arg(format!(
                 "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={num_queues}",

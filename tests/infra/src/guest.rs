@@ -126,12 +126,14 @@ pub enum Machine {
 
 #[derive(Clone, Debug)]
 pub enum Disk {
-    /// QEMU's own virtio-blk-pci on a raw file.
+    /// QEMU's own virtio-blk-pci on a raw file, or on the `(offset,
+    /// size)` window of a file (its raw driver's offset= and size=).
     Builtin {
         path: PathBuf,
         readonly: bool,
         num_queues: u16,
         iothread: bool,
+        window: Option<(u64, u64)>,
     },
     /// vhost-user-blk-pci on a backend's socket; with `reconnect_ms`, QEMU
     /// reconnects to a backend that went away (its chardev's reconnect-ms).
@@ -158,6 +160,7 @@ impl Disk {
             readonly,
             num_queues,
             iothread: true,
+            window: None,
         }
     }
 }
@@ -290,11 +293,13 @@ impl QemuVm {
                 readonly,
                 num_queues,
                 iothread,
+                window,
             } => {
                 c.arg("-drive").arg(format!(
-                    "file={},format=raw,if=none,id=d0,cache.direct=on,aio=io_uring,discard=unmap,detect-zeroes=off{}",
+                    "file={},format=raw,if=none,id=d0,cache.direct=on,aio=io_uring,discard=unmap,detect-zeroes=off{}{}",
                     path.display(),
-                    if *readonly { ",readonly=on" } else { "" }
+                    if *readonly { ",readonly=on" } else { "" },
+                    window.map_or(String::new(), |(o, n)| format!(",offset={o},size={n}"))
                 ));
                 if *iothread {
                     c.args(["-object", "iothread,id=io0"]);

@@ -60,33 +60,54 @@ struct Workload {
     name: &'static str,
     rw: &'static str,
     bs: u32,
+    /// Requests in flight per queue (per fio job).
     qd: u32,
+    /// Queues, and as many guest vCPUs (fio jobs); QEMU's rows run one.
+    queues: u16,
 }
 
-const WORKLOADS: [Workload; 4] = [
+const WORKLOADS: [Workload; 6] = [
     Workload {
         name: "4k randread QD1",
         rw: "randread",
         bs: 4096,
         qd: 1,
+        queues: 1,
     },
     Workload {
         name: "4k randread QD32",
         rw: "randread",
         bs: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "4k randwrite QD32",
         rw: "randwrite",
         bs: 4096,
         qd: 32,
+        queues: 1,
+    },
+    Workload {
+        name: "4k randread QD32, 2 queues 2 vCPUs",
+        rw: "randread",
+        bs: 4096,
+        qd: 32,
+        queues: 2,
+    },
+    Workload {
+        name: "4k randwrite QD32, 2 queues 2 vCPUs",
+        rw: "randwrite",
+        bs: 4096,
+        qd: 32,
+        queues: 2,
     },
     Workload {
         name: "128k seq read QD8",
         rw: "read",
         bs: 131072,
         qd: 8,
+        queues: 1,
     },
 ];
 
@@ -239,6 +260,8 @@ fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) 
         .arg(format!("--rw={}", w.rw))
         .arg(format!("--bs={}", w.bs))
         .arg(format!("--iodepth={}", w.qd))
+        .arg(format!("--numjobs={}", w.queues))
+        .arg("--group_reporting")
         .arg(format!("--runtime={seconds}"))
         .output()
         .context("fio")?;
@@ -267,10 +290,11 @@ fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) 
 
 fn guest_cmdline(w: &Workload, seconds: u64) -> String {
     format!(
-        "mode={} bs={} qd={} duration_ms={} progress_ms=0",
+        "mode={} bs={} qd={} queues={} duration_ms={} progress_ms=0",
         if w.rw == "read" { "read" } else { w.rw },
         w.bs,
         w.qd,
+        w.queues,
         seconds * 1000
     )
 }
@@ -283,13 +307,13 @@ fn run_vmm(
     options: &[&str],
 ) -> Result<Sample> {
     let r = VmmVm {
-        cpus: 1,
+        cpus: w.queues as u8,
         mem_mib: 512,
         metrics_file: None,
         limit: run_patience(seconds + 60),
         silence: run_patience(seconds + 60),
         options: options.iter().map(|o| o.to_string()).collect(),
-        ..VmmVm::new(vmm, &guest_cmdline(w, seconds)).with_disk(socket, 1)
+        ..VmmVm::new(vmm, &guest_cmdline(w, seconds)).with_disk(socket, w.queues)
     }
     .run()?;
     sample_of(&r)
@@ -464,6 +488,8 @@ fn main() -> Result<()> {
             ]
             .into_iter()
             .filter(|r| a.rows.is_empty() || a.rows.iter().any(|n| n == r.short()))
+            // QEMU's rows here boot one vCPU.
+            .filter(|r| w.queues == 1 || !r.label().starts_with("QEMU"))
             {
                 let mut samples = Vec::new();
                 for run in 0..a.runs {
@@ -489,22 +515,32 @@ fn main() -> Result<()> {
                             s?
                         }
                         Row::VmmQsd => {
-                            let d =
-                                StorageDaemon::start_window(file, Some(window), &sock, 1, true)?;
+                            let d = StorageDaemon::start_window(
+                                file,
+                                Some(window),
+                                &sock,
+                                w.queues,
+                                true,
+                            )?;
                             let s = run_vmm(&vmm_bin, &d.socket, w, a.seconds, &[]);
                             drop(d);
                             s?
                         }
                         Row::VmmBlkBackend | Row::VmmBlkBackendNoSeccomp | Row::QemuBlkBackend => {
+                            // Both processes take --no-seccomp; the
+                            // backend alone the number of queues.
                             let options: &[&str] = if row == Row::VmmBlkBackendNoSeccomp {
                                 &["--no-seccomp"]
                             } else {
                                 &[]
                             };
+                            let queues = w.queues.to_string();
+                            let mut backend_options = vec!["--num-queues", &queues];
+                            backend_options.extend_from_slice(options);
                             let b = BlkBackendProcess::start_exports_with(
                                 &backend_bin,
                                 &[(file.clone(), sock.clone())],
-                                options,
+                                &backend_options,
                             )?;
                             let mut s = if row != Row::QemuBlkBackend {
                                 run_vmm(&vmm_bin, &b.socket, w, a.seconds, options)?
@@ -701,12 +737,20 @@ fn main() -> Result<()> {
             c.median_iops / base.max(1.0)
         );
     }
-    md += "\n## blk-backend cost\n\n| storage | workload | CPU s per million I/Os | RSS MiB |\n|---|---|---:|---:|\n";
-    for c in cells.iter().filter(|c| c.row == Row::QemuBlkBackend) {
+    md += "\n## blk-backend cost\n\nThe backend process alone (every thread, the kernel's io_uring workers included), per million I/Os the guest completed.\n\n| storage | workload | frontend | CPU s per million I/Os | RSS MiB |\n|---|---|---|---:|---:|\n";
+    for c in cells
+        .iter()
+        .filter(|c| matches!(c.row, Row::QemuBlkBackend | Row::VmmBlkBackend))
+    {
         let cpu = median(c.samples.iter().filter_map(|s| s.cpu_s_per_mio).collect());
         let rss = median(c.samples.iter().filter_map(|s| s.rss_mib).collect());
+        let frontend = if c.row == Row::QemuBlkBackend {
+            "QEMU"
+        } else {
+            "vmm"
+        };
         md += &format!(
-            "| {} | {} | {cpu:.2} | {rss:.1} |\n",
+            "| {} | {} | {frontend} | {cpu:.2} | {rss:.1} |\n",
             c.storage, c.workload.name
         );
     }

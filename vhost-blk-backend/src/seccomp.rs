@@ -19,6 +19,8 @@ const IMAGE_IO: &[&str] = &[
     "fallocate",
     "fdatasync",
     "fstat",
+    // Whether a layer lives in memory (Export::open).
+    "fstatfs",
     "fsync",
     "ftruncate",
     "lseek",

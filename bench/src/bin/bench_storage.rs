@@ -43,6 +43,10 @@ struct Args {
     /// Skip the /dev/shm rows.
     #[arg(long)]
     no_shm: bool,
+    /// Layers of the chain whose reads are compared with the image's own
+    /// (vmm + blk-backend, O_DIRECT for every layer); 0 skips it.
+    #[arg(long, default_value_t = 32)]
+    chain_depth: u32,
     /// Keep the test images (bench-storage.snap in --dir and /dev/shm)
     /// for the next run, which then skips writing them; removed otherwise.
     #[arg(long)]
@@ -187,10 +191,90 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Random reads through the image itself and through a chain of
+/// `chain_depth` layers made on it (every layer but the new top sealed,
+/// the data all in the bottom one), vmm + blk-backend with O_DIRECT for
+/// every layer (`--base-io direct`): what the depth costs on the real
+/// path. The image is left a chain: the last use of it in a run.
+struct ChainRow {
+    storage: String,
+    workload: &'static str,
+    depth1_iops: f64,
+    deep_iops: f64,
+    depth1_p50_us: f64,
+    deep_p50_us: f64,
+}
+
+fn chain_rows(
+    a: &Args,
+    storage: &str,
+    snap: &Path,
+    img_bin: &Path,
+    backend_bin: &Path,
+    vmm_bin: &Path,
+) -> Result<Vec<ChainRow>> {
+    let reads: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| w.rw == "randread" && w.queues == 1 && w.bs == 4096)
+        .collect();
+    let sock = std::env::temp_dir().join(format!("bench-chain-{}.sock", std::process::id()));
+    let measure = |w: &Workload| -> Result<(f64, f64)> {
+        let mut iops = Vec::new();
+        let mut p50 = Vec::new();
+        for run in 0..a.runs {
+            eprintln!("[{storage}] chain {} run {}", w.name, run + 1);
+            let b = BlkBackendProcess::start_exports_with(
+                backend_bin,
+                &[(snap.to_path_buf(), sock.clone())],
+                &["--base-io", "direct"],
+            )?;
+            let s = run_vmm(vmm_bin, &b.socket, w, a.seconds, &[]);
+            b.stop();
+            let s = s?;
+            iops.push(s.iops);
+            p50.push(s.p50_us);
+        }
+        Ok((median(iops), median(p50)))
+    };
+    let shallow: Vec<(f64, f64)> = reads.iter().map(|w| measure(w)).collect::<Result<_>>()?;
+    eprintln!("[{storage}] making a chain of {} layers", a.chain_depth);
+    for k in 1..a.chain_depth {
+        let st = Command::new(img_bin)
+            .args(["snapshot", "-q", "-c", &format!("d{k}")])
+            .arg(snap)
+            .status()?;
+        if !st.success() {
+            bail!("img snapshot -c d{k} {} failed", snap.display());
+        }
+    }
+    let deep: Vec<(f64, f64)> = reads.iter().map(|w| measure(w)).collect::<Result<_>>()?;
+    Ok(reads
+        .iter()
+        .zip(shallow.iter().zip(&deep))
+        .map(|(w, (s, d))| ChainRow {
+            storage: storage.to_string(),
+            workload: w.name,
+            depth1_iops: s.0,
+            deep_iops: d.0,
+            depth1_p50_us: s.1,
+            deep_p50_us: d.1,
+        })
+        .collect())
+}
+
 /// Makes `snap` a `size`-byte image written end to end by a guest
 /// through blk-backend.
 fn write_image(img_bin: &Path, backend_bin: &Path, snap: &Path, size: u64) -> Result<()> {
     let _ = std::fs::remove_file(snap);
+    // And the snapshots a kept chain left beside it (`NAME@...`).
+    if let (Some(dir), Some(name)) = (snap.parent(), snap.file_name()) {
+        let prefix = format!("{}@", name.to_string_lossy());
+        for e in std::fs::read_dir(dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let st = Command::new(img_bin)
         .arg("create")
         .arg(snap)
@@ -437,6 +521,7 @@ fn main() -> Result<()> {
         ));
     }
     let mut cells = Vec::new();
+    let mut chains: Vec<ChainRow> = Vec::new();
     let exe_dir = std::env::current_exe()?
         .parent()
         .map(Path::to_path_buf)
@@ -573,8 +658,22 @@ fn main() -> Result<()> {
                 });
             }
         }
+        if a.chain_depth > 1 && (a.rows.is_empty() || a.rows.iter().any(|r| r == "vmm-blk-backend"))
+        {
+            chains.extend(chain_rows(
+                &a,
+                storage,
+                snap,
+                &img_bin,
+                &backend_bin,
+                &vmm_bin,
+            )?);
+        }
         if !a.keep {
             let _ = std::fs::remove_file(snap);
+            for k in 1..a.chain_depth {
+                let _ = std::fs::remove_file(format!("{}@d{k}", snap.display()));
+            }
         }
     }
     // Boot time to the start marker, whole process.
@@ -753,6 +852,27 @@ fn main() -> Result<()> {
             "| {} | {} | {frontend} | {cpu:.2} | {rss:.1} |\n",
             c.storage, c.workload.name
         );
+    }
+    if !chains.is_empty() {
+        md += &format!(
+            "\n## Reads through a chain of {} layers\n\nvmm + blk-backend (`--base-io direct`: O_DIRECT for every layer), the image itself (depth 1) and the same image after {} snapshots (its data all in the bottom layer), same run.\n\n| storage | workload | depth 1 IOPS | depth {} IOPS | ratio | p50 µs depth 1 | p50 µs depth {} |\n|---|---|---:|---:|---:|---:|---:|\n",
+            a.chain_depth,
+            a.chain_depth - 1,
+            a.chain_depth,
+            a.chain_depth
+        );
+        for c in &chains {
+            md += &format!(
+                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} |\n",
+                c.storage,
+                c.workload,
+                c.depth1_iops,
+                c.deep_iops,
+                c.deep_iops / c.depth1_iops.max(1.0),
+                c.depth1_p50_us,
+                c.deep_p50_us
+            );
+        }
     }
     md += "\n## What the seccomp filters cost\n\nvmm + blk-backend with every thread filtered (the default) against both with `--no-seccomp`, same run, same image (the SIGBUS fence has no switch: on the hot path it is one atomic load per batch).\n\n| storage | workload | IOPS filtered | IOPS unfiltered | ratio |\n|---|---|---:|---:|---:|\n";
     for c in cells.iter().filter(|c| c.row == Row::VmmBlkBackend) {

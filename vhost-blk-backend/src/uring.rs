@@ -4,9 +4,9 @@
 //! one batch; the kick itself (a multishot poll of the kick eventfd: one
 //! completion per kick, the eventfd never read, its count of no interest),
 //! the worker's stop and every I/O complete on the same ring, and one
-//! `io_uring_enter` submits a batch and sleeps until the next of them. The ring has a single issuer with deferred task
-//! work: completions are posted when the worker asks for them, not by
-//! interrupting it.
+//! `io_uring_enter` submits a batch and sleeps until the next of them.
+//! The ring has a single issuer with deferred task work: completions are
+//! posted when the worker asks for them, not by interrupting it.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -16,7 +16,7 @@ use vm_memory::GuestAddress;
 
 use crate::connection::Session;
 
-/// User data of the kick and stop reads (no request slot comes near).
+/// User data of the kick and stop polls (no request slot comes near).
 const KICK: u64 = u64::MAX;
 const STOP: u64 = u64::MAX - 1;
 

@@ -182,8 +182,8 @@ impl Running {
 
     /// Busy-polls the available ring and the io_uring completions while
     /// work keeps coming, with guest kicks off (each kick costs the guest
-    /// an exit). Returns whether new requests
-    /// showed up as notifications were turned back on.
+    /// an exit). Returns whether new requests showed up as notifications
+    /// were turned back on.
     fn poll(&mut self) -> io::Result<bool> {
         let event_idx = self.w.event_idx;
         if event_idx {

@@ -1,6 +1,6 @@
 //! The storage table: the bench guest's workloads against each way of
-//! serving a disk, beside host-native fio (the limit), on the same fully
-//! written file on the root disk and on /dev/shm; and the guest's boot time
+//! serving a disk, beside host-native fio (the limit), on the same bytes
+//! of one image on the root disk and on /dev/shm; and the guest's boot time
 //! to its start marker. Median of N runs with the spread; one command writes
 //! the markdown table, a JSON file and an SVG plot.
 
@@ -34,7 +34,7 @@ struct Args {
     /// Seconds per run.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
-    /// Size of the test file in GiB.
+    /// Size of the test image in GiB.
     #[arg(long, default_value_t = 4)]
     size_gib: u64,
     /// Root-disk scratch directory.
@@ -262,19 +262,25 @@ fn chain_rows(
         .collect())
 }
 
+/// Removes the image `snap` and the snapshots beside it (`NAME@...`, a
+/// chain's layers).
+fn remove_image(snap: &Path) {
+    let _ = std::fs::remove_file(snap);
+    let (Some(dir), Some(name)) = (snap.parent(), snap.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}@", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Makes `snap` a `size`-byte image written end to end by a guest
 /// through blk-backend.
 fn write_image(img_bin: &Path, backend_bin: &Path, snap: &Path, size: u64) -> Result<()> {
-    let _ = std::fs::remove_file(snap);
-    // And the snapshots a kept chain left beside it (`NAME@...`).
-    if let (Some(dir), Some(name)) = (snap.parent(), snap.file_name()) {
-        let prefix = format!("{}@", name.to_string_lossy());
-        for e in std::fs::read_dir(dir)?.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
+    remove_image(snap);
     let st = Command::new(img_bin)
         .arg("create")
         .arg(snap)
@@ -556,7 +562,6 @@ fn main() -> Result<()> {
                 })?
             }
         };
-        let file = snap;
         let sock = std::env::temp_dir().join(format!("bench-storage-{}.sock", std::process::id()));
         for w in WORKLOADS
             .iter()
@@ -580,10 +585,10 @@ fn main() -> Result<()> {
                 for run in 0..a.runs {
                     eprintln!("[{storage}] {} / {} run {}", w.name, row.label(), run + 1);
                     let s = match row {
-                        Row::HostFio => run_fio(file, window, w, a.seconds)?,
+                        Row::HostFio => run_fio(snap, window, w, a.seconds)?,
                         Row::QemuVirtioBlk => run_guest(
                             Disk::Builtin {
-                                path: file.clone(),
+                                path: snap.clone(),
                                 readonly: false,
                                 num_queues: 1,
                                 iothread: true,
@@ -594,14 +599,14 @@ fn main() -> Result<()> {
                         )?,
                         Row::QemuQsd => {
                             let d =
-                                StorageDaemon::start_window(file, Some(window), &sock, 1, true)?;
+                                StorageDaemon::start_window(snap, Some(window), &sock, 1, true)?;
                             let s = run_guest(Disk::vhost_user(&d.socket, 1), w, a.seconds);
                             drop(d);
                             s?
                         }
                         Row::VmmQsd => {
                             let d = StorageDaemon::start_window(
-                                file,
+                                snap,
                                 Some(window),
                                 &sock,
                                 w.queues,
@@ -624,7 +629,7 @@ fn main() -> Result<()> {
                             backend_options.extend_from_slice(options);
                             let b = BlkBackendProcess::start_exports_with(
                                 &backend_bin,
-                                &[(file.clone(), sock.clone())],
+                                &[(snap.clone(), sock.clone())],
                                 &backend_options,
                             )?;
                             let mut s = if row != Row::QemuBlkBackend {
@@ -670,10 +675,7 @@ fn main() -> Result<()> {
             )?);
         }
         if !a.keep {
-            let _ = std::fs::remove_file(snap);
-            for k in 1..a.chain_depth {
-                let _ = std::fs::remove_file(format!("{}@d{k}", snap.display()));
-            }
+            remove_image(snap);
         }
     }
     // Boot time to the start marker, whole process.

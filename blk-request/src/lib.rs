@@ -14,7 +14,7 @@ pub mod inflight;
 pub mod request;
 
 pub use chain::ChainWalk;
-pub use request::{Kind, ParseError, Request};
+pub use request::{Kind, ParseError, Request, Segment};
 
 /// Data segments a request may carry (advertised as `seg_max`).
 pub const SEG_MAX: u32 = 126;

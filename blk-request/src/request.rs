@@ -34,28 +34,70 @@ pub enum ParseError {
     OutsideMemory { addr: u64, len: u32 },
 }
 
+/// A run of data bytes in guest memory, resolved once when the request is
+/// parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+    /// Where `addr` is mapped in this process: valid for `len` bytes for
+    /// as long as the memory the request was parsed against is mapped.
+    pub host: *mut u8,
+}
+
+/// One request. A worker keeps one and parses each chain into it
+/// ([`Request::parse_from`]): its vectors keep their capacity, so no
+/// request allocates.
 #[derive(Debug)]
 pub struct Request {
     pub kind: Kind,
     pub sector: u64,
-    pub data: Vec<(GuestAddress, u32)>,
+    pub data: Vec<Segment>,
     pub data_len: u64,
     /// Where the status byte goes.
     pub status: GuestAddress,
+    /// The chain's descriptors, each with its host address (scratch).
+    descs: Vec<(Descriptor, *mut u8)>,
 }
 
-fn in_memory(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), ParseError> {
-    let bad = ParseError::OutsideMemory {
-        addr: d.addr().0,
-        len: d.len(),
-    };
+/// The host address of a descriptor's bytes, all of which must lie in one
+/// region of guest memory (null for an empty one).
+fn resolve(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<*mut u8, ParseError> {
     if d.len() == 0 {
-        return Ok(());
+        return Ok(std::ptr::null_mut());
     }
-    // The whole range must be one region's memory.
     mem.get_slice(d.addr(), d.len() as usize)
-        .map(|_| ())
-        .map_err(|_| bad)
+        .map(|s| s.ptr_guard_mut().as_ptr())
+        .map_err(|_| ParseError::OutsideMemory {
+            addr: d.addr().0,
+            len: d.len(),
+        })
+}
+
+/// The request type a header names.
+fn kind_of(header: &[u8; 16]) -> Kind {
+    match u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) {
+        VIRTIO_BLK_T_IN => Kind::In,
+        VIRTIO_BLK_T_OUT => Kind::Out,
+        VIRTIO_BLK_T_FLUSH => Kind::Flush,
+        VIRTIO_BLK_T_GET_ID => Kind::GetId,
+        VIRTIO_BLK_T_DISCARD => Kind::Discard,
+        VIRTIO_BLK_T_WRITE_ZEROES => Kind::WriteZeroes,
+        other => Kind::Unsupported(other),
+    }
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Request {
+            kind: Kind::Unsupported(u32::MAX),
+            sector: 0,
+            data: Vec::with_capacity(SEG_MAX as usize + 2),
+            data_len: 0,
+            status: GuestAddress(0),
+            descs: Vec::with_capacity(SEG_MAX as usize + 3),
+        }
+    }
 }
 
 impl Request {
@@ -65,14 +107,42 @@ impl Request {
         chain: impl Iterator<Item = Descriptor>,
         mem: &GuestMemoryMmap,
     ) -> Result<Request, (ParseError, Option<GuestAddress>)> {
-        let descs: Vec<Descriptor> = chain.take(SEG_MAX as usize + 3).collect();
-        // The status goes in the last descriptor when it is writable: a
-        // refused request still gets its IOERR there.
-        let status_of = |d: Option<&Descriptor>| {
-            d.filter(|d| d.is_write_only() && d.len() >= 1 && in_memory(mem, d).is_ok())
-                .map(|d| d.addr().unchecked_add(d.len() as u64 - 1))
-        };
-        let status = status_of(descs.last());
+        let mut r = Request::default();
+        r.parse_from(chain, mem)?;
+        Ok(r)
+    }
+
+    /// Parses a chain into this request, reusing its storage (see
+    /// [`Request::parse`]).
+    pub fn parse_from(
+        &mut self,
+        chain: impl Iterator<Item = Descriptor>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), (ParseError, Option<GuestAddress>)> {
+        self.data.clear();
+        self.data_len = 0;
+        self.kind = Kind::Unsupported(u32::MAX);
+        let descs = &mut self.descs;
+        descs.clear();
+        // Each descriptor is looked up in guest memory once, here; an
+        // error is kept until the status is known (a refused request
+        // still gets its IOERR there).
+        let mut outside = None;
+        for d in chain.take(SEG_MAX as usize + 3) {
+            let host = match resolve(mem, &d) {
+                Ok(h) => h,
+                Err(e) => {
+                    outside.get_or_insert(e);
+                    std::ptr::null_mut()
+                }
+            };
+            descs.push((d, host));
+        }
+        // The status goes in the last descriptor when it is writable.
+        let status = descs
+            .last()
+            .filter(|(d, host)| d.is_write_only() && d.len() >= 1 && !host.is_null())
+            .map(|(d, _)| d.addr().unchecked_add(d.len() as u64 - 1));
         let fail = |e| Err((e, status));
         if descs.len() > SEG_MAX as usize + 2 {
             return fail(ParseError::TooLong(descs.len()));
@@ -80,10 +150,8 @@ impl Request {
         if descs.len() < 2 {
             return fail(ParseError::TooShort(descs.len()));
         }
-        for d in &descs {
-            if let Err(e) = in_memory(mem, d) {
-                return fail(e);
-            }
+        if let Some(e) = outside {
+            return fail(e);
         }
         // Any layout (VIRTIO 1.x, VERSION_1 implies ANY_LAYOUT): the
         // device-readable bytes come first and start with the 16-byte
@@ -92,73 +160,64 @@ impl Request {
         // is what lies between, on the side the request type says.
         let first_writable = descs
             .iter()
-            .position(|d| d.is_write_only())
+            .position(|(d, _)| d.is_write_only())
             .unwrap_or(descs.len());
         if let Some(i) = descs[first_writable..]
             .iter()
-            .position(|d| !d.is_write_only())
+            .position(|(d, _)| !d.is_write_only())
         {
             return fail(ParseError::WrongDirection(first_writable + i));
         }
-        let readable: u64 = descs[..first_writable].iter().map(|d| d.len() as u64).sum();
+        let readable: u64 = descs[..first_writable]
+            .iter()
+            .map(|(d, _)| d.len() as u64)
+            .sum();
         if readable < 16 {
             return fail(ParseError::BadHeader(readable as u32));
         }
-        let last = descs.last().expect("len >= 2");
+        let last = descs.last().expect("len >= 2").0;
         let Some(status) = status else {
             return fail(ParseError::BadStatus(last.len()));
         };
-        // (descriptor index, address, length) of every byte run but the
-        // header and the status.
-        let mut runs: Vec<(usize, GuestAddress, u32)> = Vec::with_capacity(descs.len());
+        // The header, then every byte run but the header and the status,
+        // each checked to lie on the side the request type says. The
+        // readable bytes come first and hold at least the header, so the
+        // type is known before the first run.
         let mut header = [0u8; 16];
         let mut header_got = 0usize;
-        for (i, d) in descs.iter().enumerate() {
-            let (mut addr, mut len) = (d.addr(), d.len());
+        let mut kind = None;
+        let n = descs.len();
+        for (i, &(d, host)) in descs.iter().enumerate() {
+            let (mut addr, mut host, mut len) = (d.addr(), host, d.len());
             if header_got < 16 && !d.is_write_only() {
                 let take = (16 - header_got).min(len as usize);
                 mem.read_slice(&mut header[header_got..header_got + take], addr)
                     .map_err(|_| (ParseError::BadHeader(16), Some(status)))?;
                 header_got += take;
                 addr = addr.unchecked_add(take as u64);
+                // Inside the descriptor's bytes (take <= len).
+                host = host.wrapping_add(take);
                 len -= take as u32;
             }
-            if i == descs.len() - 1 {
+            if i == n - 1 {
                 len -= 1; // the status byte
             }
             if len > 0 {
-                runs.push((i, addr, len));
+                let k = *kind.get_or_insert_with(|| kind_of(&header));
+                let device_writes = matches!(k, Kind::In | Kind::GetId);
+                if !matches!(k, Kind::Unsupported(_)) && d.is_write_only() != device_writes {
+                    return fail(ParseError::WrongDirection(i));
+                }
+                self.data.push(Segment { addr, len, host });
             }
         }
-        let ty = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        let kind = kind.unwrap_or_else(|| kind_of(&header));
         let sector = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-        let kind = match ty {
-            VIRTIO_BLK_T_IN => Kind::In,
-            VIRTIO_BLK_T_OUT => Kind::Out,
-            VIRTIO_BLK_T_FLUSH => Kind::Flush,
-            VIRTIO_BLK_T_GET_ID => Kind::GetId,
-            VIRTIO_BLK_T_DISCARD => Kind::Discard,
-            VIRTIO_BLK_T_WRITE_ZEROES => Kind::WriteZeroes,
-            other => Kind::Unsupported(other),
-        };
-        let device_writes = matches!(kind, Kind::In | Kind::GetId);
-        let mut segs = Vec::with_capacity(runs.len());
-        let mut total = 0u64;
-        for (i, addr, len) in runs {
-            let writable = descs[i].is_write_only();
-            if !matches!(kind, Kind::Unsupported(_)) && writable != device_writes {
-                return fail(ParseError::WrongDirection(i));
-            }
-            segs.push((addr, len));
-            total += len as u64;
-        }
-        Ok(Request {
-            kind,
-            sector,
-            data: segs,
-            data_len: total,
-            status,
-        })
+        self.data_len = self.data.iter().map(|s| s.len as u64).sum();
+        self.kind = kind;
+        self.sector = sector;
+        self.status = status;
+        Ok(())
     }
 }
 
@@ -203,6 +262,55 @@ mod tests {
         assert_eq!(r.kind, Kind::In);
         assert_eq!((r.sector, r.data_len), (8, 4096));
         assert_eq!(r.status, GuestAddress(0xa000));
+    }
+
+    #[test]
+    fn one_request_reused_parses_each_chain_as_a_fresh_one_would() {
+        let m = mem();
+        header(&m, 0x8000, VIRTIO_BLK_T_IN, 8);
+        header(&m, 0xb000, VIRTIO_BLK_T_OUT, 16);
+        let chains = [
+            vec![d(0x8000, 16, 0), d(0x9000, 4096, W), d(0xa000, 1, W)],
+            // Refused: a readable descriptor after a writable one.
+            vec![d(0x8000, 16, W), d(0x9000, 512, 0), d(0xa000, 1, W)],
+            vec![d(0xb000, 16 + 512, 0), d(0xc000, 1024, 0), d(0xa000, 1, W)],
+            vec![d(0x8000, 16, 0), d(0xa000, 1, W)],
+        ];
+        let mut reused = Request::default();
+        for descs in &chains {
+            let q = MockSplitQueue::new(&m, 256);
+            let fresh = parse(&m, descs);
+            let got = reused.parse_from(q.build_desc_chain(descs).expect("chain"), &m);
+            match (fresh, got) {
+                (Ok(f), Ok(())) => {
+                    assert_eq!(
+                        (f.kind, f.sector, f.data_len, f.status, &f.data),
+                        (
+                            reused.kind,
+                            reused.sector,
+                            reused.data_len,
+                            reused.status,
+                            &reused.data
+                        )
+                    );
+                    // Each segment's host address is where its guest
+                    // address is mapped.
+                    for s in &reused.data {
+                        let host = m.get_host_address(s.addr).expect("mapped");
+                        assert_eq!(s.host, host);
+                    }
+                }
+                (Err(f), Err(g)) => assert_eq!(f, g),
+                (f, g) => panic!("fresh {f:?}, reused {g:?}"),
+            }
+        }
+        // The write's data: its header's descriptor's tail, then the next.
+        let q = MockSplitQueue::new(&m, 256);
+        reused
+            .parse_from(q.build_desc_chain(&chains[2]).expect("chain"), &m)
+            .expect("valid");
+        let runs: Vec<(u64, u32)> = reused.data.iter().map(|s| (s.addr.0, s.len)).collect();
+        assert_eq!(runs, [(0xb010, 512), (0xc000, 1024)]);
     }
 
     #[test]
@@ -286,9 +394,9 @@ mod tests {
         for descs in layouts {
             let r = parse(&m, &descs).expect("a legal layout");
             assert_eq!((r.kind, r.sector, r.data_len), (Kind::Out, 8, 1024));
-            let bytes: u64 = r.data.iter().map(|s| s.1 as u64).sum();
+            let bytes: u64 = r.data.iter().map(|s| s.len as u64).sum();
             assert_eq!(bytes, 1024);
-            assert_eq!(r.data[0].0, GuestAddress(0x8010));
+            assert_eq!(r.data[0].addr, GuestAddress(0x8010));
             assert_eq!(r.status, GuestAddress(0xa000));
         }
         // A read whose data and status share the last descriptor, with a

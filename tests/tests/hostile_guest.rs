@@ -27,8 +27,9 @@ fn junk_from_one_guest_leaves_the_vmm_the_backend_and_the_other_vm_standing() {
         .iter()
         .map(|i| (i.to_path_buf(), Fixture::socket_of(i)))
         .collect();
-    let backend = BlkBackendProcess::start_exports_logging_to(&bin("blk-backend"), &exports, &log)
-        .expect("blk-backend starts");
+    let backend =
+        BlkBackendProcess::start_exports_logging_to(&bin("blk-backend"), &exports, &[], &log)
+            .expect("blk-backend starts");
 
     // The other VM: verifying workloads, one after another, for as long
     // as the attacks last (however long that is on this machine).

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use test_infra::{
-    bin, build_guest, img, output_within, ready, s, Fixture, GuestRun, Patience, RunningVm,
-    StorageDaemon, VmmDisk, VmmVm,
+    bin, build_guest, img, output_within, ready, s, BlkBackendProcess, Fixture, GuestRun, Patience,
+    RunningVm, StorageDaemon, VmmDisk, VmmVm,
 };
 
 /// The bench guest under the vmm on one disk.
@@ -119,6 +119,67 @@ fn bench_guest_verifies_on_a_blk_backend_clone_with_1_and_2_vcpus_and_queues() {
     b.stop();
 }
 
+/// Writes and reads back with verification through `sock` (served with
+/// 2 queues): 64 KiB requests on 2 queues, and unaligned buffers
+/// (bs=1536 with 512-byte sectors: the guest's data need not sit on
+/// block boundaries) on 1.
+fn write_then_verify(sock: &Path) {
+    for (gen, base) in [
+        (1, "bs=64k qd=16 queues=2"),
+        (2, "bs=1536 qd=4 queues=1 size=4194304"),
+    ] {
+        let queues = if base.contains("queues=2") { 2 } else { 1 };
+        let w = vm(
+            1,
+            sock,
+            queues,
+            &format!("mode=write verify=1 gen={gen} {base}"),
+        )
+        .run()
+        .expect("vmm runs");
+        w.assert_ok(&format!("write, {base}"));
+        let r = vm(
+            1,
+            sock,
+            queues,
+            &format!("mode=read verify=1 expect_gen={gen} {base}"),
+        )
+        .run()
+        .expect("vmm runs");
+        r.assert_ok(&format!("read, {base}"));
+        assert!(r.field("reads") > 0, "{base}: it read");
+    }
+}
+
+/// Guest memory registered with each queue's io_uring as fixed buffers
+/// (`--fixed-buffers`) on a real disk: the same bytes, and the backend
+/// says it registered them.
+#[test]
+fn guest_memory_as_fixed_buffers_serves_the_same_bytes() {
+    if !ready("vmm_blk_backend_fixed_buffers", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.base_and_clone("64M");
+    let sock = Fixture::socket_of(&image);
+    let log = fx.path("blk-backend.log");
+    let b = BlkBackendProcess::start_exports_logging_to(
+        &bin("blk-backend"),
+        &[(image.clone(), sock.clone())],
+        &["--fixed-buffers", "--num-queues", "2"],
+        &log,
+    )
+    .expect("blk-backend starts");
+    write_then_verify(&sock);
+    b.stop();
+    let log = std::fs::read_to_string(&log).expect("the backend's log");
+    assert!(
+        log.contains("MiB of guest memory registered as fixed buffers"),
+        "no registration in the log:\n{log}"
+    );
+    assert!(!log.contains("not registered"), "{log}");
+}
+
 /// A chain in memory (tmpfs): blk-backend reads and writes its layers
 /// itself rather than through its io_uring; the data and the answers are
 /// the same, through the clone and, after a snapshot, through a clone of
@@ -131,34 +192,7 @@ fn a_chain_in_memory_is_served_byte_for_byte() {
     let fx = Fixture::in_memory();
     let image = fx.base_and_clone("64M");
     let b = fx.serve(&image, 2);
-    let sock = Fixture::socket_of(&image);
-    // Unaligned buffers too (bs=1536 with 512-byte sectors): the guest's
-    // data need not sit on block boundaries for the copy.
-    for (gen, base) in [
-        (1, "bs=64k qd=16 queues=2"),
-        (2, "bs=1536 qd=4 queues=1 size=4194304"),
-    ] {
-        let queues = if base.contains("queues=2") { 2 } else { 1 };
-        let w = vm(
-            1,
-            &sock,
-            queues,
-            &format!("mode=write verify=1 gen={gen} {base}"),
-        )
-        .run()
-        .expect("vmm runs");
-        w.assert_ok(&format!("write, {base}"));
-        let r = vm(
-            1,
-            &sock,
-            queues,
-            &format!("mode=read verify=1 expect_gen={gen} {base}"),
-        )
-        .run()
-        .expect("vmm runs");
-        r.assert_ok(&format!("read, {base}"));
-        assert!(r.field("reads") > 0, "{base}: it read");
-    }
+    write_then_verify(&Fixture::socket_of(&image));
     b.stop();
     // The written clone sealed and cloned again: its data reads back
     // through two layers in memory.

@@ -5,7 +5,8 @@
 //! way qemu-storage-daemon's `block-export-add` / `block-export-del` work.
 //!
 //! - `export-add` {socket, image, readonly?, num_queues?, queue_size?,
-//!   poll_us?}: opens the image and listens, as a `--export` at start does.
+//!   poll_us?, fixed_buffers?}: opens the image and listens, as a
+//!   `--export` at start does.
 //! - `export-del` {socket}: ends its session (in-flight I/O completes),
 //!   closes its image cleanly and removes its socket.
 //! - `export-list`: every export with its session state and counters.
@@ -335,6 +336,9 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
                     .as_u64()
                     .map_or(defaults.queue_size, |n| n as usize),
                 poll_us: args["poll_us"].as_u64().unwrap_or(defaults.poll_us),
+                fixed_buffers: args["fixed_buffers"]
+                    .as_bool()
+                    .unwrap_or(defaults.fixed_buffers),
             };
             if !(1..=64).contains(&spec.num_queues)
                 || !spec.queue_size.is_power_of_two()

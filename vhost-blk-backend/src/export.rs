@@ -27,8 +27,8 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::config::{self, SECTOR};
-use crate::uring::{Pending, QueueRing};
-use blk_request::{Kind, Request};
+use crate::uring::{Pending, QueueRing, RingFile};
+use blk_request::{Kind, Request, Segment};
 
 /// How the read-only layers below the private top are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,6 +51,10 @@ pub struct ExportSpec {
     /// Microseconds a queue worker keeps polling after its last work
     /// before it sleeps (0: never polls).
     pub poll_us: u64,
+    /// Register guest memory with each queue's io_uring as fixed buffers
+    /// (no page pinning per O_DIRECT request, but every page of guest
+    /// memory faulted in and pinned while the queue runs).
+    pub fixed_buffers: bool,
 }
 
 /// Layer files shared by every export of the process: clones of one base
@@ -351,13 +355,36 @@ impl Export {
     /// The descriptor for I/O on layer `k`: the aligned one when the
     /// transfer suits it, else the buffered one.
     #[inline]
-    fn fd_for(&self, k: usize, buf: u64, len: u64, off: u64) -> RawFd {
+    fn fd_for(&self, k: usize, buf: u64, len: u64, off: u64) -> RingFile {
         let aligned = (buf | len | off).is_multiple_of(512);
         if aligned || !self.files.aligned_direct[k] {
-            self.files.aligned[k].as_raw_fd()
+            RingFile {
+                fd: self.files.aligned[k].as_raw_fd(),
+                slot: 2 * k as u32,
+            }
         } else {
-            self.files.buffered[k].as_raw_fd()
+            RingFile {
+                fd: self.files.buffered[k].as_raw_fd(),
+                slot: 2 * k as u32 + 1,
+            }
         }
+    }
+
+    /// Every layer file a ring may name, in [`RingFile::slot`] order (for
+    /// the ring's table of registered files).
+    pub fn ring_files(&self) -> Vec<RawFd> {
+        self.files
+            .aligned
+            .iter()
+            .zip(&self.files.buffered)
+            .flat_map(|(a, b)| [a.as_raw_fd(), b.as_raw_fd()])
+            .collect()
+    }
+
+    /// Whether any layer's I/O goes through the ring (a layer on a device,
+    /// not in memory): only then do registered buffers pay.
+    pub fn uses_ring(&self) -> bool {
+        self.files.in_memory.iter().any(|m| !m)
     }
 
     /// Turns a read or a whole-block write into ring I/O. `None`: the
@@ -368,7 +395,6 @@ impl Export {
         ring: &mut QueueRing,
         view: &ChainView,
         req: &Request,
-        mem: &GuestMemoryMmap,
         head: u16,
     ) -> Option<Option<Pending>> {
         let write = req.kind == Kind::Out;
@@ -396,18 +422,17 @@ impl Export {
         let mut off = start;
         let mut queued = 0u32;
         let mut failed = false;
-        'segments: for &(addr, len) in &req.data {
-            let Ok(slice) = mem.get_slice(addr, len as usize) else {
-                failed = true;
-                break;
-            };
-            let base = slice.ptr_guard_mut().as_ptr();
+        'segments: for seg in &req.data {
+            // Looked up in guest memory once, when the request was parsed
+            // against the worker's memory, which stays mapped while the
+            // worker runs.
+            let (base, len) = (seg.host, seg.len);
             if let Some((top, file_off)) = target {
                 let file_off = file_off + (off - start);
                 let fd = self.fd_for(top, base as u64, len as u64, file_off);
                 if self.files.in_memory[top] {
                     // SAFETY: as for the ring below.
-                    if let Err(e) = unsafe { QueueRing::rw_now(true, fd, base, len, file_off) } {
+                    if let Err(e) = unsafe { QueueRing::rw_now(true, fd.fd, base, len, file_off) } {
                         self.io_failure(format_args!("write at {file_off}: {e}"));
                         failed = true;
                         break;
@@ -437,7 +462,7 @@ impl Export {
                             if self.files.in_memory[layer] {
                                 // SAFETY: as for writes above.
                                 let copied = unsafe {
-                                    QueueRing::rw_now(false, fd, dst, e.len as u32, file_offset)
+                                    QueueRing::rw_now(false, fd.fd, dst, e.len as u32, file_offset)
                                 };
                                 if let Err(err) = copied {
                                     self.io_failure(format_args!("read at {file_offset}: {err}"));
@@ -499,7 +524,7 @@ impl Export {
                 }
                 let mut off = req.sector * SECTOR;
                 let st = self.lock();
-                for &(addr, len) in &req.data {
+                for &Segment { addr, len, .. } in &req.data {
                     if let Err(e) = read_into_guest(&st.disk, mem, addr, off, len as u64) {
                         self.io_failure(format_args!("read at {off}: {e}"));
                         return ioerr;
@@ -514,7 +539,7 @@ impl Export {
                 }
                 let mut buf = vec![0u8; req.data_len as usize];
                 let mut at = 0usize;
-                for &(addr, len) in &req.data {
+                for &Segment { addr, len, .. } in &req.data {
                     if mem
                         .read_slice(&mut buf[at..at + len as usize], addr)
                         .is_err()
@@ -545,7 +570,7 @@ impl Export {
             }
             Kind::GetId => {
                 let n = (req.data_len as usize).min(20);
-                let Some(&(addr, _)) = req.data.first() else {
+                let Some(&Segment { addr, .. }) = req.data.first() else {
                     return ioerr;
                 };
                 match mem.write_slice(&self.id[..n], addr) {
@@ -559,7 +584,7 @@ impl Export {
                 }
                 // Segments are validated before anything is zeroed.
                 let mut ranges = Vec::new();
-                for &(addr, len) in &req.data {
+                for &Segment { addr, len, .. } in &req.data {
                     if len % 16 != 0 {
                         return ioerr;
                     }
@@ -654,6 +679,7 @@ mod tests {
                 num_queues: 1,
                 queue_size: 128,
                 poll_us: 0,
+                fixed_buffers: false,
             },
             &SharedFiles::default(),
             BaseIo::Page,
@@ -662,15 +688,22 @@ mod tests {
         .expect("open")
     }
 
+    /// A request for the synchronous path (which goes by guest address:
+    /// the segments' host addresses are left null).
     fn req(kind: Kind, sector: u64, data: Vec<(GuestAddress, u32)>) -> Request {
-        let data_len = data.iter().map(|d| d.1 as u64).sum();
-        Request {
-            kind,
-            sector,
-            data,
-            data_len,
-            status: GuestAddress(0),
-        }
+        let mut r = Request::default();
+        r.kind = kind;
+        r.sector = sector;
+        r.data_len = data.iter().map(|d| d.1 as u64).sum();
+        r.data = data
+            .into_iter()
+            .map(|(addr, len)| Segment {
+                addr,
+                len,
+                host: std::ptr::null_mut(),
+            })
+            .collect();
+        r
     }
 
     #[test]

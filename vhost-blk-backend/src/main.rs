@@ -17,7 +17,7 @@ use vhost_blk_backend::seccomp;
     version,
     about = "vhost-user-blk server for snapshot-chain images",
     after_help = "Either --socket and --image for one export, or --export once per export:\n  \
-                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N]\n\n\
+                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N][,fixed_buffers=on]\n\n\
                   A frontend that reconnects after this process was killed and restarted\n\
                   resumes where it was: requests in flight run again (the vhost-user inflight\n\
                   region) and completed writes are found in the crash shadow (--shadow-dir)."
@@ -48,6 +48,11 @@ struct Args {
     /// it polls. 0 turns polling off (lowest CPU use when idle).
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
+    /// Register guest memory with each queue's io_uring as fixed buffers:
+    /// O_DIRECT requests skip pinning their pages, at the price of every
+    /// page of guest memory allocated and pinned while the queue runs.
+    #[arg(long)]
+    fixed_buffers: bool,
     /// Where the crash shadows of writable images live: a tmpfs, so they
     /// survive this process but not a reboot. "none" turns them off.
     #[arg(long, default_value = "/dev/shm")]
@@ -81,6 +86,14 @@ fn check(e: ExportSpec) -> Result<ExportSpec> {
     Ok(e)
 }
 
+fn on_off(spec: &str, key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => bail!("--export {spec:?}: {key} takes on or off, not {v:?}"),
+    }
+}
+
 fn parse_export(spec: &str, defaults: &Args) -> Result<ExportSpec> {
     let (mut socket, mut image) = (None, None);
     let mut e = ExportSpec {
@@ -90,6 +103,7 @@ fn parse_export(spec: &str, defaults: &Args) -> Result<ExportSpec> {
         num_queues: defaults.num_queues,
         queue_size: defaults.queue_size,
         poll_us: defaults.poll_us,
+        fixed_buffers: defaults.fixed_buffers,
     };
     for kv in spec.split(',') {
         let (k, v) = kv
@@ -98,13 +112,8 @@ fn parse_export(spec: &str, defaults: &Args) -> Result<ExportSpec> {
         match k {
             "socket" => socket = Some(PathBuf::from(v)),
             "image" => image = Some(PathBuf::from(v)),
-            "readonly" => {
-                e.readonly = match v {
-                    "on" | "true" | "1" => true,
-                    "off" | "false" | "0" => false,
-                    _ => bail!("--export {spec:?}: readonly takes on or off"),
-                }
-            }
+            "readonly" => e.readonly = on_off(spec, k, v)?,
+            "fixed_buffers" => e.fixed_buffers = on_off(spec, k, v)?,
             "num_queues" => e.num_queues = v.parse().context("num_queues")?,
             "queue_size" => e.queue_size = v.parse().context("queue_size")?,
             "poll_us" => e.poll_us = v.parse().context("poll_us")?,
@@ -140,6 +149,7 @@ fn run(a: Args) -> Result<()> {
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             poll_us: a.poll_us,
+            fixed_buffers: a.fixed_buffers,
         })?);
     }
     for spec in &a.exports {
@@ -217,6 +227,7 @@ fn run(a: Args) -> Result<()> {
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             poll_us: a.poll_us,
+            fixed_buffers: a.fixed_buffers,
         };
         std::thread::Builder::new()
             .name("control".into())

@@ -9,11 +9,14 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost_user_backend::{VringMutex, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::connection::Session;
@@ -74,6 +77,8 @@ struct Running {
     /// Reused per batch: heads taken from the ring, requests finished.
     heads: Vec<u16>,
     done: Vec<Pending>,
+    /// Each chain is parsed into this one (its storage reused).
+    req: Request,
     /// The stop came in on the ring.
     stopping: bool,
     /// The driver put the ring in a state no driver can legally reach (its
@@ -107,6 +112,7 @@ impl QueueWorker {
                 warn!(queue = self.queue, "not serving: its io_uring: {e}");
                 return;
             }
+            self.register(&mut ring);
             if let Err(e) = sandbox::confine(&crate::seccomp::WORKER) {
                 warn!(queue = self.queue, "not serving: {e}");
                 return;
@@ -120,6 +126,7 @@ impl QueueWorker {
                 wrote: Vec::new(),
                 heads: Vec::new(),
                 done: Vec::new(),
+                req: Request::default(),
                 stopping: false,
                 broken: false,
                 failed: 0,
@@ -131,6 +138,45 @@ impl QueueWorker {
             w.export.unsubscribe(sub);
         })?;
         Ok(WorkerHandle { stop, thread })
+    }
+}
+
+impl QueueWorker {
+    /// Registers the export's files with the ring, and guest memory as
+    /// fixed buffers when the export asks for them. Either is an
+    /// optimisation: a kernel or a limit that refuses leaves the ring
+    /// naming files and buffers per I/O, as it otherwise would.
+    fn register(&self, ring: &mut QueueRing) {
+        if let Err(e) = ring.register_files(&self.export.ring_files()) {
+            debug!(queue = self.queue, "layer files not registered: {e}");
+        }
+        if !self.export.spec.fixed_buffers || !self.export.uses_ring() {
+            return;
+        }
+        let mem = self.mem.memory();
+        let regions: Vec<(usize, usize)> = mem
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some((host as usize, r.len() as usize))
+            })
+            .collect();
+        let mib = regions.iter().map(|r| r.1).sum::<usize>() >> 20;
+        // SAFETY: guest memory stays mapped while the worker (which owns
+        // the ring) runs: a memory change stops the workers first.
+        let registered = unsafe { ring.register_memory(&regions) };
+        // Once per queue start, and only when asked for: the pinned memory
+        // is worth a line in the log.
+        match registered {
+            Ok(()) => info!(
+                queue = self.queue,
+                "{mib} MiB of guest memory registered as fixed buffers"
+            ),
+            Err(e) => warn!(
+                queue = self.queue,
+                "guest memory ({mib} MiB) not registered as fixed buffers: {e}"
+            ),
+        }
     }
 }
 
@@ -376,12 +422,13 @@ impl Running {
         };
         for &head in heads {
             let walk = ChainWalk::new(mem, table, size, head);
-            match Request::parse(walk, mem) {
-                Ok(req) => {
+            match self.req.parse_from(walk, mem) {
+                Ok(()) => {
+                    let req = &self.req;
                     let ring_path = if matches!(req.kind, Kind::In | Kind::Out) {
                         self.w
                             .export
-                            .submit_rw(&mut self.ring, &self.sub.view, &req, mem, head)
+                            .submit_rw(&mut self.ring, &self.sub.view, req, head)
                     } else {
                         None
                     };
@@ -392,7 +439,7 @@ impl Running {
                         }
                         Some(None) => {}
                         None => {
-                            let (s, written) = self.w.export.execute(&req, mem);
+                            let (s, written) = self.w.export.execute(req, mem);
                             self.failed += u64::from(s != VIRTIO_BLK_S_OK as u8);
                             let _ = mem.write_obj(s, req.status);
                             self.used_push(head, written + 1);

@@ -192,6 +192,7 @@ fn start_named_server(dir: &Path, name: &str) -> Server {
             num_queues: 1,
             queue_size: 64,
             poll_us: 20,
+            fixed_buffers: false,
         },
         &SharedFiles::default(),
         BaseIo::Page,

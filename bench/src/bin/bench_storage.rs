@@ -51,6 +51,14 @@ struct Args {
     /// for the next run, which then skips writing them; removed otherwise.
     #[arg(long)]
     keep: bool,
+    /// An option for blk-backend in its rows, repeatable (an A/B of
+    /// `--fixed-buffers` or `--poll-us 0`, say).
+    #[arg(
+        long = "backend-option",
+        value_name = "OPTION",
+        allow_hyphen_values = true
+    )]
+    backend_options: Vec<String>,
     #[arg(long)]
     markdown: Option<PathBuf>,
     #[arg(long)]
@@ -223,10 +231,12 @@ fn chain_rows(
         let mut p50 = Vec::new();
         for run in 0..a.runs {
             eprintln!("[{storage}] chain {} run {}", w.name, run + 1);
+            let mut options = vec!["--base-io", "direct"];
+            options.extend(a.backend_options.iter().map(String::as_str));
             let b = BlkBackendProcess::start_exports_with(
                 backend_bin,
                 &[(snap.to_path_buf(), sock.clone())],
-                &["--base-io", "direct"],
+                &options,
             )?;
             let s = run_vmm(vmm_bin, &b.socket, w, a.seconds, &[]);
             b.stop();
@@ -627,6 +637,7 @@ fn main() -> Result<()> {
                             let queues = w.queues.to_string();
                             let mut backend_options = vec!["--num-queues", &queues];
                             backend_options.extend_from_slice(options);
+                            backend_options.extend(a.backend_options.iter().map(String::as_str));
                             let b = BlkBackendProcess::start_exports_with(
                                 &backend_bin,
                                 &[(snap.clone(), sock.clone())],

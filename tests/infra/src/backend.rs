@@ -122,11 +122,12 @@ impl BlkBackendProcess {
     pub fn start_exports_logging_to(
         binary: &Path,
         exports: &[(PathBuf, PathBuf)],
+        options: &[&str],
         log: &Path,
     ) -> Result<Self> {
         let (specs, sockets) = export_specs(exports);
         let file = std::fs::File::create(log).with_context(|| format!("{}", log.display()))?;
-        Self::spawn_logging(binary, &specs, &sockets, &[], Stdio::from(file), "info")
+        Self::spawn_logging(binary, &specs, &sockets, options, Stdio::from(file), "info")
     }
 
     fn spawn(binary: &Path, specs: &[String], sockets: &[PathBuf]) -> Result<Self> {

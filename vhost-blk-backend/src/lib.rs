@@ -18,6 +18,7 @@
 //! - `config`: the virtio-blk configuration space.
 //! - `seccomp`: the system calls each kind of thread may make.
 
+pub mod adaptive_poll;
 pub mod config;
 pub mod connection;
 pub mod control;

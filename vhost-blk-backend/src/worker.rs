@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tracing::{debug, info, warn};
 use vhost_user_backend::{VringMutex, VringT};
@@ -19,6 +20,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::adaptive_poll::PollWindow;
 use crate::connection::Session;
 use crate::export::{Export, Subscription};
 use crate::inflight::InflightQueue;
@@ -54,8 +56,9 @@ pub struct QueueWorker {
     pub inflight: Option<InflightQueue>,
     /// Heads a predecessor left in flight, to run before anything else.
     pub resubmit: Vec<u16>,
-    /// How long the worker keeps polling the queue and its ring after the
-    /// last work before it sleeps (0: never polls).
+    /// The longest the worker keeps polling the queue and its ring after
+    /// the last work before it sleeps (0: never polls); within it, the
+    /// window adapts (see `adaptive_poll`).
     pub poll: std::time::Duration,
     /// The session this queue belongs to: a worker that finds its memory
     /// taken away ends it.
@@ -79,6 +82,8 @@ struct Running {
     done: Vec<Pending>,
     /// Each chain is parsed into this one (its storage reused).
     req: Request,
+    /// How long to poll before sleeping (learnt, up to `poll`).
+    window: PollWindow,
     /// The stop came in on the ring.
     stopping: bool,
     /// The driver put the ring in a state no driver can legally reach (its
@@ -118,6 +123,7 @@ impl QueueWorker {
                 return;
             }
             let sub = self.export.subscribe();
+            let poll = self.poll;
             let mut r = Running {
                 w: self,
                 ring,
@@ -127,6 +133,7 @@ impl QueueWorker {
                 heads: Vec::new(),
                 done: Vec::new(),
                 req: Request::default(),
+                window: PollWindow::new(poll),
                 stopping: false,
                 broken: false,
                 failed: 0,
@@ -195,7 +202,7 @@ impl Running {
         // never came; one spurious interrupt costs nothing.
         let _ = self.w.vring.signal_used_queue();
         while !self.stopping {
-            if !self.w.poll.is_zero() && !self.broken && self.poll()? {
+            if !self.window.get().is_zero() && !self.broken && self.poll()? {
                 // More arrived as notifications came back on.
                 continue;
             }
@@ -203,8 +210,11 @@ impl Running {
                 break;
             }
             // Submits what is queued and sleeps until a kick, a
-            // completion or the stop.
+            // completion or the stop; how long that took tells whether
+            // polling longer would have paid.
+            let slept_from = Instant::now();
             self.ring.wait()?;
+            self.window.slept(slept_from.elapsed());
             if self.handle_completions()? {
                 self.process_queue()?;
             }
@@ -235,7 +245,8 @@ impl Running {
         if event_idx {
             let _ = self.w.vring.disable_notification();
         }
-        let mut idle_since = std::time::Instant::now();
+        let window = self.window.get();
+        let mut idle_since = Instant::now();
         let mem = self.w.mem.memory();
         let mut spins = 0u32;
         loop {
@@ -254,7 +265,7 @@ impl Running {
                 worked = true;
             }
             if worked {
-                idle_since = std::time::Instant::now();
+                idle_since = Instant::now();
                 spins = 0;
             }
             spins = spins.wrapping_add(1);
@@ -266,7 +277,7 @@ impl Running {
             // The clock is read every 32 idle turns: reading it costs more
             // than a turn.
             if self.ring.in_flight() > POLL_MAX_IN_FLIGHT
-                || (spins.is_multiple_of(32) && idle_since.elapsed() >= self.w.poll)
+                || (spins.is_multiple_of(32) && idle_since.elapsed() >= window)
             {
                 break;
             }

@@ -345,7 +345,22 @@ fn data_window(snap: &Path, size: u64) -> Option<(u64, u64)> {
     start.map(|s| (s, size))
 }
 
+/// CPU seconds used by this process's children that were waited for.
+fn children_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) -> Result<Sample> {
+    // fio's own CPU (its whole process, jobs included), the cost of the
+    // kernel's I/O path with no guest and no backend around it.
+    let cpu_before = children_cpu_s();
     let out = Command::new("fio")
         .args([
             "--name=b",
@@ -376,9 +391,11 @@ fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) 
         &job["read"]
     };
     let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    let ios = side["total_ios"].as_f64().unwrap_or(0.0);
+    let cpu = children_cpu_s() - cpu_before;
     Ok(Sample {
-        ios: side["total_ios"].as_f64().unwrap_or(0.0),
-        cpu_s_per_mio: None,
+        ios,
+        cpu_s_per_mio: (ios > 0.0).then(|| cpu / ios * 1e6),
         rss_mib: None,
         iops: side["iops"].as_f64().unwrap_or(0.0),
         mb_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
@@ -849,20 +866,22 @@ fn main() -> Result<()> {
             c.median_iops / base.max(1.0)
         );
     }
-    md += "\n## blk-backend cost\n\nThe backend process alone (every thread, the kernel's io_uring workers included), per million I/Os the guest completed.\n\n| storage | workload | frontend | CPU s per million I/Os | RSS MiB |\n|---|---|---|---:|---:|\n";
-    for c in cells
-        .iter()
-        .filter(|c| matches!(c.row, Row::QemuBlkBackend | Row::VmmBlkBackend))
-    {
+    md += "\n## blk-backend cost\n\nThe backend process alone (every thread, the kernel's io_uring workers included), per million I/Os the guest completed; host fio's whole process on the same I/O beside it, the cost of the kernel's path alone.\n\n| storage | workload | frontend | CPU s per million I/Os | RSS MiB |\n|---|---|---|---:|---:|\n";
+    for c in cells.iter().filter(|c| {
+        matches!(
+            c.row,
+            Row::QemuBlkBackend | Row::VmmBlkBackend | Row::HostFio
+        )
+    }) {
         let cpu = median(c.samples.iter().filter_map(|s| s.cpu_s_per_mio).collect());
         let rss = median(c.samples.iter().filter_map(|s| s.rss_mib).collect());
-        let frontend = if c.row == Row::QemuBlkBackend {
-            "QEMU"
-        } else {
-            "vmm"
+        let (frontend, rss) = match c.row {
+            Row::QemuBlkBackend => ("QEMU", format!("{rss:.1}")),
+            Row::VmmBlkBackend => ("vmm", format!("{rss:.1}")),
+            _ => ("none: host fio itself, for the kernel's share", "".into()),
         };
         md += &format!(
-            "| {} | {} | {frontend} | {cpu:.2} | {rss:.1} |\n",
+            "| {} | {} | {frontend} | {cpu:.2} | {rss} |\n",
             c.storage, c.workload.name
         );
     }

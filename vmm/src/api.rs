@@ -27,7 +27,7 @@ use tracing::warn;
 
 use crate::config::VmConfig;
 use crate::control::Control;
-use crate::vm::VmEvent;
+use crate::events::VmEvent;
 
 pub struct Api {
     pub control: Arc<Control>,

@@ -7,10 +7,13 @@
 //! - `memory`: guest memory (memfd, shareable) and the physical layout.
 //! - `acpi`: the ACPI tables (FADT, DSDT, MADT, MCFG).
 //! - `boot`: loading a kernel (PVH ELF) and the registers it starts with.
+//! - `events`: how a VM ends (`VmEvent`), as devices and vCPUs report it.
+//! - `interrupts`: MSI routes of the devices' GSIs.
 //! - `vm`: the KVM VM, its vCPU threads and their exits.
 //! - `control`: run state (pause, resume, stop) and the vCPU counters.
 //! - `api`: the HTTP/JSON control API on a Unix socket, and its client.
 //! - `devices`: port and MMIO buses, serial, debug exit, PCI.
+//! - `snapshot`: a paused VM saved to a directory, and read back.
 
 pub mod acpi;
 pub mod api;
@@ -19,7 +22,10 @@ pub mod coalesced;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod events;
+pub mod interrupts;
 pub mod kvm_stats;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vm;

@@ -2,7 +2,6 @@
 //! routes, devices on the port and MMIO buses, and one thread per vCPU
 //! running KVM_RUN and dispatching its exits.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 #[cfg(test)]
 use std::sync::mpsc::Receiver;
@@ -10,10 +9,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQ_ROUTING_MSI,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
-};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use tracing::{debug, error, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -32,102 +28,9 @@ use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::devices::virtio_console::{ConsolePort, VirtioConsole};
 use crate::devices::virtio_pci::{self, ReconnectError, SharedVirtioPci, VirtioPci, BAR_SIZE};
 use crate::devices::{debug_exit, pci, serial, Bus};
+pub use crate::events::VmEvent;
+pub use crate::interrupts::MsiRouter;
 use crate::memory::{self, PCI_MMIO_END, PCI_MMIO_START};
-
-/// Why a VM stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmEvent {
-    /// The guest wrote this value to the debug-exit port.
-    GuestExit(u8),
-    /// The guest powered off.
-    PowerOff,
-    /// The guest asked for a reboot (reported; the VM ends).
-    Reboot,
-    /// A triple fault, an emulation failure or an internal error: what
-    /// happened and the vCPU's registers.
-    Fault(String),
-    /// The control API asked the VM to end (forced: without stopping the
-    /// disks' queues first).
-    Shutdown { force: bool },
-}
-
-impl VmEvent {
-    /// The vmm's exit status for this end: the value a test guest wrote to
-    /// the debug-exit port, 0 for a power-off or a shutdown, 1 for a fault.
-    pub fn exit_status(&self) -> i32 {
-        match self {
-            VmEvent::GuestExit(code) => *code as i32,
-            VmEvent::PowerOff | VmEvent::Shutdown { .. } | VmEvent::Reboot => 0,
-            VmEvent::Fault(_) => 1,
-        }
-    }
-
-    /// How the VM ended, in a few words.
-    pub fn describe(&self) -> String {
-        match self {
-            VmEvent::GuestExit(code) => format!("the guest exited with {code}"),
-            VmEvent::PowerOff => "the guest powered off".into(),
-            VmEvent::Reboot => "the guest asked for a reboot".into(),
-            VmEvent::Fault(what) => format!("guest fault: {what}"),
-            VmEvent::Shutdown { force: false } => "shut down through the API".into(),
-            VmEvent::Shutdown { force: true } => "shut down at once through the API".into(),
-        }
-    }
-}
-
-/// MSI routes of the VM's GSIs; every change replaces KVM's whole table.
-pub struct MsiRouter {
-    vm: Arc<VmFd>,
-    /// The next free GSI, and each routed GSI's (address, data).
-    state: Mutex<(u32, Routes)>,
-}
-
-type Routes = BTreeMap<u32, (u64, u32)>;
-
-/// GSIs below this are the interrupt controllers' legacy lines.
-const FIRST_MSI_GSI: u32 = 24;
-
-impl MsiRouter {
-    pub fn new(vm: Arc<VmFd>) -> Self {
-        MsiRouter {
-            vm,
-            state: Mutex::new((FIRST_MSI_GSI, BTreeMap::new())),
-        }
-    }
-
-    pub fn allocate(&self) -> u32 {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 += 1;
-        st.0 - 1
-    }
-
-    /// Routes `gsi` to an MSI (address, data), or nowhere.
-    pub fn set(&self, gsi: u32, msi: Option<(u64, u32)>) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match msi {
-            Some(m) => st.1.insert(gsi, m),
-            None => st.1.remove(&gsi),
-        };
-        let Ok(mut table) = KvmIrqRouting::new(st.1.len()) else {
-            warn!("cannot build the MSI routing table");
-            return;
-        };
-        for (slot, (&gsi, &(addr, data))) in table.as_mut_slice().iter_mut().zip(st.1.iter()) {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            e.u.msi.address_lo = addr as u32;
-            e.u.msi.address_hi = (addr >> 32) as u32;
-            e.u.msi.data = data;
-            *slot = e;
-        }
-        if let Err(e) = self.vm.set_gsi_routing(&table) {
-            warn!("KVM_SET_GSI_ROUTING: {e}");
-        }
-    }
-}
 
 /// The console thread: writes out what the guest wrote that no exit did.
 /// The UART's coalesced bytes have no doorbell, so they are looked for

@@ -126,6 +126,9 @@ const WORKLOADS: [Workload; 6] = [
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Debug)]
 enum Row {
     HostFio,
+    /// Host fio with one core kept busy by a spinning thread, as a guest
+    /// vCPU that polls its queue keeps one busy in the VM rows.
+    HostFioBusyCore,
     QemuVirtioBlk,
     QemuQsd,
     QemuBlkBackend,
@@ -140,6 +143,7 @@ impl Row {
     fn label(self) -> &'static str {
         match self {
             Row::HostFio => "host fio (io_uring, O_DIRECT)",
+            Row::HostFioBusyCore => "host fio, one core kept busy (as a polling vCPU keeps it)",
             Row::QemuVirtioBlk => "QEMU virtio-blk (io_uring, direct, iothread)",
             Row::QemuQsd => "QEMU + qemu-storage-daemon vhost-user-blk",
             Row::QemuBlkBackend => "QEMU + blk-backend (snap image, io_uring, O_DIRECT)",
@@ -152,6 +156,7 @@ impl Row {
     fn short(&self) -> &'static str {
         match self {
             Row::HostFio => "fio",
+            Row::HostFioBusyCore => "fio-busy",
             Row::QemuVirtioBlk => "qemu",
             Row::QemuQsd => "qsd",
             Row::QemuBlkBackend => "blk-backend",
@@ -343,6 +348,37 @@ fn data_window(snap: &Path, size: u64) -> Option<(u64, u64)> {
         }
     }
     start.map(|s| (s, size))
+}
+
+/// A thread that keeps one core busy until dropped.
+struct BusyCore {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BusyCore {
+    fn start() -> BusyCore {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        BusyCore {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BusyCore {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// CPU seconds used by this process's children that were waited for.
@@ -596,6 +632,7 @@ fn main() -> Result<()> {
         {
             for row in [
                 Row::HostFio,
+                Row::HostFioBusyCore,
                 Row::QemuVirtioBlk,
                 Row::QemuQsd,
                 Row::QemuBlkBackend,
@@ -613,6 +650,10 @@ fn main() -> Result<()> {
                     eprintln!("[{storage}] {} / {} run {}", w.name, row.label(), run + 1);
                     let s = match row {
                         Row::HostFio => run_fio(snap, window, w, a.seconds)?,
+                        Row::HostFioBusyCore => {
+                            let _spinner = BusyCore::start();
+                            run_fio(snap, window, w, a.seconds)?
+                        }
                         Row::QemuVirtioBlk => run_guest(
                             Disk::Builtin {
                                 path: snap.clone(),

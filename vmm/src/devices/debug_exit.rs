@@ -4,7 +4,7 @@
 use std::sync::mpsc::Sender;
 
 use super::BusDevice;
-use crate::vm::VmEvent;
+use crate::events::VmEvent;
 
 pub const PORT: u64 = 0xf4;
 pub const LEN: u64 = 4;

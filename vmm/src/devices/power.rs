@@ -5,7 +5,7 @@
 use std::sync::mpsc::Sender;
 
 use super::BusDevice;
-use crate::vm::VmEvent;
+use crate::events::VmEvent;
 
 pub const I8042_PORT: u64 = 0x64;
 const I8042_RESET: u8 = 0xfe;

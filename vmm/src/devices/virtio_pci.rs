@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pci::{ConfigSpace, PciDevice};
 use super::BusDevice;
-use crate::vm::MsiRouter;
+use crate::interrupts::MsiRouter;
 use cli_support::log_limit::LogLimit;
 
 pub const BAR_SIZE: u32 = 0x8000;

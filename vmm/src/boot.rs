@@ -45,7 +45,7 @@ pub enum BootError {
     #[error("the command line is {len} bytes; this kernel takes at most {max}")]
     CmdlineTooLongForKernel { len: usize, max: usize },
     #[error("writing boot data into guest memory: {0}")]
-    Memory(String),
+    Memory(#[from] vm_memory::GuestMemoryError),
 }
 
 /// Where the first vCPU starts, and in which mode.
@@ -143,9 +143,7 @@ pub fn load_bzimage(
         ..Default::default()
     };
     let mem = &ram.mem;
-    let w = |r: Result<(), vm_memory::GuestMemoryError>| {
-        r.map_err(|e| BootError::Memory(e.to_string()))
-    };
+    let w = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(BootError::Memory);
     write_cmdline(mem, cmdline)?;
     params.hdr.type_of_loader = 0xff;
     params.hdr.cmd_line_ptr = CMDLINE as u32;
@@ -220,7 +218,7 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> 
     let mut line = cmdline.as_bytes().to_vec();
     line.push(0);
     mem.write_slice(&line, GuestAddress(CMDLINE))
-        .map_err(|e| BootError::Memory(e.to_string()))
+        .map_err(BootError::Memory)
 }
 
 /// The guest's memory map: low RAM, RAM from 1 MiB (and above 4 GiB),
@@ -252,7 +250,7 @@ fn load_initrd(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<(u64, u64
     })?;
     ram.mem
         .write_slice(&data, GuestAddress(at))
-        .map_err(|e| BootError::Memory(e.to_string()))?;
+        .map_err(BootError::Memory)?;
     Ok((at, data.len() as u64))
 }
 
@@ -262,7 +260,7 @@ const E820_RESERVED: u32 = 2;
 /// Points `hvm_start_info.rsdp_paddr` at the ACPI tables.
 pub fn set_rsdp(mem: &GuestMemoryMmap, rsdp: u64) -> Result<(), BootError> {
     mem.write_obj(rsdp, GuestAddress(START_INFO + 32))
-        .map_err(|e| BootError::Memory(e.to_string()))
+        .map_err(BootError::Memory)
 }
 
 /// Where an initrd goes: page-aligned, as high as RAM below 4 GiB allows.
@@ -295,9 +293,7 @@ pub fn load_pvh(
         return Err(BootError::NoPvh { path });
     };
     let mem = &ram.mem;
-    let w = |r: Result<(), vm_memory::GuestMemoryError>| {
-        r.map_err(|e| BootError::Memory(e.to_string()))
-    };
+    let w = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(BootError::Memory);
     write_cmdline(mem, cmdline)?;
     let map = memory_map(ram);
     for (i, &(addr, size, kind)) in map.iter().enumerate() {
@@ -307,7 +303,7 @@ pub fn load_pvh(
         w(mem.write_obj(kind, GuestAddress(e.0 + 16)))?;
         w(mem.write_obj(0u32, GuestAddress(e.0 + 20)))?;
     }
-    write_start_info(mem, map.len() as u32).map_err(|e| BootError::Memory(e.to_string()))?;
+    write_start_info(mem, map.len() as u32).map_err(BootError::Memory)?;
     if let Some(path) = initrd {
         let (at, len) = load_initrd(ram, path, loaded.kernel_end)?;
         // One `hvm_modlist_entry`: paddr, size, cmdline_paddr, reserved.

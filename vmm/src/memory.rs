@@ -21,7 +21,11 @@ pub enum MemoryError {
     #[error("sizing the guest memory to {size} bytes: {err}")]
     Size { size: u64, err: std::io::Error },
     #[error("mapping guest memory: {0}")]
-    Map(String),
+    Map(#[from] vm_memory::mmap::MmapRegionError),
+    #[error("guest memory region at {at:#x} of {len} bytes overflows the address space")]
+    Overflow { at: u64, len: u64 },
+    #[error("guest memory regions: {0}")]
+    Regions(#[from] vm_memory::GuestRegionCollectionError),
 }
 
 /// Guest memory and the memfd behind it.
@@ -77,16 +81,14 @@ pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
     let mut offset = 0u64;
     for &(at, len) in &ranges {
         let f = file.try_clone().map_err(MemoryError::Memfd)?;
-        let region = MmapRegion::<()>::from_file(FileOffset::new(f, offset), len as usize)
-            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        let region = MmapRegion::<()>::from_file(FileOffset::new(f, offset), len as usize)?;
         regions.push(
             GuestRegionMmap::new(region, GuestAddress(at))
-                .ok_or_else(|| MemoryError::Map(format!("region at {at:#x} overflows")))?,
+                .ok_or(MemoryError::Overflow { at, len })?,
         );
         offset += len;
     }
-    let mem =
-        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+    let mem = GuestMemoryMmap::from_regions(regions)?;
     Ok(GuestRam { mem, file, ranges })
 }
 

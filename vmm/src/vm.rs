@@ -26,7 +26,9 @@ use crate::devices::power::{self, AcpiPower, I8042};
 use crate::devices::serial::Console;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::devices::virtio_console::{ConsolePort, VirtioConsole};
-use crate::devices::virtio_pci::{self, ReconnectError, SharedVirtioPci, VirtioPci, BAR_SIZE};
+use crate::devices::virtio_pci::{
+    self, BackendLink, ReconnectError, SharedVirtioPci, VirtioPci, BAR_SIZE,
+};
 use crate::devices::{debug_exit, pci, serial, Bus};
 pub use crate::events::VmEvent;
 pub use crate::interrupts::MsiRouter;
@@ -320,7 +322,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     }
 
     for (i, dev) in disks.iter().enumerate() {
-        let dev = Arc::clone(dev);
+        let Some(link) = dev.lock().unwrap_or_else(|e| e.into_inner()).backend_link() else {
+            continue;
+        };
         let ctl = Arc::clone(&control);
         let give_up_after = std::time::Duration::from_millis(cfg.disks[i].reconnect_timeout_ms);
         std::thread::Builder::new()
@@ -330,7 +334,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                     error!("disk watcher: {e}: this disk will not reconnect");
                     return;
                 }
-                watch_disk(&dev, &ctl, give_up_after)
+                watch_disk(link.as_ref(), &ctl, give_up_after)
             })
             .context("starting a disk watcher")?;
     }
@@ -453,9 +457,10 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
 
 /// Waits for a disk's backend to go away, then reconnects to it as soon as
 /// it is back (the guest's requests wait meanwhile, and the backend resumes
-/// them from the inflight region).
-fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::Duration) {
-    let lock = || dev.lock().unwrap_or_else(|e| e.into_inner());
+/// them from the inflight region). Through the device's link only: the
+/// transport's lock, which the vCPUs' exits take, is never held while a
+/// backend is waited for.
+fn watch_disk(link: &dyn BackendLink, ctl: &Control, give_up_after: std::time::Duration) {
     // A guest whose driver keeps failing its device's start makes the
     // connection end again and again: those lines are bounded.
     let mut lines = cli_support::log_limit::LogLimit::default();
@@ -463,7 +468,7 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
         if ctl.state() == crate::control::RunState::Stopping {
             return;
         }
-        let Some(fd) = lock().connection_fd() else {
+        let Some(fd) = link.connection_fd() else {
             return;
         };
         let mut p = libc::pollfd {
@@ -496,9 +501,7 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(std::time::Duration::from_millis(100));
-            // The guard must be gone before the arms lock again.
-            let attempt = lock().reconnect();
-            match attempt {
+            match link.reconnect() {
                 Ok(()) => {
                     let after_ms = t0.elapsed().as_millis() as u64;
                     lines.emit(
@@ -510,7 +513,7 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
                 Err(ReconnectError::Incompatible(why)) => {
                     // Waiting will not make it compatible: say so now.
                     error!("{why}: its requests fail from now on");
-                    lock().give_up();
+                    link.give_up();
                     return;
                 }
                 Err(ReconnectError::NotYet(e)) => {
@@ -525,7 +528,7 @@ fn watch_disk(dev: &Mutex<VirtioPci>, ctl: &Control, give_up_after: std::time::D
                             "a disk backend stayed away for {} ms: its requests fail from now on ({last})",
                             give_up_after.as_millis()
                         );
-                        lock().give_up();
+                        link.give_up();
                         return;
                     }
                 }

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -20,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::deadline;
 use super::io_error::{self, FailedQueue};
 use super::virtio_pci::{
-    DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
+    BackendLink, DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
 use crate::config::DiskConfig;
 use cli_support::log_limit::LogLimit;
@@ -40,7 +41,19 @@ pub enum DiskError {
     Protocol {
         socket: String,
         what: &'static str,
-        err: String,
+        err: Exchange,
+    },
+    #[error(
+        "disk {socket}: the backend came back with other features (virtio {features:#x}, \
+         protocol {protocol:#x}; the session was set up with virtio {session_features:#x}, \
+         protocol {session_protocol:#x})"
+    )]
+    Changed {
+        socket: String,
+        features: u64,
+        protocol: u64,
+        session_features: u64,
+        session_protocol: u64,
     },
     #[error("disk {socket}: the backend offers {offered} queues, {wanted} were asked for")]
     Queues {
@@ -64,27 +77,63 @@ pub enum DiskError {
     },
 }
 
+/// How one vhost-user exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Exchange {
+    /// The deadline passed (and shut the connection down).
+    #[error(
+        "no reply within {} ms (reply_timeout_ms): the backend counts as gone",
+        .0.as_millis()
+    )]
+    NoReply(Duration),
+    #[error("{0}")]
+    Vhost(vhost::Error),
+    #[error("the backend has no protocol features (needed for its configuration)")]
+    NoProtocolFeatures,
+    #[error("the backend cannot report its configuration (CONFIG)")]
+    NoConfig,
+}
+
 pub struct VhostUserBlk {
     socket: PathBuf,
-    frontend: Frontend,
+    /// What the backend offered at connect (a backend that comes back
+    /// with other features cannot carry the session on).
     backend_features: u64,
-    protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
     num_queues: u16,
     queue_size: u16,
     readonly: bool,
+    /// The connection and the session on it, shared with the disk watcher.
+    link: Arc<Link>,
+    /// What waited for the socket at start, kept (closing it at once costs
+    /// a grace period).
+    _socket_watch: path_wait::Kept,
+}
+
+/// The connection to the backend and the session set up on it. The disk
+/// watcher reconnects through it with only its own lock: the transport's
+/// lock, which every vCPU exit to the device's registers takes, is never
+/// held while a backend is waited for.
+struct Link {
+    socket: PathBuf,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    num_queues: u16,
+    queue_size: u16,
     mem: GuestMemoryMmap,
+    reply_timeout: Duration,
+    session: Mutex<Session>,
+}
+
+struct Session {
+    frontend: Frontend,
     inflight: Option<(VhostUserInflight, File)>,
     started: Vec<usize>,
-    reply_timeout: Duration,
     /// A guest driver can start and stop the device at will: those lines
     /// are logged within a limit.
     activations: LogLimit,
     /// The running session, to replay after a reconnect.
     active: Option<Active>,
-    /// What waited for the socket at start, kept (closing it at once costs
-    /// a grace period).
-    _socket_watch: path_wait::Kept,
 }
 
 /// What the driver set up, as the backend must be told again after a
@@ -100,14 +149,11 @@ type Handshake = (Frontend, u64, VhostUserProtocolFeatures, Vec<u8>);
 
 /// A vhost-user error as the user should read it: a deadline that passed
 /// (and shut the connection down) says so.
-fn describe(e: vhost::Error, armed: &deadline::Armed, reply_timeout: Duration) -> String {
+fn describe(e: vhost::Error, armed: &deadline::Armed, reply_timeout: Duration) -> Exchange {
     if armed.fired() {
-        format!(
-            "no reply within {} ms (reply_timeout_ms): the backend counts as gone",
-            reply_timeout.as_millis()
-        )
+        Exchange::NoReply(reply_timeout)
     } else {
-        e.to_string()
+        Exchange::Vhost(e)
     }
 }
 
@@ -146,7 +192,7 @@ fn handshake(
         return Err(DiskError::Protocol {
             socket,
             what: "features",
-            err: "the backend has no protocol features (needed for its configuration)".into(),
+            err: Exchange::NoProtocolFeatures,
         });
     }
     let offered = frontend
@@ -162,7 +208,7 @@ fn handshake(
         return Err(DiskError::Protocol {
             socket,
             what: "protocol features",
-            err: "the backend cannot report its configuration (CONFIG)".into(),
+            err: Exchange::NoConfig,
         });
     }
     frontend
@@ -243,67 +289,74 @@ impl VhostUserBlk {
         }
         Ok(VhostUserBlk {
             socket: cfg.socket.clone(),
-            frontend,
             backend_features,
-            protocol,
             config,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
             readonly: cfg.readonly,
-            mem: mem.clone(),
-            inflight: None,
-            started: Vec::new(),
-            reply_timeout,
-            activations: LogLimit::default(),
-            active: None,
+            link: Arc::new(Link {
+                socket: cfg.socket.clone(),
+                backend_features,
+                protocol,
+                num_queues: cfg.num_queues,
+                queue_size: cfg.queue_size,
+                mem: mem.clone(),
+                reply_timeout,
+                session: Mutex::new(Session {
+                    frontend,
+                    inflight: None,
+                    started: Vec::new(),
+                    activations: LogLimit::default(),
+                    active: None,
+                }),
+            }),
             _socket_watch: socket_watch,
         })
     }
+}
 
-    /// The connection's descriptor (to watch for the backend going away).
-    pub fn connection_fd(&self) -> RawFd {
-        self.frontend.as_raw_fd()
+impl Link {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One attempt to reconnect to a backend that went away and to replay
-    /// the session: same features, the same inflight region (so it resumes
-    /// what was in flight), the same rings, kicks and interrupts, each ring
-    /// resuming at the used index the guest's memory holds.
-    pub fn reconnect(&mut self) -> Result<(), ReconnectError> {
-        let (frontend, features, protocol, _) =
-            handshake(&self.socket, self.num_queues, &self.mem, self.reply_timeout)
-                .map_err(|e| ReconnectError::NotYet(e.into()))?;
-        if features != self.backend_features || protocol != self.protocol {
-            return Err(ReconnectError::Incompatible(format!(
-                "disk {}: the backend came back with other features (virtio {features:#x}, \
-                 protocol {:#x}; the session was set up with virtio {:#x}, protocol {:#x})",
-                self.socket.display(),
-                protocol.bits(),
-                self.backend_features,
-                self.protocol.bits()
-            )));
+    fn socket_name(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    fn err<'a>(
+        &'a self,
+        what: &'static str,
+        armed: &'a deadline::Armed,
+    ) -> impl Fn(vhost::Error) -> DiskError + 'a {
+        move |e| DiskError::Protocol {
+            socket: self.socket_name(),
+            what,
+            err: describe(e, armed, self.reply_timeout),
         }
-        self.frontend = frontend;
-        let Some(active) = self.active.take() else {
-            return Ok(());
-        };
-        let r = self.start_rings(&active);
-        self.active = Some(active);
-        r.map_err(|e| ReconnectError::NotYet(e.into()))?;
-        info!(socket = %self.socket.display(), "disk reconnected");
-        Ok(())
     }
 
-    fn start_rings(&mut self, a: &Active) -> Result<(), DiskError> {
-        let armed = deadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
+    fn host_addr(&self, gpa: u64) -> Result<u64, DiskError> {
+        self.mem
+            .get_host_address(vm_memory::GuestAddress(gpa))
+            .map(|p| p as u64)
+            .map_err(|_| DiskError::RingAddress {
+                socket: self.socket_name(),
+                gpa,
+            })
+    }
+
+    /// Tells the backend about every ring of `a` and starts them.
+    fn start_rings(&self, s: &mut Session, a: &Active) -> Result<(), DiskError> {
+        let armed = deadline::arm(s.frontend.as_raw_fd(), self.reply_timeout);
         let f = a.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.frontend
+        s.frontend
             .set_features(f)
             .map_err(self.err("SET_FEATURES", &armed))?;
         if self
             .protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-            && self.inflight.is_none()
+            && s.inflight.is_none()
         {
             let want = VhostUserInflight {
                 mmap_size: 0,
@@ -311,18 +364,18 @@ impl VhostUserBlk {
                 num_queues: self.num_queues,
                 queue_size: self.queue_size,
             };
-            let got = self
+            let got = s
                 .frontend
                 .get_inflight_fd(&want)
                 .map_err(self.err("GET_INFLIGHT_FD", &armed))?;
-            self.inflight = Some(got);
+            s.inflight = Some(got);
         }
-        if let Some((info, file)) = &self.inflight {
-            self.frontend
+        if let Some((info, file)) = &s.inflight {
+            s.frontend
                 .set_inflight_fd(info, file.as_raw_fd())
                 .map_err(self.err("SET_INFLIGHT_FD", &armed))?;
         }
-        self.started.clear();
+        s.started.clear();
         for (k, (i, q)) in a.queues.iter().enumerate() {
             let (i, q) = (*i, *q);
             let data = VringConfigData {
@@ -340,63 +393,100 @@ impl VhostUserBlk {
                 .mem
                 .read_obj(vm_memory::GuestAddress(q.used + 2))
                 .map_err(|err| DiskError::UsedRing {
-                    socket: self.socket.display().to_string(),
+                    socket: self.socket_name(),
                     queue: i,
                     err,
                 })?;
-            self.frontend
-                .set_vring_num(i, q.size)
+            let fe = &mut s.frontend;
+            fe.set_vring_num(i, q.size)
                 .map_err(self.err("SET_VRING_NUM", &armed))?;
-            self.frontend
-                .set_vring_base(i, used_idx)
+            fe.set_vring_base(i, used_idx)
                 .map_err(self.err("SET_VRING_BASE", &armed))?;
-            self.frontend
-                .set_vring_addr(i, &data)
+            fe.set_vring_addr(i, &data)
                 .map_err(self.err("SET_VRING_ADDR", &armed))?;
-            self.frontend
-                .set_vring_call(i, &a.calls[k])
+            fe.set_vring_call(i, &a.calls[k])
                 .map_err(self.err("SET_VRING_CALL", &armed))?;
-            self.frontend
-                .set_vring_kick(i, &a.kicks[k])
+            fe.set_vring_kick(i, &a.kicks[k])
                 .map_err(self.err("SET_VRING_KICK", &armed))?;
-            self.frontend
-                .set_vring_enable(i, true)
+            fe.set_vring_enable(i, true)
                 .map_err(self.err("SET_VRING_ENABLE", &armed))?;
-            self.started.push(i);
+            s.started.push(i);
         }
         Ok(())
     }
+}
 
-    fn err<'a>(
-        &'a self,
-        what: &'static str,
-        armed: &'a deadline::Armed,
-    ) -> impl Fn(vhost::Error) -> DiskError + 'a {
-        move |e| DiskError::Protocol {
-            socket: self.socket.display().to_string(),
-            what,
-            err: describe(e, armed, self.reply_timeout),
+/// Ends a session whose backend stopped answering or broke the protocol
+/// mid-way (the stream is out of step after that): the disk watcher sees
+/// the connection end and reconnects, replaying what the driver set up,
+/// or fails the guest's requests past its timeout.
+fn hang_up(frontend: &Frontend) {
+    // SAFETY: shutdown on the connection's socket, which stays open (a
+    // reconnect replaces it).
+    unsafe { libc::shutdown(frontend.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+impl BackendLink for Link {
+    fn connection_fd(&self) -> Option<RawFd> {
+        Some(self.lock().frontend.as_raw_fd())
+    }
+
+    /// One attempt to reconnect to a backend that went away and to replay
+    /// the session: same features, the same inflight region (so it
+    /// resumes what was in flight), the same rings, kicks and interrupts,
+    /// each ring resuming at the used index the guest's memory holds. The
+    /// handshake (where a slow backend is waited for) holds no lock.
+    fn reconnect(&self) -> Result<(), ReconnectError> {
+        let (frontend, features, protocol, _) =
+            handshake(&self.socket, self.num_queues, &self.mem, self.reply_timeout)
+                .map_err(|e| ReconnectError::NotYet(e.into()))?;
+        if features != self.backend_features || protocol != self.protocol {
+            return Err(ReconnectError::Incompatible(Box::new(DiskError::Changed {
+                socket: self.socket_name(),
+                features,
+                protocol: protocol.bits(),
+                session_features: self.backend_features,
+                session_protocol: self.protocol.bits(),
+            })));
         }
+        let mut s = self.lock();
+        s.frontend = frontend;
+        let Some(active) = s.active.take() else {
+            return Ok(());
+        };
+        let r = self.start_rings(&mut s, &active);
+        s.active = Some(active);
+        r.map_err(|e| ReconnectError::NotYet(e.into()))?;
+        info!(socket = %self.socket.display(), "disk reconnected");
+        Ok(())
     }
 
-    /// Ends a session whose backend stopped answering or broke the
-    /// protocol mid-way (the stream is out of step after that): the disk
-    /// watcher sees the connection end and reconnects, replaying what the
-    /// driver set up, or fails the guest's requests past its timeout.
-    fn hang_up(&self) {
-        // SAFETY: shutdown on the connection's socket, which stays open
-        // (a reconnect replaces it).
-        unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
-    }
-
-    fn host_addr(&self, gpa: u64) -> Result<u64, DiskError> {
-        self.mem
-            .get_host_address(vm_memory::GuestAddress(gpa))
-            .map(|p| p as u64)
-            .map_err(|_| DiskError::RingAddress {
-                socket: self.socket.display().to_string(),
-                gpa,
-            })
+    fn give_up(&self) -> bool {
+        let s = self.lock();
+        let Some(active) = &s.active else {
+            return false;
+        };
+        let mut queues = Vec::new();
+        for (k, (i, q)) in active.queues.iter().enumerate() {
+            let (Ok(kick), Ok(call)) = (active.kicks[k].try_clone(), active.calls[k].try_clone())
+            else {
+                return false;
+            };
+            queues.push(FailedQueue::take_over(
+                &self.mem,
+                *i,
+                *q,
+                kick,
+                call,
+                s.inflight.as_ref(),
+            ));
+        }
+        let mem = self.mem.clone();
+        let name = self.socket_name();
+        std::thread::Builder::new()
+            .name("disk-ioerr".into())
+            .spawn(move || io_error::serve(mem, queues, name))
+            .is_ok()
     }
 }
 
@@ -434,6 +524,8 @@ impl VirtioDevice for VhostUserBlk {
         // `writeback` (offset 32) is the only writable field.
         if offset == 32 && data.len() == 1 {
             let _ = self
+                .link
+                .lock()
                 .frontend
                 .set_config(32, VhostUserConfigFlags::WRITABLE, data);
         }
@@ -480,10 +572,12 @@ impl VirtioDevice for VhostUserBlk {
             active.kicks.push(kick);
             active.calls.push(call);
         }
-        match self.start_rings(&active) {
+        let link = &self.link;
+        let mut s = link.lock();
+        match link.start_rings(&mut s, &active) {
             Ok(()) => {
-                let (socket, queues) = (self.socket.display(), self.started.len());
-                self.activations.emit(
+                let (socket, queues) = (self.socket.display(), s.started.len());
+                s.activations.emit(
                     || info!(%socket, queues, "disk started"),
                     |n| info!(%socket, "the driver started the disk {n} more times"),
                 );
@@ -491,70 +585,41 @@ impl VirtioDevice for VhostUserBlk {
             Err(e) => {
                 // Not the driver's fault: the device is live as far as the
                 // guest knows, and its requests wait for the reconnect.
-                self.activations.emit(
+                s.activations.emit(
                     || warn!("{e}: reconnecting"),
                     |n| warn!("{n} more failed starts (not logged one by one)"),
                 );
-                self.hang_up();
+                hang_up(&s.frontend);
             }
         }
-        self.active = Some(active);
+        s.active = Some(active);
         Ok(())
     }
 
-    fn connection_fd(&self) -> Option<RawFd> {
-        Some(self.frontend.as_raw_fd())
-    }
-
-    fn reconnect(&mut self) -> Result<(), ReconnectError> {
-        VhostUserBlk::reconnect(self)
-    }
-
-    fn give_up(&mut self) -> bool {
-        let Some(active) = &self.active else {
-            return false;
-        };
-        let mut queues = Vec::new();
-        for (k, (i, q)) in active.queues.iter().enumerate() {
-            let (Ok(kick), Ok(call)) = (active.kicks[k].try_clone(), active.calls[k].try_clone())
-            else {
-                return false;
-            };
-            queues.push(FailedQueue::take_over(
-                &self.mem,
-                *i,
-                *q,
-                kick,
-                call,
-                self.inflight.as_ref(),
-            ));
-        }
-        let mem = self.mem.clone();
-        let name = self.socket.display().to_string();
-        std::thread::Builder::new()
-            .name("disk-ioerr".into())
-            .spawn(move || io_error::serve(mem, queues, name))
-            .is_ok()
+    fn backend_link(&self) -> Option<Arc<dyn BackendLink>> {
+        Some(Arc::clone(&self.link) as Arc<dyn BackendLink>)
     }
 
     fn reset(&mut self) {
-        let armed = deadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
-        for &i in &self.started {
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                let e = describe(e, &armed, self.reply_timeout);
+        let link = &self.link;
+        let mut s = link.lock();
+        let armed = deadline::arm(s.frontend.as_raw_fd(), link.reply_timeout);
+        let started = std::mem::take(&mut s.started);
+        for &i in &started {
+            if let Err(e) = s.frontend.get_vring_base(i) {
+                let e = describe(e, &armed, link.reply_timeout);
                 let socket = self.socket.display();
-                self.activations.emit(
+                s.activations.emit(
                     || warn!(%socket, "stopping queue {i}: {e}"),
                     |n| warn!(%socket, "{n} more failed stops (not logged one by one)"),
                 );
                 // One deadline for the whole reset, not one per queue.
-                self.hang_up();
+                hang_up(&s.frontend);
                 break;
             }
         }
-        self.started.clear();
-        self.active = None;
+        s.active = None;
         // A reset device starts with a fresh inflight region.
-        self.inflight = None;
+        s.inflight = None;
     }
 }

@@ -94,7 +94,20 @@ pub enum ReconnectError {
     /// A backend answered that cannot carry the session on (other
     /// features): waiting longer will not help.
     #[error("{0}")]
-    Incompatible(String),
+    Incompatible(DeviceError),
+}
+
+/// A device's connection to the process that serves it (vhost-user), as
+/// the watcher that reconnects it uses it: without the transport's lock,
+/// which every vCPU exit to the device's registers takes.
+pub trait BackendLink: Send + Sync {
+    /// The connection to watch for the backend going away.
+    fn connection_fd(&self) -> Option<std::os::fd::RawFd>;
+    /// One attempt to reconnect and replay the session.
+    fn reconnect(&self) -> Result<(), ReconnectError>;
+    /// The backend is gone for good: answer the guest's requests with
+    /// errors from now on. False when there is nothing to take over.
+    fn give_up(&self) -> bool;
 }
 
 pub trait Interrupts {
@@ -121,19 +134,10 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), DeviceError>;
     /// The driver reset the device.
     fn reset(&mut self);
-    /// For devices served by another process: the connection to watch.
-    fn connection_fd(&self) -> Option<std::os::fd::RawFd> {
+    /// For devices served by another process: their connection, as the
+    /// watcher that reconnects them uses it.
+    fn backend_link(&self) -> Option<Arc<dyn BackendLink>> {
         None
-    }
-    /// For devices served by another process: one attempt to reconnect
-    /// after the connection went away.
-    fn reconnect(&mut self) -> Result<(), ReconnectError> {
-        Ok(())
-    }
-    /// The device's server is gone for good: answer the guest's requests
-    /// with errors from now on. False when there is nothing to take over.
-    fn give_up(&mut self) -> bool {
-        false
     }
 }
 
@@ -305,16 +309,8 @@ impl VirtioPci {
         }
     }
 
-    pub fn connection_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.device.connection_fd()
-    }
-
-    pub fn reconnect(&mut self) -> Result<(), ReconnectError> {
-        self.device.reconnect()
-    }
-
-    pub fn give_up(&mut self) -> bool {
-        self.device.give_up()
+    pub fn backend_link(&self) -> Option<Arc<dyn BackendLink>> {
+        self.device.backend_link()
     }
 
     /// Vector `v`'s eventfd, as a backend would write it.

@@ -99,6 +99,28 @@ impl ConfigSpace {
         self.writable[reg] |= mask;
     }
 
+    /// Every register (for a snapshot).
+    pub fn regs(&self) -> &[u32; 64] {
+        &self.regs
+    }
+
+    /// Puts saved registers back; false unless there are 64. A BAR keeps
+    /// the address this function was placed at, whatever was saved.
+    pub fn set_regs(&mut self, regs: &[u32]) -> bool {
+        let Ok(regs) = <[u32; 64]>::try_from(regs) else {
+            return false;
+        };
+        self.regs = regs;
+        for n in 0..6 {
+            if self.bar_size[n] != 0
+                && self.regs[4 + n] & self.writable[4 + n] != self.writable[4 + n]
+            {
+                self.regs[4 + n] = self.bar_addr[n];
+            }
+        }
+        true
+    }
+
     pub fn read(&self, reg: usize) -> u32 {
         self.regs.get(reg).copied().unwrap_or(0)
     }
@@ -198,6 +220,14 @@ impl PciBus {
     /// The memory copy the guest reads, if the VM maps one.
     pub fn mirror(&self) -> Option<&ConfigMirror> {
         self.mirror.as_ref()
+    }
+
+    /// Copies every function's configuration space into the mirror again
+    /// (after a restore changed them behind the bus).
+    pub fn render_all(&self) {
+        for slot in 0..self.slots.len() as u8 {
+            self.render(slot);
+        }
     }
 
     /// Copies slot `slot`'s configuration space into the mirror.

@@ -128,6 +128,78 @@ impl Console {
     }
 }
 
+/// The UART's registers and receive buffer, as a snapshot keeps them
+/// (vm-superio's `SerialState`, which has no serde of its own).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the serial port's saved receive buffer holds {0} bytes, more than its FIFO")]
+pub struct SerialRestoreError(usize);
+
+impl Console {
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts the UART's registers back (the output stays where it goes).
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), SerialRestoreError> {
+        // vm-superio's FIFO: checked first, so that a refusal leaves the
+        // output where it was.
+        if s.in_buffer.len() > 64 {
+            return Err(SerialRestoreError(s.in_buffer.len()));
+        }
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let out = BatchedOut {
+            out: std::mem::replace(&mut self.serial.writer_mut().out, Box::new(std::io::sink())),
+            pending: std::mem::take(&mut self.serial.writer_mut().pending),
+            written: self.serial.writer().written,
+            accepted: self.serial.writer().accepted,
+        };
+        match Serial::from_state(&state, NoIrq, NoEvents, out) {
+            Ok(serial) => {
+                self.serial = serial;
+                Ok(())
+            }
+            Err(_) => Err(SerialRestoreError(s.in_buffer.len())),
+        }
+    }
+}
+
 impl BusDevice for Console {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 {
@@ -140,5 +212,39 @@ impl BusDevice for Console {
         if data.len() == 1 {
             let _ = self.serial.write(offset as u8, data[0]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restored_uart_reads_back_what_the_guest_set() {
+        let mut a = Console::new(Box::new(std::io::sink()));
+        // Line control (8 data bits, divisor latch on), divisor 3, then
+        // latch off, scratch and modem control.
+        a.write(3, &[0x83]);
+        a.write(0, &[3]);
+        a.write(1, &[0]);
+        a.write(3, &[0x03]);
+        a.write(7, &[0x5a]);
+        a.write(4, &[0x0b]);
+        let saved = a.snapshot();
+        let saved: SerialSnapshot =
+            serde_json::from_slice(&serde_json::to_vec(&saved).expect("json")).expect("parse");
+        let mut b = Console::new(Box::new(std::io::sink()));
+        b.restore(&saved).expect("restore");
+        for reg in 1..8u64 {
+            let (mut x, mut y) = ([0u8], [0u8]);
+            a.read(reg, &mut x);
+            b.read(reg, &mut y);
+            assert_eq!(x, y, "register {reg}");
+        }
+        assert_eq!(b.snapshot(), saved);
+        let mut full = saved.clone();
+        full.in_buffer = vec![0; 65];
+        assert!(b.restore(&full).is_err(), "a receive buffer past the FIFO");
+        assert_eq!(b.snapshot(), saved, "a refused restore changes nothing");
     }
 }

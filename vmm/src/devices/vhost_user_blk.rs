@@ -596,6 +596,61 @@ impl VirtioDevice for VhostUserBlk {
         Ok(())
     }
 
+    /// Stops the rings (GET_VRING_BASE: the backend completes what it has
+    /// in flight first), keeping the session to start them again.
+    fn pause(&mut self) -> Result<(), DeviceError> {
+        let link = &self.link;
+        let mut s = link.lock();
+        let armed = deadline::arm(s.frontend.as_raw_fd(), link.reply_timeout);
+        let started = std::mem::take(&mut s.started);
+        for &i in &started {
+            if let Err(e) = s.frontend.get_vring_base(i) {
+                let err = describe(e, &armed, link.reply_timeout);
+                hang_up(&s.frontend);
+                return Err(Box::new(DiskError::Protocol {
+                    socket: link.socket_name(),
+                    what: "GET_VRING_BASE",
+                    err,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), DeviceError> {
+        let link = &self.link;
+        let mut s = link.lock();
+        let Some(active) = s.active.take() else {
+            return Ok(());
+        };
+        let r = link.start_rings(&mut s, &active);
+        s.active = Some(active);
+        r.map_err(|e| {
+            hang_up(&s.frontend);
+            Box::new(e) as DeviceError
+        })
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "backend_features": self.backend_features })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError> {
+        let saved = state["backend_features"]
+            .as_u64()
+            .unwrap_or(self.backend_features);
+        if saved != self.backend_features {
+            return Err(Box::new(DiskError::Changed {
+                socket: self.socket.display().to_string(),
+                features: self.backend_features,
+                protocol: self.link.protocol.bits(),
+                session_features: saved,
+                session_protocol: self.link.protocol.bits(),
+            }));
+        }
+        Ok(())
+    }
+
     fn backend_link(&self) -> Option<Arc<dyn BackendLink>> {
         Some(Arc::clone(&self.link) as Arc<dyn BackendLink>)
     }

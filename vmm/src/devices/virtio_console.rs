@@ -225,6 +225,29 @@ impl VirtioDevice for VirtioConsole {
         Ok(())
     }
 
+    /// The transmit queue's positions (the snapshot drains the console
+    /// first, so nothing is between them and the used ring).
+    fn save_state(&self) -> serde_json::Value {
+        match self.port.state().as_ref() {
+            Some(t) => serde_json::json!({
+                "next_avail": t.queue.next_avail(),
+                "next_used": t.queue.next_used(),
+            }),
+            None => serde_json::Value::Null,
+        }
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError> {
+        if let Some(t) = self.port.state().as_mut() {
+            let at = |k: &str| state[k].as_u64().map(|v| v as u16);
+            if let (Some(avail), Some(used)) = (at("next_avail"), at("next_used")) {
+                t.queue.set_next_avail(avail);
+                t.queue.set_next_used(used);
+            }
+        }
+        Ok(())
+    }
+
     fn reset(&mut self) {
         *self.port.state() = None;
         let _ = self.port.changed.write(1);

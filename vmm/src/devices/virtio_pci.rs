@@ -58,7 +58,7 @@ const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_FAILED: u8 = 0x80;
 
 /// A queue as the driver configured it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     pub size: u16,
     pub max_size: u16,
@@ -139,6 +139,66 @@ pub trait VirtioDevice: Send {
     fn backend_link(&self) -> Option<Arc<dyn BackendLink>> {
         None
     }
+    /// A snapshot is about to be taken of the started device: stop its
+    /// queues so that nothing moves in guest memory (a backend finishes
+    /// what it has in flight first).
+    fn pause(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// The snapshot is taken: the paused device serves again.
+    fn resume(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// What the device keeps beyond what its transport saves.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Puts back what [`VirtioDevice::save_state`] returned, after the
+    /// transport restored and activated the device.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+/// The transport as a snapshot keeps it: what the driver programmed
+/// (configuration space, feature words, queues, MSI-X table, status) and
+/// the device's own state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub config: Vec<u32>,
+    /// (address low, address high, data, control) per vector.
+    pub msix: Vec<[u32; 4]>,
+    pub queues: Vec<QueueConfig>,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub queue_select: u16,
+    pub config_vector: u16,
+    pub config_generation: u8,
+    pub activated: bool,
+    pub device: serde_json::Value,
+}
+
+/// Why a saved transport cannot be put back on this one.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    #[error(
+        "the saved device has {saved} queues and {saved_vectors} MSI-X vectors; \
+         this one {here} and {here_vectors}"
+    )]
+    Shape {
+        saved: usize,
+        saved_vectors: usize,
+        here: usize,
+        here_vectors: usize,
+    },
+    #[error("the saved configuration space has {0} registers, not 64")]
+    Config(usize),
+    #[error("starting the restored device: {0}")]
+    Activate(DeviceError),
+    #[error("the device's own state: {0}")]
+    Device(DeviceError),
 }
 
 #[derive(Clone, Copy, Default)]
@@ -311,6 +371,98 @@ impl VirtioPci {
 
     pub fn backend_link(&self) -> Option<Arc<dyn BackendLink>> {
         self.device.backend_link()
+    }
+
+    /// Stops a started device's queues for a snapshot (see
+    /// [`VirtioDevice::pause`]).
+    pub fn pause(&mut self) -> Result<(), DeviceError> {
+        if self.activated {
+            self.device.pause()?;
+        }
+        Ok(())
+    }
+
+    /// Starts again what [`VirtioPci::pause`] stopped.
+    pub fn resume(&mut self) -> Result<(), DeviceError> {
+        if self.activated {
+            self.device.resume()?;
+        }
+        Ok(())
+    }
+
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            config: self.config.regs().to_vec(),
+            msix: self
+                .msix
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            queues: self.queues.clone(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            config_vector: self.config_vector,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Puts a saved transport back on this fresh one (same device, same
+    /// place): registers, MSI-X routes, and, if the driver had started
+    /// the device, the device started as it was.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), TransportRestoreError> {
+        if s.queues.len() != self.queues.len() || s.msix.len() != self.msix.entries.len() {
+            return Err(TransportRestoreError::Shape {
+                saved: s.queues.len(),
+                saved_vectors: s.msix.len(),
+                here: self.queues.len(),
+                here_vectors: self.msix.entries.len(),
+            });
+        }
+        if !self.config.set_regs(&s.config) {
+            return Err(TransportRestoreError::Config(s.config.len()));
+        }
+        for (e, m) in self.msix.entries.iter_mut().zip(&s.msix) {
+            *e = MsixEntry {
+                addr_lo: m[0],
+                addr_hi: m[1],
+                data: m[2],
+                control: m[3],
+            };
+        }
+        let ctl = self.config.read(self.msix_cap / 4) >> 16;
+        self.msix.enabled = ctl & 0x8000 != 0;
+        self.msix.masked = ctl & 0x4000 != 0;
+        for (q, saved) in self.queues.iter_mut().zip(&s.queues) {
+            // The maximum is this device's; the rest the driver's.
+            *q = QueueConfig {
+                max_size: q.max_size,
+                ..*saved
+            };
+        }
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features & self.device.features();
+        self.status = s.status;
+        self.queue_select = s.queue_select;
+        self.config_vector = s.config_vector;
+        self.config_generation = s.config_generation;
+        self.update_all_routes();
+        if s.activated {
+            self.device
+                .activate(self.driver_features, &self.queues, &self.kicks, &self.msix)
+                .map_err(TransportRestoreError::Activate)?;
+            self.activated = true;
+            self.device
+                .restore_state(&s.device)
+                .map_err(TransportRestoreError::Device)?;
+        }
+        Ok(())
     }
 
     /// Vector `v`'s eventfd, as a backend would write it.

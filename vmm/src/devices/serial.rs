@@ -148,21 +148,34 @@ pub struct SerialSnapshot {
 #[error("the serial port's saved receive buffer holds {0} bytes, more than its FIFO")]
 pub struct SerialRestoreError(usize);
 
+/// The two ways between vm-superio's state and ours, from one list of the
+/// registers.
+macro_rules! serial_state_fields {
+    ($($f:ident),*) => {
+        fn to_snapshot(s: vm_superio::serial::SerialState) -> SerialSnapshot {
+            SerialSnapshot { $($f: s.$f,)* in_buffer: s.in_buffer }
+        }
+        fn from_snapshot(s: &SerialSnapshot) -> vm_superio::serial::SerialState {
+            vm_superio::serial::SerialState { $($f: s.$f,)* in_buffer: s.in_buffer.clone() }
+        }
+    };
+}
+
+serial_state_fields!(
+    baud_divisor_low,
+    baud_divisor_high,
+    interrupt_enable,
+    interrupt_identification,
+    line_control,
+    line_status,
+    modem_control,
+    modem_status,
+    scratch
+);
+
 impl Console {
     pub fn snapshot(&self) -> SerialSnapshot {
-        let s = self.serial.state();
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        to_snapshot(self.serial.state())
     }
 
     /// Puts the UART's registers back (the output stays where it goes).
@@ -172,18 +185,7 @@ impl Console {
         if s.in_buffer.len() > 64 {
             return Err(SerialRestoreError(s.in_buffer.len()));
         }
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        };
+        let state = from_snapshot(s);
         let out = BatchedOut {
             out: std::mem::replace(&mut self.serial.writer_mut().out, Box::new(std::io::sink())),
             pending: std::mem::take(&mut self.serial.writer_mut().pending),

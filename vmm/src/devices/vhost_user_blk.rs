@@ -416,6 +416,31 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Stops every started ring (GET_VRING_BASE: the backend completes
+    /// what it has in flight first). A backend that fails one is hung up
+    /// on (one deadline for all the rings, not one each): the error names
+    /// the ring.
+    fn stop_rings(&self, s: &mut Session) -> Result<(), (usize, DiskError)> {
+        let armed = deadline::arm(s.frontend.as_raw_fd(), self.reply_timeout);
+        for i in std::mem::take(&mut s.started) {
+            if let Err(e) = s.frontend.get_vring_base(i) {
+                let err = describe(e, &armed, self.reply_timeout);
+                hang_up(&s.frontend);
+                return Err((
+                    i,
+                    DiskError::Protocol {
+                        socket: self.socket_name(),
+                        what: "GET_VRING_BASE",
+                        err,
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Ends a session whose backend stopped answering or broke the protocol
 /// mid-way (the stream is out of step after that): the disk watcher sees
 /// the connection end and reconnects, replaying what the driver set up,
@@ -599,22 +624,10 @@ impl VirtioDevice for VhostUserBlk {
     /// Stops the rings (GET_VRING_BASE: the backend completes what it has
     /// in flight first), keeping the session to start them again.
     fn pause(&mut self) -> Result<(), DeviceError> {
-        let link = &self.link;
-        let mut s = link.lock();
-        let armed = deadline::arm(s.frontend.as_raw_fd(), link.reply_timeout);
-        let started = std::mem::take(&mut s.started);
-        for &i in &started {
-            if let Err(e) = s.frontend.get_vring_base(i) {
-                let err = describe(e, &armed, link.reply_timeout);
-                hang_up(&s.frontend);
-                return Err(Box::new(DiskError::Protocol {
-                    socket: link.socket_name(),
-                    what: "GET_VRING_BASE",
-                    err,
-                }));
-            }
-        }
-        Ok(())
+        let mut s = self.link.lock();
+        self.link
+            .stop_rings(&mut s)
+            .map_err(|(_, e)| Box::new(e) as DeviceError)
     }
 
     fn resume(&mut self) -> Result<(), DeviceError> {
@@ -656,22 +669,13 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn reset(&mut self) {
-        let link = &self.link;
-        let mut s = link.lock();
-        let armed = deadline::arm(s.frontend.as_raw_fd(), link.reply_timeout);
-        let started = std::mem::take(&mut s.started);
-        for &i in &started {
-            if let Err(e) = s.frontend.get_vring_base(i) {
-                let e = describe(e, &armed, link.reply_timeout);
-                let socket = self.socket.display();
-                s.activations.emit(
-                    || warn!(%socket, "stopping queue {i}: {e}"),
-                    |n| warn!(%socket, "{n} more failed stops (not logged one by one)"),
-                );
-                // One deadline for the whole reset, not one per queue.
-                hang_up(&s.frontend);
-                break;
-            }
+        let mut s = self.link.lock();
+        if let Err((i, e)) = self.link.stop_rings(&mut s) {
+            let socket = self.socket.display();
+            s.activations.emit(
+                || warn!(%socket, "stopping queue {i}: {e}"),
+                |n| warn!(%socket, "{n} more failed stops (not logged one by one)"),
+            );
         }
         s.active = None;
         // A reset device starts with a fresh inflight region.

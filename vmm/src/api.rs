@@ -15,10 +15,10 @@
 //! period after any ioeventfd: milliseconds, measured), and has the whole
 //! console once it has read `console_bytes` from the vmm's output.
 
+use crossbeam_channel::Sender;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,13 @@ pub struct Api {
     pub config: VmConfig,
     pub events: Sender<VmEvent>,
     pub ended: Arc<EndWaiters>,
+    /// Snapshots go to the thread that owns the devices.
+    pub snapshots: Sender<crate::snapshot::Request>,
 }
+
+/// How long a snapshot may take (its memory copy is the bulk: seconds
+/// for gigabytes) before the API answers that it did not finish.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(600);
 
 pub const WAIT: &str = "/api/v1/vm.wait";
 
@@ -109,8 +115,9 @@ pub struct Request {
 }
 
 const MAX_BODY: usize = 64 * 1024;
-const ENDPOINTS: [&str; 6] = [
+const ENDPOINTS: [&str; 7] = [
     "/api/v1/vm.info",
+    "/api/v1/vm.snapshot",
     "/api/v1/vm.metrics",
     "/api/v1/vm.pause",
     "/api/v1/vm.resume",
@@ -231,6 +238,51 @@ impl Api {
                 let _ = self.events.send(VmEvent::Shutdown { force });
                 (200, json!({ "state": "stopping", "force": force }))
             }
+            ("PUT", "/api/v1/vm.snapshot") => {
+                let Some(dir) = serde_json::from_slice::<Value>(&req.body)
+                    .ok()
+                    .and_then(|v| v["dir"].as_str().map(std::path::PathBuf::from))
+                else {
+                    return err(
+                        400,
+                        "vm.snapshot takes {\"dir\": \"/absolute/path\"}".into(),
+                    );
+                };
+                if !dir.is_absolute() {
+                    return err(
+                        400,
+                        format!(
+                            "{}: the snapshot directory must be an absolute path",
+                            dir.display()
+                        ),
+                    );
+                }
+                if c.state() != crate::control::RunState::Paused {
+                    return err(
+                        409,
+                        format!(
+                            "cannot snapshot a VM that is {:?}: pause it first",
+                            c.state()
+                        ),
+                    );
+                }
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                if self
+                    .snapshots
+                    .send(crate::snapshot::Request { dir, reply })
+                    .is_err()
+                {
+                    return err(409, "the VM is ending".into());
+                }
+                match answer.recv_timeout(SNAPSHOT_DEADLINE) {
+                    Ok(Ok(v)) => (200, v),
+                    Ok(Err(e)) => err(500, cli_support::report(&anyhow::Error::new(e))),
+                    Err(_) => err(
+                        500,
+                        format!("the snapshot did not finish within {SNAPSHOT_DEADLINE:?}"),
+                    ),
+                }
+            }
             (_, p) if ENDPOINTS.contains(&p) => {
                 err(405, format!("{} is not allowed on {p}", req.method))
             }
@@ -332,7 +384,7 @@ mod tests {
 
     #[test]
     fn unknown_endpoints_and_wrong_methods_are_refused_by_name() {
-        let (tx, _rx) = std::sync::mpsc::channel();
+        let (tx, _rx) = crossbeam_channel::unbounded();
         let api = Api {
             control: Arc::new(Control::new(1).expect("control")),
             config: VmConfig {
@@ -346,9 +398,11 @@ mod tests {
                 serial: crate::config::SerialOut::None,
                 virtio_console: true,
                 seccomp: true,
+                restore: None,
             },
             events: tx,
             ended: Arc::default(),
+            snapshots: crossbeam_channel::unbounded().0,
         };
         assert_eq!(api.handle(&req("GET", "/api/v1/vm.info")).0, 200);
         assert_eq!(api.handle(&req("PUT", WAIT)).0, 405);

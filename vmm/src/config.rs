@@ -72,6 +72,8 @@ fn default_queue_size() -> u16 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// The kernel to boot (none when the VM is restored from a snapshot).
+    #[serde(default)]
     pub kernel: PathBuf,
     #[serde(default)]
     pub initrd: Option<PathBuf>,
@@ -96,6 +98,11 @@ pub struct VmConfig {
     /// only to find out what a new path needs.
     #[serde(default = "on")]
     pub seccomp: bool,
+    /// Start from this snapshot directory instead of booting: its vCPUs,
+    /// devices and memory (the number of vCPUs and the memory size are
+    /// the snapshot's), on the disks given here (in the snapshot's order).
+    #[serde(default)]
+    pub restore: Option<PathBuf>,
 }
 
 fn on() -> bool {
@@ -218,6 +225,9 @@ impl VmConfig {
         }
         if self.disks.len() > 16 {
             return bad("at most 16 disks".into());
+        }
+        if self.restore.is_none() && self.kernel.as_os_str().is_empty() {
+            return bad("--kernel is required (or --restore a snapshot)".into());
         }
         Ok(())
     }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::snapshot::vcpu::{VcpuState, VcpuStateError};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
@@ -59,11 +61,27 @@ pub struct ExitCounts {
 /// The run state, with how many vCPUs are parked and how many have ended
 /// (a vCPU that faulted or powered off never parks, and a pause must not
 /// wait for it).
-#[derive(Clone, Copy)]
 struct Shared {
     run: RunState,
     parked: usize,
     ended: usize,
+    /// Raised to ask the parked vCPUs for their state (a snapshot); each
+    /// answers once per request, in `saved`.
+    save_request: u64,
+    saved: Vec<(u64, Option<Result<VcpuState, VcpuStateError>>)>,
+}
+
+/// Why the vCPUs' state could not be collected.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("the VM is {0:?}: a snapshot needs it paused")]
+    NotPaused(RunState),
+    #[error("vCPU {0} has ended (the guest powered off or faulted): there is no state to save")]
+    Ended(usize),
+    #[error("the vCPUs did not hand over their state within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuStateError),
 }
 
 pub struct Control {
@@ -90,6 +108,8 @@ impl Control {
                 run: RunState::Running,
                 parked: 0,
                 ended: 0,
+                save_request: 0,
+                saved: (0..vcpus).map(|_| (0, None)).collect(),
             }),
             changed: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -122,19 +142,72 @@ impl Control {
         }
     }
 
-    /// Called by a vCPU before each KVM_RUN: parks while paused; false
-    /// when the vCPU must end.
-    pub fn vcpu_may_run(&self) -> bool {
+    /// Called by vCPU `id` before each KVM_RUN: parks while paused
+    /// (handing over its state, by `save`, whenever a snapshot asks);
+    /// false when the vCPU must end.
+    pub fn vcpu_may_run(
+        &self,
+        id: usize,
+        save: &mut dyn FnMut() -> Result<VcpuState, VcpuStateError>,
+    ) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.run == RunState::Paused {
             st.parked += 1;
             self.changed.notify_all();
             while st.run == RunState::Paused {
+                let asked = st.save_request;
+                if st.saved.get(id).is_some_and(|s| s.0 != asked) {
+                    // Saved without the lock: the state ioctls take time,
+                    // and the other vCPUs save theirs meanwhile.
+                    drop(st);
+                    let state = save();
+                    st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.saved[id] = (asked, Some(state));
+                    self.changed.notify_all();
+                    continue;
+                }
                 st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }
             st.parked -= 1;
         }
         st.run != RunState::Stopping
+    }
+
+    /// The state of every vCPU of a paused VM, each read by its own thread
+    /// (where KVM's vCPU state lives).
+    pub fn save_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>, SaveError> {
+        let n = self.stats.len();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.run != RunState::Paused {
+            return Err(SaveError::NotPaused(st.run));
+        }
+        if st.ended > 0 {
+            return Err(SaveError::Ended(st.saved.len().saturating_sub(st.ended)));
+        }
+        st.save_request += 1;
+        let asked = st.save_request;
+        self.changed.notify_all();
+        let (mut st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |s| {
+                s.ended == 0 && s.saved.iter().take(n).any(|r| r.0 != asked)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        if st.ended > 0 {
+            return Err(SaveError::Ended(n.saturating_sub(st.ended)));
+        }
+        if st.saved.iter().any(|r| r.0 != asked) {
+            return Err(SaveError::Timeout(timeout));
+        }
+        let mut states = Vec::with_capacity(n);
+        for slot in st.saved.iter_mut() {
+            match slot.1.take() {
+                Some(Ok(s)) => states.push(s),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(SaveError::Timeout(timeout)),
+            }
+        }
+        Ok(states)
     }
 
     /// Called once by a vCPU thread as it ends, whatever ended it.

@@ -54,6 +54,12 @@ struct Args {
         conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "api_socket", "serial", "virtio_console"]
     )]
     config: Option<PathBuf>,
+    /// Start from a snapshot directory (`vmm api ... snapshot`) instead of
+    /// booting: its vCPUs, devices and memory, on the --disk sockets given
+    /// (in the snapshot's order; usually clones of the disks' snapshots).
+    /// The snapshot's vCPU count and memory size replace --cpus/--memory.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    restore: Option<PathBuf>,
     /// When the VM ends, write its counters (exits by reason, time in the
     /// guest, per vCPU) here as JSON.
     #[arg(long)]
@@ -96,6 +102,14 @@ enum ApiRequest {
         #[arg(long)]
         force: bool,
     },
+    /// Saves the paused VM into a new directory (vCPUs, devices, memory;
+    /// its disks' rings stopped and started again around it): `vmm
+    /// --restore DIR` starts a VM from it.
+    Snapshot {
+        /// The directory to create (or an empty one).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn config_of(a: &Args) -> Result<VmConfig> {
@@ -104,10 +118,17 @@ fn config_of(a: &Args) -> Result<VmConfig> {
         let mut cfg: VmConfig =
             serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
         cfg.seccomp &= !a.no_seccomp;
+        if a.restore.is_some() {
+            cfg.restore = a.restore.clone();
+        }
         return Ok(cfg);
     }
     Ok(VmConfig {
-        kernel: a.kernel.clone().context("--kernel is required")?,
+        kernel: match (&a.kernel, &a.restore) {
+            (Some(k), _) => k.clone(),
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => bail!("--kernel is required (or --restore a snapshot)"),
+        },
         initrd: a.initrd.clone(),
         cmdline: a.cmdline.clone(),
         cpus: a.cpus,
@@ -121,11 +142,19 @@ fn config_of(a: &Args) -> Result<VmConfig> {
         serial: config::parse_serial(&a.serial)?,
         virtio_console: a.virtio_console == "on",
         seccomp: !a.no_seccomp,
+        restore: a.restore.clone(),
     })
 }
 
 fn api(socket: &std::path::Path, request: &ApiRequest) -> Result<i32> {
+    let snapshot_body;
     let (method, path, body) = match request {
+        ApiRequest::Snapshot { dir } => {
+            // The vmm may run elsewhere in the tree: it is told where.
+            let dir = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
+            snapshot_body = serde_json::json!({ "dir": dir }).to_string();
+            ("PUT", "/api/v1/vm.snapshot", Some(snapshot_body.as_str()))
+        }
         ApiRequest::Info => ("GET", "/api/v1/vm.info", None),
         ApiRequest::Metrics => ("GET", "/api/v1/vm.metrics", None),
         ApiRequest::Wait => ("GET", vmm::api::WAIT, None),

@@ -64,24 +64,37 @@ pub const DEADLINES: Policy = Policy {
 /// The main thread once the VM runs: it waits for the VM's end, stops the
 /// vCPUs (signals) and the disks (the backends' replies), answers the
 /// API's `vm.wait` clients, reads KVM's statistics, writes the metrics
-/// file and exits.
+/// file and exits; and takes snapshots (a new directory, the state file
+/// written and renamed into place, guest memory copied by its data
+/// ranges).
 pub const MAIN: Policy = Policy {
     name: "main",
     groups: &[&[
         "fcntl",
+        "fsync",
+        "ftruncate",
+        "getdents64",
         "ioctl",
+        "lseek",
+        "mkdir",
+        "mkdirat",
         "newfstatat",
         "openat",
         "poll",
         "pread64",
+        "pwrite64",
         "read",
         "recvmsg",
+        "rename",
+        "renameat",
+        "renameat2",
         "sendmsg",
         "sendto",
         "shutdown",
         "statx",
         "tgkill",
         "unlink",
+        "write",
     ]],
 };
 

@@ -2,10 +2,10 @@
 //! routes, devices on the port and MMIO buses, and one thread per vCPU
 //! running KVM_RUN and dispatching its exits.
 
-use std::io::Write;
 #[cfg(test)]
-use std::sync::mpsc::Receiver;
-use std::sync::mpsc::{channel, Sender};
+use crossbeam_channel::Receiver;
+use crossbeam_channel::{unbounded as channel, Sender};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -33,6 +33,7 @@ use crate::devices::{debug_exit, pci, serial, Bus};
 pub use crate::events::VmEvent;
 pub use crate::interrupts::MsiRouter;
 use crate::memory::{self, PCI_MMIO_END, PCI_MMIO_START};
+use crate::snapshot::{self, SnapshotError};
 
 /// The console thread: writes out what the guest wrote that no exit did.
 /// The UART's coalesced bytes have no doorbell, so they are looked for
@@ -217,6 +218,19 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         crate::seccomp::enable().context("seccomp")?;
     }
     cfg.validate()?;
+    // A snapshot is read and checked whole before anything is built: a
+    // damaged one is refused by name, with no VM half started.
+    let restoring = match &cfg.restore {
+        Some(dir) => Some(snapshot::read(dir).context("--restore")?),
+        None => None,
+    };
+    let mut effective = cfg.clone();
+    if let Some(s) = &restoring {
+        effective.cpus = s.cpus;
+        effective.memory = s.memory;
+        check_restorable(s, cfg)?;
+    }
+    let cfg = &effective;
     let t0 = std::time::Instant::now();
     let kvm = Kvm::new().context("/dev/kvm")?;
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
@@ -265,14 +279,27 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         unsafe { vm.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
     }
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-    let rsdp = crate::acpi::write_tables(&ram.mem, cfg.cpus)
-        .map_err(|e| anyhow!("writing the ACPI tables: {e}"))?;
-    let entry = if boot::is_bzimage(&cfg.kernel) {
-        boot::load_bzimage(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline, rsdp)?
-    } else {
-        let e = boot::load_pvh(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
-        boot::set_rsdp(&ram.mem, rsdp)?;
-        e
+    let entry = match (&restoring, &cfg.restore) {
+        (Some(state), Some(dir)) => {
+            // The guest's memory as it was (its tables and kernel in it).
+            snapshot::memory::load(&dir.join(snapshot::MEMORY_FILE), &ram.file, cfg.memory)
+                .context("--restore")?;
+            for chip in &state.irqchips {
+                vm.set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
+            }
+            None
+        }
+        _ => {
+            let rsdp = crate::acpi::write_tables(&ram.mem, cfg.cpus)
+                .map_err(|e| anyhow!("writing the ACPI tables: {e}"))?;
+            Some(if boot::is_bzimage(&cfg.kernel) {
+                boot::load_bzimage(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline, rsdp)?
+            } else {
+                let e = boot::load_pvh(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+                boot::set_rsdp(&ram.mem, rsdp)?;
+                e
+            })
+        }
     };
     let mut timing = Timing {
         vm_and_kernel_us: t0.elapsed().as_micros() as u64,
@@ -293,9 +320,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         disks.push(dev);
     }
     timing.disk_handshake_us = t_disks.elapsed().as_micros() as u64;
-    let console_port = if cfg.virtio_console {
+    let console_dev = if cfg.virtio_console {
         let port = ConsolePort::new(ram.mem.clone()).context("the virtio console")?;
-        machine
+        let dev = machine
             .add_virtio_pci(
                 &pci_bus,
                 Box::new(VirtioConsole::new(Arc::clone(&port))),
@@ -303,10 +330,19 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                 &router,
             )
             .context("the virtio console")?;
-        Some(port)
+        Some((dev, port))
     } else {
         None
     };
+    let console_port = console_dev.as_ref().map(|(_, p)| Arc::clone(p));
+    if let Some(state) = &restoring {
+        restore_devices(state, &machine, &disks, console_dev.as_ref().map(|d| &d.0))?;
+        pci_bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .render_all();
+    }
+    let (snapshots_tx, snapshots) = channel::<snapshot::Request>();
     let control =
         Arc::new(Control::new(cfg.cpus as usize).context("installing the vCPU kick signal")?);
     let ended = Arc::new(EndWaiters::default());
@@ -316,6 +352,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             config: cfg.clone(),
             events: events_tx.clone(),
             ended: Arc::clone(&ended),
+            snapshots: snapshots_tx.clone(),
         }
         .serve(path)
         .with_context(|| format!("--api-socket {}", path.display()))?;
@@ -341,6 +378,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
+    // The MSRs a snapshot saves of each vCPU.
+    let msr_indices =
+        Arc::new(crate::snapshot::vcpu::msr_indices(&kvm).context("KVM_GET_MSR_INDEX_LIST")?);
     let mut threads = Vec::new();
     let mut kvm_stats = Vec::new();
     for id in 0..cfg.cpus {
@@ -382,31 +422,72 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                     })
                     .context("starting the console thread")?;
             }
-            let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
-            let regs = if entry.long_mode {
-                boot::long_mode_registers(&entry, &mut sregs)
-            } else {
-                boot::pvh_registers(&entry, &mut sregs)
-            };
-            vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
-            vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+            if let Some(entry) = &entry {
+                let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+                let regs = if entry.long_mode {
+                    boot::long_mode_registers(entry, &mut sregs)
+                } else {
+                    boot::pvh_registers(entry, &mut sregs)
+                };
+                vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+                vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+            }
+        }
+        if let Some(state) = &restoring {
+            snapshot::vcpu::restore(&vcpu, &state.vcpus[id as usize]).context("--restore")?;
         }
         let m = Arc::clone(&machine);
         let tx = events_tx.clone();
         let ctl = Arc::clone(&control);
+        let msrs = Arc::clone(&msr_indices);
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(id, vcpu, &m, &tx, &ctl))
+            .spawn(move || vcpu_loop(id, vcpu, &m, &tx, &ctl, &msrs))
             .context("starting a vCPU thread")?;
         control.add_thread(&t);
         threads.push(t);
+    }
+    if let Some(state) = &restoring {
+        // The guest's clock goes on from where it stood.
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
     }
     timing.first_run_us = t0.elapsed().as_micros() as u64;
     info!(setup_us = timing.first_run_us, "vm started");
     // Every thread is running: from here on the main thread only waits,
     // stops and reports.
     crate::seccomp::confine(&crate::seccomp::MAIN).context("seccomp")?;
-    let event = events.recv().map_err(|_| anyhow!("every vCPU ended"))?;
+    let taker = SnapshotTaker {
+        machine: &machine,
+        disks: &disks,
+        console: console_dev.as_ref(),
+        vm: &vm,
+        control: &control,
+        ram: &ram,
+        cfg,
+    };
+    drop(snapshots_tx);
+    let mut snapshots = snapshots;
+    let event = loop {
+        crossbeam_channel::select! {
+            recv(events) -> ev => break ev.map_err(|_| anyhow!("every vCPU ended"))?,
+            recv(snapshots) -> req => match req {
+                Ok(req) => {
+                    let r = taker.take(&req.dir);
+                    match &r {
+                        Ok(v) => info!("snapshot taken: {v}"),
+                        Err(e) => warn!("snapshot into {} failed: {e}", req.dir.display()),
+                    }
+                    let _ = req.reply.send(r);
+                }
+                // No API: nothing will ask.
+                Err(_) => snapshots = crossbeam_channel::never(),
+            },
+        }
+    };
     debug!("vm ended: {event:?}");
     // The guest's last console bytes, if no exit drained them, then its
     // last lines on the virtio console (in the order it wrote them: it
@@ -537,6 +618,210 @@ fn watch_disk(link: &dyn BackendLink, ctl: &Control, give_up_after: std::time::D
     }
 }
 
+/// Refuses, before anything is built, a restore whose disks or console
+/// do not match the snapshot's.
+fn check_restorable(s: &snapshot::VmState, cfg: &VmConfig) -> Result<(), SnapshotError> {
+    if s.disks.len() != cfg.disks.len() {
+        return Err(SnapshotError::DiskCount {
+            saved: s.disks.len(),
+            given: cfg.disks.len(),
+        });
+    }
+    for (saved, given) in s.disks.iter().zip(&cfg.disks) {
+        if (saved.num_queues, saved.queue_size) != (given.num_queues, given.queue_size) {
+            return Err(SnapshotError::DiskShape {
+                socket: given.socket.display().to_string(),
+                saved_queues: saved.num_queues,
+                saved_size: saved.queue_size,
+                queues: given.num_queues,
+                size: given.queue_size,
+            });
+        }
+    }
+    if s.console.is_some() != cfg.virtio_console {
+        let word = |b: bool| if b { "had" } else { "had no" };
+        return Err(SnapshotError::ConsoleMismatch {
+            had: word(s.console.is_some()),
+            has: if cfg.virtio_console {
+                "has"
+            } else {
+                "has none"
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Puts the snapshot's devices back: the UART, each disk's transport (the
+/// disk started on its new backend where the driver had started it, its
+/// rings from the used index in the restored memory), the console's.
+fn restore_devices(
+    s: &snapshot::VmState,
+    machine: &Machine,
+    disks: &[SharedVirtioPci],
+    console: Option<&SharedVirtioPci>,
+) -> Result<(), SnapshotError> {
+    machine
+        .console
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore(&s.serial)?;
+    for (dev, saved) in disks.iter().zip(&s.disks) {
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        d.restore(&saved.transport)
+            .map_err(|source| SnapshotError::Transport {
+                socket: saved.socket.display().to_string(),
+                source,
+            })?;
+    }
+    if let (Some(dev), Some(saved)) = (console, &s.console) {
+        dev.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(saved)
+            .map_err(SnapshotError::Console)?;
+    }
+    Ok(())
+}
+
+fn lock_device(d: &SharedVirtioPci) -> std::sync::MutexGuard<'_, VirtioPci> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What taking a snapshot needs of the running VM.
+struct SnapshotTaker<'a> {
+    machine: &'a Machine,
+    disks: &'a [SharedVirtioPci],
+    console: Option<&'a (SharedVirtioPci, Arc<ConsolePort>)>,
+    vm: &'a VmFd,
+    control: &'a Control,
+    ram: &'a memory::GuestRam,
+    cfg: &'a VmConfig,
+}
+
+impl SnapshotTaker<'_> {
+    /// Saves the paused VM into `dir`: the console drained, every disk's
+    /// rings stopped (their backends finish what is in flight, so guest
+    /// memory holds every completion), the vCPUs' state read by their own
+    /// threads, the interrupt controllers, the clock, the devices, then
+    /// memory; the disks are started again whatever happened. The VM
+    /// stays paused.
+    fn take(&self, dir: &std::path::Path) -> Result<serde_json::Value, SnapshotError> {
+        let t0 = std::time::Instant::now();
+        let state = self.control.state();
+        if state != crate::control::RunState::Paused {
+            return Err(crate::control::SaveError::NotPaused(state).into());
+        }
+        snapshot::prepare_dir(dir)?;
+        let m = self.machine;
+        if let Some(c) = m.coalesced.get() {
+            c.drain(&m.pio, &m.mmio);
+        }
+        if let Some((_, port)) = self.console {
+            m.transmit_console(port);
+        }
+        m.flush_console();
+        let mut paused = 0;
+        let mut result = Ok(());
+        for (dev, d) in self.disks.iter().zip(&self.cfg.disks) {
+            if let Err(source) = lock_device(dev).pause() {
+                result = Err(SnapshotError::Pause {
+                    socket: d.socket.display().to_string(),
+                    source,
+                });
+                break;
+            }
+            paused += 1;
+        }
+        let saved = result.and_then(|()| self.save(dir));
+        for (dev, d) in self.disks.iter().zip(&self.cfg.disks).take(paused) {
+            if let Err(e) = lock_device(dev).resume() {
+                // The disk watcher reconnects it (resume hung up).
+                warn!(
+                    "disk {}: starting it again after the snapshot: {e}",
+                    d.socket.display()
+                );
+            }
+        }
+        if saved.is_err() {
+            // Nothing half written is left to be mistaken for a snapshot.
+            let _ = std::fs::remove_file(dir.join(snapshot::STATE_FILE));
+            let _ = std::fs::remove_file(dir.join(snapshot::MEMORY_FILE));
+        }
+        let memory_saved = saved?;
+        Ok(serde_json::json!({
+            "dir": dir,
+            "memory_bytes": self.cfg.memory,
+            "memory_saved_bytes": memory_saved,
+            "ms": t0.elapsed().as_secs_f64() * 1e3,
+        }))
+    }
+
+    fn save(&self, dir: &std::path::Path) -> Result<u64, SnapshotError> {
+        use kvm_bindings::{
+            kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+        };
+        let kvm = |call| move |source| SnapshotError::Kvm { call, source };
+        let vcpus = self
+            .control
+            .save_vcpus(std::time::Duration::from_secs(10))?;
+        let mut irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut chip)
+                .map_err(kvm("KVM_GET_IRQCHIP"))?;
+            irqchips.push(chip);
+        }
+        let clock = self.vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+        let serial = self
+            .machine
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot();
+        let disks = self
+            .disks
+            .iter()
+            .zip(&self.cfg.disks)
+            .map(|(dev, d)| snapshot::DiskState {
+                socket: d.socket.clone(),
+                num_queues: d.num_queues,
+                queue_size: d.queue_size,
+                readonly: d.readonly,
+                transport: dev.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            })
+            .collect();
+        let console = self
+            .console
+            .map(|(dev, _)| dev.lock().unwrap_or_else(|e| e.into_inner()).save());
+        let memory_saved = snapshot::memory::save(
+            &self.ram.file,
+            self.cfg.memory,
+            &dir.join(snapshot::MEMORY_FILE),
+        )?;
+        let state = snapshot::VmState {
+            cpus: self.cfg.cpus,
+            memory: self.cfg.memory,
+            vcpus,
+            irqchips,
+            clock,
+            serial,
+            disks,
+            console,
+            memory_saved,
+        };
+        snapshot::state_file::write(&dir.join(snapshot::STATE_FILE), &state)?;
+        Ok(memory_saved)
+    }
+}
+
 fn dump(vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => format!(
@@ -562,7 +847,14 @@ fn dump(vcpu: &VcpuFd) -> String {
     }
 }
 
-fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ctl: &Control) {
+fn vcpu_loop(
+    id: u8,
+    mut vcpu: VcpuFd,
+    m: &Machine,
+    events: &Sender<VmEvent>,
+    ctl: &Control,
+    msr_indices: &[u32],
+) {
     /// Tells the control the vCPU is gone, however the loop ends.
     struct Ended<'a>(&'a Control);
     impl Drop for Ended<'_> {
@@ -583,7 +875,8 @@ fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ct
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
     loop {
-        if !ctl.vcpu_may_run() {
+        let mut save = || crate::snapshot::vcpu::save(id, &mut vcpu, msr_indices);
+        if !ctl.vcpu_may_run(id as usize, &mut save) {
             return;
         }
         let t0 = std::time::Instant::now();

@@ -1,7 +1,7 @@
 //! The test-guest exit port (QEMU's isa-debug-exit at 0xf4): the value a
 //! guest writes there ends the VM, and becomes the vmm's exit status.
 
-use std::sync::mpsc::Sender;
+use crossbeam_channel::Sender;
 
 use super::BusDevice;
 use crate::events::VmEvent;

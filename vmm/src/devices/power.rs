@@ -2,7 +2,7 @@
 //! off), the ACPI reset register, and the keyboard controller's reset
 //! command (port 0x64, value 0xfe), which Linux also tries.
 
-use std::sync::mpsc::Sender;
+use crossbeam_channel::Sender;
 
 use super::BusDevice;
 use crate::events::VmEvent;
@@ -69,7 +69,7 @@ mod tests {
 
     #[test]
     fn acpi_s5_powers_off_resets_reboot_and_other_writes_do_nothing() {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = crossbeam_channel::unbounded();
         let mut p = AcpiPower::new(tx.clone());
         p.write(0, &[5 << 2]); // SLP_TYP without SLP_EN
         p.write(0, &[3 << 2 | SLP_EN]); // another sleep state

@@ -3,44 +3,12 @@
 //! the process's seccomp filters; bad commands get an error and the
 //! connection goes on.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use test_infra::{bin, img, ready, s, BlkBackendProcess, Fixture, Patience, VmmVm};
+use test_infra::{bin, img, ready, s, BackendControl, BlkBackendProcess, Fixture, VmmVm};
 
-struct Control {
-    out: UnixStream,
-    lines: BufReader<UnixStream>,
-}
-
-impl Control {
-    fn connect(path: &std::path::Path) -> Control {
-        let mut stream = None;
-        Patience::new("the control socket", Duration::from_millis(50))
-            .wait_until(|| {
-                stream = UnixStream::connect(path).ok();
-                Ok(stream.is_some())
-            })
-            .expect("blk-backend listens on its control socket");
-        let out = stream.expect("connected");
-        let lines = BufReader::new(out.try_clone().expect("clone"));
-        Control { out, lines }
-    }
-
-    fn call(&mut self, cmd: Value) -> Value {
-        self.raw(&cmd.to_string())
-    }
-
-    /// Sends one line, returns the reply line.
-    fn raw(&mut self, text: &str) -> Value {
-        writeln!(self.out, "{text}").expect("send");
-        let mut line = String::new();
-        self.lines.read_line(&mut line).expect("reply");
-        serde_json::from_str(&line).expect("a JSON reply")
-    }
-}
+type Control = BackendControl;
 
 /// The reply is a refusal of `class` whose description says `says`.
 fn assert_refused(r: &Value, class: &str, says: &str) {
@@ -72,9 +40,7 @@ fn exports_are_added_listed_and_removed_at_runtime() {
     // ... does not keep this one waiting (a hang here ends in the timeout,
     // far above a reply's milliseconds).
     let mut ctl = Control::connect(&ctl_path);
-    ctl.out
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
+    ctl.set_timeout(Some(Duration::from_secs(60)));
 
     let r =
         ctl.call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));

@@ -348,20 +348,7 @@ fn a_json_config_boots_like_the_command_line() {
     assert_eq!(out.status.code(), Some(3), "{serial}");
 }
 
-/// `vmm api --socket SOCK ARGS...`: (succeeded, stdout).
-fn api(sock: &Path, args: &[&str]) -> (bool, String) {
-    let out = output_within(
-        Command::new(bin("vmm"))
-            .args(["api", "--socket", &s(sock)])
-            .args(args),
-        &Patience::new("an API call", Duration::from_millis(20)),
-    )
-    .expect("vmm api");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    )
-}
+use test_infra::vmm_api as api;
 
 /// The guest's "device:" line: its disk is set up and the workload starts.
 fn workload_started() -> Patience {
@@ -399,12 +386,7 @@ fn control_api_pauses_resumes_and_shuts_down_and_no_exit_rides_the_data_path() {
     .run()
     .expect("vmm runs");
     pass.assert_ok("the first pass");
-    let rate = pass
-        .result
-        .as_ref()
-        .and_then(|r| r["iops"].as_u64())
-        .expect("iops")
-        .max(1);
+    let rate = pass.field("iops").max(1);
     let ios = (rate * 4).max(2 * 16384);
     let start = |cmdline: &str, seconds: u64| {
         let mut v = vm(1, &sock, 1, cmdline);

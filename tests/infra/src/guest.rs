@@ -405,6 +405,10 @@ pub struct VmmVm {
     pub api_socket: Option<PathBuf>,
     /// More options for the vmm (`--no-seccomp`, say).
     pub options: Vec<String>,
+    /// Start from this snapshot directory instead of booting the kernel
+    /// (its vCPUs and memory are the snapshot's: `kernel`, `cmdline`,
+    /// `cpus` and `mem_mib` are not passed).
+    pub restore: Option<PathBuf>,
 }
 
 impl VmmVm {
@@ -423,6 +427,7 @@ impl VmmVm {
             metrics_file: None,
             api_socket: None,
             options: Vec::new(),
+            restore: None,
         }
     }
 
@@ -434,13 +439,17 @@ impl VmmVm {
 
     pub fn command(&self) -> Result<Command> {
         let mut c = Command::new(&self.vmm);
-        c.arg("--kernel").arg(self.kernel.path()?);
-        if let Some(i) = &self.initrd {
-            c.arg("--initrd").arg(i);
+        if let Some(dir) = &self.restore {
+            c.arg("--restore").arg(dir);
+        } else {
+            c.arg("--kernel").arg(self.kernel.path()?);
+            if let Some(i) = &self.initrd {
+                c.arg("--initrd").arg(i);
+            }
+            c.args(["--cpus", &self.cpus.to_string()]);
+            c.args(["--memory", &format!("{}M", self.mem_mib)]);
+            c.args(["--cmdline", &guest_cmdline(&self.cmdline)]);
         }
-        c.args(["--cpus", &self.cpus.to_string()]);
-        c.args(["--memory", &format!("{}M", self.mem_mib)]);
-        c.args(["--cmdline", &guest_cmdline(&self.cmdline)]);
         c.args(&self.options);
         for d in &self.disks {
             let mut spec = format!("socket={},num_queues={}", d.socket.display(), d.num_queues);

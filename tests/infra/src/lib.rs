@@ -20,7 +20,7 @@ pub mod host;
 pub mod patience;
 pub mod workspace;
 
-pub use backend::{listening, BlkBackendProcess, StorageDaemon};
+pub use backend::{listening, BackendControl, BlkBackendProcess, StorageDaemon};
 pub use fixture::Fixture;
 pub use guest::{
     build_guest, Disk, GuestKernels, GuestRun, Kernel, Machine, QemuConsole, QemuVm, RunningVm,
@@ -28,4 +28,4 @@ pub use guest::{
 };
 pub use host::{hardware_kvm, have, kvm_available, ready};
 pub use patience::Patience;
-pub use workspace::{bin, img, output_within, s};
+pub use workspace::{bin, img, output_within, s, vmm_api};

@@ -117,3 +117,19 @@ pub fn output_within(
         stderr: err.join().unwrap_or_default(),
     })
 }
+
+/// `vmm api --socket SOCK ARGS...`: (succeeded, what it printed: the
+/// answer's JSON, an error's included).
+pub fn vmm_api(sock: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = output_within(
+        Command::new(bin("vmm"))
+            .args(["api", "--socket", &s(sock)])
+            .args(args),
+        &crate::Patience::new("an API call", std::time::Duration::from_millis(100)),
+    )
+    .expect("vmm api");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}

@@ -1,0 +1,329 @@
+//! VM snapshots with vhost-user disks: a VM paused in the middle of a
+//! verifying write run is snapshotted (`vmm api snapshot`), its disk
+//! snapshotted live through blk-backend's control socket (the export
+//! closed, `img snapshot`, the export opened again: the vmm reconnects),
+//! the original resumes and finishes, and VMs restored from the snapshot
+//! (`vmm --restore`) on clones of the disk snapshot finish the same run;
+//! every disk then reads back verified. Damaged snapshots and snapshots
+//! that cannot be taken are refused by name.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use test_infra::{
+    bin, img, output_within, ready, s, BackendControl, BlkBackendProcess, Fixture, Patience,
+    RunningVm, VmmVm,
+};
+
+use test_infra::vmm_api as api;
+
+fn vm_on(sock: &Path, cmdline: &str) -> VmmVm {
+    VmmVm::new(&bin("vmm"), cmdline).with_disk(sock, 1)
+}
+
+/// The backend's exports, added and removed at runtime.
+struct Exports {
+    ctl: BackendControl,
+    _backend: BlkBackendProcess,
+}
+
+impl Exports {
+    fn start(fx: &Fixture) -> Exports {
+        let ctl_path = fx.path("control.sock");
+        let backend = BlkBackendProcess::start_exports_with(
+            &bin("blk-backend"),
+            &[],
+            &["--control", &s(&ctl_path)],
+        )
+        .expect("blk-backend starts");
+        let ctl = BackendControl::connect(&ctl_path);
+        ctl.set_timeout(Some(Duration::from_secs(120)));
+        Exports {
+            ctl,
+            _backend: backend,
+        }
+    }
+
+    fn add(&mut self, image: &Path) -> PathBuf {
+        let sock = Fixture::socket_of(image);
+        let r = self
+            .ctl
+            .call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
+        assert_eq!(r, json!({"return": {}}), "export-add {}", image.display());
+        sock
+    }
+
+    fn del(&mut self, sock: &Path) {
+        let r = self
+            .ctl
+            .call(json!({"execute": "export-del", "arguments": {"socket": sock}}));
+        assert_eq!(r, json!({"return": {}}), "export-del {}", sock.display());
+    }
+}
+
+/// The machine's rate for the workload, from a first pass over `size`:
+/// the main run is sized from it, so that it lasts through the snapshot
+/// on any machine.
+fn measured_ios(sock: &Path, gen: u32, size: &str) -> u64 {
+    let pass = vm_on(
+        sock,
+        &format!("mode=write verify=1 gen={gen} bs=4k qd=4 size={size}"),
+    )
+    .run()
+    .expect("vmm runs");
+    pass.assert_ok("the first pass");
+    let rate = pass.field("iops").max(1);
+    // About 2 s of writes, and at least two passes over the range (every
+    // sector written, as the read-back verification needs).
+    (rate * 2).max(2 * 16384)
+}
+
+fn started(v: &VmmVm) -> RunningVm {
+    let mut running = v.spawn().expect("vmm starts");
+    running
+        .wait_for_line(
+            "device:",
+            &Patience::new("the guest's disk set up", Duration::from_millis(100)),
+        )
+        .expect("the workload starts");
+    running
+}
+
+/// Reads `sock`'s disk back, every sector checked to be generation `gen`.
+fn verify(sock: &Path, gen: u32, size: &str, what: &str) {
+    let r = vm_on(
+        sock,
+        &format!("mode=read verify=1 expect_gen={gen} bs=64k qd=8 size={size}"),
+    )
+    .run()
+    .expect("vmm runs");
+    r.assert_ok(what);
+    assert_eq!(r.field("verify_failures"), 0, "{what}");
+}
+
+#[test]
+fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
+    if !ready("vmm_snapshot", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut exports = Exports::start(&fx);
+    let size = "64M";
+    // Polling and interrupt-driven (MSI-X) guests.
+    for (gen, wait) in [(7u32, ""), (8, "irq=1")] {
+        let image = fx.image(&format!("vm{gen}.img"), size);
+        let sock = exports.add(&image);
+        let ios = measured_ios(&sock, gen, size);
+        let api_sock = fx.path(&format!("api{gen}.sock"));
+        let run = format!("mode=write verify=1 gen={gen} bs=4k qd=4 size={size} ios={ios} {wait}");
+        // The run reports only at its end: about 2 s of writes, longer
+        // with its restored copies beside it.
+        let silence = Patience::new("a run that reports at its end", Duration::from_secs(4));
+        let mut original = vm_on(&sock, &run);
+        original.api_socket = Some(api_sock.clone());
+        original.silence = silence.clone();
+        let original = started(&original);
+        let snap = fx.path(&format!("snap{gen}"));
+        assert!(api(&api_sock, &["pause"]).0, "pause");
+        let (ok, out) = api(&api_sock, &["snapshot", "--dir", &s(&snap)]);
+        assert!(ok, "snapshot: {out}");
+        let taken: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+        assert!(
+            taken["memory_saved_bytes"].as_u64().unwrap_or(u64::MAX) < 256 << 20,
+            "memory is saved sparse: {taken}"
+        );
+        // The disk's snapshot at the same instant: the export closed (the
+        // image flushed and closed clean), sealed, opened again.
+        exports.del(&sock);
+        img(&["snapshot", "-c", "s1", &s(&image)]);
+        exports.add(&image);
+        let clones: Vec<PathBuf> = (0..2)
+            .map(|k| fx.clone_of(&format!("vm{gen}.img@s1"), &format!("r{gen}-{k}.img")))
+            .collect();
+        let restored: Vec<RunningVm> = clones
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let sock = exports.add(c);
+                let mut v = vm_on(&sock, "");
+                v.restore = Some(snap.clone());
+                if k == 0 {
+                    v.api_socket = Some(fx.path(&format!("api{gen}-r0.sock")));
+                }
+                v.silence = silence.clone();
+                v.spawn().expect("a restored vmm starts")
+            })
+            .collect();
+        assert!(api(&api_sock, &["resume"]).0, "resume");
+        // A restored VM can itself be snapshotted.
+        let r0_api = fx.path(&format!("api{gen}-r0.sock"));
+        Patience::new("the restored VM's API socket", Duration::from_millis(50))
+            .wait_until(|| Ok(r0_api.exists()))
+            .expect("the restored VM serves its API");
+        assert!(api(&r0_api, &["pause"]).0, "pause the restored VM");
+        let (ok, out) = api(
+            &r0_api,
+            &[
+                "snapshot",
+                "--dir",
+                &s(&fx.path(&format!("snap{gen}-again"))),
+            ],
+        );
+        assert!(ok, "a restored VM snapshotted again: {out}");
+        assert!(api(&r0_api, &["resume"]).0, "resume the restored VM");
+
+        let done = original.wait().expect("the original ends");
+        done.assert_ok(&format!("the original, {gen}"));
+        assert_eq!(
+            done.field("writes"),
+            ios,
+            "the original wrote its whole run"
+        );
+        for (k, r) in restored.into_iter().enumerate() {
+            let done = r.wait().expect("a restored VM ends");
+            done.assert_ok(&format!("restored copy {k}, {gen}"));
+            assert_eq!(
+                done.field("writes"),
+                ios,
+                "restored copy {k} finished the run"
+            );
+        }
+        verify(&sock, gen, size, "the original's disk");
+        for c in &clones {
+            verify(
+                &Fixture::socket_of(c),
+                gen,
+                size,
+                &format!("{}", c.display()),
+            );
+        }
+    }
+}
+
+#[test]
+fn damaged_snapshots_and_impossible_snapshots_are_refused_by_name() {
+    if !ready("vmm_snapshot_refusals", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut exports = Exports::start(&fx);
+    let image = fx.image("vm.img", "16M");
+    let sock = exports.add(&image);
+    let api_sock = fx.path("api.sock");
+    let mut v = vm_on(
+        &sock,
+        "mode=randread bs=4k qd=1 size=16M duration_ms=600000",
+    );
+    v.api_socket = Some(api_sock.clone());
+    let running = started(&v);
+    // Running: a snapshot needs a pause.
+    let (ok, out) = api(&api_sock, &["snapshot", "--dir", &s(&fx.path("early"))]);
+    assert!(!ok && out.contains("pause it first"), "{out}");
+    assert!(api(&api_sock, &["pause"]).0);
+    // Its backend gone: a clear error, and the VM goes on afterwards.
+    exports.del(&sock);
+    let (ok, out) = api(&api_sock, &["snapshot", "--dir", &s(&fx.path("nobackend"))]);
+    assert!(!ok && out.contains("for the snapshot"), "{out}");
+    exports.add(&image);
+    // Into a directory that holds something: refused.
+    let full = fx.path("full");
+    std::fs::create_dir(&full).expect("dir");
+    std::fs::write(full.join("x"), b"x").expect("file");
+    let (ok, out) = api(&api_sock, &["snapshot", "--dir", &s(&full)]);
+    assert!(!ok && out.contains("not empty"), "{out}");
+    // The backend back, a good one.
+    let snap = fx.path("snap");
+    let good = Patience::new(
+        "a snapshot once the disk reconnected",
+        Duration::from_millis(100),
+    );
+    good.wait_until(|| Ok(api(&api_sock, &["snapshot", "--dir", &s(&snap)]).0))
+        .expect("a snapshot once the backend is back");
+    assert!(api(&api_sock, &["shutdown", "--force"]).0);
+    let _ = running.wait();
+
+    let restore = |dir: &Path, disks: &[&Path]| {
+        let mut c = Command::new(bin("vmm"));
+        c.arg("--restore").arg(dir).args(["--serial", "none"]);
+        for d in disks {
+            c.arg("--disk").arg(format!("socket={}", d.display()));
+        }
+        let out = output_within(
+            &mut c,
+            &Patience::new("a refused restore", Duration::from_millis(100)),
+        )
+        .expect("vmm");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let copy = |name: &str| {
+        let d = fx.path(name);
+        std::fs::create_dir(&d).expect("dir");
+        for f in ["state", "memory"] {
+            std::fs::copy(snap.join(f), d.join(f)).expect("copy");
+        }
+        d
+    };
+    let state = std::fs::read(snap.join("state")).expect("state");
+    type Damage<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|d: &Path| {
+                std::fs::write(d.join("state"), &state[..state.len() / 2]).expect("w")
+            }),
+            "truncated",
+        ),
+        (
+            "corrupted",
+            Box::new(|d: &Path| {
+                let mut b = state.clone();
+                let at = b.len() - 10;
+                b[at] ^= 0x01;
+                std::fs::write(d.join("state"), b).expect("w")
+            }),
+            "corrupted",
+        ),
+        (
+            "another version",
+            Box::new(|d: &Path| {
+                let mut b = state.clone();
+                b[8..12].copy_from_slice(&99u32.to_le_bytes());
+                std::fs::write(d.join("state"), b).expect("w")
+            }),
+            "version 99",
+        ),
+        (
+            "no memory",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("memory")).expect("rm")),
+            "memory",
+        ),
+        (
+            "memory of another size",
+            Box::new(|d: &Path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("memory"))
+                    .expect("open")
+                    .set_len(1 << 20)
+                    .expect("len")
+            }),
+            "memory",
+        ),
+    ];
+    for (what, damage, says) in cases {
+        let d = copy(&format!("bad-{}", what.replace(' ', "-")));
+        damage(&d);
+        let (code, err) = restore(&d, &[&sock]);
+        assert_eq!(code, Some(1), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+    }
+    // The snapshot whole, but not the disks it had.
+    let (code, err) = restore(&snap, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1 disks; 0 were given"), "{err}");
+}

@@ -1,7 +1,8 @@
 //! VM snapshots with vhost-user disks: a VM paused in the middle of a
 //! verifying write run is snapshotted (`vmm api snapshot`), its disk
-//! snapshotted live through blk-backend's control socket (the export
-//! closed, `img snapshot`, the export opened again: the vmm reconnects),
+//! snapshotted live through blk-backend's control socket
+//! (`export-snapshot`: the export closed clean, sealed, served again on a
+//! fresh top; the vmm reconnects),
 //! the original resumes and finishes, and VMs restored from the snapshot
 //! (`vmm --restore`) on clones of the disk snapshot finish the same run;
 //! every disk then reads back verified. Damaged snapshots and snapshots
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use test_infra::{
-    bin, img, output_within, ready, s, BackendControl, BlkBackendProcess, Fixture, Patience,
-    RunningVm, VmmVm,
+    bin, output_within, ready, s, BackendControl, BlkBackendProcess, Fixture, Patience, RunningVm,
+    VmmVm,
 };
 
 use test_infra::vmm_api as api;
@@ -53,6 +54,14 @@ impl Exports {
             .call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
         assert_eq!(r, json!({"return": {}}), "export-add {}", image.display());
         sock
+    }
+
+    /// The export's image sealed as `IMAGE@NAME` and served again on a
+    /// fresh top (`export-snapshot`).
+    fn snapshot(&mut self, sock: &Path, name: &str) -> serde_json::Value {
+        self.ctl.call(
+            json!({"execute": "export-snapshot", "arguments": {"socket": sock, "name": name}}),
+        )
     }
 
     fn del(&mut self, sock: &Path) {
@@ -135,10 +144,28 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
             "memory is saved sparse: {taken}"
         );
         // The disk's snapshot at the same instant: the export closed (the
-        // image flushed and closed clean), sealed, opened again.
-        exports.del(&sock);
-        img(&["snapshot", "-c", "s1", &s(&image)]);
-        exports.add(&image);
+        // image flushed and closed clean), sealed, served again on a fresh
+        // top (the vmm reconnects).
+        let r = exports.snapshot(&sock, "s1");
+        let sealed = fx.path(&format!("vm{gen}.img@s1"));
+        assert_eq!(
+            r,
+            json!({"return": {"snapshot": sealed}}),
+            "export-snapshot"
+        );
+        // Refused by name, and the export serves on: a name taken, an
+        // export that is not there.
+        let again = exports.snapshot(&sock, "s1");
+        assert_eq!(again["error"]["class"], "GenericError", "{again}");
+        assert!(
+            again["error"]["desc"]
+                .as_str()
+                .unwrap_or("")
+                .contains("exists"),
+            "{again}"
+        );
+        let none = exports.snapshot(&fx.path("nothing.sock"), "s1");
+        assert_eq!(none["error"]["class"], "DeviceNotFound", "{none}");
         let clones: Vec<PathBuf> = (0..2)
             .map(|k| fx.clone_of(&format!("vm{gen}.img@s1"), &format!("r{gen}-{k}.img")))
             .collect();

@@ -10,6 +10,10 @@
 //! - `export-del` {socket}: ends its session (in-flight I/O completes),
 //!   closes its image cleanly and removes its socket.
 //! - `export-list`: every export with its session state and counters.
+//! - `export-snapshot` {socket, name}: the image sealed as `IMAGE@NAME`
+//!   (as `img snapshot -c`), the export serving a fresh top over it; the
+//!   session ends and a vhost-user frontend reconnects (for a paused VM:
+//!   its disk captured at the instant of its snapshot).
 //!
 //! Errors carry QMP's classes: `ExportExists` (an add on a socket already
 //! served), `DeviceNotFound` (a del of no export), `GenericError`.
@@ -55,6 +59,13 @@ pub enum ControlError {
     },
     #[error("starting its thread")]
     Thread(#[source] std::io::Error),
+    #[error("snapshot {name:?} of {image}")]
+    Snapshot {
+        image: PathBuf,
+        name: String,
+        #[source]
+        source: Box<image_format::Error>,
+    },
 }
 
 /// An export whose image is open and whose socket listens.
@@ -238,6 +249,32 @@ impl Exports {
         })
     }
 
+    /// The export's image as it is now, sealed as snapshot `name`
+    /// (`IMAGE@NAME`, as `img snapshot -c`), the export serving on a fresh
+    /// top over it: the session ends (what is in flight completes; a
+    /// vhost-user frontend reconnects and carries on), the image closes
+    /// clean, the snapshot is taken, and the export is served again,
+    /// whether the snapshot could be taken or not. Meant for a paused VM
+    /// (a snapshot of the VM and its disks at one instant).
+    pub fn snapshot(&self, socket: &Path, name: &str) -> Result<PathBuf, ControlError> {
+        let spec = self
+            .running()
+            .get(socket)
+            .map(|r| r.export.spec.clone())
+            .ok_or_else(|| ControlError::NoSuchExport(socket.to_path_buf()))?;
+        self.remove(socket)?;
+        let taken = image_format::ops::snapshot_create(&image_format::RealEnv, &spec.image, name)
+            .map_err(|source| ControlError::Snapshot {
+                image: spec.image.clone(),
+                name: name.to_string(),
+                source: Box::new(source),
+            });
+        let served = self.add(spec);
+        let path = taken?;
+        served?;
+        Ok(path)
+    }
+
     pub fn list(&self) -> Value {
         let running = self.running();
         Value::Array(
@@ -369,6 +406,27 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
             },
         },
         Some("export-list") => json!({ "return": exports.list() }),
+        Some("export-snapshot") => {
+            let (Some(s), Some(name)) = (text("socket"), args["name"].as_str()) else {
+                return reply_error(
+                    "GenericError",
+                    "export-snapshot needs socket and name".into(),
+                );
+            };
+            if s.is_relative() {
+                return reply_error(
+                    "GenericError",
+                    format!(
+                        "{} is a relative path: export-snapshot takes absolute paths",
+                        s.display()
+                    ),
+                );
+            }
+            match exports.snapshot(&s, name) {
+                Ok(path) => json!({ "return": { "snapshot": path } }),
+                Err(e) => refusal(e),
+            }
+        }
         Some(other) => reply_error("CommandNotFound", format!("no command {other:?}")),
         None => reply_error("GenericError", "no \"execute\"".into()),
     }

@@ -118,6 +118,9 @@ pub const CONTROL: Policy = Policy {
             "io_uring_register",
             "io_uring_setup",
             "ioctl",
+            // export-snapshot: the sealed layer's second name.
+            "link",
+            "linkat",
             "listen",
             "memfd_create",
             "mkdir",

@@ -1,0 +1,225 @@
+//! VM snapshots: how long a snapshot takes, how long a VM restored from
+//! it takes to run again (to its first guest instruction, and to the
+//! guest's next console line), and what memory each of N VMs restored
+//! from one snapshot costs the host, for guests of several memory sizes.
+//! The guest: the bench guest reading its disk at random (QD1), reporting
+//! progress every 100 ms; its disk on blk-backend, snapshotted with
+//! `export-snapshot`, every restored VM on a clone of the sealed layer.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::json;
+use test_infra::{
+    bin, img, kvm_available, s, vmm_api, BackendControl, BlkBackendProcess, Patience, VmmVm,
+};
+
+#[derive(Parser)]
+#[command(about = "Snapshot and restore times, and the memory of VMs restored from one snapshot")]
+struct Args {
+    /// Guest memory sizes, in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "256,512,2048")]
+    mem_mib: Vec<u32>,
+    /// Restores measured per size (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// VMs restored from one snapshot at once, for their memory.
+    #[arg(long, default_value_t = 20)]
+    clones: usize,
+    /// Scratch directory.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct SizeResult {
+    mem_mib: u32,
+    snapshot_ms: f64,
+    memory_saved_mib: f64,
+    /// Restore to the first vCPU entering KVM_RUN (inside the vmm).
+    restore_to_run_ms: Vec<f64>,
+    /// Restore, from exec, to the guest's next console line.
+    restore_to_line_ms: Vec<f64>,
+    /// Host memory of each restored VM (vmm's PSS, guest memory included).
+    clone_pss_mib: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// A process's proportional set size, guest memory (its memfd) included.
+fn pss_mib(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn measure(a: &Args, mem_mib: u32, work: &Path) -> Result<SizeResult> {
+    let ctl_path = work.join("control.sock");
+    let _backend = BlkBackendProcess::start_exports_with(
+        &bin("blk-backend"),
+        &[],
+        &["--control", &s(&ctl_path)],
+    )?;
+    let mut ctl = BackendControl::connect(&ctl_path);
+    let add = |ctl: &mut BackendControl, image: &Path| -> Result<PathBuf> {
+        let sock = image.with_extension("sock");
+        let r = ctl
+            .call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
+        if r != json!({"return": {}}) {
+            bail!("export-add {}: {r}", image.display());
+        }
+        Ok(sock)
+    };
+    let image = work.join(format!("vm{mem_mib}.img"));
+    img(&["create", &s(&image), "64M"]);
+    let sock = add(&mut ctl, &image)?;
+    let api = work.join(format!("api{mem_mib}.sock"));
+    let mut v = VmmVm::new(
+        &bin("vmm"),
+        "mode=randread bs=4k qd=1 size=64M duration_ms=3600000 progress_ms=100",
+    )
+    .with_disk(&sock, 1);
+    v.mem_mib = mem_mib;
+    v.api_socket = Some(api.clone());
+    let mut original = v.spawn()?;
+    original.wait_for_progress(
+        2,
+        &Patience::new("progress lines", Duration::from_millis(200)),
+    )?;
+    let call = |sock: &Path, args: &[&str]| -> Result<String> {
+        let (ok, out) = vmm_api(sock, args);
+        if !ok {
+            bail!("vmm api {args:?}: {out}");
+        }
+        Ok(out)
+    };
+    call(&api, &["pause"])?;
+    let snap = work.join(format!("snap{mem_mib}"));
+    let taken: serde_json::Value =
+        serde_json::from_str(call(&api, &["snapshot", "--dir", &s(&snap)])?.trim())?;
+    let r =
+        ctl.call(json!({"execute": "export-snapshot", "arguments": {"socket": sock, "name": "s"}}));
+    if r.get("return").is_none() {
+        bail!("export-snapshot: {r}");
+    }
+    call(&api, &["shutdown", "--force"])?;
+    let _ = original.wait();
+
+    // VM k restored on a clone of its own, served before the clock starts.
+    let mut start_restored =
+        |k: usize| -> Result<(test_infra::RunningVm, PathBuf, PathBuf, Instant)> {
+            let clone = work.join(format!("r{mem_mib}-{k}.img"));
+            img(&[
+                "clone",
+                &s(&work.join(format!("vm{mem_mib}.img@s"))),
+                &s(&clone),
+            ]);
+            let sock = add(&mut ctl, &clone)?;
+            let api_k = work.join(format!("api{mem_mib}-{k}.sock"));
+            let metrics = work.join(format!("m{mem_mib}-{k}.json"));
+            let mut v = VmmVm::new(&bin("vmm"), "").with_disk(&sock, 1);
+            v.restore = Some(snap.clone());
+            v.api_socket = Some(api_k.clone());
+            v.metrics_file = Some(metrics.clone());
+            let t0 = Instant::now();
+            Ok((v.spawn()?, api_k, metrics, t0))
+        };
+    let next_line = Patience::new("a restored guest's next line", Duration::from_millis(200));
+    let mut to_run = Vec::new();
+    let mut to_line = Vec::new();
+    for k in 0..a.runs {
+        let (mut running, api_k, metrics, t0) = start_restored(k)?;
+        let lines = running.progress_lines();
+        running.wait_for_progress(lines + 1, &next_line)?;
+        to_line.push(t0.elapsed().as_secs_f64() * 1e3);
+        call(&api_k, &["shutdown", "--force"])?;
+        let _ = running.wait();
+        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics)?)?;
+        to_run.push(m["timing"]["first_run_us"].as_f64().unwrap_or(0.0) / 1e3);
+    }
+    // N restored at once, each on its own clone: their memory.
+    let mut fleet = Vec::new();
+    for k in 0..a.clones {
+        let (running, api_k, _, _) = start_restored(a.runs + k)?;
+        fleet.push((running, api_k));
+    }
+    for (running, _) in &mut fleet {
+        let lines = running.progress_lines();
+        running.wait_for_progress(lines + 1, &next_line)?;
+    }
+    let pss: Vec<f64> = fleet.iter().map(|(r, _)| pss_mib(r.pid())).collect();
+    for (running, api_k) in fleet {
+        let _ = call(&api_k, &["shutdown", "--force"]);
+        let _ = running.wait();
+    }
+    Ok(SizeResult {
+        mem_mib,
+        snapshot_ms: taken["ms"].as_f64().unwrap_or(0.0),
+        memory_saved_mib: taken["memory_saved_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        restore_to_run_ms: to_run,
+        restore_to_line_ms: to_line,
+        clone_pss_mib: pss,
+    })
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if !kvm_available("bench-snapshot") {
+        return Ok(());
+    }
+    let work = a.dir.join(format!("bench-snapshot-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("{}", work.display()))?;
+    let _scratch = Scratch(work.clone());
+    let mut results = Vec::new();
+    for &m in &a.mem_mib {
+        eprintln!(
+            "[{m} MiB] snapshot, {} restores, {} restored at once",
+            a.runs, a.clones
+        );
+        results.push(measure(&a, m, &work)?);
+    }
+    let mut md = String::from(
+        "| guest memory | snapshot ms | memory saved MiB | restore to KVM_RUN ms (median) | restore to the guest's next line ms (median) | PSS per restored VM MiB (median, max) |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &results {
+        let max = r.clone_pss_mib.iter().copied().fold(0.0, f64::max);
+        md += &format!(
+            "| {} MiB | {:.1} | {:.1} | {:.2} | {:.1} | {:.1}, {:.1} |\n",
+            r.mem_mib,
+            r.snapshot_ms,
+            r.memory_saved_mib,
+            median(r.restore_to_run_ms.clone()),
+            median(r.restore_to_line_ms.clone()),
+            median(r.clone_pss_mib.clone()),
+            max
+        );
+    }
+    print!("{md}");
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, &md)?;
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}

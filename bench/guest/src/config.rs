@@ -66,6 +66,9 @@ pub struct Config {
     /// Report through a virtio console when the VMM offers one (a line
     /// per doorbell), else the UART (a trap per byte).
     pub virtio_console: bool,
+    /// Bytes of guest memory to write a pattern into before the workload
+    /// (a guest whose memory is in use, for snapshot benchmarks).
+    pub touch: u64,
 }
 
 impl Default for Config {
@@ -98,6 +101,7 @@ impl Default for Config {
             indirect: true,
             event_idx: true,
             virtio_console: true,
+            touch: 0,
         }
     }
 }
@@ -183,6 +187,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "queue_size" => num(v).filter(|&n| n <= 32768).map(|n| c.queue_size = n as u16).is_some(),
             "seed" => num(v).map(|n| c.seed = n).is_some(),
             "progress_ms" => num(v).map(|n| c.progress_ms = n).is_some(),
+            "touch" => num(v).map(|n| c.touch = n).is_some(),
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
             "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),

@@ -82,6 +82,17 @@ pub extern "C" fn guest_main() -> ! {
     if cfg.mode == Mode::Fuzz {
         fuzz::run(&dev, &cfg, &arena, &clock);
     }
+    if cfg.touch > 0 {
+        // Memory in use, as a snapshot would find it: every page written
+        // (a distinct word each, so none of it is a page of zeros).
+        let Some(at) = arena.alloc_untouched(cfg.touch, 4096) else {
+            fail(EXIT_USAGE, format_args!("touch={}: not that much free guest memory", cfg.touch));
+        };
+        for page in (at..at + cfg.touch).step_by(4096) {
+            // SAFETY: RAM the arena gave this loop alone.
+            unsafe { core::ptr::write_volatile(page as *mut u64, page ^ 0x5eed_5eed) };
+        }
+    }
     let ready_tsc = time::tsc();
     let disk_bytes = dev.capacity_sectors * 512;
     println!(

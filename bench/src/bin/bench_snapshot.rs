@@ -22,6 +22,11 @@ struct Args {
     /// Guest memory sizes, in MiB.
     #[arg(long, value_delimiter = ',', default_value = "256,512,2048")]
     mem_mib: Vec<u32>,
+    /// Share of guest memory the guest writes before it is snapshotted
+    /// (percent: memory in use, which a snapshot saves and a restore
+    /// copies).
+    #[arg(long, default_value_t = 50)]
+    touch_pct: u32,
     /// Restores measured per size (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -46,7 +51,8 @@ struct SizeResult {
     restore_to_run_ms: Vec<f64>,
     /// Restore, from exec, to the guest's next console line.
     restore_to_line_ms: Vec<f64>,
-    /// Host memory of each restored VM (vmm's PSS, guest memory included).
+    /// Host memory of each restored VM: its guest memory's allocated pages
+    /// and the vmm's own PSS.
     clone_pss_mib: Vec<f64>,
 }
 
@@ -55,14 +61,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// A process's proportional set size, guest memory (its memfd) included.
-fn pss_mib(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+/// Host memory a restored VM holds: the pages its guest memory (the
+/// vmm's memfd) has allocated, whether mapped yet or not (a restore writes
+/// them into the memfd; the process's page tables see them only once the
+/// guest touches them), plus the vmm's own proportional set size.
+fn vm_memory_mib(pid: u32) -> f64 {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            let kib = v.split_whitespace().next()?.parse::<f64>().ok()?;
+            match k {
+                "Pss" => Some(kib),
+                "Pss_Shmem" => Some(-kib),
+                _ => None,
+            }
+        })
+        .sum::<f64>()
+        / 1024.0;
+    let guest = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:guest-ram"))
+        })
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.blocks() as f64 * 512.0)
+        .fold(0.0, f64::max)
+        / (1 << 20) as f64;
+    own + guest
 }
 
 struct Scratch(PathBuf);
@@ -94,9 +125,12 @@ fn measure(a: &Args, mem_mib: u32, work: &Path) -> Result<SizeResult> {
     img(&["create", &s(&image), "64M"]);
     let sock = add(&mut ctl, &image)?;
     let api = work.join(format!("api{mem_mib}.sock"));
+    let touch = (mem_mib as u64 * a.touch_pct as u64 / 100) << 20;
     let mut v = VmmVm::new(
         &bin("vmm"),
-        "mode=randread bs=4k qd=1 size=64M duration_ms=3600000 progress_ms=100",
+        &format!(
+            "mode=randread bs=4k qd=1 size=64M duration_ms=3600000 progress_ms=100 touch={touch}"
+        ),
     )
     .with_disk(&sock, 1);
     v.mem_mib = mem_mib;
@@ -157,9 +191,26 @@ fn measure(a: &Args, mem_mib: u32, work: &Path) -> Result<SizeResult> {
         let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics)?)?;
         to_run.push(m["timing"]["first_run_us"].as_f64().unwrap_or(0.0) / 1e3);
     }
-    // N restored at once, each on its own clone: their memory.
+    // N restored at once, each on its own clone: their memory. Each holds
+    // a copy of the snapshot's memory: no more of them than a third of the
+    // host's available memory holds.
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(u64::MAX, |kib| kib << 10);
+    let clones = a
+        .clones
+        .min((available / 3 / (touch + (16 << 20))).max(1) as usize);
+    if clones < a.clones {
+        eprintln!(
+            "[{mem_mib} MiB] {clones} restored at once, not {}: host memory",
+            a.clones
+        );
+    }
     let mut fleet = Vec::new();
-    for k in 0..a.clones {
+    for k in 0..clones {
         let (running, api_k, _, _) = start_restored(a.runs + k)?;
         fleet.push((running, api_k));
     }
@@ -167,7 +218,7 @@ fn measure(a: &Args, mem_mib: u32, work: &Path) -> Result<SizeResult> {
         let lines = running.progress_lines();
         running.wait_for_progress(lines + 1, &next_line)?;
     }
-    let pss: Vec<f64> = fleet.iter().map(|(r, _)| pss_mib(r.pid())).collect();
+    let pss: Vec<f64> = fleet.iter().map(|(r, _)| vm_memory_mib(r.pid())).collect();
     for (running, api_k) in fleet {
         let _ = call(&api_k, &["shutdown", "--force"]);
         let _ = running.wait();
@@ -199,7 +250,7 @@ fn main() -> Result<()> {
         results.push(measure(&a, m, &work)?);
     }
     let mut md = String::from(
-        "| guest memory | snapshot ms | memory saved MiB | restore to KVM_RUN ms (median) | restore to the guest's next line ms (median) | PSS per restored VM MiB (median, max) |\n|---:|---:|---:|---:|---:|---:|\n",
+        "| guest memory | snapshot ms | memory saved MiB | restore to KVM_RUN ms (median) | restore to the guest's next line ms (median) | host memory per restored VM MiB (median, max) |\n|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &results {
         let max = r.clone_pss_mib.iter().copied().fold(0.0, f64::max);

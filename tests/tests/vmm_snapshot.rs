@@ -4,7 +4,8 @@
 //! (`export-snapshot`: the export closed clean, sealed, served again on a
 //! fresh top; the vmm reconnects),
 //! the original resumes and finishes, and VMs restored from the snapshot
-//! (`vmm --restore`) on clones of the disk snapshot finish the same run;
+//! (`vmm --restore`, memory filled lazily by userfaultfd or copied first)
+//! on clones of the disk snapshot finish the same run;
 //! every disk then reads back verified. Damaged snapshots and snapshots
 //! that cannot be taken are refused by name.
 
@@ -178,6 +179,10 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
                 v.restore = Some(snap.clone());
                 if k == 0 {
                     v.api_socket = Some(fx.path(&format!("api{gen}-r0.sock")));
+                } else {
+                    // The first lazily (the default: memory brought in on
+                    // touch and in the background), the other copied.
+                    v.options = vec!["--restore-memory".into(), "copy".into()];
                 }
                 v.silence = silence.clone();
                 v.spawn().expect("a restored vmm starts")
@@ -186,9 +191,17 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
         assert!(api(&api_sock, &["resume"]).0, "resume");
         // A restored VM can itself be snapshotted.
         let r0_api = fx.path(&format!("api{gen}-r0.sock"));
-        Patience::new("the restored VM's API socket", Duration::from_millis(50))
-            .wait_until(|| Ok(r0_api.exists()))
-            .expect("the restored VM serves its API");
+        let mut restored = restored;
+        let serving = Patience::new("the restored VM's API socket", Duration::from_millis(50))
+            .wait_until(|| Ok(r0_api.exists() || !restored[0].running()));
+        if serving.is_err() || !r0_api.exists() {
+            let why = serving.err().map(|e| e.to_string()).unwrap_or_default();
+            let run = restored.remove(0).wait();
+            panic!(
+                "the restored VM serves no API ({why}): {:?}",
+                run.map(|r| r.serial)
+            );
+        }
         assert!(api(&r0_api, &["pause"]).0, "pause the restored VM");
         let (ok, out) = api(
             &r0_api,

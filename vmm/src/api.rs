@@ -399,6 +399,7 @@ mod tests {
                 virtio_console: true,
                 seccomp: true,
                 restore: None,
+                restore_memory: Default::default(),
             },
             events: tx,
             ended: Arc::default(),

@@ -103,6 +103,19 @@ pub struct VmConfig {
     /// the snapshot's), on the disks given here (in the snapshot's order).
     #[serde(default)]
     pub restore: Option<PathBuf>,
+    /// How a restore fills guest memory: `lazy` (the guest runs at once,
+    /// its pages filled on first touch and in the background; the disks
+    /// start once all are in) or `copy` (all of it before the guest runs).
+    #[serde(default)]
+    pub restore_memory: RestoreMemory,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreMemory {
+    #[default]
+    Lazy,
+    Copy,
 }
 
 fn on() -> bool {

@@ -60,6 +60,11 @@ struct Args {
     /// The snapshot's vCPU count and memory size replace --cpus/--memory.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
     restore: Option<PathBuf>,
+    /// How --restore fills guest memory: lazy (the guest runs at once, its
+    /// pages brought in on first touch and in the background; the disks
+    /// start once all are in) or copy (all of it first).
+    #[arg(long, value_enum, default_value_t = config::RestoreMemory::Lazy, requires = "restore")]
+    restore_memory: config::RestoreMemory,
     /// When the VM ends, write its counters (exits by reason, time in the
     /// guest, per vCPU) here as JSON.
     #[arg(long)]
@@ -120,6 +125,7 @@ fn config_of(a: &Args) -> Result<VmConfig> {
         cfg.seccomp &= !a.no_seccomp;
         if a.restore.is_some() {
             cfg.restore = a.restore.clone();
+            cfg.restore_memory = a.restore_memory;
         }
         return Ok(cfg);
     }
@@ -143,6 +149,7 @@ fn config_of(a: &Args) -> Result<VmConfig> {
         virtio_console: a.virtio_console == "on",
         seccomp: !a.no_seccomp,
         restore: a.restore.clone(),
+        restore_memory: a.restore_memory,
     })
 }
 

@@ -55,6 +55,15 @@ pub const CONSOLE: Policy = Policy {
     groups: &[&["fcntl", "poll", "ppoll", "read"]],
 };
 
+/// The lazy restore's pager: page faults read from its userfaultfd and
+/// answered, the snapshot's memory file read, pages copied in (ioctls).
+pub const PAGER: Policy = Policy {
+    name: "pager",
+    groups: &[&[
+        "fcntl", "ioctl", "lseek", "poll", "ppoll", "pread64", "read",
+    ]],
+};
+
 /// The deadline watchdog: waits, and shuts a silent backend's connection.
 pub const DEADLINES: Policy = Policy {
     name: "deadlines",
@@ -111,7 +120,7 @@ mod tests {
 
     #[test]
     fn every_policy_compiles() {
-        for p in [VCPU, DISK, API, CONSOLE, DEADLINES, MAIN] {
+        for p in [VCPU, DISK, API, CONSOLE, DEADLINES, MAIN, PAGER] {
             p.compile().unwrap_or_else(|e| panic!("{e}"));
         }
     }

@@ -279,11 +279,38 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         unsafe { vm.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
     }
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+    let mut pager = None;
     let entry = match (&restoring, &cfg.restore) {
         (Some(state), Some(dir)) => {
-            // The guest's memory as it was (its tables and kernel in it).
-            snapshot::memory::load(&dir.join(snapshot::MEMORY_FILE), &ram.file, cfg.memory)
-                .context("--restore")?;
+            // The guest's memory as it was (its tables and kernel in it):
+            // copied now, or brought in as the guest touches it.
+            let file = dir.join(snapshot::MEMORY_FILE);
+            match cfg.restore_memory {
+                crate::config::RestoreMemory::Copy => {
+                    snapshot::memory::load(&file, &ram.file, cfg.memory).context("--restore")?;
+                }
+                crate::config::RestoreMemory::Lazy => {
+                    let mut offset = 0;
+                    let regions = ram
+                        .mem
+                        .iter()
+                        .map(|r| {
+                            let region = snapshot::pager::Region {
+                                host: r.as_ptr() as u64,
+                                len: r.len(),
+                                file_offset: offset,
+                            };
+                            offset += r.len();
+                            region
+                        })
+                        .collect();
+                    pager = Some(
+                        snapshot::pager::Pager::start(regions, &file, &crate::seccomp::PAGER)
+                            .map_err(SnapshotError::from)
+                            .context("--restore")?,
+                    );
+                }
+            }
             for chip in &state.irqchips {
                 vm.set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
             }
@@ -336,7 +363,13 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     };
     let console_port = console_dev.as_ref().map(|(_, p)| Arc::clone(p));
     if let Some(state) = &restoring {
-        restore_devices(state, &machine, &disks, console_dev.as_ref().map(|d| &d.0))?;
+        restore_devices(
+            state,
+            &machine,
+            &disks,
+            console_dev.as_ref().map(|d| &d.0),
+            pager.is_some(),
+        )?;
         pci_bus
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -455,12 +488,57 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         };
         vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
     }
+    // Whether a lazy restore is done (memory filled, disks started): a
+    // snapshot of the restored VM waits for it.
+    let restore_done = Arc::new(RestoreDone::default());
+    if pager.is_none() {
+        restore_done.set(true);
+    }
+    if let Some(pager) = pager {
+        // The disks start once every page of the snapshot is in memory:
+        // their backends read and write it on their own.
+        let disks: Vec<SharedVirtioPci> = disks.iter().map(Arc::clone).collect();
+        let tx = events_tx.clone();
+        let done = Arc::clone(&restore_done);
+        std::thread::Builder::new()
+            .name("restore".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::confine(&crate::seccomp::VCPU) {
+                    let _ = tx.send(VmEvent::Fault(format!("restore: {e}")));
+                    return;
+                }
+                match pager.wait_filled() {
+                    Ok(stats) => {
+                        info!(
+                            faults = stats.faults,
+                            mib = stats.bytes >> 20,
+                            ms = stats.ms,
+                            "guest memory filled; starting the disks"
+                        );
+                        for d in &disks {
+                            if let Err(e) = lock_device(d).start_restored() {
+                                done.set(false);
+                                let _ = tx.send(VmEvent::Fault(format!("restore: a disk: {e}")));
+                                return;
+                            }
+                        }
+                        done.set(true);
+                    }
+                    Err(e) => {
+                        done.set(false);
+                        let _ = tx.send(VmEvent::Fault(format!("restore: {e}")));
+                    }
+                }
+            })
+            .context("starting the restore thread")?;
+    }
     timing.first_run_us = t0.elapsed().as_micros() as u64;
     info!(setup_us = timing.first_run_us, "vm started");
     // Every thread is running: from here on the main thread only waits,
     // stops and reports.
     crate::seccomp::confine(&crate::seccomp::MAIN).context("seccomp")?;
     let taker = SnapshotTaker {
+        restore_done: &restore_done,
         machine: &machine,
         disks: &disks,
         console: console_dev.as_ref(),
@@ -654,12 +732,14 @@ fn check_restorable(s: &snapshot::VmState, cfg: &VmConfig) -> Result<(), Snapsho
 
 /// Puts the snapshot's devices back: the UART, each disk's transport (the
 /// disk started on its new backend where the driver had started it, its
-/// rings from the used index in the restored memory), the console's.
+/// rings from the used index in the restored memory; with `defer_disks`
+/// once the lazy restore's pager has filled memory), the console's.
 fn restore_devices(
     s: &snapshot::VmState,
     machine: &Machine,
     disks: &[SharedVirtioPci],
     console: Option<&SharedVirtioPci>,
+    defer_disks: bool,
 ) -> Result<(), SnapshotError> {
     machine
         .console
@@ -668,7 +748,7 @@ fn restore_devices(
         .restore(&s.serial)?;
     for (dev, saved) in disks.iter().zip(&s.disks) {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-        d.restore(&saved.transport)
+        d.restore(&saved.transport, defer_disks)
             .map_err(|source| SnapshotError::Transport {
                 socket: saved.socket.display().to_string(),
                 source,
@@ -677,7 +757,7 @@ fn restore_devices(
     if let (Some(dev), Some(saved)) = (console, &s.console) {
         dev.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .restore(saved)
+            .restore(saved, false)
             .map_err(SnapshotError::Console)?;
     }
     Ok(())
@@ -687,8 +767,34 @@ fn lock_device(d: &SharedVirtioPci) -> std::sync::MutexGuard<'_, VirtioPci> {
     d.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether a lazy restore has finished (`Some(true)`: memory filled and
+/// disks started; `Some(false)`: it failed), for those who must wait.
+#[derive(Default)]
+struct RestoreDone {
+    state: Mutex<Option<bool>>,
+    changed: std::sync::Condvar,
+}
+
+impl RestoreDone {
+    fn set(&self, ok: bool) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(ok);
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `limit`; whether the restore finished well.
+    fn wait(&self, limit: std::time::Duration) -> Option<bool> {
+        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, limit, |s| s.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+}
+
 /// What taking a snapshot needs of the running VM.
 struct SnapshotTaker<'a> {
+    restore_done: &'a RestoreDone,
     machine: &'a Machine,
     disks: &'a [SharedVirtioPci],
     console: Option<&'a (SharedVirtioPci, Arc<ConsolePort>)>,
@@ -710,6 +816,13 @@ impl SnapshotTaker<'_> {
         let state = self.control.state();
         if state != crate::control::RunState::Paused {
             return Err(crate::control::SaveError::NotPaused(state).into());
+        }
+        // A VM still being restored lazily has memory the snapshot would
+        // miss (pages not yet filled) and disks not yet started.
+        match self.restore_done.wait(std::time::Duration::from_secs(60)) {
+            Some(true) => {}
+            Some(false) => return Err(SnapshotError::RestoreFailed),
+            None => return Err(SnapshotError::StillRestoring),
         }
         snapshot::prepare_dir(dir)?;
         let m = self.machine;
@@ -1177,7 +1290,7 @@ mod guest_accesses {
             let (m2, dev2, _events2, bus2) = machine().expect("a second VM");
             dev2.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .restore(&saved)
+                .restore(&saved, false)
                 .expect("restore");
             bus2.lock().unwrap_or_else(|e| e.into_inner()).render_all();
             let read = |m: &Machine, addr: u64, len: usize| {

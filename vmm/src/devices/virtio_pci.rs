@@ -245,6 +245,9 @@ pub struct VirtioPci {
     config_vector: u16,
     config_generation: u8,
     activated: bool,
+    /// A restored device's own state, while its start waits (see
+    /// [`VirtioPci::restore`]).
+    deferred: Option<serde_json::Value>,
     /// What the driver does wrong is logged within a limit: a guest must
     /// not be able to fill the host's disk with our log.
     driver_errors: LogLimit,
@@ -356,6 +359,7 @@ impl VirtioPci {
             config_vector: NO_VECTOR,
             config_generation: 0,
             activated: false,
+            deferred: None,
             driver_errors: LogLimit::default(),
         })
     }
@@ -407,15 +411,25 @@ impl VirtioPci {
             queue_select: self.queue_select,
             config_vector: self.config_vector,
             config_generation: self.config_generation,
-            activated: self.activated,
-            device: self.device.save_state(),
+            // A restored device whose start still waits is a started one.
+            activated: self.activated || self.deferred.is_some(),
+            device: match &self.deferred {
+                Some(state) => state.clone(),
+                None => self.device.save_state(),
+            },
         }
     }
 
     /// Puts a saved transport back on this fresh one (same device, same
     /// place): registers, MSI-X routes, and, if the driver had started
-    /// the device, the device started as it was.
-    pub fn restore(&mut self, s: &TransportState) -> Result<(), TransportRestoreError> {
+    /// the device, the device started as it was (now, or with `defer`
+    /// when [`VirtioPci::start_restored`] is called: a vhost-user backend
+    /// must not touch guest memory a lazy restore has not filled yet).
+    pub fn restore(
+        &mut self,
+        s: &TransportState,
+        defer: bool,
+    ) -> Result<(), TransportRestoreError> {
         if s.queues.len() != self.queues.len() || s.msix.len() != self.msix.entries.len() {
             return Err(TransportRestoreError::Shape {
                 saved: s.queues.len(),
@@ -454,15 +468,27 @@ impl VirtioPci {
         self.config_generation = s.config_generation;
         self.update_all_routes();
         if s.activated {
-            self.device
-                .activate(self.driver_features, &self.queues, &self.kicks, &self.msix)
-                .map_err(TransportRestoreError::Activate)?;
-            self.activated = true;
-            self.device
-                .restore_state(&s.device)
-                .map_err(TransportRestoreError::Device)?;
+            self.deferred = Some(s.device.clone());
+            if !defer {
+                self.start_restored()?;
+            }
         }
         Ok(())
+    }
+
+    /// Starts a restored device whose start [`VirtioPci::restore`]
+    /// deferred (nothing if none was).
+    pub fn start_restored(&mut self) -> Result<(), TransportRestoreError> {
+        let Some(state) = self.deferred.take() else {
+            return Ok(());
+        };
+        self.device
+            .activate(self.driver_features, &self.queues, &self.kicks, &self.msix)
+            .map_err(TransportRestoreError::Activate)?;
+        self.activated = true;
+        self.device
+            .restore_state(&state)
+            .map_err(TransportRestoreError::Device)
     }
 
     /// Vector `v`'s eventfd, as a backend would write it.

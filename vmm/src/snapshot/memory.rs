@@ -36,7 +36,7 @@ pub enum MemoryFileError {
 
 /// The next data range at or after `from` in `f` (before `end`), by
 /// SEEK_DATA and SEEK_HOLE; `None` past the last.
-fn next_data(f: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+pub(crate) fn next_data(f: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     if from >= end {
         return Ok(None);

@@ -9,8 +9,11 @@
 //! - `state_file`: the versioned, checksummed file the state lives in.
 //! - `vcpu`: a vCPU's state, saved from one VM and restored into another.
 //! - `memory`: guest memory as a sparse file.
+//! - `pager`: lazy restore (userfaultfd): the guest runs while its memory
+//!   is filled.
 
 pub mod memory;
+pub mod pager;
 pub mod state_file;
 pub mod vcpu;
 
@@ -110,6 +113,12 @@ pub enum SnapshotError {
         had: &'static str,
         has: &'static str,
     },
+    #[error(transparent)]
+    Pager(#[from] pager::PagerError),
+    #[error("the VM is still being restored (its memory filled from its snapshot): try again")]
+    StillRestoring,
+    #[error("the VM's own restore failed: there is nothing consistent to save")]
+    RestoreFailed,
     #[error("the snapshot holds {states} vCPU states for {cpus} vCPUs")]
     VcpuCount { states: usize, cpus: u8 },
 }

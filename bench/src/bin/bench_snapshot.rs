@@ -177,6 +177,7 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
             let metrics = work.join(format!("m{mem_mib}-{k}.json"));
             let mut v = VmmVm::new(&bin("vmm"), "").with_disk(&sock, 1);
             v.restore = Some(snap.clone());
+            v.options = vec!["--restore-memory".into(), mode.into()];
             v.api_socket = Some(api_k.clone());
             v.metrics_file = Some(metrics.clone());
             let t0 = Instant::now();
@@ -225,7 +226,14 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
         // A lazy restore fills memory in the background: measured once
         // the snapshot's pages are all in.
         Patience::new("a restored VM's memory filled", Duration::from_secs(2))
-            .wait_until(|| Ok(vm_memory_mib(running.pid()) >= saved_mib))?;
+            .wait_until(|| Ok(vm_memory_mib(running.pid()) >= saved_mib))
+            .with_context(|| {
+                format!(
+                    "{:.1} MiB of {saved_mib:.1}; console:\n{}",
+                    vm_memory_mib(running.pid()),
+                    running.console()
+                )
+            })?;
     }
     let pss: Vec<f64> = fleet.iter().map(|(r, _)| vm_memory_mib(r.pid())).collect();
     for (running, api_k) in fleet {

@@ -253,48 +253,48 @@ fn copy_in(
     let buf = &mut buf[..len as usize];
     // A hole reads as zeros, as the guest's page was.
     src.read_exact_at(buf, off)?;
-    let mut c = UffdioCopy {
-        dst,
-        src: buf.as_ptr() as u64,
-        len,
-        mode: 0,
-        copy: 0,
-    };
-    // SAFETY: UFFDIO_COPY from a buffer of `len` bytes into registered
-    // guest memory.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &raw mut c) };
-    if r == 0 {
-        return Ok(len);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        // Some page of the range is there already (a fault brought it):
-        // page by page then, each one there left alone.
-        Some(libc::EEXIST) if len > PAGE => {
-            let mut copied = 0;
-            for p in (0..len).step_by(PAGE as usize) {
-                let mut one = UffdioCopy {
-                    dst: dst + p,
-                    src: buf.as_ptr() as u64 + p,
-                    len: PAGE,
-                    mode: 0,
-                    copy: 0,
-                };
-                // SAFETY: as above, one page.
-                if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &raw mut one) } == 0 {
-                    copied += PAGE;
-                } else {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EEXIST) {
+    let mut done = 0u64;
+    let mut copied = 0u64;
+    // Attempts that moved nothing (a mapping change in progress): a few
+    // are normal, endless ones an error, not a spin.
+    let mut stalls = 0u32;
+    while done < len {
+        let mut c = UffdioCopy {
+            dst: dst + done,
+            src: buf.as_ptr() as u64 + done,
+            len: len - done,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY from the rest of a buffer of `len` bytes
+        // into registered guest memory.
+        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &raw mut c) };
+        if r == 0 {
+            return Ok(copied + (len - done));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Part of it went in (the kernel stops at a page a fault is
+            // bringing in, or when the mappings change): the rest again.
+            Some(libc::EAGAIN) => {
+                let n = c.copy.max(0) as u64;
+                done += n;
+                copied += n;
+                if n == 0 {
+                    stalls += 1;
+                    if stalls > 10_000 {
                         return Err(e);
                     }
+                    std::thread::yield_now();
                 }
             }
-            Ok(copied)
+            // The next page is there already (a fault brought it): left
+            // as it is, the rest again.
+            Some(libc::EEXIST) => done += PAGE,
+            _ => return Err(e),
         }
-        Some(libc::EEXIST) => Ok(0),
-        _ => Err(e),
     }
+    Ok(copied)
 }
 
 /// The pager's loop: faults first, the background copy between them.

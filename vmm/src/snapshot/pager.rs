@@ -402,3 +402,95 @@ fn fill(
 fn next_data(f: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
     super::memory::next_data(f, from, end)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    /// Guest memory filled lazily while four threads read it at random
+    /// (faults racing the background copy, both ways round): every byte
+    /// read, and the whole memory afterwards, is the snapshot's; holes
+    /// read as zeros.
+    #[test]
+    fn memory_filled_lazily_reads_as_the_snapshot_however_it_is_touched() {
+        let len: u64 = 32 << 20;
+        let src = crate::memory::create(len).expect("memory");
+        // Data in three runs (one not page-aligned at its ends), holes
+        // between them.
+        let mut want = vec![0u8; len as usize];
+        for (at, n) in [
+            (0x1000u64, 3 << 20),
+            (9 << 20, 5 << 20),
+            ((20 << 20) + 100, 70_000),
+        ] {
+            for i in 0..n as u64 {
+                want[(at + i) as usize] = ((at + i) % 251) as u8 | 1;
+            }
+            src.mem
+                .write_slice(
+                    &want[at as usize..(at + n as u64) as usize],
+                    GuestAddress(at),
+                )
+                .expect("write");
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("memory");
+        crate::snapshot::memory::save(&src.file, len, &file).expect("save");
+
+        let dst = crate::memory::create(len).expect("memory");
+        let mut offset = 0;
+        let regions = dst
+            .mem
+            .iter()
+            .map(|r| {
+                let region = Region {
+                    host: r.as_ptr() as u64,
+                    len: r.len(),
+                    file_offset: offset,
+                };
+                offset += r.len();
+                region
+            })
+            .collect();
+        let pager = match Pager::start(regions, &file, &crate::seccomp::PAGER) {
+            Ok(p) => p,
+            Err(PagerError::Create(e)) => {
+                eprintln!("SKIPPED: no userfaultfd here: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let want = std::sync::Arc::new(want);
+        let readers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (mem, want) = (dst.mem.clone(), std::sync::Arc::clone(&want));
+                std::thread::spawn(move || {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(t + 1);
+                    for _ in 0..2000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let at = x % (len - 8);
+                        let got: u64 = mem.read_obj(GuestAddress(at)).expect("read");
+                        let expect = u64::from_le_bytes(
+                            want[at as usize..at as usize + 8].try_into().expect("8"),
+                        );
+                        assert_eq!(got, expect, "at {at:#x}");
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().expect("a reader");
+        }
+        let stats = pager.wait_filled().expect("filled");
+        assert!(
+            stats.bytes >= (8 << 20),
+            "the data was copied in: {stats:?}"
+        );
+        let mut got = vec![0u8; len as usize];
+        dst.mem.read_slice(&mut got, GuestAddress(0)).expect("read");
+        assert!(got == *want, "the memory differs from the snapshot's");
+    }
+}

@@ -76,7 +76,9 @@ struct Shared {
 pub enum SaveError {
     #[error("the VM is {0:?}: a snapshot needs it paused")]
     NotPaused(RunState),
-    #[error("vCPU {0} has ended (the guest powered off or faulted): there is no state to save")]
+    #[error(
+        "{0} of the VM's vCPUs ended (the guest powered off or faulted): there is no state to save"
+    )]
     Ended(usize),
     #[error("the vCPUs did not hand over their state within {0:?}")]
     Timeout(Duration),
@@ -182,7 +184,7 @@ impl Control {
             return Err(SaveError::NotPaused(st.run));
         }
         if st.ended > 0 {
-            return Err(SaveError::Ended(st.saved.len().saturating_sub(st.ended)));
+            return Err(SaveError::Ended(st.ended));
         }
         st.save_request += 1;
         let asked = st.save_request;
@@ -194,7 +196,7 @@ impl Control {
             })
             .unwrap_or_else(|e| e.into_inner());
         if st.ended > 0 {
-            return Err(SaveError::Ended(n.saturating_sub(st.ended)));
+            return Err(SaveError::Ended(st.ended));
         }
         if st.saved.iter().any(|r| r.0 != asked) {
             return Err(SaveError::Timeout(timeout));

@@ -8,6 +8,25 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+/// Prints a benchmark's table, and writes it (markdown) and its figures
+/// (JSON) where the user asked (`--markdown`, `--json`).
+pub fn report(
+    md: &str,
+    markdown: Option<&Path>,
+    json: Option<&Path>,
+    figures: &impl serde::Serialize,
+) -> Result<()> {
+    print!("{md}");
+    if let Some(p) = markdown {
+        std::fs::write(p, md).with_context(|| format!("{}", p.display()))?;
+    }
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(figures)?)
+            .with_context(|| format!("{}", p.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes `size` bytes of random data to `path` with fio (O_DIRECT, 1 MiB
 /// writes), the way every storage benchmark here prepares its file.
 pub fn fill_random(path: &Path, size: u64) -> Result<()> {

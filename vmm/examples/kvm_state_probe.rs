@@ -13,7 +13,7 @@
 use std::process::ExitCode;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, Msrs,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, Msrs,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
@@ -153,21 +153,7 @@ fn main() -> ExitCode {
     let mut vcpu = vcpu_of(&kvm, &vm);
     // 32-bit flat protected mode, as the PVH entry starts.
     let mut sregs = vcpu.get_sregs().expect("KVM_GET_SREGS");
-    let flat = |selector: u16, type_: u8| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
+    let flat = vmm::boot::segment;
     sregs.cs = flat(0x8, 0xb);
     for s in [
         &mut sregs.ds,

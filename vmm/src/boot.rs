@@ -341,7 +341,9 @@ fn write_start_info(
     Ok(())
 }
 
-fn segment(selector: u16, type_: u8) -> kvm_segment {
+/// A flat 4 GiB segment (code or data by `type_`), as the PVH and the
+/// 64-bit entries set them up.
+pub fn segment(selector: u16, type_: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,

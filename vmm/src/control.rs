@@ -68,6 +68,8 @@ struct Shared {
     /// Raised to ask the parked vCPUs for their state (a snapshot); each
     /// answers once per request, in `saved`.
     save_request: u64,
+    /// The MSRs the request asks for.
+    msr_indices: std::sync::Arc<[u32]>,
     saved: Vec<(u64, Option<Result<VcpuState, VcpuStateError>>)>,
 }
 
@@ -111,6 +113,7 @@ impl Control {
                 parked: 0,
                 ended: 0,
                 save_request: 0,
+                msr_indices: std::sync::Arc::from(Vec::new()),
                 saved: (0..vcpus).map(|_| (0, None)).collect(),
             }),
             changed: Condvar::new(),
@@ -150,7 +153,7 @@ impl Control {
     pub fn vcpu_may_run(
         &self,
         id: usize,
-        save: &mut dyn FnMut() -> Result<VcpuState, VcpuStateError>,
+        save: &mut dyn FnMut(&[u32]) -> Result<VcpuState, VcpuStateError>,
     ) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.run == RunState::Paused {
@@ -161,8 +164,9 @@ impl Control {
                 if st.saved.get(id).is_some_and(|s| s.0 != asked) {
                     // Saved without the lock: the state ioctls take time,
                     // and the other vCPUs save theirs meanwhile.
+                    let msrs = std::sync::Arc::clone(&st.msr_indices);
                     drop(st);
-                    let state = save();
+                    let state = save(&msrs);
                     st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                     st.saved[id] = (asked, Some(state));
                     self.changed.notify_all();
@@ -175,9 +179,13 @@ impl Control {
         st.run != RunState::Stopping
     }
 
-    /// The state of every vCPU of a paused VM, each read by its own thread
-    /// (where KVM's vCPU state lives).
-    pub fn save_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>, SaveError> {
+    /// The state of every vCPU of a paused VM (`msr_indices` the MSRs to
+    /// save), each read by its own thread (where KVM's vCPU state lives).
+    pub fn save_vcpus(
+        &self,
+        timeout: Duration,
+        msr_indices: &[u32],
+    ) -> Result<Vec<VcpuState>, SaveError> {
         let n = self.stats.len();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.run != RunState::Paused {
@@ -187,6 +195,7 @@ impl Control {
             return Err(SaveError::Ended(st.ended));
         }
         st.save_request += 1;
+        st.msr_indices = std::sync::Arc::from(msr_indices);
         let asked = st.save_request;
         self.changed.notify_all();
         let (mut st, _) = self

@@ -290,20 +290,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                     snapshot::memory::load(&file, &ram.file, cfg.memory).context("--restore")?;
                 }
                 crate::config::RestoreMemory::Lazy => {
-                    let mut offset = 0;
-                    let regions = ram
-                        .mem
-                        .iter()
-                        .map(|r| {
-                            let region = snapshot::pager::Region {
-                                host: r.as_ptr() as u64,
-                                len: r.len(),
-                                file_offset: offset,
-                            };
-                            offset += r.len();
-                            region
-                        })
-                        .collect();
+                    let regions = snapshot::pager::Region::of(&ram);
                     pager = Some(
                         snapshot::pager::Pager::start(regions, &file, &crate::seccomp::PAGER)
                             .map_err(SnapshotError::from)
@@ -411,9 +398,6 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
-    // The MSRs a snapshot saves of each vCPU.
-    let msr_indices =
-        Arc::new(crate::snapshot::vcpu::msr_indices(&kvm).context("KVM_GET_MSR_INDEX_LIST")?);
     let mut threads = Vec::new();
     let mut kvm_stats = Vec::new();
     for id in 0..cfg.cpus {
@@ -472,10 +456,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         let m = Arc::clone(&machine);
         let tx = events_tx.clone();
         let ctl = Arc::clone(&control);
-        let msrs = Arc::clone(&msr_indices);
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(id, vcpu, &m, &tx, &ctl, &msrs))
+            .spawn(move || vcpu_loop(id, vcpu, &m, &tx, &ctl))
             .context("starting a vCPU thread")?;
         control.add_thread(&t);
         threads.push(t);
@@ -538,6 +521,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     // stops and reports.
     crate::seccomp::confine(&crate::seccomp::MAIN).context("seccomp")?;
     let taker = SnapshotTaker {
+        kvm: &kvm,
         restore_done: &restore_done,
         machine: &machine,
         disks: &disks,
@@ -794,6 +778,7 @@ impl RestoreDone {
 
 /// What taking a snapshot needs of the running VM.
 struct SnapshotTaker<'a> {
+    kvm: &'a Kvm,
     restore_done: &'a RestoreDone,
     machine: &'a Machine,
     disks: &'a [SharedVirtioPci],
@@ -874,9 +859,13 @@ impl SnapshotTaker<'_> {
             kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
         };
         let kvm = |call| move |source| SnapshotError::Kvm { call, source };
+        // Asked of KVM here, not at every VM's start: only a snapshot
+        // needs the list.
+        let msr_indices =
+            snapshot::vcpu::msr_indices(self.kvm).map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
         let vcpus = self
             .control
-            .save_vcpus(std::time::Duration::from_secs(10))?;
+            .save_vcpus(std::time::Duration::from_secs(10), &msr_indices)?;
         let mut irqchips = Vec::new();
         for chip_id in [
             KVM_IRQCHIP_PIC_MASTER,
@@ -960,14 +949,7 @@ fn dump(vcpu: &VcpuFd) -> String {
     }
 }
 
-fn vcpu_loop(
-    id: u8,
-    mut vcpu: VcpuFd,
-    m: &Machine,
-    events: &Sender<VmEvent>,
-    ctl: &Control,
-    msr_indices: &[u32],
-) {
+fn vcpu_loop(id: u8, mut vcpu: VcpuFd, m: &Machine, events: &Sender<VmEvent>, ctl: &Control) {
     /// Tells the control the vCPU is gone, however the loop ends.
     struct Ended<'a>(&'a Control);
     impl Drop for Ended<'_> {
@@ -988,7 +970,7 @@ fn vcpu_loop(
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
     loop {
-        let mut save = || crate::snapshot::vcpu::save(id, &mut vcpu, msr_indices);
+        let mut save = |msrs: &[u32]| crate::snapshot::vcpu::save(id, &mut vcpu, msrs);
         if !ctl.vcpu_may_run(id as usize, &mut save) {
             return;
         }

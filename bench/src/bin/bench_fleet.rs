@@ -237,14 +237,7 @@ fn main() -> Result<()> {
                 / median(d.iops.get(1..).unwrap_or(&[])).max(1.0)
         );
     }
-    print!("{md}");
-    if let Some(p) = &a.markdown {
-        std::fs::write(p, &md)?;
-    }
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
-    }
-    Ok(())
+    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &results)
 }
 
 /// A benchmark run's waits: the guest prints only when it is done, so a

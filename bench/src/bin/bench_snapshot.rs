@@ -286,12 +286,5 @@ fn main() -> Result<()> {
             max
         );
     }
-    print!("{md}");
-    if let Some(p) = &a.markdown {
-        std::fs::write(p, &md)?;
-    }
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
-    }
-    Ok(())
+    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &results)
 }

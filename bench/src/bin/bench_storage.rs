@@ -1001,16 +1001,12 @@ fn main() -> Result<()> {
         vmm_rss_kib.1,
         vmm_rss_kib.2
     );
-    print!("{md}");
-    if let Some(p) = &a.markdown {
-        std::fs::write(p, &md)?;
-    }
-    if let Some(p) = &a.json {
-        std::fs::write(
-            p,
-            serde_json::to_string_pretty(&serde_json::json!({ "cells": cells, "boot_ms": boots }))?,
-        )?;
-    }
+    bench::report(
+        &md,
+        a.markdown.as_deref(),
+        a.json.as_deref(),
+        &serde_json::json!({ "cells": cells, "boot_ms": boots }),
+    )?;
     if let Some(p) = &a.svg {
         std::fs::write(p, svg(&cells))?;
     }

@@ -95,15 +95,11 @@ pub enum Exchange {
 }
 
 pub struct VhostUserBlk {
-    socket: PathBuf,
-    /// What the backend offered at connect (a backend that comes back
-    /// with other features cannot carry the session on).
-    backend_features: u64,
     config: Vec<u8>,
-    num_queues: u16,
-    queue_size: u16,
     readonly: bool,
-    /// The connection and the session on it, shared with the disk watcher.
+    /// The connection and the session on it, shared with the disk watcher
+    /// (it also holds what the backend offered at connect and the disk's
+    /// shape, fixed for the device's life).
     link: Arc<Link>,
     /// What waited for the socket at start, kept (closing it at once costs
     /// a grace period).
@@ -288,11 +284,7 @@ impl VhostUserBlk {
             config[34..36].copy_from_slice(&cfg.num_queues.to_le_bytes());
         }
         Ok(VhostUserBlk {
-            socket: cfg.socket.clone(),
-            backend_features,
             config,
-            num_queues: cfg.num_queues,
-            queue_size: cfg.queue_size,
             readonly: cfg.readonly,
             link: Arc::new(Link {
                 socket: cfg.socket.clone(),
@@ -521,8 +513,8 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn features(&self) -> u64 {
-        let mut f = self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.num_queues == 1 {
+        let mut f = self.link.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.link.num_queues == 1 {
             f &= !VIRTIO_BLK_F_MQ;
         }
         if self.readonly {
@@ -532,11 +524,11 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn num_queues(&self) -> u16 {
-        self.num_queues
+        self.link.num_queues
     }
 
     fn max_queue_size(&self) -> u16 {
-        self.queue_size
+        self.link.queue_size
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -584,12 +576,12 @@ impl VirtioDevice for VhostUserBlk {
                 None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK),
             }
             .map_err(|err| DiskError::Eventfd {
-                socket: self.socket.display().to_string(),
+                socket: self.link.socket_name(),
                 what: "call",
                 err,
             })?;
             let kick = kicks[i].try_clone().map_err(|err| DiskError::Eventfd {
-                socket: self.socket.display().to_string(),
+                socket: self.link.socket_name(),
                 what: "kick",
                 err,
             })?;
@@ -601,7 +593,7 @@ impl VirtioDevice for VhostUserBlk {
         let mut s = link.lock();
         match link.start_rings(&mut s, &active) {
             Ok(()) => {
-                let (socket, queues) = (self.socket.display(), s.started.len());
+                let (socket, queues) = (self.link.socket.display(), s.started.len());
                 s.activations.emit(
                     || info!(%socket, queues, "disk started"),
                     |n| info!(%socket, "the driver started the disk {n} more times"),
@@ -645,17 +637,17 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn save_state(&self) -> serde_json::Value {
-        serde_json::json!({ "backend_features": self.backend_features })
+        serde_json::json!({ "backend_features": self.link.backend_features })
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError> {
         let saved = state["backend_features"]
             .as_u64()
-            .unwrap_or(self.backend_features);
-        if saved != self.backend_features {
+            .unwrap_or(self.link.backend_features);
+        if saved != self.link.backend_features {
             return Err(Box::new(DiskError::Changed {
-                socket: self.socket.display().to_string(),
-                features: self.backend_features,
+                socket: self.link.socket_name(),
+                features: self.link.backend_features,
                 protocol: self.link.protocol.bits(),
                 session_features: saved,
                 session_protocol: self.link.protocol.bits(),
@@ -671,7 +663,7 @@ impl VirtioDevice for VhostUserBlk {
     fn reset(&mut self) {
         let mut s = self.link.lock();
         if let Err((i, e)) = self.link.stop_rings(&mut s) {
-            let socket = self.socket.display();
+            let socket = self.link.socket.display();
             s.activations.emit(
                 || warn!(%socket, "stopping queue {i}: {e}"),
                 |n| warn!(%socket, "{n} more failed stops (not logged one by one)"),

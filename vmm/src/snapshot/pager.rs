@@ -22,7 +22,6 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -121,11 +120,31 @@ pub struct Region {
     pub file_offset: u64,
 }
 
+impl Region {
+    /// The regions of `ram`, each at its offset in the memfd (the regions
+    /// follow each other there, as `memory::create` lays them out).
+    pub fn of(ram: &crate::memory::GuestRam) -> Vec<Region> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut file_offset = 0;
+        ram.mem
+            .iter()
+            .map(|r| {
+                let region = Region {
+                    host: r.as_ptr() as u64,
+                    len: r.len(),
+                    file_offset,
+                };
+                file_offset += r.len();
+                region
+            })
+            .collect()
+    }
+}
+
 /// The pager, running. [`Pager::wait_filled`] returns once every data
 /// page is in guest memory (and the registration is gone).
 pub struct Pager {
     done: Arc<Outcome>,
-    pub faults: Arc<AtomicU64>,
 }
 
 /// What the pager did.
@@ -198,8 +217,7 @@ impl Pager {
             )?;
         }
         let done: Arc<Outcome> = Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
-        let faults = Arc::new(AtomicU64::new(0));
-        let (d2, f2) = (Arc::clone(&done), Arc::clone(&faults));
+        let d2 = Arc::clone(&done);
         let path = file.to_path_buf();
         std::thread::Builder::new()
             .name("pager".into())
@@ -207,7 +225,7 @@ impl Pager {
                 let r = sandbox::confine(policy)
                     .map_err(PagerError::Confine)
                     .and_then(|()| {
-                        fill(&uffd, &src, &regions, &f2)
+                        fill(&uffd, &src, &regions)
                             .map_err(|source| PagerError::Fill { path, source })
                     });
                 let (m, c) = &*d2;
@@ -215,7 +233,7 @@ impl Pager {
                 c.notify_all();
             })
             .map_err(PagerError::Thread)?;
-        Ok(Pager { done, faults })
+        Ok(Pager { done })
     }
 
     /// Waits until every data page is in guest memory: what it took, or
@@ -298,12 +316,7 @@ fn copy_in(
 }
 
 /// The pager's loop: faults first, the background copy between them.
-fn fill(
-    uffd: &OwnedFd,
-    src: &File,
-    regions: &[Region],
-    faults: &AtomicU64,
-) -> std::io::Result<Stats> {
+fn fill(uffd: &OwnedFd, src: &File, regions: &[Region]) -> std::io::Result<Stats> {
     let t0 = std::time::Instant::now();
     let mut buf = vec![0u8; STEP as usize];
     let mut stats = Stats::default();
@@ -312,7 +325,7 @@ fn fill(
     for r in regions {
         let mut at = r.file_offset;
         let end = r.file_offset + r.len;
-        while let Some((s, e)) = next_data(src, at, end)? {
+        while let Some((s, e)) = super::memory::next_data(src, at, end)? {
             let mut p = s;
             while p < e {
                 let n = (e - p).min(STEP);
@@ -359,7 +372,6 @@ fn fill(
                 if let Some((off, _)) = offset_of(regions, page) {
                     stats.bytes += copy_in(uffd, src, &mut buf, page, off, PAGE)?;
                     stats.faults += 1;
-                    faults.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -398,15 +410,10 @@ fn fill(
     Ok(stats)
 }
 
-/// The next data range of `f` at or after `from`, before `end`.
-fn next_data(f: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
-    super::memory::next_data(f, from, end)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::{Bytes, GuestAddress};
 
     /// Guest memory filled lazily while four threads read it at random
     /// (faults racing the background copy, both ways round): every byte
@@ -439,20 +446,7 @@ mod tests {
         crate::snapshot::memory::save(&src.file, len, &file).expect("save");
 
         let dst = crate::memory::create(len).expect("memory");
-        let mut offset = 0;
-        let regions = dst
-            .mem
-            .iter()
-            .map(|r| {
-                let region = Region {
-                    host: r.as_ptr() as u64,
-                    len: r.len(),
-                    file_offset: offset,
-                };
-                offset += r.len();
-                region
-            })
-            .collect();
+        let regions = Region::of(&dst);
         let pager = match Pager::start(regions, &file, &crate::seccomp::PAGER) {
             Ok(p) => p,
             Err(PagerError::Create(e)) => {

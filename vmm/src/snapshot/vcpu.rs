@@ -169,7 +169,7 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+    use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
     use kvm_ioctls::{VcpuExit, VmFd};
 
     const MEM: usize = 2 << 20;
@@ -234,17 +234,7 @@ mod tests {
         ram.file.write_all_at(&code, 0x1000).expect("code");
         let (_vm, mut vcpu) = vm_on(&kvm, &ram);
         let mut sregs = vcpu.get_sregs().expect("sregs");
-        let flat = |selector, type_| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            db: 1,
-            s: 1,
-            g: 1,
-            ..Default::default()
-        };
+        let flat = crate::boot::segment;
         sregs.cs = flat(8, 0xb);
         sregs.ds = flat(0x10, 3);
         sregs.es = flat(0x10, 3);

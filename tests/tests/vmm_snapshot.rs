@@ -281,7 +281,8 @@ fn damaged_snapshots_and_impossible_snapshots_are_refused_by_name() {
     );
     good.wait_until(|| Ok(api(&api_sock, &["snapshot", "--dir", &s(&snap)]).0))
         .expect("a snapshot once the backend is back");
-    assert!(api(&api_sock, &["shutdown", "--force"]).0);
+    let (ok, out) = api(&api_sock, &["shutdown", "--force"]);
+    assert!(ok, "shutdown --force: {out}");
     let _ = running.wait();
 
     let restore = |dir: &Path, disks: &[&Path]| {

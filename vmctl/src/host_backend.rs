@@ -69,6 +69,44 @@ pub struct Refused {
     pub desc: String,
 }
 
+/// One command on a blk-backend's control socket at `path`: its `return`.
+pub fn control_call(path: &Path, command: &str, arguments: Value) -> Result<Value> {
+    let stream = UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to blk-backend's control socket {}",
+            path.display()
+        )
+    })?;
+    // Commands take milliseconds (an image opened, closed or sealed); one
+    // that has not answered in a minute will not.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // One write: written piece by piece, a command went out as dozens
+    // of one-byte sends (1.4 ms here, measured).
+    let mut out = &stream;
+    out.write_all(
+        format!(
+            "{}\n",
+            json!({ "execute": command, "arguments": arguments })
+        )
+        .as_bytes(),
+    )?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .with_context(|| format!("{command}: no answer from blk-backend"))?;
+    let reply: Value = serde_json::from_str(&line)
+        .with_context(|| format!("{command}: blk-backend answered {line:?}"))?;
+    if let Some(err) = reply.get("error") {
+        return Err(Refused {
+            command: command.to_string(),
+            class: err["class"].as_str().unwrap_or("").to_string(),
+            desc: err["desc"].as_str().unwrap_or("").to_string(),
+        }
+        .into());
+    }
+    Ok(reply["return"].clone())
+}
+
 pub struct HostBackend {
     root: PathBuf,
     dir: PathBuf,
@@ -152,37 +190,7 @@ impl HostBackend {
 
     /// One command on the control socket: its `return`.
     pub fn call(&self, command: &str, arguments: Value) -> Result<Value> {
-        let path = self.control();
-        let stream = UnixStream::connect(&path)
-            .with_context(|| format!("connecting to the host backend's {}", path.display()))?;
-        // Commands take milliseconds (an image opened or closed); one that
-        // has not answered in a minute will not.
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        // One write: written piece by piece, a command went out as dozens
-        // of one-byte sends (1.4 ms here, measured).
-        let mut out = &stream;
-        out.write_all(
-            format!(
-                "{}\n",
-                json!({ "execute": command, "arguments": arguments })
-            )
-            .as_bytes(),
-        )?;
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .with_context(|| format!("{command}: no answer from the host backend"))?;
-        let reply: Value = serde_json::from_str(&line)
-            .with_context(|| format!("{command}: the host backend answered {line:?}"))?;
-        if let Some(err) = reply.get("error") {
-            return Err(Refused {
-                command: command.to_string(),
-                class: err["class"].as_str().unwrap_or("").to_string(),
-                desc: err["desc"].as_str().unwrap_or("").to_string(),
-            }
-            .into());
-        }
-        Ok(reply["return"].clone())
+        control_call(&self.control(), command, arguments)
     }
 
     fn reachable(&self) -> bool {

@@ -5,6 +5,7 @@ mod binaries;
 mod fleet;
 mod host_backend;
 mod ops;
+mod snapshots;
 mod state;
 mod supervisor;
 
@@ -71,10 +72,49 @@ enum Cmd {
     /// a working image, which is snapshotted first). Nothing runs yet.
     Create {
         name: String,
-        #[arg(long)]
-        image: PathBuf,
+        #[arg(long, required_unless_present = "from_snapshot")]
+        image: Option<PathBuf>,
+        /// A VM snapshot (`vmctl snapshot`) to continue from: its first
+        /// start restores it on a clone of the snapshot's disk (cpus,
+        /// memory, kernel and command line are the snapshot's).
+        #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
+        from_snapshot: Option<String>,
         #[command(flatten)]
         vm: VmOptions,
+    },
+    /// Save a running VM whole (vCPUs, devices, memory) with its disk at the
+    /// same instant, as SNAPSHOT; it goes on running (or stays paused).
+    Snapshot {
+        name: String,
+        snapshot: String,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Every VM snapshot: its VM, size, and the VMs made from it.
+    Snapshots {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Remove a VM snapshot (refused while VMs made from it exist).
+    SnapshotDelete {
+        snapshot: String,
+    },
+    /// Back up a VM's disk at one instant (live if it runs) into the
+    /// directory DEST: in full, or with --incremental only what changed
+    /// since DEST's last backup.
+    Backup {
+        name: String,
+        dest: PathBuf,
+        #[arg(long)]
+        incremental: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// A new VM NAME on the disk DEST's backups restore to (defined as the
+    /// backed-up VM was; it boots when started).
+    Restore {
+        dest: PathBuf,
+        name: String,
     },
     /// Start a defined (or ended) VM.
     Start {
@@ -149,6 +189,10 @@ enum Cmd {
         prefix: String,
         #[arg(long)]
         image: Option<PathBuf>,
+        /// Every VM continues from this VM snapshot (on a clone of its
+        /// disk) instead of booting.
+        #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
+        from_snapshot: Option<String>,
         #[command(flatten)]
         vm: VmOptions,
         /// Delete the VMs when they are done.
@@ -183,6 +227,7 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
             .context("--disk-size")?,
         backend: vm.backend,
         scratch: false,
+        restore: None,
     })
 }
 
@@ -209,12 +254,155 @@ fn exit_code_of(states: &[(String, Observed)]) -> i32 {
         .unwrap_or(0)
 }
 
+/// A fleet's rows and summary; its exit code (1 if any VM failed).
+fn print_fleet(report: &fleet::FleetReport, output: Output, demo: bool) -> i32 {
+    if output == Output::Json {
+        print_json(&json!({
+            "vms": report.rows,
+            "failed": report.failed,
+            "launched-s": report.launched_s,
+            "running-s": report.running_s,
+            "wall-s": report.wall_s,
+        }));
+    } else {
+        println!("{:<24} {:<14} {:>8}  RESULT", "NAME", "STATE", "WALL");
+        for r in &report.rows {
+            let result = &r["result"];
+            let summary = match result.get("result") {
+                None if result.is_null() => "(no result line)".to_string(),
+                None => result.to_string(),
+                Some(r) => format!(
+                    "{} ({} I/Os, {} IOPS, {} errors, {} verify failures)",
+                    r.as_str().unwrap_or("?"),
+                    result["ios"],
+                    result["iops"],
+                    result["errors"],
+                    result["verify_failures"]
+                ),
+            };
+            println!(
+                "{:<24} {:<14} {:>6}ms  {}",
+                r["name"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
+                r["wall-ms"].as_u64().map_or("-".into(), |m| m.to_string()),
+                summary.chars().take(160).collect::<String>()
+            );
+        }
+        println!(
+            "{} VMs: {} ok, {} failed, {:.2} s (all cloned and launched {:.2} s, all running {:.2} s){}",
+            report.rows.len(),
+            report.rows.len() - report.failed,
+            report.failed,
+            report.wall_s,
+            report.launched_s,
+            report.running_s,
+            if demo {
+                " (demo: each guest read and verified the base's data through its own clone)"
+            } else {
+                ""
+            }
+        );
+    }
+    i32::from(report.failed > 0)
+}
+
 fn run(cli: Cli) -> Result<i32> {
     let root = Root::open(&cli.state_dir.unwrap_or_else(state::default_root))?;
     match cli.command {
-        Cmd::Create { name, image, vm } => {
-            let vm = ops::create(&root, &name, &spec(image, &vm)?)?;
+        Cmd::Create {
+            name,
+            image,
+            from_snapshot,
+            vm,
+        } => {
+            let spec = match (image, from_snapshot) {
+                (_, Some(snap)) => snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, false),
+                (Some(image), None) => spec(image, &vm)?,
+                (None, None) => bail!("--image or --from-snapshot is needed"),
+            };
+            let vm = ops::create(&root, &name, &spec)?;
             println!("{}: defined ({})", vm.name, vm.path.display());
+        }
+        Cmd::Snapshot {
+            name,
+            snapshot,
+            output,
+        } => {
+            let t = snapshots::snapshot(&root, &name, &snapshot)?;
+            if output == Output::Json {
+                print_json(&t.details);
+            } else {
+                println!(
+                    "{name}: snapshot {snapshot} taken ({}, paused {:.1} ms)",
+                    t.path.display(),
+                    t.paused_ms
+                );
+            }
+        }
+        Cmd::Snapshots { output } => {
+            let rows: Vec<Value> = snapshots::list(&root)?
+                .iter()
+                .map(|s| s.describe(&root))
+                .collect();
+            if output == Output::Json {
+                print_json(&json!(rows));
+            } else {
+                println!(
+                    "{:<20} {:<20} {:>4} {:>7} {:>9}  USED BY",
+                    "NAME", "VM", "CPUS", "MEMORY", "SAVED"
+                );
+                for r in rows {
+                    let users: Vec<&str> = r["used-by"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<20} {:<20} {:>4} {:>7} {:>9}  {}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["vm"].as_str().unwrap_or(""),
+                        r["cpus"],
+                        human_bytes(r["memory"].as_u64().unwrap_or(0)),
+                        human_bytes(r["memory-bytes"].as_u64().unwrap_or(0)),
+                        if users.is_empty() {
+                            "-".to_string()
+                        } else {
+                            users.join(",")
+                        }
+                    );
+                }
+            }
+        }
+        Cmd::SnapshotDelete { snapshot } => {
+            snapshots::delete(&root, &snapshot)?;
+            println!("snapshot {snapshot}: deleted");
+        }
+        Cmd::Backup {
+            name,
+            dest,
+            incremental,
+            output,
+        } => {
+            let t = snapshots::backup(&root, &name, &dest, incremental)?;
+            if output == Output::Json {
+                print_json(&t.details);
+            } else {
+                println!(
+                    "{name}: {} backup {} ({} of data, paused {:.1} ms)",
+                    if incremental { "incremental" } else { "full" },
+                    t.path.display(),
+                    human_bytes(t.details["data-bytes"].as_u64().unwrap_or(0)),
+                    t.paused_ms
+                );
+            }
+        }
+        Cmd::Restore { dest, name } => {
+            let vm = snapshots::restore(&root, &dest, &name)?;
+            println!(
+                "{}: defined from {} ({})",
+                vm.name,
+                dest.display(),
+                vm.path.display()
+            );
         }
         Cmd::Start { name } => {
             ops::start(&root, &name)?;
@@ -339,11 +527,17 @@ fn run(cli: Cli) -> Result<i32> {
             count,
             prefix,
             image,
+            from_snapshot,
             vm,
             rm,
             output,
         } => {
-            let demo = image.is_none();
+            let demo = image.is_none() && from_snapshot.is_none();
+            if let Some(snap) = from_snapshot {
+                let spec = snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, rm);
+                let report = fleet::run(&root, &prefix, count, &spec, rm)?;
+                return Ok(print_fleet(&report, output, false));
+            }
             let (image, vm, prefix, rm, count) = match image {
                 Some(i) => (i, vm, prefix, rm, count),
                 None => {
@@ -369,54 +563,7 @@ fn run(cli: Cli) -> Result<i32> {
                 ..spec(image, &vm)?
             };
             let report = fleet::run(&root, &prefix, count, &spec, rm)?;
-            if output == Output::Json {
-                print_json(&json!({
-                    "vms": report.rows,
-                    "failed": report.failed,
-                    "launched-s": report.launched_s,
-                    "running-s": report.running_s,
-                    "wall-s": report.wall_s,
-                }));
-            } else {
-                println!("{:<24} {:<14} {:>8}  RESULT", "NAME", "STATE", "WALL");
-                for r in &report.rows {
-                    let result = &r["result"];
-                    let summary = match result.get("result") {
-                        None if result.is_null() => "(no result line)".to_string(),
-                        None => result.to_string(),
-                        Some(r) => format!(
-                            "{} ({} I/Os, {} IOPS, {} errors, {} verify failures)",
-                            r.as_str().unwrap_or("?"),
-                            result["ios"],
-                            result["iops"],
-                            result["errors"],
-                            result["verify_failures"]
-                        ),
-                    };
-                    println!(
-                        "{:<24} {:<14} {:>6}ms  {}",
-                        r["name"].as_str().unwrap_or(""),
-                        r["state"].as_str().unwrap_or(""),
-                        r["wall-ms"].as_u64().map_or("-".into(), |m| m.to_string()),
-                        summary.chars().take(160).collect::<String>()
-                    );
-                }
-                println!(
-                    "{} VMs: {} ok, {} failed, {:.2} s (all cloned and launched {:.2} s, all running {:.2} s){}",
-                    report.rows.len(),
-                    report.rows.len() - report.failed,
-                    report.failed,
-                    report.wall_s,
-                    report.launched_s,
-                    report.running_s,
-                    if demo {
-                        " (demo: each guest read and verified the base's data through its own clone)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            return Ok(i32::from(report.failed > 0));
+            return Ok(print_fleet(&report, output, demo));
         }
         Cmd::Supervise { name } => {
             let vm = root.vm(&name)?;

@@ -32,6 +32,9 @@ pub struct Spec {
     /// A scratch clone (`run --rm`: deleted when the fleet ends): made
     /// without flushes, since nothing of it is wanted after a crash.
     pub scratch: bool,
+    /// A VM snapshot's saved state its first start continues from (the
+    /// image is then that snapshot's sealed disk).
+    pub restore: Option<PathBuf>,
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a
@@ -63,8 +66,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
     let (kernel, initrd) = (absolute(&spec.kernel)?, absolute(&spec.initrd)?);
     let image = std::path::absolute(&spec.image)
         .with_context(|| format!("resolving {}", spec.image.display()))?;
-    let vm = root.claim(name)?;
-    let made = (|| -> Result<()> {
+    define(root, name, |vm| {
         let env = RealEnv;
         let base = Layer::open(&env, &image, false)
             .with_context(|| format!("--image {}", image.display()))?;
@@ -100,10 +102,17 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             queues: spec.queues,
             backend: spec.backend,
             created_unix: now_ms() / 1000,
+            restore: spec.restore.clone(),
         })?;
         Ok(())
-    })();
-    if let Err(e) = made {
+    })
+}
+
+/// Claims VM `name` and has `make` give it its disk and definition;
+/// nothing is left behind when that fails.
+pub fn define(root: &Root, name: &str, make: impl FnOnce(&VmDir) -> Result<()>) -> Result<VmDir> {
+    let vm = root.claim(name)?;
+    if let Err(e) = make(&vm) {
         let _ = std::fs::remove_dir_all(&vm.path);
         return Err(e);
     }
@@ -266,7 +275,7 @@ pub fn wait_started(vm: &VmDir, starting: &Starting) -> Result<()> {
     }
 }
 
-fn api(vm: &VmDir, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
+pub fn api(vm: &VmDir, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
     let (code, text) = vmm::api::call(&vm.api_socket(), method, path, body)
         .with_context(|| format!("VM {}: its control API", vm.name))?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -433,6 +442,14 @@ pub fn restart(root: &Root, name: &str, timeout: Duration) -> Result<()> {
 pub fn delete(root: &Root, name: &str, force: bool) -> Result<()> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
+    // Their disks are sealed layers below this VM's, in its directory.
+    let snapshots = crate::snapshots::of_vm(root, name)?;
+    if !snapshots.is_empty() {
+        bail!(
+            "VM {name} has snapshots ({}): delete them first (vmctl snapshot-delete SNAPSHOT)",
+            snapshots.join(", ")
+        );
+    }
     if vm.observed()?.is_active() {
         if !force {
             bail!("VM {name} is running: stop it first (vmctl stop {name}), or delete --force");

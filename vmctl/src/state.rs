@@ -104,6 +104,11 @@ impl Root {
         self.path.join("images")
     }
 
+    /// `snapshots/NAME/` per VM snapshot (`vmctl snapshot`).
+    pub fn snapshots(&self) -> PathBuf {
+        self.path.join("snapshots")
+    }
+
     pub fn vm(&self, name: &str) -> Result<VmDir, StateError> {
         check_name(name)?;
         let path = self.path.join("vms").join(name);
@@ -166,6 +171,12 @@ pub struct VmConfig {
     #[serde(default)]
     pub backend: BackendMode,
     pub created_unix: u64,
+    /// A VM snapshot's directory (`vmm --restore`) its next start continues
+    /// from instead of booting: set by `create --from-snapshot`, cleared
+    /// once the restored VM runs (its disk has moved on from the
+    /// snapshot's, so a later start boots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<PathBuf>,
 }
 
 /// Who serves a VM's disk.
@@ -266,6 +277,10 @@ impl VmDir {
     }
     pub fn api_socket(&self) -> PathBuf {
         self.path.join("api.sock")
+    }
+    /// The control socket of the VM's own blk-backend (`--backend vm`).
+    pub fn backend_control(&self) -> PathBuf {
+        self.path.join("backend-control.sock")
     }
     pub fn console(&self) -> PathBuf {
         self.path.join("console.log")

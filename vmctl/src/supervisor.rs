@@ -40,6 +40,7 @@ fn log_file(vm: &VmDir, name: &str) -> Result<std::fs::File> {
 fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
     let backend = binaries::program("blk-backend")?;
     let _ = std::fs::remove_file(vm.disk_socket());
+    let _ = std::fs::remove_file(vm.backend_control());
     let mut cmd = Command::new(backend);
     // Its image closes cleanly on SIGTERM.
     crate::ops::die_with_parent(&mut cmd, libc::SIGTERM);
@@ -50,6 +51,9 @@ fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
             vm.disk_socket().display(),
             vm.disk().display()
         ))
+        // Where `vmctl snapshot` and `backup` seal the disk live.
+        .arg("--control")
+        .arg(vm.backend_control())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -392,17 +396,22 @@ const DISK_CONNECT_TIMEOUT_MS: u64 = 120_000;
 
 /// Starts the vmm, its console copied to the console file.
 fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>)> {
-    let kernel = match &config.kernel {
-        Some(k) => k.clone(),
-        None => binaries::bench_guest()?,
-    };
     let mut cmd = Command::new(binaries::program("vmm")?);
-    cmd.arg("--kernel")
-        .arg(&kernel)
-        .args(["--cpus", &config.cpus.to_string()])
-        .args(["--memory", &config.memory.to_string()])
-        .args(["--cmdline", &config.cmdline])
-        .arg("--disk")
+    match &config.restore {
+        // It continues from the snapshot: its vCPUs, memory size and
+        // devices are the snapshot's.
+        Some(snapshot) => cmd.arg("--restore").arg(snapshot),
+        None => cmd
+            .arg("--kernel")
+            .arg(match &config.kernel {
+                Some(k) => k.clone(),
+                None => binaries::bench_guest()?,
+            })
+            .args(["--cpus", &config.cpus.to_string()])
+            .args(["--memory", &config.memory.to_string()])
+            .args(["--cmdline", &config.cmdline]),
+    };
+    cmd.arg("--disk")
         .arg(format!(
             "socket={},num_queues={},connect_timeout_ms={DISK_CONNECT_TIMEOUT_MS}",
             vm.disk_socket().display(),
@@ -410,7 +419,7 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
         ))
         .arg("--api-socket")
         .arg(vm.api_socket());
-    if let Some(i) = &config.initrd {
+    if let (Some(i), None) = (&config.initrd, &config.restore) {
         cmd.arg("--initrd").arg(i);
     }
     // The vmm dies with this supervisor (it asks the kernel itself: no
@@ -442,6 +451,14 @@ fn run_vmm(
     let (_, api_watch) = path_wait::wait_for(&vm.api_socket(), None, &[vmm_end.as_fd()]);
     status.state = "running".into();
     vm.write_status(status)?;
+    if config.restore.is_some() {
+        // Restored once: its disk has moved on from the snapshot's, so
+        // its next start boots.
+        vm.write_config(&VmConfig {
+            restore: None,
+            ..config.clone()
+        })?;
+    }
     ready();
     // Without the report (an API that does not answer) the end is the
     // vmm's exit, as before.

@@ -10,6 +10,18 @@ pub struct Fixture {
     dir: tempfile::TempDir,
 }
 
+/// A failed test's scratch directory is kept, and named, when
+/// `E2E_KEEP_FAILED` is set: the images, the vmctl state and every log of a
+/// failure that happens once in many runs.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("E2E_KEEP_FAILED").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("E2E_KEEP_FAILED: kept {}", self.dir.path().display());
+        }
+    }
+}
+
 impl Default for Fixture {
     fn default() -> Self {
         Self::new()

@@ -1,0 +1,480 @@
+//! VM snapshots and disk backups, taken of running VMs:
+//!
+//! - `vmctl snapshot NAME SNAP`: the VM paused, its vCPUs, devices and
+//!   memory saved by its vmm (`vm.snapshot` into `snapshots/SNAP/vm/`), its
+//!   disk sealed live at the same instant by the blk-backend serving it
+//!   (`export-snapshot`: `disk.img@SNAP` in the VM's directory, the VM
+//!   going on on a fresh top), then resumed. `snapshots/SNAP/snapshot.json`
+//!   records the VM's definition and the sealed disk.
+//! - `create --from-snapshot SNAP` / `run --from-snapshot SNAP`: VMs with
+//!   their own clone of the sealed disk whose first start continues from
+//!   the snapshot (`vmm --restore`) instead of booting.
+//! - `vmctl backup NAME DEST [--incremental]`: the disk sealed the same way
+//!   (`disk.img@backup-N`), then `img backup` of it into DEST, a directory
+//!   of backup streams with a manifest (`--incremental`: only what changed
+//!   since DEST's last backup); `vmctl restore DEST NAME` makes a new VM
+//!   on the restored chain.
+//!
+//! A VM's sealed disks stay in its directory (below its current disk in
+//! its chain), so a VM with snapshots is not deleted until they are, as
+//! virsh refuses to undefine a domain that has snapshots.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use image_format::{backup, ops, Env, RealEnv};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::host_backend::{control_call, HostBackend};
+use crate::ops::{api, define, Spec};
+use crate::state::{
+    check_name, now_ms, read_json, write_json, BackendMode, Observed, Root, VmConfig, VmDir,
+};
+
+const RECORD: &str = "snapshot.json";
+const MANIFEST: &str = "backup.json";
+
+/// What `snapshots/NAME/snapshot.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// The VM it was taken of.
+    pub vm: String,
+    pub created_unix_ms: u64,
+    /// The VM's disk at the snapshot's instant: a sealed layer, which every
+    /// VM made from the snapshot clones.
+    pub disk: PathBuf,
+    /// The VM's definition then.
+    pub config: VmConfig,
+}
+
+/// A VM snapshot of the state root.
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub record: SnapshotRecord,
+}
+
+impl Snapshot {
+    /// The snapshot `name` (what `vmctl snapshot` made).
+    pub fn open(root: &Root, name: &str) -> Result<Snapshot> {
+        check_name(name).context("snapshot name")?;
+        let dir = root.snapshots().join(name);
+        let record = dir.join(RECORD);
+        if !record.is_file() {
+            bail!("no snapshot named {name:?} (vmctl snapshots lists them)");
+        }
+        Ok(Snapshot {
+            record: read_json(&record)?,
+            dir,
+        })
+    }
+
+    /// The vmm's snapshot directory (`vmm --restore` takes it).
+    pub fn vm_state(&self) -> PathBuf {
+        self.dir.join("vm")
+    }
+
+    /// What `create --from-snapshot` makes: a VM of the snapshot's
+    /// definition on a clone of its disk, continuing from it.
+    pub fn spec(&self, backend: BackendMode, scratch: bool) -> Spec {
+        let c = &self.record.config;
+        Spec {
+            image: self.record.disk.clone(),
+            kernel: c.kernel.clone(),
+            initrd: c.initrd.clone(),
+            cmdline: c.cmdline.clone(),
+            cpus: c.cpus,
+            memory: c.memory,
+            queues: c.queues,
+            disk_size: None,
+            backend,
+            scratch,
+            restore: Some(self.vm_state()),
+        }
+    }
+
+    /// As `list` shows it.
+    pub fn describe(&self, root: &Root) -> Value {
+        json!({
+            "name": self.record.name,
+            "vm": self.record.vm,
+            "created-unix-ms": self.record.created_unix_ms,
+            "cpus": self.record.config.cpus,
+            "memory": self.record.config.memory,
+            "memory-bytes": allocated(&self.vm_state().join("memory")),
+            "disk": self.record.disk,
+            "used-by": used_by(root, &self.record.disk),
+        })
+    }
+}
+
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// The VMs cloned from `disk` (a snapshot's sealed disk).
+fn used_by(root: &Root, disk: &Path) -> Vec<String> {
+    let disk = disk.display().to_string();
+    root.list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|vm| vm.config().is_ok_and(|c| c.image == disk))
+        .map(|vm| vm.name)
+        .collect()
+}
+
+/// Every snapshot, by name.
+pub fn list(root: &Root) -> Result<Vec<Snapshot>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root.snapshots()) else {
+        return Ok(out);
+    };
+    for e in entries.flatten() {
+        if let Ok(s) = Snapshot::open(root, &e.file_name().to_string_lossy()) {
+            out.push(s);
+        }
+    }
+    out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+    Ok(out)
+}
+
+/// The snapshots taken of VM `name`: their disks are in its directory.
+pub fn of_vm(root: &Root, name: &str) -> Result<Vec<String>> {
+    Ok(list(root)?
+        .into_iter()
+        .filter(|s| s.record.vm == name)
+        .map(|s| s.record.name)
+        .collect())
+}
+
+/// Removes a snapshot's saved VM (its memory and state); refused while VMs
+/// made from it exist. Its sealed disk stays where it is, below the
+/// source VM's current disk (it is part of that VM's chain).
+pub fn delete(root: &Root, name: &str) -> Result<()> {
+    let snap = Snapshot::open(root, name)?;
+    let users = used_by(root, &snap.record.disk);
+    if !users.is_empty() {
+        bail!(
+            "snapshot {name} is used by VM {}: delete {} first",
+            users.join(", "),
+            if users.len() == 1 { "it" } else { "them" }
+        );
+    }
+    // The record first: a removal cut short leaves no snapshot that
+    // half exists.
+    std::fs::remove_file(snap.dir.join(RECORD))
+        .with_context(|| format!("removing {}", snap.dir.display()))?;
+    std::fs::remove_dir_all(&snap.dir).with_context(|| format!("removing {}", snap.dir.display()))
+}
+
+/// A name is taken only once: a directory made by exactly one of two
+/// racing callers.
+fn claim_dir(dir: &Path, what: &str) -> Result<()> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("{what} already exists ({})", dir.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+}
+
+/// Seals the VM's disk as `disk.img@NAME`: while it runs, by the
+/// blk-backend that serves it (the session ends; the vmm reconnects to a
+/// fresh top); stopped, directly.
+fn seal_disk(root: &Root, vm: &VmDir, backend: BackendMode, name: &str) -> Result<PathBuf> {
+    if !vm.observed()?.is_active() {
+        return ops::snapshot_create(&RealEnv, &vm.disk(), name)
+            .with_context(|| format!("sealing {}", vm.disk().display()));
+    }
+    let control = match backend {
+        BackendMode::Host => HostBackend::at(root).control(),
+        BackendMode::Vm => vm.backend_control(),
+    };
+    let answer = control_call(
+        &control,
+        "export-snapshot",
+        json!({ "socket": vm.disk_socket(), "name": name }),
+    )
+    .with_context(|| format!("VM {}: sealing its disk live", vm.name))?;
+    answer["snapshot"]
+        .as_str()
+        .map(PathBuf::from)
+        .with_context(|| format!("export-snapshot answered {answer}: no snapshot path"))
+}
+
+/// What a snapshot or a backup reports.
+pub struct Taken {
+    pub path: PathBuf,
+    /// How long the VM was paused for it.
+    pub paused_ms: f64,
+    pub details: Value,
+}
+
+/// `vmctl snapshot NAME SNAP`: the running VM saved whole, its disk at the
+/// same instant. The VM goes on (or stays paused, if it was) whatever
+/// happens; a failed snapshot leaves nothing.
+pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
+    check_name(snap).context("snapshot name")?;
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    let config = vm.config()?;
+    match vm.observed()? {
+        Observed::Running => {}
+        other => bail!(
+            "VM {name} is not running ({other}): a snapshot holds a running VM's memory \
+             (`vmctl backup` saves a VM's disk)"
+        ),
+    }
+    let dir = root.snapshots().join(snap);
+    if dir.exists() {
+        bail!(
+            "a snapshot named {snap:?} already exists ({})",
+            dir.display()
+        );
+    }
+    let disk_snapshot = ops::snapshot_path(&vm.disk(), snap);
+    if disk_snapshot.exists() {
+        bail!(
+            "VM {name}'s disk already has a snapshot named {snap:?} ({})",
+            disk_snapshot.display()
+        );
+    }
+    claim_dir(&dir, &format!("a snapshot named {snap:?}"))?;
+    let was_paused = api(&vm, "GET", "/api/v1/vm.info", None)?["state"] == "paused";
+    let t0 = Instant::now();
+    let taken = (|| -> Result<SnapshotRecord> {
+        if !was_paused {
+            api(&vm, "PUT", "/api/v1/vm.pause", None)?;
+        }
+        let body = json!({ "dir": dir.join("vm") }).to_string();
+        api(&vm, "PUT", "/api/v1/vm.snapshot", Some(&body))?;
+        let disk = seal_disk(root, &vm, config.backend, snap)?;
+        let record = SnapshotRecord {
+            name: snap.to_string(),
+            vm: name.to_string(),
+            created_unix_ms: now_ms(),
+            disk,
+            config: VmConfig {
+                restore: None,
+                ..config.clone()
+            },
+        };
+        write_json(&dir.join(RECORD), &record)?;
+        Ok(record)
+    })();
+    let resumed = if was_paused {
+        Ok(Value::Null)
+    } else {
+        api(&vm, "PUT", "/api/v1/vm.resume", None)
+    };
+    let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let record = match taken {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.context(format!("VM {name}: snapshot {snap}")));
+        }
+    };
+    resumed.with_context(|| format!("VM {name}: resuming it after snapshot {snap}"))?;
+    let s = Snapshot { dir, record };
+    let mut details = s.describe(root);
+    details["paused-ms"] = json!(paused_ms);
+    Ok(Taken {
+        details,
+        path: s.dir,
+        paused_ms,
+    })
+}
+
+/// What a backup directory's `backup.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    /// The VM backed up.
+    vm: String,
+    /// Its definition at the last backup (what `vmctl restore` gives the
+    /// new VM).
+    config: VmConfig,
+    /// The full backup first, then each incremental one on the one before.
+    backups: Vec<BackupItem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupItem {
+    /// The backup stream, in the backup directory.
+    file: String,
+    /// The VM's sealed disk it was taken of (the next incremental backup
+    /// is a delta against it).
+    disk_snapshot: PathBuf,
+    created_unix_ms: u64,
+    /// Bytes of data and of zeros it carries.
+    data_bytes: u64,
+    zero_bytes: u64,
+}
+
+/// `vmctl backup NAME DEST [--incremental]`: the VM's disk sealed at one
+/// instant (paused around it if it runs), and written to DEST as a backup
+/// stream: in full into a new (or empty) DEST, or, incremental, only what
+/// changed since DEST's last backup.
+pub fn backup(root: &Root, name: &str, dest: &Path, incremental: bool) -> Result<Taken> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    let config = vm.config()?;
+    let manifest_path = dest.join(MANIFEST);
+    let mut manifest = if incremental {
+        let m: Manifest = read_json(&manifest_path).with_context(|| {
+            format!(
+                "--incremental: {} holds no backup to add to (a full backup first: vmctl backup {name} {})",
+                dest.display(),
+                dest.display()
+            )
+        })?;
+        if m.vm != name {
+            bail!(
+                "--incremental: {} holds backups of VM {}, not of {name}",
+                dest.display(),
+                m.vm
+            );
+        }
+        let Some(last) = m.backups.last() else {
+            bail!(
+                "{}: a manifest with no backup in it",
+                manifest_path.display()
+            );
+        };
+        if !last.disk_snapshot.exists() {
+            bail!(
+                "--incremental: the disk snapshot of {}'s last backup ({}) is gone: take a full backup",
+                dest.display(),
+                last.disk_snapshot.display()
+            );
+        }
+        m
+    } else {
+        match std::fs::read_dir(dest) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    bail!(
+                        "{} is not empty: a full backup goes to a new or empty directory (--incremental adds to one)",
+                        dest.display()
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dest)
+                    .with_context(|| format!("creating {}", dest.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{}", dest.display())),
+        }
+        Manifest {
+            vm: name.to_string(),
+            config: config.clone(),
+            backups: Vec::new(),
+        }
+    };
+    let from = manifest.backups.last().map(|b| b.disk_snapshot.clone());
+    // Sealed at one instant: a running VM is paused around it (its
+    // in-flight requests complete first), so the backup holds exactly the
+    // writes the guest had been told were done.
+    let active = vm.observed()? == Observed::Running;
+    let was_paused = active && api(&vm, "GET", "/api/v1/vm.info", None)?["state"] == "paused";
+    let seal_name = format!("backup-{}", now_ms());
+    let t0 = Instant::now();
+    if active && !was_paused {
+        api(&vm, "PUT", "/api/v1/vm.pause", None)?;
+    }
+    let sealed = seal_disk(root, &vm, config.backend, &seal_name);
+    let resumed = if active && !was_paused {
+        api(&vm, "PUT", "/api/v1/vm.resume", None).map(drop)
+    } else {
+        Ok(())
+    };
+    let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let sealed = sealed?;
+    resumed.with_context(|| format!("VM {name}: resuming it after sealing its disk"))?;
+    let file = format!("{}.bkp", manifest.backups.len());
+    let env: Arc<dyn Env> = Arc::new(RealEnv);
+    let stats = backup::backup(
+        &env,
+        &sealed,
+        from.as_deref(),
+        &dest.join(&file),
+        &mut |_, _| {},
+    )
+    .with_context(|| format!("backing up {}", sealed.display()))?;
+    manifest.config = VmConfig {
+        restore: None,
+        ..config
+    };
+    manifest.backups.push(BackupItem {
+        file: file.clone(),
+        disk_snapshot: sealed.clone(),
+        created_unix_ms: now_ms(),
+        data_bytes: stats.data_bytes,
+        zero_bytes: stats.zero_bytes,
+    });
+    write_json(&manifest_path, &manifest)?;
+    Ok(Taken {
+        path: dest.join(&file),
+        paused_ms,
+        details: json!({
+            "vm": name,
+            "backup": dest.join(&file),
+            "incremental": from.is_some(),
+            "disk-snapshot": sealed,
+            "data-bytes": stats.data_bytes,
+            "zero-bytes": stats.zero_bytes,
+            "file-bytes": stats.file_bytes,
+            "chain": manifest.backups.len(),
+            "paused-ms": paused_ms,
+        }),
+    })
+}
+
+/// `vmctl restore DEST NAME`: a new VM NAME on the chain DEST's backups
+/// restore to (the full one, then each incremental one on it), defined as
+/// the backed-up VM was; it boots when started.
+pub fn restore(root: &Root, dest: &Path, name: &str) -> Result<VmDir> {
+    let manifest: Manifest = read_json(&dest.join(MANIFEST))
+        .with_context(|| format!("{}: not a vmctl backup directory", dest.display()))?;
+    if manifest.backups.is_empty() {
+        bail!("{}: a manifest with no backup in it", dest.display());
+    }
+    define(root, name, |vm| {
+        let env: Arc<dyn Env> = Arc::new(RealEnv);
+        let mut below: Option<PathBuf> = None;
+        for (i, item) in manifest.backups.iter().enumerate() {
+            let layer = vm.path.join(format!("backup-{i}.img"));
+            backup::restore(
+                &env,
+                &dest.join(&item.file),
+                below.as_deref(),
+                &layer,
+                &mut |_, _| {},
+            )
+            .with_context(|| format!("restoring {}", dest.join(&item.file).display()))?;
+            below = Some(layer);
+        }
+        let top = below.context("no backup restored")?;
+        ops::clone(&RealEnv, &top, &vm.disk())
+            .with_context(|| format!("cloning {}", top.display()))?;
+        vm.write_config(&VmConfig {
+            name: name.to_string(),
+            image: top.display().to_string(),
+            created_unix: now_ms() / 1000,
+            restore: None,
+            ..manifest.config.clone()
+        })?;
+        Ok(())
+    })
+}

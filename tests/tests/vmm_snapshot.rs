@@ -3,11 +3,12 @@
 //! snapshotted live through blk-backend's control socket
 //! (`export-snapshot`: the export closed clean, sealed, served again on a
 //! fresh top; the vmm reconnects),
-//! the original resumes and finishes, and VMs restored from the snapshot
-//! (`vmm --restore`, memory filled lazily by userfaultfd or copied first)
-//! on clones of the disk snapshot finish the same run;
-//! every disk then reads back verified. Damaged snapshots and snapshots
-//! that cannot be taken are refused by name.
+//! the original resumes and finishes, and three VMs restored from the
+//! snapshot (`vmm --restore`, memory filled lazily by userfaultfd or
+//! copied first) on clones of the disk snapshot finish the same run;
+//! every disk then reads back verified, and holds its own writes only.
+//! Damaged snapshots and snapshots that cannot be taken are refused by
+//! name.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -113,6 +114,46 @@ fn verify(sock: &Path, gen: u32, size: &str, what: &str) {
     assert_eq!(r.field("verify_failures"), 0, "{what}");
 }
 
+/// The disk `image` (its whole chain) as raw bytes.
+fn raw_of(fx: &Fixture, image: &Path) -> Vec<u8> {
+    let raw = fx.path("read-back.raw");
+    let _ = std::fs::remove_file(&raw);
+    test_infra::img(&["convert", "-q", &s(image), &s(&raw)]);
+    let bytes = std::fs::read(&raw).expect("the raw read-back");
+    std::fs::remove_file(&raw).expect("removing the read-back");
+    bytes
+}
+
+/// Disks that parted at a snapshot (`at_snapshot`, their common content
+/// then) each hold their own writes only: a sector two of them hold alike
+/// is the snapshot's, and each wrote sectors of its own after it.
+fn assert_own_writes_only(at_snapshot: &[u8], disks: &[(String, Vec<u8>)]) {
+    const SECTOR: usize = 512;
+    for (name, d) in disks {
+        assert_eq!(d.len(), at_snapshot.len(), "{name}: size");
+        let own = d
+            .chunks(SECTOR)
+            .zip(at_snapshot.chunks(SECTOR))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(own > 0, "{name} wrote nothing after the snapshot");
+    }
+    for (i, (a_name, a)) in disks.iter().enumerate() {
+        for (b_name, b) in &disks[i + 1..] {
+            let shared = (0..at_snapshot.len() / SECTOR)
+                .filter(|&k| {
+                    let r = k * SECTOR..(k + 1) * SECTOR;
+                    a[r.clone()] == b[r.clone()] && a[r.clone()] != at_snapshot[r]
+                })
+                .count();
+            assert_eq!(
+                shared, 0,
+                "{a_name} and {b_name} hold {shared} sectors alike that neither held at the snapshot"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
     if !ready("vmm_snapshot", &[]) {
@@ -167,7 +208,7 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
         );
         let none = exports.snapshot(&fx.path("nothing.sock"), "s1");
         assert_eq!(none["error"]["class"], "DeviceNotFound", "{none}");
-        let clones: Vec<PathBuf> = (0..2)
+        let clones: Vec<PathBuf> = (0..3)
             .map(|k| fx.clone_of(&format!("vm{gen}.img@s1"), &format!("r{gen}-{k}.img")))
             .collect();
         let restored: Vec<RunningVm> = clones
@@ -177,11 +218,11 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
                 let sock = exports.add(c);
                 let mut v = vm_on(&sock, "");
                 v.restore = Some(snap.clone());
+                // Lazily (the default: memory brought in on touch and in
+                // the background), but one copied first.
                 if k == 0 {
                     v.api_socket = Some(fx.path(&format!("api{gen}-r0.sock")));
-                } else {
-                    // The first lazily (the default: memory brought in on
-                    // touch and in the background), the other copied.
+                } else if k == 1 {
                     v.options = vec!["--restore-memory".into(), "copy".into()];
                 }
                 v.silence = silence.clone();
@@ -239,6 +280,19 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
                 &format!("{}", c.display()),
             );
         }
+        // Each disk holds its own writes only: closed, read back whole
+        // from the host, no sector written after the snapshot is alike in
+        // two of them (each write is stamped with its VM's TSC).
+        exports.del(&sock);
+        for c in &clones {
+            exports.del(&Fixture::socket_of(c));
+        }
+        let at_snapshot = raw_of(&fx, &sealed);
+        let disks: Vec<(String, Vec<u8>)> = std::iter::once(image.clone())
+            .chain(clones.iter().cloned())
+            .map(|d| (d.display().to_string(), raw_of(&fx, &d)))
+            .collect();
+        assert_own_writes_only(&at_snapshot, &disks);
     }
 }
 

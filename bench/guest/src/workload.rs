@@ -112,8 +112,11 @@ fn xorshift(s: &mut u64) -> u64 {
 }
 
 /// Every 512-byte sector: magic, generation, its own sector number, a
-/// payload derived from both, and a CRC-32C over it all: a read proves
-/// which write it came from and where it belongs.
+/// payload derived from both, the write's stamp (the TSC when it was
+/// built), and a CRC-32C over it all: a read proves which write it came
+/// from and where it belongs. The stamp tells apart the writes of VMs that
+/// run the same workload, such as copies restored from one snapshot: a
+/// sector that two disks hold alike was written once, before they parted.
 fn sector_crc(addr: u64) -> u32 {
     let mut crc = !0u64;
     for w in 0..63u64 {
@@ -124,7 +127,7 @@ fn sector_crc(addr: u64) -> u32 {
     !(unsafe { _mm_crc32_u32(crc as u32, rd32(addr + 508)) })
 }
 
-pub fn write_pattern(addr: u64, sector: u64, gen: u32) {
+pub fn write_pattern(addr: u64, sector: u64, gen: u32, stamp: u32) {
     wr32(addr, MAGIC);
     wr32(addr + 4, gen);
     wr64(addr + 8, sector);
@@ -135,7 +138,7 @@ pub fn write_pattern(addr: u64, sector: u64, gen: u32) {
     for w in 2..63u64 {
         wr64(addr + 8 * w, xorshift(&mut s));
     }
-    wr32(addr + 508, 0);
+    wr32(addr + 508, stamp);
     let crc = sector_crc(addr);
     wr32(addr + 504, crc);
 }
@@ -232,8 +235,9 @@ impl<'a> Engine<'a> {
         let (kind, data_len, data_flags) = match op {
             Op::Read => (blk::T_IN, bytes, DESC_F_WRITE),
             Op::Write => {
+                let stamp = crate::time::tsc() as u32;
                 for k in 0..(bytes as u64 / SECTOR) {
-                    write_pattern(s.data + k * SECTOR, sector + k, gen);
+                    write_pattern(s.data + k * SECTOR, sector + k, gen, stamp);
                 }
                 (blk::T_OUT, bytes, 0)
             }

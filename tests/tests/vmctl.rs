@@ -102,17 +102,23 @@ impl Vmctl {
 /// A base whose first 8 MiB a guest wrote with generation 7, sealed as
 /// base.img@golden.
 fn golden(fx: &Fixture) -> PathBuf {
+    golden_and_rate(fx).0
+}
+
+/// The golden base, and the write rate (IOPS) of the guest that filled it:
+/// what a workload that must last a while is sized from.
+fn golden_and_rate(fx: &Fixture) -> (PathBuf, u64) {
     let base = fx.image("base.img", "64M");
     let sock = Fixture::socket_of(&base);
     let b = fx.serve(&base, 1);
-    VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=7 size=8M")
+    let fill = VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=7 size=8M")
         .with_disk(&sock, 1)
         .run()
-        .expect("the fill runs")
-        .assert_ok("writing the base");
+        .expect("the fill runs");
+    fill.assert_ok("writing the base");
     b.stop();
     test_infra::img(&["snapshot", "-c", "golden", &test_infra::s(&base)]);
-    fx.path("base.img@golden")
+    (fx.path("base.img@golden"), fill.field("iops").max(1))
 }
 
 fn until(what: &str, measured: Duration, mut f: impl FnMut() -> bool) {
@@ -197,14 +203,19 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
     }
     let fx = Fixture::new();
     let v = Vmctl::new(&fx);
-    let base = golden(&fx);
+    let (base, rate) = golden_and_rate(&fx);
     let image = base.to_str().expect("utf-8");
     // Two VMs on the host backend (the default) and one with a backend of
-    // its own, all writing and verifying.
-    let work =
-        "mode=randwrite verify=1 gen=4 size=8M duration_ms=3000 progress_ms=200 timeout_ms=20000";
+    // its own, all writing and verifying: a count of writes (2 s of the
+    // fill's rate), so that the VMs, paused while the test looks around, are
+    // still at work when their backends are killed, however slow the
+    // machine or the test's own steps.
+    let work = format!(
+        "mode=randwrite verify=1 gen=4 size=8M ios={} progress_ms=200 timeout_ms=20000",
+        rate * 2
+    );
     for (name, own) in [("db", false), ("web", false), ("solo", true)] {
-        let mut args = vec!["create", name, "--image", image, "--cmdline", work];
+        let mut args = vec!["create", name, "--image", image, "--cmdline", &work];
         if own {
             args.extend(["--backend", "vm"]);
         }
@@ -215,6 +226,7 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
         until("a progress line", Duration::from_millis(500), || {
             v.ok(&["logs", name]).contains("progress:")
         });
+        v.ok(&["pause", name]);
     }
     // The host backend's daemon killed first: the VMs' supervisors start
     // another, which adopts the blk-backend still serving.
@@ -238,6 +250,9 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
     assert_eq!(v.info("db")["backend"], "host");
     let own = v.info("solo")["backend-pid"].as_u64().expect("backend pid") as i32;
     assert_ne!(own, host);
+    for name in ["db", "web", "solo"] {
+        v.ok(&["resume", name]);
+    }
     // SAFETY: killing the VMs' disk backends, processes of this test's.
     assert_eq!(unsafe { libc::kill(host, libc::SIGKILL) }, 0);
     // SAFETY: as above.

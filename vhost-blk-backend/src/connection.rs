@@ -9,6 +9,13 @@
 //! breaks the protocol (a queue that does not exist, vring addresses
 //! before a memory table, a region that does not fit) is an error; the
 //! caller drops the connection with that reason and serves the next one.
+//!
+//! Postcopy (PAGEFAULT): a vmm restoring a VM lazily asks us to register
+//! our mapping of guest memory with a userfaultfd and hands its faults to
+//! its pager (POSTCOPY_ADVISE gives it the descriptor, the memory table's
+//! reply our mapping's addresses, and the memory is used only once it acks
+//! the table): a page the pager has not filled yet is never a page of
+//! zeros here.
 
 use std::fs::File;
 use std::io;
@@ -105,6 +112,22 @@ impl Session {
         }
     }
 
+    /// Whether the frontend hung up (its process may be gone).
+    pub fn frontend_gone(&self) -> bool {
+        let Some(s) = &self.socket else {
+            return false;
+        };
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(s),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll with no wait on the session's socket, open for the
+        // call.
+        let r = unsafe { libc::poll(&raw mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+    }
+
     /// Whether the frontend truncated memory this session had mapped.
     pub fn memory_lost(&self) -> bool {
         self.fence.tripped()
@@ -125,10 +148,66 @@ struct QueueSlot {
     worker: Option<WorkerHandle>,
 }
 
+/// Whether this process can make a userfaultfd that also takes the
+/// kernel's faults (io_uring's, pread's into guest memory): probed once,
+/// as the user it serves as (see [`probe_paging`]).
+static PAGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A userfaultfd that takes the kernel's faults too, made by the system
+/// call (the `userfaultfd` crate's builder opens /dev/userfaultfd first,
+/// which a session's filter does not allow).
+fn new_userfault() -> io::Result<userfaultfd::Uffd> {
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    // SAFETY: the userfaultfd system call with flags only; the result is
+    // checked and owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just made, owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct uffdio_api: the API version in, the features and ioctls out.
+    let mut api = [0xaa_u64, 0, 0];
+    const UFFDIO_API: u64 = 0xc018_aa3f;
+    // SAFETY: UFFDIO_API on the new descriptor with its 24-byte argument,
+    // alive for the call.
+    if unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            UFFDIO_API as _,
+            api.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a userfaultfd whose API handshake is done, given up here.
+    Ok(unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// Offers postcopy (PAGEFAULT) only if a userfaultfd can be made here:
+/// called once privileges are what they stay, before any session.
+pub fn probe_paging() {
+    match new_userfault() {
+        Ok(_) => PAGING.store(true, std::sync::atomic::Ordering::Relaxed),
+        Err(e) => info!("postcopy (a restoring vmm paging our faults) is not offered: {e}"),
+    }
+}
+
+/// Postcopy's state on this connection.
+#[derive(Default)]
+struct Postcopy {
+    uffd: Option<userfaultfd::Uffd>,
+    listening: bool,
+    /// A memory table mapped and registered, used once the frontend acks.
+    pending: Option<Vec<MappedRegion>>,
+}
+
 pub struct Connection {
     export: Arc<Export>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     regions: Vec<MappedRegion>,
+    postcopy: Postcopy,
     queues: Vec<QueueSlot>,
     owned: bool,
     acked_features: Option<u64>,
@@ -160,6 +239,7 @@ impl Connection {
             export,
             mem,
             regions: Vec::new(),
+            postcopy: Postcopy::default(),
             queues,
             owned: false,
             acked_features: None,
@@ -175,11 +255,44 @@ impl Connection {
     }
 
     pub fn protocol_features() -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let f = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        if PAGING.load(std::sync::atomic::Ordering::Relaxed) {
+            f | VhostUserProtocolFeatures::PAGEFAULT
+        } else {
+            f
+        }
+    }
+
+    /// Registers a region just mapped with the postcopy userfaultfd.
+    fn register_paged(&self, r: &MappedRegion) -> VuResult<()> {
+        let Some(uffd) = &self.postcopy.uffd else {
+            return Err(refuse(
+                "a postcopy memory table before POSTCOPY_ADVISE".into(),
+            ));
+        };
+        uffd.register(r.region.as_ptr().cast(), r.region.len() as usize)
+            .map(drop)
+            .map_err(|e| {
+                refuse(format!(
+                    "memory region at {:#x}: registering it for postcopy: {e}",
+                    r.at.guest_addr
+                ))
+            })
+    }
+
+    /// Ends postcopy: our mapping is the kernel's again (a fault waiting
+    /// on it is woken and served with what the memory holds).
+    fn end_postcopy(&mut self) {
+        if let Some(uffd) = self.postcopy.uffd.take() {
+            for r in &self.regions {
+                let _ = uffd.unregister(r.region.as_ptr().cast(), r.region.len() as usize);
+            }
+        }
+        self.postcopy = Postcopy::default();
     }
 
     fn slot(&mut self, index: u32) -> VuResult<&mut QueueSlot> {
@@ -399,8 +512,14 @@ impl Connection {
     }
 
     /// Ends the session: workers complete their in-flight I/O and stop.
+    /// Paging through a vmm that is gone, its faults would never be
+    /// served: postcopy ends first then (the memory went with the vmm).
     pub fn close(&mut self) {
+        if self.postcopy.uffd.is_some() && self.session.frontend_gone() {
+            self.end_postcopy();
+        }
         self.stop_all();
+        self.end_postcopy();
     }
 }
 
@@ -468,9 +587,6 @@ impl VhostUserBackendReqHandlerMut for Connection {
         files: Vec<File>,
         postcopy_listening: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
-        if postcopy_listening.is_some() {
-            return Err(refuse("postcopy is not supported".into()));
-        }
         if ctx.len() != files.len() {
             return Err(refuse(
                 "memory table: regions and descriptors differ in number".into(),
@@ -481,6 +597,14 @@ impl VhostUserBackendReqHandlerMut for Connection {
             .zip(files)
             .map(|(r, f)| self.map_region(r, f))
             .collect::<VuResult<Vec<_>>>()?;
+        if postcopy_listening == Some(true) {
+            for r in &regions {
+                self.register_paged(r)?;
+            }
+            let bases = regions.iter().map(|r| r.region.as_ptr() as u64).collect();
+            self.postcopy.pending = Some(regions);
+            return Ok(Some(bases));
+        }
         self.install_memory(regions)?;
         Ok(None)
     }
@@ -717,16 +841,63 @@ impl VhostUserBackendReqHandlerMut for Connection {
         fd: File,
         postcopy_listening: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
-        if postcopy_listening.is_some() {
-            return Err(refuse("postcopy is not supported".into()));
-        }
         if self.regions.len() as u64 >= MAX_MEM_SLOTS {
             return Err(refuse("all memory slots are in use".into()));
         }
-        let mut regions = self.regions.clone();
-        regions.push(self.map_region(region, fd)?);
+        let mut regions = self
+            .postcopy
+            .pending
+            .take()
+            .unwrap_or_else(|| self.regions.clone());
+        let added = self.map_region(region, fd)?;
+        if postcopy_listening == Some(true) {
+            self.register_paged(&added)?;
+            let base = added.region.as_ptr() as u64;
+            regions.push(added);
+            self.postcopy.pending = Some(regions);
+            return Ok(Some(base));
+        }
+        regions.push(added);
         self.install_memory(regions)?;
         Ok(None)
+    }
+
+    fn postcopy_advice(&mut self) -> VuResult<File> {
+        if !PAGING.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(refuse("POSTCOPY_ADVISE: postcopy was not offered".into()));
+        }
+        let uffd =
+            new_userfault().map_err(|e| refuse(format!("POSTCOPY_ADVISE: userfaultfd: {e}")))?;
+        let handed = std::os::fd::AsFd::as_fd(&uffd)
+            .try_clone_to_owned()
+            .map_err(|e| refuse(format!("POSTCOPY_ADVISE: {e}")))?;
+        self.postcopy.uffd = Some(uffd);
+        Ok(File::from(handed))
+    }
+
+    fn postcopy_listen(&mut self) -> VuResult<()> {
+        if self.postcopy.uffd.is_none() {
+            return Err(refuse("POSTCOPY_LISTEN before POSTCOPY_ADVISE".into()));
+        }
+        self.postcopy.listening = true;
+        Ok(())
+    }
+
+    fn postcopy_end(&mut self) -> VuResult<()> {
+        if let Some(pending) = self.postcopy.pending.take() {
+            // Never acked: used as it is now (the pager filled it all).
+            self.install_memory(pending)?;
+        }
+        self.end_postcopy();
+        Ok(())
+    }
+
+    fn postcopy_ack_mem_regions(&mut self) -> VuResult<()> {
+        let Some(regions) = self.postcopy.pending.take() else {
+            return Err(refuse("a memory table ack with no table waiting".into()));
+        };
+        info!("guest memory mapped; its missing pages are paged in by the vmm");
+        self.install_memory(regions)
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {

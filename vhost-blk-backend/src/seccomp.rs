@@ -72,6 +72,8 @@ pub const SESSION: Policy = Policy {
             "shutdown",
             "unlink",
             "unlinkat",
+            // Postcopy: a userfaultfd for a restoring vmm.
+            "userfaultfd",
         ],
     ],
 };
@@ -140,6 +142,8 @@ pub const CONTROL: Policy = Policy {
             "umask",
             "unlink",
             "unlinkat",
+            // The sessions it starts inherit its filter (postcopy).
+            "userfaultfd",
         ],
     ],
 };

@@ -104,17 +104,21 @@ pub struct VmConfig {
     #[serde(default)]
     pub restore: Option<PathBuf>,
     /// How a restore fills guest memory: `lazy` (the guest runs at once,
-    /// its pages filled on first touch and in the background; the disks
-    /// start once all are in) or `copy` (all of it before the guest runs).
+    /// its pages filled on first touch and in the background), `on-demand`
+    /// (only the pages the guest and its backends touch: clones of one
+    /// snapshot take memory for what they use) or `copy` (all of it before
+    /// the guest runs). A disk whose backend cannot page through the vmm
+    /// (vhost-user postcopy) starts once all of memory is in.
     #[serde(default)]
     pub restore_memory: RestoreMemory,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum RestoreMemory {
     #[default]
     Lazy,
+    OnDemand,
     Copy,
 }
 

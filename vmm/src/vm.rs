@@ -289,10 +289,15 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                 crate::config::RestoreMemory::Copy => {
                     snapshot::memory::load(&file, &ram.file, cfg.memory).context("--restore")?;
                 }
-                crate::config::RestoreMemory::Lazy => {
+                crate::config::RestoreMemory::Lazy | crate::config::RestoreMemory::OnDemand => {
+                    let mode = if cfg.restore_memory == crate::config::RestoreMemory::Lazy {
+                        snapshot::pager::Mode::Lazy
+                    } else {
+                        snapshot::pager::Mode::OnDemand
+                    };
                     let regions = snapshot::pager::Region::of(&ram);
                     pager = Some(
-                        snapshot::pager::Pager::start(regions, &file, &crate::seccomp::PAGER)
+                        snapshot::pager::Pager::start(regions, &file, mode, &crate::seccomp::PAGER)
                             .map_err(SnapshotError::from)
                             .context("--restore")?,
                     );
@@ -327,7 +332,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let mut disks = Vec::new();
     let t_disks = std::time::Instant::now();
     for d in &cfg.disks {
-        let blk = VhostUserBlk::connect(d, &ram.mem)?;
+        let blk = VhostUserBlk::connect(d, &ram.mem, pager.as_ref().map(|p| p.handle()))?;
         let dev = machine
             .add_virtio_pci(&pci_bus, Box::new(blk), &vm, &router)
             .with_context(|| format!("disk {}", d.socket.display()))?;
@@ -350,13 +355,21 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     };
     let console_port = console_dev.as_ref().map(|(_, p)| Arc::clone(p));
     if let Some(state) = &restoring {
-        restore_devices(
+        let deferred = restore_devices(
             state,
             &machine,
             &disks,
             console_dev.as_ref().map(|d| &d.0),
             pager.is_some(),
         )?;
+        if let (Some(pager), true) = (&pager, deferred) {
+            // A disk waits for all of memory: filled in the background
+            // even on demand, or it would never start.
+            if pager.handle().serving() {
+                info!("a disk's backend cannot page through the vmm: it starts once all of memory is in");
+            }
+            pager.handle().fill_all();
+        }
         pci_bus
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -477,9 +490,11 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     if pager.is_none() {
         restore_done.set(true);
     }
+    let pager_handle = pager.as_ref().map(|p| p.handle());
     if let Some(pager) = pager {
-        // The disks start once every page of the snapshot is in memory:
-        // their backends read and write it on their own.
+        // Once every page of the snapshot is in memory, the disks whose
+        // backends paged through the pager stop doing so, and the others
+        // start (their backends read and write memory on their own).
         let disks: Vec<SharedVirtioPci> = disks.iter().map(Arc::clone).collect();
         let tx = events_tx.clone();
         let done = Arc::clone(&restore_done);
@@ -494,17 +509,26 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                     Ok(stats) => {
                         info!(
                             faults = stats.faults,
+                            backend_faults = stats.backend_faults,
                             mib = stats.bytes >> 20,
                             ms = stats.ms,
-                            "guest memory filled; starting the disks"
+                            "guest memory filled"
                         );
                         for d in &disks {
+                            // Not under the transport's lock: the backend's
+                            // reply is waited for.
+                            let link = lock_device(d).backend_link();
+                            if let Some(Err(e)) = link.map(|l| l.end_paging()) {
+                                // It reconnects (without paging) if it is gone.
+                                warn!("restore: a disk's POSTCOPY_END: {e}");
+                            }
                             if let Err(e) = lock_device(d).start_restored() {
                                 done.set(false);
                                 let _ = tx.send(VmEvent::Fault(format!("restore: a disk: {e}")));
                                 return;
                             }
                         }
+                        pager.finish();
                         done.set(true);
                     }
                     Err(e) => {
@@ -523,6 +547,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let taker = SnapshotTaker {
         kvm: &kvm,
         restore_done: &restore_done,
+        pager: pager_handle,
         machine: &machine,
         disks: &disks,
         console: console_dev.as_ref(),
@@ -716,23 +741,31 @@ fn check_restorable(s: &snapshot::VmState, cfg: &VmConfig) -> Result<(), Snapsho
 
 /// Puts the snapshot's devices back: the UART, each disk's transport (the
 /// disk started on its new backend where the driver had started it, its
-/// rings from the used index in the restored memory; with `defer_disks`
-/// once the lazy restore's pager has filled memory), the console's.
+/// rings from the used index in the restored memory; during a lazy
+/// restore (`paged`), a disk whose backend does not page through the
+/// pager once the pager has filled memory), the console's. Whether a disk
+/// waits for that.
 fn restore_devices(
     s: &snapshot::VmState,
     machine: &Machine,
     disks: &[SharedVirtioPci],
     console: Option<&SharedVirtioPci>,
-    defer_disks: bool,
-) -> Result<(), SnapshotError> {
+    paged: bool,
+) -> Result<bool, SnapshotError> {
     machine
         .console
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .restore(&s.serial)?;
+    let mut deferred = false;
     for (dev, saved) in disks.iter().zip(&s.disks) {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-        d.restore(&saved.transport, defer_disks)
+        let defer = paged
+            && !d
+                .backend_link()
+                .is_some_and(|link| link.pages_through_pager());
+        deferred |= defer && saved.transport.activated;
+        d.restore(&saved.transport, defer)
             .map_err(|source| SnapshotError::Transport {
                 socket: saved.socket.display().to_string(),
                 source,
@@ -744,7 +777,7 @@ fn restore_devices(
             .restore(saved, false)
             .map_err(SnapshotError::Console)?;
     }
-    Ok(())
+    Ok(deferred)
 }
 
 fn lock_device(d: &SharedVirtioPci) -> std::sync::MutexGuard<'_, VirtioPci> {
@@ -780,6 +813,8 @@ impl RestoreDone {
 struct SnapshotTaker<'a> {
     kvm: &'a Kvm,
     restore_done: &'a RestoreDone,
+    /// An on-demand restore's pager: told to fill the rest first.
+    pager: Option<snapshot::pager::PagerHandle>,
     machine: &'a Machine,
     disks: &'a [SharedVirtioPci],
     console: Option<&'a (SharedVirtioPci, Arc<ConsolePort>)>,
@@ -804,6 +839,9 @@ impl SnapshotTaker<'_> {
         }
         // A VM still being restored lazily has memory the snapshot would
         // miss (pages not yet filled) and disks not yet started.
+        if let Some(p) = &self.pager {
+            p.fill_all();
+        }
         match self.restore_done.wait(std::time::Duration::from_secs(60)) {
             Some(true) => {}
             Some(false) => return Err(SnapshotError::RestoreFailed),

@@ -409,6 +409,8 @@ pub struct VmmVm {
     /// (its vCPUs and memory are the snapshot's: `kernel`, `cmdline`,
     /// `cpus` and `mem_mib` are not passed).
     pub restore: Option<PathBuf>,
+    /// The vmm's log filter (RUST_LOG; its default is warnings only).
+    pub log: Option<String>,
 }
 
 impl VmmVm {
@@ -428,6 +430,7 @@ impl VmmVm {
             api_socket: None,
             options: Vec::new(),
             restore: None,
+            log: None,
         }
     }
 
@@ -439,6 +442,9 @@ impl VmmVm {
 
     pub fn command(&self) -> Result<Command> {
         let mut c = Command::new(&self.vmm);
+        if let Some(log) = &self.log {
+            c.env("RUST_LOG", log);
+        }
         if let Some(dir) = &self.restore {
             c.arg("--restore").arg(dir);
         } else {

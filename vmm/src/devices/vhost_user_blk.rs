@@ -2,6 +2,13 @@
 //! lifecycle in one place (features, configuration, memory table, inflight
 //! region, vrings). The guest's queues never pass through this process:
 //! the backend gets the kick ioeventfds and the MSI irqfds directly.
+//!
+//! While a lazy restore's pager is still filling guest memory, a backend
+//! that offers vhost-user's postcopy messages (PAGEFAULT) is asked to
+//! register its mapping with a userfaultfd and hand it over
+//! (POSTCOPY_ADVISE, POSTCOPY_LISTEN, the memory table whose reply names
+//! the backend's addresses, then the table's ack): the pager serves its
+//! faults, and the disk runs at once. POSTCOPY_END once memory is filled.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -24,6 +31,7 @@ use super::virtio_pci::{
     BackendLink, DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
 use crate::config::DiskConfig;
+use crate::snapshot::pager::{PagerError, PagerHandle};
 use cli_support::log_limit::LogLimit;
 use cli_support::path_wait;
 
@@ -75,6 +83,8 @@ pub enum DiskError {
         what: &'static str,
         err: std::io::Error,
     },
+    #[error("disk {socket}: its backend's page faults: {err}")]
+    Paging { socket: String, err: PagerError },
 }
 
 /// How one vhost-user exchange failed.
@@ -92,6 +102,8 @@ pub enum Exchange {
     NoProtocolFeatures,
     #[error("the backend cannot report its configuration (CONFIG)")]
     NoConfig,
+    #[error("the backend's reply names no addresses of its mappings")]
+    NoMappingAddresses,
 }
 
 pub struct VhostUserBlk {
@@ -118,11 +130,15 @@ struct Link {
     queue_size: u16,
     mem: GuestMemoryMmap,
     reply_timeout: Duration,
+    /// A lazy restore's pager, while it may still be filling memory.
+    pager: Option<PagerHandle>,
     session: Mutex<Session>,
 }
 
 struct Session {
     frontend: Frontend,
+    /// The backend's faults on guest memory go to the restore's pager.
+    paging: bool,
     inflight: Option<(VhostUserInflight, File)>,
     started: Vec<usize>,
     /// A guest driver can start and stop the device at will: those lines
@@ -141,7 +157,17 @@ struct Active {
     calls: Vec<EventFd>,
 }
 
-type Handshake = (Frontend, u64, VhostUserProtocolFeatures, Vec<u8>);
+/// A connected session: the frontend, what the backend offered (the
+/// protocol features without PAGEFAULT, which depends on the moment, not
+/// on the backend), its configuration, and whether it pages through the
+/// restore's pager.
+struct Handshake {
+    frontend: Frontend,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    config: Vec<u8>,
+    paging: bool,
+}
 
 /// A vhost-user error as the user should read it: a deadline that passed
 /// (and shut the connection down) says so.
@@ -160,6 +186,7 @@ fn handshake(
     num_queues: u16,
     mem: &GuestMemoryMmap,
     reply_timeout: Duration,
+    pager: Option<&PagerHandle>,
 ) -> Result<Handshake, DiskError> {
     let socket = path.display().to_string();
     // Connected here rather than by `Frontend::connect`, which retries a
@@ -194,11 +221,15 @@ fn handshake(
     let offered = frontend
         .get_protocol_features()
         .map_err(p("GET_PROTOCOL_FEATURES"))?;
-    let wanted = VhostUserProtocolFeatures::CONFIG
+    let mut wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    let pager = pager.filter(|p| p.serving());
+    if pager.is_some() {
+        wanted |= VhostUserProtocolFeatures::PAGEFAULT;
+    }
     let protocol = offered & wanted;
     if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(DiskError::Protocol {
@@ -239,16 +270,56 @@ fn handshake(
         .map(VhostUserMemoryRegionInfo::from_guest_region)
         .collect::<Result<_, _>>()
         .map_err(p("memory regions"))?;
-    frontend
-        .set_mem_table(&regions)
-        .map_err(p("SET_MEM_TABLE"))?;
-    Ok((frontend, backend_features, protocol, config))
+    let paging = match pager {
+        Some(pager) if protocol.contains(VhostUserProtocolFeatures::PAGEFAULT) => {
+            let uffd = frontend.postcopy_advise().map_err(p("POSTCOPY_ADVISE"))?;
+            frontend.postcopy_listen().map_err(p("POSTCOPY_LISTEN"))?;
+            let bases = frontend
+                .set_mem_table(&regions)
+                .map_err(p("SET_MEM_TABLE"))?
+                .ok_or_else(|| DiskError::Protocol {
+                    socket: socket.clone(),
+                    what: "SET_MEM_TABLE",
+                    err: Exchange::NoMappingAddresses,
+                })?;
+            // The pager serves its faults before the backend may touch
+            // the memory (it waits for the table's ack).
+            pager
+                .adopt(&socket, uffd.into(), &bases)
+                .map_err(|err| DiskError::Paging {
+                    socket: socket.clone(),
+                    err,
+                })?;
+            frontend
+                .postcopy_ack_mem_regions(vhost::vhost_user::message::FrontendReq::SET_MEM_TABLE)
+                .map_err(p("SET_MEM_TABLE's ack"))?;
+            true
+        }
+        _ => {
+            frontend
+                .set_mem_table(&regions)
+                .map_err(p("SET_MEM_TABLE"))?;
+            false
+        }
+    };
+    Ok(Handshake {
+        frontend,
+        features: backend_features,
+        protocol: protocol - VhostUserProtocolFeatures::PAGEFAULT,
+        config,
+        paging,
+    })
 }
 
 impl VhostUserBlk {
     /// Connects and learns what the backend offers; the memory table goes
     /// over now, the rings when the driver is ready.
-    pub fn connect(cfg: &DiskConfig, mem: &GuestMemoryMmap) -> Result<Self, DiskError> {
+    /// `pager`: a lazy restore's, whose faults a capable backend's go to.
+    pub fn connect(
+        cfg: &DiskConfig,
+        mem: &GuestMemoryMmap,
+        pager: Option<PagerHandle>,
+    ) -> Result<Self, DiskError> {
         let reply_timeout = Duration::from_millis(cfg.reply_timeout_ms);
         // A backend still starting (its socket absent or not listening) is
         // waited for up to `connect_timeout_ms`, looking again after 1, 2,
@@ -257,14 +328,20 @@ impl VhostUserBlk {
         let give_up = std::time::Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
         let mut pause = Duration::from_millis(1);
         let mut socket_watch = path_wait::Kept::default();
-        let (frontend, backend_features, protocol, config) = loop {
+        let shook = loop {
             // No socket yet: waited for (an inotify watch), not a socket
             // made, refused and closed in a loop (a fleet's vmms waited
             // through 10-20 such attempts each, 3 % of the fleet's CPU).
             if !cfg.socket.exists() && std::time::Instant::now() < give_up {
                 socket_watch = path_wait::wait_for(&cfg.socket, Some(give_up), &[]).1;
             }
-            match handshake(&cfg.socket, cfg.num_queues, mem, reply_timeout) {
+            match handshake(
+                &cfg.socket,
+                cfg.num_queues,
+                mem,
+                reply_timeout,
+                pager.as_ref(),
+            ) {
                 Err(DiskError::Connect { err, .. })
                     if matches!(
                         err.kind(),
@@ -277,8 +354,14 @@ impl VhostUserBlk {
                 r => break r?,
             }
         };
-        info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), "disk connected");
-        let mut config = config;
+        let Handshake {
+            frontend,
+            features: backend_features,
+            protocol,
+            mut config,
+            paging,
+        } = shook;
+        info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), paging, "disk connected");
         // The number of queues the guest sees is the number configured.
         if config.len() >= 36 {
             config[34..36].copy_from_slice(&cfg.num_queues.to_le_bytes());
@@ -294,8 +377,10 @@ impl VhostUserBlk {
                 queue_size: cfg.queue_size,
                 mem: mem.clone(),
                 reply_timeout,
+                pager,
                 session: Mutex::new(Session {
                     frontend,
+                    paging,
                     inflight: None,
                     started: Vec::new(),
                     activations: LogLimit::default(),
@@ -454,9 +539,20 @@ impl BackendLink for Link {
     /// each ring resuming at the used index the guest's memory holds. The
     /// handshake (where a slow backend is waited for) holds no lock.
     fn reconnect(&self) -> Result<(), ReconnectError> {
-        let (frontend, features, protocol, _) =
-            handshake(&self.socket, self.num_queues, &self.mem, self.reply_timeout)
-                .map_err(|e| ReconnectError::NotYet(e.into()))?;
+        let Handshake {
+            frontend,
+            features,
+            protocol,
+            paging,
+            ..
+        } = handshake(
+            &self.socket,
+            self.num_queues,
+            &self.mem,
+            self.reply_timeout,
+            self.pager.as_ref(),
+        )
+        .map_err(|e| ReconnectError::NotYet(e.into()))?;
         if features != self.backend_features || protocol != self.protocol {
             return Err(ReconnectError::Incompatible(Box::new(DiskError::Changed {
                 socket: self.socket_name(),
@@ -468,6 +564,7 @@ impl BackendLink for Link {
         }
         let mut s = self.lock();
         s.frontend = frontend;
+        s.paging = paging;
         let Some(active) = s.active.take() else {
             return Ok(());
         };
@@ -475,6 +572,23 @@ impl BackendLink for Link {
         s.active = Some(active);
         r.map_err(|e| ReconnectError::NotYet(e.into()))?;
         info!(socket = %self.socket.display(), "disk reconnected");
+        Ok(())
+    }
+
+    fn pages_through_pager(&self) -> bool {
+        self.lock().paging
+    }
+
+    fn end_paging(&self) -> Result<(), DeviceError> {
+        let mut s = self.lock();
+        if !s.paging {
+            return Ok(());
+        }
+        let armed = deadline::arm(s.frontend.as_raw_fd(), self.reply_timeout);
+        s.frontend
+            .postcopy_end()
+            .map_err(self.err("POSTCOPY_END", &armed))?;
+        s.paging = false;
         Ok(())
     }
 
@@ -625,6 +739,11 @@ impl VirtioDevice for VhostUserBlk {
     fn resume(&mut self) -> Result<(), DeviceError> {
         let link = &self.link;
         let mut s = link.lock();
+        // Started already: the disk watcher reconnected a backend that had
+        // gone away (and replayed the rings) since the pause.
+        if !s.started.is_empty() {
+            return Ok(());
+        }
         let Some(active) = s.active.take() else {
             return Ok(());
         };

@@ -108,6 +108,11 @@ pub trait BackendLink: Send + Sync {
     /// The backend is gone for good: answer the guest's requests with
     /// errors from now on. False when there is nothing to take over.
     fn give_up(&self) -> bool;
+    /// Whether the backend's faults on guest memory go to a lazy
+    /// restore's pager (it may run before memory is filled).
+    fn pages_through_pager(&self) -> bool;
+    /// The pager is done: the backend stops handing it its faults.
+    fn end_paging(&self) -> Result<(), DeviceError>;
 }
 
 pub trait Interrupts {

@@ -5,85 +5,168 @@
 //! userfaultfd (missing-page mode, which shmem supports): a vCPU, KVM or a
 //! vmm thread touching a page not yet in the memfd stops until the pager
 //! thread has copied that page from the snapshot's memory file
-//! (`UFFDIO_COPY`: the page enters the memfd whole). Meanwhile the pager
-//! copies every data range of the file in the background, largest pieces
-//! first-come, skipping pages a fault already brought in.
+//! (`UFFDIO_COPY`: the page enters the memfd whole).
 //!
-//! A vhost-user backend maps the same memfd in its own process, where no
-//! userfaultfd watches: a page it touched before the pager filled it would
-//! be a fresh page of zeros, and the snapshot's data would be lost. So a
-//! backend must not touch guest memory before the pager is done: the vmm
-//! starts the restored disks (their rings) only then. The guest runs from
-//! the first instant; its disk requests wait in their rings (the kicks in
-//! their eventfds) until the disks start. Pages the snapshot holds no data
-//! for (holes) are zeros either way: whoever touches one first gets it.
+//! A vhost-user backend maps the same memfd in its own process. A page it
+//! touched before the pager filled it would be a fresh page of zeros there,
+//! and the snapshot's data would be lost. Two ways keep that from
+//! happening:
+//!
+//! - A backend that offers vhost-user's postcopy messages (PAGEFAULT)
+//!   registers its own mapping with a userfaultfd of its own and hands it
+//!   over (POSTCOPY_ADVISE, then the memory table's reply gives its
+//!   mapping's addresses): the pager serves that backend's faults as it
+//!   serves the vmm's, so the disk runs from the first instant. A page
+//!   brought in through either descriptor is in the memfd for both.
+//! - A backend without them is started only once every data page is in
+//!   (the guest's requests wait in their rings until then).
+//!
+//! The pager copies the snapshot's data in the background as well
+//! (`Mode::Lazy`: the VM owns all its memory again after a while), or only
+//! what is touched (`Mode::OnDemand`: a clone's memory is what it used; a
+//! snapshot of it fills the rest first). Pages the snapshot holds no data
+//! for (holes) are zeros either way.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
+use tracing::{info, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const PAGE: u64 = 4096;
+
+/// The few userfaultfd calls the pager makes, over the `userfaultfd`
+/// crate, in the shape the pager uses them.
+struct Userfault(userfaultfd::Uffd);
+
+/// What one `UFFDIO_COPY` did.
+enum Copied {
+    /// All of it went in.
+    All,
+    /// The first bytes went in; the kernel stopped there (a fault bringing
+    /// the next page in, the mappings changing): the rest again.
+    Part(u64),
+    /// The first page is there already: it stays as it is.
+    Exists,
+}
+
+fn io_error(e: userfaultfd::Error) -> std::io::Error {
+    match e {
+        userfaultfd::Error::SystemError(errno)
+        | userfaultfd::Error::CopyFailed(errno)
+        | userfaultfd::Error::ZeropageFailed(errno) => {
+            std::io::Error::from_raw_os_error(errno as i32)
+        }
+        e => std::io::Error::other(e),
+    }
+}
+
+impl Userfault {
+    /// Nonblocking, close-on-exec; kernel accesses (KVM's, a backend's
+    /// io_uring's) fault to it too.
+    fn new() -> Result<Userfault, userfaultfd::Error> {
+        userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map(Userfault)
+    }
+
+    /// One another process made and handed over.
+    fn from_fd(fd: OwnedFd) -> Userfault {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the descriptor is a userfaultfd (the backend's
+        // POSTCOPY_ADVISE answer), owned and given up here.
+        Userfault(unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) })
+    }
+
+    fn register(&self, start: u64, len: u64) -> std::io::Result<()> {
+        self.0
+            .register(start as *mut libc::c_void, len as usize)
+            .map(drop)
+            .map_err(io_error)
+    }
+
+    fn unregister(&self, start: u64, len: u64) -> std::io::Result<()> {
+        self.0
+            .unregister(start as *mut libc::c_void, len as usize)
+            .map_err(io_error)
+    }
+
+    fn wake(&self, start: u64, len: u64) -> std::io::Result<()> {
+        self.0
+            .wake(start as *mut libc::c_void, len as usize)
+            .map_err(io_error)
+    }
+
+    /// Copies `src` in at `dst` of the registered memory, waking the
+    /// faults waiting there.
+    ///
+    /// # Safety
+    /// `dst..dst + src.len()` must lie in memory this descriptor registered.
+    unsafe fn copy(&self, dst: u64, src: &[u8]) -> std::io::Result<Copied> {
+        // SAFETY: from `src`, alive for the call, into registered memory
+        // (the caller's promise); the kernel fills only missing pages.
+        let r = unsafe {
+            self.0.copy(
+                src.as_ptr().cast(),
+                dst as *mut libc::c_void,
+                src.len(),
+                true,
+            )
+        };
+        match r {
+            Ok(n) if n as u64 >= src.len() as u64 => Ok(Copied::All),
+            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => Ok(Copied::Part(n as u64)),
+            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                Ok(Copied::Exists)
+            }
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    /// The page addresses of the faults waiting now, at most `max`.
+    fn faults(&self, max: usize) -> std::io::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.0.read_event() {
+                Ok(Some(userfaultfd::Event::Pagefault { addr, .. })) => {
+                    out.push(addr as u64 & !(PAGE - 1))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl AsFd for Userfault {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 /// Bytes copied per background step: small enough that a fault waits
 /// behind at most one of them.
 const STEP: u64 = 256 << 10;
-
-// The userfaultfd ABI (linux/userfaultfd.h).
-const UFFD_API: u64 = 0xaa;
-const UFFDIO_API: u64 = 0xc018_aa3f;
-const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
-const UFFDIO_COPY: u64 = 0xc028_aa03;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    _reserved: [u8; 7],
-    flags: u64,
-    address: u64,
-    _rest: u64,
-}
+/// Faults read per look at a descriptor, so that one busy backend keeps
+/// no other (or the background copy) waiting long.
+const FAULTS_PER_LOOK: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum PagerError {
     #[error("userfaultfd: {0}")]
-    Create(std::io::Error),
+    Create(userfaultfd::Error),
+    #[error("the pager's wake-up eventfd: {0}")]
+    Wake(std::io::Error),
     #[error("userfaultfd: {what}: {source}")]
     Ioctl {
         what: &'static str,
@@ -103,16 +186,22 @@ pub enum PagerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the pager ended before guest memory was filled")]
+    Ended,
 }
 
-/// What the pager thread reports when it is done.
-type Outcome = (
-    std::sync::Mutex<Option<Result<Stats, PagerError>>>,
-    std::sync::Condvar,
-);
+/// How much of the snapshot the pager copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// What is touched at once, the rest in the background.
+    Lazy,
+    /// Only what is touched (until [`PagerHandle::fill_all`]).
+    OnDemand,
+}
 
-/// A guest memory region as the pager sees it: where it is mapped here
-/// and where its bytes are in the memfd (and the memory file).
+/// A guest memory region as the pager sees it: where it is mapped (here,
+/// or in a backend's process) and where its bytes are in the memfd (and
+/// the memory file).
 #[derive(Debug, Clone, Copy)]
 pub struct Region {
     pub host: u64,
@@ -141,116 +230,204 @@ impl Region {
     }
 }
 
-/// The pager, running. [`Pager::wait_filled`] returns once every data
-/// page is in guest memory (and the registration is gone).
-pub struct Pager {
-    done: Arc<Outcome>,
-}
-
 /// What the pager did.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Stats {
     pub faults: u64,
+    /// Of those, the backends' (postcopy).
+    pub backend_faults: u64,
     pub bytes: u64,
     pub ms: f64,
 }
 
-fn ioctl(
-    fd: &OwnedFd,
-    what: &'static str,
-    req: u64,
-    arg: *mut libc::c_void,
-) -> Result<(), PagerError> {
-    // SAFETY: a userfaultfd ioctl with the argument struct its number
-    // names, alive for the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) } < 0 {
-        return Err(PagerError::Ioctl {
-            what,
-            source: std::io::Error::last_os_error(),
-        });
+/// A backend's userfaultfd and where its mapping of each region is.
+struct Peer {
+    key: String,
+    uffd: Userfault,
+    regions: Vec<Region>,
+}
+
+/// What other threads tell the pager thread.
+#[derive(Default)]
+struct Requests {
+    peers: Vec<Peer>,
+    fill_all: bool,
+    stop: bool,
+}
+
+struct Shared {
+    requests: Mutex<Requests>,
+    wake: EventFd,
+    /// The vmm's regions (a peer's are the same at its addresses).
+    regions: Vec<Region>,
+    /// Some once every data page is in (or the pager failed).
+    filled: Mutex<Option<Result<Stats, PagerError>>>,
+    filled_changed: Condvar,
+}
+
+impl Shared {
+    fn ask(&self, f: impl FnOnce(&mut Requests)) {
+        f(&mut self.requests.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = self.wake.write(1);
     }
-    Ok(())
+
+    fn report(&self, r: Result<Stats, PagerError>) {
+        *self.filled.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.filled_changed.notify_all();
+    }
+}
+
+/// What the disks and the snapshot taker hold of a running pager.
+#[derive(Clone)]
+pub struct PagerHandle(Arc<Shared>);
+
+impl PagerHandle {
+    /// Whether pages of the snapshot are still missing: a backend that
+    /// connects now must page through the pager, or wait.
+    pub fn serving(&self) -> bool {
+        self.0
+            .filled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    /// Takes a backend's userfaultfd (its mapping of the regions at
+    /// `bases`, in the regions' order): its faults are served from now
+    /// on, in place of those of an earlier connection under `key`.
+    pub fn adopt(&self, key: &str, uffd: OwnedFd, bases: &[u64]) -> Result<(), PagerError> {
+        if bases.len() != self.0.regions.len() {
+            return Err(PagerError::Ioctl {
+                what: "the backend's memory table reply",
+                source: std::io::Error::other(format!(
+                    "{} regions mapped, {} sent",
+                    bases.len(),
+                    self.0.regions.len()
+                )),
+            });
+        }
+        let regions = self
+            .0
+            .regions
+            .iter()
+            .zip(bases)
+            .map(|(r, &host)| Region { host, ..*r })
+            .collect();
+        self.0.ask(|q| {
+            q.peers.push(Peer {
+                key: key.to_string(),
+                uffd: Userfault::from_fd(uffd),
+                regions,
+            })
+        });
+        Ok(())
+    }
+
+    /// Copies in the rest of the snapshot as well (a snapshot of this VM
+    /// needs all of its memory).
+    pub fn fill_all(&self) {
+        self.0.ask(|q| q.fill_all = true);
+    }
+}
+
+/// The pager, running.
+pub struct Pager {
+    shared: Arc<Shared>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Pager {
-    /// Registers `regions` and starts filling them from `file` (laid out
+    /// Registers `regions` and starts serving them from `file` (laid out
     /// as the memfd: see `snapshot::memory`). The thread confines itself
     /// to `policy` once it runs.
     pub fn start(
         regions: Vec<Region>,
         file: &Path,
+        mode: Mode,
         policy: &'static sandbox::Policy,
     ) -> Result<Pager, PagerError> {
         let src = File::open(file).map_err(|source| PagerError::File {
             path: file.to_path_buf(),
             source,
         })?;
-        // SAFETY: the userfaultfd system call with flags only; the result
-        // is checked and owned below.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(PagerError::Create(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a descriptor just created, owned from here on.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: 0,
-            ioctls: 0,
-        };
-        ioctl(&uffd, "UFFDIO_API", UFFDIO_API, (&raw mut api).cast())?;
+        let uffd = Userfault::new().map_err(PagerError::Create)?;
         for r in &regions {
-            let mut reg = UffdioRegister {
-                range: UffdioRange {
-                    start: r.host,
-                    len: r.len,
-                },
-                mode: UFFDIO_REGISTER_MODE_MISSING,
-                ioctls: 0,
-            };
-            ioctl(
-                &uffd,
-                "UFFDIO_REGISTER",
-                UFFDIO_REGISTER,
-                (&raw mut reg).cast(),
-            )?;
+            uffd.register(r.host, r.len)
+                .map_err(|source| PagerError::Ioctl {
+                    what: "UFFDIO_REGISTER",
+                    source,
+                })?;
         }
-        let done: Arc<Outcome> = Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
-        let d2 = Arc::clone(&done);
+        let shared = Arc::new(Shared {
+            requests: Mutex::default(),
+            wake: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Wake)?,
+            regions: regions.clone(),
+            filled: Mutex::new(None),
+            filled_changed: Condvar::new(),
+        });
+        let s2 = Arc::clone(&shared);
         let path = file.to_path_buf();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("pager".into())
             .spawn(move || {
                 let r = sandbox::confine(policy)
                     .map_err(PagerError::Confine)
                     .and_then(|()| {
-                        fill(&uffd, &src, &regions)
+                        serve(&s2, &uffd, &src, mode)
                             .map_err(|source| PagerError::Fill { path, source })
                     });
-                let (m, c) = &*d2;
-                *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                c.notify_all();
+                if let Err(e) = r {
+                    s2.report(Err(e));
+                } else if s2
+                    .filled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_none()
+                {
+                    s2.report(Err(PagerError::Ended));
+                }
             })
             .map_err(PagerError::Thread)?;
-        Ok(Pager { done })
+        Ok(Pager { shared, thread })
+    }
+
+    pub fn handle(&self) -> PagerHandle {
+        PagerHandle(Arc::clone(&self.shared))
     }
 
     /// Waits until every data page is in guest memory: what it took, or
-    /// why the pager failed (the guest then cannot go on).
-    pub fn wait_filled(self) -> Result<Stats, PagerError> {
-        let (m, c) = &*self.done;
-        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    /// why the pager failed (the guest then cannot go on). The pager still
+    /// serves the backends' faults (on holes) until [`Pager::finish`].
+    pub fn wait_filled(&self) -> Result<Stats, PagerError> {
+        let mut g = self.shared.filled.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(r) = g.take() {
-                return r;
+            match &*g {
+                Some(Ok(stats)) => return Ok(*stats),
+                Some(Err(_)) => {
+                    let Some(Err(e)) = g.replace(Err(PagerError::Ended)) else {
+                        unreachable!("matched above")
+                    };
+                    return Err(e);
+                }
+                None => {}
             }
-            g = c.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = self
+                .shared
+                .filled_changed
+                .wait(g)
+                .unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Ends the pager once no backend pages through it any more (each was
+    /// sent POSTCOPY_END, or started only after the fill).
+    pub fn finish(self) {
+        self.shared.ask(|q| q.stop = true);
+        let _ = self.thread.join();
     }
 }
 
-/// The memfd offset of host address `addr`, if guest memory.
+/// The memfd offset of address `addr` of `regions`, and the region.
 fn offset_of(regions: &[Region], addr: u64) -> Option<(u64, &Region)> {
     regions
         .iter()
@@ -258,15 +435,16 @@ fn offset_of(regions: &[Region], addr: u64) -> Option<(u64, &Region)> {
         .map(|r| (r.file_offset + (addr - r.host), r))
 }
 
-/// Copies `len` bytes at memfd offset `off` (host address `dst`) from the
-/// file into guest memory. Pages already there are left as they are.
+/// Copies `len` bytes at memfd offset `off` (address `dst` of the mapping
+/// `uffd` watches) from the file into guest memory. Pages already there
+/// are left as they are; with `wake_existing`, whoever waits on them is
+/// woken (they came in through another descriptor of the same memory).
 fn copy_in(
-    uffd: &OwnedFd,
+    uffd: &Userfault,
     src: &File,
     buf: &mut [u8],
-    dst: u64,
-    off: u64,
-    len: u64,
+    (dst, off, len): (u64, u64, u64),
+    wake_existing: bool,
 ) -> std::io::Result<u64> {
     let buf = &mut buf[..len as usize];
     // A hole reads as zeros, as the guest's page was.
@@ -277,51 +455,58 @@ fn copy_in(
     // are normal, endless ones an error, not a spin.
     let mut stalls = 0u32;
     while done < len {
-        let mut c = UffdioCopy {
-            dst: dst + done,
-            src: buf.as_ptr() as u64 + done,
-            len: len - done,
-            mode: 0,
-            copy: 0,
-        };
-        // SAFETY: UFFDIO_COPY from the rest of a buffer of `len` bytes
-        // into registered guest memory.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &raw mut c) };
-        if r == 0 {
-            return Ok(copied + (len - done));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
+        // SAFETY: `dst..dst + len` lies in a region `uffd` registered (the
+        // callers find it there); the kernel fills only missing pages.
+        match unsafe { uffd.copy(dst + done, &buf[done as usize..]) }? {
+            Copied::All => return Ok(copied + (len - done)),
             // Part of it went in (the kernel stops at a page a fault is
             // bringing in, or when the mappings change): the rest again.
-            Some(libc::EAGAIN) => {
-                let n = c.copy.max(0) as u64;
+            Copied::Part(n) => {
                 done += n;
                 copied += n;
                 if n == 0 {
                     stalls += 1;
                     if stalls > 10_000 {
-                        return Err(e);
+                        return Err(std::io::Error::other(
+                            "UFFDIO_COPY made no progress 10000 times",
+                        ));
                     }
                     std::thread::yield_now();
                 }
             }
-            // The next page is there already (a fault brought it): left
-            // as it is, the rest again.
-            Some(libc::EEXIST) => done += PAGE,
-            _ => return Err(e),
+            // The next page is there already: left as it is, the rest again.
+            Copied::Exists => {
+                if wake_existing {
+                    uffd.wake(dst + done, PAGE)?;
+                }
+                done += PAGE;
+            }
         }
     }
     Ok(copied)
 }
 
-/// The pager's loop: faults first, the background copy between them.
-fn fill(uffd: &OwnedFd, src: &File, regions: &[Region]) -> std::io::Result<Stats> {
-    let t0 = std::time::Instant::now();
-    let mut buf = vec![0u8; STEP as usize];
-    let mut stats = Stats::default();
-    // The background work: every data range of the file, in steps.
-    let mut todo: Vec<(u64, u64)> = Vec::new();
+/// Serves the faults waiting on `uffd` (whose mapping is `regions`); how
+/// many.
+fn serve_faults(
+    uffd: &Userfault,
+    regions: &[Region],
+    src: &File,
+    buf: &mut [u8],
+    stats: &mut Stats,
+) -> std::io::Result<u64> {
+    let faults = uffd.faults(FAULTS_PER_LOOK)?;
+    for &page in &faults {
+        if let Some((off, _)) = offset_of(regions, page) {
+            stats.bytes += copy_in(uffd, src, buf, (page, off, PAGE), true)?;
+        }
+    }
+    Ok(faults.len() as u64)
+}
+
+/// The data ranges of the memory file, in background steps, first first.
+fn background_work(src: &File, regions: &[Region]) -> std::io::Result<VecDeque<(u64, u64)>> {
+    let mut todo = VecDeque::new();
     for r in regions {
         let mut at = r.file_offset;
         let end = r.file_offset + r.len;
@@ -329,85 +514,130 @@ fn fill(uffd: &OwnedFd, src: &File, regions: &[Region]) -> std::io::Result<Stats
             let mut p = s;
             while p < e {
                 let n = (e - p).min(STEP);
-                todo.push((p, n));
+                todo.push_back((p, n));
                 p += n;
             }
             at = e;
         }
     }
-    todo.reverse();
+    Ok(todo)
+}
+
+/// The pager's loop: faults first (the vmm's, then each backend's), a
+/// background step between looks while there is work, else a wait for
+/// the next fault or request. Every data page in, the vmm's own mappings
+/// are let go (faults there from then on are on holes, which the memfd
+/// gives without us); the backends' faults are served until `stop`.
+fn serve(shared: &Shared, uffd: &Userfault, src: &File, mode: Mode) -> std::io::Result<()> {
+    let t0 = std::time::Instant::now();
+    let regions = &shared.regions;
+    let mut buf = vec![0u8; STEP as usize];
+    let mut stats = Stats::default();
+    let mut todo = background_work(src, regions)?;
+    let mut background = mode == Mode::Lazy;
+    let mut peers: Vec<Peer> = Vec::new();
+    let mut own_registered = true;
     loop {
-        // Faults waiting: served first (nonblocking reads until none).
-        let mut msg = [UffdMsg {
-            event: 0,
-            _reserved: [0; 7],
-            flags: 0,
-            address: 0,
-            _rest: 0,
-        }; 16];
-        loop {
-            // SAFETY: reading whole uffd_msg records into a buffer of them.
-            let n = unsafe {
-                libc::read(
-                    uffd.as_raw_fd(),
-                    msg.as_mut_ptr().cast(),
-                    std::mem::size_of_val(&msg),
-                )
-            };
-            if n <= 0 {
-                let e = std::io::Error::last_os_error();
-                if n == 0 || e.raw_os_error() == Some(libc::EAGAIN) {
-                    break;
+        {
+            let mut q = shared.requests.lock().unwrap_or_else(|e| e.into_inner());
+            for p in q.peers.drain(..) {
+                info!(backend = %p.key, "a backend pages through the restore's pager");
+                peers.retain(|old| old.key != p.key);
+                peers.push(p);
+            }
+            background |= q.fill_all;
+            if q.stop {
+                break;
+            }
+        }
+        let mut served = serve_faults(uffd, regions, src, &mut buf, &mut stats)?;
+        stats.faults += served;
+        let mut gone = Vec::new();
+        for (i, p) in peers.iter().enumerate() {
+            match serve_faults(&p.uffd, &p.regions, src, &mut buf, &mut stats) {
+                Ok(n) => {
+                    stats.faults += n;
+                    stats.backend_faults += n;
+                    served += n;
                 }
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+                // Its process is gone (its memory with it): so is it.
+                Err(e) => {
+                    warn!(backend = %p.key, "a backend's page faults: {e}; no longer served");
+                    gone.push(i);
                 }
+            }
+        }
+        for i in gone.into_iter().rev() {
+            peers.remove(i);
+        }
+        if served > 0 {
+            continue;
+        }
+        if background {
+            if let Some((off, len)) = todo.pop_front() {
+                if let Some(r) = regions
+                    .iter()
+                    .find(|r| r.file_offset <= off && off < r.file_offset + r.len)
+                {
+                    stats.bytes += copy_in(
+                        uffd,
+                        src,
+                        &mut buf,
+                        (r.host + (off - r.file_offset), off, len),
+                        false,
+                    )?;
+                }
+                continue;
+            }
+            if own_registered {
+                for r in regions {
+                    uffd.unregister(r.host, r.len)?;
+                }
+                own_registered = false;
+                stats.ms = t0.elapsed().as_secs_f64() * 1e3;
+                shared.report(Ok(stats));
+            }
+        }
+        // Nothing to do: wait for a fault or a request.
+        let mut fds: Vec<libc::pollfd> = std::iter::once(shared.wake.as_raw_fd())
+            .chain(std::iter::once(uffd.as_fd().as_raw_fd()))
+            .chain(peers.iter().map(|p| p.uffd.as_fd().as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll on descriptors this thread holds open, the array
+        // alive for the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(e);
             }
-            for m in &msg[..n as usize / std::mem::size_of::<UffdMsg>()] {
-                if m.event != UFFD_EVENT_PAGEFAULT {
-                    continue;
-                }
-                let page = m.address & !(PAGE - 1);
-                if let Some((off, _)) = offset_of(regions, page) {
-                    stats.bytes += copy_in(uffd, src, &mut buf, page, off, PAGE)?;
-                    stats.faults += 1;
-                }
-            }
         }
-        let Some((off, len)) = todo.pop() else {
-            break;
-        };
-        let region = regions
+        if fds[0].revents != 0 {
+            let _ = shared.wake.read();
+        }
+        // A backend whose process ended: its descriptor hangs up.
+        let hung: Vec<usize> = fds[2..]
             .iter()
-            .find(|r| r.file_offset <= off && off < r.file_offset + r.len)
-            .copied();
-        if let Some(r) = region {
-            stats.bytes += copy_in(
-                uffd,
-                src,
-                &mut buf,
-                r.host + (off - r.file_offset),
-                off,
-                len,
-            )?;
+            .enumerate()
+            .filter(|(_, f)| f.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+            .map(|(i, _)| i)
+            .collect();
+        for i in hung.into_iter().rev() {
+            warn!(backend = %peers[i].key, "a backend's userfaultfd hung up; no longer served");
+            peers.remove(i);
         }
     }
-    // Every data page is in: faults from here on are on holes (zeros),
-    // which the memfd gives without us.
-    for r in regions {
-        let mut range = UffdioRange {
-            start: r.host,
-            len: r.len,
-        };
-        // SAFETY: unregistering a range registered above.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &raw mut range) } < 0 {
-            return Err(std::io::Error::last_os_error());
+    if own_registered {
+        for r in regions {
+            uffd.unregister(r.host, r.len)?;
         }
     }
-    // A fault that raced with the unregistering is woken by the close.
-    stats.ms = t0.elapsed().as_secs_f64() * 1e3;
-    Ok(stats)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -447,7 +677,7 @@ mod tests {
 
         let dst = crate::memory::create(len).expect("memory");
         let regions = Region::of(&dst);
-        let pager = match Pager::start(regions, &file, &crate::seccomp::PAGER) {
+        let pager = match Pager::start(regions, &file, Mode::Lazy, &crate::seccomp::PAGER) {
             Ok(p) => p,
             Err(PagerError::Create(e)) => {
                 eprintln!("SKIPPED: no userfaultfd here: {e}");
@@ -479,6 +709,7 @@ mod tests {
             r.join().expect("a reader");
         }
         let stats = pager.wait_filled().expect("filled");
+        pager.finish();
         assert!(
             stats.bytes >= (8 << 20),
             "the data was copied in: {stats:?}"

@@ -461,7 +461,8 @@ fn a_running_vm_snapshotted_by_name_goes_on_and_a_fleet_continues_from_it() {
     assert_clean_result(&v, "src");
 
     // Three VMs continue from the snapshot's instant, each on its own
-    // clone of the sealed disk, and finish the same run verified.
+    // clone of the sealed disk (their memory brought in on demand, the
+    // default), and finish the same run verified.
     let out = v.call(
         &[
             "run",
@@ -486,9 +487,19 @@ fn a_running_vm_snapshotted_by_name_goes_on_and_a_fleet_continues_from_it() {
         assert_eq!(r["result"]["verify_failures"], 0, "{r}");
         assert_eq!(r["result"]["errors"], 0, "{r}");
     }
-    // A named VM from the snapshot, on a backend of its own; its first
-    // start continues the run, its next one boots.
-    v.ok(&["create", "solo", "--from-snapshot", "s1", "--backend", "vm"]);
+    // A named VM from the snapshot, on a backend of its own, its memory
+    // filled lazily; its first start continues the run, its next one
+    // boots.
+    v.ok(&[
+        "create",
+        "solo",
+        "--from-snapshot",
+        "s1",
+        "--backend",
+        "vm",
+        "--restore-memory",
+        "lazy",
+    ]);
     assert!(v
         .fails(&["create", "other", "--from-snapshot", "nosuch"])
         .contains("no snapshot named \"nosuch\""));

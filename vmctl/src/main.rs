@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use crate::ops::Spec;
-use crate::state::{BackendMode, Observed, Root};
+use crate::state::{BackendMode, Observed, RestoreMemory, Root};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +79,9 @@ enum Cmd {
         /// memory, kernel and command line are the snapshot's).
         #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
         from_snapshot: Option<String>,
+        /// With --from-snapshot: how its memory comes in.
+        #[arg(long, value_enum, default_value_t = RestoreMemory::OnDemand)]
+        restore_memory: RestoreMemory,
         #[command(flatten)]
         vm: VmOptions,
     },
@@ -193,6 +196,10 @@ enum Cmd {
         /// disk) instead of booting.
         #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
         from_snapshot: Option<String>,
+        /// With --from-snapshot: how each VM's memory comes in (on demand:
+        /// each takes host memory for the pages it touches).
+        #[arg(long, value_enum, default_value_t = RestoreMemory::OnDemand)]
+        restore_memory: RestoreMemory,
         #[command(flatten)]
         vm: VmOptions,
         /// Delete the VMs when they are done.
@@ -313,10 +320,13 @@ fn run(cli: Cli) -> Result<i32> {
             name,
             image,
             from_snapshot,
+            restore_memory,
             vm,
         } => {
             let spec = match (image, from_snapshot) {
-                (_, Some(snap)) => snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, false),
+                (_, Some(snap)) => {
+                    snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, restore_memory, false)
+                }
                 (Some(image), None) => spec(image, &vm)?,
                 (None, None) => bail!("--image or --from-snapshot is needed"),
             };
@@ -528,13 +538,15 @@ fn run(cli: Cli) -> Result<i32> {
             prefix,
             image,
             from_snapshot,
+            restore_memory,
             vm,
             rm,
             output,
         } => {
             let demo = image.is_none() && from_snapshot.is_none();
             if let Some(snap) = from_snapshot {
-                let spec = snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, rm);
+                let spec =
+                    snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, restore_memory, rm);
                 let report = fleet::run(&root, &prefix, count, &spec, rm)?;
                 return Ok(print_fleet(&report, output, false));
             }

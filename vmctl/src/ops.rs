@@ -34,7 +34,7 @@ pub struct Spec {
     pub scratch: bool,
     /// A VM snapshot's saved state its first start continues from (the
     /// image is then that snapshot's sealed disk).
-    pub restore: Option<PathBuf>,
+    pub restore: Option<crate::state::RestoreFrom>,
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a

@@ -31,7 +31,8 @@ use serde_json::{json, Value};
 use crate::host_backend::{control_call, HostBackend};
 use crate::ops::{api, define, Spec};
 use crate::state::{
-    check_name, now_ms, read_json, write_json, BackendMode, Observed, Root, VmConfig, VmDir,
+    check_name, now_ms, read_json, write_json, BackendMode, Observed, RestoreFrom, RestoreMemory,
+    Root, VmConfig, VmDir,
 };
 
 const RECORD: &str = "snapshot.json";
@@ -80,7 +81,7 @@ impl Snapshot {
 
     /// What `create --from-snapshot` makes: a VM of the snapshot's
     /// definition on a clone of its disk, continuing from it.
-    pub fn spec(&self, backend: BackendMode, scratch: bool) -> Spec {
+    pub fn spec(&self, backend: BackendMode, memory: RestoreMemory, scratch: bool) -> Spec {
         let c = &self.record.config;
         Spec {
             image: self.record.disk.clone(),
@@ -93,7 +94,10 @@ impl Snapshot {
             disk_size: None,
             backend,
             scratch,
-            restore: Some(self.vm_state()),
+            restore: Some(RestoreFrom {
+                dir: self.vm_state(),
+                memory,
+            }),
         }
     }
 

@@ -171,12 +171,44 @@ pub struct VmConfig {
     #[serde(default)]
     pub backend: BackendMode,
     pub created_unix: u64,
-    /// A VM snapshot's directory (`vmm --restore`) its next start continues
-    /// from instead of booting: set by `create --from-snapshot`, cleared
-    /// once the restored VM runs (its disk has moved on from the
-    /// snapshot's, so a later start boots).
+    /// A VM snapshot its next start continues from instead of booting:
+    /// set by `create --from-snapshot`, cleared once the restored VM runs
+    /// (its disk has moved on from the snapshot's, so a later start boots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restore: Option<PathBuf>,
+    pub restore: Option<RestoreFrom>,
+}
+
+/// Where a restored VM continues from, and how its memory comes in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreFrom {
+    /// The vmm's snapshot directory (`vmm --restore`).
+    pub dir: PathBuf,
+    pub memory: RestoreMemory,
+}
+
+/// How a restored VM's memory comes in (the vmm's `--restore-memory`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMemory {
+    /// Only the pages the guest and its disk touch (clones of one snapshot
+    /// take memory for what each uses).
+    #[default]
+    OnDemand,
+    /// Touched pages at once, the rest in the background.
+    Lazy,
+    /// All of it before the guest runs.
+    Copy,
+}
+
+impl RestoreMemory {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            RestoreMemory::OnDemand => "on-demand",
+            RestoreMemory::Lazy => "lazy",
+            RestoreMemory::Copy => "copy",
+        }
+    }
 }
 
 /// Who serves a VM's disk.

@@ -400,7 +400,10 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
     match &config.restore {
         // It continues from the snapshot: its vCPUs, memory size and
         // devices are the snapshot's.
-        Some(snapshot) => cmd.arg("--restore").arg(snapshot),
+        Some(from) => cmd
+            .arg("--restore")
+            .arg(&from.dir)
+            .args(["--restore-memory", from.memory.as_arg()]),
         None => cmd
             .arg("--kernel")
             .arg(match &config.kernel {

@@ -718,4 +718,127 @@ mod tests {
         dst.mem.read_slice(&mut got, GuestAddress(0)).expect("read");
         assert!(got == *want, "the memory differs from the snapshot's");
     }
+
+    /// On demand, memory holds the pages touched and no others: 64 pages
+    /// read of a 16 MiB snapshot full of data bring in 64 pages; told to
+    /// fill the rest, the whole memory is the snapshot's.
+    #[test]
+    fn memory_restored_on_demand_holds_only_the_pages_touched_until_filled() {
+        use std::os::unix::fs::MetadataExt;
+        let len: u64 = 16 << 20;
+        let src = crate::memory::create(len).expect("memory");
+        let want: Vec<u8> = (0..len).map(|i| (i % 253) as u8 | 1).collect();
+        src.mem.write_slice(&want, GuestAddress(0)).expect("write");
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("memory");
+        crate::snapshot::memory::save(&src.file, len, &file).expect("save");
+
+        let dst = crate::memory::create(len).expect("memory");
+        let pager = match Pager::start(
+            Region::of(&dst),
+            &file,
+            Mode::OnDemand,
+            &crate::seccomp::PAGER,
+        ) {
+            Ok(p) => p,
+            Err(PagerError::Create(e)) => {
+                eprintln!("SKIPPED: no userfaultfd here: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        for k in 0..64u64 {
+            let at = k * (len / 64) + 123;
+            let got: u8 = dst.mem.read_obj(GuestAddress(at)).expect("read");
+            assert_eq!(got, want[at as usize], "at {at:#x}");
+        }
+        let held = dst.file.metadata().expect("memfd").blocks() * 512;
+        assert_eq!(held, 64 * PAGE, "the memfd holds the pages touched only");
+        assert!(pager.handle().serving(), "pages are still missing");
+        pager.handle().fill_all();
+        pager.wait_filled().expect("filled");
+        assert!(!pager.handle().serving());
+        pager.finish();
+        let mut got = vec![0u8; len as usize];
+        dst.mem.read_slice(&mut got, GuestAddress(0)).expect("read");
+        assert!(got == want, "the memory differs from the snapshot's");
+    }
+
+    /// A second mapping of the memory, registered with a userfaultfd of
+    /// its own and handed to the pager (as a backend does by postcopy):
+    /// pages read through it come in from the snapshot, and are then in
+    /// the vmm's mapping too; pages the vmm brought in first read the same
+    /// through it.
+    #[test]
+    fn a_backends_mapping_is_paged_through_the_pager() {
+        use std::os::fd::AsRawFd;
+        let len: u64 = 8 << 20;
+        let src = crate::memory::create(len).expect("memory");
+        let want: Vec<u8> = (0..len).map(|i| (i % 241) as u8 | 2).collect();
+        src.mem.write_slice(&want, GuestAddress(0)).expect("write");
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("memory");
+        crate::snapshot::memory::save(&src.file, len, &file).expect("save");
+
+        let dst = crate::memory::create(len).expect("memory");
+        let pager = match Pager::start(
+            Region::of(&dst),
+            &file,
+            Mode::OnDemand,
+            &crate::seccomp::PAGER,
+        ) {
+            Ok(p) => p,
+            Err(PagerError::Create(e)) => {
+                eprintln!("SKIPPED: no userfaultfd here: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        // The "backend's" mapping: the same memfd, mapped again.
+        // SAFETY: a new shared mapping of the whole memfd, unmapped below.
+        let peer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                dst.file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(peer, libc::MAP_FAILED);
+        let uffd = Userfault::new().expect("userfaultfd");
+        uffd.register(peer as u64, len).expect("register");
+        let handed = uffd.0.as_fd().try_clone_to_owned().expect("dup");
+        pager
+            .handle()
+            .adopt("peer", handed, &[peer as u64])
+            .expect("adopt");
+        let vmm_first = 5 * PAGE + 7;
+        let got: u8 = dst.mem.read_obj(GuestAddress(vmm_first)).expect("read");
+        assert_eq!(got, want[vmm_first as usize]);
+        let reads: Vec<(u64, u8)> = (0..len)
+            .step_by(PAGE as usize * 3)
+            .chain([vmm_first])
+            .map(|at| {
+                // SAFETY: inside the peer mapping, mapped until the end.
+                (at, unsafe { *(peer as *const u8).add(at as usize) })
+            })
+            .collect();
+        for (at, got) in reads {
+            assert_eq!(got, want[at as usize], "through the peer, at {at:#x}");
+            let through_vmm: u8 = dst.mem.read_obj(GuestAddress(at)).expect("read");
+            assert_eq!(
+                through_vmm, got,
+                "the vmm sees the page the peer brought in"
+            );
+        }
+        pager.handle().fill_all();
+        let stats = pager.wait_filled().expect("filled");
+        assert!(stats.backend_faults > 0, "{stats:?}");
+        pager.finish();
+        uffd.unregister(peer as u64, len).expect("unregister");
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(peer, len as usize) };
+    }
 }

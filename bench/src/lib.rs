@@ -3,7 +3,7 @@
 
 pub mod launch;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +25,20 @@ pub fn report(
             .with_context(|| format!("{}", p.display()))?;
     }
     Ok(())
+}
+
+/// One of the project's release binaries, beside the benchmark's own (a
+/// benchmark measures what users run, not a debug build).
+pub fn release_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the benchmark itself")?;
+    let p = exe.with_file_name(name);
+    if !p.exists() {
+        bail!(
+            "{} is not built: cargo build --release -p vmm -p vhost-blk-backend -p image-format",
+            p.display()
+        );
+    }
+    Ok(p)
 }
 
 /// Writes `size` bytes of random data to `path` with fio (O_DIRECT, 1 MiB

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
 use test_infra::{
-    bin, img, kvm_available, s, vmm_api, BackendControl, BlkBackendProcess, Patience, VmmVm,
+    img, kvm_available, s, vmm_api, BackendControl, BlkBackendProcess, Patience, VmmVm,
 };
 
 #[derive(Parser)]
@@ -60,9 +60,15 @@ struct SizeResult {
     clone_pss_mib: Vec<f64>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: Vec<f64>) -> f64 {
+    percentile(v, 50)
+}
+
+/// The value `p` percent of the runs are at or under (nearest rank).
+fn percentile(mut v: Vec<f64>, p: usize) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let rank = (v.len() * p).div_ceil(100).max(1);
+    v.get(rank - 1).copied().unwrap_or(0.0)
 }
 
 /// Host memory a restored VM holds: the pages its guest memory (the
@@ -113,7 +119,7 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
     std::fs::create_dir_all(work)?;
     let ctl_path = work.join("control.sock");
     let _backend = BlkBackendProcess::start_exports_with(
-        &bin("blk-backend"),
+        &bench::release_binary("blk-backend")?,
         &[],
         &["--control", &s(&ctl_path)],
     )?;
@@ -132,8 +138,9 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
     let sock = add(&mut ctl, &image)?;
     let api = work.join(format!("api{mem_mib}.sock"));
     let touch = (mem_mib as u64 * a.touch_pct as u64 / 100) << 20;
+    let vmm = bench::release_binary("vmm")?;
     let mut v = VmmVm::new(
-        &bin("vmm"),
+        &vmm,
         &format!(
             "mode=randread bs=4k qd=1 size=64M duration_ms=3600000 progress_ms=100 touch={touch}"
         ),
@@ -177,7 +184,7 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
             let sock = add(&mut ctl, &clone)?;
             let api_k = work.join(format!("api{mem_mib}-{k}.sock"));
             let metrics = work.join(format!("m{mem_mib}-{k}.json"));
-            let mut v = VmmVm::new(&bin("vmm"), "").with_disk(&sock, 1);
+            let mut v = VmmVm::new(&vmm, "").with_disk(&sock, 1);
             v.restore = Some(snap.clone());
             v.options = vec!["--restore-memory".into(), mode.into()];
             v.api_socket = Some(api_k.clone());
@@ -279,17 +286,18 @@ fn main() -> Result<()> {
         }
     }
     let mut md = String::from(
-        "| guest memory | restore | snapshot ms | memory saved MiB | restore to KVM_RUN ms (median) | restore to the guest's next line ms (median) | host memory per restored VM MiB (median, max) |\n|---:|---|---:|---:|---:|---:|---:|\n",
+        "| guest memory | restore | snapshot ms | memory saved MiB | restore to KVM_RUN ms (median, p90) | restore to the guest's next line ms (median) | host memory per restored VM MiB (median, max) |\n|---:|---|---:|---:|---:|---:|---:|\n",
     );
     for r in &results {
         let max = r.clone_pss_mib.iter().copied().fold(0.0, f64::max);
         md += &format!(
-            "| {} MiB | {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1}, {:.1} |\n",
+            "| {} MiB | {} | {:.1} | {:.1} | {:.2}, {:.2} | {:.1} | {:.1}, {:.1} |\n",
             r.mem_mib,
             r.restore_memory,
             r.snapshot_ms,
             r.memory_saved_mib,
             median(r.restore_to_run_ms.clone()),
+            percentile(r.restore_to_run_ms.clone(), 90),
             median(r.restore_to_line_ms.clone()),
             median(r.clone_pss_mib.clone()),
             max

@@ -441,3 +441,69 @@ fn damaged_snapshots_and_impossible_snapshots_are_refused_by_name() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("1 disks; 0 were given"), "{err}");
 }
+
+/// A VM restored on demand whose disk backend is killed mid-run: the new
+/// backend pages through the vmm's pager again (postcopy on the new
+/// session), the guest finishes its verifying writes with no error, and
+/// the disk reads back.
+#[test]
+fn a_backend_killed_during_an_on_demand_restore_pages_through_the_vmm_again() {
+    if !ready("vmm_snapshot_backend_kill", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let size = "16M";
+    let image = fx.image("vm.img", size);
+    let sock = Fixture::socket_of(&image);
+    let b = fx.serve(&image, 1);
+    let ios = measured_ios(&sock, 3, size);
+    // Half of its memory holds data: there is something to page in.
+    let run = format!(
+        "mode=randwrite verify=1 gen=3 bs=4k qd=4 size={size} ios={ios} progress_ms=100 timeout_ms=20000 touch=128M"
+    );
+    let api_sock = fx.path("api.sock");
+    let mut v = vm_on(&sock, &run);
+    v.api_socket = Some(api_sock.clone());
+    let mut original = started(&v);
+    let line = Patience::new("the next progress line", Duration::from_millis(200));
+    original.wait_for_progress(1, &line).expect("progress");
+    assert!(api(&api_sock, &["pause"]).0, "pause");
+    let snap = fx.path("snap");
+    let (ok, out) = api(&api_sock, &["snapshot", "--dir", &s(&snap)]);
+    assert!(ok, "snapshot: {out}");
+    assert!(api(&api_sock, &["shutdown", "--force"]).0, "shutdown");
+    let _ = original.wait();
+    b.stop();
+    // Its disk sealed (offline here) and cloned for the restored VM.
+    test_infra::img(&["snapshot", "-c", "s", &s(&image)]);
+    let clone = fx.clone_of("vm.img@s", "r.img");
+    let mut backend = fx.serve(&clone, 1);
+    let mut r = vm_on(&Fixture::socket_of(&clone), "");
+    r.restore = Some(snap);
+    r.options = vec!["--restore-memory".into(), "on-demand".into()];
+    r.log = Some("info".into());
+    r.silence = Patience::new("a run that reports at its end", Duration::from_secs(4));
+    let mut restored = r.spawn().expect("the restored vmm starts");
+    let lines = restored.progress_lines();
+    restored
+        .wait_for_progress(lines + 1, &line)
+        .expect("the restored guest goes on");
+    assert!(restored.running(), "the run ended before the kill");
+    backend.kill();
+    std::thread::sleep(Duration::from_millis(100));
+    let backend = fx.serve(&clone, 1);
+    let done = restored.wait().expect("the restored VM ends");
+    done.assert_ok("restored on demand, across a backend kill");
+    assert_eq!(done.field("errors"), 0);
+    let paged = done
+        .stderr
+        .matches("a backend pages through the restore's pager")
+        .count();
+    assert_eq!(
+        paged, 2,
+        "the first backend and the one after the kill paged through the vmm:\n{}",
+        done.stderr
+    );
+    verify(&Fixture::socket_of(&clone), 3, size, "the restored disk");
+    backend.stop();
+}

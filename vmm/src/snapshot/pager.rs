@@ -78,9 +78,19 @@ impl Userfault {
             .map(Userfault)
     }
 
-    /// One another process made and handed over.
+    /// One another process made and handed over. Made nonblocking here:
+    /// whatever a backend handed over, reading it never stops the pager
+    /// (a descriptor that is no userfaultfd fails its first read, and the
+    /// backend's faults are no longer served).
     fn from_fd(fd: OwnedFd) -> Userfault {
         use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: fcntl on a descriptor we own, flags only.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
         // SAFETY: the descriptor is a userfaultfd (the backend's
         // POSTCOPY_ADVISE answer), owned and given up here.
         Userfault(unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) })

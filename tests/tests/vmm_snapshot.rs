@@ -477,7 +477,7 @@ fn a_backend_killed_during_an_on_demand_restore_pages_through_the_vmm_again() {
     // Its disk sealed (offline here) and cloned for the restored VM.
     test_infra::img(&["snapshot", "-c", "s", &s(&image)]);
     let clone = fx.clone_of("vm.img@s", "r.img");
-    let mut backend = fx.serve(&clone, 1);
+    let backend = fx.serve(&clone, 1);
     let mut r = vm_on(&Fixture::socket_of(&clone), "");
     r.restore = Some(snap);
     r.options = vec!["--restore-memory".into(), "on-demand".into()];

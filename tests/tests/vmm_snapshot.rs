@@ -219,15 +219,15 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
                 let mut v = vm_on(&sock, "");
                 v.restore = Some(snap.clone());
                 v.log = Some("info".into());
-                // Lazily (the default: memory brought in on touch and in
-                // the background), copied first, and on demand (only
-                // what the guest and its backend touch).
+                // On demand (only what the guest and its backend touch;
+                // snapshotted again below, which fills the rest first),
+                // copied first, and lazily (the default: memory brought
+                // in on touch and in the background).
                 if k == 0 {
                     v.api_socket = Some(fx.path(&format!("api{gen}-r0.sock")));
+                    v.options = vec!["--restore-memory".into(), "on-demand".into()];
                 } else if k == 1 {
                     v.options = vec!["--restore-memory".into(), "copy".into()];
-                } else {
-                    v.options = vec!["--restore-memory".into(), "on-demand".into()];
                 }
                 v.silence = silence.clone();
                 v.spawn().expect("a restored vmm starts")
@@ -272,7 +272,7 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
             // Restored on demand, the disk ran at once: its backend's
             // faults went to the vmm's pager (postcopy). (Lazily, this
             // small a memory is often all in before the disk connects.)
-            if k == 2 {
+            if k == 0 {
                 assert!(
                     done.stderr
                         .contains("a backend pages through the restore's pager"),

@@ -206,10 +206,11 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
     let (base, rate) = golden_and_rate(&fx);
     let image = base.to_str().expect("utf-8");
     // Two VMs on the host backend (the default) and one with a backend of
-    // its own, all writing and verifying: a count of writes (2 s of the
-    // fill's rate), so that the VMs, paused while the test looks around, are
-    // still at work when their backends are killed, however slow the
-    // machine or the test's own steps.
+    // its own, all writing and verifying: a count of writes (2 s at the
+    // fill's rate; a run, paused after its first progress line, has done
+    // a fraction of it), so that the VMs, paused while the test looks
+    // around, are still at work when their backends are killed, however
+    // slow the machine or the test's own steps.
     let work = format!(
         "mode=randwrite verify=1 gen=4 size=8M ios={} progress_ms=200 timeout_ms=20000",
         rate * 2
@@ -221,8 +222,7 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
         }
         v.ok(&args);
         v.ok(&["start", name]);
-    }
-    for name in ["db", "web", "solo"] {
+        // At work, then held.
         until("a progress line", Duration::from_millis(500), || {
             v.ok(&["logs", name]).contains("progress:")
         });

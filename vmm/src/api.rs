@@ -235,7 +235,9 @@ impl Api {
                     .ok()
                     .and_then(|v| v["force"].as_bool())
                     .unwrap_or(false);
-                let _ = self.events.send(VmEvent::Shutdown { force });
+                // Told to the VM once the answer is out (see `serve`): a
+                // forced end exits at once, and a client must not find the
+                // connection closed without its answer.
                 (200, json!({ "state": "stopping", "force": force }))
             }
             ("PUT", "/api/v1/vm.snapshot") => {
@@ -311,6 +313,10 @@ impl Api {
                         Ok(req) => {
                             let (code, body) = self.handle(&req);
                             respond(&mut stream, code, &body);
+                            if req.path == "/api/v1/vm.shutdown" && code == 200 {
+                                let force = body["force"].as_bool().unwrap_or(false);
+                                let _ = self.events.send(VmEvent::Shutdown { force });
+                            }
                         }
                         Err(e) => {
                             warn!("api: {e}");

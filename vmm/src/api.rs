@@ -400,6 +400,7 @@ mod tests {
                 cpus: 1,
                 memory: 1 << 30,
                 disks: Vec::new(),
+                nets: Vec::new(),
                 api_socket: None,
                 serial: crate::config::SerialOut::None,
                 virtio_console: true,

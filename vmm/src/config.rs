@@ -10,6 +10,8 @@ pub enum ConfigError {
     BadSize(#[from] cli_support::SizeError),
     #[error("--disk {spec:?}: {why}")]
     BadDisk { spec: String, why: String },
+    #[error("--net {spec:?}: {why}")]
+    BadNet { spec: String, why: String },
     #[error("--serial {0:?}: stdio, none or file=PATH")]
     BadSerial(String),
     #[error("{0}")]
@@ -50,6 +52,74 @@ pub struct DiskConfig {
     pub connect_timeout_ms: u64,
 }
 
+/// A NIC whose frames a vhost-user-net backend moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub socket: PathBuf,
+    /// The MAC the guest sees (`52:54:00:..`): a random locally
+    /// administered one when not given.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Receive and transmit queues: two per queue pair.
+    #[serde(default = "two")]
+    pub num_queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default = "default_reconnect_timeout")]
+    pub reconnect_timeout_ms: u64,
+    #[serde(default = "default_reply_timeout")]
+    pub reply_timeout_ms: u64,
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
+}
+
+impl NetConfig {
+    /// The MAC as bytes: the given one, or a random locally administered
+    /// unicast one.
+    pub fn mac_bytes(&self) -> Result<[u8; 6], ConfigError> {
+        match &self.mac {
+            Some(m) => parse_mac(m).ok_or_else(|| ConfigError::BadNet {
+                spec: m.clone(),
+                why: "mac: six hex bytes such as 52:54:00:12:34:56, unicast".into(),
+            }),
+            None => {
+                let mut b = [0u8; 6];
+                // SAFETY: getrandom into a 6-byte buffer of ours.
+                let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 6, 0) };
+                if n != 6 {
+                    // Never on Linux for 6 bytes; the pid keeps VMs apart.
+                    b = [0, 0, 0, 0, 0, 0];
+                    b[2..6].copy_from_slice(&std::process::id().to_le_bytes());
+                }
+                // Locally administered (bit 1), unicast (bit 0 clear).
+                b[0] = (b[0] | 0x02) & !0x01;
+                Ok(b)
+            }
+        }
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, a unicast address.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut b = [0u8; 6];
+    for (o, p) in b.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *o = u8::from_str_radix(p, 16).ok()?;
+    }
+    (b[0] & 1 == 0).then_some(b)
+}
+
+fn two() -> u16 {
+    2
+}
+
 fn default_reply_timeout() -> u64 {
     // Stopping a queue waits for its in-flight I/O in the backend: seconds
     // on a slow disk at a deep queue, never tens of them.
@@ -86,6 +156,8 @@ pub struct VmConfig {
     pub memory: u64,
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
     #[serde(default = "stdio")]
@@ -153,56 +225,119 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     Ok(cli_support::parse_size(s)?)
 }
 
-pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
-    let err = |why: &str| ConfigError::BadDisk {
-        spec: spec.to_string(),
-        why: why.to_string(),
-    };
-    let mut d = DiskConfig {
-        socket: PathBuf::new(),
-        num_queues: 1,
-        queue_size: 256,
-        readonly: false,
-        reconnect_timeout_ms: default_reconnect_timeout(),
-        reply_timeout_ms: default_reply_timeout(),
-        connect_timeout_ms: 0,
-    };
-    let mut socket = None;
-    for kv in spec.split(',') {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| err("expected key=value"))?;
-        match k {
-            "socket" => socket = Some(PathBuf::from(v)),
-            "num_queues" => d.num_queues = v.parse().map_err(|_| err("num_queues: a number"))?,
-            "queue_size" => d.queue_size = v.parse().map_err(|_| err("queue_size: a number"))?,
-            "reconnect_timeout_ms" => {
-                d.reconnect_timeout_ms = v
-                    .parse()
-                    .map_err(|_| err("reconnect_timeout_ms: a number"))?
-            }
-            "connect_timeout_ms" => {
-                d.connect_timeout_ms = v.parse().map_err(|_| err("connect_timeout_ms: a number"))?
-            }
-            "reply_timeout_ms" => {
-                d.reply_timeout_ms = v
-                    .parse()
-                    .ok()
-                    .filter(|&ms| ms > 0)
-                    .ok_or_else(|| err("reply_timeout_ms: a number of milliseconds above 0"))?
-            }
-            "readonly" => {
-                d.readonly = match v {
-                    "on" | "true" | "1" => true,
-                    "off" | "false" | "0" => false,
-                    _ => return Err(err("readonly takes on or off")),
-                }
-            }
-            _ => return Err(err(&format!("unknown key {k:?}"))),
+/// The keys a disk's and a NIC's spec share: where the backend listens,
+/// the queues, and the waits on it.
+struct BackendSpec {
+    socket: Option<PathBuf>,
+    num_queues: u16,
+    queue_size: u16,
+    reconnect_timeout_ms: u64,
+    reply_timeout_ms: u64,
+    connect_timeout_ms: u64,
+}
+
+impl BackendSpec {
+    fn new(num_queues: u16) -> BackendSpec {
+        BackendSpec {
+            socket: None,
+            num_queues,
+            queue_size: default_queue_size(),
+            reconnect_timeout_ms: default_reconnect_timeout(),
+            reply_timeout_ms: default_reply_timeout(),
+            connect_timeout_ms: 0,
         }
     }
-    d.socket = socket.ok_or_else(|| err("socket= is missing"))?;
-    Ok(d)
+
+    /// Takes `k=v` if it is one of the shared keys (Ok(false): another).
+    fn take(&mut self, k: &str, v: &str) -> Result<bool, String> {
+        let number = |what: &str| -> Result<u64, String> {
+            v.parse().map_err(|_| format!("{what}: a number"))
+        };
+        match k {
+            "socket" => self.socket = Some(PathBuf::from(v)),
+            "num_queues" => self.num_queues = number(k)? as u16,
+            "queue_size" => self.queue_size = number(k)? as u16,
+            "reconnect_timeout_ms" => self.reconnect_timeout_ms = number(k)?,
+            "connect_timeout_ms" => self.connect_timeout_ms = number(k)?,
+            "reply_timeout_ms" => {
+                self.reply_timeout_ms = Some(number(k)?)
+                    .filter(|&ms| ms > 0)
+                    .ok_or("reply_timeout_ms: a number of milliseconds above 0")?
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Each `key=value` of `spec`: the shared ones taken, the others to
+    /// `own`; then the socket, which every spec needs.
+    fn parse(
+        mut self,
+        spec: &str,
+        mut own: impl FnMut(&str, &str) -> Result<(), String>,
+    ) -> Result<(BackendSpec, PathBuf), String> {
+        for kv in spec.split(',') {
+            let (k, v) = kv.split_once('=').ok_or("expected key=value")?;
+            if !self.take(k, v)? {
+                own(k, v)?;
+            }
+        }
+        let socket = self.socket.take().ok_or("socket= is missing")?;
+        Ok((self, socket))
+    }
+}
+
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
+    let mut readonly = false;
+    let (b, socket) = BackendSpec::new(1)
+        .parse(spec, |k, v| {
+            readonly = match (k, v) {
+                ("readonly", "on" | "true" | "1") => true,
+                ("readonly", "off" | "false" | "0") => false,
+                ("readonly", _) => return Err("readonly takes on or off".into()),
+                _ => return Err(format!("unknown key {k:?}")),
+            };
+            Ok(())
+        })
+        .map_err(|why| ConfigError::BadDisk {
+            spec: spec.to_string(),
+            why,
+        })?;
+    Ok(DiskConfig {
+        socket,
+        num_queues: b.num_queues,
+        queue_size: b.queue_size,
+        readonly,
+        reconnect_timeout_ms: b.reconnect_timeout_ms,
+        reply_timeout_ms: b.reply_timeout_ms,
+        connect_timeout_ms: b.connect_timeout_ms,
+    })
+}
+
+pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let mut mac = None;
+    let (b, socket) = BackendSpec::new(2)
+        .parse(spec, |k, v| match k {
+            "mac" => {
+                parse_mac(v).ok_or("mac: six hex bytes such as 52:54:00:12:34:56, unicast")?;
+                mac = Some(v.to_string());
+                Ok(())
+            }
+            _ => Err(format!("unknown key {k:?}")),
+        })
+        .map_err(|why| ConfigError::BadNet {
+            spec: spec.to_string(),
+            why,
+        })?;
+    Ok(NetConfig {
+        socket,
+        mac,
+        num_queues: b.num_queues,
+        queue_size: b.queue_size,
+        reconnect_timeout_ms: b.reconnect_timeout_ms,
+        reply_timeout_ms: b.reply_timeout_ms,
+        connect_timeout_ms: b.connect_timeout_ms,
+    })
 }
 
 pub fn parse_serial(s: &str) -> Result<SerialOut, ConfigError> {
@@ -243,6 +378,24 @@ impl VmConfig {
         if self.disks.len() > 16 {
             return bad("at most 16 disks".into());
         }
+        for n in &self.nets {
+            let name = n.socket.display();
+            if n.num_queues < 2 || n.num_queues > 16 || n.num_queues % 2 != 0 {
+                return bad(format!(
+                    "nic {name}: num_queues 2 to 16, an even number (a receive and a transmit queue per pair)"
+                ));
+            }
+            if !n.queue_size.is_power_of_two() || n.queue_size < 2 {
+                return bad(format!("nic {name}: queue_size a power of two"));
+            }
+            n.mac_bytes()?;
+        }
+        if self.nets.len() > 8 {
+            return bad("at most 8 NICs".into());
+        }
+        if self.restore.is_some() && !self.nets.is_empty() {
+            return bad("--restore with --net: snapshots hold no NICs yet".into());
+        }
         if self.restore.is_none() && self.kernel.as_os_str().is_empty() {
             return bad("--kernel is required (or --restore a snapshot)".into());
         }
@@ -269,5 +422,30 @@ mod tests {
             SerialOut::File("/tmp/s".into())
         );
         assert!(parse_serial("tty").is_err());
+    }
+
+    #[test]
+    fn nics_parse_or_say_why_not() {
+        let n = parse_net("socket=/tmp/n.sock,mac=52:54:00:12:34:56,num_queues=4").unwrap();
+        assert_eq!(n.num_queues, 4);
+        assert_eq!(n.mac_bytes().unwrap(), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let e = parse_net("socket=/tmp/n.sock,mac=01:00:5e:00:00:01").unwrap_err();
+        assert!(e.to_string().contains("unicast"), "{e}");
+        assert!(parse_net("socket=/a,mac=52:54:00:12:34").is_err());
+        assert!(parse_net("mac=52:54:00:12:34:56").is_err());
+        assert!(parse_net("socket=/a,speed=fast").is_err());
+        // No MAC given: a random locally administered unicast one.
+        let m = parse_net("socket=/a").unwrap().mac_bytes().unwrap();
+        assert_eq!(m[0] & 0x03, 0x02, "{m:02x?}");
+        // An odd or zero number of queues is no set of pairs.
+        let mut cfg: VmConfig = serde_json::from_str(
+            r#"{"kernel": "/k", "memory": "64M", "nets": [{"socket": "/a", "num_queues": 3}]}"#,
+        )
+        .unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("even"));
+        cfg.nets[0].num_queues = 2;
+        cfg.validate().unwrap();
+        cfg.restore = Some("/snap".into());
+        assert!(cfg.validate().is_err(), "a restore has no NICs yet");
     }
 }

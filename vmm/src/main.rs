@@ -37,6 +37,11 @@ struct Args {
     /// connect_timeout_ms=N,reconnect_timeout_ms=N,reply_timeout_ms=N]; repeatable.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
+    /// A vhost-user-net NIC: socket=PATH[,mac=52:54:00:..,num_queues=N (2 per
+    /// queue pair),queue_size=N,connect_timeout_ms=N,reconnect_timeout_ms=N,
+    /// reply_timeout_ms=N]; repeatable.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -51,7 +56,7 @@ struct Args {
     /// it therefore excludes).
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "api_socket", "serial", "virtio_console"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "api_socket", "serial", "virtio_console"]
     )]
     config: Option<PathBuf>,
     /// Start from a snapshot directory (`vmm api ... snapshot`) instead of
@@ -143,6 +148,11 @@ fn config_of(a: &Args) -> Result<VmConfig> {
             .disks
             .iter()
             .map(|d| config::parse_disk(d))
+            .collect::<Result<_, _>>()?,
+        nets: a
+            .nets
+            .iter()
+            .map(|n| config::parse_net(n))
             .collect::<Result<_, _>>()?,
         api_socket: a.api_socket.clone(),
         serial: config::parse_serial(&a.serial)?,

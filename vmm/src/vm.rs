@@ -24,7 +24,7 @@ use crate::devices::debug_exit::DebugExit;
 use crate::devices::pci::{HostBridge, PciBus, PciConfigIo, PciEcam};
 use crate::devices::power::{self, AcpiPower, I8042};
 use crate::devices::serial::Console;
-use crate::devices::vhost_user_blk::VhostUserBlk;
+use crate::devices::vhost_user::{Kind, VhostUserDevice};
 use crate::devices::virtio_console::{ConsolePort, VirtioConsole};
 use crate::devices::virtio_pci::{
     self, BackendLink, ReconnectError, SharedVirtioPci, VirtioPci, BAR_SIZE,
@@ -332,13 +332,36 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let mut disks = Vec::new();
     let t_disks = std::time::Instant::now();
     for d in &cfg.disks {
-        let blk = VhostUserBlk::connect(d, &ram.mem, pager.as_ref().map(|p| p.handle()))?;
+        let blk = VhostUserDevice::connect(
+            &d.into(),
+            Kind::Block {
+                readonly: d.readonly,
+            },
+            &ram.mem,
+            pager.as_ref().map(|p| p.handle()),
+        )?;
         let dev = machine
             .add_virtio_pci(&pci_bus, Box::new(blk), &vm, &router)
             .with_context(|| format!("disk {}", d.socket.display()))?;
         disks.push(dev);
     }
     timing.disk_handshake_us = t_disks.elapsed().as_micros() as u64;
+    let mut nics = Vec::new();
+    for n in &cfg.nets {
+        let nic = VhostUserDevice::connect(
+            &n.into(),
+            Kind::Net {
+                mac: n.mac_bytes()?,
+                pairs: n.num_queues / 2,
+            },
+            &ram.mem,
+            pager.as_ref().map(|p| p.handle()),
+        )?;
+        let dev = machine
+            .add_virtio_pci(&pci_bus, Box::new(nic), &vm, &router)
+            .with_context(|| format!("nic {}", n.socket.display()))?;
+        nics.push(dev);
+    }
     let console_dev = if cfg.virtio_console {
         let port = ConsolePort::new(ram.mem.clone()).context("the virtio console")?;
         let dev = machine
@@ -391,22 +414,38 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         .with_context(|| format!("--api-socket {}", path.display()))?;
     }
 
-    for (i, dev) in disks.iter().enumerate() {
+    // Every vhost-user device's connection watched: the disks', the NICs'.
+    let reconnect_timeouts = cfg
+        .disks
+        .iter()
+        .map(|d| d.reconnect_timeout_ms)
+        .chain(cfg.nets.iter().map(|n| n.reconnect_timeout_ms));
+    for (i, (dev, timeout_ms)) in disks
+        .iter()
+        .chain(&nics)
+        .zip(reconnect_timeouts)
+        .enumerate()
+    {
         let Some(link) = dev.lock().unwrap_or_else(|e| e.into_inner()).backend_link() else {
             continue;
         };
         let ctl = Arc::clone(&control);
-        let give_up_after = std::time::Duration::from_millis(cfg.disks[i].reconnect_timeout_ms);
+        let give_up_after = std::time::Duration::from_millis(timeout_ms);
+        let name = if i < disks.len() {
+            format!("disk{i}")
+        } else {
+            format!("nic{}", i - disks.len())
+        };
         std::thread::Builder::new()
-            .name(format!("disk{i}"))
+            .name(name)
             .spawn(move || {
                 if let Err(e) = crate::seccomp::confine(&crate::seccomp::DISK) {
-                    error!("disk watcher: {e}: this disk will not reconnect");
+                    error!("device watcher: {e}: this device will not reconnect");
                     return;
                 }
                 watch_disk(link.as_ref(), &ctl, give_up_after)
             })
-            .context("starting a disk watcher")?;
+            .context("starting a device watcher")?;
     }
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -836,6 +875,9 @@ impl SnapshotTaker<'_> {
         let state = self.control.state();
         if state != crate::control::RunState::Paused {
             return Err(crate::control::SaveError::NotPaused(state).into());
+        }
+        if !self.cfg.nets.is_empty() {
+            return Err(SnapshotError::Nics);
         }
         // A VM still being restored lazily has memory the snapshot would
         // miss (pages not yet filled) and disks not yet started.

@@ -8,7 +8,7 @@
 //! - `power`: ACPI sleep/reset registers and the i8042 reset line.
 //! - `virtio_pci`: the modern virtio-pci transport with MSI-X.
 //! - `virtio_console`: the guest's console as a virtqueue (hvc0), beside the UART.
-//! - `vhost_user_blk`: a disk whose queues a vhost-user backend serves.
+//! - `vhost_user`: a device (a disk, a NIC) whose queues a vhost-user backend serves.
 //! - `io_error`: a disk whose backend is gone for good fails requests.
 //! - `deadline`: no wait on a backend's reply outlives its deadline.
 
@@ -20,7 +20,7 @@ pub mod io_error;
 pub mod pci;
 pub mod power;
 pub mod serial;
-pub mod vhost_user_blk;
+pub mod vhost_user;
 pub mod virtio_console;
 pub mod virtio_pci;
 

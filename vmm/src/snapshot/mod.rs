@@ -64,6 +64,10 @@ pub struct VmState {
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
+    #[error(
+        "a VM with NICs cannot be snapshotted yet: their backends' state is not saved (remove its --net)"
+    )]
+    Nics,
     #[error("{}: {source}", path.display())]
     Dir {
         path: PathBuf,

@@ -1,7 +1,10 @@
-//! A disk served by a vhost-user-blk backend: the frontend's whole
-//! lifecycle in one place (features, configuration, memory table, inflight
-//! region, vrings). The guest's queues never pass through this process:
-//! the backend gets the kick ioeventfds and the MSI irqfds directly.
+//! A virtio device served by a vhost-user backend (a disk: vhost-user-blk;
+//! a NIC: vhost-user-net): the frontend's whole lifecycle in one place
+//! (features, configuration, memory table, inflight region, vrings,
+//! reconnect, postcopy). The guest's queues never pass through this
+//! process: the backend gets the kick ioeventfds and the MSI irqfds
+//! directly. What differs between device types (the id, the queues, what
+//! the vmm adds to the configuration and the features) is a [`Kind`].
 //!
 //! While a lazy restore's pager is still filling guest memory, a backend
 //! that offers vhost-user's postcopy messages (PAGEFAULT) is asked to
@@ -30,7 +33,7 @@ use super::io_error::{self, FailedQueue};
 use super::virtio_pci::{
     BackendLink, DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, NetConfig};
 use crate::snapshot::pager::{PagerError, PagerHandle};
 use cli_support::log_limit::LogLimit;
 use cli_support::path_wait;
@@ -38,8 +41,108 @@ use cli_support::path_wait;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-/// virtio-blk configuration space bytes the backend is asked for.
-const CONFIG_LEN: u32 = 60;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// What kind of virtio device a backend serves, and what the vmm adds to
+/// what the backend offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// virtio-blk: the backend's configuration (capacity, geometry), the
+    /// queue count the vmm was given, read-only if asked.
+    Block { readonly: bool },
+    /// virtio-net: the MAC the vmm gives it, `pairs` receive/transmit
+    /// queue pairs, and the control queue if the backend serves one.
+    Net { mac: [u8; 6], pairs: u16 },
+}
+
+impl Kind {
+    /// How log lines and errors name it.
+    pub fn noun(&self) -> &'static str {
+        match self {
+            Kind::Block { .. } => "disk",
+            Kind::Net { .. } => "nic",
+        }
+    }
+
+    fn device_id(&self) -> u16 {
+        match self {
+            Kind::Block { .. } => 2,
+            Kind::Net { .. } => 1,
+        }
+    }
+
+    /// Configuration space bytes asked of the backend: virtio-blk's up to
+    /// its write-zeroes fields, virtio-net's up to its MTU.
+    fn config_len(&self) -> u32 {
+        match self {
+            Kind::Block { .. } => 60,
+            Kind::Net { .. } => 12,
+        }
+    }
+
+    /// The most virtqueues the device can have (the control queue
+    /// counted).
+    fn max_queues(&self, requested: u16) -> u16 {
+        match self {
+            Kind::Block { .. } => requested,
+            Kind::Net { pairs, .. } => 2 * pairs + 1,
+        }
+    }
+
+    /// The virtqueues the guest sees, given what the backend offers.
+    fn queues(&self, requested: u16, backend_features: u64) -> u16 {
+        match self {
+            Kind::Block { .. } => requested,
+            Kind::Net { pairs, .. } => {
+                2 * pairs + u16::from(backend_features & VIRTIO_NET_F_CTRL_VQ != 0)
+            }
+        }
+    }
+
+    /// The backend's configuration as the guest sees it: a disk's queue
+    /// count is the vmm's; a NIC's MAC, link state and queue pairs are
+    /// the vmm's (a backend without CONFIG gives none of it).
+    fn config(&self, from_backend: Option<Vec<u8>>, queues: u16) -> Vec<u8> {
+        let mut c = from_backend.unwrap_or_default();
+        c.resize(self.config_len() as usize, 0);
+        match self {
+            Kind::Block { .. } => c[34..36].copy_from_slice(&queues.to_le_bytes()),
+            Kind::Net { mac, pairs } => {
+                c[0..6].copy_from_slice(mac);
+                c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+                c[8..10].copy_from_slice(&pairs.to_le_bytes());
+            }
+        }
+        c
+    }
+
+    /// The features the guest is offered.
+    fn features(&self, backend: u64, queues: u16) -> u64 {
+        let mut f = backend & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        match self {
+            Kind::Block { readonly } => {
+                if queues == 1 {
+                    f &= !VIRTIO_BLK_F_MQ;
+                }
+                if *readonly {
+                    f |= VIRTIO_BLK_F_RO;
+                }
+            }
+            Kind::Net { pairs, .. } => {
+                // Several pairs need the control queue to be chosen from.
+                if *pairs == 1 || f & VIRTIO_NET_F_CTRL_VQ == 0 {
+                    f &= !VIRTIO_NET_F_MQ;
+                }
+                f |= VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
+            }
+        }
+        f | VIRTIO_F_VERSION_1
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -100,15 +203,15 @@ pub enum Exchange {
     Vhost(vhost::Error),
     #[error("the backend has no protocol features (needed for its configuration)")]
     NoProtocolFeatures,
-    #[error("the backend cannot report its configuration (CONFIG)")]
+    #[error("the backend cannot report its configuration (CONFIG), which a disk needs")]
     NoConfig,
     #[error("the backend's reply names no addresses of its mappings")]
     NoMappingAddresses,
 }
 
-pub struct VhostUserBlk {
+pub struct VhostUserDevice {
+    kind: Kind,
     config: Vec<u8>,
-    readonly: bool,
     /// The connection and the session on it, shared with the disk watcher
     /// (it also holds what the backend offered at connect and the disk's
     /// shape, fixed for the device's life).
@@ -124,6 +227,7 @@ pub struct VhostUserBlk {
 /// held while a backend is waited for.
 struct Link {
     socket: PathBuf,
+    kind: Kind,
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
     num_queues: u16,
@@ -165,7 +269,8 @@ struct Handshake {
     frontend: Frontend,
     features: u64,
     protocol: VhostUserProtocolFeatures,
-    config: Vec<u8>,
+    /// None: the backend does not report one (a NIC may not).
+    config: Option<Vec<u8>>,
     paging: bool,
 }
 
@@ -183,6 +288,7 @@ fn describe(e: vhost::Error, armed: &deadline::Armed, reply_timeout: Duration) -
 /// sends the memory table.
 fn handshake(
     path: &Path,
+    kind: &Kind,
     num_queues: u16,
     mem: &GuestMemoryMmap,
     reply_timeout: Duration,
@@ -198,7 +304,7 @@ fn handshake(
             socket: socket.clone(),
             err,
         })?;
-    let mut frontend = Frontend::from_stream(stream, num_queues as u64);
+    let mut frontend = Frontend::from_stream(stream, kind.max_queues(num_queues) as u64);
     let armed = deadline::arm(frontend.as_raw_fd(), reply_timeout);
     let p = |what: &'static str| {
         let socket = socket.clone();
@@ -231,13 +337,14 @@ fn handshake(
         wanted |= VhostUserProtocolFeatures::PAGEFAULT;
     }
     let protocol = offered & wanted;
-    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) && matches!(kind, Kind::Block { .. }) {
         return Err(DiskError::Protocol {
             socket,
             what: "protocol features",
             err: Exchange::NoConfig,
         });
     }
+    let num_queues = kind.queues(num_queues, backend_features);
     frontend
         .set_protocol_features(protocol)
         .map_err(p("SET_PROTOCOL_FEATURES"))?;
@@ -257,14 +364,20 @@ fn handshake(
             wanted: num_queues,
         });
     }
-    let (_, config) = frontend
-        .get_config(
-            0,
-            CONFIG_LEN,
-            VhostUserConfigFlags::WRITABLE,
-            &[0u8; CONFIG_LEN as usize],
-        )
-        .map_err(p("GET_CONFIG"))?;
+    let config = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        let len = kind.config_len();
+        let (_, config) = frontend
+            .get_config(
+                0,
+                len,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0u8; len as usize],
+            )
+            .map_err(p("GET_CONFIG"))?;
+        Some(config)
+    } else {
+        None
+    };
     let regions: Vec<VhostUserMemoryRegionInfo> = mem
         .iter()
         .map(VhostUserMemoryRegionInfo::from_guest_region)
@@ -311,12 +424,48 @@ fn handshake(
     })
 }
 
-impl VhostUserBlk {
+/// Where a device's backend listens and how patiently it is dealt with.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub socket: PathBuf,
+    /// A disk's queues; a NIC's data queues (two per pair).
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub reply_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl From<&DiskConfig> for Endpoint {
+    fn from(d: &DiskConfig) -> Endpoint {
+        Endpoint {
+            socket: d.socket.clone(),
+            num_queues: d.num_queues,
+            queue_size: d.queue_size,
+            reply_timeout_ms: d.reply_timeout_ms,
+            connect_timeout_ms: d.connect_timeout_ms,
+        }
+    }
+}
+
+impl From<&NetConfig> for Endpoint {
+    fn from(n: &NetConfig) -> Endpoint {
+        Endpoint {
+            socket: n.socket.clone(),
+            num_queues: n.num_queues,
+            queue_size: n.queue_size,
+            reply_timeout_ms: n.reply_timeout_ms,
+            connect_timeout_ms: n.connect_timeout_ms,
+        }
+    }
+}
+
+impl VhostUserDevice {
     /// Connects and learns what the backend offers; the memory table goes
     /// over now, the rings when the driver is ready.
     /// `pager`: a lazy restore's, whose faults a capable backend's go to.
     pub fn connect(
-        cfg: &DiskConfig,
+        cfg: &Endpoint,
+        kind: Kind,
         mem: &GuestMemoryMmap,
         pager: Option<PagerHandle>,
     ) -> Result<Self, DiskError> {
@@ -337,6 +486,7 @@ impl VhostUserBlk {
             }
             match handshake(
                 &cfg.socket,
+                &kind,
                 cfg.num_queues,
                 mem,
                 reply_timeout,
@@ -358,22 +508,20 @@ impl VhostUserBlk {
             frontend,
             features: backend_features,
             protocol,
-            mut config,
+            config,
             paging,
         } = shook;
-        info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), paging, "disk connected");
-        // The number of queues the guest sees is the number configured.
-        if config.len() >= 36 {
-            config[34..36].copy_from_slice(&cfg.num_queues.to_le_bytes());
-        }
-        Ok(VhostUserBlk {
-            config,
-            readonly: cfg.readonly,
+        let noun = kind.noun();
+        info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), paging, "{noun} connected");
+        let num_queues = kind.queues(cfg.num_queues, backend_features);
+        Ok(VhostUserDevice {
+            config: kind.config(config, num_queues),
             link: Arc::new(Link {
                 socket: cfg.socket.clone(),
+                kind: kind.clone(),
                 backend_features,
                 protocol,
-                num_queues: cfg.num_queues,
+                num_queues,
                 queue_size: cfg.queue_size,
                 mem: mem.clone(),
                 reply_timeout,
@@ -387,6 +535,7 @@ impl VhostUserBlk {
                     active: None,
                 }),
             }),
+            kind,
             _socket_watch: socket_watch,
         })
     }
@@ -547,6 +696,7 @@ impl BackendLink for Link {
             ..
         } = handshake(
             &self.socket,
+            &self.kind,
             self.num_queues,
             &self.mem,
             self.reply_timeout,
@@ -571,7 +721,8 @@ impl BackendLink for Link {
         let r = self.start_rings(&mut s, &active);
         s.active = Some(active);
         r.map_err(|e| ReconnectError::NotYet(e.into()))?;
-        info!(socket = %self.socket.display(), "disk reconnected");
+        let noun = self.kind.noun();
+        info!(socket = %self.socket.display(), "{noun} reconnected");
         Ok(())
     }
 
@@ -593,6 +744,11 @@ impl BackendLink for Link {
     }
 
     fn give_up(&self) -> bool {
+        // A NIC whose backend is gone is a link that stays down: its
+        // frames wait in their rings, nothing fails.
+        if !matches!(self.kind, Kind::Block { .. }) {
+            return false;
+        }
         let s = self.lock();
         let Some(active) = &s.active else {
             return false;
@@ -621,20 +777,14 @@ impl BackendLink for Link {
     }
 }
 
-impl VirtioDevice for VhostUserBlk {
+impl VirtioDevice for VhostUserDevice {
     fn device_id(&self) -> u16 {
-        2
+        self.kind.device_id()
     }
 
     fn features(&self) -> u64 {
-        let mut f = self.link.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.link.num_queues == 1 {
-            f &= !VIRTIO_BLK_F_MQ;
-        }
-        if self.readonly {
-            f |= VIRTIO_BLK_F_RO;
-        }
-        f | VIRTIO_F_VERSION_1
+        self.kind
+            .features(self.link.backend_features, self.link.num_queues)
     }
 
     fn num_queues(&self) -> u16 {
@@ -652,8 +802,8 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // `writeback` (offset 32) is the only writable field.
-        if offset == 32 && data.len() == 1 {
+        // A disk's `writeback` (offset 32) is the only writable field.
+        if matches!(self.kind, Kind::Block { .. }) && offset == 32 && data.len() == 1 {
             let _ = self
                 .link
                 .lock()
@@ -709,7 +859,7 @@ impl VirtioDevice for VhostUserBlk {
             Ok(()) => {
                 let (socket, queues) = (self.link.socket.display(), s.started.len());
                 s.activations.emit(
-                    || info!(%socket, queues, "disk started"),
+                    || info!(%socket, queues, "{} started", self.kind.noun()),
                     |n| info!(%socket, "the driver started the disk {n} more times"),
                 );
             }
@@ -791,5 +941,53 @@ impl VirtioDevice for VhostUserBlk {
         s.active = None;
         // A reset device starts with a fresh inflight region.
         s.inflight = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a disk and a NIC show the guest of what their backends offer.
+    #[test]
+    fn each_kind_shows_its_configuration_queues_and_features() {
+        let disk = Kind::Block { readonly: true };
+        let backend = (1 << 30) | VIRTIO_BLK_F_MQ | (1 << 9);
+        let c = disk.config(Some(vec![7u8; 60]), 1);
+        assert_eq!((c.len(), &c[34..36], c[0]), (60, &[1u8, 0][..], 7));
+        let f = disk.features(backend, 1);
+        assert_eq!(f & VIRTIO_BLK_F_MQ, 0, "one queue: no MQ");
+        assert_ne!(f & VIRTIO_BLK_F_RO, 0);
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+        assert_eq!(f & (1 << 30), 0, "PROTOCOL_FEATURES is vhost-user's");
+        assert_eq!(disk.queues(4, backend), 4);
+
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let nic = Kind::Net { mac, pairs: 2 };
+        let offered = VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ | (1 << 0);
+        assert_eq!(nic.queues(4, offered), 5, "two pairs and the control queue");
+        assert_eq!(nic.queues(4, 0), 4, "no control queue offered");
+        let f = nic.features(offered, 5);
+        assert_ne!(f & VIRTIO_NET_F_MQ, 0);
+        assert_ne!(f & VIRTIO_NET_F_MAC, 0);
+        assert_ne!(f & VIRTIO_NET_F_STATUS, 0);
+        assert_eq!(
+            nic.features(VIRTIO_NET_F_MQ, 4) & VIRTIO_NET_F_MQ,
+            0,
+            "pairs are chosen through the control queue: none, no MQ"
+        );
+        // A backend without a configuration: the vmm makes it.
+        let c = nic.config(None, 5);
+        assert_eq!(c.len(), 12);
+        assert_eq!(&c[0..6], &mac);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), VIRTIO_NET_S_LINK_UP);
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 2);
+        // The backend's MTU is kept, its MAC replaced.
+        let mut theirs = vec![0xffu8; 12];
+        theirs[10..12].copy_from_slice(&1500u16.to_le_bytes());
+        let c = nic.config(Some(theirs), 5);
+        assert_eq!(&c[0..6], &mac);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1500);
+        assert_eq!((disk.device_id(), nic.device_id()), (2, 1));
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,10 +18,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_blk_backend::export::{BaseIo, Export, ExportSpec, SharedFiles};
 use vhost_blk_backend::server::{serve, StopHandle};
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-    MmapRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM: usize = 1 << 20;
@@ -41,18 +38,6 @@ struct Guest {
     used_seen: u16,
 }
 
-fn memfd_memory() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a descriptor we own alone.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM as u64).expect("size");
-    let region = MmapRegion::<()>::from_file(FileOffset::new(file, 0), MEM).expect("mmap");
-    let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("region");
-    GuestMemoryMmap::from_regions(vec![region]).expect("memory")
-}
-
 fn frontend_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
     mem.get_host_address(GuestAddress(gpa)).expect("mapped") as u64
 }
@@ -60,7 +45,7 @@ fn frontend_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
 impl Guest {
     /// The full handshake of a frontend that starts queue 0.
     fn connect(sock: &Path) -> Guest {
-        let mem = memfd_memory();
+        let mem = test_infra::memfd_guest_memory(MEM);
         let mut f = Frontend::connect(sock, 1).expect("connect");
         f.set_owner().expect("owner");
         let features = f.get_features().expect("features");
@@ -496,7 +481,7 @@ fn acknowledging_frontend(sock: &Path) -> Frontend {
 fn a_memory_region_larger_than_its_file_is_refused_before_it_is_mapped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sock, stop, t) = start_server(dir.path());
-    let mem = memfd_memory();
+    let mem = test_infra::memfd_guest_memory(MEM);
     let f = acknowledging_frontend(&sock);
     let region = mem.iter().next().expect("a region");
     for bad in [
@@ -531,7 +516,7 @@ fn rings_that_run_past_guest_memory_are_refused_by_name() {
     let lines_before = log_lines("does not lie wholly in guest memory");
     let dir = tempfile::tempdir().expect("tempdir");
     let (sock, stop, t) = start_server(dir.path());
-    let mem = memfd_memory();
+    let mem = test_infra::memfd_guest_memory(MEM);
     let f = acknowledging_frontend(&sock);
     let region = mem.iter().next().expect("a region");
     let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("info");

@@ -17,6 +17,7 @@ pub mod backend;
 pub mod fixture;
 pub mod guest;
 pub mod host;
+pub mod memory;
 pub mod patience;
 pub mod workspace;
 
@@ -27,5 +28,6 @@ pub use guest::{
     VmmDisk, VmmVm, START_MARKER,
 };
 pub use host::{hardware_kvm, have, kvm_available, ready};
+pub use memory::memfd_guest_memory;
 pub use patience::Patience;
 pub use workspace::{bin, img, output_within, s, vmm_api};

@@ -1,0 +1,72 @@
+//! `net-backend --socket PATH --tap NAME [--queue-pairs N]`: serves one
+//! vhost-user-net frontend at a time on PATH, its frames on tap NAME (one
+//! tap queue per queue pair). When a frontend goes, the next one is
+//! served (a vmm reconnects after this process is restarted, too).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use vhost_net_backend::{device::NetDevice, tap};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+#[derive(Parser)]
+#[command(
+    name = "net-backend",
+    version,
+    about = "vhost-user-net backend over a multi-queue tap"
+)]
+struct Args {
+    /// The vhost-user socket to listen on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The tap (made if it does not exist; removed with this process then).
+    #[arg(long)]
+    tap: String,
+    /// Receive/transmit queue pairs (one tap queue and one worker each).
+    #[arg(long, default_value_t = 1)]
+    queue_pairs: usize,
+    #[arg(long, default_value_t = 256)]
+    queue_size: usize,
+}
+
+fn run(a: Args) -> Result<()> {
+    if !(1..=8).contains(&a.queue_pairs) {
+        anyhow::bail!("--queue-pairs {}: 1 to 8", a.queue_pairs);
+    }
+    let taps = tap::open(&a.tap, a.queue_pairs)?;
+    let device = Arc::new(NetDevice::new(taps, a.queue_size));
+    tracing::info!(tap = a.tap, pairs = a.queue_pairs, socket = %a.socket.display(), "serving");
+    loop {
+        let mut daemon = VhostUserDaemon::new(
+            "net-backend".into(),
+            Arc::clone(&device),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("starting the vhost-user daemon")?;
+        device
+            .watch_taps(&daemon.get_epoll_handlers())
+            .context("watching the tap")?;
+        match daemon.serve(&a.socket) {
+            Ok(()) => tracing::info!("the frontend went away; waiting for the next"),
+            Err(e) => tracing::warn!("the session ended: {e}; waiting for the next frontend"),
+        }
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("net-backend: error: {}", cli_support::report(&e));
+        std::process::exit(1);
+    }
+}

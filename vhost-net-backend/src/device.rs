@@ -162,6 +162,11 @@ impl NetDevice {
         let Some(mem) = self.memory() else {
             return Ok(());
         };
+        // A tap event before the frontend set the ring up (or after it
+        // stopped it): nothing to do until it kicks.
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut used_any = false;
         'outer: loop {

@@ -39,6 +39,9 @@ fn run(a: Args) -> Result<()> {
     let taps = tap::open(&a.tap, a.queue_pairs)?;
     let device = Arc::new(NetDevice::new(taps, a.queue_size));
     tracing::info!(tap = a.tap, pairs = a.queue_pairs, socket = %a.socket.display(), "serving");
+    // A frontend that breaks the protocol over and over is told about in
+    // a few lines, not one per session.
+    let mut ended = cli_support::log_limit::LogLimit::default();
     loop {
         let mut daemon = VhostUserDaemon::new(
             "net-backend".into(),
@@ -52,7 +55,10 @@ fn run(a: Args) -> Result<()> {
             .context("watching the tap")?;
         match daemon.serve(&a.socket) {
             Ok(()) => tracing::info!("the frontend went away; waiting for the next"),
-            Err(e) => tracing::warn!("the session ended: {e}; waiting for the next frontend"),
+            Err(e) => ended.emit(
+                || tracing::warn!("the session ended: {e}; waiting for the next frontend"),
+                |n| tracing::warn!("{n} more sessions ended in errors (not logged one by one)"),
+            ),
         }
     }
 }

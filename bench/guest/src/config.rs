@@ -15,6 +15,9 @@ pub enum Mode {
     /// A VM at rest: the device set up, then the vCPU halted until the
     /// VMM ends the VM (what an idle VM costs its host).
     Idle,
+    /// No disk: the NIC answers ARP, ICMP echo and UDP echo for `ip` for
+    /// `duration_ms` (0: until the VM is ended), then a report.
+    Net,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -69,6 +72,8 @@ pub struct Config {
     /// Bytes of guest memory to write a pattern into before the workload
     /// (a guest whose memory is in use, for snapshot benchmarks).
     pub touch: u64,
+    /// The guest's IPv4 address on its NIC.
+    pub ip: [u8; 4],
 }
 
 impl Default for Config {
@@ -102,6 +107,7 @@ impl Default for Config {
             event_idx: true,
             virtio_console: true,
             touch: 0,
+            ip: [10, 0, 0, 2],
         }
     }
 }
@@ -119,6 +125,16 @@ fn num(v: &str) -> Option<u64> {
         digits.parse::<u64>().ok()?
     };
     n.checked_mul(mult)
+}
+
+/// `a.b.c.d`.
+fn ipv4(v: &str) -> Option<[u8; 4]> {
+    let mut a = [0u8; 4];
+    let mut parts = v.split('.');
+    for o in &mut a {
+        *o = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(a)
 }
 
 fn flag(v: &str) -> Option<bool> {
@@ -147,6 +163,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
                     "boot" => Mode::Boot,
                     "fuzz" => Mode::Fuzz,
                     "idle" => Mode::Idle,
+                    "net" => Mode::Net,
                     _ => return Err(word),
                 };
                 true
@@ -188,6 +205,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "seed" => num(v).map(|n| c.seed = n).is_some(),
             "progress_ms" => num(v).map(|n| c.progress_ms = n).is_some(),
             "touch" => num(v).map(|n| c.touch = n).is_some(),
+            "ip" => ipv4(v).map(|a| c.ip = a).is_some(),
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
             "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),

@@ -15,6 +15,7 @@ mod config;
 mod console;
 mod fuzz;
 mod mem;
+mod net;
 mod pci;
 mod rt;
 mod serial;
@@ -74,6 +75,9 @@ pub extern "C" fn guest_main() -> ! {
             clock.ns(time::tsc() - boot_tsc)
         );
         rt::exit(EXIT_OK);
+    }
+    if cfg.mode == Mode::Net {
+        run_nic(si.rsdp, &cfg, &arena, &clock, boot_tsc);
     }
     let mut dev = match blk::Device::open(si.rsdp, &cfg, &arena) {
         Ok(d) => d,
@@ -142,8 +146,8 @@ pub extern "C" fn guest_main() -> ! {
         Check::None => {
             let random = matches!(cfg.mode, Mode::RandRead | Mode::RandWrite | Mode::Mixed);
             let read_pct = match cfg.mode {
-                // Mode::Boot, Mode::Fuzz and Mode::Idle have left above.
-                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz | Mode::Idle => 100,
+                // Mode::Boot, Mode::Fuzz, Mode::Idle and Mode::Net have left above.
+                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz | Mode::Idle | Mode::Net => 100,
                 Mode::Write | Mode::RandWrite => 0,
                 Mode::Mixed => cfg.rwmix,
             };
@@ -240,6 +244,44 @@ pub extern "C" fn guest_main() -> ! {
     } else {
         EXIT_FAILED
     });
+}
+
+/// `mode=net`: the NIC answers for `cfg.ip` until `duration_ms` has
+/// passed (forever without one), a progress line every `progress_ms`.
+fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clock, boot_tsc: u64) -> ! {
+    let mut nic = match net::Nic::open(rsdp, cfg.max_bus, cfg.queue_size, cfg.ip, arena) {
+        Ok(n) => n,
+        Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
+    };
+    let [a, b, c, d] = nic.ip;
+    let m = nic.mac;
+    println!(
+        "nic: {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} {}.{}.{}.{} link {}",
+        m[0], m[1], m[2], m[3], m[4], m[5], a, b, c, d,
+        if nic.link_up() { "up" } else { "down" }
+    );
+    let start = time::tsc();
+    let mut last_progress = start;
+    loop {
+        nic.poll();
+        let now = time::tsc();
+        if cfg.progress_ms > 0 && clock.ns(now - last_progress) >= cfg.progress_ms * 1_000_000 {
+            last_progress = now;
+            let s = nic.stats;
+            println!("progress: rx {} tx {} arp {} icmp {} udp {}", s.rx_frames, s.tx_frames, s.arp_replies, s.icmp_replies, s.udp_echoes);
+        }
+        if cfg.duration_ms > 0 && clock.ns(now - start) >= cfg.duration_ms * 1_000_000 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let s = nic.stats;
+    println!(
+        "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"net\",\"rx_frames\":{},\"tx_frames\":{},\"arp_replies\":{},\"icmp_replies\":{},\"udp_echoes\":{},\"ignored\":{},\"tx_full\":{},\"init_ns\":{}}}",
+        s.rx_frames, s.tx_frames, s.arp_replies, s.icmp_replies, s.udp_echoes, s.ignored, s.tx_full,
+        clock.ns(start - boot_tsc)
+    );
+    rt::exit(EXIT_OK);
 }
 
 fn add(total: &mut Stats, s: &Stats) {

@@ -37,6 +37,8 @@ pub fn bin(name: &str) -> PathBuf {
                 "-p",
                 "vhost-blk-backend",
                 "-p",
+                "vhost-net-backend",
+                "-p",
                 "image-format",
                 "-p",
                 "vmm",

@@ -575,7 +575,11 @@ impl Link {
     /// Tells the backend about every ring of `a` and starts them.
     fn start_rings(&self, s: &mut Session, a: &Active) -> Result<(), DiskError> {
         let armed = deadline::arm(s.frontend.as_raw_fd(), self.reply_timeout);
-        let f = a.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // What the driver took of what the backend offered: the features
+        // the vmm adds itself (a NIC's MAC and link status, a disk's
+        // read-only bit) are not the backend's to be told.
+        let f = (a.features & self.backend_features)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         s.frontend
             .set_features(f)
             .map_err(self.err("SET_FEATURES", &armed))?;

@@ -1,0 +1,270 @@
+//! virtio-net: finding the NIC, its MAC, a receive ring kept full of
+//! 2 KiB buffers and a transmit ring, polled. The guest answers ARP
+//! requests and ICMP echo requests for its address, and UDP datagrams to
+//! the echo port (7), so that any VM is reachable and the path testable
+//! without Linux; it counts every frame.
+
+use crate::mem::{rd16, rd8, Arena};
+use crate::pci::{self, BarAllocator, ConfigAccess, Function};
+use crate::virtio::{self, write_desc, InitError, Transport, Virtqueue, DESC_F_WRITE, NO_VECTOR};
+
+const F_MAC: u64 = 1 << 5;
+/// Modern virtio-net's header (num_buffers included).
+const HDR: u64 = 12;
+/// One buffer per frame: a header and a 1514-byte Ethernet frame fit.
+const BUF: u64 = 2048;
+const ETH_ARP: u16 = 0x0806;
+const ETH_IPV4: u16 = 0x0800;
+const IP_ICMP: u8 = 1;
+const IP_UDP: u8 = 17;
+const UDP_ECHO_PORT: u16 = 7;
+
+#[derive(Debug)]
+pub enum FindError {
+    NoConfigAccess,
+    NotFound,
+    Init(InitError),
+}
+
+impl core::fmt::Display for FindError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FindError::NoConfigAccess => write!(f, "no PCI configuration access"),
+            FindError::NotFound => write!(f, "virtio-net device not found"),
+            FindError::Init(e) => write!(f, "virtio-net initialisation failed: {e:?}"),
+        }
+    }
+}
+
+/// What the NIC saw and did.
+#[derive(Default, Clone, Copy)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    pub arp_replies: u64,
+    pub icmp_replies: u64,
+    pub udp_echoes: u64,
+    /// Frames for someone else, or of a kind not answered.
+    pub ignored: u64,
+    /// Replies not sent: the transmit ring was full.
+    pub tx_full: u64,
+}
+
+pub struct Nic {
+    _transport: Transport,
+    rx: Virtqueue,
+    tx: Virtqueue,
+    rx_bufs: u64,
+    tx_bufs: u64,
+    tx_in_flight: u16,
+    tx_next: u16,
+    pub mac: [u8; 6],
+    pub ip: [u8; 4],
+    pub stats: NetStats,
+}
+
+fn find(access: ConfigAccess, max_bus: u8) -> Option<Function> {
+    let mut hit = None;
+    pci::functions(access, max_bus, |f| {
+        let (vendor, device) = f.vendor_device();
+        // 0x1041: modern virtio-net; 0x1000: transitional.
+        if hit.is_none() && vendor == 0x1af4 && (device == 0x1041 || device == 0x1000) {
+            hit = Some(f);
+        }
+    });
+    hit
+}
+
+/// `len` bytes of guest RAM at `addr` as a slice.
+fn bytes(addr: u64, len: u64) -> &'static mut [u8] {
+    // SAFETY: the callers pass buffers the arena gave the NIC alone.
+    unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, len as usize) }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The Internet checksum of `b`.
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in b.chunks(2) {
+        sum += u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+impl Nic {
+    pub fn open(rsdp: u64, max_bus: u8, queue_size: u16, ip: [u8; 4], arena: &Arena) -> Result<Nic, FindError> {
+        let access = pci::config_access(rsdp).ok_or(FindError::NoConfigAccess)?;
+        let func = find(access, max_bus).ok_or(FindError::NotFound)?;
+        let mut bars = BarAllocator { next32: 0xc000_0000, end32: 0xe000_0000 };
+        let t = Transport::new(func, &mut bars).map_err(FindError::Init)?;
+        let features = t.negotiate(virtio::F_VERSION_1 | F_MAC).map_err(FindError::Init)?;
+        let mut mac = [0x52, 0x54, 0, 0xbe, 0x9c, 0x01];
+        if features & F_MAC != 0 {
+            for (i, m) in mac.iter_mut().enumerate() {
+                *m = rd8(t.device_cfg + i as u64);
+            }
+        }
+        let mut rx = t.setup_queue(0, queue_size, NO_VECTOR, arena).map_err(FindError::Init)?;
+        let mut tx = t.setup_queue(1, queue_size, NO_VECTOR, arena).map_err(FindError::Init)?;
+        rx.suppress_interrupts();
+        tx.suppress_interrupts();
+        let rx_bufs = arena.alloc(BUF * rx.size as u64, 4096).ok_or(FindError::Init(InitError::OutOfMemory))?;
+        let tx_bufs = arena.alloc(BUF * tx.size as u64, 4096).ok_or(FindError::Init(InitError::OutOfMemory))?;
+        t.driver_ok();
+        // Every receive buffer posted.
+        for i in 0..rx.size {
+            write_desc(rx.desc_table(), i, rx_bufs + BUF * i as u64, BUF as u32, DESC_F_WRITE, 0);
+            rx.push(i);
+        }
+        rx.publish();
+        Ok(Nic {
+            _transport: t,
+            rx,
+            tx,
+            rx_bufs,
+            tx_bufs,
+            tx_in_flight: 0,
+            tx_next: 0,
+            mac,
+            ip,
+            stats: NetStats::default(),
+        })
+    }
+
+    /// Whether the device says the link is up (without STATUS: up).
+    pub fn link_up(&self) -> bool {
+        rd16(self._transport.device_cfg + 6) & 1 == 1
+    }
+
+    /// Handles what arrived and reclaims what was sent; how many frames
+    /// came in.
+    pub fn poll(&mut self) -> u64 {
+        while self.tx.pop_used().is_some() {
+            self.tx_in_flight -= 1;
+        }
+        let mut n = 0;
+        while let Some((id, len)) = self.rx.pop_used() {
+            n += 1;
+            self.stats.rx_frames += 1;
+            let at = self.rx_bufs + BUF * u64::from(id);
+            let len = u64::from(len).min(BUF);
+            if len > HDR {
+                self.answer(bytes(at + HDR, len - HDR));
+            }
+            self.rx.push(id);
+        }
+        if n > 0 {
+            self.rx.publish();
+        }
+        n
+    }
+
+    /// Sends the frame `build` writes into the buffer it is given (its
+    /// length returned); false when the transmit ring is full.
+    fn send(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> bool {
+        if self.tx_in_flight == self.tx.size {
+            self.stats.tx_full += 1;
+            return false;
+        }
+        let slot = self.tx_next % self.tx.size;
+        let at = self.tx_bufs + BUF * u64::from(slot);
+        bytes(at, HDR).fill(0);
+        let len = build(bytes(at + HDR, BUF - HDR)) as u64;
+        write_desc(self.tx.desc_table(), slot, at, (HDR + len) as u32, 0, 0);
+        self.tx.push(slot);
+        self.tx.publish();
+        self.tx_next = self.tx_next.wrapping_add(1);
+        self.tx_in_flight += 1;
+        self.stats.tx_frames += 1;
+        true
+    }
+
+    /// ARP requests and ICMP echo requests for our address, UDP to the
+    /// echo port: answered; the rest counted.
+    fn answer(&mut self, f: &[u8]) {
+        if f.len() < 14 {
+            self.stats.ignored += 1;
+            return;
+        }
+        let (mac, ip) = (self.mac, self.ip);
+        match be16(f, 12) {
+            ETH_ARP if f.len() >= 42 && be16(f, 20) == 1 && f[38..42] == ip => {
+                let (sha, spa) = (<[u8; 6]>::try_from(&f[22..28]).unwrap_or([0; 6]), <[u8; 4]>::try_from(&f[28..32]).unwrap_or([0; 4]));
+                if self.send(|o| {
+                    o[0..6].copy_from_slice(&sha);
+                    o[6..12].copy_from_slice(&mac);
+                    put16(o, 12, ETH_ARP);
+                    o[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+                    o[22..28].copy_from_slice(&mac);
+                    o[28..32].copy_from_slice(&ip);
+                    o[32..38].copy_from_slice(&sha);
+                    o[38..42].copy_from_slice(&spa);
+                    60
+                }) {
+                    self.stats.arp_replies += 1;
+                }
+            }
+            ETH_IPV4 if f.len() >= 34 && f[30..34] == ip => {
+                let ihl = usize::from(f[14] & 0x0f) * 4;
+                let total = usize::from(be16(f, 16));
+                if ihl < 20 || total < ihl || 14 + total > f.len() {
+                    self.stats.ignored += 1;
+                    return;
+                }
+                let l4 = 14 + ihl;
+                let end = 14 + total;
+                let reply = match f[23] {
+                    IP_ICMP if end - l4 >= 8 && f[l4] == 8 => Some(IP_ICMP),
+                    IP_UDP if end - l4 >= 8 && be16(f, l4 + 2) == UDP_ECHO_PORT => Some(IP_UDP),
+                    _ => None,
+                };
+                let Some(proto) = reply else {
+                    self.stats.ignored += 1;
+                    return;
+                };
+                let sent = self.send(|o| {
+                    o[..end].copy_from_slice(&f[..end]);
+                    // Back to where it came from.
+                    o[0..6].copy_from_slice(&f[6..12]);
+                    o[6..12].copy_from_slice(&mac);
+                    o[22] = 64;
+                    o[26..30].copy_from_slice(&ip);
+                    o[30..34].copy_from_slice(&f[26..30]);
+                    put16(o, 24, 0);
+                    let c = checksum(&o[14..l4]);
+                    put16(o, 24, c);
+                    if proto == IP_ICMP {
+                        o[l4] = 0;
+                        put16(o, l4 + 2, 0);
+                        let c = checksum(&o[l4..end]);
+                        put16(o, l4 + 2, c);
+                    } else {
+                        // Ports swapped; no checksum (allowed over IPv4).
+                        o[l4..l4 + 2].copy_from_slice(&f[l4 + 2..l4 + 4]);
+                        o[l4 + 2..l4 + 4].copy_from_slice(&f[l4..l4 + 2]);
+                        put16(o, l4 + 6, 0);
+                    }
+                    end.max(60)
+                });
+                if sent {
+                    if proto == IP_ICMP {
+                        self.stats.icmp_replies += 1;
+                    } else {
+                        self.stats.udp_echoes += 1;
+                    }
+                }
+            }
+            _ => self.stats.ignored += 1,
+        }
+    }
+}

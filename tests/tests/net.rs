@@ -51,18 +51,37 @@ fn run(cmd: &[&str]) {
     assert!(st.success(), "{cmd:?}");
 }
 
-/// A net-backend process, ended with the test however it ends.
-struct NetBackend(Child);
+/// A process of the test's (a net-backend, a flood), ended with the test
+/// however it ends.
+struct Process(Child);
 
-impl Drop for NetBackend {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
+/// A persistent multi-queue tap in `ns` with `addr` on it, up: what the
+/// host side keeps while backends come and go.
+fn tap_with_address(ns: &Netns, tap: &str, addr: &str) {
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        tap,
+        "mode",
+        "tap",
+        "multi_queue",
+        "vnet_hdr",
+    ]);
+    ns.ip(&["addr", "add", addr, "dev", tap]);
+    ns.ip(&["link", "set", tap, "up"]);
+}
+
 /// net-backend on tap `tap` in `ns`, serving `sock`.
-fn net_backend(ns: &Netns, tap: &str, sock: &Path) -> NetBackend {
+fn net_backend(ns: &Netns, tap: &str, sock: &Path) -> Process {
+    let _ = std::fs::remove_file(sock);
     let child = ns
         .command(&[&s(&bin("net-backend")), "--socket", &s(sock), "--tap", tap])
         .stdout(Stdio::null())
@@ -74,7 +93,40 @@ fn net_backend(ns: &Netns, tap: &str, sock: &Path) -> NetBackend {
     Patience::new("net-backend's socket", Duration::from_millis(50))
         .wait_until(|| Ok(sock.exists()))
         .expect("net-backend listens");
-    NetBackend(child)
+    Process(child)
+}
+
+/// `n` UDP datagrams from the namespace to the VM's echo port, each back
+/// with its payload (one resent after a second without an answer: a
+/// reconnecting backend may lose one).
+fn udp_echoes(ns: &Netns, n: u32, vm: &RunningVm) {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(1)\n\
+         for i in range({n}):\n\
+         \x20   m = b'echo %d' % i\n\
+         \x20   for attempt in range(10):\n\
+         \x20       s.sendto(m, ('10.0.0.2', 7))\n\
+         \x20       try:\n\
+         \x20           d, a = s.recvfrom(2048)\n\
+         \x20           if d == m: break\n\
+         \x20       except socket.timeout: pass\n\
+         \x20   else: raise SystemExit('no echo of %r' % m)\n\
+         print('{n} echoed')"
+    );
+    let udp = output_within(
+        &mut ns.command(&["python3", "-c", &script]),
+        &Patience::new("udp echoes", Duration::from_secs(2)),
+    )
+    .expect("python runs");
+    assert!(
+        String::from_utf8_lossy(&udp.stdout).contains(&format!("{n} echoed")),
+        "{}{}\nthe guest:\n{}",
+        String::from_utf8_lossy(&udp.stdout),
+        String::from_utf8_lossy(&udp.stderr),
+        vm.console()
+    );
 }
 
 fn nic_vm(sock: &Path, cmdline: &str) -> RunningVm {
@@ -103,9 +155,8 @@ fn the_namespace_pings_a_vm_through_its_tap_and_udp_echoes_come_back() {
     let fx = Fixture::new();
     let ns = Netns::new("ping");
     let sock = fx.path("net.sock");
+    tap_with_address(&ns, "tap0", "10.0.0.1/24");
     let _backend = net_backend(&ns, "tap0", &sock);
-    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"]);
-    ns.ip(&["link", "set", "tap0", "up"]);
     let mut vm = nic_vm(&sock, "mode=net ip=10.0.0.2 progress_ms=100");
     assert!(
         vm.console()
@@ -128,29 +179,7 @@ fn the_namespace_pings_a_vm_through_its_tap_and_udp_echoes_come_back() {
     );
     assert!(String::from_utf8_lossy(&ping.stdout).contains("3 received"));
     // Ten UDP datagrams to the echo port, each back with its payload.
-    let udp = output_within(
-        &mut ns.command(&[
-            "python3",
-            "-c",
-            "import socket\n\
-             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             s.settimeout(5)\n\
-             for i in range(10):\n\
-             \x20   m = b'echo %d' % i\n\
-             \x20   s.sendto(m, ('10.0.0.2', 7))\n\
-             \x20   d, a = s.recvfrom(2048)\n\
-             \x20   assert d == m and a == ('10.0.0.2', 7), (d, a)\n\
-             print('10 echoed')",
-        ]),
-        &Patience::new("udp echoes", Duration::from_secs(1)),
-    )
-    .expect("python runs");
-    assert!(
-        String::from_utf8_lossy(&udp.stdout).contains("10 echoed"),
-        "{}{}",
-        String::from_utf8_lossy(&udp.stdout),
-        String::from_utf8_lossy(&udp.stderr)
-    );
+    udp_echoes(&ns, 10, &vm);
     // The guest counted them (its next progress line).
     let lines = vm.progress_lines();
     vm.wait_for_progress(
@@ -169,4 +198,73 @@ fn the_namespace_pings_a_vm_through_its_tap_and_udp_echoes_come_back() {
         last.contains("icmp 3 udp 10") && !last.contains("arp 0"),
         "{last}"
     );
+}
+
+#[test]
+fn a_net_backend_killed_during_a_flood_comes_back_and_echoes_resume() {
+    if !ready("net_backend_kill", &["ip"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("kill");
+    let sock = fx.path("net.sock");
+    tap_with_address(&ns, "tap0", "10.0.0.1/24");
+    let backend = net_backend(&ns, "tap0", &sock);
+    let mut vm = nic_vm(&sock, "mode=net ip=10.0.0.2 progress_ms=100");
+    udp_echoes(&ns, 5, &vm);
+    // A flood of datagrams from the namespace (as fast as python sends
+    // them), the backend killed under it and started again.
+    let flood = Process(
+        ns.command(&[
+            "python3",
+            "-c",
+            "import socket, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             end = time.time() + 600\n\
+             while time.time() < end:\n\
+             \x20   try: s.sendto(b'flood', ('10.0.0.2', 7))\n\
+             \x20   except OSError: time.sleep(0.001)",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the flood"),
+    );
+    // The datagrams the guest has echoed, from its last progress line.
+    let echoed = |vm: &RunningVm| -> u64 {
+        vm.console()
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("progress:"))
+            .and_then(|l| l.split("udp ").nth(1)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let under_flood = Patience::new("progress under the flood", Duration::from_millis(200));
+    let lines = vm.progress_lines();
+    vm.wait_for_progress(lines + 2, &under_flood)
+        .expect("the guest runs");
+    drop(backend);
+    let before = echoed(&vm);
+    let _backend = net_backend(&ns, "tap0", &sock);
+    // The vmm reconnects (its watcher sees the hang-up) and the guest,
+    // which never noticed, goes on counting the flood's datagrams.
+    let mut now = before;
+    Patience::new(
+        "the flood's echoes after the restart",
+        Duration::from_millis(500),
+    )
+    .wait_until(|| {
+        now = echoed(&vm);
+        Ok(now > before + 100)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {before} echoed before, {now} since:\n{}",
+            vm.console()
+        )
+    });
+    drop(flood);
+    // The flood over, every datagram is echoed again.
+    udp_echoes(&ns, 5, &vm);
+    assert!(vm.running(), "the VM lives on:\n{}", vm.console());
 }

@@ -268,7 +268,7 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         if cfg.progress_ms > 0 && clock.ns(now - last_progress) >= cfg.progress_ms * 1_000_000 {
             last_progress = now;
             let s = nic.stats;
-            println!("progress: rx {} tx {} arp {} icmp {} udp {}", s.rx_frames, s.tx_frames, s.arp_replies, s.icmp_replies, s.udp_echoes);
+            println!("progress: rx {} tx {} tx_full {} arp {} icmp {} udp {}", s.rx_frames, s.tx_frames, s.tx_full, s.arp_replies, s.icmp_replies, s.udp_echoes);
         }
         if cfg.duration_ms > 0 && clock.ns(now - start) >= cfg.duration_ms * 1_000_000 {
             break;

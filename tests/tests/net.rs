@@ -268,3 +268,97 @@ fn a_net_backend_killed_during_a_flood_comes_back_and_echoes_resume() {
     udp_echoes(&ns, 5, &vm);
     assert!(vm.running(), "the VM lives on:\n{}", vm.console());
 }
+
+#[test]
+fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
+    if !ready("vmctl_net", &["ip", "ping"]) {
+        return;
+    }
+    test_infra::build_guest().expect("the bench guest");
+    let fx = Fixture::new();
+    let ns = Netns::new("vmctl");
+    let state = fx.path("state");
+    let base = fx.image("base.img", "16M");
+    // vmctl itself inside the namespace, unchanged.
+    let vmctl = |args: &[&str]| -> String {
+        let mut all = vec![s(&bin("vmctl")), "--state-dir".into(), s(&state)];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = output_within(
+            &mut ns.command(&all),
+            &Patience::new("a vmctl call", Duration::from_millis(200)),
+        )
+        .expect("vmctl runs");
+        assert!(
+            out.status.success(),
+            "vmctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let info = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&vmctl(&["info", name, "--output", "json"])).expect("json")
+    };
+    for name in ["a", "b"] {
+        vmctl(&[
+            "create",
+            name,
+            "--image",
+            &s(&base),
+            "--net",
+            "--cmdline",
+            "mode=net progress_ms=100",
+        ]);
+        vmctl(&["start", name]);
+    }
+    let (a, b) = (info("a"), info("b"));
+    assert_eq!(a["address"], "10.88.0.2", "{a}");
+    assert_eq!(b["address"], "10.88.0.3", "{b}");
+    assert_ne!(a["mac"], b["mac"]);
+    assert_eq!(a["bridge"], "vmbr0");
+    let list = vmctl(&["list"]);
+    assert!(
+        list.contains("10.88.0.2") && list.contains("10.88.0.3"),
+        "{list}"
+    );
+    // The bridge's side (its address is the namespace's) reaches both.
+    for addr in ["10.88.0.2", "10.88.0.3"] {
+        let ping = output_within(
+            &mut ns.command(&["ping", "-c", "2", "-i", "0.2", "-W", "5", addr]),
+            &Patience::new("ping", Duration::from_secs(1)),
+        )
+        .expect("ping runs");
+        assert!(
+            ping.status.success(),
+            "{addr}: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+    }
+    // Each VM's tap is a port of the bridge; a deleted VM leaves none.
+    let ports = || -> String {
+        let out = ns
+            .command(&["ip", "-o", "link", "show", "master", "vmbr0"])
+            .output()
+            .expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (tap_a, tap_b) = (
+        a["tap"].as_str().expect("a's tap").to_string(),
+        b["tap"].as_str().expect("b's tap").to_string(),
+    );
+    assert!(
+        ports().contains(&tap_a) && ports().contains(&tap_b),
+        "{}",
+        ports()
+    );
+    vmctl(&["delete", "--force", "a"]);
+    assert!(!ports().contains(&tap_a), "{}", ports());
+    let gone = ns
+        .command(&["ip", "link", "show", "dev", &tap_a])
+        .output()
+        .expect("ip");
+    assert!(!gone.status.success(), "a's tap is gone");
+    assert!(ports().contains(&tap_b));
+    vmctl(&["delete", "--force", "b"]);
+    assert!(!ports().contains(&tap_b), "{}", ports());
+}

@@ -4,6 +4,7 @@
 mod binaries;
 mod fleet;
 mod host_backend;
+mod network;
 mod ops;
 mod snapshots;
 mod state;
@@ -64,6 +65,11 @@ struct VmOptions {
     /// Who serves the disk: the host's one blk-backend, or one of the VM's own.
     #[arg(long, value_enum, default_value_t = BackendMode::Host)]
     backend: BackendMode,
+    /// A NIC on BRIDGE (default vmbr0, made with 10.88.0.1/24 on first
+    /// use): a stable MAC, an address from the bridge's subnet, a tap
+    /// while it runs.
+    #[arg(long, num_args = 0..=1, default_missing_value = "vmbr0", value_name = "BRIDGE")]
+    net: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +241,7 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         backend: vm.backend,
         scratch: false,
         restore: None,
+        net: vm.net.clone(),
     })
 }
 
@@ -448,7 +455,7 @@ fn run(cli: Cli) -> Result<i32> {
                 print_json(&json!(rows));
             } else {
                 println!(
-                    "{:<20} {:<22} {:>8} {:>4} {:>7} {:>9} {:>9}",
+                    "{:<20} {:<22} {:>8} {:>4} {:>7} {:>9} {:>9}  ADDRESS",
                     "NAME", "STATE", "PID", "CPUS", "MEMORY", "DISK", "UPTIME"
                 );
                 for r in rows {
@@ -457,7 +464,7 @@ fn run(cli: Cli) -> Result<i32> {
                         state = format!("exited ({n})");
                     }
                     println!(
-                        "{:<20} {:<22} {:>8} {:>4} {:>7} {:>9} {:>9}",
+                        "{:<20} {:<22} {:>8} {:>4} {:>7} {:>9} {:>9}  {}",
                         r["name"].as_str().unwrap_or(""),
                         state,
                         r["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
@@ -467,6 +474,7 @@ fn run(cli: Cli) -> Result<i32> {
                         r["uptime-s"]
                             .as_f64()
                             .map_or("-".into(), |s| format!("{s:.1}s")),
+                        r["address"].as_str().unwrap_or("-"),
                     );
                 }
             }

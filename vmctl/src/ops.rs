@@ -35,6 +35,8 @@ pub struct Spec {
     /// A VM snapshot's saved state its first start continues from (the
     /// image is then that snapshot's sealed disk).
     pub restore: Option<crate::state::RestoreFrom>,
+    /// A NIC on this bridge.
+    pub net: Option<String>,
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a
@@ -91,6 +93,25 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             }
             ops::resize(clone_env, &vm.disk(), size).context("--disk-size")?;
         }
+        // Its address chosen and its definition written under one lock:
+        // two VMs created at once get two addresses.
+        let _allocating = spec
+            .net
+            .as_ref()
+            .map(|_| crate::network::allocation_lock(root))
+            .transpose()?;
+        let net = match &spec.net {
+            Some(bridge) => {
+                let others: Vec<VmConfig> = root
+                    .list()?
+                    .iter()
+                    .filter(|o| o.name != name)
+                    .filter_map(|o| o.config().ok())
+                    .collect();
+                Some(crate::network::allocate(root, name, bridge, &others)?)
+            }
+            None => None,
+        };
         vm.write_config(&VmConfig {
             name: name.to_string(),
             image: base_path.display().to_string(),
@@ -103,6 +124,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             backend: spec.backend,
             created_unix: now_ms() / 1000,
             restore: spec.restore.clone(),
+            net,
         })?;
         Ok(())
     })
@@ -523,6 +545,10 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
         "kernel": c.kernel,
         "cmdline": c.cmdline,
         "queues": c.queues,
+        "address": c.net.as_ref().map(|n| n.address.to_string()),
+        "mac": c.net.as_ref().map(|n| n.mac.clone()),
+        "bridge": c.net.as_ref().map(|n| n.bridge.clone()),
+        "tap": c.net.as_ref().filter(|_| active).map(|n| n.tap.clone()),
         "dir": vm.path,
     }))
 }

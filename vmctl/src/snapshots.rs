@@ -98,6 +98,8 @@ impl Snapshot {
                 dir: self.vm_state(),
                 memory,
             }),
+            // A snapshot holds no NIC (the vmm refuses to take one).
+            net: None,
         }
     }
 
@@ -477,6 +479,7 @@ pub fn restore(root: &Root, dest: &Path, name: &str) -> Result<VmDir> {
             image: top.display().to_string(),
             created_unix: now_ms() / 1000,
             restore: None,
+            net: None,
             ..manifest.config.clone()
         })?;
         Ok(())

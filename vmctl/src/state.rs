@@ -176,6 +176,9 @@ pub struct VmConfig {
     /// (its disk has moved on from the snapshot's, so a later start boots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreFrom>,
+    /// Its NIC, if it has one (`--net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::network::NicSpec>,
 }
 
 /// Where a restored VM continues from, and how its memory comes in.
@@ -309,6 +312,10 @@ impl VmDir {
     }
     pub fn api_socket(&self) -> PathBuf {
         self.path.join("api.sock")
+    }
+    /// Its NIC's vhost-user socket (net-backend's).
+    pub fn net_socket(&self) -> PathBuf {
+        self.path.join("net.sock")
     }
     /// The control socket of the VM's own blk-backend (`--backend vm`).
     pub fn backend_control(&self) -> PathBuf {

@@ -301,6 +301,13 @@ fn run(
     exiting: &mut Option<Exiting>,
     ready: impl FnOnce(),
 ) -> Result<()> {
+    // Its NIC's tap on its bridge and a net-backend on it, before the vmm
+    // (which waits for the socket, `connect_timeout_ms`); both gone with
+    // this run.
+    let _nic = match &config.net {
+        Some(nic) => Some(NicServer::start(vm, nic)?),
+        None => None,
+    };
     // The vmm first: its exec and KVM set-up overlap the disk's (an export
     // added, or a backend started), and it waits for the disk's socket to
     // listen (`connect_timeout_ms`).
@@ -388,11 +395,117 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
     })
 }
 
+/// A VM's NIC while it runs: its tap plugged into its bridge, and a
+/// net-backend serving it, started again if it dies (the vmm reconnects;
+/// the guest's link comes back). Dropped: the backend stopped, the tap
+/// gone.
+struct NicServer {
+    nic: crate::network::NicSpec,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    pid: Arc<std::sync::atomic::AtomicU32>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NicServer {
+    fn start(vm: &VmDir, nic: &crate::network::NicSpec) -> Result<NicServer> {
+        crate::network::plug(nic).context("plugging the VM's NIC")?;
+        let spawn = {
+            let (vm, tap) = (vm.clone(), nic.tap.clone());
+            move || -> Result<Child> {
+                let _ = std::fs::remove_file(vm.net_socket());
+                let mut cmd = Command::new(binaries::program("net-backend")?);
+                crate::ops::die_with_parent(&mut cmd, libc::SIGTERM);
+                cmd.arg("--socket")
+                    .arg(vm.net_socket())
+                    .args(["--tap", &tap])
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log_file(&vm, "net-backend.log")?)
+                    .spawn()
+                    .context("starting net-backend")
+            }
+        };
+        let child = match spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                crate::network::unplug(nic);
+                return Err(e);
+            }
+        };
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = Arc::new(std::sync::atomic::AtomicU32::new(child.id()));
+        let (s2, p2, vm2) = (Arc::clone(&stopping), Arc::clone(&pid), vm.clone());
+        let watcher = std::thread::Builder::new()
+            .name("net-backend".into())
+            .spawn(move || {
+                let mut child = child;
+                loop {
+                    let st = child.wait();
+                    if s2.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    note(
+                        &vm2,
+                        format_args!("net-backend ended ({st:?}); starting it again"),
+                    );
+                    // Not in a loop faster than a process can start.
+                    std::thread::sleep(Duration::from_millis(10));
+                    match spawn() {
+                        Ok(c) => {
+                            p2.store(c.id(), std::sync::atomic::Ordering::Release);
+                            child = c;
+                        }
+                        Err(e) => {
+                            note(
+                                &vm2,
+                                format_args!("net-backend: {}", cli_support::report(&e)),
+                            );
+                            return;
+                        }
+                    }
+                }
+            })
+            .context("watching net-backend")?;
+        Ok(NicServer {
+            nic: nic.clone(),
+            stopping,
+            pid,
+            watcher: Some(watcher),
+        })
+    }
+}
+
+impl Drop for NicServer {
+    fn drop(&mut self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        let pid = self.pid.load(std::sync::atomic::Ordering::Acquire);
+        // SAFETY: a signal to our own child, which its watcher has not
+        // reaped while `stopping` was unset.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        crate::network::unplug(&self.nic);
+    }
+}
+
 /// How long a vmm waits at start for its disk's socket to listen: the
 /// export is added (or the backend started) meanwhile, in milliseconds,
 /// unless the host backend's daemon has to be started first or many VMs
 /// start at once.
 const DISK_CONNECT_TIMEOUT_MS: u64 = 120_000;
+
+/// The kernel command line: the VM's, and its NIC's address (`ip=`).
+fn cmdline_of(config: &VmConfig) -> String {
+    match &config.net {
+        Some(nic) => format!("{} {}", config.cmdline, nic.kernel_ip_arg(&config.name))
+            .trim()
+            .to_string(),
+        None => config.cmdline.clone(),
+    }
+}
 
 /// Starts the vmm, its console copied to the console file.
 fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>)> {
@@ -412,7 +525,7 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
             })
             .args(["--cpus", &config.cpus.to_string()])
             .args(["--memory", &config.memory.to_string()])
-            .args(["--cmdline", &config.cmdline]),
+            .args(["--cmdline", &cmdline_of(config)]),
     };
     cmd.arg("--disk")
         .arg(format!(
@@ -424,6 +537,13 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
         .arg(vm.api_socket());
     if let (Some(i), None) = (&config.initrd, &config.restore) {
         cmd.arg("--initrd").arg(i);
+    }
+    if let Some(nic) = &config.net {
+        cmd.arg("--net").arg(crate::network::vmm_arg(
+            nic,
+            &vm.net_socket(),
+            DISK_CONNECT_TIMEOUT_MS,
+        ));
     }
     // The vmm dies with this supervisor (it asks the kernel itself: no
     // code between fork and exec, so the spawn copies no page tables of a

@@ -205,7 +205,9 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "seed" => num(v).map(|n| c.seed = n).is_some(),
             "progress_ms" => num(v).map(|n| c.progress_ms = n).is_some(),
             "touch" => num(v).map(|n| c.touch = n).is_some(),
-            "ip" => ipv4(v).map(|a| c.ip = a).is_some(),
+            // Linux's form too (ip=CLIENT::GATEWAY:MASK:HOST:DEV:AUTOCONF,
+            // as vmctl passes it): the client's address is the guest's.
+            "ip" => ipv4(v.split(':').next().unwrap_or(v)).map(|a| c.ip = a).is_some(),
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
             "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),

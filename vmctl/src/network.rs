@@ -1,0 +1,203 @@
+//! Host plumbing for VMs' NICs (`vmctl create --net [BRIDGE]`): a bridge
+//! per network (`vmbr0` unless named; 10.88.0.1/24 when vmctl makes it,
+//! else the subnet of the address it has), a stable MAC and an address
+//! from the bridge's subnet per VM (in its definition), and, while the VM
+//! runs, a persistent multi-queue tap on the bridge with a `net-backend`
+//! serving it. The tap goes when the VM stops; nothing of a deleted VM is
+//! left. Everything goes through `ip` (iproute2) in the network namespace
+//! vmctl runs in, so vmctl works unchanged inside one.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{lock_file, Root, VmConfig};
+
+/// The bridge's address when vmctl makes it, and the subnet's size.
+const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+const PREFIX: u8 = 24;
+
+/// A VM's NIC, fixed when it is defined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    pub bridge: String,
+    pub mac: String,
+    pub address: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    /// The tap made for it while it runs.
+    pub tap: String,
+}
+
+impl NicSpec {
+    /// The kernel command line's `ip=` (Linux's form; the bench guest
+    /// reads the address before the first ':').
+    pub fn kernel_ip_arg(&self, hostname: &str) -> String {
+        let mask = Ipv4Addr::from(u32::MAX << (32 - self.prefix));
+        format!(
+            "ip={}::{}:{}:{}:eth0:off",
+            self.address, self.gateway, mask, hostname
+        )
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Checks a bridge name: it becomes an interface name.
+pub fn check_bridge_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        bail!("--net {name:?}: a bridge name is 1 to 15 of a-z, A-Z, 0-9, '-' and '_'");
+    }
+    Ok(())
+}
+
+/// The bridge's IPv4 address and prefix, if it has one.
+fn bridge_address(bridge: &str) -> Option<(Ipv4Addr, u8)> {
+    let out = ip(&["-4", "-o", "addr", "show", "dev", bridge]).ok()?;
+    let cidr = out.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+    let (a, p) = cidr.split_once('/')?;
+    Some((a.parse().ok()?, p.parse().ok()?))
+}
+
+/// A stable hash of `s` (the VM's place and name: its MAC and tap name).
+fn hash(s: &str) -> u64 {
+    // FNV-1a: the same on every run and every machine.
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Gives VM `name` a NIC on `bridge`: its MAC and tap name from its
+/// identity, the first address of the bridge's subnet no other VM has.
+/// The caller holds [`allocation_lock`] until the VM's definition is
+/// written.
+pub fn allocate(root: &Root, name: &str, bridge: &str, others: &[VmConfig]) -> Result<NicSpec> {
+    check_bridge_name(bridge)?;
+    let (gateway, prefix) = bridge_address(bridge).unwrap_or((DEFAULT_GATEWAY, PREFIX));
+    if !(8..=30).contains(&prefix) {
+        bail!("bridge {bridge}: its subnet /{prefix} is not one vmctl hands addresses out of (/8 to /30)");
+    }
+    let h = hash(&format!("{}/{name}", root.path.display()));
+    let mac = format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        (h >> 16) as u8,
+        (h >> 8) as u8,
+        h as u8
+    );
+    let taken: Vec<Ipv4Addr> = others
+        .iter()
+        .filter_map(|c| c.net.as_ref())
+        .filter(|n| n.bridge == bridge)
+        .map(|n| n.address)
+        .collect();
+    let mask = u32::MAX << (32 - prefix);
+    let net = u32::from(gateway) & mask;
+    let hosts = (1u32 << (32 - prefix)) - 2;
+    let address = (1..=hosts)
+        .map(|i| Ipv4Addr::from(net + i))
+        .find(|a| *a != gateway && !taken.contains(a))
+        .with_context(|| format!("bridge {bridge}: every address of its /{prefix} is taken"))?;
+    Ok(NicSpec {
+        bridge: bridge.to_string(),
+        mac,
+        address,
+        gateway,
+        prefix,
+        tap: format!("vt{:08x}", h as u32),
+    })
+}
+
+/// Serializes address allocation between concurrent creates.
+pub fn allocation_lock(root: &Root) -> Result<std::fs::File> {
+    lock_file(&root.path.join("network.lock"), true)?.context("the network allocation lock")
+}
+
+/// The bridge up (made, with the gateway's address, if it is not there).
+pub fn ensure_bridge(nic: &NicSpec) -> Result<()> {
+    if link_exists(&nic.bridge) {
+        return Ok(());
+    }
+    // Two VMs starting at once: one makes it; the other finds it made.
+    if let Err(e) = ip(&["link", "add", &nic.bridge, "type", "bridge"]) {
+        if !link_exists(&nic.bridge) {
+            return Err(e);
+        }
+        return Ok(());
+    }
+    let cidr = format!("{}/{}", nic.gateway, nic.prefix);
+    ip(&["addr", "add", &cidr, "dev", &nic.bridge])?;
+    ip(&["link", "set", &nic.bridge, "up"])?;
+    Ok(())
+}
+
+/// The VM's tap made (persistent, multi-queue, with virtio-net headers),
+/// on its bridge and up; one left by a crashed run is made again.
+pub fn plug(nic: &NicSpec) -> Result<()> {
+    ensure_bridge(nic)?;
+    if link_exists(&nic.tap) {
+        unplug(nic);
+    }
+    ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        &nic.tap,
+        "mode",
+        "tap",
+        "multi_queue",
+        "vnet_hdr",
+    ])?;
+    let plugged = ip(&["link", "set", &nic.tap, "master", &nic.bridge])
+        .and_then(|_| ip(&["link", "set", &nic.tap, "up"]));
+    if let Err(e) = plugged {
+        unplug(nic);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The VM's tap gone (and with it its bridge port).
+pub fn unplug(nic: &NicSpec) {
+    let _ = ip(&["link", "del", "dev", &nic.tap]);
+}
+
+/// The `--net` of the VM's vmm.
+pub fn vmm_arg(nic: &NicSpec, socket: &Path, connect_timeout_ms: u64) -> String {
+    format!(
+        "socket={},mac={},connect_timeout_ms={connect_timeout_ms}",
+        socket.display(),
+        nic.mac
+    )
+}

@@ -277,25 +277,9 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
     test_infra::build_guest().expect("the bench guest");
     let fx = Fixture::new();
     let ns = Netns::new("vmctl");
-    let state = fx.path("state");
     let base = fx.image("base.img", "16M");
-    // vmctl itself inside the namespace, unchanged.
-    let vmctl = |args: &[&str]| -> String {
-        let mut all = vec![s(&bin("vmctl")), "--state-dir".into(), s(&state)];
-        all.extend(args.iter().map(|a| a.to_string()));
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let out = output_within(
-            &mut ns.command(&all),
-            &Patience::new("a vmctl call", Duration::from_millis(200)),
-        )
-        .expect("vmctl runs");
-        assert!(
-            out.status.success(),
-            "vmctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let v = VmctlIn::new(&ns, &fx);
+    let vmctl = |args: &[&str]| v.ok(args);
     let info = |name: &str| -> serde_json::Value {
         serde_json::from_str(&vmctl(&["info", name, "--output", "json"])).expect("json")
     };
@@ -361,4 +345,96 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
     assert!(ports().contains(&tap_b));
     vmctl(&["delete", "--force", "b"]);
     assert!(!ports().contains(&tap_b), "{}", ports());
+}
+
+/// vmctl inside the namespace, unchanged, on a state directory of the
+/// test's own.
+struct VmctlIn<'a> {
+    ns: &'a Netns,
+    state: std::path::PathBuf,
+}
+
+impl<'a> VmctlIn<'a> {
+    fn new(ns: &'a Netns, fx: &Fixture) -> VmctlIn<'a> {
+        test_infra::build_guest().expect("the bench guest");
+        VmctlIn {
+            ns,
+            state: fx.path("state"),
+        }
+    }
+
+    /// A call that must succeed: its output. (A start or a delete takes
+    /// tens of milliseconds here.)
+    fn ok(&self, args: &[&str]) -> String {
+        let mut all = vec![s(&bin("vmctl")), "--state-dir".into(), s(&self.state)];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = output_within(
+            &mut self.ns.command(&all),
+            &Patience::new("a vmctl call", Duration::from_millis(200)),
+        )
+        .expect("vmctl runs");
+        assert!(
+            out.status.success(),
+            "vmctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+#[test]
+fn two_vms_on_one_bridge_exchange_udp_with_counts_on_both_ends() {
+    if !ready("net_two_vms", &["ip"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("pair");
+    let base = fx.image("base.img", "16M");
+    let v = VmctlIn::new(&ns, &fx);
+    let image = s(&base);
+    v.ok(&[
+        "create",
+        "srv",
+        "--image",
+        &image,
+        "--net",
+        "--cmdline",
+        "mode=net progress_ms=100",
+    ]);
+    v.ok(&["start", "srv"]);
+    // 2000 datagrams of 256 bytes, 8 in flight, to srv's echo port.
+    v.ok(&[
+        "create",
+        "cli",
+        "--image",
+        &image,
+        "--net",
+        "--cmdline",
+        "mode=net peer=10.88.0.2 count=2000 window=8 payload=256 timeout_ms=20000",
+    ]);
+    v.ok(&["start", "cli"]);
+    let waited = v.ok(&["wait", "cli"]);
+    let last = v.ok(&["logs", "cli", "--tail", "1"]);
+    assert!(waited.contains("exited (0)"), "{waited}{last}");
+    let report: serde_json::Value = serde_json::from_str(last.trim()).expect("the report");
+    eprintln!("the client: {report}");
+    assert_eq!(report["received"], 2000, "{report}");
+    assert_eq!(report["bogus"], 0, "{report}");
+    // The server echoed every one of them (its next progress line).
+    let echoed = || -> u64 {
+        v.ok(&["logs", "srv"])
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("progress:"))
+            .and_then(|l| l.split("udp ").nth(1)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Patience::new("srv's progress line", Duration::from_millis(200))
+        .wait_until(|| Ok(echoed() >= 2000))
+        .unwrap_or_else(|e| panic!("{e}: {}", v.ok(&["logs", "srv", "--tail", "3"])));
+    assert_eq!(echoed(), 2000);
+    v.ok(&["delete", "--force", "srv"]);
+    v.ok(&["delete", "cli"]);
 }

@@ -74,6 +74,14 @@ pub struct Config {
     pub touch: u64,
     /// The guest's IPv4 address on its NIC.
     pub ip: [u8; 4],
+    /// mode=net as a UDP client of this peer's echo port.
+    pub peer: Option<[u8; 4]>,
+    /// Datagrams the client sends (and expects back).
+    pub count: u64,
+    /// Bytes of UDP payload per datagram (12 to 1472).
+    pub payload: u32,
+    /// Datagrams in flight at once (1: one round trip at a time).
+    pub window: u32,
 }
 
 impl Default for Config {
@@ -108,6 +116,10 @@ impl Default for Config {
             virtio_console: true,
             touch: 0,
             ip: [10, 0, 0, 2],
+            peer: None,
+            count: 1000,
+            payload: 64,
+            window: 1,
         }
     }
 }
@@ -208,6 +220,10 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             // Linux's form too (ip=CLIENT::GATEWAY:MASK:HOST:DEV:AUTOCONF,
             // as vmctl passes it): the client's address is the guest's.
             "ip" => ipv4(v.split(':').next().unwrap_or(v)).map(|a| c.ip = a).is_some(),
+            "peer" => ipv4(v).map(|a| c.peer = Some(a)).is_some(),
+            "count" => num(v).filter(|&n| n > 0).map(|n| c.count = n).is_some(),
+            "payload" => num(v).filter(|&n| (12..=1472).contains(&n)).map(|n| c.payload = n as u32).is_some(),
+            "window" => num(v).filter(|&n| (1..=128).contains(&n)).map(|n| c.window = n as u32).is_some(),
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
             "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),

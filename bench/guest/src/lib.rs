@@ -260,6 +260,9 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         m[0], m[1], m[2], m[3], m[4], m[5], a, b, c, d,
         if nic.link_up() { "up" } else { "down" }
     );
+    if cfg.peer.is_some() {
+        run_udp_client(&mut nic, cfg, arena, clock);
+    }
     let start = time::tsc();
     let mut last_progress = start;
     loop {
@@ -280,6 +283,77 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"net\",\"rx_frames\":{},\"tx_frames\":{},\"arp_replies\":{},\"icmp_replies\":{},\"udp_echoes\":{},\"ignored\":{},\"tx_full\":{},\"init_ns\":{}}}",
         s.rx_frames, s.tx_frames, s.arp_replies, s.icmp_replies, s.udp_echoes, s.ignored, s.tx_full,
         clock.ns(start - boot_tsc)
+    );
+    rt::exit(EXIT_OK);
+}
+
+/// `mode=net peer=IP`: `count` datagrams to the peer's echo port, `window`
+/// in flight, each echo's round trip measured; the report has the counts,
+/// the rate and the round-trip percentiles. A datagram not echoed within
+/// `timeout_ms` ends the run as failed, with what was counted.
+fn run_udp_client(nic: &mut net::Nic, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clock) -> ! {
+    let timeout = cfg.timeout_ms * 1_000_000;
+    nic.peer = cfg.peer;
+    let asked_at = time::tsc();
+    let mut last_ask = 0;
+    while nic.peer_mac.is_none() {
+        let now = time::tsc();
+        if last_ask == 0 || clock.ns(now - last_ask) >= 100_000_000 {
+            nic.ask_peer_mac();
+            last_ask = now;
+        }
+        nic.poll();
+        nic.new_echoes = 0;
+        if clock.ns(now - asked_at) > timeout {
+            fail(EXIT_TIMEOUT, format_args!("no ARP reply from the peer within {} ms", cfg.timeout_ms));
+        }
+    }
+    let n = cfg.count.min(1 << 22) as usize;
+    let Some(rtts) = arena.samples(n) else {
+        fail(EXIT_USAGE, format_args!("count={}: not enough guest memory for its samples", cfg.count));
+    };
+    let (mut sent, mut received, mut reordered, mut bogus) = (0u64, 0u64, 0u64, 0u64);
+    let start = time::tsc();
+    let mut last_echo = start;
+    while received < cfg.count {
+        while sent < cfg.count && sent - received < u64::from(cfg.window) {
+            if !nic.send_datagram(sent as u32, cfg.payload as usize, time::tsc()) {
+                break;
+            }
+            sent += 1;
+        }
+        nic.poll();
+        let now = time::tsc();
+        for e in &nic.echoes[..nic.new_echoes] {
+            // An echo of nothing sent (or sent twice) is no echo.
+            if u64::from(e.seq) >= sent {
+                bogus += 1;
+                continue;
+            }
+            if u64::from(e.seq) != received {
+                reordered += 1;
+            }
+            if (received as usize) < rtts.len() {
+                rtts[received as usize] = clock.ns(now.saturating_sub(e.sent_tsc)).min(u32::MAX as u64) as u32;
+            }
+            received += 1;
+            last_echo = now;
+        }
+        nic.new_echoes = 0;
+        if clock.ns(now - last_echo) > timeout {
+            fail(
+                EXIT_TIMEOUT,
+                format_args!("{} of {} datagrams echoed; none for {} ms", received, sent, cfg.timeout_ms),
+            );
+        }
+    }
+    let ns = clock.ns(time::tsc() - start).max(1);
+    let got = &mut rtts[..(received as usize).min(n)];
+    got.sort_unstable();
+    let p = |q: usize| got.get((got.len() * q / 100).min(got.len().saturating_sub(1))).copied().unwrap_or(0);
+    println!(
+        "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"udp\",\"sent\":{},\"received\":{},\"payload\":{},\"window\":{},\"ns\":{},\"pps\":{},\"rtt_p50_ns\":{},\"rtt_p99_ns\":{},\"reordered\":{},\"bogus\":{},\"tx_full\":{}}}",
+        sent, received, cfg.payload, cfg.window, ns, received * 1_000_000_000 / ns, p(50), p(99), reordered, bogus, nic.stats.tx_full
     );
     rt::exit(EXIT_OK);
 }

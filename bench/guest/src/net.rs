@@ -2,7 +2,9 @@
 //! 2 KiB buffers and a transmit ring, polled. The guest answers ARP
 //! requests and ICMP echo requests for its address, and UDP datagrams to
 //! the echo port (7), so that any VM is reachable and the path testable
-//! without Linux; it counts every frame.
+//! without Linux; it counts every frame. As a client (`peer=`), it sends
+//! numbered, timestamped UDP datagrams to a peer's echo port, a window of
+//! them in flight, and counts the echoes and their round trips.
 
 use crate::mem::{rd16, rd8, Arena};
 use crate::pci::{self, BarAllocator, ConfigAccess, Function};
@@ -36,6 +38,17 @@ impl core::fmt::Display for FindError {
     }
 }
 
+/// The UDP port the client sends from.
+pub const CLIENT_PORT: u16 = 40_007;
+
+/// An echo that came back to the client: its sequence number and the TSC
+/// it was sent at.
+#[derive(Clone, Copy)]
+pub struct Echo {
+    pub seq: u32,
+    pub sent_tsc: u64,
+}
+
 /// What the NIC saw and did.
 #[derive(Default, Clone, Copy)]
 pub struct NetStats {
@@ -48,6 +61,8 @@ pub struct NetStats {
     pub ignored: u64,
     /// Replies not sent: the transmit ring was full.
     pub tx_full: u64,
+    /// Echoes that came back to the client port.
+    pub echoes_back: u64,
 }
 
 pub struct Nic {
@@ -61,6 +76,13 @@ pub struct Nic {
     pub mac: [u8; 6],
     pub ip: [u8; 4],
     pub stats: NetStats,
+    /// The peer the client talks to, and its MAC once ARP told it.
+    pub peer: Option<[u8; 4]>,
+    pub peer_mac: Option<[u8; 6]>,
+    /// Echoes that came back since the caller last took them (a poll
+    /// handles at most a ring's worth of frames: they all fit).
+    pub echoes: [Echo; 256],
+    pub new_echoes: usize,
 }
 
 fn find(access: ConfigAccess, max_bus: u8) -> Option<Function> {
@@ -138,6 +160,10 @@ impl Nic {
             mac,
             ip,
             stats: NetStats::default(),
+            peer: None,
+            peer_mac: None,
+            echoes: [Echo { seq: 0, sent_tsc: 0 }; 256],
+            new_echoes: 0,
         })
     }
 
@@ -189,8 +215,59 @@ impl Nic {
         true
     }
 
+    /// Asks who has the peer's address (ARP, broadcast).
+    pub fn ask_peer_mac(&mut self) -> bool {
+        let (Some(peer), mac, ip) = (self.peer, self.mac, self.ip) else {
+            return false;
+        };
+        self.send(|o| {
+            o[0..6].fill(0xff);
+            o[6..12].copy_from_slice(&mac);
+            put16(o, 12, ETH_ARP);
+            o[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+            o[22..28].copy_from_slice(&mac);
+            o[28..32].copy_from_slice(&ip);
+            o[32..38].fill(0);
+            o[38..42].copy_from_slice(&peer);
+            60
+        })
+    }
+
+    /// Sends datagram `seq` of `payload` bytes (at least 12: the sequence
+    /// number and the TSC) to the peer's echo port; false if the ring is
+    /// full or the peer's MAC is not known yet.
+    pub fn send_datagram(&mut self, seq: u32, payload: usize, tsc: u64) -> bool {
+        let (Some(peer), Some(peer_mac), mac, ip) = (self.peer, self.peer_mac, self.mac, self.ip) else {
+            return false;
+        };
+        let payload = payload.clamp(12, 1472);
+        self.send(|o| {
+            o[0..6].copy_from_slice(&peer_mac);
+            o[6..12].copy_from_slice(&mac);
+            put16(o, 12, ETH_IPV4);
+            let total = 20 + 8 + payload;
+            o[14..34].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, IP_UDP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            put16(o, 16, total as u16);
+            o[26..30].copy_from_slice(&ip);
+            o[30..34].copy_from_slice(&peer);
+            let c = checksum(&o[14..34]);
+            put16(o, 24, c);
+            put16(o, 34, CLIENT_PORT);
+            put16(o, 36, UDP_ECHO_PORT);
+            put16(o, 38, (8 + payload) as u16);
+            put16(o, 40, 0);
+            o[42..46].copy_from_slice(&seq.to_le_bytes());
+            o[46..54].copy_from_slice(&tsc.to_le_bytes());
+            for (i, b) in o[54..42 + payload].iter_mut().enumerate() {
+                *b = i as u8;
+            }
+            (14 + total).max(60)
+        })
+    }
+
     /// ARP requests and ICMP echo requests for our address, UDP to the
-    /// echo port: answered; the rest counted.
+    /// echo port: answered; the peer's ARP reply and echoes to the client
+    /// port: taken; the rest counted.
     fn answer(&mut self, f: &[u8]) {
         if f.len() < 14 {
             self.stats.ignored += 1;
@@ -198,6 +275,27 @@ impl Nic {
         }
         let (mac, ip) = (self.mac, self.ip);
         match be16(f, 12) {
+            ETH_ARP if f.len() >= 42 && be16(f, 20) == 2 && Some(<[u8; 4]>::try_from(&f[28..32]).unwrap_or([0; 4])) == self.peer => {
+                self.peer_mac = <[u8; 6]>::try_from(&f[22..28]).ok();
+            }
+            ETH_IPV4
+                if f.len() >= 54
+                    && f[30..34] == ip
+                    && f[23] == IP_UDP
+                    && be16(f, 14 + usize::from(f[14] & 0x0f) * 4 + 2) == CLIENT_PORT =>
+            {
+                let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+                if f.len() >= l4 + 20 {
+                    let seq = u32::from_le_bytes([f[l4 + 8], f[l4 + 9], f[l4 + 10], f[l4 + 11]]);
+                    let mut t = [0u8; 8];
+                    t.copy_from_slice(&f[l4 + 12..l4 + 20]);
+                    if let Some(slot) = self.echoes.get_mut(self.new_echoes) {
+                        *slot = Echo { seq, sent_tsc: u64::from_le_bytes(t) };
+                        self.new_echoes += 1;
+                    }
+                    self.stats.echoes_back += 1;
+                }
+            }
             ETH_ARP if f.len() >= 42 && be16(f, 20) == 1 && f[38..42] == ip => {
                 let (sha, spa) = (<[u8; 6]>::try_from(&f[22..28]).unwrap_or([0; 6]), <[u8; 4]>::try_from(&f[28..32]).unwrap_or([0; 4]));
                 if self.send(|o| {

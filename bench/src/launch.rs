@@ -465,6 +465,7 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
                 limit: Patience::new("a 1-I/O guest under QEMU", Duration::from_millis(500)),
                 silence: Patience::new("a 1-I/O guest under QEMU", Duration::from_millis(500)),
                 console: QemuConsole::Uart,
+                nic: None,
             }
             .spawn()?;
             vms.push((started, vm));

@@ -170,6 +170,7 @@ fn main() -> Result<()> {
                 limit: run_patience(a.seconds + 60),
                 silence: run_patience(a.seconds + 60),
                 console: QemuConsole::Uart,
+                nic: None,
             }
             .run()?;
             let Some(j) = r.result.as_ref().filter(|_| r.ok()) else {

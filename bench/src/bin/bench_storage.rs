@@ -315,6 +315,7 @@ fn write_image(img_bin: &Path, backend_bin: &Path, snap: &Path, size: u64) -> Re
         limit: run_patience(600),
         silence: run_patience(600),
         console: QemuConsole::Uart,
+        nic: None,
     }
     .run()?;
     if !r.ok() {
@@ -499,6 +500,7 @@ fn run_guest(disk: Disk, w: &Workload, seconds: u64) -> Result<Sample> {
         limit: run_patience(seconds + 60),
         silence: run_patience(seconds + 60),
         console: QemuConsole::Uart,
+        nic: None,
     };
     sample_of(&vm.run()?)
 }
@@ -768,6 +770,7 @@ fn main() -> Result<()> {
                 limit: run_patience(60),
                 silence: run_patience(60),
                 console: QemuConsole::Uart,
+                nic: None,
             };
             let r = vm.run()?;
             t.push(
@@ -825,6 +828,7 @@ fn main() -> Result<()> {
                     limit: run_patience(60),
                     silence: run_patience(60),
                     console: QemuConsole::Uart,
+                    nic: None,
                 }
                 .run()?
             };

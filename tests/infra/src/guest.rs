@@ -142,6 +142,16 @@ pub enum Disk {
         num_queues: u16,
         reconnect_ms: Option<u32>,
     },
+    /// No disk (a guest that only uses its NIC).
+    None,
+}
+
+/// A QEMU guest's NIC (virtio-net-pci) and its MAC.
+#[derive(Clone, Debug)]
+pub enum QemuNic {
+    /// QEMU's own tap device (userspace, vhost=off: this kernel has no
+    /// vhost-net), on an existing tap.
+    Tap { ifname: String, mac: String },
 }
 
 impl Disk {
@@ -177,6 +187,7 @@ pub struct QemuVm {
     /// Between two console lines.
     pub silence: Patience,
     pub console: QemuConsole,
+    pub nic: Option<QemuNic>,
 }
 
 /// Where a QEMU guest's console goes.
@@ -243,6 +254,7 @@ impl QemuVm {
             limit: default_limit(),
             silence: default_silence(),
             console: QemuConsole::Uart,
+            nic: None,
         }
     }
 
@@ -314,12 +326,6 @@ impl QemuVm {
                 num_queues,
                 reconnect_ms,
             } => {
-                // vhost-user needs guest memory the backend can map.
-                c.arg("-object").arg(format!(
-                    "memory-backend-memfd,id=mem,size={}M,share=on",
-                    self.mem_mib
-                ));
-                c.args(["-machine", "memory-backend=mem"]);
                 let reconnect = reconnect_ms
                     .map(|ms| format!(",reconnect-ms={ms}"))
                     .unwrap_or_default();
@@ -329,6 +335,25 @@ impl QemuVm {
                     "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"
                 ));
             }
+            Disk::None => {}
+        }
+        match &self.nic {
+            Some(QemuNic::Tap { ifname, mac }) => {
+                c.arg("-netdev").arg(format!(
+                    "tap,id=n0,ifname={ifname},script=no,downscript=no,vhost=off"
+                ));
+                c.arg("-device")
+                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+            }
+            None => {}
+        }
+        // vhost-user needs guest memory the backend can map.
+        if matches!(self.disk, Disk::VhostUser { .. }) {
+            c.arg("-object").arg(format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                self.mem_mib
+            ));
+            c.args(["-machine", "memory-backend=mem"]);
         }
         c
     }
@@ -340,9 +365,15 @@ impl QemuVm {
 
     /// Boots the guest and returns while it runs.
     pub fn spawn(&self) -> Result<RunningVm> {
+        self.spawn_wrapped(|c| c)
+    }
+
+    /// The same, QEMU's command line wrapped by `wrap` (run inside a
+    /// network namespace, say).
+    pub fn spawn_wrapped(&self, wrap: impl FnOnce(Command) -> Command) -> Result<RunningVm> {
         let kernel = build_guest()?.elf;
         RunningVm::spawn(
-            self.command(&kernel),
+            wrap(self.command(&kernel)),
             ExitEncoding::QemuDebugExit,
             self.limit.clone(),
             self.silence.clone(),

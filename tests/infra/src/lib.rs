@@ -24,8 +24,8 @@ pub mod workspace;
 pub use backend::{listening, BackendControl, BlkBackendProcess, StorageDaemon};
 pub use fixture::Fixture;
 pub use guest::{
-    build_guest, Disk, GuestKernels, GuestRun, Kernel, Machine, QemuConsole, QemuVm, RunningVm,
-    VmmDisk, VmmVm, START_MARKER,
+    build_guest, Disk, GuestKernels, GuestRun, Kernel, Machine, QemuConsole, QemuNic, QemuVm,
+    RunningVm, VmmDisk, VmmVm, START_MARKER,
 };
 pub use host::{hardware_kvm, have, kvm_available, ready};
 pub use memory::memfd_guest_memory;

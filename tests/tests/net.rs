@@ -508,3 +508,46 @@ fn qemu_on_its_own_tap_talks_to_our_vm_on_one_bridge() {
         ours.console()
     );
 }
+
+#[test]
+fn vmctl_masquerades_a_nat_bridge_while_its_vm_runs_and_leaves_no_rule() {
+    if !ready("vmctl_nat", &["ip", "nft"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("nat");
+    let base = fx.image("base.img", "16M");
+    let v = VmctlIn::new(&ns, &fx);
+    let ruleset = || -> String {
+        let out = ns
+            .command(&["nft", "list", "ruleset"])
+            .output()
+            .expect("nft");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!ruleset().contains("vmctl"));
+    v.ok(&[
+        "create",
+        "gw",
+        "--image",
+        &s(&base),
+        "--net",
+        "--nat",
+        "--cmdline",
+        "mode=net",
+    ]);
+    v.ok(&["start", "gw"]);
+    let rules = ruleset();
+    assert!(
+        rules.contains("ip saddr 10.88.0.0/24 oifname != \"vmbr0\" masquerade"),
+        "{rules}"
+    );
+    let forwarding = ns
+        .command(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+        .output()
+        .expect("cat");
+    assert_eq!(String::from_utf8_lossy(&forwarding.stdout).trim(), "1");
+    // No traffic is sent anywhere: the rule's presence is what is checked.
+    v.ok(&["delete", "--force", "gw"]);
+    assert!(!ruleset().contains("vmctl"), "{}", ruleset());
+}

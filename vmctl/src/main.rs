@@ -70,6 +70,10 @@ struct VmOptions {
     /// while it runs.
     #[arg(long, num_args = 0..=1, default_missing_value = "vmbr0", value_name = "BRIDGE")]
     net: Option<String>,
+    /// With --net: the bridge's subnet masqueraded to the host's other
+    /// interfaces (nftables) while the VM runs.
+    #[arg(long, requires = "net")]
+    nat: bool,
 }
 
 #[derive(Subcommand)]
@@ -242,6 +246,7 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         scratch: false,
         restore: None,
         net: vm.net.clone(),
+        nat: vm.nat,
     })
 }
 

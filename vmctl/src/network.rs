@@ -4,8 +4,10 @@
 //! from the bridge's subnet per VM (in its definition), and, while the VM
 //! runs, a persistent multi-queue tap on the bridge with a `net-backend`
 //! serving it. The tap goes when the VM stops; nothing of a deleted VM is
-//! left. Everything goes through `ip` (iproute2) in the network namespace
-//! vmctl runs in, so vmctl works unchanged inside one.
+//! left. With `--nat`, the bridge's subnet is masqueraded to the host's
+//! other interfaces (nftables, table `ip vmctl`) while a NAT VM on it
+//! runs. Everything goes through `ip` (iproute2) and `nft` in the network
+//! namespace vmctl runs in, so vmctl works unchanged inside one.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -31,6 +33,9 @@ pub struct NicSpec {
     pub prefix: u8,
     /// The tap made for it while it runs.
     pub tap: String,
+    /// Its bridge's subnet masqueraded to the uplink while it runs.
+    #[serde(default)]
+    pub nat: bool,
 }
 
 impl NicSpec {
@@ -103,7 +108,13 @@ fn hash(s: &str) -> u64 {
 /// identity, the first address of the bridge's subnet no other VM has.
 /// The caller holds [`allocation_lock`] until the VM's definition is
 /// written.
-pub fn allocate(root: &Root, name: &str, bridge: &str, others: &[VmConfig]) -> Result<NicSpec> {
+pub fn allocate(
+    root: &Root,
+    name: &str,
+    bridge: &str,
+    nat: bool,
+    others: &[VmConfig],
+) -> Result<NicSpec> {
     check_bridge_name(bridge)?;
     let (gateway, prefix) = bridge_address(bridge).unwrap_or((DEFAULT_GATEWAY, PREFIX));
     if !(8..=30).contains(&prefix) {
@@ -136,7 +147,100 @@ pub fn allocate(root: &Root, name: &str, bridge: &str, others: &[VmConfig]) -> R
         gateway,
         prefix,
         tap: format!("vt{:08x}", h as u32),
+        nat,
     })
+}
+
+fn nft(args: &[&str]) -> Result<String> {
+    let out = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running nft (nftables)")?;
+    if !out.status.success() {
+        bail!(
+            "nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The comment that names a bridge's masquerade rule.
+fn nat_comment(bridge: &str) -> String {
+    format!("vmctl nat {bridge}")
+}
+
+/// The handle of the bridge's masquerade rule, if there is one.
+fn nat_rule(bridge: &str) -> Option<String> {
+    let listing = nft(&["-a", "list", "chain", "ip", "vmctl", "postrouting"]).ok()?;
+    let want = format!("comment \"{}\"", nat_comment(bridge));
+    listing
+        .lines()
+        .find(|l| l.contains(&want))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .map(|h| h.trim().to_string())
+}
+
+/// The bridge's subnet masqueraded to every other interface, and the
+/// namespace forwarding IPv4 (once per bridge).
+pub fn ensure_nat(nic: &NicSpec) -> Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
+        .context("turning IPv4 forwarding on (/proc/sys/net/ipv4/ip_forward)")?;
+    if nat_rule(&nic.bridge).is_some() {
+        return Ok(());
+    }
+    nft(&["add", "table", "ip", "vmctl"])?;
+    nft(&[
+        "add",
+        "chain",
+        "ip",
+        "vmctl",
+        "postrouting",
+        "{ type nat hook postrouting priority srcnat; }",
+    ])?;
+    let net = Ipv4Addr::from(u32::from(nic.gateway) & (u32::MAX << (32 - nic.prefix)));
+    let subnet = format!("{net}/{}", nic.prefix);
+    let comment = format!("\"{}\"", nat_comment(&nic.bridge));
+    nft(&[
+        "add",
+        "rule",
+        "ip",
+        "vmctl",
+        "postrouting",
+        "ip",
+        "saddr",
+        &subnet,
+        "oifname",
+        "!=",
+        &nic.bridge,
+        "masquerade",
+        "comment",
+        &comment,
+    ])?;
+    Ok(())
+}
+
+/// The bridge's masquerade rule removed (and vmctl's table with its
+/// last rule).
+pub fn drop_nat(bridge: &str) {
+    if let Some(handle) = nat_rule(bridge) {
+        let _ = nft(&[
+            "delete",
+            "rule",
+            "ip",
+            "vmctl",
+            "postrouting",
+            "handle",
+            &handle,
+        ]);
+    }
+    let empty = nft(&["list", "chain", "ip", "vmctl", "postrouting"])
+        .is_ok_and(|l| !l.contains("masquerade"));
+    if empty {
+        let _ = nft(&["delete", "table", "ip", "vmctl"]);
+    }
 }
 
 /// Serializes address allocation between concurrent creates.

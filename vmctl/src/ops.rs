@@ -37,6 +37,8 @@ pub struct Spec {
     pub restore: Option<crate::state::RestoreFrom>,
     /// A NIC on this bridge.
     pub net: Option<String>,
+    /// Its bridge's subnet masqueraded to the uplink.
+    pub nat: bool,
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a
@@ -108,7 +110,9 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
                     .filter(|o| o.name != name)
                     .filter_map(|o| o.config().ok())
                     .collect();
-                Some(crate::network::allocate(root, name, bridge, &others)?)
+                Some(crate::network::allocate(
+                    root, name, bridge, spec.nat, &others,
+                )?)
             }
             None => None,
         };

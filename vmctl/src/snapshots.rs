@@ -100,6 +100,7 @@ impl Snapshot {
             }),
             // A snapshot holds no NIC (the vmm refuses to take one).
             net: None,
+            nat: false,
         }
     }
 

@@ -305,7 +305,7 @@ fn run(
     // (which waits for the socket, `connect_timeout_ms`); both gone with
     // this run.
     let _nic = match &config.net {
-        Some(nic) => Some(NicServer::start(vm, nic)?),
+        Some(nic) => Some(NicServer::start(root, vm, nic)?),
         None => None,
     };
     // The vmm first: its exec and KVM set-up overlap the disk's (an export
@@ -400,6 +400,8 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
 /// the guest's link comes back). Dropped: the backend stopped, the tap
 /// gone.
 struct NicServer {
+    root: Root,
+    vm: VmDir,
     nic: crate::network::NicSpec,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     pid: Arc<std::sync::atomic::AtomicU32>,
@@ -407,8 +409,16 @@ struct NicServer {
 }
 
 impl NicServer {
-    fn start(vm: &VmDir, nic: &crate::network::NicSpec) -> Result<NicServer> {
+    fn start(root: &Root, vm: &VmDir, nic: &crate::network::NicSpec) -> Result<NicServer> {
         crate::network::plug(nic).context("plugging the VM's NIC")?;
+        if nic.nat {
+            let nat = crate::network::allocation_lock(root)
+                .and_then(|_lock| crate::network::ensure_nat(nic));
+            if let Err(e) = nat {
+                crate::network::unplug(nic);
+                return Err(e.context("masquerading the VM's bridge"));
+            }
+        }
         let spawn = {
             let (vm, tap) = (vm.clone(), nic.tap.clone());
             move || -> Result<Child> {
@@ -468,6 +478,8 @@ impl NicServer {
             })
             .context("watching net-backend")?;
         Ok(NicServer {
+            root: root.clone(),
+            vm: vm.clone(),
             nic: nic.clone(),
             stopping,
             pid,
@@ -488,6 +500,23 @@ impl Drop for NicServer {
             let _ = w.join();
         }
         crate::network::unplug(&self.nic);
+        if self.nic.nat {
+            // The masquerade goes with the bridge's last running NAT VM.
+            let Ok(_lock) = crate::network::allocation_lock(&self.root) else {
+                return;
+            };
+            let others_nat = self.root.list().unwrap_or_default().iter().any(|o| {
+                o.name != self.vm.name
+                    && o.observed().is_ok_and(|s| s.is_active())
+                    && o.config()
+                        .ok()
+                        .and_then(|c| c.net)
+                        .is_some_and(|n| n.nat && n.bridge == self.nic.bridge)
+            });
+            if !others_nat {
+                crate::network::drop_nat(&self.nic.bridge);
+            }
+        }
     }
 }
 

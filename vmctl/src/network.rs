@@ -50,20 +50,26 @@ impl NicSpec {
     }
 }
 
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
+/// Runs `program` (iproute2's `ip`, `nft`) with `args`: its output, or
+/// its error message.
+fn run_tool(program: &str, what: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .context("running ip (iproute2)")?;
+        .with_context(|| format!("running {program} ({what})"))?;
     if !out.status.success() {
         bail!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run_tool("ip", "iproute2", args)
 }
 
 fn link_exists(name: &str) -> bool {
@@ -152,19 +158,7 @@ pub fn allocate(
 }
 
 fn nft(args: &[&str]) -> Result<String> {
-    let out = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running nft (nftables)")?;
-    if !out.status.success() {
-        bail!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_tool("nft", "nftables", args)
 }
 
 /// The comment that names a bridge's masquerade rule.

@@ -1,0 +1,288 @@
+//! Guest-to-guest networking: two bench-guest VMs on one bridge, one
+//! echoing UDP, the other sending numbered datagrams to it (its report:
+//! echoes per second, round trips), on the project's stack (vmm +
+//! net-backend on a multi-queue tap each) and on QEMU's (virtio-net on its
+//! own tap device, vhost=off: this kernel has no vhost-net), in one run.
+//! Everything lives in a network namespace of the benchmark's own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use test_infra::{kvm_available, Disk, Patience, QemuNic, QemuVm, RunningVm, VmmVm};
+
+#[derive(Parser)]
+#[command(about = "Guest-to-guest UDP round trips and echo rates: vmm + net-backend vs QEMU's tap")]
+struct Args {
+    /// Datagrams per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    count: u64,
+    /// UDP payload sizes.
+    #[arg(long, value_delimiter = ',', default_value = "64,1472")]
+    payloads: Vec<u32>,
+    /// Datagrams in flight for the rate rows (the latency rows have 1).
+    #[arg(long, default_value_t = 32)]
+    window: u32,
+    /// Measurements per cell (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The benchmark's namespace, deleted with everything in it.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Netns> {
+        let name = format!("benchnet-{}", std::process::id());
+        run(&["ip", "netns", "add", &name])?;
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"])?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(ns)
+    }
+
+    fn command(&self, cmd: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(cmd);
+        c
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["ip"];
+        all.extend_from_slice(args);
+        let out = self.command(&all).output()?;
+        if !out.status.success() {
+            bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// A tap on the bridge: multi-queue for net-backend, single for QEMU.
+    fn tap(&self, name: &str, multi_queue: bool) -> Result<()> {
+        let mut add = vec!["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"];
+        if multi_queue {
+            add.push("multi_queue");
+        }
+        self.ip(&add)?;
+        self.ip(&["link", "set", name, "master", "br0"])?;
+        self.ip(&["link", "set", name, "up"])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(cmd: &[&str]) -> Result<()> {
+    let st = Command::new(cmd[0]).args(&cmd[1..]).status()?;
+    if !st.success() {
+        bail!("{cmd:?} failed");
+    }
+    Ok(())
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const SERVER: &str = "10.0.0.2";
+
+/// A guest of the stack: ours (vmm + net-backend on `tap`) or QEMU's.
+fn guest(
+    ns: &Netns,
+    ours: bool,
+    tap: &str,
+    dir: &Path,
+    cmdline: &str,
+) -> Result<(RunningVm, Option<Process>)> {
+    let limit = Patience::new("a networking guest's run", Duration::from_secs(60));
+    if ours {
+        ns.tap(tap, true)?;
+        let sock = dir.join(format!("{tap}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let backend = Process(
+            ns.command(&[
+                bench::release_binary("net-backend")?
+                    .to_str()
+                    .context("a UTF-8 path")?,
+                "--socket",
+                sock.to_str().context("a UTF-8 path")?,
+                "--tap",
+                tap,
+            ])
+            .stdout(Stdio::null())
+            .spawn()?,
+        );
+        let mut v = VmmVm::new(&bench::release_binary("vmm")?, cmdline);
+        v.options = vec![
+            "--net".into(),
+            format!("socket={},connect_timeout_ms=10000", sock.display()),
+        ];
+        v.limit = limit.clone();
+        v.silence = limit;
+        Ok((v.spawn()?, Some(backend)))
+    } else {
+        ns.tap(tap, false)?;
+        let mut q = QemuVm::new(Disk::None, cmdline);
+        q.mem_mib = 256;
+        q.nic = Some(QemuNic::Tap {
+            ifname: tap.into(),
+            mac: format!("52:54:00:00:{:02x}:01", tap.len() + usize::from(ours)),
+        });
+        q.limit = limit.clone();
+        q.silence = limit;
+        let ns_name = ns.0.clone();
+        let vm = q.spawn_wrapped(move |c| {
+            let mut w = Command::new("ip");
+            w.args(["netns", "exec", &ns_name])
+                .arg(c.get_program())
+                .args(c.get_args());
+            w
+        })?;
+        Ok((vm, None))
+    }
+}
+
+#[derive(serde::Serialize, Clone)]
+struct Cell {
+    stack: &'static str,
+    payload: u32,
+    window: u32,
+    echoes_per_s: f64,
+    rtt_p50_us: f64,
+    rtt_p99_us: f64,
+}
+
+fn measure(
+    a: &Args,
+    ns: &Netns,
+    dir: &Path,
+    ours: bool,
+    payload: u32,
+    window: u32,
+) -> Result<Cell> {
+    let stack = if ours {
+        "vmm + net-backend"
+    } else {
+        "QEMU tap"
+    };
+    let tag = if ours { "o" } else { "q" };
+    let (mut server, _sb) = guest(
+        ns,
+        ours,
+        &format!("{tag}s{payload}w{window}"),
+        dir,
+        &format!("mode=net ip={SERVER} progress_ms=0"),
+    )?;
+    server.wait_for_line(
+        "nic:",
+        &Patience::new("the server's NIC", Duration::from_secs(2)),
+    )?;
+    let mut rates = Vec::new();
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for run in 0..a.runs {
+        let (client, _cb) = guest(
+            ns,
+            ours,
+            &format!("{tag}c{payload}w{window}r{run}"),
+            dir,
+            &format!(
+                "mode=net ip=10.0.0.{} peer={SERVER} count={} window={window} payload={payload} timeout_ms=20000",
+                10 + run,
+                a.count
+            ),
+        )?;
+        let r = client.wait()?;
+        if !r.ok() || r.field("received") != a.count {
+            bail!(
+                "{stack}, {payload} B, window {window}: the client failed:\n{}",
+                r.serial
+            );
+        }
+        rates.push(r.field("pps") as f64);
+        p50.push(r.field("rtt_p50_ns") as f64 / 1e3);
+        p99.push(r.field("rtt_p99_ns") as f64 / 1e3);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Cell {
+        stack,
+        payload,
+        window,
+        echoes_per_s: median(rates),
+        rtt_p50_us: median(p50),
+        rtt_p99_us: median(p99),
+    })
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if !kvm_available("bench-net") {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"])?;
+    let dir = tempfile::tempdir()?;
+    let mut cells = Vec::new();
+    for &payload in &a.payloads {
+        for window in [1, a.window] {
+            for ours in [true, false] {
+                eprintln!(
+                    "[{} B, window {window}] {}",
+                    payload,
+                    if ours {
+                        "vmm + net-backend"
+                    } else {
+                        "QEMU tap"
+                    }
+                );
+                cells.push(measure(&a, &ns, dir.path(), ours, payload, window)?);
+            }
+        }
+    }
+    let mut md = String::from(
+        "| payload | in flight | stack | echoes/s | RTT p50 us | RTT p99 us | echoes/s vs QEMU | RTT p50 vs QEMU |\n|---:|---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    for pair in cells.chunks(2) {
+        let (o, q) = (&pair[0], &pair[1]);
+        for c in pair {
+            md += &format!(
+                "| {} B | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
+                c.payload,
+                c.window,
+                c.stack,
+                c.echoes_per_s,
+                c.rtt_p50_us,
+                c.rtt_p99_us,
+                if std::ptr::eq(c, o) {
+                    format!("{:.2}x", o.echoes_per_s / q.echoes_per_s.max(1.0))
+                } else {
+                    String::new()
+                },
+                if std::ptr::eq(c, o) {
+                    format!("{:.2}x", o.rtt_p50_us / q.rtt_p50_us.max(0.001))
+                } else {
+                    String::new()
+                },
+            );
+        }
+    }
+    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &cells)
+}

@@ -396,6 +396,8 @@ fn two_vms_on_one_bridge_exchange_udp_with_counts_on_both_ends() {
     let base = fx.image("base.img", "16M");
     let v = VmctlIn::new(&ns, &fx);
     let image = s(&base);
+    // Both interrupt-driven: halted while nothing arrives (a fleet's idle
+    // VMs spin no host core).
     v.ok(&[
         "create",
         "srv",
@@ -403,7 +405,7 @@ fn two_vms_on_one_bridge_exchange_udp_with_counts_on_both_ends() {
         &image,
         "--net",
         "--cmdline",
-        "mode=net progress_ms=100",
+        "mode=net progress_ms=100 wait=halt",
     ]);
     v.ok(&["start", "srv"]);
     // 2000 datagrams of 256 bytes, 8 in flight, to srv's echo port.
@@ -414,7 +416,7 @@ fn two_vms_on_one_bridge_exchange_udp_with_counts_on_both_ends() {
         &image,
         "--net",
         "--cmdline",
-        "mode=net peer=10.88.0.2 count=2000 window=8 payload=256 timeout_ms=20000",
+        "mode=net peer=10.88.0.2 count=2000 window=8 payload=256 timeout_ms=20000 wait=halt",
     ]);
     v.ok(&["start", "cli"]);
     let waited = v.ok(&["wait", "cli"]);

@@ -249,7 +249,7 @@ pub extern "C" fn guest_main() -> ! {
 /// `mode=net`: the NIC answers for `cfg.ip` until `duration_ms` has
 /// passed (forever without one), a progress line every `progress_ms`.
 fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clock, boot_tsc: u64) -> ! {
-    let mut nic = match net::Nic::open(rsdp, cfg.max_bus, cfg.queue_size, cfg.ip, arena) {
+    let mut nic = match net::Nic::open(rsdp, cfg.max_bus, cfg.queue_size, cfg.ip, cfg.halt, arena) {
         Ok(n) => n,
         Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
     };
@@ -266,7 +266,16 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
     let start = time::tsc();
     let mut last_progress = start;
     loop {
-        nic.poll();
+        // Interrupts so far, read before looking: a frame after the look
+        // wakes the halt below at once.
+        let seen = rt::irq_total();
+        let arrived = nic.poll();
+        if cfg.halt && arrived == 0 {
+            // wait=halt: the vCPU sleeps until a frame comes (or the next
+            // progress line is due), instead of spinning a host core.
+            let next = if cfg.progress_ms > 0 { cfg.progress_ms * 1_000_000 } else { 1_000_000_000 };
+            rt::wait_for_interrupt(seen, next);
+        }
         let now = time::tsc();
         if cfg.progress_ms > 0 && clock.ns(now - last_progress) >= cfg.progress_ms * 1_000_000 {
             last_progress = now;
@@ -322,7 +331,13 @@ fn run_udp_client(nic: &mut net::Nic, cfg: &config::Config, arena: &mem::Arena, 
             }
             sent += 1;
         }
+        let seen = rt::irq_total();
         nic.poll();
+        if cfg.halt && nic.new_echoes == 0 && (sent == cfg.count || sent - received >= u64::from(cfg.window)) {
+            // Waiting for echoes only: asleep until one comes.
+            rt::wait_for_interrupt(seen, timeout);
+            nic.poll();
+        }
         let now = time::tsc();
         for e in &nic.echoes[..nic.new_echoes] {
             // An echo of nothing sent (or sent twice) is no echo.

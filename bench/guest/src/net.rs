@@ -124,7 +124,9 @@ fn checksum(b: &[u8]) -> u16 {
 }
 
 impl Nic {
-    pub fn open(rsdp: u64, max_bus: u8, queue_size: u16, ip: [u8; 4], arena: &Arena) -> Result<Nic, FindError> {
+    /// With `irq`, the receive queue interrupts (MSI-X vector 0): a guest
+    /// that halts while nothing arrives is woken by the next frame.
+    pub fn open(rsdp: u64, max_bus: u8, queue_size: u16, ip: [u8; 4], irq: bool, arena: &Arena) -> Result<Nic, FindError> {
         let access = pci::config_access(rsdp).ok_or(FindError::NoConfigAccess)?;
         let func = find(access, max_bus).ok_or(FindError::NotFound)?;
         let mut bars = BarAllocator { next32: 0xc000_0000, end32: 0xe000_0000 };
@@ -136,9 +138,14 @@ impl Nic {
                 *m = rd8(t.device_cfg + i as u64);
             }
         }
-        let mut rx = t.setup_queue(0, queue_size, NO_VECTOR, arena).map_err(FindError::Init)?;
+        if irq && !t.enable_msix(1) {
+            return Err(FindError::Init(InitError::MissingCapability("MSI-X")));
+        }
+        let mut rx = t.setup_queue(0, queue_size, if irq { 0 } else { NO_VECTOR }, arena).map_err(FindError::Init)?;
         let mut tx = t.setup_queue(1, queue_size, NO_VECTOR, arena).map_err(FindError::Init)?;
-        rx.suppress_interrupts();
+        if !irq {
+            rx.suppress_interrupts();
+        }
         tx.suppress_interrupts();
         let rx_bufs = arena.alloc(BUF * rx.size as u64, 4096).ok_or(FindError::Init(InitError::OutOfMemory))?;
         let tx_bufs = arena.alloc(BUF * tx.size as u64, 4096).ok_or(FindError::Init(InitError::OutOfMemory))?;

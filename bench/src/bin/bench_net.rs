@@ -28,6 +28,10 @@ struct Args {
     /// Measurements per cell (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// How the guests wait for frames: halt (interrupts; an idle guest
+    /// leaves its host core) or poll (spinning on the rings).
+    #[arg(long, default_value = "halt", value_parser = ["halt", "poll"])]
+    guest_wait: String,
     #[arg(long)]
     markdown: Option<PathBuf>,
     #[arg(long)]
@@ -186,7 +190,7 @@ fn measure(
         ours,
         &format!("{tag}s{payload}w{window}"),
         dir,
-        &format!("mode=net ip={SERVER} progress_ms=0"),
+        &format!("mode=net ip={SERVER} progress_ms=0 wait={}", a.guest_wait),
     )?;
     server.wait_for_line(
         "nic:",
@@ -202,9 +206,10 @@ fn measure(
             &format!("{tag}c{payload}w{window}r{run}"),
             dir,
             &format!(
-                "mode=net ip=10.0.0.{} peer={SERVER} count={} window={window} payload={payload} timeout_ms=20000",
+                "mode=net ip=10.0.0.{} peer={SERVER} count={} window={window} payload={payload} timeout_ms=20000 wait={}",
                 10 + run,
-                a.count
+                a.count,
+                a.guest_wait
             ),
         )?;
         let r = client.wait()?;

@@ -249,7 +249,7 @@ pub extern "C" fn guest_main() -> ! {
 /// `mode=net`: the NIC answers for `cfg.ip` until `duration_ms` has
 /// passed (forever without one), a progress line every `progress_ms`.
 fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clock, boot_tsc: u64) -> ! {
-    let mut nic = match net::Nic::open(rsdp, cfg.max_bus, cfg.queue_size, cfg.ip, cfg.halt, arena) {
+    let mut nic = match net::Nic::open(rsdp, cfg.max_bus, cfg.queue_size, cfg.ip, cfg.halt, cfg.event_idx, arena) {
         Ok(n) => n,
         Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
     };

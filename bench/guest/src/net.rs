@@ -126,12 +126,16 @@ fn checksum(b: &[u8]) -> u16 {
 impl Nic {
     /// With `irq`, the receive queue interrupts (MSI-X vector 0): a guest
     /// that halts while nothing arrives is woken by the next frame.
-    pub fn open(rsdp: u64, max_bus: u8, queue_size: u16, ip: [u8; 4], irq: bool, arena: &Arena) -> Result<Nic, FindError> {
+    pub fn open(rsdp: u64, max_bus: u8, queue_size: u16, ip: [u8; 4], irq: bool, event_idx: bool, arena: &Arena) -> Result<Nic, FindError> {
         let access = pci::config_access(rsdp).ok_or(FindError::NoConfigAccess)?;
         let func = find(access, max_bus).ok_or(FindError::NotFound)?;
         let mut bars = BarAllocator { next32: 0xc000_0000, end32: 0xe000_0000 };
         let t = Transport::new(func, &mut bars).map_err(FindError::Init)?;
-        let features = t.negotiate(virtio::F_VERSION_1 | F_MAC).map_err(FindError::Init)?;
+        let mut wanted = virtio::F_VERSION_1 | F_MAC;
+        if event_idx {
+            wanted |= virtio::F_EVENT_IDX;
+        }
+        let features = t.negotiate(wanted).map_err(FindError::Init)?;
         let mut mac = [0x52, 0x54, 0, 0xbe, 0x9c, 0x01];
         if features & F_MAC != 0 {
             for (i, m) in mac.iter_mut().enumerate() {
@@ -143,6 +147,10 @@ impl Nic {
         }
         let mut rx = t.setup_queue(0, queue_size, if irq { 0 } else { NO_VECTOR }, arena).map_err(FindError::Init)?;
         let mut tx = t.setup_queue(1, queue_size, NO_VECTOR, arena).map_err(FindError::Init)?;
+        // Event-index suppression: a kick only when the device asked for
+        // one, an interrupt only past the entry the driver waits for.
+        rx.event_idx = features & virtio::F_EVENT_IDX != 0;
+        tx.event_idx = rx.event_idx;
         if !irq {
             rx.suppress_interrupts();
         }

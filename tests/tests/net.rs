@@ -320,6 +320,33 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
             String::from_utf8_lossy(&ping.stdout)
         );
     }
+    // A guest that asks for its address (ip=dhcp) gets the one vmctl gave
+    // it from the bridge's DHCP server (dnsmasq), and answers there.
+    if test_infra::have("dnsmasq", "vmctl_net_dhcp") {
+        vmctl(&[
+            "create",
+            "c",
+            "--image",
+            &s(&base),
+            "--net",
+            "--cmdline",
+            "mode=net ip=dhcp progress_ms=100 timeout_ms=30000",
+        ]);
+        vmctl(&["start", "c"]);
+        assert_eq!(info("c")["address"], "10.88.0.4");
+        Patience::new("the DHCP lease", Duration::from_millis(500))
+            .wait_until(|| Ok(vmctl(&["logs", "c"]).contains("nic: ")))
+            .unwrap_or_else(|e| panic!("{e}: {}", vmctl(&["logs", "c"])));
+        let console = vmctl(&["logs", "c"]);
+        assert!(console.contains(" 10.88.0.4 link up"), "{console}");
+        let ping = output_within(
+            &mut ns.command(&["ping", "-c", "2", "-i", "0.2", "-W", "5", "10.88.0.4"]),
+            &Patience::new("ping", Duration::from_secs(1)),
+        )
+        .expect("ping runs");
+        assert!(ping.status.success(), "{console}");
+        vmctl(&["delete", "--force", "c"]);
+    }
     // Each VM's tap is a port of the bridge; a deleted VM leaves none.
     let ports = || -> String {
         let out = ns

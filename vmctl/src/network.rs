@@ -161,6 +161,83 @@ fn nft(args: &[&str]) -> Result<String> {
     run_tool("nft", "nftables", args)
 }
 
+/// Where a bridge's DHCP server keeps its files: its hosts (MAC,
+/// address, name of every VM defined on the bridge) and its pid.
+fn dhcp_files(root: &Root, bridge: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = root.path.join("network");
+    (
+        dir.join(format!("{bridge}.hosts")),
+        dir.join(format!("{bridge}.dnsmasq.pid")),
+    )
+}
+
+fn running_pid(pidfile: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    // SAFETY: signal 0 only asks whether the process exists.
+    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+/// DHCP on the VM's bridge for guests that ask (`ip=dhcp`): dnsmasq, its
+/// addresses only the ones vmctl gave (every VM defined on the bridge,
+/// by MAC; others get none), started with the bridge's first running VM,
+/// told of new VMs (SIGHUP rereads its hosts). None when dnsmasq is not
+/// installed (addresses still come on the kernel command line).
+pub fn ensure_dhcp(root: &Root, nic: &NicSpec, all: &[VmConfig]) -> Result<()> {
+    if Command::new("dnsmasq")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Ok(());
+    }
+    let (hosts, pidfile) = dhcp_files(root, &nic.bridge);
+    std::fs::create_dir_all(root.path.join("network"))?;
+    let lines: String = all
+        .iter()
+        .filter_map(|c| c.net.as_ref().map(|n| (c, n)))
+        .filter(|(_, n)| n.bridge == nic.bridge)
+        .map(|(c, n)| format!("{},{},{}\n", n.mac, n.address, c.name))
+        .collect();
+    crate::state::write_atomically(&hosts, lines.as_bytes())?;
+    if let Some(pid) = running_pid(&pidfile) {
+        // SAFETY: SIGHUP to the bridge's dnsmasq: it rereads its hosts.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        return Ok(());
+    }
+    let net = Ipv4Addr::from(u32::from(nic.gateway) & (u32::MAX << (32 - nic.prefix)));
+    let mask = Ipv4Addr::from(u32::MAX << (32 - nic.prefix));
+    run_tool(
+        "dnsmasq",
+        "the bridge's DHCP server",
+        &[
+            "--conf-file=/dev/null",
+            // DHCP only: no DNS.
+            "--port=0",
+            &format!("--interface={}", nic.bridge),
+            "--bind-interfaces",
+            &format!("--dhcp-range={net},static,{mask},12h"),
+            &format!("--dhcp-hostsfile={}", hosts.display()),
+            &format!("--dhcp-option=option:router,{}", nic.gateway),
+            "--leasefile-ro",
+            &format!("--pid-file={}", pidfile.display()),
+        ],
+    )
+    .map(drop)
+}
+
+/// The bridge's DHCP server stopped (its last running VM went).
+pub fn stop_dhcp(root: &Root, bridge: &str) {
+    let (hosts, pidfile) = dhcp_files(root, bridge);
+    if let Some(pid) = running_pid(&pidfile) {
+        // SAFETY: SIGTERM to the bridge's dnsmasq, which vmctl started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let _ = std::fs::remove_file(pidfile);
+    let _ = std::fs::remove_file(hosts);
+}
+
 /// The comment that names a bridge's masquerade rule.
 fn nat_comment(bridge: &str) -> String {
     format!("vmctl nat {bridge}")

@@ -471,8 +471,16 @@ pub fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<T, StateErro
 
 /// Written aside and renamed: a reader never sees half a file.
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, to_json(path, v)?).map_err(dir_error(&tmp, "cannot write it"))?;
+    write_atomically(path, to_json(path, v)?.as_bytes())
+}
+
+/// `bytes` written aside and renamed over `path`: a reader sees the old
+/// file or the new one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(dir_error(&tmp, "cannot write it"))?;
     std::fs::rename(&tmp, path).map_err(dir_error(path, "cannot write it"))
 }
 

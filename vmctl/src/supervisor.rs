@@ -411,13 +411,20 @@ struct NicServer {
 impl NicServer {
     fn start(root: &Root, vm: &VmDir, nic: &crate::network::NicSpec) -> Result<NicServer> {
         crate::network::plug(nic).context("plugging the VM's NIC")?;
-        if nic.nat {
-            let nat = crate::network::allocation_lock(root)
-                .and_then(|_lock| crate::network::ensure_nat(nic));
-            if let Err(e) = nat {
-                crate::network::unplug(nic);
-                return Err(e.context("masquerading the VM's bridge"));
+        let shared = crate::network::allocation_lock(root).and_then(|_lock| {
+            if nic.nat {
+                crate::network::ensure_nat(nic).context("masquerading the VM's bridge")?;
             }
+            let all: Vec<VmConfig> = root
+                .list()?
+                .iter()
+                .filter_map(|o| o.config().ok())
+                .collect();
+            crate::network::ensure_dhcp(root, nic, &all).context("DHCP on the VM's bridge")
+        });
+        if let Err(e) = shared {
+            crate::network::unplug(nic);
+            return Err(e);
         }
         let spawn = {
             let (vm, tap) = (vm.clone(), nic.tap.clone());
@@ -500,22 +507,25 @@ impl Drop for NicServer {
             let _ = w.join();
         }
         crate::network::unplug(&self.nic);
-        if self.nic.nat {
-            // The masquerade goes with the bridge's last running NAT VM.
-            let Ok(_lock) = crate::network::allocation_lock(&self.root) else {
-                return;
-            };
-            let others_nat = self.root.list().unwrap_or_default().iter().any(|o| {
-                o.name != self.vm.name
-                    && o.observed().is_ok_and(|s| s.is_active())
-                    && o.config()
-                        .ok()
-                        .and_then(|c| c.net)
-                        .is_some_and(|n| n.nat && n.bridge == self.nic.bridge)
-            });
-            if !others_nat {
-                crate::network::drop_nat(&self.nic.bridge);
-            }
+        // The bridge's DHCP server goes with its last running VM, the
+        // masquerade with its last running NAT VM.
+        let Ok(_lock) = crate::network::allocation_lock(&self.root) else {
+            return;
+        };
+        let others: Vec<crate::network::NicSpec> = self
+            .root
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .filter(|o| o.name != self.vm.name && o.observed().is_ok_and(|s| s.is_active()))
+            .filter_map(|o| o.config().ok().and_then(|c| c.net))
+            .filter(|n| n.bridge == self.nic.bridge)
+            .collect();
+        if others.is_empty() {
+            crate::network::stop_dhcp(&self.root, &self.nic.bridge);
+        }
+        if self.nic.nat && !others.iter().any(|n| n.nat) {
+            crate::network::drop_nat(&self.nic.bridge);
         }
     }
 }
@@ -529,6 +539,16 @@ const DISK_CONNECT_TIMEOUT_MS: u64 = 120_000;
 /// The kernel command line: the VM's, and its NIC's address (`ip=`).
 fn cmdline_of(config: &VmConfig) -> String {
     match &config.net {
+        // A command line with its own ip= (ip=dhcp: the guest asks the
+        // bridge's DHCP server) keeps it.
+        Some(_)
+            if config
+                .cmdline
+                .split_whitespace()
+                .any(|w| w.starts_with("ip=")) =>
+        {
+            config.cmdline.clone()
+        }
         Some(nic) => format!("{} {}", config.cmdline, nic.kernel_ip_arg(&config.name))
             .trim()
             .to_string(),

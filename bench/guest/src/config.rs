@@ -74,6 +74,8 @@ pub struct Config {
     pub touch: u64,
     /// The guest's IPv4 address on its NIC.
     pub ip: [u8; 4],
+    /// `ip=dhcp`: ask a DHCP server for it.
+    pub dhcp: bool,
     /// mode=net as a UDP client of this peer's echo port.
     pub peer: Option<[u8; 4]>,
     /// Datagrams the client sends (and expects back).
@@ -116,6 +118,7 @@ impl Default for Config {
             virtio_console: true,
             touch: 0,
             ip: [10, 0, 0, 2],
+            dhcp: false,
             peer: None,
             count: 1000,
             payload: 64,
@@ -219,6 +222,10 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "touch" => num(v).map(|n| c.touch = n).is_some(),
             // Linux's form too (ip=CLIENT::GATEWAY:MASK:HOST:DEV:AUTOCONF,
             // as vmctl passes it): the client's address is the guest's.
+            "ip" if v == "dhcp" => {
+                c.dhcp = true;
+                true
+            }
             "ip" => ipv4(v.split(':').next().unwrap_or(v)).map(|a| c.ip = a).is_some(),
             "peer" => ipv4(v).map(|a| c.peer = Some(a)).is_some(),
             "count" => num(v).filter(|&n| n > 0).map(|n| c.count = n).is_some(),

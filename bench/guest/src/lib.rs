@@ -253,6 +253,9 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         Ok(n) => n,
         Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
     };
+    if cfg.dhcp {
+        nic.ip = dhcp(&mut nic, cfg, clock);
+    }
     let [a, b, c, d] = nic.ip;
     let m = nic.mac;
     println!(
@@ -294,6 +297,38 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         clock.ns(start - boot_tsc)
     );
     rt::exit(EXIT_OK);
+}
+
+/// `ip=dhcp`: DISCOVER until an OFFER, REQUEST it until the ACK (each
+/// sent again every 200 ms); the address, or the run fails after
+/// `timeout_ms`.
+fn dhcp(nic: &mut net::Nic, cfg: &config::Config, clock: &time::Clock) -> [u8; 4] {
+    let start = time::tsc();
+    let mut offer: Option<net::DhcpReply> = None;
+    let mut last_sent = 0;
+    loop {
+        let now = time::tsc();
+        if last_sent == 0 || clock.ns(now - last_sent) >= 200_000_000 {
+            nic.send_dhcp(offer);
+            last_sent = now;
+        }
+        nic.poll();
+        match nic.dhcp.take() {
+            Some(r) if r.kind == 2 && offer.is_none() => {
+                offer = Some(r);
+                last_sent = 0;
+            }
+            Some(r) if r.kind == 5 && offer.is_some() => return r.address,
+            Some(r) if r.kind == 6 => {
+                offer = None;
+                last_sent = 0;
+            }
+            _ => {}
+        }
+        if clock.ns(now - start) > cfg.timeout_ms * 1_000_000 {
+            fail(EXIT_TIMEOUT, format_args!("no DHCP lease within {} ms", cfg.timeout_ms));
+        }
+    }
 }
 
 /// `mode=net peer=IP`: `count` datagrams to the peer's echo port, `window`

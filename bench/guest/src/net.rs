@@ -40,6 +40,18 @@ impl core::fmt::Display for FindError {
 
 /// The UDP port the client sends from.
 pub const CLIENT_PORT: u16 = 40_007;
+const DHCP_CLIENT_PORT: u16 = 68;
+const DHCP_SERVER_PORT: u16 = 67;
+const DHCP_XID: u32 = 0x6265_6e63;
+
+/// What a DHCP server said: its message type (2 offer, 5 ack, 6 nak), the
+/// address offered, the server's identifier.
+#[derive(Clone, Copy)]
+pub struct DhcpReply {
+    pub kind: u8,
+    pub address: [u8; 4],
+    pub server: [u8; 4],
+}
 
 /// An echo that came back to the client: its sequence number and the TSC
 /// it was sent at.
@@ -83,6 +95,8 @@ pub struct Nic {
     /// handles at most a ring's worth of frames: they all fit).
     pub echoes: [Echo; 256],
     pub new_echoes: usize,
+    /// The last DHCP reply to this NIC.
+    pub dhcp: Option<DhcpReply>,
 }
 
 fn find(access: ConfigAccess, max_bus: u8) -> Option<Function> {
@@ -179,6 +193,7 @@ impl Nic {
             peer_mac: None,
             echoes: [Echo { seq: 0, sent_tsc: 0 }; 256],
             new_echoes: 0,
+            dhcp: None,
         })
     }
 
@@ -280,6 +295,78 @@ impl Nic {
         })
     }
 
+    /// Sends a DHCP DISCOVER (`request` None) or a REQUEST for the address
+    /// a server offered, broadcast from 0.0.0.0 (RFC 2131).
+    pub fn send_dhcp(&mut self, request: Option<DhcpReply>) -> bool {
+        let mac = self.mac;
+        self.send(|o| {
+            o[0..6].fill(0xff);
+            o[6..12].copy_from_slice(&mac);
+            put16(o, 12, ETH_IPV4);
+            let b = 42; // BOOTP starts after the Ethernet, IP and UDP headers
+            o[b..b + 300].fill(0);
+            o[b] = 1; // BOOTREQUEST
+            o[b + 1] = 1; // Ethernet
+            o[b + 2] = 6;
+            o[b + 4..b + 8].copy_from_slice(&DHCP_XID.to_be_bytes());
+            o[b + 10] = 0x80; // replies broadcast: no address yet
+            o[b + 28..b + 34].copy_from_slice(&mac);
+            o[b + 236..b + 240].copy_from_slice(&[99, 130, 83, 99]);
+            let mut at = b + 240;
+            let mut opt = |o: &mut [u8], code: u8, value: &[u8]| {
+                o[at] = code;
+                o[at + 1] = value.len() as u8;
+                o[at + 2..at + 2 + value.len()].copy_from_slice(value);
+                at += 2 + value.len();
+            };
+            match request {
+                None => opt(o, 53, &[1]),
+                Some(r) => {
+                    opt(o, 53, &[3]);
+                    opt(o, 50, &r.address);
+                    opt(o, 54, &r.server);
+                }
+            }
+            opt(o, 55, &[1, 3]);
+            o[at] = 255;
+            let udp_len = 8 + (at + 1 - b).max(300);
+            let total = 20 + udp_len;
+            o[14..34].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, IP_UDP, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255]);
+            put16(o, 16, total as u16);
+            let c = checksum(&o[14..34]);
+            put16(o, 24, c);
+            put16(o, 34, DHCP_CLIENT_PORT);
+            put16(o, 36, DHCP_SERVER_PORT);
+            put16(o, 38, udp_len as u16);
+            put16(o, 40, 0);
+            14 + total
+        })
+    }
+
+    /// A DHCP reply for us: its type, the address, the server.
+    fn take_dhcp(&mut self, b: &[u8]) {
+        if b.len() < 240 || b[0] != 2 || b[4..8] != DHCP_XID.to_be_bytes() || b[236..240] != [99, 130, 83, 99] {
+            return;
+        }
+        let mut reply = DhcpReply { kind: 0, address: [b[16], b[17], b[18], b[19]], server: [0; 4] };
+        let mut at = 240;
+        while at + 1 < b.len() && b[at] != 255 {
+            if b[at] == 0 {
+                at += 1;
+                continue;
+            }
+            let (code, len) = (b[at], usize::from(b[at + 1]));
+            let Some(v) = b.get(at + 2..at + 2 + len) else { break };
+            match (code, len) {
+                (53, 1) => reply.kind = v[0],
+                (54, 4) => reply.server.copy_from_slice(v),
+                _ => {}
+            }
+            at += 2 + len;
+        }
+        self.dhcp = Some(reply);
+    }
+
     /// ARP requests and ICMP echo requests for our address, UDP to the
     /// echo port: answered; the peer's ARP reply and echoes to the client
     /// port: taken; the rest counted.
@@ -290,6 +377,17 @@ impl Nic {
         }
         let (mac, ip) = (self.mac, self.ip);
         match be16(f, 12) {
+            // A DHCP reply (to our MAC or broadcast: we have no address).
+            ETH_IPV4
+                if f.len() >= 42
+                    && f[23] == IP_UDP
+                    && be16(f, 14 + usize::from(f[14] & 0x0f) * 4 + 2) == DHCP_CLIENT_PORT =>
+            {
+                let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+                if let Some(b) = f.get(l4 + 8..) {
+                    self.take_dhcp(b);
+                }
+            }
             ETH_ARP if f.len() >= 42 && be16(f, 20) == 2 && Some(<[u8; 4]>::try_from(&f[28..32]).unwrap_or([0; 4])) == self.peer => {
                 self.peer_mac = <[u8; 6]>::try_from(&f[22..28]).ok();
             }

@@ -1,6 +1,8 @@
-//! Guest-to-guest networking: two bench-guest VMs on one bridge, one
-//! echoing UDP, the other sending numbered datagrams to it (its report:
-//! echoes per second, round trips), on the project's stack (vmm +
+//! Networking: a bench-guest VM sending numbered datagrams to a UDP echo
+//! port and counting the echoes (its report: echoes per second, round
+//! trips), to another VM on the same bridge (guest to guest) and to the
+//! host's side of the bridge (guest to host and back: an echo server of
+//! this process's in the namespace), on the project's stack (vmm +
 //! net-backend on a multi-queue tap each) and on QEMU's (virtio-net on its
 //! own tap device, vhost=off: this kernel has no vhost-net), in one run.
 //! Everything lives in a network namespace of the benchmark's own.
@@ -104,6 +106,46 @@ impl Drop for Process {
 }
 
 const SERVER: &str = "10.0.0.2";
+const HOST: &str = "10.0.0.1";
+
+/// A UDP echo server at HOST:7 in the namespace: a thread of this process
+/// moved into it (its socket lives there), until `stop`.
+fn host_echo(
+    ns: &Netns,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let path = format!("/var/run/netns/{}", ns.0);
+    let ns_file = std::fs::File::open(&path).with_context(|| path.clone())?;
+    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+    let t = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace file we hold open, for this thread.
+        if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = tx.send(Err(anyhow::anyhow!("setns: {e}")));
+            return;
+        }
+        let sock = match std::net::UdpSocket::bind((HOST, 7)).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+                return;
+            }
+        };
+        let _ = tx.send(Ok(()));
+        let mut buf = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    });
+    rx.recv().context("the host echo server")??;
+    Ok(t)
+}
 
 /// A guest of the stack: ours (vmm + net-backend on `tap`) or QEMU's.
 fn guest(
@@ -163,6 +205,8 @@ fn guest(
 
 #[derive(serde::Serialize, Clone)]
 struct Cell {
+    /// "guest-guest" or "guest-host".
+    path: &'static str,
     stack: &'static str,
     payload: u32,
     window: u32,
@@ -171,11 +215,13 @@ struct Cell {
     rtt_p99_us: f64,
 }
 
+/// One cell: a client VM of the stack against a server VM of the same
+/// stack (`to_host` false) or the host's echo server.
 fn measure(
     a: &Args,
     ns: &Netns,
     dir: &Path,
-    ours: bool,
+    (ours, to_host): (bool, bool),
     payload: u32,
     window: u32,
 ) -> Result<Cell> {
@@ -184,18 +230,28 @@ fn measure(
     } else {
         "QEMU tap"
     };
-    let tag = if ours { "o" } else { "q" };
-    let (mut server, _sb) = guest(
-        ns,
-        ours,
-        &format!("{tag}s{payload}w{window}"),
-        dir,
-        &format!("mode=net ip={SERVER} progress_ms=0 wait={}", a.guest_wait),
-    )?;
-    server.wait_for_line(
-        "nic:",
-        &Patience::new("the server's NIC", Duration::from_secs(2)),
-    )?;
+    let tag = format!(
+        "{}{}",
+        if ours { "o" } else { "q" },
+        if to_host { "h" } else { "g" }
+    );
+    let _server = if to_host {
+        None
+    } else {
+        let (mut server, backend) = guest(
+            ns,
+            ours,
+            &format!("{tag}s{payload}w{window}"),
+            dir,
+            &format!("mode=net ip={SERVER} progress_ms=0 wait={}", a.guest_wait),
+        )?;
+        server.wait_for_line(
+            "nic:",
+            &Patience::new("the server's NIC", Duration::from_secs(2)),
+        )?;
+        Some((server, backend))
+    };
+    let peer = if to_host { HOST } else { SERVER };
     let mut rates = Vec::new();
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
@@ -206,7 +262,7 @@ fn measure(
             &format!("{tag}c{payload}w{window}r{run}"),
             dir,
             &format!(
-                "mode=net ip=10.0.0.{} peer={SERVER} count={} window={window} payload={payload} timeout_ms=20000 wait={}",
+                "mode=net ip=10.0.0.{} peer={peer} count={} window={window} payload={payload} timeout_ms=20000 wait={}",
                 10 + run,
                 a.count,
                 a.guest_wait
@@ -228,6 +284,7 @@ fn measure(
         v[v.len() / 2]
     };
     Ok(Cell {
+        path: if to_host { "guest-host" } else { "guest-guest" },
         stack,
         payload,
         window,
@@ -245,31 +302,45 @@ fn main() -> Result<()> {
     let ns = Netns::new()?;
     ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"])?;
     let dir = tempfile::tempdir()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echo = host_echo(&ns, std::sync::Arc::clone(&stop))?;
     let mut cells = Vec::new();
-    for &payload in &a.payloads {
-        for window in [1, a.window] {
-            for ours in [true, false] {
-                eprintln!(
-                    "[{} B, window {window}] {}",
-                    payload,
-                    if ours {
-                        "vmm + net-backend"
-                    } else {
-                        "QEMU tap"
-                    }
-                );
-                cells.push(measure(&a, &ns, dir.path(), ours, payload, window)?);
+    for to_host in [false, true] {
+        for &payload in &a.payloads {
+            for window in [1, a.window] {
+                for ours in [true, false] {
+                    eprintln!(
+                        "[{}, {payload} B, window {window}] {}",
+                        if to_host { "guest-host" } else { "guest-guest" },
+                        if ours {
+                            "vmm + net-backend"
+                        } else {
+                            "QEMU tap"
+                        }
+                    );
+                    cells.push(measure(
+                        &a,
+                        &ns,
+                        dir.path(),
+                        (ours, to_host),
+                        payload,
+                        window,
+                    )?);
+                }
             }
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = echo.join();
     let mut md = String::from(
-        "| payload | in flight | stack | echoes/s | RTT p50 us | RTT p99 us | echoes/s vs QEMU | RTT p50 vs QEMU |\n|---:|---:|---|---:|---:|---:|---:|---:|\n",
+        "| path | payload | in flight | stack | echoes/s | RTT p50 us | RTT p99 us | echoes/s vs QEMU | RTT p50 vs QEMU |\n|---|---:|---:|---|---:|---:|---:|---:|---:|\n",
     );
     for pair in cells.chunks(2) {
         let (o, q) = (&pair[0], &pair[1]);
         for c in pair {
             md += &format!(
-                "| {} B | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
+                "| {} | {} B | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
+                c.path,
                 c.payload,
                 c.window,
                 c.stack,

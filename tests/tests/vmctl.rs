@@ -659,6 +659,17 @@ fn bad_input_is_refused_by_name_and_leaves_nothing_behind() {
         !v.vm_dir("x").exists(),
         "a failed create left its directory"
     );
+    // A bridge name that is no interface name; NAT without a NIC.
+    for bad in ["br 0", "a/b", &"b".repeat(16)] {
+        let e = v.fails(&["create", "x", "--image", image, "--net", bad]);
+        assert!(e.contains("a bridge name is 1 to 15"), "{bad:?}: {e}");
+    }
+    assert!(
+        !v.vm_dir("x").exists(),
+        "a failed create left its directory"
+    );
+    let e = v.fails(&["create", "x", "--image", image, "--nat"]);
+    assert!(e.contains("--net"), "{e}");
 
     // A running VM is not deleted without --force.
     v.ok(&[

@@ -4,81 +4,19 @@
 //! traffic): nothing reaches the host's own namespace or beyond it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use test_infra::{
-    bin, output_within, ready, s, Disk, Fixture, Patience, QemuNic, QemuVm, RunningVm, VmmVm,
+    bin, output_within, ready, s, Disk, Fixture, KillOnDrop as Process, Netns, Patience, QemuNic,
+    QemuVm, RunningVm, VmmVm,
 };
-
-/// A network namespace of the test's own, deleted with everything in it.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("vmmtest-{tag}-{}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `cmd` inside the namespace.
-    fn command(&self, cmd: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(cmd);
-        c
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["ip"];
-        all.extend_from_slice(args);
-        let out = self.command(&all).output().expect("ip");
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(cmd: &[&str]) {
-    let st = Command::new(cmd[0]).args(&cmd[1..]).status().expect(cmd[0]);
-    assert!(st.success(), "{cmd:?}");
-}
-
-/// A process of the test's (a net-backend, a flood), ended with the test
-/// however it ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A persistent multi-queue tap in `ns` with `addr` on it, up: what the
 /// host side keeps while backends come and go.
 fn tap_with_address(ns: &Netns, tap: &str, addr: &str) {
-    ns.ip(&[
-        "tuntap",
-        "add",
-        "dev",
-        tap,
-        "mode",
-        "tap",
-        "multi_queue",
-        "vnet_hdr",
-    ]);
+    ns.tap(tap, true, None);
     ns.ip(&["addr", "add", addr, "dev", tap]);
-    ns.ip(&["link", "set", tap, "up"]);
 }
 
 /// net-backend on tap `tap` in `ns`, serving `sock`.
@@ -155,7 +93,7 @@ fn the_namespace_pings_a_vm_through_its_tap_and_udp_echoes_come_back() {
         return;
     }
     let fx = Fixture::new();
-    let ns = Netns::new("ping");
+    let ns = Netns::new("vmmtest", "ping");
     let sock = fx.path("net.sock");
     tap_with_address(&ns, "tap0", "10.0.0.1/24");
     let _backend = net_backend(&ns, "tap0", &sock);
@@ -168,11 +106,7 @@ fn the_namespace_pings_a_vm_through_its_tap_and_udp_echoes_come_back() {
     );
     // ARP, then three echoes: each answered (a reply takes microseconds;
     // ping's own wait, -W, only catches a hang).
-    let ping = output_within(
-        &mut ns.command(&["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.0.0.2"]),
-        &Patience::new("ping", Duration::from_secs(1)),
-    )
-    .expect("ping runs");
+    let ping = ns.ping("10.0.0.2", 3);
     assert!(
         ping.status.success(),
         "{}\nthe guest:\n{}",
@@ -208,7 +142,7 @@ fn a_net_backend_killed_during_a_flood_comes_back_and_echoes_resume() {
         return;
     }
     let fx = Fixture::new();
-    let ns = Netns::new("kill");
+    let ns = Netns::new("vmmtest", "kill");
     let sock = fx.path("net.sock");
     tap_with_address(&ns, "tap0", "10.0.0.1/24");
     let backend = net_backend(&ns, "tap0", &sock);
@@ -278,7 +212,7 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
     }
     test_infra::build_guest().expect("the bench guest");
     let fx = Fixture::new();
-    let ns = Netns::new("vmctl");
+    let ns = Netns::new("vmmtest", "vmctl");
     let base = fx.image("base.img", "16M");
     let v = VmctlIn::new(&ns, &fx);
     let vmctl = |args: &[&str]| v.ok(args);
@@ -309,11 +243,7 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
     );
     // The bridge's side (its address is the namespace's) reaches both.
     for addr in ["10.88.0.2", "10.88.0.3"] {
-        let ping = output_within(
-            &mut ns.command(&["ping", "-c", "2", "-i", "0.2", "-W", "5", addr]),
-            &Patience::new("ping", Duration::from_secs(1)),
-        )
-        .expect("ping runs");
+        let ping = ns.ping(addr, 2);
         assert!(
             ping.status.success(),
             "{addr}: {}",
@@ -339,11 +269,7 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
             .unwrap_or_else(|e| panic!("{e}: {}", vmctl(&["logs", "c"])));
         let console = vmctl(&["logs", "c"]);
         assert!(console.contains(" 10.88.0.4 link up"), "{console}");
-        let ping = output_within(
-            &mut ns.command(&["ping", "-c", "2", "-i", "0.2", "-W", "5", "10.88.0.4"]),
-            &Patience::new("ping", Duration::from_secs(1)),
-        )
-        .expect("ping runs");
+        let ping = ns.ping("10.88.0.4", 2);
         assert!(ping.status.success(), "{console}");
         vmctl(&["delete", "--force", "c"]);
     }
@@ -419,7 +345,7 @@ fn two_vms_on_one_bridge_exchange_udp_with_counts_on_both_ends() {
         return;
     }
     let fx = Fixture::new();
-    let ns = Netns::new("pair");
+    let ns = Netns::new("vmmtest", "pair");
     let base = fx.image("base.img", "16M");
     let v = VmctlIn::new(&ns, &fx);
     let image = s(&base);
@@ -482,26 +408,18 @@ fn qemu_on_its_own_tap_talks_to_our_vm_on_one_bridge() {
         return;
     }
     let fx = Fixture::new();
-    let ns = Netns::new("qemu");
+    let ns = Netns::new("vmmtest", "qemu");
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"]);
     ns.ip(&["link", "set", "br0", "up"]);
-    // net-backend's taps are multi-queue; QEMU's own tap device opens a
-    // single-queue one.
-    let tap_on_bridge = |tap: &str, flags: &[&str]| {
-        let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
-        add.extend_from_slice(flags);
-        ns.ip(&add);
-        ns.ip(&["link", "set", tap, "master", "br0"]);
-        ns.ip(&["link", "set", tap, "up"]);
-    };
     // Ours: vmm + net-backend, answering at 10.0.0.2.
-    tap_on_bridge("tap-ours", &["multi_queue", "vnet_hdr"]);
+    ns.tap("tap-ours", true, Some("br0"));
     let ours_sock = fx.path("ours.sock");
     let _ours_backend = net_backend(&ns, "tap-ours", &ours_sock);
     let ours = nic_vm(&ours_sock, "mode=net ip=10.0.0.2 progress_ms=100");
     // QEMU on its own tap, at 10.0.0.4, a client of ours.
-    tap_on_bridge("tap-qemu", &["vnet_hdr"]);
+    // QEMU's own tap device opens a single-queue tap.
+    ns.tap("tap-qemu", false, Some("br0"));
     let mut qemu = QemuVm::new(
         Disk::None,
         "mode=net ip=10.0.0.4 peer=10.0.0.2 count=500 window=4 timeout_ms=20000",
@@ -511,7 +429,7 @@ fn qemu_on_its_own_tap_talks_to_our_vm_on_one_bridge() {
         ifname: "tap-qemu".into(),
         mac: "52:54:00:00:00:04".into(),
     });
-    let ns_name = ns.0.clone();
+    let ns_name = ns.name.clone();
     let run = qemu
         .spawn_wrapped(move |q| {
             let mut c = Command::new("ip");
@@ -525,11 +443,7 @@ fn qemu_on_its_own_tap_talks_to_our_vm_on_one_bridge() {
         .expect("the QEMU guest ends");
     run.assert_ok("QEMU's guest, a client of ours");
     assert_eq!(run.field("received"), 500, "{:?}", run.result);
-    let ping = output_within(
-        &mut ns.command(&["ping", "-c", "2", "-i", "0.2", "-W", "5", "10.0.0.2"]),
-        &Patience::new("ping", Duration::from_secs(1)),
-    )
-    .expect("ping runs");
+    let ping = ns.ping("10.0.0.2", 2);
     assert!(
         ping.status.success(),
         "{}\nours:\n{}",
@@ -544,7 +458,7 @@ fn vmctl_masquerades_a_nat_bridge_while_its_vm_runs_and_leaves_no_rule() {
         return;
     }
     let fx = Fixture::new();
-    let ns = Netns::new("nat");
+    let ns = Netns::new("vmmtest", "nat");
     let base = fx.image("base.img", "16M");
     let v = VmctlIn::new(&ns, &fx);
     let ruleset = || -> String {

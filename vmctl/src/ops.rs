@@ -486,7 +486,7 @@ pub fn delete(root: &Root, name: &str, force: bool) -> Result<()> {
 }
 
 /// Bytes a file occupies on disk.
-fn allocated(p: &Path) -> u64 {
+pub fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::host_backend::{control_call, HostBackend};
-use crate::ops::{api, define, Spec};
+use crate::ops::{allocated, api, define, Spec};
 use crate::state::{
     check_name, now_ms, read_json, write_json, BackendMode, Observed, RestoreFrom, RestoreMemory,
     Root, VmConfig, VmDir,
@@ -117,11 +117,6 @@ impl Snapshot {
             "used-by": used_by(root, &self.record.disk),
         })
     }
-}
-
-fn allocated(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 /// The VMs cloned from `disk` (a snapshot's sealed disk).
@@ -218,6 +213,31 @@ fn seal_disk(root: &Root, vm: &VmDir, backend: BackendMode, name: &str) -> Resul
         .with_context(|| format!("export-snapshot answered {answer}: no snapshot path"))
 }
 
+/// Runs `f` with the VM held: a running VM not paused already is paused
+/// first and resumed after, whatever `f` did. What `f` gave (or the
+/// pause's error), whether the resume went well, and how long it took.
+fn while_paused<T>(
+    vm: &VmDir,
+    running: bool,
+    f: impl FnOnce() -> Result<T>,
+) -> (Result<T>, Result<()>, f64) {
+    let t0 = Instant::now();
+    let mut paused_here = false;
+    let outcome = (|| {
+        if running && api(vm, "GET", "/api/v1/vm.info", None)?["state"] != "paused" {
+            api(vm, "PUT", "/api/v1/vm.pause", None)?;
+            paused_here = true;
+        }
+        f()
+    })();
+    let resumed = if paused_here {
+        api(vm, "PUT", "/api/v1/vm.resume", None).map(drop)
+    } else {
+        Ok(())
+    };
+    (outcome, resumed, t0.elapsed().as_secs_f64() * 1000.0)
+}
+
 /// What a snapshot or a backup reports.
 pub struct Taken {
     pub path: PathBuf,
@@ -256,12 +276,7 @@ pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
         );
     }
     claim_dir(&dir, &format!("a snapshot named {snap:?}"))?;
-    let was_paused = api(&vm, "GET", "/api/v1/vm.info", None)?["state"] == "paused";
-    let t0 = Instant::now();
-    let taken = (|| -> Result<SnapshotRecord> {
-        if !was_paused {
-            api(&vm, "PUT", "/api/v1/vm.pause", None)?;
-        }
+    let (taken, resumed, paused_ms) = while_paused(&vm, true, || {
         let body = json!({ "dir": dir.join("vm") }).to_string();
         api(&vm, "PUT", "/api/v1/vm.snapshot", Some(&body))?;
         let disk = seal_disk(root, &vm, config.backend, snap)?;
@@ -277,13 +292,7 @@ pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
         };
         write_json(&dir.join(RECORD), &record)?;
         Ok(record)
-    })();
-    let resumed = if was_paused {
-        Ok(Value::Null)
-    } else {
-        api(&vm, "PUT", "/api/v1/vm.resume", None)
-    };
-    let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    });
     let record = match taken {
         Ok(r) => r,
         Err(e) => {
@@ -393,20 +402,11 @@ pub fn backup(root: &Root, name: &str, dest: &Path, incremental: bool) -> Result
     // Sealed at one instant: a running VM is paused around it (its
     // in-flight requests complete first), so the backup holds exactly the
     // writes the guest had been told were done.
-    let active = vm.observed()? == Observed::Running;
-    let was_paused = active && api(&vm, "GET", "/api/v1/vm.info", None)?["state"] == "paused";
+    let running = vm.observed()? == Observed::Running;
     let seal_name = format!("backup-{}", now_ms());
-    let t0 = Instant::now();
-    if active && !was_paused {
-        api(&vm, "PUT", "/api/v1/vm.pause", None)?;
-    }
-    let sealed = seal_disk(root, &vm, config.backend, &seal_name);
-    let resumed = if active && !was_paused {
-        api(&vm, "PUT", "/api/v1/vm.resume", None).map(drop)
-    } else {
-        Ok(())
-    };
-    let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let (sealed, resumed, paused_ms) = while_paused(&vm, running, || {
+        seal_disk(root, &vm, config.backend, &seal_name)
+    });
     let sealed = sealed?;
     resumed.with_context(|| format!("VM {name}: resuming it after sealing its disk"))?;
     let file = format!("{}.bkp", manifest.backups.len());

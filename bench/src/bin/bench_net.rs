@@ -8,12 +8,14 @@
 //! Everything lives in a network namespace of the benchmark's own.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use test_infra::{kvm_available, Disk, Patience, QemuNic, QemuVm, RunningVm, VmmVm};
+use test_infra::{
+    kvm_available, Disk, KillOnDrop as Process, Netns, Patience, QemuNic, QemuVm, RunningVm, VmmVm,
+};
 
 #[derive(Parser)]
 #[command(about = "Guest-to-guest UDP round trips and echo rates: vmm + net-backend vs QEMU's tap")]
@@ -40,71 +42,6 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-/// The benchmark's namespace, deleted with everything in it.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Result<Netns> {
-        let name = format!("benchnet-{}", std::process::id());
-        run(&["ip", "netns", "add", &name])?;
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"])?;
-        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
-        ns.ip(&["link", "set", "br0", "up"])?;
-        Ok(ns)
-    }
-
-    fn command(&self, cmd: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(cmd);
-        c
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<()> {
-        let mut all = vec!["ip"];
-        all.extend_from_slice(args);
-        let out = self.command(&all).output()?;
-        if !out.status.success() {
-            bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    }
-
-    /// A tap on the bridge: multi-queue for net-backend, single for QEMU.
-    fn tap(&self, name: &str, multi_queue: bool) -> Result<()> {
-        let mut add = vec!["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"];
-        if multi_queue {
-            add.push("multi_queue");
-        }
-        self.ip(&add)?;
-        self.ip(&["link", "set", name, "master", "br0"])?;
-        self.ip(&["link", "set", name, "up"])
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(cmd: &[&str]) -> Result<()> {
-    let st = Command::new(cmd[0]).args(&cmd[1..]).status()?;
-    if !st.success() {
-        bail!("{cmd:?} failed");
-    }
-    Ok(())
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 const SERVER: &str = "10.0.0.2";
 const HOST: &str = "10.0.0.1";
 
@@ -114,7 +51,7 @@ fn host_echo(
     ns: &Netns,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let path = format!("/var/run/netns/{}", ns.0);
+    let path = format!("/var/run/netns/{}", ns.name);
     let ns_file = std::fs::File::open(&path).with_context(|| path.clone())?;
     let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
     let t = std::thread::spawn(move || {
@@ -157,7 +94,7 @@ fn guest(
 ) -> Result<(RunningVm, Option<Process>)> {
     let limit = Patience::new("a networking guest's run", Duration::from_secs(60));
     if ours {
-        ns.tap(tap, true)?;
+        ns.tap(tap, true, Some("br0"));
         let sock = dir.join(format!("{tap}.sock"));
         let _ = std::fs::remove_file(&sock);
         let backend = Process(
@@ -182,7 +119,7 @@ fn guest(
         v.silence = limit;
         Ok((v.spawn()?, Some(backend)))
     } else {
-        ns.tap(tap, false)?;
+        ns.tap(tap, false, Some("br0"));
         let mut q = QemuVm::new(Disk::None, cmdline);
         q.mem_mib = 256;
         q.nic = Some(QemuNic::Tap {
@@ -191,7 +128,7 @@ fn guest(
         });
         q.limit = limit.clone();
         q.silence = limit;
-        let ns_name = ns.0.clone();
+        let ns_name = ns.name.clone();
         let vm = q.spawn_wrapped(move |c| {
             let mut w = Command::new("ip");
             w.args(["netns", "exec", &ns_name])
@@ -299,8 +236,10 @@ fn main() -> Result<()> {
     if !kvm_available("bench-net") {
         return Ok(());
     }
-    let ns = Netns::new()?;
-    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"])?;
+    let ns = Netns::new("benchnet", "bridge");
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"]);
+    ns.ip(&["link", "set", "br0", "up"]);
     let dir = tempfile::tempdir()?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let echo = host_echo(&ns, std::sync::Arc::clone(&stop))?;

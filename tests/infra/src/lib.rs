@@ -18,6 +18,7 @@ pub mod fixture;
 pub mod guest;
 pub mod host;
 pub mod memory;
+pub mod netns;
 pub mod patience;
 pub mod workspace;
 
@@ -29,5 +30,6 @@ pub use guest::{
 };
 pub use host::{hardware_kvm, have, kvm_available, ready};
 pub use memory::memfd_guest_memory;
+pub use netns::{KillOnDrop, Netns};
 pub use patience::Patience;
 pub use workspace::{bin, img, output_within, s, vmm_api};

@@ -141,9 +141,11 @@ impl Userfault {
         }
     }
 
-    /// The page addresses of the faults waiting now, at most `max`.
-    fn faults(&self, max: usize) -> std::io::Result<Vec<u64>> {
-        let mut out = Vec::new();
+    /// The page addresses of the faults waiting now, at most `max`, into
+    /// `out` (emptied first: the pager's one buffer, no allocation per
+    /// look).
+    fn faults(&self, max: usize, out: &mut Vec<u64>) -> std::io::Result<()> {
+        out.clear();
         while out.len() < max {
             match self.0.read_event() {
                 Ok(Some(userfaultfd::Event::Pagefault { addr, .. })) => {
@@ -154,7 +156,7 @@ impl Userfault {
                 Err(e) => return Err(io_error(e)),
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -497,16 +499,17 @@ fn copy_in(
 }
 
 /// Serves the faults waiting on `uffd` (whose mapping is `regions`); how
-/// many.
+/// many. `pages` and `buf` are the pager's scratch.
 fn serve_faults(
     uffd: &Userfault,
     regions: &[Region],
     src: &File,
-    buf: &mut [u8],
+    (pages, buf): (&mut Vec<u64>, &mut [u8]),
     stats: &mut Stats,
 ) -> std::io::Result<u64> {
-    let faults = uffd.faults(FAULTS_PER_LOOK)?;
-    for &page in &faults {
+    uffd.faults(FAULTS_PER_LOOK, pages)?;
+    let faults = &*pages;
+    for &page in faults {
         if let Some((off, _)) = offset_of(regions, page) {
             stats.bytes += copy_in(uffd, src, buf, (page, off, PAGE), true)?;
         }
@@ -542,6 +545,7 @@ fn serve(shared: &Shared, uffd: &Userfault, src: &File, mode: Mode) -> std::io::
     let t0 = std::time::Instant::now();
     let regions = &shared.regions;
     let mut buf = vec![0u8; STEP as usize];
+    let mut pages = Vec::with_capacity(FAULTS_PER_LOOK);
     let mut stats = Stats::default();
     let mut todo = background_work(src, regions)?;
     let mut background = mode == Mode::Lazy;
@@ -560,11 +564,11 @@ fn serve(shared: &Shared, uffd: &Userfault, src: &File, mode: Mode) -> std::io::
                 break;
             }
         }
-        let mut served = serve_faults(uffd, regions, src, &mut buf, &mut stats)?;
+        let mut served = serve_faults(uffd, regions, src, (&mut pages, &mut buf), &mut stats)?;
         stats.faults += served;
         let mut gone = Vec::new();
         for (i, p) in peers.iter().enumerate() {
-            match serve_faults(&p.uffd, &p.regions, src, &mut buf, &mut stats) {
+            match serve_faults(&p.uffd, &p.regions, src, (&mut pages, &mut buf), &mut stats) {
                 Ok(n) => {
                     stats.faults += n;
                     stats.backend_faults += n;
@@ -655,6 +659,28 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 
+    /// `src`'s memory saved as a snapshot's memory file (in `dir`), and a
+    /// fresh guest memory of its size with a pager of `mode` on it; None
+    /// (and a SKIPPED line) where there is no userfaultfd.
+    fn restoring(
+        src: &crate::memory::GuestRam,
+        len: u64,
+        mode: Mode,
+        dir: &Path,
+    ) -> Option<(crate::memory::GuestRam, Pager)> {
+        let file = dir.join("memory");
+        crate::snapshot::memory::save(&src.file, len, &file).expect("save");
+        let dst = crate::memory::create(len).expect("memory");
+        match Pager::start(Region::of(&dst), &file, mode, &crate::seccomp::PAGER) {
+            Ok(p) => Some((dst, p)),
+            Err(PagerError::Create(e)) => {
+                eprintln!("SKIPPED: no userfaultfd here: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     /// Guest memory filled lazily while four threads read it at random
     /// (faults racing the background copy, both ways round): every byte
     /// read, and the whole memory afterwards, is the snapshot's; holes
@@ -682,18 +708,8 @@ mod tests {
                 .expect("write");
         }
         let dir = tempfile::tempdir().expect("dir");
-        let file = dir.path().join("memory");
-        crate::snapshot::memory::save(&src.file, len, &file).expect("save");
-
-        let dst = crate::memory::create(len).expect("memory");
-        let regions = Region::of(&dst);
-        let pager = match Pager::start(regions, &file, Mode::Lazy, &crate::seccomp::PAGER) {
-            Ok(p) => p,
-            Err(PagerError::Create(e)) => {
-                eprintln!("SKIPPED: no userfaultfd here: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some((dst, pager)) = restoring(&src, len, Mode::Lazy, dir.path()) else {
+            return;
         };
         let want = std::sync::Arc::new(want);
         let readers: Vec<_> = (0..4u64)
@@ -740,22 +756,8 @@ mod tests {
         let want: Vec<u8> = (0..len).map(|i| (i % 253) as u8 | 1).collect();
         src.mem.write_slice(&want, GuestAddress(0)).expect("write");
         let dir = tempfile::tempdir().expect("dir");
-        let file = dir.path().join("memory");
-        crate::snapshot::memory::save(&src.file, len, &file).expect("save");
-
-        let dst = crate::memory::create(len).expect("memory");
-        let pager = match Pager::start(
-            Region::of(&dst),
-            &file,
-            Mode::OnDemand,
-            &crate::seccomp::PAGER,
-        ) {
-            Ok(p) => p,
-            Err(PagerError::Create(e)) => {
-                eprintln!("SKIPPED: no userfaultfd here: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some((dst, pager)) = restoring(&src, len, Mode::OnDemand, dir.path()) else {
+            return;
         };
         for k in 0..64u64 {
             let at = k * (len / 64) + 123;
@@ -787,22 +789,8 @@ mod tests {
         let want: Vec<u8> = (0..len).map(|i| (i % 241) as u8 | 2).collect();
         src.mem.write_slice(&want, GuestAddress(0)).expect("write");
         let dir = tempfile::tempdir().expect("dir");
-        let file = dir.path().join("memory");
-        crate::snapshot::memory::save(&src.file, len, &file).expect("save");
-
-        let dst = crate::memory::create(len).expect("memory");
-        let pager = match Pager::start(
-            Region::of(&dst),
-            &file,
-            Mode::OnDemand,
-            &crate::seccomp::PAGER,
-        ) {
-            Ok(p) => p,
-            Err(PagerError::Create(e)) => {
-                eprintln!("SKIPPED: no userfaultfd here: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some((dst, pager)) = restoring(&src, len, Mode::OnDemand, dir.path()) else {
+            return;
         };
         // The "backend's" mapping: the same memfd, mapped again.
         // SAFETY: a new shared mapping of the whole memfd, unmapped below.

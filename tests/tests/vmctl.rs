@@ -597,7 +597,9 @@ fn a_backup_of_a_running_vm_restores_into_a_new_vm_that_reads_it_back() {
     // What changed since the full backup: generation 4's 8 MiB and what
     // the writer had written by then, not the base or generation 3 again.
     let data = incr["data-bytes"].as_u64().expect("data bytes");
-    assert!(((8 << 20)..(16 << 20)).contains(&data), "{incr}");
+    // (At most 16 MiB: a fast machine's writer covers all of its 8 MiB
+    // before the seal.)
+    assert!(((8 << 20)..=(16 << 20)).contains(&data), "{incr}");
     v.assert_exits_ok("db");
     assert_clean_result(&v, "db");
 

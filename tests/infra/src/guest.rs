@@ -152,6 +152,8 @@ pub enum QemuNic {
     /// QEMU's own tap device (userspace, vhost=off: this kernel has no
     /// vhost-net), on an existing tap.
     Tap { ifname: String, mac: String },
+    /// `-netdev vhost-user` on a net backend's socket (ours, net-backend).
+    VhostUser { socket: PathBuf, mac: String },
 }
 
 impl Disk {
@@ -345,10 +347,20 @@ impl QemuVm {
                 c.arg("-device")
                     .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
             }
+            Some(QemuNic::VhostUser { socket, mac }) => {
+                c.arg("-chardev")
+                    .arg(format!("socket,id=n0c,path={}", socket.display()));
+                c.arg("-netdev")
+                    .arg("vhost-user,id=n0,chardev=n0c,queues=1");
+                c.arg("-device")
+                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+            }
             None => {}
         }
         // vhost-user needs guest memory the backend can map.
-        if matches!(self.disk, Disk::VhostUser { .. }) {
+        if matches!(self.disk, Disk::VhostUser { .. })
+            || matches!(self.nic, Some(QemuNic::VhostUser { .. }))
+        {
             c.arg("-object").arg(format!(
                 "memory-backend-memfd,id=mem,size={}M,share=on",
                 self.mem_mib

@@ -137,6 +137,65 @@ fn the_namespace_pings_a_vm_through_its_tap_and_udp_echoes_come_back() {
 }
 
 #[test]
+fn floods_between_a_vm_and_the_host_are_counted_exactly_at_both_ends() {
+    if !ready("net_flood", &["ip", "ping"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("vmmtest", "flood");
+    let sock = fx.path("net.sock");
+    tap_with_address(&ns, "tap0", "10.0.0.1/24");
+    let _backend = net_backend(&ns, "tap0", &sock);
+
+    // Host to guest: 2000 datagrams of 100 bytes, in bursts of 100 (the
+    // guest's 256 receive buffers and the tap's queue hold a burst: none
+    // is dropped), to the guest's discard port; the guest counts them and
+    // ends once they stop for 2 s.
+    let vm = nic_vm(
+        &sock,
+        "mode=net ip=10.0.0.2 progress_ms=0 sink_idle_ms=2000 wait=halt",
+    );
+    assert!(ns.ping("10.0.0.2", 1).status.success(), "{}", vm.console());
+    let (sent, _) = ns
+        .udp_flood(
+            "10.0.0.1",
+            ("10.0.0.2", 9),
+            2000,
+            100,
+            Some((100, Duration::from_millis(10))),
+        )
+        .expect("a sender in the namespace")
+        .join();
+    assert_eq!(sent, 2000);
+    let run = vm.wait().expect("the sink ends");
+    run.assert_ok("the guest counting a flood");
+    assert_eq!(run.field("discarded"), 2000, "{:?}", run.result);
+    assert_eq!(run.field("discarded_bytes"), 200_000, "{:?}", run.result);
+
+    // Guest to host: 20000 datagrams of 18 bytes (64-byte frames) as fast
+    // as the ring takes them, the vCPU asleep while it is full; the
+    // host's socket (room for all of them) counts every one.
+    let sink = ns
+        .udp_sink(
+            "10.0.0.1",
+            9,
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+        )
+        .expect("a sink in the namespace");
+    let vm = nic_vm(
+        &sock,
+        "mode=net ip=10.0.0.2 peer=10.0.0.1 flood=1 count=20000 payload=18 wait=halt timeout_ms=10000",
+    );
+    let run = vm.wait().expect("the flood ends");
+    run.assert_ok("the guest flooding the host");
+    assert_eq!(run.field("sent"), 20000, "{:?}", run.result);
+    let got = sink.join();
+    assert_eq!(got.datagrams, 20000, "{got:?}");
+    assert_eq!(got.bytes, 20000 * 18, "{got:?}");
+}
+
+#[test]
 fn a_net_backend_killed_during_a_flood_comes_back_and_echoes_resume() {
     if !ready("net_backend_kill", &["ip"]) {
         return;

@@ -84,6 +84,13 @@ pub struct Config {
     pub payload: u32,
     /// Datagrams in flight at once (1: one round trip at a time).
     pub window: u32,
+    /// `flood=1`: the client sends its `count` datagrams to the peer's
+    /// discard port (9) as fast as the transmit ring takes them, expecting
+    /// nothing back (one way: the receiver counts).
+    pub flood: bool,
+    /// mode=net: once datagrams to the discard port have come, the run
+    /// ends after this many ms without one (0: it does not end on them).
+    pub sink_idle_ms: u64,
 }
 
 impl Default for Config {
@@ -123,6 +130,8 @@ impl Default for Config {
             count: 1000,
             payload: 64,
             window: 1,
+            flood: false,
+            sink_idle_ms: 0,
         }
     }
 }
@@ -231,6 +240,8 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "count" => num(v).filter(|&n| n > 0).map(|n| c.count = n).is_some(),
             "payload" => num(v).filter(|&n| (12..=1472).contains(&n)).map(|n| c.payload = n as u32).is_some(),
             "window" => num(v).filter(|&n| (1..=128).contains(&n)).map(|n| c.window = n as u32).is_some(),
+            "flood" => flag(v).map(|b| c.flood = b).is_some(),
+            "sink_idle_ms" => num(v).filter(|&n| n > 0).map(|n| c.sink_idle_ms = n).is_some(),
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),
             "event_idx" => flag(v).map(|b| c.event_idx = b).is_some(),

@@ -288,12 +288,19 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         if cfg.duration_ms > 0 && clock.ns(now - start) >= cfg.duration_ms * 1_000_000 {
             break;
         }
+        let s = nic.stats;
+        if cfg.sink_idle_ms > 0 && s.discarded > 0 && clock.ns(now.saturating_sub(s.last_discard_tsc)) >= cfg.sink_idle_ms * 1_000_000 {
+            break;
+        }
         core::hint::spin_loop();
     }
     let s = nic.stats;
+    // The discard port's receive rate, first datagram to last.
+    let sink_ns = clock.ns(s.last_discard_tsc.saturating_sub(s.first_discard_tsc)).max(1);
     println!(
-        "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"net\",\"rx_frames\":{},\"tx_frames\":{},\"arp_replies\":{},\"icmp_replies\":{},\"udp_echoes\":{},\"ignored\":{},\"tx_full\":{},\"init_ns\":{}}}",
+        "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"net\",\"rx_frames\":{},\"tx_frames\":{},\"arp_replies\":{},\"icmp_replies\":{},\"udp_echoes\":{},\"ignored\":{},\"tx_full\":{},\"discarded\":{},\"discarded_bytes\":{},\"discard_ns\":{},\"discard_pps\":{},\"init_ns\":{}}}",
         s.rx_frames, s.tx_frames, s.arp_replies, s.icmp_replies, s.udp_echoes, s.ignored, s.tx_full,
+        s.discarded, s.discarded_bytes, sink_ns, s.discarded.saturating_sub(1) * 1_000_000_000 / sink_ns,
         clock.ns(start - boot_tsc)
     );
     rt::exit(EXIT_OK);
@@ -352,6 +359,9 @@ fn run_udp_client(nic: &mut net::Nic, cfg: &config::Config, arena: &mem::Arena, 
             fail(EXIT_TIMEOUT, format_args!("no ARP reply from the peer within {} ms", cfg.timeout_ms));
         }
     }
+    if cfg.flood {
+        run_udp_flood(nic, cfg, clock);
+    }
     let n = cfg.count.min(1 << 22) as usize;
     let Some(rtts) = arena.samples(n) else {
         fail(EXIT_USAGE, format_args!("count={}: not enough guest memory for its samples", cfg.count));
@@ -360,11 +370,16 @@ fn run_udp_client(nic: &mut net::Nic, cfg: &config::Config, arena: &mem::Arena, 
     let start = time::tsc();
     let mut last_echo = start;
     while received < cfg.count {
+        let queued = sent;
         while sent < cfg.count && sent - received < u64::from(cfg.window) {
-            if !nic.send_datagram(sent as u32, cfg.payload as usize, time::tsc()) {
+            if !nic.queue_datagram(net::UDP_ECHO_PORT, sent as u32, cfg.payload as usize, time::tsc()) {
                 break;
             }
             sent += 1;
+        }
+        if sent > queued {
+            // The window's datagrams, one kick at most.
+            nic.flush_tx();
         }
         let seen = rt::irq_total();
         nic.poll();
@@ -404,6 +419,51 @@ fn run_udp_client(nic: &mut net::Nic, cfg: &config::Config, arena: &mem::Arena, 
     println!(
         "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"udp\",\"sent\":{},\"received\":{},\"payload\":{},\"window\":{},\"ns\":{},\"pps\":{},\"rtt_p50_ns\":{},\"rtt_p99_ns\":{},\"reordered\":{},\"bogus\":{},\"tx_full\":{}}}",
         sent, received, cfg.payload, cfg.window, ns, received * 1_000_000_000 / ns, p(50), p(99), reordered, bogus, nic.stats.tx_full
+    );
+    rt::exit(EXIT_OK);
+}
+
+/// `flood=1`: `count` datagrams to the peer's discard port, the transmit
+/// ring kept full (with wait=halt the vCPU sleeps while it is full, else
+/// it polls); the report has the rate the device took them at. The
+/// receiver counts what arrived.
+fn run_udp_flood(nic: &mut net::Nic, cfg: &config::Config, clock: &time::Clock) -> ! {
+    // Frames queued before one publish (one kick at most): Linux's
+    // xmit_more batching, as a busy sender's stack does.
+    const BURST: u32 = 32;
+    let timeout = cfg.timeout_ms * 1_000_000;
+    let start = time::tsc();
+    let mut sent = 0u64;
+    let mut last_progress = start;
+    while sent < cfg.count || nic.tx_in_flight() > 0 {
+        let mut queued = 0;
+        while sent < cfg.count && queued < BURST && nic.queue_datagram(net::UDP_DISCARD_PORT, sent as u32, cfg.payload as usize, time::tsc()) {
+            sent += 1;
+            queued += 1;
+        }
+        if queued > 0 {
+            nic.flush_tx();
+            last_progress = time::tsc();
+        }
+        if queued == BURST {
+            continue;
+        }
+        // The ring is full (or all is queued): wait for the device.
+        let before = nic.tx_in_flight();
+        nic.wait_for_tx_room(cfg.halt, timeout);
+        let now = time::tsc();
+        if nic.tx_in_flight() < before {
+            last_progress = now;
+        }
+        if clock.ns(now - last_progress) > timeout {
+            fail(EXIT_TIMEOUT, format_args!("{} of {} datagrams sent; the device took none for {} ms", sent, cfg.count, cfg.timeout_ms));
+        }
+        core::hint::spin_loop();
+    }
+    let ns = clock.ns(time::tsc() - start).max(1);
+    println!(
+        "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"udp_flood\",\"sent\":{},\"payload\":{},\"ns\":{},\"pps\":{},\"kicks\":{}}}",
+        sent, cfg.payload, ns, sent * 1_000_000_000 / ns, nic.tx_kicks()
     );
     rt::exit(EXIT_OK);
 }

@@ -19,7 +19,10 @@ const ETH_ARP: u16 = 0x0806;
 const ETH_IPV4: u16 = 0x0800;
 const IP_ICMP: u8 = 1;
 const IP_UDP: u8 = 17;
-const UDP_ECHO_PORT: u16 = 7;
+pub const UDP_ECHO_PORT: u16 = 7;
+/// Datagrams to this port (RFC 863's discard) are counted and dropped:
+/// what a one-way flood aims at.
+pub const UDP_DISCARD_PORT: u16 = 9;
 
 #[derive(Debug)]
 pub enum FindError {
@@ -75,6 +78,12 @@ pub struct NetStats {
     pub tx_full: u64,
     /// Echoes that came back to the client port.
     pub echoes_back: u64,
+    /// Datagrams to the discard port, their UDP payload bytes, and the
+    /// TSC at the first and the last of them.
+    pub discarded: u64,
+    pub discarded_bytes: u64,
+    pub first_discard_tsc: u64,
+    pub last_discard_tsc: u64,
 }
 
 pub struct Nic {
@@ -156,11 +165,13 @@ impl Nic {
                 *m = rd8(t.device_cfg + i as u64);
             }
         }
-        if irq && !t.enable_msix(1) {
+        if irq && !t.enable_msix(2) {
             return Err(FindError::Init(InitError::MissingCapability("MSI-X")));
         }
         let mut rx = t.setup_queue(0, queue_size, if irq { 0 } else { NO_VECTOR }, arena).map_err(FindError::Init)?;
-        let mut tx = t.setup_queue(1, queue_size, NO_VECTOR, arena).map_err(FindError::Init)?;
+        // The transmit queue's interrupt is off but while a sender waits
+        // for room (`wait_for_tx_room`).
+        let mut tx = t.setup_queue(1, queue_size, if irq { 1 } else { NO_VECTOR }, arena).map_err(FindError::Init)?;
         // Event-index suppression: a kick only when the device asked for
         // one, an interrupt only past the entry the driver waits for.
         rx.event_idx = features & virtio::F_EVENT_IDX != 0;
@@ -202,8 +213,8 @@ impl Nic {
         rd16(self._transport.device_cfg + 6) & 1 == 1
     }
 
-    /// Handles what arrived and reclaims what was sent; how many frames
-    /// came in.
+    /// Handles what arrived (its replies queued, then published together)
+    /// and reclaims what was sent; how many frames came in.
     pub fn poll(&mut self) -> u64 {
         while self.tx.pop_used().is_some() {
             self.tx_in_flight -= 1;
@@ -221,6 +232,8 @@ impl Nic {
         }
         if n > 0 {
             self.rx.publish();
+            // The replies to all of them, with one kick at most.
+            self.tx.publish();
         }
         n
     }
@@ -228,6 +241,22 @@ impl Nic {
     /// Sends the frame `build` writes into the buffer it is given (its
     /// length returned); false when the transmit ring is full.
     fn send(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> bool {
+        let queued = self.queue_frame(build);
+        if queued {
+            self.tx.publish();
+        }
+        queued
+    }
+
+    /// Makes the frames queued since the last publish available to the
+    /// device (one kick at most, for all of them).
+    pub fn flush_tx(&mut self) {
+        self.tx.publish();
+    }
+
+    /// Puts a frame on the transmit ring without telling the device yet
+    /// (Linux's xmit_more: a burst, then one publish); false when full.
+    fn queue_frame(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> bool {
         if self.tx_in_flight == self.tx.size {
             self.stats.tx_full += 1;
             return false;
@@ -238,7 +267,6 @@ impl Nic {
         let len = build(bytes(at + HDR, BUF - HDR)) as u64;
         write_desc(self.tx.desc_table(), slot, at, (HDR + len) as u32, 0, 0);
         self.tx.push(slot);
-        self.tx.publish();
         self.tx_next = self.tx_next.wrapping_add(1);
         self.tx_in_flight += 1;
         self.stats.tx_frames += 1;
@@ -263,15 +291,45 @@ impl Nic {
         })
     }
 
-    /// Sends datagram `seq` of `payload` bytes (at least 12: the sequence
-    /// number and the TSC) to the peer's echo port; false if the ring is
-    /// full or the peer's MAC is not known yet.
-    pub fn send_datagram(&mut self, seq: u32, payload: usize, tsc: u64) -> bool {
+    /// Notifications the transmit queue sent the device.
+    pub fn tx_kicks(&self) -> u64 {
+        self.tx.kicks
+    }
+
+    /// A full transmit ring: with interrupts (wait=halt), the vCPU sleeps
+    /// until the device has taken half of it (Linux's delayed transmit
+    /// callback) or `max_ns` passed; else it only reclaims what it took.
+    pub fn wait_for_tx_room(&mut self, halt: bool, max_ns: u64) {
+        let seen = crate::rt::irq_total();
+        if halt {
+            self.tx.interrupt_after(self.tx_in_flight / 2);
+        }
+        let before = self.tx_in_flight;
+        self.poll();
+        if halt && self.tx_in_flight == before {
+            crate::rt::wait_for_interrupt(seen, max_ns);
+            self.poll();
+        }
+        if halt {
+            self.tx.suppress_interrupts();
+        }
+    }
+
+    /// Frames sent that the device has not taken yet.
+    pub fn tx_in_flight(&self) -> u16 {
+        self.tx_in_flight
+    }
+
+    /// Queues datagram `seq` of `payload` bytes (at least 12: the
+    /// sequence number and the TSC) to the peer's `port` (`flush_tx`
+    /// publishes a burst of them); false if the ring is full or the peer's
+    /// MAC is not known yet.
+    pub fn queue_datagram(&mut self, port: u16, seq: u32, payload: usize, tsc: u64) -> bool {
         let (Some(peer), Some(peer_mac), mac, ip) = (self.peer, self.peer_mac, self.mac, self.ip) else {
             return false;
         };
         let payload = payload.clamp(12, 1472);
-        self.send(|o| {
+        self.queue_frame(|o| {
             o[0..6].copy_from_slice(&peer_mac);
             o[6..12].copy_from_slice(&mac);
             put16(o, 12, ETH_IPV4);
@@ -283,7 +341,7 @@ impl Nic {
             let c = checksum(&o[14..34]);
             put16(o, 24, c);
             put16(o, 34, CLIENT_PORT);
-            put16(o, 36, UDP_ECHO_PORT);
+            put16(o, 36, port);
             put16(o, 38, (8 + payload) as u16);
             put16(o, 40, 0);
             o[42..46].copy_from_slice(&seq.to_le_bytes());
@@ -409,9 +467,25 @@ impl Nic {
                     self.stats.echoes_back += 1;
                 }
             }
+            ETH_IPV4
+                if f.len() >= 42
+                    && f[30..34] == ip
+                    && f[23] == IP_UDP
+                    && be16(f, 14 + usize::from(f[14] & 0x0f) * 4 + 2) == UDP_DISCARD_PORT =>
+            {
+                let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+                let now = crate::time::tsc();
+                let st = &mut self.stats;
+                if st.discarded == 0 {
+                    st.first_discard_tsc = now;
+                }
+                st.last_discard_tsc = now;
+                st.discarded += 1;
+                st.discarded_bytes += u64::from(be16(f, l4 + 4).saturating_sub(8));
+            }
             ETH_ARP if f.len() >= 42 && be16(f, 20) == 1 && f[38..42] == ip => {
                 let (sha, spa) = (<[u8; 6]>::try_from(&f[22..28]).unwrap_or([0; 6]), <[u8; 4]>::try_from(&f[28..32]).unwrap_or([0; 4]));
-                if self.send(|o| {
+                if self.queue_frame(|o| {
                     o[0..6].copy_from_slice(&sha);
                     o[6..12].copy_from_slice(&mac);
                     put16(o, 12, ETH_ARP);
@@ -443,7 +517,7 @@ impl Nic {
                     self.stats.ignored += 1;
                     return;
                 };
-                let sent = self.send(|o| {
+                let sent = self.queue_frame(|o| {
                     o[..end].copy_from_slice(&f[..end]);
                     // Back to where it came from.
                     o[0..6].copy_from_slice(&f[6..12]);

@@ -337,6 +337,16 @@ impl Virtqueue {
         Some((id, len))
     }
 
+    /// One interrupt once `n` more entries are used (with event-index
+    /// suppression; without it, one per entry), until `suppress_interrupts`.
+    pub fn interrupt_after(&mut self, n: u16) {
+        self.interrupts = true;
+        wr16(self.avail, 0);
+        wr16(self.avail + 4 + 2 * self.size as u64, self.last_used.wrapping_add(n.max(1) - 1));
+        // Armed before the caller looks at the used index again.
+        fence(Ordering::SeqCst);
+    }
+
     /// Polling mode: ask for no interrupts.
     pub fn suppress_interrupts(&mut self) {
         self.interrupts = false;

@@ -1,31 +1,47 @@
-//! Networking: a bench-guest VM sending numbered datagrams to a UDP echo
-//! port and counting the echoes (its report: echoes per second, round
-//! trips), to another VM on the same bridge (guest to guest) and to the
-//! host's side of the bridge (guest to host and back: an echo server of
-//! this process's in the namespace), on the project's stack (vmm +
-//! net-backend on a multi-queue tap each) and on QEMU's (virtio-net on its
-//! own tap device, vhost=off: this kernel has no vhost-net), in one run.
-//! Everything lives in a network namespace of the benchmark's own.
+//! Networking, vmm + net-backend (a multi-queue tap each) against QEMU's
+//! virtio-net on its own tap device (vhost=off: this kernel has no
+//! vhost-net), the same bench guest on both, in one run, everything in a
+//! network namespace of the benchmark's own:
+//! - one-way floods of UDP datagrams to the discard port, guest to host,
+//!   host to guest and guest to guest, small (64 B on the wire) and full
+//!   (1518 B) frames: the receiver's packets per second and throughput;
+//! - echoes: a VM sending numbered, timestamped datagrams to an echo port
+//!   (another VM's, or an echo server of this process's on the host side of
+//!   the bridge), a window of them in flight: echoes per second and round
+//!   trips.
 
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use test_infra::{
-    kvm_available, Disk, KillOnDrop as Process, Netns, Patience, QemuNic, QemuVm, RunningVm, VmmVm,
+    kvm_available, Disk, KillOnDrop as Process, Netns, NsThread, Patience, QemuNic, QemuVm,
+    Received, RunningVm, VmmVm,
 };
 
 #[derive(Parser)]
-#[command(about = "Guest-to-guest UDP round trips and echo rates: vmm + net-backend vs QEMU's tap")]
+#[command(
+    about = "UDP floods (guest to host, host to guest, guest to guest) and echoes: vmm + net-backend vs QEMU's tap"
+)]
 struct Args {
-    /// Datagrams per measurement.
+    /// Datagrams per echo measurement.
     #[arg(long, default_value_t = 20_000)]
     count: u64,
-    /// UDP payload sizes.
-    #[arg(long, value_delimiter = ',', default_value = "64,1472")]
+    /// Datagrams each flood sends.
+    #[arg(long, default_value_t = 200_000)]
+    flood_count: u64,
+    /// UDP payload sizes (18: a 64-byte frame on the wire; 1472: a full
+    /// 1518-byte one).
+    #[arg(long, value_delimiter = ',', default_value = "18,1472")]
     payloads: Vec<u32>,
+    /// Which measurements: flood, echo, or both.
+    #[arg(long, value_delimiter = ',', default_value = "flood,echo")]
+    only: Vec<String>,
     /// Datagrams in flight for the rate rows (the latency rows have 1).
     #[arg(long, default_value_t = 32)]
     window: u32,
@@ -36,6 +52,9 @@ struct Args {
     /// leaves its host core) or poll (spinning on the rings).
     #[arg(long, default_value = "halt", value_parser = ["halt", "poll"])]
     guest_wait: String,
+    /// More arguments for net-backend (such as --tx-poll-us=N), repeated.
+    #[arg(long, allow_hyphen_values = true)]
+    backend_arg: Vec<String>,
     #[arg(long)]
     markdown: Option<PathBuf>,
     #[arg(long)]
@@ -45,47 +64,40 @@ struct Args {
 const SERVER: &str = "10.0.0.2";
 const HOST: &str = "10.0.0.1";
 
-/// A UDP echo server at HOST:7 in the namespace: a thread of this process
-/// moved into it (its socket lives there), until `stop`.
-fn host_echo(
-    ns: &Netns,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Result<std::thread::JoinHandle<()>> {
-    let path = format!("/var/run/netns/{}", ns.name);
-    let ns_file = std::fs::File::open(&path).with_context(|| path.clone())?;
-    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
-    let t = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a namespace file we hold open, for this thread.
-        if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            let e = std::io::Error::last_os_error();
-            let _ = tx.send(Err(anyhow::anyhow!("setns: {e}")));
-            return;
-        }
-        let sock = match std::net::UdpSocket::bind((HOST, 7)).and_then(|s| {
-            s.set_read_timeout(Some(Duration::from_millis(100)))?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(e.into()));
-                return;
+/// A UDP echo server at HOST:7 in the namespace, until `stop`.
+fn host_echo(ns: &Netns, stop: Arc<AtomicBool>) -> Result<NsThread<()>> {
+    Ok(ns.thread(
+        || {
+            let sock = UdpSocket::bind((HOST, 7))?;
+            sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(sock)
+        },
+        move |sock| {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
             }
-        };
-        let _ = tx.send(Ok(()));
-        let mut buf = [0u8; 2048];
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(&buf[..n], from);
-            }
-        }
-    });
-    rx.recv().context("the host echo server")??;
-    Ok(t)
+        },
+    )?)
+}
+
+/// A MAC of its own for each QEMU guest (the vmm picks a random one).
+fn next_qemu_mac() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        n >> 16 & 0xff,
+        n >> 8 & 0xff,
+        n & 0xff
+    )
 }
 
 /// A guest of the stack: ours (vmm + net-backend on `tap`) or QEMU's.
 fn guest(
+    a: &Args,
     ns: &Netns,
     ours: bool,
     tap: &str,
@@ -107,6 +119,7 @@ fn guest(
                 "--tap",
                 tap,
             ])
+            .args(&a.backend_arg)
             .stdout(Stdio::null())
             .spawn()?,
         );
@@ -124,7 +137,7 @@ fn guest(
         q.mem_mib = 256;
         q.nic = Some(QemuNic::Tap {
             ifname: tap.into(),
-            mac: format!("52:54:00:00:{:02x}:01", tap.len() + usize::from(ours)),
+            mac: next_qemu_mac(),
         });
         q.limit = limit.clone();
         q.silence = limit;
@@ -141,7 +154,7 @@ fn guest(
 }
 
 #[derive(serde::Serialize, Clone)]
-struct Cell {
+struct EchoCell {
     /// "guest-guest" or "guest-host".
     path: &'static str,
     stack: &'static str,
@@ -154,19 +167,15 @@ struct Cell {
 
 /// One cell: a client VM of the stack against a server VM of the same
 /// stack (`to_host` false) or the host's echo server.
-fn measure(
+fn measure_echo(
     a: &Args,
     ns: &Netns,
     dir: &Path,
     (ours, to_host): (bool, bool),
     payload: u32,
     window: u32,
-) -> Result<Cell> {
-    let stack = if ours {
-        "vmm + net-backend"
-    } else {
-        "QEMU tap"
-    };
+) -> Result<EchoCell> {
+    let stack = stack_name(ours);
     let tag = format!(
         "{}{}",
         if ours { "o" } else { "q" },
@@ -176,6 +185,7 @@ fn measure(
         None
     } else {
         let (mut server, backend) = guest(
+            a,
             ns,
             ours,
             &format!("{tag}s{payload}w{window}"),
@@ -194,6 +204,7 @@ fn measure(
     let mut p99 = Vec::new();
     for run in 0..a.runs {
         let (client, _cb) = guest(
+            a,
             ns,
             ours,
             &format!("{tag}c{payload}w{window}r{run}"),
@@ -220,7 +231,7 @@ fn measure(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    Ok(Cell {
+    Ok(EchoCell {
         path: if to_host { "guest-host" } else { "guest-guest" },
         stack,
         payload,
@@ -231,73 +242,350 @@ fn measure(
     })
 }
 
+/// One flood cell's figures: the receiver's.
+#[derive(serde::Serialize, Clone)]
+struct FloodCell {
+    /// "guest-host", "host-guest" or "guest-guest".
+    path: &'static str,
+    stack: &'static str,
+    payload: u32,
+    /// Bytes on the wire per frame (Ethernet header and FCS included).
+    frame_bytes: u32,
+    sent: u64,
+    /// The sender's rate (the guest's count, or the host's sends).
+    sent_pps: f64,
+    /// A guest sender's notifications to its device (with event-index
+    /// suppression: only when the device asked for one).
+    kicks: Option<u64>,
+    received: u64,
+    /// The receiver's rate, first datagram to last.
+    pps: f64,
+    mbit_s: f64,
+}
+
+/// Which way a flood goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Flow {
+    GuestToHost,
+    HostToGuest,
+    GuestToGuest,
+}
+
+impl Flow {
+    fn name(self) -> &'static str {
+        match self {
+            Flow::GuestToHost => "guest-host",
+            Flow::HostToGuest => "host-guest",
+            Flow::GuestToGuest => "guest-guest",
+        }
+    }
+}
+
+fn stack_name(ours: bool) -> &'static str {
+    if ours {
+        "vmm + net-backend"
+    } else {
+        "QEMU tap"
+    }
+}
+
+/// A flood datagram's bytes on the wire: Ethernet (14), IPv4 (20), UDP
+/// (8), the payload, the FCS (4); never under Ethernet's 64.
+fn frame_bytes(payload: u32) -> u32 {
+    (14 + 20 + 8 + payload + 4).max(64)
+}
+
+/// A guest counting the datagrams to its discard port at SERVER, done half
+/// a second after they stop.
+fn sink_guest(
+    a: &Args,
+    ns: &Netns,
+    ours: bool,
+    tap: &str,
+    dir: &Path,
+) -> Result<(RunningVm, Option<Process>)> {
+    let (mut vm, backend) = guest(
+        a,
+        ns,
+        ours,
+        tap,
+        dir,
+        &format!(
+            "mode=net ip={SERVER} progress_ms=0 sink_idle_ms=500 wait={}",
+            a.guest_wait
+        ),
+    )?;
+    vm.wait_for_line(
+        "nic:",
+        &Patience::new("the sink's NIC", Duration::from_secs(2)),
+    )?;
+    Ok((vm, backend))
+}
+
+/// A guest sending `count` datagrams to `peer`:9 as fast as its ring
+/// takes them.
+fn flood_guest(
+    a: &Args,
+    ns: &Netns,
+    ours: bool,
+    tap: &str,
+    dir: &Path,
+    peer: &str,
+    payload: u32,
+) -> Result<(RunningVm, Option<Process>)> {
+    guest(
+        a,
+        ns,
+        ours,
+        tap,
+        dir,
+        &format!(
+            "mode=net ip=10.0.0.20 peer={peer} flood=1 count={} payload={payload} timeout_ms=20000 wait={}",
+            a.flood_count, a.guest_wait
+        ),
+    )
+}
+
+/// One flood, run `a.runs` times: the median of the receiver's rates.
+fn measure_flood(
+    a: &Args,
+    ns: &Netns,
+    dir: &Path,
+    ours: bool,
+    flow: Flow,
+    payload: u32,
+) -> Result<FloodCell> {
+    let stack = stack_name(ours);
+    let what = format!("{}, {stack}, {payload} B", flow.name());
+    let mut runs = Vec::new();
+    for run in 0..a.runs {
+        let tag = format!(
+            "{}f{}{payload}r{run}",
+            if ours { "o" } else { "q" },
+            flow as u8
+        );
+        let (sent, sent_pps, kicks, received) = match flow {
+            Flow::GuestToHost => {
+                let sink =
+                    ns.udp_sink(HOST, 9, Duration::from_secs(60), Duration::from_millis(500))?;
+                let (vm, _b) = flood_guest(a, ns, ours, &format!("{tag}c"), dir, HOST, payload)?;
+                let r = vm.wait()?;
+                if !r.ok() {
+                    bail!("{what}: the flooding guest failed:\n{}", r.serial);
+                }
+                (
+                    r.field("sent"),
+                    r.field("pps") as f64,
+                    Some(r.field("kicks")),
+                    sink.join(),
+                )
+            }
+            Flow::HostToGuest => {
+                let (vm, _b) = sink_guest(a, ns, ours, &format!("{tag}s"), dir)?;
+                // The guest's MAC known before the flood (an unresolved
+                // neighbour queues a few datagrams, drops the rest).
+                if !ns.ping(SERVER, 1).status.success() {
+                    bail!("{what}: the sink does not answer a ping:\n{}", vm.console());
+                }
+                let (sent, took) = ns
+                    .udp_flood(HOST, (SERVER, 9), a.flood_count, payload as usize, None)?
+                    .join();
+                let sent_pps = sent as f64 / took.as_secs_f64().max(1e-9);
+                let r = vm.wait()?;
+                if !r.ok() {
+                    bail!("{what}: the sink failed:\n{}", r.serial);
+                }
+                (
+                    sent,
+                    sent_pps,
+                    None,
+                    Received {
+                        datagrams: r.field("discarded"),
+                        bytes: r.field("discarded_bytes"),
+                        span: Duration::from_nanos(r.field("discard_ns")),
+                    },
+                )
+            }
+            Flow::GuestToGuest => {
+                let (sink, _sb) = sink_guest(a, ns, ours, &format!("{tag}s"), dir)?;
+                let (vm, _b) = flood_guest(a, ns, ours, &format!("{tag}c"), dir, SERVER, payload)?;
+                let r = vm.wait()?;
+                if !r.ok() {
+                    bail!("{what}: the flooding guest failed:\n{}", r.serial);
+                }
+                let s = sink.wait()?;
+                if !s.ok() {
+                    bail!("{what}: the sink failed:\n{}", s.serial);
+                }
+                (
+                    r.field("sent"),
+                    r.field("pps") as f64,
+                    Some(r.field("kicks")),
+                    Received {
+                        datagrams: s.field("discarded"),
+                        bytes: s.field("discarded_bytes"),
+                        span: Duration::from_nanos(s.field("discard_ns")),
+                    },
+                )
+            }
+        };
+        if received.datagrams < 2 {
+            bail!("{what}: {} of {sent} datagrams arrived", received.datagrams);
+        }
+        runs.push((received.pps(), sent, sent_pps, kicks, received.datagrams));
+    }
+    runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (pps, sent, sent_pps, kicks, received) = runs[runs.len() / 2];
+    Ok(FloodCell {
+        path: flow.name(),
+        stack,
+        payload,
+        frame_bytes: frame_bytes(payload),
+        sent,
+        sent_pps,
+        kicks,
+        received,
+        pps,
+        mbit_s: pps * f64::from(frame_bytes(payload)) * 8.0 / 1e6,
+    })
+}
+
+#[derive(serde::Serialize)]
+struct Figures {
+    floods: Vec<FloodCell>,
+    echoes: Vec<EchoCell>,
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     if !kvm_available("bench-net") {
         return Ok(());
     }
+    for m in &a.only {
+        if m != "flood" && m != "echo" {
+            bail!("--only {m}: flood or echo");
+        }
+    }
     let ns = Netns::new("benchnet", "bridge");
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"]);
     ns.ip(&["link", "set", "br0", "up"]);
+    // Frames between the bridge's ports are not passed through iptables
+    // (br_netfilter's default where it is loaded; a VM bridge seldom wants
+    // it): the path measured is the bridge's, the same for both stacks.
+    if Path::new("/proc/sys/net/bridge").exists() {
+        let st = ns
+            .command(&[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.bridge.bridge-nf-call-iptables=0",
+                "net.bridge.bridge-nf-call-ip6tables=0",
+                "net.bridge.bridge-nf-call-arptables=0",
+            ])
+            .status()?;
+        if !st.success() {
+            bail!("sysctl net.bridge.* in the namespace: {st}");
+        }
+    }
     let dir = tempfile::tempdir()?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let echo = host_echo(&ns, std::sync::Arc::clone(&stop))?;
-    let mut cells = Vec::new();
-    for to_host in [false, true] {
-        for &payload in &a.payloads {
-            for window in [1, a.window] {
+    let mut figures = Figures {
+        floods: Vec::new(),
+        echoes: Vec::new(),
+    };
+    if a.only.iter().any(|m| m == "flood") {
+        for flow in [Flow::GuestToHost, Flow::HostToGuest, Flow::GuestToGuest] {
+            for &payload in &a.payloads {
                 for ours in [true, false] {
-                    eprintln!(
-                        "[{}, {payload} B, window {window}] {}",
-                        if to_host { "guest-host" } else { "guest-guest" },
-                        if ours {
-                            "vmm + net-backend"
-                        } else {
-                            "QEMU tap"
-                        }
-                    );
-                    cells.push(measure(
-                        &a,
-                        &ns,
-                        dir.path(),
-                        (ours, to_host),
-                        payload,
-                        window,
-                    )?);
+                    eprintln!("[flood {}, {payload} B] {}", flow.name(), stack_name(ours));
+                    figures
+                        .floods
+                        .push(measure_flood(&a, &ns, dir.path(), ours, flow, payload)?);
                 }
             }
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = echo.join();
-    let mut md = String::from(
-        "| path | payload | in flight | stack | echoes/s | RTT p50 us | RTT p99 us | echoes/s vs QEMU | RTT p50 vs QEMU |\n|---|---:|---:|---|---:|---:|---:|---:|---:|\n",
-    );
-    for pair in cells.chunks(2) {
-        let (o, q) = (&pair[0], &pair[1]);
-        for c in pair {
-            md += &format!(
-                "| {} | {} B | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
-                c.path,
-                c.payload,
-                c.window,
-                c.stack,
-                c.echoes_per_s,
-                c.rtt_p50_us,
-                c.rtt_p99_us,
-                if std::ptr::eq(c, o) {
-                    format!("{:.2}x", o.echoes_per_s / q.echoes_per_s.max(1.0))
-                } else {
-                    String::new()
-                },
-                if std::ptr::eq(c, o) {
-                    format!("{:.2}x", o.rtt_p50_us / q.rtt_p50_us.max(0.001))
-                } else {
-                    String::new()
-                },
-            );
+    if a.only.iter().any(|m| m == "echo") {
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo = host_echo(&ns, Arc::clone(&stop))?;
+        for to_host in [false, true] {
+            for &payload in &a.payloads {
+                for window in [1, a.window] {
+                    for ours in [true, false] {
+                        eprintln!(
+                            "[echo {}, {payload} B, window {window}] {}",
+                            if to_host { "guest-host" } else { "guest-guest" },
+                            stack_name(ours)
+                        );
+                        figures.echoes.push(measure_echo(
+                            &a,
+                            &ns,
+                            dir.path(),
+                            (ours, to_host),
+                            payload,
+                            window,
+                        )?);
+                    }
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        echo.join();
+    }
+    let mut md = String::new();
+    if !figures.floods.is_empty() {
+        md += "| flood | frame | stack | sent | sent pps | sender kicks | received | received pps | Mbit/s | pps vs QEMU |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        for pair in figures.floods.chunks(2) {
+            for c in pair {
+                md += &format!(
+                    "| {} | {} B | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} |\n",
+                    c.path,
+                    c.frame_bytes,
+                    c.stack,
+                    c.sent,
+                    c.sent_pps,
+                    c.kicks.map_or("-".into(), |k| k.to_string()),
+                    c.received,
+                    c.pps,
+                    c.mbit_s,
+                    if std::ptr::eq(c, &pair[0]) && pair.len() == 2 {
+                        format!("{:.2}x", pair[0].pps / pair[1].pps.max(1.0))
+                    } else {
+                        String::new()
+                    },
+                );
+            }
+        }
+        md += "\n";
+    }
+    if !figures.echoes.is_empty() {
+        md += "| echo | frame | in flight | stack | echoes/s | RTT p50 us | RTT p99 us | echoes/s vs QEMU | RTT p50 vs QEMU |\n|---|---:|---:|---|---:|---:|---:|---:|---:|\n";
+        for pair in figures.echoes.chunks(2) {
+            let (o, q) = (&pair[0], &pair[1]);
+            for c in pair {
+                let first = std::ptr::eq(c, o);
+                md += &format!(
+                    "| {} | {} B | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
+                    c.path,
+                    frame_bytes(c.payload),
+                    c.window,
+                    c.stack,
+                    c.echoes_per_s,
+                    c.rtt_p50_us,
+                    c.rtt_p99_us,
+                    if first {
+                        format!("{:.2}x", o.echoes_per_s / q.echoes_per_s.max(1.0))
+                    } else {
+                        String::new()
+                    },
+                    if first {
+                        format!("{:.2}x", o.rtt_p50_us / q.rtt_p50_us.max(0.001))
+                    } else {
+                        String::new()
+                    },
+                );
+            }
         }
     }
-    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &cells)
+    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &figures)
 }

@@ -427,23 +427,29 @@ impl VhostUserBackend for NetDevice {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
     }
 
+    /// vhost-user-backend numbers a worker's queues from 0 in queue order
+    /// and hands it only its own vrings: worker p has pair p's receive (0)
+    /// and transmit (1) queues, worker 0 the control queue (2) too; pair
+    /// p's tap is watched by worker p.
     fn handle_event(
         &self,
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
-        let e = device_event as usize;
-        let ctrl = self.ctrl_queue();
-        match e {
-            e if e < ctrl && e % 2 == 0 => self.receive(e / 2, &vrings[e]),
-            e if e < ctrl => self.transmit(e / 2, &vrings[e]),
-            e if e == ctrl => self.control(&vrings[e]),
-            e if (self.tap_event(0) as usize..self.tap_event(self.pairs) as usize).contains(&e) => {
-                let p = e - self.tap_event(0) as usize;
-                self.receive(p, &vrings[2 * p])
-            }
+        let p = thread_id;
+        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        if p >= self.pairs {
+            return Ok(());
+        }
+        match u64::from(device_event) {
+            0 => self.receive(p, rx),
+            1 => self.transmit(p, tx),
+            2 if p == 0 => vrings.get(2).map_or(Ok(()), |c| self.control(c)),
+            e if e == self.tap_event(p) => self.receive(p, rx),
             _ => Ok(()),
         }
     }

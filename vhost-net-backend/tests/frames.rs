@@ -25,13 +25,14 @@ const MEM: usize = 1 << 20;
 const QSIZE: u16 = 16;
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
-/// Each queue's rings: (descriptors, available, used).
-const RINGS: [(u64, u64, u64); 3] = [
-    (0x1000, 0x2000, 0x3000),
-    (0x4000, 0x5000, 0x6000),
-    (0x7000, 0x8000, 0x9000),
-];
 const TAP: &str = "vnbtest0";
+
+/// Queue q's rings: (descriptors, available, used), below 0x10000 for up
+/// to five queues.
+fn rings(q: usize) -> (u64, u64, u64) {
+    let base = 0x1000 + 0x3000 * q as u64;
+    (base, base + 0x1000, base + 0x2000)
+}
 
 struct Queue {
     kick: EventFd,
@@ -47,12 +48,13 @@ struct Guest {
 }
 
 impl Guest {
-    fn connect(sock: &Path) -> Guest {
+    /// A frontend of `pairs` queue pairs and the control queue, acking
+    /// every feature offered but EVENT_IDX (every used entry signalled).
+    fn connect(sock: &Path, pairs: usize) -> Guest {
         let mem = test_infra::memfd_guest_memory(MEM);
-        let mut f = Frontend::connect(sock, 3).expect("connect");
+        let mut f = Frontend::connect(sock, 2 * pairs as u64 + 1).expect("connect");
         f.set_owner().expect("owner");
         let features = f.get_features().expect("features");
-        // No EVENT_IDX: every used entry signalled.
         f.set_features(features & !(1 << 29)).expect("set features");
         let pf = f.get_protocol_features().expect("protocol features");
         f.set_protocol_features(pf).expect("set protocol features");
@@ -61,7 +63,8 @@ impl Guest {
         f.set_mem_table(&[info]).expect("mem table");
         let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).expect("mapped") as u64;
         let mut queues = Vec::new();
-        for (q, (desc, avail, used)) in RINGS.iter().enumerate() {
+        for q in 0..2 * pairs + 1 {
+            let (desc, avail, used) = rings(q);
             f.set_vring_num(q, QSIZE).expect("num");
             f.set_vring_base(q, 0).expect("base");
             f.set_vring_addr(
@@ -70,9 +73,9 @@ impl Guest {
                     queue_max_size: QSIZE,
                     queue_size: QSIZE,
                     flags: 0,
-                    desc_table_addr: host(*desc),
-                    used_ring_addr: host(*used),
-                    avail_ring_addr: host(*avail),
+                    desc_table_addr: host(desc),
+                    used_ring_addr: host(used),
+                    avail_ring_addr: host(avail),
                     log_addr: None,
                 },
             )
@@ -97,7 +100,7 @@ impl Guest {
     }
 
     fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = RINGS[q].0 + 16 * i as u64;
+        let at = rings(q).0 + 16 * i as u64;
         self.mem.write_obj(addr, GuestAddress(at)).expect("w");
         self.mem.write_obj(len, GuestAddress(at + 8)).expect("w");
         self.mem.write_obj(flags, GuestAddress(at + 12)).expect("w");
@@ -105,7 +108,7 @@ impl Guest {
     }
 
     fn post(&mut self, q: usize, head: u16) {
-        let avail = RINGS[q].1;
+        let avail = rings(q).1;
         let queue = &mut self.queues[q];
         let slot = avail + 4 + 2 * (queue.avail_idx % QSIZE) as u64;
         self.mem.write_obj(head, GuestAddress(slot)).expect("w");
@@ -117,22 +120,52 @@ impl Guest {
         queue.kick.write(1).expect("kick");
     }
 
+    /// Sends `frame` behind `header` on transmit queue `q` (two buffers
+    /// at `at` and `at + 0x1000`, chain head 0) and waits for the device
+    /// to complete it.
+    fn transmit(&mut self, q: usize, header: &[u8; 12], frame: &[u8], at: u64) {
+        self.mem.write_slice(header, GuestAddress(at)).expect("w");
+        self.mem
+            .write_slice(frame, GuestAddress(at + 0x1000))
+            .expect("w");
+        self.desc(q, 0, at, 12, NEXT, 1);
+        self.desc(q, 1, at + 0x1000, frame.len() as u32, 0, 0);
+        self.post(q, 0);
+        assert_eq!(self.used(q), (0, 0), "the frame on queue {q} completed");
+    }
+
     /// The next used entry of queue `q`: (head, length).
     fn used(&mut self, q: usize) -> (u32, u32) {
-        let used = RINGS[q].2;
-        let seen = self.queues[q].used_seen;
+        self.used_of(&[q]).1
+    }
+
+    /// The next used entry of whichever of `qs` has one first: (queue,
+    /// (head, length)).
+    fn used_of(&mut self, qs: &[usize]) -> (usize, (u32, u32)) {
+        let mut found = None;
         // A frame moves in microseconds here.
         Patience::new("a used entry", Duration::from_millis(1))
             .wait_until(|| {
-                let idx: u16 = self.mem.read_obj(GuestAddress(used + 2))?;
-                Ok(idx != seen)
+                for &q in qs {
+                    let idx: u16 = self.mem.read_obj(GuestAddress(rings(q).2 + 2))?;
+                    if idx != self.queues[q].used_seen {
+                        found = Some(q);
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
             })
             .expect("a used entry");
-        let e = used + 4 + 8 * (seen % QSIZE) as u64;
+        let q = found.expect("a queue with a used entry");
+        let seen = self.queues[q].used_seen;
+        let e = rings(q).2 + 4 + 8 * (seen % QSIZE) as u64;
         self.queues[q].used_seen = seen.wrapping_add(1);
         (
-            self.mem.read_obj(GuestAddress(e)).expect("r"),
-            self.mem.read_obj(GuestAddress(e + 4)).expect("r"),
+            q,
+            (
+                self.mem.read_obj(GuestAddress(e)).expect("r"),
+                self.mem.read_obj(GuestAddress(e + 4)).expect("r"),
+            ),
         )
     }
 }
@@ -195,22 +228,39 @@ fn frame(dst: [u8; 6], tag: u8, payload: usize) -> Vec<u8> {
     f
 }
 
-#[test]
-fn frames_move_between_the_guest_and_the_tap_and_hostile_chains_are_refused() {
+/// Whether this test can make taps (root, /dev/net/tun); a loud line if not.
+fn can_make_taps(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: net-backend frames: needs root and /dev/net/tun");
-        return;
+    let ok = unsafe { libc::geteuid() } == 0 && Path::new("/dev/net/tun").exists();
+    if !ok {
+        eprintln!("SKIPPED: net-backend {test}: needs root and /dev/net/tun");
     }
-    // A network namespace of this test's own (this process's thread).
+    ok
+}
+
+/// Moves this thread (and the threads and processes it starts) into a
+/// network namespace of its own, without IPv6 (whose router solicitations
+/// would be frames the test did not send).
+fn in_own_netns() {
     // SAFETY: unshare of the network namespace, no memory involved.
     assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-    let taps = tap::open(TAP, 1).expect("the tap");
-    let up = Command::new("ip")
-        .args(["link", "set", TAP, "up"])
+    let st = Command::new("sysctl")
+        .args(["-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])
         .status()
-        .expect("ip");
-    assert!(up.success());
+        .expect("sysctl");
+    assert!(st.success());
+}
+
+/// `ip ARGS` in this thread's namespace, which must succeed.
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("ip");
+    assert!(st.success(), "ip {args:?}");
+}
+
+/// net-backend's device on `pairs` queues of tap `name`, served on a
+/// socket in a temporary directory (kept alive by the caller).
+fn serve(name: &str, pairs: usize) -> (Arc<NetDevice>, tempfile::TempDir, std::path::PathBuf) {
+    let taps = tap::open(name, pairs).expect("the tap");
     let device = Arc::new(NetDevice::new(taps, QSIZE as usize));
     let dir = tempfile::tempdir().expect("dir");
     let sock = dir.path().join("net.sock");
@@ -228,19 +278,23 @@ fn frames_move_between_the_guest_and_the_tap_and_hostile_chains_are_refused() {
     Patience::new("the socket", Duration::from_millis(10))
         .wait_until(|| Ok(sock.exists()))
         .expect("listening");
+    (device, dir, sock)
+}
+
+#[test]
+fn frames_move_between_the_guest_and_the_tap_and_hostile_chains_are_refused() {
+    if !can_make_taps("frames") {
+        return;
+    }
+    in_own_netns();
+    let (device, _dir, sock) = serve(TAP, 1);
+    ip(&["link", "set", TAP, "up"]);
     let host = packet_socket(TAP);
-    let mut g = Guest::connect(&sock);
+    let mut g = Guest::connect(&sock, 1);
 
     // Transmit: header (no offload) then the frame, in two buffers.
     let out = frame([0xff; 6], 1, 300);
-    g.mem
-        .write_slice(&[0u8; 12], GuestAddress(0x10000))
-        .expect("w");
-    g.mem.write_slice(&out, GuestAddress(0x11000)).expect("w");
-    g.desc(1, 0, 0x10000, 12, NEXT, 1);
-    g.desc(1, 1, 0x11000, out.len() as u32, 0, 0);
-    g.post(1, 0);
-    assert_eq!(g.used(1), (0, 0));
+    g.transmit(1, &[0; 12], &out, 0x10000);
     let mut buf = vec![0u8; 2048];
     let seen = loop {
         // SAFETY: recv into our buffer.
@@ -314,4 +368,192 @@ fn frames_move_between_the_guest_and_the_tap_and_hostile_chains_are_refused() {
         let ack: u8 = g.mem.read_obj(GuestAddress(0x30020)).expect("r");
         assert_eq!(ack, want, "{pairs} pairs");
     }
+}
+
+/// The Internet checksum of `b` (folded, not inverted), from `sum`.
+fn csum_fold(b: &[u8], mut sum: u32) -> u16 {
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The TCP pseudo-header's sum for an IPv4 frame's addresses and `tcp_len`.
+fn pseudo_sum(ip: &[u8], tcp_len: usize) -> u32 {
+    u32::from(csum_fold(&ip[12..20], 0)) + 6 + tcp_len as u32
+}
+
+/// A TCP/IPv4 frame from 10.0.0.2:40000 to 10.0.0.1:5001, `payload` bytes
+/// at sequence `seq`, its IP checksum filled in and its TCP checksum the
+/// pseudo-header's sum (what a checksum-offloading sender leaves there).
+fn tcp_frame(dst: [u8; 6], seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42, 0x08, 0x00]);
+    let total = (20 + 20 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[
+        0x01, 0x00, 0x40, 0x00, 64, 6, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
+    ]);
+    let c = !csum_fold(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut tcp = vec![0x9c, 0x40, 0x13, 0x89];
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    let partial = csum_fold(&[], pseudo_sum(&ip, 20 + payload.len()));
+    tcp[16..18].copy_from_slice(&partial.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&tcp);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A virtio-net header for a TCPv4 frame cut into `mss`-byte segments, its
+/// TCP checksum left to whoever cuts it.
+fn tso_header(mss: u16) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+    h[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+    h[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+    h[4..6].copy_from_slice(&mss.to_le_bytes()); // gso_size
+    h[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+    h[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+    h
+}
+
+/// The next TCP/IPv4 frame the plain tap carries (header stripped), or
+/// None when none comes within the wait.
+fn next_tcp_frame(plain: &tap::TapQueue) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 70_000];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let mut got = None;
+    // A frame crosses the bridge in microseconds.
+    let _ = Patience::new("a frame on the plain tap", Duration::from_millis(5)).wait_until(|| {
+        while let Some(n) = plain.read_frame(&iov)? {
+            if n > 12 + 34 && buf[12 + 12..12 + 14] == [0x08, 0x00] && buf[12 + 23] == 6 {
+                got = Some(buf[12..n].to_vec());
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    });
+    got
+}
+
+#[test]
+fn tso_frames_are_cut_on_the_way_out_and_arrive_whole_on_two_queue_pairs() {
+    if !can_make_taps("offloads") {
+        return;
+    }
+    in_own_netns();
+    let (device, _dir, sock) = serve("vnbmq0", 2);
+    // The wire: a bridge to a plain tap with no offloads (what it reads
+    // has been cut into MTU-sized frames by the kernel).
+    let plain = tap::open("vnbplain0", 1).expect("a plain tap").remove(0);
+    plain.set_offloads(0).expect("no offloads");
+    ip(&["link", "add", "br0", "type", "bridge"]);
+    for dev in ["vnbmq0", "vnbplain0"] {
+        ip(&["link", "set", dev, "master", "br0"]);
+        ip(&["link", "set", dev, "up"]);
+    }
+    ip(&["link", "set", "br0", "up"]);
+    let mut g = Guest::connect(&sock, 2);
+
+    // Two pairs, asked for on the control queue (queue 4).
+    g.mem
+        .write_slice(&[4u8, 0], GuestAddress(0x30000))
+        .expect("w");
+    g.mem.write_obj(2u16, GuestAddress(0x30010)).expect("w");
+    g.desc(4, 0, 0x30000, 2, NEXT, 1);
+    g.desc(4, 1, 0x30010, 2, NEXT, 2);
+    g.desc(4, 2, 0x30020, 1, WRITE, 0);
+    g.post(4, 0);
+    assert_eq!(
+        g.used(4),
+        (0, 1),
+        "bad chains: {:?}",
+        device.counters.bad_chains
+    );
+    let ack: u8 = g.mem.read_obj(GuestAddress(0x30020)).expect("r");
+    assert_eq!(ack, 0, "two pairs accepted");
+
+    // Out, on pair 1's transmit queue (3): one 3000-byte TCP frame with
+    // a TSO header; the plain tap gets it as three 1000-byte segments
+    // with their sequence numbers and both checksums computed.
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let big = tcp_frame([0x02, 0, 0, 0, 0, 0x99], 1000, &payload);
+    g.transmit(3, &tso_header(1000), &big, 0x10000);
+    let mut carried = Vec::new();
+    for k in 0..3u32 {
+        let seg = next_tcp_frame(&plain).unwrap_or_else(|| panic!("segment {k} of 3"));
+        assert_eq!(seg.len(), 14 + 20 + 20 + 1000, "segment {k}'s length");
+        let (ip_h, tcp) = (&seg[14..34], &seg[34..]);
+        assert_eq!(!csum_fold(ip_h, 0), 0, "segment {k}'s IP checksum");
+        assert_eq!(
+            !csum_fold(tcp, pseudo_sum(ip_h, tcp.len())),
+            0,
+            "segment {k}'s TCP checksum"
+        );
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        assert_eq!(seq, 1000 + 1000 * k, "segment {k}'s sequence number");
+        carried.extend_from_slice(&tcp[20..]);
+    }
+    assert_eq!(carried, payload, "the segments carry the frame's bytes");
+
+    // Pair 0 transmits too (queue 1): a frame whose TCP checksum is left
+    // to the device (NEEDS_CSUM, no GSO) comes out whole with it computed.
+    let small = tcp_frame([0x02, 0, 0, 0, 0, 0x99], 7, &payload[..100]);
+    let mut csum_only = tso_header(0);
+    csum_only[1] = 0; // VIRTIO_NET_HDR_GSO_NONE
+    g.transmit(1, &csum_only, &small, 0x18000);
+    let out = next_tcp_frame(&plain).expect("pair 0's frame");
+    assert_eq!(out.len(), small.len());
+    let (ip_h, tcp) = (&out[14..34], &out[34..]);
+    assert_eq!(
+        !csum_fold(tcp, pseudo_sum(ip_h, tcp.len())),
+        0,
+        "pair 0's frame's TCP checksum, completed"
+    );
+    assert_eq!(tcp[20..], payload[..100]);
+
+    // In: a 3000-byte TSO frame written into the plain tap crosses the
+    // bridge whole (the guest acked GUEST_TSO4, so net-backend's tap takes
+    // it unsegmented) into a 64 KiB receive buffer of either pair, its
+    // header telling the guest what it is.
+    for (q, at) in [(0usize, 0x40000u64), (2, 0x60000)] {
+        g.desc(q, 0, at, 65_562, WRITE, 0);
+        g.post(q, 0);
+    }
+    let inbound = tcp_frame([0x02, 0, 0, 0, 0, 0x77], 5000, &payload);
+    let hdr = tso_header(1000);
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut libc::c_void,
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: inbound.as_ptr() as *mut libc::c_void,
+            iov_len: inbound.len(),
+        },
+    ];
+    assert!(plain.write_frame(&iov).expect("into the plain tap"));
+    let (q, (head, len)) = g.used_of(&[0, 2]);
+    assert_eq!(head, 0);
+    assert_eq!(len as usize, 12 + inbound.len(), "the whole frame, once");
+    let at = if q == 0 { 0x40000 } else { 0x60000 };
+    let mut h = [0u8; 12];
+    g.mem.read_slice(&mut h, GuestAddress(at)).expect("r");
+    assert_eq!(h[1], 1, "gso_type TCPV4 in the guest's header: {h:?}");
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), 1000, "gso_size: {h:?}");
+    let mut got = vec![0u8; inbound.len()];
+    g.mem
+        .read_slice(&mut got, GuestAddress(at + 12))
+        .expect("r");
+    assert_eq!(got[54..], inbound[54..], "the payload, whole");
 }

@@ -56,6 +56,8 @@ pub struct NetDevice {
     /// One lock per pair's receive side: a tap event and a receive kick
     /// may come on the same worker only, but a frontend may move queues.
     rx_locks: Vec<Mutex<()>>,
+    /// Which tap queues are attached: those of the pairs the driver uses.
+    attached: Mutex<Vec<bool>>,
     pub counters: Counters,
     logs: Mutex<LogLimit>,
 }
@@ -67,6 +69,7 @@ impl NetDevice {
             pairs,
             queue_size,
             rx_locks: (0..pairs).map(|_| Mutex::new(())).collect(),
+            attached: Mutex::new(vec![true; pairs]),
             taps,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
@@ -103,6 +106,22 @@ impl NetDevice {
             )?;
         }
         Ok(())
+    }
+
+    /// The driver uses the first `n` pairs (virtio: the first only, until
+    /// it sets more on the control queue): the other pairs' tap queues
+    /// are detached, so that the kernel gives them no frame.
+    fn use_pairs(&self, n: usize) {
+        let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, (tap, on)) in self.taps.iter().zip(attached.iter_mut()).enumerate() {
+            let want = p < n.max(1);
+            if *on != want {
+                match tap.set_attached(want) {
+                    Ok(()) => *on = want,
+                    Err(e) => warn!("pair {p}: {e}"),
+                }
+            }
+        }
     }
 
     fn bad_chain(&self, what: String) {
@@ -313,6 +332,7 @@ impl NetDevice {
                         match asked.map(u16::from_le) {
                             Ok(n) if (1..=pairs as u16).contains(&n) => {
                                 info!(pairs = n, "the driver uses {n} queue pairs");
+                                self.use_pairs(n as usize);
                                 VIRTIO_NET_OK
                             }
                             _ => VIRTIO_NET_ERR,
@@ -387,6 +407,8 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn acked_features(&self, acked: u64) {
+        // A driver starts on the first pair.
+        self.use_pairs(1);
         let offloads = tap_offloads(acked);
         for t in &self.taps {
             if let Err(e) = t.set_offloads(offloads) {

@@ -16,6 +16,9 @@ const IFF_MULTI_QUEUE: i16 = 0x0100;
 const TUNSETIFF: u64 = 0x4004_54ca;
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
+const TUNSETQUEUE: u64 = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
 
 /// The tap's offloads (linux/if_tun.h TUN_F_*).
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -105,6 +108,22 @@ impl TapQueue {
             });
         }
         Ok(())
+    }
+
+    /// Attaches this queue to the tap (the kernel spreads frames for the
+    /// guest over attached queues only) or detaches it: a pair the driver
+    /// does not use must not be given frames nobody reads.
+    pub fn set_attached(&self, attached: bool) -> Result<(), TapError> {
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: if attached {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            _pad: [0; 22],
+        };
+        self.ioctl("TUNSETQUEUE", TUNSETQUEUE, (&raw mut req).cast())
     }
 
     /// Turns on the offloads the guest can take in (TUN_F_*): frames to

@@ -172,6 +172,16 @@ pub enum DiskError {
         offered: u64,
         wanted: u16,
     },
+    #[error(
+        "nic {socket}: the backend serves {backend_pairs} queue pairs (its control queue after them), \
+         this NIC has {pairs}: give num_queues={} or run the backend with {pairs} queue pair(s)",
+        2 * backend_pairs
+    )]
+    NicPairs {
+        socket: String,
+        backend_pairs: u64,
+        pairs: u16,
+    },
     #[error("disk {socket}: ring address {gpa:#x} is not in guest memory")]
     RingAddress { socket: String, gpa: u64 },
     #[error("disk {socket}: the used ring of queue {queue}: {err}")]
@@ -356,6 +366,16 @@ fn handshake(
                 offered: n,
                 wanted: num_queues,
             });
+        }
+        // The control queue's index is the backend's: after all its pairs.
+        if let Kind::Net { pairs, .. } = kind {
+            if backend_features & VIRTIO_NET_F_CTRL_VQ != 0 && n != 2 * u64::from(*pairs) + 1 {
+                return Err(DiskError::NicPairs {
+                    socket,
+                    backend_pairs: n.saturating_sub(1) / 2,
+                    pairs: *pairs,
+                });
+            }
         }
     } else if num_queues > 1 {
         return Err(DiskError::Queues {

@@ -315,7 +315,12 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
     let info = |name: &str| -> serde_json::Value {
         serde_json::from_str(&vmctl(&["info", name, "--output", "json"])).expect("json")
     };
-    for name in ["a", "b"] {
+    // a: a NIC and nothing else; b: a VM at rest beside its disk (idle
+    // mode), which answers on its NIC all the same.
+    for (name, cmdline) in [
+        ("a", "mode=net progress_ms=100"),
+        ("b", "mode=idle irq=1 wait=halt"),
+    ] {
         vmctl(&[
             "create",
             name,
@@ -323,7 +328,7 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
             &s(&base),
             "--net",
             "--cmdline",
-            "mode=net progress_ms=100",
+            cmdline,
         ]);
         vmctl(&["start", name]);
     }
@@ -416,12 +421,17 @@ impl<'a> VmctlIn<'a> {
 
     /// A call that must succeed: its output. (A start or a delete takes
     /// tens of milliseconds here.)
-    fn ok(&self, args: &[&str]) -> String {
+    /// `vmctl ARGS` on this state directory, in the namespace.
+    fn command(&self, args: &[&str]) -> Command {
         let mut all = vec![s(&bin("vmctl")), "--state-dir".into(), s(&self.state)];
         all.extend(args.iter().map(|a| a.to_string()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.ns.command(&all)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
         let out = output_within(
-            &mut self.ns.command(&all),
+            &mut self.command(args),
             &Patience::new("a vmctl call", Duration::from_millis(200)),
         )
         .expect("vmctl runs");
@@ -432,6 +442,89 @@ impl<'a> VmctlIn<'a> {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+#[test]
+fn every_vm_of_a_fleet_answers_on_its_address_while_its_disk_workload_runs() {
+    if !ready("net_fleet", &["ip", "ping"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("vmmtest", "fleet");
+    let base = fx.image("base.img", "16M");
+    let v = VmctlIn::new(&ns, &fx);
+    // Three VMs reading their disks for 6 s (interrupt-driven: halted
+    // between completions), each with a NIC on vmbr0; the run waits for
+    // all of them.
+    let mut command = v.command(&[
+        "run",
+        "--count",
+        "3",
+        "--name",
+        "fleet",
+        "--image",
+        &s(&base),
+        "--net",
+        "--cmdline",
+        "mode=randread duration_ms=6000 irq=1 wait=halt progress_ms=0",
+        "--output",
+        "json",
+    ]);
+    let run = std::thread::spawn(move || {
+        output_within(
+            &mut command,
+            &Patience::new("the fleet's run", Duration::from_secs(7)),
+        )
+    });
+    // Each VM, once its NIC is up, answers pings on the address vmctl
+    // gave it (its own of the three) while its disk workload runs. (Three
+    // boots take well under a second here.)
+    let mut addresses = Vec::new();
+    for i in 1..=3 {
+        let name = format!("fleet-{i}");
+        let logs = || -> String {
+            v.command(&["logs", &name])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout).into_owned()
+                        + &String::from_utf8_lossy(&o.stderr)
+                })
+                .unwrap_or_default()
+        };
+        Patience::new("a fleet VM's NIC", Duration::from_millis(500))
+            .wait_until(|| Ok(logs().contains(" link up")))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", logs()));
+        let info: serde_json::Value =
+            serde_json::from_str(&v.ok(&["info", &name, "--output", "json"])).expect("json");
+        let addr = info["address"].as_str().expect("an address").to_string();
+        assert!(logs().contains(&format!(" {addr} link up")), "{}", logs());
+        let ping = ns.ping(&addr, 2);
+        assert!(
+            ping.status.success(),
+            "{name} at {addr}: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+        addresses.push(addr);
+    }
+    addresses.sort();
+    assert_eq!(addresses, ["10.88.0.2", "10.88.0.3", "10.88.0.4"]);
+    let out = run
+        .join()
+        .expect("the runner thread")
+        .expect("vmctl run ends");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    for vm in report["vms"].as_array().expect("rows") {
+        assert_eq!(vm["result"]["result"], "ok", "{vm}");
+        assert!(vm["result"]["ios"].as_u64().unwrap_or(0) > 0, "{vm}");
     }
 }
 

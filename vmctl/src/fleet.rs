@@ -13,7 +13,9 @@ use image_format::{ops, RealEnv};
 use serde_json::{json, Value};
 
 use crate::binaries;
-use crate::ops::{console_text, create, delete, start_in_process, wait_started, Spec, Starting};
+use crate::ops::{
+    clone_source, console_text, create, delete, start_in_process, wait_started, Spec, Starting,
+};
 use crate::state::VmDir;
 
 /// One VM of a fleet being launched: made and started, or why not.
@@ -139,6 +141,19 @@ pub fn run(
     }
     let t0 = Instant::now();
     let names: Vec<String> = (1..=count).map(|i| format!("{prefix}-{i}")).collect();
+    // A working image is snapshotted once (as the first VM's create would
+    // do) and every VM clones that snapshot: makers at work at once must
+    // not each seal the same image.
+    let sealed;
+    let spec = if spec.restore.is_none() && spec.image.exists() {
+        sealed = Spec {
+            image: clone_source(&std::path::absolute(&spec.image)?, &names[0])?,
+            ..spec.clone()
+        };
+        &sealed
+    } else {
+        spec
+    };
     let mut made = Vec::new();
     let outcome = (|| -> Result<FleetReport> {
         // Each VM starts as soon as its clone exists, so the next clones

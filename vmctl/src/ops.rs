@@ -41,6 +41,21 @@ pub struct Spec {
     pub nat: bool,
 }
 
+/// What a VM's clone of `image` is made from: the image itself if it is
+/// sealed, else a snapshot of it made now (`vmctl-NAME`, as `img clone
+/// --seal` does).
+pub fn clone_source(image: &Path, name: &str) -> Result<PathBuf> {
+    let env = RealEnv;
+    let base =
+        Layer::open(&env, image, false).with_context(|| format!("--image {}", image.display()))?;
+    if base.header.sealed() {
+        return Ok(image.to_path_buf());
+    }
+    drop(base);
+    ops::snapshot_create(&env, image, &format!("vmctl-{name}"))
+        .with_context(|| format!("--image {}: snapshotting it to clone it", image.display()))
+}
+
 /// Defines VM `name` and gives it its own writable clone of the image (a
 /// working image is snapshotted first, as `img clone --seal` does).
 /// Nothing is left behind when it fails.
@@ -72,16 +87,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
         .with_context(|| format!("resolving {}", spec.image.display()))?;
     define(root, name, |vm| {
         let env = RealEnv;
-        let base = Layer::open(&env, &image, false)
-            .with_context(|| format!("--image {}", image.display()))?;
-        let base_path = if base.header.sealed() {
-            image.clone()
-        } else {
-            drop(base);
-            ops::snapshot_create(&env, &image, &format!("vmctl-{name}")).with_context(|| {
-                format!("--image {}: snapshotting it to clone it", image.display())
-            })?
-        };
+        let base_path = clone_source(&image, name)?;
         // The user's image above is flushed as ever; only the clone is
         // scratch.
         let clone_env: &dyn Env = if spec.scratch { &VolatileEnv } else { &env };

@@ -76,6 +76,9 @@ pub struct Config {
     pub ip: [u8; 4],
     /// `ip=dhcp`: ask a DHCP server for it.
     pub dhcp: bool,
+    /// `ip=` was given: in every mode, a NIC found answers ARP and ICMP
+    /// echo (and UDP echo) on that address while the guest runs.
+    pub ip_given: bool,
     /// mode=net as a UDP client of this peer's echo port.
     pub peer: Option<[u8; 4]>,
     /// Datagrams the client sends (and expects back).
@@ -126,6 +129,7 @@ impl Default for Config {
             touch: 0,
             ip: [10, 0, 0, 2],
             dhcp: false,
+            ip_given: false,
             peer: None,
             count: 1000,
             payload: 64,
@@ -233,9 +237,15 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             // as vmctl passes it): the client's address is the guest's.
             "ip" if v == "dhcp" => {
                 c.dhcp = true;
+                c.ip_given = true;
                 true
             }
-            "ip" => ipv4(v.split(':').next().unwrap_or(v)).map(|a| c.ip = a).is_some(),
+            "ip" => ipv4(v.split(':').next().unwrap_or(v))
+                .map(|a| {
+                    c.ip = a;
+                    c.ip_given = true;
+                })
+                .is_some(),
             "peer" => ipv4(v).map(|a| c.peer = Some(a)).is_some(),
             "count" => num(v).filter(|&n| n > 0).map(|n| c.count = n).is_some(),
             "payload" => num(v).filter(|&n| (12..=1472).contains(&n)).map(|n| c.payload = n as u32).is_some(),

@@ -89,7 +89,7 @@ pub fn open(rsdp: u64, max_bus: u8, arena: &Arena) -> bool {
     let Some(func) = hit else {
         return false;
     };
-    let mut bars = BarAllocator { next32: 0xd000_0000, end32: 0xe000_0000 };
+    let mut bars = BarAllocator { next32: 0xd000_0000, end32: 0xd800_0000 };
     let Ok(t) = Transport::new(func, &mut bars) else {
         return false;
     };

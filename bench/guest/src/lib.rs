@@ -86,6 +86,7 @@ pub extern "C" fn guest_main() -> ! {
     if cfg.mode == Mode::Fuzz {
         fuzz::run(&dev, &cfg, &arena, &clock);
     }
+    let mut nic = background_nic(si.rsdp, &cfg, &arena, &clock);
     if cfg.touch > 0 {
         // Memory in use, as a snapshot would find it: every page written
         // (a distinct word each, so none of it is a page of zeros).
@@ -110,7 +111,18 @@ pub extern "C" fn guest_main() -> ! {
     );
     if cfg.mode == Mode::Idle {
         println!("{{\"bench_guest\":1,\"result\":\"idle\",\"disk_bytes\":{},\"init_ns\":{}}}", disk_bytes, clock.ns(ready_tsc - boot_tsc));
-        rt::halt_forever();
+        let Some(nic) = nic.as_mut() else { rt::halt_forever() };
+        // At rest, but reachable: woken by each frame (or polling).
+        loop {
+            let seen = rt::irq_total();
+            if nic.poll() == 0 {
+                if cfg.halt {
+                    rt::wait_for_interrupt(seen, 1_000_000_000);
+                } else {
+                    core::hint::spin_loop();
+                }
+            }
+        }
     }
     if cfg.offset >= disk_bytes {
         fail(EXIT_USAGE, format_args!("offset {} is past the {}-byte disk", cfg.offset, disk_bytes));
@@ -127,6 +139,7 @@ pub extern "C" fn guest_main() -> ! {
     let Some(mut engine) = Engine::new(&mut dev, &clock, cfg, &arena, max_io) else {
         fail(EXIT_USAGE, format_args!("not enough guest memory for qd {} on {} queues", cfg.qd, nqueues));
     };
+    engine.nic = nic;
     let base = Phase {
         random: false,
         read_pct: 100,
@@ -256,13 +269,7 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
     if cfg.dhcp {
         nic.ip = dhcp(&mut nic, cfg, clock);
     }
-    let [a, b, c, d] = nic.ip;
-    let m = nic.mac;
-    println!(
-        "nic: {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} {}.{}.{}.{} link {}",
-        m[0], m[1], m[2], m[3], m[4], m[5], a, b, c, d,
-        if nic.link_up() { "up" } else { "down" }
-    );
+    announce(&nic);
     if cfg.peer.is_some() {
         run_udp_client(&mut nic, cfg, arena, clock);
     }
@@ -304,6 +311,36 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         clock.ns(start - boot_tsc)
     );
     rt::exit(EXIT_OK);
+}
+
+/// The NIC's line: its MAC, address and link state.
+fn announce(nic: &net::Nic) {
+    let [a, b, c, d] = nic.ip;
+    let m = nic.mac;
+    println!(
+        "nic: {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} {}.{}.{}.{} link {}",
+        m[0], m[1], m[2], m[3], m[4], m[5], a, b, c, d,
+        if nic.link_up() { "up" } else { "down" }
+    );
+}
+
+/// In a disk mode with `ip=` given, the virtio-net device if there is
+/// one, answering ARP and echoes for the guest's address for as long as
+/// it runs (so that every VM of a fleet is reachable); none without it.
+fn background_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clock) -> Option<net::Nic> {
+    if !cfg.ip_given {
+        return None;
+    }
+    let mut nic = match net::Nic::open(rsdp, cfg.max_bus, 0, cfg.ip, cfg.halt, cfg.event_idx, arena) {
+        Ok(n) => n,
+        Err(net::FindError::NotFound) => return None,
+        Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
+    };
+    if cfg.dhcp {
+        nic.ip = dhcp(&mut nic, cfg, clock);
+    }
+    announce(&nic);
+    Some(nic)
 }
 
 /// `ip=dhcp`: DISCOVER until an OFFER, REQUEST it until the ACK (each

@@ -41,6 +41,9 @@ impl core::fmt::Display for FindError {
     }
 }
 
+/// The NIC's MSI-X vectors (receive, transmit): apart from a disk's.
+pub const NIC_IRQ_BASE: u8 = crate::virtio::IRQ_BASE + 0x20;
+
 /// The UDP port the client sends from.
 pub const CLIENT_PORT: u16 = 40_007;
 const DHCP_CLIENT_PORT: u16 = 68;
@@ -147,12 +150,14 @@ fn checksum(b: &[u8]) -> u16 {
 }
 
 impl Nic {
-    /// With `irq`, the receive queue interrupts (MSI-X vector 0): a guest
+    /// With `irq`, the receive queue interrupts (MSI-X, NIC_IRQ_BASE): a guest
     /// that halts while nothing arrives is woken by the next frame.
     pub fn open(rsdp: u64, max_bus: u8, queue_size: u16, ip: [u8; 4], irq: bool, event_idx: bool, arena: &Arena) -> Result<Nic, FindError> {
         let access = pci::config_access(rsdp).ok_or(FindError::NoConfigAccess)?;
         let func = find(access, max_bus).ok_or(FindError::NotFound)?;
-        let mut bars = BarAllocator { next32: 0xc000_0000, end32: 0xe000_0000 };
+        // A window of its own: a disk's and the console's BARs are placed
+        // from 0xc000_0000 and 0xd000_0000 (where firmware left them unset).
+        let mut bars = BarAllocator { next32: 0xd800_0000, end32: 0xe000_0000 };
         let t = Transport::new(func, &mut bars).map_err(FindError::Init)?;
         let mut wanted = virtio::F_VERSION_1 | F_MAC;
         if event_idx {
@@ -165,7 +170,7 @@ impl Nic {
                 *m = rd8(t.device_cfg + i as u64);
             }
         }
-        if irq && !t.enable_msix(2) {
+        if irq && !t.enable_msix_from(2, NIC_IRQ_BASE) {
             return Err(FindError::Init(InitError::MissingCapability("MSI-X")));
         }
         let mut rx = t.setup_queue(0, queue_size, if irq { 0 } else { NO_VECTOR }, arena).map_err(FindError::Init)?;

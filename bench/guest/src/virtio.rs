@@ -190,6 +190,12 @@ impl Transport {
 
     /// Turns MSI-X on with queue q's entry aimed at vector IRQ_BASE + q.
     pub fn enable_msix(&self, queues: u16) -> bool {
+        self.enable_msix_from(queues, IRQ_BASE)
+    }
+
+    /// Turns MSI-X on with queue q's entry aimed at vector `first` + q
+    /// (devices that share the guest keep apart their vectors' counts).
+    pub fn enable_msix_from(&self, queues: u16, first: u8) -> bool {
         let (Some((table, entries)), Some(cap)) = (self.msix_table, self.msix_cap) else {
             return false;
         };
@@ -197,7 +203,7 @@ impl Transport {
             let e = table + 16 * q as u64;
             wr32(e, 0xfee0_0000); // to the BSP's LAPIC
             wr32(e + 4, 0);
-            wr32(e + 8, (IRQ_BASE as u32) + q as u32);
+            wr32(e + 8, (first as u32) + q as u32);
             wr32(e + 12, 0); // unmasked
         }
         let v = self.func.read32(cap);

@@ -115,11 +115,13 @@ fn the_namespace_pings_a_vm_through_its_tap_and_udp_echoes_come_back() {
     let ns = Netns::new("vmmtest", "ping");
     let sock = fx.path("net.sock");
     tap_with_address(&ns, "tap0", "10.0.0.1/24");
+    // The guest is told its link's MTU: the tap's.
+    ns.ip(&["link", "set", "tap0", "mtu", "1400"]);
     let _backend = net_backend(&ns, "tap0", &sock);
     let mut vm = nic_vm(&sock, "mode=net ip=10.0.0.2 progress_ms=100");
     assert!(
         vm.console()
-            .contains("nic: 52:54:00:00:00:02 10.0.0.2 link up"),
+            .contains("nic: 52:54:00:00:00:02 10.0.0.2 link up mtu 1400"),
         "{}",
         vm.console()
     );

@@ -353,7 +353,8 @@ impl NetDevice {
 }
 
 /// The features offered: modern virtio, the offloads a tap carries both
-/// ways, several pairs with their control queue, and the ring features.
+/// ways, several pairs with their control queue, the tap's MTU, and the
+/// ring features.
 pub fn features() -> u64 {
     (1 << VIRTIO_F_VERSION_1)
         | (1 << VIRTIO_NET_F_CSUM)
@@ -366,6 +367,7 @@ pub fn features() -> u64 {
         | (1 << VIRTIO_NET_F_HOST_ECN)
         | (1 << VIRTIO_NET_F_CTRL_VQ)
         | (1 << VIRTIO_NET_F_MQ)
+        | (1 << VIRTIO_NET_F_MTU)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -421,6 +423,25 @@ impl VhostUserBackend for NetDevice {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIG
+    }
+
+    /// virtio-net's configuration: no MAC (the frontend gives its own),
+    /// link up, the pairs, the tap's MTU.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut c = [0u8; 12];
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&(self.pairs as u16).to_le_bytes());
+        let mtu = self.taps[0].mtu().unwrap_or_else(|e| {
+            warn!("{e}; telling the guest 1500");
+            1500
+        });
+        c[10..12].copy_from_slice(&mtu.to_le_bytes());
+        let start = (offset as usize).min(c.len());
+        let mut out = c[start..].to_vec();
+        // (vhost checks a request against VHOST_USER_CONFIG_SIZE, 256.)
+        out.resize((size as usize).min(256), 0);
+        out
     }
 
     fn set_event_idx(&self, enabled: bool) {

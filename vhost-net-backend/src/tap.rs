@@ -4,7 +4,7 @@
 //! the offloads the guest negotiated turned on.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use thiserror::Error;
@@ -124,6 +124,39 @@ impl TapQueue {
             _pad: [0; 22],
         };
         self.ioctl("TUNSETQUEUE", TUNSETQUEUE, (&raw mut req).cast())
+    }
+
+    /// The tap's MTU (the host's setting, `ip link set NAME mtu N`): what
+    /// the guest is told its link carries.
+    pub fn mtu(&self) -> Result<u16, TapError> {
+        let err = |source: io::Error| TapError::Ioctl {
+            name: self.name.clone(),
+            what: "SIOCGIFMTU",
+            source,
+        };
+        // SAFETY: socket(2) with constant arguments; the result is checked
+        // and owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor just made, owned from here.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: SIOCGIFMTU fills ifr_mtu, an int at the union's start
+        // (where `flags` and `_pad` lie), inside the struct.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU as _, &raw mut req) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        let mut mtu = [0u8; 4];
+        mtu[..2].copy_from_slice(&req.flags.to_ne_bytes());
+        mtu[2..].copy_from_slice(&req._pad[..2]);
+        Ok(i32::from_ne_bytes(mtu).clamp(68, 65535) as u16)
     }
 
     /// Turns on the offloads the guest can take in (TUN_F_*): frames to

@@ -317,11 +317,15 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
 fn announce(nic: &net::Nic) {
     let [a, b, c, d] = nic.ip;
     let m = nic.mac;
-    println!(
+    print!(
         "nic: {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} {}.{}.{}.{} link {}",
         m[0], m[1], m[2], m[3], m[4], m[5], a, b, c, d,
         if nic.link_up() { "up" } else { "down" }
     );
+    match nic.mtu {
+        Some(mtu) => println!(" mtu {}", mtu),
+        None => println!(),
+    }
 }
 
 /// In a disk mode with `ip=` given, the virtio-net device if there is

@@ -10,6 +10,7 @@ use crate::mem::{rd16, rd8, Arena};
 use crate::pci::{self, BarAllocator, ConfigAccess, Function};
 use crate::virtio::{self, write_desc, InitError, Transport, Virtqueue, DESC_F_WRITE, NO_VECTOR};
 
+const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
 /// Modern virtio-net's header (num_buffers included).
 const HDR: u64 = 12;
@@ -99,6 +100,8 @@ pub struct Nic {
     tx_next: u16,
     pub mac: [u8; 6],
     pub ip: [u8; 4],
+    /// The MTU the device gave (F_MTU), if it gave one.
+    pub mtu: Option<u16>,
     pub stats: NetStats,
     /// The peer the client talks to, and its MAC once ARP told it.
     pub peer: Option<[u8; 4]>,
@@ -159,7 +162,7 @@ impl Nic {
         // from 0xc000_0000 and 0xd000_0000 (where firmware left them unset).
         let mut bars = BarAllocator { next32: 0xd800_0000, end32: 0xe000_0000 };
         let t = Transport::new(func, &mut bars).map_err(FindError::Init)?;
-        let mut wanted = virtio::F_VERSION_1 | F_MAC;
+        let mut wanted = virtio::F_VERSION_1 | F_MAC | F_MTU;
         if event_idx {
             wanted |= virtio::F_EVENT_IDX;
         }
@@ -170,6 +173,8 @@ impl Nic {
                 *m = rd8(t.device_cfg + i as u64);
             }
         }
+        // The link's MTU, where the device tells it (virtio_net_config.mtu).
+        let mtu = (features & F_MTU != 0).then(|| rd16(t.device_cfg + 10));
         if irq && !t.enable_msix_from(2, NIC_IRQ_BASE) {
             return Err(FindError::Init(InitError::MissingCapability("MSI-X")));
         }
@@ -204,6 +209,7 @@ impl Nic {
             tx_next: 0,
             mac,
             ip,
+            mtu,
             stats: NetStats::default(),
             peer: None,
             peer_mac: None,

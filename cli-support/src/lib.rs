@@ -5,6 +5,7 @@
 //! a path another process is about to make is waited for without polling
 //! (`path_wait`).
 
+pub mod exit_signals;
 pub mod log_limit;
 pub mod path_wait;
 

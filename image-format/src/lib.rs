@@ -21,5 +21,6 @@ pub use storage::{Env, RealEnv, Storage, VolatileEnv};
 pub mod backup;
 pub mod check;
 pub mod convert;
+pub mod export;
 pub mod info;
 pub mod ops;

@@ -169,7 +169,8 @@ fn run(a: Args) -> Result<()> {
     }
     // SIGTERM/SIGINT go to one thread that ends every session and closes
     // every image cleanly.
-    let signals = block_exit_signals()?;
+    let signals =
+        cli_support::exit_signals::ExitSignals::block().context("blocking SIGTERM and SIGINT")?;
     // Every image opens (and every socket listens) before anything is
     // served: a bad export is a clear error at start, not a half-up process.
     // Sockets first: a bad --socket must not leave an image opened (and
@@ -243,32 +244,11 @@ fn run(a: Args) -> Result<()> {
     }
     // Every session runs: from here on this thread waits, stops, closes.
     sandbox::confine(&seccomp::MAIN).context("seccomp")?;
-    let sig = wait_signal(&signals);
+    let sig = signals.wait();
     tracing::info!(signal = sig, "shutting down");
     let clean = exports.shutdown_all();
     if let Some(p) = &a.control {
         let _ = std::fs::remove_file(p);
     }
     std::process::exit(i32::from(!clean))
-}
-
-fn block_exit_signals() -> Result<libc::sigset_t> {
-    // SAFETY: plain signal-mask calls on a local sigset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            bail!("pthread_sigmask failed");
-        }
-        Ok(set)
-    }
-}
-
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: sigwait on signals this process blocked.
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
 }

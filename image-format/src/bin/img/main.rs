@@ -14,6 +14,8 @@ use image_format::convert::{convert, Format};
 use image_format::header::DEFAULT_BLOCK_SIZE;
 use image_format::{backup, info, ops, Env, RealEnv};
 
+mod fs;
+
 #[derive(Parser)]
 #[command(
     name = "img",
@@ -52,6 +54,12 @@ macro_rules! say {
     };
 }
 
+/// Filesystems `img create --fs` makes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FsType {
+    Ext4,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Human,
@@ -83,9 +91,53 @@ enum Cmd {
         /// Print nothing but errors.
         #[arg(short = 'q', long)]
         quiet: bool,
+        /// Put a filesystem in it (mkfs through an export: only what the
+        /// filesystem writes takes space).
+        #[arg(long, value_enum, conflicts_with = "base")]
+        fs: Option<FsType>,
+        /// With --fs: fill it with this host directory's tree (mkfs.ext4 -d).
+        #[arg(long, requires = "fs", value_name = "DIR")]
+        from: Option<PathBuf>,
+        /// With --fs: the filesystem's label.
+        #[arg(long, requires = "fs")]
+        label: Option<String>,
         file: PathBuf,
         /// Virtual size: bytes or with a k/M/G/T suffix (defaults to the base's).
         size: Option<String>,
+    },
+    /// Serve IMAGE on the host as one raw file, FILE (made if missing),
+    /// through FUSE until interrupted or FILE is unmounted: reads through
+    /// the chain, writes to its top, fsync a flush.
+    Export {
+        image: PathBuf,
+        file: PathBuf,
+        /// Refuse writes (the image is opened shared, not exclusively).
+        #[arg(long)]
+        readonly: bool,
+        /// (img mount's own: the file on a loop device, mounted on DIR.)
+        #[arg(long, hide = true, value_name = "DIR")]
+        mount_dir: Option<PathBuf>,
+    },
+    /// Mount the filesystem inside IMAGE on DIR (an export on a loop
+    /// device, run in the background until `img umount DIR`).
+    Mount {
+        image: PathBuf,
+        dir: PathBuf,
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Unmount what `img mount` mounted on DIR: the filesystem's data
+    /// flushed into the image, the export ended.
+    Umount { dir: PathBuf },
+    /// Check the filesystem inside IMAGE (after the container): e2fsck,
+    /// read-only unless -r; e2fsck's exit status.
+    Fsck {
+        image: PathBuf,
+        /// Repair what e2fsck finds (written to the image's top).
+        #[arg(short = 'r', long)]
+        repair: bool,
+        #[arg(short = 'q', long)]
+        quiet: bool,
     },
     /// Describe an image and its chain.
     Info {
@@ -346,7 +398,9 @@ impl Cmd {
 
     fn quiet(&self) -> bool {
         match self {
-            Cmd::Create { quiet, .. } | Cmd::Convert { quiet, .. } => *quiet,
+            Cmd::Create { quiet, .. } | Cmd::Convert { quiet, .. } | Cmd::Fsck { quiet, .. } => {
+                *quiet
+            }
             other => other.common().is_some_and(|c| c.quiet),
         }
     }
@@ -366,7 +420,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             options,
             file,
             size,
-            ..
+            fs,
+            from,
+            label,
+            quiet,
         } => {
             snap_only(&Some(format), "image")?;
             snap_only(&base_format, "base")?;
@@ -381,6 +438,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 base.map(|b| format!(" backing_file={}", b.display()))
                     .unwrap_or_default()
             );
+            drop(l);
+            if let Some(FsType::Ext4) = fs {
+                if let Err(e) = fs::make_fs(&file, from.as_deref(), label.as_deref(), quiet) {
+                    // Nothing half-made is left behind.
+                    let _ = std::fs::remove_file(&file);
+                    return Err(e);
+                }
+            }
+        }
+        Cmd::Export {
+            image,
+            file,
+            readonly,
+            mount_dir,
+        } => fs::export(fs::ExportArgs {
+            image,
+            file,
+            readonly,
+            mount_dir,
+        })?,
+        Cmd::Mount {
+            image,
+            dir,
+            readonly,
+        } => fs::mount(&image, &dir, readonly)?,
+        Cmd::Umount { dir } => fs::umount(&dir)?,
+        Cmd::Fsck {
+            image,
+            repair,
+            quiet,
+        } => {
+            // The container first: e2fsck on a damaged one would be
+            // reading garbage.
+            let r = check(env.as_ref(), &image, RepairMode::None)?;
+            if r.exit_code() == 2 {
+                eprintln!(
+                    "img: {}: the container has {} errors (img check; img repair first)",
+                    image.display(),
+                    r.corruptions
+                );
+                return Ok(ExitCode::from(8));
+            }
+            return fs::fsck(&image, repair, quiet);
         }
         Cmd::Info {
             output,
@@ -697,7 +797,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // (fuser's own lines: a reply to a request the kernel
+                // dropped as an export unmounts is no news.)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=off")),
         )
         .init();
     // A usage error exits 1, as qemu-img's do: 2 and 3 are check's

@@ -1,0 +1,470 @@
+//! Filesystem images from the host side: `img create --fs ext4 --from`,
+//! `img export` (the chain as one file through FUSE), `img mount` /
+//! `img umount` (that file on a loop device), `img fsck`; the locks that
+//! keep a VM's backend and an export from writing one image at once.
+//! Each test keeps its exports' records in a run directory of its own.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use test_infra::{bin, output_within, s, BlkBackendProcess, Fixture, KillOnDrop, Patience};
+
+/// Whether this host can mount exports: root, /dev/fuse, loop devices,
+/// e2fsprogs. A loud line if not.
+fn fs_ready(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing: Vec<&str> = [
+        ("root", root),
+        ("/dev/fuse", Path::new("/dev/fuse").exists()),
+        ("/dev/loop-control", Path::new("/dev/loop-control").exists()),
+        ("mkfs.ext4", which("mkfs.ext4")),
+        ("e2fsck", which("e2fsck")),
+        ("losetup", which("losetup")),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(what, _)| what)
+    .collect();
+    if !missing.is_empty() {
+        println!("SKIPPED: {test}: needs {}", missing.join(", "));
+    }
+    missing.is_empty()
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|d| d.join(program).is_file())
+}
+
+/// `img` with this test's run directory.
+struct Img {
+    run_dir: PathBuf,
+}
+
+impl Img {
+    fn new(fx: &Fixture) -> Img {
+        Img {
+            run_dir: fx.path("run"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("img"));
+        c.args(args).env("IMG_RUN_DIR", &self.run_dir);
+        c
+    }
+
+    /// A call to its end. (mkfs of a few hundred MiB, an unmount that
+    /// flushes: a second or two here.)
+    fn out(&self, args: &[&str]) -> Output {
+        output_within(
+            &mut self.command(args),
+            &Patience::new("an img call", Duration::from_secs(3)),
+        )
+        .expect("img runs")
+    }
+
+    /// A call that must succeed.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.out(args);
+        assert!(
+            o.status.success(),
+            "img {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Mounts `image` read-only on `mnt`, checks it holds `tree`, unmounts.
+    fn holds_tree(&self, image: &Path, mnt: &Path, tree: &Path) {
+        self.ok(&["mount", "--readonly", &s(image), &s(mnt)]);
+        same_tree(tree, mnt);
+        self.ok(&["umount", &s(mnt)]);
+    }
+
+    /// `img export [--readonly] IMAGE FILE` running, once FILE serves
+    /// the image (`size` bytes).
+    fn export(&self, image: &Path, file: &Path, readonly: bool, size: u64) -> KillOnDrop {
+        let mut args = vec!["export".to_string()];
+        if readonly {
+            args.push("--readonly".into());
+        }
+        args.extend([s(image), s(file)]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = KillOnDrop(
+            self.command(&args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("img export"),
+        );
+        Patience::new("the export", Duration::from_millis(200))
+            .wait_until(|| Ok(std::fs::metadata(file).is_ok_and(|m| m.len() == size)))
+            .expect("the export serves");
+        child
+    }
+
+    /// The exports running now, as their records say.
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_dir(&self.run_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    Command::new("mountpoint")
+        .arg("-q")
+        .arg(p)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `diff -r` of two trees (symlinks compared as links), lost+found aside.
+fn same_tree(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference", "-x", "lost+found"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("diff");
+    assert!(
+        out.status.success(),
+        "{} and {} differ:\n{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A tree with what trips filesystem builders: nested directories,
+/// symlinks (relative, absolute, dangling), a 100 MiB sparse file with
+/// data at its start, middle and end, odd names, modes.
+fn awkward_tree(root: &Path) {
+    let deep = root.join("a/b/c/d");
+    std::fs::create_dir_all(&deep).expect("dirs");
+    std::fs::write(deep.join("leaf.txt"), b"deep down\n").expect("w");
+    std::fs::write(root.join("a/hello.txt"), b"hello\n").expect("w");
+    std::os::unix::fs::symlink("hello.txt", root.join("a/rel-link")).expect("ln");
+    std::os::unix::fs::symlink("/etc/hostname", root.join("abs-link")).expect("ln");
+    std::os::unix::fs::symlink("nowhere/at/all", root.join("dangling")).expect("ln");
+    for name in [
+        "sp ace",
+        "ünïcödé-ñame",
+        "-leading-dash",
+        ".hidden",
+        "tab\there",
+        &"long".repeat(60),
+    ] {
+        std::fs::write(root.join(name), name.as_bytes()).expect("w");
+    }
+    let sparse = std::fs::File::create(root.join("sparse-100M")).expect("sparse");
+    sparse.set_len(100 << 20).expect("len");
+    use std::os::unix::fs::FileExt;
+    for at in [0u64, 50 << 20, (100 << 20) - 4096] {
+        sparse
+            .write_all_at(&[0xa5u8; 4096], at)
+            .expect("sparse data");
+    }
+    let script = root.join("run.sh");
+    std::fs::write(&script, b"#!/bin/sh\necho hi\n").expect("w");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let secret = root.join("a/secret");
+    std::fs::write(&secret, b"s").expect("w");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+/// The awkward tree at `tree` in the fixture, and an ext4 image `name`
+/// of `size` made from it (labelled `awkward`), with a mount directory.
+fn image_from_tree(fx: &Fixture, img: &Img, name: &str, size: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let tree = fx.path("tree");
+    awkward_tree(&tree);
+    let image = fx.path(name);
+    img.ok(&[
+        "create",
+        "-q",
+        "--fs",
+        "ext4",
+        "--from",
+        &s(&tree),
+        "--label",
+        "awkward",
+        &s(&image),
+        size,
+    ]);
+    let mnt = fx.path("mnt");
+    std::fs::create_dir(&mnt).expect("mnt");
+    (tree, image, mnt)
+}
+
+/// Bytes the image's files take on the disk.
+fn allocated(paths: &[&Path]) -> u64 {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("stat").blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn an_ext4_image_made_from_a_tree_reads_back_identical_through_img_mount() {
+    if !fs_ready("fs_from_tree") {
+        return;
+    }
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    let (tree, image, mnt) = image_from_tree(&fx, &img, "fs.img", "512M");
+    // Sparse: the 100 MiB file's holes and the space mkfs left alone
+    // take nothing (its data is 12 KiB; ext4's own metadata a few MiB).
+    let used = allocated(&[&image]);
+    assert!(used < 24 << 20, "the image takes {used} bytes");
+
+    img.ok(&["mount", "--readonly", &s(&image), &s(&mnt)]);
+    assert!(is_mountpoint(&mnt));
+    same_tree(&tree, &mnt);
+    for (name, mode) in [("run.sh", 0o755), ("a/secret", 0o600)] {
+        let m = std::fs::metadata(mnt.join(name)).expect("stat").mode() & 0o7777;
+        assert_eq!(m, mode, "{name}'s mode");
+    }
+    let inside = std::fs::metadata(mnt.join("sparse-100M")).expect("stat");
+    assert_eq!(inside.len(), 100 << 20);
+    assert!(
+        inside.blocks() * 512 < 1 << 20,
+        "the sparse file stays sparse inside: {} bytes",
+        inside.blocks() * 512
+    );
+    let label = Command::new("blkid")
+        .args(["-s", "LABEL", "-o", "value"])
+        .arg(
+            img.records()[0]["loop_dev"]
+                .as_str()
+                .expect("a loop device"),
+        )
+        .output()
+        .expect("blkid");
+    assert_eq!(String::from_utf8_lossy(&label.stdout).trim(), "awkward");
+    // A read-only mount refuses writes.
+    assert!(std::fs::write(mnt.join("new"), b"x").is_err());
+    img.ok(&["umount", &s(&mnt)]);
+    assert!(!is_mountpoint(&mnt));
+    assert!(img.records().is_empty(), "{:?}", img.records());
+    // The container and the filesystem are clean.
+    img.ok(&["check", &s(&image)]);
+    let fsck = img.out(&["fsck", "-q", &s(&image)]);
+    assert_eq!(fsck.status.code(), Some(0), "{fsck:?}");
+}
+
+#[test]
+fn a_clone_written_through_img_mount_leaves_its_base_and_a_sibling_untouched() {
+    if !fs_ready("fs_clone_isolation") {
+        return;
+    }
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    let (tree, base, mnt) = image_from_tree(&fx, &img, "base.img", "256M");
+    img.ok(&["snapshot", "-c", "golden", &s(&base)]);
+    let (a, b) = (fx.path("a.img"), fx.path("b.img"));
+    let golden = format!("{}@golden", s(&base));
+    img.ok(&["clone", &golden, &s(&a)]);
+    img.ok(&["clone", &golden, &s(&b)]);
+    let sealed = PathBuf::from(&golden);
+    let digest = |p: &Path| -> Vec<u8> { std::fs::read(p).expect("read whole") };
+    let (sealed_before, b_before) = (digest(&sealed), digest(&b));
+
+    img.ok(&["mount", &s(&a), &s(&mnt)]);
+    std::fs::write(mnt.join("a/hello.txt"), b"changed in a\n").expect("w");
+    std::fs::remove_file(mnt.join("sp ace")).expect("rm");
+    std::fs::write(mnt.join("new-in-a"), vec![7u8; 3 << 20]).expect("w");
+    img.ok(&["umount", &s(&mnt)]);
+
+    assert!(digest(&sealed) == sealed_before, "the sealed base changed");
+    assert!(digest(&b) == b_before, "the sibling clone changed");
+    // a has its changes, b the base's tree.
+    img.ok(&["mount", "--readonly", &s(&a), &s(&mnt)]);
+    assert_eq!(
+        std::fs::read(mnt.join("a/hello.txt")).expect("r"),
+        b"changed in a\n"
+    );
+    assert!(!mnt.join("sp ace").exists());
+    assert_eq!(
+        std::fs::read(mnt.join("new-in-a")).expect("r"),
+        vec![7u8; 3 << 20]
+    );
+    img.ok(&["umount", &s(&mnt)]);
+    img.holds_tree(&b, &mnt, &tree);
+}
+
+#[test]
+fn img_fsck_reports_a_damaged_filesystem_and_repairs_it_with_r() {
+    if !fs_ready("fs_fsck") {
+        return;
+    }
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    let (tree, image, mnt) = image_from_tree(&fx, &img, "fs.img", "256M");
+    // The group descriptors (block 1 of a 4 KiB-block ext4) zeroed
+    // through an export, as a bad write would leave them.
+    let file = fx.path("export.raw");
+    let export = img.export(&image, &file, false, 256 << 20);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open the export");
+        f.write_all_at(&[0u8; 4096], 4096).expect("zero the GDT");
+        f.sync_all().expect("fsync: the format's flush");
+    }
+    // SAFETY: kill with a signal number, on our child.
+    unsafe { libc::kill(export.0.id() as i32, libc::SIGTERM) };
+    drop(export);
+
+    let damaged = img.out(&["fsck", "-q", &s(&image)]);
+    assert_eq!(
+        damaged.status.code(),
+        Some(4),
+        "e2fsck -n's status for errors left: {}",
+        String::from_utf8_lossy(&damaged.stdout)
+    );
+    let repaired = img.out(&["fsck", "-r", "-q", &s(&image)]);
+    assert_eq!(
+        repaired.status.code(),
+        Some(1),
+        "e2fsck -y's status for errors corrected: {}",
+        String::from_utf8_lossy(&repaired.stdout)
+    );
+    let clean = img.out(&["fsck", "-q", &s(&image)]);
+    assert_eq!(clean.status.code(), Some(0), "{clean:?}");
+    img.holds_tree(&image, &mnt, &tree);
+}
+
+#[test]
+fn exports_end_cleanly_when_unmounted_during_writes_killed_or_read_only() {
+    if !fs_ready("fs_export_ends") {
+        return;
+    }
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    let image = fx.path("fs.img");
+    img.ok(&["create", "-q", "--fs", "ext4", &s(&image), "256M"]);
+    let mnt = fx.path("mnt");
+    std::fs::create_dir(&mnt).expect("mnt");
+
+    // Unmounted while a writer is at it: the writer finishes (the
+    // filesystem detached lazily, the export waiting for it), then all
+    // it wrote is in the image.
+    img.ok(&["mount", &s(&image), &s(&mnt)]);
+    let mut writer = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=48", "status=none"])
+        .arg(format!("of={}", s(&mnt.join("big"))))
+        .spawn()
+        .expect("dd");
+    std::thread::sleep(Duration::from_millis(50));
+    img.ok(&["umount", &s(&mnt)]);
+    assert!(writer.wait().expect("dd").success());
+    assert!(!is_mountpoint(&mnt));
+    img.ok(&["check", &s(&image)]);
+    assert_eq!(img.out(&["fsck", "-q", &s(&image)]).status.code(), Some(0));
+    img.ok(&["mount", "--readonly", &s(&image), &s(&mnt)]);
+    assert_eq!(
+        std::fs::metadata(mnt.join("big")).expect("stat").len(),
+        48 << 20
+    );
+    img.ok(&["umount", &s(&mnt)]);
+
+    // kill -9 of the export: what was synced before is in the image; the
+    // next img cleans the dead mount, loop device and record up.
+    img.ok(&["mount", &s(&image), &s(&mnt)]);
+    std::fs::write(mnt.join("synced"), b"before the kill\n").expect("w");
+    assert!(Command::new("sync")
+        .arg("-f")
+        .arg(mnt.join("synced"))
+        .status()
+        .expect("sync")
+        .success());
+    let pid = img.records()[0]["pid"].as_u64().expect("a pid") as i32;
+    // SAFETY: kill on the export's pid from its record.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    Patience::new("the export's death", Duration::from_millis(50))
+        .wait_until(|| Ok(!Path::new(&format!("/proc/{pid}")).exists()))
+        .expect("dead");
+    // (Writable: the journal of a filesystem cut off mid-life is replayed
+    // as it mounts.)
+    let again = img.out(&["mount", &s(&image), &s(&mnt)]);
+    assert!(
+        again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("cleaned up a stale export"),
+        "{again:?}"
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("synced")).expect("r"),
+        b"before the kill\n"
+    );
+    img.ok(&["umount", &s(&mnt)]);
+    assert!(img.records().is_empty());
+
+    // A read-only export refuses writes.
+    let file = fx.path("ro.raw");
+    let export = img.export(&image, &file, true, 256 << 20);
+    let opened = std::fs::OpenOptions::new().write(true).open(&file);
+    assert!(opened.is_err(), "a read-only export opened for writing");
+    drop(export);
+}
+
+#[test]
+fn a_vm_backend_and_a_writable_export_of_one_image_refuse_each_other() {
+    if !fs_ready("fs_locks") {
+        return;
+    }
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    let image = fx.path("fs.img");
+    img.ok(&["create", "-q", "--fs", "ext4", &s(&image), "64M"]);
+    let mnt = fx.path("mnt");
+    std::fs::create_dir(&mnt).expect("mnt");
+
+    // A VM's backend serving it writable: no writable export, no mount.
+    let sock = fx.path("disk.sock");
+    let backend = BlkBackendProcess::start(&bin("blk-backend"), &image, &sock, 1, false)
+        .expect("blk-backend");
+    for args in [
+        vec!["export".to_string(), s(&image), s(&fx.path("x.raw"))],
+        vec!["mount".to_string(), s(&image), s(&mnt)],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refused = img.out(&args);
+        let why = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success()
+                && why.contains(&format!("open for writing by process {}", backend.pid())),
+            "img {args:?}: {why}"
+        );
+    }
+    assert!(!is_mountpoint(&mnt));
+    drop(backend);
+
+    // A mount holding it: the backend refuses to serve it.
+    img.ok(&["mount", &s(&image), &s(&mnt)]);
+    let pid = img.records()[0]["pid"].as_u64().expect("a pid");
+    let out = Command::new(bin("blk-backend"))
+        .arg("--export")
+        .arg(format!("socket={},image={}", s(&sock), s(&image)))
+        .output()
+        .expect("blk-backend");
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && why.contains(&format!("process {pid}")),
+        "{why}"
+    );
+    img.ok(&["umount", &s(&mnt)]);
+}

@@ -62,3 +62,41 @@ pub fn fill_random(path: &Path, size: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// One fio job on `file` for `seconds` (O_DIRECT, time-based, JSON out),
+/// `rw` with block size `bs` at depth `qd` on `engine`, plus `extra`
+/// options: the figures of its `read` or `write` side (as `rw` is).
+pub fn fio_job(
+    file: &Path,
+    engine: &str,
+    (rw, bs, qd): (&str, &str, u32),
+    seconds: u64,
+    extra: &[String],
+) -> Result<serde_json::Value> {
+    let out = Command::new("fio")
+        .args([
+            "--name=b",
+            "--direct=1",
+            "--time_based",
+            "--output-format=json",
+        ])
+        .arg(format!("--ioengine={engine}"))
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={qd}"))
+        .arg(format!("--runtime={seconds}"))
+        .args(extra)
+        .output()
+        .context("fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio json")?;
+    let side = if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    Ok(v["jobs"][0][side].clone())
+}

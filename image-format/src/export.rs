@@ -25,6 +25,7 @@ use fuser::{
 
 use crate::disk::Disk;
 use crate::error::Error;
+use crate::storage::AlignedBuf;
 
 /// The root inode: the exported file itself.
 const ROOT: u64 = fuser::FUSE_ROOT_ID;
@@ -54,6 +55,10 @@ pub struct Export {
     disk: Disk,
     readonly: bool,
     attr: FileAttr,
+    /// One read's bytes, kept (a fresh megabyte per request is a fresh
+    /// mapping to fault in and zero) and page-aligned (the page cache
+    /// copies out to it about twice as fast).
+    read_buf: AlignedBuf,
 }
 
 impl Export {
@@ -84,6 +89,7 @@ impl Export {
             disk,
             readonly,
             attr,
+            read_buf: AlignedBuf::new(0),
         })
     }
 
@@ -227,9 +233,13 @@ impl Filesystem for Export {
         let Some((offset, len)) = self.clip(offset, u64::from(size)) else {
             return reply.error(libc::EINVAL);
         };
-        let mut buf = vec![0u8; len as usize];
-        match self.disk.read_at(&mut buf, offset) {
-            Ok(()) => reply.data(&buf),
+        let len = len as usize;
+        if self.read_buf.len() < len {
+            self.read_buf = AlignedBuf::new(len);
+        }
+        let buf = &mut self.read_buf[..len];
+        match self.disk.read_at(buf, offset) {
+            Ok(()) => reply.data(buf),
             Err(e) => reply.error(Self::errno(&e)),
         }
     }

@@ -20,6 +20,7 @@ pub use map::BlockState;
 pub use storage::{Env, RealEnv, Storage, VolatileEnv};
 pub mod backup;
 pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod export;
 pub mod info;

@@ -272,7 +272,7 @@ fn many_processes_read_clones_of_one_base_at_once() {
 fn every_verb_has_help_and_bad_input_gets_a_clear_error() {
     for verb in [
         "create", "info", "map", "snapshot", "clone", "commit", "rebase", "check", "repair",
-        "convert", "backup", "restore",
+        "convert", "backup", "restore", "compare", "measure", "export", "mount", "umount", "fsck",
     ] {
         let out = ok(img(&[verb, "--help"]));
         assert!(out.contains("Usage"), "{verb}: {out}");
@@ -720,4 +720,91 @@ fn a_closed_pipe_ends_img_quietly() {
         "{stdout}{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn compare_and_measure_answer_as_qemu_img_does() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new();
+    let raw = d.p("a.raw");
+    raw_disk(&raw, 16 * MIB, 11);
+    let snap = d.p("a.img");
+    ok(img(&["convert", "-O", "snap", s(&raw), s(&snap)]));
+    let qcow = d.p("a.qcow2");
+    ok(qemu(&["convert", "-O", "qcow2", s(&raw), s(&qcow)]));
+    // The same contents in three formats: identical, whichever way round.
+    for (x, y) in [(&snap, &raw), (&raw, &qcow), (&qcow, &snap)] {
+        let o = img(&["compare", s(x), s(y)]);
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Images are identical."));
+    }
+    // One byte changed through a clone: both tools name its offset.
+    ok(img(&["snapshot", "-c", "s", s(&snap)]));
+    let clone = d.p("b.img");
+    ok(img(&["clone", &format!("{}@s", s(&snap)), s(&clone)]));
+    let changed = d.p("b.raw");
+    std::fs::copy(&raw, &changed).expect("copy");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&changed)
+            .expect("open");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 5_000_123).expect("read");
+        f.write_all_at(&[b[0] ^ 0xff], 5_000_123).expect("write");
+    }
+    let ours = img(&["compare", s(&snap), s(&changed)]);
+    let theirs = qemu(&["compare", s(&snap.with_extension("raw")), s(&changed)]);
+    assert_eq!(ours.status.code(), Some(1), "{ours:?}");
+    assert_eq!(theirs.status.code(), Some(1), "{theirs:?}");
+    assert!(
+        String::from_utf8_lossy(&ours.stdout).contains("Content mismatch at offset 5000123!"),
+        "{ours:?}"
+    );
+    // A larger disk whose tail is zeros: identical unless -s.
+    let bigger = d.p("big.raw");
+    std::fs::copy(&raw, &bigger).expect("copy");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bigger)
+        .expect("open")
+        .set_len(20 * MIB)
+        .expect("grow");
+    assert_eq!(
+        img(&["compare", s(&snap), s(&bigger)]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        img(&["compare", "-s", s(&snap), s(&bigger)]).status.code(),
+        Some(1)
+    );
+    // A missing image: 2, as qemu-img.
+    let o = img(&["compare", s(&snap), s(&d.p("missing.img"))]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing.img"));
+
+    // measure: an empty image of a size, and one holding raw's data.
+    let m: serde_json::Value =
+        serde_json::from_str(&ok(img(&["measure", "--size", "1G", "--output", "json"])))
+            .expect("json");
+    let full = m["fully-allocated"].as_u64().expect("fully-allocated");
+    assert!((1 << 30..(1 << 30) + 2 * MIB).contains(&full), "{m}");
+    assert!(m["required"].as_u64().expect("required") <= 2 * MIB, "{m}");
+    let m: serde_json::Value =
+        serde_json::from_str(&ok(img(&["measure", "--output", "json", s(&raw)]))).expect("json");
+    let required = m["required"].as_u64().expect("required");
+    // What the converted image's data takes (its sealed layer now: the
+    // snapshot above moved it there) is what measure said, less the
+    // header and map area (at most 2 MiB here, mostly holes).
+    use std::os::unix::fs::MetadataExt;
+    let sealed = PathBuf::from(format!("{}@s", s(&snap)));
+    let taken = std::fs::metadata(&sealed).expect("stat").blocks() * 512;
+    assert!(
+        required + 64 * 1024 >= taken && required <= taken + 2 * MIB,
+        "measure says {required}, the image takes {taken}"
+    );
 }

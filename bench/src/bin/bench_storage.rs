@@ -398,35 +398,18 @@ fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) 
     // fio's own CPU (its whole process, jobs included), the cost of the
     // kernel's I/O path with no guest and no backend around it.
     let cpu_before = children_cpu_s();
-    let out = Command::new("fio")
-        .args([
-            "--name=b",
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--time_based",
-            "--output-format=json",
-        ])
-        .arg(format!("--filename={}", file.display()))
-        .arg(format!("--offset={offset}"))
-        .arg(format!("--size={size}"))
-        .arg(format!("--rw={}", w.rw))
-        .arg(format!("--bs={}", w.bs))
-        .arg(format!("--iodepth={}", w.qd))
-        .arg(format!("--numjobs={}", w.queues))
-        .arg("--group_reporting")
-        .arg(format!("--runtime={seconds}"))
-        .output()
-        .context("fio")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio json")?;
-    let job = &v["jobs"][0];
-    let side = if w.rw.contains("write") {
-        &job["write"]
-    } else {
-        &job["read"]
-    };
+    let side = &bench::fio_job(
+        file,
+        "io_uring",
+        (w.rw, &w.bs.to_string(), w.qd),
+        seconds,
+        &[
+            format!("--offset={offset}"),
+            format!("--size={size}"),
+            format!("--numjobs={}", w.queues),
+            "--group_reporting".into(),
+        ],
+    )?;
     let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
     let ios = side["total_ios"].as_f64().unwrap_or(0.0);
     let cpu = children_cpu_s() - cpu_before;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use image_format::check::{check, RepairMode};
-use image_format::convert::{convert, Format};
+use image_format::convert::{convert, open_reader, Format};
 use image_format::header::DEFAULT_BLOCK_SIZE;
 use image_format::{backup, info, ops, Env, RealEnv};
 
@@ -104,6 +104,51 @@ enum Cmd {
         file: PathBuf,
         /// Virtual size: bytes or with a k/M/G/T suffix (defaults to the base's).
         size: Option<String>,
+    },
+    /// Compare two disks' contents (raw, qcow2 or snap), as qemu-img
+    /// compare: exit 0 identical, 1 different, 2 on an error. Past the
+    /// smaller one's end the larger must read as zeros, unless -s.
+    Compare {
+        /// A's format (probed if not given).
+        #[arg(short = 'f', value_name = "FMT")]
+        format_a: Option<String>,
+        /// B's format (probed if not given).
+        #[arg(short = 'F', value_name = "FMT")]
+        format_b: Option<String>,
+        /// Strict: images of different sizes differ.
+        #[arg(short = 's', long)]
+        strict: bool,
+        #[arg(short = 'p', long)]
+        progress: bool,
+        #[arg(short = 'q', long)]
+        quiet: bool,
+        /// Read images other processes are writing.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        a: PathBuf,
+        b: PathBuf,
+    },
+    /// How much a snap image of FILE's contents would take (or an empty
+    /// one of --size), as qemu-img measure.
+    Measure {
+        /// An empty image of this size instead of FILE.
+        #[arg(long, conflicts_with = "file")]
+        size: Option<String>,
+        /// FILE's format (probed if not given).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// The target format: snap only.
+        #[arg(short = 'O', value_name = "FMT", default_value = "snap")]
+        out_format: String,
+        /// Options: cluster_size=N.
+        #[arg(short = 'o', long = "options")]
+        options: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[arg(required_unless_present = "size")]
+        file: Option<PathBuf>,
     },
     /// Serve IMAGE on the host as one raw file, FILE (made if missing),
     /// through FUSE until interrupted or FILE is unmounted: reads through
@@ -398,9 +443,10 @@ impl Cmd {
 
     fn quiet(&self) -> bool {
         match self {
-            Cmd::Create { quiet, .. } | Cmd::Convert { quiet, .. } | Cmd::Fsck { quiet, .. } => {
-                *quiet
-            }
+            Cmd::Create { quiet, .. }
+            | Cmd::Convert { quiet, .. }
+            | Cmd::Fsck { quiet, .. }
+            | Cmd::Compare { quiet, .. } => *quiet,
             other => other.common().is_some_and(|c| c.quiet),
         }
     }
@@ -444,6 +490,88 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     // Nothing half-made is left behind.
                     let _ = std::fs::remove_file(&file);
                     return Err(e);
+                }
+            }
+        }
+        Cmd::Compare {
+            format_a,
+            format_b,
+            strict,
+            progress,
+            force_share,
+            a,
+            b,
+            ..
+        } => {
+            // qemu-img's codes: 0 identical, 1 different, 2 an error.
+            let outcome = (|| -> Result<image_format::compare::Comparison> {
+                let fmt = |f: Option<String>| -> Result<Option<Format>> {
+                    f.map(|f| f.parse().map_err(anyhow::Error::from))
+                        .transpose()
+                };
+                let mut ra = open_reader(&a, fmt(format_a)?, force_share)
+                    .with_context(|| format!("{}", a.display()))?;
+                let mut rb = open_reader(&b, fmt(format_b)?, force_share)
+                    .with_context(|| format!("{}", b.display()))?;
+                let mut pr = ProgressReport::new("compare", progress);
+                let r =
+                    image_format::compare::compare(ra.as_mut(), rb.as_mut(), strict, |d, t| {
+                        pr.update(d, t)
+                    })?;
+                pr.done();
+                Ok(r)
+            })();
+            use image_format::compare::Comparison;
+            return Ok(match outcome {
+                Ok(Comparison::Identical) => {
+                    say!("Images are identical.");
+                    ExitCode::SUCCESS
+                }
+                Ok(Comparison::ContentMismatch { offset }) => {
+                    say!("Content mismatch at offset {offset}!");
+                    ExitCode::from(1)
+                }
+                Ok(Comparison::SizeMismatch { a, b }) => {
+                    say!("Strict mode: Image size mismatch! ({a} and {b} bytes)");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("img: error: {}", cli_support::report(&e));
+                    ExitCode::from(2)
+                }
+            });
+        }
+        Cmd::Measure {
+            size,
+            format,
+            out_format,
+            options,
+            output,
+            force_share,
+            file,
+        } => {
+            snap_only(&Some(out_format), "target")?;
+            let bs = cluster_size(&options)?.unwrap_or(DEFAULT_BLOCK_SIZE);
+            let m = match file {
+                Some(f) => {
+                    let fmt: Option<Format> = format
+                        .map(|x| x.parse())
+                        .transpose()
+                        .map_err(anyhow::Error::msg)?;
+                    let mut r = open_reader(&f, fmt, force_share)
+                        .with_context(|| format!("{}", f.display()))?;
+                    image_format::compare::measure(Some(r.as_mut()), 0, bs)?
+                }
+                None => {
+                    let size = parse_size(size.as_deref().unwrap_or("0"))?;
+                    image_format::compare::measure(None, size, bs)?
+                }
+            };
+            match output {
+                Output::Json => print_json(&m)?,
+                Output::Human => {
+                    say!("required size: {}", m.required);
+                    say!("fully allocated size: {}", m.fully_allocated);
                 }
             }
         }

@@ -27,8 +27,11 @@ fn net_backend(ns: &Netns, tap: &str, sock: &Path) -> Process {
 /// net-backend with `pairs` queue pairs (a tap queue and a worker each).
 fn net_backend_pairs(ns: &Netns, tap: &str, sock: &Path, pairs: u16) -> Process {
     let _ = std::fs::remove_file(sock);
-    let child = ns
-        .command(&[
+    // Opening the tap and binding take milliseconds. (Its socket is in
+    // another namespace's table: its file is what this side can see; the
+    // vmm's connect_timeout_ms covers the moment between bind and listen.)
+    test_infra::spawn_serving(
+        &mut ns.command(&[
             &s(&bin("net-backend")),
             "--socket",
             &s(sock),
@@ -36,17 +39,11 @@ fn net_backend_pairs(ns: &Netns, tap: &str, sock: &Path, pairs: u16) -> Process 
             tap,
             "--queue-pairs",
             &pairs.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("net-backend");
-    // Opening the tap and binding take milliseconds. (Its socket is in
-    // another namespace's table: its file is what this side can see; the
-    // vmm's connect_timeout_ms covers the moment between bind and listen.)
-    Patience::new("net-backend's socket", Duration::from_millis(50))
-        .wait_until(|| Ok(sock.exists()))
-        .expect("net-backend listens");
-    Process(child)
+        ]),
+        sock,
+        "net-backend",
+        Duration::from_millis(50),
+    )
 }
 
 /// `n` UDP datagrams from the namespace to the VM's echo port, each back
@@ -515,13 +512,7 @@ fn every_vm_of_a_fleet_answers_on_its_address_while_its_disk_workload_runs() {
         .join()
         .expect("the runner thread")
         .expect("vmctl run ends");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let report = test_infra::stdout_json(&out);
     assert!(out.status.success(), "{report}");
     assert_eq!(report["failed"], 0, "{report}");
     for vm in report["vms"].as_array().expect("rows") {

@@ -74,6 +74,10 @@ struct VmOptions {
     /// interfaces (nftables) while the VM runs.
     #[arg(long, requires = "net")]
     nat: bool,
+    /// A host folder the guest mounts by TAG (virtio-fs, served by a
+    /// virtiofsd of the VM's own while it runs): HOSTDIR:TAG; repeatable.
+    #[arg(long = "share", value_name = "HOSTDIR:TAG")]
+    shares: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -247,6 +251,19 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         restore: None,
         net: vm.net.clone(),
         nat: vm.nat,
+        shares: {
+            let shares = vm
+                .shares
+                .iter()
+                .map(|s| crate::state::Share::parse(s))
+                .collect::<Result<Vec<_>>>()?;
+            for (i, a) in shares.iter().enumerate() {
+                if shares[..i].iter().any(|b| b.tag == a.tag) {
+                    bail!("--share: the tag {:?} is given twice", a.tag);
+                }
+            }
+            shares
+        },
     })
 }
 

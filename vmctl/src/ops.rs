@@ -39,6 +39,8 @@ pub struct Spec {
     pub net: Option<String>,
     /// Its bridge's subnet masqueraded to the uplink.
     pub nat: bool,
+    /// Host folders shared with it.
+    pub shares: Vec<crate::state::Share>,
 }
 
 /// What a VM's clone of `image` is made from: the image itself if it is
@@ -135,6 +137,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             created_unix: now_ms() / 1000,
             restore: spec.restore.clone(),
             net,
+            shares: spec.shares.clone(),
         })?;
         Ok(())
     })
@@ -559,6 +562,7 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
         "mac": c.net.as_ref().map(|n| n.mac.clone()),
         "bridge": c.net.as_ref().map(|n| n.bridge.clone()),
         "tap": c.net.as_ref().filter(|_| active).map(|n| n.tap.clone()),
+        "shares": c.shares.iter().map(|s| json!({"dir": s.dir, "tag": s.tag})).collect::<Vec<_>>(),
         "dir": vm.path,
     }))
 }

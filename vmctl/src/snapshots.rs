@@ -98,9 +98,11 @@ impl Snapshot {
                 dir: self.vm_state(),
                 memory,
             }),
-            // A snapshot holds no NIC (the vmm refuses to take one).
+            // A snapshot holds no NIC and no shared folder (the vmm
+            // refuses to take one of a VM that has them).
             net: None,
             nat: false,
+            shares: Vec::new(),
         }
     }
 
@@ -481,6 +483,7 @@ pub fn restore(root: &Root, dest: &Path, name: &str) -> Result<VmDir> {
             created_unix: now_ms() / 1000,
             restore: None,
             net: None,
+            shares: Vec::new(),
             ..manifest.config.clone()
         })?;
         Ok(())

@@ -179,6 +179,39 @@ pub struct VmConfig {
     /// Its NIC, if it has one (`--net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::network::NicSpec>,
+    /// Host folders shared with it (`--share DIR:TAG`), each served by a
+    /// virtiofsd of its own while it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<Share>,
+}
+
+/// A host folder a VM mounts by its tag (virtio-fs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    pub dir: PathBuf,
+    pub tag: String,
+}
+
+impl Share {
+    /// `HOSTDIR:TAG` (the tag after the last colon): an existing
+    /// directory, kept absolute; a tag of 1 to 36 bytes.
+    pub fn parse(spec: &str) -> anyhow::Result<Share> {
+        let Some((dir, tag)) = spec.rsplit_once(':') else {
+            anyhow::bail!("--share {spec:?}: HOSTDIR:TAG");
+        };
+        if tag.is_empty() || tag.len() > 36 || tag.contains(['\0', '/', ',', '=']) {
+            anyhow::bail!("--share {spec:?}: a tag of 1 to 36 bytes, without '/', ',' or '='");
+        }
+        let dir = std::path::absolute(dir)?;
+        if !dir.is_dir() {
+            anyhow::bail!("--share {spec:?}: {} is not a directory", dir.display());
+        }
+        Ok(Share {
+            dir,
+            tag: tag.to_string(),
+        })
+    }
 }
 
 /// Where a restored VM continues from, and how its memory comes in.
@@ -316,6 +349,10 @@ impl VmDir {
     /// Its NIC's vhost-user socket (net-backend's).
     pub fn net_socket(&self) -> PathBuf {
         self.path.join("net.sock")
+    }
+    /// Where share `i`'s virtiofsd listens.
+    pub fn share_socket(&self, i: usize) -> PathBuf {
+        self.path.join(format!("fs{i}.sock"))
     }
     /// The control socket of the VM's own blk-backend (`--backend vm`).
     pub fn backend_control(&self) -> PathBuf {

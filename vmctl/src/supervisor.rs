@@ -308,6 +308,9 @@ fn run(
         Some(nic) => Some(NicServer::start(root, vm, nic)?),
         None => None,
     };
+    // Each shared folder's virtiofsd, also before the vmm; ended with
+    // this run.
+    let _shares = ShareServers::start(vm, &config.shares)?;
     // The vmm first: its exec and KVM set-up overlap the disk's (an export
     // added, or a backend started), and it waits for the disk's socket to
     // listen (`connect_timeout_ms`).
@@ -397,6 +400,53 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
 
 /// A VM's NIC while it runs: its tap plugged into its bridge, and a
 /// net-backend serving it, started again if it dies (the vmm reconnects;
+/// One virtiofsd per shared folder, for one run: a vhost-user-fs backend
+/// on the folder (its FUSE sessions live in it, so one that dies is not
+/// started again: the guest's mount fails, as a disconnected share does).
+/// Dropped: stopped.
+struct ShareServers(Vec<Child>);
+
+impl ShareServers {
+    fn start(vm: &VmDir, shares: &[crate::state::Share]) -> Result<ShareServers> {
+        let mut servers = ShareServers(Vec::new());
+        for (i, share) in shares.iter().enumerate() {
+            let socket = vm.share_socket(i);
+            let _ = std::fs::remove_file(&socket);
+            let program = binaries::program("virtiofsd").map_err(|_| {
+                anyhow::anyhow!(
+                    "--share needs virtiofsd (the Rust one: cargo install virtiofsd), on PATH or beside vmctl"
+                )
+            })?;
+            let mut cmd = Command::new(program);
+            crate::ops::die_with_parent(&mut cmd, libc::SIGTERM);
+            cmd.arg("--socket-path")
+                .arg(&socket)
+                .arg("--shared-dir")
+                .arg(&share.dir)
+                .args(["--cache", "auto"])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(vm, &format!("virtiofsd-{i}.log"))?);
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("starting virtiofsd for {}", share.dir.display()))?;
+            servers.0.push(child);
+        }
+        Ok(servers)
+    }
+}
+
+impl Drop for ShareServers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // SAFETY: a signal to our own child, not yet reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
 /// the guest's link comes back). Dropped: the backend stopped, the tap
 /// gone.
 struct NicServer {
@@ -592,6 +642,13 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
             nic,
             &vm.net_socket(),
             DISK_CONNECT_TIMEOUT_MS,
+        ));
+    }
+    for (i, share) in config.shares.iter().enumerate() {
+        cmd.arg("--fs").arg(format!(
+            "socket={},tag={},connect_timeout_ms={DISK_CONNECT_TIMEOUT_MS}",
+            vm.share_socket(i).display(),
+            share.tag
         ));
     }
     // The vmm dies with this supervisor (it asks the kernel itself: no

@@ -401,6 +401,7 @@ mod tests {
                 memory: 1 << 30,
                 disks: Vec::new(),
                 nets: Vec::new(),
+                fs: Vec::new(),
                 api_socket: None,
                 serial: crate::config::SerialOut::None,
                 virtio_console: true,

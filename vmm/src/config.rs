@@ -12,6 +12,8 @@ pub enum ConfigError {
     BadDisk { spec: String, why: String },
     #[error("--net {spec:?}: {why}")]
     BadNet { spec: String, why: String },
+    #[error("--fs {spec:?}: {why}")]
+    BadFs { spec: String, why: String },
     #[error("--serial {0:?}: stdio, none or file=PATH")]
     BadSerial(String),
     #[error("{0}")]
@@ -63,6 +65,27 @@ pub struct NetConfig {
     pub mac: Option<String>,
     /// Receive and transmit queues: two per queue pair.
     #[serde(default = "two")]
+    pub num_queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default = "default_reconnect_timeout")]
+    pub reconnect_timeout_ms: u64,
+    #[serde(default = "default_reply_timeout")]
+    pub reply_timeout_ms: u64,
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
+}
+
+/// A shared folder: a virtio-fs device whose FUSE requests a
+/// vhost-user-fs backend (virtiofsd) serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    pub socket: PathBuf,
+    /// The name the guest mounts it by (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+    /// Request queues (the high-priority queue comes on top).
+    #[serde(default = "one")]
     pub num_queues: u16,
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
@@ -158,6 +181,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
     #[serde(default = "stdio")]
@@ -340,6 +365,34 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     })
 }
 
+pub fn parse_fs(spec: &str) -> Result<FsConfig, ConfigError> {
+    let mut tag = None;
+    let (b, socket) = BackendSpec::new(1)
+        .parse(spec, |k, v| match k {
+            "tag" => {
+                tag = Some(v.to_string());
+                Ok(())
+            }
+            _ => Err(format!("unknown key {k:?}")),
+        })
+        .map_err(|why| ConfigError::BadFs {
+            spec: spec.to_string(),
+            why,
+        })?;
+    Ok(FsConfig {
+        socket,
+        tag: tag.ok_or_else(|| ConfigError::BadFs {
+            spec: spec.to_string(),
+            why: "tag= is missing".into(),
+        })?,
+        num_queues: b.num_queues,
+        queue_size: b.queue_size,
+        reconnect_timeout_ms: b.reconnect_timeout_ms,
+        reply_timeout_ms: b.reply_timeout_ms,
+        connect_timeout_ms: b.connect_timeout_ms,
+    })
+}
+
 pub fn parse_serial(s: &str) -> Result<SerialOut, ConfigError> {
     match s {
         "stdio" => Ok(SerialOut::Stdio),
@@ -392,6 +445,25 @@ impl VmConfig {
         }
         if self.nets.len() > 8 {
             return bad("at most 8 NICs".into());
+        }
+        for f in &self.fs {
+            let name = f.socket.display();
+            // virtio-fs's tag field: 36 bytes, no NUL inside.
+            if f.tag.is_empty() || f.tag.len() > 36 || f.tag.contains('\0') {
+                return bad(format!("fs {name}: tag of 1 to 36 bytes"));
+            }
+            if !(1..=16).contains(&f.num_queues) {
+                return bad(format!("fs {name}: num_queues (request queues) 1 to 16"));
+            }
+            if !f.queue_size.is_power_of_two() || f.queue_size < 2 {
+                return bad(format!("fs {name}: queue_size a power of two"));
+            }
+        }
+        if self.fs.len() > 8 {
+            return bad("at most 8 shared folders".into());
+        }
+        if self.restore.is_some() && !self.fs.is_empty() {
+            return bad("--restore with --fs: snapshots hold no shared folders".into());
         }
         if self.restore.is_some() && !self.nets.is_empty() {
             return bad("--restore with --net: snapshots hold no NICs yet".into());

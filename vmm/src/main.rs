@@ -42,6 +42,12 @@ struct Args {
     /// reply_timeout_ms=N]; repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<String>,
+    /// A shared folder (virtio-fs) a vhost-user-fs backend such as
+    /// virtiofsd serves: socket=PATH,tag=TAG[,num_queues=N (request
+    /// queues),queue_size=N,connect_timeout_ms=N,reconnect_timeout_ms=N,
+    /// reply_timeout_ms=N]; repeatable.
+    #[arg(long = "fs", value_name = "SPEC")]
+    fs: Vec<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -56,7 +62,7 @@ struct Args {
     /// it therefore excludes).
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "api_socket", "serial", "virtio_console"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "fs", "api_socket", "serial", "virtio_console"]
     )]
     config: Option<PathBuf>,
     /// Start from a snapshot directory (`vmm api ... snapshot`) instead of
@@ -153,6 +159,11 @@ fn config_of(a: &Args) -> Result<VmConfig> {
             .nets
             .iter()
             .map(|n| config::parse_net(n))
+            .collect::<Result<_, _>>()?,
+        fs: a
+            .fs
+            .iter()
+            .map(|f| config::parse_fs(f))
             .collect::<Result<_, _>>()?,
         api_socket: a.api_socket.clone(),
         serial: config::parse_serial(&a.serial)?,

@@ -362,6 +362,22 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             .with_context(|| format!("nic {}", n.socket.display()))?;
         nics.push(dev);
     }
+    let mut shares = Vec::new();
+    for f in &cfg.fs {
+        let share = VhostUserDevice::connect(
+            &f.into(),
+            Kind::Fs {
+                tag: f.tag.clone(),
+                request_queues: f.num_queues,
+            },
+            &ram.mem,
+            pager.as_ref().map(|p| p.handle()),
+        )?;
+        let dev = machine
+            .add_virtio_pci(&pci_bus, Box::new(share), &vm, &router)
+            .with_context(|| format!("fs {}", f.socket.display()))?;
+        shares.push(dev);
+    }
     let console_dev = if cfg.virtio_console {
         let port = ConsolePort::new(ram.mem.clone()).context("the virtio console")?;
         let dev = machine
@@ -419,10 +435,12 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         .disks
         .iter()
         .map(|d| d.reconnect_timeout_ms)
-        .chain(cfg.nets.iter().map(|n| n.reconnect_timeout_ms));
+        .chain(cfg.nets.iter().map(|n| n.reconnect_timeout_ms))
+        .chain(cfg.fs.iter().map(|f| f.reconnect_timeout_ms));
     for (i, (dev, timeout_ms)) in disks
         .iter()
         .chain(&nics)
+        .chain(&shares)
         .zip(reconnect_timeouts)
         .enumerate()
     {
@@ -876,8 +894,8 @@ impl SnapshotTaker<'_> {
         if state != crate::control::RunState::Paused {
             return Err(crate::control::SaveError::NotPaused(state).into());
         }
-        if !self.cfg.nets.is_empty() {
-            return Err(SnapshotError::Nics);
+        if !self.cfg.nets.is_empty() || !self.cfg.fs.is_empty() {
+            return Err(SnapshotError::BackendStateUnsaved);
         }
         // A VM still being restored lazily has memory the snapshot would
         // miss (pages not yet filled) and disks not yet started.

@@ -18,6 +18,35 @@ pub enum Mode {
     /// No disk: the NIC answers ARP, ICMP echo and UDP echo for `ip` for
     /// `duration_ms` (0: until the VM is ended), then a report.
     Net,
+    /// No disk: the virtio-fs device (`tag`) asked, over FUSE, for `file`
+    /// in its root (INIT, LOOKUP, OPEN, READ); a report of what it read.
+    Fs,
+}
+
+/// A short name from the command line (a tag, a file name).
+#[derive(Clone, Copy, Debug)]
+pub struct Name {
+    bytes: [u8; 64],
+    len: u8,
+}
+
+impl Name {
+    const EMPTY: Name = Name { bytes: [0; 64], len: 0 };
+
+    fn new(v: &str) -> Option<Name> {
+        let b = v.as_bytes();
+        if b.is_empty() || b.len() > 64 {
+            return None;
+        }
+        let mut n = Name::EMPTY;
+        n.bytes[..b.len()].copy_from_slice(b);
+        n.len = b.len() as u8;
+        Some(n)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -94,6 +123,9 @@ pub struct Config {
     /// mode=net: once datagrams to the discard port have come, the run
     /// ends after this many ms without one (0: it does not end on them).
     pub sink_idle_ms: u64,
+    /// mode=fs: the device's tag (empty: the first device) and the file.
+    pub tag: Name,
+    pub file: Name,
 }
 
 impl Default for Config {
@@ -136,6 +168,8 @@ impl Default for Config {
             window: 1,
             flood: false,
             sink_idle_ms: 0,
+            tag: Name::EMPTY,
+            file: Name::EMPTY,
         }
     }
 }
@@ -192,6 +226,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
                     "fuzz" => Mode::Fuzz,
                     "idle" => Mode::Idle,
                     "net" => Mode::Net,
+                    "fs" => Mode::Fs,
                     _ => return Err(word),
                 };
                 true
@@ -251,6 +286,8 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "payload" => num(v).filter(|&n| (12..=1472).contains(&n)).map(|n| c.payload = n as u32).is_some(),
             "window" => num(v).filter(|&n| (1..=128).contains(&n)).map(|n| c.window = n as u32).is_some(),
             "flood" => flag(v).map(|b| c.flood = b).is_some(),
+            "tag" => Name::new(v).map(|n| c.tag = n).is_some(),
+            "file" => Name::new(v).map(|n| c.file = n).is_some(),
             "sink_idle_ms" => num(v).filter(|&n| n > 0).map(|n| c.sink_idle_ms = n).is_some(),
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),

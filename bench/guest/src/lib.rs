@@ -13,6 +13,7 @@ mod blk;
 mod boot_info;
 mod config;
 mod console;
+mod fs;
 mod fuzz;
 mod mem;
 mod net;
@@ -78,6 +79,9 @@ pub extern "C" fn guest_main() -> ! {
     }
     if cfg.mode == Mode::Net {
         run_nic(si.rsdp, &cfg, &arena, &clock, boot_tsc);
+    }
+    if cfg.mode == Mode::Fs {
+        run_fs(si.rsdp, &cfg, &arena, &clock, boot_tsc);
     }
     let mut dev = match blk::Device::open(si.rsdp, &cfg, &arena) {
         Ok(d) => d,
@@ -159,8 +163,8 @@ pub extern "C" fn guest_main() -> ! {
         Check::None => {
             let random = matches!(cfg.mode, Mode::RandRead | Mode::RandWrite | Mode::Mixed);
             let read_pct = match cfg.mode {
-                // Mode::Boot, Mode::Fuzz, Mode::Idle and Mode::Net have left above.
-                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz | Mode::Idle | Mode::Net => 100,
+                // Mode::Boot, Mode::Fuzz, Mode::Idle, Mode::Net and Mode::Fs have left above.
+                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz | Mode::Idle | Mode::Net | Mode::Fs => 100,
                 Mode::Write | Mode::RandWrite => 0,
                 Mode::Mixed => cfg.rwmix,
             };
@@ -311,6 +315,51 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
         clock.ns(start - boot_tsc)
     );
     rt::exit(EXIT_OK);
+}
+
+/// `mode=fs`: FUSE over the virtio-fs device: INIT, then `file` in the
+/// shared folder's root looked up, opened and read whole; the report has
+/// its size, the bytes read and their FNV-1a hash (the host computes the
+/// same over its copy).
+fn run_fs(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clock, boot_tsc: u64) -> ! {
+    let mut share = match fs::Share::open(rsdp, cfg.max_bus, cfg.tag.as_bytes(), arena) {
+        Ok(s) => s,
+        Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
+    };
+    let started = time::tsc();
+    let limit = cfg.timeout_ms * 1_000_000;
+    let timeout = || clock.ns(time::tsc() - started) > limit;
+    let tag_len = share.tag.iter().position(|&b| b == 0).unwrap_or(36);
+    let tag = core::str::from_utf8(&share.tag[..tag_len]).unwrap_or("?");
+    println!("fs: tag {} with {} request queue(s)", tag, share.request_queues);
+    let run = |share: &mut fs::Share| -> Result<(u32, u32, u64, u64, u64), fs::FsError> {
+        let (major, minor) = share.init(&timeout)?;
+        let (node, size) = share.lookup(cfg.file.as_bytes(), &timeout)?;
+        let fh = share.open_file(node, &timeout)?;
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut read = 0u64;
+        loop {
+            let n = share.read(node, fh, read, 65536 - 16, &timeout)?;
+            for &b in share.data(n) {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+            }
+            read += n;
+            if n == 0 || read >= size {
+                break;
+            }
+        }
+        Ok((major, minor, size, read, hash))
+    };
+    match run(&mut share) {
+        Ok((major, minor, size, read, hash)) => {
+            println!(
+                "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"fs\",\"fuse\":\"{}.{}\",\"size\":{},\"read\":{},\"fnv\":\"{:016x}\",\"ns\":{},\"init_ns\":{}}}",
+                major, minor, size, read, hash, clock.ns(time::tsc() - started), clock.ns(started - boot_tsc)
+            );
+            rt::exit(EXIT_OK);
+        }
+        Err(e) => fail(EXIT_FAILED, format_args!("{}", e)),
+    }
 }
 
 /// The NIC's line: its MAC, address and link state.

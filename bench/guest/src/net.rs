@@ -160,7 +160,7 @@ impl Nic {
         let func = find(access, max_bus).ok_or(FindError::NotFound)?;
         // A window of its own: a disk's and the console's BARs are placed
         // from 0xc000_0000 and 0xd000_0000 (where firmware left them unset).
-        let mut bars = BarAllocator { next32: 0xd800_0000, end32: 0xe000_0000 };
+        let mut bars = BarAllocator { next32: 0xd800_0000, end32: 0xdc00_0000 };
         let t = Transport::new(func, &mut bars).map_err(FindError::Init)?;
         let mut wanted = virtio::F_VERSION_1 | F_MAC | F_MTU;
         if event_idx {

@@ -30,6 +30,6 @@ pub use guest::{
 };
 pub use host::{hardware_kvm, have, kvm_available, ready};
 pub use memory::memfd_guest_memory;
-pub use netns::{KillOnDrop, Netns, NsThread, Received};
+pub use netns::{spawn_serving, KillOnDrop, Netns, NsThread, Received};
 pub use patience::Patience;
-pub use workspace::{bin, img, output_within, s, vmm_api};
+pub use workspace::{bin, img, output_within, s, stdout_json, vmm_api};

@@ -249,6 +249,25 @@ impl<T> NsThread<T> {
     }
 }
 
+/// `command` started (its output dropped), returned once its socket file
+/// `socket` exists: a backend that binds in about `measured`.
+pub fn spawn_serving(
+    command: &mut Command,
+    socket: &std::path::Path,
+    what: &str,
+    measured: Duration,
+) -> KillOnDrop {
+    let child = command
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let child = KillOnDrop(child);
+    Patience::new(format!("{what}'s socket"), measured)
+        .wait_until(|| Ok(socket.exists()))
+        .unwrap_or_else(|e| panic!("{what} listens: {e}"));
+    child
+}
+
 /// A child process (a backend, a flood) ended with its owner however the
 /// owner ends.
 pub struct KillOnDrop(pub Child);

@@ -135,3 +135,15 @@ pub fn vmm_api(sock: &std::path::Path, args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).to_string(),
     )
 }
+
+/// A command's standard output as JSON (a `--output json` answer); a
+/// panic showing both its streams if it is not.
+pub fn stdout_json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

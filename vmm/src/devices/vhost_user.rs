@@ -33,7 +33,7 @@ use super::io_error::{self, FailedQueue};
 use super::virtio_pci::{
     BackendLink, DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
-use crate::config::{DiskConfig, NetConfig};
+use crate::config::{DiskConfig, FsConfig, NetConfig};
 use crate::snapshot::pager::{PagerError, PagerHandle};
 use cli_support::log_limit::LogLimit;
 use cli_support::path_wait;
@@ -57,6 +57,9 @@ pub enum Kind {
     /// virtio-net: the MAC the vmm gives it, `pairs` receive/transmit
     /// queue pairs, and the control queue if the backend serves one.
     Net { mac: [u8; 6], pairs: u16 },
+    /// virtio-fs: the tag the guest mounts it by and its request queues
+    /// (after the high-priority queue), both the vmm's.
+    Fs { tag: String, request_queues: u16 },
 }
 
 impl Kind {
@@ -65,6 +68,7 @@ impl Kind {
         match self {
             Kind::Block { .. } => "disk",
             Kind::Net { .. } => "nic",
+            Kind::Fs { .. } => "fs",
         }
     }
 
@@ -72,6 +76,7 @@ impl Kind {
         match self {
             Kind::Block { .. } => 2,
             Kind::Net { .. } => 1,
+            Kind::Fs { .. } => 26,
         }
     }
 
@@ -81,6 +86,7 @@ impl Kind {
         match self {
             Kind::Block { .. } => 60,
             Kind::Net { .. } => 12,
+            Kind::Fs { .. } => 40,
         }
     }
 
@@ -90,6 +96,7 @@ impl Kind {
         match self {
             Kind::Block { .. } => requested,
             Kind::Net { pairs, .. } => 2 * pairs + 1,
+            Kind::Fs { request_queues, .. } => 1 + request_queues,
         }
     }
 
@@ -100,6 +107,7 @@ impl Kind {
             Kind::Net { pairs, .. } => {
                 2 * pairs + u16::from(backend_features & VIRTIO_NET_F_CTRL_VQ != 0)
             }
+            Kind::Fs { request_queues, .. } => 1 + request_queues,
         }
     }
 
@@ -115,6 +123,15 @@ impl Kind {
                 c[0..6].copy_from_slice(mac);
                 c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
                 c[8..10].copy_from_slice(&pairs.to_le_bytes());
+            }
+            Kind::Fs {
+                tag,
+                request_queues,
+            } => {
+                // The tag, NUL-padded to 36 bytes; the request queues.
+                c[..36].fill(0);
+                c[..tag.len().min(36)].copy_from_slice(&tag.as_bytes()[..tag.len().min(36)]);
+                c[36..40].copy_from_slice(&u32::from(*request_queues).to_le_bytes());
             }
         }
         c
@@ -139,6 +156,7 @@ impl Kind {
                 }
                 f |= VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
             }
+            Kind::Fs { .. } => {}
         }
         f | VIRTIO_F_VERSION_1
     }
@@ -463,6 +481,18 @@ impl From<&DiskConfig> for Endpoint {
             queue_size: d.queue_size,
             reply_timeout_ms: d.reply_timeout_ms,
             connect_timeout_ms: d.connect_timeout_ms,
+        }
+    }
+}
+
+impl From<&FsConfig> for Endpoint {
+    fn from(f: &FsConfig) -> Endpoint {
+        Endpoint {
+            socket: f.socket.clone(),
+            num_queues: f.num_queues,
+            queue_size: f.queue_size,
+            reply_timeout_ms: f.reply_timeout_ms,
+            connect_timeout_ms: f.connect_timeout_ms,
         }
     }
 }

@@ -65,9 +65,9 @@ pub struct VmState {
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error(
-        "a VM with NICs cannot be snapshotted yet: their backends' state is not saved (remove its --net)"
+        "a VM with NICs or shared folders cannot be snapshotted yet: their backends' state is not saved (remove its --net and --fs)"
     )]
-    Nics,
+    BackendStateUnsaved,
     #[error("{}: {source}", path.display())]
     Dir {
         path: PathBuf,

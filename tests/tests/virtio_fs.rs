@@ -1,0 +1,163 @@
+//! Shared folders: a bench-guest VM with a virtio-fs device whose FUSE
+//! requests virtiofsd (the Rust one, a real component nobody here wrote)
+//! serves from a host directory: FUSE_INIT, then a file the test wrote
+//! looked up, opened and read whole, its bytes hashed in the guest and
+//! compared with the host's. Under the vmm directly and through vmctl's
+//! `--share`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use test_infra::{bin, ready, s, Fixture, KillOnDrop, Patience, VmmVm};
+
+/// FNV-1a, as the bench guest hashes what it read.
+fn fnv(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// A file of `len` bytes no two runs of which look alike.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// virtiofsd on `dir`, listening on `sock` once this returns.
+fn virtiofsd(dir: &Path, sock: &Path) -> KillOnDrop {
+    // It binds in milliseconds.
+    test_infra::spawn_serving(
+        Command::new("virtiofsd")
+            .arg("--socket-path")
+            .arg(sock)
+            .arg("--shared-dir")
+            .arg(dir)
+            .args(["--cache", "auto"]),
+        sock,
+        "virtiofsd",
+        Duration::from_millis(100),
+    )
+}
+
+fn fs_vm(sock: &Path, cmdline: &str) -> test_infra::GuestRun {
+    let mut v = VmmVm::new(&bin("vmm"), cmdline);
+    v.options = vec![
+        "--fs".into(),
+        format!("socket={},tag=share,connect_timeout_ms=10000", s(sock)),
+    ];
+    v.run().expect("the vmm runs")
+}
+
+#[test]
+fn a_guest_reads_a_host_file_through_virtiofsd() {
+    if !ready("virtio_fs", &["virtiofsd"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let shared = fx.path("shared");
+    std::fs::create_dir(&shared).expect("dir");
+    // Several FUSE_READs' worth (each takes up to 64 KiB).
+    let content = pattern(200_000);
+    std::fs::write(shared.join("hello.bin"), &content).expect("w");
+
+    let sock = fx.path("fs.sock");
+    let _daemon = virtiofsd(&shared, &sock);
+    let run = fs_vm(&sock, "mode=fs tag=share file=hello.bin timeout_ms=10000");
+    run.assert_ok("the guest reading through virtio-fs");
+    assert!(
+        run.serial.contains("fs: tag share with 1 request queue(s)"),
+        "{}",
+        run.serial
+    );
+    assert_eq!(run.field("size"), content.len() as u64, "{:?}", run.result);
+    assert_eq!(run.field("read"), content.len() as u64, "{:?}", run.result);
+    let result = run.result.clone().expect("a report");
+    assert_eq!(result["fnv"], fnv(&content), "{result}");
+
+    // A file that is not there: FUSE's ENOENT, by name, the VM ends.
+    let sock = fx.path("fs2.sock");
+    let _daemon = virtiofsd(&shared, &sock);
+    let run = fs_vm(&sock, "mode=fs tag=share file=missing.bin timeout_ms=10000");
+    assert!(!run.ok());
+    assert!(
+        run.serial.contains("FUSE_LOOKUP: FUSE error -2"),
+        "{}",
+        run.serial
+    );
+    // A tag the device does not have.
+    let sock = fx.path("fs3.sock");
+    let _daemon = virtiofsd(&shared, &sock);
+    let run = fs_vm(&sock, "mode=fs tag=other file=hello.bin timeout_ms=10000");
+    assert!(
+        !run.ok() && run.serial.contains("no virtio-fs device has the tag"),
+        "{}",
+        run.serial
+    );
+}
+
+#[test]
+fn vmctl_shares_a_host_folder_with_its_vm() {
+    if !ready("vmctl_share", &["virtiofsd"]) {
+        return;
+    }
+    test_infra::build_guest().expect("the bench guest");
+    let fx = Fixture::new();
+    let shared = fx.path("shared");
+    std::fs::create_dir(&shared).expect("dir");
+    let content = pattern(70_000);
+    std::fs::write(shared.join("data.bin"), &content).expect("w");
+    let base = fx.image("base.img", "16M");
+    let vmctl = |args: &[&str]| {
+        let mut all = vec!["--state-dir".to_string(), s(&fx.path("state"))];
+        all.extend(args.iter().map(|a| a.to_string()));
+        test_infra::output_within(
+            Command::new(bin("vmctl")).args(&all),
+            &Patience::new("a vmctl run", Duration::from_secs(2)),
+        )
+        .expect("vmctl runs")
+    };
+    let out = vmctl(&[
+        "run",
+        "--image",
+        &s(&base),
+        "--share",
+        &format!("{}:share", s(&shared)),
+        "--cmdline",
+        "mode=fs tag=share file=data.bin timeout_ms=10000",
+        "--rm",
+        "--output",
+        "json",
+    ]);
+    let report = test_infra::stdout_json(&out);
+    assert!(out.status.success(), "{report}");
+    let vm = &report["vms"][0];
+    assert_eq!(vm["result"]["result"], "ok", "{vm}");
+    assert_eq!(vm["result"]["fnv"], fnv(&content), "{vm}");
+
+    // Bad shares are refused by name, nothing made.
+    for (share, why) in [
+        (
+            format!("{}:share", s(&fx.path("nowhere"))),
+            "is not a directory",
+        ),
+        (s(&shared).to_string(), "HOSTDIR:TAG"),
+        (
+            format!("{}:{}", s(&shared), "t".repeat(37)),
+            "a tag of 1 to 36 bytes",
+        ),
+    ] {
+        let out = vmctl(&["create", "bad", "--image", &s(&base), "--share", &share]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{share}: {err}");
+    }
+    let list = vmctl(&["list"]);
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains("bad"),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+}

@@ -6,12 +6,18 @@
 #   initramfs.cpio busybox-static, the virtio_pci/virtio_blk modules (where
 #                  the kernel has them as modules) and fio with its
 #                  libraries; /init runs fio with verify on /dev/vda when the
-#                  command line says `fio=1`, prints the result and powers off.
+#                  command line says `fio=1`; with `virtiofs=TAG` it mounts
+#                  that virtio-fs share (fuse and virtiofs modules), prints
+#                  its from-host.txt and writes from-guest.txt; it prints the
+#                  results and powers off.
 # Output: target/linux-guest/ (reused when present). Needs apt-get, cpio.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=$root/target/linux-guest
-if [ -s "$out/vmlinux" ] && [ -s "$out/initramfs.cpio" ] && [ "${1:-}" != "--force" ]; then
+# Bumped when the initramfs changes: an older one is built again.
+init_version=2
+if [ -s "$out/vmlinux" ] && [ -s "$out/initramfs.cpio" ] && [ "${1:-}" != "--force" ] \
+    && [ "$(cat "$out/init-version" 2>/dev/null)" = "$init_version" ]; then
     echo "$out"
     exit 0
 fi
@@ -39,7 +45,7 @@ python3 "$root/guest-artifacts/linux/extract-vmlinux.py" bzImage vmlinux
 r=rootfs
 mkdir -p $r/bin $r/sbin $r/dev $r/proc $r/sys $r/lib/modules $r/tmp
 cp unpacked/bin/busybox $r/bin/busybox
-for m in virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+for m in virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk fuse virtiofs; do
     f=$(find unpacked/lib/modules -name "$m.ko*" | head -1)
     [ -n "$f" ] && cp "$f" $r/lib/modules/
 done
@@ -65,6 +71,17 @@ if grep -q 'fio=1' /proc/cmdline; then
         echo "LINUX-GUEST FIO FAILED"; cat /tmp/fio.out
     fi
 fi
+tag=$(sed -n 's/.*virtiofs=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$tag" ]; then
+    mkdir -p /mnt/share
+    if mount -t virtiofs "$tag" /mnt/share; then
+        echo "LINUX-GUEST VIRTIOFS READ $(cat /mnt/share/from-host.txt)"
+        echo "written by the guest" > /mnt/share/from-guest.txt && sync
+        umount /mnt/share && echo "LINUX-GUEST VIRTIOFS OK"
+    else
+        echo "LINUX-GUEST VIRTIOFS FAILED"
+    fi
+fi
 poweroff -f
 INIT
 chmod +x $r/init
@@ -72,5 +89,6 @@ chmod +x $r/init
 mkdir -p "$out"
 mv vmlinux bzImage initramfs.cpio "$out/"
 echo "$kver" > "$out/version"
+echo "$init_version" > "$out/init-version"
 cd "$root" && rm -rf "$out.tmp"
 echo "$out"

@@ -9,13 +9,15 @@
 #                  command line says `fio=1`; with `virtiofs=TAG` it mounts
 #                  that virtio-fs share (fuse and virtiofs modules), prints
 #                  its from-host.txt and writes from-guest.txt; it prints the
-#                  results and powers off.
+#                  results and powers off. With `root=/dev/vdX` instead it
+#                  mounts that disk and hands over to its /sbin/init (a
+#                  distribution: guest-artifacts/rootfs/build.sh).
 # Output: target/linux-guest/ (reused when present). Needs apt-get, cpio.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=$root/target/linux-guest
 # Bumped when the initramfs changes: an older one is built again.
-init_version=2
+init_version=3
 if [ -s "$out/vmlinux" ] && [ -s "$out/initramfs.cpio" ] && [ "${1:-}" != "--force" ] \
     && [ "$(cat "$out/init-version" 2>/dev/null)" = "$init_version" ]; then
     echo "$out"
@@ -62,6 +64,15 @@ cat > $r/init <<'INIT'
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev
 for m in /lib/modules/*.ko*; do [ -e "$m" ] && insmod "$m" 2>/dev/null; done
 echo "LINUX-GUEST USERSPACE $(uname -r)"
+rootdev=$(sed -n 's/.*root=\(\/dev\/[^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$rootdev" ]; then
+    mkdir -p /newroot
+    if mount -o rw "$rootdev" /newroot; then
+        umount /proc /sys; mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+        exec switch_root /newroot /sbin/init
+    fi
+    echo "LINUX-GUEST: cannot mount $rootdev"
+fi
 if grep -q 'fio=1' /proc/cmdline; then
     if fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=64M \
            --ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --do_verify=1 \

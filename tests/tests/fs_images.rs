@@ -468,3 +468,67 @@ fn a_vm_backend_and_a_writable_export_of_one_image_refuse_each_other() {
     );
     img.ok(&["umount", &s(&mnt)]);
 }
+
+#[test]
+fn a_debian_root_filesystem_built_from_packages_checks_clean_and_holds_its_system() {
+    if !fs_ready("fs_debian_rootfs") {
+        return;
+    }
+    if !which("debootstrap") {
+        println!("SKIPPED: fs_debian_rootfs: needs debootstrap (apt-get install debootstrap)");
+        return;
+    }
+    // Built once (debootstrap from Debian's mirror, then img create --fs
+    // ext4 --from): a few minutes; kept in target/rootfs.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("root")
+        .to_path_buf();
+    let built = output_within(
+        Command::new("bash")
+            .arg(root.join("guest-artifacts/rootfs/build.sh"))
+            .arg(bin("img")),
+        &Patience::new(
+            "building the Debian root filesystem",
+            Duration::from_secs(240),
+        ),
+    )
+    .expect("the rootfs builder runs");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let image = PathBuf::from(
+        String::from_utf8_lossy(&built.stdout)
+            .lines()
+            .last()
+            .expect("a path")
+            .trim(),
+    );
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    // Sparse: 2 GiB virtual, the system's few hundred MiB allocated.
+    let used = allocated(&[&image]);
+    assert!(used < 1 << 30, "the image takes {used} bytes");
+    img.ok(&["check", &s(&image)]);
+    let fsck = img.out(&["fsck", "-q", &s(&image)]);
+    assert_eq!(fsck.status.code(), Some(0), "{fsck:?}");
+    // Read through a clone of it, as a VM would get one.
+    let golden = fx.path("golden.img");
+    std::fs::copy(&image, &golden).expect("copy");
+    img.ok(&["snapshot", "-c", "base", &s(&golden)]);
+    let clone = fx.path("vm.img");
+    img.ok(&["clone", &format!("{}@base", s(&golden)), &s(&clone)]);
+    let mnt = fx.path("mnt");
+    std::fs::create_dir(&mnt).expect("mnt");
+    img.ok(&["mount", "--readonly", &s(&clone), &s(&mnt)]);
+    let os = std::fs::read_to_string(mnt.join("etc/os-release")).expect("os-release");
+    assert!(os.contains("VERSION_CODENAME=bookworm"), "{os}");
+    let init = std::fs::read_link(mnt.join("sbin/init")).expect("/sbin/init");
+    assert!(s(&init).contains("systemd"), "{}", init.display());
+    assert!(mnt.join("usr/bin/apt").is_file());
+    let fstab = std::fs::read_to_string(mnt.join("etc/fstab")).expect("fstab");
+    assert!(fstab.contains("LABEL=rootfs / ext4"), "{fstab}");
+    img.ok(&["umount", &s(&mnt)]);
+}

@@ -180,9 +180,10 @@ fn floods_between_a_vm_and_the_host_are_counted_exactly_at_both_ends() {
     ];
     let refused = format!("{:#}", one.run().expect_err("a NIC of one pair is refused"));
     assert!(
-        refused.contains(
-            "the backend serves 2 queue pairs (its control queue after them), this NIC has 1: give num_queues=4"
-        ),
+        refused.contains(&format!(
+            "nic {}: the backend serves 2 queue pairs (its control queue after them), this NIC has 1: give num_queues=4",
+            s(&sock)
+        )),
         "{refused}"
     );
     let vm = nic_vm_pairs(

@@ -164,16 +164,16 @@ impl Kind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("disk {socket}: cannot connect (is a backend listening there?): {err}")]
+    #[error("{socket}: cannot connect (is a backend listening there?): {err}")]
     Connect { socket: String, err: std::io::Error },
-    #[error("disk {socket}: {what}: {err}")]
+    #[error("{socket}: {what}: {err}")]
     Protocol {
         socket: String,
         what: &'static str,
         err: Exchange,
     },
     #[error(
-        "disk {socket}: the backend came back with other features (virtio {features:#x}, \
+        "{socket}: the backend came back with other features (virtio {features:#x}, \
          protocol {protocol:#x}; the session was set up with virtio {session_features:#x}, \
          protocol {session_protocol:#x})"
     )]
@@ -184,14 +184,14 @@ pub enum DiskError {
         session_features: u64,
         session_protocol: u64,
     },
-    #[error("disk {socket}: the backend offers {offered} queues, {wanted} were asked for")]
+    #[error("{socket}: the backend offers {offered} queues, {wanted} were asked for")]
     Queues {
         socket: String,
         offered: u64,
         wanted: u16,
     },
     #[error(
-        "nic {socket}: the backend serves {backend_pairs} queue pairs (its control queue after them), \
+        "{socket}: the backend serves {backend_pairs} queue pairs (its control queue after them), \
          this NIC has {pairs}: give num_queues={} or run the backend with {pairs} queue pair(s)",
         2 * backend_pairs
     )]
@@ -200,21 +200,21 @@ pub enum DiskError {
         backend_pairs: u64,
         pairs: u16,
     },
-    #[error("disk {socket}: ring address {gpa:#x} is not in guest memory")]
+    #[error("{socket}: ring address {gpa:#x} is not in guest memory")]
     RingAddress { socket: String, gpa: u64 },
-    #[error("disk {socket}: the used ring of queue {queue}: {err}")]
+    #[error("{socket}: the used ring of queue {queue}: {err}")]
     UsedRing {
         socket: String,
         queue: usize,
         err: vm_memory::GuestMemoryError,
     },
-    #[error("disk {socket}: the {what} eventfd: {err}")]
+    #[error("{socket}: the {what} eventfd: {err}")]
     Eventfd {
         socket: String,
         what: &'static str,
         err: std::io::Error,
     },
-    #[error("disk {socket}: its backend's page faults: {err}")]
+    #[error("{socket}: its backend's page faults: {err}")]
     Paging { socket: String, err: PagerError },
 }
 
@@ -322,7 +322,8 @@ fn handshake(
     reply_timeout: Duration,
     pager: Option<&PagerHandle>,
 ) -> Result<Handshake, DiskError> {
-    let socket = path.display().to_string();
+    // The device named by its kind: `disk /run/vm.sock`, `nic ...`.
+    let socket = format!("{} {}", kind.noun(), path.display());
     // Connected here rather than by `Frontend::connect`, which retries a
     // refused connection 5 times 100 ms apart on its own: the callers
     // decide when to look again (a start's connect timeout, a reconnect's
@@ -596,8 +597,9 @@ impl Link {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The device as errors name it: its kind and its socket.
     fn socket_name(&self) -> String {
-        self.socket.display().to_string()
+        format!("{} {}", self.kind.noun(), self.socket.display())
     }
 
     fn err<'a>(

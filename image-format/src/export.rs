@@ -152,6 +152,10 @@ impl Filesystem for Export {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
+        // O_DIRECT requests sent on without waiting for the one before
+        // (libfuse's default too): this loop always has the next one.
+        const FUSE_ASYNC_DIO: u64 = 1 << 15;
+        let _ = config.add_capabilities(FUSE_ASYNC_DIO);
         Ok(())
     }
 

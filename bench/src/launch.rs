@@ -32,11 +32,6 @@ pub struct LaunchOptions {
     pub bin_dir: PathBuf,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -193,7 +188,7 @@ fn at_rest(o: &LaunchOptions, state: &Path, base: &str, count: usize) -> Result<
     Ok(AtRest {
         mib_per_vm: kib as f64 / 1024.0 / count as f64,
         cpu_ms_per_vm_s: cpu_ms / window.as_secs_f64() / count as f64,
-        stop_ms: median(stops),
+        stop_ms: crate::median(stops),
     })
 }
 
@@ -373,7 +368,7 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         step("wait", &["wait", "life"])?;
         step("delete", &["delete", "life"])?;
     }
-    let step_ms = |s: &str| median(steps.get(s).cloned().unwrap_or_default());
+    let step_ms = |s: &str| crate::median(steps.get(s).cloned().unwrap_or_default());
     let life_total: f64 = ["create", "start", "wait", "delete"]
         .iter()
         .map(|s| step_ms(s))

@@ -27,6 +27,13 @@ pub fn report(
     Ok(())
 }
 
+/// The middle of a cell's measurements (the upper one of an even count);
+/// NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// One of the project's release binaries, beside the benchmark's own (a
 /// benchmark measures what users run, not a debug build).
 pub fn release_binary(name: &str) -> Result<PathBuf> {

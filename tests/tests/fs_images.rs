@@ -369,7 +369,11 @@ fn exports_end_cleanly_when_unmounted_during_writes_killed_or_read_only() {
         .arg(format!("of={}", s(&mnt.join("big"))))
         .spawn()
         .expect("dd");
-    std::thread::sleep(Duration::from_millis(50));
+    // Unmounted once the writer has its file open and is writing (not on
+    // a timer: a slow machine may start dd late).
+    Patience::new("dd's first megabyte", Duration::from_millis(50))
+        .wait_until(|| Ok(std::fs::metadata(mnt.join("big")).is_ok_and(|m| m.len() > 0)))
+        .expect("dd writes");
     img.ok(&["umount", &s(&mnt)]);
     assert!(writer.wait().expect("dd").success());
     assert!(!is_mountpoint(&mnt));

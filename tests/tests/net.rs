@@ -170,7 +170,8 @@ fn floods_between_a_vm_and_the_host_are_counted_exactly_at_both_ends() {
     // Host to guest: 2000 datagrams of 100 bytes, in bursts of 100 (the
     // guest's 256 receive buffers and the tap's queue hold a burst: none
     // is dropped), to the guest's discard port; the guest counts them and
-    // ends once they stop for 2 s.
+    // ends once they stop for 5 s (bursts come 10 ms apart: a wide margin
+    // for a busy host).
     // A NIC of one pair on it is refused by name (the control queue's
     // place would differ), the backend serving on.
     let mut one = VmmVm::new(&bin("vmm"), "mode=net ip=10.0.0.2");
@@ -188,7 +189,7 @@ fn floods_between_a_vm_and_the_host_are_counted_exactly_at_both_ends() {
     );
     let vm = nic_vm_pairs(
         &sock,
-        "mode=net ip=10.0.0.2 progress_ms=0 sink_idle_ms=2000 wait=halt",
+        "mode=net ip=10.0.0.2 progress_ms=0 sink_idle_ms=5000 wait=halt",
         2,
     );
     assert!(ns.ping("10.0.0.2", 1).status.success(), "{}", vm.console());
@@ -216,7 +217,9 @@ fn floods_between_a_vm_and_the_host_are_counted_exactly_at_both_ends() {
             "10.0.0.1",
             9,
             Duration::from_secs(30),
-            Duration::from_secs(2),
+            // The sink's end: 5 s without a datagram (the guest sends
+            // without pause; a wide margin for a stalled vCPU).
+            Duration::from_secs(5),
         )
         .expect("a sink in the namespace");
     let vm = nic_vm_pairs(

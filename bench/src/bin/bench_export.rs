@@ -146,11 +146,6 @@ fn stop(mut child: KillOnDrop) {
     let _ = child.0.wait();
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// The tree for the mkfs rows: `bytes` of random data in 4 MiB files, 16
 /// to a directory.
 fn make_tree(root: &Path, bytes: u64) -> Result<()> {
@@ -215,8 +210,8 @@ fn main() -> Result<()> {
             cells.push(Cell {
                 job: job.name,
                 export,
-                mb_s: median(mb),
-                iops: median(iops),
+                mb_s: bench::median(mb),
+                iops: bench::median(iops),
             });
         }
     }
@@ -257,7 +252,7 @@ fn main() -> Result<()> {
         std::fs::remove_file(&raw)?;
         std::fs::remove_file(&conv)?;
     }
-    let (o, t) = (median(ours_s), median(theirs_s));
+    let (o, t) = (bench::median(ours_s), bench::median(theirs_s));
 
     let mut md = String::from(
         "| job | export | MB/s | IOPS | vs qemu-storage-daemon |\n|---|---|---:|---:|---:|\n",

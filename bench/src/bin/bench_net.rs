@@ -227,18 +227,14 @@ fn measure_echo(
         p50.push(r.field("rtt_p50_ns") as f64 / 1e3);
         p99.push(r.field("rtt_p99_ns") as f64 / 1e3);
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     Ok(EchoCell {
         path: if to_host { "guest-host" } else { "guest-guest" },
         stack,
         payload,
         window,
-        echoes_per_s: median(rates),
-        rtt_p50_us: median(p50),
-        rtt_p99_us: median(p99),
+        echoes_per_s: bench::median(rates),
+        rtt_p50_us: bench::median(p50),
+        rtt_p99_us: bench::median(p99),
     })
 }
 

@@ -195,15 +195,6 @@ struct Cell {
     median_p999_us: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 /// Random reads through the image itself and through a chain of
 /// `chain_depth` layers made on it (every layer but the new top sealed,
 /// the data all in the bottom one), vmm + blk-backend with O_DIRECT for
@@ -249,7 +240,7 @@ fn chain_rows(
             iops.push(s.iops);
             p50.push(s.p50_us);
         }
-        Ok((median(iops), median(p50)))
+        Ok((bench::median(iops), bench::median(p50)))
     };
     let shallow: Vec<(f64, f64)> = reads.iter().map(|w| measure(w)).collect::<Result<_>>()?;
     eprintln!("[{storage}] making a chain of {} layers", a.chain_depth);
@@ -706,13 +697,13 @@ fn main() -> Result<()> {
                     storage: storage.clone(),
                     row,
                     workload: *w,
-                    median_iops: median(iops.clone()),
+                    median_iops: bench::median(iops.clone()),
                     min_iops: iops.iter().cloned().fold(f64::MAX, f64::min),
                     max_iops: iops.iter().cloned().fold(0.0, f64::max),
-                    median_mb_s: median(samples.iter().map(|s| s.mb_s).collect()),
-                    median_p50_us: median(samples.iter().map(|s| s.p50_us).collect()),
-                    median_p99_us: median(samples.iter().map(|s| s.p99_us).collect()),
-                    median_p999_us: median(samples.iter().map(|s| s.p999_us).collect()),
+                    median_mb_s: bench::median(samples.iter().map(|s| s.mb_s).collect()),
+                    median_p50_us: bench::median(samples.iter().map(|s| s.p50_us).collect()),
+                    median_p99_us: bench::median(samples.iter().map(|s| s.p99_us).collect()),
+                    median_p999_us: bench::median(samples.iter().map(|s| s.p999_us).collect()),
                     samples,
                 });
             }
@@ -764,7 +755,7 @@ fn main() -> Result<()> {
         }
         boots.push((
             format!("QEMU {machine:?}, virtio-blk"),
-            median(t.clone()),
+            bench::median(t.clone()),
             t,
         ));
     }
@@ -829,7 +820,7 @@ fn main() -> Result<()> {
         } else {
             "QEMU Microvm, vhost-user-blk (blk-backend)"
         };
-        boots.push((name.to_string(), median(t.clone()), t));
+        boots.push((name.to_string(), bench::median(t.clone()), t));
     }
     // The vmm's own memory beside the guest's (guest RAM is the shared
     // memfd mapping; RssAnon + RssFile is the vmm's).
@@ -901,8 +892,8 @@ fn main() -> Result<()> {
             Row::QemuBlkBackend | Row::VmmBlkBackend | Row::HostFio
         )
     }) {
-        let cpu = median(c.samples.iter().filter_map(|s| s.cpu_s_per_mio).collect());
-        let rss = median(c.samples.iter().filter_map(|s| s.rss_mib).collect());
+        let cpu = bench::median(c.samples.iter().filter_map(|s| s.cpu_s_per_mio).collect());
+        let rss = bench::median(c.samples.iter().filter_map(|s| s.rss_mib).collect());
         let (frontend, rss) = match c.row {
             Row::QemuBlkBackend => ("QEMU", format!("{rss:.1}")),
             Row::VmmBlkBackend => ("vmm", format!("{rss:.1}")),
@@ -969,7 +960,7 @@ fn main() -> Result<()> {
         );
     }
     let med_t =
-        |k: &str| median(vmm_timing.iter().filter_map(|t| t[k].as_f64()).collect()) / 1000.0;
+        |k: &str| bench::median(vmm_timing.iter().filter_map(|t| t[k].as_f64()).collect()) / 1000.0;
     if !vmm_timing.is_empty() {
         let first = med_t("first_run_us");
         let marker = med_of("vmm").unwrap_or(f64::NAN);

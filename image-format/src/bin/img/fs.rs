@@ -60,6 +60,13 @@ fn entry_path(file: &Path) -> PathBuf {
     run_dir().join(format!("{h:016x}.json"))
 }
 
+/// The file `img mount DIR`'s export serves (its log beside it, `.log`).
+fn mount_export_file(dir: &Path) -> PathBuf {
+    let key = entry_path(dir);
+    let stem = key.file_stem().unwrap_or_default().to_string_lossy();
+    run_dir().join(format!("export-{stem}"))
+}
+
 fn entries() -> Vec<(PathBuf, Entry)> {
     let Ok(dir) = std::fs::read_dir(run_dir()) else {
         return Vec::new();
@@ -283,13 +290,7 @@ pub fn mount(image: &Path, dir: &Path, readonly: bool) -> Result<()> {
         );
     }
     std::fs::create_dir_all(run_dir()).context("the run directory")?;
-    let file = run_dir().join(format!(
-        "export-{}",
-        entry_path(&dir)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
+    let file = mount_export_file(&dir);
     let log = file.with_extension("log");
     let me = std::env::current_exe().context("finding img itself")?;
     let mut cmd = Command::new(me);
@@ -348,14 +349,7 @@ pub fn umount(dir: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let log = run_dir().join(format!(
-        "export-{}.log",
-        entry_path(&dir)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let _ = std::fs::remove_file(log);
+    let _ = std::fs::remove_file(mount_export_file(&dir).with_extension("log"));
     Ok(())
 }
 

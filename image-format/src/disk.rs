@@ -579,6 +579,24 @@ impl Disk {
             .then(|| (self.layers.len() - 1, self.top().data_offset() + offset))
     }
 
+    /// Where `[offset, offset + len)` is in the top's file when the top
+    /// already owns every block it touches (any alignment): a write there
+    /// changes no map state, so the caller may do it without holding the
+    /// disk. `None` otherwise (a copy-on-write first).
+    pub fn in_place_target(&self, offset: u64, len: u64) -> Option<u64> {
+        let inside = self.check_range(offset, len).is_ok();
+        (inside
+            && top_owns(
+                &self.index,
+                self.top_owner(),
+                self.writable,
+                self.block_size,
+                offset,
+                len,
+            ))
+        .then(|| self.top().data_offset() + offset)
+    }
+
     /// Records that the caller wrote whole blocks `[offset, offset + len)`
     /// of the top itself: the map (persisted at the next flush) and the
     /// index now name the top.
@@ -732,6 +750,24 @@ impl Iterator for Extents<'_> {
     }
 }
 
+/// Whether the writable top (`top_owner`) owns every block of
+/// `[offset, offset + len)`, which must be inside the disk.
+fn top_owns(
+    index: &Index,
+    top_owner: Owner,
+    writable: bool,
+    bs: u64,
+    offset: u64,
+    len: u64,
+) -> bool {
+    if !writable || len == 0 {
+        return false;
+    }
+    let (first, end) = (offset / bs, (offset + len).div_ceil(bs));
+    let (owner, n) = index.run(first, end);
+    owner == top_owner && first + n >= end
+}
+
 /// A change of owner for a run of blocks, as recorded by
 /// [`Disk::take_index_changes`] and replayed by [`ChainView::apply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -776,13 +812,14 @@ impl ChainView {
     /// Whether the writable top already owns every block of the range, so
     /// a write there changes no map state.
     pub fn top_owns(&self, offset: u64, len: u64) -> bool {
-        if !self.writable || len == 0 {
-            return false;
-        }
-        let bs = self.block_size;
-        let (first, end) = (offset / bs, (offset + len).div_ceil(bs));
-        let (owner, n) = self.index.run(first, end);
-        owner == self.top_owner && first + n >= end
+        top_owns(
+            &self.index,
+            self.top_owner,
+            self.writable,
+            self.block_size,
+            offset,
+            len,
+        )
     }
 
     /// Same as [`Disk::direct_write_target`].

@@ -536,3 +536,157 @@ fn a_debian_root_filesystem_built_from_packages_checks_clean_and_holds_its_syste
     assert!(fstab.contains("LABEL=rootfs / ext4"), "{fstab}");
     img.ok(&["umount", &s(&mnt)]);
 }
+
+/// A small deterministic generator (the test's data and ranges).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// One piece of a writer's work: bytes written at an offset, or a hole
+/// punched there.
+enum Change {
+    Write(u64, Vec<u8>),
+    Punch(u64, u64),
+}
+
+#[test]
+fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() {
+    if !fs_ready("fs_export_concurrent_writes") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    const SIZE: u64 = 32 << 20;
+    const BLOCK: u64 = 64 << 10;
+    const WRITERS: u64 = 4;
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    // A sealed base (data in the first half, nothing in the second) and a
+    // clone of it: every first write to a block is a copy-on-write.
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut model = rng.bytes((SIZE / 2) as usize);
+    model.resize(SIZE as usize, 0);
+    let raw = fx.path("base.raw");
+    std::fs::write(&raw, &model[..(SIZE / 2) as usize]).expect("w");
+    std::fs::File::options()
+        .write(true)
+        .open(&raw)
+        .and_then(|f| f.set_len(SIZE))
+        .expect("grow");
+    let base = fx.path("base.img");
+    img.ok(&["convert", "-q", "-O", "snap", &s(&raw), &s(&base)]);
+    img.ok(&["snapshot", "-c", "golden", &s(&base)]);
+    let golden = format!("{}@golden", s(&base));
+    let clone = fx.path("clone.img");
+    img.ok(&["clone", &golden, &s(&clone)]);
+    let sealed_before = std::fs::read(&golden).expect("read the base");
+
+    // Disjoint ranges of any length and alignment, dealt to the writers in
+    // turn: neighbours, often in one block, are written by different
+    // writers at once (two copy-on-writes of one block racing); some are
+    // whole aligned blocks, some holes punched.
+    let mut work: Vec<Vec<Change>> = (0..WRITERS).map(|_| Vec::new()).collect();
+    let mut at = 0;
+    let mut i = 0;
+    while at < SIZE {
+        let (start, len) = match rng.below(6) {
+            0 => {
+                let start = at.next_multiple_of(BLOCK);
+                (start, BLOCK * (1 + rng.below(4)))
+            }
+            _ => (at + rng.below(4096), 1 + rng.below(3 * BLOCK)),
+        };
+        if start >= SIZE {
+            break;
+        }
+        let len = len.min(SIZE - start);
+        let change = if rng.below(10) == 0 {
+            Change::Punch(start, len)
+        } else {
+            Change::Write(start, rng.bytes(len as usize))
+        };
+        work[(i % WRITERS) as usize].push(change);
+        at = start + len;
+        i += 1;
+    }
+    assert!(i > 100, "{i} ranges");
+
+    let file = fx.path("clone.raw");
+    let export = img.export(&clone, &file, false, SIZE);
+    let start = std::sync::Barrier::new(WRITERS as usize);
+    std::thread::scope(|scope| {
+        for changes in &work {
+            let (file, start) = (&file, &start);
+            scope.spawn(move || {
+                let f = std::fs::File::options()
+                    .write(true)
+                    .open(file)
+                    .expect("open the export");
+                start.wait();
+                for c in changes {
+                    match c {
+                        Change::Write(offset, data) => {
+                            f.write_all_at(data, *offset).expect("write")
+                        }
+                        Change::Punch(offset, len) => {
+                            // SAFETY: fallocate on a descriptor we own.
+                            let r = unsafe {
+                                libc::fallocate(
+                                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                                    *offset as i64,
+                                    *len as i64,
+                                )
+                            };
+                            assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+                        }
+                    }
+                }
+                f.sync_all().expect("fsync");
+            });
+        }
+    });
+    for c in work.iter().flatten() {
+        match c {
+            Change::Write(offset, data) => {
+                model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+            }
+            Change::Punch(offset, len) => {
+                model[*offset as usize..(*offset + *len) as usize].fill(0)
+            }
+        }
+    }
+    let first_difference = |got: &[u8]| got.iter().zip(&model).position(|(a, b)| a != b);
+    let served = std::fs::read(&file).expect("read the export");
+    assert_eq!(first_difference(&served), None, "through the export");
+
+    // Ended (SIGTERM: flushed and closed); what the image holds.
+    let mut export = export;
+    // SAFETY: kill on our child.
+    unsafe { libc::kill(export.0.id() as i32, libc::SIGTERM) };
+    Patience::new("the export's end", Duration::from_secs(2))
+        .wait_until(|| Ok(export.0.try_wait()?.is_some()))
+        .expect("the export ends");
+    img.ok(&["check", &s(&clone)]);
+    let out = fx.path("out.raw");
+    img.ok(&["convert", "-q", "-O", "raw", &s(&clone), &s(&out)]);
+    let stored = std::fs::read(&out).expect("read");
+    assert_eq!(stored.len() as u64, SIZE);
+    assert_eq!(first_difference(&stored), None, "in the image");
+    assert!(
+        std::fs::read(&golden).expect("read the base") == sealed_before,
+        "the sealed base changed"
+    );
+}

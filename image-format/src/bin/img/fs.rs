@@ -218,8 +218,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         std::io::stdout().flush()?;
         // Until a signal, or the file unmounted under us.
         loop {
-            if signals.wait_for(Duration::from_millis(200)).is_some() || session.guard.is_finished()
-            {
+            if signals.wait_for(Duration::from_millis(200)).is_some() || session.is_finished() {
                 break;
             }
         }
@@ -227,12 +226,12 @@ pub fn export(a: ExportArgs) -> Result<()> {
     })();
     let unmounted = unmount_dir(&entry);
     // The FUSE file unmounted: the session ends and flushes the image.
-    session.join();
+    let closed = session.join().context("closing the image");
     if file_made {
         let _ = std::fs::remove_file(&file);
     }
     let _ = std::fs::remove_file(entry_path(&file));
-    outcome.and(unmounted)
+    outcome.and(unmounted).and(closed)
 }
 
 /// Unmounts `img mount`'s directory (its data flushed through the loop
@@ -356,7 +355,7 @@ pub fn umount(dir: &Path) -> Result<()> {
 /// An export for the length of one job: mounted on a file of the run
 /// directory, unmounted (and the image flushed) when dropped.
 struct Scoped {
-    session: Option<fuser::BackgroundSession>,
+    session: Option<image_format::export::ExportSession>,
     file: PathBuf,
 }
 
@@ -378,7 +377,9 @@ impl Scoped {
 impl Drop for Scoped {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            s.join();
+            if let Err(e) = s.join() {
+                eprintln!("img: closing the image: {e}");
+            }
         }
         let _ = std::fs::remove_file(&self.file);
     }

@@ -606,6 +606,28 @@ impl Disk {
         self.set_top_state(first, count, BlockState::Data);
     }
 
+    /// Records as written every block of the top whose file holds data
+    /// (SEEK_DATA): for a caller that had a tool of its own write the
+    /// top's data area in place (mkfs at the data offset), after
+    /// [`Disk::begin_writes`]. Holes stay as they were.
+    pub fn note_data_in_top(&mut self) -> Result<()> {
+        let bs = self.block_size;
+        let top = self.top();
+        let start = top.data_offset();
+        let ranges = top
+            .storage
+            .data_ranges(start, start + self.virtual_size)
+            .map_err(io_at(&top.path))?;
+        for (from, to) in ranges {
+            let first = (from.max(start) - start) / bs * bs;
+            let end = (to - start).min(self.virtual_size).div_ceil(bs) * bs;
+            if first < end {
+                self.note_written(first, end - first);
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `[offset, offset + len)` read as zeros: whole blocks become
     /// `zero` in the map and are punched out of the data area; partial
     /// blocks are written with zeros. (Discard does the same: reads after a

@@ -570,6 +570,7 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
     use std::os::unix::fs::FileExt;
     const SIZE: u64 = 32 << 20;
     const BLOCK: u64 = 64 << 10;
+    const PAGE: u64 = 4096;
     const WRITERS: u64 = 4;
     let fx = Fixture::new();
     let img = Img::new(&fx);
@@ -596,18 +597,25 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
     // Disjoint ranges of any length and alignment, dealt to the writers in
     // turn: neighbours, often in one block, are written by different
     // writers at once (two copy-on-writes of one block racing); some are
-    // whole aligned blocks, some holes punched.
+    // whole aligned blocks, some holes punched. Writers 0 and 1 write with
+    // O_DIRECT (whole pages: the export's parallel direct writes), 2 and
+    // 3 through the page cache (any offset and length).
+    let direct = |writer: u64| writer < 2;
     let mut work: Vec<Vec<Change>> = (0..WRITERS).map(|_| Vec::new()).collect();
     let mut at = 0;
     let mut i = 0;
     while at < SIZE {
-        let (start, len) = match rng.below(6) {
+        let (mut start, mut len) = match rng.below(6) {
             0 => {
                 let start = at.next_multiple_of(BLOCK);
                 (start, BLOCK * (1 + rng.below(4)))
             }
             _ => (at + rng.below(4096), 1 + rng.below(3 * BLOCK)),
         };
+        if direct(i % WRITERS) {
+            start = start.next_multiple_of(PAGE);
+            len = len.next_multiple_of(PAGE);
+        }
         if start >= SIZE {
             break;
         }
@@ -627,16 +635,26 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
     let export = img.export(&clone, &file, false, SIZE);
     let start = std::sync::Barrier::new(WRITERS as usize);
     std::thread::scope(|scope| {
-        for changes in &work {
+        for (writer, changes) in work.iter().enumerate() {
             let (file, start) = (&file, &start);
             scope.spawn(move || {
-                let f = std::fs::File::options()
-                    .write(true)
-                    .open(file)
-                    .expect("open the export");
+                let mut options = std::fs::File::options();
+                options.write(true);
+                if direct(writer as u64) {
+                    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_DIRECT);
+                }
+                let f = options.open(file).expect("open the export");
+                // O_DIRECT's buffer: page-aligned.
+                let mut staging = vec![0u8; (4 * BLOCK + PAGE) as usize];
+                let aligned = staging.as_ptr().align_offset(PAGE as usize);
                 start.wait();
                 for c in changes {
                     match c {
+                        Change::Write(offset, data) if direct(writer as u64) => {
+                            let buf = &mut staging[aligned..aligned + data.len()];
+                            buf.copy_from_slice(data);
+                            f.write_all_at(buf, *offset).expect("direct write")
+                        }
                         Change::Write(offset, data) => {
                             f.write_all_at(data, *offset).expect("write")
                         }

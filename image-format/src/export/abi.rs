@@ -38,6 +38,12 @@ pub mod init {
     pub const MAX_PAGES: u32 = 1 << 22;
 }
 
+/// OPEN's reply flags.
+pub mod fopen {
+    pub const DIRECT_IO: u32 = 1 << 0;
+    pub const PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
+}
+
 /// SETATTR's `valid` bits.
 pub mod fattr {
     pub const MODE: u32 = 1 << 0;

@@ -207,7 +207,11 @@ impl Export {
                 Ok(o) if self.readonly && o.flags & libc::O_ACCMODE as u32 != 0 => {
                     reply.error(libc::EROFS)
                 }
-                Ok(_) => reply.ok(&[abi::OpenOut::default().as_bytes()]),
+                Ok(o) => reply.ok(&[abi::OpenOut {
+                    open_flags: Self::open_flags(o.flags),
+                    ..Default::default()
+                }
+                .as_bytes()]),
                 Err(e) => reply.error(e),
             },
             op::READ => match arg::<abi::IoIn>(args) {
@@ -280,6 +284,20 @@ impl Export {
             ..Default::default()
         };
         reply.ok(&[out.as_bytes()]);
+    }
+
+    /// An O_DIRECT opener's I/O all goes straight to the export (it
+    /// would anyway), and its writes run in parallel: without
+    /// PARALLEL_DIRECT_WRITES the kernel holds the file's inode lock
+    /// across each direct write, one at a time whatever the queue depth.
+    /// Other openers go through the page cache (a loop device, mkfs).
+    fn open_flags(flags: u32) -> u32 {
+        use abi::fopen::*;
+        if flags & libc::O_DIRECT as u32 != 0 {
+            DIRECT_IO | PARALLEL_DIRECT_WRITES
+        } else {
+            0
+        }
     }
 
     fn attr_out(&self) -> AttrOut {

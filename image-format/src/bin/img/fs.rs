@@ -405,26 +405,39 @@ pub fn fsck(image: &Path, repair: bool, quiet: bool) -> Result<ExitCode> {
     Ok(ExitCode::from(status.code().unwrap_or(8) as u8))
 }
 
-/// `img create --fs ext4`: mkfs.ext4 on the new image's export, filled
-/// from `from` if given. Space mkfs leaves untouched stays unallocated.
+/// `img create --fs ext4`: mkfs.ext4 straight into the new image's
+/// layer file, at its data offset (a snap layer's data area is the disk's
+/// bytes in place), filled from `from` if given; then every block it
+/// wrote is noted in the map. Space mkfs leaves untouched stays
+/// unallocated. (The image is new, with nothing below it: no
+/// copy-on-write to do, and nothing to go through an export for.)
 pub fn make_fs(image: &Path, from: Option<&Path>, label: Option<&str>, quiet: bool) -> Result<()> {
     if let Some(d) = from {
         if !d.is_dir() {
             bail!("--from {}: not a directory", d.display());
         }
     }
-    let export = Scoped::new(image, false, "mkfs")?;
-    let f = export.file.to_string_lossy().into_owned();
+    let mut disk = image_format::Disk::open_path(image, true)
+        .with_context(|| format!("opening {}", image.display()))?;
+    if disk.layers().len() != 1 {
+        bail!(
+            "{}: a filesystem is made in a new image, not a clone",
+            image.display()
+        );
+    }
+    disk.begin_writes()?;
+    let options = format!(
+        // No discard pass (the image reads as zeros already) and lazy
+        // tables: only what the filesystem uses is written.
+        "offset={},nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+        disk.top().data_offset()
+    );
+    let f = disk.path().to_string_lossy().into_owned();
+    let size = format!("{}k", disk.virtual_size() / 1024);
     let from = from.map(|d| d.to_string_lossy().into_owned());
     // No discard pass (the image reads as zeros already) and lazy tables:
     // only what the filesystem uses is written.
-    let mut args = vec![
-        "-F",
-        "-t",
-        "ext4",
-        "-E",
-        "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-    ];
+    let mut args = vec!["-F", "-t", "ext4", "-E", &options];
     if quiet {
         args.push("-q");
     }
@@ -434,15 +447,16 @@ pub fn make_fs(image: &Path, from: Option<&Path>, label: Option<&str>, quiet: bo
     if let Some(l) = label {
         args.extend(["-L", l]);
     }
-    args.push(&f);
+    args.extend([f.as_str(), size.as_str()]);
     let status = Command::new("mkfs.ext4")
         .args(&args)
         .stdin(Stdio::null())
         .status()
         .context("running mkfs.ext4 (e2fsprogs)")?;
-    drop(export);
     if !status.success() {
         bail!("mkfs.ext4 failed ({status})");
     }
+    disk.note_data_in_top()?;
+    disk.close()?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The verbs that reach the filesystem inside an image: `export` (the
 //! chain as one raw file through FUSE), `mount`/`umount` (that file on a
 //! loop device, mounted on a directory), `fsck` (e2fsck over the export)
-//! and `create --fs` (mkfs.ext4 through the export, filled from a host
-//! directory if asked).
+//! and `create --fs` (mkfs.ext4 into the new image's layer, filled from a
+//! host directory if asked).
 //!
 //! Every export and mount is recorded in the run directory (`IMG_RUN_DIR`,
 //! default `/run/img`, or `$XDG_RUNTIME_DIR/img` for other users) while

@@ -91,8 +91,8 @@ enum Cmd {
         /// Print nothing but errors.
         #[arg(short = 'q', long)]
         quiet: bool,
-        /// Put a filesystem in it (mkfs through an export: only what the
-        /// filesystem writes takes space).
+        /// Put a filesystem in it (mkfs.ext4 straight into the new layer's
+        /// data area: only what the filesystem writes takes space).
         #[arg(long, value_enum, conflicts_with = "base")]
         fs: Option<FsType>,
         /// With --fs: fill it with this host directory's tree (mkfs.ext4 -d).

@@ -793,6 +793,29 @@ fn relative_paths_name_the_same_files_from_any_directory() {
     v.ok(&["delete", "rel"]);
 }
 
+#[test]
+fn a_vm_recreated_under_its_old_name_from_a_working_image_gets_a_snapshot_of_its_own() {
+    if !ready("vmctl_recreate", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    // A working image (not sealed): each create snapshots it to clone it,
+    // and the snapshot stays in the image's chain after the VM is gone.
+    let work = fx.image("work.img", "16M");
+    let image = work.to_str().expect("utf-8");
+    v.ok(&["create", "a", "--image", image]);
+    assert!(fx.path("work.img@vmctl-a").exists());
+    v.ok(&["delete", "a"]);
+    // (It failed here: "a snapshot of that name exists".)
+    v.ok(&["create", "a", "--image", image]);
+    assert!(fx.path("work.img@vmctl-a-2").exists());
+    v.ok(&["delete", "a"]);
+    v.ok(&["create", "a", "--image", image]);
+    assert!(fx.path("work.img@vmctl-a-3").exists());
+    test_infra::img(&["check", image]);
+}
+
 /// Processes whose command line mentions `path`.
 fn processes_mentioning(path: &Path) -> Vec<String> {
     let needle = path.to_string_lossy().into_owned();

@@ -45,7 +45,8 @@ pub struct Spec {
 
 /// What a VM's clone of `image` is made from: the image itself if it is
 /// sealed, else a snapshot of it made now (`vmctl-NAME`, as `img clone
-/// --seal` does).
+/// --seal` does; `vmctl-NAME-2` and on when an earlier VM of that name
+/// left its snapshot, which stays in the image's chain).
 pub fn clone_source(image: &Path, name: &str) -> Result<PathBuf> {
     let env = RealEnv;
     let base =
@@ -54,7 +55,11 @@ pub fn clone_source(image: &Path, name: &str) -> Result<PathBuf> {
         return Ok(image.to_path_buf());
     }
     drop(base);
-    ops::snapshot_create(&env, image, &format!("vmctl-{name}"))
+    let snapshot = std::iter::once(format!("vmctl-{name}"))
+        .chain((2..).map(|n| format!("vmctl-{name}-{n}")))
+        .find(|s| !ops::snapshot_path(image, s).exists())
+        .expect("an unbounded sequence of names has a free one");
+    ops::snapshot_create(&env, image, &snapshot)
         .with_context(|| format!("--image {}: snapshotting it to clone it", image.display()))
 }
 

@@ -34,18 +34,54 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// One of the project's release binaries, beside the benchmark's own (a
-/// benchmark measures what users run, not a debug build).
+/// One of the project's release binaries (`vmm`, `blk-backend`,
+/// `net-backend`, `img`, `vmctl`), beside the benchmark's own: a benchmark
+/// measures what users run, not a debug build. They are built (or found
+/// up to date: a no-op) once per benchmark, so that a benchmark never
+/// measures a stale binary left from before a change.
 pub fn release_binary(name: &str) -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().context("finding the benchmark itself")?;
+    let built = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new("."));
+        // `cargo run` says which cargo; run directly, the one on PATH.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        eprintln!("[setup] building the release binaries (a no-op when up to date)");
+        match Command::new(&cargo)
+            .args(["build", "--release", "-q"])
+            .args([
+                "-p",
+                "vmm",
+                "-p",
+                "vhost-blk-backend",
+                "-p",
+                "vhost-net-backend",
+            ])
+            .args(["-p", "image-format", "-p", "vmctl"])
+            .current_dir(root)
+            .status()
+        {
+            Ok(st) if st.success() => Ok(()),
+            Ok(st) => Err(format!("cargo build --release failed ({st})")),
+            Err(e) => Err(format!("running {cargo}: {e}")),
+        }
+    });
     let p = exe.with_file_name(name);
-    if !p.exists() {
-        bail!(
-            "{} is not built: cargo build --release -p vmm -p vhost-blk-backend -p image-format",
+    match built {
+        Ok(()) if p.exists() => Ok(p),
+        Ok(()) => bail!("{} is not among the release binaries", p.display()),
+        // No cargo here (a copied benchmark): what is beside it, if there.
+        Err(why) if p.exists() => {
+            eprintln!("[setup] {why}: using {} as built", p.display());
+            Ok(p)
+        }
+        Err(why) => bail!(
+            "{} is not built, and building it failed: {why}",
             p.display()
-        );
+        ),
     }
-    Ok(p)
 }
 
 /// Writes `size` bytes of random data to `path` with fio (O_DIRECT, 1 MiB

@@ -103,14 +103,11 @@ fn main() -> Result<()> {
     if !kvm_available("bench-fleet") {
         bail!("/dev/kvm is needed");
     }
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
     if a.launch {
-        if !exe_dir.join("vmctl").exists() {
-            bail!("build vmctl first: cargo build --release -p vmctl -p vmm -p vhost-blk-backend");
-        }
+        let exe_dir = bench::release_binary("vmctl")?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let md = bench::launch::run(&bench::launch::LaunchOptions {
             count: a.count,
             runs: a.runs,
@@ -124,10 +121,10 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let (backend, img_bin) = (exe_dir.join("blk-backend"), exe_dir.join("img"));
-    if !backend.exists() || !img_bin.exists() {
-        bail!("build blk-backend and img first: cargo build --release -p vhost-blk-backend -p image-format");
-    }
+    let (backend, img_bin) = (
+        bench::release_binary("blk-backend")?,
+        bench::release_binary("img")?,
+    );
     let work = a.dir.join(format!("bench-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let raw = work.join("base.raw");

@@ -567,19 +567,9 @@ fn main() -> Result<()> {
     }
     let mut cells = Vec::new();
     let mut chains: Vec<ChainRow> = Vec::new();
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let backend_bin = exe_dir.join("blk-backend");
-    let vmm_bin = exe_dir.join("vmm");
-    if !vmm_bin.exists() {
-        bail!("build the vmm first: cargo build --release -p vmm");
-    }
-    let img_bin = exe_dir.join("img");
-    if !backend_bin.exists() || !img_bin.exists() {
-        bail!("build blk-backend and img first: cargo build --release -p vhost-blk-backend -p image-format");
-    }
+    let backend_bin = bench::release_binary("blk-backend")?;
+    let vmm_bin = bench::release_binary("vmm")?;
+    let img_bin = bench::release_binary("img")?;
     for (storage, snap) in &places {
         // Written end to end by a guest through blk-backend (O_DIRECT),
         // as a VM writes its disk. (Not `img convert`: on this machine's

@@ -2,8 +2,8 @@
 //! requests virtiofsd (the Rust one, a real component nobody here wrote)
 //! serves from a host directory: FUSE_INIT, then a file the test wrote
 //! looked up, opened and read whole, its bytes hashed in the guest and
-//! compared with the host's. Under the vmm directly and through vmctl's
-//! `--share`.
+//! compared with the host's; a file the guest creates and writes read
+//! back on the host. Under the vmm directly and through vmctl's `--share`.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,6 +24,13 @@ fn fnv(bytes: &[u8]) -> String {
 fn pattern(len: usize) -> Vec<u8> {
     (0..len as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// What the bench guest writes to an `out=` file: byte `i` of it.
+fn guest_pattern(len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
         .collect()
 }
 
@@ -66,8 +73,17 @@ fn a_guest_reads_a_host_file_through_virtiofsd() {
 
     let sock = fx.path("fs.sock");
     let _daemon = virtiofsd(&shared, &sock);
-    let run = fs_vm(&sock, "mode=fs tag=share file=hello.bin timeout_ms=10000");
-    run.assert_ok("the guest reading through virtio-fs");
+    // Several WRITEs' worth (each carries up to 64 KiB), not a whole
+    // number of them.
+    let out_size = 150_000;
+    let run = fs_vm(
+        &sock,
+        &format!(
+            "mode=fs tag=share file=hello.bin out=from-guest.bin out_size={out_size} \
+             timeout_ms=10000"
+        ),
+    );
+    run.assert_ok("the guest reading and writing through virtio-fs");
     assert!(
         run.serial.contains("fs: tag share with 1 request queue(s)"),
         "{}",
@@ -77,6 +93,16 @@ fn a_guest_reads_a_host_file_through_virtiofsd() {
     assert_eq!(run.field("read"), content.len() as u64, "{:?}", run.result);
     let result = run.result.clone().expect("a report");
     assert_eq!(result["fnv"], fnv(&content), "{result}");
+    // What the guest wrote is on the host, byte for byte (and fsynced:
+    // the guest's FUSE_FSYNC was answered before its report).
+    assert_eq!(run.field("written"), out_size, "{result}");
+    let written = std::fs::read(shared.join("from-guest.bin")).expect("the guest's file");
+    assert_eq!(written.len() as u64, out_size);
+    assert!(
+        written == guest_pattern(out_size as usize),
+        "the guest's bytes differ"
+    );
+    assert_eq!(result["out_fnv"], fnv(&written), "{result}");
 
     // A file that is not there: FUSE's ENOENT, by name, the VM ends.
     let sock = fx.path("fs2.sock");

@@ -19,7 +19,9 @@ pub enum Mode {
     /// `duration_ms` (0: until the VM is ended), then a report.
     Net,
     /// No disk: the virtio-fs device (`tag`) asked, over FUSE, for `file`
-    /// in its root (INIT, LOOKUP, OPEN, READ); a report of what it read.
+    /// in its root (INIT, LOOKUP, OPEN, READ), and with `out` given that
+    /// file created and `out_size` bytes written to it (CREATE, WRITE,
+    /// FSYNC, RELEASE); a report of what it read and wrote.
     Fs,
 }
 
@@ -126,6 +128,10 @@ pub struct Config {
     /// mode=fs: the device's tag (empty: the first device) and the file.
     pub tag: Name,
     pub file: Name,
+    /// mode=fs: a file to create in the root and write `out_size` bytes of
+    /// [`crate::fs::pattern_byte`] to (empty: none).
+    pub out: Name,
+    pub out_size: u64,
 }
 
 impl Default for Config {
@@ -170,6 +176,8 @@ impl Default for Config {
             sink_idle_ms: 0,
             tag: Name::EMPTY,
             file: Name::EMPTY,
+            out: Name::EMPTY,
+            out_size: 0,
         }
     }
 }
@@ -288,6 +296,8 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "flood" => flag(v).map(|b| c.flood = b).is_some(),
             "tag" => Name::new(v).map(|n| c.tag = n).is_some(),
             "file" => Name::new(v).map(|n| c.file = n).is_some(),
+            "out" => Name::new(v).filter(|n| !n.as_bytes().contains(&b'/')).map(|n| c.out = n).is_some(),
+            "out_size" => num(v).map(|n| c.out_size = n).is_some(),
             "sink_idle_ms" => num(v).filter(|&n| n > 0).map(|n| c.sink_idle_ms = n).is_some(),
             "max_bus" => num(v).filter(|&n| n < 256).map(|n| c.max_bus = n as u8).is_some(),
             "indirect" => flag(v).map(|b| c.indirect = b).is_some(),

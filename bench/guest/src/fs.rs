@@ -1,6 +1,6 @@
 //! virtio-fs: finding the device, its tag, and FUSE over its request
 //! queue (FUSE_INIT, then LOOKUP, OPEN and READ of one file in the shared
-//! folder's root), polled. Enough to prove the path from a guest through
+//! folder's root; CREATE, WRITE, FSYNC and RELEASE of another), polled. Enough to prove the path from a guest through
 //! the vmm's vhost-user frontend to a vhost-user-fs backend (virtiofsd)
 //! and the host's files.
 
@@ -11,7 +11,14 @@ use crate::virtio::{self, write_desc, InitError, Transport, Virtqueue, DESC_F_NE
 const FUSE_LOOKUP: u32 = 1;
 const FUSE_OPEN: u32 = 14;
 const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_FSYNC: u32 = 20;
 const FUSE_INIT: u32 = 26;
+const FUSE_CREATE: u32 = 35;
+const O_WRONLY: u32 = 0o1;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
 /// The root directory's node id.
 const ROOT: u64 = 1;
 const IN_HEADER: u64 = 40;
@@ -20,6 +27,13 @@ const OUT_HEADER: u64 = 16;
 /// writes back (a header and up to this much).
 const REQ_BUF: u64 = 4096;
 const REPLY_BUF: u64 = 64 * 1024;
+/// The most one WRITE carries (its data in a buffer of its own).
+pub const WRITE_CHUNK: u64 = 64 * 1024;
+
+/// Byte `i` of what `out=` files hold: the host computes the same.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
+}
 
 #[derive(Debug)]
 pub enum FsError {
@@ -50,6 +64,19 @@ impl core::fmt::Display for FsError {
     }
 }
 
+/// READ's and WRITE's argument (fuse_read_in, fuse_write_in: one layout)
+/// at `a`: its length.
+fn io_in(a: u64, fh: u64, offset: u64, size: u32) -> u64 {
+    wr64(a, fh);
+    wr64(a + 8, offset);
+    wr32(a + 16, size);
+    wr32(a + 20, 0); // read_flags / write_flags
+    wr64(a + 24, 0); // lock_owner
+    wr32(a + 32, 0); // flags
+    wr32(a + 36, 0);
+    40
+}
+
 fn find(access: ConfigAccess, max_bus: u8, mut wanted: impl FnMut(Function) -> bool) -> Option<Function> {
     let mut hit = None;
     pci::functions(access, max_bus, |f| {
@@ -67,6 +94,8 @@ pub struct Share {
     requests: Virtqueue,
     req_buf: u64,
     reply_buf: u64,
+    /// A WRITE's data.
+    write_buf: u64,
     unique: u64,
     /// The device's tag (NUL-padded).
     pub tag: [u8; 36],
@@ -99,8 +128,9 @@ impl Share {
         requests.suppress_interrupts();
         let req_buf = arena.alloc(REQ_BUF, 4096).ok_or(FsError::Init(InitError::OutOfMemory))?;
         let reply_buf = arena.alloc(REPLY_BUF, 4096).ok_or(FsError::Init(InitError::OutOfMemory))?;
+        let write_buf = arena.alloc(WRITE_CHUNK, 4096).ok_or(FsError::Init(InitError::OutOfMemory))?;
         t.driver_ok();
-        Ok(Share { _transport: t, requests, req_buf, reply_buf, unique: 0, tag: got, request_queues })
+        Ok(Share { _transport: t, requests, req_buf, reply_buf, write_buf, unique: 0, tag: got, request_queues })
     }
 
     /// One FUSE request: `opcode` on `node` with `args` (written by
@@ -108,9 +138,17 @@ impl Share {
     /// the reply's payload length back (after its header, at
     /// `reply_buf + OUT_HEADER`).
     fn call(&mut self, op: &'static str, opcode: u32, node: u64, reply_len: u64, args: impl FnOnce(u64) -> u64, timeout: &dyn Fn() -> bool) -> Result<u64, FsError> {
+        self.call_with(op, opcode, node, reply_len, args, 0, timeout)
+    }
+
+    /// [`Share::call`] with `data_len` bytes of `write_buf` after the
+    /// arguments (a WRITE's data), in a descriptor of their own.
+    #[allow(clippy::too_many_arguments)]
+    fn call_with(&mut self, op: &'static str, opcode: u32, node: u64, reply_len: u64, args: impl FnOnce(u64) -> u64, data_len: u64, timeout: &dyn Fn() -> bool) -> Result<u64, FsError> {
         self.unique += 1;
         let arg_len = args(self.req_buf + IN_HEADER);
-        let len = IN_HEADER + arg_len;
+        let head = IN_HEADER + arg_len;
+        let len = head + data_len;
         let h = self.req_buf;
         wr32(h, len as u32);
         wr32(h + 4, opcode);
@@ -123,8 +161,15 @@ impl Share {
         wr16(h + 38, 0);
         wr32(self.reply_buf, 0);
         let table = self.requests.desc_table();
-        write_desc(table, 0, self.req_buf, len as u32, DESC_F_NEXT, 1);
-        write_desc(table, 1, self.reply_buf, (OUT_HEADER + reply_len.min(REPLY_BUF - OUT_HEADER)) as u32, DESC_F_WRITE, 0);
+        let reply = (OUT_HEADER + reply_len.min(REPLY_BUF - OUT_HEADER)) as u32;
+        if data_len > 0 {
+            write_desc(table, 0, self.req_buf, head as u32, DESC_F_NEXT, 1);
+            write_desc(table, 1, self.write_buf, data_len as u32, DESC_F_NEXT, 2);
+            write_desc(table, 2, self.reply_buf, reply, DESC_F_WRITE, 0);
+        } else {
+            write_desc(table, 0, self.req_buf, len as u32, DESC_F_NEXT, 1);
+            write_desc(table, 1, self.reply_buf, reply, DESC_F_WRITE, 0);
+        }
         self.requests.push(0);
         self.requests.publish();
         loop {
@@ -217,19 +262,105 @@ impl Share {
             FUSE_READ,
             node,
             u64::from(size),
-            |a| {
-                wr64(a, fh);
-                wr64(a + 8, offset);
-                wr32(a + 16, size);
-                wr32(a + 20, 0);
-                wr64(a + 24, 0);
-                wr32(a + 32, 0);
-                wr32(a + 36, 0);
-                40
-            },
+            |a| io_in(a, fh, offset, size),
             timeout,
         )
     }
+
+    /// FUSE_CREATE of `name` in the root, write-only and truncated
+    /// (0644): its node id and file handle.
+    pub fn create(&mut self, name: &[u8], timeout: &dyn Fn() -> bool) -> Result<(u64, u64), FsError> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(FsError::Name);
+        }
+        self.call(
+            "FUSE_CREATE",
+            FUSE_CREATE,
+            ROOT,
+            128 + 16,
+            |a| {
+                wr32(a, O_WRONLY | O_CREAT | O_TRUNC);
+                wr32(a + 4, 0o100644); // S_IFREG | 0644
+                wr32(a + 8, 0o022); // umask
+                wr32(a + 12, 0); // open_flags
+                for (i, &b) in name.iter().enumerate() {
+                    wr8(a + 16 + i as u64, b);
+                }
+                wr8(a + 16 + name.len() as u64, 0);
+                16 + name.len() as u64 + 1
+            },
+            timeout,
+        )?;
+        // fuse_entry_out (128 bytes: the node id first), then fuse_open_out
+        // (the file handle first).
+        let e = self.reply_buf + OUT_HEADER;
+        Ok((rd64(e), rd64(e + 128)))
+    }
+
+    /// Where a WRITE's data goes before [`Share::write`]: `WRITE_CHUNK`
+    /// bytes.
+    pub fn write_data(&mut self) -> &'static mut [u8] {
+        // SAFETY: the write buffer is RAM the arena gave this device alone,
+        // WRITE_CHUNK bytes from `write_buf`, and no request is in flight
+        // while the caller fills it (calls are synchronous).
+        unsafe { core::slice::from_raw_parts_mut(self.write_buf as *mut u8, WRITE_CHUNK as usize) }
+    }
+
+    /// FUSE_WRITE of the first `len` bytes of [`Share::write_data`] at
+    /// `offset`: how many the device took.
+    pub fn write(&mut self, node: u64, fh: u64, offset: u64, len: u64, timeout: &dyn Fn() -> bool) -> Result<u64, FsError> {
+        let len = len.min(WRITE_CHUNK);
+        self.call_with(
+            "FUSE_WRITE",
+            FUSE_WRITE,
+            node,
+            8,
+            |a| io_in(a, fh, offset, len as u32),
+            len,
+            timeout,
+        )?;
+        Ok(u64::from(rd32(self.reply_buf + OUT_HEADER)))
+    }
+
+    /// FUSE_FSYNC of `fh`: what was written is on the host's disk.
+    pub fn fsync(&mut self, node: u64, fh: u64, timeout: &dyn Fn() -> bool) -> Result<(), FsError> {
+        self.call(
+            "FUSE_FSYNC",
+            FUSE_FSYNC,
+            node,
+            0,
+            |a| {
+                wr64(a, fh);
+                wr32(a + 8, 0);
+                wr32(a + 12, 0);
+                16
+            },
+            timeout,
+        )
+        .map(|_| ())
+    }
+
+    /// FUSE_RELEASE of `fh` (the last close).
+    pub fn release(&mut self, node: u64, fh: u64, flags: u32, timeout: &dyn Fn() -> bool) -> Result<(), FsError> {
+        self.call(
+            "FUSE_RELEASE",
+            FUSE_RELEASE,
+            node,
+            0,
+            |a| {
+                wr64(a, fh);
+                wr32(a + 8, flags);
+                wr32(a + 12, 0);
+                wr64(a + 16, 0);
+                24
+            },
+            timeout,
+        )
+        .map(|_| ())
+    }
+
+    /// The flags `create` opened with (RELEASE repeats them).
+    pub const CREATE_FLAGS: u32 = O_WRONLY | O_CREAT | O_TRUNC;
 
     /// Where the last READ's bytes are.
     pub fn data(&self, len: u64) -> &'static [u8] {

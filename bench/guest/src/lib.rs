@@ -320,7 +320,9 @@ fn run_nic(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Cl
 /// `mode=fs`: FUSE over the virtio-fs device: INIT, then `file` in the
 /// shared folder's root looked up, opened and read whole; the report has
 /// its size, the bytes read and their FNV-1a hash (the host computes the
-/// same over its copy).
+/// same over its copy). With `out=NAME`: NAME created, `out_size` bytes of
+/// the pattern written to it, fsynced and closed; the report has the
+/// bytes written and their hash.
 fn run_fs(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clock, boot_tsc: u64) -> ! {
     let mut share = match fs::Share::open(rsdp, cfg.max_bus, cfg.tag.as_bytes(), arena) {
         Ok(s) => s,
@@ -350,11 +352,36 @@ fn run_fs(rsdp: u64, cfg: &config::Config, arena: &mem::Arena, clock: &time::Clo
         }
         Ok((major, minor, size, read, hash))
     };
-    match run(&mut share) {
-        Ok((major, minor, size, read, hash)) => {
+    let write = |share: &mut fs::Share| -> Result<(u64, u64), fs::FsError> {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        if cfg.out.as_bytes().is_empty() {
+            return Ok((0, hash));
+        }
+        let (node, fh) = share.create(cfg.out.as_bytes(), &timeout)?;
+        let mut written = 0u64;
+        while written < cfg.out_size {
+            let len = (cfg.out_size - written).min(fs::WRITE_CHUNK);
+            for (i, b) in share.write_data()[..len as usize].iter_mut().enumerate() {
+                *b = fs::pattern_byte(written + i as u64);
+                hash = (hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+            let took = share.write(node, fh, written, len, &timeout)?;
+            if took != len {
+                // A short write: the report says how far it got.
+                written += took;
+                break;
+            }
+            written += len;
+        }
+        share.fsync(node, fh, &timeout)?;
+        share.release(node, fh, fs::Share::CREATE_FLAGS, &timeout)?;
+        Ok((written, hash))
+    };
+    match run(&mut share).and_then(|r| Ok((r, write(&mut share)?))) {
+        Ok(((major, minor, size, read, hash), (written, out_hash))) => {
             println!(
-                "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"fs\",\"fuse\":\"{}.{}\",\"size\":{},\"read\":{},\"fnv\":\"{:016x}\",\"ns\":{},\"init_ns\":{}}}",
-                major, minor, size, read, hash, clock.ns(time::tsc() - started), clock.ns(started - boot_tsc)
+                "{{\"bench_guest\":1,\"result\":\"ok\",\"phase\":\"fs\",\"fuse\":\"{}.{}\",\"size\":{},\"read\":{},\"fnv\":\"{:016x}\",\"written\":{},\"out_fnv\":\"{:016x}\",\"ns\":{},\"init_ns\":{}}}",
+                major, minor, size, read, hash, written, out_hash, clock.ns(time::tsc() - started), clock.ns(started - boot_tsc)
             );
             rt::exit(EXIT_OK);
         }

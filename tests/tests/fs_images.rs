@@ -110,6 +110,16 @@ impl Img {
         child
     }
 
+    /// Ends an export as a user does (SIGTERM: unmounted, flushed, the
+    /// image closed clean) and waits for it.
+    fn end(&self, mut export: KillOnDrop) {
+        // SAFETY: kill on our child.
+        unsafe { libc::kill(export.0.id() as i32, libc::SIGTERM) };
+        Patience::new("the export's end", Duration::from_secs(2))
+            .wait_until(|| Ok(export.0.try_wait()?.is_some()))
+            .expect("the export ends");
+    }
+
     /// The exports running now, as their records say.
     fn records(&self) -> Vec<serde_json::Value> {
         std::fs::read_dir(&self.run_dir)
@@ -691,12 +701,7 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
     assert_eq!(first_difference(&served), None, "through the export");
 
     // Ended (SIGTERM: flushed and closed); what the image holds.
-    let mut export = export;
-    // SAFETY: kill on our child.
-    unsafe { libc::kill(export.0.id() as i32, libc::SIGTERM) };
-    Patience::new("the export's end", Duration::from_secs(2))
-        .wait_until(|| Ok(export.0.try_wait()?.is_some()))
-        .expect("the export ends");
+    img.end(export);
     img.ok(&["check", &s(&clone)]);
     let out = fx.path("out.raw");
     img.ok(&["convert", "-q", "-O", "raw", &s(&clone), &s(&out)]);
@@ -707,4 +712,72 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
         std::fs::read(&golden).expect("read the base") == sealed_before,
         "the sealed base changed"
     );
+}
+
+#[test]
+fn an_export_answers_seek_data_and_seek_hole_from_the_chain() {
+    if !fs_ready("fs_export_lseek") {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    const MIB: u64 = 1 << 20;
+    let fx = Fixture::new();
+    let img = Img::new(&fx);
+    // Data at 8 MiB in the base, at 40 MiB in the clone on it; the rest
+    // held by no layer.
+    let raw = fx.path("base.raw");
+    let mut bytes = vec![0u8; (64 * MIB) as usize];
+    bytes[(8 * MIB) as usize..(9 * MIB) as usize].fill(0xa5);
+    std::fs::write(&raw, &bytes).expect("w");
+    let base = fx.path("base.img");
+    img.ok(&["convert", "-q", "-O", "snap", &s(&raw), &s(&base)]);
+    img.ok(&["snapshot", "-c", "s", &s(&base)]);
+    let clone = fx.path("clone.img");
+    img.ok(&["clone", &format!("{}@s", s(&base)), &s(&clone)]);
+    let file = fx.path("clone.raw");
+    let export = img.export(&clone, &file, false, 64 * MIB);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .expect("open");
+        f.write_all_at(&vec![0x5a; MIB as usize], 40 * MIB)
+            .expect("w");
+        f.sync_all().expect("fsync");
+    }
+    let f = std::fs::File::open(&file).expect("open");
+    let seek = |offset: u64, whence: i32| -> Result<u64, i32> {
+        // SAFETY: lseek on a descriptor we own; no memory is touched.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), offset as i64, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let (data, hole) = (libc::SEEK_DATA, libc::SEEK_HOLE);
+    assert_eq!(seek(0, data), Ok(8 * MIB));
+    assert_eq!(seek(0, hole), Ok(0));
+    assert_eq!(seek(8 * MIB + 5, data), Ok(8 * MIB + 5));
+    assert_eq!(seek(8 * MIB, hole), Ok(9 * MIB));
+    assert_eq!(seek(9 * MIB, data), Ok(40 * MIB), "the clone's own data");
+    assert_eq!(seek(40 * MIB, hole), Ok(41 * MIB));
+    assert_eq!(seek(41 * MIB, data), Err(libc::ENXIO));
+    assert_eq!(seek(41 * MIB, hole), Ok(41 * MIB));
+    assert_eq!(seek(64 * MIB, data), Err(libc::ENXIO));
+    // A sparse copy takes only the data (and equals the file).
+    let copy = fx.path("copy.raw");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&file)
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    let allocated = std::fs::metadata(&copy).expect("stat").blocks() * 512;
+    assert!(allocated <= 4 * MIB, "{allocated} bytes allocated");
+    drop(f);
+    img.end(export);
+    img.ok(&["check", &s(&clone)]);
 }

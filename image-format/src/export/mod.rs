@@ -247,6 +247,13 @@ impl Export {
                 Ok(f) => self.fallocate(f, reply),
                 Err(e) => reply.error(e),
             },
+            op::LSEEK => match arg::<abi::LseekIn>(args) {
+                Ok(l) => match self.seek(l.offset, l.whence) {
+                    Ok(offset) => reply.ok(&[abi::LseekOut { offset }.as_bytes()]),
+                    Err(errno) => reply.error(errno),
+                },
+                Err(e) => reply.error(e),
+            },
             // Block-device ioctls (BLKGETSIZE64, BLKDISCARD...): a regular
             // file has none; its callers fall back to stat and fallocate.
             op::IOCTL => reply.error(libc::ENOTTY),
@@ -398,6 +405,34 @@ impl Export {
             self.disk().note_written(offset, len);
         }
         Ok(())
+    }
+
+    /// SEEK_DATA and SEEK_HOLE from the chain's index, as
+    /// qemu-storage-daemon's export answers them: blocks no layer holds
+    /// (or zeroed) are a hole, so `cp --sparse`, `qemu-img convert` and
+    /// `tar -S` of the exported file skip them. (SEEK_SET, SEEK_CUR and
+    /// SEEK_END never come: the kernel answers those itself.)
+    fn seek(&self, offset: u64, whence: u32) -> Result<u64, i32> {
+        const SEEK_DATA: u32 = libc::SEEK_DATA as u32;
+        const SEEK_HOLE: u32 = libc::SEEK_HOLE as u32;
+        if whence != SEEK_DATA && whence != SEEK_HOLE {
+            return Err(libc::EINVAL);
+        }
+        if offset >= self.size {
+            return Err(libc::ENXIO);
+        }
+        let wanted_zero = whence == SEEK_HOLE;
+        let disk = self.disk();
+        let found = disk
+            .resolve(offset, self.size - offset)
+            .find(|e| matches!(e.source, Source::Zero) == wanted_zero)
+            .map(|e| e.offset);
+        match (found, wanted_zero) {
+            (Some(at), _) => Ok(at),
+            // The end of the file is a hole.
+            (None, true) => Ok(self.size),
+            (None, false) => Err(libc::ENXIO),
+        }
     }
 
     /// PUNCH_HOLE and ZERO_RANGE make the range read as zeros (the

@@ -394,6 +394,18 @@ fn vmctl_gives_vms_addresses_on_a_bridge_and_takes_everything_away_on_delete() {
         "{}",
         ports()
     );
+    // vmctl snapshots no VM with a NIC (every copy restored from it
+    // would wake up with its MAC and address): refused by name.
+    let refused = output_within(
+        &mut v.command(&["snapshot", "a", "s1"]),
+        &Patience::new("a vmctl call", Duration::from_millis(200)),
+    )
+    .expect("vmctl runs");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && why.contains("VM a has a NIC"),
+        "{why}"
+    );
     vmctl(&["delete", "--force", "a"]);
     assert!(!ports().contains(&tap_a), "{}", ports());
     let gone = ns
@@ -703,4 +715,88 @@ fn vmctl_masquerades_a_nat_bridge_while_its_vm_runs_and_leaves_no_rule() {
     // No traffic is sent anywhere: the rule's presence is what is checked.
     v.ok(&["delete", "--force", "gw"]);
     assert!(!ruleset().contains("vmctl"), "{}", ruleset());
+}
+
+#[test]
+fn a_vm_with_a_nic_is_snapshotted_and_its_restored_copy_answers_on_its_address() {
+    if !ready("net_snapshot", &["ip", "ping"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("vmmtest", "snap");
+    let sock = fx.path("net.sock");
+    tap_with_address(&ns, "tap0", "10.0.0.1/24");
+    let _backend = net_backend(&ns, "tap0", &sock);
+    // No mac=: the one drawn at boot is what the snapshot's guest knows,
+    // and what its restored copy keeps.
+    let net = format!("socket={},connect_timeout_ms=10000", s(&sock));
+    let api_sock = fx.path("api.sock");
+    let mut v = VmmVm::new(&bin("vmm"), "mode=net ip=10.0.0.2 progress_ms=100");
+    v.options = vec!["--net".into(), net.clone()];
+    v.api_socket = Some(api_sock.clone());
+    let mut original = v.spawn().expect("vmm starts");
+    original
+        .wait_for_line(
+            "nic:",
+            &Patience::new("the guest's NIC set up", Duration::from_millis(100)),
+        )
+        .expect("the NIC comes up");
+    let mac = original
+        .console()
+        .lines()
+        .find_map(|l| l.strip_prefix("nic: ").map(|r| r[..17].to_string()))
+        .expect("the guest's MAC");
+    udp_echoes(&ns, 10, &original);
+    let snap = fx.path("snap");
+    assert!(test_infra::vmm_api(&api_sock, &["pause"]).0, "pause");
+    let (ok, out) = test_infra::vmm_api(&api_sock, &["snapshot", "--dir", &s(&snap)]);
+    assert!(ok, "snapshot of a VM with a NIC: {out}");
+    drop(original);
+
+    // Given again as the snapshot had it, or refused by name: a NIC
+    // missing, another MAC.
+    let restore = |options: Vec<String>| {
+        let mut v = VmmVm::new(&bin("vmm"), "");
+        v.restore = Some(snap.clone());
+        v.options = options;
+        v
+    };
+    let refused = |options: Vec<String>| {
+        let e = restore(options).run().expect_err("a restore refused");
+        format!("{e:#}")
+    };
+    let missing = refused(vec![]);
+    assert!(missing.contains("had 1 NICs; 0 were given"), "{missing}");
+    let other_mac = refused(vec!["--net".into(), format!("{net},mac=52:54:00:00:00:99")]);
+    assert!(
+        other_mac.contains(&format!("knows its NIC as {mac}")),
+        "{other_mac}"
+    );
+
+    // Restored on the same backend (a new session): the guest goes on
+    // answering on its address, with its MAC.
+    let mut restored = restore(vec!["--net".into(), net.clone()])
+        .spawn()
+        .expect("the restored vmm starts");
+    let lines = restored.progress_lines();
+    restored
+        .wait_for_progress(
+            lines + 1,
+            &Patience::new("the restored guest's progress", Duration::from_millis(100)),
+        )
+        .expect("the restored guest runs");
+    udp_echoes(&ns, 10, &restored);
+    let ping = ns.ping("10.0.0.2", 3);
+    assert!(
+        ping.status.success(),
+        "{}\nthe guest:\n{}",
+        String::from_utf8_lossy(&ping.stdout),
+        restored.console()
+    );
+    let neigh = ns
+        .command(&["ip", "neigh", "show", "10.0.0.2"])
+        .output()
+        .expect("ip neigh");
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    assert!(neigh.contains(&mac), "{neigh} (the guest's MAC is {mac})");
 }

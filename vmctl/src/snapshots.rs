@@ -98,8 +98,8 @@ impl Snapshot {
                 dir: self.vm_state(),
                 memory,
             }),
-            // A snapshot holds no NIC and no shared folder (the vmm
-            // refuses to take one of a VM that has them).
+            // A snapshot holds no NIC and no shared folder (`snapshot`
+            // refuses a VM that has them).
             net: None,
             nat: false,
             shares: Vec::new(),
@@ -256,6 +256,15 @@ pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
     let config = vm.config()?;
+    if config.net.is_some() || !config.shares.is_empty() {
+        // Every VM restored from it would wake up with this one's MAC and
+        // address on the same bridge (and a share's open files are
+        // virtiofsd's, not saved). `vmm` snapshots a NIC; fleets of them
+        // need an address each first.
+        bail!(
+            "VM {name} has a NIC or a shared folder: vmctl snapshots VMs without them              (restored copies would share its MAC and address); `vmctl backup` saves its disk"
+        );
+    }
     match vm.observed()? {
         Observed::Running => {}
         other => bail!(

@@ -465,9 +465,6 @@ impl VmConfig {
         if self.restore.is_some() && !self.fs.is_empty() {
             return bad("--restore with --fs: snapshots hold no shared folders".into());
         }
-        if self.restore.is_some() && !self.nets.is_empty() {
-            return bad("--restore with --net: snapshots hold no NICs yet".into());
-        }
         if self.restore.is_none() && self.kernel.as_os_str().is_empty() {
             return bad("--kernel is required (or --restore a snapshot)".into());
         }
@@ -517,7 +514,8 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("even"));
         cfg.nets[0].num_queues = 2;
         cfg.validate().unwrap();
+        // A restore keeps the snapshot's NICs: they are given again.
         cfg.restore = Some("/snap".into());
-        assert!(cfg.validate().is_err(), "a restore has no NICs yet");
+        cfg.validate().unwrap();
     }
 }

@@ -346,12 +346,25 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         disks.push(dev);
     }
     timing.disk_handshake_us = t_disks.elapsed().as_micros() as u64;
+    // A restored NIC keeps the MAC its guest knows (check_restorable
+    // refused a different one given).
+    let nic_macs = cfg
+        .nets
+        .iter()
+        .enumerate()
+        .map(
+            |(i, n)| match restoring.as_ref().and_then(|s| s.nics.get(i)) {
+                Some(saved) => Ok(saved.mac),
+                None => n.mac_bytes(),
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
     let mut nics = Vec::new();
-    for n in &cfg.nets {
+    for (n, mac) in cfg.nets.iter().zip(&nic_macs) {
         let nic = VhostUserDevice::connect(
             &n.into(),
             Kind::Net {
-                mac: n.mac_bytes()?,
+                mac: *mac,
                 pairs: n.num_queues / 2,
             },
             &ram.mem,
@@ -398,14 +411,15 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             state,
             &machine,
             &disks,
+            &nics,
             console_dev.as_ref().map(|d| &d.0),
             pager.is_some(),
         )?;
         if let (Some(pager), true) = (&pager, deferred) {
-            // A disk waits for all of memory: filled in the background
-            // even on demand, or it would never start.
+            // A disk or NIC waits for all of memory: filled in the
+            // background even on demand, or it would never start.
             if pager.handle().serving() {
-                info!("a disk's backend cannot page through the vmm: it starts once all of memory is in");
+                info!("a disk's or NIC's backend cannot page through the vmm: it starts once all of memory is in");
             }
             pager.handle().fill_all();
         }
@@ -552,7 +566,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         // Once every page of the snapshot is in memory, the disks whose
         // backends paged through the pager stop doing so, and the others
         // start (their backends read and write memory on their own).
-        let disks: Vec<SharedVirtioPci> = disks.iter().map(Arc::clone).collect();
+        let devices: Vec<SharedVirtioPci> = disks.iter().chain(&nics).map(Arc::clone).collect();
         let tx = events_tx.clone();
         let done = Arc::clone(&restore_done);
         std::thread::Builder::new()
@@ -571,17 +585,17 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                             ms = stats.ms,
                             "guest memory filled"
                         );
-                        for d in &disks {
+                        for d in &devices {
                             // Not under the transport's lock: the backend's
                             // reply is waited for.
                             let link = lock_device(d).backend_link();
                             if let Some(Err(e)) = link.map(|l| l.end_paging()) {
                                 // It reconnects (without paging) if it is gone.
-                                warn!("restore: a disk's POSTCOPY_END: {e}");
+                                warn!("restore: a device's POSTCOPY_END: {e}");
                             }
                             if let Err(e) = lock_device(d).start_restored() {
                                 done.set(false);
-                                let _ = tx.send(VmEvent::Fault(format!("restore: a disk: {e}")));
+                                let _ = tx.send(VmEvent::Fault(format!("restore: a device: {e}")));
                                 return;
                             }
                         }
@@ -607,6 +621,8 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
         pager: pager_handle,
         machine: &machine,
         disks: &disks,
+        nics: &nics,
+        nic_macs: &nic_macs,
         console: console_dev.as_ref(),
         vm: &vm,
         control: &control,
@@ -773,13 +789,46 @@ fn check_restorable(s: &snapshot::VmState, cfg: &VmConfig) -> Result<(), Snapsho
     }
     for (saved, given) in s.disks.iter().zip(&cfg.disks) {
         if (saved.num_queues, saved.queue_size) != (given.num_queues, given.queue_size) {
-            return Err(SnapshotError::DiskShape {
-                socket: given.socket.display().to_string(),
+            return Err(SnapshotError::Shape {
+                device: format!("disk {}", given.socket.display()),
                 saved_queues: saved.num_queues,
                 saved_size: saved.queue_size,
                 queues: given.num_queues,
                 size: given.queue_size,
             });
+        }
+    }
+    if s.nics.len() != cfg.nets.len() {
+        return Err(SnapshotError::NicCount {
+            saved: s.nics.len(),
+            given: cfg.nets.len(),
+        });
+    }
+    for (saved, given) in s.nics.iter().zip(&cfg.nets) {
+        let socket = given.socket.display().to_string();
+        if (saved.num_queues, saved.queue_size) != (given.num_queues, given.queue_size) {
+            return Err(SnapshotError::Shape {
+                device: format!("nic {socket}"),
+                saved_queues: saved.num_queues,
+                saved_size: saved.queue_size,
+                queues: given.num_queues,
+                size: given.queue_size,
+            });
+        }
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        if let Some(m) = &given.mac {
+            if given.mac_bytes().ok() != Some(saved.mac) {
+                return Err(SnapshotError::NicMac {
+                    socket,
+                    saved: mac(saved.mac),
+                    given: m.clone(),
+                });
+            }
         }
     }
     if s.console.is_some() != cfg.virtio_console {
@@ -806,6 +855,7 @@ fn restore_devices(
     s: &snapshot::VmState,
     machine: &Machine,
     disks: &[SharedVirtioPci],
+    nics: &[SharedVirtioPci],
     console: Option<&SharedVirtioPci>,
     paged: bool,
 ) -> Result<bool, SnapshotError> {
@@ -815,18 +865,27 @@ fn restore_devices(
         .unwrap_or_else(|e| e.into_inner())
         .restore(&s.serial)?;
     let mut deferred = false;
-    for (dev, saved) in disks.iter().zip(&s.disks) {
+    let saved_disks = s
+        .disks
+        .iter()
+        .map(|d| (&d.transport, format!("disk {}", d.socket.display())));
+    let saved_nics = s
+        .nics
+        .iter()
+        .map(|n| (&n.transport, format!("nic {}", n.socket.display())));
+    for (dev, (transport, device)) in disks
+        .iter()
+        .zip(saved_disks)
+        .chain(nics.iter().zip(saved_nics))
+    {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
         let defer = paged
             && !d
                 .backend_link()
                 .is_some_and(|link| link.pages_through_pager());
-        deferred |= defer && saved.transport.activated;
-        d.restore(&saved.transport, defer)
-            .map_err(|source| SnapshotError::Transport {
-                socket: saved.socket.display().to_string(),
-                source,
-            })?;
+        deferred |= defer && transport.activated;
+        d.restore(transport, defer)
+            .map_err(|source| SnapshotError::Transport { device, source })?;
     }
     if let (Some(dev), Some(saved)) = (console, &s.console) {
         dev.lock()
@@ -874,6 +933,9 @@ struct SnapshotTaker<'a> {
     pager: Option<snapshot::pager::PagerHandle>,
     machine: &'a Machine,
     disks: &'a [SharedVirtioPci],
+    nics: &'a [SharedVirtioPci],
+    /// The MAC each NIC's guest knows (given, drawn at boot, or restored).
+    nic_macs: &'a [[u8; 6]],
     console: Option<&'a (SharedVirtioPci, Arc<ConsolePort>)>,
     vm: &'a VmFd,
     control: &'a Control,
@@ -894,7 +956,7 @@ impl SnapshotTaker<'_> {
         if state != crate::control::RunState::Paused {
             return Err(crate::control::SaveError::NotPaused(state).into());
         }
-        if !self.cfg.nets.is_empty() || !self.cfg.fs.is_empty() {
+        if !self.cfg.fs.is_empty() {
             return Err(SnapshotError::BackendStateUnsaved);
         }
         // A VM still being restored lazily has memory the snapshot would
@@ -916,12 +978,26 @@ impl SnapshotTaker<'_> {
             m.transmit_console(port);
         }
         m.flush_console();
+        // Disks and NICs: their rings stopped (a NIC's backend puts what
+        // it has taken in the used rings), so memory holds all of it.
+        let devices: Vec<(&SharedVirtioPci, String)> = self
+            .disks
+            .iter()
+            .zip(&self.cfg.disks)
+            .map(|(dev, d)| (dev, format!("disk {}", d.socket.display())))
+            .chain(
+                self.nics
+                    .iter()
+                    .zip(&self.cfg.nets)
+                    .map(|(dev, n)| (dev, format!("nic {}", n.socket.display()))),
+            )
+            .collect();
         let mut paused = 0;
         let mut result = Ok(());
-        for (dev, d) in self.disks.iter().zip(&self.cfg.disks) {
+        for (dev, device) in &devices {
             if let Err(source) = lock_device(dev).pause() {
                 result = Err(SnapshotError::Pause {
-                    socket: d.socket.display().to_string(),
+                    device: device.clone(),
                     source,
                 });
                 break;
@@ -929,13 +1005,10 @@ impl SnapshotTaker<'_> {
             paused += 1;
         }
         let saved = result.and_then(|()| self.save(dir));
-        for (dev, d) in self.disks.iter().zip(&self.cfg.disks).take(paused) {
+        for (dev, device) in devices.iter().take(paused) {
             if let Err(e) = lock_device(dev).resume() {
-                // The disk watcher reconnects it (resume hung up).
-                warn!(
-                    "disk {}: starting it again after the snapshot: {e}",
-                    d.socket.display()
-                );
+                // Its watcher reconnects it (resume hung up).
+                warn!("{device}: starting it again after the snapshot: {e}");
             }
         }
         if saved.is_err() {
@@ -998,6 +1071,19 @@ impl SnapshotTaker<'_> {
                 transport: dev.lock().unwrap_or_else(|e| e.into_inner()).save(),
             })
             .collect();
+        let nics = self
+            .nics
+            .iter()
+            .zip(&self.cfg.nets)
+            .zip(self.nic_macs)
+            .map(|((dev, n), mac)| snapshot::NicState {
+                socket: n.socket.clone(),
+                mac: *mac,
+                num_queues: n.num_queues,
+                queue_size: n.queue_size,
+                transport: lock_device(dev).save(),
+            })
+            .collect();
         let console = self
             .console
             .map(|(dev, _)| dev.lock().unwrap_or_else(|e| e.into_inner()).save());
@@ -1014,6 +1100,7 @@ impl SnapshotTaker<'_> {
             clock,
             serial,
             disks,
+            nics,
             console,
             memory_saved,
         };

@@ -45,6 +45,18 @@ pub struct DiskState {
     pub transport: TransportState,
 }
 
+/// A NIC as the snapshot knows it: the MAC and queues the guest saw (a
+/// restored VM's NIC keeps them) and its transport.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NicState {
+    /// The net-backend socket it had (a restore names its own).
+    pub socket: PathBuf,
+    pub mac: [u8; 6],
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub transport: TransportState,
+}
+
 /// Everything of a paused VM but its memory.
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
@@ -56,6 +68,9 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     pub serial: SerialSnapshot,
     pub disks: Vec<DiskState>,
+    /// (Snapshots from before NICs were saved have none.)
+    #[serde(default)]
+    pub nics: Vec<NicState>,
     /// The virtio console's transport, if the VM has one.
     pub console: Option<TransportState>,
     /// Bytes of guest memory the memory file holds data for.
@@ -65,7 +80,7 @@ pub struct VmState {
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error(
-        "a VM with NICs or shared folders cannot be snapshotted yet: their backends' state is not saved (remove its --net and --fs)"
+        "a VM with shared folders cannot be snapshotted: virtiofsd's state (the guest's open files) is not saved (remove its --fs)"
     )]
     BackendStateUnsaved,
     #[error("{}: {source}", path.display())]
@@ -88,11 +103,12 @@ pub enum SnapshotError {
         call: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("stopping disk {socket} for the snapshot: {source}")]
-    Pause { socket: String, source: DeviceError },
-    #[error("disk {socket}: {source}")]
+    /// `device`: "disk SOCKET" or "nic SOCKET".
+    #[error("stopping {device} for the snapshot: {source}")]
+    Pause { device: String, source: DeviceError },
+    #[error("{device}: {source}")]
     Transport {
-        socket: String,
+        device: String,
         source: TransportRestoreError,
     },
     #[error("the virtio console: {0}")]
@@ -101,16 +117,28 @@ pub enum SnapshotError {
     Serial(#[from] SerialRestoreError),
     #[error("the snapshot's VM had {saved} disks; {given} were given (--disk, in the same order)")]
     DiskCount { saved: usize, given: usize },
+    /// `device`: "disk SOCKET" or "nic SOCKET".
     #[error(
-        "disk {socket}: the snapshot's disk had {saved_queues} queues of {saved_size}; \
+        "{device}: the snapshot's had {saved_queues} queues of {saved_size}; \
          this one is given {queues} of {size}"
     )]
-    DiskShape {
-        socket: String,
+    Shape {
+        device: String,
         saved_queues: u16,
         saved_size: u16,
         queues: u16,
         size: u16,
+    },
+    #[error("the snapshot's VM had {saved} NICs; {given} were given (--net, in the same order)")]
+    NicCount { saved: usize, given: usize },
+    #[error(
+        "nic {socket}: the snapshot's guest knows its NIC as {saved}; this one is given mac={given} \
+         (leave mac= out to keep the snapshot's)"
+    )]
+    NicMac {
+        socket: String,
+        saved: String,
+        given: String,
     },
     #[error("the snapshot's VM {had} a virtio console; this one {has} (--virtio-console)")]
     ConsoleMismatch {

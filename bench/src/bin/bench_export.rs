@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     seconds: u64,
     /// Measurements per cell (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// The tree for the mkfs rows: bytes of files (4 MiB each).
     #[arg(long, default_value = "1G", value_parser = cli_support::parse_size)]

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
 use test_infra::{bin, output_within, s, BlkBackendProcess, Fixture, KillOnDrop, Patience};
 
 /// Whether this host can mount exports: root, /dev/fuse, loop devices,
@@ -547,24 +549,6 @@ fn a_debian_root_filesystem_built_from_packages_checks_clean_and_holds_its_syste
     img.ok(&["umount", &s(&mnt)]);
 }
 
-/// A small deterministic generator (the test's data and ranges).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// One piece of a writer's work: bytes written at an offset, or a hole
 /// punched there.
 enum Change {
@@ -586,8 +570,14 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
     let img = Img::new(&fx);
     // A sealed base (data in the first half, nothing in the second) and a
     // clone of it: every first write to a block is a copy-on-write.
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-    let mut model = rng.bytes((SIZE / 2) as usize);
+    // Seeded: a failure is the same run again.
+    let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+    let bytes = |rng: &mut StdRng, len: usize| {
+        let mut b = vec![0u8; len];
+        rng.fill_bytes(&mut b);
+        b
+    };
+    let mut model = bytes(&mut rng, (SIZE / 2) as usize);
     model.resize(SIZE as usize, 0);
     let raw = fx.path("base.raw");
     std::fs::write(&raw, &model[..(SIZE / 2) as usize]).expect("w");
@@ -615,12 +605,12 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
     let mut at = 0;
     let mut i = 0;
     while at < SIZE {
-        let (mut start, mut len) = match rng.below(6) {
+        let (mut start, mut len) = match rng.gen_range(0..6) {
             0 => {
                 let start = at.next_multiple_of(BLOCK);
-                (start, BLOCK * (1 + rng.below(4)))
+                (start, BLOCK * rng.gen_range(1..=4))
             }
-            _ => (at + rng.below(4096), 1 + rng.below(3 * BLOCK)),
+            _ => (at + rng.gen_range(0..4096), rng.gen_range(1..=3 * BLOCK)),
         };
         if direct(i % WRITERS) {
             start = start.next_multiple_of(PAGE);
@@ -630,10 +620,10 @@ fn concurrent_writes_through_an_export_land_as_written_copy_on_write_included() 
             break;
         }
         let len = len.min(SIZE - start);
-        let change = if rng.below(10) == 0 {
+        let change = if rng.gen_range(0..10) == 0 {
             Change::Punch(start, len)
         } else {
-            Change::Write(start, rng.bytes(len as usize))
+            Change::Write(start, bytes(&mut rng, len as usize))
         };
         work[(i % WRITERS) as usize].push(change);
         at = start + len;

@@ -91,6 +91,10 @@ pub fn open_chain(env: &dyn Env, path: &Path, writable_top: bool) -> Result<Vec<
             return Err(Error::ChainTooDeep {
                 path: path.to_path_buf(),
                 max: MAX_DEPTH,
+                skip_to: chain
+                    .get(1)
+                    .and_then(|p| p.parent_path())
+                    .unwrap_or_else(|| parent_path.clone()),
             });
         }
         let id = env
@@ -120,6 +124,11 @@ pub fn open_chain(env: &dyn Env, path: &Path, writable_top: bool) -> Result<Vec<
         chain.push(parent);
     }
     if writable_top {
+        // Whoever writes a layer makes sure its parent knows of it (a
+        // layer made before notes existed, or moved since).
+        if let Some(parent) = chain.get(1) {
+            crate::dependants::ensure_recorded(env, &parent.path, path, chain[0].header.uuid);
+        }
         // A clean parent that is not sealed yet (a snapshot interrupted
         // before its last step) is sealed now, as clone and create -b do;
         // only once every link checked out, so a refused chain is untouched.

@@ -49,8 +49,18 @@ pub enum Error {
     },
     #[error("{path}: the chain has a cycle: parent {parent} is already in it")]
     Cycle { path: PathBuf, parent: PathBuf },
-    #[error("{path}: chain deeper than {max} layers")]
-    ChainTooDeep { path: PathBuf, max: usize },
+    #[error(
+        "{path}: chain deeper than {max} layers, more than img opens; \
+         rebase it onto a layer further down (`img rebase -b {} {path}` \
+         copies what its parent holds into it: one layer fewer)",
+        skip_to.display()
+    )]
+    ChainTooDeep {
+        path: PathBuf,
+        max: usize,
+        /// The top's grandparent: a base the rebase can open.
+        skip_to: PathBuf,
+    },
     #[error("{path}: parent {parent} is {parent_size} bytes, larger than this layer's {size}")]
     SizeMismatch {
         path: PathBuf,

@@ -129,8 +129,31 @@ impl Layer {
             path,
             format!(".{}.tmp-{}", file_name.to_string_lossy(), h.uuid.simple()),
         );
+        // The parent learns of its new dependant before the dependant
+        // exists: a crash between leaves a note that names nothing, which
+        // the next look at the parent's dependants removes.
+        let note = match &spec.parent {
+            Some((p, _)) => {
+                let p = Path::new(p);
+                let parent = if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    sibling(path, p)
+                };
+                Some(crate::dependants::record(env, &parent, path, h.uuid)?)
+            }
+            None => None,
+        };
+        let forget = || {
+            if let Some(n) = &note {
+                crate::dependants::forget(env, n);
+            }
+        };
         // Errors name the file asked for, not the temporary one.
-        let storage = env.create(&tmp).map_err(io_at(path))?;
+        let storage = env
+            .create(&tmp)
+            .map_err(io_at(path))
+            .inspect_err(|_| forget())?;
         let result = (|| {
             storage.set_len(h.file_len())?;
             storage.write_at(&slot, 0)?;
@@ -140,6 +163,7 @@ impl Layer {
         })();
         if let Err(e) = result {
             let _ = env.remove(&tmp);
+            forget();
             return Err(Error::Io {
                 path: path.to_path_buf(),
                 source: e,

@@ -1,6 +1,7 @@
 //! Sparse copy-on-write snapshot layers: the on-disk format (FORMAT.md), the
 //! chain library with its merged index, and the operations behind `img`.
 
+pub mod dependants;
 pub mod disk;
 pub mod error;
 pub mod header;

@@ -62,7 +62,7 @@ fn lock_base(env: &dyn Env, base: &Path, wanted: &'static str) -> Result<ImageLo
 /// A new empty writable layer on `base` (sealed first if needed); the chain
 /// below is checked before anything is written.
 fn overlay(env: &dyn Env, base: &Path, path: &Path, size: Option<u64>) -> Result<Layer> {
-    open_chain(env, base, false)?;
+    room_for_one_more(base, open_chain(env, base, false)?.len())?;
     let _lock = lock_base(env, base, "clone")?;
     let b = ensure_sealed(env, base)?;
     let size = size.unwrap_or(b.header.virtual_size);
@@ -157,35 +157,29 @@ pub fn snapshot_path(top: &Path, name: &str) -> PathBuf {
     sibling(top, format!("{}@{}", file.unwrap_or_default(), name))
 }
 
-/// The layers beside `layer` (in its directory: FORMAT.md, "Dependants")
-/// whose parent it is, by path and uuid: who would break if it changed or
-/// went away. Files whose name starts with '.' (temporary files) and files
-/// that are not layers are passed over.
+/// The layers whose parent `layer` is, wherever they are
+/// ([`crate::dependants::find`]): who would break if it changed or went
+/// away. Call with `layer` locked exclusive.
 pub fn dependants(env: &dyn Env, layer: &Path) -> Result<Vec<PathBuf>> {
-    let me = Layer::open(env, layer, false)?;
-    let my_id = env.identity(layer).map_err(io_at(layer))?;
-    let dir = parent_dir(layer);
-    let mut out = Vec::new();
-    for p in env.list_dir(&dir).map_err(io_at(&dir))? {
-        if p.file_name()
-            .is_none_or(|n| n.to_string_lossy().starts_with('.'))
-            || env.identity(&p).ok().as_ref() == Some(&my_id)
-        {
-            continue;
-        }
-        let Ok(l) = Layer::open(env, &p, false) else {
-            continue;
-        };
-        let Some(parent) = l.parent_path() else {
-            continue;
-        };
-        if l.header.parent_uuid == Some(me.header.uuid)
-            && env.identity(&parent).ok().as_ref() == Some(&my_id)
-        {
-            out.push(p);
-        }
+    crate::dependants::find(env, layer)
+}
+
+/// Refuses a new layer on a chain of `depth` layers that would make it
+/// deeper than any reader opens, naming the way out.
+fn room_for_one_more(path: &Path, depth: usize) -> Result<()> {
+    if depth < crate::disk::MAX_DEPTH {
+        return Ok(());
     }
-    Ok(out)
+    Err(invalid(
+        path,
+        format!(
+            "its chain is {depth} layers deep; one more would pass the {} that img, \
+             blk-backend and vmm open. Merge layers first: `img snapshot -d NAME` folds \
+             a snapshot into the layer above it, `img commit` merges a layer into its \
+             parent, or `img convert` copies the disk flat",
+            crate::disk::MAX_DEPTH
+        ),
+    ))
 }
 
 fn names(paths: &[PathBuf]) -> String {
@@ -221,6 +215,7 @@ pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf>
     }
     // Validates the chain and refuses a sealed top (it is already a snapshot).
     let current = open_chain(env, top, true)?;
+    room_for_one_more(top, current.len())?;
     let top_layer = &current[0];
     if top_layer.header.dirty() {
         return Err(invalid(
@@ -234,6 +229,7 @@ pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf>
         top_layer.header.block_size,
         top_layer.header.uuid,
     );
+    let below = current.get(1).map(|l| l.path.clone());
     drop(current);
     // The name goes into the layer before it has a second name, so the
     // snapshot carries it whatever step a crash stops at.
@@ -242,6 +238,11 @@ pub fn snapshot_create(env: &dyn Env, top: &Path, name: &str) -> Result<PathBuf>
     drop(t);
     env.hard_link(top, &snap).map_err(io_at(&snap))?;
     env.sync_dir(&parent_dir(top)).map_err(io_at(top))?;
+    // The layer below learns that what stands on it goes by the
+    // snapshot's name from now on (the top becomes a new layer).
+    if let Some(below) = &below {
+        crate::dependants::record(env, below, &snap, uuid)?;
+    }
     // Built aside and renamed over the top in one step (Layer::create).
     Layer::create(
         env,
@@ -342,7 +343,15 @@ pub fn snapshot_apply(env: &dyn Env, top: &Path, name: &str) -> Result<()> {
         ),
     )?;
     env.rename(&tmp, top).map_err(io_at(top))?;
-    env.sync_dir(&parent_dir(top)).map_err(io_at(top))
+    env.sync_dir(&parent_dir(top)).map_err(io_at(top))?;
+    // The note written for the temporary name names nothing now.
+    crate::dependants::record(
+        env,
+        &snap.path,
+        top,
+        Layer::open(env, top, false)?.header.uuid,
+    )
+    .map(drop)
 }
 
 /// `img snapshot -d NAME FILE`: folds the snapshot into the layer above it
@@ -383,6 +392,7 @@ pub fn snapshot_delete(
         // else stands on it: only its file goes.
         drop(chain);
         env.remove(&snap.path).map_err(io_at(&snap.path))?;
+        crate::dependants::remove_all(env.as_ref(), &snap.path);
         return env
             .sync_dir(&parent_dir(&snap.path))
             .map_err(io_at(&snap.path));
@@ -397,6 +407,7 @@ pub fn snapshot_delete(
     };
     rebase_locked(env, &child, new_parent.as_deref(), false, true, progress)?;
     env.remove(&snap.path).map_err(io_at(&snap.path))?;
+    crate::dependants::remove_all(env.as_ref(), &snap.path);
     env.sync_dir(&parent_dir(&snap.path))
         .map_err(io_at(&snap.path))
 }
@@ -593,7 +604,9 @@ fn rebase_locked(
                 ));
             }
             // Refuse a base that has `top` below it: that would be a cycle.
-            for layer in open_chain(&**env, b, false)? {
+            let below = open_chain(&**env, b, false)?;
+            room_for_one_more(b, below.len())?;
+            for layer in below {
                 if layer.header.uuid == t.header.uuid {
                     return Err(Error::Cycle {
                         path: top.to_path_buf(),
@@ -660,6 +673,9 @@ fn rebase_locked(
         drop(tl);
     } else {
         drop(t);
+    }
+    if let Some(b) = new_base {
+        crate::dependants::record(&**env, b, top, Layer::open(&**env, top, false)?.header.uuid)?;
     }
     let mut tl = Layer::open(&**env, top, true)?;
     tl.update_header(|h| {

@@ -54,6 +54,9 @@ pub fn clone_source(image: &Path, name: &str) -> Result<PathBuf> {
     if base.header.sealed() {
         return Ok(image.to_path_buf());
     }
+    if let Some(last) = unchanged_since_sealed(&env, &base)? {
+        return Ok(last);
+    }
     drop(base);
     let snapshot = std::iter::once(format!("vmctl-{name}"))
         .chain((2..).map(|n| format!("vmctl-{name}-{n}")))
@@ -61,6 +64,60 @@ pub fn clone_source(image: &Path, name: &str) -> Result<PathBuf> {
         .expect("an unbounded sequence of names has a free one");
     ops::snapshot_create(&env, image, &snapshot)
         .with_context(|| format!("--image {}: snapshotting it to clone it", image.display()))
+}
+
+/// The sealed layer a working image stands on, when the image holds
+/// nothing of its own (not a block written since that seal) and is closed
+/// cleanly: a new seal would hold the same disk, one layer deeper.
+fn unchanged_since_sealed(env: &RealEnv, top: &Layer) -> Result<Option<PathBuf>> {
+    let Some(parent) = top.parent_path() else {
+        return Ok(None);
+    };
+    if top.header.dirty() {
+        return Ok(None);
+    }
+    let (data, zero) = top
+        .load_map()
+        .with_context(|| format!("--image {}", top.path.display()))?
+        .counts();
+    if data + zero > 0 {
+        return Ok(None);
+    }
+    match Layer::open(env, &parent, false) {
+        Ok(p) if p.header.sealed() && p.header.virtual_size == top.header.virtual_size => {
+            Ok(Some(parent))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The snapshot vmctl made of a working image to clone it (`IMAGE@vmctl-*`,
+/// see [`clone_source`]): the working image and the snapshot's name.
+fn made_for_cloning(base: &Path) -> Option<(PathBuf, String)> {
+    let file = base.file_name()?.to_str()?;
+    let (image, snap) = file.rsplit_once('@')?;
+    if !snap.starts_with("vmctl-") {
+        return None;
+    }
+    let image = base.with_file_name(image);
+    (ops::snapshot_path(&image, snap) == base).then_some((image, snap.to_string()))
+}
+
+/// Folds the snapshot vmctl made of a working image for VM clones back
+/// into the image once no clone stands on it any more, so creating and
+/// deleting VMs from a working image does not deepen its chain. Left in
+/// place when something still needs it or the
+/// image is in use: it is a complete snapshot either way, and the next
+/// delete of a VM cloned from it tries again.
+fn release_clone_source(base: &Path) {
+    let Some((image, snap)) = made_for_cloning(base) else {
+        return;
+    };
+    if !base.exists() || !image.exists() {
+        return;
+    }
+    let env: std::sync::Arc<dyn Env> = std::sync::Arc::new(RealEnv);
+    let _ = ops::snapshot_delete(&env, &image, &snap, &mut |_, _| {});
 }
 
 /// Defines VM `name` and gives it its own writable clone of the image (a
@@ -496,7 +553,12 @@ pub fn delete(root: &Root, name: &str, force: bool) -> Result<()> {
         }
         kill_locked(&vm)?;
     }
-    std::fs::remove_dir_all(&vm.path).with_context(|| format!("removing {}", vm.path.display()))
+    let base = vm.config().ok().map(|c| PathBuf::from(c.image));
+    std::fs::remove_dir_all(&vm.path).with_context(|| format!("removing {}", vm.path.display()))?;
+    if let Some(base) = base {
+        release_clone_source(&base);
+    }
+    Ok(())
 }
 
 /// Bytes a file occupies on disk.

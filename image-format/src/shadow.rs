@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -65,6 +66,77 @@ fn header(uuid: &Uuid, map_len: usize) -> Vec<u8> {
     h
 }
 
+/// The crash shadows' directory when none is given, for a process that
+/// serves as `uid`: one per user under /run (a tmpfs on a systemd host)
+/// when started as root, else the user's runtime directory.
+pub fn default_dir(uid: u32) -> Option<PathBuf> {
+    if rustix::process::geteuid().is_root() {
+        return Some(PathBuf::from(format!("/run/blk-backend/{uid}")));
+    }
+    std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("blk-backend"))
+}
+
+/// Makes `dir` (mode 0700, and its parents) if it is missing, then checks
+/// it as [`check_dir`] does.
+pub fn prepare_dir(dir: &Path) -> io::Result<()> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    check_dir(dir)
+}
+
+/// A shadow is the truth about where a layer's blocks are, so only its
+/// serving user may have put it there: `dir` must be a real directory (not
+/// a link) that nobody else may enter (no group or other bits: /dev/shm is
+/// refused), owned by this user (or, as root, by the user it serves as).
+pub fn check_dir(dir: &Path) -> io::Result<()> {
+    let m = std::fs::symlink_metadata(dir)?;
+    let me = rustix::process::geteuid();
+    let why = if !m.is_dir() {
+        Some("not a directory".to_string())
+    } else if m.uid() != me.as_raw() && !me.is_root() {
+        Some(format!(
+            "owned by uid {}, not this user ({})",
+            m.uid(),
+            me.as_raw()
+        ))
+    } else if m.mode() & 0o077 != 0 {
+        Some(format!("mode {:o}: others may reach it", m.mode() & 0o7777))
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: {why}; crash shadows need a directory only the serving user can reach (mode 0700)",
+                dir.display()
+            ),
+        )),
+    }
+}
+
+/// Whether an open shadow file may be believed: a regular file owned by
+/// the owner of its directory (already checked: this user or root), not
+/// readable or writable by anyone else.
+fn trusted(file: &File, dir: &Path) -> io::Result<bool> {
+    let m = file.metadata()?;
+    let owner = std::fs::symlink_metadata(dir)?.uid();
+    Ok(m.is_file() && (m.uid() == owner || m.uid() == 0) && m.mode() & 0o077 == 0)
+}
+
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 impl MapShadow {
     /// Where the shadow of layer `uuid` lives in `dir`.
     pub fn path_for(dir: &Path, uuid: &Uuid) -> PathBuf {
@@ -75,11 +147,30 @@ impl MapShadow {
     /// this boot, and a map of `map_len` bytes. `None` when there is none
     /// or it does not fit (a foreign file is left alone, not read as ours).
     pub fn load(path: &Path, uuid: &Uuid, map_len: usize) -> io::Result<Option<Vec<u8>>> {
-        let mut file = match File::open(path) {
+        check_dir(dir_of(path))?;
+        let mut file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                tracing::warn!(
+                    "{}: a symbolic link, not a crash shadow; ignored",
+                    path.display()
+                );
+                return Ok(None);
+            }
             Err(e) => return Err(e),
         };
+        if !trusted(&file, dir_of(path))? {
+            tracing::warn!(
+                "{}: not a file only the serving user could have written; ignored",
+                path.display()
+            );
+            return Ok(None);
+        }
         let expected = header(uuid, map_len);
         let mut got = vec![0u8; MAP_AT];
         if file.read_exact(&mut got).is_err() || got[..IDENTITY] != expected[..IDENTITY] {
@@ -100,12 +191,16 @@ impl MapShadow {
     /// Writes a fresh shadow holding `map` (replacing any old one) and maps
     /// it for [`MapShadow::mirror`].
     pub fn create(path: &Path, uuid: &Uuid, map: &[u8], image: &Path) -> io::Result<MapShadow> {
-        let tmp = path.with_extension("map.tmp");
+        check_dir(dir_of(path))?;
+        // A name nobody can have prepared, made here and now (not a link
+        // followed, nothing opened that was there), readable by us alone.
+        let tmp = path.with_extension(format!("map.tmp-{}", Uuid::new_v4().simple()));
         {
             let mut f = OpenOptions::new()
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&tmp)?;
             let mut h = header(uuid, map.len());
             let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
@@ -119,8 +214,15 @@ impl MapShadow {
         }
         // Complete before it takes the name: a crash in between leaves the
         // previous shadow (or none), never half of this one.
-        std::fs::rename(&tmp, path)?;
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
         // SAFETY: a private file of this process in a tmpfs; nothing else
         // truncates it while mapped (a successor only reads it after we are
         // gone), so the mapping stays valid for its lifetime.
@@ -184,7 +286,11 @@ impl MapShadow {
                 continue;
             }
             let mut h = vec![0u8; MAP_AT];
-            let Ok(mut f) = File::open(e.path()) else {
+            let Ok(mut f) = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(e.path())
+            else {
                 continue;
             };
             if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC {
@@ -227,11 +333,13 @@ mod tests {
 
     #[test]
     fn a_shadow_round_trips_and_refuses_other_layers_and_sizes() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("shadows");
+        prepare_dir(&dir).expect("prepared");
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let path = MapShadow::path_for(dir.path(), &a);
+        let path = MapShadow::path_for(&dir, &a);
         let mut map = vec![0u8; 64];
-        let image = dir.path().join("image");
+        let image = &dir.join("image");
         std::fs::write(&image, b"x").expect("image");
         let mut s = MapShadow::create(&path, &a, &map, &image).expect("create");
         map[3] = 0b0100_0001;
@@ -243,18 +351,81 @@ mod tests {
         assert!(MapShadow::load(&path, &a, 65).expect("load").is_none());
         // Kept while its image is there and is that layer; pruned when
         // the image is gone or is another layer now.
-        assert_eq!(MapShadow::prune(dir.path(), |_| Some(a)), 0);
-        assert_eq!(MapShadow::prune(dir.path(), |_| Some(b)), 1);
+        assert_eq!(MapShadow::prune(&dir, |_| Some(a)), 0);
+        assert_eq!(MapShadow::prune(&dir, |_| Some(b)), 1);
         assert!(!path.exists());
         MapShadow::create(&path, &a, &map, &image).expect("create");
         std::fs::remove_file(&image).expect("rm");
-        assert_eq!(MapShadow::prune(dir.path(), |_| Some(a)), 1);
+        assert_eq!(MapShadow::prune(&dir, |_| Some(a)), 1);
         std::fs::write(&path, b"garbage").expect("write");
         assert!(MapShadow::load(&path, &a, 64).expect("load").is_none());
+        assert_eq!(MapShadow::prune(&dir, |_| None), 0, "not ours: left alone");
+    }
+
+    /// Only the serving user can have put a shadow where it is believed
+    /// (issue 28): a directory others may write is refused, and a planted
+    /// link, a file of another user or one others may write is ignored.
+    #[test]
+    fn only_the_serving_user_s_shadows_are_believed() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let a = Uuid::new_v4();
+        let map = vec![0b0101_0101u8; 64];
+        let image = root.path().join("image");
+        std::fs::write(&image, b"x").expect("image");
+
+        // /dev/shm's kind of directory: refused, by name and reason.
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let err = MapShadow::create(&MapShadow::path_for(&open, &a), &a, &map, &image)
+            .expect_err("refused");
+        assert!(err.to_string().contains("others may reach it"), "{err}");
+        let err = MapShadow::load(&MapShadow::path_for(&open, &a), &a, 64).expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        // A link to a good directory is not one.
+        let good = root.path().join("good");
+        prepare_dir(&good).expect("prepared");
         assert_eq!(
-            MapShadow::prune(dir.path(), |_| None),
-            0,
-            "not ours: left alone"
+            std::fs::metadata(&good).expect("stat").mode() & 0o777,
+            0o700
         );
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).expect("symlink");
+        assert!(check_dir(&link).is_err());
+
+        // A shadow of ours is believed ...
+        let path = MapShadow::path_for(&good, &a);
+        MapShadow::create(&path, &a, &map, &image).expect("create");
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").mode() & 0o777,
+            0o600
+        );
+        assert!(MapShadow::load(&path, &a, 64).expect("load").is_some());
+        // ... not once others may write it ...
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(MapShadow::load(&path, &a, 64).expect("load").is_none());
+        // ... nor as a link to a valid one ...
+        let elsewhere = root.path().join("elsewhere.map");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::fs::rename(&path, &elsewhere).expect("mv");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        assert!(MapShadow::load(&path, &a, 64).expect("load").is_none());
+        // ... and a new shadow replaces the link, never writes through it.
+        std::fs::remove_file(&path).expect("rm");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        let before = std::fs::read(&elsewhere).expect("read");
+        MapShadow::create(&path, &a, &[0u8; 64], &image).expect("create");
+        assert_eq!(std::fs::read(&elsewhere).expect("read"), before);
+        assert!(!std::fs::symlink_metadata(&path).expect("stat").is_symlink());
+        // A file another user owns (root can make one): ignored.
+        if rustix::process::geteuid().is_root() {
+            std::fs::remove_file(&path).expect("rm");
+            std::fs::copy(&elsewhere, &path).expect("copy");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            rustix::fs::chown(&path, Some(rustix::process::Uid::from_raw(65534)), None)
+                .expect("chown");
+            assert!(MapShadow::load(&path, &a, 64).expect("load").is_none());
+        }
     }
 }

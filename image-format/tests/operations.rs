@@ -649,13 +649,12 @@ fn a_crashed_writer_s_completed_writes_come_back_through_the_crash_shadow() {
     let (base, expect) = make_base(&d, "base.img", 4 * MIB);
     let top = d.p("top.img");
     ops::clone(env().as_ref(), &base, &top).expect("clone");
-    let shadows = Dir::new();
+    let shadows_root = Dir::new();
+    let shadows = shadows_root.p("shadows");
+    image_format::shadow::prepare_dir(&shadows).expect("a private directory");
 
     let mut disk = Disk::open_path(&top, true).expect("open");
-    assert_eq!(
-        disk.attach_crash_shadow(shadows.0.path()).expect("attach"),
-        0
-    );
+    assert_eq!(disk.attach_crash_shadow(&shadows).expect("attach"), 0);
     let data = pattern(7, 8192);
     disk.write_at(&data, 0).expect("write");
     disk.write_zeroes(2 * MIB + 512, 4096).expect("zero");
@@ -670,7 +669,7 @@ fn a_crashed_writer_s_completed_writes_come_back_through_the_crash_shadow() {
     drop(fresh);
 
     let mut disk = Disk::open_path(&top, true).expect("reopen");
-    let adopted = disk.attach_crash_shadow(shadows.0.path()).expect("attach");
+    let adopted = disk.attach_crash_shadow(&shadows).expect("attach");
     assert!(adopted >= 3, "adopted {adopted} blocks");
     disk.read_at(&mut got, 0).expect("read");
     assert_eq!(got, data);
@@ -679,10 +678,7 @@ fn a_crashed_writer_s_completed_writes_come_back_through_the_crash_shadow() {
     assert!(z.iter().all(|&b| b == 0));
     disk.close().expect("close");
     assert!(
-        std::fs::read_dir(shadows.0.path())
-            .expect("dir")
-            .next()
-            .is_none(),
+        std::fs::read_dir(&shadows).expect("dir").next().is_none(),
         "a clean close removes the shadow"
     );
     // Durable now: a plain reopen sees it.

@@ -22,4 +22,4 @@ pub use seccomp::{
     install_reporter, malloc_arenas, syscall_name, Policy, SandboxError, EVENT_LOOP, EVERY_THREAD,
     FORBIDDEN_EXIT,
 };
-pub use user::{drop_privileges, UserError};
+pub use user::{drop_privileges, lookup as lookup_user, UserError};

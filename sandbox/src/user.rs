@@ -22,25 +22,7 @@ pub enum UserError {
 /// Becomes `user` (its uid and primary group, no supplementary groups),
 /// for good: root cannot be regained.
 pub fn drop_privileges(user: &str) -> Result<(u32, u32), UserError> {
-    let name = CString::new(user).map_err(|_| UserError::BadName(user.to_string()))?;
-    // SAFETY: getpwnam_r with a buffer of the size given and a passwd to
-    // fill; the result pointer is checked before use.
-    let (uid, gid) = unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 4096];
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let r = libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        );
-        if r != 0 || result.is_null() {
-            return Err(UserError::NoSuchUser(user.to_string()));
-        }
-        (pw.pw_uid, pw.pw_gid)
-    };
+    let (uid, gid) = lookup(user)?;
     let fail = |what| {
         let source = std::io::Error::last_os_error();
         UserError::Switch {
@@ -61,5 +43,29 @@ pub fn drop_privileges(user: &str) -> Result<(u32, u32), UserError> {
             return Err(fail("setresuid"));
         }
     }
+    Ok((uid, gid))
+}
+
+/// `user`'s uid and primary group.
+pub fn lookup(user: &str) -> Result<(u32, u32), UserError> {
+    let name = CString::new(user).map_err(|_| UserError::BadName(user.to_string()))?;
+    // SAFETY: getpwnam_r with a buffer of the size given and a passwd to
+    // fill; the result pointer is checked before use.
+    let (uid, gid) = unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 4096];
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let r = libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        if r != 0 || result.is_null() {
+            return Err(UserError::NoSuchUser(user.to_string()));
+        }
+        (pw.pw_uid, pw.pw_gid)
+    };
     Ok((uid, gid))
 }

@@ -3,6 +3,7 @@
 //! runs with the filters on), and blk-backend serves as an unprivileged
 //! user once its sockets and images are open.
 
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use test_infra::{bin, ready, BlkBackendProcess, Fixture, Patience, VmmVm};
@@ -80,7 +81,54 @@ fn both_processes_run_confined_and_the_backend_as_nobody() {
             assert_eq!(mode, "2", "{who} thread {name:?} runs without its filter");
         }
     }
+    // Its crash shadows are in a directory only nobody can reach, each
+    // readable by nobody alone.
+    let shadows = std::path::Path::new("/run/blk-backend/65534");
+    let m = std::fs::metadata(shadows).expect("nobody's shadow directory");
+    assert_eq!((m.uid(), m.mode() & 0o777), (65534, 0o700));
+    let owned: Vec<(u32, u32)> = std::fs::read_dir(shadows)
+        .expect("ls")
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| (m.uid(), m.mode() & 0o777))
+        .collect();
+    assert!(!owned.is_empty(), "the writable image has a shadow");
+    assert!(
+        owned
+            .iter()
+            .all(|&(uid, mode)| mode == 0o600 && (uid == 65534 || uid == 0)),
+        "{owned:?}"
+    );
     let r = running.wait().expect("the vmm ends");
     r.assert_ok("the verifying workload on a backend that dropped root");
     backend.stop();
+}
+
+/// Crash shadows say where a layer's blocks are: a directory where any
+/// local user could plant one (/dev/shm) is refused at start, by name.
+#[test]
+fn a_shadow_directory_others_may_write_is_refused() {
+    if !ready("least_privilege_shadows", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let image = fx.image("vm.img", "16M");
+    let sock = Fixture::socket_of(&image);
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(bin("blk-backend"))
+        .args(["--shadow-dir", "/dev/shm", "--socket"])
+        .arg(&sock)
+        .arg("--image")
+        .arg(&image)
+        .output()
+        .expect("blk-backend runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "refused at start: {err}");
+    assert!(
+        err.contains("--shadow-dir /dev/shm") && err.contains("others may reach it"),
+        "{err}"
+    );
+    // The image was not opened (nothing marked dirty).
+    test_infra::img(&["check", image.to_str().expect("utf-8")]);
 }

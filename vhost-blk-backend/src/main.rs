@@ -54,9 +54,13 @@ struct Args {
     #[arg(long)]
     fixed_buffers: bool,
     /// Where the crash shadows of writable images live: a tmpfs, so they
-    /// survive this process but not a reboot. "none" turns them off.
-    #[arg(long, default_value = "/dev/shm")]
-    shadow_dir: PathBuf,
+    /// survive this process but not a reboot, that only the serving user
+    /// can reach (made with mode 0700 if missing; one others may write,
+    /// such as /dev/shm, is refused). Default: /run/blk-backend/UID as
+    /// root (UID the serving user's, --user's if given),
+    /// $XDG_RUNTIME_DIR/blk-backend otherwise. "none" turns them off.
+    #[arg(long)]
+    shadow_dir: Option<PathBuf>,
     /// Run without seccomp filters (each thread is otherwise confined to
     /// the system calls it needs, and any other call ends the process with
     /// a report naming it).
@@ -125,6 +129,35 @@ fn parse_export(spec: &str, defaults: &Args) -> Result<ExportSpec> {
     check(e)
 }
 
+/// The crash shadows' directory, made and checked (FORMAT.md, "The crash
+/// shadow"): with --user, that user's, since it writes the shadows of the
+/// exports added once it runs.
+fn shadow_dir(a: &Args) -> Result<Option<PathBuf>> {
+    use image_format::shadow;
+    let user = a.user.as_deref().map(sandbox::lookup_user).transpose()?;
+    let serving_uid = user.map_or(rustix::process::geteuid().as_raw(), |(uid, _)| uid);
+    let dir = match &a.shadow_dir {
+        Some(d) if d.as_os_str() == "none" => return Ok(None),
+        Some(d) => d.clone(),
+        None => shadow::default_dir(serving_uid).context(
+            "no directory for crash shadows: XDG_RUNTIME_DIR is not set (give --shadow-dir DIR, or \"none\")",
+        )?,
+    };
+    let prepared = (|| {
+        shadow::prepare_dir(&dir)?;
+        if let Some((uid, gid)) = user {
+            rustix::fs::chown(
+                &dir,
+                Some(rustix::process::Uid::from_raw(uid)),
+                Some(rustix::process::Gid::from_raw(gid)),
+            )?;
+        }
+        std::io::Result::Ok(())
+    })();
+    prepared.with_context(|| format!("--shadow-dir {}", dir.display()))?;
+    Ok(Some(dir))
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -158,15 +191,7 @@ fn run(a: Args) -> Result<()> {
     if specs.is_empty() && a.control.is_none() {
         bail!("nothing to serve: give --socket and --image, --export, or --control");
     }
-    let shadow_dir = (a.shadow_dir.as_os_str() != "none").then_some(a.shadow_dir.clone());
-    if let Some(dir) = &shadow_dir {
-        if !dir.is_dir() {
-            bail!(
-                "--shadow-dir {}: no such directory (give a tmpfs, or \"none\")",
-                dir.display()
-            );
-        }
-    }
+    let shadow_dir = shadow_dir(&a)?;
     // SIGTERM/SIGINT go to one thread that ends every session and closes
     // every image cleanly.
     let signals =

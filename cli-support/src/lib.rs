@@ -79,6 +79,43 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     Ok(bytes)
 }
 
+/// Logs to stderr through `tracing`, filtered by RUST_LOG (`default`
+/// without it). A log that cannot be written (a full disk) loses the line
+/// and nothing else: tracing-subscriber's own report of the failure would
+/// be an `eprintln!` to that same stderr, which panics.
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .init();
+}
+
+/// `eprintln!` that cannot fail: a line to stderr, dropped when stderr
+/// will not take it (a log file on a full disk, a closed pipe).
+/// `eprintln!` panics there, and a daemon whose log is full must keep
+/// serving (a panic under a seccomp filter can even end the process with
+/// SIGSYS on the way out).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that cannot fail (see [`say!`]).
+#[macro_export]
+macro_rules! say_out {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// An error and its causes as one line, each cause once: a cause whose
 /// text the line already holds (a library that names its source in its
 /// own message) is not repeated.

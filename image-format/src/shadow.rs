@@ -339,7 +339,7 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let path = MapShadow::path_for(&dir, &a);
         let mut map = vec![0u8; 64];
-        let image = &dir.join("image");
+        let image = dir.join("image");
         std::fs::write(&image, b"x").expect("image");
         let mut s = MapShadow::create(&path, &a, &map, &image).expect("create");
         map[3] = 0b0100_0001;

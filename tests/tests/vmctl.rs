@@ -854,3 +854,78 @@ fn processes_mentioning(path: &Path) -> Vec<String> {
         .filter(|c| c.contains(&needle))
         .collect()
 }
+
+/// A tmpfs mounted for a test, lazily unmounted after it.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn tmpfs(at: PathBuf, size: &str) -> Mounted {
+        std::fs::create_dir_all(&at).expect("mount point");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mounting a tmpfs at {}", at.display());
+        Mounted(at)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full state filesystem: the guest's writes past the free space are
+/// I/O errors it sees (it says so and exits 1), no process of vmctl's is
+/// lost (the host backend was not restarted; the daemons' logs on that
+/// same full filesystem cannot write and that is all), the console keeps
+/// its last lines, and the record says why.
+#[test]
+fn a_full_state_filesystem_is_an_io_error_the_guest_sees() {
+    if !ready("vmctl_full_disk", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let _state = Mounted::tmpfs(v.state.clone(), "40m");
+    let base = fx.image("base.img", "128M");
+    v.ok(&[
+        "create",
+        "full",
+        "--image",
+        base.to_str().expect("utf-8"),
+        "--cmdline",
+        "mode=write bs=64k size=100M",
+    ]);
+    v.ok(&["start", "full"]);
+    let out = v.call(&["wait", "full"], Duration::from_secs(2));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let console = v.ok(&["logs", "full", "--tail", "3"]);
+    assert!(said.contains("exited (1)"), "{said}\n{console}");
+    assert!(
+        console.contains("\"result\":\"fail\"") && console.contains("\"ioerr\":"),
+        "the console's last lines: {console}"
+    );
+    let info = v.info("full");
+    assert_eq!(info["backend-restarts"], 0, "{info}");
+    assert!(
+        info["reason"].as_str().unwrap_or("").contains("is full"),
+        "{info}"
+    );
+    // Room again: the same host backend serves the next VM.
+    v.ok(&["delete", "full"]);
+    v.ok(&[
+        "create",
+        "after",
+        "--image",
+        base.to_str().expect("utf-8"),
+        "--cmdline",
+        "mode=write verify=1 bs=64k size=4M",
+    ]);
+    v.ok(&["start", "after"]);
+    v.assert_exits_ok("after");
+    assert_eq!(v.info("after")["backend-restarts"], 0);
+    v.ok(&["delete", "after"]);
+}

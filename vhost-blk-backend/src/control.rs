@@ -312,7 +312,7 @@ impl Exports {
         for (_, r) in all {
             let _ = r.thread.join();
             if let Err(e) = r.export.shutdown() {
-                eprintln!(
+                cli_support::say!(
                     "blk-backend: error: closing {}: {e}",
                     r.export.spec.image.display()
                 );

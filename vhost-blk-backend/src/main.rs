@@ -159,15 +159,9 @@ fn shadow_dir(a: &Args) -> Result<Option<PathBuf>> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    cli_support::init_logging("info");
     if let Err(e) = run(Args::parse()) {
-        eprintln!("blk-backend: error: {}", cli_support::report(&e));
+        cli_support::say!("blk-backend: error: {}", cli_support::report(&e));
         std::process::exit(1);
     }
 }

@@ -64,15 +64,9 @@ fn run(a: Args) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cli_support::init_logging("warn");
     if let Err(e) = run(Args::parse()) {
-        eprintln!("net-backend: error: {}", cli_support::report(&e));
+        cli_support::say!("net-backend: error: {}", cli_support::report(&e));
         std::process::exit(1);
     }
 }

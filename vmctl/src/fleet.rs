@@ -38,7 +38,7 @@ pub fn demo_base(root: &Root) -> Result<PathBuf> {
     if snap.exists() {
         return Ok(snap);
     }
-    eprintln!("vmctl: making the demo base {} (once)", snap.display());
+    cli_support::say!("vmctl: making the demo base {} (once)", snap.display());
     let _ = std::fs::remove_file(&base);
     ops::create(&RealEnv, &base, Some(64 << 20), 4096, None).context("creating the demo base")?;
     fill(&base, "mode=write verify=1 gen=7 size=16M")?;

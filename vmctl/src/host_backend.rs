@@ -440,7 +440,7 @@ fn add_registered(host: &HostBackend) {
             continue;
         }
         match host.add(&e) {
-            Err(err) if !exists(&err) => eprintln!(
+            Err(err) if !exists(&err) => cli_support::say!(
                 "vmctl __backend: adding {} back: {}",
                 e.socket.display(),
                 cli_support::report(&err)
@@ -504,7 +504,7 @@ pub fn daemon(root: &Root) -> Result<()> {
     };
     let mut backend = match before.as_ref().and_then(|b| Watched::adopt(&host, b)) {
         Some(w) => {
-            eprintln!(
+            cli_support::say!(
                 "vmctl __backend: adopting blk-backend {} (its daemon was gone)",
                 w.pid
             );
@@ -520,7 +520,7 @@ pub fn daemon(root: &Root) -> Result<()> {
     loop {
         if wait_any(&[&backend.end], Some(HOUSEKEEPING))[0] {
             let how = backend.ended();
-            eprintln!(
+            cli_support::say!(
                 "vmctl __backend: blk-backend ended ({how}); starting it again and adding back every export"
             );
             backend = Watched::child(start_backend(&host)?)?;

@@ -625,7 +625,7 @@ fn run(cli: Cli) -> Result<i32> {
 fn main() {
     let cli = Cli::parse();
     let code = run(cli).unwrap_or_else(|e| {
-        eprintln!("vmctl: error: {}", cli_support::report(&e));
+        cli_support::say!("vmctl: error: {}", cli_support::report(&e));
         1
     });
     std::process::exit(code)

@@ -132,38 +132,180 @@ fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> ConsoleTap 
     let counter = Arc::clone(&copied);
     let thread = std::thread::spawn(move || {
         let _stopped = CopierStopped(Arc::clone(&counter));
-        let open = |p: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-        };
-        let Ok(mut out) = open(&path) else { return };
-        let mut written = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut file = ConsoleFile::open(path);
         let mut buf = [0u8; 8192];
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if written + n as u64 > CONSOLE_CAP {
-                let _ = std::fs::rename(&path, path.with_extension("log.1"));
-                match open(&path) {
-                    Ok(f) => out = f,
-                    Err(_) => return,
-                }
-                written = 0;
-            }
-            if out.write_all(&buf[..n]).is_err() {
-                return;
-            }
-            written += n as u64;
+            // The pipe is always drained, whatever became of the file:
+            // a vmm blocked on its console would stop its guest.
+            file.append(&buf[..n]);
             let (count, more) = &*counter;
             count.lock().unwrap_or_else(|e| e.into_inner()).0 += n as u64;
             more.notify_all();
         }
+        file.close();
     });
     ConsoleTap { thread, copied }
+}
+
+/// What the console keeps in memory while its file takes nothing (a full
+/// disk): its last bytes, written out when there is room again or at
+/// the end.
+const CONSOLE_TAIL: usize = 64 << 10;
+
+/// The console file, rotated at CONSOLE_CAP, that keeps its last lines
+/// when the disk fills: what cannot be written is held (the last
+/// CONSOLE_TAIL bytes) and written when room comes back, or at the end,
+/// after a line saying how much was lost and why (the console's own older
+/// bytes are given up for it if need be).
+struct ConsoleFile {
+    path: std::path::PathBuf,
+    out: Option<std::fs::File>,
+    written: u64,
+    /// Bytes not written yet (the newest CONSOLE_TAIL of them), how many
+    /// were dropped before those, and why the file took none.
+    held: std::collections::VecDeque<u8>,
+    dropped: u64,
+    why: Option<std::io::Error>,
+    retry_at: Option<Instant>,
+}
+
+impl ConsoleFile {
+    fn open(path: std::path::PathBuf) -> ConsoleFile {
+        let (out, why) = match Self::open_append(&path) {
+            Ok(f) => (Some(f), None),
+            Err(e) => (None, Some(e)),
+        };
+        let written = out
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        ConsoleFile {
+            path,
+            out,
+            written,
+            held: Default::default(),
+            dropped: 0,
+            why,
+            retry_at: None,
+        }
+    }
+
+    fn open_append(p: &Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        if self.why.is_none() && self.write(bytes).is_ok() {
+            return;
+        }
+        self.hold(bytes);
+        // Room may come back (a file deleted): tried again now and then,
+        // not on every read.
+        let now = Instant::now();
+        if self.retry_at.is_none_or(|t| now >= t) {
+            self.retry_at = Some(now + Duration::from_secs(1));
+            self.flush_held(false);
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.written + bytes.len() as u64 > CONSOLE_CAP {
+            let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
+            self.out = None;
+            self.written = 0;
+        }
+        let out = match &mut self.out {
+            Some(f) => f,
+            None => self.out.insert(Self::open_append(&self.path)?),
+        };
+        let result = out.write_all(bytes);
+        if let Err(e) = result {
+            // What a failed append left is cut off again (a partial line).
+            let _ = out.set_len(self.written);
+            // The older file is the first thing given up for room.
+            if std::fs::remove_file(self.path.with_extension("log.1")).is_ok() {
+                if let Some(out) = &mut self.out {
+                    if out.write_all(bytes).is_ok() {
+                        self.written += bytes.len() as u64;
+                        return Ok(());
+                    }
+                    let _ = out.set_len(self.written);
+                }
+            }
+            self.why = Some(e);
+            return Err(std::io::Error::other("console file full"));
+        }
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn hold(&mut self, bytes: &[u8]) {
+        self.held.extend(bytes);
+        let over = self.held.len().saturating_sub(CONSOLE_TAIL);
+        self.held.drain(..over);
+        self.dropped += over as u64;
+    }
+
+    /// Writes what is held after a line saying what was lost. At the end
+    /// (`last`), the file's own bytes are given up if that is the only
+    /// room there is, and then as much of the end as fits.
+    fn flush_held(&mut self, last: bool) {
+        if self.held.is_empty() && self.why.is_none() {
+            return;
+        }
+        let why = self
+            .why
+            .take()
+            .map_or_else(|| "unknown".to_string(), |e| e.to_string());
+        let held: Vec<u8> = self.held.iter().copied().collect();
+        let dropped = self.dropped;
+        let text = |keep: usize| {
+            let lost = dropped + (held.len() - keep) as u64;
+            let mut t = format!(
+                "\n[vmctl: the console file took no more ({why}): {lost} bytes lost; its last {keep} bytes follow]\n"
+            )
+            .into_bytes();
+            t.extend_from_slice(&held[held.len() - keep..]);
+            t
+        };
+        if self.write(&text(held.len())).is_ok() {
+            self.held.clear();
+            self.dropped = 0;
+            return;
+        }
+        if !last {
+            return;
+        }
+        // The newest lines matter most: the file starts again with them,
+        // as many as fit.
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.path) {
+            let _ = f.set_len(0);
+        }
+        self.out = None;
+        self.written = 0;
+        let mut keep = held.len();
+        loop {
+            if self.write(&text(keep)).is_ok() || keep == 0 {
+                return;
+            }
+            keep /= 2;
+            // Whole lines: from the first line start in what is kept.
+            if let Some(nl) = held[held.len() - keep..].iter().position(|&b| b == b'\n') {
+                keep -= nl + 1;
+            }
+        }
+    }
+
+    fn close(mut self) {
+        self.flush_held(true);
+    }
 }
 
 /// The vmm's own account of the VM's end (its API's `vm.wait`), which it
@@ -775,6 +917,9 @@ fn run_vmm(
             }
             status.state = "exited".into();
             status.exit_status = Some(end.exit_status);
+            if end.exit_status != 0 {
+                status.reason = full_disk(vm);
+            }
             *exiting = Some(Exiting {
                 vmm,
                 console,
@@ -802,6 +947,9 @@ fn record_exit(vm: &VmDir, status: &mut Status, ended: std::process::ExitStatus)
         (Some(code), _) => {
             status.state = "exited".into();
             status.exit_status = Some(code);
+            if code != 0 {
+                status.reason = full_disk(vm);
+            }
         }
         (None, Some(sig)) if killed_on_purpose => {
             status.state = "exited".into();
@@ -816,6 +964,20 @@ fn record_exit(vm: &VmDir, status: &mut Status, ended: std::process::ExitStatus)
             ));
         }
     }
+}
+
+/// Why a VM whose guest failed may have failed, when its directory's
+/// filesystem (its disk's, its console's) is full: the guest's writes
+/// were refused (I/O errors it saw) and its console may be cut.
+fn full_disk(vm: &VmDir) -> Option<String> {
+    let st = rustix::fs::statvfs(&vm.path).ok()?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    (free < 1 << 20).then(|| {
+        format!(
+            "the filesystem of {} is full ({free} bytes free): the guest's disk writes were refused",
+            vm.path.display()
+        )
+    })
 }
 
 /// How the vmm's run ended: its report (the process is still tearing
@@ -838,4 +1000,50 @@ pub fn stop_backend(backend: &mut Child) {
     }
     let _ = backend.kill();
     let _ = backend.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A console on a filesystem that fills up keeps its last lines,
+    /// after one saying how much was lost and why.
+    #[test]
+    fn a_console_on_a_full_disk_keeps_its_last_lines() {
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIPPED: a console on a full disk: needs root (mount)");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(st.success());
+        let path = dir.path().join("console.log");
+        let mut c = ConsoleFile::open(path.clone());
+        let lines: Vec<String> = (0..20_000).map(|i| format!("line {i:05}\n")).collect();
+        for l in &lines {
+            c.append(l.as_bytes());
+        }
+        c.close();
+        let kept = std::fs::read_to_string(&path).expect("read");
+        let _ = Command::new("umount").arg(dir.path()).status();
+        assert!(
+            kept.contains("No space left on device") && kept.contains("bytes lost"),
+            "{}",
+            &kept[..kept.len().min(300)]
+        );
+        assert!(kept.ends_with("line 19999\n"), "the last line is kept");
+        // What follows the note is the console's end, whole lines in order.
+        let after = kept.rsplit_once("follow]\n").expect("the note").1;
+        let first = after.lines().next().expect("a line");
+        let k: usize = first
+            .strip_prefix("line ")
+            .and_then(|n| n.parse().ok())
+            .expect("a whole line");
+        let tail: String = lines[k..].concat();
+        assert_eq!(after, tail);
+    }
 }

@@ -196,7 +196,7 @@ fn api(socket: &std::path::Path, request: &ApiRequest) -> Result<i32> {
     };
     let (code, body) = vmm::api::call(socket, method, path, body)
         .with_context(|| format!("{}", socket.display()))?;
-    println!("{body}");
+    cli_support::say_out!("{body}");
     if code != 200 {
         bail!("the vmm answered {code}");
     }
@@ -213,7 +213,9 @@ fn run(a: Args) -> Result<i32> {
     let cfg = config_of(&a)?;
     let out = vm::run(&cfg)?;
     if let Some(p) = &a.metrics_file {
-        std::fs::write(
+        // The VM's end is the guest's: a metrics file that cannot be
+        // written (a full disk) is said, and the guest's status stands.
+        let written = std::fs::write(
             p,
             serde_json::json!({
                 "vcpus": out.metrics,
@@ -221,12 +223,14 @@ fn run(a: Args) -> Result<i32> {
                 "console": out.console,
             })
             .to_string(),
-        )
-        .with_context(|| format!("--metrics-file {}", p.display()))?;
+        );
+        if let Err(e) = written {
+            cli_support::say!("vmm: --metrics-file {}: {e}", p.display());
+        }
     }
     match &out.event {
-        VmEvent::Reboot => eprintln!("vmm: the guest asked for a reboot; stopping"),
-        VmEvent::Fault(what) => eprintln!("vmm: guest fault: {what}"),
+        VmEvent::Reboot => cli_support::say!("vmm: the guest asked for a reboot; stopping"),
+        VmEvent::Fault(what) => cli_support::say!("vmm: guest fault: {what}"),
         _ => {}
     }
     Ok(out.event.exit_status())
@@ -254,15 +258,9 @@ fn main() {
     // once the VM runs, and an arena per thread cost each VM a dozen
     // system calls and the pages they touched.
     sandbox::malloc_arenas(1);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    cli_support::init_logging("warn");
     let code = run(Args::parse()).unwrap_or_else(|e| {
-        eprintln!("vmm: error: {}", cli_support::report(&e));
+        cli_support::say!("vmm: error: {}", cli_support::report(&e));
         1
     });
     std::process::exit(code)

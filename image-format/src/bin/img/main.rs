@@ -921,15 +921,9 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of one signal before any
     // thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // (fuser's own lines: a reply to a request the kernel
-                // dropped as an export unmounts is no news.)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=off")),
-        )
-        .init();
+    // (fuser's own lines: a reply to a request the kernel dropped as an
+    // export unmounts is no news.)
+    cli_support::init_logging("warn,fuser=off");
     // A usage error exits 1, as qemu-img's do: 2 and 3 are check's
     // "corrupt" and "leaks", and a script must not mistake one for the other.
     let cli = match Cli::try_parse() {

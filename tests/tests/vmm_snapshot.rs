@@ -507,3 +507,92 @@ fn a_backend_killed_during_an_on_demand_restore_pages_through_the_vmm_again() {
     verify(&Fixture::socket_of(&clone), 3, size, "the restored disk");
     backend.stop();
 }
+
+/// A snapshot restored long after it was taken (issue 28): the guest's
+/// time goes on from the snapshot's instant (kvmclock as saved), not from
+/// the host's now. A run with writes in flight at the snapshot, restored
+/// after several times its I/O timeout, finishes its run as it would
+/// have: no request timed out, its duration counted without the age.
+#[test]
+fn a_snapshot_restored_long_after_goes_on_from_its_instant() {
+    if !ready("vmm_snapshot_age", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut exports = Exports::start(&fx);
+    let image = fx.image("aged.img", "64M");
+    let sock = exports.add(&image);
+    let api_sock = fx.path("aged-api.sock");
+    // 3 s of verifying random writes, 16 in flight, each given 1 s.
+    let (duration_ms, timeout_ms) = (3000u64, 1000u64);
+    let run = format!(
+        "mode=randwrite verify=1 gen=3 bs=4k qd=16 size=16M duration_ms={duration_ms} \
+         timeout_ms={timeout_ms} progress_ms=250"
+    );
+    let mut original = vm_on(&sock, &run);
+    original.api_socket = Some(api_sock.clone());
+    let mut original = started(&original);
+    original
+        .wait_for_progress(
+            1,
+            &Patience::new("the run's first progress line", Duration::from_millis(250)),
+        )
+        .expect("the run goes");
+    assert!(api(&api_sock, &["pause"]).0, "pause");
+    let snap = fx.path("aged-snap");
+    let (ok, out) = api(&api_sock, &["snapshot", "--dir", &s(&snap)]);
+    assert!(ok, "snapshot: {out}");
+    let r = exports.snapshot(&sock, "s1");
+    assert!(r.get("return").is_some(), "export-snapshot: {r}");
+    assert!(api(&api_sock, &["resume"]).0, "resume");
+    original
+        .wait()
+        .expect("the original ends")
+        .assert_ok("the original");
+
+    // The snapshot ages: well past the guest's I/O timeout (and the
+    // run's whole duration) before it is restored.
+    let age = Duration::from_millis(3 * duration_ms);
+    std::thread::sleep(age);
+    let clone = fx.clone_of("aged.img@s1", "aged-r.img");
+    let clone_sock = exports.add(&clone);
+    let mut v = vm_on(&clone_sock, "");
+    v.restore = Some(snap.clone());
+    let done = v.run().expect("the restored VM runs");
+    done.assert_ok("the restored copy");
+    assert_eq!(done.field("errors"), 0, "no request timed out");
+    // Its run counted the time it ran, not the snapshot's age: about
+    // `duration_ms` (plus the pause around the snapshot), far below
+    // duration + age, which a guest that saw the host's clock reports (or
+    // it ends at once, having "run" for the whole age).
+    let elapsed_ms = done.field("elapsed_ns") / 1_000_000;
+    assert!(
+        elapsed_ms >= duration_ms && elapsed_ms < duration_ms + age.as_millis() as u64 / 2,
+        "the run's elapsed time {elapsed_ms} ms: {duration_ms} ms of run, restored {} ms after its snapshot",
+        age.as_millis()
+    );
+    assert!(done.field("writes") > 0);
+    exports.del(&clone_sock);
+    verify_gen_on(&clone, 3);
+}
+
+/// The disk at `image`, read back through a fresh backend: every sector
+/// the run wrote is of generation `gen`.
+fn verify_gen_on(image: &Path, gen: u32) {
+    let sock = Fixture::socket_of(image);
+    let b = BlkBackendProcess::start_exports_with(
+        &bin("blk-backend"),
+        &[(image.to_path_buf(), sock.clone())],
+        &[],
+    )
+    .expect("blk-backend");
+    let r = vm_on(
+        &sock,
+        &format!("mode=read verify=1 expect_gen={gen} bs=64k qd=8 size=16M"),
+    )
+    .run()
+    .expect("vmm runs");
+    r.assert_ok("reading the restored copy's disk back");
+    assert_eq!(r.field("verify_failures"), 0);
+    b.stop();
+}

@@ -482,6 +482,18 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
+    if let Some(state) = &restoring {
+        // The guest's clock goes on from the snapshot's instant, however
+        // long ago it was taken (no KVM_CLOCK_REALTIME: its monotonic time
+        // must not jump by the snapshot's age; a guest that asks for the
+        // wall clock again, MSR_KVM_WALL_CLOCK_NEW, gets today's). Set
+        // before any vCPU runs, so none sees the host's clock first.
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
+    }
     let mut threads = Vec::new();
     let mut kvm_stats = Vec::new();
     for id in 0..cfg.cpus {
@@ -546,14 +558,6 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             .context("starting a vCPU thread")?;
         control.add_thread(&t);
         threads.push(t);
-    }
-    if let Some(state) = &restoring {
-        // The guest's clock goes on from where it stood.
-        let clock = kvm_bindings::kvm_clock_data {
-            clock: state.clock.clock,
-            ..Default::default()
-        };
-        vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
     }
     // Whether a lazy restore is done (memory filled, disks started): a
     // snapshot of the restored VM waits for it.

@@ -238,7 +238,7 @@ impl<'a> Engine<'a> {
         let (kind, data_len, data_flags) = match op {
             Op::Read => (blk::T_IN, bytes, DESC_F_WRITE),
             Op::Write => {
-                let stamp = crate::time::tsc() as u32;
+                let stamp = crate::time::raw_tsc() as u32;
                 for k in 0..(bytes as u64 / SECTOR) {
                     write_pattern(s.data + k * SECTOR, sector + k, gen, stamp);
                 }

@@ -202,6 +202,8 @@ pub enum DiskError {
     },
     #[error("{socket}: ring address {gpa:#x} is not in guest memory")]
     RingAddress { socket: String, gpa: u64 },
+    #[error("{socket}: the backend went away and was not back within {waited_ms} ms")]
+    Away { socket: String, waited_ms: u128 },
     #[error("{socket}: the used ring of queue {queue}: {err}")]
     UsedRing {
         socket: String,
@@ -265,6 +267,9 @@ struct Link {
     /// A lazy restore's pager, while it may still be filling memory.
     pager: Option<PagerHandle>,
     session: Mutex<Session>,
+    /// Signalled (with `session`) each time a reconnect installs a new
+    /// connection.
+    reconnected: std::sync::Condvar,
 }
 
 struct Session {
@@ -585,6 +590,7 @@ impl VhostUserDevice {
                     activations: LogLimit::default(),
                     active: None,
                 }),
+                reconnected: std::sync::Condvar::new(),
             }),
             kind,
             _socket_watch: socket_watch,
@@ -595,6 +601,33 @@ impl VhostUserDevice {
 impl Link {
     fn lock(&self) -> std::sync::MutexGuard<'_, Session> {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session, once its connection is up: a backend that hung up
+    /// (a disk sealed live ends its session; a restarted backend) is
+    /// waited for while the device's watcher reconnects, up to `limit`.
+    /// Without this, a second snapshot right after a first met the
+    /// sealed disk's dead connection (GET_VRING_BASE: socket is broken).
+    fn connected(&self, limit: Duration) -> Result<std::sync::MutexGuard<'_, Session>, DiskError> {
+        let until = std::time::Instant::now() + limit;
+        let mut s = self.lock();
+        loop {
+            if !hung_up(&s.frontend) {
+                return Ok(s);
+            }
+            let now = std::time::Instant::now();
+            if now >= until {
+                return Err(DiskError::Away {
+                    socket: self.socket_name(),
+                    waited_ms: limit.as_millis(),
+                });
+            }
+            s = self
+                .reconnected
+                .wait_timeout(s, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// The device as errors name it: its kind and its socket.
@@ -723,6 +756,19 @@ impl Link {
     }
 }
 
+/// Whether the backend's end of the connection is gone (its session
+/// ended): the socket reads end-of-stream or errs.
+fn hung_up(frontend: &Frontend) -> bool {
+    let mut p = libc::pollfd {
+        fd: frontend.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd of an open socket, not waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Ends a session whose backend stopped answering or broke the protocol
 /// mid-way (the stream is out of step after that): the disk watcher sees
 /// the connection end and reconnects, replaying what the driver set up,
@@ -772,11 +818,13 @@ impl BackendLink for Link {
         s.frontend = frontend;
         s.paging = paging;
         let Some(active) = s.active.take() else {
+            self.reconnected.notify_all();
             return Ok(());
         };
         let r = self.start_rings(&mut s, &active);
         s.active = Some(active);
         r.map_err(|e| ReconnectError::NotYet(e.into()))?;
+        self.reconnected.notify_all();
         let noun = self.kind.noun();
         info!(socket = %self.socket.display(), "{noun} reconnected");
         Ok(())
@@ -936,7 +984,12 @@ impl VirtioDevice for VhostUserDevice {
     /// Stops the rings (GET_VRING_BASE: the backend completes what it has
     /// in flight first), keeping the session to start them again.
     fn pause(&mut self) -> Result<(), DeviceError> {
-        let mut s = self.link.lock();
+        // As long as a reconnect may take: the backend's replies' deadline
+        // for each step of the handshake, a few times over.
+        let mut s = self
+            .link
+            .connected(self.link.reply_timeout * 4)
+            .map_err(|e| Box::new(e) as DeviceError)?;
         self.link
             .stop_rings(&mut s)
             .map_err(|(_, e)| Box::new(e) as DeviceError)

@@ -180,6 +180,40 @@ fn vmctl_shares_a_host_folder_with_its_vm() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(why), "{share}: {err}");
     }
+    // A share whose folder went away after the VM was made: virtiofsd
+    // ends at once, and so does the start, with what it said (it waited
+    // for the vmm to give up on the socket before, 120 s).
+    let gone = fx.path("gone");
+    std::fs::create_dir(&gone).expect("dir");
+    let out = vmctl(&[
+        "create",
+        "gone",
+        "--image",
+        &s(&base),
+        "--share",
+        &format!("{}:g", s(&gone)),
+        "--cmdline",
+        "mode=fs tag=g file=x timeout_ms=10000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir(&gone).expect("rm");
+    let out = vmctl(&["start", "gone"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("virtiofsd: it ended at start"),
+        "{err}"
+    );
+    let info = test_infra::stdout_json(&vmctl(&["info", "gone", "--output", "json"]));
+    assert_eq!(info["state"], "failed", "{info}");
+    assert!(
+        info["reason"].as_str().unwrap_or("").contains(&s(&gone)),
+        "{info}"
+    );
+    assert!(vmctl(&["delete", "gone"]).status.success());
     let list = vmctl(&["list"]);
     assert!(
         !String::from_utf8_lossy(&list.stdout).contains("bad"),

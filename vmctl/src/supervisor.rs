@@ -570,10 +570,39 @@ impl ShareServers {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file(vm, &format!("virtiofsd-{i}.log"))?);
-            let child = cmd
+            let mut child = cmd
                 .spawn()
                 .with_context(|| format!("starting virtiofsd for {}", share.dir.display()))?;
+            // Serving once its socket is there; one that ends first (a
+            // folder gone, a bad option) fails the start now, with what
+            // it said, not when the vmm gives up on the socket.
+            let ended = pidfd(&child)?;
+            let until = Instant::now() + Duration::from_secs(30);
+            let (waited, _) = path_wait::wait_for(&socket, Some(until), &[ended.as_fd()]);
+            let why = match waited {
+                path_wait::Waited::Appeared => None,
+                path_wait::Waited::Woken => Some(match child.wait() {
+                    Ok(st) => format!("it ended at start ({st})"),
+                    Err(e) => format!("it ended at start ({e})"),
+                }),
+                path_wait::Waited::TimedOut => Some("it made no socket within 30 s".to_string()),
+            };
             servers.0.push(child);
+            if let Some(why) = why {
+                let log = vm.path.join(format!("virtiofsd-{i}.log"));
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let said = said
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                anyhow::bail!(
+                    "share {}:{}: virtiofsd: {why}{}{said}",
+                    share.dir.display(),
+                    share.tag,
+                    if said.is_empty() { "" } else { ": " },
+                );
+            }
         }
         Ok(servers)
     }
@@ -582,6 +611,9 @@ impl ShareServers {
 impl Drop for ShareServers {
     fn drop(&mut self) {
         for c in &mut self.0 {
+            if let Ok(Some(_)) = c.try_wait() {
+                continue; // reaped already: its pid may be another's now
+            }
             // SAFETY: a signal to our own child, not yet reaped.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();

@@ -171,6 +171,15 @@ fn bad_arguments_and_missing_devices_fail_clearly() {
         "{}",
         r.serial
     );
+    // Its report is JSON a script reads, the quotes escaped.
+    let report = r
+        .result
+        .as_ref()
+        .unwrap_or_else(|| panic!("a JSON report: {}", r.serial));
+    assert_eq!(
+        report["error"], "bad argument \"mode=sideways\"",
+        "{report}"
+    );
     let r = run(builtin(&img, 1, false), "disk=3");
     assert_eq!(r.guest_status, Some(3));
     assert!(

@@ -429,6 +429,26 @@ fn exports_end_cleanly_when_unmounted_during_writes_killed_or_read_only() {
     img.ok(&["umount", &s(&mnt)]);
     assert!(img.records().is_empty());
 
+    // img umount of a mount whose export was killed: done, and it says
+    // what was lost and why (it failed before: "no image is mounted
+    // there", after cleaning the mount up).
+    img.ok(&["mount", &s(&image), &s(&mnt)]);
+    let pid = img.records()[0]["pid"].as_u64().expect("a pid") as i32;
+    // SAFETY: kill on the export's pid from its record.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    Patience::new("the export's death", Duration::from_millis(50))
+        .wait_until(|| Ok(!Path::new(&format!("/proc/{pid}")).exists()))
+        .expect("dead");
+    let out = img.out(&["umount", &s(&mnt)]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && said.contains("is unmounted")
+            && said.contains("since its last sync"),
+        "{out:?}"
+    );
+    assert!(img.records().is_empty());
+
     // A read-only export refuses writes.
     let file = fx.path("ro.raw");
     let export = img.export(&image, &file, true, 256 << 20);

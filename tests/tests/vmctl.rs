@@ -153,10 +153,13 @@ fn a_vm_lives_its_whole_lifecycle_and_its_clone_keeps_its_data() {
     v.ok(&["start", "web"]);
     let list = v.ok(&["list"]);
     assert!(list.contains("web") && list.contains("running"), "{list}");
-    v.ok(&["pause", "web"]);
+    assert_eq!(v.ok(&["pause", "web"]).trim(), "web: paused");
     assert_eq!(v.info("web")["state"], "paused");
-    v.ok(&["resume", "web"]);
+    // Both verbs are idempotent, and say so.
+    assert_eq!(v.ok(&["pause", "web"]).trim(), "web: paused (already)");
+    assert_eq!(v.ok(&["resume", "web"]).trim(), "web: running");
     assert_eq!(v.info("web")["state"], "running");
+    assert_eq!(v.ok(&["resume", "web"]).trim(), "web: running (already)");
     until(
         "a progress line in vmctl logs",
         Duration::from_millis(500),
@@ -672,6 +675,23 @@ fn bad_input_is_refused_by_name_and_leaves_nothing_behind() {
     );
     let e = v.fails(&["create", "x", "--image", image, "--nat"]);
     assert!(e.contains("--net"), "{e}");
+    // Sizes and counts the vmm would refuse at start are refused at
+    // create, in one wording, and memory the host does not have too.
+    for (flag, value, why) in [
+        ("--memory", "0", "16 MiB to 64 GiB"),
+        ("--memory", "1K", "16 MiB to 64 GiB"),
+        ("--memory", "1T", "16 MiB to 64 GiB"),
+        ("--memory", "60G", "more than this host has"),
+        ("--memory", "100000000", "4 KiB pages"),
+        ("--cpus", "0", "1..=32"),
+        ("--cpus", "999", "1..=32"),
+        ("--cpus", "33", "1..=32"),
+        ("--queues", "0", "1 to 16"),
+    ] {
+        let e = v.fails(&["create", "x", "--image", image, flag, value]);
+        assert!(e.contains(why), "{flag} {value}: {e}");
+        assert!(!v.vm_dir("x").exists(), "{flag} {value} left its directory");
+    }
 
     // A running VM is not deleted without --force.
     v.ok(&[
@@ -974,6 +994,18 @@ fn ten_snapshots_in_a_row_of_a_running_vm_all_succeed() {
     let console = v.ok(&["logs", "busy"]);
     assert!(!console.contains("ERROR"), "{console}");
     v.ok(&["kill", "busy"]);
+    // Its disk is its top and the ten sealed layers in its directory:
+    // what list and info count (the top alone before).
+    let own: u64 = std::fs::read_dir(v.vm_dir("busy"))
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("disk.img"))
+        .map(|e| {
+            use std::os::unix::fs::MetadataExt;
+            e.metadata().expect("stat").blocks() * 512
+        })
+        .sum();
+    assert_eq!(v.info("busy")["disk-bytes"], own);
     for k in 0..10 {
         v.ok(&["snapshot-delete", &format!("s{k}")]);
     }

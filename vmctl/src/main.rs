@@ -46,17 +46,20 @@ struct VmOptions {
     /// The kernel (default: the built-in bench guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// An initramfs for --kernel (a Linux guest's first userspace).
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// The kernel command line (in `run`, {n} and {name} are each VM's).
+    /// The kernel command line. In `run`, the words n and name in braces
+    /// become each VM's number and name.
     #[arg(long, default_value = "")]
     cmdline: String,
-    #[arg(long, default_value_t = 1)]
+    /// vCPUs, 1 to 32.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=vmm::config::MAX_CPUS as i64))]
     cpus: u8,
-    /// Guest memory (512M, 1G).
+    /// Guest memory (512M, 1G): 16 MiB to 64 GiB, at most the host's.
     #[arg(long, default_value = "256M")]
     memory: String,
-    /// The disk's queues.
+    /// The disk's queues, 1 to 16.
     #[arg(long, default_value_t = 1)]
     queues: u16,
     /// Grow the VM's clone to this size (the new space reads as zeros).
@@ -85,7 +88,10 @@ enum Cmd {
     /// Define a VM with its own writable clone of IMAGE (FILE@SNAPSHOT, or
     /// a working image, which is snapshotted first). Nothing runs yet.
     Create {
+        /// The VM's name.
         name: String,
+        /// The disk image to clone: FILE@SNAPSHOT, or a working image
+        /// (snapshotted first, unless unchanged since its last snapshot).
         #[arg(long, required_unless_present = "from_snapshot")]
         image: Option<PathBuf>,
         /// A VM snapshot (`vmctl snapshot`) to continue from: its first
@@ -102,77 +108,103 @@ enum Cmd {
     /// Save a running VM whole (vCPUs, devices, memory) with its disk at the
     /// same instant, as SNAPSHOT; it goes on running (or stays paused).
     Snapshot {
+        /// The VM's name.
         name: String,
+        /// The VM snapshot's name.
         snapshot: String,
+        /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     /// Every VM snapshot: its VM, size, and the VMs made from it.
     Snapshots {
+        /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     /// Remove a VM snapshot (refused while VMs made from it exist).
     SnapshotDelete {
+        /// The VM snapshot's name.
         snapshot: String,
     },
     /// Back up a VM's disk at one instant (live if it runs) into the
     /// directory DEST: in full, or with --incremental only what changed
     /// since DEST's last backup.
     Backup {
+        /// The VM's name.
         name: String,
+        /// The backup directory (made if missing).
         dest: PathBuf,
+        /// Only what changed since DEST's last backup (taken by vmctl backup into DEST).
         #[arg(long)]
         incremental: bool,
+        /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     /// A new VM NAME on the disk DEST's backups restore to (defined as the
     /// backed-up VM was; it boots when started).
     Restore {
+        /// The backup directory (made if missing).
         dest: PathBuf,
+        /// The VM's name.
         name: String,
     },
     /// Start a defined (or ended) VM.
     Start {
+        /// The VM's name.
         name: String,
     },
     /// Shut a VM down gracefully; forced after --timeout seconds.
     Stop {
+        /// The VM's name.
         name: String,
+        /// Seconds the guest has to shut down before it is killed.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
     /// End a VM at once.
     Kill {
+        /// The VM's name.
         name: String,
     },
+    /// Stop a running VM's vCPUs where they are (its memory and devices
+    /// kept); a paused VM stays paused.
     Pause {
+        /// The VM's name.
         name: String,
     },
+    /// Let a paused VM's vCPUs run on; a running VM goes on.
     Resume {
+        /// The VM's name.
         name: String,
     },
     /// Stop (if running) and start again.
     Restart {
+        /// The VM's name.
         name: String,
+        /// Seconds the guest has to shut down before it is killed.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
     /// Every VM: state, pid, cpus, memory, disk, uptime.
     #[command(alias = "ps")]
     List {
+        /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     /// One VM in full.
     Info {
+        /// The VM's name.
         name: String,
+        /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     /// The VM's serial console (kept in a bounded file).
     Logs {
+        /// The VM's name.
         name: String,
         /// Keep printing as the guest writes, until it ends.
         #[arg(short, long)]
@@ -183,14 +215,17 @@ enum Cmd {
     },
     /// Wait until the VMs end; print and return their exit status.
     Wait {
+        /// The VMs' names.
         #[arg(required = true)]
         names: Vec<String>,
+        /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     /// Remove a VM: its clone, sockets, logs, state.
     #[command(alias = "rm")]
     Delete {
+        /// The VM's name.
         name: String,
         /// Kill it first if it runs.
         #[arg(long)]
@@ -199,11 +234,14 @@ enum Cmd {
     /// A test fleet: COUNT VMs cloned from IMAGE, started together, waited
     /// for, one row each and a summary (no arguments: the built-in demo).
     Run {
+        /// How many VMs.
         #[arg(long, default_value_t = 1)]
         count: usize,
         /// VM names are PREFIX-1 .. PREFIX-COUNT.
         #[arg(long = "name", default_value = "run")]
         prefix: String,
+        /// The disk image every VM clones (as create's --image; none: the
+        /// built-in demo base).
         #[arg(long)]
         image: Option<PathBuf>,
         /// Every VM continues from this VM snapshot (on a clone of its
@@ -219,11 +257,13 @@ enum Cmd {
         /// Delete the VMs when they are done.
         #[arg(long)]
         rm: bool,
+        /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     #[command(name = "__supervise", hide = true)]
     Supervise {
+        /// The VM's name.
         name: String,
     },
     /// The host backend's daemon (started by the first VM that needs it).
@@ -456,12 +496,12 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{name}: {s}");
         }
         Cmd::Pause { name } => {
-            ops::pause(&root, &name)?;
-            println!("{name}: paused");
+            let changed = ops::pause(&root, &name)?;
+            println!("{name}: paused{}", if changed { "" } else { " (already)" });
         }
         Cmd::Resume { name } => {
-            ops::resume(&root, &name)?;
-            println!("{name}: running");
+            let changed = ops::resume(&root, &name)?;
+            println!("{name}: running{}", if changed { "" } else { " (already)" });
         }
         Cmd::Restart { name, timeout } => {
             ops::restart(&root, &name, Duration::from_secs(timeout))?;
@@ -629,4 +669,48 @@ fn main() {
         1
     });
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` says what every flag and argument of every verb is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" || a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.is_hide_set() {
+                    continue;
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "vmctl", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:?}");
+    }
+
+    /// Help text shows as written: clap reads `{n}` in it as a line break.
+    #[test]
+    fn help_texts_have_no_clap_markers() {
+        let mut out = Vec::new();
+        Cli::command()
+            .find_subcommand_mut("run")
+            .expect("run")
+            .write_long_help(&mut out)
+            .expect("help");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("the words n and name in braces"), "{text}");
+    }
 }

@@ -66,6 +66,20 @@ pub fn clone_source(image: &Path, name: &str) -> Result<PathBuf> {
         .with_context(|| format!("--image {}: snapshotting it to clone it", image.display()))
 }
 
+/// The host's memory (MemTotal), if /proc says.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 /// The sealed layer a working image stands on, when the image holds
 /// nothing of its own (not a block written since that seal) and is closed
 /// cleanly: a new seal would hold the same disk, one layer deeper.
@@ -73,7 +87,14 @@ fn unchanged_since_sealed(env: &RealEnv, top: &Layer) -> Result<Option<PathBuf>>
     let Some(parent) = top.parent_path() else {
         return Ok(None);
     };
-    if top.header.dirty() {
+    // Open for writing anywhere (a served disk is marked dirty only at
+    // its first write): not unchanged for sure; the snapshot it would
+    // need is refused with the holder's name.
+    if top.header.dirty()
+        || env
+            .lock(&top.path, image_format::lock::LockKind::Shared, "clone")
+            .is_err()
+    {
         return Ok(None);
     }
     let (data, zero) = top
@@ -124,11 +145,24 @@ fn release_clone_source(base: &Path) {
 /// working image is snapshotted first, as `img clone --seal` does).
 /// Nothing is left behind when it fails.
 pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
-    if !(1..=64).contains(&spec.cpus) {
-        bail!("--cpus {}: 1 to 64", spec.cpus);
+    use vmm::config::{memory_problem, MAX_CPUS, MAX_DISK_QUEUES};
+    if !(1..=MAX_CPUS).contains(&spec.cpus) {
+        bail!("--cpus {}: 1 to {MAX_CPUS}", spec.cpus);
     }
-    if !(1..=64).contains(&spec.queues) {
-        bail!("--queues {}: 1 to 64", spec.queues);
+    if !(1..=MAX_DISK_QUEUES).contains(&spec.queues) {
+        bail!("--queues {}: 1 to {MAX_DISK_QUEUES}", spec.queues);
+    }
+    if let Some(why) = memory_problem(spec.memory) {
+        bail!("--memory {why}");
+    }
+    // Checked against this host now, not when the VM first starts.
+    if let Some(total) = host_memory() {
+        if spec.memory > total {
+            bail!(
+                "--memory {} bytes: more than this host has ({total} bytes)",
+                spec.memory
+            );
+        }
     }
     for (what, p) in [("--kernel", &spec.kernel), ("--initrd", &spec.initrd)] {
         if let Some(p) = p {
@@ -389,18 +423,40 @@ fn require_running(vm: &VmDir) -> Result<()> {
     }
 }
 
-pub fn pause(root: &Root, name: &str) -> Result<Value> {
-    let vm = root.vm(name)?;
-    let _lock = vm.lock()?;
-    require_running(&vm)?;
-    api(&vm, "PUT", "/api/v1/vm.pause", None)
+/// Pauses a running VM; one paused already stays so. Whether it was
+/// running until now.
+pub fn pause(root: &Root, name: &str) -> Result<bool> {
+    set_paused(root, name, true)
 }
 
-pub fn resume(root: &Root, name: &str) -> Result<Value> {
+/// Resumes a paused VM; one running already goes on. Whether it was
+/// paused until now.
+pub fn resume(root: &Root, name: &str) -> Result<bool> {
+    set_paused(root, name, false)
+}
+
+/// Pause and resume, both idempotent (as `virsh suspend`/`resume` of a
+/// domain already so are not: a script wants the state, not a quarrel).
+fn set_paused(root: &Root, name: &str, paused: bool) -> Result<bool> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
     require_running(&vm)?;
-    api(&vm, "PUT", "/api/v1/vm.resume", None)
+    let now_paused = api(&vm, "GET", "/api/v1/vm.info", None)?["state"] == "paused";
+    if now_paused == paused {
+        return Ok(false);
+    }
+    let path = if paused {
+        "/api/v1/vm.pause"
+    } else {
+        "/api/v1/vm.resume"
+    };
+    api(&vm, "PUT", path, None).with_context(|| {
+        format!(
+            "VM {name}: {}",
+            if paused { "pausing it" } else { "resuming it" }
+        )
+    })?;
+    Ok(true)
 }
 
 /// Wakes a waiter when the VM may have ended: the vmm's answer to
@@ -567,6 +623,20 @@ pub fn allocated(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
+/// Bytes the VM's own disk layers occupy: its top and the sealed layers
+/// below it that live in its directory (its snapshots' and backups'), not
+/// the base image it shares with others.
+fn disk_bytes(vm: &VmDir) -> u64 {
+    let Ok(chain) = image_format::disk::open_chain(&RealEnv, &vm.disk(), false) else {
+        return allocated(&vm.disk());
+    };
+    chain
+        .iter()
+        .filter(|l| l.path.parent() == Some(vm.path.as_path()))
+        .map(|l| allocated(&l.path))
+        .sum()
+}
+
 /// One VM as `list` and `info` show it.
 pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
     let c = vm.config()?;
@@ -617,7 +687,7 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
         "memory": c.memory,
         "image": c.image,
         "disk": vm.disk(),
-        "disk-bytes": allocated(&vm.disk()),
+        "disk-bytes": disk_bytes(vm),
         "uptime-s": uptime_s,
         "backend": c.backend.to_string(),
         "backend-restarts": backend_restarts,

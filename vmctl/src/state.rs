@@ -388,10 +388,19 @@ impl VmDir {
     /// on the directory itself, not on a file in it (a file more to make
     /// and delete per VM, see [`spread_subdirectories`]).
     pub fn lock(&self) -> Result<File, StateError> {
-        let dir = File::open(&self.path).map_err(dir_error(&self.path, "cannot open it"))?;
-        flock(&dir, true)
-            .map_err(dir_error(&self.path, "cannot lock it"))
-            .map(|_| dir)
+        let gone = || StateError::NoSuchVm(self.name.clone());
+        let dir = File::open(&self.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => gone(),
+            _ => dir_error(&self.path, "cannot open it")(e),
+        })?;
+        flock(&dir, true).map_err(dir_error(&self.path, "cannot lock it"))?;
+        // Deleted while this waited for the lock (a removed directory has
+        // no links left): there is no VM by that name any more.
+        use std::os::unix::fs::MetadataExt;
+        if dir.metadata().map_or(true, |m| m.nlink() == 0) {
+            return Err(gone());
+        }
+        Ok(dir)
     }
 
     /// The state as a user sees it now: a run whose supervisor is gone is
@@ -682,5 +691,28 @@ mod tests {
         assert!(root.claim("vm").is_ok());
         let e = root.claim("vm").expect_err("second");
         assert!(e.to_string().contains("already exists"), "{e}");
+    }
+
+    /// A verb that waited for the lock of a VM being deleted finds no VM
+    /// (it said "No such file or directory (os error 2)" before).
+    #[test]
+    fn a_vm_deleted_while_waiting_for_its_lock_is_no_vm() {
+        let d = tempfile::tempdir().expect("dir");
+        let root = Root::open(d.path()).expect("root");
+        let vm = root.claim("a").expect("claim");
+        let held = vm.lock().expect("lock");
+        let waiter = {
+            let vm = vm.clone();
+            std::thread::spawn(move || vm.lock().map(drop))
+        };
+        // The waiter is blocked on the lock (or not there yet: both end
+        // the same way).
+        std::fs::remove_dir_all(&vm.path).expect("delete");
+        drop(held);
+        let got = waiter.join().expect("thread");
+        assert!(
+            matches!(got, Err(StateError::NoSuchVm(ref n)) if n == "a"),
+            "{got:?}"
+        );
     }
 }

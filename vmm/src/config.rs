@@ -404,22 +404,41 @@ pub fn parse_serial(s: &str) -> Result<SerialOut, ConfigError> {
     }
 }
 
+/// The most vCPUs a VM has.
+pub const MAX_CPUS: u8 = 32;
+/// Guest memory's bounds (a whole number of 4 KiB pages between).
+pub const MIN_MEMORY: u64 = 16 << 20;
+pub const MAX_MEMORY: u64 = 64 << 30;
+/// The most queues a disk has.
+pub const MAX_DISK_QUEUES: u16 = 16;
+
+/// What is wrong with `memory` bytes of guest memory, if anything.
+pub fn memory_problem(memory: u64) -> Option<String> {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
+        return Some(format!("{memory} bytes: 16 MiB to 64 GiB"));
+    }
+    if !memory.is_multiple_of(4096) {
+        return Some(format!("{memory} bytes: a whole number of 4 KiB pages"));
+    }
+    None
+}
+
 impl VmConfig {
     /// Rejects what cannot run, with the reason.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::Invalid(s));
-        if self.cpus == 0 || self.cpus > 32 {
-            return bad(format!("--cpus {}: 1 to 32", self.cpus));
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return bad(format!("--cpus {}: 1 to {MAX_CPUS}", self.cpus));
         }
-        if self.memory < 16 << 20 || self.memory > 64 << 30 {
-            return bad(format!("--memory {} bytes: 16 MiB to 64 GiB", self.memory));
-        }
-        if !self.memory.is_multiple_of(4096) {
-            return bad("--memory: a whole number of 4 KiB pages".into());
+        if let Some(why) = memory_problem(self.memory) {
+            return bad(format!("--memory {why}"));
         }
         for d in &self.disks {
-            if d.num_queues == 0 || d.num_queues > 16 {
-                return bad(format!("disk {}: num_queues 1 to 16", d.socket.display()));
+            if d.num_queues == 0 || d.num_queues > MAX_DISK_QUEUES {
+                return bad(format!(
+                    "disk {}: num_queues 1 to {MAX_DISK_QUEUES}",
+                    d.socket.display()
+                ));
             }
             if !d.queue_size.is_power_of_two() || d.queue_size < 2 {
                 return bad(format!(

@@ -36,8 +36,33 @@ const EXIT_TIMEOUT: u8 = 4;
 
 pub(crate) fn fail(status: u8, error: core::fmt::Arguments) -> ! {
     println!("ERROR: {}", error);
-    println!("{{\"bench_guest\":1,\"result\":\"fail\",\"exit\":{},\"error\":\"{}\"}}", status, error);
+    println!("{{\"bench_guest\":1,\"result\":\"fail\",\"exit\":{},\"error\":\"{}\"}}", status, JsonText(error));
     rt::exit(status);
+}
+
+/// Text shown as the inside of a JSON string: quotes, backslashes and
+/// control characters escaped (a bad argument's own quotes made the
+/// report unreadable JSON).
+pub(crate) struct JsonText<'a>(pub core::fmt::Arguments<'a>);
+
+impl core::fmt::Display for JsonText<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        struct Escaping<'a, 'b>(&'a mut core::fmt::Formatter<'b>);
+        impl core::fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> core::fmt::Result {
+                for c in s.chars() {
+                    match c {
+                        '"' => self.0.write_str("\\\"")?,
+                        '\\' => self.0.write_str("\\\\")?,
+                        c if (c as u32) < 0x20 => write!(self.0, "\\u{:04x}", c as u32)?,
+                        c => core::fmt::Write::write_char(self.0, c)?,
+                    }
+                }
+                Ok(())
+            }
+        }
+        core::fmt::write(&mut Escaping(f), self.0)
+    }
 }
 
 #[no_mangle]

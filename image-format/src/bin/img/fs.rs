@@ -114,7 +114,8 @@ fn run(cmd: &str, args: &[&str]) -> Result<String> {
 /// Cleans up after exports and mounts whose process died: directory and
 /// file unmounted (lazily: a user may still be in it), loop device
 /// detached, the file removed if the export made it.
-pub fn clean_stale() {
+fn clean_stale() -> Vec<Entry> {
+    let mut cleaned = Vec::new();
     for (path, e) in entries() {
         if alive(e.pid) {
             continue;
@@ -136,7 +137,9 @@ pub fn clean_stale() {
             e.dir.as_deref().unwrap_or(&e.file).display(),
             e.pid
         );
+        cleaned.push(e);
     }
+    cleaned
 }
 
 /// How an export is asked to run.
@@ -325,8 +328,23 @@ pub fn mount(image: &Path, dir: &Path, readonly: bool) -> Result<()> {
 /// `img umount DIR`: the export daemon told to finish (DIR unmounted, the
 /// image flushed), waited for.
 pub fn umount(dir: &Path) -> Result<()> {
-    clean_stale();
+    let cleaned = clean_stale();
     let dir = std::path::absolute(dir)?;
+    if let Some(e) = cleaned.iter().find(|e| e.dir.as_ref() == Some(&dir)) {
+        // What the user asked for is done; what it cost is said.
+        eprintln!(
+            "img: {} is unmounted; its export (process {}) had ended without unmounting \
+             (killed?), so what was written through the mount since its last sync never \
+             reached {}: the image holds what was synced before (img check -r all {} \
+             if it reports leaks)",
+            dir.display(),
+            e.pid,
+            e.image.display(),
+            e.image.display()
+        );
+        let _ = std::fs::remove_file(mount_export_file(&dir).with_extension("log"));
+        return Ok(());
+    }
     let Some((_, e)) = entries()
         .into_iter()
         .find(|(_, e)| e.dir.as_ref() == Some(&dir))

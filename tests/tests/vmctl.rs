@@ -1011,3 +1011,87 @@ fn ten_snapshots_in_a_row_of_a_running_vm_all_succeed() {
     }
     v.ok(&["delete", "busy"]);
 }
+
+/// Runs `vmctl ARGS` and kills it with SIGKILL after `after` (or lets it
+/// finish first); whether it finished on its own.
+fn killed_after(v: &Vmctl, args: &[&str], after: Duration) -> bool {
+    let mut child = Command::new(bin("vmctl"))
+        .arg("--state-dir")
+        .arg(&v.state)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("vmctl runs");
+    let end = std::time::Instant::now() + after;
+    loop {
+        if let Some(_st) = child.try_wait().expect("wait") {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_micros(200)));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// The kill points of a verb that takes `whole` when left alone: spread
+/// over its length, in a seeded order, with a few past its end.
+fn kill_points(whole: Duration, n: u32, seed: u64) -> Vec<Duration> {
+    use rand::{seq::SliceRandom, SeedableRng};
+    let mut points: Vec<Duration> = (0..n).map(|k| whole * k / (n - 3)).collect();
+    points.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    points
+}
+
+/// `vmctl create` killed anywhere leaves a whole VM or nothing the next
+/// verb cannot clean: the name is free again (or the VM is complete and
+/// deletes), no half-made directory is left, list shows nothing half.
+#[test]
+fn a_create_killed_anywhere_leaves_a_vm_or_nothing() {
+    if !ready("vmctl_create_killed", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    let image = base.to_str().expect("utf-8").to_string();
+    // What a whole create takes here.
+    let t0 = std::time::Instant::now();
+    v.ok(&["create", "whole", "--image", &image]);
+    let whole = t0.elapsed();
+    v.ok(&["delete", "whole"]);
+    for (k, at) in kill_points(whole, 15, 28).into_iter().enumerate() {
+        let finished = killed_after(&v, &["create", "k", "--image", &image], at);
+        // Whatever was left: list shows either the whole VM or nothing
+        // (and cleans what a dead create left).
+        let listed = v.ok(&["list", "--output", "json"]);
+        let vms: Value = serde_json::from_str(&listed).expect("json");
+        let there = vms
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|vm| vm["name"] == "k");
+        let dirs: Vec<String> = std::fs::read_dir(v.state.join("vms"))
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            dirs.iter().all(|d| d == "k" && there),
+            "kill {k} at {at:?} (finished: {finished}): {dirs:?}, listed: {there}"
+        );
+        if there {
+            v.ok(&["info", "k"]);
+            test_infra::img(&["check", &v.vm_dir("k").join("disk.img").to_string_lossy()]);
+            v.ok(&["delete", "k"]);
+        }
+        // The name is free again.
+        v.ok(&["create", "k", "--image", &image]);
+        v.ok(&["delete", "k"]);
+    }
+}

@@ -242,7 +242,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
 /// Claims VM `name` and has `make` give it its disk and definition;
 /// nothing is left behind when that fails.
 pub fn define(root: &Root, name: &str, make: impl FnOnce(&VmDir) -> Result<()>) -> Result<VmDir> {
-    let vm = root.claim(name)?;
+    let (vm, _making) = root.claim(name)?;
     if let Err(e) = make(&vm) {
         let _ = std::fs::remove_dir_all(&vm.path);
         return Err(e);
@@ -593,7 +593,13 @@ pub fn restart(root: &Root, name: &str, timeout: Duration) -> Result<()> {
 
 /// Removes the VM: its clone, sockets, logs and state.
 pub fn delete(root: &Root, name: &str, force: bool) -> Result<()> {
-    let vm = root.vm(name)?;
+    let vm = match root.vm(name) {
+        // What a create cut short left: removed, as the user asked.
+        Err(crate::state::StateError::NoSuchVm(_)) if root.take_over_half_made(name) => {
+            return Ok(());
+        }
+        r => r?,
+    };
     let _lock = vm.lock()?;
     // Their disks are sealed layers below this VM's, in its directory.
     let snapshots = crate::snapshots::of_vm(root, name)?;

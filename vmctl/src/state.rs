@@ -121,31 +121,71 @@ impl Root {
         })
     }
 
-    /// Claims a new VM directory: exactly one of two racing creates wins.
-    pub fn claim(&self, name: &str) -> Result<VmDir, StateError> {
+    /// Claims a new VM directory, locked (the lock held while the VM is
+    /// made): exactly one of two racing creates wins. The directory is
+    /// made aside, locked, then renamed into place, so a VM directory
+    /// without its definition whose lock is free is one whose create was
+    /// cut short: it is taken over.
+    pub fn claim(&self, name: &str) -> Result<(VmDir, File), StateError> {
         check_name(name)?;
-        let path = self.path.join("vms").join(name);
-        match std::fs::create_dir(&path) {
-            Ok(()) => Ok(VmDir {
-                name: name.to_string(),
-                path,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(StateError::Exists(name.to_string()))
+        let vms = self.path.join("vms");
+        let path = vms.join(name);
+        let aside = vms.join(format!(".claim-{}-{}", name, std::process::id()));
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::create_dir(&aside).map_err(dir_error(&aside, "cannot create it"))?;
+        let lock = File::open(&aside).map_err(dir_error(&aside, "cannot open it"))?;
+        flock(&lock, true).map_err(dir_error(&aside, "cannot lock it"))?;
+        for attempt in 0..2 {
+            let cwd = rustix::fs::CWD;
+            match rustix::fs::renameat_with(
+                cwd,
+                &aside,
+                cwd,
+                &path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => {
+                    let vm = VmDir {
+                        name: name.to_string(),
+                        path,
+                    };
+                    return Ok((vm, lock));
+                }
+                Err(rustix::io::Errno::EXIST) if attempt == 0 && self.take_over_half_made(name) => {
+                    continue;
+                }
+                Err(rustix::io::Errno::EXIST) => break,
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&aside);
+                    return Err(dir_error(&path, "cannot create it")(e.into()));
+                }
             }
-            Err(e) => Err(dir_error(&path, "cannot create it")(e)),
         }
+        let _ = std::fs::remove_dir(&aside);
+        Err(StateError::Exists(name.to_string()))
     }
 
-    /// Every VM, by name.
+    /// Removes `name`'s directory if it is a half-made VM whose maker is
+    /// gone (no definition, its lock free); whether it did.
+    pub fn take_over_half_made(&self, name: &str) -> bool {
+        let path = self.path.join("vms").join(name);
+        reap_if_abandoned(&path)
+    }
+
+    /// Every VM, by name.    /// Every VM, by name.
     pub fn list(&self) -> Result<Vec<VmDir>, StateError> {
         let vms = self.path.join("vms");
         let mut out = Vec::new();
         for e in std::fs::read_dir(&vms).map_err(dir_error(&vms, "cannot read it"))? {
             let Ok(e) = e else { continue };
             let name = e.file_name().to_string_lossy().to_string();
-            if let Ok(vm) = self.vm(&name) {
-                out.push(vm);
+            match self.vm(&name) {
+                Ok(vm) => out.push(vm),
+                // What an interrupted create left (and a claim made aside
+                // that never moved into place) goes once nobody holds it.
+                Err(_) => {
+                    reap_if_abandoned(&e.path());
+                }
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -472,6 +512,25 @@ pub fn lock_file(path: &Path, wait: bool) -> Result<Option<File>, StateError> {
 
 /// An exclusive flock on `f`; false when it is held elsewhere and `wait`
 /// is not set.
+/// Removes the VM directory at `path` when it has no definition and
+/// nobody holds its lock (its create was cut short); whether it did.
+fn reap_if_abandoned(path: &Path) -> bool {
+    if path.join("config.json").exists() {
+        return false;
+    }
+    let Ok(dir) = File::open(path) else {
+        return false;
+    };
+    if !matches!(flock(&dir, false), Ok(true)) {
+        return false;
+    }
+    // Looked at again under the lock: the create may have finished.
+    if path.join("config.json").exists() {
+        return false;
+    }
+    std::fs::remove_dir_all(path).is_ok()
+}
+
 fn flock(f: &File, wait: bool) -> std::io::Result<bool> {
     use rustix::fs::FlockOperation;
     let how = if wait {
@@ -627,7 +686,8 @@ mod tests {
             Ok(flags) => assert!(flags.contains(rustix::fs::IFlags::TOPDIR), "{flags:?}"),
             Err(e) => eprintln!("no inode flags here ({e}): nothing to check"),
         }
-        let vm = root.claim("a").expect("claim");
+        let (vm, claimed) = root.claim("a").expect("claim");
+        drop(claimed);
         let held = vm.lock().expect("lock");
         let again = File::open(&vm.path).expect("dir");
         assert!(
@@ -650,7 +710,7 @@ mod tests {
     fn what_a_recorded_run_looks_like_now() {
         let d = tempfile::tempdir().expect("dir");
         let root = Root::open(d.path()).expect("root");
-        let vm = root.claim("vm").expect("claim");
+        let (vm, _claimed) = root.claim("vm").expect("claim");
         assert_eq!(vm.observed().expect("observed"), Observed::Defined);
         let running = Status {
             state: "running".into(),
@@ -688,9 +748,20 @@ mod tests {
     fn two_claims_of_one_name_one_wins() {
         let d = tempfile::tempdir().expect("dir");
         let root = Root::open(d.path()).expect("root");
-        assert!(root.claim("vm").is_ok());
+        let first = root.claim("vm").expect("first");
         let e = root.claim("vm").expect_err("second");
         assert!(e.to_string().contains("already exists"), "{e}");
+        // A claim whose maker died (its lock gone) without a definition
+        // is taken over; one with a definition is a VM.
+        drop(first);
+        let (vm, _second) = root.claim("vm").expect("taken over");
+        std::fs::write(vm.path.join("config.json"), "{}").expect("config");
+        drop(_second);
+        assert!(root.claim("vm").is_err());
+        assert_eq!(
+            std::fs::read_dir(d.path().join("vms")).expect("ls").count(),
+            1
+        );
     }
 
     /// A verb that waited for the lock of a VM being deleted finds no VM
@@ -699,7 +770,8 @@ mod tests {
     fn a_vm_deleted_while_waiting_for_its_lock_is_no_vm() {
         let d = tempfile::tempdir().expect("dir");
         let root = Root::open(d.path()).expect("root");
-        let vm = root.claim("a").expect("claim");
+        let (vm, claimed) = root.claim("a").expect("claim");
+        drop(claimed);
         let held = vm.lock().expect("lock");
         let waiter = {
             let vm = vm.clone();

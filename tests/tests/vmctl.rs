@@ -1095,3 +1095,80 @@ fn a_create_killed_anywhere_leaves_a_vm_or_nothing() {
         v.ok(&["delete", "k"]);
     }
 }
+
+/// `vmctl snapshot` killed anywhere (SIGKILL: what Ctrl-C, a closed
+/// terminal or the OOM killer amount to for it): the VM is not left
+/// paused (its supervisor resumes a VM whose holder died), and what the
+/// snapshot left is finished (everything but its record was made) or
+/// undone by the next vmctl: listed whole or not at all, its name free
+/// again when undone.
+#[test]
+fn a_snapshot_killed_anywhere_leaves_the_vm_running_and_no_half_snapshot() {
+    if !ready("vmctl_snapshot_killed", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    v.ok(&[
+        "create",
+        "held",
+        "--image",
+        base.to_str().expect("utf-8"),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mode=randwrite verify=1 gen=5 offset=16M size=8M duration_ms=600000 progress_ms=200 timeout_ms=60000",
+    ]);
+    v.ok(&["start", "held"]);
+    until("a progress line", Duration::from_millis(500), || {
+        v.ok(&["logs", "held"]).contains("progress:")
+    });
+    let t0 = std::time::Instant::now();
+    v.ok(&["snapshot", "held", "whole"]);
+    let whole = t0.elapsed();
+    for (k, at) in kill_points(whole, 12, 5).into_iter().enumerate() {
+        let name = format!("k{k}");
+        let finished = killed_after(&v, &["snapshot", "held", &name], at);
+        // Running again, by its supervisor's hand if not by vmctl's.
+        until("the VM running again", Duration::from_millis(200), || {
+            v.info("held")["state"] == "running"
+        });
+        let listed: Value =
+            serde_json::from_str(&v.ok(&["snapshots", "--output", "json"])).expect("json");
+        let there = listed
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|s| s["name"] == name.as_str());
+        let dirs: Vec<String> = std::fs::read_dir(v.state.join("snapshots"))
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            dirs.iter().all(|d| d == "whole" || (d == &name && there)),
+            "kill {k} at {at:?} (finished: {finished}): {dirs:?}"
+        );
+        if there {
+            v.ok(&["snapshot-delete", &name]);
+        }
+        // The name is free again, and a snapshot of it whole.
+        let out = v.call(&["snapshot", "held", &name], SAVING);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        v.ok(&["snapshot-delete", &name]);
+    }
+    assert!(!v.ok(&["logs", "held"]).contains("ERROR"));
+    let log = std::fs::read_to_string(v.vm_dir("held").join("supervisor.log")).unwrap_or_default();
+    eprintln!(
+        "the supervisor resumed the VM after {} of 12 kills",
+        log.matches("ended during snapshot").count()
+    );
+    v.ok(&["kill", "held"]);
+    v.ok(&["snapshot-delete", "whole"]);
+    v.ok(&["delete", "held"]);
+}

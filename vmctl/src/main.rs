@@ -3,6 +3,7 @@
 
 mod binaries;
 mod fleet;
+mod hold;
 mod host_backend;
 mod network;
 mod ops;

@@ -36,6 +36,17 @@ use crate::state::{
 };
 
 const RECORD: &str = "snapshot.json";
+/// Written first into a snapshot's directory: whose it is, so a snapshot
+/// whose maker was killed can be finished or undone by the next vmctl.
+const PENDING: &str = "pending.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pending {
+    vm: String,
+    /// The name its disk's sealed layer gets.
+    seal: String,
+}
 const MANIFEST: &str = "backup.json";
 
 /// What `snapshots/NAME/snapshot.json` holds.
@@ -132,13 +143,71 @@ fn used_by(root: &Root, disk: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Every snapshot, by name.
+/// A snapshot directory without its record whose maker is gone (killed
+/// mid-way): finished when all it needed was made (the VM's state saved,
+/// its disk sealed: only the record was missing), removed otherwise. One
+/// a live `vmctl snapshot` is making (its directory locked) is left be.
+fn settle(root: &Root, dir: &Path) {
+    if dir.join(RECORD).exists() {
+        return;
+    }
+    let Ok(Some(_lock)) = crate::state::lock_dir(dir, false) else {
+        return;
+    };
+    if dir.join(RECORD).exists() {
+        return;
+    }
+    let name = dir
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let finished = (|| {
+        let p: Pending = read_json(&dir.join(PENDING)).ok()?;
+        let vm = root.vm(&p.vm).ok()?;
+        let disk = ops::snapshot_path(&vm.disk(), &p.seal);
+        let saved = dir.join("vm").join(vmm::snapshot::STATE_FILE);
+        if !saved.is_file()
+            || !image_format::Layer::open(&RealEnv, &disk, false)
+                .ok()?
+                .header
+                .sealed()
+        {
+            return None;
+        }
+        let config = vm.config().ok()?;
+        let record = SnapshotRecord {
+            name: name.clone(),
+            vm: p.vm,
+            created_unix_ms: now_ms(),
+            disk,
+            config: VmConfig {
+                restore: None,
+                ..config
+            },
+        };
+        write_json(&dir.join(RECORD), &record).ok()
+    })();
+    if finished.is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Every snapshot, by name (settling any whose maker died first).
 pub fn list(root: &Root) -> Result<Vec<Snapshot>> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(root.snapshots()) else {
         return Ok(out);
     };
     for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".claim-") {
+            // A claim whose maker died before it moved into place.
+            if let Ok(Some(_l)) = crate::state::lock_dir(&e.path(), false) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+            continue;
+        }
+        settle(root, &e.path());
         if let Ok(s) = Snapshot::open(root, &e.file_name().to_string_lossy()) {
             out.push(s);
         }
@@ -177,18 +246,38 @@ pub fn delete(root: &Root, name: &str) -> Result<()> {
 }
 
 /// A name is taken only once: a directory made by exactly one of two
-/// racing callers.
-fn claim_dir(dir: &Path, what: &str) -> Result<()> {
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
-    }
-    match std::fs::create_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            bail!("{what} already exists ({})", dir.display())
+/// racing callers. It is made aside, locked, given `first` (what it
+/// is), then renamed into place, so a directory there without its record
+/// and unlocked is one whose maker died (see `settle`). The lock is held
+/// while the returned file lives.
+fn claim_dir(dir: &Path, what: &str, first: impl Fn(&Path) -> Result<()>) -> Result<std::fs::File> {
+    let parent = dir.parent().context("a snapshot directory has a parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
+    let aside = parent.join(format!(
+        ".claim-{}-{}",
+        dir.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&aside);
+    std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    let made = (|| {
+        let lock = crate::state::lock_dir(&aside, true)?.context("locking it")?;
+        first(&aside)?;
+        let cwd = rustix::fs::CWD;
+        match rustix::fs::renameat_with(cwd, &aside, cwd, dir, rustix::fs::RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(lock),
+            Err(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY) => {
+                bail!("{what} already exists ({})", dir.display())
+            }
+            Err(e) => {
+                Err(std::io::Error::from(e)).with_context(|| format!("creating {}", dir.display()))
+            }
         }
-        Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(&aside);
     }
+    made
 }
 
 /// Seals the VM's disk as `disk.img@NAME`: while it runs, by the
@@ -221,21 +310,28 @@ fn seal_disk(root: &Root, vm: &VmDir, backend: BackendMode, name: &str) -> Resul
 fn while_paused<T>(
     vm: &VmDir,
     running: bool,
+    what: &str,
     f: impl FnOnce() -> Result<T>,
 ) -> (Result<T>, Result<()>, f64) {
     let t0 = Instant::now();
-    let mut paused_here = false;
+    let mut paused_here = None;
     let outcome = (|| {
         if running && api(vm, "GET", "/api/v1/vm.info", None)?["state"] != "paused" {
+            // Held before it pauses: if this process dies from here on,
+            // the VM's supervisor resumes it (crate::hold).
+            let held = crate::hold::Held::take(vm, what)?;
             api(vm, "PUT", "/api/v1/vm.pause", None)?;
-            paused_here = true;
+            paused_here = Some(held);
         }
         f()
     })();
-    let resumed = if paused_here {
-        api(vm, "PUT", "/api/v1/vm.resume", None).map(drop)
-    } else {
-        Ok(())
+    let resumed = match paused_here {
+        Some(held) => {
+            let r = api(vm, "PUT", "/api/v1/vm.resume", None).map(drop);
+            drop(held);
+            r
+        }
+        None => Ok(()),
     };
     (outcome, resumed, t0.elapsed().as_secs_f64() * 1000.0)
 }
@@ -273,24 +369,31 @@ pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
         ),
     }
     let dir = root.snapshots().join(snap);
+    settle(root, &dir);
     if dir.exists() {
         bail!(
             "a snapshot named {snap:?} already exists ({})",
             dir.display()
         );
     }
-    let disk_snapshot = ops::snapshot_path(&vm.disk(), snap);
-    if disk_snapshot.exists() {
-        bail!(
-            "VM {name}'s disk already has a snapshot named {snap:?} ({})",
-            disk_snapshot.display()
-        );
-    }
-    claim_dir(&dir, &format!("a snapshot named {snap:?}"))?;
-    let (taken, resumed, paused_ms) = while_paused(&vm, true, || {
+    // The disk's sealed layer: SNAP, or SNAP-2 and on where a snapshot of
+    // that name was cut short after its disk was sealed.
+    let seal = std::iter::once(snap.to_string())
+        .chain((2..).map(|n| format!("{snap}-{n}")))
+        .find(|s| !ops::snapshot_path(&vm.disk(), s).exists())
+        .expect("an unbounded sequence of names has a free one");
+    // Locked while it is made; whose it is, written first (see `settle`).
+    let _making = claim_dir(&dir, &format!("a snapshot named {snap:?}"), |d| {
+        let pending = Pending {
+            vm: name.to_string(),
+            seal: seal.clone(),
+        };
+        Ok(write_json(&d.join(PENDING), &pending)?)
+    })?;
+    let (taken, resumed, paused_ms) = while_paused(&vm, true, &format!("snapshot {snap}"), || {
         let body = json!({ "dir": dir.join("vm") }).to_string();
         api(&vm, "PUT", "/api/v1/vm.snapshot", Some(&body))?;
-        let disk = seal_disk(root, &vm, config.backend, snap)?;
+        let disk = seal_disk(root, &vm, config.backend, &seal)?;
         let record = SnapshotRecord {
             name: snap.to_string(),
             vm: name.to_string(),
@@ -415,7 +518,7 @@ pub fn backup(root: &Root, name: &str, dest: &Path, incremental: bool) -> Result
     // writes the guest had been told were done.
     let running = vm.observed()? == Observed::Running;
     let seal_name = format!("backup-{}", now_ms());
-    let (sealed, resumed, paused_ms) = while_paused(&vm, running, || {
+    let (sealed, resumed, paused_ms) = while_paused(&vm, running, "a backup", || {
         seal_disk(root, &vm, config.backend, &seal_name)
     });
     let sealed = sealed?;

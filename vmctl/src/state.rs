@@ -510,6 +510,17 @@ pub fn lock_file(path: &Path, wait: bool) -> Result<Option<File>, StateError> {
     }
 }
 
+/// An exclusive flock on the directory `path`, released when the file is
+/// dropped; None when another process holds it (and `wait` is not set).
+pub fn lock_dir(path: &Path, wait: bool) -> Result<Option<File>, StateError> {
+    let f = File::open(path).map_err(dir_error(path, "cannot open it"))?;
+    match flock(&f, wait) {
+        Ok(true) => Ok(Some(f)),
+        Ok(false) => Ok(None),
+        Err(e) => Err(dir_error(path, "cannot lock it")(e)),
+    }
+}
+
 /// An exclusive flock on `f`; false when it is held elsewhere and `wait`
 /// is not set.
 /// Removes the VM directory at `path` when it has no definition and

@@ -421,7 +421,7 @@ pub fn supervise_begun(
     outcome
 }
 
-fn note(vm: &VmDir, what: std::fmt::Arguments) {
+pub fn note(vm: &VmDir, what: std::fmt::Arguments) {
     let _ = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -863,6 +863,11 @@ fn run_vmm(
         })?;
     }
     ready();
+    // A verb that pauses the VM for its work and ends without resuming it
+    // (killed): the VM is resumed here.
+    let _holds = crate::hold::Keeper::start(vm)
+        .map_err(|e| note(vm, format_args!("watching for holds: {e}")))
+        .ok();
     // Without the report (an API that does not answer) the end is the
     // vmm's exit, as before.
     let mut report = EndReport::ask(&vm.api_socket()).ok();

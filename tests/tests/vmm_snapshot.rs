@@ -522,6 +522,12 @@ fn a_snapshot_restored_long_after_goes_on_from_its_instant() {
     let mut exports = Exports::start(&fx);
     let image = fx.image("aged.img", "64M");
     let sock = exports.add(&image);
+    // Every sector of the range written first (the read-back at the end
+    // checks each one; random writes for a while need not reach all).
+    vm_on(&sock, "mode=write verify=1 gen=3 bs=64k qd=8 size=16M")
+        .run()
+        .expect("the fill runs")
+        .assert_ok("filling the disk");
     let api_sock = fx.path("aged-api.sock");
     // 3 s of verifying random writes, 16 in flight, each given 1 s.
     let (duration_ms, timeout_ms) = (3000u64, 1000u64);

@@ -1,4 +1,4 @@
-//! SIGTERM and SIGINT, taken by one thread: blocked before the process
+//! SIGTERM, SIGINT and SIGHUP (a closed terminal), taken by one thread: blocked before the process
 //! starts its threads (which inherit the mask), then waited for where the
 //! process decides how to end (unmounting, flushing), not in a handler.
 
@@ -17,6 +17,7 @@ impl ExitSignals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGHUP);
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             if rc != 0 {
                 return Err(io::Error::from_raw_os_error(rc));

@@ -1172,3 +1172,100 @@ fn a_snapshot_killed_anywhere_leaves_the_vm_running_and_no_half_snapshot() {
     v.ok(&["snapshot-delete", "whole"]);
     v.ok(&["delete", "held"]);
 }
+
+/// `vmctl run` ends its fleet on Ctrl-C (SIGINT to its process group,
+/// here started with SIGINT ignored, as a non-interactive shell starts a
+/// background job) and on --timeout: every VM killed and, with --rm,
+/// removed with its clone; exit status 130 and 124.
+#[test]
+fn a_fleet_ends_on_ctrl_c_and_on_its_timeout_and_cleans_what_rm_promised() {
+    if !ready("vmctl_run_interrupted", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    let image = base.to_str().expect("utf-8").to_string();
+    let forever = "mode=randread size=8M duration_ms=600000 progress_ms=200 timeout_ms=60000";
+    let vms_left = || {
+        std::fs::read_dir(v.state.join("vms"))
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    };
+
+    // --timeout.
+    let out = v.call(
+        &[
+            "run",
+            "--count",
+            "2",
+            "--image",
+            &image,
+            "--cmdline",
+            forever,
+            "--rm",
+            "--timeout",
+            "2",
+        ],
+        Duration::from_secs(3),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{err}");
+    assert!(err.contains("--timeout 2 s passed"), "{err}");
+    assert_eq!(vms_left(), 0, "--rm kept its promise");
+
+    // Ctrl-C to the process group, SIGINT ignored at exec.
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin("vmctl"));
+    cmd.arg("--state-dir")
+        .arg(&v.state)
+        .args([
+            "run",
+            "--count",
+            "2",
+            "--image",
+            &image,
+            "--cmdline",
+            forever,
+            "--rm",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0);
+    // SAFETY: signal() between fork and exec, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("vmctl run");
+    until("both VMs running", Duration::from_millis(500), || {
+        let l = v.ok(&["list"]);
+        l.matches("running").count() == 2
+    });
+    // wait --timeout gives up on a VM that runs on: 124, still running.
+    let out = v.call(&["wait", "run-1", "--timeout", "1"], Duration::from_secs(1));
+    assert_eq!(out.status.code(), Some(124));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("run-1: running"));
+    // SAFETY: SIGINT to the process group we made for it.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+    let out = output_within_child(child);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("SIGINT"), "{err}");
+    assert_eq!(vms_left(), 0, "--rm kept its promise");
+}
+
+/// A child's output once it ends (bounded: a fleet that ignores its
+/// signal would hang the test otherwise).
+fn output_within_child(mut child: std::process::Child) -> Output {
+    let patience = Patience::new("vmctl run ending", Duration::from_secs(3));
+    patience
+        .wait_until(|| Ok(child.try_wait()?.is_some()))
+        .unwrap_or_else(|e| {
+            let _ = child.kill();
+            panic!("{e}")
+        });
+    child.wait_with_output().expect("output")
+}

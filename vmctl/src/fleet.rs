@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +15,8 @@ use serde_json::{json, Value};
 
 use crate::binaries;
 use crate::ops::{
-    clone_source, console_text, create, delete, start_in_process, wait_started, Spec, Starting,
+    clone_source, console_text, create, delete, kill, start_in_process, wait_started, Spec,
+    Starting,
 };
 use crate::state::VmDir;
 
@@ -125,6 +127,67 @@ pub struct FleetReport {
     /// Every VM running (or already ended).
     pub running_s: f64,
     pub wall_s: f64,
+    /// Why the fleet was ended before its VMs were done (Ctrl-C, a
+    /// signal, --timeout), and the exit status that says so.
+    pub interrupted: Option<(String, i32)>,
+}
+
+/// Ends a fleet on Ctrl-C, SIGTERM, SIGHUP or its --timeout: every VM of
+/// it that runs is killed (and later removed if --rm), from a thread of
+/// its own; VMs not started yet are not started.
+struct Stopper {
+    why: Arc<Mutex<Option<(String, i32)>>>,
+}
+
+impl Stopper {
+    /// Blocks the exit signals in this thread (and the threads it starts
+    /// from now on: call before any) and waits for one, or `timeout`.
+    fn start(root: &Root, names: &[String], timeout: Option<Duration>) -> Result<Stopper> {
+        let signals = cli_support::exit_signals::ExitSignals::block()
+            .context("blocking SIGINT, SIGTERM and SIGHUP")?;
+        let why = Arc::new(Mutex::new(None));
+        let (root, names, said) = (root.clone(), names.to_vec(), Arc::clone(&why));
+        std::thread::Builder::new()
+            .name("fleet-stopper".into())
+            .spawn(move || {
+                let reason = match timeout {
+                    Some(t) => match signals.wait_for(t) {
+                        Some(sig) => signal_reason(sig),
+                        None => (format!("--timeout {} s passed", t.as_secs()), 124),
+                    },
+                    None => signal_reason(signals.wait()),
+                };
+                *said.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                kill_all(&root, &names);
+            })
+            .context("starting the fleet's stopper")?;
+        Ok(Stopper { why })
+    }
+
+    fn stopped(&self) -> Option<(String, i32)> {
+        self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn signal_reason(sig: i32) -> (String, i32) {
+    let name = match sig {
+        libc::SIGINT => "SIGINT (Ctrl-C)",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP (terminal closed)",
+        _ => "a signal",
+    };
+    (format!("{name} received"), 128 + sig)
+}
+
+/// Kills every VM of `names` that runs.
+fn kill_all(root: &Root, names: &[String]) {
+    for n in names {
+        if let Ok(vm) = root.vm(n) {
+            if vm.observed().is_ok_and(|o| o.is_active()) {
+                let _ = kill(root, n);
+            }
+        }
+    }
 }
 
 /// Creates `count` VMs PREFIX-1..N from `spec`, starts them all, waits for
@@ -135,12 +198,14 @@ pub fn run(
     count: usize,
     spec: &Spec,
     remove: bool,
+    timeout: Option<Duration>,
 ) -> Result<FleetReport> {
     if count == 0 {
         bail!("--count 0: nothing to run");
     }
     let t0 = Instant::now();
     let names: Vec<String> = (1..=count).map(|i| format!("{prefix}-{i}")).collect();
+    let stopper = Stopper::start(root, &names, timeout)?;
     // A working image is snapshotted once (as the first VM's create would
     // do) and every VM clones that snapshot: makers at work at once must
     // not each seal the same image.
@@ -167,6 +232,13 @@ pub fn run(
                 ..spec.clone()
             };
             let vm = create(root, name, &s)?;
+            if let Some((why, _)) = stopper.stopped() {
+                // Made, not started: not the fleet's any more.
+                if remove {
+                    let _ = delete(root, name, true);
+                }
+                bail!("the fleet was ended: {why}");
+            }
             let _lock = vm.lock()?;
             let st = start_in_process(root, &vm)?;
             Ok((vm, st))
@@ -199,7 +271,11 @@ pub fn run(
                 None => {}
             }
         }
-        if let Some(e) = first_error {
+        // Started by a maker after the stopper's sweep: killed now.
+        if stopper.stopped().is_some() {
+            kill_all(root, &names);
+        }
+        if let Some(e) = first_error.filter(|_| stopper.stopped().is_none()) {
             // Those that started end with this process (their vmms die
             // with their supervising threads) and, with --rm, are removed.
             return Err(e);
@@ -236,6 +312,7 @@ pub fn run(
             launched_s,
             running_s,
             wall_s: t0.elapsed().as_secs_f64(),
+            interrupted: stopper.stopped(),
         })
     })();
     if remove {

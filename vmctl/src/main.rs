@@ -219,6 +219,9 @@ enum Cmd {
         /// The VMs' names.
         #[arg(required = true)]
         names: Vec<String>,
+        /// Give up after this many seconds (exit status 124; the VMs run on).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
         /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -255,9 +258,14 @@ enum Cmd {
         restore_memory: RestoreMemory,
         #[command(flatten)]
         vm: VmOptions,
-        /// Delete the VMs when they are done.
+        /// Delete the VMs when they are done (also when the run is
+        /// interrupted or times out).
         #[arg(long)]
         rm: bool,
+        /// End the fleet after this many seconds: its VMs killed (exit
+        /// status 124). Ctrl-C, SIGTERM and SIGHUP end it the same way.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
         /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -340,6 +348,7 @@ fn print_fleet(report: &fleet::FleetReport, output: Output, demo: bool) -> i32 {
             "launched-s": report.launched_s,
             "running-s": report.running_s,
             "wall-s": report.wall_s,
+            "interrupted": report.interrupted.as_ref().map(|(why, _)| why),
         }));
     } else {
         println!("{:<24} {:<14} {:>8}  RESULT", "NAME", "STATE", "WALL");
@@ -379,6 +388,10 @@ fn print_fleet(report: &fleet::FleetReport, output: Output, demo: bool) -> i32 {
                 ""
             }
         );
+    }
+    if let Some((why, code)) = &report.interrupted {
+        cli_support::say!("vmctl: the fleet was ended: {why}");
+        return *code;
     }
     i32::from(report.failed > 0)
 }
@@ -585,9 +598,17 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::Wait { names, output } => {
-            let states = ops::wait(&root, &names)?;
-            let code = exit_code_of(&states);
+        Cmd::Wait {
+            names,
+            timeout,
+            output,
+        } => {
+            let states = ops::wait(&root, &names, timeout.map(Duration::from_secs))?;
+            let code = if states.iter().any(|(_, s)| s.is_active()) {
+                124
+            } else {
+                exit_code_of(&states)
+            };
             if output == Output::Json {
                 print_json(&json!(states
                     .iter()
@@ -612,13 +633,15 @@ fn run(cli: Cli) -> Result<i32> {
             restore_memory,
             vm,
             rm,
+            timeout,
             output,
         } => {
+            let timeout = timeout.map(Duration::from_secs);
             let demo = image.is_none() && from_snapshot.is_none();
             if let Some(snap) = from_snapshot {
                 let spec =
                     snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, restore_memory, rm);
-                let report = fleet::run(&root, &prefix, count, &spec, rm)?;
+                let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
                 return Ok(print_fleet(&report, output, false));
             }
             let (image, vm, prefix, rm, count) = match image {
@@ -645,7 +668,7 @@ fn run(cli: Cli) -> Result<i32> {
                 scratch: rm,
                 ..spec(image, &vm)?
             };
-            let report = fleet::run(&root, &prefix, count, &spec, rm)?;
+            let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
             return Ok(print_fleet(&report, output, demo));
         }
         Cmd::Supervise { name } => {

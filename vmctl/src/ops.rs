@@ -719,12 +719,19 @@ pub fn console_text(vm: &VmDir) -> String {
 }
 
 /// Until every VM named ended; their states.
-pub fn wait(root: &Root, names: &[String]) -> Result<Vec<(String, Observed)>> {
+/// Until every VM has ended, or `limit` (from now) passed: each one's
+/// state then (one still running shows as running).
+pub fn wait(
+    root: &Root,
+    names: &[String],
+    limit: Option<Duration>,
+) -> Result<Vec<(String, Observed)>> {
     let vms: Vec<VmDir> = names.iter().map(|n| root.vm(n)).collect::<Result<_, _>>()?;
+    let deadline = limit.map(|l| Instant::now() + l);
     let mut out = Vec::new();
     for vm in vms {
         let mut watch = EndWatch::new();
-        while vm.observed()?.is_active() {
+        while vm.observed()?.is_active() && deadline.is_none_or(|d| Instant::now() < d) {
             watch.nap(&vm);
         }
         out.push((vm.name.clone(), vm.observed()?));

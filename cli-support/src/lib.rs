@@ -8,6 +8,7 @@
 pub mod exit_signals;
 pub mod log_limit;
 pub mod path_wait;
+pub mod progress;
 
 /// A size the user wrote that is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -475,7 +475,25 @@ fn run(cli: Cli) -> Result<i32> {
             incremental,
             output,
         } => {
-            let t = snapshots::backup(&root, &name, &dest, incremental)?;
+            // Ctrl-C (or SIGTERM, SIGHUP) is said, not swallowed: DEST is
+            // as it was before this backup (the next one clears what this
+            // one leaves), and the VM's supervisor resumes it if it was
+            // held paused.
+            let signals = cli_support::exit_signals::ExitSignals::block()
+                .context("blocking SIGINT, SIGTERM and SIGHUP")?;
+            let shown = dest.display().to_string();
+            std::thread::spawn(move || {
+                let sig = signals.wait();
+                cli_support::say!(
+                    "\nvmctl: backup interrupted (signal {sig}): {shown} holds the backups it held before"
+                );
+                std::process::exit(128 + sig);
+            });
+            let mut bar = cli_support::progress::ProgressReport::new("backup", false);
+            let t = snapshots::backup(&root, &name, &dest, incremental, &mut |d, t| {
+                bar.update(d, t)
+            })?;
+            bar.done();
             if output == Output::Json {
                 print_json(&t.details);
             } else {

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use image_format::ops::Progress;
 use image_format::{backup, ops, Env, RealEnv};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -456,11 +457,27 @@ struct BackupItem {
 /// instant (paused around it if it runs), and written to DEST as a backup
 /// stream: in full into a new (or empty) DEST, or, incremental, only what
 /// changed since DEST's last backup.
-pub fn backup(root: &Root, name: &str, dest: &Path, incremental: bool) -> Result<Taken> {
+pub fn backup(
+    root: &Root,
+    name: &str,
+    dest: &Path,
+    incremental: bool,
+    progress: Progress,
+) -> Result<Taken> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
     let config = vm.config()?;
     let manifest_path = dest.join(MANIFEST);
+    // One backup into DEST at a time; what a dead one left is removed.
+    let _dest_lock = if dest.is_dir() {
+        let l = crate::state::lock_dir(dest, false)?.with_context(|| {
+            format!("{}: another backup is being written there", dest.display())
+        })?;
+        clear_dead_backup(dest);
+        Some(l)
+    } else {
+        None
+    };
     let mut manifest = if incremental {
         let m: Manifest = read_json(&manifest_path).with_context(|| {
             format!(
@@ -525,14 +542,13 @@ pub fn backup(root: &Root, name: &str, dest: &Path, incremental: bool) -> Result
     resumed.with_context(|| format!("VM {name}: resuming it after sealing its disk"))?;
     let file = format!("{}.bkp", manifest.backups.len());
     let env: Arc<dyn Env> = Arc::new(RealEnv);
-    let stats = backup::backup(
-        &env,
-        &sealed,
-        from.as_deref(),
-        &dest.join(&file),
-        &mut |_, _| {},
-    )
-    .with_context(|| format!("backing up {}", sealed.display()))?;
+    // A new DEST made above is locked from here on.
+    let _dest_lock = match _dest_lock {
+        Some(l) => l,
+        None => crate::state::lock_dir(dest, true)?.context("locking the backup directory")?,
+    };
+    let stats = backup::backup(&env, &sealed, from.as_deref(), &dest.join(&file), progress)
+        .with_context(|| format!("backing up {}", sealed.display()))?;
     manifest.config = VmConfig {
         restore: None,
         ..config
@@ -560,6 +576,28 @@ pub fn backup(root: &Root, name: &str, dest: &Path, incremental: bool) -> Result
             "paused-ms": paused_ms,
         }),
     })
+}
+
+/// What a backup killed mid-way left in DEST (the caller holds DEST's
+/// lock, so no backup is being written there): its temporary stream, and
+/// streams the manifest does not list (written, the manifest not yet).
+fn clear_dead_backup(dest: &Path) {
+    let listed: Vec<String> = read_json::<Manifest>(&dest.join(MANIFEST))
+        .map(|m| m.backups.into_iter().map(|b| b.file).collect())
+        .unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(dest) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let ours_unlisted = n
+            .strip_suffix(".bkp")
+            .is_some_and(|k| k.parse::<u64>().is_ok())
+            && !listed.contains(&n);
+        if (n.starts_with('.') && n.ends_with(".backup-tmp")) || ours_unlisted {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// `vmctl restore DEST NAME`: a new VM NAME on the chain DEST's backups

@@ -2,7 +2,6 @@
 //! convert, back up and restore snapshot-chain images. Verbs that qemu-img
 //! also has take qemu-img's arguments.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -366,52 +365,7 @@ fn cluster_size(options: &Option<String>) -> Result<Option<u32>> {
     Ok(out)
 }
 
-/// Progress on stderr: a bar on a terminal, percent lines with -p otherwise.
-struct ProgressReport {
-    bar: Option<indicatif::ProgressBar>,
-    lines: bool,
-    last_percent: u64,
-}
-
-impl ProgressReport {
-    fn new(verb: &str, asked: bool) -> Self {
-        let tty = std::io::stderr().is_terminal();
-        let bar = tty.then(|| {
-            let b = indicatif::ProgressBar::new(0);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
-            b.set_message(verb.to_string());
-            b
-        });
-        ProgressReport {
-            bar,
-            lines: asked && !tty,
-            last_percent: u64::MAX,
-        }
-    }
-    fn update(&mut self, done: u64, total: u64) {
-        if let Some(b) = &self.bar {
-            b.set_length(total);
-            b.set_position(done);
-        } else if self.lines && total > 0 {
-            let p = done.min(total) * 100 / total;
-            if p / 10 != self.last_percent / 10 || self.last_percent == u64::MAX {
-                eprintln!("    ({p}.00/100%)");
-                self.last_percent = p;
-            }
-        }
-    }
-    fn done(self) {
-        if let Some(b) = self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
+use cli_support::progress::ProgressReport;
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

@@ -151,6 +151,30 @@ pub fn resize(env: &dyn Env, path: &Path, new_size: u64) -> Result<u64> {
     Ok(h.virtual_size)
 }
 
+/// `layer` and its parent become one layer, in `layer`'s place and with
+/// its identity (uuid, name, sealed or not), at the cost of copying what
+/// `layer` holds (not what the parent holds): a restore of hundreds of
+/// incremental backup streams keeps one layer. Only for a parent nothing
+/// else stands on (refused otherwise, as `commit` refuses); not crash-safe
+/// as a whole (a caller that owns both files, making something new).
+pub fn merge_down(env: &dyn Env, layer: &Path) -> Result<()> {
+    let parent = Layer::open(env, layer, false)?
+        .parent_path()
+        .ok_or_else(|| invalid(layer, "has no parent to merge into"))?;
+    commit(env, layer, false, &mut |_, _| {})?;
+    let me = Layer::open(env, layer, false)?.header;
+    let mut p = Layer::open(env, &parent, true)?;
+    p.update_header(|h| {
+        h.uuid = me.uuid;
+        h.name = me.name.clone();
+        h.flags = me.flags;
+    })?;
+    drop(p);
+    env.rename(&parent, layer).map_err(io_at(layer))?;
+    crate::dependants::remove_all(env, &parent);
+    env.sync_dir(&parent_dir(layer)).map_err(io_at(layer))
+}
+
 /// The file a snapshot named `name` of `top` lives in.
 pub fn snapshot_path(top: &Path, name: &str) -> PathBuf {
     let file = top.file_name().map(|f| f.to_string_lossy().into_owned());

@@ -1312,7 +1312,12 @@ fn a_backup_killed_anywhere_leaves_the_destination_usable() {
         until("the VM running again", Duration::from_millis(200), || {
             v.info("bk")["state"] == "running"
         });
-        // The next backup of the same kind goes through.
+        // The next backup goes through: full if none was completed yet,
+        // else incremental.
+        let mut args = vec!["backup", "bk", d.as_str()];
+        if dest.join("backup.json").exists() {
+            args.push("--incremental");
+        }
         let out = v.call(&args, SAVING);
         assert!(
             out.status.success(),
@@ -1328,6 +1333,76 @@ fn a_backup_killed_anywhere_leaves_the_destination_usable() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     v.ok(&["kill", "bk"]);
+    v.ok(&["restore", &d, "back"]);
+    v.set_cmdline("back", "mode=read verify=1 expect_gen=7 size=8M");
+    v.ok(&["start", "back"]);
+    v.assert_exits_ok("back");
+}
+
+/// A VM backed up again and again while it runs (every hour, for
+/// months): each backup's seal is merged away once the next one is taken
+/// (export-merge through the backend serving it), so the chain stays
+/// short, and the 260th incremental backup (past the 250 layers a chain
+/// may have) goes as the first did; deleting snapshots merges their seals
+/// too. The chain restores.
+#[test]
+fn backups_and_snapshots_without_end_keep_a_running_vm_s_chain_short() {
+    if !ready("vmctl_backups_without_end", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    v.ok(&[
+        "create",
+        "long",
+        "--image",
+        base.to_str().expect("utf-8"),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mode=idle",
+    ]);
+    v.ok(&["start", "long"]);
+    until("the guest at rest", Duration::from_millis(200), || {
+        v.ok(&["logs", "long"]).contains("\"result\":\"idle\"")
+    });
+    let dest = fx.path("backups");
+    let d = dest.to_string_lossy().into_owned();
+    let depth = || {
+        let info: Value = serde_json::from_str(&String::from_utf8_lossy(
+            &Command::new(bin("img"))
+                .args(["info", "--output", "json", "--backing-chain"])
+                .arg(v.vm_dir("long").join("disk.img"))
+                .output()
+                .expect("img info")
+                .stdout,
+        ))
+        .expect("json");
+        info.as_array().map_or(0, |a| a.len())
+    };
+    v.ok(&["backup", "long", &d]);
+    for k in 1..=260 {
+        let out = v.call(
+            &["backup", "long", &d, "--incremental", "--output", "json"],
+            SAVING,
+        );
+        let details = json_of(&out);
+        assert_eq!(
+            details["merged-previous-seal"], true,
+            "backup {k}: {details}"
+        );
+    }
+    // The top, the last backup's seal, the golden base's layers.
+    assert!(depth() <= 4, "the chain: {} layers", depth());
+    // Snapshots taken and deleted: their seals go with them.
+    for k in 0..3 {
+        v.call(&["snapshot", "long", &format!("s{k}")], SAVING);
+        v.ok(&["snapshot-delete", &format!("s{k}")]);
+    }
+    assert!(depth() <= 4, "the chain: {} layers", depth());
+    assert_eq!(v.info("long")["state"], "running");
+    v.ok(&["kill", "long"]);
     v.ok(&["restore", &d, "back"]);
     v.set_cmdline("back", "mode=read verify=1 expect_gen=7 size=8M");
     v.ok(&["start", "back"]);

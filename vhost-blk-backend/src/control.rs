@@ -14,6 +14,9 @@
 //!   (as `img snapshot -c`), the export serving a fresh top over it; the
 //!   session ends and a vhost-user frontend reconnects (for a paused VM:
 //!   its disk captured at the instant of its snapshot).
+//! - `export-merge` {socket, name}: snapshot `IMAGE@NAME` folded into the
+//!   layer above it and removed (as `img snapshot -d`), the export served
+//!   again (the frontend reconnects): a served chain kept short.
 //!
 //! Errors carry QMP's classes: `ExportExists` (an add on a socket already
 //! served), `DeviceNotFound` (a del of no export), `GenericError`.
@@ -61,6 +64,13 @@ pub enum ControlError {
     Thread(#[source] std::io::Error),
     #[error("snapshot {name:?} of {image}")]
     Snapshot {
+        image: PathBuf,
+        name: String,
+        #[source]
+        source: Box<image_format::Error>,
+    },
+    #[error("merging snapshot {name:?} of {image} into the layer above it")]
+    Merge {
         image: PathBuf,
         name: String,
         #[source]
@@ -275,6 +285,33 @@ impl Exports {
         Ok(path)
     }
 
+    /// Snapshot `name` of the export's image folded into the layer above
+    /// it and removed (as `img snapshot -d`), so a chain that a VM's
+    /// backups and snapshots lengthen stays short while it runs: the
+    /// session ends (in-flight I/O completes; the frontend reconnects),
+    /// the image closes clean, the layer above takes what the snapshot
+    /// held that it lacks, and the export is served again, merged or not.
+    /// Refused (nothing changed) while another layer stands on the
+    /// snapshot.
+    pub fn merge(&self, socket: &Path, name: &str) -> Result<(), ControlError> {
+        let spec = self
+            .running()
+            .get(socket)
+            .map(|r| r.export.spec.clone())
+            .ok_or_else(|| ControlError::NoSuchExport(socket.to_path_buf()))?;
+        self.remove(socket)?;
+        let env: Arc<dyn image_format::Env> = Arc::new(image_format::RealEnv);
+        let merged = image_format::ops::snapshot_delete(&env, &spec.image, name, &mut |_, _| {})
+            .map_err(|source| ControlError::Merge {
+                image: spec.image.clone(),
+                name: name.to_string(),
+                source: Box::new(source),
+            });
+        let served = self.add(spec);
+        merged?;
+        served
+    }
+
     pub fn list(&self) -> Value {
         let running = self.running();
         Value::Array(
@@ -424,6 +461,24 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
             }
             match exports.snapshot(&s, name) {
                 Ok(path) => json!({ "return": { "snapshot": path } }),
+                Err(e) => refusal(e),
+            }
+        }
+        Some("export-merge") => {
+            let (Some(s), Some(name)) = (text("socket"), args["name"].as_str()) else {
+                return reply_error("GenericError", "export-merge needs socket and name".into());
+            };
+            if s.is_relative() {
+                return reply_error(
+                    "GenericError",
+                    format!(
+                        "{} is a relative path: export-merge takes absolute paths",
+                        s.display()
+                    ),
+                );
+            }
+            match exports.merge(&s, name) {
+                Ok(()) => json!({ "return": {} }),
                 Err(e) => refusal(e),
             }
         }

@@ -239,11 +239,20 @@ pub fn delete(root: &Root, name: &str) -> Result<()> {
             if users.len() == 1 { "it" } else { "them" }
         );
     }
-    // The record first: a removal cut short leaves no snapshot that
-    // half exists.
+    // Whose it is, then the record, first: a removal cut short leaves no
+    // snapshot that half exists (the next vmctl removes the rest).
+    let _ = std::fs::remove_file(snap.dir.join(PENDING));
     std::fs::remove_file(snap.dir.join(RECORD))
         .with_context(|| format!("removing {}", snap.dir.display()))?;
-    std::fs::remove_dir_all(&snap.dir).with_context(|| format!("removing {}", snap.dir.display()))
+    std::fs::remove_dir_all(&snap.dir)
+        .with_context(|| format!("removing {}", snap.dir.display()))?;
+    // Its disk's seal, below the VM's current disk, is needed no more.
+    if let Ok(vm) = root.vm(&snap.record.vm) {
+        if let (Ok(_lock), Ok(config)) = (vm.lock(), vm.config()) {
+            merge_seal(root, &vm, config.backend, &snap.record.disk);
+        }
+    }
+    Ok(())
 }
 
 /// A name is taken only once: a directory made by exactly one of two
@@ -303,6 +312,43 @@ fn seal_disk(root: &Root, vm: &VmDir, backend: BackendMode, name: &str) -> Resul
         .as_str()
         .map(PathBuf::from)
         .with_context(|| format!("export-snapshot answered {answer}: no snapshot path"))
+}
+
+/// Folds a sealed layer of the VM's chain that nothing needs any more (a
+/// past backup's, a deleted snapshot's) into the layer above it, so the
+/// chain stays as short as what is kept: through the backend that serves
+/// the disk while the VM runs (`export-merge`: its session ends and the
+/// vmm reconnects, as for a seal), directly otherwise. Whether it went;
+/// refused (and left, whole) when something else stands on it.
+fn merge_seal(root: &Root, vm: &VmDir, backend: BackendMode, seal: &Path) -> bool {
+    let prefix = format!(
+        "{}@",
+        vm.disk().file_name().unwrap_or_default().to_string_lossy()
+    );
+    let Some(name) = seal
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.strip_prefix(&prefix))
+    else {
+        return false;
+    };
+    if seal.parent() != Some(vm.path.as_path()) || !seal.exists() {
+        return false;
+    }
+    if !vm.observed().is_ok_and(|o| o.is_active()) {
+        let env: Arc<dyn Env> = Arc::new(RealEnv);
+        return ops::snapshot_delete(&env, &vm.disk(), name, &mut |_, _| {}).is_ok();
+    }
+    let control = match backend {
+        BackendMode::Host => HostBackend::at(root).control(),
+        BackendMode::Vm => vm.backend_control(),
+    };
+    control_call(
+        &control,
+        "export-merge",
+        json!({ "socket": vm.disk_socket(), "name": name }),
+    )
+    .is_ok()
 }
 
 /// Runs `f` with the VM held: a running VM not paused already is paused
@@ -561,6 +607,16 @@ pub fn backup(
         zero_bytes: stats.zero_bytes,
     });
     write_json(&manifest_path, &manifest)?;
+    // The seal the last backup was taken of is needed no more (the next
+    // incremental one is a delta against this one's): merged away, so a
+    // VM backed up every hour for months keeps a short chain.
+    let merged = manifest
+        .backups
+        .len()
+        .checked_sub(2)
+        .map(|k| manifest.backups[k].disk_snapshot.clone())
+        .filter(|prev| prev != &sealed)
+        .is_some_and(|prev| merge_seal(root, &vm, config.backend, &prev));
     Ok(Taken {
         path: dest.join(&file),
         paused_ms,
@@ -573,6 +629,7 @@ pub fn backup(
             "zero-bytes": stats.zero_bytes,
             "file-bytes": stats.file_bytes,
             "chain": manifest.backups.len(),
+            "merged-previous-seal": merged,
             "paused-ms": paused_ms,
         }),
     })
@@ -622,6 +679,13 @@ pub fn restore(root: &Root, dest: &Path, name: &str) -> Result<VmDir> {
                 &mut |_, _| {},
             )
             .with_context(|| format!("restoring {}", dest.join(&item.file).display()))?;
+            // The layer before it is needed no more once this one holds
+            // what it lacked of it: folded in, so a chain of hundreds of
+            // backups restores into three layers, not hundreds.
+            if i >= 1 {
+                ops::merge_down(env.as_ref(), &layer)
+                    .with_context(|| format!("folding {} into the layer below", layer.display()))?;
+            }
             below = Some(layer);
         }
         let top = below.context("no backup restored")?;

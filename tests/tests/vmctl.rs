@@ -1332,6 +1332,16 @@ fn a_backup_killed_anywhere_leaves_the_destination_usable() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Seals the killed backups left in the VM's chain were merged away by
+    // the backups after them: the destination's last seal alone is left
+    // (the measuring backup's directory keeps its own).
+    let seals: Vec<String> = std::fs::read_dir(v.vm_dir("bk"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("disk.img@backup-"))
+        .collect();
+    assert_eq!(seals.len(), 2, "{seals:?}");
     v.ok(&["kill", "bk"]);
     v.ok(&["restore", &d, "back"]);
     v.set_cmdline("back", "mode=read verify=1 expect_gen=7 size=8M");

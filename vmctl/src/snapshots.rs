@@ -49,6 +49,10 @@ struct Pending {
     seal: String,
 }
 const MANIFEST: &str = "backup.json";
+/// In a VM's directory: each backup directory's last seal (what its next
+/// incremental backup is taken against), so seals left by killed backups
+/// are known as such.
+const BACKUP_SEALS: &str = "backup-seals.json";
 
 /// What `snapshots/NAME/snapshot.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -617,6 +621,28 @@ pub fn backup(
         .map(|k| manifest.backups[k].disk_snapshot.clone())
         .filter(|prev| prev != &sealed)
         .is_some_and(|prev| merge_seal(root, &vm, config.backend, &prev));
+    // Each backup directory's last seal is kept (its next incremental
+    // backup is taken against it); any other backup seal in the VM's
+    // chain is one a killed backup left: merged away too.
+    let kept_path = vm.path.join(BACKUP_SEALS);
+    let mut kept: std::collections::BTreeMap<PathBuf, PathBuf> =
+        read_json(&kept_path).unwrap_or_default();
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    kept.insert(canonical(dest), canonical(&sealed));
+    write_json(&kept_path, &kept)?;
+    let prefix = format!(
+        "{}@backup-",
+        vm.disk().file_name().unwrap_or_default().to_string_lossy()
+    );
+    if let Ok(entries) = std::fs::read_dir(&vm.path) {
+        for e in entries.flatten() {
+            let p = canonical(&e.path());
+            let ours = e.file_name().to_string_lossy().starts_with(&prefix);
+            if ours && !kept.values().any(|k| k == &p) {
+                merge_seal(root, &vm, config.backend, &p);
+            }
+        }
+    }
     Ok(Taken {
         path: dest.join(&file),
         paused_ms,

@@ -691,6 +691,15 @@ fn vmctl_masquerades_a_nat_bridge_while_its_vm_runs_and_leaves_no_rule() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert!(!ruleset().contains("vmctl"));
+    let forward = || {
+        let out = ns
+            .command(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .output()
+            .expect("cat");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // As found: off (a new namespace's default), and off again after.
+    assert_eq!(forward(), "0");
     v.ok(&[
         "create",
         "gw",
@@ -715,6 +724,119 @@ fn vmctl_masquerades_a_nat_bridge_while_its_vm_runs_and_leaves_no_rule() {
     // No traffic is sent anywhere: the rule's presence is what is checked.
     v.ok(&["delete", "--force", "gw"]);
     assert!(!ruleset().contains("vmctl"), "{}", ruleset());
+    assert_eq!(forward(), "0", "IPv4 forwarding set back as it was found");
+}
+
+/// Two state roots in one namespace never hand out addresses on one
+/// bridge (the second is refused by name), a new bridge gets a subnet
+/// of its own, an interface that is no bridge is refused at create, and
+/// `vmctl network ls/rm` shows and removes what vmctl made.
+#[test]
+fn bridges_are_one_state_root_s_each_with_a_subnet_of_their_own() {
+    if !ready("vmctl_net_bridges", &["ip"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("vmmtest", "brs");
+    let base = fx.image("base.img", "16M");
+    let a = VmctlIn::new(&ns, &fx);
+    let b = VmctlIn {
+        ns: &ns,
+        state: fx.path("state-b"),
+    };
+    let fails = |v: &VmctlIn, args: &[&str]| -> String {
+        let out = output_within(
+            &mut v.command(args),
+            &Patience::new("a vmctl call", Duration::from_millis(200)),
+        )
+        .expect("vmctl runs");
+        assert!(!out.status.success(), "vmctl {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let idle = "mode=idle irq=1 wait=halt";
+    a.ok(&[
+        "create",
+        "a1",
+        "--image",
+        &s(&base),
+        "--net",
+        "--cmdline",
+        idle,
+    ]);
+    a.ok(&["start", "a1"]);
+    // b's VM on a's bridge: refused, naming a's state root.
+    let e = fails(&b, &["create", "b1", "--image", &s(&base), "--net"]);
+    assert!(
+        e.contains("hands out addresses for vmctl state root") && e.contains(&s(&a.state)),
+        "{e}"
+    );
+    // On a bridge of its own: another subnet.
+    b.ok(&[
+        "create",
+        "b1",
+        "--image",
+        &s(&base),
+        "--net",
+        "br-b",
+        "--cmdline",
+        idle,
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&b.ok(&["info", "b1", "--output", "json"])).expect("json");
+    assert_eq!(info["address"], "10.88.1.2", "{info}");
+    b.ok(&["start", "b1"]);
+    // Without net-backend (a vmctl alone in a directory, none on PATH):
+    // refused at create, before any bridge or DHCP server is made.
+    let lonely = fx.path("lonely");
+    std::fs::create_dir(&lonely).expect("dir");
+    std::fs::copy(bin("vmctl"), lonely.join("vmctl")).expect("copy");
+    let out = ns
+        .command(&[
+            &s(&lonely.join("vmctl")),
+            "--state-dir",
+            &s(&a.state),
+            "create",
+            "y",
+            "--image",
+            &s(&base),
+            "--net",
+            "br-y",
+        ])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .expect("vmctl");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("--net needs net-backend"),
+        "{e}"
+    );
+    assert!(!a.state.join("vms/y").exists());
+    // An interface that is no bridge.
+    let e = fails(&a, &["create", "x", "--image", &s(&base), "--net", "lo"]);
+    assert!(e.contains("lo is an interface but not a bridge"), "{e}");
+    // network ls / rm.
+    let listed: serde_json::Value =
+        serde_json::from_str(&a.ok(&["network", "ls", "--output", "json"])).expect("json");
+    assert_eq!(listed[0]["name"], "vmbr0", "{listed}");
+    assert_eq!(listed[0]["subnet"], "10.88.0.1/24", "{listed}");
+    assert_eq!(listed[0]["made-by-vmctl"], true, "{listed}");
+    assert_eq!(listed[0]["vms"][0], "a1", "{listed}");
+    let e = fails(&a, &["network", "rm", "vmbr0"]);
+    assert!(e.contains("has VMs defined on it (a1)"), "{e}");
+    let e = fails(&a, &["network", "rm", "br-b"]);
+    assert!(
+        e.contains("was not made by vmctl for this state root"),
+        "{e}"
+    );
+    a.ok(&["delete", "--force", "a1"]);
+    a.ok(&["network", "rm", "vmbr0"]);
+    let gone = ns
+        .command(&["ip", "link", "show", "dev", "vmbr0"])
+        .output()
+        .expect("ip");
+    assert!(!gone.status.success(), "vmbr0 removed");
+    b.ok(&["delete", "--force", "b1"]);
+    b.ok(&["network", "rm", "br-b"]);
 }
 
 #[test]

@@ -270,6 +270,11 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
+    /// The bridges VMs of this state root use: list them, remove one.
+    Network {
+        #[command(subcommand)]
+        action: NetworkCmd,
+    },
     #[command(name = "__supervise", hide = true)]
     Supervise {
         /// The VM's name.
@@ -278,6 +283,24 @@ enum Cmd {
     /// The host backend's daemon (started by the first VM that needs it).
     #[command(name = "__backend", hide = true)]
     Backend,
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Every bridge this state root's VMs are on or that vmctl made for
+    /// it: its subnet, its VMs.
+    #[command(alias = "list")]
+    Ls {
+        /// human: a table to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Remove a bridge vmctl made for this state root (with its DHCP
+    /// server and NAT rule); refused while a VM is defined on it.
+    Rm {
+        /// The bridge's name.
+        bridge: String,
+    },
 }
 
 fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
@@ -688,6 +711,41 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
             return Ok(print_fleet(&report, output, demo));
+        }
+        Cmd::Network { action } => {
+            let all: Vec<state::VmConfig> = root
+                .list()?
+                .iter()
+                .filter_map(|vm| vm.config().ok())
+                .collect();
+            match action {
+                NetworkCmd::Ls { output } => {
+                    let bridges = network::list(&root, &all);
+                    if output == Output::Json {
+                        print_json(&serde_json::to_value(&bridges)?);
+                    } else {
+                        println!("{:<16} {:<18} {:<8} VMS", "BRIDGE", "SUBNET", "MADE");
+                        for b in &bridges {
+                            println!(
+                                "{:<16} {:<18} {:<8} {}",
+                                b.name,
+                                b.subnet.as_deref().unwrap_or(if b.exists {
+                                    "-"
+                                } else {
+                                    "(at first start)"
+                                }),
+                                if b.made_by_vmctl { "vmctl" } else { "-" },
+                                b.vms.join(",")
+                            );
+                        }
+                    }
+                }
+                NetworkCmd::Rm { bridge } => {
+                    let _lock = network::allocation_lock(&root)?;
+                    network::remove(&root, &bridge, &all)?;
+                    println!("{bridge}: removed");
+                }
+            }
         }
         Cmd::Supervise { name } => {
             let vm = root.vm(&name)?;

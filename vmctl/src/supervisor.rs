@@ -634,10 +634,10 @@ struct NicServer {
 
 impl NicServer {
     fn start(root: &Root, vm: &VmDir, nic: &crate::network::NicSpec) -> Result<NicServer> {
-        crate::network::plug(nic).context("plugging the VM's NIC")?;
+        crate::network::plug(root, nic).context("plugging the VM's NIC")?;
         let shared = crate::network::allocation_lock(root).and_then(|_lock| {
             if nic.nat {
-                crate::network::ensure_nat(nic).context("masquerading the VM's bridge")?;
+                crate::network::ensure_nat(root, nic).context("masquerading the VM's bridge")?;
             }
             let all: Vec<VmConfig> = root
                 .list()?
@@ -749,7 +749,7 @@ impl Drop for NicServer {
             crate::network::stop_dhcp(&self.root, &self.nic.bridge);
         }
         if self.nic.nat && !others.iter().any(|n| n.nat) {
-            crate::network::drop_nat(&self.nic.bridge);
+            crate::network::drop_nat(&self.root, &self.nic.bridge);
         }
     }
 }

@@ -1418,3 +1418,99 @@ fn backups_and_snapshots_without_end_keep_a_running_vm_s_chain_short() {
     v.ok(&["start", "back"]);
     v.assert_exits_ok("back");
 }
+
+/// What a virsh user reaches for: several names per verb, `--output
+/// json` answers, `set` for a defined VM, autostart (and the boot unit
+/// that runs it), shell completions and manual pages.
+#[test]
+fn verbs_take_several_names_and_answer_in_json_and_vms_are_reconfigured() {
+    if !ready("vmctl_manage", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    let image = base.to_str().expect("utf-8");
+    let idle = "mode=idle";
+    for n in ["a", "b", "c"] {
+        let out = v.ok(&[
+            "create",
+            n,
+            "--image",
+            image,
+            "--cmdline",
+            idle,
+            "--output",
+            "json",
+        ]);
+        let info: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(info["state"], "defined", "{info}");
+    }
+    // set: checked as create checks, refused on a running VM.
+    let e = v.fails(&["set", "a", "--cpus", "0"]);
+    assert!(e.contains("1..=32"), "{e}");
+    let e = v.fails(&["set", "a", "--memory", "1K"]);
+    assert!(e.contains("16 MiB to 64 GiB"), "{e}");
+    let set: Value = serde_json::from_str(&v.ok(&[
+        "set", "a", "--cpus", "2", "--memory", "128M", "--output", "json",
+    ]))
+    .expect("json");
+    assert_eq!(
+        (set["cpus"].as_u64(), set["memory"].as_u64()),
+        (Some(2), Some(128 << 20)),
+        "{set}"
+    );
+    // autostart: a and b; the boot unit's verb starts those two only.
+    v.ok(&["autostart", "a", "b"]);
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmctl/systemd/vmctl-autostart.service"),
+    )
+    .expect("the boot unit");
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/vmctl start --autostart"),
+        "{unit}"
+    );
+    let started: Value =
+        serde_json::from_str(&v.ok(&["start", "--autostart", "--output", "json"])).expect("json");
+    let names: Vec<&str> = started
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{started}");
+    assert_eq!(v.info("c")["state"], "defined");
+    assert_eq!(v.info("a")["cpus"], 2);
+    let e = v.fails(&["set", "a", "--cpus", "1"]);
+    assert!(e.contains("is running: stop it first"), "{e}");
+    v.ok(&["set", "a", "--autostart", "off"]);
+    // Several names: the one that fails does not stop the others.
+    let out = v.call(
+        &["kill", "a", "nosuch", "b", "--output", "json"],
+        Duration::from_millis(200),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let killed: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(killed[0]["ok"], true, "{killed}");
+    assert_eq!(killed[1]["ok"], false, "{killed}");
+    assert!(
+        killed[1]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no VM named"),
+        "{killed}"
+    );
+    assert_eq!(killed[2]["ok"], true, "{killed}");
+    v.ok(&["delete", "a", "b", "c"]);
+    assert!(v.ok(&["list"]).lines().count() <= 1);
+    // Completions and manual pages, from the same definitions.
+    let bash = v.ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("snapshot-delete") && bash.contains("--autostart"),
+        "completions"
+    );
+    let man = fx.path("man");
+    v.ok(&["man", &man.to_string_lossy()]);
+    let page = std::fs::read_to_string(man.join("vmctl-set.1")).expect("vmctl-set.1");
+    assert!(page.contains("autostart"), "{page}");
+}

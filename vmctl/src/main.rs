@@ -2,6 +2,7 @@
 //! project's vmm and blk-backend.
 
 mod binaries;
+mod cli;
 mod fleet;
 mod hold;
 mod host_backend;
@@ -15,292 +16,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use serde_json::{json, Value};
 
+use crate::cli::{Cli, Cmd, NetworkCmd, Output, VmOptions};
 use crate::ops::Spec;
-use crate::state::{BackendMode, Observed, RestoreMemory, Root};
+use crate::state::{Observed, Root};
 
-#[derive(Parser)]
-#[command(
-    name = "vmctl",
-    version,
-    about = "Named VMs on the vmm and blk-backend: create, start, stop, pause, logs, delete; test fleets from one snapshot",
-    after_help = "With no arguments, `vmctl run` runs the built-in demo: guests that verify a base's data through their own clones."
-)]
-struct Cli {
-    /// Where VMs live (default: /var/lib/vmctl as root, else $XDG_STATE_HOME/vmctl).
-    #[arg(long, global = true, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Output {
-    Human,
-    Json,
-}
-
-#[derive(clap::Args, Clone)]
-struct VmOptions {
-    /// The kernel (default: the built-in bench guest).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// An initramfs for --kernel (a Linux guest's first userspace).
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// The kernel command line. In `run`, the words n and name in braces
-    /// become each VM's number and name.
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// vCPUs, 1 to 32.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=vmm::config::MAX_CPUS as i64))]
-    cpus: u8,
-    /// Guest memory (512M, 1G): 16 MiB to 64 GiB, at most the host's.
-    #[arg(long, default_value = "256M")]
-    memory: String,
-    /// The disk's queues, 1 to 16.
-    #[arg(long, default_value_t = 1)]
-    queues: u16,
-    /// Grow the VM's clone to this size (the new space reads as zeros).
-    #[arg(long)]
-    disk_size: Option<String>,
-    /// Who serves the disk: the host's one blk-backend, or one of the VM's own.
-    #[arg(long, value_enum, default_value_t = BackendMode::Host)]
-    backend: BackendMode,
-    /// A NIC on BRIDGE (default vmbr0, made with 10.88.0.1/24 on first
-    /// use): a stable MAC, an address from the bridge's subnet, a tap
-    /// while it runs.
-    #[arg(long, num_args = 0..=1, default_missing_value = "vmbr0", value_name = "BRIDGE")]
-    net: Option<String>,
-    /// With --net: the bridge's subnet masqueraded to the host's other
-    /// interfaces (nftables) while the VM runs.
-    #[arg(long, requires = "net")]
-    nat: bool,
-    /// A host folder the guest mounts by TAG (virtio-fs, served by a
-    /// virtiofsd of the VM's own while it runs): HOSTDIR:TAG; repeatable.
-    #[arg(long = "share", value_name = "HOSTDIR:TAG")]
-    shares: Vec<String>,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Define a VM with its own writable clone of IMAGE (FILE@SNAPSHOT, or
-    /// a working image, which is snapshotted first). Nothing runs yet.
-    Create {
-        /// The VM's name.
-        name: String,
-        /// The disk image to clone: FILE@SNAPSHOT, or a working image
-        /// (snapshotted first, unless unchanged since its last snapshot).
-        #[arg(long, required_unless_present = "from_snapshot")]
-        image: Option<PathBuf>,
-        /// A VM snapshot (`vmctl snapshot`) to continue from: its first
-        /// start restores it on a clone of the snapshot's disk (cpus,
-        /// memory, kernel and command line are the snapshot's).
-        #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
-        from_snapshot: Option<String>,
-        /// With --from-snapshot: how its memory comes in.
-        #[arg(long, value_enum, default_value_t = RestoreMemory::OnDemand)]
-        restore_memory: RestoreMemory,
-        #[command(flatten)]
-        vm: VmOptions,
-    },
-    /// Save a running VM whole (vCPUs, devices, memory) with its disk at the
-    /// same instant, as SNAPSHOT; it goes on running (or stays paused).
-    Snapshot {
-        /// The VM's name.
-        name: String,
-        /// The VM snapshot's name.
-        snapshot: String,
-        /// human: a table or lines to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// Every VM snapshot: its VM, size, and the VMs made from it.
-    Snapshots {
-        /// human: a table or lines to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// Remove a VM snapshot (refused while VMs made from it exist).
-    SnapshotDelete {
-        /// The VM snapshot's name.
-        snapshot: String,
-    },
-    /// Back up a VM's disk at one instant (live if it runs) into the
-    /// directory DEST: in full, or with --incremental only what changed
-    /// since DEST's last backup.
-    Backup {
-        /// The VM's name.
-        name: String,
-        /// The backup directory (made if missing).
-        dest: PathBuf,
-        /// Only what changed since DEST's last backup (taken by vmctl backup into DEST).
-        #[arg(long)]
-        incremental: bool,
-        /// human: a table or lines to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// A new VM NAME on the disk DEST's backups restore to (defined as the
-    /// backed-up VM was; it boots when started).
-    Restore {
-        /// The backup directory (made if missing).
-        dest: PathBuf,
-        /// The VM's name.
-        name: String,
-    },
-    /// Start a defined (or ended) VM.
-    Start {
-        /// The VM's name.
-        name: String,
-    },
-    /// Shut a VM down gracefully; forced after --timeout seconds.
-    Stop {
-        /// The VM's name.
-        name: String,
-        /// Seconds the guest has to shut down before it is killed.
-        #[arg(long, default_value_t = 10)]
-        timeout: u64,
-    },
-    /// End a VM at once.
-    Kill {
-        /// The VM's name.
-        name: String,
-    },
-    /// Stop a running VM's vCPUs where they are (its memory and devices
-    /// kept); a paused VM stays paused.
-    Pause {
-        /// The VM's name.
-        name: String,
-    },
-    /// Let a paused VM's vCPUs run on; a running VM goes on.
-    Resume {
-        /// The VM's name.
-        name: String,
-    },
-    /// Stop (if running) and start again.
-    Restart {
-        /// The VM's name.
-        name: String,
-        /// Seconds the guest has to shut down before it is killed.
-        #[arg(long, default_value_t = 10)]
-        timeout: u64,
-    },
-    /// Every VM: state, pid, cpus, memory, disk, uptime.
-    #[command(alias = "ps")]
-    List {
-        /// human: a table or lines to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// One VM in full.
-    Info {
-        /// The VM's name.
-        name: String,
-        /// human: a table or lines to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// The VM's serial console (kept in a bounded file).
-    Logs {
-        /// The VM's name.
-        name: String,
-        /// Keep printing as the guest writes, until it ends.
-        #[arg(short, long)]
-        follow: bool,
-        /// Only the last N lines.
-        #[arg(long)]
-        tail: Option<usize>,
-    },
-    /// Wait until the VMs end; print and return their exit status.
-    Wait {
-        /// The VMs' names.
-        #[arg(required = true)]
-        names: Vec<String>,
-        /// Give up after this many seconds (exit status 124; the VMs run on).
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<u64>,
-        /// human: a table or lines to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// Remove a VM: its clone, sockets, logs, state.
-    #[command(alias = "rm")]
-    Delete {
-        /// The VM's name.
-        name: String,
-        /// Kill it first if it runs.
-        #[arg(long)]
-        force: bool,
-    },
-    /// A test fleet: COUNT VMs cloned from IMAGE, started together, waited
-    /// for, one row each and a summary (no arguments: the built-in demo).
-    Run {
-        /// How many VMs.
-        #[arg(long, default_value_t = 1)]
-        count: usize,
-        /// VM names are PREFIX-1 .. PREFIX-COUNT.
-        #[arg(long = "name", default_value = "run")]
-        prefix: String,
-        /// The disk image every VM clones (as create's --image; none: the
-        /// built-in demo base).
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Every VM continues from this VM snapshot (on a clone of its
-        /// disk) instead of booting.
-        #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
-        from_snapshot: Option<String>,
-        /// With --from-snapshot: how each VM's memory comes in (on demand:
-        /// each takes host memory for the pages it touches).
-        #[arg(long, value_enum, default_value_t = RestoreMemory::OnDemand)]
-        restore_memory: RestoreMemory,
-        #[command(flatten)]
-        vm: VmOptions,
-        /// Delete the VMs when they are done (also when the run is
-        /// interrupted or times out).
-        #[arg(long)]
-        rm: bool,
-        /// End the fleet after this many seconds: its VMs killed (exit
-        /// status 124). Ctrl-C, SIGTERM and SIGHUP end it the same way.
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<u64>,
-        /// human: a table or lines to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// The bridges VMs of this state root use: list them, remove one.
-    Network {
-        #[command(subcommand)]
-        action: NetworkCmd,
-    },
-    #[command(name = "__supervise", hide = true)]
-    Supervise {
-        /// The VM's name.
-        name: String,
-    },
-    /// The host backend's daemon (started by the first VM that needs it).
-    #[command(name = "__backend", hide = true)]
-    Backend,
-}
-
-#[derive(Subcommand)]
-enum NetworkCmd {
-    /// Every bridge this state root's VMs are on or that vmctl made for
-    /// it: its subnet, its VMs.
-    #[command(alias = "list")]
-    Ls {
-        /// human: a table to read; json: one document for scripts.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-    },
-    /// Remove a bridge vmctl made for this state root (with its DHCP
-    /// server and NAT rule); refused while a VM is defined on it.
-    Rm {
-        /// The bridge's name.
-        bridge: String,
-    },
+fn parse_shares(given: &[String]) -> Result<Vec<crate::state::Share>> {
+    let shares = given
+        .iter()
+        .map(|s| crate::state::Share::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, a) in shares.iter().enumerate() {
+        if shares[..i].iter().any(|b| b.tag == a.tag) {
+            bail!("--share: the tag {:?} is given twice", a.tag);
+        }
+    }
+    Ok(shares)
 }
 
 fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
@@ -323,24 +56,59 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         restore: None,
         net: vm.net.clone(),
         nat: vm.nat,
-        shares: {
-            let shares = vm
-                .shares
-                .iter()
-                .map(|s| crate::state::Share::parse(s))
-                .collect::<Result<Vec<_>>>()?;
-            for (i, a) in shares.iter().enumerate() {
-                if shares[..i].iter().any(|b| b.tag == a.tag) {
-                    bail!("--share: the tag {:?} is given twice", a.tag);
-                }
-            }
-            shares
-        },
+        shares: parse_shares(&vm.shares)?,
     })
 }
 
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `cmd`'s manual page as NAME.1 in `dir`, and its visible verbs' as
+/// NAME-VERB.1 (and theirs); how many pages.
+fn write_man_pages(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> Result<usize> {
+    // (clap names are &'static: a short-lived process lends it one.)
+    let page_name: &'static str = Box::leak(name.to_string().into_boxed_str());
+    let cmd = cmd.clone().name(page_name);
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    let path = dir.join(format!("{name}.1"));
+    std::fs::write(&path, page).with_context(|| format!("{}", path.display()))?;
+    let mut n = 1;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        n += write_man_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+    }
+    Ok(n)
+}
+
+/// Runs `verb` on each named VM in turn, the rest going on when one
+/// fails: a line each (`NAME: STATE`, or an error on stderr), or one JSON
+/// list of `{name, ok, state | error}`. Exit status 1 if any failed.
+fn each_vm(names: &[String], output: Output, verb: impl Fn(&str) -> Result<String>) -> i32 {
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for n in names {
+        match verb(n) {
+            Ok(state) => {
+                if output == Output::Human {
+                    println!("{n}: {state}");
+                }
+                rows.push(json!({ "name": n, "ok": true, "state": state }));
+            }
+            Err(e) => {
+                failed = true;
+                let why = cli_support::report(&e);
+                if output == Output::Human {
+                    cli_support::say!("vmctl: error: {why}");
+                }
+                rows.push(json!({ "name": n, "ok": false, "error": why }));
+            }
+        }
+    }
+    if output == Output::Json {
+        print_json(&json!(rows));
+    }
+    i32::from(failed)
 }
 
 fn human_bytes(n: u64) -> String {
@@ -420,6 +188,22 @@ fn print_fleet(report: &fleet::FleetReport, output: Output, demo: bool) -> i32 {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    // What needs no state root.
+    match &cli.command {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "vmctl", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+            let written = write_man_pages(&Cli::command(), "vmctl", dir)?;
+            println!("{written} pages in {}", dir.display());
+            return Ok(0);
+        }
+        _ => {}
+    }
     let root = Root::open(&cli.state_dir.unwrap_or_else(state::default_root))?;
     match cli.command {
         Cmd::Create {
@@ -428,6 +212,7 @@ fn run(cli: Cli) -> Result<i32> {
             from_snapshot,
             restore_memory,
             vm,
+            output,
         } => {
             let spec = match (image, from_snapshot) {
                 (_, Some(snap)) => {
@@ -437,7 +222,11 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, None) => bail!("--image or --from-snapshot is needed"),
             };
             let vm = ops::create(&root, &name, &spec)?;
-            println!("{}: defined ({})", vm.name, vm.path.display());
+            if output == Output::Json {
+                print_json(&ops::describe(&root, &vm)?);
+            } else {
+                println!("{}: defined ({})", vm.name, vm.path.display());
+            }
         }
         Cmd::Snapshot {
             name,
@@ -488,9 +277,13 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::SnapshotDelete { snapshot } => {
+        Cmd::SnapshotDelete { snapshot, output } => {
             snapshots::delete(&root, &snapshot)?;
-            println!("snapshot {snapshot}: deleted");
+            if output == Output::Json {
+                print_json(&json!({ "name": snapshot, "deleted": true }));
+            } else {
+                println!("snapshot {snapshot}: deleted");
+            }
         }
         Cmd::Backup {
             name,
@@ -529,8 +322,12 @@ fn run(cli: Cli) -> Result<i32> {
                 );
             }
         }
-        Cmd::Restore { dest, name } => {
+        Cmd::Restore { dest, name, output } => {
             let vm = snapshots::restore(&root, &dest, &name)?;
+            if output == Output::Json {
+                print_json(&ops::describe(&root, &vm)?);
+                return Ok(0);
+            }
             println!(
                 "{}: defined from {} ({})",
                 vm.name,
@@ -538,29 +335,114 @@ fn run(cli: Cli) -> Result<i32> {
                 vm.path.display()
             );
         }
-        Cmd::Start { name } => {
-            ops::start(&root, &name)?;
-            println!("{name}: running");
+        Cmd::Start {
+            names,
+            autostart,
+            output,
+        } => {
+            let names = if autostart {
+                root.list()?
+                    .into_iter()
+                    .filter(|vm| vm.config().is_ok_and(|c| c.autostart))
+                    .filter(|vm| !vm.observed().is_ok_and(|o| o.is_active()))
+                    .map(|vm| vm.name)
+                    .collect()
+            } else {
+                names
+            };
+            return Ok(each_vm(&names, output, |n| {
+                ops::start(&root, n)?;
+                Ok("running".into())
+            }));
         }
-        Cmd::Stop { name, timeout } => {
-            let s = ops::stop(&root, &name, Duration::from_secs(timeout))?;
-            println!("{name}: {s}");
+        Cmd::Set {
+            name,
+            cpus,
+            memory,
+            queues,
+            cmdline,
+            kernel,
+            initrd,
+            shares,
+            no_shares,
+            autostart,
+            output,
+        } => {
+            let changes = ops::Changes {
+                cpus,
+                memory: memory
+                    .as_deref()
+                    .map(cli_support::parse_size)
+                    .transpose()
+                    .context("--memory")?,
+                queues,
+                cmdline,
+                kernel,
+                initrd,
+                shares: if no_shares {
+                    Some(Vec::new())
+                } else if shares.is_empty() {
+                    None
+                } else {
+                    Some(parse_shares(&shares)?)
+                },
+                autostart,
+            };
+            ops::set(&root, &name, &changes)?;
+            if output == Output::Json {
+                print_json(&ops::describe(&root, &root.vm(&name)?)?);
+            } else {
+                println!("{name}: changed (from its next start)");
+            }
         }
-        Cmd::Kill { name } => {
-            let s = ops::kill(&root, &name)?;
-            println!("{name}: {s}");
+        Cmd::Autostart { names, off, output } => {
+            return Ok(each_vm(&names, output, |n| {
+                let changes = ops::Changes {
+                    autostart: Some(!off),
+                    ..Default::default()
+                };
+                ops::set(&root, n, &changes)?;
+                Ok(if off { "autostart off" } else { "autostart on" }.into())
+            }));
         }
-        Cmd::Pause { name } => {
-            let changed = ops::pause(&root, &name)?;
-            println!("{name}: paused{}", if changed { "" } else { " (already)" });
+        Cmd::Stop {
+            names,
+            timeout,
+            output,
+        } => {
+            return Ok(each_vm(&names, output, |n| {
+                Ok(ops::stop(&root, n, Duration::from_secs(timeout))?.to_string())
+            }));
         }
-        Cmd::Resume { name } => {
-            let changed = ops::resume(&root, &name)?;
-            println!("{name}: running{}", if changed { "" } else { " (already)" });
+        Cmd::Kill { names, output } => {
+            return Ok(each_vm(&names, output, |n| {
+                Ok(ops::kill(&root, n)?.to_string())
+            }));
         }
-        Cmd::Restart { name, timeout } => {
-            ops::restart(&root, &name, Duration::from_secs(timeout))?;
-            println!("{name}: running");
+        Cmd::Pause { names, output } => {
+            return Ok(each_vm(&names, output, |n| {
+                let changed = ops::pause(&root, n)?;
+                Ok(format!("paused{}", if changed { "" } else { " (already)" }))
+            }));
+        }
+        Cmd::Resume { names, output } => {
+            return Ok(each_vm(&names, output, |n| {
+                let changed = ops::resume(&root, n)?;
+                Ok(format!(
+                    "running{}",
+                    if changed { "" } else { " (already)" }
+                ))
+            }));
+        }
+        Cmd::Restart {
+            names,
+            timeout,
+            output,
+        } => {
+            return Ok(each_vm(&names, output, |n| {
+                ops::restart(&root, n, Duration::from_secs(timeout))?;
+                Ok("running".into())
+            }));
         }
         Cmd::List { output } => {
             let rows: Vec<Value> = root
@@ -662,9 +544,15 @@ fn run(cli: Cli) -> Result<i32> {
             }
             return Ok(code);
         }
-        Cmd::Delete { name, force } => {
-            ops::delete(&root, &name, force)?;
-            println!("{name}: deleted");
+        Cmd::Delete {
+            names,
+            force,
+            output,
+        } => {
+            return Ok(each_vm(&names, output, |n| {
+                ops::delete(&root, n, force)?;
+                Ok("deleted".into())
+            }));
         }
         Cmd::Run {
             count,
@@ -712,6 +600,7 @@ fn run(cli: Cli) -> Result<i32> {
             let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
             return Ok(print_fleet(&report, output, demo));
         }
+        Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above"),
         Cmd::Network { action } => {
             let all: Vec<state::VmConfig> = root
                 .list()?

@@ -66,6 +66,41 @@ pub fn clone_source(image: &Path, name: &str) -> Result<PathBuf> {
         .with_context(|| format!("--image {}: snapshotting it to clone it", image.display()))
 }
 
+/// A VM's vCPUs, disk queues, memory and boot files, checked as the vmm
+/// would check them at start (one definition: vmm::config) and against
+/// this host now.
+fn check_resources(
+    cpus: u8,
+    queues: u16,
+    memory: u64,
+    kernel: &Option<PathBuf>,
+    initrd: &Option<PathBuf>,
+) -> Result<()> {
+    use vmm::config::{memory_problem, MAX_CPUS, MAX_DISK_QUEUES};
+    if !(1..=MAX_CPUS).contains(&cpus) {
+        bail!("--cpus {cpus}: 1 to {MAX_CPUS}");
+    }
+    if !(1..=MAX_DISK_QUEUES).contains(&queues) {
+        bail!("--queues {queues}: 1 to {MAX_DISK_QUEUES}");
+    }
+    if let Some(why) = memory_problem(memory) {
+        bail!("--memory {why}");
+    }
+    if let Some(total) = host_memory() {
+        if memory > total {
+            bail!("--memory {memory} bytes: more than this host has ({total} bytes)");
+        }
+    }
+    for (what, p) in [("--kernel", kernel), ("--initrd", initrd)] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                bail!("{what} {}: no such file", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The host's memory (MemTotal), if /proc says.
 fn host_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -145,32 +180,13 @@ fn release_clone_source(base: &Path) {
 /// working image is snapshotted first, as `img clone --seal` does).
 /// Nothing is left behind when it fails.
 pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
-    use vmm::config::{memory_problem, MAX_CPUS, MAX_DISK_QUEUES};
-    if !(1..=MAX_CPUS).contains(&spec.cpus) {
-        bail!("--cpus {}: 1 to {MAX_CPUS}", spec.cpus);
-    }
-    if !(1..=MAX_DISK_QUEUES).contains(&spec.queues) {
-        bail!("--queues {}: 1 to {MAX_DISK_QUEUES}", spec.queues);
-    }
-    if let Some(why) = memory_problem(spec.memory) {
-        bail!("--memory {why}");
-    }
-    // Checked against this host now, not when the VM first starts.
-    if let Some(total) = host_memory() {
-        if spec.memory > total {
-            bail!(
-                "--memory {} bytes: more than this host has ({total} bytes)",
-                spec.memory
-            );
-        }
-    }
-    for (what, p) in [("--kernel", &spec.kernel), ("--initrd", &spec.initrd)] {
-        if let Some(p) = p {
-            if !p.is_file() {
-                bail!("{what} {}: no such file", p.display());
-            }
-        }
-    }
+    check_resources(
+        spec.cpus,
+        spec.queues,
+        spec.memory,
+        &spec.kernel,
+        &spec.initrd,
+    )?;
     if !spec.image.exists() {
         bail!("--image {}: no such image", spec.image.display());
     }
@@ -234,9 +250,72 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             restore: spec.restore.clone(),
             net,
             shares: spec.shares.clone(),
+            autostart: false,
         })?;
         Ok(())
     })
+}
+
+/// What `vmctl set` changes in a VM's definition (None: unchanged).
+#[derive(Default)]
+pub struct Changes {
+    pub cpus: Option<u8>,
+    pub memory: Option<u64>,
+    pub queues: Option<u16>,
+    pub cmdline: Option<String>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub shares: Option<Vec<crate::state::Share>>,
+    pub autostart: Option<bool>,
+}
+
+/// `vmctl set NAME ...`: a defined VM's definition changed, checked as
+/// `create` checks it; the VM must not be running (the change applies
+/// from its next start). Autostart alone may change while it runs.
+pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
+    let vm = root.vm(name)?;
+    let _lock = vm.lock()?;
+    let mut c = vm.config()?;
+    let only_autostart = ch.cpus.is_none()
+        && ch.memory.is_none()
+        && ch.queues.is_none()
+        && ch.cmdline.is_none()
+        && ch.kernel.is_none()
+        && ch.initrd.is_none()
+        && ch.shares.is_none();
+    if !only_autostart && vm.observed()?.is_active() {
+        bail!("VM {name} is running: stop it first (its definition changes for its next start)");
+    }
+    let absolute = |p: &PathBuf| -> Result<PathBuf> {
+        std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+    };
+    if let Some(v) = ch.cpus {
+        c.cpus = v;
+    }
+    if let Some(v) = ch.memory {
+        c.memory = v;
+    }
+    if let Some(v) = ch.queues {
+        c.queues = v;
+    }
+    if let Some(v) = &ch.cmdline {
+        c.cmdline = v.clone();
+    }
+    if let Some(v) = &ch.kernel {
+        c.kernel = Some(absolute(v)?);
+    }
+    if let Some(v) = &ch.initrd {
+        c.initrd = Some(absolute(v)?);
+    }
+    if let Some(v) = &ch.shares {
+        c.shares = v.clone();
+    }
+    if let Some(v) = ch.autostart {
+        c.autostart = v;
+    }
+    check_resources(c.cpus, c.queues, c.memory, &c.kernel, &c.initrd)?;
+    vm.write_config(&c)?;
+    Ok(c)
 }
 
 /// Claims VM `name` and has `make` give it its disk and definition;

@@ -223,6 +223,9 @@ pub struct VmConfig {
     /// virtiofsd of its own while it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<Share>,
+    /// Started by `vmctl start --autostart` (the host's boot unit).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autostart: bool,
 }
 
 /// A host folder a VM mounts by its tag (virtio-fs).

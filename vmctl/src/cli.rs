@@ -1,0 +1,405 @@
+//! vmctl's command line: every verb, flag and argument with its help
+//! (what `--help`, the completions and the manual pages are made from).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::state::{BackendMode, RestoreMemory};
+
+#[derive(Parser)]
+#[command(
+    name = "vmctl",
+    version,
+    about = "Named VMs on the vmm and blk-backend: create, start, stop, pause, logs, delete; test fleets from one snapshot",
+    after_help = "With no arguments, `vmctl run` runs the built-in demo: guests that verify a base's data through their own clones."
+)]
+pub struct Cli {
+    /// Where VMs live (default: /var/lib/vmctl as root, else $XDG_STATE_HOME/vmctl).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct VmOptions {
+    /// The kernel (default: the built-in bench guest).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// An initramfs for --kernel (a Linux guest's first userspace).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line. In `run`, the words n and name in braces
+    /// become each VM's number and name.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// vCPUs, 1 to 32.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=vmm::config::MAX_CPUS as i64))]
+    pub cpus: u8,
+    /// Guest memory (512M, 1G): 16 MiB to 64 GiB, at most the host's.
+    #[arg(long, default_value = "256M")]
+    pub memory: String,
+    /// The disk's queues, 1 to 16.
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Grow the VM's clone to this size (the new space reads as zeros).
+    #[arg(long)]
+    pub disk_size: Option<String>,
+    /// Who serves the disk: the host's one blk-backend, or one of the VM's own.
+    #[arg(long, value_enum, default_value_t = BackendMode::Host)]
+    pub backend: BackendMode,
+    /// A NIC on BRIDGE (default vmbr0, made with 10.88.0.1/24 on first
+    /// use): a stable MAC, an address from the bridge's subnet, a tap
+    /// while it runs.
+    #[arg(long, num_args = 0..=1, default_missing_value = "vmbr0", value_name = "BRIDGE")]
+    pub net: Option<String>,
+    /// With --net: the bridge's subnet masqueraded to the host's other
+    /// interfaces (nftables) while the VM runs.
+    #[arg(long, requires = "net")]
+    pub nat: bool,
+    /// A host folder the guest mounts by TAG (virtio-fs, served by a
+    /// virtiofsd of the VM's own while it runs): HOSTDIR:TAG; repeatable.
+    #[arg(long = "share", value_name = "HOSTDIR:TAG")]
+    pub shares: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Define a VM with its own writable clone of IMAGE (FILE@SNAPSHOT, or
+    /// a working image, which is snapshotted first). Nothing runs yet.
+    Create {
+        /// The VM's name.
+        name: String,
+        /// The disk image to clone: FILE@SNAPSHOT, or a working image
+        /// (snapshotted first, unless unchanged since its last snapshot).
+        #[arg(long, required_unless_present = "from_snapshot")]
+        image: Option<PathBuf>,
+        /// A VM snapshot (`vmctl snapshot`) to continue from: its first
+        /// start restores it on a clone of the snapshot's disk (cpus,
+        /// memory, kernel and command line are the snapshot's).
+        #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
+        from_snapshot: Option<String>,
+        /// With --from-snapshot: how its memory comes in.
+        #[arg(long, value_enum, default_value_t = RestoreMemory::OnDemand)]
+        restore_memory: RestoreMemory,
+        #[command(flatten)]
+        vm: VmOptions,
+        /// human: a line; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Save a running VM whole (vCPUs, devices, memory) with its disk at the
+    /// same instant, as SNAPSHOT; it goes on running (or stays paused).
+    Snapshot {
+        /// The VM's name.
+        name: String,
+        /// The VM snapshot's name.
+        snapshot: String,
+        /// human: a table or lines to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Every VM snapshot: its VM, size, and the VMs made from it.
+    Snapshots {
+        /// human: a table or lines to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Remove a VM snapshot (refused while VMs made from it exist).
+    SnapshotDelete {
+        /// The VM snapshot's name.
+        snapshot: String,
+        /// human: a line; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Back up a VM's disk at one instant (live if it runs) into the
+    /// directory DEST: in full, or with --incremental only what changed
+    /// since DEST's last backup.
+    Backup {
+        /// The VM's name.
+        name: String,
+        /// The backup directory (made if missing).
+        dest: PathBuf,
+        /// Only what changed since DEST's last backup (taken by vmctl backup into DEST).
+        #[arg(long)]
+        incremental: bool,
+        /// human: a table or lines to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// A new VM NAME on the disk DEST's backups restore to (defined as the
+    /// backed-up VM was; it boots when started).
+    Restore {
+        /// The backup directory (what vmctl backup wrote).
+        dest: PathBuf,
+        /// The VM's name.
+        name: String,
+        /// human: a line; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Start a defined (or ended) VM.
+    Start {
+        /// The VMs' names (each done in turn; one that fails does not stop the rest).
+        #[arg(required_unless_present = "autostart", value_name = "NAME")]
+        names: Vec<String>,
+        /// Every VM marked autostart that is not running (what the host's
+        /// boot unit, vmctl/systemd/vmctl-autostart.service, runs).
+        #[arg(long, conflicts_with = "names")]
+        autostart: bool,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Shut a VM down gracefully; forced after --timeout seconds.
+    Stop {
+        /// The VMs' names (each done in turn; one that fails does not stop the rest).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Seconds the guest has to shut down before it is killed.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// End a VM at once.
+    Kill {
+        /// The VMs' names (each done in turn; one that fails does not stop the rest).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Stop a running VM's vCPUs where they are (its memory and devices
+    /// kept); a paused VM stays paused.
+    Pause {
+        /// The VMs' names (each done in turn; one that fails does not stop the rest).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Let a paused VM's vCPUs run on; a running VM goes on.
+    Resume {
+        /// The VMs' names (each done in turn; one that fails does not stop the rest).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Stop (if running) and start again.
+    Restart {
+        /// The VMs' names (each done in turn; one that fails does not stop the rest).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Seconds the guest has to shut down before it is killed.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Every VM: state, pid, cpus, memory, disk, uptime.
+    #[command(alias = "ps")]
+    List {
+        /// human: a table or lines to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// One VM in full.
+    Info {
+        /// The VM's name.
+        name: String,
+        /// human: a table or lines to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// The VM's serial console (kept in a bounded file).
+    Logs {
+        /// The VM's name.
+        name: String,
+        /// Keep printing as the guest writes, until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Wait until the VMs end; print and return their exit status.
+    Wait {
+        /// The VMs' names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Give up after this many seconds (exit status 124; the VMs run on).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// human: a table or lines to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Remove a VM: its clone, sockets, logs, state.
+    #[command(alias = "rm")]
+    Delete {
+        /// The VMs' names (each done in turn; one that fails does not stop the rest).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Kill it first if it runs.
+        #[arg(long)]
+        force: bool,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// A test fleet: COUNT VMs cloned from IMAGE, started together, waited
+    /// for, one row each and a summary (no arguments: the built-in demo).
+    Run {
+        /// How many VMs.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// VM names are PREFIX-1 .. PREFIX-COUNT.
+        #[arg(long = "name", default_value = "run")]
+        prefix: String,
+        /// The disk image every VM clones (as create's --image; none: the
+        /// built-in demo base).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Every VM continues from this VM snapshot (on a clone of its
+        /// disk) instead of booting.
+        #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
+        from_snapshot: Option<String>,
+        /// With --from-snapshot: how each VM's memory comes in (on demand:
+        /// each takes host memory for the pages it touches).
+        #[arg(long, value_enum, default_value_t = RestoreMemory::OnDemand)]
+        restore_memory: RestoreMemory,
+        #[command(flatten)]
+        vm: VmOptions,
+        /// Delete the VMs when they are done (also when the run is
+        /// interrupted or times out).
+        #[arg(long)]
+        rm: bool,
+        /// End the fleet after this many seconds: its VMs killed (exit
+        /// status 124). Ctrl-C, SIGTERM and SIGHUP end it the same way.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// human: a table or lines to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Change a defined VM's definition (from its next start; it must not
+    /// be running, except to change --autostart).
+    Set {
+        /// The VM's name.
+        name: String,
+        /// vCPUs, 1 to 32.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=vmm::config::MAX_CPUS as i64))]
+        cpus: Option<u8>,
+        /// Guest memory (512M, 1G): 16 MiB to 64 GiB, at most the host's.
+        #[arg(long)]
+        memory: Option<String>,
+        /// The disk's queues, 1 to 16.
+        #[arg(long)]
+        queues: Option<u16>,
+        /// The kernel command line.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// The kernel.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// An initramfs for the kernel.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// The VM's shared folders from now on (HOSTDIR:TAG; repeatable).
+        #[arg(
+            long = "share",
+            value_name = "HOSTDIR:TAG",
+            conflicts_with = "no_shares"
+        )]
+        shares: Vec<String>,
+        /// No shared folders from now on.
+        #[arg(long)]
+        no_shares: bool,
+        /// Whether `vmctl start --autostart` (the host's boot) starts it.
+        #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+        autostart: Option<bool>,
+        /// human: a line; json: the VM as info shows it.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Mark VMs to be started at the host's boot (`vmctl start
+    /// --autostart`, run by vmctl/systemd/vmctl-autostart.service), or
+    /// unmark them with --off.
+    Autostart {
+        /// The VMs' names.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Unmark them.
+        #[arg(long)]
+        off: bool,
+        /// human: a line each; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// A completion script for SHELL on stdout (bash: save it as
+    /// /usr/share/bash-completion/completions/vmctl).
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Manual pages for vmctl and each of its verbs, written into DIR
+    /// (vmctl.1, vmctl-create.1, ...: `man -l DIR/vmctl.1`).
+    Man {
+        /// Where the pages go (made if missing).
+        dir: PathBuf,
+    },
+    /// The bridges VMs of this state root use: list them, remove one.
+    Network {
+        #[command(subcommand)]
+        action: NetworkCmd,
+    },
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        /// The VM's name.
+        name: String,
+    },
+    /// The host backend's daemon (started by the first VM that needs it).
+    #[command(name = "__backend", hide = true)]
+    Backend,
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// Every bridge this state root's VMs are on or that vmctl made for
+    /// it: its subnet, its VMs.
+    #[command(alias = "list")]
+    Ls {
+        /// human: a table to read; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Remove a bridge vmctl made for this state root (with its DHCP
+    /// server and NAT rule); refused while a VM is defined on it.
+    Rm {
+        /// The bridge's name.
+        bridge: String,
+    },
+}
+
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("{s:?}: on or off")),
+    }
+}

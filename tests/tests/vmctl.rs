@@ -1514,3 +1514,106 @@ fn verbs_take_several_names_and_answer_in_json_and_vms_are_reconfigured() {
     let page = std::fs::read_to_string(man.join("vmctl-set.1")).expect("vmctl-set.1");
     assert!(page.contains("autostart"), "{page}");
 }
+
+/// `vmctl console`: what is typed reaches the guest's serial port and its
+/// answer comes back; one attach at a time; Ctrl-] detaches and the VM
+/// runs on; a later attach finds it where it was.
+#[test]
+fn the_console_takes_input_and_detaches_on_ctrl_bracket() {
+    if !ready("vmctl_console", &[]) {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    v.ok(&[
+        "create",
+        "tty",
+        "--image",
+        base.to_str().expect("utf-8"),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mode=echo",
+    ]);
+    v.ok(&["start", "tty"]);
+    until("the guest listening", Duration::from_millis(200), || {
+        v.ok(&["logs", "tty"]).contains("echo: ready")
+    });
+    let attach = || {
+        Command::new(bin("vmctl"))
+            .arg("--state-dir")
+            .arg(&v.state)
+            .args(["console", "tty"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("vmctl console")
+    };
+    // Lines of the console's output, as they come.
+    let lines_of = |c: &mut std::process::Child| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = c.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let wait_line = |rx: &std::sync::mpsc::Receiver<String>, want: &str| {
+        let mut seen = Vec::new();
+        let p = Patience::new("a console line", Duration::from_millis(200));
+        p.wait_until(|| {
+            while let Ok(l) = rx.try_recv() {
+                seen.push(l);
+            }
+            Ok(seen.iter().any(|l| l.contains(want)))
+        })
+        .unwrap_or_else(|e| panic!("{e}: {seen:?}"));
+    };
+    let mut first = attach();
+    let rx = lines_of(&mut first);
+    let mut input = first.stdin.take().expect("stdin");
+    // Attached once the client said so; then what is typed comes back.
+    let mut typed = false;
+    Patience::new("the echo of what was typed", Duration::from_millis(200))
+        .wait_until(|| {
+            if !typed {
+                input.write_all(b"hello guest\n")?;
+                typed = true;
+            }
+            Ok(v.ok(&["logs", "tty"]).contains("echo: hello guest"))
+        })
+        .expect("echoed");
+    wait_line(&rx, "echo: hello guest");
+    // A second attach meanwhile is turned away, saying why.
+    let second = v.call(&["console", "tty"], Duration::from_millis(200));
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("attached elsewhere"),
+        "{second:?}"
+    );
+    // Ctrl-]: detached, the VM runs on.
+    input.write_all(&[0x1d]).expect("ctrl-]");
+    let done = first.wait_with_output().expect("console ends");
+    assert!(done.status.success());
+    assert!(
+        String::from_utf8_lossy(&done.stderr).contains("detached"),
+        "{done:?}"
+    );
+    assert_eq!(v.info("tty")["state"], "running");
+    // Attached again: quit ends the guest, and with it the console.
+    let mut again = attach();
+    let rx = lines_of(&mut again);
+    let mut input = again.stdin.take().expect("stdin");
+    input.write_all(b"quit\n").expect("type");
+    wait_line(&rx, "echo: quit");
+    v.assert_exits_ok("tty");
+    let done = again.wait_with_output().expect("console ends");
+    assert!(done.status.success(), "{done:?}");
+}

@@ -237,6 +237,12 @@ pub enum Cmd {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Attach to a running VM's serial console, input included; Ctrl-]
+    /// detaches (the VM runs on). One attach at a time.
+    Console {
+        /// The VM's name.
+        name: String,
+    },
     /// Wait until the VMs end; print and return their exit status.
     Wait {
         /// The VMs' names.

@@ -3,6 +3,7 @@
 
 mod binaries;
 mod cli;
+mod console;
 mod fleet;
 mod hold;
 mod host_backend;
@@ -601,6 +602,7 @@ fn run(cli: Cli) -> Result<i32> {
             return Ok(print_fleet(&report, output, demo));
         }
         Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above"),
+        Cmd::Console { name } => console::attach(&root, &name)?,
         Cmd::Network { action } => {
             let all: Vec<state::VmConfig> = root
                 .list()?

@@ -404,6 +404,10 @@ impl VmDir {
     pub fn console(&self) -> PathBuf {
         self.path.join("console.log")
     }
+    /// Where `vmctl console` attaches while the VM runs.
+    pub fn console_socket(&self) -> PathBuf {
+        self.path.join("console.sock")
+    }
 
     pub fn config(&self) -> Result<VmConfig, StateError> {
         read_json(&self.config_path())

@@ -126,12 +126,19 @@ impl Drop for CopierStopped {
     }
 }
 
-fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> ConsoleTap {
+fn keep_console(
+    vm: &VmDir,
+    mut from: impl Read + Send + 'static,
+    attached: crate::console::Attached,
+    relay: Option<crate::console::Relay>,
+) -> ConsoleTap {
     let path = vm.console();
     let copied = Arc::new((Mutex::new((0u64, false)), Condvar::new()));
     let counter = Arc::clone(&copied);
     let thread = std::thread::spawn(move || {
         let _stopped = CopierStopped(Arc::clone(&counter));
+        // Served as long as there is a console to copy (closed after).
+        let _relay = relay;
         let mut file = ConsoleFile::open(path);
         let mut buf = [0u8; 8192];
         loop {
@@ -142,6 +149,7 @@ fn keep_console(vm: &VmDir, mut from: impl Read + Send + 'static) -> ConsoleTap 
             // The pipe is always drained, whatever became of the file:
             // a vmm blocked on its console would stop its guest.
             file.append(&buf[..n]);
+            crate::console::tee(&attached, &buf[..n]);
             let (count, more) = &*counter;
             count.lock().unwrap_or_else(|e| e.into_inner()).0 += n as u64;
             more.notify_all();
@@ -829,13 +837,27 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
     // code between fork and exec, so the spawn copies no page tables of a
     // fleet run's large process).
     cmd.args(["--parent-pid", &std::process::id().to_string()]);
+    // Its serial port reads what `vmctl console` types (crate::console).
+    cmd.arg("--serial-input");
     let mut vmm = cmd
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log_file(vm, "vmm.log")?)
         .spawn()
         .context("starting the vmm")?;
-    let console = vmm.stdout.take().map(|out| keep_console(vm, out));
+    let attached = crate::console::Attached::default();
+    let relay = match vmm.stdin.take() {
+        Some(input) => Some(crate::console::Relay::serve(
+            vm,
+            input,
+            Arc::clone(&attached),
+        )?),
+        None => None,
+    };
+    let console = vmm
+        .stdout
+        .take()
+        .map(|out| keep_console(vm, out, attached, relay));
     Ok((vmm, console))
 }
 

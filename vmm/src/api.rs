@@ -405,6 +405,7 @@ mod tests {
                 api_socket: None,
                 serial: crate::config::SerialOut::None,
                 virtio_console: true,
+                serial_input: false,
                 seccomp: true,
                 restore: None,
                 restore_memory: Default::default(),

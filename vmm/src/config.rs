@@ -191,6 +191,9 @@ pub struct VmConfig {
     /// same output: a line in one doorbell instead of a trap per byte.
     #[serde(default = "on")]
     pub virtio_console: bool,
+    /// Standard input feeds the serial port's receive FIFO.
+    #[serde(default)]
+    pub serial_input: bool,
     /// Each thread confined to the system calls it needs (seccomp); off
     /// only to find out what a new path needs.
     #[serde(default = "on")]

@@ -58,11 +58,15 @@ struct Args {
     /// output where --serial's goes: on or off.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     virtio_console: String,
+    /// What comes on standard input goes to the guest's serial port (its
+    /// receive FIFO, as typed keys do), e.g. vmctl console's keystrokes.
+    #[arg(long)]
+    serial_input: bool,
     /// The whole VM as a JSON file (the same fields as the options, which
     /// it therefore excludes).
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "fs", "api_socket", "serial", "virtio_console"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "fs", "api_socket", "serial", "virtio_console", "serial_input"]
     )]
     config: Option<PathBuf>,
     /// Start from a snapshot directory (`vmm api ... snapshot`) instead of
@@ -168,6 +172,7 @@ fn config_of(a: &Args) -> Result<VmConfig> {
         api_socket: a.api_socket.clone(),
         serial: config::parse_serial(&a.serial)?,
         virtio_console: a.virtio_console == "on",
+        serial_input: a.serial_input,
         seccomp: !a.no_seccomp,
         restore: a.restore.clone(),
         restore_memory: a.restore_memory,

@@ -55,6 +55,12 @@ pub const CONSOLE: Policy = Policy {
     groups: &[&["fcntl", "poll", "ppoll", "read"]],
 };
 
+/// `--serial-input`: reads standard input and hands it to the UART.
+pub const SERIAL_IN: Policy = Policy {
+    name: "serial input",
+    groups: &[&["read"]],
+};
+
 /// The lazy restore's pager: page faults read from its userfaultfd and
 /// answered, the snapshot's memory file read, pages copied in (ioctls).
 pub const PAGER: Policy = Policy {
@@ -120,7 +126,7 @@ mod tests {
 
     #[test]
     fn every_policy_compiles() {
-        for p in [VCPU, DISK, API, CONSOLE, DEADLINES, MAIN, PAGER] {
+        for p in [VCPU, DISK, API, CONSOLE, SERIAL_IN, DEADLINES, MAIN, PAGER] {
             p.compile().unwrap_or_else(|e| panic!("{e}"));
         }
     }

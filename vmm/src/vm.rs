@@ -70,6 +70,38 @@ fn serve_console(m: &Machine, port: Option<&ConsolePort>) -> ! {
     }
 }
 
+/// `--serial-input`: standard input into the UART's receive FIFO as fast
+/// as the guest reads it (what does not fit waits: looked at again after
+/// 1 ms, backing off to 50 ms while the guest reads nothing), until
+/// standard input ends.
+fn feed_serial(m: &Machine) {
+    use std::io::Read;
+    let mut buf = [0u8; 256];
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        let mut wait = std::time::Duration::from_millis(1);
+        while !rest.is_empty() {
+            let took = m
+                .console
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .feed(rest);
+            rest = &rest[took..];
+            if took == 0 {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_millis(50));
+            } else {
+                wait = std::time::Duration::from_millis(1);
+            }
+        }
+    }
+}
+
 fn serial_out(s: &SerialOut) -> Result<Box<dyn Write + Send>> {
     Ok(match s {
         SerialOut::Stdio => Box::new(std::io::stdout()),
@@ -534,6 +566,19 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                         serve_console(&m, port.as_deref())
                     })
                     .context("starting the console thread")?;
+            }
+            if cfg.serial_input {
+                let m = Arc::clone(&machine);
+                std::thread::Builder::new()
+                    .name("serial-in".into())
+                    .spawn(move || {
+                        if let Err(e) = crate::seccomp::confine(&crate::seccomp::SERIAL_IN) {
+                            error!("serial input thread: {e}");
+                            return;
+                        }
+                        feed_serial(&m)
+                    })
+                    .context("starting the serial input thread")?;
             }
             if let Some(entry) = &entry {
                 let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;

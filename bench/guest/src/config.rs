@@ -23,6 +23,9 @@ pub enum Mode {
     /// file created and `out_size` bytes written to it (CREATE, WRITE,
     /// FSYNC, RELEASE); a report of what it read and wrote.
     Fs,
+    /// No disk: every line typed on the serial port said back (`echo:
+    /// LINE`) until a line `quit` (or `duration_ms`), then a report.
+    Echo,
 }
 
 /// A short name from the command line (a tag, a file name).
@@ -235,6 +238,7 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
                     "idle" => Mode::Idle,
                     "net" => Mode::Net,
                     "fs" => Mode::Fs,
+                    "echo" => Mode::Echo,
                     _ => return Err(word),
                 };
                 true

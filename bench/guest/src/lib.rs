@@ -65,6 +65,52 @@ impl core::fmt::Display for JsonText<'_> {
     }
 }
 
+/// mode=echo: the serial port's input said back a line at a time, until
+/// a line `quit` or `duration_ms` (0: none). Between empty looks at the
+/// UART (each a trap into the VMM) it waits a millisecond on the TSC.
+fn echo_console(cfg: &config::Config, clock: &time::Clock) -> ! {
+    let start = time::tsc();
+    let pause = clock.ticks(1_000_000);
+    let mut line = [0u8; 256];
+    let (mut len, mut lines, mut bytes) = (0usize, 0u64, 0u64);
+    println!("echo: ready");
+    let quit = loop {
+        if cfg.duration_ms > 0 && clock.ns(time::tsc() - start) > cfg.duration_ms * 1_000_000 {
+            break false;
+        }
+        let Some(b) = serial::read_byte() else {
+            let until = time::tsc() + pause;
+            while time::tsc() < until {
+                core::hint::spin_loop();
+            }
+            continue;
+        };
+        bytes += 1;
+        if b != b'\n' && b != b'\r' {
+            if len < line.len() {
+                line[len] = b;
+                len += 1;
+            }
+            continue;
+        }
+        if len == 0 {
+            continue;
+        }
+        let text = core::str::from_utf8(&line[..len]).unwrap_or("(not UTF-8)");
+        println!("echo: {}", text);
+        lines += 1;
+        if text == "quit" {
+            break true;
+        }
+        len = 0;
+    };
+    println!(
+        "{{\"bench_guest\":1,\"result\":\"ok\",\"mode\":\"echo\",\"lines\":{},\"bytes\":{},\"quit\":{}}}",
+        lines, bytes, quit
+    );
+    rt::exit(EXIT_OK);
+}
+
 #[no_mangle]
 pub extern "C" fn guest_main() -> ! {
     serial::write_bytes(b"BENCH-GUEST START\n");
@@ -104,6 +150,9 @@ pub extern "C" fn guest_main() -> ! {
     }
     if cfg.mode == Mode::Net {
         run_nic(si.rsdp, &cfg, &arena, &clock, boot_tsc);
+    }
+    if cfg.mode == Mode::Echo {
+        echo_console(&cfg, &clock);
     }
     if cfg.mode == Mode::Fs {
         run_fs(si.rsdp, &cfg, &arena, &clock, boot_tsc);
@@ -188,8 +237,8 @@ pub extern "C" fn guest_main() -> ! {
         Check::None => {
             let random = matches!(cfg.mode, Mode::RandRead | Mode::RandWrite | Mode::Mixed);
             let read_pct = match cfg.mode {
-                // Mode::Boot, Mode::Fuzz, Mode::Idle, Mode::Net and Mode::Fs have left above.
-                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz | Mode::Idle | Mode::Net | Mode::Fs => 100,
+                // Mode::Boot, Mode::Fuzz, Mode::Idle, Mode::Net, Mode::Fs and Mode::Echo have left above.
+                Mode::Read | Mode::RandRead | Mode::Boot | Mode::Fuzz | Mode::Idle | Mode::Net | Mode::Fs | Mode::Echo => 100,
                 Mode::Write | Mode::RandWrite => 0,
                 Mode::Mixed => cfg.rwmix,
             };

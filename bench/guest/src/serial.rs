@@ -26,6 +26,18 @@ pub fn write_bytes(s: &[u8]) {
     }
 }
 
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as outb.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// A byte the UART received, if one waits (its line status says so).
+pub fn read_byte() -> Option<u8> {
+    (inb(COM1 + 5) & 1 != 0).then(|| inb(COM1))
+}
+
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as outb.
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }

@@ -1,5 +1,6 @@
 //! The 8250 console at 0x3f8 (vm-superio), written to stdout, a file or
-//! nowhere. The guest polls it; its interrupt line is not wired.
+//! nowhere, and with `--serial-input` fed from stdin. The guest polls
+//! it; its interrupt line is not wired.
 
 use std::io::Write;
 
@@ -120,6 +121,12 @@ impl Console {
             uart_bytes: self.serial.writer().accepted - self.virtio_bytes,
             virtio_bytes: self.virtio_bytes,
         }
+    }
+
+    /// Bytes for the guest to read (typed keys): as many as its receive
+    /// FIFO takes now (0 when it is full: the guest has not read yet).
+    pub fn feed(&mut self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
     /// Bytes written out so far.

@@ -108,6 +108,11 @@ pub struct Exports {
     /// parallel, and a second add of one socket is refused as existing
     /// (not left to fail later on the image's lock or the bound socket).
     adding: Mutex<std::collections::BTreeSet<PathBuf>>,
+    /// Held across an export's close, change and serve-again (a seal, a
+    /// merge): another client's seal of the same export waits for it
+    /// instead of finding no export in between (a client that died
+    /// mid-way leaves its change running here).
+    closing: Mutex<()>,
 }
 
 /// Makes way for a listening socket at `path`: only a socket nobody listens
@@ -164,6 +169,7 @@ impl Exports {
             shadow_dir,
             running: Mutex::new(BTreeMap::new()),
             adding: Mutex::default(),
+            closing: Mutex::default(),
         }
     }
 
@@ -267,22 +273,37 @@ impl Exports {
     /// whether the snapshot could be taken or not. Meant for a paused VM
     /// (a snapshot of the VM and its disks at one instant).
     pub fn snapshot(&self, socket: &Path, name: &str) -> Result<PathBuf, ControlError> {
+        self.while_closed(socket, |spec| {
+            image_format::ops::snapshot_create(&image_format::RealEnv, &spec.image, name).map_err(
+                |source| ControlError::Snapshot {
+                    image: spec.image.clone(),
+                    name: name.to_string(),
+                    source: Box::new(source),
+                },
+            )
+        })
+    }
+
+    /// `change` done to the export's image while nothing serves it: the
+    /// session ended (in-flight I/O completes; a frontend reconnects),
+    /// the image closed clean, then served again whatever `change` did.
+    fn while_closed<T>(
+        &self,
+        socket: &Path,
+        change: impl FnOnce(&ExportSpec) -> Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        let _one_at_a_time = self.closing.lock().unwrap_or_else(|e| e.into_inner());
         let spec = self
             .running()
             .get(socket)
             .map(|r| r.export.spec.clone())
             .ok_or_else(|| ControlError::NoSuchExport(socket.to_path_buf()))?;
         self.remove(socket)?;
-        let taken = image_format::ops::snapshot_create(&image_format::RealEnv, &spec.image, name)
-            .map_err(|source| ControlError::Snapshot {
-                image: spec.image.clone(),
-                name: name.to_string(),
-                source: Box::new(source),
-            });
+        let changed = change(&spec);
         let served = self.add(spec);
-        let path = taken?;
+        let out = changed?;
         served?;
-        Ok(path)
+        Ok(out)
     }
 
     /// Snapshot `name` of the export's image folded into the layer above
@@ -294,22 +315,16 @@ impl Exports {
     /// Refused (nothing changed) while another layer stands on the
     /// snapshot.
     pub fn merge(&self, socket: &Path, name: &str) -> Result<(), ControlError> {
-        let spec = self
-            .running()
-            .get(socket)
-            .map(|r| r.export.spec.clone())
-            .ok_or_else(|| ControlError::NoSuchExport(socket.to_path_buf()))?;
-        self.remove(socket)?;
-        let env: Arc<dyn image_format::Env> = Arc::new(image_format::RealEnv);
-        let merged = image_format::ops::snapshot_delete(&env, &spec.image, name, &mut |_, _| {})
-            .map_err(|source| ControlError::Merge {
-                image: spec.image.clone(),
-                name: name.to_string(),
-                source: Box::new(source),
-            });
-        let served = self.add(spec);
-        merged?;
-        served
+        self.while_closed(socket, |spec| {
+            let env: Arc<dyn image_format::Env> = Arc::new(image_format::RealEnv);
+            image_format::ops::snapshot_delete(&env, &spec.image, name, &mut |_, _| {}).map_err(
+                |source| ControlError::Merge {
+                    image: spec.image.clone(),
+                    name: name.to_string(),
+                    source: Box::new(source),
+                },
+            )
+        })
     }
 
     pub fn list(&self) -> Value {
@@ -358,6 +373,28 @@ impl Exports {
         }
         clean
     }
+}
+
+/// A command's `socket` (absolute) and `name` arguments, or the reply
+/// that refuses it.
+fn socket_and_name<'a>(args: &'a Value, verb: &str) -> Result<(PathBuf, &'a str), Value> {
+    let (Some(s), Some(name)) = (args["socket"].as_str(), args["name"].as_str()) else {
+        return Err(reply_error(
+            "GenericError",
+            format!("{verb} needs socket and name"),
+        ));
+    };
+    let s = PathBuf::from(s);
+    if s.is_relative() {
+        return Err(reply_error(
+            "GenericError",
+            format!(
+                "{} is a relative path: {verb} takes absolute paths",
+                s.display()
+            ),
+        ));
+    }
+    Ok((s, name))
 }
 
 fn reply_error(class: &str, desc: String) -> Value {
@@ -443,45 +480,20 @@ pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
             },
         },
         Some("export-list") => json!({ "return": exports.list() }),
-        Some("export-snapshot") => {
-            let (Some(s), Some(name)) = (text("socket"), args["name"].as_str()) else {
-                return reply_error(
-                    "GenericError",
-                    "export-snapshot needs socket and name".into(),
-                );
-            };
-            if s.is_relative() {
-                return reply_error(
-                    "GenericError",
-                    format!(
-                        "{} is a relative path: export-snapshot takes absolute paths",
-                        s.display()
-                    ),
-                );
-            }
-            match exports.snapshot(&s, name) {
+        Some("export-snapshot") => match socket_and_name(args, "export-snapshot") {
+            Err(e) => e,
+            Ok((s, name)) => match exports.snapshot(&s, name) {
                 Ok(path) => json!({ "return": { "snapshot": path } }),
                 Err(e) => refusal(e),
-            }
-        }
-        Some("export-merge") => {
-            let (Some(s), Some(name)) = (text("socket"), args["name"].as_str()) else {
-                return reply_error("GenericError", "export-merge needs socket and name".into());
-            };
-            if s.is_relative() {
-                return reply_error(
-                    "GenericError",
-                    format!(
-                        "{} is a relative path: export-merge takes absolute paths",
-                        s.display()
-                    ),
-                );
-            }
-            match exports.merge(&s, name) {
+            },
+        },
+        Some("export-merge") => match socket_and_name(args, "export-merge") {
+            Err(e) => e,
+            Ok((s, name)) => match exports.merge(&s, name) {
                 Ok(()) => json!({ "return": {} }),
                 Err(e) => refusal(e),
-            }
-        }
+            },
+        },
         Some(other) => reply_error("CommandNotFound", format!("no command {other:?}")),
         None => reply_error("GenericError", "no \"execute\"".into()),
     }

@@ -41,8 +41,7 @@ pub fn tee(attached: &Attached, bytes: &[u8]) {
 /// dropped (then removed).
 pub struct Relay {
     socket: PathBuf,
-    stop: Option<UnixStream>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _serving: crate::stoppable::Stoppable,
 }
 
 impl Relay {
@@ -55,24 +54,18 @@ impl Relay {
         let _ = std::fs::remove_file(&socket);
         let listener =
             UnixListener::bind(&socket).with_context(|| format!("{}", socket.display()))?;
-        let (ours, theirs) = UnixStream::pair()?;
-        let thread = std::thread::Builder::new()
-            .name("console".into())
-            .spawn(move || accept_loop(&listener, &theirs, vmm_stdin, &attached))?;
+        let serving = crate::stoppable::Stoppable::spawn("console", move |stop| {
+            accept_loop(&listener, &stop, vmm_stdin, &attached)
+        })?;
         Ok(Relay {
             socket,
-            stop: Some(ours),
-            thread: Some(thread),
+            _serving: serving,
         })
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
         let _ = std::fs::remove_file(&self.socket);
     }
 }

@@ -140,11 +140,12 @@ struct Stopper {
 }
 
 impl Stopper {
-    /// Blocks the exit signals in this thread (and the threads it starts
-    /// from now on: call before any) and waits for one, or `timeout`.
+    /// Catches the exit signals and waits for one, or `timeout`.
     fn start(root: &Root, names: &[String], timeout: Option<Duration>) -> Result<Stopper> {
-        let signals = cli_support::exit_signals::ExitSignals::block()
-            .context("blocking SIGINT, SIGTERM and SIGHUP")?;
+        // Caught, not blocked: a blocked mask would pass to every vmm and
+        // net-backend the fleet starts, and their SIGTERMs would not land.
+        let signals = cli_support::exit_signals::CaughtSignals::catch()
+            .context("catching SIGINT, SIGTERM and SIGHUP")?;
         let why = Arc::new(Mutex::new(None));
         let (root, names, said) = (root.clone(), names.to_vec(), Arc::clone(&why));
         std::thread::Builder::new()

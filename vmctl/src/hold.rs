@@ -125,35 +125,18 @@ pub fn keep(vm: &VmDir, stop: &dyn AsFd, said: &dyn Fn(String)) {
 /// The supervisor's keeper of holds, on a thread of its own for the
 /// length of a run; stopped and joined when dropped.
 pub struct Keeper {
-    stop: Option<std::os::unix::net::UnixStream>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: crate::stoppable::Stoppable,
 }
 
 impl Keeper {
     pub fn start(vm: &VmDir) -> Result<Keeper> {
-        // The thread's end of a pair reads end-of-stream once ours closes.
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let vm = vm.clone();
-        let thread = std::thread::Builder::new()
-            .name("holds".into())
-            .spawn(move || {
-                keep(&vm, &theirs, &|line| {
-                    crate::supervisor::note(&vm, format_args!("{line}"))
-                })
-            })?;
-        Ok(Keeper {
-            stop: Some(ours),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Keeper {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let thread = crate::stoppable::Stoppable::spawn("holds", move |stop| {
+            keep(&vm, &stop, &|line| {
+                crate::supervisor::note(&vm, format_args!("{line}"))
+            })
+        })?;
+        Ok(Keeper { _thread: thread })
     }
 }
 

@@ -11,6 +11,7 @@ mod network;
 mod ops;
 mod snapshots;
 mod state;
+mod stoppable;
 mod supervisor;
 
 use std::path::PathBuf;
@@ -296,8 +297,8 @@ fn run(cli: Cli) -> Result<i32> {
             // as it was before this backup (the next one clears what this
             // one leaves), and the VM's supervisor resumes it if it was
             // held paused.
-            let signals = cli_support::exit_signals::ExitSignals::block()
-                .context("blocking SIGINT, SIGTERM and SIGHUP")?;
+            let signals = cli_support::exit_signals::CaughtSignals::catch()
+                .context("catching SIGINT, SIGTERM and SIGHUP")?;
             let shown = dest.display().to_string();
             std::thread::spawn(move || {
                 let sig = signals.wait();

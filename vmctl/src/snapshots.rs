@@ -318,6 +318,38 @@ fn seal_disk(root: &Root, vm: &VmDir, backend: BackendMode, name: &str) -> Resul
         .with_context(|| format!("export-snapshot answered {answer}: no snapshot path"))
 }
 
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Merges away the sealed layers in the VM's directory that nothing
+/// needs: not a VM snapshot's disk, not a backup directory's last seal
+/// (`backup-seals.json`). Such a seal is what a snapshot or backup killed
+/// half-way left (its seal made, its record not).
+fn sweep_orphan_seals(root: &Root, vm: &VmDir, backend: BackendMode) {
+    let mut needed: Vec<PathBuf> =
+        read_json::<std::collections::BTreeMap<PathBuf, PathBuf>>(&vm.path.join(BACKUP_SEALS))
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default();
+    let Ok(snaps) = list(root) else {
+        return;
+    };
+    needed.extend(snaps.iter().map(|s| canonical(&s.record.disk)));
+    let prefix = format!(
+        "{}@",
+        vm.disk().file_name().unwrap_or_default().to_string_lossy()
+    );
+    let Ok(entries) = std::fs::read_dir(&vm.path) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = canonical(&e.path());
+        if e.file_name().to_string_lossy().starts_with(&prefix) && !needed.contains(&p) {
+            merge_seal(root, vm, backend, &p);
+        }
+    }
+}
+
 /// Folds a sealed layer of the VM's chain that nothing needs any more (a
 /// past backup's, a deleted snapshot's) into the layer above it, so the
 /// chain stays as short as what is kept: through the backend that serves
@@ -427,12 +459,11 @@ pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
             dir.display()
         );
     }
-    // The disk's sealed layer: SNAP, or SNAP-2 and on where a snapshot of
-    // that name was cut short after its disk was sealed.
-    let seal = std::iter::once(snap.to_string())
-        .chain((2..).map(|n| format!("{snap}-{n}")))
-        .find(|s| !ops::snapshot_path(&vm.disk(), s).exists())
-        .expect("an unbounded sequence of names has a free one");
+    // The disk's sealed layer, named for this attempt alone: a killed
+    // snapshot's seal may still be being made by the backend when its
+    // name is taken again (what it leaves is merged away, see
+    // `sweep_orphan_seals`).
+    let seal = format!("{snap}-{}", now_ms());
     // Locked while it is made; whose it is, written first (see `settle`).
     let _making = claim_dir(&dir, &format!("a snapshot named {snap:?}"), |d| {
         let pending = Pending {
@@ -466,6 +497,7 @@ pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
         }
     };
     resumed.with_context(|| format!("VM {name}: resuming it after snapshot {snap}"))?;
+    sweep_orphan_seals(root, &vm, config.backend);
     let s = Snapshot { dir, record };
     let mut details = s.describe(root);
     details["paused-ms"] = json!(paused_ms);
@@ -627,22 +659,9 @@ pub fn backup(
     let kept_path = vm.path.join(BACKUP_SEALS);
     let mut kept: std::collections::BTreeMap<PathBuf, PathBuf> =
         read_json(&kept_path).unwrap_or_default();
-    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     kept.insert(canonical(dest), canonical(&sealed));
     write_json(&kept_path, &kept)?;
-    let prefix = format!(
-        "{}@backup-",
-        vm.disk().file_name().unwrap_or_default().to_string_lossy()
-    );
-    if let Ok(entries) = std::fs::read_dir(&vm.path) {
-        for e in entries.flatten() {
-            let p = canonical(&e.path());
-            let ours = e.file_name().to_string_lossy().starts_with(&prefix);
-            if ours && !kept.values().any(|k| k == &p) {
-                merge_seal(root, &vm, config.backend, &p);
-            }
-        }
-    }
+    sweep_orphan_seals(root, &vm, config.backend);
     Ok(Taken {
         path: dest.join(&file),
         paused_ms,

@@ -202,8 +202,10 @@ impl Netns {
                 &count.to_string(),
                 "-i",
                 "0.2",
+                // Only catches a hang: a reply held up by a busy host
+                // (both cores taken) still counts.
                 "-W",
-                "5",
+                "20",
                 addr,
             ]),
             &Patience::new("ping", Duration::from_secs(1)),

@@ -984,11 +984,14 @@ impl VirtioDevice for VhostUserDevice {
     /// Stops the rings (GET_VRING_BASE: the backend completes what it has
     /// in flight first), keeping the session to start them again.
     fn pause(&mut self) -> Result<(), DeviceError> {
-        // As long as a reconnect may take: the backend's replies' deadline
-        // for each step of the handshake, a few times over.
+        // A backend that ended its session on purpose (a disk sealed
+        // live) is back within milliseconds; one that stays away longer
+        // than this is gone, and the snapshot says so instead of waiting
+        // for it.
+        let patience = self.link.reply_timeout.min(Duration::from_secs(5));
         let mut s = self
             .link
-            .connected(self.link.reply_timeout * 4)
+            .connected(patience)
             .map_err(|e| Box::new(e) as DeviceError)?;
         self.link
             .stop_rings(&mut s)

@@ -1404,6 +1404,26 @@ fn verbs_take_several_names_and_answer_in_json_and_vms_are_reconfigured() {
         (Some(2), Some(128 << 20)),
         "{set}"
     );
+    // Its disk grown, a NIC given and taken back (defined only: nothing
+    // is plugged on this host until it starts).
+    v.ok(&["set", "c", "--disk-size", "96M"]);
+    let disk = v.vm_dir("c").join("disk.img");
+    let info: Value = serde_json::from_slice(
+        &Command::new(bin("img"))
+            .args(["info", "--output", "json"])
+            .arg(&disk)
+            .output()
+            .expect("img info")
+            .stdout,
+    )
+    .expect("json");
+    assert_eq!(info["virtual-size"], 96 << 20, "{info}");
+    let e = v.fails(&["set", "c", "--disk-size", "32M"]);
+    assert!(e.contains("disks only grow"), "{e}");
+    v.ok(&["set", "c", "--net", "vmbr-set"]);
+    assert_eq!(v.info("c")["bridge"], "vmbr-set");
+    v.ok(&["set", "c", "--no-net"]);
+    assert!(v.info("c")["bridge"].is_null(), "{}", v.info("c"));
     // autostart: a and b; the boot unit's verb starts those two only.
     v.ok(&["autostart", "a", "b"]);
     let unit = std::fs::read_to_string(

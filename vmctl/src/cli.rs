@@ -336,6 +336,18 @@ pub enum Cmd {
         /// No shared folders from now on.
         #[arg(long)]
         no_shares: bool,
+        /// Grow the VM's disk to this size (the new space reads as zeros).
+        #[arg(long)]
+        disk_size: Option<String>,
+        /// A NIC on BRIDGE from now on (default vmbr0), with a new address.
+        #[arg(long, num_args = 0..=1, default_missing_value = "vmbr0", value_name = "BRIDGE", conflicts_with = "no_net")]
+        net: Option<String>,
+        /// With --net: the bridge's subnet masqueraded while the VM runs.
+        #[arg(long, requires = "net")]
+        nat: bool,
+        /// No NIC from now on.
+        #[arg(long)]
+        no_net: bool,
         /// Whether `vmctl start --autostart` (the host's boot) starts it.
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         autostart: Option<bool>,

@@ -367,6 +367,10 @@ fn run(cli: Cli) -> Result<i32> {
             initrd,
             shares,
             no_shares,
+            disk_size,
+            net,
+            nat,
+            no_net,
             autostart,
             output,
         } => {
@@ -389,6 +393,13 @@ fn run(cli: Cli) -> Result<i32> {
                     Some(parse_shares(&shares)?)
                 },
                 autostart,
+                disk_size: disk_size
+                    .as_deref()
+                    .map(cli_support::parse_size)
+                    .transpose()
+                    .context("--disk-size")?,
+                net: if no_net { Some(None) } else { net.map(Some) },
+                nat,
             };
             ops::set(&root, &name, &changes)?;
             if output == Output::Json {

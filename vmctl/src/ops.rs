@@ -267,6 +267,12 @@ pub struct Changes {
     pub initrd: Option<PathBuf>,
     pub shares: Option<Vec<crate::state::Share>>,
     pub autostart: Option<bool>,
+    /// Its disk grown to this size (the new space reads as zeros).
+    pub disk_size: Option<u64>,
+    /// A NIC on this bridge from now on (`Some(None)`: no NIC).
+    pub net: Option<Option<String>>,
+    /// With a new NIC: its bridge masqueraded.
+    pub nat: bool,
 }
 
 /// `vmctl set NAME ...`: a defined VM's definition changed, checked as
@@ -282,7 +288,9 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
         && ch.cmdline.is_none()
         && ch.kernel.is_none()
         && ch.initrd.is_none()
-        && ch.shares.is_none();
+        && ch.shares.is_none()
+        && ch.disk_size.is_none()
+        && ch.net.is_none();
     if !only_autostart && vm.observed()?.is_active() {
         bail!("VM {name} is running: stop it first (its definition changes for its next start)");
     }
@@ -314,6 +322,41 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
         c.autostart = v;
     }
     check_resources(c.cpus, c.queues, c.memory, &c.kernel, &c.initrd)?;
+    // The NIC: a new one (its address allocated as create does) or none;
+    // its address is free again once the definition says so.
+    let _allocating = ch
+        .net
+        .as_ref()
+        .map(|_| crate::network::allocation_lock(root))
+        .transpose()?;
+    if let Some(net) = &ch.net {
+        c.net = match net {
+            None => None,
+            Some(bridge) => {
+                let others: Vec<VmConfig> = root
+                    .list()?
+                    .iter()
+                    .filter(|o| o.name != name)
+                    .filter_map(|o| o.config().ok())
+                    .collect();
+                Some(crate::network::allocate(
+                    root, name, bridge, ch.nat, &others,
+                )?)
+            }
+        };
+    }
+    if let Some(size) = ch.disk_size {
+        let have = Layer::open(&RealEnv, &vm.disk(), false)
+            .with_context(|| format!("{}", vm.disk().display()))?
+            .header
+            .virtual_size;
+        if size < have {
+            bail!("--disk-size {size}: smaller than the disk's {have} bytes (disks only grow)");
+        }
+        if size > have {
+            ops::resize(&RealEnv, &vm.disk(), size).context("--disk-size")?;
+        }
+    }
     vm.write_config(&c)?;
     Ok(c)
 }

@@ -19,7 +19,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
@@ -30,123 +29,22 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
-use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
+use vhost::vhost_user::{Backend, GpuBackend, Result as VuResult};
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::VringT;
-use virtio_queue::QueueT;
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config;
 use crate::export::Export;
 use crate::inflight::InflightRegion;
-use crate::memory_fence::{GuardedRange, SessionFence};
-use crate::worker::{QueueWorker, Vring, WorkerHandle};
-use cli_support::log_limit::LogLimit;
+use crate::worker::{QueueWorker, WorkerHandle};
+use vhost_user_session::fence::GuardedRange;
+use vhost_user_session::memory::{self, MappedRegion};
+use vhost_user_session::queues::Queues;
+use vhost_user_session::{refuse, Session};
 
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const MAX_MEM_SLOTS: u64 = 509;
-
-/// A guest memory region as the frontend's address space sees it.
-#[derive(Debug, Clone, Copy)]
-struct Mapping {
-    frontend_addr: u64,
-    size: u64,
-    guest_addr: u64,
-}
-
-/// A mapped region of the frontend's memory, guarded against the
-/// frontend truncating its file under us.
-#[derive(Debug, Clone)]
-struct MappedRegion {
-    at: Mapping,
-    region: Arc<GuestRegionMmap>,
-    _guard: Arc<GuardedRange>,
-}
-
-/// What lets a worker end its session from its side: the mark the SIGBUS
-/// handler sets when the frontend took away memory we had mapped, and the
-/// session's socket, shut down to end it.
-///
-/// And the session's log limit: every line its frontend (or the guest
-/// behind it) can cause goes through it, whichever queue logs it, so that
-/// restarting queues or reconnecting does not buy a fresh allowance.
-#[derive(Debug)]
-pub struct Session {
-    fence: Arc<SessionFence>,
-    socket: Option<UnixStream>,
-    logs: std::sync::Mutex<LogLimit>,
-}
-
-impl Session {
-    pub fn new(fence: Arc<SessionFence>, socket: Option<UnixStream>) -> Session {
-        Session {
-            fence,
-            socket,
-            logs: std::sync::Mutex::default(),
-        }
-    }
-
-    /// Logs a line the peer caused, within the session's limit (ten in
-    /// full, then a count a second).
-    pub fn peer_caused(&self, line: impl FnOnce()) {
-        self.logs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .emit(line, |n| {
-                warn!("{n} more lines caused by this frontend or its guest (not logged one by one)")
-            });
-    }
-
-    /// Reports what the limit left out, when the session ends.
-    pub fn flush_logs(&self) {
-        if let Some(n) = self
-            .logs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remaining()
-        {
-            warn!("{n} more lines caused by this frontend or its guest (not logged one by one)");
-        }
-    }
-
-    /// Whether the frontend hung up (its process may be gone).
-    pub fn frontend_gone(&self) -> bool {
-        let Some(s) = &self.socket else {
-            return false;
-        };
-        let mut p = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(s),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: poll with no wait on the session's socket, open for the
-        // call.
-        let r = unsafe { libc::poll(&raw mut p, 1, 0) };
-        r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
-    }
-
-    /// Whether the frontend truncated memory this session had mapped.
-    pub fn memory_lost(&self) -> bool {
-        self.fence.tripped()
-    }
-
-    /// Ends the session: the server sees the frontend gone and closes it.
-    pub fn hang_up(&self) {
-        if let Some(s) = &self.socket {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
-struct QueueSlot {
-    vring: Vring,
-    addresses_set: bool,
-    kick_set: bool,
-    worker: Option<WorkerHandle>,
-}
 
 /// Whether this process can make a userfaultfd that also takes the
 /// kernel's faults (io_uring's, pread's into guest memory): probed once,
@@ -208,7 +106,7 @@ pub struct Connection {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     regions: Vec<MappedRegion>,
     postcopy: Postcopy,
-    queues: Vec<QueueSlot>,
+    queues: Queues<WorkerHandle>,
     owned: bool,
     acked_features: Option<u64>,
     acked_protocol_features: u64,
@@ -216,25 +114,14 @@ pub struct Connection {
     session: Arc<Session>,
 }
 
-/// A request refused: the server closes the session and logs why (once).
-fn refuse(why: String) -> VuError {
-    VuError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, why))
-}
-
 impl Connection {
     pub fn new(export: Arc<Export>, session: Arc<Session>) -> io::Result<Connection> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let queues = (0..export.spec.num_queues)
-            .map(|_| {
-                Ok(QueueSlot {
-                    vring: Vring::new(mem.clone(), export.spec.queue_size as u16)
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?,
-                    addresses_set: false,
-                    kick_set: false,
-                    worker: None,
-                })
-            })
-            .collect::<io::Result<_>>()?;
+        let queues = Queues::new(
+            export.spec.num_queues as usize,
+            export.spec.queue_size as u16,
+            &mem,
+        )?;
         Ok(Connection {
             export,
             mem,
@@ -295,15 +182,6 @@ impl Connection {
         self.postcopy = Postcopy::default();
     }
 
-    fn slot(&mut self, index: u32) -> VuResult<&mut QueueSlot> {
-        let n = self.queues.len();
-        self.queues.get_mut(index as usize).ok_or_else(|| {
-            refuse(format!(
-                "queue {index} does not exist (this export has {n})"
-            ))
-        })
-    }
-
     fn protocol_features_acked(&self) -> bool {
         self.acked_features
             .is_some_and(|f| f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0)
@@ -323,7 +201,12 @@ impl Connection {
     }
 
     fn stop(&mut self, q: usize) {
-        if let Some(w) = self.queues[q].worker.take() {
+        if let Some(w) = self
+            .queues
+            .slot(q as u32)
+            .ok()
+            .and_then(|s| s.worker.take())
+        {
             w.stop();
         }
     }
@@ -333,24 +216,19 @@ impl Connection {
         let Some(features) = self.acked_features else {
             return Ok(());
         };
-        let slot = &self.queues[q];
-        let enabled = slot.vring.get_ref().is_enabled();
-        if slot.worker.is_some()
-            || !slot.addresses_set
-            || !slot.kick_set
-            || !enabled
-            || self.regions.is_empty()
-        {
+        let slot = self.queues.slot(q as u32)?;
+        if slot.worker.is_some() || !slot.ready() || self.regions.is_empty() {
             return Ok(());
         }
-        if let Err(why) = self.rings_in_memory(q) {
+        let vring = slot.vring.clone();
+        if let Err(why) = self.queues.rings_in_memory(q) {
             // The memory table changed under rings that were fine: the
             // queue waits for new addresses instead of failing every
             // request.
-            warn!(queue = q, "not started: {why}");
+            self.session
+                .peer_caused(|| warn!(queue = q, "not started: {why}"));
             return Ok(());
         }
-        let vring = self.queues[q].vring.clone();
         let mut inflight = self.inflight.as_ref().and_then(|(r, _)| r.queue(q as u16));
         let mut resubmit = Vec::new();
         if let Some(inf) = &mut inflight {
@@ -387,32 +265,8 @@ impl Connection {
         let handle = worker
             .spawn()
             .map_err(|e| refuse(format!("queue {q}: cannot start its worker: {e}")))?;
-        self.queues[q].worker = Some(handle);
+        self.queues.slot(q as u32)?.worker = Some(handle);
         debug!(queue = q, "started");
-        Ok(())
-    }
-
-    /// Whether queue `q`'s rings lie wholly in guest memory: a table that
-    /// starts inside and runs past a region's end would fail every request
-    /// it holds, and a ring out there cannot be served at all.
-    fn rings_in_memory(&self, q: usize) -> Result<(), RingOutside> {
-        let st = self.queues[q].vring.get_ref();
-        let queue = st.get_queue();
-        let n = u64::from(queue.size());
-        let mem = self.mem.memory();
-        for (what, at, len) in [
-            ("descriptor table", queue.desc_table(), 16 * n),
-            ("available ring", queue.avail_ring(), 6 + 2 * n),
-            ("used ring", queue.used_ring(), 6 + 8 * n),
-        ] {
-            if !mem.check_range(
-                GuestAddress(at),
-                len as usize,
-                vm_memory::Permissions::ReadWrite,
-            ) {
-                return Err(RingOutside { what, at, len });
-            }
-        }
         Ok(())
     }
 
@@ -423,69 +277,9 @@ impl Connection {
         Ok(())
     }
 
-    fn frontend_to_guest(&self, addr: u64) -> Option<u64> {
-        self.regions.iter().find_map(|MappedRegion { at: m, .. }| {
-            (addr >= m.frontend_addr && addr - m.frontend_addr < m.size)
-                .then(|| addr - m.frontend_addr + m.guest_addr)
-        })
-    }
-
-    fn map_region(&self, region: &VhostUserMemoryRegion, file: File) -> VuResult<MappedRegion> {
-        // A region must lie inside the file behind it: a mapping past the
-        // file's end is accepted by mmap, and the first access there kills
-        // the whole process (SIGBUS), every other session with it.
-        let (at, size, offset) = (
-            region.guest_phys_addr,
-            region.memory_size,
-            region.mmap_offset,
-        );
-        let file_len = file
-            .metadata()
-            .map_err(|e| refuse(format!("memory region at {at:#x}: its descriptor: {e}")))?
-            .len();
-        let end = offset.checked_add(size).ok_or_else(|| {
-            refuse(format!(
-                "memory region at {at:#x}: offset {offset:#x} + size {size:#x} overflows"
-            ))
-        })?;
-        if size == 0 || end > file_len {
-            return Err(refuse(format!(
-                "memory region at {at:#x}+{size:#x} (file offset {offset:#x}) does not lie \
-                 inside its {file_len:#x}-byte file"
-            )));
-        }
-        let mapped = GuestRegionMmap::new(
-            region.mmap_region(file)?,
-            GuestAddress(region.guest_phys_addr),
-        )
-        .ok_or_else(|| {
-            let (at, size) = (region.guest_phys_addr, region.memory_size);
-            refuse(format!(
-                "memory region at {at:#x}+{size:#x} does not fit the address space"
-            ))
-        })?;
-        let guard = self
-            .session
-            .fence
-            .guard(mapped.as_ptr(), mapped.len() as usize)
-            .map_err(|e| refuse(format!("memory region at {at:#x}: {e}")))?;
-        Ok(MappedRegion {
-            at: Mapping {
-                frontend_addr: region.user_addr,
-                size: region.memory_size,
-                guest_addr: region.guest_phys_addr,
-            },
-            region: Arc::new(mapped),
-            _guard: Arc::new(guard),
-        })
-    }
-
     /// Replaces the guest memory; workers stop (draining) and restart.
     fn install_memory(&mut self, regions: Vec<MappedRegion>) -> VuResult<()> {
-        let mem = GuestMemoryMmap::from_arc_regions(
-            regions.iter().map(|r| Arc::clone(&r.region)).collect(),
-        )
-        .map_err(|e| refuse(format!("memory regions overlap or are empty: {e}")))?;
+        let mem = memory::guest_memory(&regions)?;
         let ran = self.stop_all();
         self.mem
             .lock()
@@ -504,7 +298,6 @@ impl Connection {
         let (at, len) = region.mapping();
         let guard = self
             .session
-            .fence
             .guard(at, len)
             .map_err(|e| refuse(format!("inflight region: {e}")))?;
         self.inflight = Some((Arc::new(region), guard));
@@ -548,10 +341,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn reset_device(&mut self) -> VuResult<()> {
         self.stop_all();
-        for slot in &mut self.queues {
-            slot.vring.set_enabled(false);
-            slot.vring.set_queue_ready(false);
-        }
+        self.queues.reset();
         self.acked_features = None;
         Ok(())
     }
@@ -571,13 +361,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.acked_features = Some(features);
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
         let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
-        for slot in &self.queues {
-            slot.vring.set_queue_event_idx(event_idx);
-            if !protocol {
-                // Without protocol features rings start enabled.
-                slot.vring.set_enabled(true);
-            }
-        }
+        self.queues.set_features(event_idx, protocol);
         self.start_all()
     }
 
@@ -595,7 +379,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let regions = ctx
             .iter()
             .zip(files)
-            .map(|(r, f)| self.map_region(r, f))
+            .map(|(r, f)| memory::map_region(&self.session, r, f))
             .collect::<VuResult<Vec<_>>>()?;
         if postcopy_listening == Some(true) {
             for r in &regions {
@@ -610,18 +394,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
-        let max = self.export.spec.queue_size as u32;
-        let slot = self.slot(index)?;
-        if slot.worker.is_some() {
-            return Err(refuse(format!("queue {index} resized while running")));
-        }
-        if num == 0 || num > max || !num.is_power_of_two() {
-            return Err(refuse(format!(
-                "queue {index}: size {num} (a power of two up to {max})"
-            )));
-        }
-        slot.vring.set_queue_size(num as u16);
-        Ok(())
+        self.queues.set_num(index, num)
     }
 
     fn set_vring_addr(
@@ -633,99 +406,36 @@ impl VhostUserBackendReqHandlerMut for Connection {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
-        if self.regions.is_empty() {
-            return Err(refuse(format!(
-                "queue {index}: ring addresses before any memory table"
-            )));
-        }
-        let translate = |what, a| {
-            self.frontend_to_guest(a).ok_or_else(|| {
-                refuse(format!(
-                    "queue {index}: {what} at {a:#x} is not in guest memory"
-                ))
-            })
-        };
-        let (d, u, a) = (
-            translate("descriptor table", descriptor)?,
-            translate("used ring", used)?,
-            translate("available ring", available)?,
-        );
-        let slot = self.slot(index)?;
-        if slot.worker.is_some() {
-            return Err(refuse(format!("queue {index} moved while running")));
-        }
-        slot.vring
-            .set_queue_info(d, a, u)
-            .map_err(|e| refuse(format!("queue {index}: ring addresses refused: {e:?}")))?;
-        if let Err(why) = self.rings_in_memory(index as usize) {
-            self.queues[index as usize].addresses_set = false;
-            return Err(refuse(format!("queue {index}: {why}")));
-        }
-        let slot = self.slot(index)?;
-        // The used index as the guest's ring has it (a reconnect or a
-        // driver reset may have moved it).
-        let idx = slot
-            .vring
-            .queue_used_idx()
-            .map_err(|e| refuse(format!("queue {index}: used ring unreadable: {e:?}")))?;
-        slot.vring.set_queue_next_used(idx);
-        slot.addresses_set = true;
-        Ok(())
+        self.queues
+            .set_addr(index, &self.regions, descriptor, used, available)
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        let slot = self.slot(index)?;
-        if slot.worker.is_some() {
-            return Err(refuse(format!(
-                "queue {index}: SET_VRING_BASE while running"
-            )));
-        }
-        slot.vring.set_queue_next_avail(base as u16);
-        Ok(())
+        self.queues.set_base(index, base)
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        self.slot(index)?;
+        self.queues.slot(index)?;
         // Stops the ring: in-flight requests complete first.
         self.stop(index as usize);
-        let slot = self.slot(index)?;
-        slot.vring.set_queue_ready(false);
-        let next = slot.vring.queue_next_avail();
-        slot.vring.set_kick(None);
-        slot.vring.set_call(None);
-        slot.kick_set = false;
+        let next = self.queues.take_base(index)?;
         Ok(VhostUserVringState::new(index, u32::from(next)))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        self.slot(index as u32)?;
+        self.queues.slot(index.into())?;
         // The worker waits on the old descriptor: restart it on the new.
         self.stop(index as usize);
-        let slot = self.slot(index as u32)?;
-        slot.kick_set = fd.is_some();
-        slot.vring.set_kick(fd);
+        self.queues.set_kick(index.into(), fd)?;
         self.maybe_start(index as usize)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        // Workers signal through the vring state, under its lock: a new
-        // descriptor takes effect with the next completion.
-        let slot = self.slot(index as u32)?;
-        slot.vring.set_call(fd);
-        if slot.worker.is_some() {
-            // Completions published while the old descriptor (or none)
-            // was in place may have raised no interrupt the guest saw:
-            // after a reconnect QEMU sends the call descriptor after the
-            // kick, and the resubmitted requests may be done by then. One
-            // extra interrupt is harmless; a lost one hangs the guest.
-            let _ = slot.vring.signal_used_queue();
-        }
-        Ok(())
+        self.queues.set_call(index.into(), fd)
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        self.slot(index as u32)?.vring.set_err(fd);
-        Ok(())
+        self.queues.set_err(index.into(), fd)
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
@@ -754,11 +464,11 @@ impl VhostUserBackendReqHandlerMut for Connection {
                 "SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES".into(),
             ));
         }
-        self.slot(index)?;
+        self.queues.slot(index)?;
         if !enable {
             self.stop(index as usize);
         }
-        self.slot(index)?.vring.set_enabled(enable);
+        self.queues.slot(index)?.vring.set_enabled(enable);
         self.maybe_start(index as usize)
     }
 
@@ -849,7 +559,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             .pending
             .take()
             .unwrap_or_else(|| self.regions.clone());
-        let added = self.map_region(region, fd)?;
+        let added = memory::map_region(&self.session, region, fd)?;
         if postcopy_listening == Some(true) {
             self.register_paged(&added)?;
             let base = added.region.as_ptr() as u64;
@@ -902,14 +612,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
         let (at, size) = (region.guest_phys_addr, region.memory_size);
-        let mut regions = self.regions.clone();
-        let before = regions.len();
-        regions.retain(|r| !(r.at.guest_addr == at && r.at.size == size));
-        if regions.len() == before {
-            return Err(refuse(format!(
-                "no memory region at {at:#x}+{size:#x} to remove"
-            )));
-        }
+        let regions = memory::without(&self.regions, at, size)?;
         self.install_memory(regions)
     }
 
@@ -933,13 +636,4 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
         Err(refuse("dirty logging is not supported".into()))
     }
-}
-
-/// A queue's ring that does not lie wholly in guest memory.
-#[derive(Debug, thiserror::Error)]
-#[error("its {what} at {at:#x}+{len:#x} does not lie wholly in guest memory")]
-struct RingOutside {
-    what: &'static str,
-    at: u64,
-    len: u64,
 }

@@ -6,8 +6,6 @@
 //!   adds and removes them at runtime.
 //! - `connection`: the vhost-user requests of one session.
 //! - `inflight`: the shared region that lets a restarted backend resume.
-//! - `memory_fence`: faults in memory a frontend truncated under us end
-//!   that session, not the process.
 //! - `worker`: a queue's event loop (kick, completions, stop).
 //! - `export`: an open chain and the request execution its workers share.
 //!
@@ -24,7 +22,6 @@ pub mod connection;
 pub mod control;
 pub mod export;
 pub mod inflight;
-pub mod memory_fence;
 pub mod seccomp;
 pub mod server;
 pub mod uring;

@@ -210,7 +210,7 @@ fn run(a: Args) -> Result<()> {
     };
     // The SIGBUS fence is in place before any session maps guest memory
     // (and before seccomp, which does not let threads change handlers).
-    vhost_blk_backend::memory_fence::install().context("guest memory fence")?;
+    vhost_user_session::fence::install().context("guest memory fence")?;
     let mut prepared = Vec::new();
     for spec in specs {
         let image = spec.image.clone();

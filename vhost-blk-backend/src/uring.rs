@@ -14,7 +14,7 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestAddress;
 
-use crate::connection::Session;
+use vhost_user_session::Session;
 
 /// User data of the kick and stop polls (no request slot comes near).
 const KICK: u64 = u64::MAX;
@@ -454,14 +454,13 @@ impl QueueRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory_fence::SessionFence;
     use std::os::fd::AsRawFd;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     /// Reads or writes `buf` at 4096 in `file` through `ring`, waiting
     /// for it.
     fn one_io(ring: &mut QueueRing, write: bool, file: RingFile, buf: &mut [u8]) {
-        let session = Session::new(SessionFence::new().expect("fence"), None);
+        let session = Session::start(None).expect("fence");
         let slot = ring.add(Pending {
             head: 0,
             status: GuestAddress(0),

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
-use vhost_user_backend::{VringMutex, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::{
@@ -21,14 +21,14 @@ use vm_memory::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::adaptive_poll::PollWindow;
-use crate::connection::Session;
 use crate::export::{Export, Subscription};
 use crate::inflight::InflightQueue;
 use crate::uring::{Pending, QueueRing};
 use blk_request::ChainWalk;
 use blk_request::{Kind, Request};
+use vhost_user_session::{rings, Session};
 
-pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>;
+pub use vhost_user_session::queues::Vring;
 
 /// Above this many requests in flight a worker sleeps instead of polling.
 const POLL_MAX_IN_FLIGHT: usize = 4;
@@ -311,23 +311,11 @@ impl Running {
         if self.broken || self.memory_lost() {
             return None;
         }
-        let (avail, next, size) = {
-            let st = self.w.vring.get_ref();
-            let q = st.get_queue();
-            let Ok(idx) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) else {
-                drop(st);
-                return self.declare_broken("its available ring is outside guest memory");
-            };
-            (idx.0, q.next_avail(), q.size())
-        };
-        let ahead = avail.wrapping_sub(next);
-        if ahead > size {
-            return self.declare_broken(&format!(
-                "the driver's available index {avail} is {ahead} entries past the device's {next}, \
-                 more than the queue's {size}"
-            ));
+        let ahead = rings::available(self.w.vring.get_ref().get_queue(), mem);
+        match ahead {
+            Ok(n) => Some(n),
+            Err(why) => self.declare_broken(&why),
         }
-        Some(ahead)
     }
 
     /// Whether the frontend truncated memory this session had mapped (a
@@ -345,7 +333,7 @@ impl Running {
         true
     }
 
-    fn declare_broken(&mut self, why: &str) -> Option<u16> {
+    fn declare_broken(&mut self, why: &rings::Broken) -> Option<u16> {
         let queue = self.w.queue;
         self.w.session.peer_caused(|| {
             warn!(
@@ -369,13 +357,15 @@ impl Running {
             let mut st = self.w.vring.get_mut();
             let size = st.get_queue().size();
             while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                if head >= size {
+                let head = match rings::head(chain.head_index(), size) {
+                    Ok(head) => head,
                     // No used entry can name it: the ring is the
                     // driver's nonsense, not a request to answer.
-                    impossible_head = Some((head, size));
-                    break;
-                }
+                    Err(why) => {
+                        impossible_head = Some(why);
+                        break;
+                    }
+                };
                 if let Some(inf) = &mut self.w.inflight {
                     inf.begin(head);
                 }
@@ -388,10 +378,8 @@ impl Running {
         let ran = self.run_heads(&heads, mem);
         self.heads = heads;
         ran?;
-        if let Some((head, size)) = impossible_head {
-            self.declare_broken(&format!(
-                "the driver made descriptor {head} available in a queue of {size}"
-            ));
+        if let Some(why) = impossible_head {
+            self.declare_broken(&why);
         }
         Ok(())
     }

@@ -592,7 +592,7 @@ fn verify_rounds(sock: &Path, until: &std::sync::atomic::AtomicBool) -> (u32, u3
 /// process finishes with no error.
 #[test]
 fn memory_truncated_under_the_backend_ends_that_session_only() {
-    let lines_before = log_lines("truncated memory");
+    let lines_before = log_lines("took away memory");
     let dir = tempfile::tempdir().expect("tempdir");
     let (victim_sock, victim_stop, victim_thread) = start_named_server(dir.path(), "victim");
     let (other_sock, other_stop, other_thread) = start_named_server(dir.path(), "other");
@@ -609,7 +609,7 @@ fn memory_truncated_under_the_backend_ends_that_session_only() {
     memory_file(&g.mem).set_len(0x20000).expect("truncate");
     // A write whose data lies past the new end: the kernel finds no page
     // there and the request fails; nothing in the backend faulted.
-    let faults = vhost_blk_backend::memory_fence::contained_faults();
+    let faults = vhost_user_session::fence::contained_faults();
     g.header(0x8000, VIRTIO_BLK_T_OUT, 0);
     g.desc(0, 0x8000, 16, NEXT, 1);
     g.desc(1, 0x40000, 4096, NEXT, 2);
@@ -624,7 +624,7 @@ fn memory_truncated_under_the_backend_ends_that_session_only() {
     hang_up
         .wait_until(|| Ok(g.frontend.get_features().is_err()))
         .expect("the session ended");
-    assert!(vhost_blk_backend::memory_fence::contained_faults() > faults);
+    assert!(vhost_user_session::fence::contained_faults() > faults);
     drop(g);
 
     // The export itself goes on: a new frontend is served.
@@ -640,7 +640,7 @@ fn memory_truncated_under_the_backend_ends_that_session_only() {
         stop.stop();
         t.join().expect("server");
     }
-    assert_eq!(log_lines("truncated memory") - lines_before, 1);
+    assert_eq!(log_lines("took away memory") - lines_before, 1);
 }
 
 /// Requests framed any legal way (VIRTIO 1.x) are served: a header split

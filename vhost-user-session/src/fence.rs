@@ -100,6 +100,12 @@ impl SessionFence {
         SESSION_TRIPPED[self.index].load(Ordering::Acquire)
     }
 
+    /// Marks the session as the handler would (memory found gone by other
+    /// means: a kernel copy into it failed).
+    pub fn trip(&self) {
+        SESSION_TRIPPED[self.index].store(true, Ordering::Release);
+    }
+
     /// Guards `len` bytes at `start` (a mapping of the frontend's file)
     /// for as long as the returned value lives; it must not outlive the
     /// mapping.

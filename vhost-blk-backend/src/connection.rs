@@ -117,11 +117,7 @@ pub struct Connection {
 impl Connection {
     pub fn new(export: Arc<Export>, session: Arc<Session>) -> io::Result<Connection> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let queues = Queues::new(
-            export.spec.num_queues as usize,
-            export.spec.queue_size as u16,
-            &mem,
-        )?;
+        let queues = Queues::new(export.spec.num_queues, export.spec.queue_size as u16, &mem)?;
         Ok(Connection {
             export,
             mem,

@@ -7,7 +7,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
@@ -18,7 +17,6 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, MemoryRegionAddress,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::adaptive_poll::PollWindow;
 use crate::export::{Export, Subscription};
@@ -26,26 +24,13 @@ use crate::inflight::InflightQueue;
 use crate::uring::{Pending, QueueRing};
 use blk_request::ChainWalk;
 use blk_request::{Kind, Request};
+pub use vhost_user_session::worker::WorkerHandle;
 use vhost_user_session::{rings, Session};
 
 pub use vhost_user_session::queues::Vring;
 
 /// Above this many requests in flight a worker sleeps instead of polling.
 const POLL_MAX_IN_FLIGHT: usize = 4;
-
-/// A running worker; [`WorkerHandle::stop`] ends it after its in-flight
-/// I/O completed.
-pub struct WorkerHandle {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-}
-
-impl WorkerHandle {
-    pub fn stop(self) {
-        let _ = self.stop.write(1);
-        let _ = self.thread.join();
-    }
-}
 
 pub struct QueueWorker {
     pub queue: u16,
@@ -97,8 +82,8 @@ struct Running {
 
 impl QueueWorker {
     pub fn spawn(self) -> io::Result<WorkerHandle> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let stop2 = stop.try_clone()?;
+        let stop = WorkerHandle::stop_event()?;
+        let stop_fd = stop.as_raw_fd();
         let ring_entries = (self.vring.get_ref().get_queue().size() as u32 * 4)
             .next_power_of_two()
             .max(64);
@@ -110,10 +95,10 @@ impl QueueWorker {
             .get_kick()
             .as_ref()
             .map(|k| k.as_raw_fd());
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
+        WorkerHandle::spawn(name, stop, move || {
             // Before the filter narrows: enabling the ring is a register
             // call the session's filter allows and the worker's does not.
-            if let Err(e) = ring.start(kick, stop2.as_raw_fd()) {
+            if let Err(e) = ring.start(kick, stop_fd) {
                 warn!(queue = self.queue, "not serving: its io_uring: {e}");
                 return;
             }
@@ -143,8 +128,7 @@ impl QueueWorker {
             }
             let Running { w, sub, .. } = r;
             w.export.unsubscribe(sub);
-        })?;
-        Ok(WorkerHandle { stop, thread })
+        })
     }
 }
 

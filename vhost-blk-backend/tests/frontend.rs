@@ -3,7 +3,6 @@
 //! hostile descriptor chains fail only their request, and protocol abuse
 //! drops only its connection.
 
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -11,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use test_infra::vhost_frontend::{handshake, Setup, TestFrontend, NEXT, WRITE};
 use test_infra::Patience;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
@@ -19,23 +19,14 @@ use vhost_blk_backend::export::{BaseIo, Export, ExportSpec, SharedFiles};
 use vhost_blk_backend::server::{serve, StopHandle};
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM: usize = 1 << 20;
 const QSIZE: u16 = 16;
-const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
 
 struct Guest {
-    mem: GuestMemoryMmap,
-    frontend: Frontend,
-    kick: EventFd,
-    _call: EventFd,
-    avail_idx: u16,
-    used_seen: u16,
+    f: TestFrontend,
 }
 
 fn frontend_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
@@ -45,101 +36,56 @@ fn frontend_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
 impl Guest {
     /// The full handshake of a frontend that starts queue 0.
     fn connect(sock: &Path) -> Guest {
-        let mem = test_infra::memfd_guest_memory(MEM);
-        let mut f = Frontend::connect(sock, 1).expect("connect");
-        f.set_owner().expect("owner");
-        let features = f.get_features().expect("features");
-        f.set_features(features & !(1 << 29)).expect("set features"); // no EVENT_IDX
-        let pf = f.get_protocol_features().expect("protocol features");
-        assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
-        f.set_protocol_features(pf).expect("set protocol features");
-        let region = mem.iter().next().expect("a region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("info");
-        f.set_mem_table(&[info]).expect("mem table");
-        f.set_vring_num(0, QSIZE).expect("num");
-        f.set_vring_base(0, 0).expect("base");
-        f.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
+        let mut f = TestFrontend::connect(
+            sock,
+            &Setup {
+                mem: MEM,
                 queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: frontend_addr(&mem, DESC),
-                used_ring_addr: frontend_addr(&mem, USED),
-                avail_ring_addr: frontend_addr(&mem, AVAIL),
-                log_addr: None,
+                ..Setup::default()
             },
-        )
-        .expect("addr");
-        let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
-        let call = EventFd::new(EFD_NONBLOCK).expect("call");
-        f.set_vring_call(0, &call).expect("call");
-        f.set_vring_kick(0, &kick).expect("kick");
-        f.set_vring_enable(0, true).expect("enable");
-        Guest {
-            mem,
-            frontend: f,
-            kick,
-            _call: call,
-            avail_idx: 0,
-            used_seen: 0,
-        }
+        );
+        let pf = f
+            .frontend
+            .get_protocol_features()
+            .expect("protocol features");
+        assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        Guest { f }
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(DESC + 16 * i as u64);
-        self.mem.write_obj(addr, at).expect("w");
-        self.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("w");
-        self.mem
-            .write_obj(flags, GuestAddress(at.0 + 12))
-            .expect("w");
-        self.mem
-            .write_obj(next, GuestAddress(at.0 + 14))
-            .expect("w");
+        self.f.desc(0, i, addr, len, flags, next);
     }
 
     fn header(&self, at: u64, ty: u32, sector: u64) {
-        self.mem.write_obj(ty, GuestAddress(at)).expect("w");
-        self.mem.write_obj(0u32, GuestAddress(at + 4)).expect("w");
-        self.mem.write_obj(sector, GuestAddress(at + 8)).expect("w");
+        self.f.mem.write_obj(ty, GuestAddress(at)).expect("w");
+        self.f.mem.write_obj(0u32, GuestAddress(at + 4)).expect("w");
+        self.f
+            .mem
+            .write_obj(sector, GuestAddress(at + 8))
+            .expect("w");
     }
 
     /// Makes chain `head` available, kicks, and waits for its used entry:
     /// (used length, status byte at `status`).
     fn run(&mut self, head: u16, status: u64) -> (u32, u8) {
-        self.mem.write_obj(0xffu8, GuestAddress(status)).expect("w");
+        self.f
+            .mem
+            .write_obj(0xffu8, GuestAddress(status))
+            .expect("w");
         self.post(head);
         self.wait_used(head, status)
     }
 
     /// Makes chain `head` available and kicks.
     fn post(&mut self, head: u16) {
-        let slot = AVAIL + 4 + 2 * (self.avail_idx % QSIZE) as u64;
-        self.mem.write_obj(head, GuestAddress(slot)).expect("w");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .expect("w");
-        self.kick.write(1).expect("kick");
+        self.f.post(0, head);
     }
 
     /// Waits for the used entry of `head`: (used length, status byte).
     fn wait_used(&mut self, head: u16, status: u64) -> (u32, u8) {
-        // One request completes in well under a millisecond here.
-        let completion = Patience::new("the request's completion", Duration::from_millis(1));
-        completion
-            .wait_until(|| {
-                let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2))?;
-                Ok(idx != self.used_seen)
-            })
-            .expect("a completion");
-        let e = USED + 4 + 8 * (self.used_seen % QSIZE) as u64;
-        self.used_seen = self.used_seen.wrapping_add(1);
-        let id: u32 = self.mem.read_obj(GuestAddress(e)).expect("r");
+        let (id, len) = self.f.used(0);
         assert_eq!(id, head as u32);
-        let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).expect("r");
-        (len, self.mem.read_obj(GuestAddress(status)).expect("r"))
+        (len, self.f.mem.read_obj(GuestAddress(status)).expect("r"))
     }
 
     /// A plain request: header at 0x8000, data at 0x10000, status at 0x9000.
@@ -201,16 +147,16 @@ fn hostile_chains_fail_their_request_and_serving_goes_on() {
     let mut g = Guest::connect(&sock);
 
     // A write and its read back, through the io_uring path.
-    g.mem
+    g.f.mem
         .write_slice(&[0x5a; 4096], GuestAddress(0x10000))
         .expect("w");
     assert_eq!(g.request(VIRTIO_BLK_T_OUT, 8, 4096), (1, OK));
-    g.mem
+    g.f.mem
         .write_slice(&[0; 4096], GuestAddress(0x10000))
         .expect("w");
     assert_eq!(g.request(VIRTIO_BLK_T_IN, 8, 4096), (4097, OK));
     let mut back = [0u8; 4096];
-    g.mem
+    g.f.mem
         .read_slice(&mut back, GuestAddress(0x10000))
         .expect("r");
     assert_eq!(back, [0x5a; 4096]);
@@ -250,11 +196,11 @@ fn hostile_chains_fail_their_request_and_serving_goes_on() {
     assert_eq!(g.run(11, 0x9000).0, 1);
 
     // Still serving: the data is intact.
-    g.mem
+    g.f.mem
         .write_slice(&[0; 4096], GuestAddress(0x10000))
         .expect("w");
     assert_eq!(g.request(VIRTIO_BLK_T_IN, 8, 4096), (4097, OK));
-    g.mem
+    g.f.mem
         .read_slice(&mut back, GuestAddress(0x10000))
         .expect("r");
     assert_eq!(back, [0x5a; 4096]);
@@ -321,12 +267,12 @@ fn protocol_abuse_drops_only_that_connection() {
 
     // A well-behaved frontend is served as if nothing happened.
     let mut g = Guest::connect(&sock);
-    g.mem
+    g.f.mem
         .write_slice(&[0x33; 512], GuestAddress(0x10000))
         .expect("w");
     assert_eq!(g.request(VIRTIO_BLK_T_OUT, 0, 512), (1, OK));
     assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512), (513, OK));
-    let _ = g.frontend.as_raw_fd();
+    let _ = g.f.frontend.as_raw_fd();
     drop(g);
     stop.stop();
     t.join().expect("server thread");
@@ -370,12 +316,15 @@ fn an_impossible_available_index_breaks_the_queue_once_and_a_reset_serves_again(
     let (sock, stop, t) = start_server(dir.path());
     let mut g = Guest::connect(&sock);
     assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK);
-    g.mem
-        .write_obj(g.avail_idx.wrapping_add(QSIZE + 7), GuestAddress(AVAIL + 2))
+    g.f.mem
+        .write_obj(
+            g.f.queues[0].avail_idx.wrapping_add(QSIZE + 7),
+            GuestAddress(AVAIL + 2),
+        )
         .expect("w");
     let before = thread_ticks("queue 0");
     for _ in 0..10 {
-        g.kick.write(1).expect("kick");
+        g.f.queues[0].kick.write(1).expect("kick");
         std::thread::sleep(Duration::from_millis(30));
     }
     // 300 ms: a worker spinning on the queue would take most of it (about
@@ -464,12 +413,7 @@ fn bad_requests_by_the_thousand_are_answered_but_logged_a_few_times() {
 /// acknowledgement (REPLY_ACK): a refusal is an error at the call, not a
 /// closed connection found later.
 fn acknowledging_frontend(sock: &Path) -> Frontend {
-    let mut f = Frontend::connect(sock, 1).expect("connect");
-    f.set_owner().expect("owner");
-    let features = f.get_features().expect("features");
-    f.set_features(features).expect("set features");
-    let pf = f.get_protocol_features().expect("protocol features");
-    f.set_protocol_features(pf).expect("set protocol features");
+    let f = handshake(sock, 1, 0);
     f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
     f
 }
@@ -547,15 +491,6 @@ fn rings_that_run_past_guest_memory_are_refused_by_name() {
     t.join().expect("server");
 }
 
-/// The frontend's memory file, which a hostile frontend can truncate.
-fn memory_file(mem: &GuestMemoryMmap) -> &File {
-    mem.iter()
-        .next()
-        .and_then(|r| r.file_offset())
-        .map(|f| f.file())
-        .expect("a memfd-backed region")
-}
-
 /// A verifying workload on another export of the same process: writes a
 /// pattern per round, reads it back; returns the rounds and mismatches.
 fn verify_rounds(sock: &Path, until: &std::sync::atomic::AtomicBool) -> (u32, u32) {
@@ -564,16 +499,16 @@ fn verify_rounds(sock: &Path, until: &std::sync::atomic::AtomicBool) -> (u32, u3
     while !until.load(std::sync::atomic::Ordering::SeqCst) || rounds < 20 {
         let byte = (rounds % 251) as u8 + 1;
         let sector = 8 * (rounds % 64) as u64;
-        g.mem
+        g.f.mem
             .write_slice(&[byte; 4096], GuestAddress(0x10000))
             .expect("w");
         let wrote = g.request(VIRTIO_BLK_T_OUT, sector, 4096);
-        g.mem
+        g.f.mem
             .write_slice(&[0; 4096], GuestAddress(0x10000))
             .expect("w");
         let read = g.request(VIRTIO_BLK_T_IN, sector, 4096);
         let mut back = [0u8; 4096];
-        g.mem
+        g.f.mem
             .read_slice(&mut back, GuestAddress(0x10000))
             .expect("r");
         if wrote != (1, OK) || read != (4097, OK) || back != [byte; 4096] {
@@ -606,7 +541,7 @@ fn memory_truncated_under_the_backend_ends_that_session_only() {
     assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK);
     // Only the first 128 KiB stay: rings (0x1000-0x3fff), header (0x8000)
     // and status (0x9000) among them.
-    memory_file(&g.mem).set_len(0x20000).expect("truncate");
+    test_infra::memory::memory_file(&g.f.mem).set_len(0x20000).expect("truncate");
     // A write whose data lies past the new end: the kernel finds no page
     // there and the request fails; nothing in the backend faulted.
     let faults = vhost_user_session::fence::contained_faults();
@@ -622,7 +557,7 @@ fn memory_truncated_under_the_backend_ends_that_session_only() {
     g.post(3);
     let hang_up = Patience::new("the backend hanging up", Duration::from_millis(1));
     hang_up
-        .wait_until(|| Ok(g.frontend.get_features().is_err()))
+        .wait_until(|| Ok(g.f.frontend.get_features().is_err()))
         .expect("the session ended");
     assert!(vhost_user_session::fence::contained_faults() > faults);
     drop(g);
@@ -655,7 +590,7 @@ fn any_legal_descriptor_layout_is_served() {
     // A write with the header split 8 + 8 and the data right after it in
     // the second descriptor.
     g.header(0x8000, VIRTIO_BLK_T_OUT, 16);
-    g.mem
+    g.f.mem
         .write_slice(&[0x3c; 4096], GuestAddress(0x8010))
         .expect("w");
     g.desc(0, 0x8000, 8, NEXT, 1);
@@ -670,7 +605,7 @@ fn any_legal_descriptor_layout_is_served() {
     g.desc(5, 0x20000, 4096 + 1, WRITE, 0);
     assert_eq!(g.run(3, 0x20000 + 4096), (4097, OK));
     let mut back = [0u8; 4096];
-    g.mem
+    g.f.mem
         .read_slice(&mut back, GuestAddress(0x20000))
         .expect("r");
     assert_eq!(back, [0x3c; 4096]);
@@ -688,15 +623,17 @@ fn any_legal_descriptor_layout_is_served() {
     .enumerate()
     {
         let at = GuestAddress(table + 16 * i as u64);
-        g.mem.write_obj(addr, at).expect("w");
-        g.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("w");
-        g.mem.write_obj(flags, GuestAddress(at.0 + 12)).expect("w");
-        g.mem.write_obj(next, GuestAddress(at.0 + 14)).expect("w");
+        g.f.mem.write_obj(addr, at).expect("w");
+        g.f.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("w");
+        g.f.mem
+            .write_obj(flags, GuestAddress(at.0 + 12))
+            .expect("w");
+        g.f.mem.write_obj(next, GuestAddress(at.0 + 14)).expect("w");
     }
     g.desc(6, 0x8000, 16, NEXT, 7);
     g.desc(7, table, 32, INDIRECT, 0);
     assert_eq!(g.run(6, 0xb000), (4097, OK));
-    g.mem
+    g.f.mem
         .read_slice(&mut back, GuestAddress(0x40000))
         .expect("r");
     assert_eq!(back, [0x3c; 4096]);

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use vhost_net_backend::{device::NetDevice, tap};
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::Listener;
+use vhost_net_backend::{connection::Connection, device::NetDevice, tap};
+use vhost_user_session::server::StopHandle;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,7 @@ struct Args {
     /// Receive/transmit queue pairs (one tap queue and one worker each).
     #[arg(long, default_value_t = 1)]
     queue_pairs: usize,
+    /// The largest queue a frontend may set up (a power of two).
     #[arg(long, default_value_t = 256)]
     queue_size: usize,
 }
@@ -36,31 +37,28 @@ fn run(a: Args) -> Result<()> {
     if !(1..=8).contains(&a.queue_pairs) {
         anyhow::bail!("--queue-pairs {}: 1 to 8", a.queue_pairs);
     }
+    if !(2..=32768).contains(&a.queue_size) || !a.queue_size.is_power_of_two() {
+        anyhow::bail!(
+            "--queue-size {}: a power of two from 2 to 32768",
+            a.queue_size
+        );
+    }
     let taps = tap::open(&a.tap, a.queue_pairs)?;
     let device = Arc::new(NetDevice::new(taps, a.queue_size));
-    tracing::info!(tap = a.tap, pairs = a.queue_pairs, socket = %a.socket.display(), "serving");
-    // A frontend that breaks the protocol over and over is told about in
-    // a few lines, not one per session.
-    let mut ended = cli_support::log_limit::LogLimit::default();
-    loop {
-        let mut daemon = VhostUserDaemon::new(
-            "net-backend".into(),
-            Arc::clone(&device),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
+    vhost_user_session::fence::install().context("guest memory fence")?;
+    let listener = Listener::new(&a.socket, true)
         .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("starting the vhost-user daemon")?;
-        device
-            .watch_taps(&daemon.get_epoll_handlers())
-            .context("watching the tap")?;
-        match daemon.serve(&a.socket) {
-            Ok(()) => tracing::info!("the frontend went away; waiting for the next"),
-            Err(e) => ended.emit(
-                || tracing::warn!("the session ended: {e}; waiting for the next frontend"),
-                |n| tracing::warn!("{n} more sessions ended in errors (not logged one by one)"),
-            ),
-        }
-    }
+        .with_context(|| format!("listening on {}", a.socket.display()))?;
+    tracing::info!(tap = a.tap, pairs = a.queue_pairs, socket = %a.socket.display(), "serving");
+    let name = a.socket.display().to_string();
+    vhost_user_session::server::serve(
+        &name,
+        listener,
+        &StopHandle::default(),
+        |session| Connection::new(Arc::clone(&device), session),
+        || {},
+    );
+    Ok(())
 }
 
 fn main() {

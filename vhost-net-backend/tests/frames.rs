@@ -6,256 +6,23 @@
 //! completed with nothing sent and the queue goes on, and the control
 //! queue answers the number of pairs.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
-use std::process::Command;
+mod common;
+
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::*;
+use test_infra::vhost_frontend::{NEXT, WRITE};
 use test_infra::Patience;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::Listener;
+use vhost_net_backend::connection::Connection;
 use vhost_net_backend::device::NetDevice;
 use vhost_net_backend::tap;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vhost_user_session::server::StopHandle;
+use vm_memory::{Bytes, GuestAddress};
 
-const MEM: usize = 1 << 20;
-const QSIZE: u16 = 16;
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
 const TAP: &str = "vnbtest0";
-
-/// Queue q's rings: (descriptors, available, used), below 0x10000 for up
-/// to five queues.
-fn rings(q: usize) -> (u64, u64, u64) {
-    let base = 0x1000 + 0x3000 * q as u64;
-    (base, base + 0x1000, base + 0x2000)
-}
-
-struct Queue {
-    kick: EventFd,
-    _call: EventFd,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-struct Guest {
-    mem: GuestMemoryMmap,
-    _frontend: Frontend,
-    queues: Vec<Queue>,
-}
-
-impl Guest {
-    /// A frontend of `pairs` queue pairs and the control queue, acking
-    /// every feature offered but EVENT_IDX (every used entry signalled).
-    fn connect(sock: &Path, pairs: usize) -> Guest {
-        let mem = test_infra::memfd_guest_memory(MEM);
-        let mut f = Frontend::connect(sock, 2 * pairs as u64 + 1).expect("connect");
-        f.set_owner().expect("owner");
-        let features = f.get_features().expect("features");
-        f.set_features(features & !(1 << 29)).expect("set features");
-        let pf = f.get_protocol_features().expect("protocol features");
-        f.set_protocol_features(pf).expect("set protocol features");
-        let region = mem.iter().next().expect("a region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("info");
-        f.set_mem_table(&[info]).expect("mem table");
-        let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).expect("mapped") as u64;
-        let mut queues = Vec::new();
-        for q in 0..2 * pairs + 1 {
-            let (desc, avail, used) = rings(q);
-            f.set_vring_num(q, QSIZE).expect("num");
-            f.set_vring_base(q, 0).expect("base");
-            f.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: QSIZE,
-                    queue_size: QSIZE,
-                    flags: 0,
-                    desc_table_addr: host(desc),
-                    used_ring_addr: host(used),
-                    avail_ring_addr: host(avail),
-                    log_addr: None,
-                },
-            )
-            .expect("addr");
-            let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
-            let call = EventFd::new(EFD_NONBLOCK).expect("call");
-            f.set_vring_call(q, &call).expect("call");
-            f.set_vring_kick(q, &kick).expect("kick");
-            f.set_vring_enable(q, true).expect("enable");
-            queues.push(Queue {
-                kick,
-                _call: call,
-                avail_idx: 0,
-                used_seen: 0,
-            });
-        }
-        Guest {
-            mem,
-            _frontend: f,
-            queues,
-        }
-    }
-
-    fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = rings(q).0 + 16 * i as u64;
-        self.mem.write_obj(addr, GuestAddress(at)).expect("w");
-        self.mem.write_obj(len, GuestAddress(at + 8)).expect("w");
-        self.mem.write_obj(flags, GuestAddress(at + 12)).expect("w");
-        self.mem.write_obj(next, GuestAddress(at + 14)).expect("w");
-    }
-
-    fn post(&mut self, q: usize, head: u16) {
-        let avail = rings(q).1;
-        let queue = &mut self.queues[q];
-        let slot = avail + 4 + 2 * (queue.avail_idx % QSIZE) as u64;
-        self.mem.write_obj(head, GuestAddress(slot)).expect("w");
-        queue.avail_idx = queue.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(queue.avail_idx, GuestAddress(avail + 2))
-            .expect("w");
-        queue.kick.write(1).expect("kick");
-    }
-
-    /// Sends `frame` behind `header` on transmit queue `q` (two buffers
-    /// at `at` and `at + 0x1000`, chain head 0) and waits for the device
-    /// to complete it.
-    fn transmit(&mut self, q: usize, header: &[u8; 12], frame: &[u8], at: u64) {
-        self.mem.write_slice(header, GuestAddress(at)).expect("w");
-        self.mem
-            .write_slice(frame, GuestAddress(at + 0x1000))
-            .expect("w");
-        self.desc(q, 0, at, 12, NEXT, 1);
-        self.desc(q, 1, at + 0x1000, frame.len() as u32, 0, 0);
-        self.post(q, 0);
-        assert_eq!(self.used(q), (0, 0), "the frame on queue {q} completed");
-    }
-
-    /// The next used entry of queue `q`: (head, length).
-    fn used(&mut self, q: usize) -> (u32, u32) {
-        self.used_of(&[q]).1
-    }
-
-    /// The next used entry of whichever of `qs` has one first: (queue,
-    /// (head, length)).
-    fn used_of(&mut self, qs: &[usize]) -> (usize, (u32, u32)) {
-        let mut found = None;
-        // A frame moves in microseconds here.
-        Patience::new("a used entry", Duration::from_millis(1))
-            .wait_until(|| {
-                for &q in qs {
-                    let idx: u16 = self.mem.read_obj(GuestAddress(rings(q).2 + 2))?;
-                    if idx != self.queues[q].used_seen {
-                        found = Some(q);
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
-            })
-            .expect("a used entry");
-        let q = found.expect("a queue with a used entry");
-        let seen = self.queues[q].used_seen;
-        let e = rings(q).2 + 4 + 8 * (seen % QSIZE) as u64;
-        self.queues[q].used_seen = seen.wrapping_add(1);
-        (
-            q,
-            (
-                self.mem.read_obj(GuestAddress(e)).expect("r"),
-                self.mem.read_obj(GuestAddress(e + 4)).expect("r"),
-            ),
-        )
-    }
-}
-
-/// A raw socket on the tap's host side: what the host sees of the guest.
-fn packet_socket(ifname: &str) -> OwnedFd {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            (libc::ETH_P_ALL as u16).to_be() as i32,
-        )
-    };
-    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-    // SAFETY: a descriptor just made, owned from here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(ifname).expect("name");
-    // SAFETY: if_nametoindex on a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(index > 0, "no interface {ifname}");
-    // SAFETY: an all-zero sockaddr_ll is valid; fields set below.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-    addr.sll_ifindex = index as i32;
-    // SAFETY: bind with a sockaddr_ll of the right size.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 10,
-        tv_usec: 0,
-    };
-    // SAFETY: SO_RCVTIMEO with a timeval.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    fd
-}
-
-/// A frame of ours: to `dst` from a fixed source, an experimental
-/// ethertype, `payload` bytes.
-fn frame(dst: [u8; 6], tag: u8, payload: usize) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42]);
-    f.extend_from_slice(&[0x88, 0xb5]);
-    f.extend((0..payload).map(|i| (i as u8).wrapping_mul(7) ^ tag));
-    f
-}
-
-/// Whether this test can make taps (root, /dev/net/tun); a loud line if not.
-fn can_make_taps(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let ok = unsafe { libc::geteuid() } == 0 && Path::new("/dev/net/tun").exists();
-    if !ok {
-        eprintln!("SKIPPED: net-backend {test}: needs root and /dev/net/tun");
-    }
-    ok
-}
-
-/// Moves this thread (and the threads and processes it starts) into a
-/// network namespace of its own, without IPv6 (whose router solicitations
-/// would be frames the test did not send).
-fn in_own_netns() {
-    // SAFETY: unshare of the network namespace, no memory involved.
-    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-    let st = Command::new("sysctl")
-        .args(["-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])
-        .status()
-        .expect("sysctl");
-    assert!(st.success());
-}
-
-/// `ip ARGS` in this thread's namespace, which must succeed.
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("ip");
-    assert!(st.success(), "ip {args:?}");
-}
 
 /// net-backend's device on `pairs` queues of tap `name`, served on a
 /// socket in a temporary directory (kept alive by the caller).
@@ -264,20 +31,17 @@ fn serve(name: &str, pairs: usize) -> (Arc<NetDevice>, tempfile::TempDir, std::p
     let device = Arc::new(NetDevice::new(taps, QSIZE as usize));
     let dir = tempfile::tempdir().expect("dir");
     let sock = dir.path().join("net.sock");
-    let mut daemon = VhostUserDaemon::new(
-        "net-test".into(),
-        Arc::clone(&device),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .expect("daemon");
-    device
-        .watch_taps(&daemon.get_epoll_handlers())
-        .expect("watch");
-    let listener_sock = sock.clone();
-    std::thread::spawn(move || daemon.serve(&listener_sock));
-    Patience::new("the socket", Duration::from_millis(10))
-        .wait_until(|| Ok(sock.exists()))
-        .expect("listening");
+    let listener = Listener::new(&sock, true).expect("listen");
+    let served = Arc::clone(&device);
+    std::thread::spawn(move || {
+        vhost_user_session::server::serve(
+            "net-test",
+            listener,
+            &StopHandle::default(),
+            |session| Connection::new(Arc::clone(&served), session),
+            || {},
+        )
+    });
     (device, dir, sock)
 }
 
@@ -290,25 +54,14 @@ fn frames_move_between_the_guest_and_the_tap_and_hostile_chains_are_refused() {
     let (device, _dir, sock) = serve(TAP, 1);
     ip(&["link", "set", TAP, "up"]);
     let host = packet_socket(TAP);
-    let mut g = Guest::connect(&sock, 1);
+    let mut g = connect(&sock, 1);
 
     // Transmit: header (no offload) then the frame, in two buffers.
     let out = frame([0xff; 6], 1, 300);
-    g.transmit(1, &[0; 12], &out, 0x10000);
-    let mut buf = vec![0u8; 2048];
-    let seen = loop {
-        // SAFETY: recv into our buffer.
-        let n = unsafe { libc::recv(host.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        assert!(
-            n > 0,
-            "the host saw nothing: {}",
-            std::io::Error::last_os_error()
-        );
-        // The kernel's own frames (router solicitations) pass by.
-        if buf[12..14] == [0x88, 0xb5] {
-            break buf[..n as usize].to_vec();
-        }
-    };
+    transmit(&mut g, 1, &[0; 12], &out, 0x10000);
+    assert_eq!(g.used(1), (0, 0), "the frame on queue 1 completed");
+    // The kernel's own frames (router solicitations) pass by.
+    let seen = next_frame(&host);
     assert_eq!(seen, out, "the frame out of the tap as the guest wrote it");
 
     // A hostile transmit chain (a buffer the device would write) is
@@ -463,7 +216,7 @@ fn tso_frames_are_cut_on_the_way_out_and_arrive_whole_on_two_queue_pairs() {
         ip(&["link", "set", dev, "up"]);
     }
     ip(&["link", "set", "br0", "up"]);
-    let mut g = Guest::connect(&sock, 2);
+    let mut g = connect(&sock, 2);
 
     // Two pairs, asked for on the control queue (queue 4).
     g.mem
@@ -488,7 +241,8 @@ fn tso_frames_are_cut_on_the_way_out_and_arrive_whole_on_two_queue_pairs() {
     // with their sequence numbers and both checksums computed.
     let payload: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 251) as u8).collect();
     let big = tcp_frame([0x02, 0, 0, 0, 0, 0x99], 1000, &payload);
-    g.transmit(3, &tso_header(1000), &big, 0x10000);
+    transmit(&mut g, 3, &tso_header(1000), &big, 0x10000);
+    assert_eq!(g.used(3), (0, 0), "the frame on queue 3 completed");
     let mut carried = Vec::new();
     for k in 0..3u32 {
         let seg = next_tcp_frame(&plain).unwrap_or_else(|| panic!("segment {k} of 3"));
@@ -511,7 +265,8 @@ fn tso_frames_are_cut_on_the_way_out_and_arrive_whole_on_two_queue_pairs() {
     let small = tcp_frame([0x02, 0, 0, 0, 0, 0x99], 7, &payload[..100]);
     let mut csum_only = tso_header(0);
     csum_only[1] = 0; // VIRTIO_NET_HDR_GSO_NONE
-    g.transmit(1, &csum_only, &small, 0x18000);
+    transmit(&mut g, 1, &csum_only, &small, 0x18000);
+    assert_eq!(g.used(1), (0, 0), "the frame on queue 1 completed");
     let out = next_tcp_frame(&plain).expect("pair 0's frame");
     assert_eq!(out.len(), small.len());
     let (ip_h, tcp) = (&out[14..34], &out[34..]);

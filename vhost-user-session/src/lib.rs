@@ -13,6 +13,7 @@
 //! - `queues`: the vring messages' state, eventfds made nonblocking.
 //! - `rings`: a ring no driver could write breaks its queue once.
 //! - `eventfd`: why no eventfd a frontend sends can hold a worker.
+//! - `worker`: a queue worker's thread and its stop.
 
 pub mod eventfd;
 pub mod fence;
@@ -21,6 +22,7 @@ pub mod queues;
 pub mod rings;
 pub mod server;
 pub mod session;
+pub mod worker;
 
 pub use session::Session;
 

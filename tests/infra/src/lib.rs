@@ -11,7 +11,9 @@
 //!   QEMU ([`QemuVm`]) or the project's vmm ([`VmmVm`]), its console and
 //!   result read back;
 //! - [`backend`]: blk-backend and qemu-storage-daemon as child processes;
-//! - [`fixture`]: a test's scratch directory with its images and backends.
+//! - [`fixture`]: a test's scratch directory with its images and backends;
+//! - [`vhost_frontend`]: an in-process vhost-user frontend writing rings
+//!   by hand, for backends' protocol and hostile-guest tests.
 
 pub mod backend;
 pub mod fixture;
@@ -20,6 +22,7 @@ pub mod host;
 pub mod memory;
 pub mod netns;
 pub mod patience;
+pub mod vhost_frontend;
 pub mod workspace;
 
 pub use backend::{listening, BackendControl, BlkBackendProcess, StorageDaemon};

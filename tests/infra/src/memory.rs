@@ -18,3 +18,14 @@ pub fn memfd_guest_memory(size: usize) -> GuestMemoryMmap {
     let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("a region");
     GuestMemoryMmap::from_regions(vec![region]).expect("guest memory")
 }
+
+/// The memfd behind guest memory made by [`memfd_guest_memory`]: a
+/// hostile frontend's test truncates it under the backend.
+pub fn memory_file(mem: &GuestMemoryMmap) -> &File {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .next()
+        .and_then(|r| r.file_offset())
+        .map(|f| f.file())
+        .expect("a memfd-backed region")
+}

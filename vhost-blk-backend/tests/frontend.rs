@@ -541,7 +541,9 @@ fn memory_truncated_under_the_backend_ends_that_session_only() {
     assert_eq!(g.request(VIRTIO_BLK_T_IN, 0, 512).1, OK);
     // Only the first 128 KiB stay: rings (0x1000-0x3fff), header (0x8000)
     // and status (0x9000) among them.
-    test_infra::memory::memory_file(&g.f.mem).set_len(0x20000).expect("truncate");
+    test_infra::memory::memory_file(&g.f.mem)
+        .set_len(0x20000)
+        .expect("truncate");
     // A write whose data lies past the new end: the kernel finds no page
     // there and the request fails; nothing in the backend faulted.
     let faults = vhost_user_session::fence::contained_faults();

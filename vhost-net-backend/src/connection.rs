@@ -45,6 +45,9 @@ pub struct Connection {
     workers: Vec<Option<WorkerHandle>>,
     owned: bool,
     acked_features: Option<u64>,
+    /// SET_PROTOCOL_FEATURES came (rings are switched by
+    /// SET_VRING_ENABLE from then on).
+    protocol_features_set: bool,
     session: Arc<Session>,
 }
 
@@ -64,6 +67,7 @@ impl Connection {
             queues,
             owned: false,
             acked_features: None,
+            protocol_features_set: false,
             session,
         })
     }
@@ -191,9 +195,15 @@ impl Connection {
         self.start_all()
     }
 
-    fn protocol_features_acked(&self) -> bool {
-        self.acked_features
-            .is_some_and(|f| f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0)
+    /// Whether SET_VRING_ENABLE may come: once the frontend sent
+    /// SET_PROTOCOL_FEATURES (QEMU's virtio-net enables a peer's queue
+    /// pairs before it sends SET_FEATURES; see third_party/README.md), or
+    /// acked VHOST_USER_F_PROTOCOL_FEATURES.
+    fn rings_switchable(&self) -> bool {
+        self.protocol_features_set
+            || self
+                .acked_features
+                .is_some_and(|f| f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0)
     }
 }
 
@@ -226,6 +236,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.stop_all();
         self.owned = false;
         self.acked_features = None;
+        self.protocol_features_set = false;
         Ok(())
     }
 
@@ -333,6 +344,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
                 features & !ours
             )));
         }
+        self.protocol_features_set = true;
         Ok(())
     }
 
@@ -341,7 +353,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
-        if !self.protocol_features_acked() {
+        if !self.rings_switchable() {
             return Err(refuse(
                 "SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES".into(),
             ));

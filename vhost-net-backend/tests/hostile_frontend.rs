@@ -444,7 +444,9 @@ fn memory_the_frontend_does_not_back_ends_that_session_only() {
         let mut g = connect(&b.sock, 1);
         g.desc(0, 0, 0x80000, 2048, WRITE, 0);
         g.post(0, 0);
-        test_infra::memory::memory_file(&g.mem).set_len(0).expect("truncate");
+        test_infra::memory::memory_file(&g.mem)
+            .set_len(0)
+            .expect("truncate");
         // Frames into buffers that are gone, and a transmit kick whose
         // rings are gone.
         for i in 0..100 {

@@ -922,3 +922,176 @@ fn a_vm_with_a_nic_is_snapshotted_and_its_restored_copy_answers_on_its_address()
     let neigh = String::from_utf8_lossy(&neigh.stdout);
     assert!(neigh.contains(&mac), "{neigh} (the guest's MAC is {mac})");
 }
+
+/// CPU ticks (utime + stime, of 10 ms) process `pid` has used.
+fn process_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|r| r.1.split_whitespace().collect())
+        .unwrap_or_default();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// A guest as net-backend's hostile peer: a bench guest in `mode=fuzz
+/// fuzz=nic` writes junk to everything it can reach of its NIC (features,
+/// ring sizes and addresses, rings, the control queue, notify, MSI-X, PCI
+/// configuration) under the real vmm, four seeds one after another, while
+/// broadcasts from the namespace keep its receive path busy and a
+/// bystander VM on another net-backend on the same bridge answers echoes
+/// and pings all along. The attacked net-backend must stay up, go back to
+/// idle after each attack, keep its log bounded, and serve a new VM.
+#[test]
+fn junk_from_a_guest_on_its_nic_leaves_net_backend_and_the_vm_beside_it_standing() {
+    if !ready("net_fuzz", &["ip", "ping", "python3"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let ns = Netns::new("vmmtest", "fuzz");
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"]);
+    ns.ip(&["link", "set", "br0", "up"]);
+    ns.tap("tapv", true, Some("br0"));
+    ns.tap("tapb", true, Some("br0"));
+    let (victim_sock, bystander_sock) = (fx.path("victim.sock"), fx.path("bystander.sock"));
+    let log = fx.path("victim-net-backend.log");
+    let mut victim = test_infra::spawn_serving(
+        ns.command(&[
+            &s(&bin("net-backend")),
+            "--socket",
+            &s(&victim_sock),
+            "--tap",
+            "tapv",
+        ])
+        .stderr(std::fs::File::create(&log).expect("the log")),
+        &victim_sock,
+        "the attacked net-backend",
+        Duration::from_millis(50),
+    );
+    let _bystander_backend = net_backend(&ns, "tapb", &bystander_sock);
+    let bystander = nic_vm(&bystander_sock, "mode=net ip=10.0.0.2 wait=halt");
+
+    // Echoes from the bystander, and broadcasts the fuzzed NIC receives,
+    // until the stop file appears; every echo must come back.
+    let stop = fx.path("traffic.stop");
+    let script = format!(
+        "import socket, os\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(1)\n\
+         b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         b.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\n\
+         i = 0\n\
+         while not os.path.exists('{stop}'):\n\
+         \x20   m = b'echo %d' % i\n\
+         \x20   for attempt in range(10):\n\
+         \x20       s.sendto(m, ('10.0.0.2', 7))\n\
+         \x20       b.sendto(b'for the fuzzed nic %d' % i, ('10.0.0.255', 9))\n\
+         \x20       try:\n\
+         \x20           d, a = s.recvfrom(2048)\n\
+         \x20           if d == m: break\n\
+         \x20       except socket.timeout: pass\n\
+         \x20   else: raise SystemExit('no echo of %r' % m)\n\
+         \x20   i += 1\n\
+         print('%d echoed' % i)",
+        stop = s(&stop)
+    );
+    let traffic = ns
+        .command(&["python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    let traffic = Process(traffic);
+
+    let pid = victim.0.id();
+    for seed in [1u64, 2, 3, 4] {
+        let mut v = VmmVm::new(
+            &bin("vmm"),
+            &format!("mode=fuzz fuzz=nic seed={seed} ios=20000"),
+        );
+        v.options = vec![
+            "--net".into(),
+            format!(
+                "socket={},mac=52:54:00:00:00:05,num_queues=2,connect_timeout_ms=10000,\
+                 reconnect_timeout_ms=300,reply_timeout_ms=5000",
+                s(&victim_sock)
+            ),
+        ];
+        let r = v.run().expect("the fuzzed vmm runs");
+        let result = r
+            .result
+            .as_ref()
+            .unwrap_or_else(|| panic!("seed {seed}: no report:\n{}\n{}", r.serial, r.stderr));
+        assert_eq!(result["phase"], "fuzz", "seed {seed}: {}", r.serial);
+        assert_eq!(r.guest_status, Some(0), "seed {seed}: {}", r.stderr);
+        assert!(
+            victim.0.try_wait().expect("wait").is_none(),
+            "seed {seed}: net-backend died:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        // Idle once its frontend is gone: what it spends in a second.
+        let before = process_ticks(pid);
+        std::thread::sleep(Duration::from_secs(1));
+        let spent = process_ticks(pid) - before;
+        eprintln!(
+            "seed {seed}: {} junk writes in {} ms; net-backend then used {spent} ticks in an idle second",
+            result["writes"],
+            r.total.as_millis()
+        );
+        assert!(
+            spent <= 15,
+            "seed {seed}: net-backend spent {spent} ticks idle"
+        );
+        // The bystander answers pings between attacks.
+        let ping = ns.ping("10.0.0.2", 2);
+        assert!(ping.status.success(), "{}", bystander.console());
+    }
+    std::fs::write(&stop, b"").expect("stop file");
+    let mut traffic = traffic;
+    let out = output_of(&mut traffic.0);
+    assert!(
+        out.contains("echoed"),
+        "the bystander's echoes: {out}\n{}",
+        bystander.console()
+    );
+    eprintln!("the bystander during the attacks: {}", out.trim());
+
+    // A new VM on the attacked net-backend is served.
+    let fresh = nic_vm(&victim_sock, "mode=net ip=10.0.0.3 wait=halt");
+    let ping = ns.ping("10.0.0.3", 3);
+    assert!(
+        ping.status.success(),
+        "the next VM on the attacked net-backend:\n{}",
+        fresh.console()
+    );
+    drop(fresh);
+    let _ = victim.0.kill();
+    let _ = victim.0.wait();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines = logged.lines().count();
+    eprintln!("the attacked net-backend logged {lines} lines over 4 attacks");
+    // A few lines an attack (each queue broken once, sessions ended).
+    assert!(
+        lines <= 4 * 40,
+        "net-backend logged {lines} lines:\n{logged}"
+    );
+}
+
+/// What a child that was told to stop printed, once it ended.
+fn output_of(child: &mut std::process::Child) -> String {
+    let out = Patience::new("the traffic to stop", Duration::from_secs(2))
+        .wait_until(|| Ok(child.try_wait()?.is_some()));
+    let mut text = String::new();
+    use std::io::Read;
+    if let Some(o) = child.stdout.as_mut() {
+        let _ = o.read_to_string(&mut text);
+    }
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut text);
+    }
+    if let Err(e) = out {
+        text.push_str(&format!("\n{e}"));
+    }
+    text
+}

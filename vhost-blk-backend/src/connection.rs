@@ -216,7 +216,7 @@ impl Connection {
         if slot.worker.is_some() || !slot.ready() || self.regions.is_empty() {
             return Ok(());
         }
-        let vring = slot.vring.clone();
+        let (vring, broken) = (slot.vring.clone(), slot.broken.clone());
         if let Err(why) = self.queues.rings_in_memory(q) {
             // The memory table changed under rings that were fine: the
             // queue waits for new addresses instead of failing every
@@ -257,6 +257,7 @@ impl Connection {
             resubmit,
             poll: std::time::Duration::from_micros(self.export.spec.poll_us),
             session: Arc::clone(&self.session),
+            broken,
         };
         let handle = worker
             .spawn()

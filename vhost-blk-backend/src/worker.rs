@@ -48,6 +48,9 @@ pub struct QueueWorker {
     /// The session this queue belongs to: a worker that finds its memory
     /// taken away ends it.
     pub session: Arc<Session>,
+    /// The queue's mark, set when the driver broke it (a worker started
+    /// again on a broken queue leaves it alone without saying so again).
+    pub broken: rings::BrokenMark,
 }
 
 /// One finished request: its head and the used length.
@@ -109,6 +112,7 @@ impl QueueWorker {
             }
             let sub = self.export.subscribe();
             let poll = self.poll;
+            let broken = self.broken.is_set();
             let mut r = Running {
                 w: self,
                 ring,
@@ -120,7 +124,7 @@ impl QueueWorker {
                 req: Request::default(),
                 window: PollWindow::new(poll),
                 stopping: false,
-                broken: false,
+                broken,
                 failed: 0,
             };
             if let Err(e) = r.run() {
@@ -326,6 +330,7 @@ impl Running {
             )
         });
         self.broken = true;
+        self.w.broken.set();
         None
     }
 

@@ -27,7 +27,8 @@ use crate::device::{self, Layout, NetDevice};
 use crate::worker::{PairWorker, WorkerHandle};
 use tracing::warn;
 use vhost_user_session::memory::{self, MappedRegion};
-use vhost_user_session::queues::Queues;
+use vhost_user_session::queues::{Queues, Vring};
+use vhost_user_session::rings::BrokenMark;
 use vhost_user_session::server::Served;
 use vhost_user_session::{refuse, Session};
 
@@ -113,8 +114,7 @@ impl Connection {
         if self.regions.is_empty() || p >= self.layout().pairs || self.workers[p].is_some() {
             return Ok(());
         }
-        let mut queues: [Option<(usize, vhost_user_session::queues::Vring)>; 3] =
-            Default::default();
+        let mut queues: [Option<(usize, Vring, BrokenMark)>; 3] = Default::default();
         for (k, q) in self.layout().queues_of(p).into_iter().enumerate() {
             let Some(q) = q else { continue };
             let Some(slot) = self.queues.get(q) else {
@@ -130,12 +130,12 @@ impl Connection {
                     .peer_caused(|| warn!(queue = q, "not started: {why}"));
                 continue;
             }
-            queues[k] = Some((q, slot.vring.clone()));
+            queues[k] = Some((q, slot.vring.clone(), slot.broken.clone()));
         }
         if queues.iter().all(Option::is_none) {
             return Ok(());
         }
-        for (q, vring) in queues.iter().flatten() {
+        for (q, vring, _) in queues.iter().flatten() {
             vring.set_queue_ready(true);
             self.queues.slot(*q as u32)?.worker = Some(InService);
         }
@@ -262,7 +262,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         // Which queue is what may change with the features.
         self.stop_all();
         self.acked_features = Some(features);
-        self.device.acked_features(features);
+        if let Err(e) = self.device.acked_features(features) {
+            self.session.peer_caused(|| warn!("{e}"));
+        }
         self.queues.set_features(
             features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
             features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0,

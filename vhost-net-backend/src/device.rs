@@ -12,7 +12,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::tap::{self, TapQueue};
+use crate::tap::{self, TapError, TapQueue};
 
 /// What the device counts (all queues, all sessions).
 #[derive(Debug, Default)]
@@ -65,31 +65,36 @@ impl NetDevice {
 
     /// The driver uses the first `n` pairs (virtio: the first only, until
     /// it sets more on the control queue): the other pairs' tap queues
-    /// are detached, so that the kernel gives them no frame.
-    pub fn use_pairs(&self, n: usize) {
+    /// are detached, so that the kernel gives them no frame. The first
+    /// failure is returned (the caller logs it within its limit).
+    pub fn use_pairs(&self, n: usize) -> Result<(), TapError> {
         let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = None;
         for (p, (tap, on)) in self.taps.iter().zip(attached.iter_mut()).enumerate() {
             let want = p < n.max(1);
             if *on != want {
                 match tap.set_attached(want) {
                     Ok(()) => *on = want,
-                    Err(e) => warn!("pair {p}: {e}"),
+                    Err(e) => failed = failed.or(Some(e)),
                 }
             }
         }
         info!(pairs = n, "the driver uses {n} queue pairs");
+        failed.map_or(Ok(()), Err)
     }
 
     /// A driver acked `acked`: it starts on the first pair, and the tap
-    /// offloads follow its receive features.
-    pub fn acked_features(&self, acked: u64) {
-        self.use_pairs(1);
+    /// offloads follow its receive features. The first failure is
+    /// returned (the caller logs it within its limit).
+    pub fn acked_features(&self, acked: u64) -> Result<(), TapError> {
+        let mut failed = self.use_pairs(1).err();
         let offloads = tap_offloads(acked);
         for t in &self.taps {
             if let Err(e) = t.set_offloads(offloads) {
-                warn!("{e}");
+                failed = failed.or(Some(e));
             }
         }
+        failed.map_or(Ok(()), Err)
     }
 
     /// virtio-net's configuration: no MAC (the frontend gives its own),
@@ -143,7 +148,9 @@ pub fn tap_offloads(acked: u64) -> u32 {
         if has(VIRTIO_NET_F_GUEST_TSO6) {
             f |= tap::TUN_F_TSO6;
         }
-        if has(VIRTIO_NET_F_GUEST_ECN) {
+        // ECN goes with segmentation only (a tap refuses it alone, and
+        // VIRTIO asks a driver for GUEST_TSO4 or 6 with GUEST_ECN).
+        if has(VIRTIO_NET_F_GUEST_ECN) && f & (tap::TUN_F_TSO4 | tap::TUN_F_TSO6) != 0 {
             f |= tap::TUN_F_TSO_ECN;
         }
     }
@@ -218,6 +225,18 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ecn_goes_to_the_tap_with_segmentation_only() {
+        let bit = |b: u32| 1u64 << b;
+        let csum_ecn = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_ECN);
+        assert_eq!(tap_offloads(csum_ecn), tap::TUN_F_CSUM);
+        assert_eq!(
+            tap_offloads(csum_ecn | bit(VIRTIO_NET_F_GUEST_TSO6)),
+            tap::TUN_F_CSUM | tap::TUN_F_TSO6 | tap::TUN_F_TSO_ECN
+        );
+        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+    }
 
     #[test]
     fn the_control_queue_follows_mq() {

@@ -31,6 +31,7 @@ use crate::device::NetDevice;
 use crate::tap::VNET_HDR_LEN;
 use vhost_user_session::memory::still_backed;
 use vhost_user_session::queues::Vring;
+use vhost_user_session::rings::BrokenMark;
 pub use vhost_user_session::worker::WorkerHandle;
 use vhost_user_session::{rings, Session};
 
@@ -51,15 +52,15 @@ struct Served {
     index: usize,
     vring: Vring,
     /// The driver wrote what no driver can: left alone until set up again.
-    broken: bool,
+    broken: BrokenMark,
 }
 
 pub struct PairWorker {
     pub pair: usize,
     pub device: Arc<NetDevice>,
     /// The pair's receive, transmit and (pair 0) control queues, those
-    /// the frontend set up: (virtqueue index, its vring).
-    pub queues: [Option<(usize, Vring)>; 3],
+    /// the frontend set up: (virtqueue index, its vring, its broken mark).
+    pub queues: [Option<(usize, Vring, BrokenMark)>; 3],
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     pub event_idx: bool,
     pub session: Arc<Session>,
@@ -90,7 +91,7 @@ impl PairWorker {
         };
         watch(stop.as_raw_fd(), EventSet::IN, STOP)?;
         for (slot, q) in self.queues.iter().enumerate() {
-            let Some((_, vring)) = q else { continue };
+            let Some((_, vring, _)) = q else { continue };
             if let Some(kick) = vring.get_ref().get_kick() {
                 watch(
                     kick.as_raw_fd(),
@@ -119,10 +120,10 @@ impl PairWorker {
                 pair,
                 device,
                 queues: queues.map(|q| {
-                    q.map(|(index, vring)| Served {
+                    q.map(|(index, vring, broken)| Served {
                         index,
                         vring,
-                        broken: false,
+                        broken,
                     })
                 }),
                 mem,
@@ -233,7 +234,7 @@ impl Running {
             return;
         }
         let Some(q) = &self.queues[slot] else { return };
-        if q.broken || !q.vring.get_ref().get_queue().ready() {
+        if q.broken.is_set() || !q.vring.get_ref().get_queue().ready() {
             return;
         }
         let (vring, index) = (q.vring.clone(), q.index);
@@ -302,8 +303,8 @@ impl Running {
             let _ = vring.signal_used_queue();
         }
         if let Some(why) = broken {
-            if let Some(q) = &mut self.queues[slot] {
-                q.broken = true;
+            if let Some(q) = &self.queues[slot] {
+                q.broken.set();
             }
             let pair = self.pair;
             self.session.peer_caused(|| {
@@ -476,7 +477,9 @@ impl Running {
             (4.., VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
                 let n = u16::from_le_bytes([head[2], head[3]]);
                 if (1..=self.device.pairs() as u16).contains(&n) {
-                    self.device.use_pairs(n as usize);
+                    if let Err(e) = self.device.use_pairs(n as usize) {
+                        self.session.peer_caused(|| warn!("{e}"));
+                    }
                     VIRTIO_NET_OK
                 } else {
                     VIRTIO_NET_ERR

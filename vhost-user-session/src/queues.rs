@@ -12,7 +12,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::memory::{frontend_to_guest, MappedRegion};
 use crate::refuse;
-use crate::rings::{rings_in_memory, RingOutside};
+use crate::rings::{rings_in_memory, BrokenMark, RingOutside};
 
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>;
 
@@ -20,6 +20,9 @@ pub struct QueueSlot<W> {
     pub vring: Vring,
     pub addresses_set: bool,
     pub kick_set: bool,
+    /// Set by a worker that found the ring broken; cleared when the driver
+    /// sets the queue up again (its size, addresses, base or kick).
+    pub broken: BrokenMark,
     pub worker: Option<W>,
 }
 
@@ -50,6 +53,7 @@ impl<W> Queues<W> {
                         .map_err(|e| std::io::Error::other(format!("{e:?}")))?,
                     addresses_set: false,
                     kick_set: false,
+                    broken: BrokenMark::default(),
                     worker: None,
                 })
             })
@@ -109,6 +113,7 @@ impl<W> Queues<W> {
             )));
         }
         slot.vring.set_queue_size(num as u16);
+        slot.broken.clear();
         Ok(())
     }
 
@@ -155,6 +160,7 @@ impl<W> Queues<W> {
             .map_err(|e| refuse(format!("queue {index}: used ring unreadable: {e:?}")))?;
         slot.vring.set_queue_next_used(idx);
         slot.addresses_set = true;
+        slot.broken.clear();
         Ok(())
     }
 
@@ -169,9 +175,9 @@ impl<W> Queues<W> {
 
     /// SET_VRING_BASE.
     pub fn set_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        self.idle(index, "SET_VRING_BASE")?
-            .vring
-            .set_queue_next_avail(base as u16);
+        let slot = self.idle(index, "SET_VRING_BASE")?;
+        slot.vring.set_queue_next_avail(base as u16);
+        slot.broken.clear();
         Ok(())
     }
 
@@ -194,6 +200,7 @@ impl<W> Queues<W> {
         let fd = fd.map(nonblocking).transpose()?;
         slot.kick_set = fd.is_some();
         slot.vring.set_kick(fd);
+        slot.broken.clear();
         Ok(())
     }
 
@@ -237,6 +244,7 @@ impl<W> Queues<W> {
         for slot in &mut self.slots {
             slot.vring.set_enabled(false);
             slot.vring.set_queue_ready(false);
+            slot.broken.clear();
         }
     }
 }

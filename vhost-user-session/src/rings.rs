@@ -7,7 +7,8 @@
 //! A broken queue is VIRTIO's "device needs reset": it is left alone until
 //! the driver sets it up again.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
@@ -40,6 +41,27 @@ pub fn rings_in_memory(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), RingO
         }
     }
     Ok(())
+}
+
+/// A queue the driver broke: left alone until the driver sets it up
+/// again. It outlives the queue's workers (they restart when the memory
+/// table or another queue of theirs changes), so a broken queue is said to
+/// be broken once, not again by each new worker.
+#[derive(Clone, Debug, Default)]
+pub struct BrokenMark(Arc<AtomicBool>);
+
+impl BrokenMark {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn clear(&self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// What breaks a queue.

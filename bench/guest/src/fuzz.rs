@@ -1,7 +1,8 @@
 //! A hostile driver (`mode=fuzz`): after a normal set-up, `ios` random
 //! writes (default 20000, from `seed`) to everything a guest can reach of
-//! its disk: the common configuration (queue sizes, ring addresses, status
-//! with DRIVER_OK and resets), the device configuration, the notify area,
+//! its disk (or, `fuzz=nic`, its NIC): the common configuration (features,
+//! queue sizes, ring addresses, status with DRIVER_OK and resets), the
+//! device configuration, the notify area,
 //! the MSI-X table, its PCI configuration space (BARs included), the
 //! configuration ports with random targets, and ring memory filled with
 //! junk. Then it resets the device and reports; that report arriving, and
@@ -12,12 +13,12 @@
 //! outside RAM), so whatever the device writes lands where nothing of the
 //! guest lives: the guest must outlive its own attack to report it.
 
-use crate::blk::Device;
 use crate::config::Config;
-use crate::mem::{rd32, wr16, wr32, wr64, wr8, Arena};
+use crate::mem::{rd16, rd32, wr16, wr32, wr64, wr8, Arena};
 use crate::println;
 use crate::serial::{inl, outl};
 use crate::time::{tsc, Clock};
+use crate::virtio::Transport;
 
 const SCRATCH: u64 = 4 << 20;
 
@@ -36,8 +37,9 @@ fn write(addr: u64, width: u64, v: u64) {
     }
 }
 
-pub fn run(dev: &Device, cfg: &Config, arena: &Arena, clock: &Clock) -> ! {
-    let t = dev.transport();
+/// Attacks the device behind `t`, whose queues are 0..`queues` (a queue
+/// past them is selected too: the device must ignore it).
+pub fn run(t: &Transport, queues: u16, cfg: &Config, arena: &Arena, clock: &Clock) -> ! {
     let [common, device_cfg, notify, msix] = t.windows();
     let func = t.func;
     let Some(scratch) = arena.alloc(SCRATCH, 4096) else {
@@ -54,26 +56,43 @@ pub fn run(dev: &Device, cfg: &Config, arena: &Arena, clock: &Clock) -> ! {
         let width = (r >> 8) % 3;
         let in_scratch = (scratch + (v % SCRATCH)) & !0xf;
         match r % 100 {
-            // A whole (re)start with junk rings: reset, a queue of a random
-            // size (a power of two, or anything) in the scratch area,
-            // enabled, DRIVER_OK, and a kick: the backend gets the junk.
+            // A whole (re)start with junk rings: reset, a random part of
+            // the device's features (EVENT_IDX, a NIC's control queue and
+            // pairs among them), a queue of a random size (a power of
+            // two, or anything) in the scratch area, enabled, DRIVER_OK,
+            // and a kick: the backend gets the junk.
             0..=2 => {
                 wr8(common.0 + 20, 0);
                 wr8(common.0 + 20, 1 | 2);
+                wr32(common.0, 0);
+                let offered = rd32(common.0 + 4);
+                wr32(common.0 + 8, 0);
+                wr32(common.0 + 12, offered & (v >> 32) as u32);
                 wr32(common.0 + 8, 1);
                 wr32(common.0 + 12, 1); // VIRTIO_F_VERSION_1
                 wr8(common.0 + 20, 1 | 2 | 8);
-                let size = if v & 1 == 0 { 1u16 << ((v >> 1) % 9) } else { (v >> 1) as u16 };
-                wr16(common.0 + 22, ((r >> 16) % 2) as u16);
-                wr16(common.0 + 24, size);
-                for (k, field) in [0x20u64, 0x28, 0x30].iter().enumerate() {
-                    let at = (scratch + ((v >> (8 * k + 16)) % SCRATCH)) & !0xf;
-                    wr32(common.0 + field, at as u32);
-                    wr32(common.0 + field + 4, 0);
+                // Every queue (and one past them), each its own junk.
+                let mut q_rng = v;
+                for q in 0..=queues {
+                    let w = next(&mut q_rng);
+                    let size = if w & 1 == 0 { 1u16 << ((w >> 1) % 9) } else { (w >> 1) as u16 };
+                    wr16(common.0 + 22, q);
+                    wr16(common.0 + 24, size);
+                    for (k, field) in [0x20u64, 0x28, 0x30].iter().enumerate() {
+                        let at = (scratch + ((w >> (8 * k + 16)) % SCRATCH)) & !0xf;
+                        wr32(common.0 + field, at as u32);
+                        wr32(common.0 + field + 4, 0);
+                    }
+                    wr16(common.0 + 28, 1);
                 }
-                wr16(common.0 + 28, 1);
                 wr8(common.0 + 20, 1 | 2 | 8 | 4);
-                wr16(notify.0, 0);
+                // A kick for each, where the device says its doorbell is.
+                let mult = notify.1 / 16;
+                for q in 0..queues {
+                    wr16(common.0 + 22, q);
+                    let off = (rd16(common.0 + 30) as u64 * mult).min(notify.1 - 2);
+                    wr16(notify.0 + off, q);
+                }
                 restarts += 1;
             }
             // Ring addresses: both halves, into the scratch area.

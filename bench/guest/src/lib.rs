@@ -157,12 +157,20 @@ pub extern "C" fn guest_main() -> ! {
     if cfg.mode == Mode::Fs {
         run_fs(si.rsdp, &cfg, &arena, &clock, boot_tsc);
     }
+    if cfg.mode == Mode::Fuzz && cfg.fuzz_nic {
+        let nic = match net::Nic::open(si.rsdp, cfg.max_bus, cfg.queue_size, cfg.ip, false, cfg.event_idx, &arena) {
+            Ok(n) => n,
+            Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
+        };
+        // Receive, transmit and the control queue (when a restart acks it).
+        fuzz::run(nic.transport(), 3, &cfg, &arena, &clock);
+    }
     let mut dev = match blk::Device::open(si.rsdp, &cfg, &arena) {
         Ok(d) => d,
         Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
     };
     if cfg.mode == Mode::Fuzz {
-        fuzz::run(&dev, &cfg, &arena, &clock);
+        fuzz::run(dev.transport(), 1, &cfg, &arena, &clock);
     }
     let mut nic = background_nic(si.rsdp, &cfg, &arena, &clock);
     if cfg.touch > 0 {

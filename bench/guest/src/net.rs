@@ -219,6 +219,12 @@ impl Nic {
         })
     }
 
+    /// The device's virtio-pci transport (what `mode=fuzz fuzz=nic` writes
+    /// junk to).
+    pub fn transport(&self) -> &Transport {
+        &self._transport
+    }
+
     /// Whether the device says the link is up (without STATUS: up).
     pub fn link_up(&self) -> bool {
         rd16(self._transport.device_cfg + 6) & 1 == 1

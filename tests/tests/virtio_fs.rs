@@ -221,3 +221,64 @@ fn vmctl_shares_a_host_folder_with_its_vm() {
         String::from_utf8_lossy(&list.stdout)
     );
 }
+
+/// A guest as the hostile peer of its shared folder: a bench guest in
+/// `mode=fuzz fuzz=fs` writes junk to everything it can reach of its
+/// virtio-fs device (features, queue sizes and addresses, rings, notify,
+/// MSI-X, PCI configuration) under the real vmm, which hands the rings to
+/// virtiofsd. The vmm must see the guest to its end with a bounded log,
+/// whatever virtiofsd makes of it; the host's folder serves the next VM.
+#[test]
+fn junk_from_a_guest_on_its_shared_folder_leaves_the_vmm_standing() {
+    if !ready("virtio_fs_fuzz", &["virtiofsd"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let shared = fx.path("shared");
+    std::fs::create_dir(&shared).expect("dir");
+    let content = pattern(10_000);
+    std::fs::write(shared.join("hello.bin"), &content).expect("w");
+    for seed in [1u64, 2] {
+        let sock = fx.path(&format!("fuzz{seed}.sock"));
+        let mut daemon = virtiofsd(&shared, &sock);
+        let mut v = VmmVm::new(
+            &bin("vmm"),
+            &format!("mode=fuzz fuzz=fs seed={seed} ios=20000"),
+        );
+        v.options = vec![
+            "--fs".into(),
+            format!(
+                "socket={},tag=share,connect_timeout_ms=10000,reconnect_timeout_ms=300,\
+                 reply_timeout_ms=5000",
+                s(&sock)
+            ),
+        ];
+        let r = v.run().expect("the fuzzed vmm runs");
+        let result = r
+            .result
+            .as_ref()
+            .unwrap_or_else(|| panic!("seed {seed}: no report:\n{}\n{}", r.serial, r.stderr));
+        assert_eq!(result["phase"], "fuzz", "seed {seed}: {}", r.serial);
+        assert_eq!(r.guest_status, Some(0), "seed {seed}: {}", r.stderr);
+        assert!(!r.stderr.contains("panicked"), "seed {seed}: {}", r.stderr);
+        let lines = r.stderr.lines().count();
+        let virtiofsd_alive = daemon.0.try_wait().expect("wait").is_none();
+        eprintln!(
+            "seed {seed}: {} junk writes in {} ms, the vmm logged {lines} lines, \
+             virtiofsd {}",
+            result["writes"],
+            r.total.as_millis(),
+            if virtiofsd_alive { "still up" } else { "ended" }
+        );
+        assert!(
+            lines < 400,
+            "seed {seed}: the vmm logged {lines} lines:\n{}",
+            r.stderr
+        );
+    }
+    let sock = fx.path("after.sock");
+    let _daemon = virtiofsd(&shared, &sock);
+    let run = fs_vm(&sock, "mode=fs tag=share file=hello.bin timeout_ms=10000");
+    run.assert_ok("a VM after the attacks");
+    assert_eq!(run.result.clone().expect("a report")["fnv"], fnv(&content));
+}

@@ -61,6 +61,14 @@ pub enum Check {
     WriteZeroes,
 }
 
+/// The device `mode=fuzz` writes junk to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FuzzTarget {
+    Disk,
+    Nic,
+    Fs,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
     pub mode: Mode,
@@ -96,8 +104,8 @@ pub struct Config {
     pub timeout_ms: u64,
     pub queue_size: u16,
     pub seed: u64,
-    /// `mode=fuzz` attacks the NIC (`fuzz=nic`) instead of the disk.
-    pub fuzz_nic: bool,
+    /// What `mode=fuzz` attacks: `fuzz=disk` (the default), `nic` or `fs`.
+    pub fuzz: FuzzTarget,
     pub progress_ms: u64,
     pub max_bus: u8,
     pub indirect: bool,
@@ -164,7 +172,7 @@ impl Default for Config {
             timeout_ms: 5000,
             queue_size: 0,
             seed: 1,
-            fuzz_nic: false,
+            fuzz: FuzzTarget::Disk,
             progress_ms: 1000,
             max_bus: 0,
             indirect: true,
@@ -281,13 +289,15 @@ pub fn parse(cmdline: &str) -> Result<Config, &str> {
             "timeout_ms" => num(v).filter(|&n| n > 0).map(|n| c.timeout_ms = n).is_some(),
             "queue_size" => num(v).filter(|&n| n <= 32768).map(|n| c.queue_size = n as u16).is_some(),
             "seed" => num(v).map(|n| c.seed = n).is_some(),
-            "fuzz" => match v {
-                "disk" | "nic" => {
-                    c.fuzz_nic = v == "nic";
-                    true
-                }
-                _ => false,
-            },
+            "fuzz" => {
+                c.fuzz = match v {
+                    "disk" => FuzzTarget::Disk,
+                    "nic" => FuzzTarget::Nic,
+                    "fs" => FuzzTarget::Fs,
+                    _ => return Err(word),
+                };
+                true
+            }
             "progress_ms" => num(v).map(|n| c.progress_ms = n).is_some(),
             "touch" => num(v).map(|n| c.touch = n).is_some(),
             // Linux's form too (ip=CLIENT::GATEWAY:MASK:HOST:DEV:AUTOCONF,

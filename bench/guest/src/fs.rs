@@ -103,6 +103,12 @@ pub struct Share {
 }
 
 impl Share {
+    /// The device's virtio-pci transport (what `mode=fuzz fuzz=fs` writes
+    /// junk to).
+    pub fn transport(&self) -> &Transport {
+        &self._transport
+    }
+
     /// The virtio-fs device (the first, or the one tagged `tag`), its
     /// high-priority and first request queue set up, FUSE not yet begun.
     pub fn open(rsdp: u64, max_bus: u8, tag: &[u8], arena: &Arena) -> Result<Share, FsError> {

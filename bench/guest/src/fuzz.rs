@@ -1,8 +1,8 @@
 //! A hostile driver (`mode=fuzz`): after a normal set-up, `ios` random
 //! writes (default 20000, from `seed`) to everything a guest can reach of
-//! its disk (or, `fuzz=nic`, its NIC): the common configuration (features,
-//! queue sizes, ring addresses, status with DRIVER_OK and resets), the
-//! device configuration, the notify area,
+//! its disk (or, `fuzz=nic` / `fuzz=fs`, its NIC or shared folder): the
+//! common configuration (features, queue sizes, ring addresses, status
+//! with DRIVER_OK and resets), the device configuration, the notify area,
 //! the MSI-X table, its PCI configuration space (BARs included), the
 //! configuration ports with random targets, and ring memory filled with
 //! junk. Then it resets the device and reports; that report arriving, and

@@ -157,13 +157,21 @@ pub extern "C" fn guest_main() -> ! {
     if cfg.mode == Mode::Fs {
         run_fs(si.rsdp, &cfg, &arena, &clock, boot_tsc);
     }
-    if cfg.mode == Mode::Fuzz && cfg.fuzz_nic {
+    if cfg.mode == Mode::Fuzz && cfg.fuzz == config::FuzzTarget::Nic {
         let nic = match net::Nic::open(si.rsdp, cfg.max_bus, cfg.queue_size, cfg.ip, false, cfg.event_idx, &arena) {
             Ok(n) => n,
             Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
         };
         // Receive, transmit and the control queue (when a restart acks it).
         fuzz::run(nic.transport(), 3, &cfg, &arena, &clock);
+    }
+    if cfg.mode == Mode::Fuzz && cfg.fuzz == config::FuzzTarget::Fs {
+        let share = match fs::Share::open(si.rsdp, cfg.max_bus, b"", &arena) {
+            Ok(s) => s,
+            Err(e) => fail(EXIT_NO_DEVICE, format_args!("{}", e)),
+        };
+        // The high-priority queue and the request queues.
+        fuzz::run(share.transport(), 1 + share.request_queues.min(8) as u16, &cfg, &arena, &clock);
     }
     let mut dev = match blk::Device::open(si.rsdp, &cfg, &arena) {
         Ok(d) => d,

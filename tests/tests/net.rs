@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use test_infra::{
-    bin, output_within, ready, s, Disk, Fixture, KillOnDrop as Process, Netns, Patience, QemuNic,
-    QemuVm, RunningVm, VmmVm,
+    bin, output_within, process_ticks, ready, s, Disk, Fixture, KillOnDrop as Process, Netns,
+    Patience, QemuNic, QemuVm, RunningVm, VmmVm,
 };
 
 /// A persistent multi-queue tap in `ns` with `addr` on it, up: what the
@@ -923,17 +923,6 @@ fn a_vm_with_a_nic_is_snapshotted_and_its_restored_copy_answers_on_its_address()
     assert!(neigh.contains(&mac), "{neigh} (the guest's MAC is {mac})");
 }
 
-/// CPU ticks (utime + stime, of 10 ms) process `pid` has used.
-fn process_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|r| r.1.split_whitespace().collect())
-        .unwrap_or_default();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
-}
-
 /// A guest as net-backend's hostile peer: a bench guest in `mode=fuzz
 /// fuzz=nic` writes junk to everything it can reach of its NIC (features,
 /// ring sizes and addresses, rings, the control queue, notify, MSI-X, PCI
@@ -1006,25 +995,14 @@ fn junk_from_a_guest_on_its_nic_leaves_net_backend_and_the_vm_beside_it_standing
 
     let pid = victim.0.id();
     for seed in [1u64, 2, 3, 4] {
-        let mut v = VmmVm::new(
-            &bin("vmm"),
-            &format!("mode=fuzz fuzz=nic seed={seed} ios=20000"),
+        let nic = format!(
+            "socket={},mac=52:54:00:00:00:05,num_queues=2",
+            s(&victim_sock)
         );
-        v.options = vec![
-            "--net".into(),
-            format!(
-                "socket={},mac=52:54:00:00:00:05,num_queues=2,connect_timeout_ms=10000,\
-                 reconnect_timeout_ms=300,reply_timeout_ms=5000",
-                s(&victim_sock)
-            ),
-        ];
-        let r = v.run().expect("the fuzzed vmm runs");
-        let result = r
-            .result
-            .as_ref()
-            .unwrap_or_else(|| panic!("seed {seed}: no report:\n{}\n{}", r.serial, r.stderr));
-        assert_eq!(result["phase"], "fuzz", "seed {seed}: {}", r.serial);
-        assert_eq!(r.guest_status, Some(0), "seed {seed}: {}", r.stderr);
+        let r = VmmVm::fuzzing(&bin("vmm"), "nic", seed, 20_000, "--net", &nic)
+            .run()
+            .expect("the fuzzed vmm runs");
+        let result = r.assert_fuzzed(&format!("seed {seed}"));
         assert!(
             victim.0.try_wait().expect("wait").is_none(),
             "seed {seed}: net-backend died:\n{}",

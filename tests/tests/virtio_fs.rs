@@ -241,26 +241,11 @@ fn junk_from_a_guest_on_its_shared_folder_leaves_the_vmm_standing() {
     for seed in [1u64, 2] {
         let sock = fx.path(&format!("fuzz{seed}.sock"));
         let mut daemon = virtiofsd(&shared, &sock);
-        let mut v = VmmVm::new(
-            &bin("vmm"),
-            &format!("mode=fuzz fuzz=fs seed={seed} ios=20000"),
-        );
-        v.options = vec![
-            "--fs".into(),
-            format!(
-                "socket={},tag=share,connect_timeout_ms=10000,reconnect_timeout_ms=300,\
-                 reply_timeout_ms=5000",
-                s(&sock)
-            ),
-        ];
-        let r = v.run().expect("the fuzzed vmm runs");
-        let result = r
-            .result
-            .as_ref()
-            .unwrap_or_else(|| panic!("seed {seed}: no report:\n{}\n{}", r.serial, r.stderr));
-        assert_eq!(result["phase"], "fuzz", "seed {seed}: {}", r.serial);
-        assert_eq!(r.guest_status, Some(0), "seed {seed}: {}", r.stderr);
-        assert!(!r.stderr.contains("panicked"), "seed {seed}: {}", r.stderr);
+        let share = format!("socket={},tag=share", s(&sock));
+        let r = VmmVm::fuzzing(&bin("vmm"), "fs", seed, 20_000, "--fs", &share)
+            .run()
+            .expect("the fuzzed vmm runs");
+        let result = r.assert_fuzzed(&format!("seed {seed}"));
         let lines = r.stderr.lines().count();
         let virtiofsd_alive = daemon.0.try_wait().expect("wait").is_none();
         eprintln!(

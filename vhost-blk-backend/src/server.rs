@@ -8,14 +8,8 @@ use tracing::warn;
 use vhost::vhost_user::Listener;
 pub use vhost_user_session::server::StopHandle;
 
-use crate::connection::Connection;
+use crate::connection;
 use crate::export::Export;
-
-impl vhost_user_session::server::Served for Connection {
-    fn close(&mut self) {
-        Connection::close(self);
-    }
-}
 
 /// Serves `export` on `listener` until `stop` says so.
 pub fn serve(export: Arc<Export>, listener: Listener, stop: Arc<StopHandle>) {
@@ -24,7 +18,7 @@ pub fn serve(export: Arc<Export>, listener: Listener, stop: Arc<StopHandle>) {
         &name,
         listener,
         &stop,
-        |session| Connection::new(Arc::clone(&export), session),
+        |session| connection::connect(&export, session),
         || {
             if let Err(e) = export.flush() {
                 warn!(socket = %name, "flush after the session: {e}");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use vhost::vhost_user::Listener;
-use vhost_net_backend::{connection::Connection, device::NetDevice, tap};
+use vhost_net_backend::{connection, device::NetDevice, tap};
 use vhost_user_session::server::StopHandle;
 
 #[derive(Parser)]
@@ -55,7 +55,7 @@ fn run(a: Args) -> Result<()> {
         &name,
         listener,
         &StopHandle::default(),
-        |session| Connection::new(Arc::clone(&device), session),
+        |session| connection::connect(&device, session),
         || {},
     );
     Ok(())

@@ -16,7 +16,7 @@ use common::*;
 use test_infra::vhost_frontend::{NEXT, WRITE};
 use test_infra::Patience;
 use vhost::vhost_user::Listener;
-use vhost_net_backend::connection::Connection;
+use vhost_net_backend::connection;
 use vhost_net_backend::device::NetDevice;
 use vhost_net_backend::tap;
 use vhost_user_session::server::StopHandle;
@@ -38,7 +38,7 @@ fn serve(name: &str, pairs: usize) -> (Arc<NetDevice>, tempfile::TempDir, std::p
             "net-test",
             listener,
             &StopHandle::default(),
-            |session| Connection::new(Arc::clone(&served), session),
+            |session| connection::connect(&served, session),
             || {},
         )
     });

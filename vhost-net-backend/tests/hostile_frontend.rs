@@ -73,14 +73,7 @@ impl Backend {
 
     /// The process's CPU ticks (utime + stime).
     fn ticks(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let f: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|r| r.1.split_whitespace().collect())
-            .unwrap_or_default();
-        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        n(11) + n(12)
+        test_infra::process_ticks(self.child.id())
     }
 
     fn log_text(&self) -> String {

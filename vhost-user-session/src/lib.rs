@@ -4,6 +4,8 @@
 //!
 //! - `server`: the listening socket, one session at a time; a session
 //!   that breaks the protocol ends with its reason, the next is served.
+//! - `handler`: every vhost-user request of a session, a backend's own
+//!   part behind the `Device` trait.
 //! - `session`: what a session's workers share: its log limit (every
 //!   line a peer can cause goes through it), its memory fence, hanging up.
 //! - `fence`: faults in memory a frontend truncated under us end that
@@ -17,6 +19,7 @@
 
 pub mod eventfd;
 pub mod fence;
+pub mod handler;
 pub mod memory;
 pub mod queues;
 pub mod rings;

@@ -234,6 +234,20 @@ impl GuestRun {
             .unwrap_or(0)
     }
 
+    /// The report of a `mode=fuzz` run that the vmm saw to its end: the
+    /// guest reported and exited 0, and nothing panicked. Panics with the
+    /// console and the vmm's log if not.
+    pub fn assert_fuzzed(&self, what: &str) -> &serde_json::Value {
+        let result = self
+            .result
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: no report:\n{}\n{}", self.serial, self.stderr));
+        assert_eq!(result["phase"], "fuzz", "{what}: {}", self.serial);
+        assert_eq!(self.guest_status, Some(0), "{what}: {}", self.stderr);
+        assert!(!self.stderr.contains("panicked"), "{what}: {}", self.stderr);
+        result
+    }
+
     /// Panics with the console unless the run passed.
     pub fn assert_ok(&self, what: &str) {
         assert!(
@@ -475,6 +489,32 @@ impl VmmVm {
             restore: None,
             log: None,
         }
+    }
+
+    /// A bench guest in `mode=fuzz fuzz=TARGET` (its `ios` junk writes
+    /// from `seed`) whose device is `flag BACKEND` (`--net`, `--fs`: the
+    /// backend's socket and options), given up on quickly when the junk
+    /// makes its backend refuse it, so that the junk goes on against the
+    /// vmm's own handling too.
+    pub fn fuzzing(
+        vmm: &Path,
+        target: &str,
+        seed: u64,
+        ios: u64,
+        flag: &str,
+        backend: &str,
+    ) -> VmmVm {
+        let mut v = VmmVm::new(
+            vmm,
+            &format!("mode=fuzz fuzz={target} seed={seed} ios={ios}"),
+        );
+        v.options = vec![
+            flag.into(),
+            format!(
+                "{backend},connect_timeout_ms=10000,reconnect_timeout_ms=300,reply_timeout_ms=5000"
+            ),
+        ];
+        v
     }
 
     /// The same with one disk.

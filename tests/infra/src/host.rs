@@ -17,6 +17,19 @@ pub fn kvm_available(test: &str) -> bool {
     ok
 }
 
+/// The CPU time process `pid` has used, in ticks of 10 ms (utime +
+/// stime; 0 if it is gone): what a test measures to tell an idle process
+/// from a spinning one, whatever the wall clock does on a busy machine.
+pub fn process_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|r| r.1.split_whitespace().collect())
+        .unwrap_or_default();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
 /// Whether /dev/kvm is hardware virtualization (kvm_intel or kvm_amd), not
 /// PVM's software kind, on which a stock Linux cannot reach userspace.
 pub fn hardware_kvm() -> bool {

@@ -31,7 +31,7 @@ pub use guest::{
     build_guest, Disk, GuestKernels, GuestRun, Kernel, Machine, QemuConsole, QemuNic, QemuVm,
     RunningVm, VmmDisk, VmmVm, START_MARKER,
 };
-pub use host::{hardware_kvm, have, kvm_available, ready};
+pub use host::{hardware_kvm, have, kvm_available, process_ticks, ready};
 pub use memory::memfd_guest_memory;
 pub use netns::{spawn_serving, KillOnDrop, Netns, NsThread, Received};
 pub use patience::Patience;

@@ -301,7 +301,9 @@ fn an_impossible_available_index_without_event_idx_is_said_once() {
 }
 
 /// Class 3: an available head at or past the queue size breaks that queue
-/// only; the control queue on the same worker still answers.
+/// only (it ended the pair's worker, the control queue with it): the
+/// control queue on the same worker still answers, and the queue, set up
+/// again by the driver, serves again.
 #[test]
 fn a_head_past_the_queue_breaks_that_queue_only() {
     let Some(mut b) = target("head past the queue", 1) else {
@@ -316,6 +318,13 @@ fn a_head_past_the_queue_breaks_that_queue_only() {
         // The control queue (2) answers on the same session.
         let (len, ack) = command(&mut g, 2, &[&[0, 0], &[1]], 1);
         assert_eq!((len, ack), (1, 0), "the control queue still answers");
+        // The driver resets the broken queue: it is served again.
+        let host = packet_socket(TAP);
+        g.reset_queue(1, EventFd::new(EFD_NONBLOCK).expect("kick"));
+        let out = frame([0xff; 6], 7, 200);
+        transmit(&mut g, 1, &[0; 12], &out, 0x10000);
+        assert_eq!(g.used(1), (0, 0), "the reset queue serves again");
+        assert_eq!(next_frame(&host), out);
         drop(g);
     });
 }

@@ -132,6 +132,40 @@ impl TestFrontend {
         t
     }
 
+    /// Sets queue `q` up again as a driver resetting it does: the ring
+    /// stopped (GET_VRING_BASE), its indices back to 0, its addresses and
+    /// a new kick given again, enabled.
+    pub fn reset_queue(&mut self, q: usize, kick: EventFd) {
+        self.frontend.get_vring_base(q).expect("stop the ring");
+        let (desc, avail, used) = rings(q);
+        self.mem
+            .write_obj(0u16, GuestAddress(avail + 2))
+            .expect("w");
+        self.mem.write_obj(0u16, GuestAddress(used + 2)).expect("w");
+        let qs = self.queue_size;
+        self.frontend.set_vring_num(q, qs).expect("num");
+        self.frontend.set_vring_base(q, 0).expect("base");
+        let config = VringConfigData {
+            queue_max_size: qs,
+            queue_size: qs,
+            flags: 0,
+            desc_table_addr: self.host_addr(desc),
+            used_ring_addr: self.host_addr(used),
+            avail_ring_addr: self.host_addr(avail),
+            log_addr: None,
+        };
+        self.frontend.set_vring_addr(q, &config).expect("addr");
+        self.frontend
+            .set_vring_call(q, &self.queues[q].call)
+            .expect("call");
+        self.frontend.set_vring_kick(q, &kick).expect("kick");
+        self.frontend.set_vring_enable(q, true).expect("enable");
+        let queue = &mut self.queues[q];
+        queue.kick = kick;
+        queue.avail_idx = 0;
+        queue.used_seen = 0;
+    }
+
     /// Where guest address `gpa` is in this process (the frontend's
     /// addresses, as ring addresses are given).
     pub fn host_addr(&self, gpa: u64) -> u64 {

@@ -104,20 +104,7 @@ impl TestFrontend {
             queue_size: s.queue_size,
         };
         for q in 0..s.queues {
-            let (desc, avail, used) = rings(q);
-            let qs = s.queue_size;
-            t.frontend.set_vring_num(q, qs).expect("num");
-            t.frontend.set_vring_base(q, 0).expect("base");
-            let config = VringConfigData {
-                queue_max_size: qs,
-                queue_size: qs,
-                flags: 0,
-                desc_table_addr: t.host_addr(desc),
-                used_ring_addr: t.host_addr(used),
-                avail_ring_addr: t.host_addr(avail),
-                log_addr: None,
-            };
-            t.frontend.set_vring_addr(q, &config).expect("addr");
+            t.place_rings(q);
             let (kick, call) = ((s.kick)(), (s.call)());
             t.frontend.set_vring_call(q, &call).expect("call");
             t.frontend.set_vring_kick(q, &kick).expect("kick");
@@ -137,11 +124,26 @@ impl TestFrontend {
     /// a new kick given again, enabled.
     pub fn reset_queue(&mut self, q: usize, kick: EventFd) {
         self.frontend.get_vring_base(q).expect("stop the ring");
-        let (desc, avail, used) = rings(q);
+        let (_, avail, used) = rings(q);
         self.mem
             .write_obj(0u16, GuestAddress(avail + 2))
             .expect("w");
         self.mem.write_obj(0u16, GuestAddress(used + 2)).expect("w");
+        self.place_rings(q);
+        self.frontend
+            .set_vring_call(q, &self.queues[q].call)
+            .expect("call");
+        self.frontend.set_vring_kick(q, &kick).expect("kick");
+        self.frontend.set_vring_enable(q, true).expect("enable");
+        let queue = &mut self.queues[q];
+        queue.kick = kick;
+        queue.avail_idx = 0;
+        queue.used_seen = 0;
+    }
+
+    /// Queue `q`'s size, base 0 and rings at [`rings`].
+    fn place_rings(&self, q: usize) {
+        let (desc, avail, used) = rings(q);
         let qs = self.queue_size;
         self.frontend.set_vring_num(q, qs).expect("num");
         self.frontend.set_vring_base(q, 0).expect("base");
@@ -155,15 +157,6 @@ impl TestFrontend {
             log_addr: None,
         };
         self.frontend.set_vring_addr(q, &config).expect("addr");
-        self.frontend
-            .set_vring_call(q, &self.queues[q].call)
-            .expect("call");
-        self.frontend.set_vring_kick(q, &kick).expect("kick");
-        self.frontend.set_vring_enable(q, true).expect("enable");
-        let queue = &mut self.queues[q];
-        queue.kick = kick;
-        queue.avail_idx = 0;
-        queue.used_seen = 0;
     }
 
     /// Where guest address `gpa` is in this process (the frontend's

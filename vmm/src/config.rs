@@ -281,10 +281,14 @@ impl BackendSpec {
         let number = |what: &str| -> Result<u64, String> {
             v.parse().map_err(|_| format!("{what}: a number"))
         };
+        // Not `as u16`: 65537 queues would wrap to 1 and pass.
+        let small = |what: &str| -> Result<u16, String> {
+            u16::try_from(number(what)?).map_err(|_| format!("{what}: at most {}", u16::MAX))
+        };
         match k {
             "socket" => self.socket = Some(PathBuf::from(v)),
-            "num_queues" => self.num_queues = number(k)? as u16,
-            "queue_size" => self.queue_size = number(k)? as u16,
+            "num_queues" => self.num_queues = small(k)?,
+            "queue_size" => self.queue_size = small(k)?,
             "reconnect_timeout_ms" => self.reconnect_timeout_ms = number(k)?,
             "connect_timeout_ms" => self.connect_timeout_ms = number(k)?,
             "reply_timeout_ms" => {
@@ -508,6 +512,10 @@ mod tests {
         assert_eq!((d.num_queues, d.readonly), (2, true));
         assert!(parse_disk("num_queues=2").is_err());
         assert!(parse_disk("socket=/a,colour=red").is_err());
+        // 65537 does not wrap to a valid 1.
+        let e = parse_disk("socket=/a,num_queues=65537").unwrap_err();
+        assert!(e.to_string().contains("num_queues: at most 65535"), "{e}");
+        assert!(parse_disk("socket=/a,queue_size=65536").is_err());
         assert_eq!(
             parse_serial("file=/tmp/s").unwrap(),
             SerialOut::File("/tmp/s".into())

@@ -34,18 +34,20 @@ use super::virtio_pci::{
     BackendLink, DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
 use crate::config::{DiskConfig, FsConfig, NetConfig};
+use virtio_bindings::{virtio_blk, virtio_config, virtio_ids, virtio_net};
 use crate::snapshot::pager::{PagerError, PagerHandle};
 use cli_support::log_limit::LogLimit;
 use cli_support::path_wait;
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
-const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-const VIRTIO_NET_S_LINK_UP: u16 = 1;
+// Feature masks, from the bits virtio-bindings names.
+const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+const VIRTIO_BLK_F_RO: u64 = 1 << virtio_blk::VIRTIO_BLK_F_RO;
+const VIRTIO_BLK_F_MQ: u64 = 1 << virtio_blk::VIRTIO_BLK_F_MQ;
+const VIRTIO_NET_F_MAC: u64 = 1 << virtio_net::VIRTIO_NET_F_MAC;
+const VIRTIO_NET_F_STATUS: u64 = 1 << virtio_net::VIRTIO_NET_F_STATUS;
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << virtio_net::VIRTIO_NET_F_CTRL_VQ;
+const VIRTIO_NET_F_MQ: u64 = 1 << virtio_net::VIRTIO_NET_F_MQ;
+const VIRTIO_NET_S_LINK_UP: u16 = virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 
 /// What kind of virtio device a backend serves, and what the vmm adds to
 /// what the backend offers.
@@ -74,9 +76,9 @@ impl Kind {
 
     fn device_id(&self) -> u16 {
         match self {
-            Kind::Block { .. } => 2,
-            Kind::Net { .. } => 1,
-            Kind::Fs { .. } => 26,
+            Kind::Block { .. } => virtio_ids::VIRTIO_ID_BLOCK as u16,
+            Kind::Net { .. } => virtio_ids::VIRTIO_ID_NET as u16,
+            Kind::Fs { .. } => virtio_ids::VIRTIO_ID_FS as u16,
         }
     }
 

@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::virtio_pci::{DeviceError, Interrupts, QueueConfig, VirtioDevice};
 use cli_support::log_limit::LogLimit;
 
-const DEVICE_ID: u16 = 3;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const DEVICE_ID: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE as u16;
+const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// receiveq0 (host to guest) and transmitq0 (guest to host).
 const QUEUES: u16 = 2;
 const TRANSMIT: usize = 1;

@@ -1,14 +1,7 @@
 //! blk-backend's part of a session (vhost-user-session's `Device`):
 //! what an export offers, its configuration, its queue workers (one per
 //! queue), the inflight region that lets a restarted backend resume, and
-//! postcopy.
-//!
-//! Postcopy (PAGEFAULT): a vmm restoring a VM lazily asks us to register
-//! our mapping of guest memory with a userfaultfd and hands its faults to
-//! its pager (POSTCOPY_ADVISE gives it the descriptor, the memory table's
-//! reply our mapping's addresses, and the memory is used only once it acks
-//! the table): a page the pager has not filled yet is never a page of
-//! zeros here.
+//! postcopy's requests (their state is `postcopy`'s).
 
 use std::fs::File;
 use std::io;
@@ -21,71 +14,16 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::Result as VuResult;
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::VringT;
-use vm_memory::GuestMemoryRegion;
 
 use crate::config;
 use crate::export::Export;
 use crate::inflight::InflightRegion;
+use crate::postcopy::{self, Postcopy};
 use crate::worker::{QueueWorker, WorkerHandle};
 use vhost_user_session::fence::GuardedRange;
 use vhost_user_session::handler::{self, install_memory, Core};
 use vhost_user_session::memory::MappedRegion;
 use vhost_user_session::{refuse, Session};
-
-/// Whether this process can make a userfaultfd that also takes the
-/// kernel's faults (io_uring's, pread's into guest memory): probed once,
-/// as the user it serves as (see [`probe_paging`]).
-static PAGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// A userfaultfd that takes the kernel's faults too, made by the system
-/// call (the `userfaultfd` crate's builder opens /dev/userfaultfd first,
-/// which a session's filter does not allow).
-fn new_userfault() -> io::Result<userfaultfd::Uffd> {
-    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-    // SAFETY: the userfaultfd system call with flags only; the result is
-    // checked and owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor just made, owned from here on.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct uffdio_api: the API version in, the features and ioctls out.
-    let mut api = [0xaa_u64, 0, 0];
-    const UFFDIO_API: u64 = 0xc018_aa3f;
-    // SAFETY: UFFDIO_API on the new descriptor with its 24-byte argument,
-    // alive for the call.
-    if unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            UFFDIO_API as _,
-            api.as_mut_ptr(),
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a userfaultfd whose API handshake is done, given up here.
-    Ok(unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) })
-}
-
-/// Offers postcopy (PAGEFAULT) only if a userfaultfd can be made here:
-/// called once privileges are what they stay, before any session.
-pub fn probe_paging() {
-    match new_userfault() {
-        Ok(_) => PAGING.store(true, std::sync::atomic::Ordering::Relaxed),
-        Err(e) => info!("postcopy (a restoring vmm paging our faults) is not offered: {e}"),
-    }
-}
-
-/// Postcopy's state on this connection.
-#[derive(Default)]
-struct Postcopy {
-    uffd: Option<userfaultfd::Uffd>,
-    listening: bool,
-    /// A memory table mapped and registered, used once the frontend acks.
-    pending: Option<Vec<MappedRegion>>,
-}
 
 /// One session with a frontend.
 pub type Connection = handler::Connection<Disk>;
@@ -116,7 +54,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-    if PAGING.load(std::sync::atomic::Ordering::Relaxed) {
+    if postcopy::offered() {
         f | VhostUserProtocolFeatures::PAGEFAULT
     } else {
         f
@@ -124,34 +62,6 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 }
 
 impl Disk {
-    /// Registers a region just mapped with the postcopy userfaultfd.
-    fn register_paged(&self, r: &MappedRegion) -> VuResult<()> {
-        let Some(uffd) = &self.postcopy.uffd else {
-            return Err(refuse(
-                "a postcopy memory table before POSTCOPY_ADVISE".into(),
-            ));
-        };
-        uffd.register(r.region.as_ptr().cast(), r.region.len() as usize)
-            .map(drop)
-            .map_err(|e| {
-                refuse(format!(
-                    "memory region at {:#x}: registering it for postcopy: {e}",
-                    r.at.guest_addr
-                ))
-            })
-    }
-
-    /// Ends postcopy: our mapping is the kernel's again (a fault waiting
-    /// on it is woken and served with what the memory holds).
-    fn end_postcopy(&mut self, core: &Core<WorkerHandle>) {
-        if let Some(uffd) = self.postcopy.uffd.take() {
-            for r in &core.regions {
-                let _ = uffd.unregister(r.region.as_ptr().cast(), r.region.len() as usize);
-            }
-        }
-        self.postcopy = Postcopy::default();
-    }
-
     /// Starts queue `q`'s worker when everything it needs has arrived.
     fn maybe_start(&mut self, core: &mut Core<WorkerHandle>, q: usize) -> VuResult<()> {
         if core.acked_features().is_none() {
@@ -273,11 +183,11 @@ impl handler::Device for Disk {
     /// Paging through a vmm that is gone, its faults would never be
     /// served: postcopy ends first then (the memory went with the vmm).
     fn close(&mut self, core: &mut Core<WorkerHandle>) {
-        if self.postcopy.uffd.is_some() && core.session.frontend_gone() {
-            self.end_postcopy(core);
+        if self.postcopy.active() && core.session.frontend_gone() {
+            self.postcopy.end(&core.regions);
         }
         handler::Device::stop_all(self, core);
-        self.end_postcopy(core);
+        self.postcopy.end(&core.regions);
     }
 
     fn memory_table(
@@ -288,7 +198,7 @@ impl handler::Device for Disk {
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         if postcopy_listening == Some(true) {
             for r in &regions {
-                self.register_paged(r)?;
+                self.postcopy.register(r)?;
             }
             let bases = regions.iter().map(|r| r.region.as_ptr() as u64).collect();
             self.postcopy.pending = Some(regions);
@@ -310,7 +220,7 @@ impl handler::Device for Disk {
             .take()
             .unwrap_or_else(|| core.regions.clone());
         if postcopy_listening == Some(true) {
-            self.register_paged(&added)?;
+            self.postcopy.register(&added)?;
             let base = added.region.as_ptr() as u64;
             regions.push(added);
             self.postcopy.pending = Some(regions);
@@ -361,24 +271,11 @@ impl handler::Device for Disk {
     }
 
     fn postcopy_advice(&mut self, _core: &mut Core<WorkerHandle>) -> VuResult<File> {
-        if !PAGING.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(refuse("POSTCOPY_ADVISE: postcopy was not offered".into()));
-        }
-        let uffd =
-            new_userfault().map_err(|e| refuse(format!("POSTCOPY_ADVISE: userfaultfd: {e}")))?;
-        let handed = std::os::fd::AsFd::as_fd(&uffd)
-            .try_clone_to_owned()
-            .map_err(|e| refuse(format!("POSTCOPY_ADVISE: {e}")))?;
-        self.postcopy.uffd = Some(uffd);
-        Ok(File::from(handed))
+        self.postcopy.advise()
     }
 
     fn postcopy_listen(&mut self, _core: &mut Core<WorkerHandle>) -> VuResult<()> {
-        if self.postcopy.uffd.is_none() {
-            return Err(refuse("POSTCOPY_LISTEN before POSTCOPY_ADVISE".into()));
-        }
-        self.postcopy.listening = true;
-        Ok(())
+        self.postcopy.listen()
     }
 
     fn postcopy_end(&mut self, core: &mut Core<WorkerHandle>) -> VuResult<()> {
@@ -386,7 +283,7 @@ impl handler::Device for Disk {
             // Never acked: used as it is now (the pager filled it all).
             install_memory(core, self, pending)?;
         }
-        self.end_postcopy(core);
+        self.postcopy.end(&core.regions);
         Ok(())
     }
 

@@ -232,7 +232,7 @@ fn run(a: Args) -> Result<()> {
         let (uid, gid) = sandbox::drop_privileges(user)?;
         tracing::info!(user, uid, gid, "running as an unprivileged user");
     }
-    vhost_blk_backend::connection::probe_paging();
+    vhost_blk_backend::postcopy::probe_paging();
     if !a.no_seccomp {
         sandbox::enable("blk-backend").context("seccomp")?;
     }

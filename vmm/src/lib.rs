@@ -1,7 +1,8 @@
-//! `vmm`: owns vCPUs and guest memory and nothing else; its disks are
-//! vhost-user-blk devices served by `blk-backend` (or any vhost-user-blk
-//! backend). It never touches a disk request: kicks go guest -> ioeventfd
-//! -> backend, completions backend -> irqfd -> guest.
+//! `vmm`: owns vCPUs and guest memory and nothing else on the data path;
+//! its disks, NICs and shared folders are vhost-user devices served by
+//! `blk-backend`, `net-backend` and virtiofsd (or any vhost-user backend of
+//! their kind). It never touches a request: kicks go guest -> ioeventfd ->
+//! backend, completions backend -> irqfd -> guest.
 //!
 //! - `config`: the VM's description (command line or JSON).
 //! - `memory`: guest memory (memfd, shareable) and the physical layout.

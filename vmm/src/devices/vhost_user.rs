@@ -34,10 +34,10 @@ use super::virtio_pci::{
     BackendLink, DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
 use crate::config::{DiskConfig, FsConfig, NetConfig};
-use virtio_bindings::{virtio_blk, virtio_config, virtio_ids, virtio_net};
 use crate::snapshot::pager::{PagerError, PagerHandle};
 use cli_support::log_limit::LogLimit;
 use cli_support::path_wait;
+use virtio_bindings::{virtio_blk, virtio_config, virtio_ids, virtio_net};
 
 // Feature masks, from the bits virtio-bindings names.
 const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;

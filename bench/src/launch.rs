@@ -32,12 +32,6 @@ pub struct LaunchOptions {
     pub bin_dir: PathBuf,
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v.get(i).copied().unwrap_or(f64::NAN)
-}
-
 fn vmctl(o: &LaunchOptions, state: &Path, args: &[&str]) -> Result<std::process::Output> {
     let out = Command::new(o.bin_dir.join("vmctl"))
         .arg("--state-dir")
@@ -188,7 +182,7 @@ fn at_rest(o: &LaunchOptions, state: &Path, base: &str, count: usize) -> Result<
     Ok(AtRest {
         mib_per_vm: kib as f64 / 1024.0 / count as f64,
         cpu_ms_per_vm_s: cpu_ms / window.as_secs_f64() / count as f64,
-        stop_ms: crate::median(stops),
+        stop_ms: crate::median(&stops)?,
     })
 }
 
@@ -368,11 +362,11 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         step("wait", &["wait", "life"])?;
         step("delete", &["delete", "life"])?;
     }
-    let step_ms = |s: &str| crate::median(steps.get(s).cloned().unwrap_or_default());
+    let step_ms = |s: &str| crate::median(steps.get(s).map_or(&[][..], |v| &v[..]));
     let life_total: f64 = ["create", "start", "wait", "delete"]
         .iter()
         .map(|s| step_ms(s))
-        .sum();
+        .sum::<Result<f64, _>>()?;
 
     // The vmctl fleet: markers as they appear.
     let fleet =
@@ -544,10 +538,10 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
     md += &format!("| the runs, ms | {our_runs} | {their_runs} | |\n");
     md += &format!(
         "| per-VM start marker p50 / p99, ms | {:.0} / {:.0} | {:.0} / {:.0} | |\n",
-        percentile(markers.clone(), 0.5),
-        percentile(markers.clone(), 0.99),
-        percentile(q_markers.clone(), 0.5),
-        percentile(q_markers.clone(), 0.99)
+        crate::percentile(&markers, 50.0)?,
+        crate::percentile(&markers, 99.0)?,
+        crate::percentile(&q_markers, 50.0)?,
+        crate::percentile(&q_markers, 99.0)?
     );
     md += &format!(
         "| whole fleet done, ms | {fleet_wall:.0} | {q_wall:.0} | {:.1}x |\n",
@@ -568,18 +562,18 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         md += &format!(
             "| {name} | {:.0} | {:.0} / {:.0} | {:.2} |\n",
             m.iter().cloned().fold(0.0, f64::max),
-            percentile(m.clone(), 0.5),
-            percentile(m.clone(), 0.99),
+            crate::percentile(m, 50.0)?,
+            crate::percentile(m, 99.0)?,
             kib / 1024.0
         );
     }
     md += &format!(
         "\nOne 1-I/O VM's life under vmctl (median of {} runs, each step a vmctl process, ms): create {:.1}, start {:.1}, wait {:.1}, delete {:.1}; total {life_total:.1} (goal under 30).\n",
         o.runs,
-        step_ms("create"),
-        step_ms("start"),
-        step_ms("wait"),
-        step_ms("delete")
+        step_ms("create")?,
+        step_ms("start")?,
+        step_ms("wait")?,
+        step_ms("delete")?
     );
     Ok(md)
 }

@@ -2,6 +2,9 @@
 //! the bench guest and runs the backends): the test files they prepare.
 
 pub mod launch;
+pub mod stats;
+
+pub use stats::{median, percentile};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,13 +28,6 @@ pub fn report(
             .with_context(|| format!("{}", p.display()))?;
     }
     Ok(())
-}
-
-/// The middle of a cell's measurements (the upper one of an even count);
-/// NaN for none.
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// One of the project's release binaries (`vmm`, `blk-backend`,

@@ -218,8 +218,8 @@ fn main() -> Result<()> {
             cells.push(Cell {
                 job: job.name,
                 export: EXPORTS[k],
-                mb_s: bench::median(mb),
-                iops: bench::median(iops),
+                mb_s: bench::median(&mb)?,
+                iops: bench::median(&iops)?,
             });
         }
     }
@@ -260,7 +260,7 @@ fn main() -> Result<()> {
         std::fs::remove_file(&raw)?;
         std::fs::remove_file(&conv)?;
     }
-    let (o, t) = (bench::median(ours_s), bench::median(theirs_s));
+    let (o, t) = (bench::median(&ours_s)?, bench::median(&theirs_s)?);
 
     let mut md = String::from(
         "| job | export | MB/s | IOPS | vs qemu-storage-daemon |\n|---|---|---:|---:|---:|\n",

@@ -189,11 +189,6 @@ fn main() -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&work);
 
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
     let mut md = format!(
         "{} clones of one {} GiB base (fully written) on one blk-backend process, root disk ({}); guests one after another, each 4k random reads at QD32 over the whole disk for {} s (1 vCPU, 1 queue, polling, microvm + qboot). Host page cache growth: `Cached` in /proc/meminfo over the fleet run, the base evicted first.\n\n",
         a.clones,
@@ -211,7 +206,7 @@ fn main() -> Result<()> {
                 "O_DIRECT (`--base-io direct`)"
             },
             r.iops.first().copied().unwrap_or(0.0),
-            median(r.iops.get(1..).unwrap_or(&[])),
+            bench::median(r.iops.get(1..).unwrap_or(&[]))?,
             r.iops
                 .iter()
                 .map(|x| format!("{x:.0}"))
@@ -231,8 +226,8 @@ fn main() -> Result<()> {
             "\nPage cache vs O_DIRECT: first guest {:.2}x, later guests {:.2}x.\n",
             p.iops.first().copied().unwrap_or(0.0)
                 / d.iops.first().copied().unwrap_or(1.0).max(1.0),
-            median(p.iops.get(1..).unwrap_or(&[]))
-                / median(d.iops.get(1..).unwrap_or(&[])).max(1.0)
+            bench::median(p.iops.get(1..).unwrap_or(&[]))?
+                / bench::median(d.iops.get(1..).unwrap_or(&[]))?.max(1.0)
         );
     }
     bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &results)

@@ -140,40 +140,7 @@ impl Plan {
 // ---------------------------------------------------------------------------
 // Statistics
 
-#[derive(Debug, Clone, Copy, Serialize)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn sorted(samples: &[f64]) -> Vec<f64> {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    s
-}
-
-fn spread(samples: &[f64]) -> Spread {
-    let s = sorted(samples);
-    let mid = s.len() / 2;
-    let median = if s.len() % 2 == 1 {
-        s[mid]
-    } else {
-        (s[mid - 1] + s[mid]) / 2.0
-    };
-    Spread {
-        median,
-        min: s[0],
-        max: s[s.len() - 1],
-    }
-}
-
-/// Nearest-rank percentile.
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    let s = sorted(samples);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
+use bench::stats::{spread, Spread};
 
 fn seconds(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     let t = Instant::now();
@@ -454,11 +421,11 @@ fn read_figure(
     };
     Ok(ReadFigure {
         bytes_per_run: bytes,
-        chain: spread(&c),
-        raw: spread(&r),
-        preads: spread(&p),
-        chain_vs_raw: ratio(&c, &r),
-        chain_vs_preads: ratio(&c, &p),
+        chain: spread(&c)?,
+        raw: spread(&r)?,
+        preads: spread(&p)?,
+        chain_vs_raw: ratio(&c, &r)?,
+        chain_vs_preads: ratio(&c, &p)?,
         chain_mb_s: c,
         raw_mb_s: r,
         preads_mb_s: p,
@@ -728,13 +695,14 @@ struct Latency {
 }
 
 impl Latency {
-    fn new(samples_ms: Vec<f64>) -> Latency {
-        Latency {
-            median_ms: spread(&samples_ms).median,
-            p90_ms: percentile(&samples_ms, 90.0),
-            max_ms: spread(&samples_ms).max,
+    fn new(samples_ms: Vec<f64>) -> Result<Latency> {
+        let s = spread(&samples_ms)?;
+        Ok(Latency {
+            median_ms: s.median,
+            p90_ms: bench::percentile(&samples_ms, 90.0)?,
+            max_ms: s.max,
             samples_ms,
-        }
+        })
     }
 }
 
@@ -817,11 +785,14 @@ fn bench_snapshots(dir: &Path, plan: &Plan) -> Result<SnapshotReport> {
         sizes.push(SnapshotResult {
             virtual_size: size,
             data_bytes: plan.snapshot_data,
-            snapshot: Latency::new(snapshot_ms),
-            clone: Latency::new(clone_ms),
+            snapshot: Latency::new(snapshot_ms)?,
+            clone: Latency::new(clone_ms)?,
         });
     }
-    Ok(SnapshotReport { fdatasync, sizes })
+    Ok(SnapshotReport {
+        fdatasync: fdatasync?,
+        sizes,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -978,16 +949,16 @@ fn bench_convert(dir: &Path, plan: &Plan) -> Result<ConvertReport> {
         .filter(|(_, s)| !s.is_empty())
         .map(|((tool, from, to), seconds)| {
             let gb_s: Vec<f64> = seconds.iter().map(|s| size as f64 / s / 1e9).collect();
-            ConvertRow {
+            Ok(ConvertRow {
                 tool: tool.to_string(),
                 from: from.to_string(),
                 to: to.to_string(),
-                throughput: spread(&gb_s),
+                throughput: spread(&gb_s)?,
                 gb_s,
                 seconds,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(ConvertReport {
         bytes: size,
         qemu_img: qemu,
@@ -1422,12 +1393,12 @@ fn markdown(r: &Report) -> String {
         };
         let _ = writeln!(
             m,
-            "| {} → {} | {} | {} | {:.2} | {} | {} |",
+            "| {} → {} | {} | {} | {} | {} | {} |",
             x.from,
             x.to,
             x.tool,
             fmt_spread(&x.throughput, 2),
-            spread(&x.seconds).median,
+            bench::median(&x.seconds).map_or_else(|e| e.to_string(), |s| format!("{s:.2}")),
             vs(same),
             vs(find("raw", "raw")),
         );

@@ -232,9 +232,9 @@ fn measure_echo(
         stack,
         payload,
         window,
-        echoes_per_s: bench::median(rates),
-        rtt_p50_us: bench::median(p50),
-        rtt_p99_us: bench::median(p99),
+        echoes_per_s: bench::median(&rates)?,
+        rtt_p50_us: bench::median(&p50)?,
+        rtt_p99_us: bench::median(&p99)?,
     })
 }
 

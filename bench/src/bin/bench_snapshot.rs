@@ -60,17 +60,6 @@ struct SizeResult {
     clone_pss_mib: Vec<f64>,
 }
 
-fn median(v: Vec<f64>) -> f64 {
-    percentile(v, 50)
-}
-
-/// The value `p` percent of the runs are at or under (nearest rank).
-fn percentile(mut v: Vec<f64>, p: usize) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = (v.len() * p).div_ceil(100).max(1);
-    v.get(rank - 1).copied().unwrap_or(0.0)
-}
-
 /// Host memory a restored VM holds: the pages its guest memory (the
 /// vmm's memfd) has allocated, whether mapped yet or not (a restore writes
 /// them into the memfd; the process's page tables see them only once the
@@ -296,10 +285,10 @@ fn main() -> Result<()> {
             r.restore_memory,
             r.snapshot_ms,
             r.memory_saved_mib,
-            median(r.restore_to_run_ms.clone()),
-            percentile(r.restore_to_run_ms.clone(), 90),
-            median(r.restore_to_line_ms.clone()),
-            median(r.clone_pss_mib.clone()),
+            bench::median(&r.restore_to_run_ms)?,
+            bench::percentile(&r.restore_to_run_ms, 90.0)?,
+            bench::median(&r.restore_to_line_ms)?,
+            bench::median(&r.clone_pss_mib)?,
             max
         );
     }

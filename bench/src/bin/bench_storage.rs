@@ -240,7 +240,7 @@ fn chain_rows(
             iops.push(s.iops);
             p50.push(s.p50_us);
         }
-        Ok((bench::median(iops), bench::median(p50)))
+        Ok((bench::median(&iops)?, bench::median(&p50)?))
     };
     let shallow: Vec<(f64, f64)> = reads.iter().map(|w| measure(w)).collect::<Result<_>>()?;
     eprintln!("[{storage}] making a chain of {} layers", a.chain_depth);
@@ -687,13 +687,21 @@ fn main() -> Result<()> {
                     storage: storage.clone(),
                     row,
                     workload: *w,
-                    median_iops: bench::median(iops.clone()),
+                    median_iops: bench::median(&iops)?,
                     min_iops: iops.iter().cloned().fold(f64::MAX, f64::min),
                     max_iops: iops.iter().cloned().fold(0.0, f64::max),
-                    median_mb_s: bench::median(samples.iter().map(|s| s.mb_s).collect()),
-                    median_p50_us: bench::median(samples.iter().map(|s| s.p50_us).collect()),
-                    median_p99_us: bench::median(samples.iter().map(|s| s.p99_us).collect()),
-                    median_p999_us: bench::median(samples.iter().map(|s| s.p999_us).collect()),
+                    median_mb_s: bench::median(
+                        &samples.iter().map(|s| s.mb_s).collect::<Vec<f64>>(),
+                    )?,
+                    median_p50_us: bench::median(
+                        &samples.iter().map(|s| s.p50_us).collect::<Vec<f64>>(),
+                    )?,
+                    median_p99_us: bench::median(
+                        &samples.iter().map(|s| s.p99_us).collect::<Vec<f64>>(),
+                    )?,
+                    median_p999_us: bench::median(
+                        &samples.iter().map(|s| s.p999_us).collect::<Vec<f64>>(),
+                    )?,
                     samples,
                 });
             }
@@ -745,7 +753,7 @@ fn main() -> Result<()> {
         }
         boots.push((
             format!("QEMU {machine:?}, virtio-blk"),
-            bench::median(t.clone()),
+            bench::median(&t)?,
             t,
         ));
     }
@@ -810,7 +818,7 @@ fn main() -> Result<()> {
         } else {
             "QEMU Microvm, vhost-user-blk (blk-backend)"
         };
-        boots.push((name.to_string(), bench::median(t.clone()), t));
+        boots.push((name.to_string(), bench::median(&t)?, t));
     }
     // The vmm's own memory beside the guest's (guest RAM is the shared
     // memfd mapping; RssAnon + RssFile is the vmm's).
@@ -882,8 +890,18 @@ fn main() -> Result<()> {
             Row::QemuBlkBackend | Row::VmmBlkBackend | Row::HostFio
         )
     }) {
-        let cpu = bench::median(c.samples.iter().filter_map(|s| s.cpu_s_per_mio).collect());
-        let rss = bench::median(c.samples.iter().filter_map(|s| s.rss_mib).collect());
+        let cpu = bench::median(
+            &c.samples
+                .iter()
+                .filter_map(|s| s.cpu_s_per_mio)
+                .collect::<Vec<f64>>(),
+        )?;
+        let rss = bench::median(
+            &c.samples
+                .iter()
+                .filter_map(|s| s.rss_mib)
+                .collect::<Vec<f64>>(),
+        )?;
         let (frontend, rss) = match c.row {
             Row::QemuBlkBackend => ("QEMU", format!("{rss:.1}")),
             Row::VmmBlkBackend => ("vmm", format!("{rss:.1}")),
@@ -949,15 +967,17 @@ fn main() -> Result<()> {
             v / q
         );
     }
-    let med_t =
-        |k: &str| bench::median(vmm_timing.iter().filter_map(|t| t[k].as_f64()).collect()) / 1000.0;
+    let med_t = |k: &str| {
+        let ms: Vec<f64> = vmm_timing.iter().filter_map(|t| t[k].as_f64()).collect();
+        bench::median(&ms).map(|us| us / 1000.0)
+    };
     if !vmm_timing.is_empty() {
-        let first = med_t("first_run_us");
+        let first = med_t("first_run_us")?;
         let marker = med_of("vmm").unwrap_or(f64::NAN);
         md += &format!(
             "\nWhere the vmm's boot time goes (median, ms): KVM, memory and kernel loaded {:.2}; disk backend handshake {:.2}; first KVM_RUN at {:.2}; the guest from there to its marker {:.2} (process exec and exit around it make up the rest).\n",
-            med_t("vm_and_kernel_us"),
-            med_t("disk_handshake_us"),
+            med_t("vm_and_kernel_us")?,
+            med_t("disk_handshake_us")?,
             first,
             marker - first
         );

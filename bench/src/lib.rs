@@ -11,9 +11,29 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+/// `--markdown` and `--json`: where a benchmark writes its tables and its
+/// figures besides stdout (one definition, flattened into every
+/// benchmark's arguments).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OutputArgs {
+    /// Also write the tables (markdown) to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Also write every figure to this file, as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl OutputArgs {
+    /// Prints `md`, and writes it and `figures` where the user asked.
+    pub fn report(&self, md: &str, figures: &impl serde::Serialize) -> Result<()> {
+        report(md, self.markdown.as_deref(), self.json.as_deref(), figures)
+    }
+}
+
 /// Prints a benchmark's table, and writes it (markdown) and its figures
 /// (JSON) where the user asked (`--markdown`, `--json`).
-pub fn report(
+fn report(
     md: &str,
     markdown: Option<&Path>,
     json: Option<&Path>,

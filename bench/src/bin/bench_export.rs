@@ -32,10 +32,8 @@ struct Args {
     /// Where the images go (a real disk, not tmpfs).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    out: bench::OutputArgs,
 }
 
 /// One fio job.
@@ -292,10 +290,8 @@ fn main() -> Result<()> {
         create_fs_s: f64,
         mkfs_raw_convert_s: f64,
     }
-    bench::report(
+    a.out.report(
         &md,
-        a.markdown.as_deref(),
-        a.json.as_deref(),
         &Figures {
             exports: cells,
             create_fs_s: o,

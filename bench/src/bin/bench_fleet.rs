@@ -31,10 +31,8 @@ struct Args {
     /// Scratch directory (the root disk).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    out: bench::OutputArgs,
     /// The fleet launch instead: vmctl run --count N against N QEMU +
     /// qemu-storage-daemon pairs, and one VM's life step by step.
     #[arg(long)]
@@ -116,7 +114,7 @@ fn main() -> Result<()> {
             bin_dir: exe_dir.clone(),
         })?;
         print!("{md}");
-        if let Some(p) = &a.markdown {
+        if let Some(p) = &a.out.markdown {
             std::fs::write(p, &md)?;
         }
         return Ok(());
@@ -230,7 +228,7 @@ fn main() -> Result<()> {
                 / bench::median(d.iops.get(1..).unwrap_or(&[]))?.max(1.0)
         );
     }
-    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &results)
+    a.out.report(&md, &results)
 }
 
 /// A benchmark run's waits: the guest prints only when it is done, so a

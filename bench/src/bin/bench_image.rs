@@ -75,12 +75,8 @@ struct Cli {
     /// Small sizes for a CI smoke run (about a minute).
     #[arg(long)]
     quick: bool,
-    /// Also write every raw number to this file, as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Also write the tables to this file.
-    #[arg(long)]
-    markdown: Option<PathBuf>,
+    #[command(flatten)]
+    out: bench::OutputArgs,
     /// The read benchmark runs a second time here (tmpfs: no disk below the
     /// page cache).
     #[arg(long, default_value = "/dev/shm")]
@@ -1584,14 +1580,5 @@ fn main() -> Result<()> {
     drop(shm);
     drop(root);
 
-    let md = markdown(&report);
-    print!("{md}");
-    if let Some(path) = &cli.markdown {
-        fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &cli.json {
-        let json = serde_json::to_string_pretty(&report)?;
-        fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    cli.out.report(&markdown(&report), &report)
 }

@@ -11,7 +11,7 @@
 //!   trips.
 
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,10 +55,8 @@ struct Args {
     /// More arguments for net-backend (such as --tx-poll-us=N), repeated.
     #[arg(long, allow_hyphen_values = true)]
     backend_arg: Vec<String>,
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    out: bench::OutputArgs,
 }
 
 const SERVER: &str = "10.0.0.2";
@@ -583,5 +581,5 @@ fn main() -> Result<()> {
             }
         }
     }
-    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &figures)
+    a.out.report(&md, &figures)
 }

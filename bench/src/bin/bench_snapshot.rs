@@ -38,10 +38,8 @@ struct Args {
     /// Scratch directory.
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    out: bench::OutputArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -292,5 +290,5 @@ fn main() -> Result<()> {
             max
         );
     }
-    bench::report(&md, a.markdown.as_deref(), a.json.as_deref(), &results)
+    a.out.report(&md, &results)
 }

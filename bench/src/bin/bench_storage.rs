@@ -59,10 +59,8 @@ struct Args {
         allow_hyphen_values = true
     )]
     backend_options: Vec<String>,
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    out: bench::OutputArgs,
     #[arg(long)]
     svg: Option<PathBuf>,
 }
@@ -989,10 +987,8 @@ fn main() -> Result<()> {
         vmm_rss_kib.1,
         vmm_rss_kib.2
     );
-    bench::report(
+    a.out.report(
         &md,
-        a.markdown.as_deref(),
-        a.json.as_deref(),
         &serde_json::json!({ "cells": cells, "boot_ms": boots }),
     )?;
     if let Some(p) = &a.svg {

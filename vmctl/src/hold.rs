@@ -104,7 +104,7 @@ pub fn keep(vm: &VmDir, stop: &dyn AsFd, said: &dyn Fn(String)) {
         }
         // The holder is gone; its hold, if still there, is taken over.
         if read_json::<HoldRecord>(&hold).is_ok_and(|now| now == r) {
-            let resumed = crate::ops::api(vm, "PUT", "/api/v1/vm.resume", None);
+            let resumed = crate::vm_api::resume(vm);
             let _ = std::fs::remove_file(&hold);
             said(match resumed {
                 Ok(_) => format!(

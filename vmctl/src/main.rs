@@ -13,6 +13,7 @@ mod snapshots;
 mod state;
 mod stoppable;
 mod supervisor;
+mod vm_api;
 
 use std::path::PathBuf;
 use std::time::Duration;

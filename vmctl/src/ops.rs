@@ -528,16 +528,6 @@ pub fn wait_started(vm: &VmDir, starting: &Starting) -> Result<()> {
     }
 }
 
-pub fn api(vm: &VmDir, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
-    let (code, text) = vmm::api::call(&vm.api_socket(), method, path, body)
-        .with_context(|| format!("VM {}: its control API", vm.name))?;
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    if code != 200 {
-        bail!("VM {}: the vmm answered {code}: {v}", vm.name);
-    }
-    Ok(v)
-}
-
 fn require_running(vm: &VmDir) -> Result<()> {
     match vm.observed()? {
         Observed::Running => Ok(()),
@@ -563,21 +553,14 @@ fn set_paused(root: &Root, name: &str, paused: bool) -> Result<bool> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
     require_running(&vm)?;
-    let now_paused = api(&vm, "GET", "/api/v1/vm.info", None)?["state"] == "paused";
-    if now_paused == paused {
+    if crate::vm_api::paused(&vm)? == paused {
         return Ok(false);
     }
-    let path = if paused {
-        "/api/v1/vm.pause"
+    if paused {
+        crate::vm_api::pause(&vm)?;
     } else {
-        "/api/v1/vm.resume"
-    };
-    api(&vm, "PUT", path, None).with_context(|| {
-        format!(
-            "VM {name}: {}",
-            if paused { "pausing it" } else { "resuming it" }
-        )
-    })?;
+        crate::vm_api::resume(&vm)?;
+    }
     Ok(true)
 }
 
@@ -620,7 +603,9 @@ impl EndWatch {
     /// pid reused meanwhile costs that).
     fn nap(&mut self, vm: &VmDir) {
         if self.end.is_none() && !self.heard {
-            self.end = vmm::api::send(&vm.api_socket(), "GET", vmm::api::WAIT, None).ok();
+            self.end = vmm::api::client::Client::new(vm.api_socket())
+                .ask_end()
+                .ok();
         }
         let supervisor = vm.status().ok().flatten().and_then(|s| s.supervisor_pid);
         let gone = supervisor.and_then(|pid| pidfd_of(pid).ok());
@@ -672,7 +657,7 @@ fn stop_locked(vm: &VmDir, timeout: Duration) -> Result<Observed> {
     if !vm.observed()?.is_active() {
         bail!("VM {} is not running ({})", vm.name, vm.observed()?);
     }
-    let asked = api(vm, "PUT", "/api/v1/vm.shutdown", Some("{}")).is_ok();
+    let asked = crate::vm_api::shutdown(vm).is_ok();
     if !asked || !wait_ended(vm, timeout)? {
         kill_locked(vm)?;
     }
@@ -776,10 +761,8 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
         o => o.to_string(),
     };
     if observed == Observed::Running {
-        if let Ok(v) = api(vm, "GET", "/api/v1/vm.info", None) {
-            if v["state"] == "paused" {
-                state = "paused".into();
-            }
+        if crate::vm_api::paused(vm).unwrap_or(false) {
+            state = "paused".into();
         }
     }
     let active = observed.is_active();

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::host_backend::{control_call, HostBackend};
-use crate::ops::{allocated, api, define, Spec};
+use crate::ops::{allocated, define, Spec};
 use crate::state::{
     check_name, now_ms, read_json, write_json, BackendMode, Observed, RestoreFrom, RestoreMemory,
     Root, VmConfig, VmDir,
@@ -399,18 +399,18 @@ fn while_paused<T>(
     let t0 = Instant::now();
     let mut paused_here = None;
     let outcome = (|| {
-        if running && api(vm, "GET", "/api/v1/vm.info", None)?["state"] != "paused" {
+        if running && !crate::vm_api::paused(vm)? {
             // Held before it pauses: if this process dies from here on,
             // the VM's supervisor resumes it (crate::hold).
             let held = crate::hold::Held::take(vm, what)?;
-            api(vm, "PUT", "/api/v1/vm.pause", None)?;
+            crate::vm_api::pause(vm)?;
             paused_here = Some(held);
         }
         f()
     })();
     let resumed = match paused_here {
         Some(held) => {
-            let r = api(vm, "PUT", "/api/v1/vm.resume", None).map(drop);
+            let r = crate::vm_api::resume(vm);
             drop(held);
             r
         }
@@ -473,8 +473,7 @@ pub fn snapshot(root: &Root, name: &str, snap: &str) -> Result<Taken> {
         Ok(write_json(&d.join(PENDING), &pending)?)
     })?;
     let (taken, resumed, paused_ms) = while_paused(&vm, true, &format!("snapshot {snap}"), || {
-        let body = json!({ "dir": dir.join("vm") }).to_string();
-        api(&vm, "PUT", "/api/v1/vm.snapshot", Some(&body))?;
+        crate::vm_api::snapshot(&vm, &dir.join("vm"))?;
         let disk = seal_disk(root, &vm, config.backend, &seal)?;
         let record = SnapshotRecord {
             name: snap.to_string(),

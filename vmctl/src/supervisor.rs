@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vmm::api::types::VmEnd;
 
 use anyhow::{Context, Result};
 use cli_support::path_wait;
@@ -324,29 +325,20 @@ struct EndReport {
     stream: UnixStream,
 }
 
-#[derive(serde::Deserialize)]
-struct ReportedEnd {
-    exit_status: i32,
-    console_bytes: u64,
-}
-
 impl EndReport {
     fn ask(api: &Path) -> Result<Self> {
         Ok(EndReport {
-            stream: vmm::api::send(api, "GET", vmm::api::WAIT, None)?,
+            stream: vmm::api::client::Client::new(api).ask_end()?,
         })
     }
 
     /// The answer, once the stream is readable: None when the vmm ended
     /// without one (killed) or said something else.
-    fn read(mut self) -> Option<ReportedEnd> {
+    fn read(mut self) -> Option<VmEnd> {
         self.stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .ok()?;
-        match vmm::api::response(&mut self.stream).ok()? {
-            (200, body) => serde_json::from_str(&body).ok(),
-            _ => None,
-        }
+        vmm::api::client::read_end(&mut self.stream).ok()
     }
 }
 
@@ -1042,7 +1034,7 @@ fn full_disk(vm: &VmDir) -> Option<String> {
 /// How the vmm's run ended: its report (the process is still tearing
 /// down), or the process's exit.
 enum Ended {
-    Reported(ReportedEnd),
+    Reported(VmEnd),
     Exited(std::process::ExitStatus),
 }
 

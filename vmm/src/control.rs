@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::snapshot::vcpu::{VcpuState, VcpuStateError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
     Running,

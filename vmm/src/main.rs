@@ -180,13 +180,12 @@ fn config_of(a: &Args) -> Result<VmConfig> {
 }
 
 fn api(socket: &std::path::Path, request: &ApiRequest) -> Result<i32> {
-    let snapshot_body;
     let (method, path, body) = match request {
         ApiRequest::Snapshot { dir } => {
             // The vmm may run elsewhere in the tree: it is told where.
             let dir = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
-            snapshot_body = serde_json::json!({ "dir": dir }).to_string();
-            ("PUT", "/api/v1/vm.snapshot", Some(snapshot_body.as_str()))
+            let body = serde_json::to_string(&vmm::api::types::SnapshotRequest { dir })?;
+            ("PUT", "/api/v1/vm.snapshot", Some(body))
         }
         ApiRequest::Info => ("GET", "/api/v1/vm.info", None),
         ApiRequest::Metrics => ("GET", "/api/v1/vm.metrics", None),
@@ -196,10 +195,12 @@ fn api(socket: &std::path::Path, request: &ApiRequest) -> Result<i32> {
         ApiRequest::Shutdown { force } => (
             "PUT",
             "/api/v1/vm.shutdown",
-            Some(if *force { r#"{"force": true}"# } else { "{}" }),
+            Some(serde_json::to_string(&vmm::api::types::ShutdownRequest {
+                force: *force,
+            })?),
         ),
     };
-    let (code, body) = vmm::api::call(socket, method, path, body)
+    let (code, body) = vmm::api::call(socket, method, path, body.as_deref())
         .with_context(|| format!("{}", socket.display()))?;
     cli_support::say_out!("{body}");
     if code != 200 {

@@ -14,6 +14,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use tracing::{debug, error, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::api::types::{SnapshotAnswer, VmEnd};
 use crate::api::{Api, EndWaiters};
 use crate::boot;
 use crate::coalesced::CoalescedWrites;
@@ -687,7 +688,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
                 Ok(req) => {
                     let r = taker.take(&req.dir);
                     match &r {
-                        Ok(v) => info!("snapshot taken: {v}"),
+                        Ok(a) => info!(dir = %a.dir.display(), ms = a.ms, saved_bytes = a.memory_saved_bytes, "snapshot taken"),
                         Err(e) => warn!("snapshot into {} failed: {e}", req.dir.display()),
                     }
                     let _ = req.reply.send(r);
@@ -718,11 +719,15 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     }
     control.stop();
     // Said before the process ends, which waits for KVM to let go of the VM.
-    ended.answer(serde_json::json!({
-        "exit_status": event.exit_status(),
-        "ended": event.describe(),
-        "console_bytes": machine.console.lock().unwrap_or_else(|e| e.into_inner()).written(),
-    }));
+    ended.answer(&VmEnd {
+        exit_status: event.exit_status(),
+        ended: event.describe(),
+        console_bytes: machine
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .written(),
+    });
     let console = machine
         .console
         .lock()
@@ -999,7 +1004,7 @@ impl SnapshotTaker<'_> {
     /// threads, the interrupt controllers, the clock, the devices, then
     /// memory; the disks are started again whatever happened. The VM
     /// stays paused.
-    fn take(&self, dir: &std::path::Path) -> Result<serde_json::Value, SnapshotError> {
+    fn take(&self, dir: &std::path::Path) -> Result<SnapshotAnswer, SnapshotError> {
         let t0 = std::time::Instant::now();
         let state = self.control.state();
         if state != crate::control::RunState::Paused {
@@ -1066,12 +1071,12 @@ impl SnapshotTaker<'_> {
             let _ = std::fs::remove_file(dir.join(snapshot::MEMORY_FILE));
         }
         let memory_saved = saved?;
-        Ok(serde_json::json!({
-            "dir": dir,
-            "memory_bytes": self.cfg.memory,
-            "memory_saved_bytes": memory_saved,
-            "ms": t0.elapsed().as_secs_f64() * 1e3,
-        }))
+        Ok(SnapshotAnswer {
+            dir: dir.to_path_buf(),
+            memory_bytes: self.cfg.memory,
+            memory_saved_bytes: memory_saved,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     fn save(&self, dir: &std::path::Path) -> Result<u64, SnapshotError> {

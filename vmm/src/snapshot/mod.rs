@@ -159,7 +159,7 @@ pub enum SnapshotError {
 /// that owns the VM's devices.
 pub struct Request {
     pub dir: PathBuf,
-    pub reply: crossbeam_channel::Sender<Result<serde_json::Value, SnapshotError>>,
+    pub reply: crossbeam_channel::Sender<Result<crate::api::types::SnapshotAnswer, SnapshotError>>,
 }
 
 /// Refuses a directory that holds anything (a snapshot never overwrites

@@ -15,6 +15,9 @@
 //! period after any ioeventfd: milliseconds, measured), and has the whole
 //! console once it has read `console_bytes` from the vmm's output.
 
+pub mod client;
+pub mod types;
+
 use crossbeam_channel::Sender;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,8 +25,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::warn;
+
+pub use client::{call, response, send};
+use types::{
+    Metrics, ShutdownAnswer, ShutdownRequest, SnapshotRequest, StateAnswer, VmEnd, VmInfo,
+};
 
 use crate::config::VmConfig;
 use crate::control::Control;
@@ -43,6 +52,19 @@ pub struct Api {
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(600);
 
 pub const WAIT: &str = "/api/v1/vm.wait";
+
+/// An endpoint's path: `vm.info` is `/api/v1/vm.info`.
+pub fn endpoint(name: &str) -> String {
+    format!("/api/v1/{name}")
+}
+
+/// A 200 with `answer` as its body.
+fn ok(answer: impl Serialize) -> (u16, Value) {
+    match serde_json::to_value(answer) {
+        Ok(v) => (200, v),
+        Err(e) => (500, json!({ "error": e.to_string() })),
+    }
+}
 
 /// Whether a read of `s` would not block (data or its end), without
 /// waiting.
@@ -98,7 +120,8 @@ impl EndWaiters {
 
     /// The VM has ended: `end` goes to every client waiting, and to any
     /// that asks from now on.
-    pub fn answer(&self, end: Value) {
+    pub fn answer(&self, end: &VmEnd) {
+        let end = serde_json::to_value(end).unwrap_or(Value::Null);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for mut stream in st.waiting.drain(..) {
             respond(&mut stream, 200, &end);
@@ -124,6 +147,16 @@ const ENDPOINTS: [&str; 7] = [
     "/api/v1/vm.shutdown",
     WAIT,
 ];
+
+/// A request's JSON body, or the default when it has none.
+fn body_or_default<T: Default + serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<T, serde_json::Error> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+}
 
 /// Why a request could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -204,47 +237,49 @@ impl Api {
         let err = |code, msg: String| (code, json!({ "error": msg }));
         let c = &self.control;
         match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/api/v1/vm.info") => (
-                200,
-                json!({
-                    "state": c.state(),
-                    "cpus": self.config.cpus,
-                    "memory_bytes": self.config.memory,
-                    "kernel": self.config.kernel,
-                    "disks": self.config.disks,
-                    "uptime_ms": c.started.elapsed().as_millis() as u64,
-                }),
-            ),
-            ("GET", "/api/v1/vm.metrics") => (200, json!({ "vcpus": c.metrics() })),
+            ("GET", "/api/v1/vm.info") => ok(VmInfo {
+                state: c.state(),
+                cpus: self.config.cpus,
+                memory_bytes: self.config.memory,
+                kernel: self.config.kernel.clone(),
+                disks: self.config.disks.clone(),
+                uptime_ms: c.started.elapsed().as_millis() as u64,
+            }),
+            ("GET", "/api/v1/vm.metrics") => ok(Metrics { vcpus: c.metrics() }),
             ("PUT", "/api/v1/vm.pause") => {
                 if c.pause(Duration::from_secs(5)) {
-                    (200, json!({ "state": c.state() }))
+                    ok(StateAnswer { state: c.state() })
                 } else {
                     err(409, format!("cannot pause a VM that is {:?}", c.state()))
                 }
             }
             ("PUT", "/api/v1/vm.resume") => {
                 if c.resume() {
-                    (200, json!({ "state": c.state() }))
+                    ok(StateAnswer { state: c.state() })
                 } else {
                     err(409, format!("cannot resume a VM that is {:?}", c.state()))
                 }
             }
             ("PUT", "/api/v1/vm.shutdown") => {
-                let force = serde_json::from_slice::<Value>(&req.body)
-                    .ok()
-                    .and_then(|v| v["force"].as_bool())
-                    .unwrap_or(false);
+                let ShutdownRequest { force } = match body_or_default(&req.body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return err(
+                            400,
+                            format!("vm.shutdown takes {{\"force\": true|false}}: {e}"),
+                        )
+                    }
+                };
                 // Told to the VM once the answer is out (see `serve`): a
                 // forced end exits at once, and a client must not find the
                 // connection closed without its answer.
-                (200, json!({ "state": "stopping", "force": force }))
+                ok(ShutdownAnswer {
+                    state: crate::control::RunState::Stopping,
+                    force,
+                })
             }
             ("PUT", "/api/v1/vm.snapshot") => {
-                let Some(dir) = serde_json::from_slice::<Value>(&req.body)
-                    .ok()
-                    .and_then(|v| v["dir"].as_str().map(std::path::PathBuf::from))
-                else {
+                let Ok(SnapshotRequest { dir }) = serde_json::from_slice(&req.body) else {
                     return err(
                         400,
                         "vm.snapshot takes {\"dir\": \"/absolute/path\"}".into(),
@@ -277,7 +312,7 @@ impl Api {
                     return err(409, "the VM is ending".into());
                 }
                 match answer.recv_timeout(SNAPSHOT_DEADLINE) {
-                    Ok(Ok(v)) => (200, v),
+                    Ok(Ok(answer)) => ok(answer),
                     Ok(Err(e)) => err(500, cli_support::report(&anyhow::Error::new(e))),
                     Err(_) => err(
                         500,
@@ -329,53 +364,6 @@ impl Api {
     }
 }
 
-/// The client side (`vmm api ...`): one request, its status code and
-/// body.
-pub fn call(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    response(&mut send(socket, method, path, body)?)
-}
-
-/// Sends one request; the connection its response comes on (a `vm.wait`
-/// client holds it until the VM ends, waiting for it to turn readable).
-pub fn send(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(socket)?;
-    let body = body.unwrap_or("");
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )?;
-    Ok(s)
-}
-
-/// A response read to its end: status code (0 when there is none) and body.
-pub fn response(s: &mut UnixStream) -> std::io::Result<(u16, String)> {
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,7 +402,21 @@ mod tests {
             ended: Arc::default(),
             snapshots: crossbeam_channel::unbounded().0,
         };
-        assert_eq!(api.handle(&req("GET", "/api/v1/vm.info")).0, 200);
+        // Every answer is what the typed client reads.
+        let (code, body) = api.handle(&req("GET", "/api/v1/vm.info"));
+        let info: VmInfo = client::decode("vm.info", code, body.to_string()).expect("vm.info");
+        assert_eq!((info.cpus, info.memory_bytes), (1, 1 << 30));
+        let shutdown = |body: &str| {
+            let mut r = req("PUT", "/api/v1/vm.shutdown");
+            r.body = body.into();
+            let (code, body) = api.handle(&r);
+            client::decode::<ShutdownAnswer>("vm.shutdown", code, body.to_string())
+        };
+        assert!(!shutdown("").expect("no body").force);
+        assert!(shutdown(r#"{"force": true}"#).expect("forced").force);
+        // A body it cannot read is refused by name, not taken as "not forced".
+        let e = shutdown(r#"{"force": "yes"}"#).unwrap_err().to_string();
+        assert!(e.contains("400") && e.contains("force"), "{e}");
         assert_eq!(api.handle(&req("PUT", WAIT)).0, 405);
         let (code, body) = api.handle(&req("DELETE", "/api/v1/vm.info"));
         assert_eq!(code, 405);
@@ -451,7 +453,11 @@ mod tests {
         let (server, mut refused) = UnixStream::pair().expect("pair");
         ended.add(server);
         assert!(answer(&mut refused).starts_with("HTTP/1.1 503"));
-        ended.answer(json!({ "exit_status": 3 }));
+        ended.answer(&VmEnd {
+            exit_status: 3,
+            ended: "the guest exited with 3".into(),
+            console_bytes: 0,
+        });
         for c in &mut kept {
             let text = answer(c);
             assert!(

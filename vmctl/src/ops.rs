@@ -760,10 +760,8 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
         Observed::Failed(_) => "failed".to_string(),
         o => o.to_string(),
     };
-    if observed == Observed::Running {
-        if crate::vm_api::paused(vm).unwrap_or(false) {
-            state = "paused".into();
-        }
+    if observed == Observed::Running && crate::vm_api::paused(vm).unwrap_or(false) {
+        state = "paused".into();
     }
     let active = observed.is_active();
     // The process serving its disk now, and its restarts during this run.

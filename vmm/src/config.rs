@@ -28,18 +28,17 @@ pub enum SerialOut {
     File(PathBuf),
 }
 
+/// Where a vhost-user device's backend listens and how patiently it is
+/// dealt with: the settings every vhost-user device has (Cloud
+/// Hypervisor's `VhostUserConfig`), embedded in each device's config (in
+/// JSON and on the command line its keys sit beside the device's own).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskConfig {
+pub struct Endpoint {
     pub socket: PathBuf,
-    #[serde(default = "one")]
-    pub num_queues: u16,
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
-    #[serde(default)]
-    pub readonly: bool,
-    /// How long to wait for a backend that went away before the disk's
-    /// requests fail with I/O errors.
+    /// How long to wait for a backend that went away before the device's
+    /// requests fail.
     #[serde(default = "default_reconnect_timeout")]
     pub reconnect_timeout_ms: u64,
     /// How long any vhost-user request waits for the backend's reply; past
@@ -54,11 +53,46 @@ pub struct DiskConfig {
     pub connect_timeout_ms: u64,
 }
 
+impl Endpoint {
+    fn new(socket: PathBuf) -> Endpoint {
+        Endpoint {
+            socket,
+            queue_size: default_queue_size(),
+            reconnect_timeout_ms: default_reconnect_timeout(),
+            reply_timeout_ms: default_reply_timeout(),
+            connect_timeout_ms: 0,
+        }
+    }
+
+    /// What is wrong with it, if anything.
+    fn problem(&self) -> Option<String> {
+        if !self.queue_size.is_power_of_two() || self.queue_size < 2 {
+            return Some(format!("queue_size {}: a power of two", self.queue_size));
+        }
+        if self.reply_timeout_ms == 0 {
+            return Some("reply_timeout_ms: a number of milliseconds above 0".into());
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    #[serde(flatten)]
+    pub backend: Endpoint,
+    #[serde(default = "one")]
+    pub num_queues: u16,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
 /// A NIC whose frames a vhost-user-net backend moves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    pub socket: PathBuf,
+    #[serde(flatten)]
+    pub backend: Endpoint,
     /// The MAC the guest sees (`52:54:00:..`): a random locally
     /// administered one when not given.
     #[serde(default)]
@@ -66,14 +100,6 @@ pub struct NetConfig {
     /// Receive and transmit queues: two per queue pair.
     #[serde(default = "two")]
     pub num_queues: u16,
-    #[serde(default = "default_queue_size")]
-    pub queue_size: u16,
-    #[serde(default = "default_reconnect_timeout")]
-    pub reconnect_timeout_ms: u64,
-    #[serde(default = "default_reply_timeout")]
-    pub reply_timeout_ms: u64,
-    #[serde(default)]
-    pub connect_timeout_ms: u64,
 }
 
 /// A shared folder: a virtio-fs device whose FUSE requests a
@@ -81,20 +107,13 @@ pub struct NetConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FsConfig {
-    pub socket: PathBuf,
+    #[serde(flatten)]
+    pub backend: Endpoint,
     /// The name the guest mounts it by (`mount -t virtiofs TAG /mnt`).
     pub tag: String,
     /// Request queues (the high-priority queue comes on top).
     #[serde(default = "one")]
     pub num_queues: u16,
-    #[serde(default = "default_queue_size")]
-    pub queue_size: u16,
-    #[serde(default = "default_reconnect_timeout")]
-    pub reconnect_timeout_ms: u64,
-    #[serde(default = "default_reply_timeout")]
-    pub reply_timeout_ms: u64,
-    #[serde(default)]
-    pub connect_timeout_ms: u64,
 }
 
 impl NetConfig {
@@ -253,31 +272,19 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     Ok(cli_support::parse_size(s)?)
 }
 
-/// The keys a disk's and a NIC's spec share: where the backend listens,
-/// the queues, and the waits on it.
-struct BackendSpec {
-    socket: Option<PathBuf>,
-    num_queues: u16,
-    queue_size: u16,
-    reconnect_timeout_ms: u64,
-    reply_timeout_ms: u64,
-    connect_timeout_ms: u64,
-}
-
-impl BackendSpec {
-    fn new(num_queues: u16) -> BackendSpec {
-        BackendSpec {
-            socket: None,
-            num_queues,
-            queue_size: default_queue_size(),
-            reconnect_timeout_ms: default_reconnect_timeout(),
-            reply_timeout_ms: default_reply_timeout(),
-            connect_timeout_ms: 0,
-        }
-    }
-
-    /// Takes `k=v` if it is one of the shared keys (Ok(false): another).
-    fn take(&mut self, k: &str, v: &str) -> Result<bool, String> {
+/// A device's `key=value,...` spec: the [`Endpoint`]'s keys and
+/// `num_queues` (`queues` when not given) taken here, the device's own
+/// keys given to `own`. The one parser of every vhost-user device's spec.
+fn parse_spec(
+    spec: &str,
+    queues: u16,
+    mut own: impl FnMut(&str, &str) -> Result<(), String>,
+) -> Result<(Endpoint, u16), String> {
+    let mut backend = Endpoint::new(PathBuf::new());
+    let mut socket = None;
+    let mut num_queues = queues;
+    for kv in spec.split(',') {
+        let (k, v) = kv.split_once('=').ok_or("expected key=value")?;
         let number = |what: &str| -> Result<u64, String> {
             v.parse().map_err(|_| format!("{what}: a number"))
         };
@@ -286,117 +293,83 @@ impl BackendSpec {
             u16::try_from(number(what)?).map_err(|_| format!("{what}: at most {}", u16::MAX))
         };
         match k {
-            "socket" => self.socket = Some(PathBuf::from(v)),
-            "num_queues" => self.num_queues = small(k)?,
-            "queue_size" => self.queue_size = small(k)?,
-            "reconnect_timeout_ms" => self.reconnect_timeout_ms = number(k)?,
-            "connect_timeout_ms" => self.connect_timeout_ms = number(k)?,
-            "reply_timeout_ms" => {
-                self.reply_timeout_ms = Some(number(k)?)
-                    .filter(|&ms| ms > 0)
-                    .ok_or("reply_timeout_ms: a number of milliseconds above 0")?
-            }
-            _ => return Ok(false),
+            "socket" => socket = Some(PathBuf::from(v)),
+            "num_queues" => num_queues = small(k)?,
+            "queue_size" => backend.queue_size = small(k)?,
+            "reconnect_timeout_ms" => backend.reconnect_timeout_ms = number(k)?,
+            "connect_timeout_ms" => backend.connect_timeout_ms = number(k)?,
+            "reply_timeout_ms" => backend.reply_timeout_ms = number(k)?,
+            _ => own(k, v)?,
         }
-        Ok(true)
     }
-
-    /// Each `key=value` of `spec`: the shared ones taken, the others to
-    /// `own`; then the socket, which every spec needs.
-    fn parse(
-        mut self,
-        spec: &str,
-        mut own: impl FnMut(&str, &str) -> Result<(), String>,
-    ) -> Result<(BackendSpec, PathBuf), String> {
-        for kv in spec.split(',') {
-            let (k, v) = kv.split_once('=').ok_or("expected key=value")?;
-            if !self.take(k, v)? {
-                own(k, v)?;
-            }
-        }
-        let socket = self.socket.take().ok_or("socket= is missing")?;
-        Ok((self, socket))
+    backend.socket = socket.ok_or("socket= is missing")?;
+    if let Some(why) = backend.problem() {
+        return Err(why);
     }
+    Ok((backend, num_queues))
 }
 
 pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     let mut readonly = false;
-    let (b, socket) = BackendSpec::new(1)
-        .parse(spec, |k, v| {
-            readonly = match (k, v) {
-                ("readonly", "on" | "true" | "1") => true,
-                ("readonly", "off" | "false" | "0") => false,
-                ("readonly", _) => return Err("readonly takes on or off".into()),
-                _ => return Err(format!("unknown key {k:?}")),
-            };
-            Ok(())
-        })
-        .map_err(|why| ConfigError::BadDisk {
-            spec: spec.to_string(),
-            why,
-        })?;
+    let (backend, num_queues) = parse_spec(spec, 1, |k, v| {
+        readonly = match (k, v) {
+            ("readonly", "on" | "true" | "1") => true,
+            ("readonly", "off" | "false" | "0") => false,
+            ("readonly", _) => return Err("readonly takes on or off".into()),
+            _ => return Err(format!("unknown key {k:?}")),
+        };
+        Ok(())
+    })
+    .map_err(|why| ConfigError::BadDisk {
+        spec: spec.to_string(),
+        why,
+    })?;
     Ok(DiskConfig {
-        socket,
-        num_queues: b.num_queues,
-        queue_size: b.queue_size,
+        backend,
+        num_queues,
         readonly,
-        reconnect_timeout_ms: b.reconnect_timeout_ms,
-        reply_timeout_ms: b.reply_timeout_ms,
-        connect_timeout_ms: b.connect_timeout_ms,
     })
 }
 
 pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let mut mac = None;
-    let (b, socket) = BackendSpec::new(2)
-        .parse(spec, |k, v| match k {
-            "mac" => {
-                parse_mac(v).ok_or("mac: six hex bytes such as 52:54:00:12:34:56, unicast")?;
-                mac = Some(v.to_string());
-                Ok(())
-            }
-            _ => Err(format!("unknown key {k:?}")),
-        })
-        .map_err(|why| ConfigError::BadNet {
-            spec: spec.to_string(),
-            why,
-        })?;
+    let (backend, num_queues) = parse_spec(spec, 2, |k, v| match k {
+        "mac" => {
+            parse_mac(v).ok_or("mac: six hex bytes such as 52:54:00:12:34:56, unicast")?;
+            mac = Some(v.to_string());
+            Ok(())
+        }
+        _ => Err(format!("unknown key {k:?}")),
+    })
+    .map_err(|why| ConfigError::BadNet {
+        spec: spec.to_string(),
+        why,
+    })?;
     Ok(NetConfig {
-        socket,
+        backend,
         mac,
-        num_queues: b.num_queues,
-        queue_size: b.queue_size,
-        reconnect_timeout_ms: b.reconnect_timeout_ms,
-        reply_timeout_ms: b.reply_timeout_ms,
-        connect_timeout_ms: b.connect_timeout_ms,
+        num_queues,
     })
 }
 
 pub fn parse_fs(spec: &str) -> Result<FsConfig, ConfigError> {
     let mut tag = None;
-    let (b, socket) = BackendSpec::new(1)
-        .parse(spec, |k, v| match k {
-            "tag" => {
-                tag = Some(v.to_string());
-                Ok(())
-            }
-            _ => Err(format!("unknown key {k:?}")),
-        })
-        .map_err(|why| ConfigError::BadFs {
-            spec: spec.to_string(),
-            why,
-        })?;
+    let bad = |why| ConfigError::BadFs {
+        spec: spec.to_string(),
+        why,
+    };
+    let (backend, num_queues) = parse_spec(spec, 1, |k, v| match k {
+        "tag" => {
+            tag = Some(v.to_string());
+            Ok(())
+        }
+        _ => Err(format!("unknown key {k:?}")),
+    })
+    .map_err(bad)?;
     Ok(FsConfig {
-        socket,
-        tag: tag.ok_or_else(|| ConfigError::BadFs {
-            spec: spec.to_string(),
-            why: "tag= is missing".into(),
-        })?,
-        num_queues: b.num_queues,
-        queue_size: b.queue_size,
-        reconnect_timeout_ms: b.reconnect_timeout_ms,
-        reply_timeout_ms: b.reply_timeout_ms,
-        connect_timeout_ms: b.connect_timeout_ms,
+        backend,
+        tag: tag.ok_or_else(|| bad("tag= is missing".into()))?,
+        num_queues,
     })
 }
 
@@ -440,17 +413,24 @@ impl VmConfig {
         if let Some(why) = memory_problem(self.memory) {
             return bad(format!("--memory {why}"));
         }
+        // Each device: its endpoint's checks (one for every kind), then
+        // its own.
+        let devices = self
+            .disks
+            .iter()
+            .map(|d| ("disk", &d.backend))
+            .chain(self.nets.iter().map(|n| ("nic", &n.backend)))
+            .chain(self.fs.iter().map(|f| ("fs", &f.backend)));
+        for (noun, backend) in devices {
+            if let Some(why) = backend.problem() {
+                return bad(format!("{noun} {}: {why}", backend.socket.display()));
+            }
+        }
         for d in &self.disks {
             if d.num_queues == 0 || d.num_queues > MAX_DISK_QUEUES {
                 return bad(format!(
                     "disk {}: num_queues 1 to {MAX_DISK_QUEUES}",
-                    d.socket.display()
-                ));
-            }
-            if !d.queue_size.is_power_of_two() || d.queue_size < 2 {
-                return bad(format!(
-                    "disk {}: queue_size a power of two",
-                    d.socket.display()
+                    d.backend.socket.display()
                 ));
             }
         }
@@ -458,14 +438,11 @@ impl VmConfig {
             return bad("at most 16 disks".into());
         }
         for n in &self.nets {
-            let name = n.socket.display();
             if n.num_queues < 2 || n.num_queues > 16 || n.num_queues % 2 != 0 {
                 return bad(format!(
-                    "nic {name}: num_queues 2 to 16, an even number (a receive and a transmit queue per pair)"
+                    "nic {}: num_queues 2 to 16, an even number (a receive and a transmit queue per pair)",
+                    n.backend.socket.display()
                 ));
-            }
-            if !n.queue_size.is_power_of_two() || n.queue_size < 2 {
-                return bad(format!("nic {name}: queue_size a power of two"));
             }
             n.mac_bytes()?;
         }
@@ -473,16 +450,13 @@ impl VmConfig {
             return bad("at most 8 NICs".into());
         }
         for f in &self.fs {
-            let name = f.socket.display();
+            let name = f.backend.socket.display();
             // virtio-fs's tag field: 36 bytes, no NUL inside.
             if f.tag.is_empty() || f.tag.len() > 36 || f.tag.contains('\0') {
                 return bad(format!("fs {name}: tag of 1 to 36 bytes"));
             }
             if !(1..=16).contains(&f.num_queues) {
                 return bad(format!("fs {name}: num_queues (request queues) 1 to 16"));
-            }
-            if !f.queue_size.is_power_of_two() || f.queue_size < 2 {
-                return bad(format!("fs {name}: queue_size a power of two"));
             }
         }
         if self.fs.len() > 8 {

@@ -10,18 +10,33 @@
 //! - `boot`: loading a kernel (PVH ELF) and the registers it starts with.
 //! - `events`: how a VM ends (`VmEvent`), as devices and vCPUs report it.
 //! - `interrupts`: MSI routes of the devices' GSIs.
-//! - `vm`: the KVM VM, its vCPU threads and their exits.
+//! - `builder`: a VM built, booted (`build_for_boot`) or restored
+//!   (`build_from_snapshot`): KVM, memory slots, devices, threads.
+//! - `device_manager`: the platform's devices on the buses, the PCI bus,
+//!   every virtio device attached (one `attach_vhost_user` for any
+//!   vhost-user kind) and their watchers.
+//! - `vcpu`: a vCPU's thread, its exits, its CPUID and entry registers.
+//! - `console`: the console's output and input threads.
+//! - `vm`: a VM's life: run until it ends, snapshots meanwhile, stopped
+//!   in order, reported.
 //! - `control`: run state (pause, resume, stop) and the vCPU counters.
-//! - `api`: the HTTP/JSON control API on a Unix socket, and its client.
-//! - `devices`: port and MMIO buses, serial, debug exit, PCI.
-//! - `snapshot`: a paused VM saved to a directory, and read back.
+//! - `api`: the HTTP/JSON control API on a Unix socket: its typed
+//!   requests and answers (`api::types`) and its client (`api::client`).
+//! - `devices`: port and MMIO buses, serial, debug exit, PCI, virtio-pci,
+//!   the vhost-user frontend and its watcher, the virtio console.
+//! - `snapshot`: a paused VM saved to a directory (`take`), read back and
+//!   restored (`restore`, `pager`).
+//! - `seccomp`: each thread's system-call filter.
 
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod builder;
 pub mod coalesced;
 pub mod config;
+pub mod console;
 pub mod control;
+pub mod device_manager;
 pub mod devices;
 pub mod events;
 pub mod interrupts;
@@ -29,4 +44,5 @@ pub mod kvm_stats;
 pub mod memory;
 pub mod seccomp;
 pub mod snapshot;
+pub mod vcpu;
 pub mod vm;

@@ -18,11 +18,12 @@ pub const VCPU: Policy = Policy {
     ]],
 };
 
-/// A disk's watcher: it waits for the backend to go, reconnects (a new
-/// connection and the whole handshake), or starts the thread that fails
-/// the guest's requests (which runs under this same filter).
-pub const DISK: Policy = Policy {
-    name: "disk watcher",
+/// A vhost-user device's watcher (a disk's, a NIC's, a shared folder's):
+/// it waits for the backend to go, reconnects (a new connection and the
+/// whole handshake), or starts the thread that fails the guest's requests
+/// (which runs under this same filter).
+pub const VHOST_USER: Policy = Policy {
+    name: "vhost-user watcher",
     groups: &[
         sandbox::EVENT_LOOP,
         &[
@@ -126,7 +127,9 @@ mod tests {
 
     #[test]
     fn every_policy_compiles() {
-        for p in [VCPU, DISK, API, CONSOLE, SERIAL_IN, DEADLINES, MAIN, PAGER] {
+        for p in [
+            VCPU, VHOST_USER, API, CONSOLE, SERIAL_IN, DEADLINES, MAIN, PAGER,
+        ] {
             p.compile().unwrap_or_else(|e| panic!("{e}"));
         }
     }

@@ -6,7 +6,7 @@
 //! bounded from outside: while a thread talks to a backend it holds an
 //! [`Armed`] deadline; a watchdog thread shuts the connection down when the
 //! deadline passes, and the blocked call then fails as it would on a
-//! backend that went away (the disk watcher reconnects, or fails the
+//! backend that went away (the device's watcher reconnects, or fails the
 //! guest's requests once the backend stays away).
 
 use std::collections::BTreeMap;

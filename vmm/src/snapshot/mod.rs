@@ -14,7 +14,9 @@
 
 pub mod memory;
 pub mod pager;
+pub mod restore;
 pub mod state_file;
+pub mod take;
 pub mod vcpu;
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,8 @@
 //! the backend's addresses, then the table's ack): the pager serves its
 //! faults, and the disk runs at once. POSTCOPY_END once memory is filled.
 
+pub mod watch;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -33,7 +35,7 @@ use super::io_error::{self, FailedQueue};
 use super::virtio_pci::{
     BackendLink, DeviceError, Interrupts, QueueConfig, ReconnectError, VirtioDevice, NO_VECTOR,
 };
-use crate::config::{DiskConfig, FsConfig, NetConfig};
+use crate::config::Endpoint;
 use crate::snapshot::pager::{PagerError, PagerHandle};
 use cli_support::log_limit::LogLimit;
 use cli_support::path_wait;
@@ -54,8 +56,8 @@ const VIRTIO_NET_S_LINK_UP: u16 = virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// virtio-blk: the backend's configuration (capacity, geometry), the
-    /// queue count the vmm was given, read-only if asked.
-    Block { readonly: bool },
+    /// `queues` the vmm was given, read-only if asked.
+    Block { readonly: bool, queues: u16 },
     /// virtio-net: the MAC the vmm gives it, `pairs` receive/transmit
     /// queue pairs, and the control queue if the backend serves one.
     Net { mac: [u8; 6], pairs: u16 },
@@ -94,18 +96,18 @@ impl Kind {
 
     /// The most virtqueues the device can have (the control queue
     /// counted).
-    fn max_queues(&self, requested: u16) -> u16 {
+    fn max_queues(&self) -> u16 {
         match self {
-            Kind::Block { .. } => requested,
+            Kind::Block { queues, .. } => *queues,
             Kind::Net { pairs, .. } => 2 * pairs + 1,
             Kind::Fs { request_queues, .. } => 1 + request_queues,
         }
     }
 
     /// The virtqueues the guest sees, given what the backend offers.
-    fn queues(&self, requested: u16, backend_features: u64) -> u16 {
+    fn queues(&self, backend_features: u64) -> u16 {
         match self {
-            Kind::Block { .. } => requested,
+            Kind::Block { queues, .. } => *queues,
             Kind::Net { pairs, .. } => {
                 2 * pairs + u16::from(backend_features & VIRTIO_NET_F_CTRL_VQ != 0)
             }
@@ -143,7 +145,7 @@ impl Kind {
     fn features(&self, backend: u64, queues: u16) -> u64 {
         let mut f = backend & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         match self {
-            Kind::Block { readonly } => {
+            Kind::Block { readonly, .. } => {
                 if queues == 1 {
                     f &= !VIRTIO_BLK_F_MQ;
                 }
@@ -165,7 +167,7 @@ impl Kind {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum DiskError {
+pub enum VhostUserError {
     #[error("{socket}: cannot connect (is a backend listening there?): {err}")]
     Connect { socket: String, err: std::io::Error },
     #[error("{socket}: {what}: {err}")]
@@ -244,7 +246,7 @@ pub enum Exchange {
 pub struct VhostUserDevice {
     kind: Kind,
     config: Vec<u8>,
-    /// The connection and the session on it, shared with the disk watcher
+    /// The connection and the session on it, shared with the device's watcher
     /// (it also holds what the backend offered at connect and the disk's
     /// shape, fixed for the device's life).
     link: Arc<Link>,
@@ -324,11 +326,10 @@ fn describe(e: vhost::Error, armed: &deadline::Armed, reply_timeout: Duration) -
 fn handshake(
     path: &Path,
     kind: &Kind,
-    num_queues: u16,
     mem: &GuestMemoryMmap,
     reply_timeout: Duration,
     pager: Option<&PagerHandle>,
-) -> Result<Handshake, DiskError> {
+) -> Result<Handshake, VhostUserError> {
     // The device named by its kind: `disk /run/vm.sock`, `nic ...`.
     let socket = format!("{} {}", kind.noun(), path.display());
     // Connected here rather than by `Frontend::connect`, which retries a
@@ -336,16 +337,16 @@ fn handshake(
     // decide when to look again (a start's connect timeout, a reconnect's
     // backoff).
     let stream =
-        std::os::unix::net::UnixStream::connect(path).map_err(|err| DiskError::Connect {
+        std::os::unix::net::UnixStream::connect(path).map_err(|err| VhostUserError::Connect {
             socket: socket.clone(),
             err,
         })?;
-    let mut frontend = Frontend::from_stream(stream, kind.max_queues(num_queues) as u64);
+    let mut frontend = Frontend::from_stream(stream, kind.max_queues() as u64);
     let armed = deadline::arm(frontend.as_raw_fd(), reply_timeout);
     let p = |what: &'static str| {
         let socket = socket.clone();
         let armed = &armed;
-        move |e: vhost::Error| DiskError::Protocol {
+        move |e: vhost::Error| VhostUserError::Protocol {
             socket: socket.clone(),
             what,
             err: describe(e, armed, reply_timeout),
@@ -354,7 +355,7 @@ fn handshake(
     frontend.set_owner().map_err(p("SET_OWNER"))?;
     let backend_features = frontend.get_features().map_err(p("GET_FEATURES"))?;
     if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-        return Err(DiskError::Protocol {
+        return Err(VhostUserError::Protocol {
             socket,
             what: "features",
             err: Exchange::NoProtocolFeatures,
@@ -374,20 +375,20 @@ fn handshake(
     }
     let protocol = offered & wanted;
     if !protocol.contains(VhostUserProtocolFeatures::CONFIG) && matches!(kind, Kind::Block { .. }) {
-        return Err(DiskError::Protocol {
+        return Err(VhostUserError::Protocol {
             socket,
             what: "protocol features",
             err: Exchange::NoConfig,
         });
     }
-    let num_queues = kind.queues(num_queues, backend_features);
+    let num_queues = kind.queues(backend_features);
     frontend
         .set_protocol_features(protocol)
         .map_err(p("SET_PROTOCOL_FEATURES"))?;
     if protocol.contains(VhostUserProtocolFeatures::MQ) {
         let n = frontend.get_queue_num().map_err(p("GET_QUEUE_NUM"))?;
         if n < num_queues as u64 {
-            return Err(DiskError::Queues {
+            return Err(VhostUserError::Queues {
                 socket,
                 offered: n,
                 wanted: num_queues,
@@ -396,7 +397,7 @@ fn handshake(
         // The control queue's index is the backend's: after all its pairs.
         if let Kind::Net { pairs, .. } = kind {
             if backend_features & VIRTIO_NET_F_CTRL_VQ != 0 && n != 2 * u64::from(*pairs) + 1 {
-                return Err(DiskError::NicPairs {
+                return Err(VhostUserError::NicPairs {
                     socket,
                     backend_pairs: n.saturating_sub(1) / 2,
                     pairs: *pairs,
@@ -404,7 +405,7 @@ fn handshake(
             }
         }
     } else if num_queues > 1 {
-        return Err(DiskError::Queues {
+        return Err(VhostUserError::Queues {
             socket,
             offered: 1,
             wanted: num_queues,
@@ -436,7 +437,7 @@ fn handshake(
             let bases = frontend
                 .set_mem_table(&regions)
                 .map_err(p("SET_MEM_TABLE"))?
-                .ok_or_else(|| DiskError::Protocol {
+                .ok_or_else(|| VhostUserError::Protocol {
                     socket: socket.clone(),
                     what: "SET_MEM_TABLE",
                     err: Exchange::NoMappingAddresses,
@@ -445,7 +446,7 @@ fn handshake(
             // the memory (it waits for the table's ack).
             pager
                 .adopt(&socket, uffd.into(), &bases)
-                .map_err(|err| DiskError::Paging {
+                .map_err(|err| VhostUserError::Paging {
                     socket: socket.clone(),
                     err,
                 })?;
@@ -470,53 +471,6 @@ fn handshake(
     })
 }
 
-/// Where a device's backend listens and how patiently it is dealt with.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub socket: PathBuf,
-    /// A disk's queues; a NIC's data queues (two per pair).
-    pub num_queues: u16,
-    pub queue_size: u16,
-    pub reply_timeout_ms: u64,
-    pub connect_timeout_ms: u64,
-}
-
-impl From<&DiskConfig> for Endpoint {
-    fn from(d: &DiskConfig) -> Endpoint {
-        Endpoint {
-            socket: d.socket.clone(),
-            num_queues: d.num_queues,
-            queue_size: d.queue_size,
-            reply_timeout_ms: d.reply_timeout_ms,
-            connect_timeout_ms: d.connect_timeout_ms,
-        }
-    }
-}
-
-impl From<&FsConfig> for Endpoint {
-    fn from(f: &FsConfig) -> Endpoint {
-        Endpoint {
-            socket: f.socket.clone(),
-            num_queues: f.num_queues,
-            queue_size: f.queue_size,
-            reply_timeout_ms: f.reply_timeout_ms,
-            connect_timeout_ms: f.connect_timeout_ms,
-        }
-    }
-}
-
-impl From<&NetConfig> for Endpoint {
-    fn from(n: &NetConfig) -> Endpoint {
-        Endpoint {
-            socket: n.socket.clone(),
-            num_queues: n.num_queues,
-            queue_size: n.queue_size,
-            reply_timeout_ms: n.reply_timeout_ms,
-            connect_timeout_ms: n.connect_timeout_ms,
-        }
-    }
-}
-
 impl VhostUserDevice {
     /// Connects and learns what the backend offers; the memory table goes
     /// over now, the rings when the driver is ready.
@@ -526,7 +480,7 @@ impl VhostUserDevice {
         kind: Kind,
         mem: &GuestMemoryMmap,
         pager: Option<PagerHandle>,
-    ) -> Result<Self, DiskError> {
+    ) -> Result<Self, VhostUserError> {
         let reply_timeout = Duration::from_millis(cfg.reply_timeout_ms);
         // A backend still starting (its socket absent or not listening) is
         // waited for up to `connect_timeout_ms`, looking again after 1, 2,
@@ -542,15 +496,8 @@ impl VhostUserDevice {
             if !cfg.socket.exists() && std::time::Instant::now() < give_up {
                 socket_watch = path_wait::wait_for(&cfg.socket, Some(give_up), &[]).1;
             }
-            match handshake(
-                &cfg.socket,
-                &kind,
-                cfg.num_queues,
-                mem,
-                reply_timeout,
-                pager.as_ref(),
-            ) {
-                Err(DiskError::Connect { err, .. })
+            match handshake(&cfg.socket, &kind, mem, reply_timeout, pager.as_ref()) {
+                Err(VhostUserError::Connect { err, .. })
                     if matches!(
                         err.kind(),
                         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
@@ -571,7 +518,7 @@ impl VhostUserDevice {
         } = shook;
         let noun = kind.noun();
         info!(socket = %cfg.socket.display(), features = format_args!("{backend_features:#x}"), paging, "{noun} connected");
-        let num_queues = kind.queues(cfg.num_queues, backend_features);
+        let num_queues = kind.queues(backend_features);
         Ok(VhostUserDevice {
             config: kind.config(config, num_queues),
             link: Arc::new(Link {
@@ -610,7 +557,10 @@ impl Link {
     /// waited for while the device's watcher reconnects, up to `limit`.
     /// Without this, a second snapshot right after a first met the
     /// sealed disk's dead connection (GET_VRING_BASE: socket is broken).
-    fn connected(&self, limit: Duration) -> Result<std::sync::MutexGuard<'_, Session>, DiskError> {
+    fn connected(
+        &self,
+        limit: Duration,
+    ) -> Result<std::sync::MutexGuard<'_, Session>, VhostUserError> {
         let until = std::time::Instant::now() + limit;
         let mut s = self.lock();
         loop {
@@ -619,7 +569,7 @@ impl Link {
             }
             let now = std::time::Instant::now();
             if now >= until {
-                return Err(DiskError::Away {
+                return Err(VhostUserError::Away {
                     socket: self.socket_name(),
                     waited_ms: limit.as_millis(),
                 });
@@ -641,26 +591,26 @@ impl Link {
         &'a self,
         what: &'static str,
         armed: &'a deadline::Armed,
-    ) -> impl Fn(vhost::Error) -> DiskError + 'a {
-        move |e| DiskError::Protocol {
+    ) -> impl Fn(vhost::Error) -> VhostUserError + 'a {
+        move |e| VhostUserError::Protocol {
             socket: self.socket_name(),
             what,
             err: describe(e, armed, self.reply_timeout),
         }
     }
 
-    fn host_addr(&self, gpa: u64) -> Result<u64, DiskError> {
+    fn host_addr(&self, gpa: u64) -> Result<u64, VhostUserError> {
         self.mem
             .get_host_address(vm_memory::GuestAddress(gpa))
             .map(|p| p as u64)
-            .map_err(|_| DiskError::RingAddress {
+            .map_err(|_| VhostUserError::RingAddress {
                 socket: self.socket_name(),
                 gpa,
             })
     }
 
     /// Tells the backend about every ring of `a` and starts them.
-    fn start_rings(&self, s: &mut Session, a: &Active) -> Result<(), DiskError> {
+    fn start_rings(&self, s: &mut Session, a: &Active) -> Result<(), VhostUserError> {
         let armed = deadline::arm(s.frontend.as_raw_fd(), self.reply_timeout);
         // What the driver took of what the backend offered: the features
         // the vmm adds itself (a NIC's MAC and link status, a disk's
@@ -709,7 +659,7 @@ impl Link {
             let used_idx: u16 = self
                 .mem
                 .read_obj(vm_memory::GuestAddress(q.used + 2))
-                .map_err(|err| DiskError::UsedRing {
+                .map_err(|err| VhostUserError::UsedRing {
                     socket: self.socket_name(),
                     queue: i,
                     err,
@@ -738,7 +688,7 @@ impl Link {
     /// what it has in flight first). A backend that fails one is hung up
     /// on (one deadline for all the rings, not one each): the error names
     /// the ring.
-    fn stop_rings(&self, s: &mut Session) -> Result<(), (usize, DiskError)> {
+    fn stop_rings(&self, s: &mut Session) -> Result<(), (usize, VhostUserError)> {
         let armed = deadline::arm(s.frontend.as_raw_fd(), self.reply_timeout);
         for i in std::mem::take(&mut s.started) {
             if let Err(e) = s.frontend.get_vring_base(i) {
@@ -746,7 +696,7 @@ impl Link {
                 hang_up(&s.frontend);
                 return Err((
                     i,
-                    DiskError::Protocol {
+                    VhostUserError::Protocol {
                         socket: self.socket_name(),
                         what: "GET_VRING_BASE",
                         err,
@@ -772,7 +722,7 @@ fn hung_up(frontend: &Frontend) -> bool {
 }
 
 /// Ends a session whose backend stopped answering or broke the protocol
-/// mid-way (the stream is out of step after that): the disk watcher sees
+/// mid-way (the stream is out of step after that): the device's watcher sees
 /// the connection end and reconnects, replaying what the driver set up,
 /// or fails the guest's requests past its timeout.
 fn hang_up(frontend: &Frontend) {
@@ -801,20 +751,21 @@ impl BackendLink for Link {
         } = handshake(
             &self.socket,
             &self.kind,
-            self.num_queues,
             &self.mem,
             self.reply_timeout,
             self.pager.as_ref(),
         )
         .map_err(|e| ReconnectError::NotYet(e.into()))?;
         if features != self.backend_features || protocol != self.protocol {
-            return Err(ReconnectError::Incompatible(Box::new(DiskError::Changed {
-                socket: self.socket_name(),
-                features,
-                protocol: protocol.bits(),
-                session_features: self.backend_features,
-                session_protocol: self.protocol.bits(),
-            })));
+            return Err(ReconnectError::Incompatible(Box::new(
+                VhostUserError::Changed {
+                    socket: self.socket_name(),
+                    features,
+                    protocol: protocol.bits(),
+                    session_features: self.backend_features,
+                    session_protocol: self.protocol.bits(),
+                },
+            )));
         }
         let mut s = self.lock();
         s.frontend = frontend;
@@ -945,16 +896,18 @@ impl VirtioDevice for VhostUserDevice {
                 Some(fd) => fd.try_clone(),
                 None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK),
             }
-            .map_err(|err| DiskError::Eventfd {
+            .map_err(|err| VhostUserError::Eventfd {
                 socket: self.link.socket_name(),
                 what: "call",
                 err,
             })?;
-            let kick = kicks[i].try_clone().map_err(|err| DiskError::Eventfd {
-                socket: self.link.socket_name(),
-                what: "kick",
-                err,
-            })?;
+            let kick = kicks[i]
+                .try_clone()
+                .map_err(|err| VhostUserError::Eventfd {
+                    socket: self.link.socket_name(),
+                    what: "kick",
+                    err,
+                })?;
             active.queues.push((i, *q));
             active.kicks.push(kick);
             active.calls.push(call);
@@ -1003,7 +956,7 @@ impl VirtioDevice for VhostUserDevice {
     fn resume(&mut self) -> Result<(), DeviceError> {
         let link = &self.link;
         let mut s = link.lock();
-        // Started already: the disk watcher reconnected a backend that had
+        // Started already: the device's watcher reconnected a backend that had
         // gone away (and replayed the rings) since the pause.
         if !s.started.is_empty() {
             return Ok(());
@@ -1028,7 +981,7 @@ impl VirtioDevice for VhostUserDevice {
             .as_u64()
             .unwrap_or(self.link.backend_features);
         if saved != self.link.backend_features {
-            return Err(Box::new(DiskError::Changed {
+            return Err(Box::new(VhostUserError::Changed {
                 socket: self.link.socket_name(),
                 features: self.link.backend_features,
                 protocol: self.link.protocol.bits(),
@@ -1065,7 +1018,10 @@ mod tests {
     /// What a disk and a NIC show the guest of what their backends offer.
     #[test]
     fn each_kind_shows_its_configuration_queues_and_features() {
-        let disk = Kind::Block { readonly: true };
+        let disk = Kind::Block {
+            readonly: true,
+            queues: 4,
+        };
         let backend = (1 << 30) | VIRTIO_BLK_F_MQ | (1 << 9);
         let c = disk.config(Some(vec![7u8; 60]), 1);
         assert_eq!((c.len(), &c[34..36], c[0]), (60, &[1u8, 0][..], 7));
@@ -1074,13 +1030,13 @@ mod tests {
         assert_ne!(f & VIRTIO_BLK_F_RO, 0);
         assert_ne!(f & VIRTIO_F_VERSION_1, 0);
         assert_eq!(f & (1 << 30), 0, "PROTOCOL_FEATURES is vhost-user's");
-        assert_eq!(disk.queues(4, backend), 4);
+        assert_eq!(disk.queues(backend), 4);
 
         let mac = [0x52, 0x54, 0, 1, 2, 3];
         let nic = Kind::Net { mac, pairs: 2 };
         let offered = VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ | (1 << 0);
-        assert_eq!(nic.queues(4, offered), 5, "two pairs and the control queue");
-        assert_eq!(nic.queues(4, 0), 4, "no control queue offered");
+        assert_eq!(nic.queues(offered), 5, "two pairs and the control queue");
+        assert_eq!(nic.queues(0), 4, "no control queue offered");
         let f = nic.features(offered, 5);
         assert_ne!(f & VIRTIO_NET_F_MQ, 0);
         assert_ne!(f & VIRTIO_NET_F_MAC, 0);

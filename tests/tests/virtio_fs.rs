@@ -267,3 +267,95 @@ fn junk_from_a_guest_on_its_shared_folder_leaves_the_vmm_standing() {
     run.assert_ok("a VM after the attacks");
     assert_eq!(run.result.clone().expect("a report")["fnv"], fnv(&content));
 }
+
+/// The virtiofsd processes (its sandbox forks one) whose command line
+/// contains `needle`.
+fn virtiofsds_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "virtiofsd")
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// A shared folder's virtiofsd killed while its VM runs: its FUSE session
+/// lived in it, so it is not started again; the VM's supervisor says so
+/// once in the VM's log, the VM goes on running, and a stop ends it in
+/// order.
+#[test]
+fn a_share_server_killed_under_a_running_vm_is_said_and_the_vm_goes_on() {
+    if !ready("vmctl_share_killed", &["virtiofsd"]) {
+        return;
+    }
+    test_infra::build_guest().expect("the bench guest");
+    let fx = Fixture::new();
+    let shared = fx.path("shared");
+    std::fs::create_dir(&shared).expect("dir");
+    let base = fx.image("base.img", "16M");
+    let state = fx.path("state");
+    let vmctl = |args: &[&str]| {
+        let mut all = vec!["--state-dir".to_string(), s(&state)];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let out = test_infra::output_within(
+            Command::new(bin("vmctl")).args(&all),
+            &Patience::new("a vmctl run", Duration::from_secs(2)),
+        )
+        .expect("vmctl runs");
+        assert!(
+            out.status.success(),
+            "vmctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    vmctl(&[
+        "create",
+        "idler",
+        "--image",
+        &s(&base),
+        "--share",
+        &format!("{}:share", s(&shared)),
+        "--cmdline",
+        "mode=idle",
+    ]);
+    vmctl(&["start", "idler"]);
+    let share_socket = state.join("vms/idler/fs0.sock");
+    let servers = virtiofsds_with(&s(&share_socket));
+    assert!(!servers.is_empty(), "a virtiofsd serves the share");
+    for pid in servers {
+        // SAFETY: a signal to the virtiofsd this test's VM runs.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let log = state.join("vms/idler/supervisor.log");
+    Patience::new("the supervisor noticing", Duration::from_millis(100))
+        .wait_until(|| {
+            Ok(std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("virtiofsd of share 0 ended"))
+        })
+        .expect("said");
+    let said = std::fs::read_to_string(&log).expect("log");
+    assert!(said.contains("not started again"), "{said}");
+    assert!(
+        virtiofsds_with(&s(&share_socket)).is_empty(),
+        "none started again"
+    );
+    let info = test_infra::stdout_json(&vmctl(&["info", "idler", "--output", "json"]));
+    assert_eq!(info["state"], "running", "{info}");
+    vmctl(&["stop", "idler"]);
+    let info = test_infra::stdout_json(&vmctl(&["info", "idler", "--output", "json"]));
+    assert_ne!(info["state"], "failed", "{info}");
+    // Said once, not at every wake of the supervisor.
+    let said = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(
+        said.matches("virtiofsd of share 0 ended").count(),
+        1,
+        "{said}"
+    );
+    vmctl(&["delete", "idler"]);
+}

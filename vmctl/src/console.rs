@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 
-use crate::host_backend::wait_any;
+use crate::process::wait_any;
 use crate::state::{Observed, Root, VmDir};
 
 /// The byte that detaches a client (Ctrl-], as telnet and virsh use).

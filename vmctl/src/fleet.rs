@@ -4,6 +4,7 @@
 //! the built-in demo: a base made and filled on first use, guests that
 //! verify its data through their clones.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,7 @@ struct OwnBackend(Child);
 
 impl Drop for OwnBackend {
     fn drop(&mut self) {
-        crate::supervisor::stop_backend(&mut self.0);
+        crate::process::stop(&mut self.0, crate::process::STOP_GRACE);
     }
 }
 
@@ -63,7 +64,7 @@ fn fill(image: &Path, cmdline: &str) -> Result<()> {
     let kernel = binaries::bench_guest()?;
     let vmm = binaries::program("vmm")?;
     let sock = image.with_extension("fill.sock");
-    let mut backend = OwnBackend(
+    let backend = OwnBackend(
         Command::new(binaries::program("blk-backend")?)
             .arg("--export")
             .arg(format!(
@@ -77,12 +78,13 @@ fn fill(image: &Path, cmdline: &str) -> Result<()> {
             .spawn()
             .context("starting blk-backend")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        if Instant::now() > deadline || backend.0.try_wait()?.is_some() {
-            bail!("blk-backend did not listen on {}", sock.display());
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    // Listening once its socket is there (it binds and listens at once),
+    // unless it ended first or is stuck.
+    let ended = crate::process::pidfd(&backend.0)?;
+    let until = Instant::now() + Duration::from_secs(30);
+    let (waited, _) = cli_support::path_wait::wait_for(&sock, Some(until), &[ended.as_fd()]);
+    if waited != cli_support::path_wait::Waited::Appeared {
+        bail!("blk-backend did not listen on {}", sock.display());
     }
     let out = Command::new(vmm)
         .arg("--kernel")

@@ -13,7 +13,7 @@ use anyhow::Result;
 use cli_support::path_wait;
 use serde::{Deserialize, Serialize};
 
-use crate::host_backend::{pidfd_of, wait_any};
+use crate::process::{pidfd_of, wait_any};
 use crate::state::{read_json, write_json, VmDir};
 
 const HOLD: &str = "hold.json";
@@ -133,7 +133,7 @@ impl Keeper {
         let vm = vm.clone();
         let thread = crate::stoppable::Stoppable::spawn("holds", move |stop| {
             keep(&vm, &stop, &|line| {
-                crate::supervisor::note(&vm, format_args!("{line}"))
+                crate::state::note(&vm, format_args!("{line}"))
             })
         })?;
         Ok(Keeper { _thread: thread })

@@ -18,7 +18,7 @@
 //! daemon per state root.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::binaries;
+use crate::process;
 use crate::state::{alive, boot_id, lock_file, now_ms, read_json, write_json, Root};
+use cli_support::path_wait;
 
 /// How long the daemon outlives its last export (a fleet's VMs come and go
 /// one after another; a new daemon costs a process start).
@@ -233,7 +235,7 @@ impl HostBackend {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        crate::ops::own_session(&mut cmd);
+        crate::process::own_session(&mut cmd);
         let mut daemon = cmd.spawn().context("starting the host backend's daemon")?;
         // Starting blk-backend takes milliseconds; one that has not
         // answered in 30 s is stuck.
@@ -295,44 +297,6 @@ fn unreachable(e: &anyhow::Error) -> bool {
     })
 }
 
-/// A pidfd: readable when the process ends (no polling for a child's end).
-pub fn pidfd(child: &Child) -> Result<OwnedFd> {
-    pidfd_of(child.id())
-}
-
-/// A pidfd of any process (a child's cannot be reused before it is reaped;
-/// another's is checked alive by the caller right after).
-pub fn pidfd_of(pid: u32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open has no memory arguments; the result is a new
-    // descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("pidfd_open");
-    }
-    // SAFETY: `fd` was just returned to us and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Until one of `fds` is readable (a process ended, an answer came) or
-/// `timeout` passed; which ones are.
-pub fn wait_any(fds: &[&dyn AsFd], timeout: Option<Duration>) -> Vec<bool> {
-    let mut polled: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-    // SAFETY: poll on an array of pollfd we own, its true length given.
-    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
-    if n <= 0 {
-        return vec![false; fds.len()];
-    }
-    polled.iter().map(|p| p.revents != 0).collect()
-}
-
 /// The blk-backend the daemon watches: its child, or one a killed daemon
 /// left serving and a new one adopted.
 struct Watched {
@@ -356,7 +320,7 @@ impl Watched {
     fn child(child: Child) -> Result<Watched> {
         Ok(Watched {
             pid: child.id(),
-            end: pidfd(&child)?,
+            end: process::pidfd(&child)?,
             child: Some(child),
             done: false,
         })
@@ -365,7 +329,7 @@ impl Watched {
     /// The previous daemon's backend, when it still serves.
     fn adopt(host: &HostBackend, before: &HostStatus) -> Option<Watched> {
         let pid = before.backend_pid?;
-        let end = pidfd_of(pid).ok()?;
+        let end = process::pidfd_of(pid).ok()?;
         (before.boot_id == boot_id() && alive(pid) && host.reachable()).then_some(Watched {
             child: None,
             pid,
@@ -383,21 +347,19 @@ impl Watched {
         }
     }
 
-    /// SIGTERM (it closes every image), SIGKILL after 10 s.
+    /// SIGTERM (it closes every image), SIGKILL after a grace period.
     fn stop(&mut self) {
-        // SAFETY: signalling the backend we watch (alive: its pidfd is
-        // not readable, or the signal goes nowhere).
-        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        if !wait_any(&[&self.end], Some(Duration::from_secs(10)))[0] {
-            // SAFETY: as above.
-            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
-            wait_any(&[&self.end], Some(Duration::from_secs(10)));
-        }
+        // The backend we watch (alive: its pidfd is not readable, or the
+        // signal goes nowhere).
+        process::stop_pid(self.pid, &self.end, process::STOP_GRACE);
         self.ended();
     }
 }
 
 fn start_backend(host: &HostBackend) -> Result<Child> {
+    // A dead predecessor's socket goes first: its presence then means this
+    // one listens.
+    let _ = std::fs::remove_file(host.control());
     let mut backend = Command::new(binaries::program("blk-backend")?)
         .arg("--control")
         .arg(host.control())
@@ -412,21 +374,25 @@ fn start_backend(host: &HostBackend) -> Result<Child> {
         )
         .spawn()
         .context("starting blk-backend")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !host.reachable() {
-        if let Some(st) = backend.try_wait()? {
+    // Its control socket appears once it listens (bound and listening at
+    // once); waited for, not looked for.
+    let ended = process::pidfd(&backend)?;
+    let until = Instant::now() + Duration::from_secs(30);
+    let (waited, _) = path_wait::wait_for(&host.control(), Some(until), &[ended.as_fd()]);
+    match waited {
+        path_wait::Waited::Appeared if host.reachable() => Ok(backend),
+        path_wait::Waited::Woken => {
+            let st = backend.wait()?;
             bail!(
                 "blk-backend ended at start ({st}); its log: {}",
                 host.dir.join("backend.log").display()
-            );
+            )
         }
-        if Instant::now() > deadline {
-            let _ = backend.kill();
-            bail!("blk-backend did not answer on its control socket within 30 s");
+        _ => {
+            process::stop(&mut backend, process::STOP_GRACE);
+            bail!("blk-backend did not answer on its control socket within 30 s")
         }
-        std::thread::sleep(Duration::from_millis(1));
     }
-    Ok(backend)
 }
 
 /// Adds every registered export whose supervisor lives; drops the others.
@@ -518,7 +484,7 @@ pub fn daemon(root: &Root) -> Result<()> {
     add_registered(&host);
     let mut idle_since: Option<Instant> = None;
     loop {
-        if wait_any(&[&backend.end], Some(HOUSEKEEPING))[0] {
+        if process::wait_any(&[&backend.end], Some(HOUSEKEEPING))[0] {
             let how = backend.ended();
             cli_support::say!(
                 "vmctl __backend: blk-backend ended ({how}); starting it again and adding back every export"

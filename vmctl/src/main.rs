@@ -9,6 +9,7 @@ mod hold;
 mod host_backend;
 mod network;
 mod ops;
+mod process;
 mod snapshots;
 mod state;
 mod stoppable;

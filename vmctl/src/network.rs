@@ -20,29 +20,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::state::{lock_file, Root, VmConfig};
+use crate::state::{lock_file, NicSpec, Root, VmConfig};
 
 /// The bridge's address when vmctl makes it, and the subnet's size.
 const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 const PREFIX: u8 = 24;
-
-/// A VM's NIC, fixed when it is defined.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NicSpec {
-    pub bridge: String,
-    pub mac: String,
-    pub address: Ipv4Addr,
-    pub gateway: Ipv4Addr,
-    pub prefix: u8,
-    /// The tap made for it while it runs.
-    pub tap: String,
-    /// Its bridge's subnet masqueraded to the uplink while it runs.
-    #[serde(default)]
-    pub nat: bool,
-}
 
 impl NicSpec {
     /// The kernel command line's `ip=` (Linux's form; the bench guest
@@ -285,10 +269,9 @@ fn dhcp_files(root: &Root, bridge: &str) -> (std::path::PathBuf, std::path::Path
     )
 }
 
-fn running_pid(pidfile: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
-    // SAFETY: signal 0 only asks whether the process exists.
-    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+fn running_pid(pidfile: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    crate::process::exists(pid).then_some(pid)
 }
 
 /// DHCP on the VM's bridge for guests that ask (`ip=dhcp`): dnsmasq, its
@@ -316,8 +299,8 @@ pub fn ensure_dhcp(root: &Root, nic: &NicSpec, all: &[VmConfig]) -> Result<()> {
         .collect();
     crate::state::write_atomically(&hosts, lines.as_bytes())?;
     if let Some(pid) = running_pid(&pidfile) {
-        // SAFETY: SIGHUP to the bridge's dnsmasq: it rereads its hosts.
-        unsafe { libc::kill(pid, libc::SIGHUP) };
+        // The bridge's dnsmasq rereads its hosts.
+        let _ = crate::process::signal(pid, rustix::process::Signal::HUP);
         return Ok(());
     }
     let net = Ipv4Addr::from(u32::from(nic.gateway) & (u32::MAX << (32 - nic.prefix)));
@@ -345,8 +328,8 @@ pub fn ensure_dhcp(root: &Root, nic: &NicSpec, all: &[VmConfig]) -> Result<()> {
 pub fn stop_dhcp(root: &Root, bridge: &str) {
     let (hosts, pidfile) = dhcp_files(root, bridge);
     if let Some(pid) = running_pid(&pidfile) {
-        // SAFETY: SIGTERM to the bridge's dnsmasq, which vmctl started.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // The bridge's dnsmasq, which vmctl started.
+        let _ = crate::process::signal(pid, rustix::process::Signal::TERM);
     }
     let _ = std::fs::remove_file(pidfile);
     let _ = std::fs::remove_file(hosts);

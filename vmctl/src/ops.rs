@@ -12,36 +12,11 @@ use anyhow::{bail, Context, Result};
 use image_format::{ops, Env, Layer, RealEnv, VolatileEnv};
 use serde_json::{json, Value};
 
-use crate::host_backend::{pidfd_of, wait_any, HostBackend};
-use crate::state::{now_ms, BackendMode, Observed, Root, VmConfig, VmDir};
+use crate::host_backend::HostBackend;
+use crate::process::{pidfd_of, wait_any};
+pub use crate::state::{allocated, define, Spec};
+use crate::state::{now_ms, BackendMode, Observed, Root, RunState, VmConfig, VmDir};
 use crate::supervisor::KILL_MARKER;
-
-/// What `create` is given.
-#[derive(Debug, Clone)]
-pub struct Spec {
-    pub image: PathBuf,
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    pub cpus: u8,
-    pub memory: u64,
-    pub queues: u16,
-    /// Grow the clone to this many bytes (the new space reads as zeros).
-    pub disk_size: Option<u64>,
-    pub backend: BackendMode,
-    /// A scratch clone (`run --rm`: deleted when the fleet ends): made
-    /// without flushes, since nothing of it is wanted after a crash.
-    pub scratch: bool,
-    /// A VM snapshot's saved state its first start continues from (the
-    /// image is then that snapshot's sealed disk).
-    pub restore: Option<crate::state::RestoreFrom>,
-    /// A NIC on this bridge.
-    pub net: Option<String>,
-    /// Its bridge's subnet masqueraded to the uplink.
-    pub nat: bool,
-    /// Host folders shared with it.
-    pub shares: Vec<crate::state::Share>,
-}
 
 /// What a VM's clone of `image` is made from: the image itself if it is
 /// sealed, else a snapshot of it made now (`vmctl-NAME`, as `img clone
@@ -361,17 +336,6 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
     Ok(c)
 }
 
-/// Claims VM `name` and has `make` give it its disk and definition;
-/// nothing is left behind when that fails.
-pub fn define(root: &Root, name: &str, make: impl FnOnce(&VmDir) -> Result<()>) -> Result<VmDir> {
-    let (vm, _making) = root.claim(name)?;
-    if let Err(e) = make(&vm) {
-        let _ = std::fs::remove_dir_all(&vm.path);
-        return Err(e);
-    }
-    Ok(vm)
-}
-
 /// Starts the VM's supervisor (detached: it outlives vmctl and the
 /// terminal) and waits until the VM runs or fails.
 pub fn start(root: &Root, name: &str) -> Result<()> {
@@ -379,33 +343,6 @@ pub fn start(root: &Root, name: &str) -> Result<()> {
     let _lock = vm.lock()?;
     let starting = start_locked(root, &vm)?;
     wait_started(&vm, &starting)
-}
-
-/// Runs `cmd` in a session of its own: no terminal hang-up reaches it.
-pub fn own_session(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setsid in the child before exec: async-signal-safe, touches
-    // no memory of ours.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-}
-
-/// `cmd` gets `signal` when the thread that spawned it ends (its
-/// supervisor killed): nothing it started outlives it unwatched.
-pub fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl in the child before exec: async-signal-safe, touches
-    // no memory of ours.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong);
-            Ok(())
-        });
-    }
 }
 
 /// A supervisor on its way up: its word that the VM runs (true), then
@@ -449,7 +386,7 @@ pub fn start_locked(root: &Root, vm: &VmDir) -> Result<Starting> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
-    own_session(&mut cmd);
+    crate::process::own_session(&mut cmd);
     let mut child = cmd.spawn().context("starting the VM's supervisor")?;
     let out = child.stdout.take();
     let (tx, said) = std::sync::mpsc::channel();
@@ -513,9 +450,9 @@ pub fn wait_started(vm: &VmDir, starting: &Starting) -> Result<()> {
         return Ok(());
     }
     let status = vm.status()?;
-    match status.as_ref().map(|s| s.state.as_str()) {
-        Some("exited") => Ok(()),
-        Some("failed") => bail!(
+    match status.as_ref().map(|s| s.state) {
+        Some(RunState::Exited) => Ok(()),
+        Some(RunState::Failed) => bail!(
             "VM {} failed to start: {}",
             vm.name,
             status.and_then(|s| s.reason).unwrap_or_default()
@@ -677,9 +614,9 @@ pub fn kill(root: &Root, name: &str) -> Result<Observed> {
 fn kill_locked(vm: &VmDir) -> Result<()> {
     std::fs::write(vm.path.join(KILL_MARKER), b"")?;
     if let Some(pid) = vm.status()?.and_then(|s| s.vmm_pid) {
-        // SAFETY: a signal to the VM's vmm, whose pid its supervisor
-        // recorded and which is still alive (checked by observed()).
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        // The VM's vmm, whose pid its supervisor recorded and which is
+        // still alive (checked by observed()).
+        let _ = crate::process::signal(pid, rustix::process::Signal::KILL);
     }
     // The supervisor records the end within milliseconds of the vmm's.
     if !wait_ended(vm, Duration::from_secs(30))? {
@@ -728,12 +665,6 @@ pub fn delete(root: &Root, name: &str, force: bool) -> Result<()> {
         release_clone_source(&base);
     }
     Ok(())
-}
-
-/// Bytes a file occupies on disk.
-pub fn allocated(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 /// Bytes the VM's own disk layers occupy: its top and the sealed layers

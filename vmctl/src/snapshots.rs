@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::host_backend::{control_call, HostBackend};
-use crate::ops::{allocated, define, Spec};
+use crate::state::{allocated, define, Spec};
 use crate::state::{
     check_name, now_ms, read_json, write_json, BackendMode, Observed, RestoreFrom, RestoreMemory,
     Root, VmConfig, VmDir,

@@ -193,6 +193,22 @@ impl Root {
     }
 }
 
+/// A VM's NIC, fixed when it is defined (what it does with it: `network`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    pub bridge: String,
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
+    pub gateway: std::net::Ipv4Addr,
+    pub prefix: u8,
+    /// The tap made for it while it runs.
+    pub tap: String,
+    /// Its bridge's subnet masqueraded to the uplink while it runs.
+    #[serde(default)]
+    pub nat: bool,
+}
+
 /// What a VM is: everything `vmctl start` needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,7 +234,7 @@ pub struct VmConfig {
     pub restore: Option<RestoreFrom>,
     /// Its NIC, if it has one (`--net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub net: Option<crate::network::NicSpec>,
+    pub net: Option<NicSpec>,
     /// Host folders shared with it (`--share DIR:TAG`), each served by a
     /// virtiofsd of its own while it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -313,10 +329,20 @@ impl std::fmt::Display for BackendMode {
 
 /// What became of the VM's current or last run (written by its
 /// supervisor).
+/// Where a run is, as its supervisor records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    #[default]
+    Starting,
+    Running,
+    Exited,
+    Failed,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
-    /// starting, running, exited, failed.
-    pub state: String,
+    pub state: RunState,
     pub supervisor_pid: Option<u32>,
     pub vmm_pid: Option<u32>,
     pub backend_pid: Option<u32>,
@@ -456,15 +482,15 @@ impl VmDir {
         let Some(s) = self.status()? else {
             return Ok(Observed::Defined);
         };
-        Ok(match s.state.as_str() {
-            "exited" => Observed::Exited(s.exit_status.unwrap_or(-1)),
-            "failed" => Observed::Failed(s.reason.clone().unwrap_or_default()),
+        Ok(match s.state {
+            RunState::Exited => Observed::Exited(s.exit_status.unwrap_or(-1)),
+            RunState::Failed => Observed::Failed(s.reason.clone().unwrap_or_default()),
             _ if s.boot_id != boot_id() => Observed::Stopped,
             _ if !s.supervisor_pid.is_some_and(alive) => {
                 Observed::Failed("its supervisor is gone (killed?)".into())
             }
-            "starting" => Observed::Starting,
-            _ => Observed::Running,
+            RunState::Starting => Observed::Starting,
+            RunState::Running => Observed::Running,
         })
     }
 }
@@ -648,6 +674,63 @@ pub fn write_json_swapped<T: Serialize>(path: &Path, v: &T) -> Result<(), StateE
     }
 }
 
+/// What `create` is given.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub image: PathBuf,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: u64,
+    pub queues: u16,
+    /// Grow the clone to this many bytes (the new space reads as zeros).
+    pub disk_size: Option<u64>,
+    pub backend: BackendMode,
+    /// A scratch clone (`run --rm`: deleted when the fleet ends): made
+    /// without flushes, since nothing of it is wanted after a crash.
+    pub scratch: bool,
+    /// A VM snapshot's saved state its first start continues from (the
+    /// image is then that snapshot's sealed disk).
+    pub restore: Option<RestoreFrom>,
+    /// A NIC on this bridge.
+    pub net: Option<String>,
+    /// Its bridge's subnet masqueraded to the uplink.
+    pub nat: bool,
+    /// Host folders shared with it.
+    pub shares: Vec<Share>,
+}
+
+/// Claims VM `name` and has `make` give it its disk and definition;
+/// nothing is left behind when that fails.
+pub fn define(
+    root: &Root,
+    name: &str,
+    make: impl FnOnce(&VmDir) -> anyhow::Result<()>,
+) -> anyhow::Result<VmDir> {
+    let (vm, _making) = root.claim(name)?;
+    if let Err(e) = make(&vm) {
+        let _ = std::fs::remove_dir_all(&vm.path);
+        return Err(e);
+    }
+    Ok(vm)
+}
+
+/// Bytes a file occupies on disk.
+pub fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// A line in the VM's supervisor.log (restarts, what a run noticed).
+pub fn note(vm: &VmDir, what: std::fmt::Arguments) {
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(vm.path.join("supervisor.log"))
+        .and_then(|mut f| writeln!(f, "{what}"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,7 +814,7 @@ mod tests {
         let (vm, _claimed) = root.claim("vm").expect("claim");
         assert_eq!(vm.observed().expect("observed"), Observed::Defined);
         let running = Status {
-            state: "running".into(),
+            state: RunState::Running,
             supervisor_pid: Some(std::process::id()),
             boot_id: boot_id(),
             ..Default::default()
@@ -754,7 +837,7 @@ mod tests {
             Observed::Failed(_)
         ));
         vm.write_status(&Status {
-            state: "exited".into(),
+            state: RunState::Exited,
             exit_status: Some(3),
             ..running
         })

@@ -20,8 +20,10 @@ use anyhow::{Context, Result};
 use cli_support::path_wait;
 
 use crate::binaries;
-use crate::host_backend::{pidfd, pidfd_of, wait_any, ExportEntry, HostBackend};
-use crate::state::{boot_id, now_ms, BackendMode, Root, Status, VmConfig, VmDir};
+use crate::host_backend::{ExportEntry, HostBackend};
+use crate::process::{self, Supervised};
+use crate::state::{boot_id, note, now_ms, BackendMode, Root, RunState, Status, VmConfig, VmDir};
+use rustix::process::Signal;
 
 /// The console file's size before it is rotated (one older file is kept).
 pub const CONSOLE_CAP: u64 = 1 << 20;
@@ -44,7 +46,7 @@ fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
     let _ = std::fs::remove_file(vm.backend_control());
     let mut cmd = Command::new(backend);
     // Its image closes cleanly on SIGTERM.
-    crate::ops::die_with_parent(&mut cmd, libc::SIGTERM);
+    process::die_with_parent(&mut cmd, Signal::TERM);
     let child = cmd
         .arg("--export")
         .arg(format!(
@@ -65,27 +67,23 @@ fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
 }
 
 /// Waits until the backend listens (its socket is there) or dies.
-fn wait_listening(vm: &VmDir, backend: &mut Child) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
+fn wait_listening(vm: &VmDir, backend: &mut Supervised) -> Result<()> {
     // Opening the image and binding take milliseconds; a backend that
-    // has not listened after 30 s is stuck.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let listening =
-            std::fs::symlink_metadata(vm.disk_socket()).is_ok_and(|m| m.file_type().is_socket());
-        if listening {
-            return Ok(());
-        }
-        if let Some(st) = backend.try_wait()? {
+    // has not listened after 30 s is stuck. (Its socket is removed before
+    // it starts: the socket's presence means it listens.)
+    let until = Instant::now() + Duration::from_secs(30);
+    let (waited, _) =
+        path_wait::wait_for(&vm.disk_socket(), Some(until), &[backend.ended().as_fd()]);
+    match waited {
+        path_wait::Waited::Appeared => Ok(()),
+        path_wait::Waited::Woken => {
+            let st = backend.child_mut().wait()?;
             anyhow::bail!(
                 "blk-backend ended at start ({st}); its log: {}",
                 vm.path.join("backend.log").display()
-            );
+            )
         }
-        if Instant::now() > deadline {
-            anyhow::bail!("blk-backend did not listen within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(2));
+        path_wait::Waited::TimedOut => anyhow::bail!("blk-backend did not listen within 30 s"),
     }
 }
 
@@ -389,7 +387,7 @@ pub fn supervise(root: &Root, vm: &VmDir, ready: impl FnOnce()) -> Result<()> {
 /// from here `list` shows it active and another start is refused.
 pub fn begin(vm: &VmDir) -> Result<Status> {
     let status = Status {
-        state: "starting".into(),
+        state: RunState::Starting,
         supervisor_pid: Some(std::process::id()),
         boot_id: boot_id(),
         started_unix_ms: now_ms(),
@@ -411,7 +409,7 @@ pub fn supervise_begun(
     let mut exiting = None;
     let outcome = run(root, vm, &config, &mut status, &mut exiting, ready);
     if let Err(e) = &outcome {
-        status.state = "failed".into();
+        status.state = RunState::Failed;
         status.reason = Some(cli_support::report(e));
     }
     status.ended_unix_ms = Some(now_ms());
@@ -421,18 +419,10 @@ pub fn supervise_begun(
     outcome
 }
 
-pub fn note(vm: &VmDir, what: std::fmt::Arguments) {
-    let _ = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(vm.path.join("supervisor.log"))
-        .and_then(|mut f| writeln!(f, "{what}"));
-}
-
 /// Who serves the disk during this run.
 enum Disk {
     Host(HostBackend),
-    Own(Child),
+    Own(Supervised),
 }
 
 fn run(
@@ -446,13 +436,13 @@ fn run(
     // Its NIC's tap on its bridge and a net-backend on it, before the vmm
     // (which waits for the socket, `connect_timeout_ms`); both gone with
     // this run.
-    let _nic = match &config.net {
+    let mut nic = match &config.net {
         Some(nic) => Some(NicServer::start(root, vm, nic)?),
         None => None,
     };
     // Each shared folder's virtiofsd, also before the vmm; ended with
     // this run.
-    let _shares = ShareServers::start(vm, &config.shares)?;
+    let mut shares = ShareServers::start(vm, &config.shares)?;
     // The vmm first: its exec and KVM set-up overlap the disk's (an export
     // added, or a backend started), and it waits for the disk's socket to
     // listen (`connect_timeout_ms`).
@@ -489,7 +479,11 @@ fn run(
             vm,
             config,
             status,
-            &mut disk,
+            Children {
+                disk: &mut disk,
+                nic: nic.as_mut(),
+                shares: &mut shares,
+            },
             (vmm, console),
             exiting,
             ready,
@@ -507,7 +501,7 @@ fn run(
                 );
             }
         }
-        Disk::Own(backend) => stop_backend(backend),
+        Disk::Own(backend) => backend.stop(),
     }
     outcome
 }
@@ -532,21 +526,30 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
             Disk::Host(host)
         }
         BackendMode::Vm => {
-            let mut backend = start_backend(vm, config.queues)?;
+            let (vm2, queues) = (vm.clone(), config.queues);
+            let mut backend =
+                Supervised::start("blk-backend", move || start_backend(&vm2, queues))?;
             wait_listening(vm, &mut backend)?;
-            status.backend_pid = Some(backend.id());
+            status.backend_pid = Some(backend.pid());
             Disk::Own(backend)
         }
     })
 }
 
-/// A VM's NIC while it runs: its tap plugged into its bridge, and a
-/// net-backend serving it, started again if it dies (the vmm reconnects;
 /// One virtiofsd per shared folder, for one run: a vhost-user-fs backend
-/// on the folder (its FUSE sessions live in it, so one that dies is not
-/// started again: the guest's mount fails, as a disconnected share does).
+/// on the folder. Its FUSE session (the guest's open files, the inodes it
+/// looked up) lives in it, so one that dies is not started again: a new
+/// one would answer the guest's requests with no session (the share fails
+/// either way); the VM's log says which ended and why it stays down.
 /// Dropped: stopped.
-struct ShareServers(Vec<Child>);
+struct ShareServers(Vec<ShareServer>);
+
+struct ShareServer {
+    child: Child,
+    ended: std::os::fd::OwnedFd,
+    /// Its end was said.
+    said: bool,
+}
 
 impl ShareServers {
     fn start(vm: &VmDir, shares: &[crate::state::Share]) -> Result<ShareServers> {
@@ -560,7 +563,7 @@ impl ShareServers {
                 )
             })?;
             let mut cmd = Command::new(program);
-            crate::ops::die_with_parent(&mut cmd, libc::SIGTERM);
+            process::die_with_parent(&mut cmd, Signal::TERM);
             cmd.arg("--socket-path")
                 .arg(&socket)
                 .arg("--shared-dir")
@@ -576,7 +579,7 @@ impl ShareServers {
             // Serving once its socket is there; one that ends first (a
             // folder gone, a bad option) fails the start now, with what
             // it said, not when the vmm gives up on the socket.
-            let ended = pidfd(&child)?;
+            let ended = process::pidfd(&child)?;
             let until = Instant::now() + Duration::from_secs(30);
             let (waited, _) = path_wait::wait_for(&socket, Some(until), &[ended.as_fd()]);
             let why = match waited {
@@ -587,7 +590,11 @@ impl ShareServers {
                 }),
                 path_wait::Waited::TimedOut => Some("it made no socket within 30 s".to_string()),
             };
-            servers.0.push(child);
+            servers.0.push(ShareServer {
+                child,
+                ended,
+                said: false,
+            });
             if let Some(why) = why {
                 let log = vm.path.join(format!("virtiofsd-{i}.log"));
                 let said = std::fs::read_to_string(&log).unwrap_or_default();
@@ -606,34 +613,48 @@ impl ShareServers {
         }
         Ok(servers)
     }
+
+    /// Says, once, that share `i`'s virtiofsd ended and why it is not
+    /// started again.
+    fn ended(&mut self, vm: &VmDir, i: usize) {
+        let Some(s) = self.0.get_mut(i) else {
+            return;
+        };
+        s.said = true;
+        let how = match s.child.wait() {
+            Ok(st) => st.to_string(),
+            Err(e) => e.to_string(),
+        };
+        note(
+            vm,
+            format_args!(
+                "virtiofsd of share {i} ended ({how}); not started again: the guest's FUSE session lived in it, so its mount fails from now on (see virtiofsd-{i}.log)"
+            ),
+        );
+    }
 }
 
 impl Drop for ShareServers {
     fn drop(&mut self) {
-        for c in &mut self.0 {
-            if let Ok(Some(_)) = c.try_wait() {
-                continue; // reaped already: its pid may be another's now
-            }
-            // SAFETY: a signal to our own child, not yet reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
+        for s in &mut self.0 {
+            process::stop(&mut s.child, process::STOP_GRACE);
         }
     }
 }
 
+/// A VM's NIC while it runs: its tap plugged into its bridge, and a
+/// net-backend serving it, started again if it dies (the vmm reconnects;
 /// the guest's link comes back). Dropped: the backend stopped, the tap
 /// gone.
 struct NicServer {
     root: Root,
     vm: VmDir,
-    nic: crate::network::NicSpec,
-    stopping: Arc<std::sync::atomic::AtomicBool>,
-    pid: Arc<std::sync::atomic::AtomicU32>,
-    watcher: Option<std::thread::JoinHandle<()>>,
+    nic: crate::state::NicSpec,
+    backend: Supervised,
 }
 
 impl NicServer {
-    fn start(root: &Root, vm: &VmDir, nic: &crate::network::NicSpec) -> Result<NicServer> {
+    fn start(root: &Root, vm: &VmDir, nic: &crate::state::NicSpec) -> Result<NicServer> {
         crate::network::plug(root, nic).context("plugging the VM's NIC")?;
         let shared = crate::network::allocation_lock(root).and_then(|_lock| {
             if nic.nat {
@@ -655,7 +676,7 @@ impl NicServer {
             move || -> Result<Child> {
                 let _ = std::fs::remove_file(vm.net_socket());
                 let mut cmd = Command::new(binaries::program("net-backend")?);
-                crate::ops::die_with_parent(&mut cmd, libc::SIGTERM);
+                process::die_with_parent(&mut cmd, Signal::TERM);
                 cmd.arg("--socket")
                     .arg(vm.net_socket())
                     .args(["--tap", &tap])
@@ -667,76 +688,32 @@ impl NicServer {
                     .context("starting net-backend")
             }
         };
-        let child = match spawn() {
-            Ok(c) => c,
+        let backend = match Supervised::start("net-backend", spawn) {
+            Ok(b) => b,
             Err(e) => {
                 crate::network::unplug(nic);
                 return Err(e);
             }
         };
-        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let pid = Arc::new(std::sync::atomic::AtomicU32::new(child.id()));
-        let (s2, p2, vm2) = (Arc::clone(&stopping), Arc::clone(&pid), vm.clone());
-        let watcher = std::thread::Builder::new()
-            .name("net-backend".into())
-            .spawn(move || {
-                let mut child = child;
-                loop {
-                    let st = child.wait();
-                    if s2.load(std::sync::atomic::Ordering::Acquire) {
-                        return;
-                    }
-                    note(
-                        &vm2,
-                        format_args!("net-backend ended ({st:?}); starting it again"),
-                    );
-                    // Not in a loop faster than a process can start.
-                    std::thread::sleep(Duration::from_millis(10));
-                    match spawn() {
-                        Ok(c) => {
-                            p2.store(c.id(), std::sync::atomic::Ordering::Release);
-                            child = c;
-                        }
-                        Err(e) => {
-                            note(
-                                &vm2,
-                                format_args!("net-backend: {}", cli_support::report(&e)),
-                            );
-                            return;
-                        }
-                    }
-                }
-            })
-            .context("watching net-backend")?;
         Ok(NicServer {
             root: root.clone(),
             vm: vm.clone(),
             nic: nic.clone(),
-            stopping,
-            pid,
-            watcher: Some(watcher),
+            backend,
         })
     }
 }
 
 impl Drop for NicServer {
     fn drop(&mut self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::Release);
-        let pid = self.pid.load(std::sync::atomic::Ordering::Acquire);
-        // SAFETY: a signal to our own child, which its watcher has not
-        // reaped while `stopping` was unset.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        if let Some(w) = self.watcher.take() {
-            let _ = w.join();
-        }
+        self.backend.stop();
         crate::network::unplug(&self.nic);
         // The bridge's DHCP server goes with its last running VM, the
         // masquerade with its last running NAT VM.
         let Ok(_lock) = crate::network::allocation_lock(&self.root) else {
             return;
         };
-        let others: Vec<crate::network::NicSpec> = self
+        let others: Vec<crate::state::NicSpec> = self
             .root
             .list()
             .unwrap_or_default()
@@ -853,20 +830,43 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
     Ok((vmm, console))
 }
 
+/// The processes serving a running VM's devices, watched beside its vmm.
+struct Children<'a> {
+    disk: &'a mut Disk,
+    nic: Option<&'a mut NicServer>,
+    shares: &'a mut ShareServers,
+}
+
+/// What woke the supervisor of a running VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woke {
+    /// The vmm ended.
+    Vmm,
+    /// Its end report came.
+    Reported,
+    /// The VM's own blk-backend ended.
+    DiskBackend,
+    /// The host backend's daemon ended.
+    Daemon,
+    NetBackend,
+    /// Share `i`'s virtiofsd ended.
+    Share(usize),
+}
+
 fn run_vmm(
     vm: &VmDir,
     config: &VmConfig,
     status: &mut Status,
-    disk: &mut Disk,
+    children: Children<'_>,
     (mut vmm, console): (Child, Option<ConsoleTap>),
     exiting: &mut Option<Exiting>,
     ready: impl FnOnce(),
 ) -> Result<()> {
-    let vmm_end = pidfd(&vmm)?;
+    let vmm_end = process::pidfd(&vmm)?;
     // Running once its API answers (the socket appears just before the
     // vCPUs start, milliseconds after exec), or it ended first.
     let (_, api_watch) = path_wait::wait_for(&vm.api_socket(), None, &[vmm_end.as_fd()]);
-    status.state = "running".into();
+    status.state = RunState::Running;
     vm.write_status(status)?;
     if config.restore.is_some() {
         // Restored once: its disk has moved on from the snapshot's, so
@@ -886,38 +886,16 @@ fn run_vmm(
     // vmm's exit, as before.
     let mut report = EndReport::ask(&vm.api_socket()).ok();
     let mut daemon_lost = false;
+    let Children { disk, nic, shares } = children;
+    let mut nic = nic;
     let ended = loop {
-        let waiting = |others: &[&dyn AsFd]| {
-            let mut fds: Vec<&dyn AsFd> = vec![&vmm_end];
-            fds.extend_from_slice(others);
-            if let Some(r) = &report {
-                fds.push(&r.stream);
-            }
-            let mut woke = wait_any(&fds, None);
-            // The report's stream is the last; the vmm's end the first.
-            let reported = report.is_some() && woke.pop() == Some(true);
-            (woke, reported)
-        };
-        let (woke, reported) = match disk {
-            Disk::Own(backend) => {
-                let backend_end = pidfd(backend)?;
-                waiting(&[&backend_end])
-            }
-            // The daemon is watched too: killed, it is started again
-            // (adopting the blk-backend that still serves), so a later
-            // crash of that backend is still repaired.
+        // The host backend's daemon is watched too: killed, it is started
+        // again (adopting the blk-backend that still serves), so a later
+        // crash of that backend is still repaired.
+        let daemon_end = match &*disk {
             Disk::Host(host) if !daemon_lost => {
-                match host.status().map(|h| pidfd_of(h.daemon_pid)) {
-                    Some(Ok(daemon_end)) => {
-                        let (woke, reported) = waiting(&[&daemon_end]);
-                        if !woke[0] && woke[1] {
-                            note(
-                                vm,
-                                format_args!("the host backend's daemon ended; starting it again"),
-                            );
-                        }
-                        (woke, reported)
-                    }
+                match host.status().map(|h| process::pidfd_of(h.daemon_pid)) {
+                    Some(Ok(end)) => Some(end),
                     _ => {
                         if let Err(e) = host.revive() {
                             note(
@@ -933,29 +911,85 @@ fn run_vmm(
                     }
                 }
             }
-            Disk::Host(_) => waiting(&[]),
+            _ => None,
         };
-        if reported {
+        let woke = {
+            let mut sources: Vec<(Woke, &dyn AsFd)> = vec![(Woke::Vmm, &vmm_end)];
+            if let Some(r) = &report {
+                sources.push((Woke::Reported, &r.stream));
+            }
+            if let Disk::Own(backend) = &*disk {
+                sources.push((Woke::DiskBackend, backend.ended()));
+            }
+            if let Some(end) = &daemon_end {
+                sources.push((Woke::Daemon, end));
+            }
+            if let Some(n) = &nic {
+                sources.push((Woke::NetBackend, n.backend.ended()));
+            }
+            for (i, s) in shares.0.iter().enumerate().filter(|(_, s)| !s.said) {
+                sources.push((Woke::Share(i), &s.ended));
+            }
+            let fds: Vec<&dyn AsFd> = sources.iter().map(|(_, fd)| *fd).collect();
+            let readable = process::wait_any(&fds, None);
+            sources
+                .iter()
+                .zip(readable)
+                .filter(|(_, r)| *r)
+                .map(|((w, _), _)| *w)
+                .collect::<Vec<Woke>>()
+        };
+        if woke.contains(&Woke::Reported) {
             match report.take().and_then(EndReport::read) {
                 Some(end) => break Ended::Reported(end),
                 // Killed, or an answer that is no report: the exit decides.
                 None => continue,
             }
         }
-        if woke[0] {
+        if woke.contains(&Woke::Vmm) {
             break Ended::Exited(vmm.wait()?);
         }
-        if let Disk::Own(backend) = disk {
-            if let Some(st) = backend.try_wait()? {
-                // The vmm reconnects to a new one with its inflight state.
-                note(
+        // A restart's backoff is cut short by the vmm's end.
+        let interrupt: [&dyn AsFd; 1] = [&vmm_end];
+        for w in woke {
+            match w {
+                Woke::DiskBackend => {
+                    if let Disk::Own(backend) = &mut *disk {
+                        // The vmm reconnects to a new one with its inflight
+                        // state.
+                        if let Some(how) = backend.restart(&interrupt)? {
+                            note(
+                                vm,
+                                format_args!("{} ended ({how}); started it again", backend.name),
+                            );
+                            status.backend_pid = Some(backend.pid());
+                            status.backend_restarts += 1;
+                            vm.write_status(status)?;
+                        }
+                    }
+                }
+                Woke::Daemon => note(
                     vm,
-                    format_args!("blk-backend ended ({st}); starting it again"),
-                );
-                *backend = start_backend(vm, config.queues)?;
-                status.backend_pid = Some(backend.id());
-                status.backend_restarts += 1;
-                vm.write_status(status)?;
+                    format_args!("the host backend's daemon ended; starting it again"),
+                ),
+                Woke::NetBackend => {
+                    if let Some(n) = nic.as_deref_mut() {
+                        // The vmm reconnects; the guest's link comes back.
+                        match n.backend.restart(&interrupt) {
+                            Ok(Some(how)) => note(
+                                vm,
+                                format_args!("{} ended ({how}); started it again", n.backend.name),
+                            ),
+                            Ok(None) => {}
+                            Err(e) => {
+                                note(vm, format_args!("net-backend: {}", cli_support::report(&e)));
+                                nic = None;
+                            }
+                        }
+                    }
+                }
+                Woke::Share(i) => shares.ended(vm, i),
+                Woke::Vmm | Woke::Reported => {}
             }
         }
     };
@@ -966,7 +1000,7 @@ fn run_vmm(
             if let Some(c) = &console {
                 c.wait_for(end.console_bytes, Duration::from_secs(5));
             }
-            status.state = "exited".into();
+            status.state = RunState::Exited;
             status.exit_status = Some(end.exit_status);
             if end.exit_status != 0 {
                 status.reason = full_disk(vm);
@@ -996,19 +1030,19 @@ fn record_exit(vm: &VmDir, status: &mut Status, ended: std::process::ExitStatus)
     let killed_on_purpose = vm.path.join(KILL_MARKER).exists();
     match (ended.code(), ended.signal()) {
         (Some(code), _) => {
-            status.state = "exited".into();
+            status.state = RunState::Exited;
             status.exit_status = Some(code);
             if code != 0 {
                 status.reason = full_disk(vm);
             }
         }
         (None, Some(sig)) if killed_on_purpose => {
-            status.state = "exited".into();
+            status.state = RunState::Exited;
             status.exit_status = Some(128 + sig);
             status.reason = Some("killed by vmctl kill".into());
         }
         (None, sig) => {
-            status.state = "failed".into();
+            status.state = RunState::Failed;
             status.reason = Some(format!(
                 "the vmm was killed by signal {}",
                 sig.map_or("?".to_string(), |s| s.to_string())
@@ -1036,21 +1070,6 @@ fn full_disk(vm: &VmDir) -> Option<String> {
 enum Ended {
     Reported(VmEnd),
     Exited(std::process::ExitStatus),
-}
-
-/// SIGTERM, then SIGKILL if it does not end (it closes its image first).
-pub fn stop_backend(backend: &mut Child) {
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(backend.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if matches!(backend.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let _ = backend.kill();
-    let _ = backend.wait();
 }
 
 #[cfg(test)]

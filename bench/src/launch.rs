@@ -19,6 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::table::{
+    Align::{Left, Right},
+    Ratio, Table,
+};
 use anyhow::{bail, Context, Result};
 use test_infra::{Disk, Machine, Patience, QemuConsole, QemuVm, StorageDaemon};
 
@@ -483,9 +487,13 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         let (m, wall) = qemu_fleet(run)?;
         theirs.push((last(&m), m, wall));
     }
-    // The median run of each (by the time to the last marker).
+    // The runs listed in order of the time to the last marker; the median
+    // run of each reported.
     ours.sort_by(|a, b| a.0.total_cmp(&b.0));
     theirs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let median_run = |runs: &[(f64, Vec<f64>, f64)]| {
+        crate::stats::median_run(&runs.iter().map(|r| r.0).collect::<Vec<_>>())
+    };
     let list = |runs: &[(f64, Vec<f64>, f64)]| {
         runs.iter()
             .map(|r| format!("{:.0}", r.0))
@@ -493,8 +501,8 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
             .join(", ")
     };
     let (our_runs, their_runs) = (list(&ours), list(&theirs));
-    let (_, markers, fleet_wall) = ours.swap_remove(ours.len() / 2);
-    let (_, q_markers, q_wall) = theirs.swap_remove(theirs.len() / 2);
+    let (_, markers, fleet_wall) = ours.swap_remove(median_run(&ours)?);
+    let (_, q_markers, q_wall) = theirs.swap_remove(median_run(&theirs)?);
     // Memory with every VM alive: a workload that lasts, light (qd 1,
     // interrupts).
     let mem_count = o.count.min(16);
@@ -524,28 +532,52 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
 
     let all = markers.iter().cloned().fold(0.0, f64::max);
     let q_all = q_markers.iter().cloned().fold(0.0, f64::max);
+    let mut fleet_table = Table::new([
+        ("", Left),
+        ("vmctl (vmm + blk-backend, clones of one snapshot)", Right),
+        ("QEMU microvm + qboot + qemu-storage-daemon", Right),
+        ("ratio", Right),
+    ]);
+    fleet_table
+        .row([
+            format!(
+                "all {} start markers printed, ms (median of {} runs)",
+                o.count,
+                o.fleet_runs.max(1)
+            ),
+            format!("{all:.0}"),
+            format!("{q_all:.0}"),
+            Ratio::of(q_all, all).times(1),
+        ])
+        .row([
+            "the runs, ms".to_string(),
+            our_runs,
+            their_runs,
+            String::new(),
+        ])
+        .row([
+            "per-VM start marker p50 / p99, ms".to_string(),
+            format!(
+                "{:.0} / {:.0}",
+                crate::percentile(&markers, 50.0)?,
+                crate::percentile(&markers, 99.0)?
+            ),
+            format!(
+                "{:.0} / {:.0}",
+                crate::percentile(&q_markers, 50.0)?,
+                crate::percentile(&q_markers, 99.0)?
+            ),
+            String::new(),
+        ])
+        .row([
+            "whole fleet done, ms".to_string(),
+            format!("{fleet_wall:.0}"),
+            format!("{q_wall:.0}"),
+            Ratio::of(q_wall, fleet_wall).times(1),
+        ]);
     let mut md = format!(
-        "## Fleet launch ({} VMs, bench guest, 1-I/O workload, 2-core PVM host)\n\n\
-         | | vmctl (vmm + blk-backend, clones of one snapshot) | QEMU microvm + qboot + qemu-storage-daemon | ratio |\n|---|---:|---:|---:|\n",
+        "## Fleet launch ({} VMs, bench guest, 1-I/O workload, 2-core PVM host)\n\n{fleet_table}",
         o.count
-    );
-    md += &format!(
-        "| all {} start markers printed, ms (median of {} runs) | {all:.0} | {q_all:.0} | {:.1}x |\n",
-        o.count,
-        o.fleet_runs.max(1),
-        q_all / all
-    );
-    md += &format!("| the runs, ms | {our_runs} | {their_runs} | |\n");
-    md += &format!(
-        "| per-VM start marker p50 / p99, ms | {:.0} / {:.0} | {:.0} / {:.0} | |\n",
-        crate::percentile(&markers, 50.0)?,
-        crate::percentile(&markers, 99.0)?,
-        crate::percentile(&q_markers, 50.0)?,
-        crate::percentile(&q_markers, 99.0)?
-    );
-    md += &format!(
-        "| whole fleet done, ms | {fleet_wall:.0} | {q_wall:.0} | {:.1}x |\n",
-        q_wall / fleet_wall
     );
     md += &format!(
         "\nHost memory per VM beside its guest memory ({mem_count} VMs of one `vmctl run` with a light workload, PSS of the run, the vmms and the host blk-backend, guest RAM excluded): {:.2} MiB; goal under 3 MiB.\n\nAt rest ({mem_count} named VMs, each started by `vmctl start` with its own supervisor, guests idle with their disk set up): {:.2} MiB per VM beside guest memory, {:.3} ms of host CPU per VM per second (every thread of the VMs' processes and the host backend, over 2 s); `vmctl stop` (graceful) {:.1} ms (median).\n",
@@ -554,19 +586,31 @@ pub fn run(o: &LaunchOptions) -> Result<String> {
         rest.cpu_ms_per_vm_s,
         rest.stop_ms
     );
+    let mut serving_table = Table::new([
+        (String::new(), Left),
+        ("all start markers, ms".into(), Right),
+        ("per-VM marker p50 / p99, ms".into(), Right),
+        (
+            format!("host memory per VM beside guest memory ({mem_count} running), MiB"),
+            Right,
+        ),
+    ]);
+    for (name, m, kib) in &serving {
+        serving_table.row([
+            name.to_string(),
+            format!("{:.0}", m.iter().cloned().fold(0.0, f64::max)),
+            format!(
+                "{:.0} / {:.0}",
+                crate::percentile(m, 50.0)?,
+                crate::percentile(m, 99.0)?
+            ),
+            format!("{:.2}", kib / 1024.0),
+        ]);
+    }
     md += &format!(
-        "\n### Serving a fleet's disks: a backend per VM or one per host ({} VMs, vmm without vmctl)\n\n| | all start markers, ms | per-VM marker p50 / p99, ms | host memory per VM beside guest memory ({mem_count} running), MiB |\n|---|---:|---:|---:|\n",
+        "\n### Serving a fleet's disks: a backend per VM or one per host ({} VMs, vmm without vmctl)\n\n{serving_table}",
         o.count
     );
-    for (name, m, kib) in &serving {
-        md += &format!(
-            "| {name} | {:.0} | {:.0} / {:.0} | {:.2} |\n",
-            m.iter().cloned().fold(0.0, f64::max),
-            crate::percentile(m, 50.0)?,
-            crate::percentile(m, 99.0)?,
-            kib / 1024.0
-        );
-    }
     md += &format!(
         "\nOne 1-I/O VM's life under vmctl (median of {} runs, each step a vmctl process, ms): create {:.1}, start {:.1}, wait {:.1}, delete {:.1}; total {life_total:.1} (goal under 30).\n",
         o.runs,

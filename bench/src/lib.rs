@@ -1,13 +1,16 @@
 //! What the benchmarks share beyond the harness (`test-infra`, which boots
-//! the bench guest and runs the backends): the test files they prepare.
+//! the bench guest and runs the backends): the test files they prepare,
+//! their statistics, their tables, the binaries they measure.
 
 pub mod launch;
 pub mod stats;
+pub mod table;
 
 pub use stats::{median, percentile};
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 
@@ -50,54 +53,77 @@ fn report(
     Ok(())
 }
 
+/// Why the release binaries could not be built (kept for every later
+/// call in the process, hence cloneable).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BuildError {
+    #[error("cargo build --release failed ({0})")]
+    Failed(ExitStatus),
+    #[error("running {cargo}")]
+    NoCargo {
+        cargo: String,
+        #[source]
+        error: Arc<std::io::Error>,
+    },
+}
+
 /// One of the project's release binaries (`vmm`, `blk-backend`,
 /// `net-backend`, `img`, `vmctl`), beside the benchmark's own: a benchmark
 /// measures what users run, not a debug build. They are built (or found
 /// up to date: a no-op) once per benchmark, so that a benchmark never
 /// measures a stale binary left from before a change.
 pub fn release_binary(name: &str) -> Result<PathBuf> {
-    static BUILT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    static BUILT: OnceLock<std::result::Result<(), BuildError>> = OnceLock::new();
     let exe = std::env::current_exe().context("finding the benchmark itself")?;
-    let built = BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap_or(Path::new("."));
-        // `cargo run` says which cargo; run directly, the one on PATH.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        eprintln!("[setup] building the release binaries (a no-op when up to date)");
-        match Command::new(&cargo)
-            .args(["build", "--release", "-q"])
-            .args([
-                "-p",
-                "vmm",
-                "-p",
-                "vhost-blk-backend",
-                "-p",
-                "vhost-net-backend",
-            ])
-            .args(["-p", "image-format", "-p", "vmctl"])
-            .current_dir(root)
-            .status()
-        {
-            Ok(st) if st.success() => Ok(()),
-            Ok(st) => Err(format!("cargo build --release failed ({st})")),
-            Err(e) => Err(format!("running {cargo}: {e}")),
-        }
-    });
     let p = exe.with_file_name(name);
-    match built {
+    match BUILT.get_or_init(build_release) {
         Ok(()) if p.exists() => Ok(p),
         Ok(()) => bail!("{} is not among the release binaries", p.display()),
         // No cargo here (a copied benchmark): what is beside it, if there.
         Err(why) if p.exists() => {
-            eprintln!("[setup] {why}: using {} as built", p.display());
+            eprintln!(
+                "[setup] {:#}: using {} as built",
+                anyhow::Error::new(why.clone()),
+                p.display()
+            );
             Ok(p)
         }
-        Err(why) => bail!(
-            "{} is not built, and building it failed: {why}",
+        Err(why) => Err(anyhow::Error::new(why.clone()).context(format!(
+            "{} is not built, and building it failed",
             p.display()
-        ),
+        ))),
     }
+}
+
+/// `cargo build --release` of the binaries the benchmarks measure.
+fn build_release() -> std::result::Result<(), BuildError> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    // `cargo run` says which cargo; run directly, the one on PATH.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("[setup] building the release binaries (a no-op when up to date)");
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "-q"])
+        .args([
+            "-p",
+            "vmm",
+            "-p",
+            "vhost-blk-backend",
+            "-p",
+            "vhost-net-backend",
+        ])
+        .args(["-p", "image-format", "-p", "vmctl"])
+        .current_dir(root)
+        .status()
+        .map_err(|e| BuildError::NoCargo {
+            cargo,
+            error: Arc::new(e),
+        })?;
+    if !status.success() {
+        return Err(BuildError::Failed(status));
+    }
+    Ok(())
 }
 
 /// Writes `size` bytes of random data to `path` with fio (O_DIRECT, 1 MiB

@@ -6,7 +6,10 @@
 //! - [`percentile`]: nearest rank: the smallest sample that at least `p`
 //!   percent of the samples are at or below (`p` in 0..=100; 0 gives the
 //!   minimum, 100 the maximum);
-//! - [`spread`]: the median with the minimum and the maximum.
+//! - [`spread`]: the median with the minimum and the maximum;
+//! - [`median_run`]: which run is the middle one by a figure (of an even
+//!   count the upper of the two middle ones), for a table that reports
+//!   one whole run rather than the medians of figures from different runs.
 //!
 //! No samples is an error naming the statistic, never NaN, 0 or a panic.
 
@@ -63,6 +66,17 @@ pub fn spread(samples: &[f64]) -> Result<Spread, NoSamples> {
     })
 }
 
+/// The index in `samples` of the middle run (see the module's
+/// documentation).
+pub fn median_run(samples: &[f64]) -> Result<usize, NoSamples> {
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by(|&a, &b| samples[a].total_cmp(&samples[b]));
+    order
+        .get(samples.len() / 2)
+        .copied()
+        .ok_or(NoSamples("median run"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +95,8 @@ mod tests {
         let s = spread(&[5.0, 1.0, 9.0]).unwrap();
         assert_eq!((s.median, s.min, s.max), (5.0, 1.0, 9.0));
         assert!(spread(&[]).is_err());
+        assert_eq!(median_run(&[5.0, 1.0, 9.0]).unwrap(), 0);
+        assert_eq!(median_run(&[4.0, 1.0, 3.0, 2.0]).unwrap(), 2);
+        assert!(median_run(&[]).is_err());
     }
 }

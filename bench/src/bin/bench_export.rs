@@ -9,6 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::table::{
+    Align::{Left, Right},
+    Ratio, Table,
+};
 use clap::Parser;
 use test_infra::{KillOnDrop, Patience};
 
@@ -156,6 +160,52 @@ fn make_tree(root: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Each job's two exports, ours first, its MB/s over
+/// qemu-storage-daemon's on our row.
+fn exports_table(cells: &[Cell]) -> Table {
+    let mut table = Table::new([
+        ("job", Left),
+        ("export", Left),
+        ("MB/s", Right),
+        ("IOPS", Right),
+        ("vs qemu-storage-daemon", Right),
+    ]);
+    for pair in cells.chunks(2) {
+        for (k, c) in pair.iter().enumerate() {
+            table.row([
+                c.job.to_string(),
+                c.export.to_string(),
+                format!("{:.1}", c.mb_s),
+                format!("{:.0}", c.iops),
+                Ratio::pair_cell(pair, k, |c| c.mb_s, 2),
+            ]);
+        }
+    }
+    table
+}
+
+/// `img create --fs --from` (`ours_s` seconds) against mkfs + convert
+/// (`theirs_s`): the speed ratio is their time over ours.
+fn mkfs_table(tree: u64, ours_s: f64, theirs_s: f64) -> Table {
+    let mut table = Table::new([
+        (format!("{tree} of files into ext4"), Left),
+        ("seconds".into(), Right),
+        ("speed vs mkfs + convert".into(), Right),
+    ]);
+    table
+        .row([
+            "img create --fs ext4 --from".to_string(),
+            format!("{ours_s:.2}"),
+            Ratio::of(theirs_s, ours_s).times(2),
+        ])
+        .row([
+            "mkfs.ext4 -d on a raw file + img convert".to_string(),
+            format!("{theirs_s:.2}"),
+            String::new(),
+        ]);
+    table
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let img = bench::release_binary("img")?;
@@ -260,30 +310,7 @@ fn main() -> Result<()> {
     }
     let (o, t) = (bench::median(&ours_s)?, bench::median(&theirs_s)?);
 
-    let mut md = String::from(
-        "| job | export | MB/s | IOPS | vs qemu-storage-daemon |\n|---|---|---:|---:|---:|\n",
-    );
-    for pair in cells.chunks(2) {
-        for c in pair {
-            md += &format!(
-                "| {} | {} | {:.1} | {:.0} | {} |\n",
-                c.job,
-                c.export,
-                c.mb_s,
-                c.iops,
-                if std::ptr::eq(c, &pair[0]) {
-                    format!("{:.2}x", pair[0].mb_s / pair[1].mb_s.max(1e-9))
-                } else {
-                    String::new()
-                }
-            );
-        }
-    }
-    md += &format!(
-        "\n| {} of files into ext4 | seconds | speed vs mkfs + convert |\n|---|---:|---:|\n| img create --fs ext4 --from | {o:.2} | {:.2}x |\n| mkfs.ext4 -d on a raw file + img convert | {t:.2} | |\n",
-        a.tree,
-        t / o.max(1e-9)
-    );
+    let md = format!("{}\n{}", exports_table(&cells), mkfs_table(a.tree, o, t));
     #[derive(serde::Serialize)]
     struct Figures {
         exports: Vec<Cell>,

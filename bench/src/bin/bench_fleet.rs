@@ -13,6 +13,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bench::table::{
+    Align::{Left, Right},
+    Ratio, Table,
+};
 use clap::Parser;
 use test_infra::{kvm_available, BlkBackendProcess, Disk, Machine, Patience, QemuConsole, QemuVm};
 
@@ -194,41 +198,57 @@ fn main() -> Result<()> {
         a.dir.display(),
         a.seconds
     );
-    md += "| base read through | guest 1 IOPS (cold) | guests 2.. median IOPS | each guest IOPS | p50 µs | host page cache growth | blk-backend RSS |\n|---|---:|---:|---|---|---:|---:|\n";
-    for r in &results {
+    md += &results_table(&results).to_string();
+    if let [p, d] = &results[..] {
         md += &format!(
-            "| {} | {:.0} | {:.0} | {} | {} | {:.0} MiB | {:.1} MiB |\n",
+            "\nPage cache vs O_DIRECT: first guest {}, later guests {}.\n",
+            Ratio::of(p.iops.first().copied(), d.iops.first().copied()).times(2),
+            Ratio::of(later_guests(p), later_guests(d)).times(2)
+        );
+    }
+    a.out.report(&md, &results)
+}
+
+/// The median IOPS of the guests after the first, if there were any.
+fn later_guests(r: &ModeResult) -> Option<f64> {
+    bench::median(r.iops.get(1..)?).ok()
+}
+
+/// Each way of reading the base: every guest's IOPS and latency, the host
+/// page cache's growth and blk-backend's memory.
+fn results_table(results: &[ModeResult]) -> Table {
+    let mut table = Table::new([
+        ("base read through", Left),
+        ("guest 1 IOPS (cold)", Right),
+        ("guests 2.. median IOPS", Right),
+        ("each guest IOPS", Left),
+        ("p50 µs", Left),
+        ("host page cache growth", Right),
+        ("blk-backend RSS", Right),
+    ]);
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for r in results {
+        table.row([
             if r.mode == "page" {
                 "page cache (`--base-io page`)"
             } else {
                 "O_DIRECT (`--base-io direct`)"
-            },
-            r.iops.first().copied().unwrap_or(0.0),
-            bench::median(r.iops.get(1..).unwrap_or(&[]))?,
-            r.iops
-                .iter()
-                .map(|x| format!("{x:.0}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            r.p50_us
-                .iter()
-                .map(|x| format!("{x:.0}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            r.page_cache_growth_mib,
-            r.backend_rss_mib
-        );
+            }
+            .to_string(),
+            format!("{:.0}", r.iops.first().copied().unwrap_or(0.0)),
+            later_guests(r).map_or_else(|| "-".to_string(), |m| format!("{m:.0}")),
+            list(&r.iops),
+            list(&r.p50_us),
+            format!("{:.0} MiB", r.page_cache_growth_mib),
+            format!("{:.1} MiB", r.backend_rss_mib),
+        ]);
     }
-    if let [p, d] = &results[..] {
-        md += &format!(
-            "\nPage cache vs O_DIRECT: first guest {:.2}x, later guests {:.2}x.\n",
-            p.iops.first().copied().unwrap_or(0.0)
-                / d.iops.first().copied().unwrap_or(1.0).max(1.0),
-            bench::median(p.iops.get(1..).unwrap_or(&[]))?
-                / bench::median(d.iops.get(1..).unwrap_or(&[]))?.max(1.0)
-        );
-    }
-    a.out.report(&md, &results)
+    table
 }
 
 /// A benchmark run's waits: the guest prints only when it is done, so a

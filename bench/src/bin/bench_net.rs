@@ -18,6 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bench::table::{
+    Align::{Left, Right},
+    Ratio, Table,
+};
 use clap::Parser;
 use test_infra::{
     kvm_available, Disk, KillOnDrop as Process, Netns, NsThread, Patience, QemuNic, QemuVm,
@@ -340,7 +344,8 @@ fn flood_guest(
     )
 }
 
-/// One flood, run `a.runs` times: the median of the receiver's rates.
+/// One flood, run `a.runs` times: the figures of the run whose receiver's
+/// rate is the median.
 fn measure_flood(
     a: &Args,
     ns: &Netns,
@@ -428,8 +433,8 @@ fn measure_flood(
         }
         runs.push((received.pps(), sent, sent_pps, kicks, received.datagrams));
     }
-    runs.sort_by(|x, y| x.0.total_cmp(&y.0));
-    let (pps, sent, sent_pps, kicks, received) = runs[runs.len() / 2];
+    let middle = bench::stats::median_run(&runs.iter().map(|r| r.0).collect::<Vec<_>>())?;
+    let (pps, sent, sent_pps, kicks, received) = runs[middle];
     Ok(FloodCell {
         path: flow.name(),
         stack,
@@ -442,6 +447,72 @@ fn measure_flood(
         pps,
         mbit_s: pps * f64::from(frame_bytes(payload)) * 8.0 / 1e6,
     })
+}
+
+/// The floods, ours then QEMU's for each, with our receiver's packets per
+/// second over QEMU's on our row.
+fn flood_table(floods: &[FloodCell]) -> Table {
+    let mut table = Table::new([
+        ("flood", Left),
+        ("frame", Right),
+        ("stack", Left),
+        ("sent", Right),
+        ("sent pps", Right),
+        ("sender kicks", Right),
+        ("received", Right),
+        ("received pps", Right),
+        ("Mbit/s", Right),
+        ("pps vs QEMU", Right),
+    ]);
+    for pair in floods.chunks(2) {
+        for (k, c) in pair.iter().enumerate() {
+            table.row([
+                c.path.to_string(),
+                format!("{} B", c.frame_bytes),
+                c.stack.to_string(),
+                c.sent.to_string(),
+                format!("{:.0}", c.sent_pps),
+                c.kicks.map_or("-".into(), |k| k.to_string()),
+                c.received.to_string(),
+                format!("{:.0}", c.pps),
+                format!("{:.0}", c.mbit_s),
+                Ratio::pair_cell(pair, k, |c| c.pps, 2),
+            ]);
+        }
+    }
+    table
+}
+
+/// The echoes, ours then QEMU's for each, with our echo rate and median
+/// round trip over QEMU's on our row.
+fn echo_table(echoes: &[EchoCell]) -> Table {
+    let mut table = Table::new([
+        ("echo", Left),
+        ("frame", Right),
+        ("in flight", Right),
+        ("stack", Left),
+        ("echoes/s", Right),
+        ("RTT p50 us", Right),
+        ("RTT p99 us", Right),
+        ("echoes/s vs QEMU", Right),
+        ("RTT p50 vs QEMU", Right),
+    ]);
+    for pair in echoes.chunks(2) {
+        for (k, c) in pair.iter().enumerate() {
+            table.row([
+                c.path.to_string(),
+                format!("{} B", frame_bytes(c.payload)),
+                c.window.to_string(),
+                c.stack.to_string(),
+                format!("{:.0}", c.echoes_per_s),
+                format!("{:.1}", c.rtt_p50_us),
+                format!("{:.1}", c.rtt_p99_us),
+                Ratio::pair_cell(pair, k, |e| e.echoes_per_s, 2),
+                Ratio::pair_cell(pair, k, |e| e.rtt_p50_us, 2),
+            ]);
+        }
+    }
+    table
 }
 
 #[derive(serde::Serialize)]
@@ -528,58 +599,10 @@ fn main() -> Result<()> {
     }
     let mut md = String::new();
     if !figures.floods.is_empty() {
-        md += "| flood | frame | stack | sent | sent pps | sender kicks | received | received pps | Mbit/s | pps vs QEMU |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n";
-        for pair in figures.floods.chunks(2) {
-            for c in pair {
-                md += &format!(
-                    "| {} | {} B | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} |\n",
-                    c.path,
-                    c.frame_bytes,
-                    c.stack,
-                    c.sent,
-                    c.sent_pps,
-                    c.kicks.map_or("-".into(), |k| k.to_string()),
-                    c.received,
-                    c.pps,
-                    c.mbit_s,
-                    if std::ptr::eq(c, &pair[0]) && pair.len() == 2 {
-                        format!("{:.2}x", pair[0].pps / pair[1].pps.max(1.0))
-                    } else {
-                        String::new()
-                    },
-                );
-            }
-        }
-        md += "\n";
+        md += &format!("{}\n", flood_table(&figures.floods));
     }
     if !figures.echoes.is_empty() {
-        md += "| echo | frame | in flight | stack | echoes/s | RTT p50 us | RTT p99 us | echoes/s vs QEMU | RTT p50 vs QEMU |\n|---|---:|---:|---|---:|---:|---:|---:|---:|\n";
-        for pair in figures.echoes.chunks(2) {
-            let (o, q) = (&pair[0], &pair[1]);
-            for c in pair {
-                let first = std::ptr::eq(c, o);
-                md += &format!(
-                    "| {} | {} B | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
-                    c.path,
-                    frame_bytes(c.payload),
-                    c.window,
-                    c.stack,
-                    c.echoes_per_s,
-                    c.rtt_p50_us,
-                    c.rtt_p99_us,
-                    if first {
-                        format!("{:.2}x", o.echoes_per_s / q.echoes_per_s.max(1.0))
-                    } else {
-                        String::new()
-                    },
-                    if first {
-                        format!("{:.2}x", o.rtt_p50_us / q.rtt_p50_us.max(0.001))
-                    } else {
-                        String::new()
-                    },
-                );
-            }
-        }
+        md += &echo_table(&figures.echoes).to_string();
     }
     a.out.report(&md, &figures)
 }

@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::table::{
+    Align::{Left, Right},
+    Table,
+};
 use clap::Parser;
 use serde_json::json;
 use test_infra::{
@@ -254,6 +258,36 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
     })
 }
 
+/// Each size and way of restoring: snapshot, restore and memory figures.
+fn results_table(results: &[SizeResult]) -> Result<Table> {
+    let mut table = Table::new([
+        ("guest memory", Right),
+        ("restore", Left),
+        ("snapshot ms", Right),
+        ("memory saved MiB", Right),
+        ("restore to KVM_RUN ms (median, p90)", Right),
+        ("restore to the guest's next line ms (median)", Right),
+        ("host memory per restored VM MiB (median, max)", Right),
+    ]);
+    for r in results {
+        let max = r.clone_pss_mib.iter().copied().fold(0.0, f64::max);
+        table.row([
+            format!("{} MiB", r.mem_mib),
+            r.restore_memory.to_string(),
+            format!("{:.1}", r.snapshot_ms),
+            format!("{:.1}", r.memory_saved_mib),
+            format!(
+                "{:.2}, {:.2}",
+                bench::median(&r.restore_to_run_ms)?,
+                bench::percentile(&r.restore_to_run_ms, 90.0)?
+            ),
+            format!("{:.1}", bench::median(&r.restore_to_line_ms)?),
+            format!("{:.1}, {max:.1}", bench::median(&r.clone_pss_mib)?),
+        ]);
+    }
+    Ok(table)
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     if !kvm_available("bench-snapshot") {
@@ -272,23 +306,6 @@ fn main() -> Result<()> {
             results.push(measure(&a, m, mode, &work)?);
         }
     }
-    let mut md = String::from(
-        "| guest memory | restore | snapshot ms | memory saved MiB | restore to KVM_RUN ms (median, p90) | restore to the guest's next line ms (median) | host memory per restored VM MiB (median, max) |\n|---:|---|---:|---:|---:|---:|---:|\n",
-    );
-    for r in &results {
-        let max = r.clone_pss_mib.iter().copied().fold(0.0, f64::max);
-        md += &format!(
-            "| {} MiB | {} | {:.1} | {:.1} | {:.2}, {:.2} | {:.1} | {:.1}, {:.1} |\n",
-            r.mem_mib,
-            r.restore_memory,
-            r.snapshot_ms,
-            r.memory_saved_mib,
-            bench::median(&r.restore_to_run_ms)?,
-            bench::percentile(&r.restore_to_run_ms, 90.0)?,
-            bench::median(&r.restore_to_line_ms)?,
-            bench::median(&r.clone_pss_mib)?,
-            max
-        );
-    }
+    let md = results_table(&results)?.to_string();
     a.out.report(&md, &results)
 }

@@ -9,6 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bench::table::{
+    Align::{Left, Right},
+    Ratio, Table,
+};
 use clap::Parser;
 use serde::Serialize;
 use test_infra::{
@@ -503,20 +507,14 @@ fn svg(cells: &[Cell]) -> String {
         h + top + 90.0
     );
     for (gi, (storage, wl)) in groups.iter().enumerate() {
-        let base = cells
-            .iter()
-            .find(|c| &c.storage == storage && c.workload.name == *wl && c.row == Row::HostFio)
-            .map(|c| c.median_iops)
-            .unwrap_or(1.0)
-            .max(1.0);
         let x0 = 50.0 + gi as f64 * gw;
         for (ri, row) in rows.iter().enumerate() {
-            if let Some(c) = cells
+            let cell = cells
                 .iter()
-                .find(|c| &c.storage == storage && c.workload.name == *wl && c.row == *row)
-            {
-                let ratio = (c.median_iops / base).min(1.5);
-                let bh = ratio / 1.5 * h;
+                .find(|c| &c.storage == storage && c.workload.name == *wl && c.row == *row);
+            // A bar for each cell with a ratio to host fio.
+            if let Some(ratio) = cell.and_then(|c| vs_host_fio(cells, c).get()) {
+                let bh = ratio.min(1.5) / 1.5 * h;
                 s += &format!(
                     "<rect x='{}' y='{}' width='28' height='{}' fill='{}'/><text x='{}' y='{}'>{:.2}</text>\n",
                     x0 + ri as f64 * 32.0,
@@ -525,7 +523,7 @@ fn svg(cells: &[Cell]) -> String {
                     colors[ri],
                     x0 + ri as f64 * 32.0,
                     top + h - bh - 3.0,
-                    c.median_iops / base
+                    ratio
                 );
             }
         }
@@ -680,14 +678,15 @@ fn main() -> Result<()> {
                     };
                     samples.push(s);
                 }
-                let iops: Vec<f64> = samples.iter().map(|s| s.iops).collect();
+                let iops =
+                    bench::stats::spread(&samples.iter().map(|s| s.iops).collect::<Vec<f64>>())?;
                 cells.push(Cell {
                     storage: storage.clone(),
                     row,
                     workload: *w,
-                    median_iops: bench::median(&iops)?,
-                    min_iops: iops.iter().cloned().fold(f64::MAX, f64::min),
-                    max_iops: iops.iter().cloned().fold(0.0, f64::max),
+                    median_iops: iops.median,
+                    min_iops: iops.min,
+                    max_iops: iops.max,
                     median_mb_s: bench::median(
                         &samples.iter().map(|s| s.mb_s).collect::<Vec<f64>>(),
                     )?,
@@ -853,116 +852,31 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_file(&boot_img);
 
     let mut md = format!(
-        "# Storage table (bench guest)\n\n{} GiB image written end to end by a guest through blk-backend; every row reads and writes the same bytes of the same file (blk-backend the image, the others the window of the file that holds its data); {} s per run; median of {} (min–max IOPS). Guest: 1 vCPU, 1 queue, polling, microvm + qboot. Ratios are against host fio in the same run.\n\n| storage | workload | row | IOPS | min–max | MB/s | p50 µs | p99 µs | p99.9 µs | vs host fio |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
-        a.size_gib, a.seconds, a.runs
+        "# Storage table (bench guest)\n\n{} GiB image written end to end by a guest through blk-backend; every row reads and writes the same bytes of the same file (blk-backend the image, the others the window of the file that holds its data); {} s per run; median of {} (min–max IOPS). Guest: 1 vCPU, 1 queue, polling, microvm + qboot. Ratios are against host fio in the same run.\n\n{}",
+        a.size_gib,
+        a.seconds,
+        a.runs,
+        storage_table(&cells)
     );
-    for c in &cells {
-        let base = cells
-            .iter()
-            .find(|b| {
-                b.storage == c.storage
-                    && b.workload.name == c.workload.name
-                    && b.row == Row::HostFio
-            })
-            .map(|b| b.median_iops)
-            .unwrap_or(1.0);
-        md += &format!(
-            "| {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
-            c.storage,
-            c.workload.name,
-            c.row.label(),
-            c.median_iops,
-            c.min_iops,
-            c.max_iops,
-            c.median_mb_s,
-            c.median_p50_us,
-            c.median_p99_us,
-            c.median_p999_us,
-            c.median_iops / base.max(1.0)
-        );
-    }
-    md += "\n## blk-backend cost\n\nThe backend process alone (every thread, the kernel's io_uring workers included), per million I/Os the guest completed; host fio's whole process on the same I/O beside it, the cost of the kernel's path alone.\n\n| storage | workload | frontend | CPU s per million I/Os | RSS MiB |\n|---|---|---|---:|---:|\n";
-    for c in cells.iter().filter(|c| {
-        matches!(
-            c.row,
-            Row::QemuBlkBackend | Row::VmmBlkBackend | Row::HostFio
-        )
-    }) {
-        let cpu = bench::median(
-            &c.samples
-                .iter()
-                .filter_map(|s| s.cpu_s_per_mio)
-                .collect::<Vec<f64>>(),
-        )?;
-        let rss = bench::median(
-            &c.samples
-                .iter()
-                .filter_map(|s| s.rss_mib)
-                .collect::<Vec<f64>>(),
-        )?;
-        let (frontend, rss) = match c.row {
-            Row::QemuBlkBackend => ("QEMU", format!("{rss:.1}")),
-            Row::VmmBlkBackend => ("vmm", format!("{rss:.1}")),
-            _ => ("none: host fio itself, for the kernel's share", "".into()),
-        };
-        md += &format!(
-            "| {} | {} | {frontend} | {cpu:.2} | {rss} |\n",
-            c.storage, c.workload.name
-        );
-    }
+    md += &format!("\n## blk-backend cost\n\nThe backend process alone (every thread, the kernel's io_uring workers included), per million I/Os the guest completed; host fio's whole process on the same I/O beside it, the cost of the kernel's path alone.\n\n{}", cost_table(&cells)?);
     if !chains.is_empty() {
         md += &format!(
-            "\n## Reads through a chain of {} layers\n\nvmm + blk-backend (`--base-io direct`: O_DIRECT for every layer), the image itself (depth 1) and the same image after {} snapshots (its data all in the bottom layer), same run.\n\n| storage | workload | depth 1 IOPS | depth {} IOPS | ratio | p50 µs depth 1 | p50 µs depth {} |\n|---|---|---:|---:|---:|---:|---:|\n",
+            "\n## Reads through a chain of {} layers\n\nvmm + blk-backend (`--base-io direct`: O_DIRECT for every layer), the image itself (depth 1) and the same image after {} snapshots (its data all in the bottom layer), same run.\n\n{}",
             a.chain_depth,
             a.chain_depth - 1,
-            a.chain_depth,
-            a.chain_depth
-        );
-        for c in &chains {
-            md += &format!(
-                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} |\n",
-                c.storage,
-                c.workload,
-                c.depth1_iops,
-                c.deep_iops,
-                c.deep_iops / c.depth1_iops.max(1.0),
-                c.depth1_p50_us,
-                c.deep_p50_us
-            );
-        }
-    }
-    md += "\n## What the seccomp filters cost\n\nvmm + blk-backend with every thread filtered (the default) against both with `--no-seccomp`, same run, same image (the SIGBUS fence has no switch: on the hot path it is one atomic load per batch).\n\n| storage | workload | IOPS filtered | IOPS unfiltered | ratio |\n|---|---|---:|---:|---:|\n";
-    for c in cells.iter().filter(|c| c.row == Row::VmmBlkBackend) {
-        if let Some(off) = cells.iter().find(|o| {
-            o.row == Row::VmmBlkBackendNoSeccomp
-                && o.storage == c.storage
-                && o.workload.name == c.workload.name
-        }) {
-            md += &format!(
-                "| {} | {} | {:.0} | {:.0} | {:.3} |\n",
-                c.storage,
-                c.workload.name,
-                c.median_iops,
-                off.median_iops,
-                c.median_iops / off.median_iops.max(1.0)
-            );
-        }
-    }
-    md += "\n## Boot to the guest's start marker (exec to marker, whole VMM process)\n\n| VMM | median ms | runs ms |\n|---|---:|---|\n";
-    for (m, med, all) in &boots {
-        md += &format!(
-            "| {m} | {med:.1} | {} |\n",
-            all.iter()
-                .map(|x| format!("{x:.1}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            chain_table(&chains, a.chain_depth)
         );
     }
+    md += &format!("\n## What the seccomp filters cost\n\nvmm + blk-backend with every thread filtered (the default) against both with `--no-seccomp`, same run, same image (the SIGBUS fence has no switch: on the hot path it is one atomic load per batch).\n\n{}", seccomp_table(&cells));
+    md += &format!(
+        "\n## Boot to the guest's start marker (exec to marker, whole VMM process)\n\n{}",
+        boot_table(&boots)
+    );
     let med_of = |name: &str| boots.iter().find(|b| b.0.starts_with(name)).map(|b| b.1);
     if let (Some(v), Some(q)) = (med_of("vmm"), med_of("QEMU Microvm, vhost-user")) {
         md += &format!(
-            "\nvmm / QEMU microvm + qboot, same guest and disk: {:.3} ({v:.1} ms vs {q:.1} ms); goals: under 0.2 and under 20 ms.\n",
-            v / q
+            "\nvmm / QEMU microvm + qboot, same guest and disk: {} ({v:.1} ms vs {q:.1} ms); goals: under 0.2 and under 20 ms.\n",
+            Ratio::of(v, q).cell(3)
         );
     }
     let med_t = |k: &str| {
@@ -995,6 +909,159 @@ fn main() -> Result<()> {
         std::fs::write(p, svg(&cells))?;
     }
     Ok(())
+}
+
+/// Every cell: its IOPS (median, spread), MB/s and latencies, and its
+/// IOPS over host fio's on the same storage and workload.
+fn storage_table(cells: &[Cell]) -> Table {
+    let mut table = Table::new([
+        ("storage", Left),
+        ("workload", Left),
+        ("row", Left),
+        ("IOPS", Right),
+        ("min–max", Right),
+        ("MB/s", Right),
+        ("p50 µs", Right),
+        ("p99 µs", Right),
+        ("p99.9 µs", Right),
+        ("vs host fio", Right),
+    ]);
+    for c in cells {
+        table.row([
+            c.storage.clone(),
+            c.workload.name.to_string(),
+            c.row.label().to_string(),
+            format!("{:.0}", c.median_iops),
+            format!("{:.0}–{:.0}", c.min_iops, c.max_iops),
+            format!("{:.1}", c.median_mb_s),
+            format!("{:.1}", c.median_p50_us),
+            format!("{:.1}", c.median_p99_us),
+            format!("{:.1}", c.median_p999_us),
+            vs_host_fio(cells, c).cell(2),
+        ]);
+    }
+    table
+}
+
+/// A cell's median IOPS over host fio's on the same storage and workload.
+fn vs_host_fio(cells: &[Cell], c: &Cell) -> Ratio {
+    let fio = cells.iter().find(|b| {
+        b.storage == c.storage && b.workload.name == c.workload.name && b.row == Row::HostFio
+    });
+    Ratio::of(c.median_iops, fio.map(|b| b.median_iops))
+}
+
+/// blk-backend's CPU and memory per cell, host fio's CPU beside them.
+fn cost_table(cells: &[Cell]) -> Result<Table> {
+    let mut table = Table::new([
+        ("storage", Left),
+        ("workload", Left),
+        ("frontend", Left),
+        ("CPU s per million I/Os", Right),
+        ("RSS MiB", Right),
+    ]);
+    for c in cells.iter().filter(|c| {
+        matches!(
+            c.row,
+            Row::QemuBlkBackend | Row::VmmBlkBackend | Row::HostFio
+        )
+    }) {
+        let cpu = bench::median(
+            &c.samples
+                .iter()
+                .filter_map(|s| s.cpu_s_per_mio)
+                .collect::<Vec<f64>>(),
+        )?;
+        let rss = bench::median(
+            &c.samples
+                .iter()
+                .filter_map(|s| s.rss_mib)
+                .collect::<Vec<f64>>(),
+        )?;
+        let (frontend, rss) = match c.row {
+            Row::QemuBlkBackend => ("QEMU", format!("{rss:.1}")),
+            Row::VmmBlkBackend => ("vmm", format!("{rss:.1}")),
+            _ => ("none: host fio itself, for the kernel's share", "".into()),
+        };
+        table.row([
+            c.storage.clone(),
+            c.workload.name.to_string(),
+            frontend.to_string(),
+            format!("{cpu:.2}"),
+            rss,
+        ]);
+    }
+    Ok(table)
+}
+
+/// Reads through the image itself and through a chain of `depth` layers,
+/// the chain's IOPS over the image's.
+fn chain_table(chains: &[ChainRow], depth: u32) -> Table {
+    let mut table = Table::new([
+        ("storage".to_string(), Left),
+        ("workload".into(), Left),
+        ("depth 1 IOPS".into(), Right),
+        (format!("depth {depth} IOPS"), Right),
+        ("ratio".into(), Right),
+        ("p50 µs depth 1".into(), Right),
+        (format!("p50 µs depth {depth}"), Right),
+    ]);
+    for c in chains {
+        table.row([
+            c.storage.clone(),
+            c.workload.to_string(),
+            format!("{:.0}", c.depth1_iops),
+            format!("{:.0}", c.deep_iops),
+            Ratio::of(c.deep_iops, c.depth1_iops).cell(2),
+            format!("{:.1}", c.depth1_p50_us),
+            format!("{:.1}", c.deep_p50_us),
+        ]);
+    }
+    table
+}
+
+/// vmm + blk-backend filtered and unfiltered, filtered IOPS over
+/// unfiltered.
+fn seccomp_table(cells: &[Cell]) -> Table {
+    let mut table = Table::new([
+        ("storage", Left),
+        ("workload", Left),
+        ("IOPS filtered", Right),
+        ("IOPS unfiltered", Right),
+        ("ratio", Right),
+    ]);
+    for c in cells.iter().filter(|c| c.row == Row::VmmBlkBackend) {
+        if let Some(off) = cells.iter().find(|o| {
+            o.row == Row::VmmBlkBackendNoSeccomp
+                && o.storage == c.storage
+                && o.workload.name == c.workload.name
+        }) {
+            table.row([
+                c.storage.clone(),
+                c.workload.name.to_string(),
+                format!("{:.0}", c.median_iops),
+                format!("{:.0}", off.median_iops),
+                Ratio::of(c.median_iops, off.median_iops).cell(3),
+            ]);
+        }
+    }
+    table
+}
+
+/// Each VMM's boot time: the median and every run.
+fn boot_table(boots: &[(String, f64, Vec<f64>)]) -> Table {
+    let mut table = Table::new([("VMM", Left), ("median ms", Right), ("runs ms", Left)]);
+    for (m, med, all) in boots {
+        table.row([
+            m.clone(),
+            format!("{med:.1}"),
+            all.iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]);
+    }
+    table
 }
 
 /// A benchmark run's waits: the guest prints only when it is done, so a

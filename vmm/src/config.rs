@@ -9,15 +9,37 @@ pub enum ConfigError {
     #[error(transparent)]
     BadSize(#[from] cli_support::SizeError),
     #[error("--disk {spec:?}: {why}")]
-    BadDisk { spec: String, why: String },
+    BadDisk { spec: String, why: SpecError },
     #[error("--net {spec:?}: {why}")]
-    BadNet { spec: String, why: String },
+    BadNet { spec: String, why: SpecError },
     #[error("--fs {spec:?}: {why}")]
-    BadFs { spec: String, why: String },
+    BadFs { spec: String, why: SpecError },
     #[error("--serial {0:?}: stdio, none or file=PATH")]
     BadSerial(String),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// What is wrong with a device's `key=value,...` spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("expected key=value")]
+    NotKeyValue,
+    #[error("{0}: a number")]
+    NotNumber(String),
+    #[error("{0}: at most {max}", max = u16::MAX)]
+    TooLarge(String),
+    #[error("unknown key {0:?}")]
+    UnknownKey(String),
+    #[error("{0}= is missing")]
+    Missing(&'static str),
+    #[error("readonly takes on or off")]
+    OnOff,
+    #[error("mac: six hex bytes such as 52:54:00:12:34:56, unicast")]
+    Mac,
+    /// The endpoint's own check.
+    #[error("{0}")]
+    Endpoint(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,7 +145,7 @@ impl NetConfig {
         match &self.mac {
             Some(m) => parse_mac(m).ok_or_else(|| ConfigError::BadNet {
                 spec: m.clone(),
-                why: "mac: six hex bytes such as 52:54:00:12:34:56, unicast".into(),
+                why: SpecError::Mac,
             }),
             None => {
                 let mut b = [0u8; 6];
@@ -278,19 +300,19 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
 fn parse_spec(
     spec: &str,
     queues: u16,
-    mut own: impl FnMut(&str, &str) -> Result<(), String>,
-) -> Result<(Endpoint, u16), String> {
+    mut own: impl FnMut(&str, &str) -> Result<(), SpecError>,
+) -> Result<(Endpoint, u16), SpecError> {
     let mut backend = Endpoint::new(PathBuf::new());
     let mut socket = None;
     let mut num_queues = queues;
     for kv in spec.split(',') {
-        let (k, v) = kv.split_once('=').ok_or("expected key=value")?;
-        let number = |what: &str| -> Result<u64, String> {
-            v.parse().map_err(|_| format!("{what}: a number"))
+        let (k, v) = kv.split_once('=').ok_or(SpecError::NotKeyValue)?;
+        let number = |what: &str| -> Result<u64, SpecError> {
+            v.parse().map_err(|_| SpecError::NotNumber(what.into()))
         };
         // Not `as u16`: 65537 queues would wrap to 1 and pass.
-        let small = |what: &str| -> Result<u16, String> {
-            u16::try_from(number(what)?).map_err(|_| format!("{what}: at most {}", u16::MAX))
+        let small = |what: &str| -> Result<u16, SpecError> {
+            u16::try_from(number(what)?).map_err(|_| SpecError::TooLarge(what.into()))
         };
         match k {
             "socket" => socket = Some(PathBuf::from(v)),
@@ -302,9 +324,9 @@ fn parse_spec(
             _ => own(k, v)?,
         }
     }
-    backend.socket = socket.ok_or("socket= is missing")?;
+    backend.socket = socket.ok_or(SpecError::Missing("socket"))?;
     if let Some(why) = backend.problem() {
-        return Err(why);
+        return Err(SpecError::Endpoint(why));
     }
     Ok((backend, num_queues))
 }
@@ -315,8 +337,8 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         readonly = match (k, v) {
             ("readonly", "on" | "true" | "1") => true,
             ("readonly", "off" | "false" | "0") => false,
-            ("readonly", _) => return Err("readonly takes on or off".into()),
-            _ => return Err(format!("unknown key {k:?}")),
+            ("readonly", _) => return Err(SpecError::OnOff),
+            _ => return Err(SpecError::UnknownKey(k.into())),
         };
         Ok(())
     })
@@ -335,11 +357,11 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let mut mac = None;
     let (backend, num_queues) = parse_spec(spec, 2, |k, v| match k {
         "mac" => {
-            parse_mac(v).ok_or("mac: six hex bytes such as 52:54:00:12:34:56, unicast")?;
+            parse_mac(v).ok_or(SpecError::Mac)?;
             mac = Some(v.to_string());
             Ok(())
         }
-        _ => Err(format!("unknown key {k:?}")),
+        _ => Err(SpecError::UnknownKey(k.into())),
     })
     .map_err(|why| ConfigError::BadNet {
         spec: spec.to_string(),
@@ -363,12 +385,12 @@ pub fn parse_fs(spec: &str) -> Result<FsConfig, ConfigError> {
             tag = Some(v.to_string());
             Ok(())
         }
-        _ => Err(format!("unknown key {k:?}")),
+        _ => Err(SpecError::UnknownKey(k.into())),
     })
     .map_err(bad)?;
     Ok(FsConfig {
         backend,
-        tag: tag.ok_or_else(|| bad("tag= is missing".into()))?,
+        tag: tag.ok_or_else(|| bad(SpecError::Missing("tag")))?,
         num_queues,
     })
 }

@@ -90,21 +90,6 @@ enum Serving {
     PerHost,
 }
 
-/// One export added through a control socket; its reply.
-fn control_call(
-    ctl: &mut (
-        std::os::unix::net::UnixStream,
-        std::io::BufReader<std::os::unix::net::UnixStream>,
-    ),
-    cmd: &serde_json::Value,
-) -> Result<serde_json::Value> {
-    use std::io::{BufRead, Write};
-    writeln!(ctl.0, "{cmd}")?;
-    let mut line = String::new();
-    ctl.1.read_line(&mut line)?;
-    Ok(serde_json::from_str(&line)?)
-}
-
 /// Until something listens on `path` (its file appears at bind, a
 /// moment before listen).
 fn wait_listening(path: &Path) -> Result<()> {
@@ -235,8 +220,7 @@ fn direct_fleet(
                 .spawn()?,
         );
         wait_listening(&path)?;
-        let s = std::os::unix::net::UnixStream::connect(&path)?;
-        ctl = Some((s.try_clone()?, std::io::BufReader::new(s)));
+        ctl = Some(blk_control::Client::connect(&path, None)?);
     }
     let t0 = Instant::now();
     let mut vmms = Vec::new();
@@ -246,16 +230,10 @@ fn direct_fleet(
         image_format::ops::clone(&image_format::RealEnv, base, &disk)?;
         match &mut ctl {
             Some(c) => {
-                let r = control_call(
-                    c,
-                    &serde_json::json!({"execute": "export-add", "arguments": {"socket": sock, "image": disk}}),
-                )
-                .with_context(|| {
-                    std::fs::read_to_string(work.join("host-backend.log")).unwrap_or_default()
-                })?;
-                if r.get("return").is_none() {
-                    bail!("export-add: {r}");
-                }
+                c.add(blk_control::ExportArgs::new(&sock, &disk))
+                    .with_context(|| {
+                        std::fs::read_to_string(work.join("host-backend.log")).unwrap_or_default()
+                    })?;
             }
             None => {
                 backends.0.push(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::json;
+use blk_control::{ClientError, ErrorClass, ExportArgs};
 use test_infra::{
     bin, output_within, ready, s, BackendControl, BlkBackendProcess, Fixture, Patience, RunningVm,
     VmmVm,
@@ -51,26 +51,22 @@ impl Exports {
 
     fn add(&mut self, image: &Path) -> PathBuf {
         let sock = Fixture::socket_of(image);
-        let r = self
-            .ctl
-            .call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
-        assert_eq!(r, json!({"return": {}}), "export-add {}", image.display());
+        if let Err(e) = self.ctl.add(ExportArgs::new(&sock, image)) {
+            panic!("export-add {}: {e}", image.display());
+        }
         sock
     }
 
     /// The export's image sealed as `IMAGE@NAME` and served again on a
-    /// fresh top (`export-snapshot`).
-    fn snapshot(&mut self, sock: &Path, name: &str) -> serde_json::Value {
-        self.ctl.call(
-            json!({"execute": "export-snapshot", "arguments": {"socket": sock, "name": name}}),
-        )
+    /// fresh top (`export-snapshot`): that path.
+    fn snapshot(&mut self, sock: &Path, name: &str) -> Result<PathBuf, ClientError> {
+        self.ctl.snapshot(sock, name)
     }
 
     fn del(&mut self, sock: &Path) {
-        let r = self
-            .ctl
-            .call(json!({"execute": "export-del", "arguments": {"socket": sock}}));
-        assert_eq!(r, json!({"return": {}}), "export-del {}", sock.display());
+        if let Err(e) = self.ctl.del(sock) {
+            panic!("export-del {}: {e}", sock.display());
+        }
     }
 }
 
@@ -191,23 +187,22 @@ fn a_vm_snapshotted_mid_run_goes_on_and_its_restored_copies_finish_the_run() {
         let r = exports.snapshot(&sock, "s1");
         let sealed = fx.path(&format!("vm{gen}.img@s1"));
         assert_eq!(
-            r,
-            json!({"return": {"snapshot": sealed}}),
+            r.as_ref().map_err(ToString::to_string),
+            Ok(&sealed),
             "export-snapshot"
         );
         // Refused by name, and the export serves on: a name taken, an
         // export that is not there.
-        let again = exports.snapshot(&sock, "s1");
-        assert_eq!(again["error"]["class"], "GenericError", "{again}");
+        let again = exports.snapshot(&sock, "s1").expect_err("a name taken");
+        assert!(again.is_refused(ErrorClass::GenericError), "{again}");
         assert!(
-            again["error"]["desc"]
-                .as_str()
-                .unwrap_or("")
-                .contains("exists"),
+            again.refusal().is_some_and(|r| r.desc.contains("exists")),
             "{again}"
         );
-        let none = exports.snapshot(&fx.path("nothing.sock"), "s1");
-        assert_eq!(none["error"]["class"], "DeviceNotFound", "{none}");
+        let none = exports
+            .snapshot(&fx.path("nothing.sock"), "s1")
+            .expect_err("no export");
+        assert!(none.is_refused(ErrorClass::DeviceNotFound), "{none}");
         let clones: Vec<PathBuf> = (0..3)
             .map(|k| fx.clone_of(&format!("vm{gen}.img@s1"), &format!("r{gen}-{k}.img")))
             .collect();
@@ -548,8 +543,9 @@ fn a_snapshot_restored_long_after_goes_on_from_its_instant() {
     let snap = fx.path("aged-snap");
     let (ok, out) = api(&api_sock, &["snapshot", "--dir", &s(&snap)]);
     assert!(ok, "snapshot: {out}");
-    let r = exports.snapshot(&sock, "s1");
-    assert!(r.get("return").is_some(), "export-snapshot: {r}");
+    if let Err(e) = exports.snapshot(&sock, "s1") {
+        panic!("export-snapshot: {e}");
+    }
     assert!(api(&api_sock, &["resume"]).0, "resume");
     original
         .wait()

@@ -1,25 +1,10 @@
 //! The exports one process serves, and the control socket that changes
-//! them at runtime (`--control PATH`): newline-delimited JSON in the shape
-//! of QEMU's QMP (`{"execute": "export-add", "arguments": {...}}` ->
-//! `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`), the
-//! way qemu-storage-daemon's `block-export-add` / `block-export-del` work.
-//!
-//! - `export-add` {socket, image, readonly?, num_queues?, queue_size?,
-//!   poll_us?, fixed_buffers?}: opens the image and listens, as a
-//!   `--export` at start does.
-//! - `export-del` {socket}: ends its session (in-flight I/O completes),
-//!   closes its image cleanly and removes its socket.
-//! - `export-list`: every export with its session state and counters.
-//! - `export-snapshot` {socket, name}: the image sealed as `IMAGE@NAME`
-//!   (as `img snapshot -c`), the export serving a fresh top over it; the
-//!   session ends and a vhost-user frontend reconnects (for a paused VM:
-//!   its disk captured at the instant of its snapshot).
-//! - `export-merge` {socket, name}: snapshot `IMAGE@NAME` folded into the
-//!   layer above it and removed (as `img snapshot -d`), the export served
-//!   again (the frontend reconnects): a served chain kept short.
-//!
-//! Errors carry QMP's classes: `ExportExists` (an add on a socket already
-//! served), `DeviceNotFound` (a del of no export), `GenericError`.
+//! them at runtime (`--control PATH`), the way qemu-storage-daemon's
+//! `block-export-add` / `block-export-del` work. The protocol (QMP-shaped
+//! JSON lines: `export-add`, `export-del`, `export-list`,
+//! `export-snapshot`, `export-merge`, their answers and error classes) is
+//! the `blk-control` crate's, shared with its clients; here each command
+//! is carried out on [`Exports`].
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use serde_json::{json, Value};
+use blk_control::{
+    Answer, Command, Counters, Done, ErrorClass, ExportInfo, Refusal, Reply, Sealed, Session,
+    Settings,
+};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 
@@ -327,29 +315,32 @@ impl Exports {
         })
     }
 
-    pub fn list(&self) -> Value {
+    /// Every export, with its session state and counters.
+    pub fn list(&self) -> Vec<ExportInfo> {
         let running = self.running();
-        Value::Array(
-            running
-                .iter()
-                .map(|(socket, r)| {
-                    let s = &r.export.spec;
-                    json!({
-                        "socket": socket,
-                        "image": s.image,
-                        "readonly": s.readonly,
-                        "num-queues": s.num_queues,
-                        "queue-size": s.queue_size,
-                        "session": if r.stop.connected() { "connected" } else { "waiting" },
-                        "counters": {
-                            "sessions": r.stop.sessions(),
-                            "requests": r.export.requests(),
-                            "failed-requests": r.export.failed_requests(),
-                        },
-                    })
-                })
-                .collect(),
-        )
+        running
+            .iter()
+            .map(|(socket, r)| {
+                let s = &r.export.spec;
+                ExportInfo {
+                    socket: socket.clone(),
+                    image: s.image.clone(),
+                    readonly: s.readonly,
+                    num_queues: s.num_queues,
+                    queue_size: s.queue_size,
+                    session: if r.stop.connected() {
+                        Session::Connected
+                    } else {
+                        Session::Waiting
+                    },
+                    counters: Counters {
+                        sessions: r.stop.sessions(),
+                        requests: r.export.requests(),
+                        failed_requests: r.export.failed_requests(),
+                    },
+                }
+            })
+            .collect()
     }
 
     /// Ends every session (in parallel), then closes every image; whether
@@ -375,127 +366,67 @@ impl Exports {
     }
 }
 
-/// A command's `socket` (absolute) and `name` arguments, or the reply
-/// that refuses it.
-fn socket_and_name<'a>(args: &'a Value, verb: &str) -> Result<(PathBuf, &'a str), Value> {
-    let (Some(s), Some(name)) = (args["socket"].as_str(), args["name"].as_str()) else {
-        return Err(reply_error(
-            "GenericError",
-            format!("{verb} needs socket and name"),
-        ));
-    };
-    let s = PathBuf::from(s);
-    if s.is_relative() {
-        return Err(reply_error(
-            "GenericError",
-            format!(
-                "{} is a relative path: {verb} takes absolute paths",
-                s.display()
-            ),
-        ));
+/// A command's paths, refused unless absolute: the backend's working
+/// directory is not its client's, so a relative path would name some other
+/// file (and resolving one needs getcwd, which the control thread's
+/// sandbox forbids).
+fn absolute(command: &str, paths: &[&Path]) -> Result<(), Refusal> {
+    match paths.iter().find(|p| p.is_relative()) {
+        Some(rel) => Err(Refusal::generic(format!(
+            "{} is a relative path: {command} takes absolute paths",
+            rel.display()
+        ))),
+        None => Ok(()),
     }
-    Ok((s, name))
 }
 
-fn reply_error(class: &str, desc: String) -> Value {
-    json!({ "error": { "class": class, "desc": desc } })
-}
-
-/// A refused add or del: its QMP error class (a client tells "already
-/// there" and "not there" from real failures by it).
-fn refusal(e: ControlError) -> Value {
+/// A command the exports refused, with its QMP error class (a client tells
+/// "already there" and "not there" from real failures by it).
+fn refusal(e: ControlError) -> Refusal {
     let class = match e {
-        ControlError::Exists(_) => "ExportExists",
-        ControlError::NoSuchExport(_) => "DeviceNotFound",
-        _ => "GenericError",
+        ControlError::Exists(_) => ErrorClass::ExportExists,
+        ControlError::NoSuchExport(_) => ErrorClass::DeviceNotFound,
+        _ => ErrorClass::GenericError,
     };
-    reply_error(class, cli_support::report(&e.into()))
+    Refusal {
+        class,
+        desc: cli_support::report(&e.into()),
+    }
 }
 
-/// One command: its reply.
-pub fn execute(exports: &Exports, defaults: &ExportSpec, line: &str) -> Value {
-    let Ok(req) = serde_json::from_str::<Value>(line) else {
-        return reply_error("GenericError", "not a JSON object".into());
-    };
-    let args = &req["arguments"];
-    let text = |k: &str| args[k].as_str().map(PathBuf::from);
-    match req["execute"].as_str() {
-        Some("export-add") => {
-            let (Some(socket), Some(image)) = (text("socket"), text("image")) else {
-                return reply_error("GenericError", "export-add needs socket and image".into());
-            };
-            // The backend's working directory is not its client's: a
-            // relative path would name some other file (and resolving one
-            // needs getcwd, which the control thread's sandbox forbids).
-            if let Some(rel) = [&socket, &image].into_iter().find(|p| p.is_relative()) {
-                return reply_error(
-                    "GenericError",
-                    format!(
-                        "{} is a relative path: export-add takes absolute paths",
-                        rel.display()
-                    ),
-                );
-            }
-            let spec = ExportSpec {
-                socket,
-                image,
-                readonly: args["readonly"].as_bool().unwrap_or(defaults.readonly),
-                num_queues: args["num_queues"]
-                    .as_u64()
-                    .map_or(defaults.num_queues, |n| n as usize),
-                queue_size: args["queue_size"]
-                    .as_u64()
-                    .map_or(defaults.queue_size, |n| n as usize),
-                poll_us: args["poll_us"].as_u64().unwrap_or(defaults.poll_us),
-                fixed_buffers: args["fixed_buffers"]
-                    .as_bool()
-                    .unwrap_or(defaults.fixed_buffers),
-            };
-            if !(1..=64).contains(&spec.num_queues)
-                || !spec.queue_size.is_power_of_two()
-                || !(2..=32768).contains(&spec.queue_size)
-            {
-                return reply_error(
-                    "GenericError",
-                    "num_queues is 1 to 64 and queue_size a power of two from 2 to 32768".into(),
-                );
-            }
-            match exports.add(spec) {
-                Ok(()) => json!({ "return": {} }),
-                Err(e) => refusal(e),
-            }
+/// One command line: its reply.
+pub fn execute(exports: &Exports, defaults: &Settings, line: &str) -> Reply<Answer> {
+    Command::from_line(line)
+        .and_then(|command| run(exports, defaults, command))
+        .into()
+}
+
+/// One command, done: what it returns.
+fn run(exports: &Exports, defaults: &Settings, command: Command) -> Result<Answer, Refusal> {
+    let done = |r: Result<(), ControlError>| r.map(|()| Answer::Done(Done {})).map_err(refusal);
+    let name = command.name();
+    match command {
+        Command::ExportAdd(args) => {
+            absolute(name, &[&args.socket, &args.image])?;
+            let spec = args
+                .resolve(defaults)
+                .map_err(|e| Refusal::generic(e.to_string()))?;
+            done(exports.add(spec))
         }
-        Some("export-del") => match text("socket") {
-            None => reply_error("GenericError", "export-del needs socket".into()),
-            Some(s) if s.is_relative() => reply_error(
-                "GenericError",
-                format!(
-                    "{} is a relative path: export-del takes absolute paths",
-                    s.display()
-                ),
-            ),
-            Some(s) => match exports.remove(&s) {
-                Ok(()) => json!({ "return": {} }),
-                Err(e) => refusal(e),
-            },
-        },
-        Some("export-list") => json!({ "return": exports.list() }),
-        Some("export-snapshot") => match socket_and_name(args, "export-snapshot") {
-            Err(e) => e,
-            Ok((s, name)) => match exports.snapshot(&s, name) {
-                Ok(path) => json!({ "return": { "snapshot": path } }),
-                Err(e) => refusal(e),
-            },
-        },
-        Some("export-merge") => match socket_and_name(args, "export-merge") {
-            Err(e) => e,
-            Ok((s, name)) => match exports.merge(&s, name) {
-                Ok(()) => json!({ "return": {} }),
-                Err(e) => refusal(e),
-            },
-        },
-        Some(other) => reply_error("CommandNotFound", format!("no command {other:?}")),
-        None => reply_error("GenericError", "no \"execute\"".into()),
+        Command::ExportDel(e) => {
+            absolute(name, &[&e.socket])?;
+            done(exports.remove(&e.socket))
+        }
+        Command::ExportList => Ok(Answer::Exports(exports.list())),
+        Command::ExportSnapshot(s) => {
+            absolute(name, &[&s.socket])?;
+            let snapshot = exports.snapshot(&s.socket, &s.name).map_err(refusal)?;
+            Ok(Answer::Sealed(Sealed { snapshot }))
+        }
+        Command::ExportMerge(s) => {
+            absolute(name, &[&s.socket])?;
+            done(exports.merge(&s.socket, &s.name))
+        }
     }
 }
 
@@ -507,7 +438,7 @@ const MAX_CLIENTS: usize = 64;
 /// a client that connects and says nothing (or a slow one) keeps no other
 /// waiting, a line per command. The threads run under this thread's
 /// filter, which they inherit.
-pub fn serve_control(exports: Arc<Exports>, defaults: ExportSpec, listener: UnixListener) {
+pub fn serve_control(exports: Arc<Exports>, defaults: Settings, listener: UnixListener) {
     let clients = Arc::new(Clients::default());
     let mut spawn_failures = cli_support::log_limit::LogLimit::default();
     for stream in listener.incoming() {
@@ -560,7 +491,7 @@ impl Drop for Seat {
 }
 
 /// One client's commands, a line each, until it hangs up.
-fn serve_client(exports: &Exports, defaults: &ExportSpec, stream: UnixStream) {
+fn serve_client(exports: &Exports, defaults: &Settings, stream: UnixStream) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -573,17 +504,16 @@ fn serve_client(exports: &Exports, defaults: &ExportSpec, stream: UnixStream) {
             Ok(_) => {}
         }
         if !line.ends_with('\n') && line.len() >= 1 << 16 {
-            let _ = out.write_all(
-                format!("{}\n", reply_error("GenericError", "line too long".into())).as_bytes(),
-            );
+            let too_long = Reply::<Done>::Error(Refusal::generic("line too long"));
+            let _ = out.write_all(too_long.to_line().as_bytes());
             break;
         }
         if line.trim().is_empty() {
             continue;
         }
-        let reply = execute(exports, defaults, &line);
+        let reply = execute(exports, defaults, &line).to_line();
         // One write per reply (formatted in place it is many sends).
-        if out.write_all(format!("{reply}\n").as_bytes()).is_err() {
+        if out.write_all(reply.as_bytes()).is_err() {
             break;
         }
     }

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -40,22 +40,9 @@ pub enum BaseIo {
     Direct,
 }
 
-/// What an export serves and how.
-#[derive(Debug, Clone)]
-pub struct ExportSpec {
-    pub socket: PathBuf,
-    pub image: PathBuf,
-    pub readonly: bool,
-    pub num_queues: usize,
-    pub queue_size: usize,
-    /// Microseconds a queue worker keeps polling after its last work
-    /// before it sleeps (0: never polls).
-    pub poll_us: u64,
-    /// Register guest memory with each queue's io_uring as fixed buffers
-    /// (no page pinning per O_DIRECT request, but every page of guest
-    /// memory faulted in and pinned while the queue runs).
-    pub fixed_buffers: bool,
-}
+/// What an export serves and how (the control protocol's, checked once
+/// for the command line and the control socket alike).
+pub use blk_control::ExportSpec;
 
 /// Layer files shared by every export of the process: clones of one base
 /// read it through one descriptor per mode.

@@ -5,7 +5,8 @@
 //!   accept loop and the session are vhost-user-session's, shared with
 //!   net-backend).
 //! - `control`: the exports of the process, and the control socket that
-//!   adds and removes them at runtime.
+//!   adds and removes them at runtime (its protocol, with the export spec
+//!   and its one check, is the `blk-control` crate's).
 //! - `connection`: an export's part of a session (what it offers, its
 //!   queue workers, the inflight region).
 //! - `inflight`: the shared region that lets a restarted backend resume.

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use blk_control::{ExportArgs, Settings};
 use clap::Parser;
 use vhost_blk_backend::control::{self, Exports};
-use vhost_blk_backend::export::{BaseIo, ExportSpec};
+use vhost_blk_backend::export::BaseIo;
 use vhost_blk_backend::seccomp;
 
 #[derive(Parser)]
@@ -32,9 +33,9 @@ struct Args {
     /// Serve read-only (the guest sees VIRTIO_BLK_F_RO).
     #[arg(long)]
     readonly: bool,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = Settings::default().num_queues)]
     num_queues: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = Settings::default().queue_size)]
     queue_size: usize,
     /// One export: socket=PATH,image=PATH[,readonly=on,num_queues=N,queue_size=N].
     #[arg(long = "export", value_name = "SPEC")]
@@ -46,7 +47,7 @@ struct Args {
     /// Microseconds a queue worker keeps polling its queue and io_uring
     /// after the last request before it sleeps; guest kicks stay off while
     /// it polls. 0 turns polling off (lowest CPU use when idle).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = Settings::default().poll_us)]
     poll_us: u64,
     /// Register guest memory with each queue's io_uring as fixed buffers:
     /// O_DIRECT requests skip pinning their pages, at the price of every
@@ -77,56 +78,17 @@ struct Args {
     control: Option<PathBuf>,
 }
 
-fn check(e: ExportSpec) -> Result<ExportSpec> {
-    if !(1..=64).contains(&e.num_queues) {
-        bail!("num_queues must be 1 to 64, not {}", e.num_queues);
-    }
-    if !e.queue_size.is_power_of_two() || !(2..=32768).contains(&e.queue_size) {
-        bail!(
-            "queue_size must be a power of two from 2 to 32768, not {}",
-            e.queue_size
-        );
-    }
-    Ok(e)
-}
-
-fn on_off(spec: &str, key: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "true" | "1" => Ok(true),
-        "off" | "false" | "0" => Ok(false),
-        _ => bail!("--export {spec:?}: {key} takes on or off, not {v:?}"),
-    }
-}
-
-fn parse_export(spec: &str, defaults: &Args) -> Result<ExportSpec> {
-    let (mut socket, mut image) = (None, None);
-    let mut e = ExportSpec {
-        socket: PathBuf::new(),
-        image: PathBuf::new(),
-        readonly: defaults.readonly,
-        num_queues: defaults.num_queues,
-        queue_size: defaults.queue_size,
-        poll_us: defaults.poll_us,
-        fixed_buffers: defaults.fixed_buffers,
-    };
-    for kv in spec.split(',') {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--export {spec:?}: {kv:?} is not key=value"))?;
-        match k {
-            "socket" => socket = Some(PathBuf::from(v)),
-            "image" => image = Some(PathBuf::from(v)),
-            "readonly" => e.readonly = on_off(spec, k, v)?,
-            "fixed_buffers" => e.fixed_buffers = on_off(spec, k, v)?,
-            "num_queues" => e.num_queues = v.parse().context("num_queues")?,
-            "queue_size" => e.queue_size = v.parse().context("queue_size")?,
-            "poll_us" => e.poll_us = v.parse().context("poll_us")?,
-            _ => bail!("--export {spec:?}: unknown key {k:?}"),
+impl Args {
+    /// The settings of every export that does not give its own.
+    fn settings(&self) -> Settings {
+        Settings {
+            readonly: self.readonly,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+            poll_us: self.poll_us,
+            fixed_buffers: self.fixed_buffers,
         }
     }
-    e.socket = socket.with_context(|| format!("--export {spec:?}: socket= is missing"))?;
-    e.image = image.with_context(|| format!("--export {spec:?}: image= is missing"))?;
-    check(e)
 }
 
 /// The crash shadows' directory, made and checked (FORMAT.md, "The crash
@@ -167,20 +129,16 @@ fn main() {
 }
 
 fn run(a: Args) -> Result<()> {
+    let settings = a.settings();
     let mut specs = Vec::new();
     if let (Some(socket), Some(image)) = (&a.socket, &a.image) {
-        specs.push(check(ExportSpec {
-            socket: socket.clone(),
-            image: image.clone(),
-            readonly: a.readonly,
-            num_queues: a.num_queues,
-            queue_size: a.queue_size,
-            poll_us: a.poll_us,
-            fixed_buffers: a.fixed_buffers,
-        })?);
+        specs.push(ExportArgs::new(socket, image).resolve(&settings)?);
     }
-    for spec in &a.exports {
-        specs.push(parse_export(spec, &a)?);
+    for list in &a.exports {
+        let export = list
+            .parse::<ExportArgs>()
+            .and_then(|e| e.resolve(&settings));
+        specs.push(export.with_context(|| format!("--export {list:?}"))?);
     }
     if specs.is_empty() && a.control.is_none() {
         bail!("nothing to serve: give --socket and --image, --export, or --control");
@@ -241,15 +199,6 @@ fn run(a: Args) -> Result<()> {
     }
     if let Some(listener) = control_listener {
         let exports = Arc::clone(&exports);
-        let defaults = ExportSpec {
-            socket: PathBuf::new(),
-            image: PathBuf::new(),
-            readonly: a.readonly,
-            num_queues: a.num_queues,
-            queue_size: a.queue_size,
-            poll_us: a.poll_us,
-            fixed_buffers: a.fixed_buffers,
-        };
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -257,7 +206,7 @@ fn run(a: Args) -> Result<()> {
                     tracing::error!("the control socket is off: {e}");
                     return;
                 }
-                control::serve_control(exports, defaults, listener)
+                control::serve_control(exports, settings, listener)
             })
             .context("starting the control thread")?;
     }

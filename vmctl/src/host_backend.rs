@@ -17,7 +17,6 @@
 //! re-adds and its decision to end; `backend/daemon.lock` keeps it to one
 //! daemon per state root.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -25,8 +24,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use blk_control::{Client, ClientError, ErrorClass, ExportArgs};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use crate::binaries;
 use crate::process;
@@ -62,51 +61,15 @@ pub struct HostStatus {
     pub started_unix_ms: u64,
 }
 
-/// A reply the control socket gave as an error.
-#[derive(Debug, thiserror::Error)]
-#[error("blk-backend refused {command}: {desc}")]
-pub struct Refused {
-    pub command: String,
-    pub class: String,
-    pub desc: String,
-}
+/// How long a command's answer may take: commands take milliseconds (an
+/// image opened, closed or sealed); one that has not answered in a minute
+/// will not.
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
-/// One command on a blk-backend's control socket at `path`: its `return`.
-pub fn control_call(path: &Path, command: &str, arguments: Value) -> Result<Value> {
-    let stream = UnixStream::connect(path).with_context(|| {
-        format!(
-            "connecting to blk-backend's control socket {}",
-            path.display()
-        )
-    })?;
-    // Commands take milliseconds (an image opened, closed or sealed); one
-    // that has not answered in a minute will not.
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    // One write: written piece by piece, a command went out as dozens
-    // of one-byte sends (1.4 ms here, measured).
-    let mut out = &stream;
-    out.write_all(
-        format!(
-            "{}\n",
-            json!({ "execute": command, "arguments": arguments })
-        )
-        .as_bytes(),
-    )?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .with_context(|| format!("{command}: no answer from blk-backend"))?;
-    let reply: Value = serde_json::from_str(&line)
-        .with_context(|| format!("{command}: blk-backend answered {line:?}"))?;
-    if let Some(err) = reply.get("error") {
-        return Err(Refused {
-            command: command.to_string(),
-            class: err["class"].as_str().unwrap_or("").to_string(),
-            desc: err["desc"].as_str().unwrap_or("").to_string(),
-        }
-        .into());
-    }
-    Ok(reply["return"].clone())
+/// A connection to the blk-backend control socket at `path`, for a
+/// command or a few.
+pub fn control(path: &Path) -> Result<Client, ClientError> {
+    Client::connect(path, Some(ANSWER_WITHIN))
 }
 
 pub struct HostBackend {
@@ -159,8 +122,8 @@ impl HostBackend {
         let _lock = self.registry_lock()?;
         write_json(&self.entry(name), entry)?;
         let added = self.ensure_running().and_then(|()| match self.add(entry) {
-            Err(e) if exists(&e) => Ok(()),
-            other => other,
+            Err(e) if e.is_refused(ErrorClass::ExportExists) => Ok(()),
+            other => Ok(other?),
         });
         if added.is_err() {
             let _ = std::fs::remove_file(self.entry(name));
@@ -173,26 +136,25 @@ impl HostBackend {
     pub fn detach(&self, name: &str, socket: &Path) -> Result<()> {
         let _lock = self.registry_lock()?;
         let _ = std::fs::remove_file(self.entry(name));
-        match self.call("export-del", json!({ "socket": socket })) {
-            Ok(_) => Ok(()),
+        match self.client().and_then(|mut c| c.del(socket)) {
+            Ok(()) => Ok(()),
             // Not served (the backend restarted without it, or is gone):
             // nothing holds the image.
-            Err(e) if not_found(&e) || unreachable(&e) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) if e.is_refused(ErrorClass::DeviceNotFound) || e.is_unreachable() => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn add(&self, e: &ExportEntry) -> Result<()> {
-        self.call(
-            "export-add",
-            json!({ "socket": e.socket, "image": e.image, "num_queues": e.num_queues }),
-        )
-        .map(drop)
+    fn add(&self, e: &ExportEntry) -> Result<(), ClientError> {
+        self.client()?.add(ExportArgs {
+            num_queues: Some(e.num_queues.into()),
+            ..ExportArgs::new(&e.socket, &e.image)
+        })
     }
 
-    /// One command on the control socket: its `return`.
-    pub fn call(&self, command: &str, arguments: Value) -> Result<Value> {
-        control_call(&self.control(), command, arguments)
+    /// A connection to the backend's control socket.
+    fn client(&self) -> Result<Client, ClientError> {
+        control(&self.control())
     }
 
     fn reachable(&self) -> bool {
@@ -274,27 +236,6 @@ impl HostBackend {
             .filter_map(|p| read_json(&p).ok().map(|e| (p, e)))
             .collect()
     }
-}
-
-fn refused(e: &anyhow::Error) -> Option<&Refused> {
-    e.downcast_ref::<Refused>()
-}
-
-fn exists(e: &anyhow::Error) -> bool {
-    refused(e).is_some_and(|r| r.class == "ExportExists")
-}
-
-fn not_found(e: &anyhow::Error) -> bool {
-    refused(e).is_some_and(|r| r.class == "DeviceNotFound")
-}
-
-fn unreachable(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-        matches!(
-            io.kind(),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-        )
-    })
 }
 
 /// The blk-backend the daemon watches: its child, or one a killed daemon
@@ -406,10 +347,10 @@ fn add_registered(host: &HostBackend) {
             continue;
         }
         match host.add(&e) {
-            Err(err) if !exists(&err) => cli_support::say!(
+            Err(err) if !err.is_refused(ErrorClass::ExportExists) => cli_support::say!(
                 "vmctl __backend: adding {} back: {}",
                 e.socket.display(),
-                cli_support::report(&err)
+                cli_support::report(&err.into())
             ),
             _ => {}
         }
@@ -439,7 +380,7 @@ fn drop_orphans(host: &HostBackend) {
             continue;
         }
         let _ = std::fs::remove_file(&path);
-        let _ = host.call("export-del", json!({ "socket": e.socket }));
+        let _ = host.client().and_then(|mut c| c.del(&e.socket));
     }
 }
 

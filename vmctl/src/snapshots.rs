@@ -29,7 +29,7 @@ use image_format::{backup, ops, Env, RealEnv};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::host_backend::{control_call, HostBackend};
+use crate::host_backend::{self, HostBackend};
 use crate::state::{allocated, define, Spec};
 use crate::state::{
     check_name, now_ms, read_json, write_json, BackendMode, Observed, RestoreFrom, RestoreMemory,
@@ -306,16 +306,9 @@ fn seal_disk(root: &Root, vm: &VmDir, backend: BackendMode, name: &str) -> Resul
         BackendMode::Host => HostBackend::at(root).control(),
         BackendMode::Vm => vm.backend_control(),
     };
-    let answer = control_call(
-        &control,
-        "export-snapshot",
-        json!({ "socket": vm.disk_socket(), "name": name }),
-    )
-    .with_context(|| format!("VM {}: sealing its disk live", vm.name))?;
-    answer["snapshot"]
-        .as_str()
-        .map(PathBuf::from)
-        .with_context(|| format!("export-snapshot answered {answer}: no snapshot path"))
+    host_backend::control(&control)
+        .and_then(|mut c| c.snapshot(&vm.disk_socket(), name))
+        .with_context(|| format!("VM {}: sealing its disk live", vm.name))
 }
 
 fn canonical(p: &Path) -> PathBuf {
@@ -379,12 +372,9 @@ fn merge_seal(root: &Root, vm: &VmDir, backend: BackendMode, seal: &Path) -> boo
         BackendMode::Host => HostBackend::at(root).control(),
         BackendMode::Vm => vm.backend_control(),
     };
-    control_call(
-        &control,
-        "export-merge",
-        json!({ "socket": vm.disk_socket(), "name": name }),
-    )
-    .is_ok()
+    host_backend::control(&control)
+        .and_then(|mut c| c.merge(&vm.disk_socket(), name))
+        .is_ok()
 }
 
 /// Runs `f` with the VM held: a running VM not paused already is paused

@@ -16,8 +16,8 @@ use bench::table::{
     Align::{Left, Right},
     Table,
 };
+use blk_control::ExportArgs;
 use clap::Parser;
-use serde_json::json;
 use test_infra::{
     img, kvm_available, s, vmm_api, BackendControl, BlkBackendProcess, Patience, VmmVm,
 };
@@ -117,11 +117,8 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
     let mut ctl = BackendControl::connect(&ctl_path);
     let add = |ctl: &mut BackendControl, image: &Path| -> Result<PathBuf> {
         let sock = image.with_extension("sock");
-        let r = ctl
-            .call(json!({"execute": "export-add", "arguments": {"socket": sock, "image": image}}));
-        if r != json!({"return": {}}) {
-            bail!("export-add {}: {r}", image.display());
-        }
+        ctl.add(ExportArgs::new(&sock, image))
+            .with_context(|| format!("export-add {}", image.display()))?;
         Ok(sock)
     };
     let image = work.join(format!("vm{mem_mib}.img"));
@@ -155,11 +152,7 @@ fn measure(a: &Args, mem_mib: u32, mode: &'static str, work: &Path) -> Result<Si
     let snap = work.join(format!("snap{mem_mib}"));
     let taken: serde_json::Value =
         serde_json::from_str(call(&api, &["snapshot", "--dir", &s(&snap)])?.trim())?;
-    let r =
-        ctl.call(json!({"execute": "export-snapshot", "arguments": {"socket": sock, "name": "s"}}));
-    if r.get("return").is_none() {
-        bail!("export-snapshot: {r}");
-    }
+    ctl.snapshot(&sock, "s").context("export-snapshot")?;
     call(&api, &["shutdown", "--force"])?;
     let _ = original.wait();
 

@@ -313,42 +313,46 @@ fn wait_for_new_socket(
     Ok(())
 }
 
-/// A client of blk-backend's control socket (JSON lines, like QMP).
-pub struct BackendControl {
-    out: std::os::unix::net::UnixStream,
-    lines: std::io::BufReader<std::os::unix::net::UnixStream>,
-}
+/// A client of blk-backend's control socket (JSON lines, like QMP): the
+/// protocol's own typed client ([`blk_control::Client`], which it derefs
+/// to), connected once the socket listens.
+pub struct BackendControl(blk_control::Client);
 
 impl BackendControl {
     /// Connects, waiting for the socket to listen.
     pub fn connect(path: &Path) -> BackendControl {
-        let mut stream = None;
+        let mut client = None;
         Patience::new("the control socket", Duration::from_millis(50))
             .wait_until(|| {
-                stream = std::os::unix::net::UnixStream::connect(path).ok();
-                Ok(stream.is_some())
+                client = blk_control::Client::connect(path, None).ok();
+                Ok(client.is_some())
             })
             .expect("blk-backend listens on its control socket");
-        let out = stream.expect("connected");
-        let lines = std::io::BufReader::new(out.try_clone().expect("clone"));
-        BackendControl { out, lines }
+        BackendControl(client.expect("connected"))
     }
 
     /// How long a reply may take before the call fails (none: forever).
     pub fn set_timeout(&self, timeout: Option<Duration>) {
-        self.out.set_read_timeout(timeout).expect("timeout");
+        self.0.set_timeout(timeout).expect("timeout");
     }
 
-    pub fn call(&mut self, cmd: serde_json::Value) -> serde_json::Value {
-        self.raw(&cmd.to_string())
-    }
-
-    /// Sends one line, returns the reply line.
+    /// Sends one line as it is (one no command writes: not JSON, a command
+    /// that does not exist), returns the reply line.
     pub fn raw(&mut self, text: &str) -> serde_json::Value {
-        use std::io::{BufRead, Write};
-        writeln!(self.out, "{text}").expect("send");
-        let mut line = String::new();
-        self.lines.read_line(&mut line).expect("reply");
+        let line = self.0.raw(text).expect("reply");
         serde_json::from_str(&line).expect("a JSON reply")
+    }
+}
+
+impl std::ops::Deref for BackendControl {
+    type Target = blk_control::Client;
+    fn deref(&self) -> &blk_control::Client {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for BackendControl {
+    fn deref_mut(&mut self) -> &mut blk_control::Client {
+        &mut self.0
     }
 }

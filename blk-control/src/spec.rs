@@ -1,0 +1,339 @@
+//! What an export serves and how: the settings every export has
+//! ([`Settings`], a process's defaults from its command line), the ones an
+//! export gives itself ([`ExportArgs`]: `--export`'s key=value list or
+//! `export-add`'s arguments, one set of keys for both), and the one check
+//! that an export's resolved settings pass ([`Settings::check`]) before
+//! they become an [`ExportSpec`].
+
+use std::num::ParseIntError;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The most queues an export offers.
+pub const MAX_QUEUES: usize = 64;
+/// The largest queue a frontend may set up (the smallest is 2).
+pub const MAX_QUEUE_SIZE: usize = 32768;
+
+/// Why an export's settings were refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("num_queues must be 1 to {MAX_QUEUES}, not {0}")]
+    NumQueues(usize),
+    #[error("queue_size must be a power of two from 2 to {MAX_QUEUE_SIZE}, not {0}")]
+    QueueSize(usize),
+    #[error("{0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error("unknown key {0:?}")]
+    UnknownKey(String),
+    #[error("{key} takes on or off, not {value:?}")]
+    NotOnOff { key: String, value: String },
+    #[error("{key} takes a number, not {value:?}")]
+    NotANumber {
+        key: String,
+        value: String,
+        #[source]
+        source: ParseIntError,
+    },
+    #[error("{0}= is missing")]
+    Missing(&'static str),
+}
+
+/// How an export is served, apart from where: what a process's command
+/// line sets for every export, and what each export may set for itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Serve read-only (the guest sees VIRTIO_BLK_F_RO).
+    pub readonly: bool,
+    pub num_queues: usize,
+    pub queue_size: usize,
+    /// Microseconds a queue worker keeps polling after its last work
+    /// before it sleeps (0: never polls).
+    pub poll_us: u64,
+    /// Register guest memory with each queue's io_uring as fixed buffers.
+    pub fixed_buffers: bool,
+}
+
+impl Default for Settings {
+    /// blk-backend's defaults (its command line's).
+    fn default() -> Settings {
+        Settings {
+            readonly: false,
+            num_queues: 1,
+            queue_size: 256,
+            poll_us: 50,
+            fixed_buffers: false,
+        }
+    }
+}
+
+impl Settings {
+    /// The one check of an export's settings (the command line's exports
+    /// and the control socket's alike).
+    pub fn check(&self) -> Result<(), SpecError> {
+        if !(1..=MAX_QUEUES).contains(&self.num_queues) {
+            return Err(SpecError::NumQueues(self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&self.queue_size) {
+            return Err(SpecError::QueueSize(self.queue_size));
+        }
+        Ok(())
+    }
+}
+
+/// What an export serves and how, checked (made by
+/// [`ExportArgs::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub readonly: bool,
+    pub num_queues: usize,
+    pub queue_size: usize,
+    /// Microseconds a queue worker keeps polling after its last work
+    /// before it sleeps (0: never polls).
+    pub poll_us: u64,
+    /// Register guest memory with each queue's io_uring as fixed buffers
+    /// (no page pinning per O_DIRECT request, but every page of guest
+    /// memory faulted in and pinned while the queue runs).
+    pub fixed_buffers: bool,
+}
+
+/// One export as asked for: where (socket and image) and the settings it
+/// gives itself, the others left to the process's [`Settings`]. The
+/// arguments of `export-add` (keys a backend does not know are ignored, as
+/// QMP clients expect) and, with the same keys, an `--export` list
+/// (`socket=PATH,image=PATH[,readonly=on,...]`, parsed by `FromStr`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportArgs {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readonly: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_buffers: Option<bool>,
+}
+
+impl ExportArgs {
+    /// `image` served on `socket`, every setting the process's.
+    pub fn new(socket: impl Into<PathBuf>, image: impl Into<PathBuf>) -> ExportArgs {
+        ExportArgs {
+            socket: socket.into(),
+            image: image.into(),
+            ..ExportArgs::default()
+        }
+    }
+
+    /// The export's settings, what it does not set taken from `defaults`,
+    /// checked.
+    pub fn resolve(self, defaults: &Settings) -> Result<ExportSpec, SpecError> {
+        let s = Settings {
+            readonly: self.readonly.unwrap_or(defaults.readonly),
+            num_queues: self.num_queues.unwrap_or(defaults.num_queues),
+            queue_size: self.queue_size.unwrap_or(defaults.queue_size),
+            poll_us: self.poll_us.unwrap_or(defaults.poll_us),
+            fixed_buffers: self.fixed_buffers.unwrap_or(defaults.fixed_buffers),
+        };
+        s.check()?;
+        Ok(ExportSpec {
+            socket: self.socket,
+            image: self.image,
+            readonly: s.readonly,
+            num_queues: s.num_queues,
+            queue_size: s.queue_size,
+            poll_us: s.poll_us,
+            fixed_buffers: s.fixed_buffers,
+        })
+    }
+}
+
+/// `--export`'s list: `socket=PATH,image=PATH[,readonly=on][,num_queues=N]
+/// [,queue_size=N][,poll_us=N][,fixed_buffers=on]`.
+impl FromStr for ExportArgs {
+    type Err = SpecError;
+
+    fn from_str(list: &str) -> Result<ExportArgs, SpecError> {
+        let (mut socket, mut image) = (None, None);
+        let mut e = ExportArgs::default();
+        for kv in list.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| SpecError::NotKeyValue(kv.to_string()))?;
+            match k {
+                "socket" => socket = Some(PathBuf::from(v)),
+                "image" => image = Some(PathBuf::from(v)),
+                "readonly" => e.readonly = Some(on_off(k, v)?),
+                "fixed_buffers" => e.fixed_buffers = Some(on_off(k, v)?),
+                "num_queues" => e.num_queues = Some(number(k, v)?),
+                "queue_size" => e.queue_size = Some(number(k, v)?),
+                "poll_us" => e.poll_us = Some(number(k, v)?),
+                _ => return Err(SpecError::UnknownKey(k.to_string())),
+            }
+        }
+        e.socket = socket.ok_or(SpecError::Missing("socket"))?;
+        e.image = image.ok_or(SpecError::Missing("image"))?;
+        Ok(e)
+    }
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, SpecError> {
+    match value {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(SpecError::NotOnOff {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    }
+}
+
+fn number<T: FromStr<Err = ParseIntError>>(key: &str, value: &str) -> Result<T, SpecError> {
+    value.parse().map_err(|source| SpecError::NotANumber {
+        key: key.to_string(),
+        value: value.to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(num_queues: usize, queue_size: usize) -> Settings {
+        Settings {
+            num_queues,
+            queue_size,
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn the_check_refuses_what_blk_backend_refused() {
+        assert_eq!(Settings::default().check(), Ok(()));
+        assert_eq!(settings(1, 2).check(), Ok(()));
+        assert_eq!(settings(64, 32768).check(), Ok(()));
+        assert_eq!(settings(0, 256).check(), Err(SpecError::NumQueues(0)));
+        assert_eq!(settings(65, 256).check(), Err(SpecError::NumQueues(65)));
+        for size in [0, 1, 3, 100, 65536] {
+            assert_eq!(
+                settings(1, size).check(),
+                Err(SpecError::QueueSize(size)),
+                "{size}"
+            );
+        }
+        assert_eq!(
+            SpecError::NumQueues(0).to_string(),
+            "num_queues must be 1 to 64, not 0"
+        );
+        assert_eq!(
+            SpecError::QueueSize(100).to_string(),
+            "queue_size must be a power of two from 2 to 32768, not 100"
+        );
+    }
+
+    #[test]
+    fn an_export_takes_the_defaults_it_does_not_set_and_is_checked() {
+        let defaults = Settings {
+            readonly: true,
+            num_queues: 2,
+            queue_size: 128,
+            poll_us: 7,
+            fixed_buffers: true,
+        };
+        let spec = ExportArgs::new("/s", "/i").resolve(&defaults).unwrap();
+        assert_eq!(
+            spec,
+            ExportSpec {
+                socket: "/s".into(),
+                image: "/i".into(),
+                readonly: true,
+                num_queues: 2,
+                queue_size: 128,
+                poll_us: 7,
+                fixed_buffers: true,
+            }
+        );
+        let own = ExportArgs {
+            readonly: Some(false),
+            num_queues: Some(4),
+            queue_size: Some(64),
+            poll_us: Some(0),
+            fixed_buffers: Some(false),
+            ..ExportArgs::new("/s", "/i")
+        };
+        let spec = own.resolve(&defaults).unwrap();
+        assert_eq!(
+            (
+                spec.readonly,
+                spec.num_queues,
+                spec.queue_size,
+                spec.poll_us,
+                spec.fixed_buffers
+            ),
+            (false, 4, 64, 0, false)
+        );
+        let bad = ExportArgs {
+            queue_size: Some(100),
+            ..ExportArgs::new("/s", "/i")
+        };
+        assert_eq!(bad.resolve(&defaults), Err(SpecError::QueueSize(100)));
+        // A default that fails the check fails every export that takes it.
+        assert_eq!(
+            ExportArgs::new("/s", "/i").resolve(&settings(0, 256)),
+            Err(SpecError::NumQueues(0))
+        );
+    }
+
+    #[test]
+    fn export_lists_read_as_before() {
+        let e: ExportArgs =
+            "socket=/run/a.sock,image=a.img,readonly=on,num_queues=4,queue_size=64,poll_us=0,fixed_buffers=true"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            e,
+            ExportArgs {
+                socket: "/run/a.sock".into(),
+                image: "a.img".into(),
+                readonly: Some(true),
+                num_queues: Some(4),
+                queue_size: Some(64),
+                poll_us: Some(0),
+                fixed_buffers: Some(true),
+            }
+        );
+        let e: ExportArgs = "image=b.img,socket=b.sock,readonly=0".parse().unwrap();
+        assert_eq!(e.readonly, Some(false));
+        assert_eq!(e.num_queues, None);
+    }
+
+    #[test]
+    fn bad_export_lists_are_refused_by_name() {
+        let err = |s: &str| s.parse::<ExportArgs>().unwrap_err().to_string();
+        assert_eq!(err("socket=s,image=i,junk"), "\"junk\" is not key=value");
+        assert_eq!(err(""), "\"\" is not key=value");
+        assert_eq!(err("socket=s,image=i,colour=red"), "unknown key \"colour\"");
+        assert_eq!(
+            err("socket=s,image=i,readonly=yes"),
+            "readonly takes on or off, not \"yes\""
+        );
+        assert_eq!(
+            err("socket=s,image=i,num_queues=four"),
+            "num_queues takes a number, not \"four\""
+        );
+        assert_eq!(
+            err("socket=s,image=i,poll_us=-1"),
+            "poll_us takes a number, not \"-1\""
+        );
+        assert_eq!(err("image=i"), "socket= is missing");
+        assert_eq!(err("socket=s,num_queues=2"), "image= is missing");
+    }
+}

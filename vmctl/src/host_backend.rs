@@ -315,13 +315,21 @@ fn start_backend(host: &HostBackend) -> Result<Child> {
         )
         .spawn()
         .context("starting blk-backend")?;
-    // Its control socket appears once it listens (bound and listening at
-    // once); waited for, not looked for.
+    // Its control socket appears when it binds, waited for (not looked
+    // for); it answers once it listens, microseconds later: that window
+    // alone is looked at again, 1 ms apart.
     let ended = process::pidfd(&backend)?;
     let until = Instant::now() + Duration::from_secs(30);
-    let (waited, _) = path_wait::wait_for(&host.control(), Some(until), &[ended.as_fd()]);
+    let (mut waited, _) = path_wait::wait_for(&host.control(), Some(until), &[ended.as_fd()]);
+    while waited == path_wait::Waited::Appeared && !host.reachable() {
+        waited = match process::wait_any(&[&ended], Some(Duration::from_millis(1)))[0] {
+            true => path_wait::Waited::Woken,
+            false if Instant::now() > until => path_wait::Waited::TimedOut,
+            false => path_wait::Waited::Appeared,
+        };
+    }
     match waited {
-        path_wait::Waited::Appeared if host.reachable() => Ok(backend),
+        path_wait::Waited::Appeared => Ok(backend),
         path_wait::Waited::Woken => {
             let st = backend.wait()?;
             bail!(
@@ -329,7 +337,7 @@ fn start_backend(host: &HostBackend) -> Result<Child> {
                 host.dir.join("backend.log").display()
             )
         }
-        _ => {
+        path_wait::Waited::TimedOut => {
             process::stop(&mut backend, process::STOP_GRACE);
             bail!("blk-backend did not answer on its control socket within 30 s")
         }

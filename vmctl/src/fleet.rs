@@ -91,7 +91,12 @@ fn fill(image: &Path, cmdline: &str) -> Result<()> {
         .arg(kernel)
         .args(["--memory", "256M", "--cmdline", cmdline])
         .arg("--disk")
-        .arg(format!("socket={}", sock.display()))
+        // The socket exists once bound; the vmm's connect waits out the
+        // moment until the backend listens.
+        .arg(format!(
+            "socket={},connect_timeout_ms=10000",
+            sock.display()
+        ))
         .output()
         .context("running the vmm")?;
     drop(backend);

@@ -432,13 +432,17 @@ pub fn daemon(root: &Root) -> Result<()> {
     write_json(&host.status_path(), &status)?;
     add_registered(&host);
     let mut idle_since: Option<Instant> = None;
+    let mut restarts = process::Backoff::new();
     loop {
         if process::wait_any(&[&backend.end], Some(HOUSEKEEPING))[0] {
             let how = backend.ended();
             cli_support::say!(
                 "vmctl __backend: blk-backend ended ({how}); starting it again and adding back every export"
             );
+            // One that keeps dying at once is not restarted in a loop.
+            std::thread::sleep(restarts.delay());
             backend = Watched::child(start_backend(&host)?)?;
+            restarts.started();
             status.backend_pid = Some(backend.pid);
             status.restarts += 1;
             write_json(&host.status_path(), &status)?;

@@ -54,8 +54,9 @@ pub struct Vm {
     pub ended: Arc<EndWaiters>,
     /// How the VM ends: the first event a vCPU, a device or the API sends.
     pub events: Receiver<VmEvent>,
-    /// Held, so that `events` ends only with the process.
-    pub _events_tx: Sender<VmEvent>,
+    /// Held, so that `events` ends only with the process; cloned for
+    /// threads started after the build (a lazy restore's).
+    pub events_tx: Sender<VmEvent>,
     /// Snapshots asked for through the API.
     pub snapshots: Receiver<snapshot::Request>,
     /// Whether a restore has finished (at once after a boot).
@@ -84,7 +85,7 @@ enum First<'a> {
 /// Boots `cfg`'s kernel.
 pub fn build_for_boot(cfg: &VmConfig) -> Result<Vm> {
     let t0 = Instant::now();
-    let mut core = Core::create(cfg)?;
+    let core = Core::create(cfg)?;
     let rsdp = crate::acpi::write_tables(&core.ram.mem, cfg.cpus)
         .map_err(|e| anyhow!("writing the ACPI tables: {e}"))?;
     let entry = if boot::is_bzimage(&cfg.kernel) {
@@ -100,7 +101,7 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Vm> {
         boot::set_rsdp(&core.ram.mem, rsdp)?;
         e
     };
-    let mut timing = Timing {
+    let timing = Timing {
         vm_and_kernel_us: t0.elapsed().as_micros() as u64,
         ..Default::default()
     };
@@ -109,18 +110,7 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Vm> {
         .iter()
         .map(|n| n.mac_bytes())
         .collect::<Result<Vec<_>, _>>()?;
-    let (events_tx, events) = channel();
-    let mut devices = core.device_manager(cfg, &events_tx, None)?;
-    timing.disk_handshake_us = attach_devices(&mut devices, cfg, &nic_macs)?;
-    let parts = Parts {
-        core,
-        devices,
-        events,
-        events_tx,
-        nic_macs,
-        cfg: cfg.clone(),
-        timing,
-    };
+    let parts = Parts::attach(core, cfg.clone(), nic_macs, None, timing)?;
     parts.start(First::Boot(entry), None, t0)
 }
 
@@ -131,7 +121,7 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
     cfg.cpus = state.cpus;
     cfg.memory = state.memory;
     let t0 = Instant::now();
-    let mut core = Core::create(&cfg)?;
+    let core = Core::create(&cfg)?;
     // The guest's memory as it was (its tables and kernel in it): copied
     // now, or brought in as the guest touches it.
     let pager = restore::fill_memory(dir, &core.ram, cfg.memory, cfg.restore_memory)
@@ -139,7 +129,7 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
     for chip in &state.irqchips {
         core.vm.set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
     }
-    let mut timing = Timing {
+    let timing = Timing {
         vm_and_kernel_us: t0.elapsed().as_micros() as u64,
         ..Default::default()
     };
@@ -154,10 +144,15 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
             None => n.mac_bytes(),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let (events_tx, events) = channel();
-    let mut devices = core.device_manager(&cfg, &events_tx, pager.as_ref().map(|p| p.handle()))?;
-    timing.disk_handshake_us = attach_devices(&mut devices, &cfg, &nic_macs)?;
-    let deferred = restore::restore_devices(state, &devices, pager.is_some())?;
+    let parts = Parts::attach(
+        core,
+        cfg,
+        nic_macs,
+        pager.as_ref().map(|p| p.handle()),
+        timing,
+    )?;
+    let devices = &parts.devices;
+    let deferred = restore::restore_devices(state, devices, pager.is_some())?;
     if let (Some(pager), true) = (&pager, deferred) {
         // A disk or NIC waits for all of memory: filled in the background
         // even on demand, or it would never start.
@@ -176,16 +171,7 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
         clock: state.clock.clock,
         ..Default::default()
     };
-    core.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
-    let parts = Parts {
-        core,
-        devices,
-        events,
-        events_tx,
-        nic_macs,
-        cfg,
-        timing,
-    };
+    parts.core.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
     let paged_devices: Vec<_> = parts
         .devices
         .disks
@@ -202,7 +188,7 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
         restore::finish_in_background(
             pager,
             paged_devices,
-            vm._events_tx.clone(),
+            vm.events_tx.clone(),
             Arc::clone(&vm.restore_done),
         )
         .context("starting the restore thread")?;
@@ -324,6 +310,29 @@ struct Parts {
 }
 
 impl Parts {
+    /// The platform and every device of `cfg` on `core` (a lazy
+    /// restore's `pager` given to the vhost-user devices).
+    fn attach(
+        mut core: Core,
+        cfg: VmConfig,
+        nic_macs: Vec<[u8; 6]>,
+        pager: Option<PagerHandle>,
+        mut timing: Timing,
+    ) -> Result<Parts> {
+        let (events_tx, events) = channel();
+        let mut devices = core.device_manager(&cfg, &events_tx, pager)?;
+        timing.disk_handshake_us = attach_devices(&mut devices, &cfg, &nic_macs)?;
+        Ok(Parts {
+            core,
+            devices,
+            events,
+            events_tx,
+            nic_macs,
+            cfg,
+            timing,
+        })
+    }
+
     /// Starts the API, the devices' watchers, the console's threads and
     /// the vCPUs.
     fn start(self, first: First<'_>, pager: Option<PagerHandle>, t0: Instant) -> Result<Vm> {
@@ -368,7 +377,7 @@ impl Parts {
             control,
             ended,
             events,
-            _events_tx: events_tx,
+            events_tx,
             snapshots,
             restore_done,
             pager,

@@ -53,7 +53,6 @@ fn wait_for_end(vm: &Vm) -> Result<VmEvent> {
         kvm: &vm.kvm,
         restore_done: &vm.restore_done,
         pager: vm.pager.clone(),
-        machine: &vm.devices.machine,
         devices: &vm.devices,
         nic_macs: &vm.nic_macs,
         vm: &vm.vm,
@@ -103,15 +102,16 @@ fn stop(vm: Vm, event: VmEvent) -> Outcome {
         vm.devices.shut_disks_down();
     }
     vm.control.stop();
-    let console = machine.console.lock().unwrap_or_else(|e| e.into_inner());
+    let (console_bytes, counts) = {
+        let console = machine.console.lock().unwrap_or_else(|e| e.into_inner());
+        (console.written(), console.counts())
+    };
     // Said before the process ends, which waits for KVM to let go of the VM.
     vm.ended.answer(&VmEnd {
         exit_status: event.exit_status(),
         ended: event.describe(),
-        console_bytes: console.written(),
+        console_bytes,
     });
-    let counts = console.counts();
-    drop(console);
     let mut metrics = vm.control.metrics();
     for (m, stats) in metrics.iter_mut().zip(&vm.kvm_stats) {
         if let Some(s) = stats

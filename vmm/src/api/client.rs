@@ -21,6 +21,11 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The answer could not be read (the vmm ended while it wrote it).
+    #[error("reading the vmm's answer")]
+    Read(#[source] std::io::Error),
+    #[error("encoding the request")]
+    Encode(#[source] serde_json::Error),
     /// The vmm refused, saying why.
     #[error("the vmm answered {code}: {message}")]
     Refused { code: u16, message: String },
@@ -141,11 +146,11 @@ impl Client {
     }
 
     pub fn shutdown(&self, request: ShutdownRequest) -> Result<ShutdownAnswer, ClientError> {
-        self.ask("PUT", "vm.shutdown", Some(to_json(&request)))
+        self.ask("PUT", "vm.shutdown", Some(to_json(&request)?))
     }
 
     pub fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotAnswer, ClientError> {
-        self.ask("PUT", "vm.snapshot", Some(to_json(request)))
+        self.ask("PUT", "vm.snapshot", Some(to_json(request)?))
     }
 
     /// Asks for the VM's end: the connection turns readable when the VM
@@ -161,14 +166,10 @@ impl Client {
 /// The end report on a connection from [`Client::ask_end`], once it is
 /// readable.
 pub fn read_end(stream: &mut UnixStream) -> Result<VmEnd, ClientError> {
-    let (code, body) = response(stream).map_err(|source| ClientError::Io {
-        socket: PathBuf::new(),
-        source,
-    })?;
+    let (code, body) = response(stream).map_err(ClientError::Read)?;
     decode(WAIT, code, body)
 }
 
-fn to_json(v: &impl serde::Serialize) -> String {
-    // Serializing these plain structs cannot fail.
-    serde_json::to_string(v).unwrap_or_default()
+fn to_json(body: &impl serde::Serialize) -> Result<String, ClientError> {
+    serde_json::to_string(body).map_err(ClientError::Encode)
 }

@@ -9,7 +9,7 @@ use super::SnapshotError;
 use crate::api::types::SnapshotAnswer;
 use crate::config::VmConfig;
 use crate::control::Control;
-use crate::device_manager::{lock_device, DeviceManager, Machine};
+use crate::device_manager::{lock_device, DeviceManager};
 use crate::devices::virtio_pci::SharedVirtioPci;
 use crate::memory;
 use crate::snapshot;
@@ -20,7 +20,6 @@ pub struct SnapshotTaker<'a> {
     pub restore_done: &'a RestoreDone,
     /// An on-demand restore's pager: told to fill the rest first.
     pub pager: Option<snapshot::pager::PagerHandle>,
-    pub machine: &'a Machine,
     pub devices: &'a DeviceManager,
     /// The MAC each NIC's guest knows (given, drawn at boot, or restored).
     pub nic_macs: &'a [[u8; 6]],
@@ -57,7 +56,7 @@ impl SnapshotTaker<'_> {
             None => return Err(SnapshotError::StillRestoring),
         }
         snapshot::prepare_dir(dir)?;
-        let m = self.machine;
+        let m = &self.devices.machine;
         if let Some(c) = m.coalesced.get() {
             c.drain(&m.pio, &m.mmio);
         }
@@ -136,6 +135,7 @@ impl SnapshotTaker<'_> {
         }
         let clock = self.vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
         let serial = self
+            .devices
             .machine
             .console
             .lock()

@@ -198,10 +198,16 @@ impl HostBackend {
             .stdout(Stdio::null())
             .stderr(log);
         crate::process::own_session(&mut cmd);
+        // The daemon says it serves on a pipe (a byte, or its end if it
+        // ends first): waited for with its pidfd, not looked for.
+        let (ready, said) = process::Ready::pipe(&mut cmd)?;
         let mut daemon = cmd.spawn().context("starting the host backend's daemon")?;
+        drop(said);
+        let ended = process::pidfd(&daemon)?;
         // Starting blk-backend takes milliseconds; one that has not
         // answered in 30 s is stuck.
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut ready = Some(ready);
         let outcome = loop {
             if up() {
                 break Ok(());
@@ -212,12 +218,21 @@ impl HostBackend {
                     self.dir.join("daemon.log").display()
                 ));
             }
-            if Instant::now() > deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 break Err(anyhow::anyhow!(
                     "the host backend did not answer within 30 s"
                 ));
             }
-            std::thread::sleep(Duration::from_millis(1));
+            let mut fds: Vec<&dyn AsFd> = vec![&ended];
+            if let Some(r) = &ready {
+                fds.push(r);
+            }
+            let woke = process::wait_any(&fds, Some(left));
+            if woke.get(1) == Some(&true) {
+                // Said (up is true now), or its end: waited on no more.
+                ready = None;
+            }
         };
         // Reaped whenever it ends (it outlives this process).
         std::thread::spawn(move || {
@@ -394,6 +409,9 @@ fn drop_orphans(host: &HostBackend) {
 
 /// The daemon's whole life (`vmctl __backend`).
 pub fn daemon(root: &Root) -> Result<()> {
+    // Whoever started it waits for its word (taken first: nothing this
+    // daemon starts inherits it).
+    let ready = process::Said::inherited();
     let host = HostBackend::of(root)?;
     // One daemon per root. A second one started meanwhile ends once the
     // first serves; one started while the last is on its way out waits.
@@ -430,6 +448,12 @@ pub fn daemon(root: &Root) -> Result<()> {
     };
     status.backend_pid = Some(backend.pid);
     write_json(&host.status_path(), &status)?;
+    // Up (its status written, its backend listening) before the exports
+    // are added back: whoever started it holds the registry's lock while
+    // it waits, and adding takes that lock.
+    if let Some(r) = ready {
+        r.say();
+    }
     add_registered(&host);
     let mut idle_since: Option<Instant> = None;
     let mut restarts = process::Backoff::new();

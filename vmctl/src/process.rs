@@ -84,6 +84,75 @@ pub fn wait_any(fds: &[&dyn AsFd], timeout: Option<Duration>) -> Vec<bool> {
     }
 }
 
+/// The env variable that gives a child the descriptor it says it is ready
+/// on.
+const READY_FD: &str = "VMCTL_READY_FD";
+
+/// The parent's end of a readiness pipe: readable once the child said it
+/// is ready (a byte), or ended without saying (its end of the pipe
+/// closed).
+pub struct Ready(OwnedFd);
+
+impl AsFd for Ready {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Ready {
+    /// A pipe whose writing end `cmd`'s child inherits (named in its
+    /// environment); that end, returned too, is to be dropped once the
+    /// child is spawned.
+    pub fn pipe(cmd: &mut Command) -> std::io::Result<(Ready, OwnedFd)> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let raw = w.as_raw_fd();
+        cmd.env(READY_FD, raw.to_string());
+        // SAFETY: fcntl in the child before exec: a system call on a
+        // descriptor the child has (inherited, its close-on-exec cleared
+        // so that exec keeps it), touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(raw);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                Ok(())
+            });
+        }
+        Ok((Ready(r), w))
+    }
+}
+
+/// A child's end of its readiness pipe, when it was started with one.
+pub struct Said(OwnedFd);
+
+impl Said {
+    /// The descriptor the parent named, taken out of the environment and
+    /// closed on exec (nothing this process starts keeps it).
+    pub fn inherited() -> Option<Said> {
+        use std::os::fd::FromRawFd;
+        let raw: i32 = std::env::var(READY_FD).ok()?.parse().ok()?;
+        std::env::remove_var(READY_FD);
+        // Not ours unless it is an open descriptor the parent left us: a
+        // stale or foreign value is ignored.
+        rustix::io::fcntl_getfd(
+            // SAFETY: only borrowed to ask whether it is open.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) },
+        )
+        .ok()?;
+        // SAFETY: the parent made this descriptor for us (`Ready::pipe`)
+        // and nothing else in this process owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC).ok()?;
+        Some(Said(fd))
+    }
+
+    /// Ready: the parent wakes.
+    pub fn say(self) {
+        let _ = rustix::io::write(&self.0, b"1");
+    }
+}
+
 /// How long a stopped process has to end on SIGTERM (it closes its
 /// images) before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -283,6 +352,31 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         let st = s.child_mut().try_wait().expect("reaped").expect("stopped");
         assert_eq!(st.signal(), Some(libc::SIGTERM), "{st}");
+    }
+
+    #[test]
+    fn a_child_says_it_is_ready_or_its_end_wakes_the_parent() {
+        let read = |r: &Ready| {
+            let mut b = [0u8; 1];
+            rustix::io::read(r, &mut b).expect("read")
+        };
+        // Says it, then goes on running: its word wakes the parent.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "printf 1 >&\"$VMCTL_READY_FD\"; exec sleep 30"]);
+        let (ready, said) = Ready::pipe(&mut cmd).expect("pipe");
+        let mut child = cmd.spawn().expect("sh");
+        drop(said);
+        assert!(wait_any(&[&ready], Some(Duration::from_secs(30)))[0]);
+        assert_eq!(read(&ready), 1, "a byte, not the pipe's end");
+        stop(&mut child, STOP_GRACE);
+        // Ends without a word: the pipe's end wakes it all the same.
+        let mut cmd = Command::new("true");
+        let (ready, said) = Ready::pipe(&mut cmd).expect("pipe");
+        let mut child = cmd.spawn().expect("true");
+        drop(said);
+        assert!(wait_any(&[&ready], Some(Duration::from_secs(30)))[0]);
+        assert_eq!(read(&ready), 0, "the pipe's end");
+        child.wait().expect("reaped");
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{unbounded as channel, Receiver, Sender};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -21,7 +20,7 @@ use crate::boot;
 use crate::coalesced::CoalescedWrites;
 use crate::config::VmConfig;
 use crate::control::Control;
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{AttachError, DeviceManager};
 use crate::devices::config_mirror::ConfigMirror;
 use crate::devices::serial;
 use crate::events::VmEvent;
@@ -29,8 +28,58 @@ use crate::kvm_stats::VcpuStats;
 use crate::memory::{self, GuestRam};
 use crate::snapshot::pager::PagerHandle;
 use crate::snapshot::restore::{self, RestoreDone};
-use crate::snapshot::{self, VmState};
+use crate::snapshot::{self, SnapshotError, VmState};
 use crate::vcpu;
+
+/// Why a VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{call}")]
+    Kvm {
+        call: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error("writing the ACPI tables")]
+    Acpi(#[source] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("--serial file={path}")]
+    Serial {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Devices(#[from] AttachError),
+    #[error("--restore")]
+    Restore(#[from] SnapshotError),
+    #[error("--restore")]
+    RestoreVcpu(#[from] crate::snapshot::vcpu::VcpuStateError),
+    #[error("installing the vCPU kick signal")]
+    KickSignal(#[source] std::io::Error),
+    #[error("--api-socket {path}")]
+    Api {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up coalesced console writes")]
+    Coalesced(#[from] crate::coalesced::CoalescedError),
+    #[error("starting the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+type Result<T, E = BuildError> = std::result::Result<T, E>;
+
+/// A KVM call's failure, named.
+fn kvm(call: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { call, source }
+}
 
 /// Where start-up time went, in microseconds from the build's start.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -86,8 +135,7 @@ enum First<'a> {
 pub fn build_for_boot(cfg: &VmConfig) -> Result<Vm> {
     let t0 = Instant::now();
     let core = Core::create(cfg)?;
-    let rsdp = crate::acpi::write_tables(&core.ram.mem, cfg.cpus)
-        .map_err(|e| anyhow!("writing the ACPI tables: {e}"))?;
+    let rsdp = crate::acpi::write_tables(&core.ram.mem, cfg.cpus).map_err(BuildError::Acpi)?;
     let entry = if boot::is_bzimage(&cfg.kernel) {
         boot::load_bzimage(
             &core.ram,
@@ -124,10 +172,9 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
     let core = Core::create(&cfg)?;
     // The guest's memory as it was (its tables and kernel in it): copied
     // now, or brought in as the guest touches it.
-    let pager = restore::fill_memory(dir, &core.ram, cfg.memory, cfg.restore_memory)
-        .context("--restore")?;
+    let pager = restore::fill_memory(dir, &core.ram, cfg.memory, cfg.restore_memory)?;
     for chip in &state.irqchips {
-        core.vm.set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
+        core.vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
     let timing = Timing {
         vm_and_kernel_us: t0.elapsed().as_micros() as u64,
@@ -171,7 +218,11 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
         clock: state.clock.clock,
         ..Default::default()
     };
-    parts.core.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
+    parts
+        .core
+        .vm
+        .set_clock(&clock)
+        .map_err(kvm("KVM_SET_CLOCK"))?;
     let paged_devices: Vec<_> = parts
         .devices
         .disks
@@ -191,7 +242,7 @@ pub fn build_from_snapshot(cfg: &VmConfig, dir: &Path, state: &VmState) -> Resul
             vm.events_tx.clone(),
             Arc::clone(&vm.restore_done),
         )
-        .context("starting the restore thread")?;
+        .map_err(|e| BuildError::Thread("restore", e))?;
     }
     Ok(vm)
 }
@@ -227,12 +278,12 @@ struct Core {
 
 impl Core {
     fn create(cfg: &VmConfig) -> Result<Core> {
-        let kvm = Kvm::new().context("/dev/kvm")?;
-        let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
+        let kvm_fd = Kvm::new().map_err(kvm("/dev/kvm"))?;
+        let vm = Arc::new(kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(0xfffb_d000)
-            .context("KVM_SET_TSS_ADDR")?;
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
         let ram = memory::create(cfg.memory)?;
-        let config_mirror = if kvm.check_extension(Cap::ReadonlyMem) {
+        let config_mirror = if kvm_fd.check_extension(Cap::ReadonlyMem) {
             // Without it every configuration read exits: slower, not wrong.
             ConfigMirror::new()
                 .inspect_err(|e| warn!("{e}: PCI configuration reads exit"))
@@ -269,11 +320,11 @@ impl Core {
             // SAFETY: each range is mapped for the VM's life: `ram` and the
             // mirror (held by the PCI bus) outlive every vCPU, and the
             // process ends when the VM does.
-            unsafe { vm.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+        vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
         Ok(Core {
-            kvm,
+            kvm: kvm_fd,
             vm,
             ram,
             config_mirror,
@@ -287,14 +338,22 @@ impl Core {
         events: &Sender<VmEvent>,
         pager: Option<PagerHandle>,
     ) -> Result<DeviceManager> {
-        DeviceManager::new(
+        let serial =
+            crate::console::serial_out(&cfg.serial).map_err(|source| BuildError::Serial {
+                path: match &cfg.serial {
+                    crate::config::SerialOut::File(p) => p.display().to_string(),
+                    other => format!("{other:?}"),
+                },
+                source,
+            })?;
+        Ok(DeviceManager::new(
             &self.vm,
             &self.ram.mem,
-            crate::console::serial_out(&cfg.serial)?,
+            serial,
             events,
             self.config_mirror.take(),
             pager,
-        )
+        )?)
     }
 }
 
@@ -346,8 +405,7 @@ impl Parts {
             mut timing,
         } = self;
         let (snapshots_tx, snapshots) = channel::<snapshot::Request>();
-        let control =
-            Arc::new(Control::new(cfg.cpus as usize).context("installing the vCPU kick signal")?);
+        let control = Arc::new(Control::new(cfg.cpus as usize).map_err(BuildError::KickSignal)?);
         let ended = Arc::new(EndWaiters::default());
         if let Some(path) = &cfg.api_socket {
             Api {
@@ -358,7 +416,10 @@ impl Parts {
                 snapshots: snapshots_tx,
             }
             .serve(path)
-            .with_context(|| format!("--api-socket {}", path.display()))?;
+            .map_err(|source| BuildError::Api {
+                path: path.display().to_string(),
+                source,
+            })?;
         }
         devices.start_watchers(&control)?;
         let kvm_stats = start_vcpus(&core, &devices, &cfg, &first, &events_tx, &control)?;
@@ -403,14 +464,14 @@ fn start_vcpus(
     let cpuid = core
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .context("KVM_GET_SUPPORTED_CPUID")?;
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let machine = &devices.machine;
     let mut kvm_stats = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = core
             .vm
             .create_vcpu(id as u64)
-            .with_context(|| format!("creating vCPU {id}"))?;
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
         // An older kernel has none: the metrics go without them.
         kvm_stats.push(
             VcpuStats::of(&vcpu)
@@ -418,7 +479,7 @@ fn start_vcpus(
                 .ok(),
         );
         vcpu.set_cpuid2(&vcpu::cpuid_for(id, &cpuid))
-            .context("KVM_SET_CPUID2")?;
+            .map_err(kvm("KVM_SET_CPUID2"))?;
         if id == 0 {
             let registers = machine.coalescable_registers();
             if let Some(c) =
@@ -429,13 +490,11 @@ fn start_vcpus(
             start_console_threads(devices, cfg)?;
         }
         match first {
-            First::Boot(entry) if id == 0 => {
-                vcpu::set_entry_registers(&vcpu, entry).context("the boot vCPU's registers")?
-            }
+            First::Boot(entry) if id == 0 => vcpu::set_entry_registers(&vcpu, entry).map_err(
+                kvm("the boot vCPU's registers (KVM_SET_SREGS, KVM_SET_REGS)"),
+            )?,
             First::Boot(_) => {}
-            First::Restore(state) => {
-                snapshot::vcpu::restore(&vcpu, &state.vcpus[id as usize]).context("--restore")?
-            }
+            First::Restore(state) => snapshot::vcpu::restore(&vcpu, &state.vcpus[id as usize])?,
         }
         let m = Arc::clone(machine);
         let tx = events.clone();
@@ -443,7 +502,7 @@ fn start_vcpus(
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu::run(id, vcpu, &m, &tx, &ctl))
-            .context("starting a vCPU thread")?;
+            .map_err(|e| BuildError::Thread("vCPU", e))?;
         control.add_thread(&t);
     }
     Ok(kvm_stats)
@@ -465,7 +524,7 @@ fn start_console_threads(devices: &DeviceManager, cfg: &VmConfig) -> Result<()> 
                 }
                 crate::console::serve_console(&m, port.as_deref())
             })
-            .context("starting the console thread")?;
+            .map_err(|e| BuildError::Thread("console", e))?;
     }
     if cfg.serial_input {
         let m = Arc::clone(machine);
@@ -478,7 +537,7 @@ fn start_console_threads(devices: &DeviceManager, cfg: &VmConfig) -> Result<()> 
                 }
                 crate::console::feed_serial(&m)
             })
-            .context("starting the serial input thread")?;
+            .map_err(|e| BuildError::Thread("serial input", e))?;
     }
     Ok(())
 }

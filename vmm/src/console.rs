@@ -4,8 +4,6 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
-
 use crate::config::SerialOut;
 use crate::device_manager::Machine;
 use crate::devices::virtio_console::ConsolePort;
@@ -77,12 +75,11 @@ pub fn feed_serial(m: &Machine) {
     }
 }
 
-pub fn serial_out(s: &SerialOut) -> Result<Box<dyn Write + Send>> {
+/// Where the console goes (`--serial`).
+pub fn serial_out(s: &SerialOut) -> std::io::Result<Box<dyn Write + Send>> {
     Ok(match s {
         SerialOut::Stdio => Box::new(std::io::stdout()),
         SerialOut::None => Box::new(std::io::sink()),
-        SerialOut::File(p) => Box::new(
-            std::fs::File::create(p).with_context(|| format!("--serial file={}", p.display()))?,
-        ),
+        SerialOut::File(p) => Box::new(std::fs::File::create(p)?),
     })
 }

@@ -11,7 +11,6 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use kvm_ioctls::VmFd;
 use tracing::error;
 use vm_memory::GuestMemoryMmap;
@@ -33,6 +32,32 @@ use crate::interrupts::MsiRouter;
 use crate::memory::{PCI_MMIO_END, PCI_MMIO_START};
 use crate::snapshot::pager::PagerHandle;
 
+/// Why a device could not be made or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("placing a device on a bus")]
+    Bus(#[from] crate::devices::bus::Overlap),
+    #[error("adding a device to the PCI bus")]
+    Pci(#[from] crate::devices::pci::PciError),
+    #[error("too many devices for the PCI window")]
+    PciWindowFull,
+    #[error("setting up the virtio-pci transport")]
+    Transport(#[from] crate::devices::virtio_pci::TransportError),
+    /// The backend refused or could not be reached (the error names it).
+    #[error(transparent)]
+    Backend(#[from] vhost_user::VhostUserError),
+    #[error("{name}")]
+    Device {
+        name: String,
+        #[source]
+        source: Box<AttachError>,
+    },
+    #[error("the virtio console")]
+    Console(#[source] std::io::Error),
+    #[error("starting a device watcher")]
+    Watcher(#[source] std::io::Error),
+}
+
 /// The guest's two address spaces and the devices on them.
 pub struct Machine {
     pub pio: Bus,
@@ -52,7 +77,7 @@ impl Machine {
         serial: Box<dyn Write + Send>,
         events: &Sender<VmEvent>,
         config_mirror: Option<ConfigMirror>,
-    ) -> Result<(Machine, Arc<Mutex<PciBus>>)> {
+    ) -> Result<(Machine, Arc<Mutex<PciBus>>), AttachError> {
         let machine = Machine {
             pio: Bus::default(),
             mmio: Bus::default(),
@@ -118,16 +143,18 @@ impl Machine {
         device: Box<dyn crate::devices::virtio_pci::VirtioDevice>,
         vm: &Arc<VmFd>,
         router: &Arc<MsiRouter>,
-    ) -> Result<SharedVirtioPci> {
+    ) -> Result<SharedVirtioPci, AttachError> {
         let mut bars = self.virtio_bars.lock().unwrap_or_else(|e| e.into_inner());
         let bar = PCI_MMIO_START + bars.len() as u64 * BAR_SIZE as u64;
         if bar + BAR_SIZE as u64 > PCI_MMIO_END {
-            bail!("too many devices for the PCI window");
+            return Err(AttachError::PciWindowFull);
         }
-        let dev = Arc::new(Mutex::new(
-            VirtioPci::new(device, bar as u32, vm, Arc::clone(router))
-                .context("setting up the virtio-pci transport")?,
-        ));
+        let dev = Arc::new(Mutex::new(VirtioPci::new(
+            device,
+            bar as u32,
+            vm,
+            Arc::clone(router),
+        )?));
         pci_bus
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -188,7 +215,7 @@ impl DeviceManager {
         events: &Sender<VmEvent>,
         config_mirror: Option<ConfigMirror>,
         pager: Option<PagerHandle>,
-    ) -> Result<DeviceManager> {
+    ) -> Result<DeviceManager, AttachError> {
         let (machine, pci_bus) = Machine::new(serial, events, config_mirror)?;
         Ok(DeviceManager {
             machine: Arc::new(machine),
@@ -206,13 +233,20 @@ impl DeviceManager {
 
     /// Any vhost-user device: its backend connected (handshake, memory
     /// table), its transport in the next PCI slot.
-    pub fn attach_vhost_user(&self, kind: Kind, endpoint: &Endpoint) -> Result<Attached> {
+    pub fn attach_vhost_user(
+        &self,
+        kind: Kind,
+        endpoint: &Endpoint,
+    ) -> Result<Attached, AttachError> {
         let name = format!("{} {}", kind.noun(), endpoint.socket.display());
         let device = VhostUserDevice::connect(endpoint, kind, &self.memory, self.pager.clone())?;
         let device = self
             .machine
             .add_virtio_pci(&self.pci_bus, Box::new(device), &self.vm, &self.router)
-            .with_context(|| name.clone())?;
+            .map_err(|e| AttachError::Device {
+                name: name.clone(),
+                source: Box::new(e),
+            })?;
         Ok(Attached {
             name,
             device,
@@ -220,7 +254,7 @@ impl DeviceManager {
         })
     }
 
-    pub fn attach_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
+    pub fn attach_disks(&mut self, disks: &[DiskConfig]) -> Result<(), AttachError> {
         for d in disks {
             let kind = Kind::Block {
                 readonly: d.readonly,
@@ -233,7 +267,7 @@ impl DeviceManager {
     }
 
     /// NICs, each with the MAC its guest is to see.
-    pub fn attach_nics(&mut self, nics: &[NetConfig], macs: &[[u8; 6]]) -> Result<()> {
+    pub fn attach_nics(&mut self, nics: &[NetConfig], macs: &[[u8; 6]]) -> Result<(), AttachError> {
         for (n, mac) in nics.iter().zip(macs) {
             let kind = Kind::Net {
                 mac: *mac,
@@ -245,7 +279,7 @@ impl DeviceManager {
         Ok(())
     }
 
-    pub fn attach_shares(&mut self, shares: &[FsConfig]) -> Result<()> {
+    pub fn attach_shares(&mut self, shares: &[FsConfig]) -> Result<(), AttachError> {
         for f in shares {
             let kind = Kind::Fs {
                 tag: f.tag.clone(),
@@ -258,8 +292,8 @@ impl DeviceManager {
     }
 
     /// The virtio console (the guest's hvc0).
-    pub fn attach_console(&mut self) -> Result<()> {
-        let port = ConsolePort::new(self.memory.clone()).context("the virtio console")?;
+    pub fn attach_console(&mut self) -> Result<(), AttachError> {
+        let port = ConsolePort::new(self.memory.clone()).map_err(AttachError::Console)?;
         let dev = self
             .machine
             .add_virtio_pci(
@@ -268,7 +302,10 @@ impl DeviceManager {
                 &self.vm,
                 &self.router,
             )
-            .context("the virtio console")?;
+            .map_err(|e| AttachError::Device {
+                name: "the virtio console".into(),
+                source: Box::new(e),
+            })?;
         self.console = Some((dev, port));
         Ok(())
     }
@@ -294,7 +331,7 @@ impl DeviceManager {
 
     /// One watcher thread per vhost-user device, reconnecting it when its
     /// backend goes away (named for its kind: `disk0`, `nic0`, `fs0`).
-    pub fn start_watchers(&self, control: &Arc<Control>) -> Result<()> {
+    pub fn start_watchers(&self, control: &Arc<Control>) -> Result<(), AttachError> {
         for (list, noun) in [
             (&self.disks, "disk"),
             (&self.nics, "nic"),
@@ -315,7 +352,7 @@ impl DeviceManager {
                         }
                         vhost_user::watch::watch(noun, link.as_ref(), &ctl, give_up_after)
                     })
-                    .context("starting a device watcher")?;
+                    .map_err(AttachError::Watcher)?;
             }
         }
         Ok(())

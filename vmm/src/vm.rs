@@ -1,7 +1,6 @@
 //! A VM's life: built (by [`crate::builder`]), run until it ends, asked
 //! for snapshots meanwhile, stopped in order, and reported.
 
-use anyhow::{anyhow, Context, Result};
 use tracing::{debug, info, warn};
 
 use crate::api::types::VmEnd;
@@ -10,7 +9,22 @@ use crate::builder::{self, Vm};
 use crate::config::VmConfig;
 pub use crate::events::VmEvent;
 pub use crate::interrupts::MsiRouter;
-use crate::snapshot::{self, take::SnapshotTaker};
+use crate::snapshot::{self, take::SnapshotTaker, SnapshotError};
+
+/// Why a VM did not run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("seccomp")]
+    Seccomp(#[from] sandbox::SandboxError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("--restore")]
+    Restore(#[from] SnapshotError),
+    #[error(transparent)]
+    Build(#[from] builder::BuildError),
+    #[error("every vCPU ended without a word")]
+    NoVcpus,
+}
 
 /// How a VM ended, and its counters.
 pub struct Outcome {
@@ -22,9 +36,9 @@ pub struct Outcome {
 
 /// Builds the VM (booted, or restored from `--restore`), runs it, and
 /// returns how it ended.
-pub fn run(cfg: &VmConfig) -> Result<Outcome> {
+pub fn run(cfg: &VmConfig) -> Result<Outcome, RunError> {
     if cfg.seccomp {
-        crate::seccomp::enable().context("seccomp")?;
+        crate::seccomp::enable()?;
     }
     cfg.validate()?;
     let vm = match &cfg.restore {
@@ -32,7 +46,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             // A snapshot is read and checked whole before anything is
             // built: a damaged one is refused by name, with no VM half
             // started.
-            let state = snapshot::read(dir).context("--restore")?;
+            let state = snapshot::read(dir)?;
             snapshot::restore::check_restorable(&state, cfg)?;
             builder::build_from_snapshot(cfg, dir, &state)?
         }
@@ -41,14 +55,14 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     info!(setup_us = vm.timing.first_run_us, "vm started");
     // Every thread is running: from here on the main thread only waits,
     // stops and reports.
-    crate::seccomp::confine(&crate::seccomp::MAIN).context("seccomp")?;
+    crate::seccomp::confine(&crate::seccomp::MAIN)?;
     let event = wait_for_end(&vm)?;
     debug!("vm ended: {event:?}");
     Ok(stop(vm, event))
 }
 
 /// Serves snapshot requests until the VM ends; how it ended.
-fn wait_for_end(vm: &Vm) -> Result<VmEvent> {
+fn wait_for_end(vm: &Vm) -> Result<VmEvent, RunError> {
     let taker = SnapshotTaker {
         kvm: &vm.kvm,
         restore_done: &vm.restore_done,
@@ -63,7 +77,7 @@ fn wait_for_end(vm: &Vm) -> Result<VmEvent> {
     let mut snapshots = vm.snapshots.clone();
     loop {
         crossbeam_channel::select! {
-            recv(vm.events) -> ev => return ev.map_err(|_| anyhow!("every vCPU ended")),
+            recv(vm.events) -> ev => return ev.map_err(|_| RunError::NoVcpus),
             recv(snapshots) -> req => match req {
                 Ok(req) => {
                     let r = taker.take(&req.dir);

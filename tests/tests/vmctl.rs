@@ -1,5 +1,5 @@
 //! vmctl end to end, with real processes and the bench guest: a VM's whole
-//! lifecycle, a disk backend killed under a verifying write (the
+//! lifecycle (its console followed to its end), a disk backend killed under a verifying write (the
 //! supervisor restarts it, the guest sees nothing), a killed vmm reported
 //! as failed, racing starts, a fleet with one failing VM, bad input; VM
 //! snapshots (a running VM saved by name, a fleet continuing from it) and
@@ -165,9 +165,21 @@ fn a_vm_lives_its_whole_lifecycle_and_its_clone_keeps_its_data() {
         Duration::from_millis(500),
         || v.ok(&["logs", "web"]).contains("progress:"),
     );
-    let waited = v.call(&["wait", "web"], Duration::from_secs(3));
+    // Followed from here to its end: the whole console, what came while
+    // following included, and the follow ends with the VM.
+    let (followed, waited) = std::thread::scope(|s| {
+        let follow = s.spawn(|| v.call(&["logs", "web", "--follow"], Duration::from_secs(3)));
+        let waited = v.call(&["wait", "web"], Duration::from_secs(3));
+        (follow.join().expect("the follow"), waited)
+    });
     let console = v.ok(&["logs", "web", "--tail", "5"]);
     assert!(waited.status.success(), "{waited:?}\n{console}");
+    assert!(followed.status.success(), "{followed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&followed.stdout),
+        v.ok(&["logs", "web"]),
+        "vmctl logs --follow printed the console as kept"
+    );
     let last = v.ok(&["logs", "web", "--tail", "1"]);
     assert!(last.contains("\"result\":\"ok\""), "{last}");
     assert!(last.contains("\"disk_bytes\":134217728"), "{last}");

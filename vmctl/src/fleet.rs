@@ -16,8 +16,7 @@ use serde_json::{json, Value};
 
 use crate::binaries;
 use crate::ops::{
-    clone_source, console_text, create, delete, kill, start_in_process, wait_started, Spec,
-    Starting,
+    clone_source, create, delete, kill, start_in_process, wait_started, Spec, Starting,
 };
 use crate::state::VmDir;
 
@@ -311,7 +310,7 @@ pub fn run(
                 "state": observed.to_string(),
                 "exit-status": match observed { Observed::Exited(n) => Some(n), _ => None },
                 "wall-ms": wall_ms,
-                "result": last_json(&console_text(vm)),
+                "result": last_json(&crate::logs::console_text(vm)),
             }));
         }
         Ok(FleetReport {

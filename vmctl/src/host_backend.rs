@@ -17,7 +17,7 @@
 //! re-adds and its decision to end; `backend/daemon.lock` keeps it to one
 //! daemon per state root.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -167,6 +167,17 @@ impl HostBackend {
         if self.reachable() {
             return Ok(());
         }
+        // A daemon lives whose backend does not answer: it is starting
+        // that again (it ended), or the daemon is on its way out. Until it
+        // answers, or the daemon is gone and another is needed.
+        if let Some(pid) = self.status().map(|s| s.daemon_pid) {
+            if let Ok(daemon) = process::pidfd_of(pid) {
+                let until = Instant::now() + START_PATIENCE;
+                if until_answers(self, daemon.as_fd(), until).0 == path_wait::Waited::Appeared {
+                    return Ok(());
+                }
+            }
+        }
         self.spawn_daemon_until(|| self.reachable())
     }
 
@@ -206,7 +217,7 @@ impl HostBackend {
         let ended = process::pidfd(&daemon)?;
         // Starting blk-backend takes milliseconds; one that has not
         // answered in 30 s is stuck.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_PATIENCE;
         let mut ready = Some(ready);
         let outcome = loop {
             if up() {
@@ -330,19 +341,8 @@ fn start_backend(host: &HostBackend) -> Result<Child> {
         )
         .spawn()
         .context("starting blk-backend")?;
-    // Its control socket appears when it binds, waited for (not looked
-    // for); it answers once it listens, microseconds later: that window
-    // alone is looked at again, 1 ms apart.
     let ended = process::pidfd(&backend)?;
-    let until = Instant::now() + Duration::from_secs(30);
-    let (mut waited, _) = path_wait::wait_for(&host.control(), Some(until), &[ended.as_fd()]);
-    while waited == path_wait::Waited::Appeared && !host.reachable() {
-        waited = match process::wait_any(&[&ended], Some(Duration::from_millis(1)))[0] {
-            true => path_wait::Waited::Woken,
-            false if Instant::now() > until => path_wait::Waited::TimedOut,
-            false => path_wait::Waited::Appeared,
-        };
-    }
+    let (waited, _kept) = until_answers(host, ended.as_fd(), Instant::now() + START_PATIENCE);
     match waited {
         path_wait::Waited::Appeared => Ok(backend),
         path_wait::Waited::Woken => {
@@ -355,6 +355,34 @@ fn start_backend(host: &HostBackend) -> Result<Child> {
         path_wait::Waited::TimedOut => {
             process::stop(&mut backend, process::STOP_GRACE);
             bail!("blk-backend did not answer on its control socket within 30 s")
+        }
+    }
+}
+
+/// Starting blk-backend takes milliseconds; one that has not answered in
+/// 30 s is stuck.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Until the backend's control socket answers (`Appeared`), `ended` is
+/// readable (`Woken`) or `until` passed. The socket appears when a backend
+/// binds it (a dead backend's is removed as soon as it is seen dead),
+/// waited for, not looked for; it answers once that backend listens,
+/// microseconds later: that window alone is looked at again, 1 ms apart.
+fn until_answers(
+    host: &HostBackend,
+    ended: BorrowedFd<'_>,
+    until: Instant,
+) -> (path_wait::Waited, path_wait::Kept) {
+    loop {
+        let (waited, kept) = path_wait::wait_for(&host.control(), Some(until), &[ended]);
+        if waited != path_wait::Waited::Appeared || host.reachable() {
+            return (waited, kept);
+        }
+        if process::wait_any(&[&ended], Some(Duration::from_millis(1)))[0] {
+            return (path_wait::Waited::Woken, kept);
+        }
+        if Instant::now() > until {
+            return (path_wait::Waited::TimedOut, kept);
         }
     }
 }
@@ -413,20 +441,8 @@ pub fn daemon(root: &Root) -> Result<()> {
     // daemon starts inherits it).
     let ready = process::Said::inherited();
     let host = HostBackend::of(root)?;
-    // One daemon per root. A second one started meanwhile ends once the
-    // first serves; one started while the last is on its way out waits.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let _one = loop {
-        if let Some(lock) = lock_file(&host.dir.join("daemon.lock"), false)? {
-            break lock;
-        }
-        if host.status().is_some() && host.reachable() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("another daemon holds the backend's lock and does not serve");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(one) = the_one_daemon(&host)? else {
+        return Ok(());
     };
     let before: Option<HostStatus> = read_json(&host.status_path()).ok();
     let mut status = HostStatus {
@@ -463,6 +479,9 @@ pub fn daemon(root: &Root) -> Result<()> {
             cli_support::say!(
                 "vmctl __backend: blk-backend ended ({how}); starting it again and adding back every export"
             );
+            // Its socket goes at once: whoever waits for the backend to
+            // answer waits for the next one's.
+            let _ = std::fs::remove_file(host.control());
             // One that keeps dying at once is not restarted in a loop.
             std::thread::sleep(restarts.delay());
             backend = Watched::child(start_backend(&host)?)?;
@@ -496,6 +515,32 @@ pub fn daemon(root: &Root) -> Result<()> {
         let _ = std::fs::remove_file(host.status_path());
         backend.stop();
         let _ = std::fs::remove_file(host.control());
+        // This daemon's lock goes before the registry's: a VM that takes
+        // the registry's lock next and starts a daemon finds it free.
+        drop(one);
         return Ok(());
+    }
+}
+
+/// The one daemon lock per root; None when another daemon serves (this one
+/// is not needed). Starting daemons takes the registry's lock and an idle
+/// daemon ends under it, so another holds the daemon lock only while it
+/// ends otherwise (an error: it goes with its process), or while it
+/// starts after its starter gave up on it.
+fn the_one_daemon(host: &HostBackend) -> Result<Option<std::fs::File>> {
+    let path = host.dir.join("daemon.lock");
+    let until = Instant::now() + START_PATIENCE;
+    loop {
+        if let Some(lock) = lock_file(&path, false)? {
+            return Ok(Some(lock));
+        }
+        if host.status().is_some() && host.reachable() {
+            return Ok(None);
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        let released = crate::state::lock_released(&path)?;
+        if left.is_zero() || released.is_some_and(|r| !process::wait_any(&[&r], Some(left))[0]) {
+            bail!("another daemon holds the backend's lock and does not serve");
+        }
     }
 }

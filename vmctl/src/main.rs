@@ -7,6 +7,7 @@ mod console;
 mod fleet;
 mod hold;
 mod host_backend;
+mod logs;
 mod network;
 mod ops;
 mod process;
@@ -508,34 +509,7 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::Logs { name, follow, tail } => {
-            let vm = root.vm(&name)?;
-            let text = ops::console_text(&vm);
-            let lines: Vec<&str> = text.lines().collect();
-            let from = tail.map_or(0, |t| lines.len().saturating_sub(t));
-            for l in &lines[from..] {
-                println!("{l}");
-            }
-            if follow {
-                let mut shown = text.len();
-                loop {
-                    let active = vm.observed()?.is_active();
-                    let now = ops::console_text(&vm);
-                    if now.len() > shown {
-                        print!("{}", &now[shown..]);
-                        shown = now.len();
-                    } else if now.len() < shown {
-                        // Rotated: start over from what is kept.
-                        shown = 0;
-                        continue;
-                    }
-                    if !active {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
+        Cmd::Logs { name, follow, tail } => logs::show(&root.vm(&name)?, tail, follow)?,
         Cmd::Wait {
             names,
             timeout,

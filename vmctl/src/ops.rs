@@ -2,8 +2,6 @@
 //! concurrent vmctl calls on one VM happen one after the other.
 
 use std::io::Write;
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -501,86 +499,48 @@ fn set_paused(root: &Root, name: &str, paused: bool) -> Result<bool> {
     Ok(true)
 }
 
-/// Wakes a waiter when the VM may have ended: the vmm's answer to
-/// `vm.wait` (given as the VM ends, before its process is gone) or its
-/// supervisor's exit. Between that answer and the supervisor's record
-/// (milliseconds: the disk's export ended, the status written), and while
-/// the API is not up yet, it looks again after 1, 2, 4 ... up to 100 ms.
-/// (An inotify watch on the status file would wake exactly, but closing
-/// one waits for a grace period: 15 ms here, measured.)
-struct EndWatch {
-    end: Option<UnixStream>,
-    /// The vmm answered (or refused to): no more asking.
-    heard: bool,
-    backoff: Duration,
-    /// Looks at 1 ms intervals left once the vmm answered: its supervisor
-    /// records the end a millisecond or two later, and a backoff from 1 ms
-    /// found it up to 4 ms late.
-    prompt_looks: u32,
-}
-
-impl EndWatch {
-    const MAX_NAP: Duration = Duration::from_millis(100);
-
-    fn new() -> Self {
-        EndWatch {
-            end: None,
-            heard: false,
-            backoff: Duration::from_millis(1),
-            prompt_looks: 50,
+/// Until the VM is no longer active (true), or `deadline` passed (false).
+/// Its supervisor holds the run lock from before it records "starting"
+/// until it has recorded the end, and its death lets go of it too: this
+/// waits for the lock, and so wakes when the record is there.
+fn until_ended(vm: &VmDir, deadline: Option<Instant>) -> Result<bool> {
+    loop {
+        if !vm.observed()?.is_active() {
+            return Ok(true);
         }
-    }
-
-    fn back_off(&mut self) {
-        std::thread::sleep(self.backoff);
-        self.backoff = (self.backoff * 2).min(Self::MAX_NAP);
-    }
-
-    /// Sleeps until the VM may have ended (at most 100 ms: a supervisor's
-    /// pid reused meanwhile costs that).
-    fn nap(&mut self, vm: &VmDir) {
-        if self.end.is_none() && !self.heard {
-            self.end = vmm::api::client::Client::new(vm.api_socket())
-                .ask_end()
-                .ok();
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
+            return Ok(false);
         }
-        let supervisor = vm.status().ok().flatten().and_then(|s| s.supervisor_pid);
-        let gone = supervisor.and_then(|pid| pidfd_of(pid).ok());
-        match &self.end {
-            Some(end) => {
-                let mut fds: Vec<&dyn AsFd> = vec![end];
-                if let Some(g) = &gone {
-                    fds.push(g);
-                }
-                if wait_any(&fds, Some(Self::MAX_NAP))[0] {
-                    // An end report, a refusal (too many waiters) or the
-                    // vmm gone: either way the record comes next.
-                    self.end = None;
-                    self.heard = true;
-                }
+        if let Some(released) = crate::state::lock_released(&vm.run_lock_path())? {
+            wait_any(&[&released], left);
+            continue;
+        }
+        // Nobody holds the lock, yet the record says active: a supervisor
+        // on its way out (a killed process lets go of its locks before it
+        // is gone) or one from a vmctl before the run lock. Its end is the
+        // news.
+        let supervisor = vm.status()?.and_then(|s| s.supervisor_pid);
+        match supervisor.map(pidfd_of) {
+            Some(Ok(gone)) => {
+                wait_any(&[&gone], left);
             }
-            // Heard, and being recorded: soon.
-            None if self.heard && self.prompt_looks > 0 => {
-                self.prompt_looks -= 1;
-                std::thread::sleep(Duration::from_millis(1));
+            // Gone already: the record reads as ended now.
+            _ => {
+                if vm.observed()?.is_active() {
+                    // Not the supervisor's record any more (it would read
+                    // as ended): a new run began meanwhile, wait for it.
+                    continue;
+                }
+                return Ok(true);
             }
-            // Not up yet, or a record that is slow to come.
-            None => self.back_off(),
         }
     }
 }
 
 /// Until the VM is no longer active, or `limit` passed (false).
 fn wait_ended(vm: &VmDir, limit: Duration) -> Result<bool> {
-    let deadline = Instant::now() + limit;
-    let mut watch = EndWatch::new();
-    while vm.observed()?.is_active() {
-        if Instant::now() > deadline {
-            return Ok(false);
-        }
-        watch.nap(vm);
-    }
-    Ok(true)
+    until_ended(vm, Some(Instant::now() + limit))
 }
 
 /// Graceful shutdown through the API; forced after `timeout`.
@@ -744,15 +704,6 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
     }))
 }
 
-/// The last `tail` lines of the console (None: all of what is kept).
-pub fn console_text(vm: &VmDir) -> String {
-    let mut text =
-        std::fs::read_to_string(vm.console().with_extension("log.1")).unwrap_or_default();
-    text += &std::fs::read_to_string(vm.console()).unwrap_or_default();
-    text
-}
-
-/// Until every VM named ended; their states.
 /// Until every VM has ended, or `limit` (from now) passed: each one's
 /// state then (one still running shows as running).
 pub fn wait(
@@ -764,10 +715,7 @@ pub fn wait(
     let deadline = limit.map(|l| Instant::now() + l);
     let mut out = Vec::new();
     for vm in vms {
-        let mut watch = EndWatch::new();
-        while vm.observed()?.is_active() && deadline.is_none_or(|d| Instant::now() < d) {
-            watch.nap(&vm);
-        }
+        until_ended(&vm, deadline)?;
         out.push((vm.name.clone(), vm.observed()?));
     }
     Ok(out)

@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -406,6 +407,12 @@ impl VmDir {
     pub fn status_path(&self) -> PathBuf {
         self.path.join("status.json")
     }
+    /// Held by the VM's supervisor from before it records "starting"
+    /// until it has recorded the end (or it died): what waiting for a VM's
+    /// end waits for ([`lock_released`]).
+    pub fn run_lock_path(&self) -> PathBuf {
+        self.path.join("run.lock")
+    }
     pub fn disk(&self) -> PathBuf {
         self.path.join("disk.img")
     }
@@ -554,8 +561,6 @@ pub fn lock_dir(path: &Path, wait: bool) -> Result<Option<File>, StateError> {
     }
 }
 
-/// An exclusive flock on `f`; false when it is held elsewhere and `wait`
-/// is not set.
 /// Removes the VM directory at `path` when it has no definition and
 /// nobody holds its lock (its create was cut short); whether it did.
 fn reap_if_abandoned(path: &Path) -> bool {
@@ -575,6 +580,41 @@ fn reap_if_abandoned(path: &Path) -> bool {
     std::fs::remove_dir_all(path).is_ok()
 }
 
+/// Readable once nobody holds an exclusive lock on `path` (None: nobody
+/// does now). A flock can be neither polled nor waited for with a
+/// deadline: a thread takes it shared, blocking, lets go at once and then
+/// closes its end of a pipe, whose other end this returns, to wait on
+/// beside other descriptors ([`crate::process::wait_any`]). A thread still
+/// blocked when its waiter gives up gets the lock later and lets go of it
+/// as promptly, or ends with the process.
+pub fn lock_released(path: &Path) -> Result<Option<OwnedFd>, StateError> {
+    use rustix::fs::FlockOperation;
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(dir_error(path, "cannot open its lock")(e)),
+    };
+    match rustix::fs::flock(&f, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => return Ok(None),
+        Err(rustix::io::Errno::WOULDBLOCK) => {}
+        Err(e) => return Err(dir_error(path, "cannot lock it")(e.into())),
+    }
+    let (released, said) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| dir_error(path, "cannot wait for its lock")(e.into()))?;
+    std::thread::Builder::new()
+        .name("lock wait".into())
+        .spawn(move || {
+            let _ = rustix::fs::flock(&f, FlockOperation::LockShared);
+            // Let go before saying so.
+            drop(f);
+            drop(said);
+        })
+        .map_err(dir_error(path, "cannot wait for its lock"))?;
+    Ok(Some(released))
+}
+
+/// An exclusive flock on `f`; false when it is held elsewhere and `wait`
+/// is not set.
 fn flock(f: &File, wait: bool) -> std::io::Result<bool> {
     use rustix::fs::FlockOperation;
     let how = if wait {

@@ -27,7 +27,9 @@ use cli_support::path_wait;
 use crate::binaries;
 use crate::host_backend::{ExportEntry, HostBackend};
 use crate::process::{self, Supervised};
-use crate::state::{boot_id, note, now_ms, BackendMode, Root, RunState, Status, VmConfig, VmDir};
+use crate::state::{
+    boot_id, lock_file, note, now_ms, BackendMode, Root, RunState, Status, VmConfig, VmDir,
+};
 
 /// The console file's size before it is rotated (one older file is kept).
 pub const CONSOLE_CAP: u64 = 1 << 20;
@@ -110,9 +112,18 @@ pub fn supervise(root: &Root, vm: &VmDir, ready: impl FnOnce()) -> Result<()> {
     supervise_begun(root, vm, status, ready)
 }
 
+/// A run begun: its record, and the VM's run lock, held until its end is
+/// recorded.
+pub struct Begun {
+    status: Status,
+    run: std::fs::File,
+}
+
 /// Records that this process supervises the VM from now on ("starting"):
 /// from here `list` shows it active and another start is refused.
-pub fn begin(vm: &VmDir) -> Result<Status> {
+pub fn begin(vm: &VmDir) -> Result<Begun> {
+    // Taken before the record: whoever sees "starting" can wait for it.
+    let run = lock_file(&vm.run_lock_path(), true)?.context("the VM's run lock")?;
     let status = Status {
         state: RunState::Starting,
         supervisor_pid: Some(std::process::id()),
@@ -122,16 +133,15 @@ pub fn begin(vm: &VmDir) -> Result<Status> {
     };
     let _ = std::fs::remove_file(vm.path.join(KILL_MARKER));
     vm.write_status(&status)?;
-    Ok(status)
+    Ok(Begun { status, run })
 }
 
 /// The rest of the supervisor's life, once [`begin`] recorded it.
-pub fn supervise_begun(
-    root: &Root,
-    vm: &VmDir,
-    mut status: Status,
-    ready: impl FnOnce(),
-) -> Result<()> {
+pub fn supervise_begun(root: &Root, vm: &VmDir, begun: Begun, ready: impl FnOnce()) -> Result<()> {
+    let Begun {
+        mut status,
+        run: run_lock,
+    } = begun;
     let config = vm.config()?;
     let mut exiting = None;
     let outcome = run(root, vm, &config, &mut status, &mut exiting, ready);
@@ -141,6 +151,9 @@ pub fn supervise_begun(
     }
     status.ended_unix_ms = Some(now_ms());
     vm.write_status(&status)?;
+    // Recorded: whoever waits for the end is told now, not after the
+    // teardown below.
+    drop(run_lock);
     // Only now: the vmm that reported its end finishes its teardown.
     drop(exiting);
     outcome

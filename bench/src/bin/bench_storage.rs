@@ -966,28 +966,28 @@ fn cost_table(cells: &[Cell]) -> Result<Table> {
             Row::QemuBlkBackend | Row::VmmBlkBackend | Row::HostFio
         )
     }) {
-        let cpu = bench::median(
-            &c.samples
-                .iter()
-                .filter_map(|s| s.cpu_s_per_mio)
-                .collect::<Vec<f64>>(),
-        )?;
-        let rss = bench::median(
-            &c.samples
-                .iter()
-                .filter_map(|s| s.rss_mib)
-                .collect::<Vec<f64>>(),
-        )?;
-        let (frontend, rss) = match c.row {
-            Row::QemuBlkBackend => ("QEMU", format!("{rss:.1}")),
-            Row::VmmBlkBackend => ("vmm", format!("{rss:.1}")),
-            _ => ("none: host fio itself, for the kernel's share", "".into()),
+        // What a run measured (host fio has no backend whose memory to
+        // take): a median, or an empty cell.
+        let median_of = |f: fn(&Sample) -> Option<f64>| -> Result<Option<f64>> {
+            let v: Vec<f64> = c.samples.iter().filter_map(f).collect();
+            Ok(if v.is_empty() {
+                None
+            } else {
+                Some(bench::median(&v)?)
+            })
+        };
+        let cpu = median_of(|s| s.cpu_s_per_mio)?.map_or(String::new(), |v| format!("{v:.2}"));
+        let rss = median_of(|s| s.rss_mib)?.map_or(String::new(), |v| format!("{v:.1}"));
+        let frontend = match c.row {
+            Row::QemuBlkBackend => "QEMU",
+            Row::VmmBlkBackend => "vmm",
+            _ => "none: host fio itself, for the kernel's share",
         };
         table.row([
             c.storage.clone(),
             c.workload.name.to_string(),
             frontend.to_string(),
-            format!("{cpu:.2}"),
+            cpu,
             rss,
         ]);
     }

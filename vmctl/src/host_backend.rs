@@ -523,13 +523,17 @@ pub fn daemon(root: &Root) -> Result<()> {
 }
 
 /// The one daemon lock per root; None when another daemon serves (this one
-/// is not needed). Starting daemons takes the registry's lock and an idle
-/// daemon ends under it, so another holds the daemon lock only while it
-/// ends otherwise (an error: it goes with its process), or while it
-/// starts after its starter gave up on it.
+/// is not needed). Daemons are started under the registry's lock and an
+/// idle daemon ends under it, so another holds the daemon lock while it
+/// starts (its backend answers before its status is written: a VM whose
+/// supervisor then asks for a daemon starts this one), or while it ends
+/// otherwise (an error: the lock goes with its process). Waited for until
+/// it serves (its backend answers and its status is there) or lets go.
 fn the_one_daemon(host: &HostBackend) -> Result<Option<std::fs::File>> {
     let path = host.dir.join("daemon.lock");
     let until = Instant::now() + START_PATIENCE;
+    // Readable once the holder lets go (one thread per holder).
+    let mut released: Option<OwnedFd> = None;
     loop {
         if let Some(lock) = lock_file(&path, false)? {
             return Ok(Some(lock));
@@ -537,10 +541,81 @@ fn the_one_daemon(host: &HostBackend) -> Result<Option<std::fs::File>> {
         if host.status().is_some() && host.reachable() {
             return Ok(None);
         }
-        let left = until.saturating_duration_since(Instant::now());
-        let released = crate::state::lock_released(&path)?;
-        if left.is_zero() || released.is_some_and(|r| !process::wait_any(&[&r], Some(left))[0]) {
+        if Instant::now() > until {
             bail!("another daemon holds the backend's lock and does not serve");
         }
+        if released.is_none() {
+            released = crate::state::lock_released(&path)?;
+        }
+        let Some(let_go) = &released else {
+            // Free already: taken above next time round.
+            continue;
+        };
+        let (waited, _kept) = until_answers(host, let_go.as_fd(), until);
+        if waited == path_wait::Waited::Appeared {
+            // Its status is written next (or is there already, a dead
+            // predecessor's: looked at again once the holder is up).
+            let _ = path_wait::wait_for(&host.status_path(), Some(until), &[let_go.as_fd()]);
+        }
+        if process::wait_any(&[let_go], Some(Duration::ZERO))[0] {
+            released = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon that holds the lock (here: the test) and then serves: its
+    /// backend's socket listening, then its status written.
+    fn serve_later(
+        host: &HostBackend,
+    ) -> std::thread::JoinHandle<std::os::unix::net::UnixListener> {
+        let (control, status) = (host.control(), host.status_path());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let listening = std::os::unix::net::UnixListener::bind(&control).expect("bind");
+            std::thread::sleep(Duration::from_millis(50));
+            let s = HostStatus {
+                daemon_pid: std::process::id(),
+                boot_id: boot_id(),
+                ..Default::default()
+            };
+            write_json(&status, &s).expect("status");
+            listening
+        })
+    }
+
+    #[test]
+    fn a_second_daemon_ends_once_the_first_serves_and_takes_over_from_one_that_ends() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(d.path()).expect("root");
+        let host = HostBackend::of(&root).expect("host");
+        let lock = host.dir.join("daemon.lock");
+
+        // The first starts (its lock held, nothing served yet) and then
+        // serves: the second is not needed. Before, it waited for the lock
+        // until its 30 s patience ran out, and whoever started it with it.
+        let first = lock_file(&lock, false).expect("lock").expect("free");
+        let serving = serve_later(&host);
+        assert!(
+            the_one_daemon(&host).expect("no error").is_none(),
+            "the first serves"
+        );
+        drop(serving.join().expect("served"));
+        std::fs::remove_file(host.status_path()).expect("status");
+        std::fs::remove_file(host.control()).expect("control");
+
+        // The first ends without serving: the second takes over.
+        let ends = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(first);
+        });
+        assert!(
+            the_one_daemon(&host).expect("no error").is_some(),
+            "the lock, once let go"
+        );
+        ends.join().expect("ended");
     }
 }

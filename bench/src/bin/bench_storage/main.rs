@@ -63,6 +63,11 @@ struct Args {
         allow_hyphen_values = true
     )]
     backend_options: Vec<String>,
+    /// vmm + blk-backend once more with these backend options, as a row
+    /// of its own that takes its turn in each round (NAME=OPTIONS,
+    /// repeatable): `--variant nopoll="--poll-us 0"`.
+    #[arg(long = "variant", value_name = "NAME=OPTIONS")]
+    variants: Vec<rows::Variant>,
     #[command(flatten)]
     out: bench::OutputArgs,
     #[arg(long)]

@@ -93,7 +93,7 @@ pub fn storage_table(cells: &[Cell]) -> Table {
         table.row([
             c.storage.clone(),
             c.workload.name.to_string(),
-            c.row.label().to_string(),
+            c.label(),
             format!("{:.0}", c.median_iops),
             format!("{:.0}–{:.0}", c.min_iops, c.max_iops),
             format!("{:.1}", c.median_mb_s),
@@ -141,15 +141,16 @@ pub fn cost_table(cells: &[Cell]) -> Result<Table> {
         };
         let cpu = median_of(|s| s.cpu_s_per_mio)?.map_or(String::new(), |v| format!("{v:.2}"));
         let rss = median_of(|s| s.rss_mib)?.map_or(String::new(), |v| format!("{v:.1}"));
-        let frontend = match c.row {
-            Row::QemuBlkBackend => "QEMU",
-            Row::VmmBlkBackend => "vmm",
-            _ => "none: host fio itself, for the kernel's share",
+        let frontend = match (c.row, &c.variant) {
+            (Row::QemuBlkBackend, _) => "QEMU".to_string(),
+            (Row::VmmBlkBackend, None) => "vmm".to_string(),
+            (Row::VmmBlkBackend, Some(v)) => format!("vmm [{v}]"),
+            _ => "none: host fio itself, for the kernel's share".to_string(),
         };
         table.row([
             c.storage.clone(),
             c.workload.name.to_string(),
-            frontend.to_string(),
+            frontend,
             cpu,
             rss,
         ]);
@@ -167,7 +168,10 @@ pub fn seccomp_table(cells: &[Cell]) -> Table {
         ("IOPS unfiltered", Right),
         ("ratio", Right),
     ]);
-    for c in cells.iter().filter(|c| c.row == Row::VmmBlkBackend) {
+    for c in cells
+        .iter()
+        .filter(|c| c.row == Row::VmmBlkBackend && c.variant.is_none())
+    {
         if let Some(off) = cells.iter().find(|o| {
             o.row == Row::VmmBlkBackendNoSeccomp
                 && o.storage == c.storage
@@ -187,7 +191,8 @@ pub fn seccomp_table(cells: &[Cell]) -> Table {
 
 /// The rows measured against each other, round by round: ours over the
 /// baseline's IOPS within each round, the median and spread of those
-/// ratios. None when no pair was run.
+/// ratios (blk-backend over qsd and over host fio with a core busy, each
+/// `--variant` over the plain row). None when no pair was run.
 pub fn paired_table(cells: &[Cell]) -> Result<Option<Table>> {
     const PAIRS: [(Row, Row); 3] = [
         (Row::VmmBlkBackend, Row::VmmQsd),
@@ -205,14 +210,21 @@ pub fn paired_table(cells: &[Cell]) -> Result<Option<Table>> {
     ]);
     let mut any = false;
     for ours in cells {
-        for (mine, theirs) in PAIRS.iter().filter(|(m, _)| *m == ours.row) {
-            let Some(base) = cells.iter().find(|b| {
-                b.row == *theirs
-                    && b.storage == ours.storage
-                    && b.workload.name == ours.workload.name
-            }) else {
-                continue;
-            };
+        let same_place = |b: &&Cell| {
+            b.storage == ours.storage
+                && b.workload.name == ours.workload.name
+                && b.variant.is_none()
+        };
+        // Each pair's baseline; a variant's is the plain row.
+        let mut bases: Vec<&Cell> = PAIRS
+            .iter()
+            .filter(|(mine, _)| *mine == ours.row)
+            .filter_map(|(_, theirs)| cells.iter().filter(same_place).find(|b| b.row == *theirs))
+            .collect();
+        if ours.variant.is_some() {
+            bases.extend(cells.iter().filter(same_place).find(|b| b.row == ours.row));
+        }
+        for base in bases {
             let iops = |c: &Cell| {
                 c.samples
                     .iter()
@@ -226,8 +238,8 @@ pub fn paired_table(cells: &[Cell]) -> Result<Option<Table>> {
             table.row([
                 ours.storage.clone(),
                 ours.workload.name.to_string(),
-                mine.label().to_string(),
-                theirs.label().to_string(),
+                ours.label(),
+                base.label(),
                 format!("{:.2}", spread.median),
                 format!("{:.2}–{:.2}", spread.min, spread.max),
                 ratios

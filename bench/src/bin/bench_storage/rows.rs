@@ -144,6 +144,8 @@ pub struct Sample {
 pub struct Cell {
     pub storage: String,
     pub row: Row,
+    /// The variant's name (`--variant`), for its rows.
+    pub variant: Option<String>,
     pub workload: Workload,
     pub samples: Vec<Sample>,
     pub median_iops: f64,
@@ -156,6 +158,14 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// Its row's label, with its variant's name.
+    pub fn label(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{} [{v}]", self.row.label()),
+            None => self.row.label().to_string(),
+        }
+    }
+
     /// A cell of `samples` (each run's, in order).
     fn of(storage: &str, row: Row, workload: Workload, samples: Vec<Sample>) -> Result<Cell> {
         let median =
@@ -164,6 +174,7 @@ impl Cell {
         Ok(Cell {
             storage: storage.to_string(),
             row,
+            variant: None,
             workload,
             median_iops: iops.median,
             min_iops: iops.min,
@@ -194,35 +205,79 @@ pub struct Place<'a> {
     pub sock: PathBuf,
 }
 
-/// Every row `a` asks for of workload `w`, their runs taking turns.
+/// vmm + blk-backend with options of its own (`--variant NAME=OPTIONS`):
+/// a row more, taking its turn in each round beside the plain one, for an
+/// A/B of a backend setting within one run.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub options: Vec<String>,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Variant, String> {
+        let (name, options) = s
+            .split_once('=')
+            .filter(|(n, _)| !n.is_empty())
+            .ok_or_else(|| {
+                format!("{s:?}: give a variant as NAME=OPTIONS (nopoll=\"--poll-us 0\")")
+            })?;
+        Ok(Variant {
+            name: name.to_string(),
+            options: options.split_whitespace().map(String::from).collect(),
+        })
+    }
+}
+
+/// Every row `a` asks for of workload `w` (and each variant of
+/// vmm + blk-backend), their runs taking turns.
 pub fn measure(a: &Args, bins: &Binaries, place: &Place, w: &Workload) -> Result<Vec<Cell>> {
-    let rows: Vec<Row> = Row::ALL
+    let mut rows: Vec<(Row, Option<&Variant>)> = Vec::new();
+    for row in Row::ALL
         .into_iter()
         .filter(|r| a.rows.is_empty() || a.rows.iter().any(|n| n == r.short()))
         // QEMU's rows here boot one vCPU.
         .filter(|r| w.queues == 1 || !r.label().starts_with("QEMU"))
-        .collect();
+    {
+        rows.push((row, None));
+        if row == Row::VmmBlkBackend {
+            rows.extend(a.variants.iter().map(|v| (row, Some(v))));
+        }
+    }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); rows.len()];
     for run in 0..a.runs {
-        for (row, samples) in rows.iter().zip(&mut samples) {
+        for ((row, variant), samples) in rows.iter().zip(&mut samples) {
             eprintln!(
-                "[{}] {} / {} run {}",
+                "[{}] {} / {}{} run {}",
                 place.storage,
                 w.name,
                 row.label(),
+                variant.map_or(String::new(), |v| format!(" [{}]", v.name)),
                 run + 1
             );
-            samples.push(run_row(a, bins, place, *row, w)?);
+            samples.push(run_row(a, bins, place, (*row, *variant), w)?);
         }
     }
     rows.into_iter()
         .zip(samples)
-        .map(|(row, samples)| Cell::of(place.storage, row, *w, samples))
+        .map(|((row, variant), samples)| {
+            let mut c = Cell::of(place.storage, row, *w, samples)?;
+            c.variant = variant.map(|v| v.name.clone());
+            Ok(c)
+        })
         .collect()
 }
 
-/// One run of `row` on workload `w`.
-fn run_row(a: &Args, bins: &Binaries, place: &Place, row: Row, w: &Workload) -> Result<Sample> {
+/// One run of `row` (with a variant's backend options) on workload `w`.
+fn run_row(
+    a: &Args,
+    bins: &Binaries,
+    place: &Place,
+    (row, variant): (Row, Option<&Variant>),
+    w: &Workload,
+) -> Result<Sample> {
     let (snap, window, sock) = (place.snap, place.window, &place.sock);
     Ok(match row {
         Row::HostFio => run_fio(snap, window, w, a.seconds)?,
@@ -265,6 +320,11 @@ fn run_row(a: &Args, bins: &Binaries, place: &Place, row: Row, w: &Workload) -> 
             let mut backend_options = vec!["--num-queues", &queues];
             backend_options.extend_from_slice(options);
             backend_options.extend(a.backend_options.iter().map(String::as_str));
+            backend_options.extend(
+                variant
+                    .iter()
+                    .flat_map(|v| v.options.iter().map(String::as_str)),
+            );
             let b = BlkBackendProcess::start_exports_with(
                 &bins.backend,
                 &[(snap.to_path_buf(), sock.clone())],

@@ -441,7 +441,7 @@ pub fn daemon(root: &Root) -> Result<()> {
     // daemon starts inherits it).
     let ready = process::Said::inherited();
     let host = HostBackend::of(root)?;
-    let Some(one) = the_one_daemon(&host)? else {
+    let Some(one) = the_one_daemon(&host, START_PATIENCE)? else {
         return Ok(());
     };
     let before: Option<HostStatus> = read_json(&host.status_path()).ok();
@@ -529,9 +529,9 @@ pub fn daemon(root: &Root) -> Result<()> {
 /// supervisor then asks for a daemon starts this one), or while it ends
 /// otherwise (an error: the lock goes with its process). Waited for until
 /// it serves (its backend answers and its status is there) or lets go.
-fn the_one_daemon(host: &HostBackend) -> Result<Option<std::fs::File>> {
+fn the_one_daemon(host: &HostBackend, patience: Duration) -> Result<Option<std::fs::File>> {
     let path = host.dir.join("daemon.lock");
-    let until = Instant::now() + START_PATIENCE;
+    let until = Instant::now() + patience;
     // Readable once the holder lets go (one thread per holder).
     let mut released: Option<OwnedFd> = None;
     loop {
@@ -599,10 +599,19 @@ mod tests {
         // until its 30 s patience ran out, and whoever started it with it.
         let first = lock_file(&lock, false).expect("lock").expect("free");
         let serving = serve_later(&host);
-        assert!(
-            the_one_daemon(&host).expect("no error").is_none(),
-            "the first serves"
-        );
+        // Woken by the first's serving, not by its own patience (an hour
+        // here): a wait for the lock alone would end in an hour, or fail.
+        let second = {
+            let host = HostBackend::of(&root).expect("host");
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ =
+                    tx.send(the_one_daemon(&host, Duration::from_secs(3600)).map(|l| l.is_none()));
+            });
+            rx.recv_timeout(Duration::from_secs(300))
+                .expect("woken when the first serves, not by its patience")
+        };
+        assert!(second.expect("no error"), "the first serves");
         drop(serving.join().expect("served"));
         std::fs::remove_file(host.status_path()).expect("status");
         std::fs::remove_file(host.control()).expect("control");
@@ -613,7 +622,9 @@ mod tests {
             drop(first);
         });
         assert!(
-            the_one_daemon(&host).expect("no error").is_some(),
+            the_one_daemon(&host, Duration::from_secs(3600))
+                .expect("no error")
+                .is_some(),
             "the lock, once let go"
         );
         ends.join().expect("ended");

@@ -43,35 +43,34 @@ fn tail_start(text: &[u8], n: usize) -> usize {
 /// Prints the console (its last `tail` lines); with `follow`, then what
 /// comes until the VM is no longer active, byte for byte.
 pub fn show(vm: &VmDir, tail: Option<usize>, follow: bool) -> Result<()> {
-    // Watched before the first read: text written in between is seen.
-    let watch = follow.then(|| ConsoleWatch::new(vm)).transpose()?;
-    let text = console_bytes(vm);
-    let from = tail.map_or(0, |t| tail_start(&text, t));
     let mut out = std::io::stdout().lock();
-    out.write_all(&text[from..])?;
-    let Some(watch) = watch else {
+    if !follow {
+        let text = console_bytes(vm);
+        let from = tail.map_or(0, |t| tail_start(&text, t));
+        out.write_all(&text[from..])?;
         // A last line the guest has not ended yet still ends the output.
         if from < text.len() && !text.ends_with(b"\n") {
             out.write_all(b"\n")?;
         }
         return Ok(out.flush()?);
-    };
+    }
+    // Watched before the first read: text written in between is seen.
+    let watch = ConsoleWatch::new(vm)?;
+    let mut following = Following::new(vm.console());
+    let mut text = std::fs::read(vm.console().with_extension("log.1")).unwrap_or_default();
+    following.read_new(&mut text)?;
+    let from = tail.map_or(0, |t| tail_start(&text, t));
+    out.write_all(&text[from..])?;
     out.flush()?;
-    let mut shown = text.len();
+    let mut new = Vec::new();
     loop {
         // Looked at before the text: the last text of a VM that ended is
         // printed before the end is believed.
         let active = vm.observed()?.is_active();
-        let now = console_bytes(vm);
-        if now.len() < shown {
-            // Rotated: what is kept now starts after what was shown.
-            shown = 0;
-        }
-        if now.len() > shown {
-            out.write_all(&now[shown..])?;
-            out.flush()?;
-            shown = now.len();
-        }
+        new.clear();
+        following.read_new(&mut new)?;
+        out.write_all(&new)?;
+        out.flush()?;
         if !active {
             return Ok(());
         }
@@ -81,6 +80,56 @@ pub fn show(vm: &VmDir, tail: Option<usize>, follow: bool) -> Result<()> {
             .and_then(|s| s.supervisor_pid)
             .and_then(|pid| pidfd_of(pid).ok());
         watch.wait(supervisor.as_ref());
+    }
+}
+
+/// The console file `--follow` reads, as `tail -F` does: kept open (after
+/// a rotation renames it console.log.1, its last bytes are still read
+/// from it), then the new file by that name from its start. Only what was
+/// written since is read at each wake, not the whole console again.
+struct Following {
+    path: PathBuf,
+    file: Option<(std::fs::File, u64)>,
+    /// Bytes of `file` read so far.
+    at: u64,
+}
+
+impl Following {
+    fn new(path: PathBuf) -> Following {
+        Following {
+            path,
+            file: None,
+            at: 0,
+        }
+    }
+
+    /// Appends to `into` what was written since the last call.
+    fn read_new(&mut self, into: &mut Vec<u8>) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            if let Some((f, _)) = &mut self.file {
+                if f.metadata()?.len() < self.at {
+                    // Cut short (a full disk's last resort): its start
+                    // holds the newest lines.
+                    self.at = 0;
+                }
+                f.seek(SeekFrom::Start(self.at))?;
+                self.at += f.read_to_end(into)? as u64;
+            }
+            // Made, or rotated: the name holds another file now, read
+            // from its start (the old one is done: nothing more is
+            // written to it).
+            let Ok(next) = std::fs::File::open(&self.path) else {
+                return Ok(());
+            };
+            let ino = next.metadata()?.ino();
+            if self.file.as_ref().is_some_and(|(_, i)| *i == ino) {
+                return Ok(());
+            }
+            self.file = Some((next, ino));
+            self.at = 0;
+        }
     }
 }
 
@@ -133,7 +182,46 @@ impl ConsoleWatch {
 
 #[cfg(test)]
 mod tests {
-    use super::tail_start;
+    use super::{tail_start, Following};
+    use std::io::Write;
+
+    #[test]
+    fn following_reads_each_byte_once_through_rotations_and_a_cut() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("console.log");
+        let mut f = Following::new(path.clone());
+        let mut got = Vec::new();
+        f.read_new(&mut got).expect("no file yet");
+        assert!(got.is_empty());
+        let append = |b: &[u8]| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut o| o.write_all(b))
+                .expect("append")
+        };
+        append(b"one\n");
+        f.read_new(&mut got).expect("read");
+        append(b"two\n");
+        f.read_new(&mut got).expect("read");
+        // Written, then rotated before it was read; the new file after.
+        append(b"three\n");
+        std::fs::rename(&path, path.with_extension("log.1")).expect("rotate");
+        append(b"four\n");
+        f.read_new(&mut got).expect("read");
+        assert_eq!(got, b"one\ntwo\nthree\nfour\n");
+        // Cut short in place: its start again.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|o| o.set_len(0))
+            .expect("cut");
+        append(b"5\n");
+        got.clear();
+        f.read_new(&mut got).expect("read");
+        assert_eq!(got, b"5\n");
+    }
 
     #[test]
     fn the_tail_starts_at_its_first_line_however_the_text_ends() {

@@ -2,6 +2,7 @@
 //! the bench guest and runs the backends): the test files they prepare,
 //! their statistics, their tables, the binaries they measure.
 
+pub mod diskstat;
 pub mod environment;
 pub mod launch;
 pub mod stats;

@@ -168,9 +168,10 @@ mod tests {
                     queue_size: Some(128),
                     poll_us: Some(0),
                     fixed_buffers: Some(false),
+                    submit_batch: Some(1),
                     ..ExportArgs::new("/s", "/i")
                 }),
-                r#"{"execute":"export-add","arguments":{"socket":"/s","image":"/i","readonly":true,"num_queues":4,"queue_size":128,"poll_us":0,"fixed_buffers":false}}"#,
+                r#"{"execute":"export-add","arguments":{"socket":"/s","image":"/i","readonly":true,"num_queues":4,"queue_size":128,"poll_us":0,"fixed_buffers":false,"submit_batch":1}}"#,
             ),
             (
                 Command::ExportDel(ExportRef {

@@ -667,6 +667,7 @@ mod tests {
                 queue_size: 128,
                 poll_us: 0,
                 fixed_buffers: false,
+                submit_batch: 0,
             },
             &SharedFiles::default(),
             BaseIo::Page,

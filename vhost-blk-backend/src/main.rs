@@ -18,7 +18,7 @@ use vhost_blk_backend::seccomp;
     version,
     about = "vhost-user-blk server for snapshot-chain images",
     after_help = "Either --socket and --image for one export, or --export once per export:\n  \
-                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N][,fixed_buffers=on]\n\n\
+                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N]\n\n\
                   A frontend that reconnects after this process was killed and restarted\n\
                   resumes where it was: requests in flight run again (the vhost-user inflight\n\
                   region) and completed writes are found in the crash shadow (--shadow-dir)."
@@ -54,6 +54,14 @@ struct Args {
     /// page of guest memory allocated and pinned while the queue runs.
     #[arg(long)]
     fixed_buffers: bool,
+    /// Requests a queue worker hands the kernel per io_uring_enter at
+    /// most: it submits as soon as this many are queued, so the disk
+    /// starts on the first of a batch while the rest are read from the
+    /// guest's ring. 0 submits all it took from the ring in one call
+    /// (fewest system calls). On a virtual disk a large batch is one
+    /// notification of its host, answered late as one.
+    #[arg(long, default_value_t = Settings::default().submit_batch)]
+    submit_batch: u32,
     /// Where the crash shadows of writable images live: a tmpfs, so they
     /// survive this process but not a reboot, that only the serving user
     /// can reach (made with mode 0700 if missing; one others may write,
@@ -87,6 +95,7 @@ impl Args {
             queue_size: self.queue_size,
             poll_us: self.poll_us,
             fixed_buffers: self.fixed_buffers,
+            submit_batch: self.submit_batch,
         }
     }
 }

@@ -86,6 +86,8 @@ pub struct QueueRing {
     free: Vec<usize>,
     /// SQEs pushed since the last submit.
     unsubmitted: u32,
+    /// Submit once this many are pushed (0: only when asked).
+    submit_batch: u32,
     /// The kick and stop eventfds the ring polls.
     kick: Option<RawFd>,
     stop: Option<RawFd>,
@@ -125,11 +127,18 @@ impl QueueRing {
             pending: Vec::new(),
             free: Vec::new(),
             unsubmitted: 0,
+            submit_batch: 0,
             kick: None,
             stop: None,
             fixed_files: false,
             fixed_buffers: Vec::new(),
         })
+    }
+
+    /// Hands the kernel what is queued as soon as `n` SQEs are (0: only
+    /// at [`QueueRing::submit`] and [`QueueRing::wait`]).
+    pub fn set_submit_batch(&mut self, n: u32) {
+        self.submit_batch = n;
     }
 
     /// Registers the files I/O goes to, in [`RingFile::slot`] order. In
@@ -234,6 +243,9 @@ impl QueueRing {
             // SAFETY: the caller's.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 self.unsubmitted += 1;
+                if self.unsubmitted == self.submit_batch {
+                    self.submit()?;
+                }
                 return Ok(());
             }
             self.ring.submit()?;
@@ -533,5 +545,54 @@ mod tests {
             assert_eq!(&after[8192..], &content[8192..], "{name}: bytes after");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_submit_batch_hands_the_kernel_every_nth_request_as_it_is_queued() {
+        let f = tempfile_in_temp("batch");
+        let stop = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        for (batch, queued_after) in [(0, [1, 2, 3, 4]), (1, [0, 0, 0, 0]), (2, [1, 0, 1, 0])] {
+            let mut ring = QueueRing::new(64).expect("ring");
+            ring.set_submit_batch(batch);
+            ring.start(None, stop.as_raw_fd()).expect("start");
+            let mut bufs = vec![[0u8; 512]; 4];
+            let mut left = Vec::new();
+            for (i, buf) in bufs.iter_mut().enumerate() {
+                let slot = ring.add(Pending {
+                    head: i as u16,
+                    status: GuestAddress(0),
+                    written: 0,
+                    remaining: 1,
+                    failed: false,
+                    wrote: None,
+                });
+                let file = RingFile {
+                    fd: f.as_raw_fd(),
+                    slot: 0,
+                };
+                // SAFETY: the buffers outlive the requests, which are
+                // all reaped below.
+                unsafe { ring.push_rw(false, file, buf.as_mut_ptr(), 512, 0, slot) }.expect("push");
+                left.push(ring.ring.submission().len());
+            }
+            assert_eq!(left, queued_after, "submit_batch {batch}");
+            let session = Session::start(None).expect("fence");
+            let mut done = Vec::new();
+            while done.len() < 4 {
+                ring.wait().expect("wait");
+                ring.reap(&session, &mut done);
+            }
+            assert!(done.iter().all(|p| !p.failed));
+        }
+    }
+
+    /// A 4 KiB file of its own in the temporary directory, open for
+    /// reading; removed at once (the open file stays).
+    fn tempfile_in_temp(name: &str) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("uring-{name}-{}", std::process::id()));
+        std::fs::write(&path, [7u8; 4096]).expect("write");
+        let f = std::fs::File::open(&path).expect("open");
+        let _ = std::fs::remove_file(&path);
+        f
     }
 }

@@ -91,6 +91,7 @@ impl QueueWorker {
             .next_power_of_two()
             .max(64);
         let mut ring = QueueRing::new(ring_entries)?;
+        ring.set_submit_batch(self.export.spec.submit_batch);
         let name = format!("queue {}", self.queue);
         let kick = self
             .vring

@@ -124,6 +124,7 @@ fn start_named_server(dir: &Path, name: &str) -> Server {
             queue_size: 64,
             poll_us: 20,
             fixed_buffers: false,
+            submit_batch: blk_control::spec::DEFAULT_SUBMIT_BATCH,
         },
         &SharedFiles::default(),
         BaseIo::Page,

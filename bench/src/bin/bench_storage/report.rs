@@ -158,6 +158,65 @@ pub fn cost_table(cells: &[Cell]) -> Result<Table> {
     Ok(table)
 }
 
+/// Where a request's time goes, per cell on a disk: the time from one
+/// request to the next in its slot (the requests kept in flight over the
+/// rate, by Little's law), the part of it spent in the host's block layer
+/// and device (from the disk's counters), and what is left: the time in
+/// the guest, the frontend and the backend, or in fio itself. A row that
+/// keeps fewer requests at the device than it has in flight waits
+/// outside it. Medians over the runs.
+pub fn wait_table(cells: &[Cell]) -> Result<Option<Table>> {
+    let mut table = Table::new([
+        ("storage", Left),
+        ("workload", Left),
+        ("row", Left),
+        ("IOPS", Right),
+        ("in flight", Right),
+        ("µs per request", Right),
+        ("in the device, µs", Right),
+        ("outside it, µs", Right),
+        ("at the device on average", Right),
+        ("disk requests per I/O", Right),
+    ]);
+    let mut any = false;
+    for c in cells {
+        let depth = c.in_flight() as f64;
+        let per_run: Vec<[f64; 4]> = c
+            .samples
+            .iter()
+            .filter(|s| s.iops > 0.0 && s.ios > 0.0)
+            .filter_map(|s| {
+                let d = s.device?;
+                Some([
+                    depth / s.iops * 1e6,
+                    d.mean_us,
+                    d.in_flight(s.iops),
+                    d.ios as f64 / s.ios,
+                ])
+            })
+            .collect();
+        if per_run.is_empty() {
+            continue;
+        }
+        let median =
+            |f: fn(&[f64; 4]) -> f64| bench::median(&per_run.iter().map(f).collect::<Vec<f64>>());
+        table.row([
+            c.storage.clone(),
+            c.workload.name.to_string(),
+            c.label(),
+            format!("{:.0}", c.median_iops),
+            format!("{depth:.0}"),
+            format!("{:.0}", median(|r| r[0])?),
+            format!("{:.0}", median(|r| r[1])?),
+            format!("{:.0}", median(|r| r[0] - r[1])?),
+            format!("{:.1}", median(|r| r[2])?),
+            format!("{:.2}", median(|r| r[3])?),
+        ]);
+        any = true;
+    }
+    Ok(any.then_some(table))
+}
+
 /// vmm + blk-backend filtered and unfiltered, filtered IOPS over
 /// unfiltered.
 pub fn seccomp_table(cells: &[Cell]) -> Table {

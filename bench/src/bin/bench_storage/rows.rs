@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use bench::diskstat::Counters;
 use serde::Serialize;
 use test_infra::{
     BlkBackendProcess, Disk, Machine, Patience, QemuConsole, QemuVm, StorageDaemon, VmmVm,
@@ -138,6 +139,8 @@ pub struct Sample {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// What the disk under the file did in the run (none on tmpfs).
+    pub device: Option<bench::diskstat::Activity>,
 }
 
 #[derive(Serialize)]
@@ -164,6 +167,17 @@ impl Cell {
             Some(v) => format!("{} [{v}]", self.row.label()),
             None => self.row.label().to_string(),
         }
+    }
+
+    /// Requests it keeps in flight: the workload's depth on each of its
+    /// queues (fio jobs); QEMU's rows run one queue.
+    pub fn in_flight(&self) -> u32 {
+        let queues = if self.row.label().starts_with("QEMU") {
+            1
+        } else {
+            self.workload.queues
+        };
+        self.workload.qd * u32::from(queues)
     }
 
     /// A cell of `samples` (each run's, in order).
@@ -203,6 +217,9 @@ pub struct Place<'a> {
     pub snap: &'a Path,
     pub window: (u64, u64),
     pub sock: PathBuf,
+    /// The block device under the file ("vda"), whose counters each run
+    /// reads; none on tmpfs.
+    pub device: Option<String>,
 }
 
 /// vmm + blk-backend with options of its own (`--variant NAME=OPTIONS`):
@@ -257,7 +274,11 @@ pub fn measure(a: &Args, bins: &Binaries, place: &Place, w: &Workload) -> Result
                 variant.map_or(String::new(), |v| format!(" [{}]", v.name)),
                 run + 1
             );
-            samples.push(run_row(a, bins, place, (*row, *variant), w)?);
+            let before = place.device.as_deref().and_then(Counters::read);
+            let mut sample = run_row(a, bins, place, (*row, *variant), w)?;
+            let after = place.device.as_deref().and_then(Counters::read);
+            sample.device = after.zip(before).and_then(|(a, b)| a.since(&b));
+            samples.push(sample);
         }
     }
     rows.into_iter()
@@ -416,6 +437,7 @@ fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) 
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
         p999_us: pct("99.900000"),
+        device: None,
     })
 }
 
@@ -465,6 +487,7 @@ fn sample_of(r: &test_infra::GuestRun) -> Result<Sample> {
         p50_us: lat("p50"),
         p99_us: lat("p99"),
         p999_us: lat("p99_9"),
+        device: None,
     })
 }
 

@@ -9,7 +9,11 @@
 //!
 //! Field order: Documentation/block/stat.rst (read I/Os, merges,
 //! sectors, ticks; the same for writes; in flight; io_ticks;
-//! time_in_queue; then discards and flushes).
+//! time_in_queue; then discards and flushes). The read and write ticks
+//! are taken, not time_in_queue, which counts flushes too (a journal's,
+//! say) that the I/O count does not; the kernel prints ticks as 32-bit
+//! milliseconds, which wrap (at 32 requests in flight, every 1.5 days),
+//! so they are subtracted modulo 2^32.
 
 use serde::Serialize;
 
@@ -18,9 +22,9 @@ use serde::Serialize;
 pub struct Counters {
     /// Reads and writes completed.
     pub ios: u64,
-    /// Milliseconds requests spent in the block layer and the device,
-    /// summed over every request (`time_in_queue`).
-    pub queue_ms: u64,
+    /// Milliseconds reads and writes spent in the block layer and the
+    /// device, summed over every request, modulo 2^32.
+    pub queue_ms: u32,
 }
 
 impl Counters {
@@ -36,9 +40,12 @@ impl Counters {
             .map(str::parse)
             .collect::<Result<_, _>>()
             .ok()?;
+        // Up to time_in_queue, so that a line cut short is refused.
+        f.get(10)?;
+        let ticks = |i: usize| f[i] as u32;
         Some(Counters {
-            ios: f.first()? + f.get(4)?,
-            queue_ms: *f.get(10)?,
+            ios: f[0] + f[4],
+            queue_ms: ticks(3).wrapping_add(ticks(7)),
         })
     }
 
@@ -47,7 +54,7 @@ impl Counters {
     /// device, a reset).
     pub fn since(&self, before: &Counters) -> Option<Activity> {
         let ios = self.ios.checked_sub(before.ios).filter(|n| *n > 0)?;
-        let queue_ms = self.queue_ms.checked_sub(before.queue_ms)?;
+        let queue_ms = self.queue_ms.wrapping_sub(before.queue_ms);
         Some(Activity {
             ios,
             mean_us: queue_ms as f64 * 1000.0 / ios as f64,
@@ -79,7 +86,9 @@ mod tests {
 
     #[test]
     fn counters_are_the_reads_and_writes_and_the_weighted_time() {
-        let line = "  100  5  800  40   300  7  2400  960    2   500   1000  0 0 0 0  9 20\n";
+        // 40 ms of reads and 960 of writes; time_in_queue (1020) also
+        // counts the flushes' 20.
+        let line = "  100  5  800  40   300  7  2400  960    2   500   1020  0 0 0 0  9 20\n";
         let c = Counters::parse(line).unwrap();
         assert_eq!(
             c,
@@ -111,6 +120,16 @@ mod tests {
             queue_ms: 1,
         };
         assert_eq!(reset.since(&c), None);
+        // Ticks that wrapped past 2^32 ms still give the time between.
+        let before = Counters {
+            ios: 10,
+            queue_ms: u32::MAX - 99,
+        };
+        let after = Counters {
+            ios: 110,
+            queue_ms: 400,
+        };
+        assert_eq!(after.since(&before).unwrap().mean_us, 5000.0);
         assert_eq!(Counters::parse("1 2 3"), None);
         assert_eq!(Counters::parse("a b c d e f g h i j k"), None);
     }

@@ -54,11 +54,11 @@ struct Args {
     /// page of guest memory allocated and pinned while the queue runs.
     #[arg(long)]
     fixed_buffers: bool,
-    /// Requests a queue worker hands the kernel per io_uring_enter at
-    /// most: it submits as soon as this many are queued, so the disk
-    /// starts on the first of a batch while the rest are read from the
-    /// guest's ring. 0 submits all it took from the ring in one call
-    /// (fewest system calls). On a virtual disk a large batch is one
+    /// Reads and writes a queue worker hands the kernel per io_uring_enter
+    /// at most (a request in several pieces makes several): it submits as
+    /// soon as this many are queued, so the disk starts on the first of a
+    /// batch while the rest are parsed. 0 submits a whole batch in one
+    /// call (fewest system calls). On a virtual disk a large batch is one
     /// notification of its host, answered late as one.
     #[arg(long, default_value_t = Settings::default().submit_batch)]
     submit_batch: u32,

@@ -1,7 +1,8 @@
 //! The hot path: one io_uring per queue, which is also its worker's only
 //! wait. Every request a kick makes available is turned into reads and
-//! writes straight between the layer files and guest memory, submitted in
-//! one batch; the kick itself (a multishot poll of the kick eventfd: one
+//! writes straight between the layer files and guest memory, handed to the
+//! kernel a few SQEs at a time as they are made (`submit_batch`) and the
+//! rest at the end of the batch; the kick itself (a multishot poll of the kick eventfd: one
 //! completion per kick, the eventfd never read, its count of no interest),
 //! the worker's stop and every I/O complete on the same ring, and one
 //! `io_uring_enter` submits a batch and sleeps until the next of them.
@@ -136,7 +137,8 @@ impl QueueRing {
     }
 
     /// Hands the kernel what is queued as soon as `n` SQEs are (0: only
-    /// at [`QueueRing::submit`] and [`QueueRing::wait`]).
+    /// at [`QueueRing::submit`] and [`QueueRing::wait`]). SQEs, not
+    /// requests: a request in several pieces makes several.
     pub fn set_submit_batch(&mut self, n: u32) {
         self.submit_batch = n;
     }
@@ -243,7 +245,7 @@ impl QueueRing {
             // SAFETY: the caller's.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 self.unsubmitted += 1;
-                if self.unsubmitted == self.submit_batch {
+                if self.submit_batch > 0 && self.unsubmitted >= self.submit_batch {
                     // The SQE is queued whatever this says: one the kernel
                     // could not take now goes with the next submit (an
                     // error here would fail a request still on the ring).
@@ -355,7 +357,9 @@ impl QueueRing {
 
     /// Submits everything queued, in one system call.
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.unsubmitted > 0 {
+        // The queue itself says: a submit that took only part of it (or
+        // failed) leaves entries the count no longer names.
+        if self.unsubmitted > 0 || !self.ring.submission().is_empty() {
             self.ring.submit()?;
             self.unsubmitted = 0;
         }

@@ -335,7 +335,8 @@ impl Running {
         None
     }
 
-    /// Pops every available chain and runs them (one ring submission).
+    /// Pops every available chain and runs them (their SQEs reach the
+    /// kernel `submit_batch` at a time, the rest at the end).
     fn pop_and_run(&mut self, mem: &GuestMemoryMmap) -> io::Result<()> {
         if !self.ring_sane(mem) {
             return Ok(());
@@ -374,7 +375,7 @@ impl Running {
         Ok(())
     }
 
-    /// Pops every available chain, runs them, submits the ring once.
+    /// Pops every available chain, runs them, submits what is left.
     fn process_queue(&mut self) -> io::Result<()> {
         let mem = self.w.mem.memory();
         loop {
@@ -448,7 +449,7 @@ impl Running {
                 }
             }
         }
-        // Every chain this kick made available, in one submission.
+        // What the early submits (`submit_batch`) left of this batch.
         self.ring.submit()?;
         self.publish()
     }

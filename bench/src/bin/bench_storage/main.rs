@@ -143,7 +143,7 @@ fn main() -> Result<()> {
         md += &format!("\n## Round by round\n\nEach round ran the rows of a workload one after the other on the same file; a ratio is taken within a round, then its median and spread over the rounds.\n\n{t}");
     }
     if let Some(t) = report::wait_table(&cells)? {
-        md += &format!("\n## Where a request waits\n\nThe time from one request to the next in its slot (requests in flight over IOPS), the part spent in the host's block layer and disk (its `/sys/block/DEV/stat` counters over the run), and what is left, spent in the guest, the frontend and the backend (or in fio); medians of the runs. A row that keeps fewer requests at the disk than it has in flight waits outside it.\n\n{t}");
+        md += &format!("\n## Where a request waits\n\nThe time from one request to the next in its slot (requests in flight over IOPS), the part spent in the host's block layer and disk (its `/sys/block/DEV/stat` counters over the run), and what is left, spent in the guest, the frontend and the backend (or in fio); medians of the runs. A row that keeps fewer requests at the disk than it has in flight waits outside it. The split holds where each I/O is one disk request (the last column: above 1.00, other I/O shared the disk or requests were split).\n\n{t}");
     }
     md += &format!("\n## blk-backend cost\n\nThe backend process alone (every thread, the kernel's io_uring workers included), per million I/Os the guest completed; host fio's whole process on the same I/O beside it, the cost of the kernel's path alone.\n\n{}", report::cost_table(&cells)?);
     if !chains.is_empty() {

@@ -164,7 +164,10 @@ pub fn cost_table(cells: &[Cell]) -> Result<Table> {
 /// and device (from the disk's counters), and what is left: the time in
 /// the guest, the frontend and the backend, or in fio itself. A row that
 /// keeps fewer requests at the device than it has in flight waits
-/// outside it. Medians over the runs.
+/// outside it. Medians over the runs. The disk's time is per disk
+/// request, over the whole run (the VM's start and end do next to no
+/// I/O); the split holds where each I/O is one disk request (the last
+/// column says).
 pub fn wait_table(cells: &[Cell]) -> Result<Option<Table>> {
     let mut table = Table::new([
         ("storage", Left),

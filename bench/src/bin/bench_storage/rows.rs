@@ -274,6 +274,9 @@ pub fn measure(a: &Args, bins: &Binaries, place: &Place, w: &Workload) -> Result
                 variant.map_or(String::new(), |v| format!(" [{}]", v.name)),
                 run + 1
             );
+            // Dirty pages of what ran before (a build, the last row's
+            // files) written back now, not in the middle of this run.
+            rustix::fs::sync();
             let before = place.device.as_deref().and_then(Counters::read);
             let mut sample = run_row(a, bins, place, (*row, *variant), w)?;
             let after = place.device.as_deref().and_then(Counters::read);

@@ -148,6 +148,57 @@ pub fn acquire(path: &Path, kind: LockKind, wanted: &'static str) -> Result<Imag
     }
 }
 
+/// Waits, at most `patience`, until no writer holds `path` (whoever
+/// holds it exclusive lets go, or the file is gone): true then, false when
+/// the patience ran out. The kernel does the waiting (`F_OFD_SETLKW` for
+/// a shared lock, in a thread of its own that lets go of it at once), not
+/// a poll; a thread still blocked when its caller gave up gets the lock
+/// later and lets go as promptly, or ends with the process.
+pub fn wait_for_writer(path: &Path, patience: std::time::Duration) -> Result<bool, LockError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(source) => {
+            return Err(LockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("layer lock wait".into())
+        .spawn(move || {
+            let mut fl = whole_file(LockKind::Shared.fcntl_type());
+            // SAFETY: F_OFD_SETLKW on our own descriptor with a valid
+            // flock; the lock goes with the descriptor, dropped below.
+            let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &mut fl) };
+            let got = if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            };
+            drop(file);
+            let _ = tx.send(got);
+        })
+        .map_err(|source| LockError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    match rx.recv_timeout(patience) {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(source)) => Err(LockError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(false),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(LockError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::other("the lock wait ended without an answer"),
+        }),
+    }
+}
+
 /// Who holds a lock on `path` that would stop a writer (any lock), if anyone.
 pub fn holder(path: &Path) -> io::Result<Option<Holder>> {
     holder_of(&File::open(path)?, LockKind::Exclusive)
@@ -220,6 +271,28 @@ fn holder_pid_from_fdinfo(dev: u64, ino: u64, kind: LockKind) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_for_the_writer_ends_when_it_lets_go_or_the_patience_runs_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("layer");
+        std::fs::write(&p, b"x").unwrap();
+        let w = acquire(&p, LockKind::Exclusive, "write").unwrap();
+        let short = std::time::Duration::from_millis(50);
+        assert!(!wait_for_writer(&p, short).unwrap(), "the writer holds it");
+        // A waiter started before the writer lets go: it ends whichever
+        // comes first.
+        let q = p.clone();
+        let waiter = std::thread::spawn(move || {
+            wait_for_writer(&q, std::time::Duration::from_secs(600)).unwrap()
+        });
+        drop(w);
+        assert!(waiter.join().unwrap());
+        // Readers do not stop it; a file gone has no writer.
+        let _r = acquire(&p, LockKind::Shared, "read").unwrap();
+        assert!(wait_for_writer(&p, short).unwrap());
+        assert!(wait_for_writer(&dir.path().join("gone"), short).unwrap());
+    }
 
     #[test]
     fn writers_exclude_everyone_readers_share_and_dropping_releases() {

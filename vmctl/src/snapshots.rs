@@ -618,7 +618,7 @@ pub fn backup(
         Some(l) => l,
         None => crate::state::lock_dir(dest, true)?.context("locking the backup directory")?,
     };
-    let stats = backup::backup(&env, &sealed, from.as_deref(), &dest.join(&file), progress)
+    let stats = backup_chain(&env, &sealed, from.as_deref(), &dest.join(&file), progress)
         .with_context(|| format!("backing up {}", sealed.display()))?;
     manifest.config = VmConfig {
         restore: None,
@@ -667,6 +667,49 @@ pub fn backup(
             "paused-ms": paused_ms,
         }),
     })
+}
+
+/// `backup::backup`, waiting out a writer of a layer of the chain. A
+/// killed verb's merge (`export-merge`: its request sent, its client gone)
+/// can still be running in the backend, or start only now, serialized
+/// after this backup's own seal: a layer under the seal is then open for
+/// writing until the merge ends, and the backend always lets go of it
+/// then. Anyone else's writer (a user's `img` on a layer) is waited for no
+/// longer than `WRITER_PATIENCE`, then reported.
+fn backup_chain(
+    env: &Arc<dyn Env>,
+    sealed: &Path,
+    from: Option<&Path>,
+    out: &Path,
+    progress: image_format::ops::Progress,
+) -> image_format::Result<backup::BackupStats> {
+    const WRITER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+    const TRIES: usize = 5;
+    let mut tries = 0;
+    loop {
+        match backup::backup(env, sealed, from, out, &mut *progress) {
+            Err(image_format::Error::Lock(image_format::lock::LockError::InUse {
+                path,
+                holder,
+                wanted,
+            })) if holder.kind == image_format::lock::LockKind::Exclusive
+                && holder.pid != Some(std::process::id())
+                && tries < TRIES =>
+            {
+                tries += 1;
+                cli_support::say!("vmctl: {}: {holder}; waiting for it", path.display());
+                if !image_format::lock::wait_for_writer(&path, WRITER_PATIENCE)? {
+                    return Err(image_format::lock::LockError::InUse {
+                        path,
+                        holder,
+                        wanted,
+                    }
+                    .into());
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What a backup killed mid-way left in DEST (the caller holds DEST's

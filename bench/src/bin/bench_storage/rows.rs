@@ -114,6 +114,14 @@ impl Row {
         }
     }
 
+    /// QEMU's rows boot one vCPU with one queue, whatever the workload.
+    pub fn one_queue(self) -> bool {
+        matches!(
+            self,
+            Row::QemuVirtioBlk | Row::QemuQsd | Row::QemuBlkBackend
+        )
+    }
+
     pub fn short(&self) -> &'static str {
         match self {
             Row::HostFio => "fio",
@@ -172,7 +180,7 @@ impl Cell {
     /// Requests it keeps in flight: the workload's depth on each of its
     /// queues (fio jobs); QEMU's rows run one queue.
     pub fn in_flight(&self) -> u32 {
-        let queues = if self.row.label().starts_with("QEMU") {
+        let queues = if self.row.one_queue() {
             1
         } else {
             self.workload.queues
@@ -255,8 +263,7 @@ pub fn measure(a: &Args, bins: &Binaries, place: &Place, w: &Workload) -> Result
     for row in Row::ALL
         .into_iter()
         .filter(|r| a.rows.is_empty() || a.rows.iter().any(|n| n == r.short()))
-        // QEMU's rows here boot one vCPU.
-        .filter(|r| w.queues == 1 || !r.label().starts_with("QEMU"))
+        .filter(|r| w.queues == 1 || !r.one_queue())
     {
         rows.push((row, None));
         if row == Row::VmmBlkBackend {

@@ -9,6 +9,7 @@ use std::num::ParseIntError;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use cpu_affinity::{CpuError, CpuList};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -39,6 +40,8 @@ pub enum SpecError {
     },
     #[error("{0}= is missing")]
     Missing(&'static str),
+    #[error("worker_cpus: {0}")]
+    WorkerCpus(#[from] CpuError),
 }
 
 /// blk-backend's default `submit_batch`. On a virtual disk (a virtio
@@ -68,6 +71,9 @@ pub struct Settings {
     /// SQEs a queue worker hands the kernel per `io_uring_enter` at most
     /// (0: all of a batch at once).
     pub submit_batch: u32,
+    /// The host CPUs of the queue workers, one each in turn (queue `k`'s
+    /// on the list's `k`-th); none: wherever the kernel runs them.
+    pub worker_cpus: Option<CpuList>,
 }
 
 impl Default for Settings {
@@ -80,6 +86,7 @@ impl Default for Settings {
             poll_us: 50,
             fixed_buffers: false,
             submit_batch: DEFAULT_SUBMIT_BATCH,
+            worker_cpus: None,
         }
     }
 }
@@ -93,6 +100,9 @@ impl Settings {
         }
         if !self.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&self.queue_size) {
             return Err(SpecError::QueueSize(self.queue_size));
+        }
+        if let Some(cpus) = &self.worker_cpus {
+            cpus.check_allowed()?;
         }
         Ok(())
     }
@@ -118,6 +128,9 @@ pub struct ExportSpec {
     /// several pieces makes several): the disk starts on the first of a
     /// batch while the rest are parsed (0: the whole batch in one call).
     pub submit_batch: u32,
+    /// Queue `k`'s worker runs on the list's `k`-th CPU, in turn (none:
+    /// wherever the kernel runs it).
+    pub worker_cpus: Option<CpuList>,
 }
 
 /// One export as asked for: where (socket and image) and the settings it
@@ -141,6 +154,9 @@ pub struct ExportArgs {
     pub fixed_buffers: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submit_batch: Option<u32>,
+    /// In JSON a string, as on a command line: `"0-1,3"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_cpus: Option<CpuList>,
 }
 
 impl ExportArgs {
@@ -163,6 +179,7 @@ impl ExportArgs {
             poll_us: self.poll_us.unwrap_or(defaults.poll_us),
             fixed_buffers: self.fixed_buffers.unwrap_or(defaults.fixed_buffers),
             submit_batch: self.submit_batch.unwrap_or(defaults.submit_batch),
+            worker_cpus: self.worker_cpus.or_else(|| defaults.worker_cpus.clone()),
         };
         s.check()?;
         Ok(ExportSpec {
@@ -174,23 +191,35 @@ impl ExportArgs {
             poll_us: s.poll_us,
             fixed_buffers: s.fixed_buffers,
             submit_batch: s.submit_batch,
+            worker_cpus: s.worker_cpus,
         })
     }
 }
 
 /// `--export`'s list: `socket=PATH,image=PATH[,readonly=on][,num_queues=N]
-/// [,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N]`.
+/// [,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N]
+/// [,worker_cpus=LIST]`. The CPU list's own commas stay in it: what
+/// follows `worker_cpus=` up to the next key is its list (`worker_cpus=0,2`).
 impl FromStr for ExportArgs {
     type Err = SpecError;
 
     fn from_str(list: &str) -> Result<ExportArgs, SpecError> {
         let (mut socket, mut image) = (None, None);
         let mut e = ExportArgs::default();
+        let mut cpus: Option<String> = None;
+        let mut in_cpus = false;
         for kv in list.split(',') {
+            if let (Some(c), true, false) = (&mut cpus, in_cpus, kv.contains('=')) {
+                c.push(',');
+                c.push_str(kv);
+                continue;
+            }
             let (k, v) = kv
                 .split_once('=')
                 .ok_or_else(|| SpecError::NotKeyValue(kv.to_string()))?;
+            in_cpus = k == "worker_cpus";
             match k {
+                "worker_cpus" => cpus = Some(v.to_string()),
                 "socket" => socket = Some(PathBuf::from(v)),
                 "image" => image = Some(PathBuf::from(v)),
                 "readonly" => e.readonly = Some(on_off(k, v)?),
@@ -202,6 +231,7 @@ impl FromStr for ExportArgs {
                 _ => return Err(SpecError::UnknownKey(k.to_string())),
             }
         }
+        e.worker_cpus = cpus.map(|c| c.parse()).transpose()?;
         e.socket = socket.ok_or(SpecError::Missing("socket"))?;
         e.image = image.ok_or(SpecError::Missing("image"))?;
         Ok(e)
@@ -272,6 +302,7 @@ mod tests {
             poll_us: 7,
             fixed_buffers: true,
             submit_batch: 3,
+            worker_cpus: None,
         };
         let spec = ExportArgs::new("/s", "/i").resolve(&defaults).unwrap();
         assert_eq!(
@@ -285,6 +316,7 @@ mod tests {
                 poll_us: 7,
                 fixed_buffers: true,
                 submit_batch: 3,
+                worker_cpus: None,
             }
         );
         let own = ExportArgs {
@@ -337,11 +369,46 @@ mod tests {
                 poll_us: Some(0),
                 fixed_buffers: Some(true),
                 submit_batch: Some(8),
+                worker_cpus: None,
             }
         );
         let e: ExportArgs = "image=b.img,socket=b.sock,readonly=0".parse().unwrap();
         assert_eq!(e.readonly, Some(false));
         assert_eq!(e.num_queues, None);
+        assert_eq!(e.worker_cpus, None);
+    }
+
+    #[test]
+    fn worker_cpus_keep_their_commas_in_a_list_and_are_checked_against_the_host() {
+        let e: ExportArgs = "socket=s,worker_cpus=0,2-3,image=i,readonly=on"
+            .parse()
+            .unwrap();
+        assert_eq!(e.worker_cpus.as_ref().unwrap().cpus(), &[0, 2, 3]);
+        assert_eq!((e.image.to_str(), e.readonly), (Some("i"), Some(true)));
+        // The process's default, when the export gives none; its own wins.
+        let here = cpu_affinity::current_affinity().unwrap();
+        let defaults = Settings {
+            worker_cpus: Some(here.clone()),
+            ..Settings::default()
+        };
+        let spec = ExportArgs::new("/s", "/i").resolve(&defaults).unwrap();
+        assert_eq!(spec.worker_cpus, Some(here.clone()));
+        let first: CpuList = here.cpus()[0].to_string().parse().unwrap();
+        let own = ExportArgs {
+            worker_cpus: Some(first.clone()),
+            ..ExportArgs::new("/s", "/i")
+        };
+        assert_eq!(own.resolve(&defaults).unwrap().worker_cpus, Some(first));
+        // A CPU the process may not run on is refused, by number.
+        let beyond = ExportArgs {
+            worker_cpus: Some("1000".parse().unwrap()),
+            ..ExportArgs::new("/s", "/i")
+        };
+        let err = beyond.resolve(&defaults).unwrap_err().to_string();
+        assert!(
+            err.starts_with("worker_cpus: CPU 1000 is not one this process may run on"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -361,6 +428,14 @@ mod tests {
         assert_eq!(
             err("socket=s,image=i,poll_us=-1"),
             "poll_us takes a number, not \"-1\""
+        );
+        assert_eq!(
+            err("socket=s,image=i,worker_cpus=1,x"),
+            "worker_cpus: \"x\" is not a CPU number or a range of them (give CPUs as 0-3,6)"
+        );
+        assert_eq!(
+            err("socket=s,worker_cpus=1,readonly=on,2,image=i"),
+            "\"2\" is not key=value"
         );
         assert_eq!(err("image=i"), "socket= is missing");
         assert_eq!(err("socket=s,num_queues=2"), "image= is missing");

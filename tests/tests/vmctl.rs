@@ -1638,3 +1638,123 @@ fn restores_the_golden_data(v: &Vmctl, dest: &str, name: &str) {
     v.ok(&["start", name]);
     v.assert_exits_ok(name);
 }
+
+/// The host CPUs a thread of `pid` named `name` may run on, as the kernel
+/// prints them (`Cpus_allowed_list`), once it exists.
+fn thread_cpus(pid: u64, name: &str) -> Option<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string());
+        }
+    }
+    None
+}
+
+/// `--vcpu-affinity` and `--disk-worker-cpus`: the vmm's vCPU threads and
+/// the disk's queue workers (in the VM's own backend and in the host's
+/// shared one) run on the CPUs given, each VM on its own; `set` changes
+/// and clears them; a CPU this host does not let us use is refused by
+/// name with the definition unchanged.
+#[test]
+fn vcpus_and_disk_workers_run_on_the_host_cpus_given() {
+    if !ready("vmctl_placement", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let base = golden(&fx);
+    let image = base.to_str().expect("utf-8");
+    // Two CPUs this process may use (one, used twice, on a one-CPU host).
+    let allowed = cpu_affinity::current_affinity().expect("this thread's CPUs");
+    let allowed = allowed.cpus();
+    let (first, last) = (
+        allowed[0].to_string(),
+        allowed[allowed.len() - 1].to_string(),
+    );
+    for (name, backend, vcpus, workers) in [
+        ("own", "vm", &last, &first),
+        ("shared", "host", &first, &last),
+    ] {
+        v.ok(&[
+            "create",
+            name,
+            "--image",
+            image,
+            "--memory",
+            "64M",
+            "--cmdline",
+            "mode=idle",
+            "--backend",
+            backend,
+            "--vcpu-affinity",
+            vcpus,
+            "--disk-worker-cpus",
+            workers,
+        ]);
+        let info = v.info(name);
+        assert_eq!(
+            (
+                info["vcpu-affinity"].as_str(),
+                info["disk-worker-cpus"].as_str()
+            ),
+            (Some(vcpus.as_str()), Some(workers.as_str())),
+            "{info}"
+        );
+        v.ok(&["start", name]);
+        until("the guest at rest", Duration::from_millis(500), || {
+            v.ok(&["logs", name]).contains("\"result\":\"idle\"")
+        });
+        let info = v.info(name);
+        let (vmm, backend) = (
+            info["pid"].as_u64().expect("a vmm pid"),
+            info["backend-pid"].as_u64().expect("a backend pid"),
+        );
+        assert_eq!(thread_cpus(vmm, "vcpu0").as_deref(), Some(vcpus.as_str()));
+        // The queue's worker starts once the guest's driver set it up.
+        until(
+            "the disk's queue worker",
+            Duration::from_millis(100),
+            || thread_cpus(backend, "queue 0").is_some(),
+        );
+        assert_eq!(
+            thread_cpus(backend, "queue 0").as_deref(),
+            Some(workers.as_str()),
+            "{name}"
+        );
+        v.ok(&["stop", name]);
+    }
+    // Bad lists and CPUs this host does not give us: refused by name,
+    // nothing changed.
+    let e = v.fails(&["set", "own", "--vcpu-affinity", "1000"]);
+    assert!(
+        e.contains("--vcpu-affinity 1000: CPU 1000 is not one this process may run on"),
+        "{e}"
+    );
+    let e = v.fails(&["set", "own", "--disk-worker-cpus", "3-1"]);
+    assert!(e.contains("a range runs from the lower CPU"), "{e}");
+    let e = v.fails(&["create", "bad", "--image", image, "--vcpu-affinity", "x"]);
+    assert!(e.contains("\"x\" is not a CPU number"), "{e}");
+    assert!(!v.vm_dir("bad").exists());
+    assert_eq!(v.info("own")["vcpu-affinity"].as_str(), Some(last.as_str()));
+    // Cleared: the threads may run anywhere again.
+    v.ok(&[
+        "set",
+        "own",
+        "--vcpu-affinity",
+        "any",
+        "--disk-worker-cpus",
+        "any",
+    ]);
+    let info = v.info("own");
+    assert!(
+        info["vcpu-affinity"].is_null() && info["disk-worker-cpus"].is_null(),
+        "{info}"
+    );
+    v.ok(&["delete", "own", "shared"]);
+}

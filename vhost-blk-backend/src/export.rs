@@ -668,6 +668,7 @@ mod tests {
                 poll_us: 0,
                 fixed_buffers: false,
                 submit_batch: 0,
+                worker_cpus: None,
             },
             &SharedFiles::default(),
             BaseIo::Page,

@@ -18,7 +18,7 @@ use vhost_blk_backend::seccomp;
     version,
     about = "vhost-user-blk server for snapshot-chain images",
     after_help = "Either --socket and --image for one export, or --export once per export:\n  \
-                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N]\n\n\
+                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N][,worker_cpus=LIST]\n\n\
                   A frontend that reconnects after this process was killed and restarted\n\
                   resumes where it was: requests in flight run again (the vhost-user inflight\n\
                   region) and completed writes are found in the crash shadow (--shadow-dir)."
@@ -62,6 +62,14 @@ struct Args {
     /// notification of its host, answered late as one.
     #[arg(long, default_value_t = Settings::default().submit_batch)]
     submit_batch: u32,
+    /// Host CPUs for the queue workers, as taskset -c writes them
+    /// (0-3,6): queue k's worker runs on the list's k-th CPU, in turn. On a
+    /// host whose disk interrupts one CPU, the workers there and the
+    /// guest's vCPUs on the others (the vmm's --vcpu-affinity) keep a
+    /// completion from waking a worker on another core. Default: wherever
+    /// the kernel runs them.
+    #[arg(long, value_name = "LIST")]
+    worker_cpus: Option<cpu_affinity::CpuList>,
     /// Where the crash shadows of writable images live: a tmpfs, so they
     /// survive this process but not a reboot, that only the serving user
     /// can reach (made with mode 0700 if missing; one others may write,
@@ -96,6 +104,7 @@ impl Args {
             poll_us: self.poll_us,
             fixed_buffers: self.fixed_buffers,
             submit_batch: self.submit_batch,
+            worker_cpus: self.worker_cpus.clone(),
         }
     }
 }
@@ -139,6 +148,9 @@ fn main() {
 
 fn run(a: Args) -> Result<()> {
     let settings = a.settings();
+    // Every export takes these unless it gives its own: wrong ones fail
+    // here, not at the first export-add.
+    settings.check()?;
     let mut specs = Vec::new();
     if let (Some(socket), Some(image)) = (&a.socket, &a.image) {
         specs.push(ExportArgs::new(socket, image).resolve(&settings)?);

@@ -66,7 +66,9 @@ pub const SESSION: Policy = Policy {
             "ppoll",
             "read",
             "recvmsg",
-            // Each worker narrows its inherited filter to its own.
+            // A worker pins itself to its CPU (`worker_cpus`) before it
+            // narrows its inherited filter to its own.
+            "sched_setaffinity",
             "seccomp",
             "sendmsg",
             "shutdown",
@@ -136,6 +138,8 @@ pub const CONTROL: Policy = Policy {
             "recvfrom",
             "recvmsg",
             "rename",
+            // The workers of its sessions pin themselves (`worker_cpus`).
+            "sched_setaffinity",
             "seccomp",
             "sendmsg",
             "sendto",

@@ -100,6 +100,15 @@ impl QueueWorker {
             .as_ref()
             .map(|k| k.as_raw_fd());
         WorkerHandle::spawn(name, stop, move || {
+            // Before the filter narrows (it has no sched_setaffinity).
+            if let Some(cpus) = &self.export.spec.worker_cpus {
+                match cpus.pin_thread(self.queue as usize) {
+                    Ok(cpu) => debug!(queue = self.queue, cpu, "pinned"),
+                    // Checked at start; a CPU taken offline since (or a
+                    // cpuset narrowed) leaves the worker where it was.
+                    Err(e) => warn!(queue = self.queue, "not pinned: {e}"),
+                }
+            }
             // Before the filter narrows: enabling the ring is a register
             // call the session's filter allows and the worker's does not.
             if let Err(e) = ring.start(kick, stop_fd) {

@@ -125,6 +125,7 @@ fn start_named_server(dir: &Path, name: &str) -> Server {
             poll_us: 20,
             fixed_buffers: false,
             submit_batch: blk_control::spec::DEFAULT_SUBMIT_BATCH,
+            worker_cpus: None,
         },
         &SharedFiles::default(),
         BaseIo::Page,

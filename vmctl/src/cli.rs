@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::state::{BackendMode, RestoreMemory};
+use crate::state::{BackendMode, Placement, RestoreMemory};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,39 @@ pub struct VmOptions {
     /// virtiofsd of the VM's own while it runs): HOSTDIR:TAG; repeatable.
     #[arg(long = "share", value_name = "HOSTDIR:TAG")]
     pub shares: Vec<String>,
+    /// Host CPUs for its vCPUs, as taskset -c writes them (0-3,6): vCPU k
+    /// runs on the list's k-th CPU, in turn.
+    #[arg(long, value_name = "LIST")]
+    pub vcpu_affinity: Option<cpu_affinity::CpuList>,
+    /// Host CPUs for its disk's queue workers in blk-backend: queue k's on
+    /// the list's k-th CPU, in turn. On a host whose disk interrupts one
+    /// CPU, the workers there and the vCPUs elsewhere.
+    #[arg(long, value_name = "LIST")]
+    pub disk_worker_cpus: Option<cpu_affinity::CpuList>,
+}
+
+impl VmOptions {
+    pub fn placement(&self) -> Placement {
+        Placement {
+            vcpus: self.vcpu_affinity.clone(),
+            disk_workers: self.disk_worker_cpus.clone(),
+        }
+    }
+}
+
+/// A CPU list, or `any` for none (`vmctl set`).
+#[derive(Debug, Clone)]
+pub struct CpusOrAny(pub Option<cpu_affinity::CpuList>);
+
+impl std::str::FromStr for CpusOrAny {
+    type Err = cpu_affinity::CpuError;
+
+    fn from_str(s: &str) -> Result<CpusOrAny, Self::Err> {
+        Ok(CpusOrAny(match s {
+            "any" => None,
+            list => Some(list.parse()?),
+        }))
+    }
 }
 
 #[derive(Subcommand)]
@@ -348,6 +381,12 @@ pub enum Cmd {
         /// No NIC from now on.
         #[arg(long)]
         no_net: bool,
+        /// Host CPUs for its vCPUs (0-3,6), or any.
+        #[arg(long, value_name = "LIST|any")]
+        vcpu_affinity: Option<CpusOrAny>,
+        /// Host CPUs for its disk's queue workers (0-3,6), or any.
+        #[arg(long, value_name = "LIST|any")]
+        disk_worker_cpus: Option<CpusOrAny>,
         /// Whether `vmctl start --autostart` (the host's boot) starts it.
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         autostart: Option<bool>,

@@ -46,6 +46,9 @@ pub struct ExportEntry {
     pub socket: PathBuf,
     pub image: PathBuf,
     pub num_queues: u16,
+    /// Its queue workers' host CPUs (`worker_cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_cpus: Option<cpu_affinity::CpuList>,
     /// The VM's supervisor: when it is gone, so is the entry.
     pub owner_pid: u32,
 }
@@ -148,6 +151,7 @@ impl HostBackend {
     fn add(&self, e: &ExportEntry) -> Result<(), ClientError> {
         self.client()?.add(ExportArgs {
             num_queues: Some(e.num_queues.into()),
+            worker_cpus: e.worker_cpus.clone(),
             ..ExportArgs::new(&e.socket, &e.image)
         })
     }

@@ -62,6 +62,7 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         net: vm.net.clone(),
         nat: vm.nat,
         shares: parse_shares(&vm.shares)?,
+        placement: vm.placement(),
     })
 }
 
@@ -220,9 +221,12 @@ fn run(cli: Cli) -> Result<i32> {
             output,
         } => {
             let spec = match (image, from_snapshot) {
-                (_, Some(snap)) => {
-                    snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, restore_memory, false)
-                }
+                (_, Some(snap)) => snapshots::Snapshot::open(&root, &snap)?.spec(
+                    vm.backend,
+                    vm.placement(),
+                    restore_memory,
+                    false,
+                ),
                 (Some(image), None) => spec(image, &vm)?,
                 (None, None) => bail!("--image or --from-snapshot is needed"),
             };
@@ -375,6 +379,8 @@ fn run(cli: Cli) -> Result<i32> {
             nat,
             no_net,
             autostart,
+            vcpu_affinity,
+            disk_worker_cpus,
             output,
         } => {
             let changes = ops::Changes {
@@ -403,6 +409,8 @@ fn run(cli: Cli) -> Result<i32> {
                     .context("--disk-size")?,
                 net: if no_net { Some(None) } else { net.map(Some) },
                 nat,
+                vcpu_affinity: vcpu_affinity.map(|c| c.0),
+                disk_worker_cpus: disk_worker_cpus.map(|c| c.0),
             };
             ops::set(&root, &name, &changes)?;
             if output == Output::Json {
@@ -557,8 +565,12 @@ fn run(cli: Cli) -> Result<i32> {
             let timeout = timeout.map(Duration::from_secs);
             let demo = image.is_none() && from_snapshot.is_none();
             if let Some(snap) = from_snapshot {
-                let spec =
-                    snapshots::Snapshot::open(&root, &snap)?.spec(vm.backend, restore_memory, rm);
+                let spec = snapshots::Snapshot::open(&root, &snap)?.spec(
+                    vm.backend,
+                    vm.placement(),
+                    restore_memory,
+                    rm,
+                );
                 let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
                 return Ok(print_fleet(&report, output, false));
             }

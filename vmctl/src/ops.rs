@@ -160,6 +160,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
         &spec.kernel,
         &spec.initrd,
     )?;
+    spec.placement.check()?;
     if !spec.image.exists() {
         bail!("--image {}: no such image", spec.image.display());
     }
@@ -224,6 +225,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             net,
             shares: spec.shares.clone(),
             autostart: false,
+            placement: spec.placement.clone(),
         })?;
         Ok(())
     })
@@ -246,6 +248,10 @@ pub struct Changes {
     pub net: Option<Option<String>>,
     /// With a new NIC: its bridge masqueraded.
     pub nat: bool,
+    /// Its vCPUs' host CPUs from now on (`Some(None)`: anywhere).
+    pub vcpu_affinity: Option<Option<cpu_affinity::CpuList>>,
+    /// Its disk workers' host CPUs from now on (`Some(None)`: anywhere).
+    pub disk_worker_cpus: Option<Option<cpu_affinity::CpuList>>,
 }
 
 /// `vmctl set NAME ...`: a defined VM's definition changed, checked as
@@ -263,7 +269,9 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
         && ch.initrd.is_none()
         && ch.shares.is_none()
         && ch.disk_size.is_none()
-        && ch.net.is_none();
+        && ch.net.is_none()
+        && ch.vcpu_affinity.is_none()
+        && ch.disk_worker_cpus.is_none();
     if !only_autostart && vm.observed()?.is_active() {
         bail!("VM {name} is running: stop it first (its definition changes for its next start)");
     }
@@ -294,7 +302,14 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
     if let Some(v) = ch.autostart {
         c.autostart = v;
     }
+    if let Some(v) = &ch.vcpu_affinity {
+        c.placement.vcpus = v.clone();
+    }
+    if let Some(v) = &ch.disk_worker_cpus {
+        c.placement.disk_workers = v.clone();
+    }
     check_resources(c.cpus, c.queues, c.memory, &c.kernel, &c.initrd)?;
+    c.placement.check()?;
     // The NIC: a new one (its address allocated as create does) or none;
     // its address is free again once the definition says so.
     let _allocating = ch
@@ -684,6 +699,8 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
         "reason": match &observed { Observed::Failed(r) => Some(r.clone()), _ => status.as_ref().and_then(|s| s.reason.clone()) },
         "pid": status.as_ref().filter(|_| active).and_then(|s| s.vmm_pid),
         "cpus": c.cpus,
+        "vcpu-affinity": c.placement.vcpus.as_ref().map(ToString::to_string),
+        "disk-worker-cpus": c.placement.disk_workers.as_ref().map(ToString::to_string),
         "memory": c.memory,
         "image": c.image,
         "disk": vm.disk(),

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::host_backend::{self, HostBackend};
-use crate::state::{allocated, define, Spec};
+use crate::state::{allocated, define, Placement, Spec};
 use crate::state::{
     check_name, now_ms, read_json, write_json, BackendMode, Observed, RestoreFrom, RestoreMemory,
     Root, VmConfig, VmDir,
@@ -97,7 +97,14 @@ impl Snapshot {
 
     /// What `create --from-snapshot` makes: a VM of the snapshot's
     /// definition on a clone of its disk, continuing from it.
-    pub fn spec(&self, backend: BackendMode, memory: RestoreMemory, scratch: bool) -> Spec {
+    /// `placement`: the new VM's (a snapshot's host CPUs are its host's).
+    pub fn spec(
+        &self,
+        backend: BackendMode,
+        placement: Placement,
+        memory: RestoreMemory,
+        scratch: bool,
+    ) -> Spec {
         let c = &self.record.config;
         Spec {
             image: self.record.disk.clone(),
@@ -119,6 +126,7 @@ impl Snapshot {
             net: None,
             nat: false,
             shares: Vec::new(),
+            placement,
         }
     }
 

@@ -243,6 +243,43 @@ pub struct VmConfig {
     /// Started by `vmctl start --autostart` (the host's boot unit).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub autostart: bool,
+    /// Where its threads run on the host (none: anywhere).
+    #[serde(default, skip_serializing_if = "Placement::is_anywhere")]
+    pub placement: Placement,
+}
+
+/// Where a VM's threads run on the host: its vCPUs (the vmm's
+/// `--vcpu-affinity`) and its disk's queue workers (blk-backend's
+/// `worker_cpus`, in the host backend's export or the VM's own backend),
+/// each list spread one CPU per thread in turn (`cpu_affinity`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<cpu_affinity::CpuList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_workers: Option<cpu_affinity::CpuList>,
+}
+
+impl Placement {
+    pub fn is_anywhere(&self) -> bool {
+        self.vcpus.is_none() && self.disk_workers.is_none()
+    }
+
+    /// Refuses a CPU this host does not let the VM's processes use, by
+    /// the option that named it.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (option, cpus) in [
+            ("--vcpu-affinity", &self.vcpus),
+            ("--disk-worker-cpus", &self.disk_workers),
+        ] {
+            if let Some(c) = cpus {
+                c.check_allowed()
+                    .map_err(|e| anyhow::anyhow!("{option} {c}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A host folder a VM mounts by its tag (virtio-fs).
@@ -739,6 +776,7 @@ pub struct Spec {
     pub nat: bool,
     /// Host folders shared with it.
     pub shares: Vec<Share>,
+    pub placement: Placement,
 }
 
 /// Claims VM `name` and has `make` give it its disk and definition;

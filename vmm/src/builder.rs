@@ -499,9 +499,21 @@ fn start_vcpus(
         let m = Arc::clone(machine);
         let tx = events.clone();
         let ctl = Arc::clone(control);
+        let affinity = cfg.vcpu_affinity.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(id, vcpu, &m, &tx, &ctl))
+            .spawn(move || {
+                // Before the vCPU's filter, which has no sched_setaffinity.
+                if let Some(cpus) = affinity {
+                    match cpus.pin_thread(id as usize) {
+                        Ok(cpu) => debug!(vcpu = id, cpu, "pinned"),
+                        // Checked at start; a CPU gone since leaves the
+                        // vCPU where it was.
+                        Err(e) => warn!(vcpu = id, "not pinned: {e}"),
+                    }
+                }
+                vcpu::run(id, vcpu, &m, &tx, &ctl)
+            })
             .map_err(|e| BuildError::Thread("vCPU", e))?;
         control.add_thread(&t);
     }

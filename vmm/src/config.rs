@@ -215,6 +215,10 @@ pub struct VmConfig {
     pub cmdline: String,
     #[serde(default = "one_cpu")]
     pub cpus: u8,
+    /// vCPU `k`'s host CPU is the list's `k`-th, in turn (in JSON a
+    /// string: `"0-1"`); none: wherever the kernel runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_affinity: Option<cpu_affinity::CpuList>,
     /// Bytes of guest memory (in JSON: a number of bytes or "512M").
     #[serde(deserialize_with = "memory_size")]
     pub memory: u64,
@@ -431,6 +435,9 @@ impl VmConfig {
         let bad = |s: String| Err(ConfigError::Invalid(s));
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return bad(format!("--cpus {}: 1 to {MAX_CPUS}", self.cpus));
+        }
+        if let Some(Err(e)) = self.vcpu_affinity.as_ref().map(|c| c.check_allowed()) {
+            return bad(format!("--vcpu-affinity: {e}"));
         }
         if let Some(why) = memory_problem(self.memory) {
             return bad(format!("--memory {why}"));

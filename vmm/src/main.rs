@@ -30,6 +30,11 @@ struct Args {
     cmdline: String,
     #[arg(long, default_value_t = 1)]
     cpus: u8,
+    /// Host CPUs for the vCPU threads, as taskset -c writes them (0-3,6):
+    /// vCPU k runs on the list's k-th CPU, in turn. Default: wherever the
+    /// kernel runs them. With --restore too.
+    #[arg(long, value_name = "LIST")]
+    vcpu_affinity: Option<cpu_affinity::CpuList>,
     /// Guest memory: a size such as 512M or 2G.
     #[arg(long, default_value = "512M")]
     memory: String,
@@ -66,7 +71,7 @@ struct Args {
     /// it therefore excludes).
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "fs", "api_socket", "serial", "virtio_console", "serial_input"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "vcpu_affinity", "memory", "disks", "nets", "fs", "api_socket", "serial", "virtio_console", "serial_input"]
     )]
     config: Option<PathBuf>,
     /// Start from a snapshot directory (`vmm api ... snapshot`) instead of
@@ -153,6 +158,7 @@ fn config_of(a: &Args) -> Result<VmConfig> {
         initrd: a.initrd.clone(),
         cmdline: a.cmdline.clone(),
         cpus: a.cpus,
+        vcpu_affinity: a.vcpu_affinity.clone(),
         memory: config::parse_size(&a.memory)?,
         disks: a
             .disks

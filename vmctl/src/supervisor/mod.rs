@@ -258,6 +258,7 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
                     socket: vm.disk_socket(),
                     image: vm.disk(),
                     num_queues: config.queues,
+                    worker_cpus: config.placement.disk_workers.clone(),
                     owner_pid: std::process::id(),
                 },
             )
@@ -266,9 +267,9 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
             Disk::Host(host)
         }
         BackendMode::Vm => {
-            let (vm2, queues) = (vm.clone(), config.queues);
+            let (vm2, config2) = (vm.clone(), config.clone());
             let mut backend =
-                Supervised::start("blk-backend", move || start_backend(&vm2, queues))?;
+                Supervised::start("blk-backend", move || start_backend(&vm2, &config2))?;
             wait_listening(vm, &mut backend)?;
             status.backend_pid = Some(backend.pid());
             Disk::Own(backend)
@@ -330,6 +331,9 @@ fn spawn_vmm(vm: &VmDir, config: &VmConfig) -> Result<(Child, Option<ConsoleTap>
         ))
         .arg("--api-socket")
         .arg(vm.api_socket());
+    if let Some(cpus) = &config.placement.vcpus {
+        cmd.arg("--vcpu-affinity").arg(cpus.to_string());
+    }
     if let (Some(i), None) = (&config.initrd, &config.restore) {
         cmd.arg("--initrd").arg(i);
     }

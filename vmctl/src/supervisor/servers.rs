@@ -17,7 +17,7 @@ use crate::state::{note, Root, VmConfig, VmDir};
 
 /// Starts the VM's disk backend; the socket of a dead predecessor goes
 /// first, so that the socket's presence means this one listens.
-pub(super) fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
+pub(super) fn start_backend(vm: &VmDir, config: &VmConfig) -> Result<Child> {
     let backend = binaries::program("blk-backend")?;
     let _ = std::fs::remove_file(vm.disk_socket());
     let _ = std::fs::remove_file(vm.backend_control());
@@ -27,10 +27,18 @@ pub(super) fn start_backend(vm: &VmDir, queues: u16) -> Result<Child> {
     let child = cmd
         .arg("--export")
         .arg(format!(
-            "socket={},image={},num_queues={queues}",
+            "socket={},image={},num_queues={}",
             vm.disk_socket().display(),
-            vm.disk().display()
+            vm.disk().display(),
+            config.queues
         ))
+        .args(
+            config
+                .placement
+                .disk_workers
+                .iter()
+                .flat_map(|c| ["--worker-cpus".to_string(), c.to_string()]),
+        )
         // Where `vmctl snapshot` and `backup` seal the disk live.
         .arg("--control")
         .arg(vm.backend_control())

@@ -386,6 +386,7 @@ mod tests {
                 initrd: None,
                 cmdline: String::new(),
                 cpus: 1,
+                vcpu_affinity: None,
                 memory: 1 << 30,
                 disks: Vec::new(),
                 nets: Vec::new(),

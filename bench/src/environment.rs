@@ -51,6 +51,10 @@ pub struct BlockDevice {
     pub hw_queues: usize,
     pub rotational: bool,
     pub max_sectors_kb: Option<u64>,
+    /// The interrupts its MSI vectors raised since boot, per CPU (empty:
+    /// none found): where its completions land, and so where a thread
+    /// that waits for them is woken without a cross-CPU wakeup.
+    pub interrupts_per_cpu: Vec<u64>,
 }
 
 impl Host {
@@ -121,6 +125,16 @@ impl Storage {
                 d.max_sectors_kb.map_or("?".into(), |n| n.to_string()),
                 if d.rotational { "rotational" } else { "non-rotational" }
             );
+            let total: u64 = d.interrupts_per_cpu.iter().sum();
+            if total > 0 {
+                let shares: Vec<String> = d
+                    .interrupts_per_cpu
+                    .iter()
+                    .enumerate()
+                    .map(|(cpu, n)| format!("CPU {cpu} {:.0} %", *n as f64 * 100.0 / total as f64))
+                    .collect();
+                s += &format!("; its interrupts since boot: {}", shares.join(", "));
+            }
         }
         s
     }
@@ -190,8 +204,65 @@ impl BlockDevice {
             hw_queues: std::fs::read_dir(dir.join("mq")).map_or(0, |d| d.count()),
             rotational: read("queue/rotational").is_some_and(|v| v == "1"),
             max_sectors_kb: read("queue/max_sectors_kb").and_then(|v| v.parse().ok()),
+            interrupts_per_cpu: device_irqs(&dir)
+                .map(|irqs| interrupts_per_cpu(&irqs))
+                .unwrap_or_default(),
         })
     }
+
+    /// The CPU that took most of its interrupts (None: none seen).
+    pub fn interrupt_cpu(&self) -> Option<usize> {
+        let (cpu, n) = self
+            .interrupts_per_cpu
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, n)| **n)?;
+        (*n > 0).then_some(cpu)
+    }
+}
+
+/// The MSI vectors of the PCI function behind disk `dir` (its `device`
+/// link leads to the driver's device, as virtio1 or nvme0, a level or two
+/// below the function that lists them in `msi_irqs`).
+fn device_irqs(dir: &Path) -> Option<Vec<u32>> {
+    let mut d = std::fs::canonicalize(dir.join("device")).ok()?;
+    for _ in 0..4 {
+        if let Ok(entries) = std::fs::read_dir(d.join("msi_irqs")) {
+            return Some(
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect(),
+            );
+        }
+        d = d.parent()?.to_path_buf();
+    }
+    None
+}
+
+/// Interrupts of `irqs` per CPU, from /proc/interrupts.
+fn interrupts_per_cpu(irqs: &[u32]) -> Vec<u64> {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    parse_interrupts(&text, irqs)
+}
+
+/// A header of CPUs, then `IRQ: count per CPU ... chip and name`.
+fn parse_interrupts(text: &str, irqs: &[u32]) -> Vec<u64> {
+    let mut lines = text.lines();
+    let cpus = lines.next().map_or(0, |h| h.split_whitespace().count());
+    let mut sum = vec![0u64; cpus];
+    for l in lines {
+        let Some((irq, counts)) = l.trim_start().split_once(':') else {
+            continue;
+        };
+        if !irq.parse().is_ok_and(|n: u32| irqs.contains(&n)) {
+            continue;
+        }
+        for (cpu, n) in counts.split_whitespace().take(cpus).enumerate() {
+            sum[cpu] += n.parse::<u64>().unwrap_or(0);
+        }
+    }
+    sum
 }
 
 /// The "ran on" table: the host, then each storage.
@@ -215,6 +286,26 @@ pub fn table(host: &Host, storages: &[Storage]) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_s_interrupts_are_summed_per_cpu_from_its_vectors_only() {
+        let text = "           CPU0       CPU1       \n 35:          0          1  PCI-MSIX-0000:00:02.0   0-edge      virtio1-config\n 36:          5   14319942  PCI-MSIX-0000:00:02.0   1-edge      virtio1-req.0\n 37:        700          3  PCI-MSIX-0000:00:03.0   0-edge      virtio2-config\nNMI:          0          0   Non-maskable interrupts\n";
+        assert_eq!(parse_interrupts(text, &[35, 36]), [5, 14319943]);
+        assert_eq!(parse_interrupts(text, &[99]), [0, 0]);
+        let d = |v: Vec<u64>| BlockDevice {
+            name: "vda".into(),
+            model: "?".into(),
+            scheduler: "none".into(),
+            nr_requests: None,
+            hw_queues: 1,
+            rotational: false,
+            max_sectors_kb: None,
+            interrupts_per_cpu: v,
+        };
+        assert_eq!(d(vec![5, 14319943]).interrupt_cpu(), Some(1));
+        assert_eq!(d(vec![0, 0]).interrupt_cpu(), None);
+        assert_eq!(d(Vec::new()).interrupt_cpu(), None);
+    }
 
     #[test]
     fn a_file_here_is_found_on_its_filesystem_and_a_tmpfs_has_no_disk() {

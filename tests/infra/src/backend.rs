@@ -17,20 +17,31 @@ pub struct StorageDaemon {
 
 impl StorageDaemon {
     pub fn start(image: &Path, socket: &Path, num_queues: u16, writable: bool) -> Result<Self> {
-        Self::start_window(image, None, socket, num_queues, writable)
+        Self::start_window(image, None, socket, num_queues, writable, None)
     }
 
     /// Serves the `(offset, size)` window of `image` (its raw driver's
-    /// offset= and size=), or all of it.
+    /// offset= and size=), or all of it; on the host CPUs `cpus` (a
+    /// `taskset -c` list: it has no option of its own for where its
+    /// threads run), or anywhere.
     pub fn start_window(
         image: &Path,
         window: Option<(u64, u64)>,
         socket: &Path,
         num_queues: u16,
         writable: bool,
+        cpus: Option<&str>,
     ) -> Result<Self> {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new("qemu-storage-daemon")
+        let mut cmd = match cpus {
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", list, "qemu-storage-daemon"]);
+                c
+            }
+            None => Command::new("qemu-storage-daemon"),
+        };
+        let child = cmd
             .arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring,discard=unmap",

@@ -68,6 +68,12 @@ struct Args {
     /// repeatable): `--variant nopoll="--poll-us 0"`.
     #[arg(long = "variant", value_name = "NAME=OPTIONS")]
     variants: Vec<rows::Variant>,
+    /// Pin each side of the rows: what waits for the disk (blk-backend's
+    /// queue workers, qemu-storage-daemon, host fio) on the CPU that takes
+    /// the disk's interrupts (on tmpfs, the last CPU), the guest's vCPUs
+    /// (fio's busy core) on the others. QEMU's rows stay unpinned.
+    #[arg(long)]
+    pin: bool,
     #[command(flatten)]
     out: bench::OutputArgs,
     #[arg(long)]
@@ -99,11 +105,34 @@ fn main() -> Result<()> {
     let mut storages = Vec::new();
     let mut cells = Vec::new();
     let mut chains = Vec::new();
+    let mut pinned = Vec::new();
     for (storage, snap) in &places {
         let window = image::prepare(a.keep, &bins, snap, size)?;
         // As the rows find it (its extents, its disk's queue).
         let described = Storage::of(storage, snap);
         let device = described.device.as_ref().map(|d| d.name.clone());
+        let pin = if a.pin {
+            let last = cpu_affinity::current_affinity()?
+                .cpus()
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0);
+            let io = described
+                .device
+                .as_ref()
+                .and_then(|d| d.interrupt_cpu())
+                .unwrap_or(last);
+            let p = rows::Pinning::around(io)?;
+            eprintln!("[{storage}] I/O on CPU {}, the guest on {}", p.io, p.guest);
+            pinned.push(format!(
+                "{storage}: I/O on CPU {}, vCPUs on {}",
+                p.io, p.guest
+            ));
+            Some(p)
+        } else {
+            None
+        };
         storages.push(described);
         let place = Place {
             storage,
@@ -111,6 +140,7 @@ fn main() -> Result<()> {
             window,
             sock: std::env::temp_dir().join(format!("bench-storage-{}.sock", std::process::id())),
             device,
+            pin,
         };
         for w in WORKLOADS
             .iter()
@@ -135,6 +165,12 @@ fn main() -> Result<()> {
         a.runs,
         report::storage_table(&cells)
     );
+    if !pinned.is_empty() {
+        md += &format!(
+            "\nPinned (`--pin`; QEMU's rows are not): {}.\n",
+            pinned.join("; ")
+        );
+    }
     md += &format!(
         "\n## Ran on\n\n{}",
         bench::environment::table(&host, &storages)

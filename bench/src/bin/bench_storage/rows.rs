@@ -228,6 +228,45 @@ pub struct Place<'a> {
     /// The block device under the file ("vda"), whose counters each run
     /// reads; none on tmpfs.
     pub device: Option<String>,
+    /// Where each side of a row runs (`--pin`); none: anywhere.
+    pub pin: Option<Pinning>,
+}
+
+/// `--pin`: the side that waits for the disk (the backend's queue
+/// workers, qemu-storage-daemon, host fio) on the CPU that takes the
+/// disk's interrupts, the guest's vCPUs (or fio's busy core) on the others.
+#[derive(Debug, Clone)]
+pub struct Pinning {
+    pub io: cpu_affinity::CpuList,
+    pub guest: cpu_affinity::CpuList,
+}
+
+impl Pinning {
+    /// `io_cpu` for I/O, every other CPU this process may use for the
+    /// guest.
+    pub fn around(io_cpu: usize) -> Result<Pinning> {
+        let allowed = cpu_affinity::current_affinity()?;
+        let others: Vec<String> = allowed
+            .cpus()
+            .iter()
+            .filter(|&&c| c != io_cpu)
+            .map(ToString::to_string)
+            .collect();
+        if others.is_empty() || !allowed.cpus().contains(&io_cpu) {
+            bail!(
+                "--pin needs CPU {io_cpu} and another beside it (this process may use {allowed})"
+            );
+        }
+        Ok(Pinning {
+            io: io_cpu.to_string().parse()?,
+            guest: others.join(",").parse()?,
+        })
+    }
+
+    /// The vmm's options for it.
+    fn vmm_options(&self) -> Vec<String> {
+        vec!["--vcpu-affinity".into(), self.guest.to_string()]
+    }
 }
 
 /// vmm + blk-backend with options of its own (`--variant NAME=OPTIONS`):
@@ -310,11 +349,14 @@ fn run_row(
     w: &Workload,
 ) -> Result<Sample> {
     let (snap, window, sock) = (place.snap, place.window, &place.sock);
+    let pin = place.pin.as_ref();
+    let vmm_pin = pin.map(Pinning::vmm_options).unwrap_or_default();
+    let io_cpus = pin.map(|p| p.io.to_string());
     Ok(match row {
-        Row::HostFio => run_fio(snap, window, w, a.seconds)?,
+        Row::HostFio => run_fio(snap, window, w, a.seconds, pin)?,
         Row::HostFioBusyCore => {
-            let _spinner = BusyCore::start();
-            run_fio(snap, window, w, a.seconds)?
+            let _spinner = BusyCore::start(pin.map(|p| p.guest.for_thread(0)));
+            run_fio(snap, window, w, a.seconds, pin)?
         }
         Row::QemuVirtioBlk => run_guest(
             Disk::Builtin {
@@ -328,14 +370,24 @@ fn run_row(
             a.seconds,
         )?,
         Row::QemuQsd => {
-            let d = StorageDaemon::start_window(snap, Some(window), sock, 1, true)?;
+            // QEMU's vCPUs cannot be placed from its command line: its
+            // rows run unpinned, both sides.
+            let d = StorageDaemon::start_window(snap, Some(window), sock, 1, true, None)?;
             let s = run_guest(Disk::vhost_user(&d.socket, 1), w, a.seconds);
             drop(d);
             s?
         }
         Row::VmmQsd => {
-            let d = StorageDaemon::start_window(snap, Some(window), sock, w.queues, true)?;
-            let s = run_vmm(&bins.vmm, &d.socket, w, a.seconds, &[]);
+            let d = StorageDaemon::start_window(
+                snap,
+                Some(window),
+                sock,
+                w.queues,
+                true,
+                io_cpus.as_deref(),
+            )?;
+            let options: Vec<&str> = vmm_pin.iter().map(String::as_str).collect();
+            let s = run_vmm(&bins.vmm, &d.socket, w, a.seconds, &options);
             drop(d);
             s?
         }
@@ -350,6 +402,11 @@ fn run_row(
             let queues = w.queues.to_string();
             let mut backend_options = vec!["--num-queues", &queues];
             backend_options.extend_from_slice(options);
+            let mut vmm_options = options.to_vec();
+            if let (Some(io), Row::VmmBlkBackend | Row::VmmBlkBackendNoSeccomp) = (&io_cpus, row) {
+                backend_options.extend(["--worker-cpus", io]);
+                vmm_options.extend(vmm_pin.iter().map(String::as_str));
+            }
             backend_options.extend(a.backend_options.iter().map(String::as_str));
             backend_options.extend(
                 variant
@@ -362,7 +419,7 @@ fn run_row(
                 &backend_options,
             )?;
             let mut s = if row != Row::QemuBlkBackend {
-                run_vmm(&bins.vmm, &b.socket, w, a.seconds, options)?
+                run_vmm(&bins.vmm, &b.socket, w, a.seconds, &vmm_options)?
             } else {
                 run_guest(Disk::vhost_user(&b.socket, 1), w, a.seconds)?
             };
@@ -383,10 +440,16 @@ struct BusyCore {
 }
 
 impl BusyCore {
-    fn start() -> BusyCore {
+    /// On `cpu`, or anywhere.
+    fn start(cpu: Option<usize>) -> BusyCore {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
+            if let Some(c) = cpu {
+                if let Err(e) = cpu_affinity::pin_current_thread(c) {
+                    eprintln!("the busy core runs unpinned: {e}");
+                }
+            }
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 std::hint::spin_loop();
             }
@@ -419,21 +482,30 @@ fn children_cpu_s() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn run_fio(file: &Path, (offset, size): (u64, u64), w: &Workload, seconds: u64) -> Result<Sample> {
+fn run_fio(
+    file: &Path,
+    (offset, size): (u64, u64),
+    w: &Workload,
+    seconds: u64,
+    pin: Option<&Pinning>,
+) -> Result<Sample> {
     // fio's own CPU (its whole process, jobs included), the cost of the
     // kernel's I/O path with no guest and no backend around it.
     let cpu_before = children_cpu_s();
+    let mut options = vec![
+        format!("--offset={offset}"),
+        format!("--size={size}"),
+        format!("--numjobs={}", w.queues),
+        "--group_reporting".into(),
+    ];
+    // Pinned as the backend is: its jobs where the disk's completions land.
+    options.extend(pin.map(|p| format!("--cpus_allowed={}", p.io)));
     let side = &bench::fio_job(
         file,
         "io_uring",
         (w.rw, &w.bs.to_string(), w.qd),
         seconds,
-        &[
-            format!("--offset={offset}"),
-            format!("--size={size}"),
-            format!("--numjobs={}", w.queues),
-            "--group_reporting".into(),
-        ],
+        &options,
     )?;
     let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
     let ios = side["total_ios"].as_f64().unwrap_or(0.0);

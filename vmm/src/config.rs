@@ -551,4 +551,29 @@ mod tests {
         cfg.restore = Some("/snap".into());
         cfg.validate().unwrap();
     }
+
+    #[test]
+    fn vcpu_affinity_reads_as_text_in_json_and_is_checked_against_the_host() {
+        let cfg = |affinity: &str| -> VmConfig {
+            serde_json::from_str(&format!(
+                r#"{{"kernel": "/k", "memory": "64M", "vcpu_affinity": "{affinity}"}}"#
+            ))
+            .unwrap()
+        };
+        let here = cpu_affinity::current_affinity().unwrap();
+        let ok = cfg(&here.to_string());
+        assert_eq!(ok.vcpu_affinity.as_ref(), Some(&here));
+        ok.validate().unwrap();
+        let e = cfg("1000").validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--vcpu-affinity: CPU 1000 is not one this process may run on"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<VmConfig>(
+            r#"{"kernel": "/k", "memory": "64M", "vcpu_affinity": "0-"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is not a CPU number"), "{e}");
+    }
 }

@@ -63,10 +63,8 @@ struct Args {
     #[arg(long, default_value_t = Settings::default().submit_batch)]
     submit_batch: u32,
     /// Host CPUs for the queue workers, as taskset -c writes them
-    /// (0-3,6): queue k's worker runs on the list's k-th CPU, in turn. On a
-    /// host whose disk interrupts one CPU, the workers there and the
-    /// guest's vCPUs on the others (the vmm's --vcpu-affinity) keep a
-    /// completion from waking a worker on another core. Default: wherever
+    /// (0-3,6): queue k's worker runs on the list's k-th CPU, in turn (the
+    /// vmm's --vcpu-affinity places vCPUs the same way). Default: wherever
     /// the kernel runs them.
     #[arg(long, value_name = "LIST")]
     worker_cpus: Option<cpu_affinity::CpuList>,

@@ -73,8 +73,8 @@ pub struct VmOptions {
     #[arg(long, value_name = "LIST")]
     pub vcpu_affinity: Option<cpu_affinity::CpuList>,
     /// Host CPUs for its disk's queue workers in blk-backend: queue k's on
-    /// the list's k-th CPU, in turn. On a host whose disk interrupts one
-    /// CPU, the workers there and the vCPUs elsewhere.
+    /// the list's k-th CPU, in turn (the host backend's export, or the
+    /// VM's own backend).
     #[arg(long, value_name = "LIST")]
     pub disk_worker_cpus: Option<cpu_affinity::CpuList>,
 }

@@ -36,16 +36,21 @@ pub struct VmOptions {
     /// An initramfs for --kernel (a Linux guest's first userspace).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// The kernel command line. In `run`, the words n and name in braces
-    /// become each VM's number and name.
+    /// The kernel command line (default: a registry image's). In `run`,
+    /// the words n and name in braces become each VM's number and name.
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// vCPUs, 1 to 32.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=vmm::config::MAX_CPUS as i64))]
-    pub cpus: u8,
-    /// Guest memory (512M, 1G): 16 MiB to 64 GiB, at most the host's.
-    #[arg(long, default_value = "256M")]
-    pub memory: String,
+    /// vCPUs, 1 to 32 (default: a registry image's, else 1).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=vmm::config::MAX_CPUS as i64))]
+    pub cpus: Option<u8>,
+    /// Guest memory (512M, 1G): 16 MiB to 64 GiB, at most the host's
+    /// (default: a registry image's, else 256M).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// With --image REF: plain HTTP to a registry that is not on this host
+    /// (one on this host never needs it).
+    #[arg(long)]
+    pub insecure: bool,
     /// The disk's queues, 1 to 16.
     #[arg(long, default_value_t = 1)]
     pub queues: u16,
@@ -105,13 +110,17 @@ impl std::str::FromStr for CpusOrAny {
 
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Define a VM with its own writable clone of IMAGE (FILE@SNAPSHOT, or
-    /// a working image, which is snapshotted first). Nothing runs yet.
+    /// Define a VM with its own writable clone of IMAGE (FILE@SNAPSHOT, a
+    /// working image, which is snapshotted first, or a registry image,
+    /// pulled on first use). Nothing runs yet.
     Create {
         /// The VM's name.
         name: String,
-        /// The disk image to clone: FILE@SNAPSHOT, or a working image
-        /// (snapshotted first, unless unchanged since its last snapshot).
+        /// The disk image to clone: FILE@SNAPSHOT, a working image
+        /// (snapshotted first, unless unchanged since its last snapshot),
+        /// or a registry image REF (registry/repository:tag, pulled into
+        /// this state root's store on first use; its kernel and defaults
+        /// come with it).
         #[arg(long, required_unless_present = "from_snapshot")]
         image: Option<PathBuf>,
         /// A VM snapshot (`vmctl snapshot`) to continue from: its first
@@ -425,6 +434,12 @@ pub enum Cmd {
         #[command(subcommand)]
         action: NetworkCmd,
     },
+    /// VM images in OCI registries: push a snapshot, pull, list, remove,
+    /// prune the store.
+    Image {
+        #[command(subcommand)]
+        action: ImageCmd,
+    },
     #[command(name = "__supervise", hide = true)]
     Supervise {
         /// The VM's name.
@@ -451,6 +466,68 @@ pub enum NetworkCmd {
         /// The bridge's name.
         bridge: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Push a sealed snapshot (FILE@SNAPSHOT) as an ordinary OCI image:
+    /// a layer per sealed layer of its chain (those the registry has are
+    /// not uploaded again), the kernel in a layer of its own, the VM's
+    /// defaults in its config's labels.
+    Push {
+        /// The snapshot: FILE@SNAPSHOT.
+        snapshot: PathBuf,
+        /// Where: registry/repository:tag.
+        reference: String,
+        /// A kernel to ship with it (default: VMs use the bench guest).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// An initramfs for --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// The VMs' default command line.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// The VMs' default vCPUs.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=vmm::config::MAX_CPUS as i64))]
+        cpus: Option<u8>,
+        /// The VMs' default memory (512M).
+        #[arg(long)]
+        memory: Option<String>,
+        /// Plain HTTP to a registry that is not on this host.
+        #[arg(long)]
+        insecure: bool,
+        /// human: a line per blob; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Fetch an image into this state root's store: only the layers it
+    /// lacks, each checked (digest, then every record) before use.
+    Pull {
+        /// registry/repository:tag
+        reference: String,
+        /// Plain HTTP to a registry that is not on this host.
+        #[arg(long)]
+        insecure: bool,
+        /// human: a line per blob; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// The images pulled into this state root, and the VMs on each.
+    #[command(alias = "list")]
+    Ls {
+        /// human: a table; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Forget a pulled image (its layers stay while VMs stand on them;
+    /// `prune` deletes what nothing uses).
+    Rm {
+        /// registry/repository:tag, as pulled.
+        reference: String,
+    },
+    /// Delete the store's layers and kernels no image and no VM uses.
+    Prune,
 }
 
 pub fn parse_on_off(s: &str) -> Result<bool, String> {

@@ -7,6 +7,7 @@ mod console;
 mod fleet;
 mod hold;
 mod host_backend;
+mod images;
 mod logs;
 mod network;
 mod ops;
@@ -24,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, Cmd, NetworkCmd, Output, VmOptions};
+use crate::cli::{Cli, Cmd, ImageCmd, NetworkCmd, Output, VmOptions};
 use crate::ops::Spec;
 use crate::state::{Observed, Root};
 
@@ -41,14 +42,39 @@ fn parse_shares(given: &[String]) -> Result<Vec<crate::state::Share>> {
     Ok(shares)
 }
 
-fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
+/// What create and run make of IMAGE and the options: a registry image
+/// (pulled on first use) brings its disk, kernel and defaults, which the
+/// options override.
+fn spec(root: &Root, image: PathBuf, vm: &VmOptions) -> Result<Spec> {
+    let (mut image, mut kernel, mut initrd) = (image, vm.kernel.clone(), vm.initrd.clone());
+    let mut defaults = vm_oci::VmDefaults::default();
+    if images::is_reference(&image) {
+        let reference = image.to_string_lossy().into_owned();
+        let opts = vm_oci::RegistryOptions {
+            insecure: vm.insecure,
+        };
+        let record = images::ensure_pulled(root, &reference, &opts)?;
+        let (top, k, i) = images::files_of(root, &record)?;
+        image = top;
+        if kernel.is_none() {
+            (kernel, initrd) = (k, initrd.or(i));
+        }
+        defaults = record.defaults;
+    }
     Ok(Spec {
         image,
-        kernel: vm.kernel.clone(),
-        initrd: vm.initrd.clone(),
-        cmdline: vm.cmdline.clone(),
-        cpus: vm.cpus,
-        memory: cli_support::parse_size(&vm.memory).context("--memory")?,
+        kernel,
+        initrd,
+        cmdline: if vm.cmdline.is_empty() {
+            defaults.cmdline.unwrap_or_default()
+        } else {
+            vm.cmdline.clone()
+        },
+        cpus: vm.cpus.or(defaults.cpus).unwrap_or(1),
+        memory: match &vm.memory {
+            Some(m) => cli_support::parse_size(m).context("--memory")?,
+            None => defaults.memory.unwrap_or(256 << 20),
+        },
         queues: vm.queues,
         disk_size: vm
             .disk_size
@@ -64,6 +90,96 @@ fn spec(image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         shares: parse_shares(&vm.shares)?,
         placement: vm.placement(),
     })
+}
+
+/// `vmctl image ...`.
+fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
+    let mut say = |l: &str| eprintln!("{l}");
+    match action {
+        ImageCmd::Push {
+            snapshot,
+            reference,
+            kernel,
+            initrd,
+            cmdline,
+            cpus,
+            memory,
+            insecure,
+            output,
+        } => {
+            let src = vm_oci::PushSource {
+                snapshot,
+                kernel,
+                initrd,
+                defaults: vm_oci::VmDefaults {
+                    cpus,
+                    memory: memory
+                        .as_deref()
+                        .map(cli_support::parse_size)
+                        .transpose()
+                        .context("--memory")?,
+                    cmdline,
+                },
+            };
+            let opts = vm_oci::RegistryOptions { insecure };
+            let report = images::push(root, &src, &reference, &opts, &mut say)?;
+            if output == Output::Json {
+                print_json(&serde_json::to_value(&report)?);
+            } else {
+                println!(
+                    "{reference}: pushed ({} of {} blobs uploaded, {} bytes; manifest {})",
+                    report.blobs.iter().filter(|b| b.transferred).count(),
+                    report.blobs.len(),
+                    vm_oci::transferred_bytes(&report.blobs),
+                    report.manifest_digest
+                );
+            }
+        }
+        ImageCmd::Pull {
+            reference,
+            insecure,
+            output,
+        } => {
+            let opts = vm_oci::RegistryOptions { insecure };
+            let pulled = images::pull(root, &reference, &opts, &mut say)?;
+            if output == Output::Json {
+                print_json(&serde_json::to_value(&pulled)?);
+            } else {
+                println!(
+                    "{reference}: pulled ({} of {} blobs fetched, {} bytes)",
+                    pulled.blobs.iter().filter(|b| b.transferred).count(),
+                    pulled.blobs.len(),
+                    vm_oci::transferred_bytes(&pulled.blobs)
+                );
+            }
+        }
+        ImageCmd::Ls { output } => {
+            let listed = images::list(root)?;
+            if output == Output::Json {
+                print_json(&serde_json::to_value(&listed)?);
+            } else {
+                println!("{:<48} {:<8} {:<10} VMS", "IMAGE", "LAYERS", "SIZE");
+                for l in &listed {
+                    println!(
+                        "{:<48} {:<8} {:<10} {}",
+                        l.record.reference,
+                        l.record.layers.len(),
+                        l.record.virtual_size,
+                        l.vms.join(",")
+                    );
+                }
+            }
+        }
+        ImageCmd::Rm { reference } => {
+            images::remove(root, &reference)?;
+            println!("{reference}: removed");
+        }
+        ImageCmd::Prune => {
+            let (n, bytes) = images::prune(root)?;
+            println!("pruned {n} layers and kernels ({bytes} bytes)");
+        }
+    }
+    Ok(0)
 }
 
 fn print_json(v: &Value) {
@@ -227,7 +343,7 @@ fn run(cli: Cli) -> Result<i32> {
                     restore_memory,
                     false,
                 ),
-                (Some(image), None) => spec(image, &vm)?,
+                (Some(image), None) => spec(&root, image, &vm)?,
                 (None, None) => bail!("--image or --from-snapshot is needed"),
             };
             let vm = ops::create(&root, &name, &spec)?;
@@ -596,13 +712,14 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let spec = Spec {
                 scratch: rm,
-                ..spec(image, &vm)?
+                ..spec(&root, image, &vm)?
             };
             let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
             return Ok(print_fleet(&report, output, demo));
         }
         Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above"),
         Cmd::Console { name } => console::attach(&root, &name)?,
+        Cmd::Image { action } => return image_verb(&root, action),
         Cmd::Network { action } => {
             let all: Vec<state::VmConfig> = root
                 .list()?

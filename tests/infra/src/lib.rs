@@ -13,7 +13,9 @@
 //! - [`backend`]: blk-backend and qemu-storage-daemon as child processes;
 //! - [`fixture`]: a test's scratch directory with its images and backends;
 //! - [`vhost_frontend`]: an in-process vhost-user frontend writing rings
-//!   by hand, for backends' protocol and hostile-guest tests.
+//!   by hand, for backends' protocol and hostile-guest tests;
+//! - [`registry`]: a container registry (docker-registry) of a test's own;
+//! - [`vmctl`]: vmctl on a state root of the test's, every call bounded.
 
 pub mod backend;
 pub mod fixture;
@@ -22,7 +24,9 @@ pub mod host;
 pub mod memory;
 pub mod netns;
 pub mod patience;
+pub mod registry;
 pub mod vhost_frontend;
+pub mod vmctl;
 pub mod workspace;
 
 pub use backend::{listening, BackendControl, BlkBackendProcess, StorageDaemon};
@@ -35,4 +39,6 @@ pub use host::{hardware_kvm, have, kvm_available, process_ticks, ready};
 pub use memory::memfd_guest_memory;
 pub use netns::{spawn_serving, KillOnDrop, Netns, NsThread, Received};
 pub use patience::Patience;
+pub use registry::LocalRegistry;
+pub use vmctl::Vmctl;
 pub use workspace::{bin, img, output_within, s, stdout_json, vmm_api};

@@ -1,0 +1,122 @@
+//! A container registry of the test's own: Debian's `docker-registry`
+//! (the CNCF distribution registry, 2.8) on 127.0.0.1, its storage and
+//! its log in a directory the test gives, stopped when dropped. Its access
+//! log says which blobs a client fetched.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::patience::Patience;
+
+pub struct LocalRegistry {
+    child: Child,
+    /// host:port, as references name it.
+    pub address: String,
+    /// Where it keeps blobs (docker/registry/v2/blobs/sha256/..).
+    pub storage: PathBuf,
+    pub log: PathBuf,
+}
+
+impl LocalRegistry {
+    /// A registry keeping its data under `dir`.
+    pub fn start(dir: &Path) -> Result<LocalRegistry> {
+        // A free port: another process may take it between our probe and
+        // the registry's bind, in which case the registry exits and the
+        // next port is tried.
+        let mut last = None;
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            match Self::start_on(dir, port) {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried"))
+    }
+
+    fn start_on(dir: &Path, port: u16) -> Result<LocalRegistry> {
+        let storage = dir.join("registry-data");
+        std::fs::create_dir_all(&storage)?;
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )?;
+        let log = dir.join("registry.log");
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log)?)
+            .spawn()
+            .context("starting docker-registry")?;
+        let address = format!("127.0.0.1:{port}");
+        // It answers within tens of milliseconds.
+        let up = Patience::new("docker-registry listening", Duration::from_millis(100)).wait_until(
+            || {
+                if let Some(st) = child.try_wait()? {
+                    bail!(
+                        "docker-registry ended ({st}): {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                Ok(TcpStream::connect(&address).is_ok())
+            },
+        );
+        if let Err(e) = up {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(LocalRegistry {
+            child,
+            address,
+            storage,
+            log,
+        })
+    }
+
+    /// The blobs a client fetched (GET .../blobs/DIGEST answered 200), in
+    /// the order of the access log.
+    pub fn blobs_fetched(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("HTTP/1.1\" 200"))
+            .filter_map(|l| {
+                let path = l.split("\"GET ").nth(1)?.split(' ').next()?;
+                let digest = path.split("/blobs/").nth(1)?;
+                Some(digest.to_string())
+            })
+            .collect()
+    }
+
+    /// The file the registry keeps blob `digest` in.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// Ends it now (a registry gone mid-operation).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,181 @@
+//! VM images through a registry, end to end: two state roots on this
+//! machine play two hosts, one registry (Debian's docker-registry on
+//! 127.0.0.1) between them. Host A pushes a base a guest wrote, host B
+//! boots a VM from the reference (pulled on first use) whose guest reads
+//! the data back verified; a clone written on host A is pushed and host
+//! B fetches only the clone's layer, by the registry's own access log;
+//! the store is listed, pruned only of what nothing uses, and bad
+//! references are refused by name.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use test_infra::{bin, ready, Fixture, LocalRegistry, Vmctl, VmmVm};
+
+/// Starts VM `name` and waits for it: it must exit 0.
+fn runs_ok(host: &Vmctl, name: &str) {
+    host.ok(&["start", name]);
+    host.assert_exits_ok(name);
+}
+
+/// A 64 MiB base whose first 8 MiB a guest wrote with generation 7,
+/// sealed as base.img@golden.
+fn golden(fx: &Fixture) -> PathBuf {
+    let base = fx.image("base.img", "64M");
+    let b = fx.serve(&base, 1);
+    VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=7 size=8M")
+        .with_disk(&Fixture::socket_of(&base), 1)
+        .run()
+        .expect("the fill runs")
+        .assert_ok("writing the base");
+    b.stop();
+    test_infra::img(&["snapshot", "-c", "golden", &test_infra::s(&base)]);
+    fx.path("base.img@golden")
+}
+
+fn digests_uploaded(report: &Value) -> Vec<String> {
+    report["blobs"]
+        .as_array()
+        .expect("blobs")
+        .iter()
+        .filter(|b| b["transferred"] == true)
+        .filter_map(|b| b["digest"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn a_vm_image_travels_between_two_hosts_through_a_registry_layer_by_layer() {
+    if !ready("vmctl_images", &["docker-registry"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let reg = LocalRegistry::start(&fx.path("")).expect("registry");
+    let a = Vmctl::at(fx.path("host-a"));
+    let b = Vmctl::at(fx.path("host-b"));
+    let base = golden(&fx);
+    let base_ref = format!("{}/vms/base:golden", reg.address);
+    let v2_ref = format!("{}/vms/base:v2", reg.address);
+
+    // Host A pushes the base with its defaults.
+    let pushed = a.json(&[
+        "image",
+        "push",
+        base.to_str().unwrap(),
+        &base_ref,
+        "--cmdline",
+        "mode=read verify=1 expect_gen=7 size=8M",
+        "--memory",
+        "64M",
+    ]);
+    let base_layer = pushed["blobs"][0]["digest"].as_str().unwrap().to_string();
+
+    // Host B: a VM from the reference, pulled on first use, its guest
+    // reading the base's data back with the image's command line.
+    b.ok(&["create", "reader", "--image", &base_ref]);
+    runs_ok(&b, "reader");
+    let listed = b.json(&["image", "ls"]);
+    assert_eq!(listed[0]["reference"], base_ref.as_str(), "{listed}");
+    assert_eq!(listed[0]["vms"][0], "reader", "{listed}");
+
+    // Host A: a VM on the base writes generation 9 over 4 MiB at 16 MiB;
+    // its disk, sealed, is pushed: only its own layer (and a config) go.
+    a.ok(&[
+        "create",
+        "writer",
+        "--image",
+        base.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mode=write verify=1 gen=9 offset=16M size=4M",
+    ]);
+    runs_ok(&a, "writer");
+    let disk = a.state.join("vms/writer/disk.img");
+    test_infra::img(&["snapshot", "-c", "v2", &test_infra::s(&disk)]);
+    let v2 = a.json(&[
+        "image",
+        "push",
+        &format!("{}@v2", disk.display()),
+        &v2_ref,
+        "--memory",
+        "64M",
+    ]);
+    let uploaded = digests_uploaded(&v2);
+    assert_eq!(uploaded.len(), 2, "the clone's layer and its config: {v2}");
+    assert!(!uploaded.contains(&base_layer), "{v2}");
+    let clone_layer = v2["blobs"][1]["digest"].as_str().unwrap().to_string();
+    let clone_bytes = v2["blobs"][1]["size"].as_u64().unwrap();
+    assert!(
+        (4 << 20..(4 << 20) + (1 << 20)).contains(&clone_bytes),
+        "the clone's layer is its 4 MiB of data: {clone_bytes} bytes"
+    );
+
+    // Host B pulls v2: the registry serves the clone's layer alone.
+    let before = reg.blobs_fetched().len();
+    let pulled = b.json(&["image", "pull", &v2_ref]);
+    let layers: Vec<String> = reg.blobs_fetched()[before..]
+        .iter()
+        .filter(|d| **d == base_layer || **d == clone_layer)
+        .cloned()
+        .collect();
+    assert_eq!(layers, std::slice::from_ref(&clone_layer), "{pulled}");
+    // Its guest reads both generations back.
+    b.ok(&[
+        "create",
+        "both",
+        "--image",
+        &v2_ref,
+        "--cmdline",
+        "mode=read verify=1 expect_gen=9 offset=16M size=4M",
+    ]);
+    runs_ok(&b, "both");
+    b.ok(&[
+        "create",
+        "old",
+        "--image",
+        &v2_ref,
+        "--cmdline",
+        "mode=read verify=1 expect_gen=7 size=8M",
+    ]);
+    runs_ok(&b, "old");
+
+    // The store: a forgotten image's layers stay while a VM stands on
+    // them; once nothing does, prune frees them.
+    b.ok(&["image", "rm", &base_ref]);
+    let e = b.fails(&["image", "rm", &base_ref]);
+    assert!(e.contains("no image"), "{e}");
+    b.ok(&["image", "prune"]);
+    runs_ok(&b, "reader");
+    b.ok(&["delete", "reader", "both", "old"]);
+    b.ok(&["image", "rm", &v2_ref]);
+    let pruned = b.ok(&["image", "prune"]);
+    assert!(pruned.starts_with("pruned 2 "), "{pruned}");
+    let left = std::fs::read_dir(b.state.join("images/layers"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .map(|e| e.path().extension().is_some_and(|x| x == "img"))
+                .unwrap_or(false)
+        })
+        .count();
+    assert_eq!(left, 0);
+
+    // Bad references: refused by name, nothing defined.
+    let e = b.fails(&[
+        "create",
+        "bad",
+        "--image",
+        &format!("{}/vms/nosuch:1", reg.address),
+    ]);
+    assert!(e.contains("pulling") && e.contains("nosuch"), "{e}");
+    assert!(!b.state.join("vms/bad").exists());
+    let e = b.fails(&["image", "pull", "UPPER/Case"]);
+    assert!(e.contains("is not an image reference"), "{e}");
+    let e = b.fails(&[
+        "image",
+        "push",
+        base.to_str().unwrap().trim_end_matches("@golden"),
+        &base_ref,
+    ]);
+    assert!(e.contains("not sealed"), "{e}");
+}

@@ -92,6 +92,30 @@ fn spec(root: &Root, image: PathBuf, vm: &VmOptions) -> Result<Spec> {
     })
 }
 
+/// "2 of 3 blobs uploaded, 1048576 bytes".
+fn transfer_summary(blobs: &[vm_oci::Blob], verb: &str) -> String {
+    format!(
+        "{} of {} blobs {verb}, {} bytes",
+        blobs.iter().filter(|b| b.transferred).count(),
+        blobs.len(),
+        vm_oci::transferred_bytes(blobs)
+    )
+}
+
+/// `value` as JSON, or the human line.
+fn print_answer(
+    output: Output,
+    value: &impl serde::Serialize,
+    human: impl FnOnce() -> String,
+) -> Result<()> {
+    if output == Output::Json {
+        print_json(&serde_json::to_value(value)?);
+    } else {
+        println!("{}", human());
+    }
+    Ok(())
+}
+
 /// `vmctl image ...`.
 fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
     let mut say = |l: &str| eprintln!("{l}");
@@ -123,17 +147,13 @@ fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
             };
             let opts = vm_oci::RegistryOptions { insecure };
             let report = images::push(root, &src, &reference, &opts, &mut say)?;
-            if output == Output::Json {
-                print_json(&serde_json::to_value(&report)?);
-            } else {
-                println!(
-                    "{reference}: pushed ({} of {} blobs uploaded, {} bytes; manifest {})",
-                    report.blobs.iter().filter(|b| b.transferred).count(),
-                    report.blobs.len(),
-                    vm_oci::transferred_bytes(&report.blobs),
+            let moved = transfer_summary(&report.blobs, "uploaded");
+            print_answer(output, &report, || {
+                format!(
+                    "{reference}: pushed ({moved}; manifest {})",
                     report.manifest_digest
-                );
-            }
+                )
+            })?;
         }
         ImageCmd::Pull {
             reference,
@@ -142,16 +162,8 @@ fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
         } => {
             let opts = vm_oci::RegistryOptions { insecure };
             let pulled = images::pull(root, &reference, &opts, &mut say)?;
-            if output == Output::Json {
-                print_json(&serde_json::to_value(&pulled)?);
-            } else {
-                println!(
-                    "{reference}: pulled ({} of {} blobs fetched, {} bytes)",
-                    pulled.blobs.iter().filter(|b| b.transferred).count(),
-                    pulled.blobs.len(),
-                    vm_oci::transferred_bytes(&pulled.blobs)
-                );
-            }
+            let moved = transfer_summary(&pulled.blobs, "fetched");
+            print_answer(output, &pulled, || format!("{reference}: pulled ({moved})"))?;
         }
         ImageCmd::Ls { output } => {
             let listed = images::list(root)?;

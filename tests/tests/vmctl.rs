@@ -926,33 +926,6 @@ fn ten_snapshots_in_a_row_of_a_running_vm_all_succeed() {
     v.ok(&["delete", "busy"]);
 }
 
-/// Runs `vmctl ARGS` and kills it with SIGKILL after `after` (or lets it
-/// finish first); whether it finished on its own.
-fn killed_after(v: &Vmctl, args: &[&str], after: Duration) -> bool {
-    let mut child = Command::new(bin("vmctl"))
-        .arg("--state-dir")
-        .arg(&v.state)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("vmctl runs");
-    let end = std::time::Instant::now() + after;
-    loop {
-        if let Some(_st) = child.try_wait().expect("wait") {
-            return true;
-        }
-        let now = std::time::Instant::now();
-        if now >= end {
-            break;
-        }
-        std::thread::sleep((end - now).min(Duration::from_micros(200)));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    false
-}
-
 /// The kill points of a verb that takes `whole` when left alone: spread
 /// over its length, in a seeded order, with a few past its end.
 fn kill_points(whole: Duration, n: u32, seed: u64) -> Vec<Duration> {
@@ -980,7 +953,7 @@ fn a_create_killed_anywhere_leaves_a_vm_or_nothing() {
     let whole = t0.elapsed();
     v.ok(&["delete", "whole"]);
     for (k, at) in kill_points(whole, 15, 28).into_iter().enumerate() {
-        let finished = killed_after(&v, &["create", "k", "--image", &image], at);
+        let finished = v.killed_after(&["create", "k", "--image", &image], at);
         // Whatever was left: list shows either the whole VM or nothing
         // (and cleans what a dead create left).
         let listed = v.ok(&["list", "--output", "json"]);
@@ -1030,7 +1003,7 @@ fn a_snapshot_killed_anywhere_leaves_the_vm_running_and_no_half_snapshot() {
     let whole = t0.elapsed();
     for (k, at) in kill_points(whole, 12, 5).into_iter().enumerate() {
         let name = format!("k{k}");
-        let finished = killed_after(&v, &["snapshot", "held", &name], at);
+        let finished = v.killed_after(&["snapshot", "held", &name], at);
         // Running again, by its supervisor's hand if not by vmctl's.
         until("the VM running again", Duration::from_millis(200), || {
             v.info("held")["state"] == "running"
@@ -1196,7 +1169,7 @@ fn a_backup_killed_anywhere_leaves_the_destination_usable() {
         if has_full {
             args.push("--incremental");
         }
-        let finished = killed_after(&v, &args, at);
+        let finished = v.killed_after(&args, at);
         until("the VM running again", Duration::from_millis(200), || {
             v.info("bk")["state"] == "running"
         });

@@ -110,6 +110,35 @@ fn a_vm_image_travels_between_two_hosts_through_a_registry_layer_by_layer() {
         "the clone's layer is its 4 MiB of data: {clone_bytes} bytes"
     );
 
+    // Host B pulls v2, killed anywhere first: whatever each kill left,
+    // the next pull finishes, and the layers fetched whole stay fetched.
+    // (A pull of the 4 MiB layer takes about 40 ms here.)
+    let whole = std::time::Instant::now();
+    let c = Vmctl::at(fx.path("host-c"));
+    c.ok(&["image", "pull", &v2_ref]);
+    let whole = whole.elapsed();
+    for k in 0..8u32 {
+        let at = whole * k / 6;
+        let b2 = Vmctl::at(fx.path(&format!("host-k{k}")));
+        let finished = b2.killed_after(&["image", "pull", &v2_ref], at);
+        let again = b2.json(&["image", "pull", &v2_ref]);
+        assert_eq!(
+            again["record"]["layers"].as_array().map(Vec::len),
+            Some(2),
+            "kill {k} at {at:?} (finished: {finished}): {again}"
+        );
+        let tmp: Vec<_> = std::fs::read_dir(b2.state.join("images/tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp.is_empty(), "kill {k}: work files left: {tmp:?}");
+        let hidden = std::fs::read_dir(b2.state.join("images/layers"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with("-tmp"))
+            .count();
+        assert_eq!(hidden, 0, "kill {k}: a half-made layer left");
+    }
+
     // Host B pulls v2: the registry serves the clone's layer alone.
     let before = reg.blobs_fetched().len();
     let pulled = b.json(&["image", "pull", &v2_ref]);
@@ -138,6 +167,18 @@ fn a_vm_image_travels_between_two_hosts_through_a_registry_layer_by_layer() {
         "mode=read verify=1 expect_gen=7 size=8M",
     ]);
     runs_ok(&b, "old");
+    // A fleet from the reference.
+    let fleet = b.json(&[
+        "run",
+        "--count",
+        "2",
+        "--image",
+        &v2_ref,
+        "--cmdline",
+        "mode=read verify=1 expect_gen=9 offset=16M size=4M",
+        "--rm",
+    ]);
+    assert_eq!(fleet["failed"], 0, "{fleet}");
 
     // The store: a forgotten image's layers stay while a VM stands on
     // them; once nothing does, prune frees them.

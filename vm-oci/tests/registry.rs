@@ -233,3 +233,56 @@ fn bad_blobs_and_a_lost_registry_leave_nothing_half_made_and_the_next_pull_works
     assert!(e.starts_with(&format!("registry {}", reg.address)), "{e}");
     store_is_clean(c.root());
 }
+
+/// A store on a full filesystem: the pull fails with the filesystem's
+/// error, leaves no work file and no half layer, and once there is room
+/// the next pull works. (Root only: it mounts a small tmpfs.)
+#[test]
+fn a_full_disk_fails_the_pull_cleanly_and_the_next_one_works() {
+    if !have("docker-registry", "vm_oci_full_disk") {
+        return;
+    }
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIPPED: vm_oci_full_disk: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reg = LocalRegistry::start(dir.path()).expect("registry");
+    let (golden, _) = images(dir.path());
+    let opts = RegistryOptions::default();
+    let base_ref = format!("{}/vm/base:golden", reg.address);
+    push(&source(&golden), &base_ref, &opts, dir.path(), &mut quiet).expect("push");
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mount = |opts: &str| {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount -o {opts}");
+    };
+    // Room for the store's directories, not for a 4 MiB layer.
+    mount("size=2M");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let store = Store::open(&mnt.join("store")).unwrap();
+    let e = pull(&store, &base_ref, &opts, &mut quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("No space left on device"), "{e}");
+    store_is_clean(store.root());
+    assert_eq!(store.record(&base_ref).unwrap(), None);
+    mount("remount,size=64M");
+    let p = pull(&store, &base_ref, &opts, &mut quiet).expect("pull with room");
+    assert_eq!(
+        read_all(&store.layer_path(p.record.layers[0])),
+        read_all(&golden)
+    );
+    store_is_clean(store.root());
+}

@@ -108,4 +108,31 @@ impl Vmctl {
         c["cmdline"] = cmdline.into();
         std::fs::write(&cfg, c.to_string()).expect("config");
     }
+
+    /// Runs `vmctl ARGS` and kills it with SIGKILL after `after` (or lets it
+    /// finish first); whether it finished on its own.
+    pub fn killed_after(&self, args: &[&str], after: Duration) -> bool {
+        let mut child = Command::new(bin("vmctl"))
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("vmctl runs");
+        let end = std::time::Instant::now() + after;
+        loop {
+            if let Some(_st) = child.try_wait().expect("wait") {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep((end - now).min(Duration::from_micros(200)));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
 }

@@ -70,13 +70,16 @@ impl TarParts {
 }
 
 /// Pushes `src` as `reference`. `work`: a directory for the layers'
-/// backups while they are made (each removed once uploaded). `say`: a
-/// line per blob, for progress.
+/// backups while they are made (each removed once uploaded). `known`: a
+/// store whose record of layers' blobs spares remaking the blob of a
+/// layer the registry has (a base pushed or pulled before); the blobs
+/// made are recorded there. `say`: a line per blob, for progress.
 pub fn push(
     src: &PushSource,
     reference: &str,
     opts: &RegistryOptions,
     work: &Path,
+    known: Option<&crate::Store>,
     say: &mut dyn FnMut(&str),
 ) -> Result<PushReport> {
     let registry = Registry::connect(reference, opts)?;
@@ -99,17 +102,36 @@ pub fn push(
     let mut blobs = Vec::new();
     let mut descriptors = Vec::new();
     for (k, (path, uuid, parent)) in paths.iter().enumerate() {
+        let cached = known.and_then(|s| s.blob_of(*uuid));
+        let there = match &cached {
+            Some((digest, _)) => registry.blob_exists(digest)?,
+            None => false,
+        };
         let backup = work.join(format!(".push-{uuid}.backup"));
         let _ = std::fs::remove_file(&backup);
         let from = k.checked_sub(1).map(|j| paths[j].0.as_path());
-        let made = image_format::backup::backup(&env, path, from, &backup, &mut |_, _| {})
-            .map_err(Error::from);
-        let pushed = made.and_then(|_| {
-            let tar = TarParts::of(&[(layout::layer_entry(*uuid), &backup)])?;
-            upload(&registry, &tar, say, &format!("layer {uuid}"))
-        });
-        let _ = std::fs::remove_file(&backup);
-        let (digest, size, uploaded) = pushed?;
+        let (digest, size, uploaded) = match cached.filter(|_| there) {
+            Some((digest, size)) => {
+                say(&format!(
+                    "layer {uuid}: {digest} ({size} bytes) is there already"
+                ));
+                (digest, size, false)
+            }
+            None => {
+                let made = image_format::backup::backup(&env, path, from, &backup, &mut |_, _| {})
+                    .map_err(Error::from);
+                let pushed = made.and_then(|_| {
+                    let tar = TarParts::of(&[(layout::layer_entry(*uuid), &backup)])?;
+                    upload(&registry, &tar, say, &format!("layer {uuid}"))
+                });
+                let _ = std::fs::remove_file(&backup);
+                let pushed = pushed?;
+                if let Some(s) = known {
+                    s.remember_blob(*uuid, &pushed.0, pushed.1)?;
+                }
+                pushed
+            }
+        };
         let mut annotations = BTreeMap::new();
         annotations.insert(
             layout::ANNOTATION_CONTENT.into(),

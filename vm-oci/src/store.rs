@@ -6,6 +6,7 @@
 //! ROOT/layers/UUID.img           a sealed layer, its parent UUID.img beside it
 //! ROOT/kernels/HEX/kernel|initrd  a kernel layer's files, by its digest
 //! ROOT/refs/ESCAPED.json          what a reference pulled: its top, defaults
+//! ROOT/blobs/UUID.json            a sealed layer's blob digest, once known
 //! ROOT/tmp/                       work in progress (blobs, backups)
 //! ROOT/lock                       held while a pull or a removal runs
 //! ```
@@ -44,6 +45,12 @@ pub struct Store {
     root: PathBuf,
 }
 
+#[derive(Serialize, Deserialize)]
+struct KnownBlob {
+    digest: String,
+    size: u64,
+}
+
 /// The store held by one process (a pull, a removal): released on drop.
 pub struct StoreLock {
     _file: File,
@@ -52,7 +59,7 @@ pub struct StoreLock {
 impl Store {
     /// The store at `root`, made if missing.
     pub fn open(root: &Path) -> Result<Store> {
-        for d in ["layers", "kernels", "refs", "tmp"] {
+        for d in ["layers", "kernels", "refs", "tmp", "blobs"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(Error::io(&p))?;
         }
@@ -123,6 +130,30 @@ impl Store {
             Ok(l) => l.header.sealed() && l.header.uuid == uuid && l.header.parent_uuid == parent,
             Err(_) => false,
         }
+    }
+
+    /// The digest and size of sealed layer `uuid`'s blob, if known (it
+    /// never changes: a sealed layer does not).
+    pub fn blob_of(&self, uuid: Uuid) -> Option<(String, u64)> {
+        let p = self.root.join("blobs").join(format!("{uuid}.json"));
+        let known: KnownBlob = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+        Some((known.digest, known.size))
+    }
+
+    /// Remembers layer `uuid`'s blob (a push made it, a pull fetched it).
+    pub fn remember_blob(&self, uuid: Uuid, digest: &str, size: u64) -> Result<()> {
+        let p = self.root.join("blobs").join(format!("{uuid}.json"));
+        let tmp = self
+            .root
+            .join("blobs")
+            .join(format!(".{uuid}.{}", std::process::id()));
+        let known = KnownBlob {
+            digest: digest.to_string(),
+            size,
+        };
+        std::fs::write(&tmp, serde_json::to_vec(&known).expect("serializes"))
+            .map_err(Error::io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(Error::io(&p))
     }
 
     pub fn kernel_dir(&self, digest: &str) -> PathBuf {

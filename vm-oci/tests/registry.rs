@@ -92,13 +92,29 @@ fn a_clone_travels_as_its_own_layer_and_a_second_host_fetches_only_what_it_lacks
 
     // Host A pushes the base, then the clone: the base's layer again is
     // the same blob, which the registry has.
-    let one = push(&source(&golden), &base_ref, &opts, dir.path(), &mut quiet).expect("push base");
+    let one = push(
+        &source(&golden),
+        &base_ref,
+        &opts,
+        dir.path(),
+        None,
+        &mut quiet,
+    )
+    .expect("push base");
     assert_eq!(
         one.blobs.iter().filter(|b| b.transferred).count(),
         2,
         "{one:?}"
     );
-    let two = push(&source(&v2), &clone_ref, &opts, dir.path(), &mut quiet).expect("push clone");
+    let two = push(
+        &source(&v2),
+        &clone_ref,
+        &opts,
+        dir.path(),
+        None,
+        &mut quiet,
+    )
+    .expect("push clone");
     let uploaded: Vec<_> = two.blobs.iter().filter(|b| b.transferred).collect();
     // The clone's layer and its config; its base's layer was there.
     assert_eq!(uploaded.len(), 2, "{two:?}");
@@ -113,7 +129,15 @@ fn a_clone_travels_as_its_own_layer_and_a_second_host_fetches_only_what_it_lacks
         clone_layer.size
     );
     // Pushing the same snapshot again uploads nothing.
-    let again = push(&source(&v2), &clone_ref, &opts, dir.path(), &mut quiet).expect("push again");
+    let again = push(
+        &source(&v2),
+        &clone_ref,
+        &opts,
+        dir.path(),
+        None,
+        &mut quiet,
+    )
+    .expect("push again");
     assert_eq!(vm_oci::transferred_bytes(&again.blobs), 0, "{again:?}");
     assert_eq!(again.manifest_digest, two.manifest_digest);
 
@@ -144,6 +168,51 @@ fn a_clone_travels_as_its_own_layer_and_a_second_host_fetches_only_what_it_lacks
     assert_eq!(p2.record.defaults.cpus, Some(2));
     assert_eq!(b.record(&clone_ref).unwrap().as_ref(), Some(&p2.record));
     // A second pull of either fetches nothing.
+    // Host B's layers, restored from the blobs, make the same blobs again:
+    // pushed from B under another tag of the repository, nothing is
+    // uploaded but the manifest, without B remembering any digest. (A
+    // registry keeps blobs per repository: another repository would take
+    // them again.)
+    let b_top = PushSource {
+        snapshot: top.clone(),
+        ..source(&v2)
+    };
+    let from_b = push(
+        &b_top,
+        &format!("{}/vm/base:copy", reg.address),
+        &opts,
+        dir.path(),
+        None,
+        &mut quiet,
+    )
+    .expect("push from host B");
+    assert_eq!(vm_oci::transferred_bytes(&from_b.blobs), 0, "{from_b:?}");
+    assert_eq!(from_b.manifest_digest, two.manifest_digest);
+    // With the digests a store remembers, a push does not remake the
+    // blobs the registry has.
+    let known = Store::open(&dir.path().join("host-a")).unwrap();
+    known
+        .remember_blob(
+            two.blobs[0].uuid.unwrap(),
+            &two.blobs[0].digest,
+            two.blobs[0].size,
+        )
+        .unwrap();
+    let mut said = Vec::new();
+    push(
+        &source(&v2),
+        &clone_ref,
+        &opts,
+        dir.path(),
+        Some(&known),
+        &mut |l| said.push(l.to_string()),
+    )
+    .expect("push with known blobs");
+    assert!(said[0].contains("is there already"), "{said:?}");
+    assert_eq!(
+        known.blob_of(two.blobs[1].uuid.unwrap()).map(|b| b.0),
+        Some(two.blobs[1].digest.clone())
+    );
     let p3 = pull(&b, &clone_ref, &opts, &mut quiet).expect("pull again");
     assert_eq!(vm_oci::transferred_bytes(&p3.blobs), 0);
     store_is_clean(b.root());
@@ -159,7 +228,15 @@ fn bad_blobs_and_a_lost_registry_leave_nothing_half_made_and_the_next_pull_works
     let (_, v2) = images(dir.path());
     let opts = RegistryOptions::default();
     let clone_ref = format!("{}/vm/base:v2", reg.address);
-    let pushed = push(&source(&v2), &clone_ref, &opts, dir.path(), &mut quiet).expect("push");
+    let pushed = push(
+        &source(&v2),
+        &clone_ref,
+        &opts,
+        dir.path(),
+        None,
+        &mut quiet,
+    )
+    .expect("push");
     let clone_blob = reg.blob_file(&pushed.blobs[1].digest);
     let good = std::fs::read(&clone_blob).unwrap();
     let store_dir = dir.path().join("host-b");
@@ -251,7 +328,15 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_next_one_works() {
     let (golden, _) = images(dir.path());
     let opts = RegistryOptions::default();
     let base_ref = format!("{}/vm/base:golden", reg.address);
-    push(&source(&golden), &base_ref, &opts, dir.path(), &mut quiet).expect("push");
+    push(
+        &source(&golden),
+        &base_ref,
+        &opts,
+        dir.path(),
+        None,
+        &mut quiet,
+    )
+    .expect("push");
     let mnt = dir.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
     let mount = |opts: &str| {

@@ -98,7 +98,8 @@ pub fn push(
     }
     let work = pushing.join(std::process::id().to_string());
     std::fs::create_dir_all(&work)?;
-    let pushed = vm_oci::push(src, reference, opts, &work, say);
+    let known = store(root)?;
+    let pushed = vm_oci::push(src, reference, opts, &work, Some(&known), say);
     let _ = std::fs::remove_dir_all(&work);
     pushed.with_context(|| format!("pushing {} as {reference}", src.snapshot.display()))
 }

@@ -3,14 +3,17 @@
 //! that callers stay synchronous. Credentials come from the docker config
 //! (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`, its
 //! credential helpers too), as docker, skopeo and containerd read them;
-//! none there means anonymous. TLS always, except for a registry on this
-//! host (localhost, 127.0.0.0/8, [::1]) or with `insecure`.
+//! none there means anonymous. TLS always, except with `insecure` or for
+//! a registry on this host (localhost, 127.0.0.0/8, [::1]) that no CA is
+//! given for; a registry whose certificate a private CA signed is trusted
+//! as docker trusts it: the CA's `*.crt` files in
+//! `/etc/docker/certs.d/HOST:PORT/`.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -21,6 +24,39 @@ use crate::{Error, Result};
 pub struct RegistryOptions {
     /// Plain HTTP to any registry (not only this host's).
     pub insecure: bool,
+    /// Where each registry's extra CA certificates are, in a directory
+    /// named after it (`HOST:PORT/*.crt`); default `/etc/docker/certs.d`.
+    pub certs_dir: Option<PathBuf>,
+    /// The docker config file to take credentials from (skopeo's
+    /// `--authfile`); default `$DOCKER_CONFIG/config.json`, else
+    /// `~/.docker/config.json`.
+    pub auth_file: Option<PathBuf>,
+}
+
+/// The `*.crt` files for `registry` under `certs_dir` (none: no such
+/// directory).
+fn extra_roots(certs_dir: &Path, registry: &str) -> Result<Vec<Certificate>> {
+    let dir = certs_dir.join(registry);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir)(e)),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            Ok(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data: std::fs::read(&p).map_err(Error::io(&p))?,
+            })
+        })
+        .collect()
 }
 
 pub struct Registry {
@@ -54,15 +90,23 @@ impl Registry {
         let provider = rustls::crypto::ring::default_provider();
         let _ = provider.install_default();
         let registry = parsed.resolve_registry().to_string();
+        let certs_dir = opts
+            .certs_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/docker/certs.d"));
+        let roots = extra_roots(&certs_dir, &registry)?;
+        // A registry on this host is plain HTTP unless a CA for it is
+        // given (then it serves TLS).
         let protocol = if opts.insecure {
             ClientProtocol::Http
-        } else if is_local(&registry) {
+        } else if is_local(&registry) && roots.is_empty() {
             ClientProtocol::HttpsExcept(vec![registry.clone()])
         } else {
             ClientProtocol::Https
         };
         let client = Client::new(ClientConfig {
             protocol,
+            extra_root_certificates: roots,
             connect_timeout: Some(std::time::Duration::from_secs(30)),
             read_timeout: Some(std::time::Duration::from_secs(300)),
             ..ClientConfig::default()
@@ -77,7 +121,7 @@ impl Registry {
         Ok(Registry {
             rt,
             client,
-            auth: credentials(&registry)?,
+            auth: credentials(&registry, opts.auth_file.clone().or_else(docker_config))?,
             reference: parsed,
         })
     }
@@ -89,9 +133,20 @@ impl Registry {
     fn err(&self, doing: &str) -> impl FnOnce(oci_client::errors::OciDistributionError) -> Error {
         let registry = self.reference.resolve_registry().to_string();
         let doing = doing.to_string();
-        move |e| Error::Registry {
-            registry,
-            what: format!("{doing}: {e}"),
+        move |e| {
+            // Each cause once (reqwest's outermost error says only
+            // "error sending request"; the TLS or connection reason is
+            // below it).
+            let mut what = format!("{doing}: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !what.contains(&text) {
+                    what += &format!(": {text}");
+                }
+                cause = c.source();
+            }
+            Error::Registry { registry, what }
         }
     }
 
@@ -225,9 +280,9 @@ fn docker_config() -> Option<std::path::PathBuf> {
 
 /// What the docker config holds for `registry`; anonymous when there is
 /// no config or it holds nothing for it.
-fn credentials(registry: &str) -> Result<RegistryAuth> {
+fn credentials(registry: &str, config: Option<PathBuf>) -> Result<RegistryAuth> {
     use docker_credential::{CredentialRetrievalError as E, DockerCredential};
-    let Some(path) = docker_config() else {
+    let Some(path) = config else {
         return Ok(RegistryAuth::Anonymous);
     };
     let file = match std::fs::File::open(&path) {

@@ -371,3 +371,86 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_next_one_works() {
     );
     store_is_clean(store.root());
 }
+
+/// A registry over TLS with basic auth, as a team's registry is: its CA
+/// trusted the docker way (`certs.d/HOST:PORT/ca.crt`), the password from
+/// a docker config; without the CA, or without the password, a clear
+/// error naming the registry; with both, push and pull.
+#[test]
+fn a_tls_registry_with_basic_auth_takes_the_docker_config_s_credentials() {
+    if !have("docker-registry", "vm_oci_tls_auth") || !have("openssl", "vm_oci_tls_auth") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reg = LocalRegistry::start_tls(dir.path(), "fleet", "s3cret").expect("registry");
+    let (golden, _) = images(dir.path());
+    let reference = format!("{}/vm/base:golden", reg.address);
+    // A certs.d as docker keeps it: HOST:PORT/ca.crt.
+    let certs_d = |name: &str, ca: &str| -> PathBuf {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(d.join(&reg.address)).unwrap();
+        std::fs::copy(dir.path().join(ca), d.join(&reg.address).join("ca.crt")).unwrap();
+        d
+    };
+    let opts = RegistryOptions {
+        insecure: false,
+        certs_dir: Some(certs_d("certs.d", "ca.crt")),
+        auth_file: Some(dir.path().join("docker/config.json")),
+    };
+    // A docker config of the test's own.
+    let docker = dir.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let config = |auths: &str| {
+        std::fs::write(
+            docker.join("config.json"),
+            format!(r#"{{"auths": {{{auths}}}}}"#),
+        )
+        .unwrap()
+    };
+    // A push that must fail, naming the registry and `why`.
+    let refused = |o: &RegistryOptions, why: &str| {
+        let e = push(
+            &source(&golden),
+            &reference,
+            o,
+            dir.path(),
+            None,
+            &mut quiet,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!("registry {}", reg.address)) && e.contains(why),
+            "{e}"
+        );
+    };
+    // No credentials: refused by the registry.
+    config("");
+    refused(&opts, "401 Unauthorized");
+    // The right credentials, but another CA than its own trusted (the
+    // registry's own certificate, which signs nothing).
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode("fleet:s3cret");
+    config(&format!(r#""{}": {{"auth": "{auth}"}}"#, reg.address));
+    let untrusted = RegistryOptions {
+        certs_dir: Some(certs_d("wrong-certs", "registry.crt")),
+        ..opts.clone()
+    };
+    refused(&untrusted, "invalid peer certificate");
+    // Both: it goes there and back.
+    push(
+        &source(&golden),
+        &reference,
+        &opts,
+        dir.path(),
+        None,
+        &mut quiet,
+    )
+    .expect("push over TLS");
+    let b = Store::open(&dir.path().join("host-b")).unwrap();
+    let p = pull(&b, &reference, &opts, &mut quiet).expect("pull over TLS");
+    assert_eq!(
+        read_all(&b.layer_path(p.record.layers[0])),
+        read_all(&golden)
+    );
+}

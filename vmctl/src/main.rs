@@ -52,6 +52,7 @@ fn spec(root: &Root, image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         let reference = image.to_string_lossy().into_owned();
         let opts = vm_oci::RegistryOptions {
             insecure: vm.insecure,
+            ..Default::default()
         };
         let record = images::ensure_pulled(root, &reference, &opts)?;
         let (top, k, i) = images::files_of(root, &record)?;
@@ -145,7 +146,10 @@ fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
                     cmdline,
                 },
             };
-            let opts = vm_oci::RegistryOptions { insecure };
+            let opts = vm_oci::RegistryOptions {
+                insecure,
+                ..Default::default()
+            };
             let report = images::push(root, &src, &reference, &opts, &mut say)?;
             let moved = transfer_summary(&report.blobs, "uploaded");
             print_answer(output, &report, || {
@@ -160,7 +164,10 @@ fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
             insecure,
             output,
         } => {
-            let opts = vm_oci::RegistryOptions { insecure };
+            let opts = vm_oci::RegistryOptions {
+                insecure,
+                ..Default::default()
+            };
             let pulled = images::pull(root, &reference, &opts, &mut say)?;
             let moved = transfer_summary(&pulled.blobs, "fetched");
             print_answer(output, &pulled, || format!("{reference}: pulled ({moved})"))?;

@@ -22,15 +22,100 @@ pub struct LocalRegistry {
 }
 
 impl LocalRegistry {
-    /// A registry keeping its data under `dir`.
+    /// A registry keeping its data under `dir`, plain HTTP, anonymous.
     pub fn start(dir: &Path) -> Result<LocalRegistry> {
+        Self::start_with(dir, None)
+    }
+
+    /// The same over TLS (a certificate for 127.0.0.1 that a CA of its
+    /// own signed; the CA's certificate is `dir/ca.crt`) asking for `user`'s `password` (basic
+    /// auth from an htpasswd file, bcrypt, as the registry requires).
+    pub fn start_tls(dir: &Path, user: &str, password: &str) -> Result<LocalRegistry> {
+        // A CA of its own, and the registry's certificate for 127.0.0.1
+        // signed by it (a self-signed CA certificate is refused as a
+        // server's own by webpki, rightly).
+        let openssl = |args: &[&str]| -> Result<()> {
+            let st = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .context("openssl")?;
+            if !st.success() {
+                bail!("openssl {args:?}: {st}");
+            }
+            Ok(())
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test registry CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "registry.key",
+            "-out",
+            "registry.csr",
+        ])?;
+        std::fs::write(
+            dir.join("registry.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "registry.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "registry.ext",
+            "-out",
+            "registry.crt",
+        ])?;
+        let (crt, key) = (dir.join("registry.crt"), dir.join("registry.key"));
+        let htpasswd = dir.join("htpasswd");
+        let hash = bcrypt::hash(password, 4).context("bcrypt")?;
+        std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+        let extra = format!(
+            "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+            crt.display(),
+            key.display(),
+            htpasswd.display()
+        );
+        Self::start_with(dir, Some(&extra))
+    }
+
+    fn start_with(dir: &Path, extra: Option<&str>) -> Result<LocalRegistry> {
         // A free port: another process may take it between our probe and
         // the registry's bind, in which case the registry exits and the
         // next port is tried.
         let mut last = None;
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            match Self::start_on(dir, port) {
+            match Self::start_on(dir, port, extra.unwrap_or("")) {
                 Ok(r) => return Ok(r),
                 Err(e) => last = Some(e),
             }
@@ -38,14 +123,15 @@ impl LocalRegistry {
         Err(last.expect("tried"))
     }
 
-    fn start_on(dir: &Path, port: u16) -> Result<LocalRegistry> {
+    /// `extra`: YAML lines after `http`'s address (its tls), and more.
+    fn start_on(dir: &Path, port: u16, extra: &str) -> Result<LocalRegistry> {
         let storage = dir.join("registry-data");
         std::fs::create_dir_all(&storage)?;
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                 storage.display()
             ),
         )?;

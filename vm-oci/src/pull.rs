@@ -154,7 +154,7 @@ pub fn pull(
             }
             let base = parent.map(|p| store.layer_path(p));
             image_format::backup::restore(&env, &backup, base.as_deref(), &out, &mut |_, _| {})?;
-            store.remember_blob(*uuid, &desc.digest, size)
+            store.remember_blob(*uuid, &desc.digest, size, &registry.repository())
         })();
         let _ = std::fs::remove_file(&tar);
         let _ = std::fs::remove_file(&backup);

@@ -104,18 +104,19 @@ pub fn push(
     for (k, (path, uuid, parent)) in paths.iter().enumerate() {
         let cached = known.and_then(|s| s.blob_of(*uuid));
         let there = match &cached {
-            Some((digest, _)) => registry.blob_exists(digest)?,
+            Some(c) => registry.blob_exists(&c.digest)? || mounted(&registry, c, say)?,
             None => false,
         };
         let backup = work.join(format!(".push-{uuid}.backup"));
         let _ = std::fs::remove_file(&backup);
         let from = k.checked_sub(1).map(|j| paths[j].0.as_path());
         let (digest, size, uploaded) = match cached.filter(|_| there) {
-            Some((digest, size)) => {
+            Some(c) => {
                 say(&format!(
-                    "layer {uuid}: {digest} ({size} bytes) is there already"
+                    "layer {uuid}: {} ({} bytes) is there already",
+                    c.digest, c.size
                 ));
-                (digest, size, false)
+                (c.digest, c.size, false)
             }
             None => {
                 let made = image_format::backup::backup(&env, path, from, &backup, &mut |_, _| {})
@@ -125,13 +126,12 @@ pub fn push(
                     upload(&registry, &tar, say, &format!("layer {uuid}"))
                 });
                 let _ = std::fs::remove_file(&backup);
-                let pushed = pushed?;
-                if let Some(s) = known {
-                    s.remember_blob(*uuid, &pushed.0, pushed.1)?;
-                }
-                pushed
+                pushed?
             }
         };
+        if let Some(s) = known {
+            s.remember_blob(*uuid, &digest, size, &registry.repository())?;
+        }
         let mut annotations = BTreeMap::new();
         annotations.insert(
             layout::ANNOTATION_CONTENT.into(),
@@ -213,6 +213,22 @@ pub fn push(
         manifest_digest,
         blobs,
     })
+}
+
+/// Whether blob `c` could be linked into the registry's repository from
+/// another repository of the same registry known to hold it.
+fn mounted(
+    registry: &Registry,
+    c: &crate::store::KnownBlob,
+    say: &mut dyn FnMut(&str),
+) -> Result<bool> {
+    for from in &c.repositories {
+        if registry.mount(from, &c.digest)? {
+            say(&format!("{}: mounted from {from}", c.digest));
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn descriptor(digest: &str, size: u64, annotations: BTreeMap<String, String>) -> OciDescriptor {

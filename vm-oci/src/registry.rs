@@ -130,6 +130,39 @@ impl Registry {
         &self.reference
     }
 
+    /// `registry/repository`, as a blob's known places are written.
+    pub fn repository(&self) -> String {
+        format!(
+            "{}/{}",
+            self.reference.resolve_registry(),
+            self.reference.repository()
+        )
+    }
+
+    /// Asks the registry to link blob `digest` from `from` (another
+    /// repository of the same registry, `registry/repository`) into this
+    /// one, instead of uploading it again; whether it is here now.
+    pub fn mount(&self, from: &str, digest: &str) -> Result<bool> {
+        let Some(repo) = from
+            .strip_prefix(self.reference.resolve_registry())
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            return Ok(false);
+        };
+        if repo == self.reference.repository() {
+            return Ok(false);
+        }
+        let Ok(source) = from.parse::<Reference>() else {
+            return Ok(false);
+        };
+        // A registry may refuse a mount (no cross-repository links, no
+        // rights on the source): the blob is uploaded then.
+        let mounted = self
+            .rt
+            .block_on(self.client.mount_blob(&self.reference, &source, digest));
+        Ok(mounted.is_ok() && self.blob_exists(digest)?)
+    }
+
     fn err(&self, doing: &str) -> impl FnOnce(oci_client::errors::OciDistributionError) -> Error {
         let registry = self.reference.resolve_registry().to_string();
         let doing = doing.to_string();

@@ -45,10 +45,14 @@ pub struct Store {
     root: PathBuf,
 }
 
-#[derive(Serialize, Deserialize)]
-struct KnownBlob {
-    digest: String,
-    size: u64,
+/// A sealed layer's blob, and the repositories (`registry/repository`)
+/// it is known to be in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownBlob {
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    pub repositories: Vec<String>,
 }
 
 /// The store held by one process (a pull, a removal): released on drop.
@@ -132,25 +136,38 @@ impl Store {
         }
     }
 
-    /// The digest and size of sealed layer `uuid`'s blob, if known (it
-    /// never changes: a sealed layer does not).
-    pub fn blob_of(&self, uuid: Uuid) -> Option<(String, u64)> {
+    /// What is known of sealed layer `uuid`'s blob (it never changes: a
+    /// sealed layer does not).
+    pub fn blob_of(&self, uuid: Uuid) -> Option<KnownBlob> {
         let p = self.root.join("blobs").join(format!("{uuid}.json"));
-        let known: KnownBlob = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-        Some((known.digest, known.size))
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
     }
 
-    /// Remembers layer `uuid`'s blob (a push made it, a pull fetched it).
-    pub fn remember_blob(&self, uuid: Uuid, digest: &str, size: u64) -> Result<()> {
+    /// Remembers layer `uuid`'s blob (a push made or found it, a pull
+    /// fetched it) and that `repository` holds it.
+    pub fn remember_blob(
+        &self,
+        uuid: Uuid,
+        digest: &str,
+        size: u64,
+        repository: &str,
+    ) -> Result<()> {
         let p = self.root.join("blobs").join(format!("{uuid}.json"));
         let tmp = self
             .root
             .join("blobs")
             .join(format!(".{uuid}.{}", std::process::id()));
-        let known = KnownBlob {
-            digest: digest.to_string(),
-            size,
-        };
+        let mut known = self
+            .blob_of(uuid)
+            .filter(|k| k.digest == digest)
+            .unwrap_or(KnownBlob {
+                digest: digest.to_string(),
+                size,
+                repositories: Vec::new(),
+            });
+        if !known.repositories.iter().any(|r| r == repository) {
+            known.repositories.push(repository.to_string());
+        }
         std::fs::write(&tmp, serde_json::to_vec(&known).expect("serializes"))
             .map_err(Error::io(&tmp))?;
         std::fs::rename(&tmp, &p).map_err(Error::io(&p))

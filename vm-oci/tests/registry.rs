@@ -191,11 +191,13 @@ fn a_clone_travels_as_its_own_layer_and_a_second_host_fetches_only_what_it_lacks
     // With the digests a store remembers, a push does not remake the
     // blobs the registry has.
     let known = Store::open(&dir.path().join("host-a")).unwrap();
+    let base_repo = format!("{}/vm/base", reg.address);
     known
         .remember_blob(
             two.blobs[0].uuid.unwrap(),
             &two.blobs[0].digest,
             two.blobs[0].size,
+            &base_repo,
         )
         .unwrap();
     let mut said = Vec::new();
@@ -210,8 +212,30 @@ fn a_clone_travels_as_its_own_layer_and_a_second_host_fetches_only_what_it_lacks
     .expect("push with known blobs");
     assert!(said[0].contains("is there already"), "{said:?}");
     assert_eq!(
-        known.blob_of(two.blobs[1].uuid.unwrap()).map(|b| b.0),
+        known.blob_of(two.blobs[1].uuid.unwrap()).map(|b| b.digest),
         Some(two.blobs[1].digest.clone())
+    );
+    // Into another repository of the registry (which keeps blobs per
+    // repository): the layers are linked from where the store knows
+    // them to be, not uploaded again; only the config goes.
+    let other = push(
+        &source(&v2),
+        &format!("{}/team/vm:v2", reg.address),
+        &opts,
+        dir.path(),
+        Some(&known),
+        &mut quiet,
+    )
+    .expect("push into another repository");
+    let sent: Vec<_> = other.blobs.iter().filter(|b| b.transferred).collect();
+    assert_eq!(sent.len(), 1, "{other:?}");
+    assert!(sent[0].uuid.is_none(), "only the config: {other:?}");
+    assert_eq!(
+        known
+            .blob_of(two.blobs[0].uuid.unwrap())
+            .unwrap()
+            .repositories,
+        [base_repo.clone(), format!("{}/team/vm", reg.address)]
     );
     let p3 = pull(&b, &clone_ref, &opts, &mut quiet).expect("pull again");
     assert_eq!(vm_oci::transferred_bytes(&p3.blobs), 0);

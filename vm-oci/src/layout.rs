@@ -63,6 +63,48 @@ pub struct VmDefaults {
     pub cmdline: Option<String>,
 }
 
+/// The image's vCPUs as a container's environment variable.
+pub const ENV_CPUS: &str = "VMCTL_CPUS";
+/// The image's guest memory in bytes, likewise.
+pub const ENV_MEMORY: &str = "VMCTL_MEMORY";
+
+impl VmDefaults {
+    /// cpus and memory as `NAME=VALUE` environment entries.
+    pub fn to_env(&self) -> Vec<String> {
+        let mut env = Vec::new();
+        if let Some(c) = self.cpus {
+            env.push(format!("{ENV_CPUS}={c}"));
+        }
+        if let Some(m) = self.memory {
+            env.push(format!("{ENV_MEMORY}={m}"));
+        }
+        env
+    }
+
+    /// The defaults a container engine passed on in a task's process:
+    /// `args` (the command line, none if empty) and `env` (`NAME=VALUE`;
+    /// other variables are ignored). A value that is not a number is an
+    /// error naming it.
+    pub fn from_process(args: &[String], env: &[String]) -> Result<VmDefaults, Error> {
+        let mut d = VmDefaults {
+            cmdline: (!args.is_empty()).then(|| args.join(" ")),
+            ..VmDefaults::default()
+        };
+        for e in env {
+            let Some((k, v)) = e.split_once('=') else {
+                continue;
+            };
+            let bad = || Error::Layout(format!("{k}={v:?} is not a number"));
+            match k {
+                ENV_CPUS => d.cpus = Some(v.parse().map_err(|_| bad())?),
+                ENV_MEMORY => d.memory = Some(v.parse().map_err(|_| bad())?),
+                _ => {}
+            }
+        }
+        Ok(d)
+    }
+}
+
 /// The image config as this layout writes it: an OCI image config
 /// (architecture, OS, the layers' diff ids) whose labels carry the VM.
 /// Written without timestamps, so the same content is the same digest.
@@ -79,6 +121,15 @@ pub struct ImageConfig {
 pub struct ConfigBody {
     #[serde(rename = "Labels", default)]
     pub labels: BTreeMap<String, String>,
+    /// The defaults again as a container's environment, which engines
+    /// copy into the task's OCI spec (containerd and the CRI do not pass
+    /// an image's labels to a runtime).
+    #[serde(rename = "Env", default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The kernel command line's words, as a container's command (what
+    /// `ctr run REF NAME ARGS` and a pod's `args` override).
+    #[serde(rename = "Cmd", default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +177,15 @@ impl ImageConfig {
         ImageConfig {
             architecture: "amd64".into(),
             os: "linux".into(),
-            config: ConfigBody { labels },
+            config: ConfigBody {
+                labels,
+                env: d.to_env(),
+                cmd: d
+                    .cmdline
+                    .as_deref()
+                    .map(|c| c.split_ascii_whitespace().map(String::from).collect())
+                    .unwrap_or_default(),
+            },
             rootfs: RootFs {
                 kind: "layers".into(),
                 diff_ids,

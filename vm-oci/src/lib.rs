@@ -8,6 +8,7 @@ pub mod pull;
 pub mod push;
 pub mod registry;
 pub mod store;
+pub mod unpacked;
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,7 @@ pub use pull::{pull, Pulled};
 pub use push::{push, PushReport, PushSource};
 pub use registry::{Registry, RegistryOptions};
 pub use store::Store;
+pub use unpacked::Imported;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -16,7 +16,7 @@ use crate::state::{BackendMode, Placement, RestoreMemory};
 )]
 pub struct Cli {
     /// Where VMs live (default: /var/lib/vmctl as root, else $XDG_STATE_HOME/vmctl).
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, value_name = "DIR", env = "VMCTL_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Cmd,
@@ -510,6 +510,19 @@ pub enum ImageCmd {
         #[arg(long)]
         insecure: bool,
         /// human: a line per blob; json: one document for scripts.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Bring in an image another program unpacked, one directory per
+    /// layer, bottom first (what containerd's snapshotter made of a VM
+    /// image; the containerd shim calls this): each disk layer the store
+    /// lacks is restored from the directory's backup, checked; prints the
+    /// files a VM runs from (create --image TOP --kernel KERNEL).
+    Import {
+        /// The layers' directories, bottom first.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// human: a line; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },

@@ -172,6 +172,18 @@ fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
             let moved = transfer_summary(&pulled.blobs, "fetched");
             print_answer(output, &pulled, || format!("{reference}: pulled ({moved})"))?;
         }
+        ImageCmd::Import { dirs, output } => {
+            let store = images::store(root)?;
+            let imported = vm_oci::unpacked::import(&store, &dirs, &mut say)?;
+            print_answer(output, &imported, || {
+                format!(
+                    "{}: {} layers, {} restored",
+                    imported.top.display(),
+                    imported.layers.len(),
+                    imported.restored.len()
+                )
+            })?;
+        }
         ImageCmd::Ls { output } => {
             let listed = images::list(root)?;
             if output == Output::Json {
@@ -367,7 +379,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let vm = ops::create(&root, &name, &spec)?;
             if output == Output::Json {
-                print_json(&ops::describe(&root, &vm)?);
+                print_json(&serde_json::to_value(ops::describe(&root, &vm)?)?);
             } else {
                 println!("{}: defined ({})", vm.name, vm.path.display());
             }
@@ -469,7 +481,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Restore { dest, name, output } => {
             let vm = snapshots::restore(&root, &dest, &name)?;
             if output == Output::Json {
-                print_json(&ops::describe(&root, &vm)?);
+                print_json(&serde_json::to_value(ops::describe(&root, &vm)?)?);
                 return Ok(0);
             }
             println!(
@@ -549,7 +561,10 @@ fn run(cli: Cli) -> Result<i32> {
             };
             ops::set(&root, &name, &changes)?;
             if output == Output::Json {
-                print_json(&ops::describe(&root, &root.vm(&name)?)?);
+                print_json(&serde_json::to_value(ops::describe(
+                    &root,
+                    &root.vm(&name)?,
+                )?)?);
             } else {
                 println!("{name}: changed (from its next start)");
             }
@@ -607,7 +622,7 @@ fn run(cli: Cli) -> Result<i32> {
             let rows: Vec<Value> = root
                 .list()?
                 .iter()
-                .map(|vm| ops::describe(&root, vm))
+                .map(|vm| Ok(serde_json::to_value(ops::describe(&root, vm)?)?))
                 .collect::<Result<_>>()?;
             if output == Output::Json {
                 print_json(&json!(rows));
@@ -638,7 +653,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Info { name, output } => {
-            let v = ops::describe(&root, &root.vm(&name)?)?;
+            let v = serde_json::to_value(ops::describe(&root, &root.vm(&name)?)?)?;
             if output == Output::Json {
                 print_json(&v);
             } else if let Some(o) = v.as_object() {
@@ -665,10 +680,18 @@ fn run(cli: Cli) -> Result<i32> {
                 exit_code_of(&states)
             };
             if output == Output::Json {
-                print_json(&json!(states
+                let rows: Vec<vmctl_api::WaitRow> = states
                     .iter()
-                    .map(|(n, s)| json!({ "name": n, "state": s.to_string(), "exit-status": match s { Observed::Exited(c) => Some(*c), _ => None } }))
-                    .collect::<Vec<_>>()));
+                    .map(|(n, s)| vmctl_api::WaitRow {
+                        name: n.clone(),
+                        state: s.to_string(),
+                        exit_status: match s {
+                            Observed::Exited(c) => Some(*c),
+                            _ => None,
+                        },
+                    })
+                    .collect();
+                print_json(&serde_json::to_value(rows)?);
             } else {
                 for (n, s) in &states {
                     println!("{n}: {s}");

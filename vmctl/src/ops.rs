@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use image_format::{ops, Env, Layer, RealEnv, VolatileEnv};
-use serde_json::{json, Value};
+use vmctl_api::{ShareInfo, VmInfo};
 
 use crate::host_backend::HostBackend;
 use crate::process::{pidfd_of, wait_any};
@@ -657,7 +657,7 @@ fn disk_bytes(vm: &VmDir) -> u64 {
 }
 
 /// One VM as `list` and `info` show it.
-pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
+pub fn describe(root: &Root, vm: &VmDir) -> Result<VmInfo> {
     let c = vm.config()?;
     let status = vm.status()?;
     let observed = vm.observed()?;
@@ -692,33 +692,46 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<Value> {
         .as_ref()
         .filter(|_| active)
         .map(|s| (now_ms().saturating_sub(s.started_unix_ms)) as f64 / 1000.0);
-    Ok(json!({
-        "name": c.name,
-        "state": state,
-        "exit-status": match observed { Observed::Exited(n) => Some(n), _ => None },
-        "reason": match &observed { Observed::Failed(r) => Some(r.clone()), _ => status.as_ref().and_then(|s| s.reason.clone()) },
-        "pid": status.as_ref().filter(|_| active).and_then(|s| s.vmm_pid),
-        "cpus": c.cpus,
-        "vcpu-affinity": c.placement.vcpus.as_ref().map(ToString::to_string),
-        "disk-worker-cpus": c.placement.disk_workers.as_ref().map(ToString::to_string),
-        "memory": c.memory,
-        "image": c.image,
-        "disk": vm.disk(),
-        "disk-bytes": disk_bytes(vm),
-        "uptime-s": uptime_s,
-        "backend": c.backend.to_string(),
-        "backend-restarts": backend_restarts,
-        "backend-pid": backend_pid,
-        "kernel": c.kernel,
-        "cmdline": c.cmdline,
-        "queues": c.queues,
-        "address": c.net.as_ref().map(|n| n.address.to_string()),
-        "mac": c.net.as_ref().map(|n| n.mac.clone()),
-        "bridge": c.net.as_ref().map(|n| n.bridge.clone()),
-        "tap": c.net.as_ref().filter(|_| active).map(|n| n.tap.clone()),
-        "shares": c.shares.iter().map(|s| json!({"dir": s.dir, "tag": s.tag})).collect::<Vec<_>>(),
-        "dir": vm.path,
-    }))
+    Ok(VmInfo {
+        name: c.name,
+        state,
+        exit_status: match observed {
+            Observed::Exited(n) => Some(n),
+            _ => None,
+        },
+        reason: match &observed {
+            Observed::Failed(r) => Some(r.clone()),
+            _ => status.as_ref().and_then(|s| s.reason.clone()),
+        },
+        pid: status.as_ref().filter(|_| active).and_then(|s| s.vmm_pid),
+        cpus: c.cpus,
+        vcpu_affinity: c.placement.vcpus.as_ref().map(ToString::to_string),
+        disk_worker_cpus: c.placement.disk_workers.as_ref().map(ToString::to_string),
+        memory: c.memory,
+        image: c.image,
+        disk: vm.disk(),
+        disk_bytes: disk_bytes(vm),
+        uptime_s,
+        backend: c.backend.to_string(),
+        backend_restarts,
+        backend_pid,
+        kernel: c.kernel,
+        cmdline: c.cmdline,
+        queues: c.queues,
+        address: c.net.as_ref().map(|n| n.address.to_string()),
+        mac: c.net.as_ref().map(|n| n.mac.clone()),
+        bridge: c.net.as_ref().map(|n| n.bridge.clone()),
+        tap: c.net.as_ref().filter(|_| active).map(|n| n.tap.clone()),
+        shares: c
+            .shares
+            .iter()
+            .map(|s| ShareInfo {
+                dir: s.dir.clone(),
+                tag: s.tag.clone(),
+            })
+            .collect(),
+        dir: vm.path.clone(),
+    })
 }
 
 /// Until every VM has ended, or `limit` (from now) passed: each one's

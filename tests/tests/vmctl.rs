@@ -10,28 +10,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
-use test_infra::{bin, build_guest, output_within, ready, Fixture, Patience, Vmctl, VmmVm};
+use test_infra::{bin, build_guest, output_within, ready, Fixture, Patience, Vmctl};
 
-/// A base whose first 8 MiB a guest wrote with generation 7, sealed as
-/// base.img@golden.
 fn golden(fx: &Fixture) -> PathBuf {
-    golden_and_rate(fx).0
-}
-
-/// The golden base, and the write rate (IOPS) of the guest that filled it:
-/// what a workload that must last a while is sized from.
-fn golden_and_rate(fx: &Fixture) -> (PathBuf, u64) {
-    let base = fx.image("base.img", "64M");
-    let sock = Fixture::socket_of(&base);
-    let b = fx.serve(&base, 1);
-    let fill = VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=7 size=8M")
-        .with_disk(&sock, 1)
-        .run()
-        .expect("the fill runs");
-    fill.assert_ok("writing the base");
-    b.stop();
-    test_infra::img(&["snapshot", "-c", "golden", &test_infra::s(&base)]);
-    (fx.path("base.img@golden"), fill.field("iops").max(1))
+    fx.golden_base().0
 }
 
 fn until(what: &str, measured: Duration, mut f: impl FnMut() -> bool) {
@@ -131,7 +113,7 @@ fn a_killed_backend_is_restarted_unseen_and_a_killed_vmm_is_a_failure() {
     }
     let fx = Fixture::new();
     let v = Vmctl::new(&fx);
-    let (base, rate) = golden_and_rate(&fx);
+    let (base, rate) = fx.golden_base();
     let image = base.to_str().expect("utf-8");
     // Two VMs on the host backend (the default) and one with a backend of
     // its own, all writing and verifying: a count of writes (2 s at the

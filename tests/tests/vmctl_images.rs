@@ -7,30 +7,13 @@
 //! the store is listed, pruned only of what nothing uses, and bad
 //! references are refused by name.
 
-use std::path::PathBuf;
-
 use serde_json::Value;
-use test_infra::{bin, ready, Fixture, LocalRegistry, Vmctl, VmmVm};
+use test_infra::{ready, Fixture, LocalRegistry, Vmctl};
 
 /// Starts VM `name` and waits for it: it must exit 0.
 fn runs_ok(host: &Vmctl, name: &str) {
     host.ok(&["start", name]);
     host.assert_exits_ok(name);
-}
-
-/// A 64 MiB base whose first 8 MiB a guest wrote with generation 7,
-/// sealed as base.img@golden.
-fn golden(fx: &Fixture) -> PathBuf {
-    let base = fx.image("base.img", "64M");
-    let b = fx.serve(&base, 1);
-    VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=7 size=8M")
-        .with_disk(&Fixture::socket_of(&base), 1)
-        .run()
-        .expect("the fill runs")
-        .assert_ok("writing the base");
-    b.stop();
-    test_infra::img(&["snapshot", "-c", "golden", &test_infra::s(&base)]);
-    fx.path("base.img@golden")
 }
 
 fn digests_uploaded(report: &Value) -> Vec<String> {
@@ -52,7 +35,7 @@ fn a_vm_image_travels_between_two_hosts_through_a_registry_layer_by_layer() {
     let reg = LocalRegistry::start(&fx.path("")).expect("registry");
     let a = Vmctl::at(fx.path("host-a"));
     let b = Vmctl::at(fx.path("host-b"));
-    let base = golden(&fx);
+    let base = fx.golden_base().0;
     let base_ref = format!("{}/vms/base:golden", reg.address);
     let v2_ref = format!("{}/vms/base:v2", reg.address);
 

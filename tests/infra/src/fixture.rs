@@ -96,6 +96,23 @@ impl Fixture {
     }
 
     /// blk-backend serving `image` (read-write) on `IMAGE.sock`.
+    /// A 64 MiB base whose first 8 MiB a guest wrote with generation 7,
+    /// sealed as base.img@golden; and the write rate (IOPS) of the guest
+    /// that filled it, what a workload that must last a while is sized
+    /// from.
+    pub fn golden_base(&self) -> (PathBuf, u64) {
+        let base = self.image("base.img", "64M");
+        let b = self.serve(&base, 1);
+        let fill = crate::VmmVm::new(&bin("vmm"), "mode=write verify=1 gen=7 size=8M")
+            .with_disk(&Self::socket_of(&base), 1)
+            .run()
+            .expect("the fill runs");
+        fill.assert_ok("writing the base");
+        b.stop();
+        img(&["snapshot", "-c", "golden", &s(&base)]);
+        (self.path("base.img@golden"), fill.field("iops").max(1))
+    }
+
     pub fn serve(&self, image: &Path, num_queues: u16) -> BlkBackendProcess {
         BlkBackendProcess::start(
             &bin("blk-backend"),

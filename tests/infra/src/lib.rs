@@ -15,9 +15,11 @@
 //! - [`vhost_frontend`]: an in-process vhost-user frontend writing rings
 //!   by hand, for backends' protocol and hostile-guest tests;
 //! - [`registry`]: a container registry (docker-registry) of a test's own;
+//! - [`containerd`]: containerd of a test's own, with our shim on its PATH;
 //! - [`vmctl`]: vmctl on a state root of the test's, every call bounded.
 
 pub mod backend;
+pub mod containerd;
 pub mod fixture;
 pub mod guest;
 pub mod host;
@@ -30,6 +32,7 @@ pub mod vmctl;
 pub mod workspace;
 
 pub use backend::{listening, BackendControl, BlkBackendProcess, StorageDaemon};
+pub use containerd::LocalContainerd;
 pub use fixture::Fixture;
 pub use guest::{
     build_guest, Disk, GuestKernels, GuestRun, Kernel, Machine, QemuConsole, QemuNic, QemuVm,

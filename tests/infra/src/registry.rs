@@ -184,6 +184,54 @@ impl LocalRegistry {
             .collect()
     }
 
+    /// Pushes an ordinary container image of one layer (a file `/pause`),
+    /// not a VM image, as `repository:tag`: umoci builds it in an OCI
+    /// layout under `dir`, skopeo copies it here. Its reference.
+    pub fn push_container_image(&self, dir: &Path, repository_tag: &str) -> Result<String> {
+        let layout = dir.join("oci-layout-dir");
+        let image = format!("{}:{}", layout.display(), "img");
+        let file = dir.join("pause");
+        std::fs::write(&file, b"not a VM\n")?;
+        let run = |program: &str, args: &[&str]| -> Result<()> {
+            let out = Command::new(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("starting {program}"))?;
+            if !out.status.success() {
+                bail!(
+                    "{program} {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        };
+        let layout_s = layout.to_string_lossy();
+        run("umoci", &["init", "--layout", &layout_s])?;
+        run("umoci", &["new", "--image", &image])?;
+        run(
+            "umoci",
+            &[
+                "insert",
+                "--image",
+                &image,
+                &file.to_string_lossy(),
+                "/pause",
+            ],
+        )?;
+        let reference = format!("{}/{repository_tag}", self.address);
+        run(
+            "skopeo",
+            &[
+                "copy",
+                "--dest-tls-verify=false",
+                &format!("oci:{image}"),
+                &format!("docker://{reference}"),
+            ],
+        )?;
+        Ok(reference)
+    }
+
     /// The file the registry keeps blob `digest` in.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");

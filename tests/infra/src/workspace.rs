@@ -44,6 +44,8 @@ pub fn bin(name: &str) -> PathBuf {
                 "vmm",
                 "-p",
                 "vmctl",
+                "-p",
+                "containerd-shim-vmctl",
             ])
             .current_dir(&root)
             .status()

@@ -55,6 +55,10 @@ impl LocalContainerd {
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni}"
     conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
     runtime_type = "{RUNTIME}"
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]

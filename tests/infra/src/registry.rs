@@ -219,6 +219,10 @@ impl LocalRegistry {
                 "/pause",
             ],
         )?;
+        run(
+            "umoci",
+            &["config", "--image", &image, "--config.entrypoint", "/pause"],
+        )?;
         let reference = format!("{}/{repository_tag}", self.address);
         run(
             "skopeo",

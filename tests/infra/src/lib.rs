@@ -16,6 +16,7 @@
 //!   by hand, for backends' protocol and hostile-guest tests;
 //! - [`registry`]: a container registry (docker-registry) of a test's own;
 //! - [`containerd`]: containerd of a test's own, with our shim on its PATH;
+//! - [`slurm`]: a one-node Slurm cluster (munged, slurmctld, slurmd) of a test's own;
 //! - [`vmctl`]: vmctl on a state root of the test's, every call bounded.
 
 pub mod backend;
@@ -27,6 +28,7 @@ pub mod memory;
 pub mod netns;
 pub mod patience;
 pub mod registry;
+pub mod slurm;
 pub mod vhost_frontend;
 pub mod vmctl;
 pub mod workspace;
@@ -43,5 +45,6 @@ pub use memory::memfd_guest_memory;
 pub use netns::{spawn_serving, KillOnDrop, Netns, NsThread, Received};
 pub use patience::Patience;
 pub use registry::LocalRegistry;
+pub use slurm::LocalSlurm;
 pub use vmctl::Vmctl;
-pub use workspace::{bin, img, output_within, s, stdout_json, vmm_api};
+pub use workspace::{bin, img, output_within, repo_root, s, stdout_json, vmm_api};

@@ -8,7 +8,7 @@
 //! references are refused by name.
 
 use serde_json::Value;
-use test_infra::{ready, Fixture, LocalRegistry, Vmctl};
+use test_infra::{ready, Fixture, LocalRegistry, Patience, Vmctl};
 
 /// Starts VM `name` and waits for it: it must exit 0.
 fn runs_ok(host: &Vmctl, name: &str) {
@@ -202,4 +202,98 @@ fn a_vm_image_travels_between_two_hosts_through_a_registry_layer_by_layer() {
         &base_ref,
     ]);
     assert!(e.contains("not sealed"), "{e}");
+}
+
+/// Bytes of the blobs of `report` (a push's or a pull's JSON) that
+/// crossed.
+fn transferred(report: &Value) -> u64 {
+    report["blobs"]
+        .as_array()
+        .expect("blobs")
+        .iter()
+        .filter(|b| b["transferred"] == true)
+        .map(|b| b["size"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn a_vm_snapshot_travels_through_a_registry_and_vms_on_another_host_continue_from_it() {
+    if !ready("vmctl_images_snapshot", &["docker-registry"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let reg = LocalRegistry::start(&fx.path("")).expect("registry");
+    let a = Vmctl::at(fx.path("host-a"));
+    let b = Vmctl::at(fx.path("host-b"));
+    let base = fx.golden_base().0;
+    let snap_ref = format!("{}/vms/writer:s1", reg.address);
+
+    // Host A: a verifying writer, snapshotted mid-run (after its first
+    // progress line), pushed with its memory and state.
+    a.ok(&[
+        "create",
+        "src",
+        "--image",
+        base.to_str().unwrap(),
+        "--cmdline",
+        "mode=randwrite verify=1 gen=5 offset=16M size=8M duration_ms=3000 progress_ms=200 timeout_ms=60000",
+    ]);
+    a.ok(&["start", "src"]);
+    Patience::new("a progress line", std::time::Duration::from_millis(500))
+        .wait_until(|| Ok(a.ok(&["logs", "src"]).contains("progress:")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    a.ok(&["snapshot", "src", "s1"]);
+    let pushed = a.json(&["image", "push", "s1", &snap_ref, "--vm-snapshot"]);
+    // Its memory travels as the pages the guest touched: far less than
+    // its 256 MiB.
+    let sent = transferred(&pushed);
+    assert!(sent > 0 && sent < 64 << 20, "{pushed}");
+    // The same snapshot again: the same blobs, nothing uploaded.
+    let again = a.json(&["image", "push", "s1", &snap_ref, "--vm-snapshot"]);
+    assert_eq!(transferred(&again), 0, "{again}");
+    a.ok(&["wait", "src"]);
+
+    // Host B: two VMs continue from the snapshot's instant, each on its
+    // own clone, and finish the run verified.
+    let report = b.json(&[
+        "run",
+        "--count",
+        "2",
+        "--name",
+        "copy",
+        "--from-snapshot",
+        &snap_ref,
+        "--rm",
+    ]);
+    assert_eq!(report["failed"], 0, "{report}");
+    for r in report["vms"].as_array().expect("rows") {
+        assert_eq!(r["result"]["result"], "ok", "{r}");
+        assert_eq!(r["result"]["verify_failures"], 0, "{r}");
+    }
+    // A VM keeps what it continues from: the reference forgotten and the
+    // store pruned, it still starts; once it is gone, prune frees it.
+    b.ok(&[
+        "create",
+        "solo",
+        "--from-snapshot",
+        &snap_ref,
+        "--restore-memory",
+        "lazy",
+    ]);
+    b.ok(&["image", "rm", &snap_ref]);
+    b.ok(&["image", "prune"]);
+    b.ok(&["start", "solo"]);
+    b.assert_exits_ok("solo");
+    b.ok(&["delete", "solo"]);
+    b.ok(&["image", "prune"]);
+    let states = std::fs::read_dir(fx.path("host-b/images/states"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(states, 0, "the state pruned with its last VM");
+
+    // A disk image is no VM snapshot: refused by name.
+    let disk_ref = format!("{}/vms/base:golden", reg.address);
+    a.ok(&["image", "push", base.to_str().unwrap(), &disk_ref]);
+    let e = b.fails(&["create", "x", "--from-snapshot", &disk_ref]);
+    assert!(e.contains("is a disk image, not a VM snapshot"), "{e}");
 }

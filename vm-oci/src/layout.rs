@@ -35,6 +35,7 @@ pub const FORMAT_VERSION: &str = "1";
 pub const LABEL_CPUS: &str = "io.vmctl.vm.cpus";
 pub const LABEL_MEMORY: &str = "io.vmctl.vm.memory";
 pub const LABEL_CMDLINE: &str = "io.vmctl.vm.cmdline";
+pub const LABEL_QUEUES: &str = "io.vmctl.vm.queues";
 /// The disk's layers, bottom first, as uuids separated by commas.
 pub const LABEL_LAYERS: &str = "io.vmctl.disk.layers";
 pub const LABEL_VIRTUAL_SIZE: &str = "io.vmctl.disk.virtual-size";
@@ -43,6 +44,9 @@ pub const LABEL_VIRTUAL_SIZE: &str = "io.vmctl.disk.virtual-size";
 pub const ANNOTATION_CONTENT: &str = "io.vmctl.layer.content";
 pub const CONTENT_DISK: &str = "disk-layer";
 pub const CONTENT_KERNEL: &str = "kernel";
+/// A VM snapshot's vCPU and device state and its guest memory (a VM that
+/// continues from it rather than booting).
+pub const CONTENT_VM_STATE: &str = "vm-state";
 pub const ANNOTATION_UUID: &str = "io.vmctl.layer.uuid";
 pub const ANNOTATION_PARENT: &str = "io.vmctl.layer.parent-uuid";
 /// On the kernel layer: "true" when it holds an initrd too.
@@ -54,6 +58,10 @@ pub fn layer_entry(uuid: Uuid) -> String {
 }
 pub const KERNEL_ENTRY: &str = "vm/kernel";
 pub const INITRD_ENTRY: &str = "vm/initrd";
+/// The vm-state layer's entries: the vmm's `state` file, and its
+/// `memory` as a sparse entry (`sparse`).
+pub const STATE_ENTRY: &str = "vm/snapshot/state";
+pub const MEMORY_ENTRY: &str = "vm/snapshot/memory";
 
 /// What a VM made from the image starts with unless told otherwise.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +69,10 @@ pub struct VmDefaults {
     pub cpus: Option<u8>,
     pub memory: Option<u64>,
     pub cmdline: Option<String>,
+    /// The disk's queues (a VM snapshot's: its devices were saved with
+    /// them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 /// The image's vCPUs as a container's environment variable.
@@ -164,6 +176,9 @@ impl ImageConfig {
         if let Some(c) = &d.cmdline {
             labels.insert(LABEL_CMDLINE.into(), c.clone());
         }
+        if let Some(q) = d.queues {
+            labels.insert(LABEL_QUEUES.into(), q.to_string());
+        }
         labels.insert(
             LABEL_LAYERS.into(),
             image
@@ -233,11 +248,18 @@ impl ImageConfig {
                     .map_err(|_| Error::NotOurs(format!("label {LABEL_CPUS}={c} is too many")))
             })
             .transpose()?;
+        let queues = number(LABEL_QUEUES)?
+            .map(|q| {
+                u16::try_from(q)
+                    .map_err(|_| Error::NotOurs(format!("label {LABEL_QUEUES}={q} is too many")))
+            })
+            .transpose()?;
         Ok(VmImage {
             defaults: VmDefaults {
                 cpus,
                 memory: number(LABEL_MEMORY)?,
                 cmdline: l.get(LABEL_CMDLINE).cloned(),
+                queues,
             },
             layers,
             virtual_size: number(LABEL_VIRTUAL_SIZE)?
@@ -326,14 +348,19 @@ pub fn extract(tar_path: &Path, wanted: &[(&str, &Path)]) -> Result<(), Error> {
         if found[k] {
             return Err(bad(format!("{name} comes twice")));
         }
-        if entry.header().entry_type() != tar::EntryType::Regular {
-            return Err(bad(format!("{name} is not a regular file")));
-        }
+        // A regular file, or one written sparse (guest memory).
+        let real_size =
+            match entry.header().entry_type() {
+                tar::EntryType::Regular => entry.size(),
+                tar::EntryType::GNUSparse => entry
+                    .header()
+                    .as_gnu()
+                    .and_then(|g| g.real_size().ok())
+                    .ok_or_else(|| bad(format!("{name}: a sparse entry without its size")))?,
+                _ => return Err(bad(format!("{name} is not a regular file"))),
+            };
         found[k] = true;
-        let to = wanted[k].1;
-        let mut out = std::fs::File::create(to).map_err(Error::io(to))?;
-        std::io::copy(&mut entry, &mut out).map_err(Error::io(to))?;
-        out.sync_all().map_err(Error::io(to))?;
+        crate::sparse::unpack(&mut entry, real_size, wanted[k].1)?;
     }
     if let Some(k) = found.iter().position(|f| !f) {
         return Err(bad(format!("no {} in it", wanted[k].0)));
@@ -397,6 +424,7 @@ mod tests {
                 cpus: Some(2),
                 memory: Some(256 << 20),
                 cmdline: Some("mode=idle".into()),
+                queues: None,
             },
             layers: vec![Uuid::from_u128(1), Uuid::from_u128(2)],
             virtual_size: 64 << 20,

@@ -7,6 +7,7 @@ pub mod layout;
 pub mod pull;
 pub mod push;
 pub mod registry;
+pub mod sparse;
 pub mod store;
 pub mod unpacked;
 

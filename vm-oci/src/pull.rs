@@ -29,6 +29,7 @@ struct Plan {
     /// (uuid, parent, blob), bottom first.
     disk: Vec<(Uuid, Option<Uuid>, OciDescriptor)>,
     kernel: Option<(OciDescriptor, bool)>,
+    vm_state: Option<OciDescriptor>,
 }
 
 fn annotation<'a>(d: &'a OciDescriptor, key: &str) -> Option<&'a str> {
@@ -38,6 +39,7 @@ fn annotation<'a>(d: &'a OciDescriptor, key: &str) -> Option<&'a str> {
 fn plan(layers: &[OciDescriptor], chain: &[Uuid]) -> Result<Plan> {
     let mut disk = Vec::new();
     let mut kernel = None;
+    let mut vm_state = None;
     for d in layers {
         if d.media_type != layout::LAYER_MEDIA_TYPE {
             return Err(Error::NotOurs(format!(
@@ -74,9 +76,10 @@ fn plan(layers: &[OciDescriptor], chain: &[Uuid]) -> Result<Plan> {
                 let initrd = annotation(d, layout::ANNOTATION_INITRD) == Some("true");
                 kernel = Some((d.clone(), initrd));
             }
+            Some(layout::CONTENT_VM_STATE) if vm_state.is_none() => vm_state = Some(d.clone()),
             other => {
                 return Err(Error::NotOurs(format!(
-                    "layer {} holds {:?}: neither a disk layer nor the one kernel",
+                    "layer {} holds {:?}: not a disk layer, nor the one kernel or VM state",
                     d.digest,
                     other.unwrap_or("nothing this layout knows")
                 )))
@@ -97,7 +100,11 @@ fn plan(layers: &[OciDescriptor], chain: &[Uuid]) -> Result<Plan> {
             )));
         }
     }
-    Ok(Plan { disk, kernel })
+    Ok(Plan {
+        disk,
+        kernel,
+        vm_state,
+    })
 }
 
 /// Pulls `reference` into `store`; `say`: a line per blob.
@@ -179,6 +186,17 @@ pub fn pull(
         kernel_digest = Some(desc.digest.clone());
         has_initrd = *initrd;
     }
+    let mut vm_state_digest = None;
+    if let Some(desc) = &plan.vm_state {
+        let fetched = fetch_vm_state(store, &registry, desc, say)?;
+        blobs.push(Blob {
+            uuid: None,
+            digest: desc.digest.clone(),
+            size: desc.size.max(0) as u64,
+            transferred: fetched,
+        });
+        vm_state_digest = Some(desc.digest.clone());
+    }
     let record = ImageRecord {
         reference: reference.to_string(),
         manifest_digest,
@@ -187,6 +205,7 @@ pub fn pull(
         defaults: vm.defaults,
         kernel_digest,
         has_initrd,
+        vm_state_digest,
     };
     store.write_record(&record)?;
     Ok(Pulled { record, blobs })
@@ -219,6 +238,47 @@ fn fetch_kernel(
             wanted.push((layout::INITRD_ENTRY, &initrd_path));
         }
         layout::extract(&tar, &wanted)?;
+        std::fs::rename(&staged, &dir).map_err(Error::io(&dir))
+    })();
+    let _ = std::fs::remove_file(&tar);
+    let _ = std::fs::remove_dir_all(&staged);
+    done.map(|()| true)
+}
+
+/// A VM snapshot's state and memory into the store (a directory made
+/// whole, then renamed into place; the memory sparse); whether it had to
+/// be fetched.
+fn fetch_vm_state(
+    store: &Store,
+    registry: &Registry,
+    desc: &OciDescriptor,
+    say: &mut dyn FnMut(&str),
+) -> Result<bool> {
+    let dir = store.vm_state_dir(&desc.digest);
+    if dir.join("state").is_file() {
+        say(&format!("the VM's state: in the store ({})", desc.digest));
+        return Ok(false);
+    }
+    say(&format!(
+        "the VM's state and memory: fetching {}",
+        desc.digest
+    ));
+    let tar = store.work("vm-state.tar");
+    let staged = store.work("vm-state");
+    let _ = std::fs::remove_dir_all(&staged);
+    std::fs::create_dir_all(&staged).map_err(Error::io(&staged))?;
+    let done = (|| -> Result<()> {
+        registry.pull_blob(desc, &tar)?;
+        layout::extract(
+            &tar,
+            &[
+                (layout::STATE_ENTRY, &staged.join("state")),
+                (layout::MEMORY_ENTRY, &staged.join("memory")),
+            ],
+        )?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+        }
         std::fs::rename(&staged, &dir).map_err(Error::io(&dir))
     })();
     let _ = std::fs::remove_file(&tar);
@@ -269,6 +329,6 @@ mod tests {
         assert!(e(&[gz, disk(2, Some(1))]).contains("not application/vnd.oci.image.layer.v1.tar"));
         let mut bare = disk(1, None);
         bare.annotations = None;
-        assert!(e(&[bare, disk(2, Some(1))]).contains("neither a disk layer nor the one kernel"));
+        assert!(e(&[bare, disk(2, Some(1))]).contains("not a disk layer, nor the one kernel or VM state"));
     }
 }

@@ -23,6 +23,10 @@ pub struct PushSource {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub defaults: VmDefaults,
+    /// A VM snapshot's vmm directory (`state` and `memory`): pushed as a
+    /// layer of its own, so that VMs pulled from the image continue from
+    /// it.
+    pub vm_state: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -40,6 +44,8 @@ struct TarParts {
 enum Part {
     Bytes(Vec<u8>),
     File(PathBuf),
+    /// `len` bytes of a file from `offset`.
+    Range(PathBuf, u64, u64),
 }
 
 impl TarParts {
@@ -55,6 +61,35 @@ impl TarParts {
         Ok(TarParts { parts })
     }
 
+    /// The vm-state layer of the vmm snapshot in `dir`: its state file,
+    /// then its memory as a sparse entry (only the pages that hold data).
+    fn of_vm_state(dir: &Path) -> Result<TarParts> {
+        let state = dir.join("state");
+        let memory = dir.join("memory");
+        let size = std::fs::metadata(&state).map_err(Error::io(&state))?.len();
+        let mut parts = vec![
+            Part::Bytes(layout::tar_header(layout::STATE_ENTRY, size)?.to_vec()),
+            Part::File(state),
+            Part::Bytes(vec![0; layout::tar_padding(size)]),
+        ];
+        let real = std::fs::metadata(&memory)
+            .map_err(Error::io(&memory))?
+            .len();
+        let extents = crate::sparse::data_extents(&memory)?;
+        parts.push(Part::Bytes(crate::sparse::header_blocks(
+            layout::MEMORY_ENTRY,
+            real,
+            &extents,
+        )?));
+        let stored: u64 = extents.iter().map(|e| e.1).sum();
+        for (off, len) in extents {
+            parts.push(Part::Range(memory.clone(), off, len));
+        }
+        parts.push(Part::Bytes(vec![0; layout::tar_padding(stored)]));
+        parts.push(Part::Bytes(layout::TAR_END.to_vec()));
+        Ok(TarParts { parts })
+    }
+
     fn reader(&self) -> Result<Box<dyn Read + Send>> {
         let mut r: Box<dyn Read + Send> = Box::new(std::io::empty());
         for p in &self.parts {
@@ -62,6 +97,12 @@ impl TarParts {
                 Part::Bytes(b) => Box::new(r.chain(std::io::Cursor::new(b.clone()))),
                 Part::File(path) => {
                     Box::new(r.chain(std::fs::File::open(path).map_err(Error::io(path))?))
+                }
+                Part::Range(path, offset, len) => {
+                    let mut f = std::fs::File::open(path).map_err(Error::io(path))?;
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(*offset))
+                        .map_err(Error::io(path))?;
+                    Box::new(r.chain(f.take(*len)))
                 }
             };
         }
@@ -173,6 +214,22 @@ pub fn push(
         });
     } else if src.initrd.is_some() {
         return Err(Error::Layout("an initrd needs a kernel".into()));
+    }
+    if let Some(dir) = &src.vm_state {
+        let tar = TarParts::of_vm_state(dir)?;
+        let (digest, size, uploaded) = upload(&registry, &tar, say, "the VM's state and memory")?;
+        let mut annotations = BTreeMap::new();
+        annotations.insert(
+            layout::ANNOTATION_CONTENT.into(),
+            layout::CONTENT_VM_STATE.into(),
+        );
+        descriptors.push(descriptor(&digest, size, annotations));
+        blobs.push(Blob {
+            uuid: None,
+            digest,
+            size,
+            transferred: uploaded,
+        });
     }
     let image = VmImage {
         defaults: src.defaults.clone(),

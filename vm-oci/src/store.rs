@@ -5,6 +5,7 @@
 //! ```text
 //! ROOT/layers/UUID.img           a sealed layer, its parent UUID.img beside it
 //! ROOT/kernels/HEX/kernel|initrd  a kernel layer's files, by its digest
+//! ROOT/states/HEX/state|memory   a VM snapshot's state layer's files
 //! ROOT/refs/ESCAPED.json          what a reference pulled: its top, defaults
 //! ROOT/blobs/UUID.json            a sealed layer's blob digest, once known
 //! ROOT/tmp/                       work in progress (blobs, backups)
@@ -39,6 +40,10 @@ pub struct ImageRecord {
     /// The kernel layer's digest (its files under `kernels/`), if any.
     pub kernel_digest: Option<String>,
     pub has_initrd: bool,
+    /// A VM snapshot's state layer's digest (its files under `states/`),
+    /// if the image is one.
+    #[serde(default)]
+    pub vm_state_digest: Option<String>,
 }
 
 pub struct Store {
@@ -178,6 +183,13 @@ impl Store {
         self.root.join("kernels").join(hex)
     }
 
+    /// A VM snapshot's state and memory (`state`, `memory`), by its
+    /// layer's digest.
+    pub fn vm_state_dir(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.root.join("states").join(hex)
+    }
+
     fn record_path(&self, reference: &str) -> PathBuf {
         self.root
             .join("refs")
@@ -299,6 +311,7 @@ mod tests {
             defaults: VmDefaults::default(),
             kernel_digest: None,
             has_initrd: false,
+            vm_state_digest: None,
         };
         s.write_record(&r).unwrap();
         assert_eq!(s.record(&r.reference).unwrap(), Some(r.clone()));

@@ -63,7 +63,9 @@ fn source(snapshot: &Path) -> PushSource {
             cpus: Some(2),
             memory: Some(256 * MIB),
             cmdline: Some("mode=idle".into()),
+            queues: None,
         },
+        vm_state: None,
     }
 }
 

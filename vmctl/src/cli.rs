@@ -125,7 +125,9 @@ pub enum Cmd {
         image: Option<PathBuf>,
         /// A VM snapshot (`vmctl snapshot`) to continue from: its first
         /// start restores it on a clone of the snapshot's disk (cpus,
-        /// memory, kernel and command line are the snapshot's).
+        /// memory, kernel and command line are the snapshot's). A
+        /// registry reference (pushed with `image push --vm-snapshot`) is
+        /// pulled on first use.
         #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
         from_snapshot: Option<String>,
         /// With --from-snapshot: how its memory comes in.
@@ -324,7 +326,8 @@ pub enum Cmd {
         #[arg(long)]
         image: Option<PathBuf>,
         /// Every VM continues from this VM snapshot (on a clone of its
-        /// disk) instead of booting.
+        /// disk) instead of booting; a registry reference is pulled on
+        /// first use.
         #[arg(long, conflicts_with = "image", value_name = "SNAPSHOT")]
         from_snapshot: Option<String>,
         /// With --from-snapshot: how each VM's memory comes in (on demand:
@@ -473,9 +476,11 @@ pub enum ImageCmd {
     /// Push a sealed snapshot (FILE@SNAPSHOT) as an ordinary OCI image:
     /// a layer per sealed layer of its chain (those the registry has are
     /// not uploaded again), the kernel in a layer of its own, the VM's
-    /// defaults in its config's labels.
+    /// defaults in its config's labels; with --vm-snapshot a VM snapshot,
+    /// its memory and state in a layer of their own.
     Push {
-        /// The snapshot: FILE@SNAPSHOT.
+        /// What: a disk's snapshot, FILE@SNAPSHOT; with --vm-snapshot, a
+        /// VM snapshot's name (vmctl snapshot).
         snapshot: PathBuf,
         /// Where: registry/repository:tag.
         reference: String,
@@ -494,6 +499,12 @@ pub enum ImageCmd {
         /// The VMs' default memory (512M).
         #[arg(long)]
         memory: Option<String>,
+        /// Push the VM snapshot named SNAPSHOT: its disk, its memory and
+        /// vCPU and device state (a layer of their own), its VM's kernel
+        /// and definition; VMs made with `--from-snapshot REF` continue
+        /// from it.
+        #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory"])]
+        vm_snapshot: bool,
         /// Plain HTTP to a registry that is not on this host.
         #[arg(long)]
         insecure: bool,

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use vm_oci::store::ImageRecord;
 use vm_oci::{PushSource, RegistryOptions, Store};
 
-use crate::state::Root;
+use crate::state::{BackendMode, Placement, RestoreFrom, RestoreMemory, Root, Spec};
 
 pub fn store(root: &Root) -> Result<Store> {
     Ok(Store::open(&root.path.join("images"))?)
@@ -42,10 +42,15 @@ pub fn is_reference(image: &Path) -> bool {
 pub fn ensure_pulled(root: &Root, reference: &str, opts: &RegistryOptions) -> Result<ImageRecord> {
     let store = store(root)?;
     if let Some(r) = store.record(reference)? {
-        if r.layers
-            .iter()
-            .enumerate()
-            .all(|(k, u)| store.has_layer(*u, k.checked_sub(1).map(|j| r.layers[j])))
+        let state_there = r
+            .vm_state_digest
+            .as_deref()
+            .is_none_or(|d| store.vm_state_dir(d).join("state").is_file());
+        if state_there
+            && r.layers
+                .iter()
+                .enumerate()
+                .all(|(k, u)| store.has_layer(*u, k.checked_sub(1).map(|j| r.layers[j])))
         {
             return Ok(r);
         }
@@ -66,6 +71,46 @@ pub fn files_of(
         .filter(|_| r.has_initrd)
         .map(|d| d.join("initrd"));
     Ok((top, kernel, initrd))
+}
+
+/// What `create --from-snapshot REF` makes of a VM snapshot from a
+/// registry (pulled on first use): a VM of its definition on a clone of
+/// its disk, continuing from its state and memory in the store.
+pub fn snapshot_spec(
+    root: &Root,
+    reference: &str,
+    opts: &RegistryOptions,
+    backend: BackendMode,
+    placement: Placement,
+    memory: RestoreMemory,
+    scratch: bool,
+) -> Result<Spec> {
+    let record = ensure_pulled(root, reference, opts)?;
+    let Some(digest) = record.vm_state_digest.as_deref() else {
+        bail!("{reference} is a disk image, not a VM snapshot (make VMs of it with --image)");
+    };
+    let (top, kernel, initrd) = files_of(root, &record)?;
+    let d = &record.defaults;
+    Ok(Spec {
+        image: top,
+        kernel,
+        initrd,
+        cmdline: d.cmdline.clone().unwrap_or_default(),
+        cpus: d.cpus.unwrap_or(1),
+        memory: d.memory.unwrap_or(256 << 20),
+        queues: d.queues.unwrap_or(1),
+        disk_size: None,
+        backend,
+        scratch,
+        restore: Some(RestoreFrom {
+            dir: store(root)?.vm_state_dir(digest),
+            memory,
+        }),
+        net: None,
+        nat: false,
+        shares: Vec::new(),
+        placement,
+    })
 }
 
 pub fn pull(
@@ -130,6 +175,25 @@ fn layers_in_use(root: &Root, store: &Store) -> Result<BTreeSet<PathBuf>> {
     Ok(used)
 }
 
+/// Store directories (kernels, VM states) some VM's definition names:
+/// its kernel's, its initrd's, the state it continues from.
+fn dirs_in_use(root: &Root) -> Result<BTreeSet<PathBuf>> {
+    let mut used = BTreeSet::new();
+    for vm in root.list()? {
+        let Ok(c) = vm.config() else { continue };
+        let files = [c.kernel.as_deref(), c.initrd.as_deref()];
+        used.extend(
+            files
+                .into_iter()
+                .flatten()
+                .filter_map(Path::parent)
+                .map(canonical),
+        );
+        used.extend(c.restore.as_ref().map(|r| canonical(&r.dir)));
+    }
+    Ok(used)
+}
+
 /// What `image ls` shows: each record and the VMs on it.
 #[derive(Debug, serde::Serialize)]
 pub struct Listed {
@@ -177,11 +241,14 @@ pub fn prune(root: &Root) -> Result<(usize, u64)> {
     let store = store(root)?;
     let _lock = store.lock()?;
     let mut keep = layers_in_use(root, &store)?;
-    let mut kernels = BTreeSet::new();
+    let mut dirs = dirs_in_use(root)?;
     for r in store.records()? {
         keep.extend(r.layers.iter().map(|u| canonical(&store.layer_path(*u))));
         if let Some(d) = &r.kernel_digest {
-            kernels.insert(store.kernel_dir(d));
+            dirs.insert(canonical(&store.kernel_dir(d)));
+        }
+        if let Some(d) = &r.vm_state_digest {
+            dirs.insert(canonical(&store.vm_state_dir(d)));
         }
     }
     let (mut removed, mut bytes) = (0, 0);
@@ -204,17 +271,23 @@ pub fn prune(root: &Root) -> Result<(usize, u64)> {
             }
         }
     }
-    for e in std::fs::read_dir(store.root().join("kernels"))?.flatten() {
-        if !kernels.contains(&e.path()) {
-            bytes += std::fs::read_dir(e.path())
-                .map(|d| {
-                    d.flatten()
-                        .map(|f| crate::state::allocated(&f.path()))
-                        .sum()
-                })
-                .unwrap_or(0);
-            std::fs::remove_dir_all(e.path())?;
-            removed += 1;
+    for kind in ["kernels", "states"] {
+        for e in std::fs::read_dir(store.root().join(kind))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !dirs.contains(&canonical(&e.path())) {
+                bytes += std::fs::read_dir(e.path())
+                    .map(|d| {
+                        d.flatten()
+                            .map(|f| crate::state::allocated(&f.path()))
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                std::fs::remove_dir_all(e.path())?;
+                removed += 1;
+            }
         }
     }
     Ok((removed, bytes))

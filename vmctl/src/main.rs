@@ -93,6 +93,33 @@ fn spec(root: &Root, image: PathBuf, vm: &VmOptions) -> Result<Spec> {
     })
 }
 
+/// What create and run make of `--from-snapshot SNAP`: a VM snapshot of
+/// this state root, or one from a registry (pulled on first use).
+fn snapshot_spec(
+    root: &Root,
+    snap: &str,
+    vm: &VmOptions,
+    memory: crate::state::RestoreMemory,
+    scratch: bool,
+) -> Result<Spec> {
+    if images::is_reference(std::path::Path::new(snap)) {
+        let opts = vm_oci::RegistryOptions {
+            insecure: vm.insecure,
+            ..Default::default()
+        };
+        return images::snapshot_spec(
+            root,
+            snap,
+            &opts,
+            vm.backend,
+            vm.placement(),
+            memory,
+            scratch,
+        );
+    }
+    Ok(snapshots::Snapshot::open(root, snap)?.spec(vm.backend, vm.placement(), memory, scratch))
+}
+
 /// "2 of 3 blobs uploaded, 1048576 bytes".
 fn transfer_summary(blobs: &[vm_oci::Blob], verb: &str) -> String {
     format!(
@@ -129,22 +156,30 @@ fn image_verb(root: &Root, action: ImageCmd) -> Result<i32> {
             cmdline,
             cpus,
             memory,
+            vm_snapshot,
             insecure,
             output,
         } => {
-            let src = vm_oci::PushSource {
-                snapshot,
-                kernel,
-                initrd,
-                defaults: vm_oci::VmDefaults {
-                    cpus,
-                    memory: memory
-                        .as_deref()
-                        .map(cli_support::parse_size)
-                        .transpose()
-                        .context("--memory")?,
-                    cmdline,
-                },
+            let src = if vm_snapshot {
+                let name = snapshot.to_str().context("a VM snapshot's name")?;
+                snapshots::Snapshot::open(root, name)?.push_source()
+            } else {
+                vm_oci::PushSource {
+                    snapshot,
+                    kernel,
+                    initrd,
+                    defaults: vm_oci::VmDefaults {
+                        cpus,
+                        memory: memory
+                            .as_deref()
+                            .map(cli_support::parse_size)
+                            .transpose()
+                            .context("--memory")?,
+                        cmdline,
+                        queues: None,
+                    },
+                    vm_state: None,
+                }
             };
             let opts = vm_oci::RegistryOptions {
                 insecure,
@@ -368,12 +403,7 @@ fn run(cli: Cli) -> Result<i32> {
             output,
         } => {
             let spec = match (image, from_snapshot) {
-                (_, Some(snap)) => snapshots::Snapshot::open(&root, &snap)?.spec(
-                    vm.backend,
-                    vm.placement(),
-                    restore_memory,
-                    false,
-                ),
+                (_, Some(snap)) => snapshot_spec(&root, &snap, &vm, restore_memory, false)?,
                 (Some(image), None) => spec(&root, image, &vm)?,
                 (None, None) => bail!("--image or --from-snapshot is needed"),
             };
@@ -723,12 +753,7 @@ fn run(cli: Cli) -> Result<i32> {
             let timeout = timeout.map(Duration::from_secs);
             let demo = image.is_none() && from_snapshot.is_none();
             if let Some(snap) = from_snapshot {
-                let spec = snapshots::Snapshot::open(&root, &snap)?.spec(
-                    vm.backend,
-                    vm.placement(),
-                    restore_memory,
-                    rm,
-                );
+                let spec = snapshot_spec(&root, &snap, &vm, restore_memory, rm)?;
                 let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
                 return Ok(print_fleet(&report, output, false));
             }

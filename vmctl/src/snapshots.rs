@@ -130,6 +130,25 @@ impl Snapshot {
         }
     }
 
+    /// What `vmctl image push --vm-snapshot` sends: the sealed disk's
+    /// chain, the VM's kernel, its state and memory, its definition as
+    /// the image's defaults.
+    pub fn push_source(&self) -> vm_oci::PushSource {
+        let c = &self.record.config;
+        vm_oci::PushSource {
+            snapshot: self.record.disk.clone(),
+            kernel: c.kernel.clone(),
+            initrd: c.initrd.clone(),
+            defaults: vm_oci::VmDefaults {
+                cpus: Some(c.cpus),
+                memory: Some(c.memory),
+                cmdline: Some(c.cmdline.clone()),
+                queues: Some(c.queues),
+            },
+            vm_state: Some(self.vm_state()),
+        }
+    }
+
     /// As `list` shows it.
     pub fn describe(&self, root: &Root) -> Value {
         json!({

@@ -184,6 +184,7 @@ fn main() -> Result<()> {
         kernel: None,
         initrd: None,
         defaults: VmDefaults::default(),
+        vm_state: None,
     };
     let quiet = &mut |_: &str| {};
     let store = Store::open(&dir.join("store"))?;

@@ -70,7 +70,7 @@ pub enum BuildError {
 }
 
 /// One of the project's release binaries (`vmm`, `blk-backend`,
-/// `net-backend`, `img`, `vmctl`), beside the benchmark's own: a benchmark
+/// `net-backend`, `img`, `vmctl`, `containerd-shim-vmctl-v1`), beside the benchmark's own: a benchmark
 /// measures what users run, not a debug build. They are built (or found
 /// up to date: a no-op) once per benchmark, so that a benchmark never
 /// measures a stale binary left from before a change.
@@ -115,7 +115,14 @@ fn build_release() -> std::result::Result<(), BuildError> {
             "-p",
             "vhost-net-backend",
         ])
-        .args(["-p", "image-format", "-p", "vmctl"])
+        .args([
+            "-p",
+            "image-format",
+            "-p",
+            "vmctl",
+            "-p",
+            "containerd-shim-vmctl",
+        ])
         .current_dir(root)
         .status()
         .map_err(|e| BuildError::NoCargo {

@@ -166,17 +166,24 @@ impl containerd_shim::Task for Service {
                 format!("task {}: this shim has a task", req.id),
             ));
         }
+        let began = std::time::Instant::now();
         let spec = TaskSpec::of_bundle(std::path::Path::new(&req.bundle))?;
         let vm = if spec.sandbox {
             None
         } else {
             let dirs = layer_dirs(&req.rootfs)?;
+            // (A VM a dead shim left is removed by the `delete` action
+            // containerd runs for it.)
             let name = vm_name(&self.namespace, &req.id);
-            // A VM of this name left by a shim that died: its task is gone.
-            self.vmctl.delete(&name)?;
             let image = self.vmctl.import(&dirs)?;
             self.vmctl.create(&name, &image, &spec.vm)?;
-            tracing::info!("task {}: VM {name} on {}", req.id, image.top.display());
+            tracing::info!(
+                "task {}: VM {name} on {} ({} layers restored), defined in {} ms",
+                req.id,
+                image.top.display(),
+                image.restored.len(),
+                began.elapsed().as_millis()
+            );
             Some(name)
         };
         let mut g = self.lock();
@@ -218,16 +225,21 @@ impl containerd_shim::Task for Service {
             }
             (t.vm.clone(), t.stdout.clone())
         };
+        let began = std::time::Instant::now();
         let pid = match &vm {
             None => std::process::id(),
             Some(name) => {
                 let out = console::open_stdout(&stdout)?;
-                self.vmctl.verb("start", name, &[])?;
-                let pid = self.vmctl.info(name)?.and_then(|i| i.pid).unwrap_or(0);
+                let pid = self.vmctl.start(name)?;
                 let follower = out
                     .map(|f| self.vmctl.follow_console(name, f))
                     .transpose()?;
                 self.watch(name.clone(), follower);
+                tracing::info!(
+                    "task {}: VM {name} started in {} ms",
+                    req.id,
+                    began.elapsed().as_millis()
+                );
                 pid
             }
         };
@@ -410,12 +422,7 @@ impl containerd_shim::Task for Service {
             Self::task(&mut g, &req.id, "")?.vm.clone()
         };
         let mut pids = vec![];
-        if let Some(info) = vm
-            .as_deref()
-            .map(|n| self.vmctl.info(n))
-            .transpose()?
-            .flatten()
-        {
+        if let Some(info) = vm.as_deref().map(|n| self.vmctl.info(n)).transpose()? {
             pids.extend(info.pid);
             if info.backend == "vm" {
                 pids.extend(info.backend_pid);

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use serde::de::DeserializeOwned;
 use sha2::Digest;
 use vm_oci::{Imported, VmDefaults};
-use vmctl_api::{VmInfo, WaitRow};
+use vmctl_api::{VerbRow, VmInfo, WaitRow};
 
 use crate::Error;
 
@@ -132,19 +132,19 @@ impl Vmctl {
         self.json(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
-    pub fn info(&self, name: &str) -> Result<Option<VmInfo>, Error> {
-        if !self.exists(name)? {
-            return Ok(None);
-        }
-        self.json(&["info", name, "--output", "json"]).map(Some)
+    pub fn info(&self, name: &str) -> Result<VmInfo, Error> {
+        self.json(&["info", name, "--output", "json"])
     }
 
-    fn exists(&self, name: &str) -> Result<bool, Error> {
-        let all: Vec<VmInfo> = self.json(&["list", "--output", "json"])?;
-        Ok(all.iter().any(|v| v.name == name))
+    /// Starts VM `name`: the vmm's pid.
+    pub fn start(&self, name: &str) -> Result<u32, Error> {
+        let rows: Vec<VerbRow> = self.json(&["start", name, "--output", "json"])?;
+        rows.into_iter()
+            .find_map(|r| r.pid)
+            .ok_or_else(|| Error::Vmctl(format!("vmctl start {name}: no pid in its answer")))
     }
 
-    /// start, stop, kill, pause, resume: the verb on VM `name`.
+    /// stop, kill, pause, resume: the verb on VM `name`.
     pub fn verb(&self, verb: &str, name: &str, extra: &[&str]) -> Result<(), Error> {
         let mut args = vec![verb, name];
         args.extend_from_slice(extra);
@@ -154,10 +154,8 @@ impl Vmctl {
     /// Removes VM `name` (killed first if it runs); one that is not there
     /// is fine.
     pub fn delete(&self, name: &str) -> Result<(), Error> {
-        if self.exists(name)? {
-            self.run(&["delete", "--force", name])?;
-        }
-        Ok(())
+        self.run(&["delete", "--force", "--if-exists", name])
+            .map(drop)
     }
 
     /// Until VM `name` ends: how it ended. (wait's own exit status is the

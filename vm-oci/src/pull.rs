@@ -329,6 +329,7 @@ mod tests {
         assert!(e(&[gz, disk(2, Some(1))]).contains("not application/vnd.oci.image.layer.v1.tar"));
         let mut bare = disk(1, None);
         bare.annotations = None;
-        assert!(e(&[bare, disk(2, Some(1))]).contains("not a disk layer, nor the one kernel or VM state"));
+        assert!(e(&[bare, disk(2, Some(1))])
+            .contains("not a disk layer, nor the one kernel or VM state"));
     }
 }

@@ -49,6 +49,23 @@ pub struct ShareInfo {
     pub tag: String,
 }
 
+/// One VM of a verb on VMs by name (start, stop, kill, pause, resume,
+/// restart, delete, autostart) with `--output json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerbRow {
+    pub name: String,
+    pub ok: bool,
+    /// What the VM is now (`running`, `deleted`, ...), if it went well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Why not, if it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The vmm's pid, when the verb left the VM running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
 /// One VM of `vmctl wait`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -308,6 +308,10 @@ pub enum Cmd {
         /// Kill it first if it runs.
         #[arg(long)]
         force: bool,
+        /// A VM that is not there is no error (as `rm -f` takes a missing
+        /// file): scripts and the containerd shim clean up with it.
+        #[arg(long)]
+        if_exists: bool,
         /// human: a line each; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,

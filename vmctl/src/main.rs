@@ -272,16 +272,41 @@ fn write_man_pages(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> Re
 /// Runs `verb` on each named VM in turn, the rest going on when one
 /// fails: a line each (`NAME: STATE`, or an error on stderr), or one JSON
 /// list of `{name, ok, state | error}`. Exit status 1 if any failed.
-fn each_vm(names: &[String], output: Output, verb: impl Fn(&str) -> Result<String>) -> i32 {
+/// What a verb left a VM as: its state in a word, and the vmm's pid if it
+/// runs.
+struct Outcome {
+    state: String,
+    pid: Option<u32>,
+}
+
+impl From<&str> for Outcome {
+    fn from(state: &str) -> Outcome {
+        Outcome::from(state.to_string())
+    }
+}
+
+impl From<String> for Outcome {
+    fn from(state: String) -> Outcome {
+        Outcome { state, pid: None }
+    }
+}
+
+fn each_vm(names: &[String], output: Output, verb: impl Fn(&str) -> Result<Outcome>) -> i32 {
     let mut rows = Vec::new();
     let mut failed = false;
     for n in names {
-        match verb(n) {
-            Ok(state) => {
+        let row = match verb(n) {
+            Ok(done) => {
                 if output == Output::Human {
-                    println!("{n}: {state}");
+                    println!("{n}: {}", done.state);
                 }
-                rows.push(json!({ "name": n, "ok": true, "state": state }));
+                vmctl_api::VerbRow {
+                    name: n.clone(),
+                    ok: true,
+                    state: Some(done.state),
+                    error: None,
+                    pid: done.pid,
+                }
             }
             Err(e) => {
                 failed = true;
@@ -289,12 +314,19 @@ fn each_vm(names: &[String], output: Output, verb: impl Fn(&str) -> Result<Strin
                 if output == Output::Human {
                     cli_support::say!("vmctl: error: {why}");
                 }
-                rows.push(json!({ "name": n, "ok": false, "error": why }));
+                vmctl_api::VerbRow {
+                    name: n.clone(),
+                    ok: false,
+                    state: None,
+                    error: Some(why),
+                    pid: None,
+                }
             }
-        }
+        };
+        rows.push(row);
     }
     if output == Output::Json {
-        print_json(&json!(rows));
+        print_json(&serde_json::to_value(rows).expect("rows of strings serialize"));
     }
     i32::from(failed)
 }
@@ -538,7 +570,11 @@ fn run(cli: Cli) -> Result<i32> {
             };
             return Ok(each_vm(&names, output, |n| {
                 ops::start(&root, n)?;
-                Ok("running".into())
+                let pid = root.vm(n)?.status()?.and_then(|s| s.vmm_pid);
+                Ok(Outcome {
+                    state: "running".into(),
+                    pid,
+                })
             }));
         }
         Cmd::Set {
@@ -615,27 +651,26 @@ fn run(cli: Cli) -> Result<i32> {
             output,
         } => {
             return Ok(each_vm(&names, output, |n| {
-                Ok(ops::stop(&root, n, Duration::from_secs(timeout))?.to_string())
+                Ok(ops::stop(&root, n, Duration::from_secs(timeout))?
+                    .to_string()
+                    .into())
             }));
         }
         Cmd::Kill { names, output } => {
             return Ok(each_vm(&names, output, |n| {
-                Ok(ops::kill(&root, n)?.to_string())
+                Ok(ops::kill(&root, n)?.to_string().into())
             }));
         }
         Cmd::Pause { names, output } => {
             return Ok(each_vm(&names, output, |n| {
                 let changed = ops::pause(&root, n)?;
-                Ok(format!("paused{}", if changed { "" } else { " (already)" }))
+                Ok(format!("paused{}", if changed { "" } else { " (already)" }).into())
             }));
         }
         Cmd::Resume { names, output } => {
             return Ok(each_vm(&names, output, |n| {
                 let changed = ops::resume(&root, n)?;
-                Ok(format!(
-                    "running{}",
-                    if changed { "" } else { " (already)" }
-                ))
+                Ok(format!("running{}", if changed { "" } else { " (already)" }).into())
             }));
         }
         Cmd::Restart {
@@ -732,11 +767,23 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Delete {
             names,
             force,
+            if_exists,
             output,
         } => {
             return Ok(each_vm(&names, output, |n| {
-                ops::delete(&root, n, force)?;
-                Ok("deleted".into())
+                match ops::delete(&root, n, force) {
+                    Err(e)
+                        if if_exists
+                            && matches!(
+                                e.downcast_ref::<crate::state::StateError>(),
+                                Some(crate::state::StateError::NoSuchVm(_))
+                            ) =>
+                    {
+                        Ok("not there".into())
+                    }
+                    Err(e) => Err(e),
+                    Ok(()) => Ok("deleted".into()),
+                }
             }));
         }
         Cmd::Run {

@@ -36,6 +36,19 @@ impl LocalContainerd {
         vmctl_state: &Path,
         cri: Option<(&str, &str)>,
     ) -> Result<LocalContainerd> {
+        let shim = bin("containerd-shim-vmctl-v1");
+        let bin_dir = shim.parent().expect("a binary's directory");
+        Self::start_with(dir, vmctl_state, cri, bin_dir)
+    }
+
+    /// The same with the shim and vmctl from `bin_dir` (a benchmark's
+    /// release build).
+    pub fn start_with(
+        dir: &Path,
+        vmctl_state: &Path,
+        cri: Option<(&str, &str)>,
+        bin_dir: &Path,
+    ) -> Result<LocalContainerd> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("c.sock");
         let state = dir.join("state");
@@ -72,8 +85,6 @@ impl LocalContainerd {
         let config = hoist_top_level(&config);
         let config_file = dir.join("config.toml");
         std::fs::write(&config_file, config)?;
-        let shim = bin("containerd-shim-vmctl-v1");
-        let bin_dir = shim.parent().expect("a binary's directory");
         let path = format!(
             "{}:{}",
             bin_dir.display(),

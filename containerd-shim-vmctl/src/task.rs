@@ -65,6 +65,8 @@ struct Task {
     status: api::Status,
     pid: u32,
     exit: Option<(u32, Timestamp)>,
+    /// A graceful stop is under way (another SIGTERM adds nothing).
+    stopping: bool,
 }
 
 #[derive(Default)]
@@ -198,6 +200,7 @@ impl containerd_shim::Task for Service {
             status: api::Status::CREATED,
             pid: 0,
             exit: None,
+            stopping: false,
         });
         let mut e = TaskCreate::new();
         e.container_id = req.id.clone();
@@ -296,23 +299,26 @@ impl containerd_shim::Task for Service {
     }
 
     fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let (vm, running) = {
-            let mut g = self.lock();
-            let t = Self::task(&mut g, &req.id, &req.exec_id)?;
-            (
-                t.vm.clone(),
-                t.exit.is_none() && t.status != api::Status::CREATED,
-            )
-        };
-        if req.signal == 0 {
-            return Ok(api::Empty::new());
-        }
         let graceful = matches!(req.signal, 1 | 2 | 3 | 15);
-        if !graceful && req.signal != SIGKILL {
+        if req.signal != 0 && !graceful && req.signal != SIGKILL {
             return Err(status(
                 Code::INVALID_ARGUMENT,
                 format!("signal {}: a VM takes SIGTERM, SIGINT, SIGHUP or SIGQUIT (a graceful stop) and SIGKILL", req.signal),
             ));
+        }
+        let (vm, running, stopping) = {
+            let mut g = self.lock();
+            let t = Self::task(&mut g, &req.id, &req.exec_id)?;
+            let stopping = t.stopping;
+            t.stopping |= graceful;
+            (
+                t.vm.clone(),
+                t.exit.is_none() && t.status != api::Status::CREATED,
+                stopping,
+            )
+        };
+        if req.signal == 0 {
+            return Ok(api::Empty::new());
         }
         match vm {
             // The sandbox, or a VM that never started: it ends here.
@@ -323,6 +329,8 @@ impl containerd_shim::Task for Service {
                 }
             }
             Some(name) if req.signal == SIGKILL => self.vmctl.verb("kill", &name, &[])?,
+            // One graceful stop at a time (a second SIGTERM adds nothing).
+            Some(_) if stopping => {}
             Some(name) => {
                 // Graceful: the guest takes its time, and the engine
                 // decides when to send SIGKILL (the CRI after the pod's

@@ -15,6 +15,7 @@
 //! A pod's sandbox task (the CRI's pause container) gets no VM: it lives
 //! from Start until Kill, and the pod's VMs are its containers.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use containerd_shim::api;
@@ -65,8 +66,9 @@ struct Task {
     status: api::Status,
     pid: u32,
     exit: Option<(u32, Timestamp)>,
-    /// A graceful stop is under way (another SIGTERM adds nothing).
-    stopping: bool,
+    /// A graceful stop under way (another SIGTERM adds nothing): its
+    /// `vmctl stop`, which a SIGKILL ends first.
+    stopping: Option<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -200,7 +202,7 @@ impl containerd_shim::Task for Service {
             status: api::Status::CREATED,
             pid: 0,
             exit: None,
-            stopping: false,
+            stopping: None,
         });
         let mut e = TaskCreate::new();
         e.container_id = req.id.clone();
@@ -309,8 +311,11 @@ impl containerd_shim::Task for Service {
         let (vm, running, stopping) = {
             let mut g = self.lock();
             let t = Self::task(&mut g, &req.id, &req.exec_id)?;
-            let stopping = t.stopping;
-            t.stopping |= graceful;
+            let stopping = if req.signal == SIGKILL {
+                t.stopping.take()
+            } else {
+                t.stopping.as_ref().and_then(|fd| fd.try_clone().ok())
+            };
             (
                 t.vm.clone(),
                 t.exit.is_none() && t.status != api::Status::CREATED,
@@ -328,20 +333,23 @@ impl containerd_shim::Task for Service {
                     self.finish(128 + req.signal);
                 }
             }
-            Some(name) if req.signal == SIGKILL => self.vmctl.verb("kill", &name, &[])?,
-            // One graceful stop at a time (a second SIGTERM adds nothing).
-            Some(_) if stopping => {}
-            Some(name) => {
-                // Graceful: the guest takes its time, and the engine
-                // decides when to send SIGKILL (the CRI after the pod's
-                // grace period): vmctl's own deadline is a day.
-                let vmctl = self.vmctl.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = vmctl.verb("stop", &name, &["--timeout", "86400"]) {
-                        tracing::warn!("stopping VM {name}: {e}");
+            Some(name) if req.signal == SIGKILL => {
+                if let Some(stop) = stopping {
+                    // It holds the VM's lock while it waits: ended first.
+                    let _ =
+                        rustix::process::pidfd_send_signal(&stop, rustix::process::Signal::KILL);
+                }
+                if let Err(e) = self.vmctl.verb("kill", &name, &[]) {
+                    // Ended meanwhile (its graceful stop, or the guest):
+                    // nothing left to kill.
+                    let info = self.vmctl.info(&name)?;
+                    if matches!(info.state.as_str(), "running" | "paused" | "starting") {
+                        return Err(e.into());
                     }
-                });
+                }
             }
+            Some(_) if stopping.is_some() => {}
+            Some(name) => self.stop_gracefully(&req.id, name)?,
         }
         Ok(api::Empty::new())
     }
@@ -471,6 +479,46 @@ impl containerd_shim::Task for Service {
 }
 
 impl Service {
+    /// `vmctl stop` in the background, its deadline `VMCTL_STOP_TIMEOUT`
+    /// seconds (30 by default, Kubernetes' default grace: the engine
+    /// usually sends SIGKILL itself when its own grace is over).
+    fn stop_gracefully(&self, id: &str, name: String) -> TtrpcResult<()> {
+        let timeout = std::env::var("VMCTL_STOP_TIMEOUT")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(30);
+        let mut child = self.vmctl.spawn_stop(&name, timeout)?;
+        let pidfd = rustix::process::Pid::from_child(&child);
+        let pidfd = rustix::process::pidfd_open(pidfd, rustix::process::PidfdFlags::empty())
+            .map_err(|e| status(Code::INTERNAL, format!("pidfd of vmctl stop: {e}")))?;
+        {
+            let mut g = self.lock();
+            if let Ok(t) = Self::task(&mut g, id, "") {
+                t.stopping = Some(pidfd);
+            }
+        }
+        let me = self.clone();
+        let id = id.to_string();
+        std::thread::spawn(move || {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            match child.wait() {
+                Ok(st) if !st.success() => {
+                    tracing::warn!("stopping VM {name}: {st}: {}", err.trim())
+                }
+                Err(e) => tracing::warn!("stopping VM {name}: {e}"),
+                Ok(_) => {}
+            }
+            let mut g = me.lock();
+            if let Ok(t) = Self::task(&mut g, &id, "") {
+                t.stopping = None;
+            }
+        });
+        Ok(())
+    }
+
     fn pause_or_resume(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
         let vm = {
             let mut g = self.lock();

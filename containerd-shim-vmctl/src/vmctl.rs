@@ -179,6 +179,16 @@ impl Vmctl {
         }
     }
 
+    /// `vmctl stop NAME --timeout SECS` as a child of its own (a SIGKILL
+    /// that comes while it waits ends it first: it holds the VM's lock).
+    pub fn spawn_stop(&self, name: &str, timeout_s: u64) -> Result<Child, Error> {
+        self.command(&["stop", name, "--timeout", &timeout_s.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Vmctl(format!("{}: {e}", self.bin.display())))
+    }
+
     /// `vmctl logs --follow NAME` writing into `out` until the VM ends.
     pub fn follow_console(&self, name: &str, out: std::fs::File) -> Result<Child, Error> {
         self.command(&["logs", "--follow", name])

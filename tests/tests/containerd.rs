@@ -4,8 +4,11 @@
 //! any container image; `ctr run --runtime io.containerd.vmctl.v1` boots
 //! the VM, prints its console and returns the guest's exit status; a
 //! detached VM is listed, paused, resumed, measured, stopped gracefully
-//! or killed; a shim that dies is cleaned up after by containerd's
-//! `delete`; an image that is not a VM image is refused by name.
+//! or killed (also SIGKILL cutting a graceful stop short); a shim that
+//! dies is cleaned up after by containerd's `delete`; a clone's image
+//! pushed after its base costs containerd only the clone's layer (the
+//! registry's access log) and vmctl's store only its restore; an image
+//! that is not a VM image is refused by name.
 
 use std::time::Duration;
 
@@ -28,6 +31,40 @@ fn task_row(c: &LocalContainerd, id: &str) -> Option<(u32, String)> {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.first() == Some(&id)).then(|| (f[1].parse().unwrap_or(0), f[2].to_string()))
     })
+}
+
+/// `ctr run -d` of an idle VM named `id`.
+fn run_idle(c: &LocalContainerd, reference: &str, id: &str) {
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        reference,
+        id,
+        "mode=idle",
+    ]);
+}
+
+/// Once task `id` has stopped: its task deleted (ctr's answer) and its
+/// container removed.
+fn remove_stopped(c: &LocalContainerd, id: &str) -> std::process::Output {
+    until(&format!("task {id} stopped"), || {
+        task_row(c, id).is_some_and(|r| r.1 == "STOPPED")
+    });
+    let out = c.ctr(&["task", "delete", id], CALL);
+    c.ctr_ok(&["container", "rm", id]);
+    out
+}
+
+/// The sealed layers in vmctl's store at `state` (beside them,
+/// image-format's notes of the clones that stood on them).
+fn store_layers(state: &std::path::Path) -> usize {
+    std::fs::read_dir(state.join("images/layers"))
+        .expect("the store")
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .count()
 }
 
 fn vm_names(host: &Vmctl) -> Vec<String> {
@@ -96,31 +133,13 @@ fn ctr_runs_a_vm_image_from_a_registry_through_the_vmctl_shim() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     // The image's layer came into vmctl's store once, for both VMs; a
     // task's VM goes with its task.
-    // (Beside it, image-format's notes of the clones that stood on it.)
-    let layers = std::fs::read_dir(fx.path("node/images/layers"))
-        .unwrap()
-        .filter(|e| {
-            !e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with('.')
-        })
-        .count();
+    let layers = store_layers(&fx.path("node"));
     assert_eq!(layers, 1, "one layer in the store");
     assert!(vm_names(&host).is_empty(), "{:?}", vm_names(&host));
 
     // A detached VM: listed with the vmm's pid, paused and resumed,
     // measured, then stopped gracefully (SIGTERM): the guest's exit 0.
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        &reference,
-        "idle",
-        "mode=idle",
-    ]);
+    run_idle(&c, &reference, "idle");
     let vm = vm_names(&host).pop().expect("the task's VM");
     let (pid, status) = task_row(&c, "idle").expect("listed");
     assert_eq!(status, "RUNNING");
@@ -138,50 +157,26 @@ fn ctr_runs_a_vm_image_from_a_registry_through_the_vmctl_shim() {
         .expect("memory.usage");
     assert!(rss > 1 << 20, "{metrics}");
     c.ctr_ok(&["task", "kill", "idle"]);
-    until("the VM stopped", || {
-        task_row(&c, "idle").is_some_and(|r| r.1 == "STOPPED")
-    });
-    let out = c.ctr(&["task", "rm", "idle"], CALL);
+    let out = remove_stopped(&c, "idle");
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "status 0: {out:?}"
     );
-    c.ctr_ok(&["container", "rm", "idle"]);
     assert!(vm_names(&host).is_empty());
 
     // SIGKILL ends it at once: 137, as for a killed container.
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        &reference,
-        "killed",
-        "mode=idle",
-    ]);
+    run_idle(&c, &reference, "killed");
     c.ctr_ok(&["task", "kill", "--signal", "SIGKILL", "killed"]);
-    until("the VM killed", || {
-        task_row(&c, "killed").is_some_and(|r| r.1 == "STOPPED")
-    });
     // (ctr's task delete warns of a status that is not 0.)
-    let out = c.ctr(&["task", "delete", "killed"], CALL);
+    let out = remove_stopped(&c, "killed");
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && said.contains("exit code 137"),
         "{out:?}"
     );
-    c.ctr_ok(&["container", "rm", "killed"]);
 
     // A shim that dies: containerd runs its `delete`, which removes the VM.
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        &reference,
-        "orphan",
-        "mode=idle",
-    ]);
+    run_idle(&c, &reference, "orphan");
     let shims = c.shims();
     assert_eq!(shims.len(), 1, "{shims:?}");
     // SAFETY: kill(2) on the shim found above.
@@ -191,6 +186,61 @@ fn ctr_runs_a_vm_image_from_a_registry_through_the_vmctl_shim() {
     });
     let _ = c.ctr(&["task", "delete", "orphan"], CALL);
     c.ctr_ok(&["container", "rm", "orphan"]);
+
+    // SIGTERM then SIGKILL at once (a grace cut short): stopped either
+    // way, neither call refused.
+    run_idle(&c, &reference, "cut");
+    c.ctr_ok(&["task", "kill", "cut"]);
+    c.ctr_ok(&["task", "kill", "--signal", "SIGKILL", "cut"]);
+    remove_stopped(&c, "cut");
+    assert!(vm_names(&host).is_empty());
+
+    // The builder's clone, written by a guest, pushed as v2: containerd
+    // fetches only its new layer (the registry's own log says so), and the
+    // shim restores only that layer into the store, on the base it has.
+    let clone = builder.sealed_clone(
+        "writer",
+        base.to_str().unwrap(),
+        "mode=write verify=1 gen=9 offset=16M size=4M",
+        "v2",
+    );
+    let v2_ref = format!("{}/vms/base:v2", reg.address);
+    let v2 = builder.json(&[
+        "image",
+        "push",
+        &clone,
+        &v2_ref,
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mode=read verify=1 expect_gen=9 offset=16M size=4M",
+    ]);
+    let layer_digests: Vec<String> = v2["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| !b["uuid"].is_null())
+        .map(|b| b["digest"].as_str().unwrap().to_string())
+        .collect();
+    let before = reg.blobs_fetched().len();
+    c.ctr_ok(&["image", "pull", "--plain-http", &v2_ref]);
+    let fetched: Vec<String> = reg.blobs_fetched()[before..]
+        .iter()
+        .filter(|d| layer_digests.contains(d))
+        .cloned()
+        .collect();
+    assert_eq!(
+        fetched,
+        vec![layer_digests[1].clone()],
+        "only the clone's layer"
+    );
+    let out = c.ctr(
+        &["run", "--rm", "--runtime", RUNTIME, &v2_ref, "v2-reader"],
+        CALL,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let layers = store_layers(&fx.path("node"));
+    assert_eq!(layers, 2, "the base once, and the clone's layer on it");
 
     // An ordinary container image is no VM: refused by name, nothing left.
     let plain = reg

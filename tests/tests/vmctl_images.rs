@@ -62,27 +62,13 @@ fn a_vm_image_travels_between_two_hosts_through_a_registry_layer_by_layer() {
 
     // Host A: a VM on the base writes generation 9 over 4 MiB at 16 MiB;
     // its disk, sealed, is pushed: only its own layer (and a config) go.
-    a.ok(&[
-        "create",
+    let clone = a.sealed_clone(
         "writer",
-        "--image",
         base.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--cmdline",
         "mode=write verify=1 gen=9 offset=16M size=4M",
-    ]);
-    runs_ok(&a, "writer");
-    let disk = a.state.join("vms/writer/disk.img");
-    test_infra::img(&["snapshot", "-c", "v2", &test_infra::s(&disk)]);
-    let v2 = a.json(&[
-        "image",
-        "push",
-        &format!("{}@v2", disk.display()),
-        &v2_ref,
-        "--memory",
-        "64M",
-    ]);
+        "v2",
+    );
+    let v2 = a.json(&["image", "push", &clone, &v2_ref, "--memory", "64M"]);
     let uploaded = digests_uploaded(&v2);
     assert_eq!(uploaded.len(), 2, "the clone's layer and its config: {v2}");
     assert!(!uploaded.contains(&base_layer), "{v2}");

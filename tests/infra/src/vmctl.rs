@@ -85,6 +85,27 @@ impl Vmctl {
         );
     }
 
+    /// A 64 MiB VM `name` on `image` whose guest runs `cmdline` (a writer),
+    /// run to its end (exit 0), its disk then sealed as `snapshot`: the
+    /// clone's `FILE@SNAPSHOT`.
+    pub fn sealed_clone(&self, name: &str, image: &str, cmdline: &str, snapshot: &str) -> String {
+        self.ok(&[
+            "create",
+            name,
+            "--image",
+            image,
+            "--memory",
+            "64M",
+            "--cmdline",
+            cmdline,
+        ]);
+        self.ok(&["start", name]);
+        self.assert_exits_ok(name);
+        let disk = self.vm_dir(name).join("disk.img");
+        crate::img(&["snapshot", "-c", snapshot, &crate::s(&disk)]);
+        format!("{}@{snapshot}", disk.display())
+    }
+
     /// The VM is failed, and says why.
     pub fn assert_failed(&self, name: &str, reason: &str) {
         let info = self.info(name);

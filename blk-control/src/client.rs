@@ -145,6 +145,44 @@ impl Client {
         self.call::<Done>(&Command::ExportMerge(args)).map(drop)
     }
 
+    /// The export on `socket` held to `limits` and in group `group` from
+    /// its next request (what is left out: unlimited, in no group).
+    pub fn set_limits(
+        &mut self,
+        socket: &Path,
+        limits: rate_limit::Limits,
+        group: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let args = crate::SetLimitsArgs {
+            socket: socket.to_path_buf(),
+            limits,
+            limit_group: group.map(String::from),
+        };
+        self.call::<Done>(&Command::ExportSetLimits(args)).map(drop)
+    }
+
+    /// Makes rate-limit group `name`, or gives it `limits` at once.
+    pub fn group_set(&mut self, name: &str, limits: rate_limit::Limits) -> Result<(), ClientError> {
+        let args = crate::GroupArgs {
+            name: name.to_string(),
+            limits,
+        };
+        self.call::<Done>(&Command::GroupSet(args)).map(drop)
+    }
+
+    /// Removes group `name` (refused while an export is in it).
+    pub fn group_del(&mut self, name: &str) -> Result<(), ClientError> {
+        let args = crate::GroupRef {
+            name: name.to_string(),
+        };
+        self.call::<Done>(&Command::GroupDel(args)).map(drop)
+    }
+
+    /// Every rate-limit group, with its exports.
+    pub fn groups(&mut self) -> Result<Vec<crate::GroupInfo>, ClientError> {
+        self.call(&Command::GroupList)
+    }
+
     /// One command; its return, read as `R` (the type `command` returns:
     /// see [`Command`]).
     pub fn call<R: DeserializeOwned>(&mut self, command: &Command) -> Result<R, ClientError> {

@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::reply::{ErrorClass, Refusal};
 use crate::spec::ExportArgs;
+use rate_limit::Limits;
 
 /// One command to a blk-backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +33,42 @@ pub enum Command {
     /// (as `img snapshot -d`), the export served again (its frontend
     /// reconnects). Returns [`Done`](crate::Done).
     ExportMerge(SnapshotArgs),
+    /// The export's rate limits and group from now on (its next request).
+    /// Returns [`Done`](crate::Done).
+    ExportSetLimits(SetLimitsArgs),
+    /// Makes a rate-limit group (one budget its exports share), or gives
+    /// it new limits at once. Returns [`Done`](crate::Done).
+    GroupSet(GroupArgs),
+    /// Removes a group no export is in. Returns [`Done`](crate::Done).
+    GroupDel(GroupRef),
+    /// Every group with its exports. Returns a list of
+    /// [`GroupInfo`](crate::GroupInfo).
+    GroupList,
+}
+
+/// `export-set-limits`' arguments: the whole of the export's limits (what
+/// is left out is unlimited; no `limit_group`: in none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLimitsArgs {
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_group: Option<String>,
+}
+
+/// `group-set`'s arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupArgs {
+    pub name: String,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// The group a command is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRef {
+    pub name: String,
 }
 
 /// The export a command is about: the socket it is served on.
@@ -49,12 +86,16 @@ pub struct SnapshotArgs {
 
 impl Command {
     /// Every command's name, as `execute` gives it.
-    pub const NAMES: [&'static str; 5] = [
+    pub const NAMES: [&'static str; 9] = [
         "export-add",
         "export-del",
         "export-list",
         "export-snapshot",
         "export-merge",
+        "export-set-limits",
+        "group-set",
+        "group-del",
+        "group-list",
     ];
 
     /// The command's name, as `execute` gives it.
@@ -65,6 +106,10 @@ impl Command {
             Command::ExportList => "export-list",
             Command::ExportSnapshot(_) => "export-snapshot",
             Command::ExportMerge(_) => "export-merge",
+            Command::ExportSetLimits(_) => "export-set-limits",
+            Command::GroupSet(_) => "group-set",
+            Command::GroupDel(_) => "group-del",
+            Command::GroupList => "group-list",
         }
     }
 
@@ -295,6 +340,19 @@ mod tests {
                 socket: PathBuf::new(),
                 name: String::new(),
             }),
+            Command::ExportSetLimits(SetLimitsArgs {
+                socket: PathBuf::new(),
+                limits: Limits::default(),
+                limit_group: None,
+            }),
+            Command::GroupSet(GroupArgs {
+                name: String::new(),
+                limits: Limits::default(),
+            }),
+            Command::GroupDel(GroupRef {
+                name: String::new(),
+            }),
+            Command::GroupList,
         ];
         assert_eq!(all.map(|c| c.name()), Command::NAMES);
     }

@@ -21,6 +21,8 @@ pub mod reply;
 pub mod spec;
 
 pub use client::{Client, ClientError};
-pub use command::{Command, ExportRef, SnapshotArgs};
-pub use reply::{Answer, Counters, Done, ErrorClass, ExportInfo, Refusal, Reply, Sealed, Session};
+pub use command::{Command, ExportRef, GroupArgs, GroupRef, SetLimitsArgs, SnapshotArgs};
+pub use reply::{
+    Answer, Counters, Done, ErrorClass, ExportInfo, GroupInfo, Refusal, Reply, Sealed, Session,
+};
 pub use spec::{ExportArgs, ExportSpec, Settings, SpecError};

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use rate_limit::Limits;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -91,6 +92,7 @@ impl<T: Serialize> Reply<T> {
 pub enum Answer {
     // A list first: serde reads an empty list as a `Done` too.
     Exports(Vec<ExportInfo>),
+    Groups(Vec<GroupInfo>),
     Done(Done),
     Sealed(Sealed),
 }
@@ -120,6 +122,26 @@ pub struct ExportInfo {
     pub readonly: bool,
     pub session: Session,
     pub socket: PathBuf,
+    /// Its own rate limits now.
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub limits: Limits,
+    #[serde(
+        rename = "limit-group",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub limit_group: Option<String>,
+}
+
+/// One rate-limit group in `group-list`'s return.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub limits: Limits,
+    /// The sockets of the exports in it.
+    pub exports: Vec<PathBuf>,
+    /// Times a request waited for the group's budget.
+    pub throttled: u64,
 }
 
 /// Whether a frontend is connected to an export.
@@ -140,6 +162,9 @@ pub struct Counters {
     pub requests: u64,
     /// Frontend sessions it has served.
     pub sessions: u64,
+    /// Requests that waited for their rate limit's budget.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 #[cfg(test)]
@@ -152,6 +177,7 @@ mod tests {
                 failed_requests: 0,
                 requests: 2048,
                 sessions: 1,
+                throttled: 0,
             },
             image: "/vms/a/disk.img".into(),
             num_queues: 2,
@@ -159,11 +185,14 @@ mod tests {
             readonly: false,
             session: Session::Connected,
             socket: "/vms/a/disk.sock".into(),
+            limits: Limits::default(),
+            limit_group: None,
         }
     }
 
-    /// The exact lines blk-backend wrote before its answers were typed
-    /// (serde_json's `json!`, keys sorted).
+    /// The exact lines blk-backend writes (as it wrote them before its
+    /// answers were typed, serde_json's `json!`, keys sorted; since then
+    /// `throttled` among the counters, and limits when an export has any).
     #[test]
     fn each_answer_is_the_same_line_on_the_wire() {
         let cases = [
@@ -179,8 +208,8 @@ mod tests {
                     },
                 ])),
                 concat!(
-                    r#"{"return":[{"counters":{"failed-requests":0,"requests":2048,"sessions":1},"image":"/vms/a/disk.img","num-queues":2,"queue-size":256,"readonly":false,"session":"connected","socket":"/vms/a/disk.sock"},"#,
-                    r#"{"counters":{"failed-requests":0,"requests":2048,"sessions":1},"image":"/vms/a/disk.img","num-queues":2,"queue-size":256,"readonly":true,"session":"waiting","socket":"/vms/a/disk.sock"}]}"#
+                    r#"{"return":[{"counters":{"failed-requests":0,"requests":2048,"sessions":1,"throttled":0},"image":"/vms/a/disk.img","num-queues":2,"queue-size":256,"readonly":false,"session":"connected","socket":"/vms/a/disk.sock"},"#,
+                    r#"{"counters":{"failed-requests":0,"requests":2048,"sessions":1,"throttled":0},"image":"/vms/a/disk.img","num-queues":2,"queue-size":256,"readonly":true,"session":"waiting","socket":"/vms/a/disk.sock"}]}"#
                 ),
             ),
             (

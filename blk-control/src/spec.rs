@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use cpu_affinity::{CpuError, CpuList};
+use rate_limit::{BucketSpec, Limits};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -42,6 +43,25 @@ pub enum SpecError {
     Missing(&'static str),
     #[error("worker_cpus: {0}")]
     WorkerCpus(#[from] CpuError),
+    #[error("rate limits: {0}")]
+    Limits(#[from] rate_limit::SpecError),
+    #[error("{0} without {1}")]
+    BurstAlone(&'static str, &'static str),
+    #[error("limit_group {0:?}: a group's name is 1 to 64 letters, digits, '-' or '_'")]
+    GroupName(String),
+}
+
+/// Checks a rate-limit group's name (`limit_group=`, `group-set`).
+pub fn check_group_name(name: &str) -> Result<(), SpecError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::GroupName(name.to_string()))
+    }
 }
 
 /// blk-backend's default `submit_batch`. On a virtual disk (a virtio
@@ -131,6 +151,11 @@ pub struct ExportSpec {
     /// Queue `k`'s worker runs on the list's `k`-th CPU, in turn (none:
     /// wherever the kernel runs it).
     pub worker_cpus: Option<CpuList>,
+    /// The export's own rate limits (none: unlimited).
+    pub limits: Limits,
+    /// The rate-limit group whose budget it shares with the group's
+    /// other exports (made by `group-set`).
+    pub limit_group: Option<String>,
 }
 
 /// One export as asked for: where (socket and image) and the settings it
@@ -157,6 +182,12 @@ pub struct ExportArgs {
     /// In JSON a string, as on a command line: `"0-1,3"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_cpus: Option<CpuList>,
+    /// Its own rate limits (`--export`: `iops=N[,iops_burst=N]`,
+    /// `bw=BYTES[,bw_burst=BYTES]`, each per second).
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_group: Option<String>,
 }
 
 impl ExportArgs {
@@ -182,6 +213,10 @@ impl ExportArgs {
             worker_cpus: self.worker_cpus.or_else(|| defaults.worker_cpus.clone()),
         };
         s.check()?;
+        self.limits.check()?;
+        if let Some(g) = &self.limit_group {
+            check_group_name(g)?;
+        }
         Ok(ExportSpec {
             socket: self.socket,
             image: self.image,
@@ -192,13 +227,16 @@ impl ExportArgs {
             fixed_buffers: s.fixed_buffers,
             submit_batch: s.submit_batch,
             worker_cpus: s.worker_cpus,
+            limits: self.limits,
+            limit_group: self.limit_group,
         })
     }
 }
 
 /// `--export`'s list: `socket=PATH,image=PATH[,readonly=on][,num_queues=N]
 /// [,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N]
-/// [,worker_cpus=LIST]`. The CPU list's own commas stay in it: what
+/// [,worker_cpus=LIST][,iops=N][,iops_burst=N][,bw=BYTES][,bw_burst=BYTES]
+/// [,limit_group=NAME]` (iops and bw per second). The CPU list's own commas stay in it: what
 /// follows `worker_cpus=` up to the next key is its list (`worker_cpus=0,2`).
 impl FromStr for ExportArgs {
     type Err = SpecError;
@@ -208,6 +246,7 @@ impl FromStr for ExportArgs {
         let mut e = ExportArgs::default();
         let mut cpus: Option<String> = None;
         let mut in_cpus = false;
+        let (mut iops, mut iops_burst, mut bw, mut bw_burst) = (None, None, None, None);
         for kv in list.split(',') {
             if let (Some(c), true, false) = (&mut cpus, in_cpus, kv.contains('=')) {
                 c.push(',');
@@ -228,13 +267,40 @@ impl FromStr for ExportArgs {
                 "queue_size" => e.queue_size = Some(number(k, v)?),
                 "poll_us" => e.poll_us = Some(number(k, v)?),
                 "submit_batch" => e.submit_batch = Some(number(k, v)?),
+                "iops" => iops = Some(number(k, v)?),
+                "iops_burst" => iops_burst = Some(number(k, v)?),
+                "bw" => bw = Some(number(k, v)?),
+                "bw_burst" => bw_burst = Some(number(k, v)?),
+                "limit_group" => e.limit_group = Some(v.to_string()),
                 _ => return Err(SpecError::UnknownKey(k.to_string())),
             }
         }
         e.worker_cpus = cpus.map(|c| c.parse()).transpose()?;
+        e.limits = Limits {
+            ops: bucket(iops, iops_burst, "iops_burst", "iops")?,
+            bytes: bucket(bw, bw_burst, "bw_burst", "bw")?,
+        };
         e.socket = socket.ok_or(SpecError::Missing("socket"))?;
         e.image = image.ok_or(SpecError::Missing("image"))?;
         Ok(e)
+    }
+}
+
+/// A per-second bucket of `rate` with `burst` on top (a burst needs a
+/// rate).
+fn bucket(
+    rate: Option<u64>,
+    burst: Option<u64>,
+    burst_key: &'static str,
+    rate_key: &'static str,
+) -> Result<Option<BucketSpec>, SpecError> {
+    match (rate, burst) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(SpecError::BurstAlone(burst_key, rate_key)),
+        (Some(r), b) => Ok(Some(BucketSpec {
+            one_time_burst: b.unwrap_or(0),
+            ..BucketSpec::per_second(r)
+        })),
     }
 }
 
@@ -317,6 +383,8 @@ mod tests {
                 fixed_buffers: true,
                 submit_batch: 3,
                 worker_cpus: None,
+                limits: Limits::default(),
+                limit_group: None,
             }
         );
         let own = ExportArgs {
@@ -370,6 +438,8 @@ mod tests {
                 fixed_buffers: Some(true),
                 submit_batch: Some(8),
                 worker_cpus: None,
+                limits: Limits::default(),
+                limit_group: None,
             }
         );
         let e: ExportArgs = "image=b.img,socket=b.sock,readonly=0".parse().unwrap();
@@ -439,5 +509,34 @@ mod tests {
         );
         assert_eq!(err("image=i"), "socket= is missing");
         assert_eq!(err("socket=s,num_queues=2"), "image= is missing");
+    }
+
+    #[test]
+    fn rate_limits_come_from_the_list_and_bad_ones_are_refused_by_name() {
+        let e: ExportArgs = "socket=s,image=i,iops=500,iops_burst=100,bw=1048576,limit_group=fleet"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            e.limits,
+            Limits {
+                ops: Some(BucketSpec {
+                    one_time_burst: 100,
+                    ..BucketSpec::per_second(500)
+                }),
+                bytes: Some(BucketSpec::per_second(1 << 20)),
+            }
+        );
+        let spec = e.resolve(&Settings::default()).unwrap();
+        assert_eq!(spec.limit_group.as_deref(), Some("fleet"));
+        let err = |l: &str| {
+            l.parse::<ExportArgs>()
+                .and_then(|e| e.resolve(&Settings::default()))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(err("socket=s,image=i,iops=0"), "rate limits: ops: the size must be at least 1 (0 would stop everything; leave the limit out for none)");
+        assert_eq!(err("socket=s,image=i,bw_burst=5"), "bw_burst without bw");
+        assert!(err("socket=s,image=i,iops=-3").contains("iops takes a number"));
+        assert!(err("socket=s,image=i,limit_group=a/b").contains("limit_group \"a/b\""));
     }
 }

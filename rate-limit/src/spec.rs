@@ -95,7 +95,10 @@ mod tests {
             bytes: None,
         };
         let text = serde_json::to_string(&l).unwrap();
-        assert_eq!(text, r#"{"ops":{"size":500,"one_time_burst":0,"refill_ms":1000}}"#);
+        assert_eq!(
+            text,
+            r#"{"ops":{"size":500,"one_time_burst":0,"refill_ms":1000}}"#
+        );
         assert_eq!(serde_json::from_str::<Limits>(&text).unwrap(), l);
         let short: Limits = serde_json::from_str(r#"{"bytes":{"size":1048576}}"#).unwrap();
         assert_eq!(short.bytes, Some(BucketSpec::per_second(1 << 20)));
@@ -104,7 +107,11 @@ mod tests {
             ops: Some(BucketSpec::per_second(0)),
             bytes: None,
         };
-        assert!(zero.check().unwrap_err().to_string().contains("ops: the size must be at least 1"));
+        assert!(zero
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("ops: the size must be at least 1"));
         let slow = Limits {
             ops: None,
             bytes: Some(BucketSpec {
@@ -113,7 +120,11 @@ mod tests {
                 refill_ms: 0,
             }),
         };
-        assert!(slow.check().unwrap_err().to_string().contains("bytes: the refill time"));
+        assert!(slow
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("bytes: the refill time"));
         assert!(serde_json::from_str::<Limits>(r#"{"iops":5}"#).is_err());
     }
 }

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use blk_control::{
-    Answer, Command, Counters, Done, ErrorClass, ExportInfo, Refusal, Reply, Sealed, Session,
-    Settings,
+    Answer, Command, Counters, Done, ErrorClass, ExportInfo, GroupInfo, Refusal, Reply, Sealed,
+    Session, Settings,
 };
 use thiserror::Error;
 use vhost::vhost_user::Listener;
@@ -64,6 +64,8 @@ pub enum ControlError {
         #[source]
         source: Box<image_format::Error>,
     },
+    #[error(transparent)]
+    Group(#[from] crate::limits::GroupError),
 }
 
 /// An export whose image is open and whose socket listens.
@@ -96,6 +98,8 @@ pub struct Exports {
     /// parallel, and a second add of one socket is refused as existing
     /// (not left to fail later on the image's lock or the bound socket).
     adding: Mutex<std::collections::BTreeSet<PathBuf>>,
+    /// The rate-limit groups exports share.
+    groups: crate::limits::Groups,
     /// Held across an export's close, change and serve-again (a seal, a
     /// merge): another client's seal of the same export waits for it
     /// instead of finding no export in between (a client that died
@@ -157,6 +161,7 @@ impl Exports {
             shadow_dir,
             running: Mutex::new(BTreeMap::new()),
             adding: Mutex::default(),
+            groups: Default::default(),
             closing: Mutex::default(),
         }
     }
@@ -191,15 +196,25 @@ impl Exports {
         if self.running().contains_key(&socket) {
             return Err(ControlError::Exists(socket));
         }
+        let group = spec
+            .limit_group
+            .as_deref()
+            .map(|g| self.groups.get(g))
+            .transpose()?;
         clear_stale_socket(&socket)?;
         let image = spec.image.clone();
         let export = Arc::new(
-            Export::open(spec, &self.shared, self.base_io, self.shadow_dir.as_deref()).map_err(
-                |e| ControlError::Open {
-                    image: image.clone(),
-                    source: e.into(),
-                },
-            )?,
+            Export::open(
+                spec,
+                group,
+                &self.shared,
+                self.base_io,
+                self.shadow_dir.as_deref(),
+            )
+            .map_err(|e| ControlError::Open {
+                image: image.clone(),
+                source: e.into(),
+            })?,
         );
         let listener = Listener::new(&socket, false).map_err(|e| ControlError::Socket {
             socket: socket.clone(),
@@ -284,7 +299,7 @@ impl Exports {
         let spec = self
             .running()
             .get(socket)
-            .map(|r| r.export.spec.clone())
+            .map(|r| r.export.current_spec())
             .ok_or_else(|| ControlError::NoSuchExport(socket.to_path_buf()))?;
         self.remove(socket)?;
         let changed = change(&spec);
@@ -337,8 +352,64 @@ impl Exports {
                         sessions: r.stop.sessions(),
                         requests: r.export.requests(),
                         failed_requests: r.export.failed_requests(),
+                        throttled: r.export.limits.throttled(),
                     },
+                    limits: r.export.limits.limits(),
+                    limit_group: r.export.limits.group(),
                 }
+            })
+            .collect()
+    }
+
+    /// New rate limits and group for the export on `socket`, effective
+    /// for its next request.
+    pub fn set_limits(
+        &self,
+        socket: &Path,
+        limits: rate_limit::Limits,
+        group: Option<String>,
+    ) -> Result<(), ControlError> {
+        limits.check().map_err(crate::limits::GroupError::from)?;
+        let group = group.as_deref().map(|g| self.groups.get(g)).transpose()?;
+        let running = self.running();
+        let r = running
+            .get(socket)
+            .ok_or_else(|| ControlError::NoSuchExport(socket.to_path_buf()))?;
+        r.export.limits.set(limits, group);
+        Ok(())
+    }
+
+    /// Makes rate-limit group `name` or gives it new limits.
+    pub fn set_group(&self, name: &str, limits: rate_limit::Limits) -> Result<(), ControlError> {
+        Ok(self.groups.set(name, limits)?)
+    }
+
+    /// Removes group `name` (refused while an export is in it).
+    pub fn remove_group(&self, name: &str) -> Result<(), ControlError> {
+        let members = self
+            .running()
+            .iter()
+            .filter(|(_, r)| r.export.limits.group().as_deref() == Some(name))
+            .map(|(s, _)| s.clone())
+            .collect();
+        Ok(self.groups.remove(name, members)?)
+    }
+
+    /// Every group, with the exports in it.
+    pub fn groups(&self) -> Vec<GroupInfo> {
+        let running = self.running();
+        self.groups
+            .list()
+            .into_iter()
+            .map(|(name, limits, throttled)| GroupInfo {
+                exports: running
+                    .iter()
+                    .filter(|(_, r)| r.export.limits.group().as_deref() == Some(name.as_str()))
+                    .map(|(s, _)| s.clone())
+                    .collect(),
+                name,
+                limits,
+                throttled,
             })
             .collect()
     }
@@ -427,6 +498,13 @@ fn run(exports: &Exports, defaults: &Settings, command: Command) -> Result<Answe
             absolute(name, &[&s.socket])?;
             done(exports.merge(&s.socket, &s.name))
         }
+        Command::ExportSetLimits(l) => {
+            absolute(name, &[&l.socket])?;
+            done(exports.set_limits(&l.socket, l.limits, l.limit_group))
+        }
+        Command::GroupSet(g) => done(exports.set_group(&g.name, g.limits)),
+        Command::GroupDel(g) => done(exports.remove_group(&g.name)),
+        Command::GroupList => Ok(Answer::Groups(exports.groups())),
     }
 }
 

@@ -109,7 +109,11 @@ struct DiskState {
 }
 
 pub struct Export {
+    /// As added (its limits as they were then: `current_spec` has them
+    /// as they are).
     pub spec: ExportSpec,
+    /// Its rate limits, changed live by `export-set-limits`.
+    pub limits: crate::limits::ExportLimits,
     capacity: u64,
     config: Vec<u8>,
     id: [u8; 20],
@@ -157,10 +161,22 @@ fn open_rw(path: &Path) -> io::Result<File> {
 }
 
 impl Export {
+    /// The spec with the limits as they are now (a seal or a merge serves
+    /// the export again with them).
+    pub fn current_spec(&self) -> ExportSpec {
+        ExportSpec {
+            limits: self.limits.limits(),
+            limit_group: self.limits.group(),
+            ..self.spec.clone()
+        }
+    }
+
     /// Opens the export's chain. `shadow_dir`: where the crash shadow of a
     /// writable top lives (see `image_format::shadow`).
+    /// `group`: the rate-limit group `spec.limit_group` names.
     pub fn open(
         spec: ExportSpec,
+        group: Option<(String, rate_limit::Shared)>,
         shared: &SharedFiles,
         base_io: BaseIo,
         shadow_dir: Option<&Path>,
@@ -212,6 +228,7 @@ impl Export {
         id[..text.len()].copy_from_slice(text.as_bytes());
         let writes_begun = disk.writes_begun().into();
         Ok(Export {
+            limits: crate::limits::ExportLimits::new(spec.limits, group),
             spec,
             capacity,
             config,
@@ -669,7 +686,10 @@ mod tests {
                 fixed_buffers: false,
                 submit_batch: 0,
                 worker_cpus: None,
+                limits: Default::default(),
+                limit_group: None,
             },
+            None,
             &SharedFiles::default(),
             BaseIo::Page,
             None,

@@ -28,6 +28,7 @@ pub mod connection;
 pub mod control;
 pub mod export;
 pub mod inflight;
+pub mod limits;
 pub mod postcopy;
 pub mod seccomp;
 pub mod server;

@@ -18,7 +18,11 @@ use vhost_blk_backend::seccomp;
     version,
     about = "vhost-user-blk server for snapshot-chain images",
     after_help = "Either --socket and --image for one export, or --export once per export:\n  \
-                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N][,worker_cpus=LIST]\n\n\
+                  --export socket=PATH,image=PATH[,readonly=on][,num_queues=N][,queue_size=N][,poll_us=N][,fixed_buffers=on][,submit_batch=N][,worker_cpus=LIST]\n    \
+                  [,iops=N][,iops_burst=N][,bw=BYTES][,bw_burst=BYTES][,limit_group=NAME]\n\n\
+                  Rate limits (iops and bw per second, Firecracker's token buckets) and the\n\
+                  groups whose one budget several exports share are changed live through the\n\
+                  control socket (export-set-limits, group-set, group-del, group-list).\n\n\
                   A frontend that reconnects after this process was killed and restarted\n\
                   resumes where it was: requests in flight run again (the vhost-user inflight\n\
                   region) and completed writes are found in the crash shadow (--shadow-dir)."

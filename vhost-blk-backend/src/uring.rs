@@ -20,6 +20,8 @@ use vhost_user_session::Session;
 /// User data of the kick and stop polls (no request slot comes near).
 const KICK: u64 = u64::MAX;
 const STOP: u64 = u64::MAX - 1;
+/// The rate limiter's timer (a throttled queue's wake-up).
+const TIMER: u64 = u64::MAX - 2;
 
 /// What [`QueueRing::reap`] saw besides I/O completions.
 #[derive(Debug, Default, Clone, Copy)]
@@ -28,6 +30,8 @@ pub struct Events {
     pub kick: bool,
     /// The worker is asked to stop.
     pub stop: bool,
+    /// The timer `arm_timer` set went off.
+    pub timer: bool,
 }
 
 /// A layer file as the ring names it: its descriptor, and its slot in the
@@ -98,6 +102,8 @@ pub struct QueueRing {
     /// length) pieces in table order: I/O into them skips pinning the
     /// pages per request.
     fixed_buffers: Vec<(usize, usize)>,
+    /// The armed timer's time, kept until it fires, if one is armed.
+    timer: Option<Box<types::Timespec>>,
 }
 
 impl QueueRing {
@@ -133,6 +139,7 @@ impl QueueRing {
             stop: None,
             fixed_files: false,
             fixed_buffers: Vec::new(),
+            timer: None,
         })
     }
 
@@ -233,6 +240,25 @@ impl QueueRing {
             .build()
             .user_data(tag);
         // SAFETY: a poll points at no memory.
+        unsafe { self.push(&sqe) }
+    }
+
+    /// Arms a timer that wakes the worker's wait after `after` (a
+    /// throttled queue's: it waits inside the ring, spinning nowhere); a
+    /// timer already armed is left as it is.
+    pub fn arm_timer(&mut self, after: std::time::Duration) -> io::Result<()> {
+        if self.timer.is_some() {
+            return Ok(());
+        }
+        let ts = Box::new(
+            types::Timespec::new()
+                .sec(after.as_secs())
+                .nsec(after.subsec_nanos()),
+        );
+        let sqe = opcode::Timeout::new(&*ts).build().user_data(TIMER);
+        self.timer = Some(ts);
+        // SAFETY: the timespec is boxed in `self.timer` until the timer's
+        // completion is reaped.
         unsafe { self.push(&sqe) }
     }
 
@@ -413,6 +439,12 @@ impl QueueRing {
             }
             if data == STOP {
                 events.stop = true;
+                continue;
+            }
+            if data == TIMER {
+                // -ETIME: it expired, as meant.
+                events.timer = true;
+                self.timer = None;
                 continue;
             }
             let (slot, len) = ((data & 0xffff_ffff) as usize, (data >> 32) as i64);

@@ -32,6 +32,10 @@ pub use vhost_user_session::queues::Vring;
 /// Above this many requests in flight a worker sleeps instead of polling.
 const POLL_MAX_IN_FLIGHT: usize = 4;
 
+/// The longest a throttled queue sleeps before it looks at its budget
+/// again: a limit raised live is seen within this.
+const MAX_THROTTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct QueueWorker {
     pub queue: u16,
     pub export: Arc<Export>,
@@ -51,6 +55,18 @@ pub struct QueueWorker {
     /// The queue's mark, set when the driver broke it (a worker started
     /// again on a broken queue leaves it alone without saying so again).
     pub broken: rings::BrokenMark,
+}
+
+/// Whether `run_heads` asks the rate limits, and counts a request held
+/// back as throttled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Heads new to the limits: asked, and counted when held back.
+    New,
+    /// Heads held back before: asked again, not counted again.
+    Again,
+    /// Not asked (a stopping worker runs what it held back).
+    Unlimited,
 }
 
 /// One finished request: its head and the used length.
@@ -81,6 +97,10 @@ struct Running {
     broken: bool,
     /// Requests answered with an error since the last publish.
     failed: u64,
+    /// Heads taken from the ring that wait for their rate limit's budget,
+    /// in order (the ring is not read again until they have run; they
+    /// are in flight, so a successor resubmits them).
+    deferred: Vec<u16>,
 }
 
 impl QueueWorker {
@@ -136,6 +156,7 @@ impl QueueWorker {
                 stopping: false,
                 broken,
                 failed: 0,
+                deferred: Vec::new(),
             };
             if let Err(e) = r.run() {
                 warn!(queue = r.w.queue, "worker stopped: {e}");
@@ -217,8 +238,13 @@ impl Running {
                 self.process_queue()?;
             }
         }
-        // Stopping: in-flight I/O lands and is completed first, while the
+        // Stopping: requests held back by their rate limit run now (a
+        // worker started after a memory change must not find them lost),
+        // then in-flight I/O lands and is completed first, while the
         // guest memory is still mapped.
+        let held = std::mem::take(&mut self.deferred);
+        let mem = self.w.mem.memory();
+        self.run_heads(&held, &mem, Admit::Unlimited)?;
         self.ring.drain(&self.w.session, &mut self.done);
         self.complete_done();
         self.publish()
@@ -231,6 +257,13 @@ impl Running {
         self.stopping |= events.stop;
         self.complete_done();
         self.publish()?;
+        if events.timer && !self.stopping {
+            // The budget may be there: what waited goes first.
+            let held = std::mem::take(&mut self.deferred);
+            let mem = self.w.mem.memory();
+            self.run_heads(&held, &mem, Admit::Again)?;
+            return Ok(self.deferred.is_empty());
+        }
         Ok(events.kick)
     }
 
@@ -258,7 +291,7 @@ impl Running {
                 }
                 worked = true;
             }
-            if self.avail_pending(&mem) {
+            if self.deferred.is_empty() && self.avail_pending(&mem) {
                 self.pop_and_run(&mem)?;
                 worked = true;
             }
@@ -347,7 +380,8 @@ impl Running {
     /// Pops every available chain and runs them (their SQEs reach the
     /// kernel `submit_batch` at a time, the rest at the end).
     fn pop_and_run(&mut self, mem: &GuestMemoryMmap) -> io::Result<()> {
-        if !self.ring_sane(mem) {
+        // A throttled queue takes nothing new until what waits has run.
+        if !self.deferred.is_empty() || !self.ring_sane(mem) {
             return Ok(());
         }
         let mut heads = std::mem::take(&mut self.heads);
@@ -375,7 +409,7 @@ impl Running {
                 heads.push(head);
             }
         }
-        let ran = self.run_heads(&heads, mem);
+        let ran = self.run_heads(&heads, mem, Admit::New);
         self.heads = heads;
         ran?;
         if let Some(why) = impossible_head {
@@ -392,7 +426,9 @@ impl Running {
                 let _ = self.w.vring.disable_notification();
             }
             self.pop_and_run(&mem)?;
+            // Throttled: what is left in the ring waits for the timer.
             if self.broken
+                || !self.deferred.is_empty()
                 || !self.w.event_idx
                 || !self.w.vring.enable_notification().unwrap_or(false)
             {
@@ -405,10 +441,14 @@ impl Running {
     /// Runs heads taken from the inflight region (not from the ring).
     fn process_heads(&mut self, heads: &[u16]) -> io::Result<()> {
         let mem = self.w.mem.memory();
-        self.run_heads(heads, &mem)
+        self.run_heads(heads, &mem, Admit::New)
     }
 
-    fn run_heads(&mut self, heads: &[u16], mem: &GuestMemoryMmap) -> io::Result<()> {
+    /// Runs `heads` in order. Each asks its export's rate limits first
+    /// (unless `admit` says not to): the first that must wait is held
+    /// back with all after it, and a timer in the ring wakes the worker
+    /// when its budget is due.
+    fn run_heads(&mut self, heads: &[u16], mem: &GuestMemoryMmap, admit: Admit) -> io::Result<()> {
         if heads.is_empty() {
             return Ok(());
         }
@@ -419,10 +459,22 @@ impl Running {
             let q = st.get_queue();
             (GuestAddress(q.desc_table()), q.size())
         };
-        for &head in heads {
+        for (i, &head) in heads.iter().enumerate() {
             let walk = ChainWalk::new(mem, table, size, head);
             match self.req.parse_from(walk, mem) {
                 Ok(()) => {
+                    if admit != Admit::Unlimited {
+                        let (ops, bytes) = crate::limits::cost(&self.req);
+                        if let Err(wait) = self.w.export.limits.admit(ops, bytes) {
+                            let held = &heads[i..];
+                            if admit == Admit::New {
+                                self.w.export.limits.count_throttled(held.len() as u64);
+                            }
+                            self.deferred.extend_from_slice(held);
+                            self.ring.arm_timer(wait.min(MAX_THROTTLE_WAIT))?;
+                            break;
+                        }
+                    }
                     let req = &self.req;
                     let ring_path = if matches!(req.kind, Kind::In | Kind::Out) {
                         self.w

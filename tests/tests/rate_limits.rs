@@ -16,7 +16,7 @@ use std::time::Duration;
 use blk_control::{ClientError, ExportArgs};
 use rate_limit::{BucketSpec, Limits};
 use test_infra::{
-    bin, ready, s, BackendControl, BlkBackendProcess, Fixture, Patience, RunningVm, VmmVm,
+    bin, ready, s, BackendControl, BlkBackendProcess, Fixture, Patience, RunningVm, Vmctl, VmmVm,
 };
 
 /// `(ms, I/Os)` of each progress line so far.
@@ -313,4 +313,100 @@ fn a_group_holds_the_sum_of_two_exports() {
     }
     ctl.group_del("fleet").expect("group-del");
     assert!(ctl.groups().unwrap().is_empty());
+}
+
+#[test]
+fn vmctl_limits_a_vm_s_disk_changes_it_live_and_holds_a_fleet_to_one_budget() {
+    if !ready("rate_limits_vmctl", &[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let v = Vmctl::new(&fx);
+    let (base, _) = fx.golden_base();
+    let base = s(&base);
+    let reading = "mode=randread qd=4 duration_ms=8000 progress_ms=100 size=8M";
+    v.ok(&[
+        "create",
+        "lim",
+        "--image",
+        &base,
+        "--disk-iops",
+        "200",
+        "--cmdline",
+        reading,
+    ]);
+    assert_eq!(v.info("lim")["disk-iops"], 200);
+    v.ok(&["start", "lim"]);
+    let disk = v.vm_dir("lim").join("disk.sock");
+    let mut ctl = BackendControl::connect(&v.state.join("backend/control.sock"));
+    // (The bucket's first second's worth goes at once: measured after.)
+    std::thread::sleep(Duration::from_secs(1));
+    at_limit(
+        measured(&mut ctl, &[&disk], 2.0),
+        200.0,
+        "vmctl --disk-iops 200",
+    );
+    // Raised on the running VM: at once.
+    let said = v.ok(&["set", "lim", "--disk-iops", "600"]);
+    assert!(said.contains("at once"), "{said}");
+    std::thread::sleep(Duration::from_secs(1));
+    at_limit(
+        measured(&mut ctl, &[&disk], 2.0),
+        600.0,
+        "vmctl set --disk-iops 600, live",
+    );
+    // Bad values are refused by name, nothing changed.
+    let e = v.fails(&["set", "lim", "--disk-iops", "0"]);
+    assert!(e.contains("the size must be at least 1"), "{e}");
+    let e = v.fails(&["set", "lim", "--disk-iops", "lots"]);
+    assert!(e.contains("--disk-iops \"lots\""), "{e}");
+    assert_eq!(v.info("lim")["disk-iops"], 600);
+    v.ok(&["set", "lim", "--disk-iops", "none"]);
+    assert!(v.info("lim")["disk-iops"].is_null());
+    v.assert_exits_ok("lim");
+
+    // A fleet of two held to 300 a second between them.
+    let mut run = std::process::Command::new(bin("vmctl"))
+        .args([
+            "--state-dir",
+            &s(&v.state),
+            "run",
+            "--count",
+            "2",
+            "--name",
+            "pair",
+        ])
+        .args([
+            "--image",
+            &base,
+            "--cmdline",
+            reading,
+            "--disk-iops-group",
+            "300",
+            "--rm",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("vmctl run");
+    let socks: Vec<_> = (1..=2)
+        .map(|k| v.vm_dir(&format!("pair-{k}")).join("disk.sock"))
+        .collect();
+    Patience::new("the fleet's disks served", Duration::from_secs(1))
+        .wait_until(|| Ok(socks.iter().all(|s| s.exists())))
+        .expect("the fleet runs");
+    std::thread::sleep(Duration::from_secs(1));
+    let pair: Vec<&Path> = socks.iter().map(|s| s.as_path()).collect();
+    at_limit(
+        measured(&mut ctl, &pair, 2.0),
+        300.0,
+        "vmctl run --disk-iops-group 300",
+    );
+    assert!(
+        run.wait().expect("run ends").success(),
+        "the fleet's guests exit 0"
+    );
+    assert!(
+        ctl.groups().expect("group-list").is_empty(),
+        "the fleet's group is gone"
+    );
 }

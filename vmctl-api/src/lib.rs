@@ -27,6 +27,14 @@ pub struct VmInfo {
     pub image: String,
     pub disk: PathBuf,
     pub disk_bytes: u64,
+    /// The disk's rate limits (operations and bytes a second) and the
+    /// group whose budget it shares.
+    #[serde(default)]
+    pub disk_iops: Option<u64>,
+    #[serde(default)]
+    pub disk_bw: Option<u64>,
+    #[serde(default)]
+    pub disk_limit_group: Option<String>,
     pub uptime_s: Option<f64>,
     pub backend: String,
     pub backend_restarts: u32,

@@ -82,6 +82,13 @@ pub struct VmOptions {
     /// VM's own backend).
     #[arg(long, value_name = "LIST")]
     pub disk_worker_cpus: Option<cpu_affinity::CpuList>,
+    /// The disk's I/O operations a second at most (reads, writes,
+    /// discards; blk-backend's token bucket, a second's worth deep).
+    #[arg(long, value_name = "N")]
+    pub disk_iops: Option<u64>,
+    /// The disk's bytes a second at most (50M: reads and writes).
+    #[arg(long, value_name = "SIZE")]
+    pub disk_bw: Option<String>,
 }
 
 impl VmOptions {
@@ -91,6 +98,31 @@ impl VmOptions {
             disk_workers: self.disk_worker_cpus.clone(),
         }
     }
+
+    /// `--disk-iops` and `--disk-bw`, checked.
+    pub fn disk_limits(&self) -> anyhow::Result<crate::state::DiskLimits> {
+        disk_limits(self.disk_iops, self.disk_bw.as_deref(), None)
+    }
+}
+
+/// Disk limits from `--disk-iops N` and `--disk-bw SIZE` (a second's
+/// budget each), in `group`; bad values refused by name.
+pub fn disk_limits(
+    iops: Option<u64>,
+    bw: Option<&str>,
+    group: Option<String>,
+) -> anyhow::Result<crate::state::DiskLimits> {
+    use anyhow::Context;
+    let bw = bw
+        .map(|b| cli_support::parse_size(b.trim_end_matches("/s")))
+        .transpose()
+        .context("--disk-bw")?;
+    let limits = rate_limit::Limits {
+        ops: iops.map(rate_limit::BucketSpec::per_second),
+        bytes: bw.map(rate_limit::BucketSpec::per_second),
+    };
+    limits.check().context("--disk-iops/--disk-bw")?;
+    Ok(crate::state::DiskLimits { limits, group })
 }
 
 /// A CPU list, or `any` for none (`vmctl set`).
@@ -348,6 +380,11 @@ pub enum Cmd {
         /// status 124). Ctrl-C, SIGTERM and SIGHUP end it the same way.
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
+        /// The whole fleet's disks held to N I/O operations a second
+        /// between them (one budget they share: a rate-limit group on the
+        /// host backend, removed when the run ends).
+        #[arg(long, value_name = "N")]
+        disk_iops_group: Option<u64>,
         /// human: a table or lines to read; json: one document for scripts.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -403,6 +440,13 @@ pub enum Cmd {
         /// Host CPUs for its disk's queue workers (0-3,6), or any.
         #[arg(long, value_name = "LIST|any")]
         disk_worker_cpus: Option<CpusOrAny>,
+        /// The disk's I/O operations a second at most, or none; changed
+        /// live on a running VM.
+        #[arg(long, value_name = "N|none")]
+        disk_iops: Option<String>,
+        /// The disk's bytes a second at most (50M), or none; changed live.
+        #[arg(long, value_name = "SIZE|none")]
+        disk_bw: Option<String>,
         /// Whether `vmctl start --autostart` (the host's boot) starts it.
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         autostart: Option<bool>,

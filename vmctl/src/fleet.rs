@@ -199,6 +199,42 @@ fn kill_all(root: &Root, names: &[String]) {
 
 /// Creates `count` VMs PREFIX-1..N from `spec`, starts them all, waits for
 /// all; removes them after if `remove`.
+/// `run`, the fleet's disks sharing one budget of `iops_group`
+/// operations a second when given (a rate-limit group on the host
+/// backend, `run-PREFIX`, made before the first VM starts and removed
+/// after the last ends).
+pub fn run_limited(
+    root: &Root,
+    prefix: &str,
+    count: usize,
+    mut spec: Spec,
+    remove: bool,
+    timeout: Option<Duration>,
+    iops_group: Option<u64>,
+) -> Result<FleetReport> {
+    let Some(iops) = iops_group else {
+        return run(root, prefix, count, &spec, remove, timeout);
+    };
+    if spec.backend != crate::state::BackendMode::Host {
+        bail!("--disk-iops-group: the fleet's disks share a budget on the host backend, not --backend vm");
+    }
+    let limits = rate_limit::Limits {
+        ops: Some(rate_limit::BucketSpec::per_second(iops)),
+        bytes: None,
+    };
+    limits.check().context("--disk-iops-group")?;
+    let group = format!("run-{prefix}");
+    let host = crate::host_backend::HostBackend::of(root)?;
+    host.set_group(&group, limits)
+        .with_context(|| format!("making the fleet's rate-limit group {group}"))?;
+    spec.disk_limits.group = Some(group.clone());
+    let report = run(root, prefix, count, &spec, remove, timeout);
+    let removed = host.remove_group(&group);
+    let report = report?;
+    removed.with_context(|| format!("removing the fleet's rate-limit group {group}"))?;
+    Ok(report)
+}
+
 pub fn run(
     root: &Root,
     prefix: &str,

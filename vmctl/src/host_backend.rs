@@ -49,6 +49,9 @@ pub struct ExportEntry {
     /// Its queue workers' host CPUs (`worker_cpus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_cpus: Option<cpu_affinity::CpuList>,
+    /// Its rate limits and group, as the VM's definition has them now.
+    #[serde(default, skip_serializing_if = "crate::state::DiskLimits::is_none")]
+    pub limits: crate::state::DiskLimits,
     /// The VM's supervisor: when it is gone, so is the entry.
     pub owner_pid: u32,
 }
@@ -134,6 +137,58 @@ impl HostBackend {
         added
     }
 
+    fn group_file(&self, name: &str) -> PathBuf {
+        self.dir.join("groups").join(format!("{name}.json"))
+    }
+
+    /// Makes (or changes) rate-limit group `name` on the host backend,
+    /// registered so that a restarted backend has it again.
+    pub fn set_group(&self, name: &str, limits: rate_limit::Limits) -> Result<()> {
+        let _lock = self.registry_lock()?;
+        std::fs::create_dir_all(self.dir.join("groups"))?;
+        write_json(&self.group_file(name), &limits)?;
+        self.ensure_running()?;
+        Ok(self.client()?.group_set(name, limits)?)
+    }
+
+    /// Removes group `name` (its exports gone first).
+    pub fn remove_group(&self, name: &str) -> Result<()> {
+        let _lock = self.registry_lock()?;
+        let _ = std::fs::remove_file(self.group_file(name));
+        match self.client().and_then(|mut c| c.group_del(name)) {
+            Err(e) if !e.is_unreachable() && !e.to_string().contains("no rate-limit group") => {
+                Err(e.into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// VM `name`'s export held to `limits` from its next request (and so
+    /// registered, for a restarted backend).
+    pub fn set_limits(&self, name: &str, limits: &crate::state::DiskLimits) -> Result<()> {
+        let _lock = self.registry_lock()?;
+        let path = self.entry(name);
+        let mut e: ExportEntry = read_json(&path).context("the VM's export is not registered")?;
+        e.limits = limits.clone();
+        write_json(&path, &e)?;
+        Ok(self
+            .client()?
+            .set_limits(&e.socket, limits.limits, limits.group.as_deref())?)
+    }
+
+    fn registered_groups(&self) -> Vec<(String, rate_limit::Limits)> {
+        let Ok(dir) = std::fs::read_dir(self.dir.join("groups")) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter_map(|p| {
+                let name = p.file_stem()?.to_str()?.to_string();
+                read_json(&p).ok().map(|l| (name, l))
+            })
+            .collect()
+    }
+
     /// Unregisters the VM's export and ends it (its image closes cleanly
     /// before this returns).
     pub fn detach(&self, name: &str, socket: &Path) -> Result<()> {
@@ -152,6 +207,8 @@ impl HostBackend {
         self.client()?.add(ExportArgs {
             num_queues: Some(e.num_queues.into()),
             worker_cpus: e.worker_cpus.clone(),
+            limits: e.limits.limits,
+            limit_group: e.limits.group.clone(),
             ..ExportArgs::new(&e.socket, &e.image)
         })
     }
@@ -396,6 +453,15 @@ fn add_registered(host: &HostBackend) {
     let Ok(_lock) = host.registry_lock() else {
         return;
     };
+    // The groups first: exports name them.
+    for (name, limits) in host.registered_groups() {
+        if let Err(err) = host.client().and_then(|mut c| c.group_set(&name, limits)) {
+            cli_support::say!(
+                "vmctl __backend: making rate-limit group {name} again: {}",
+                cli_support::report(&err.into())
+            );
+        }
+    }
     for (path, e) in host.registered() {
         if !alive(e.owner_pid) {
             let _ = std::fs::remove_file(&path);

@@ -110,6 +110,7 @@ pub fn snapshot_spec(
         nat: false,
         shares: Vec::new(),
         placement,
+        disk_limits: Default::default(),
     })
 }
 

@@ -90,6 +90,7 @@ fn spec(root: &Root, image: PathBuf, vm: &VmOptions) -> Result<Spec> {
         nat: vm.nat,
         shares: parse_shares(&vm.shares)?,
         placement: vm.placement(),
+        disk_limits: vm.disk_limits()?,
     })
 }
 
@@ -102,12 +103,12 @@ fn snapshot_spec(
     memory: crate::state::RestoreMemory,
     scratch: bool,
 ) -> Result<Spec> {
-    if images::is_reference(std::path::Path::new(snap)) {
+    let mut spec = if images::is_reference(std::path::Path::new(snap)) {
         let opts = vm_oci::RegistryOptions {
             insecure: vm.insecure,
             ..Default::default()
         };
-        return images::snapshot_spec(
+        images::snapshot_spec(
             root,
             snap,
             &opts,
@@ -115,9 +116,12 @@ fn snapshot_spec(
             vm.placement(),
             memory,
             scratch,
-        );
-    }
-    Ok(snapshots::Snapshot::open(root, snap)?.spec(vm.backend, vm.placement(), memory, scratch))
+        )?
+    } else {
+        snapshots::Snapshot::open(root, snap)?.spec(vm.backend, vm.placement(), memory, scratch)
+    };
+    spec.disk_limits = vm.disk_limits()?;
+    Ok(spec)
 }
 
 /// "2 of 3 blobs uploaded, 1048576 bytes".
@@ -594,9 +598,26 @@ fn run(cli: Cli) -> Result<i32> {
             autostart,
             vcpu_affinity,
             disk_worker_cpus,
+            disk_iops,
+            disk_bw,
             output,
         } => {
+            let none_or = |v: Option<String>, what: &str, parse: &dyn Fn(&str) -> Result<u64>| {
+                v.map(|v| match v.as_str() {
+                    "none" => Ok(None),
+                    v => parse(v)
+                        .map(Some)
+                        .with_context(|| format!("{what} {v:?}: a number, or none")),
+                })
+                .transpose()
+            };
+            let disk_iops = none_or(disk_iops, "--disk-iops", &|v| Ok(v.parse::<u64>()?))?;
+            let disk_bw = none_or(disk_bw, "--disk-bw", &|v| {
+                Ok(cli_support::parse_size(v.trim_end_matches("/s"))?)
+            })?;
             let changes = ops::Changes {
+                disk_iops,
+                disk_bw,
                 cpus,
                 memory: memory
                     .as_deref()
@@ -625,12 +646,14 @@ fn run(cli: Cli) -> Result<i32> {
                 vcpu_affinity: vcpu_affinity.map(|c| c.0),
                 disk_worker_cpus: disk_worker_cpus.map(|c| c.0),
             };
-            ops::set(&root, &name, &changes)?;
+            let live = ops::set(&root, &name, &changes)?;
             if output == Output::Json {
                 print_json(&serde_json::to_value(ops::describe(
                     &root,
                     &root.vm(&name)?,
                 )?)?);
+            } else if live {
+                println!("{name}: changed (its disk's limits at once)");
             } else {
                 println!("{name}: changed (from its next start)");
             }
@@ -795,13 +818,15 @@ fn run(cli: Cli) -> Result<i32> {
             vm,
             rm,
             timeout,
+            disk_iops_group,
             output,
         } => {
             let timeout = timeout.map(Duration::from_secs);
             let demo = image.is_none() && from_snapshot.is_none();
             if let Some(snap) = from_snapshot {
                 let spec = snapshot_spec(&root, &snap, &vm, restore_memory, rm)?;
-                let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
+                let report =
+                    fleet::run_limited(&root, &prefix, count, spec, rm, timeout, disk_iops_group)?;
                 return Ok(print_fleet(&report, output, false));
             }
             let (image, vm, prefix, rm, count) = match image {
@@ -828,7 +853,8 @@ fn run(cli: Cli) -> Result<i32> {
                 scratch: rm,
                 ..spec(&root, image, &vm)?
             };
-            let report = fleet::run(&root, &prefix, count, &spec, rm, timeout)?;
+            let report =
+                fleet::run_limited(&root, &prefix, count, spec, rm, timeout, disk_iops_group)?;
             return Ok(print_fleet(&report, output, demo));
         }
         Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above"),

@@ -226,6 +226,7 @@ pub fn create(root: &Root, name: &str, spec: &Spec) -> Result<VmDir> {
             shares: spec.shares.clone(),
             autostart: false,
             placement: spec.placement.clone(),
+            disk_limits: spec.disk_limits.clone(),
         })?;
         Ok(())
     })
@@ -252,12 +253,19 @@ pub struct Changes {
     pub vcpu_affinity: Option<Option<cpu_affinity::CpuList>>,
     /// Its disk workers' host CPUs from now on (`Some(None)`: anywhere).
     pub disk_worker_cpus: Option<Option<cpu_affinity::CpuList>>,
+    /// Its disk's operations a second at most (`Some(None)`: unlimited);
+    /// changed live on a running VM, as `disk_bw`.
+    pub disk_iops: Option<Option<u64>>,
+    /// Its disk's bytes a second at most.
+    pub disk_bw: Option<Option<u64>>,
 }
 
 /// `vmctl set NAME ...`: a defined VM's definition changed, checked as
 /// `create` checks it; the VM must not be running (the change applies
-/// from its next start). Autostart alone may change while it runs.
-pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
+/// from its next start), except for autostart and the disk's limits,
+/// which a running VM takes at once. Whether the change reached a
+/// running VM.
+pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<bool> {
     let vm = root.vm(name)?;
     let _lock = vm.lock()?;
     let mut c = vm.config()?;
@@ -272,7 +280,8 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
         && ch.net.is_none()
         && ch.vcpu_affinity.is_none()
         && ch.disk_worker_cpus.is_none();
-    if !only_autostart && vm.observed()?.is_active() {
+    let running = vm.observed()?.is_active();
+    if !only_autostart && running {
         bail!("VM {name} is running: stop it first (its definition changes for its next start)");
     }
     let absolute = |p: &PathBuf| -> Result<PathBuf> {
@@ -308,6 +317,17 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
     if let Some(v) = &ch.disk_worker_cpus {
         c.placement.disk_workers = v.clone();
     }
+    let limits_changed = ch.disk_iops.is_some() || ch.disk_bw.is_some();
+    if let Some(v) = ch.disk_iops {
+        c.disk_limits.limits.ops = v.map(rate_limit::BucketSpec::per_second);
+    }
+    if let Some(v) = ch.disk_bw {
+        c.disk_limits.limits.bytes = v.map(rate_limit::BucketSpec::per_second);
+    }
+    c.disk_limits
+        .limits
+        .check()
+        .context("--disk-iops/--disk-bw")?;
     check_resources(c.cpus, c.queues, c.memory, &c.kernel, &c.initrd)?;
     c.placement.check()?;
     // The NIC: a new one (its address allocated as create does) or none;
@@ -346,7 +366,27 @@ pub fn set(root: &Root, name: &str, ch: &Changes) -> Result<VmConfig> {
         }
     }
     vm.write_config(&c)?;
-    Ok(c)
+    if running && limits_changed {
+        apply_disk_limits(root, &vm, &c)?;
+    }
+    Ok(running && limits_changed)
+}
+
+/// A running VM's disk held to its definition's limits from its next
+/// request, by whichever blk-backend serves it.
+fn apply_disk_limits(root: &Root, vm: &VmDir, c: &VmConfig) -> Result<()> {
+    let l = &c.disk_limits;
+    match c.backend {
+        BackendMode::Host => HostBackend::of(root)?.set_limits(&vm.name, l),
+        BackendMode::Vm => Ok(
+            crate::host_backend::control(&vm.backend_control())?.set_limits(
+                &vm.disk_socket(),
+                l.limits,
+                l.group.as_deref(),
+            )?,
+        ),
+    }
+    .with_context(|| format!("changing the running VM {}'s disk limits", vm.name))
 }
 
 /// Starts the VM's supervisor (detached: it outlives vmctl and the
@@ -711,6 +751,9 @@ pub fn describe(root: &Root, vm: &VmDir) -> Result<VmInfo> {
         image: c.image,
         disk: vm.disk(),
         disk_bytes: disk_bytes(vm),
+        disk_iops: c.disk_limits.limits.ops.map(|b| b.size),
+        disk_bw: c.disk_limits.limits.bytes.map(|b| b.size),
+        disk_limit_group: c.disk_limits.group.clone(),
         uptime_s,
         backend: c.backend.to_string(),
         backend_restarts,

@@ -127,6 +127,7 @@ impl Snapshot {
             nat: false,
             shares: Vec::new(),
             placement,
+            disk_limits: Default::default(),
         }
     }
 

@@ -246,6 +246,27 @@ pub struct VmConfig {
     /// Where its threads run on the host (none: anywhere).
     #[serde(default, skip_serializing_if = "Placement::is_anywhere")]
     pub placement: Placement,
+    /// Its disk's rate limits (none: unlimited).
+    #[serde(default, skip_serializing_if = "DiskLimits::is_none")]
+    pub disk_limits: DiskLimits,
+}
+
+/// A VM's disk rate limits, enforced by the blk-backend serving it: its
+/// own, and the group whose one budget it shares (a fleet's, `vmctl run
+/// --disk-iops-group`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskLimits {
+    #[serde(default, skip_serializing_if = "rate_limit::Limits::is_none")]
+    pub limits: rate_limit::Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl DiskLimits {
+    pub fn is_none(&self) -> bool {
+        self.limits.is_none() && self.group.is_none()
+    }
 }
 
 /// Where a VM's threads run on the host: its vCPUs (the vmm's
@@ -777,6 +798,7 @@ pub struct Spec {
     /// Host folders shared with it.
     pub shares: Vec<Share>,
     pub placement: Placement,
+    pub disk_limits: DiskLimits,
 }
 
 /// Claims VM `name` and has `make` give it its disk and definition;

@@ -259,6 +259,7 @@ fn serve_disk(root: &Root, vm: &VmDir, config: &VmConfig, status: &mut Status) -
                     image: vm.disk(),
                     num_queues: config.queues,
                     worker_cpus: config.placement.disk_workers.clone(),
+                    limits: config.disk_limits.clone(),
                     owner_pid: std::process::id(),
                 },
             )

@@ -27,10 +27,11 @@ pub(super) fn start_backend(vm: &VmDir, config: &VmConfig) -> Result<Child> {
     let child = cmd
         .arg("--export")
         .arg(format!(
-            "socket={},image={},num_queues={}",
+            "socket={},image={},num_queues={}{}",
             vm.disk_socket().display(),
             vm.disk().display(),
-            config.queues
+            config.queues,
+            export_limits(&config.disk_limits.limits)
         ))
         .args(
             config
@@ -49,6 +50,19 @@ pub(super) fn start_backend(vm: &VmDir, config: &VmConfig) -> Result<Child> {
         .spawn()
         .context("starting blk-backend")?;
     Ok(child)
+}
+
+/// The `--export` keys of a VM's own disk limits (vmctl's are a second's
+/// budget each; a group is the host backend's alone).
+fn export_limits(l: &rate_limit::Limits) -> String {
+    let mut keys = String::new();
+    if let Some(b) = l.ops {
+        keys += &format!(",iops={}", b.size);
+    }
+    if let Some(b) = l.bytes {
+        keys += &format!(",bw={}", b.size);
+    }
+    keys
 }
 
 /// Waits until the backend listens (its socket is there) or dies.

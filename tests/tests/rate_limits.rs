@@ -409,4 +409,37 @@ fn vmctl_limits_a_vm_s_disk_changes_it_live_and_holds_a_fleet_to_one_budget() {
         ctl.groups().expect("group-list").is_empty(),
         "the fleet's group is gone"
     );
+
+    // A run killed half-way: its group goes with its VMs (the host
+    // backend's housekeeping, about a second).
+    let mut run = std::process::Command::new(bin("vmctl"))
+        .args([
+            "--state-dir",
+            &s(&v.state),
+            "run",
+            "--count",
+            "2",
+            "--name",
+            "cut",
+        ])
+        .args([
+            "--image",
+            &base,
+            "--cmdline",
+            reading,
+            "--disk-iops-group",
+            "300",
+            "--rm",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("vmctl run");
+    Patience::new("the fleet's group made", Duration::from_secs(1))
+        .wait_until(|| Ok(!ctl.groups().expect("group-list").is_empty()))
+        .expect("the group");
+    run.kill().expect("SIGKILL");
+    run.wait().expect("reaped");
+    Patience::new("the killed fleet's group dropped", Duration::from_secs(2))
+        .wait_until(|| Ok(ctl.groups().expect("group-list").is_empty()))
+        .expect("the group goes");
 }

